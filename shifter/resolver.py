@@ -1,0 +1,76 @@
+"""
+The original-destination resolver: one interface, several implementations.
+
+A redirected connection arrives at Shifter's own address; a resolver tells
+where the client was really going.  Each implementation asks a different
+part of the kernel (a socket option, conntrack, our netfilter module, ...),
+but all of them answer the same question the same way, so the tunnel code
+never knows which one is in use.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from zope.interface import Attribute, Interface
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
+
+Destination = Union[IPv4Address, IPv6Address]
+
+
+class ResolverError(Exception):
+    """
+    The original destination of a connection could not be found.
+
+    The message is meant for the log line that refuses the connection.
+    """
+
+
+class DestinationUnknown(ResolverError):
+    """
+    The resolver has no record of this connection: it was not redirected,
+    its record expired, or the mechanism behind the resolver missed it.
+    """
+
+
+class ResolverUnavailable(ResolverError):
+    """
+    The mechanism behind the resolver cannot be used on this host (a kernel
+    module not loaded, a missing privilege, a netlink family absent).
+    """
+
+
+class IOriginalDestinationResolver(Interface):
+    """
+    Finds the destination a redirected TCP connection was originally sent to.
+    """
+
+    name = Attribute("The name of this resolver, as given to --resolver.")
+
+    def start() -> Deferred[None]:
+        """
+        Prepare the resolver (open sockets, look up netlink families).
+
+        @return: a L{Deferred} that fires when L{resolve} may be called, or
+            fails with L{ResolverUnavailable} saying why it cannot be.
+        """
+
+    def stop() -> Deferred[None]:
+        """
+        Release what L{start} acquired.
+
+        @return: a L{Deferred} that fires when that is done.
+        """
+
+    def resolve(transport: ITCPTransport) -> Deferred[Destination]:
+        """
+        Find the original destination of an accepted connection.
+
+        @param transport: the accepted connection's transport.
+        @return: a L{Deferred} that fires with an L{IPv4Address} or
+            L{IPv6Address} of type C{"TCP"}, or fails with a
+            L{ResolverError}.
+        """

@@ -1,0 +1,33 @@
+"""
+Helpers shared by the tests: what an integration test needs from the host,
+and how it says so when the host lacks it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from twisted.trial.unittest import SkipTest
+
+
+def requireHost(*, root: bool = False, programs: tuple[str, ...] = ()) -> None:
+    """
+    Skip the calling test, with a plain reason, when this host cannot run it.
+
+    Under CI (the C{CI} environment variable is set, as C{.ci/run} has it),
+    CI machines have everything the tests need, so a missing requirement
+    is an error there, not a skip: the test fails instead.
+    """
+    missing = []
+    if root and os.geteuid() != 0:
+        missing.append("root (network namespaces, netfilter rules)")
+    for program in programs:
+        if shutil.which(program) is None:
+            missing.append(f"the program {program!r}")
+    if not missing:
+        return
+    reason = "needs " + ", ".join(missing)
+    if os.environ.get("CI"):
+        raise AssertionError(f"{reason}, which CI must provide")
+    raise SkipTest(reason)
