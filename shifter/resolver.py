@@ -74,3 +74,23 @@ class IOriginalDestinationResolver(Interface):
             L{IPv6Address} of type C{"TCP"}, or fails with a
             L{ResolverError}.
         """
+
+
+# Each --resolver name, and where its implementation lives.  Implementations
+# are imported only when chosen, so a host pays for none it does not use.
+# Each is a class whose constructor takes the reactor as a keyword argument.
+RESOLVERS = {
+    "sockopt": "shifter.sockopt.SocketOptionResolver",
+    "kmod": "shifter.kmod.KernelModuleResolver",
+}
+
+
+def makeResolver(name: str, reactor) -> IOriginalDestinationResolver:  # type: ignore[no-untyped-def]
+    """
+    Build the resolver registered under C{name}.
+
+    @raise KeyError: if no resolver has that name.
+    """
+    from twisted.python.reflect import namedAny
+
+    return namedAny(RESOLVERS[name])(reactor=reactor)
