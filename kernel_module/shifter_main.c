@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Shifter: the original destination of redirected TCP connections.
+ *
+ * Module parameters, per-namespace set-up and tear-down, and the order in
+ * which the parts come up and go down: the table first, then the
+ * namespaces (each with its ports and hooks), and the generic netlink
+ * family last, so that user space can only reach a module that is whole;
+ * on the way out the family goes first.
+ */
+
+#include <linux/init.h>
+#include <linux/kernel.h>
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <net/genetlink.h>
+#include <net/net_namespace.h>
+#include <net/netns/generic.h>
+
+#include "shifter.h"
+#include "shifter_hooks.h"
+#include "shifter_netlink.h"
+#include "shifter_ports.h"
+#include "shifter_table.h"
+
+/* A day: long enough for any handshake, short enough for jiffies math. */
+#define SHIFTER_EXPIRY_SECS_MAX	(24 * 60 * 60)
+#define SHIFTER_MAX_ENTRIES_MAX	(1U << 24)
+
+unsigned int shifter_max_entries __read_mostly = 65536;
+module_param_named(max_entries, shifter_max_entries, uint, 0444);
+MODULE_PARM_DESC(max_entries,
+		 "Most connections remembered per network namespace; the oldest is dropped first (default 65536)");
+
+unsigned int shifter_expiry_secs __read_mostly = 120;
+module_param_named(expiry_secs, shifter_expiry_secs, uint, 0444);
+MODULE_PARM_DESC(expiry_secs,
+		 "Seconds a connection's destination is remembered after its SYN (default 120)");
+
+unsigned short shifter_default_ports[SHIFTER_MAX_PORTS] = { 443 };
+unsigned int shifter_default_nports = 1;
+module_param_array_named(ports, shifter_default_ports, ushort,
+			 &shifter_default_nports, 0444);
+MODULE_PARM_DESC(ports,
+		 "Destination ports watched in a new network namespace, comma-separated (default 443)");
+
+unsigned int shifter_net_id __read_mostly;
+
+static int __net_init shifter_net_init(struct net *net)
+{
+	struct shifter_net *sn = shifter_pernet(net);
+	int ret;
+
+	sn->net = net;
+	shifter_table_net_init(sn);
+	ret = shifter_ports_net_init(sn);
+	if (ret)
+		return ret;
+	ret = shifter_hooks_register(net);
+	if (ret)
+		goto err_ports;
+	return 0;
+
+err_ports:
+	shifter_ports_net_exit(sn);
+	return ret;
+}
+
+static void __net_exit shifter_net_pre_exit(struct net *net)
+{
+	shifter_hooks_unregister(net);
+}
+
+/* The core waits for an RCU grace period between pre_exit and exit. */
+static void __net_exit shifter_net_exit(struct net *net)
+{
+	struct shifter_net *sn = shifter_pernet(net);
+
+	shifter_table_net_exit(sn);
+	shifter_ports_net_exit(sn);
+}
+
+static struct pernet_operations shifter_net_ops = {
+	.init		= shifter_net_init,
+	.pre_exit	= shifter_net_pre_exit,
+	.exit		= shifter_net_exit,
+	.id		= &shifter_net_id,
+	.size		= sizeof(struct shifter_net),
+};
+
+static int __init shifter_check_params(void)
+{
+	unsigned int i;
+
+	if (!shifter_max_entries ||
+	    shifter_max_entries > SHIFTER_MAX_ENTRIES_MAX) {
+		pr_err("max_entries must be between 1 and %u\n",
+		       SHIFTER_MAX_ENTRIES_MAX);
+		return -EINVAL;
+	}
+	if (!shifter_expiry_secs ||
+	    shifter_expiry_secs > SHIFTER_EXPIRY_SECS_MAX) {
+		pr_err("expiry_secs must be between 1 and %u\n",
+		       SHIFTER_EXPIRY_SECS_MAX);
+		return -EINVAL;
+	}
+	for (i = 0; i < shifter_default_nports; i++) {
+		if (!shifter_default_ports[i]) {
+			pr_err("ports may not include port 0\n");
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
+static int __init shifter_init(void)
+{
+	int ret;
+
+	ret = shifter_check_params();
+	if (ret)
+		return ret;
+
+	ret = shifter_table_init();
+	if (ret)
+		return ret;
+
+	ret = register_pernet_subsys(&shifter_net_ops);
+	if (ret)
+		goto err_table;
+
+	ret = shifter_genl_init();
+	if (ret)
+		goto err_pernet;
+
+	pr_info("watching %u port(s), up to %u entries per namespace for %u s\n",
+		shifter_default_nports, shifter_max_entries,
+		shifter_expiry_secs);
+	return 0;
+
+err_pernet:
+	unregister_pernet_subsys(&shifter_net_ops);
+err_table:
+	shifter_table_exit();
+	return ret;
+}
+
+static void __exit shifter_exit(void)
+{
+	shifter_genl_exit();
+	unregister_pernet_subsys(&shifter_net_ops);
+	shifter_table_exit();
+}
+
+module_init(shifter_init);
+module_exit(shifter_exit);
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("Shifter: original destinations of redirected TCP connections");
+MODULE_AUTHOR("The Shifter authors");
+MODULE_ALIAS_GENL_FAMILY(SHIFTER_GENL_NAME);
