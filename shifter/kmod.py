@@ -1,13 +1,47 @@
 """
-The Shifter kernel module's generic netlink interface, as seen from Python.
+The Shifter kernel module, as seen from Python: its generic netlink
+messages, a client for its commands, and C{--resolver=kmod}.
 
 The names and numbers mirror C{kernel_module/include/uapi/linux/shifter.h};
 keep the two in step.
+
+Run as C{python -m shifter.kmod stats} (or C{ports}, C{set-ports 443 8443})
+to read the module's counters and watched ports in this network namespace.
 """
 
 from __future__ import annotations
 
+import argparse
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
 from pyroute2.netlink import genlmsg, nla
+from zope.interface import implementer
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime, ITCPTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shifter.netlink import (
+    NETLINK_GENERIC,
+    FamilyNotFound,
+    NetlinkException,
+    NetlinkNotFound,
+    NetlinkPort,
+    NetlinkProtocol,
+    NetlinkTimeout,
+)
+from shifter.resolver import (
+    Destination,
+    DestinationUnknown,
+    IOriginalDestinationResolver,
+    ResolverError,
+    ResolverUnavailable,
+)
 
 SHIFTER_GENL_NAME = "shifter"
 SHIFTER_GENL_VERSION = 1
@@ -18,6 +52,29 @@ SHIFTER_CMD_GET = 1
 SHIFTER_CMD_STATS = 2
 SHIFTER_CMD_GET_PORTS = 3
 SHIFTER_CMD_SET_PORTS = 4
+
+SHIFTER_A_UNSPEC = 0
+SHIFTER_A_FAMILY = 1
+SHIFTER_A_SRC_ADDR = 2
+SHIFTER_A_SRC_PORT = 3
+SHIFTER_A_DST_ADDR = 4
+SHIFTER_A_DST_PORT = 5
+SHIFTER_A_STATS = 6
+SHIFTER_A_PORTS = 7
+SHIFTER_A_PAD = 8
+
+SHIFTER_A_PORTS_UNSPEC = 0
+SHIFTER_A_PORTS_PORT = 1
+
+SHIFTER_STAT_UNSPEC = 0
+SHIFTER_STAT_ENTRIES = 1
+SHIFTER_STAT_INSERTS = 2
+SHIFTER_STAT_LOOKUPS = 3
+SHIFTER_STAT_HITS = 4
+SHIFTER_STAT_MISSES = 5
+SHIFTER_STAT_EVICTIONS = 6
+SHIFTER_STAT_EXPIRIES = 7
+SHIFTER_STAT_PAD = 8
 
 
 class shifter_msg(genlmsg):
@@ -58,3 +115,371 @@ class shifter_msg(genlmsg):
             ("SHIFTER_A_PORTS_UNSPEC", "none"),
             ("SHIFTER_A_PORTS_PORT", "uint16"),
         )
+
+
+
+# The counters of SHIFTER_CMD_STATS, in the header's order, by the names
+# the stats command prints.
+STAT_NAMES = tuple(
+    name[len("SHIFTER_STAT_") :].lower()
+    for name, kind in shifter_msg.stats.nla_map
+    if kind == "uint64"
+)
+
+_ADDRESS_LENGTHS = {socket.AF_INET: 4, socket.AF_INET6: 16}
+
+
+@dataclass(frozen=True)
+class ConnectionKey:
+    """
+    What the module files a connection under: its source as the kernel saw
+    it in the SYN.
+    """
+
+    family: int
+    address: bytes
+    port: int
+
+    @classmethod
+    def fromPeer(cls, peer: Destination) -> "ConnectionKey":
+        """
+        The key for an accepted connection's peer address.  An IPv4 client
+        accepted on a dual-stack IPv6 socket (C{::ffff:a.b.c.d}) sent an
+        IPv4 SYN, so its key is the IPv4 one.
+
+        @raise ValueError: for an address that is not a TCP/IP one.
+        """
+        if isinstance(peer, IPv4Address):
+            return cls(socket.AF_INET, socket.inet_pton(socket.AF_INET, peer.host), peer.port)
+        if isinstance(peer, IPv6Address):
+            packed = socket.inet_pton(socket.AF_INET6, peer.host.split("%", 1)[0])
+            if packed[:12] == b"\0" * 10 + b"\xff\xff":
+                return cls(socket.AF_INET, packed[12:], peer.port)
+            return cls(socket.AF_INET6, packed, peer.port)
+        raise ValueError(f"not an IP address: {peer!r}")
+
+    def __str__(self) -> str:
+        host = socket.inet_ntop(self.family, self.address)
+        if self.family == socket.AF_INET6:
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+
+def _destination(family: int, address: bytes, port: int) -> Destination:
+    host = socket.inet_ntop(family, address)
+    if family == socket.AF_INET:
+        return IPv4Address("TCP", host, port)
+    return IPv6Address("TCP", host, port)
+
+
+def encodeGet(key: ConnectionKey) -> shifter_msg:
+    """
+    The SHIFTER_CMD_GET request for a connection.
+    """
+    message = shifter_msg()
+    message["cmd"] = SHIFTER_CMD_GET
+    message["version"] = SHIFTER_GENL_VERSION
+    message["attrs"] = [
+        ["SHIFTER_A_FAMILY", key.family],
+        ["SHIFTER_A_SRC_ADDR", key.address],
+        ["SHIFTER_A_SRC_PORT", key.port],
+    ]
+    return message
+
+
+def decodeGetReply(reply: shifter_msg, key: ConnectionKey) -> Destination:
+    """
+    The original destination in a SHIFTER_CMD_GET reply.
+
+    @raise ValueError: if the reply lacks it or holds a malformed one.
+    """
+    family = reply.get_attr("SHIFTER_A_FAMILY")
+    address = reply.get_attr("SHIFTER_A_DST_ADDR")
+    port = reply.get_attr("SHIFTER_A_DST_PORT")
+    if family is None:
+        family = key.family
+    if family not in _ADDRESS_LENGTHS:
+        raise ValueError(f"unknown address family {family}")
+    if not isinstance(address, (bytes, bytearray)) or len(address) != _ADDRESS_LENGTHS[family]:
+        raise ValueError(f"bad destination address {address!r} for family {family}")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"bad destination port {port!r}")
+    return _destination(family, bytes(address), port)
+
+
+def _command(cmd: int, attrs: Sequence[Any] = ()) -> shifter_msg:
+    message = shifter_msg()
+    message["cmd"] = cmd
+    message["version"] = SHIFTER_GENL_VERSION
+    message["attrs"] = list(attrs)
+    return message
+
+
+class ShifterClient:
+    """
+    The module's commands over a L{NetlinkProtocol} whose socket is open and
+    whose C{shifter} family id is known (see L{ShifterClient.connect}).
+    """
+
+    def __init__(self, protocol: NetlinkProtocol, familyId: int) -> None:
+        self.protocol = protocol
+        self.familyId = familyId
+
+    @classmethod
+    def connect(
+        cls,
+        reactor: Any,
+        timeout: float = 2.0,
+        maxInFlight: int = 64,
+    ) -> Deferred["ShifterClient"]:
+        """
+        Open a generic netlink socket in the reactor and find the family.
+
+        @return: a L{Deferred} firing with a client, or failing with
+            L{ResolverUnavailable} saying why there can be none (the
+            message starts "module shifter not loaded" when the family is
+            absent).
+        """
+        protocol = NetlinkProtocol(reactor, timeout=timeout, maxInFlight=maxInFlight)
+        port = NetlinkPort(NETLINK_GENERIC, protocol, reactor=reactor)
+        try:
+            port.startListening()
+        except OSError as e:
+            return fail(ResolverUnavailable(f"cannot open a generic netlink socket: {e}"))
+
+        def failed(reason: Failure) -> Failure:
+            protocol.close()
+            if reason.check(FamilyNotFound):
+                return Failure(ResolverUnavailable(f"module shifter not loaded: {reason.value}"))
+            if reason.check(NetlinkException):
+                return Failure(
+                    ResolverUnavailable(f"cannot reach module shifter: {reason.value}")
+                )
+            return reason
+
+        return (
+            protocol.resolveFamily(SHIFTER_GENL_NAME, shifter_msg)
+            .addCallback(lambda familyId: cls(protocol, familyId))
+            .addErrback(failed)
+        )
+
+    def close(self) -> None:
+        """
+        Close the socket; commands still waiting fail.
+        """
+        self.protocol.close()
+
+    def get(self, key: ConnectionKey) -> Deferred[Destination]:
+        """
+        Look up a connection's original destination.
+
+        @return: a L{Deferred} firing with it, or failing with
+            L{NetlinkNotFound} when the module has no record, another
+            L{NetlinkException}, or L{ValueError} for a malformed answer.
+        """
+        return self.protocol.request(encodeGet(key), self.familyId).addCallback(
+            lambda replies: decodeGetReply(replies[0], key)
+        )
+
+    def stats(self) -> Deferred[dict[str, int]]:
+        """
+        This namespace's counters, by the names in L{STAT_NAMES}.
+        """
+
+        def decode(replies: list[shifter_msg]) -> dict[str, int]:
+            nest = replies[0].get_attr("SHIFTER_A_STATS")
+            if nest is None:
+                raise ValueError("STATS reply without SHIFTER_A_STATS")
+            stats = {}
+            for name in STAT_NAMES:
+                value = nest.get_attr("SHIFTER_STAT_" + name.upper())
+                if not isinstance(value, int):
+                    raise ValueError(f"STATS reply with a bad or no {name} counter")
+                stats[name] = value
+            return stats
+
+        return self.protocol.request(
+            _command(SHIFTER_CMD_STATS), self.familyId
+        ).addCallback(decode)
+
+    def getPorts(self) -> Deferred[list[int]]:
+        """
+        This namespace's watched destination ports.
+        """
+
+        def decode(replies: list[shifter_msg]) -> list[int]:
+            nest = replies[0].get_attr("SHIFTER_A_PORTS")
+            if nest is None:
+                return []
+            ports = nest.get_attrs("SHIFTER_A_PORTS_PORT")
+            if not all(isinstance(port, int) for port in ports):
+                raise ValueError(f"GET_PORTS reply with bad ports {ports!r}")
+            return list(ports)
+
+        return self.protocol.request(
+            _command(SHIFTER_CMD_GET_PORTS), self.familyId
+        ).addCallback(decode)
+
+    def setPorts(self, ports: Sequence[int]) -> Deferred[None]:
+        """
+        Replace this namespace's watched destination ports.
+        """
+        nest = {"attrs": [["SHIFTER_A_PORTS_PORT", port] for port in ports]}
+        return self.protocol.request(
+            _command(SHIFTER_CMD_SET_PORTS, [["SHIFTER_A_PORTS", nest]]),
+            self.familyId,
+            ack=True,
+        ).addCallback(lambda _: None)
+
+
+@implementer(IOriginalDestinationResolver)
+class KernelModuleResolver:
+    """
+    C{--resolver=kmod}: ask the Shifter kernel module, over generic netlink,
+    where each accepted connection was going.
+
+    The module records the destination of each SYN to a watched port before
+    NAT rewrites it; the look-up key is the accepted connection's peer.
+    Every look-up is one request on a single socket in the reactor, so many
+    can be in flight at once.
+    """
+
+    name = "kmod"
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Optional[Any] = None,
+        timeout: float = 2.0,
+        maxInFlight: int = 64,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.timeout = timeout
+        self.maxInFlight = maxInFlight
+        self.client: Optional[ShifterClient] = None
+
+    def start(self) -> Deferred[None]:
+        """
+        Open the socket and find the module's family, then check that the
+        module answers this process (it needs CAP_NET_ADMIN).
+
+        @return: a L{Deferred} failing with L{ResolverUnavailable}
+            ("module shifter not loaded: ...") when it cannot be used.
+        """
+
+        def connected(client: ShifterClient) -> Deferred[None]:
+            def usable(stats: dict[str, int]) -> None:
+                self.client = client
+                self.log.info(
+                    "kernel module shifter found (family {familyId}, "
+                    "{entries} entries)",
+                    familyId=client.familyId,
+                    entries=stats.get("entries"),
+                )
+
+            def unusable(reason: Failure) -> Failure:
+                client.close()
+                reason.trap(NetlinkException, ValueError)
+                return Failure(
+                    ResolverUnavailable(f"module shifter refuses requests: {reason.value}")
+                )
+
+            return client.stats().addCallbacks(usable, unusable)
+
+        return ShifterClient.connect(
+            self.reactor, timeout=self.timeout, maxInFlight=self.maxInFlight
+        ).addCallback(connected)
+
+    def stop(self) -> Deferred[None]:
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+        return succeed(None)
+
+    def resolve(self, transport: ITCPTransport) -> Deferred[Destination]:
+        if self.client is None:
+            return fail(ResolverUnavailable("the kmod resolver is not started"))
+        peer = transport.getPeer()
+        try:
+            key = ConnectionKey.fromPeer(peer)
+        except (ValueError, OSError) as e:
+            return fail(ResolverError(f"cannot look up {peer!r}: {e}"))
+
+        def failed(reason: Failure) -> Failure:
+            if reason.check(NetlinkNotFound):
+                return Failure(
+                    DestinationUnknown(f"module shifter has no record of {key}")
+                )
+            if reason.check(NetlinkTimeout):
+                return Failure(ResolverError(f"module shifter did not answer for {key}: {reason.value}"))
+            if reason.check(NetlinkException, ValueError):
+                return Failure(ResolverError(f"module shifter look-up of {key} failed: {reason.value}"))
+            return reason
+
+        return self.client.get(key).addErrback(failed)
+
+
+# --------------------------------------------------------------------------
+# python -m shifter.kmod
+# --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m shifter.kmod",
+        description="Talk to the Shifter kernel module in this network namespace.",
+    )
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds per request")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("stats", help="print the module's counters")
+    commands.add_parser("ports", help="print the watched destination ports")
+    setPorts = commands.add_parser("set-ports", help="replace the watched destination ports")
+    setPorts.add_argument("ports", type=int, nargs="*", metavar="PORT")
+    return parser
+
+
+async def _run(reactor: Any, options: argparse.Namespace, out: Any) -> None:
+    client = await ShifterClient.connect(reactor, timeout=options.timeout)
+    try:
+        if options.command == "stats":
+            stats = await client.stats()
+            for name in STAT_NAMES:
+                out.write(f"{name}: {stats[name]}\n")
+        elif options.command == "ports":
+            ports = await client.getPorts()
+            out.write(" ".join(str(port) for port in ports) + "\n")
+        elif options.command == "set-ports":
+            await client.setPorts(options.ports)
+            ports = await client.getPorts()
+            out.write(" ".join(str(port) for port in ports) + "\n")
+    finally:
+        client.close()
+
+
+def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> None:
+    """
+    The C{python -m shifter.kmod} command; exits 1 with the reason on
+    failure.
+    """
+    from twisted.internet import task
+
+    options = _parser().parse_args(argv)
+    out = sys.stdout if out is None else out
+
+    def run(reactor: Any) -> Deferred[None]:
+        def failed(reason: Failure) -> None:
+            reason.trap(ResolverError, NetlinkException, ValueError)
+            sys.stderr.write(f"shifter.kmod: {reason.value}\n")
+            raise SystemExit(1)
+
+        return Deferred.fromCoroutine(_run(reactor, options, out)).addErrback(failed)
+
+    task.react(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""
+Shifter's installer: the package and its twistd dropin.
+
+After installing, refresh Twisted's plugin cache (the Makefile does):
+    python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+"""
+
+from setuptools import setup
+
+import re
+
+with open("shifter/__init__.py") as f:
+    version = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+setup(
+    name="shifter",
+    version=version,
+    description="Transparent-proxy redirector: netfilter-redirected TCP "
+    "connections tunnelled through an HTTP proxy with CONNECT",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=["shifter", "twisted.plugins"],
+    package_data={"twisted.plugins": ["shifter_plugin.py"]},
+    install_requires=["Twisted>=23.8", "pyroute2>=0.7", "zope.interface>=5"],
+    extras_require={"test": ["hypothesis", "virtme-ng"]},
+)

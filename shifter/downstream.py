@@ -1,0 +1,348 @@
+"""
+The downstream side: redirected client connections, each the owner of one
+tunnel through the upstream proxy.
+
+A L{DownstreamProtocol} takes its connection through four stages: resolve
+the original destination, connect to the proxy, read the proxy's answer to
+CONNECT, relay.  The relay is Twisted's own flow control: each transport is
+the other's streaming producer, so a slow side pauses the fast one and no
+buffer grows without bound.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+
+from zope.interface import implementer
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shifter.connect import formatConnectRequest
+from shifter.proxy import UpstreamProxy
+from shifter.resolver import Destination, IOriginalDestinationResolver, ResolverError
+from shifter.sockopt import unmapAddress
+from shifter.upstream import UpstreamFactory, UpstreamProtocol
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """
+    Limits that apply to every tunnel.
+
+    @ivar connectTimeout: seconds to wait for the TCP connection to the proxy.
+    @ivar handshakeTimeout: seconds to wait for the proxy's answer to CONNECT.
+    @ivar idleTimeout: seconds without a byte either way before a tunnel is
+        closed; 0 for never.
+    @ivar earlyDataLimit: bytes a client may send before its tunnel opens;
+        past this, reading from it pauses until the tunnel is open.
+    @ivar maxConnections: tunnels open at once; further clients are refused.
+    """
+
+    connectTimeout: float = 10.0
+    handshakeTimeout: float = 10.0
+    idleTimeout: float = 3600.0
+    earlyDataLimit: int = 64 * 1024
+    maxConnections: int = 10000
+
+
+class ShifterFactory(ServerFactory):
+    """
+    Accepts redirected connections and tunnels each through C{proxy} to the
+    destination that C{resolver} finds.
+
+    @ivar active: the client protocols whose tunnels are not yet finished.
+    @ivar counters: how tunnels ended and why they failed, by short name
+        (C{"opened"}, C{"closed"}, C{"resolver"}, C{"proxy-status"}, ...).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        resolver: IOriginalDestinationResolver,
+        proxy: UpstreamProxy,
+        settings: TunnelSettings,
+        reactor,  # type: ignore[no-untyped-def]
+    ) -> None:
+        self.resolver = resolver
+        self.proxy = proxy
+        self.settings = settings
+        self.reactor = reactor
+        self.active: set[DownstreamProtocol] = set()
+        self.counters: Counter[str] = Counter()
+
+    def buildProtocol(self, addr) -> DownstreamProtocol | None:  # type: ignore[no-untyped-def]
+        if len(self.active) >= self.settings.maxConnections:
+            self.counters["limit"] += 1
+            self.log.warn(
+                "refused {client}: {limit} tunnels already open (--max-connections)",
+                client=_formatAddress(addr.host, addr.port),
+                limit=self.settings.maxConnections,
+            )
+            return None
+        protocol = DownstreamProtocol()
+        protocol.factory = self
+        return protocol
+
+
+@implementer(IHalfCloseableProtocol)
+class DownstreamProtocol(Protocol):
+    """
+    One redirected client connection and the tunnel it is owed.
+
+    @ivar received: bytes received from the client.
+    @ivar destination: the original destination, once resolved.
+    @ivar upstream: the connection to the proxy, once connected.
+    """
+
+    log = Logger()
+    factory: ShifterFactory
+
+    received = 0
+    destination: Destination | None = None
+    upstream: UpstreamProtocol | None = None
+    _relaying = False
+    _failed = False
+    _clientEnded = False
+    _upstreamEnded = False
+    _clientLost = False
+    _upstreamLost = True
+    _how: str | None = None
+    _pending: Deferred | None = None
+    _idleTimer = None
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        factory.active.add(self)
+        self._started = factory.reactor.seconds()
+        peer = self.transport.getPeer()
+        self.client = _formatAddress(unmapAddress(peer.host), peer.port)
+        self._early: list[bytes] = []
+        self._earlyBytes = 0
+        # maybeDeferred: a resolver bug becomes a refused connection, not a
+        # client left hanging.
+        pending = maybeDeferred(factory.resolver.resolve, self.transport)
+        self._pending = pending
+        pending.addCallbacks(self._resolved, self._resolveFailed)
+
+    # Stage 1: the original destination.
+
+    def _resolved(self, destination: Destination) -> None:
+        self._pending = None
+        host = ipaddress.ip_address(unmapAddress(destination.host)).compressed
+        self.destination = destination
+        self.target = _formatAddress(host, destination.port)
+        local = self.transport.getHost()
+        localHost = ipaddress.ip_address(unmapAddress(local.host)).compressed
+        if (host, destination.port) == (localHost, local.port):
+            self.fail("loop", "connected to Shifter directly, not redirected")
+            return
+        proxy = self.factory.proxy
+        if (host, destination.port) == proxy.address:
+            self.fail("loop", "destination is the upstream proxy itself")
+            return
+        request = formatConnectRequest(host, destination.port)
+        pending = proxy.endpoint.connect(UpstreamFactory(self, request))
+        pending.addTimeout(self.factory.settings.connectTimeout, self.factory.reactor)
+        self._pending = pending
+        pending.addErrback(self._connectFailed)
+
+    def _resolveFailed(self, reason: Failure) -> None:
+        self._pending = None
+        if reason.check(CancelledError):
+            return
+        if reason.check(ResolverError):
+            self.fail("resolver", f"original destination unknown: {reason.getErrorMessage()}")
+        else:
+            self.log.failure("resolver error for {client}", reason, client=self.client)
+            self.fail("resolver", f"resolver error: {reason.getErrorMessage()}")
+
+    # Stage 2: the connection to the proxy.
+
+    def _connectFailed(self, reason: Failure) -> None:
+        self._pending = None
+        if self._clientLost and reason.check(CancelledError):
+            return
+        if reason.check(TimeoutError):
+            why = f"no connection to proxy within {self.factory.settings.connectTimeout:g} s"
+            self.fail("timeout", why)
+        else:
+            self.fail("proxy-connect", f"cannot connect to proxy: {reason.getErrorMessage()}")
+
+    def upstreamConnected(self, upstream: UpstreamProtocol) -> None:
+        """
+        The proxy accepted the TCP connection and has been sent CONNECT.
+        """
+        self._pending = None
+        self.upstream = upstream
+        self._upstreamLost = False
+        if self._clientLost:
+            upstream.transport.abortConnection()
+
+    # Stage 3: the proxy's answer (read by the upstream protocol).
+
+    def tunnelOpened(self, leftover: bytes) -> None:
+        """
+        The proxy answered 2xx: join the two connections.
+
+        @param leftover: tunnel bytes that arrived with the proxy's answer.
+        """
+        upstream = self.upstream
+        assert upstream is not None
+        self._relaying = True
+        self.factory.counters["opened"] += 1
+        upstream.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(upstream.transport, True)
+        if self._early:
+            upstream.transport.write(b"".join(self._early))
+            self._early = []
+        if leftover:
+            self.transport.write(leftover)
+        if self._clientEnded:
+            upstream.transport.loseWriteConnection()
+        else:
+            self.transport.resumeProducing()
+        idleTimeout = self.factory.settings.idleTimeout
+        if idleTimeout:
+            self._idleTimer = self.factory.reactor.callLater(idleTimeout, self._idledOut)
+
+    # Stage 4: the relay.
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self._relaying:
+            self.upstream.transport.write(data)  # type: ignore[union-attr]
+            self.touch()
+            return
+        self._early.append(data)
+        self._earlyBytes += len(data)
+        if self._earlyBytes >= self.factory.settings.earlyDataLimit:
+            self.transport.pauseProducing()
+
+    def touch(self) -> None:
+        """
+        Note that bytes moved, which postpones the idle timeout.
+        """
+        if self._idleTimer is not None:
+            self._idleTimer.reset(self.factory.settings.idleTimeout)
+
+    def _idledOut(self) -> None:
+        self._idleTimer = None
+        self._close(f"idle for {self.factory.settings.idleTimeout:g} s")
+
+    def readConnectionLost(self) -> None:
+        self._clientEnded = True
+        if self._relaying:
+            self.upstream.transport.loseWriteConnection()  # type: ignore[union-attr]
+            if self._upstreamEnded:
+                self._close("both sides closed")
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def upstreamEnded(self) -> None:
+        """
+        The proxy finished sending (half-close): pass that on to the client.
+        """
+        self._upstreamEnded = True
+        self.transport.loseWriteConnection()
+        if self._clientEnded:
+            self._close("both sides closed")
+
+    def fail(self, kind: str, reason: str, **fields: object) -> None:
+        """
+        End the tunnel before it opened, with one log line saying why.
+
+        @param kind: the counter to count this failure under.
+        @param reason: the reason, for the log line.
+        """
+        if self._failed or self._relaying:
+            return
+        self._failed = True
+        self.factory.counters[kind] += 1
+        self.log.warn(
+            "tunnel {client} -> {destination} via {proxy} failed: {reason}",
+            client=self.client,
+            destination=getattr(self, "target", "(unknown)"),
+            proxy=self.factory.proxy.description,
+            reason=reason,
+            failure_kind=kind,
+            **fields,
+        )
+        self._close(reason)
+
+    def _close(self, how: str) -> None:
+        if self._how is None:
+            self._how = how
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+        if self.upstream is not None:
+            self.upstream.transport.loseConnection()
+        self.transport.loseConnection()
+
+    def upstreamLost(self, reason: Failure) -> None:
+        """
+        The connection to the proxy is gone: close the client's too.
+        """
+        self._upstreamLost = True
+        if self._how is None:
+            self._how = _howLost("proxy", reason)
+        if self._clientLost:
+            self._finished()
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._clientLost = True
+        if self._how is None:
+            self._how = _howLost("client", reason)
+        if not self._relaying and not self._failed:
+            self.fail("client-gone", "client left before the tunnel opened")
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+        if self._upstreamLost:
+            self._finished()
+        else:
+            self.upstream.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _finished(self) -> None:
+        self.factory.active.discard(self)
+        if self._idleTimer is not None:
+            self._idleTimer.cancel()
+            self._idleTimer = None
+        if not self._relaying:
+            return  # fail() has logged the one line this connection gets.
+        self.factory.counters["closed"] += 1
+        upstream = self.upstream
+        self.log.info(
+            "tunnel {client} -> {destination} via {proxy} closed ({how}): "
+            "{bytes_up} bytes up, {bytes_down} bytes down, {duration:.3f} s",
+            client=self.client,
+            destination=self.target,
+            proxy=self.factory.proxy.description,
+            how=self._how,
+            bytes_up=self.received,
+            bytes_down=upstream.received if upstream is not None else 0,
+            duration=self.factory.reactor.seconds() - self._started,
+        )
+
+
+def _howLost(side: str, reason: Failure) -> str:
+    if reason.check(ConnectionDone):
+        return f"{side} closed"
+    return f"{side} connection lost: {reason.getErrorMessage()}"
+
+
+def _formatAddress(host: str, port: int) -> str:
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"

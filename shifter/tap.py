@@ -1,0 +1,181 @@
+"""
+C{twistd shifter}: the command-line options and the service they describe.
+"""
+
+from __future__ import annotations
+
+import resource
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from shifter.downstream import ShifterFactory, TunnelSettings
+from shifter.proxy import UpstreamProxy, parseProxy
+from shifter.resolver import RESOLVERS, makeResolver
+from shifter.service import ShifterService
+
+# Descriptors kept back from the connection cap for listening sockets,
+# resolver sockets, log files and the like.
+_RESERVED_DESCRIPTORS = 32
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
+_seconds.coerceDoc = "Seconds, more than 0."  # type: ignore[attr-defined]
+
+
+def _secondsOrOff(value: str) -> float:
+    seconds = float(value)
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"expected a number of seconds (0 for off), got {value!r}")
+    return seconds
+
+
+_secondsOrOff.coerceDoc = "Seconds; 0 turns it off."  # type: ignore[attr-defined]
+
+
+def _positiveInt(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def defaultMaxConnections() -> int:
+    """
+    The connection cap that the descriptor limit allows: each tunnel holds
+    two descriptors, the client's and the proxy's.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(1, (soft - _RESERVED_DESCRIPTORS) // 2)
+
+
+class Options(usage.Options):
+    synopsis = "--proxy HOST:PORT [options]"
+    longdesc = (
+        "Relay TCP connections that netfilter redirected to Shifter through an "
+        "upstream HTTP proxy. For each connection Shifter finds the destination "
+        "the client was originally sending to, asks the proxy for CONNECT to it, "
+        "and relays the bytes both ways. Redirect with a rule such as "
+        "'iptables -t nat -A PREROUTING -i lan0 -p tcp --dport 443 -j REDIRECT "
+        "--to-ports 12345'. A connection made to Shifter's port directly, not "
+        "through a redirect, is refused: Shifter is never an open proxy."
+    )
+
+    optParameters = [
+        [
+            "listen",
+            "l",
+            "tcp:12345",
+            "Where to accept redirected connections, as a Twisted server "
+            "endpoint string. For IPv4 and IPv6 together: "
+            "tcp6:12345:interface=\\:\\:",
+        ],
+        [
+            "proxy",
+            "p",
+            None,
+            "The upstream HTTP proxy (required): HOST:PORT, [IPV6]:PORT, or a "
+            "Twisted client endpoint string such as tcp:host=10.0.0.5:port=3128.",
+        ],
+        [
+            "resolver",
+            "r",
+            "sockopt",
+            "How to find each connection's original destination: "
+            + ", ".join(sorted(RESOLVERS))
+            + ". sockopt reads SO_ORIGINAL_DST (REDIRECT and DNAT rules); "
+            "kmod asks Shifter's kernel module.",
+        ],
+        [
+            "connect-timeout",
+            None,
+            10.0,
+            "Seconds to wait for the TCP connection to the proxy.",
+            _seconds,
+        ],
+        [
+            "handshake-timeout",
+            None,
+            10.0,
+            "Seconds to wait for the proxy's answer to CONNECT.",
+            _seconds,
+        ],
+        [
+            "idle-timeout",
+            None,
+            3600.0,
+            "Close a tunnel after this many seconds without a byte either way.",
+            _secondsOrOff,
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Tunnels open at once; clients past this are refused. "
+            "Default: half the open-file limit, less a reserve.",
+            _positiveInt,
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        from twisted.internet import reactor
+
+        if self["proxy"] is None:
+            raise usage.UsageError("--proxy is required (for example --proxy 127.0.0.1:3128)")
+        try:
+            self["proxy"] = parseProxy(self["proxy"], reactor)
+        except ValueError as e:
+            raise usage.UsageError(f"--proxy: {e}") from None
+        try:
+            serverFromString(reactor, self["listen"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--listen: invalid endpoint {self['listen']!r}: {e}") from None
+        if self["resolver"] not in RESOLVERS:
+            raise usage.UsageError(
+                f"--resolver: unknown resolver {self['resolver']!r}; "
+                f"choose one of {', '.join(sorted(RESOLVERS))}"
+            )
+        if self["max-connections"] is None:
+            self["max-connections"] = defaultMaxConnections()
+
+
+def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-untyped-def]
+    """
+    Build the Shifter service that C{config} describes.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    proxy = config["proxy"]
+    if not isinstance(proxy, UpstreamProxy):
+        proxy = parseProxy(proxy, reactor)
+    if proxy.address is None:
+        _resolveHostnamesInReactor(reactor)
+    settings = TunnelSettings(
+        connectTimeout=config["connect-timeout"],
+        handshakeTimeout=config["handshake-timeout"],
+        idleTimeout=config["idle-timeout"],
+        maxConnections=config["max-connections"] or defaultMaxConnections(),
+    )
+    factory = ShifterFactory(makeResolver(config["resolver"], reactor), proxy, settings, reactor)
+    top = MultiService()
+    ShifterService(serverFromString(reactor, config["listen"]), config["listen"], factory).setServiceParent(top)
+    return top
+
+
+def _resolveHostnamesInReactor(reactor) -> None:  # type: ignore[no-untyped-def]
+    """
+    Resolve the proxy's hostname with Twisted's own DNS client, which runs
+    in the reactor, rather than the default resolver's thread pool.
+    """
+    from twisted.names.client import createResolver
+
+    reactor.installResolver(createResolver())

@@ -1,0 +1,124 @@
+"""
+The upstream side of a tunnel: a connection to the HTTP proxy that asks for
+C{CONNECT host:port}, reads the answer, and then relays bytes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from zope.interface import implementer
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.python.failure import Failure
+
+from shifter.connect import ConnectResponseParser, ProxyResponseError
+
+if TYPE_CHECKING:
+    from shifter.downstream import DownstreamProtocol
+
+
+@implementer(IHalfCloseableProtocol)
+class UpstreamProtocol(Protocol):
+    """
+    Shifter's connection to the upstream proxy for one client.
+
+    It sends the CONNECT request as soon as it is connected and gives the
+    proxy C{handshakeTimeout} seconds to answer.  The answer goes to the
+    sans-I/O L{ConnectResponseParser}; the verdict, and any tunnel bytes
+    that came with it, go to the L{DownstreamProtocol} that owns the tunnel.
+    After that, every byte received is relayed to the client.
+
+    @ivar received: bytes received from the proxy after its answer.
+    """
+
+    received = 0
+
+    def __init__(self, downstream: DownstreamProtocol, request: bytes) -> None:
+        self.downstream = downstream
+        self._request = request
+        self._parser: ConnectResponseParser | None = ConnectResponseParser()
+        self._handshakeTimer = None
+
+    def connectionMade(self) -> None:
+        downstream = self.downstream
+        self._handshakeTimer = downstream.factory.reactor.callLater(
+            downstream.factory.settings.handshakeTimeout, self._handshakeTimedOut
+        )
+        self.transport.write(self._request)
+        downstream.upstreamConnected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._parser is None:
+            self.received += len(data)
+            self.downstream.transport.write(data)
+            self.downstream.touch()
+            return
+        try:
+            response = self._parser.feed(data)
+        except ProxyResponseError as e:
+            self._endHandshake()
+            self.downstream.fail("proxy-garbage", f"bad answer from proxy: {e}")
+            return
+        if response is None:
+            return
+        self._endHandshake()
+        if response.opensTunnel:
+            self.received = len(response.leftover)
+            self.downstream.tunnelOpened(response.leftover)
+        else:
+            self.downstream.fail(
+                "proxy-status",
+                f"proxy answered {response.status} {response.reason}".rstrip(),
+                status=response.status,
+            )
+
+    def readConnectionLost(self) -> None:
+        if self._parser is not None:
+            self._endHandshake()
+            self.downstream.fail("proxy-closed", "proxy closed the connection before answering")
+        else:
+            self.downstream.upstreamEnded()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._parser is not None:
+            self._endHandshake()
+            self.downstream.fail(
+                "proxy-closed",
+                f"proxy connection lost before answering: {reason.getErrorMessage()}",
+            )
+        self.downstream.upstreamLost(reason)
+
+    def _endHandshake(self) -> None:
+        self._parser = None
+        if self._handshakeTimer is not None and self._handshakeTimer.active():
+            self._handshakeTimer.cancel()
+        self._handshakeTimer = None
+
+    def _handshakeTimedOut(self) -> None:
+        self._handshakeTimer = None
+        self._parser = None
+        self.downstream.fail(
+            "timeout",
+            f"proxy did not answer CONNECT within "
+            f"{self.downstream.factory.settings.handshakeTimeout:g} s",
+        )
+
+
+class UpstreamFactory(ClientFactory):
+    """
+    Builds the one L{UpstreamProtocol} of a tunnel.
+    """
+
+    noisy = False  # one factory per tunnel: its start and stop are not news
+
+    def __init__(self, downstream: DownstreamProtocol, request: bytes) -> None:
+        self.downstream = downstream
+        self.request = request
+
+    def buildProtocol(self, addr: object) -> UpstreamProtocol:
+        return UpstreamProtocol(self.downstream, self.request)
