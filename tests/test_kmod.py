@@ -1,0 +1,591 @@
+"""
+Tests for L{shifter.kmod}: the module's messages, L{ShifterClient} and
+C{--resolver=kmod} against a fake kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import socket
+import struct
+from typing import Any
+
+from pyroute2.netlink import GENL_ID_CTRL, NLM_F_ACK, NLM_F_REQUEST
+from zope.interface.verify import verifyObject
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from shifter import kmod
+from shifter.kmod import (
+    SHIFTER_A_FAMILY,
+    SHIFTER_A_SRC_ADDR,
+    SHIFTER_A_SRC_PORT,
+    SHIFTER_CMD_GET,
+    SHIFTER_CMD_GET_PORTS,
+    SHIFTER_CMD_SET_PORTS,
+    SHIFTER_CMD_STATS,
+    STAT_NAMES,
+    ConnectionKey,
+    KernelModuleResolver,
+    ShifterClient,
+    decodeGetReply,
+    encodeGet,
+    shifter_msg,
+)
+from shifter.netlink import Header, NetlinkPort, decodeMessage, encodeMessage, encodeRequest
+from shifter.resolver import (
+    DestinationUnknown,
+    IOriginalDestinationResolver,
+    ResolverError,
+    ResolverUnavailable,
+    makeResolver,
+)
+from tests.test_netlink import (
+    FakeKernel,
+    errorMessage,
+    familyReply,
+    nlattr,
+    pump,
+    requestedFamily,
+)
+
+FAMILY_ID = 0x1D
+V4 = socket.AF_INET
+V6 = socket.AF_INET6
+
+
+def v4(host: str) -> bytes:
+    return socket.inet_pton(V4, host)
+
+
+def v6(host: str) -> bytes:
+    return socket.inet_pton(V6, host)
+
+
+class FakeShifterModule:
+    """
+    The generic netlink controller and the shifter family of a fake
+    kernel: a table of connections, counters and watched ports.
+    """
+
+    def __init__(self, loaded: bool = True) -> None:
+        self.loaded = loaded
+        self.table: dict[tuple[int, bytes, int], tuple[int, bytes, int]] = {}
+        self.stats = {name: 0 for name in STAT_NAMES}
+        self.ports = [443]
+        # cmd -> errno to answer with instead
+        self.errors: dict[int, int] = {}
+        self.silent = False
+        self.requests: list[shifter_msg] = []
+
+    def __call__(self, header: Header, request: bytes) -> list[bytes]:
+        if header.type == GENL_ID_CTRL:
+            if self.loaded and requestedFamily(request) == "shifter":
+                return [familyReply(header.sequence, "shifter", FAMILY_ID)]
+            return [errorMessage(header.sequence, -errno.ENOENT, request=request)]
+        assert header.type == FAMILY_ID, header
+        message = decodeMessage(request, shifter_msg)
+        self.requests.append(message)
+        if self.silent:
+            return []
+        cmd = message["cmd"]
+        if cmd in self.errors:
+            return [errorMessage(header.sequence, -self.errors[cmd], request=request)]
+        if cmd == SHIFTER_CMD_GET:
+            return self.get(header, message, request)
+        reply = shifter_msg()
+        reply["cmd"] = cmd
+        reply["version"] = 1
+        if cmd == SHIFTER_CMD_STATS:
+            reply["attrs"] = [
+                [
+                    "SHIFTER_A_STATS",
+                    {"attrs": [["SHIFTER_STAT_" + n.upper(), v] for n, v in self.stats.items()]},
+                ]
+            ]
+        elif cmd == SHIFTER_CMD_GET_PORTS:
+            reply["attrs"] = [
+                ["SHIFTER_A_PORTS", {"attrs": [["SHIFTER_A_PORTS_PORT", p] for p in self.ports]}]
+            ]
+        elif cmd == SHIFTER_CMD_SET_PORTS:
+            nest = message.get_attr("SHIFTER_A_PORTS")
+            self.ports = list(nest.get_attrs("SHIFTER_A_PORTS_PORT")) if nest else []
+            return [errorMessage(header.sequence, 0, request=request)]
+        else:
+            return [errorMessage(header.sequence, -errno.EOPNOTSUPP, request=request)]
+        return [encodeMessage(reply, FAMILY_ID, 0, header.sequence)]
+
+    def get(self, header: Header, message: shifter_msg, request: bytes) -> list[bytes]:
+        self.stats["lookups"] += 1
+        key = (
+            message.get_attr("SHIFTER_A_FAMILY"),
+            message.get_attr("SHIFTER_A_SRC_ADDR"),
+            message.get_attr("SHIFTER_A_SRC_PORT"),
+        )
+        if key not in self.table:
+            self.stats["misses"] += 1
+            return [errorMessage(header.sequence, -errno.ENOENT, request=request)]
+        self.stats["hits"] += 1
+        family, address, port = self.table[key]
+        reply = shifter_msg()
+        reply["cmd"] = SHIFTER_CMD_GET
+        reply["version"] = 1
+        reply["attrs"] = [
+            ["SHIFTER_A_FAMILY", family],
+            ["SHIFTER_A_SRC_ADDR", key[1]],
+            ["SHIFTER_A_SRC_PORT", key[2]],
+            ["SHIFTER_A_DST_ADDR", address],
+            ["SHIFTER_A_DST_PORT", port],
+        ]
+        return [encodeMessage(reply, FAMILY_ID, 0, header.sequence)]
+
+
+def acceptedFrom(peer: Any) -> StringTransport:
+    """
+    A transport standing for a connection accepted from C{peer}.
+    """
+    return StringTransport(peerAddress=peer)
+
+
+class ConnectionKeyTests(SynchronousTestCase):
+    """
+    L{ConnectionKey.fromPeer}: what the module is asked for.
+    """
+
+    def test_ipv4(self) -> None:
+        """
+        An IPv4 peer is looked up as AF_INET with its 4-byte address.
+        """
+        key = ConnectionKey.fromPeer(IPv4Address("TCP", "10.1.2.3", 40000))
+        self.assertEqual(key, ConnectionKey(V4, v4("10.1.2.3"), 40000))
+
+    def test_ipv6(self) -> None:
+        """
+        An IPv6 peer is looked up as AF_INET6 with its 16-byte address.
+        """
+        key = ConnectionKey.fromPeer(IPv6Address("TCP", "2001:db8::7", 50000))
+        self.assertEqual(key, ConnectionKey(V6, v6("2001:db8::7"), 50000))
+
+    def test_ipv4Mapped(self) -> None:
+        """
+        An IPv4 client accepted on a dual-stack socket (::ffff:a.b.c.d) sent
+        an IPv4 SYN: it is looked up as AF_INET.
+        """
+        key = ConnectionKey.fromPeer(IPv6Address("TCP", "::ffff:192.0.2.9", 1234))
+        self.assertEqual(key, ConnectionKey(V4, v4("192.0.2.9"), 1234))
+
+    def test_scoped(self) -> None:
+        """
+        A link-local peer's scope is not part of its address.
+        """
+        key = ConnectionKey.fromPeer(IPv6Address("TCP", "fe80::1%eth0", 99))
+        self.assertEqual(key, ConnectionKey(V6, v6("fe80::1"), 99))
+
+    def test_notIP(self) -> None:
+        """
+        A peer that is no IP address cannot be looked up.
+        """
+        with self.assertRaises(ValueError):
+            ConnectionKey.fromPeer(UNIXAddress("/tmp/x"))  # type: ignore[arg-type]
+
+    def test_str(self) -> None:
+        """
+        A key reads as host:port, IPv6 hosts in brackets.
+        """
+        self.assertEqual(str(ConnectionKey(V4, v4("10.0.0.1"), 5)), "10.0.0.1:5")
+        self.assertEqual(str(ConnectionKey(V6, v6("2001:db8::1"), 5)), "[2001:db8::1]:5")
+
+
+class MessageTests(SynchronousTestCase):
+    """
+    The GET request and reply on the wire.
+    """
+
+    def test_encodeGetIPv4(self) -> None:
+        """
+        GET for an IPv4 peer carries the family (u8), the 4-byte address
+        and the port (u16, host order), as the uapi header defines.
+        """
+        key = ConnectionKey(V4, v4("10.1.2.3"), 40000)
+        data = encodeRequest(encodeGet(key), FAMILY_ID, 0, 9)
+        body = (
+            struct.pack("=BBH", SHIFTER_CMD_GET, 1, 0)
+            + nlattr(SHIFTER_A_FAMILY, struct.pack("=B", V4))
+            + nlattr(SHIFTER_A_SRC_ADDR, v4("10.1.2.3"))
+            + nlattr(SHIFTER_A_SRC_PORT, struct.pack("=H", 40000))
+        )
+        header = struct.pack("=IHHII", 16 + len(body), FAMILY_ID, NLM_F_REQUEST, 9, 0)
+        self.assertEqual(data, header + body)
+
+    def test_encodeGetIPv6(self) -> None:
+        """
+        GET for an IPv6 peer carries AF_INET6 and the 16-byte address.
+        """
+        key = ConnectionKey(V6, v6("2001:db8::7"), 50000)
+        data = encodeRequest(encodeGet(key), FAMILY_ID, 0, 9)
+        self.assertIn(nlattr(SHIFTER_A_FAMILY, struct.pack("=B", V6)), data)
+        self.assertIn(nlattr(SHIFTER_A_SRC_ADDR, v6("2001:db8::7")), data)
+        self.assertIn(nlattr(SHIFTER_A_SRC_PORT, struct.pack("=H", 50000)), data)
+
+    def reply(self, *attrs: Any) -> shifter_msg:
+        message = shifter_msg()
+        message["cmd"] = SHIFTER_CMD_GET
+        message["version"] = 1
+        message["attrs"] = list(attrs)
+        return decodeMessage(encodeMessage(message, FAMILY_ID, 0, 1), shifter_msg)
+
+    def test_decodeIPv4(self) -> None:
+        """
+        An AF_INET reply decodes to a TCP L{IPv4Address}.
+        """
+        reply = self.reply(
+            ["SHIFTER_A_FAMILY", V4],
+            ["SHIFTER_A_DST_ADDR", v4("203.0.113.7")],
+            ["SHIFTER_A_DST_PORT", 443],
+        )
+        key = ConnectionKey(V4, v4("10.0.0.1"), 1)
+        self.assertEqual(decodeGetReply(reply, key), IPv4Address("TCP", "203.0.113.7", 443))
+
+    def test_decodeIPv6(self) -> None:
+        """
+        An AF_INET6 reply decodes to a TCP L{IPv6Address}.
+        """
+        reply = self.reply(
+            ["SHIFTER_A_FAMILY", V6],
+            ["SHIFTER_A_DST_ADDR", v6("2001:db8::443")],
+            ["SHIFTER_A_DST_PORT", 8443],
+        )
+        key = ConnectionKey(V6, v6("2001:db8::1"), 1)
+        self.assertEqual(decodeGetReply(reply, key), IPv6Address("TCP", "2001:db8::443", 8443))
+
+    def test_decodeMissingAddress(self) -> None:
+        """
+        A reply without a destination address is rejected.
+        """
+        reply = self.reply(["SHIFTER_A_FAMILY", V4], ["SHIFTER_A_DST_PORT", 443])
+        with self.assertRaises(ValueError):
+            decodeGetReply(reply, ConnectionKey(V4, v4("10.0.0.1"), 1))
+
+    def test_decodeWrongLength(self) -> None:
+        """
+        A destination address of the wrong length for its family is
+        rejected.
+        """
+        reply = self.reply(
+            ["SHIFTER_A_FAMILY", V6],
+            ["SHIFTER_A_DST_ADDR", v4("203.0.113.7")],
+            ["SHIFTER_A_DST_PORT", 443],
+        )
+        with self.assertRaises(ValueError):
+            decodeGetReply(reply, ConnectionKey(V6, v6("::1"), 1))
+
+    def test_decodeBadPort(self) -> None:
+        """
+        A destination port of 0 is rejected.
+        """
+        reply = self.reply(
+            ["SHIFTER_A_FAMILY", V4],
+            ["SHIFTER_A_DST_ADDR", v4("203.0.113.7")],
+            ["SHIFTER_A_DST_PORT", 0],
+        )
+        with self.assertRaises(ValueError):
+            decodeGetReply(reply, ConnectionKey(V4, v4("10.0.0.1"), 1))
+
+
+class FakeKernelCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.module = FakeShifterModule()
+        self.kernel = FakeKernel(self.module)
+        self.patch(NetlinkPort, "_socketFactory", self.kernel.socket)
+        self.reactor = MemoryReactorClock()
+
+    def settle(self, d: Deferred[Any]) -> Deferred[Any]:
+        pump(self.reactor)
+        return d
+
+
+class ResolverTests(FakeKernelCase):
+    """
+    L{KernelModuleResolver} against a fake kernel with a fake module.
+    """
+
+    def started(self, **kwargs: Any) -> KernelModuleResolver:
+        resolver = KernelModuleResolver(reactor=self.reactor, **kwargs)
+        self.successResultOf(self.settle(resolver.start()))
+        return resolver
+
+    def test_interface(self) -> None:
+        """
+        The resolver provides L{IOriginalDestinationResolver} under the name
+        "kmod", and the registry builds it from that name.
+        """
+        resolver = makeResolver("kmod", reactor=self.reactor)
+        self.assertIsInstance(resolver, KernelModuleResolver)
+        self.assertTrue(verifyObject(IOriginalDestinationResolver, resolver))
+        self.assertEqual(resolver.name, "kmod")
+
+    def test_startFindsFamily(self) -> None:
+        """
+        Starting opens a generic netlink socket, resolves the "shifter"
+        family and checks that the module answers (a STATS request).
+        """
+        resolver = self.started()
+        (sock,) = self.kernel.sockets
+        self.assertEqual(sock.proto, 16)
+        self.assertEqual(self.kernel.requests[0][0].type, GENL_ID_CTRL)
+        self.assertEqual([m["cmd"] for m in self.module.requests], [SHIFTER_CMD_STATS])
+        self.assertIsNotNone(resolver.client)
+
+    def test_moduleNotLoaded(self) -> None:
+        """
+        Without the family, starting fails with L{ResolverUnavailable}
+        saying the module is not loaded, and the socket is closed.
+        """
+        self.module.loaded = False
+        resolver = KernelModuleResolver(reactor=self.reactor)
+        failure = self.failureResultOf(self.settle(resolver.start()), ResolverUnavailable)
+        self.assertTrue(str(failure.value).startswith("module shifter not loaded: "), str(failure.value))
+        self.assertIn("'shifter' not found", str(failure.value))
+        self.assertTrue(self.kernel.sockets[0].closed)
+
+    def test_notPermitted(self) -> None:
+        """
+        A module that refuses this process (no CAP_NET_ADMIN) makes starting
+        fail with L{ResolverUnavailable} giving the reason.
+        """
+        self.module.errors[SHIFTER_CMD_STATS] = errno.EPERM
+        resolver = KernelModuleResolver(reactor=self.reactor)
+        failure = self.failureResultOf(self.settle(resolver.start()), ResolverUnavailable)
+        self.assertIn("EPERM", str(failure.value))
+        self.assertTrue(self.kernel.sockets[0].closed)
+
+    def test_noSocket(self) -> None:
+        """
+        When no netlink socket can be opened, starting fails with
+        L{ResolverUnavailable}.
+        """
+
+        def refuse(*args: int) -> Any:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+        self.patch(NetlinkPort, "_socketFactory", refuse)
+        resolver = KernelModuleResolver(reactor=self.reactor)
+        failure = self.failureResultOf(resolver.start(), ResolverUnavailable)
+        self.assertIn("cannot open a generic netlink socket", str(failure.value))
+
+    def test_resolveIPv4(self) -> None:
+        """
+        An IPv4 connection the module recorded resolves to its original
+        destination; the request named the peer's address and port.
+        """
+        self.module.table[(V4, v4("10.0.0.2"), 40001)] = (V4, v4("203.0.113.7"), 443)
+        resolver = self.started()
+        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 40001)))
+        self.assertEqual(self.successResultOf(self.settle(d)), IPv4Address("TCP", "203.0.113.7", 443))
+        get = self.module.requests[-1]
+        self.assertEqual(get["cmd"], SHIFTER_CMD_GET)
+        self.assertEqual(get.get_attr("SHIFTER_A_SRC_ADDR"), v4("10.0.0.2"))
+
+    def test_resolveIPv6(self) -> None:
+        """
+        An IPv6 connection resolves to an L{IPv6Address}.
+        """
+        self.module.table[(V6, v6("2001:db8::2"), 40002)] = (V6, v6("2001:db8::443"), 443)
+        resolver = self.started()
+        d = resolver.resolve(acceptedFrom(IPv6Address("TCP", "2001:db8::2", 40002)))
+        self.assertEqual(self.successResultOf(self.settle(d)), IPv6Address("TCP", "2001:db8::443", 443))
+
+    def test_resolveIPv4Mapped(self) -> None:
+        """
+        An IPv4 client accepted on a dual-stack socket is asked for as
+        AF_INET and resolves to an L{IPv4Address}.
+        """
+        self.module.table[(V4, v4("10.0.0.3"), 40003)] = (V4, v4("198.51.100.1"), 443)
+        resolver = self.started()
+        d = resolver.resolve(acceptedFrom(IPv6Address("TCP", "::ffff:10.0.0.3", 40003)))
+        self.assertEqual(self.successResultOf(self.settle(d)), IPv4Address("TCP", "198.51.100.1", 443))
+        self.assertEqual(self.module.requests[-1].get_attr("SHIFTER_A_FAMILY"), V4)
+
+    def test_unknown(self) -> None:
+        """
+        A connection the module has no record of (-ENOENT) fails with
+        L{DestinationUnknown} naming it.
+        """
+        resolver = self.started()
+        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.9", 1)))
+        failure = self.failureResultOf(self.settle(d), DestinationUnknown)
+        self.assertIn("10.0.0.9:1", str(failure.value))
+
+    def test_otherError(self) -> None:
+        """
+        Any other error answer fails with L{ResolverError}, not
+        L{DestinationUnknown}.
+        """
+        resolver = self.started()
+        self.module.errors[SHIFTER_CMD_GET] = errno.EINVAL
+        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.9", 1)))
+        failure = self.failureResultOf(self.settle(d), ResolverError)
+        self.assertNotIsInstance(failure.value, DestinationUnknown)
+        self.assertIn("EINVAL", str(failure.value))
+
+    def test_timeout(self) -> None:
+        """
+        A look-up the module never answers fails with L{ResolverError} after
+        the resolver's timeout.
+        """
+        resolver = self.started(timeout=0.5)
+        self.module.silent = True
+        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.9", 1)))
+        self.settle(d)
+        self.assertNoResult(d)
+        self.reactor.advance(0.5)
+        failure = self.failureResultOf(d, ResolverError)
+        self.assertNotIsInstance(failure.value, DestinationUnknown)
+        self.assertIn("did not answer", str(failure.value))
+
+    def test_malformedAnswer(self) -> None:
+        """
+        A reply without a usable destination fails with L{ResolverError}.
+        """
+        self.module.table[(V4, v4("10.0.0.2"), 40001)] = (V4, b"\1\2", 443)
+        resolver = self.started()
+        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 40001)))
+        failure = self.failureResultOf(self.settle(d), ResolverError)
+        self.assertIn("bad destination address", str(failure.value))
+
+    def test_notIP(self) -> None:
+        """
+        A connection whose peer is no IP address fails with
+        L{ResolverError} without asking the module.
+        """
+        resolver = self.started()
+        before = len(self.module.requests)
+        d = resolver.resolve(acceptedFrom(UNIXAddress("/tmp/sock")))
+        self.failureResultOf(d, ResolverError)
+        self.assertEqual(len(self.module.requests), before)
+
+    def test_notStarted(self) -> None:
+        """
+        Resolving before starting fails with L{ResolverUnavailable}.
+        """
+        resolver = KernelModuleResolver(reactor=self.reactor)
+        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 1)))
+        self.failureResultOf(d, ResolverUnavailable)
+
+    def test_stop(self) -> None:
+        """
+        Stopping closes the socket; a look-up still waiting fails with
+        L{ResolverError}, and later ones with L{ResolverUnavailable}.
+        """
+        resolver = self.started()
+        self.module.silent = True
+        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 1)))
+        self.successResultOf(resolver.stop())
+        self.assertTrue(self.kernel.sockets[0].closed)
+        self.failureResultOf(d, ResolverError)
+        later = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 1)))
+        self.failureResultOf(later, ResolverUnavailable)
+        self.assertEqual(self.reactor.getReaders(), [])
+
+    def test_manyInFlight(self) -> None:
+        """
+        Many look-ups at once each get their own connection's destination.
+        """
+        for i in range(200):
+            self.module.table[(V4, v4("10.0.0.2"), 10000 + i)] = (V4, v4("203.0.113.7"), 1000 + i)
+        resolver = self.started()
+        ds = [
+            resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 10000 + i)))
+            for i in range(200)
+        ]
+        self.settle(ds[0])
+        self.assertEqual(
+            [self.successResultOf(d).port for d in ds], [1000 + i for i in range(200)]
+        )
+
+
+class ClientTests(FakeKernelCase):
+    """
+    L{ShifterClient}'s STATS and port commands, and C{python -m shifter.kmod}.
+    """
+
+    def client(self) -> ShifterClient:
+        return self.successResultOf(self.settle(ShifterClient.connect(self.reactor)))
+
+    def test_stats(self) -> None:
+        """
+        STATS decodes to every counter by name.
+        """
+        self.module.stats.update(entries=3, inserts=10, lookups=7, hits=5, misses=2, evictions=1, expiries=4)
+        stats = self.successResultOf(self.settle(self.client().stats()))
+        self.assertEqual(stats, dict(self.module.stats))
+        self.assertEqual(
+            list(stats), ["entries", "inserts", "lookups", "hits", "misses", "evictions", "expiries"]
+        )
+
+    def test_getPorts(self) -> None:
+        """
+        GET_PORTS decodes to the list of watched ports.
+        """
+        self.module.ports = [443, 8443]
+        self.assertEqual(self.successResultOf(self.settle(self.client().getPorts())), [443, 8443])
+
+    def test_setPorts(self) -> None:
+        """
+        SET_PORTS sends the ports in a nest and waits for the kernel's
+        acknowledgement.
+        """
+        client = self.client()
+        d = client.setPorts([80, 443])
+        header, _ = self.kernel.requests[-1]
+        self.assertTrue(header.flags & NLM_F_ACK)
+        self.assertIsNone(self.successResultOf(self.settle(d)))
+        self.assertEqual(self.module.ports, [80, 443])
+
+    def test_setPortsRefused(self) -> None:
+        """
+        A refused SET_PORTS fails with the kernel's error.
+        """
+        self.module.errors[SHIFTER_CMD_SET_PORTS] = errno.EINVAL
+        from shifter.netlink import NetlinkError
+
+        d = self.client().setPorts([0])
+        self.assertEqual(self.failureResultOf(self.settle(d), NetlinkError).value.errno, errno.EINVAL)
+
+    def command(self, *argv: str) -> str:
+        """
+        Run the command's body in the memory reactor; return its output.
+        """
+        out = io.StringIO()
+        options = kmod._parser().parse_args(argv)
+        d = Deferred.fromCoroutine(kmod._run(self.reactor, options, out))
+        pump(self.reactor)
+        self.successResultOf(d)
+        return out.getvalue()
+
+    def test_commandStats(self) -> None:
+        """
+        C{stats} prints one "name: value" line per counter.
+        """
+        self.module.stats.update(entries=2, hits=9)
+        output = self.command("stats")
+        self.assertEqual(output, "".join(f"{n}: {self.module.stats[n]}\n" for n in STAT_NAMES))
+        self.assertIn("hits: 9\n", output)
+
+    def test_commandSetPorts(self) -> None:
+        """
+        C{set-ports} replaces the ports and prints the new list.
+        """
+        self.assertEqual(self.command("set-ports", "443", "8443"), "443 8443\n")
+        self.assertEqual(self.module.ports, [443, 8443])
+
+    def test_commandClosesSocket(self) -> None:
+        """
+        The command closes its socket when done.
+        """
+        self.command("ports")
+        self.assertTrue(self.kernel.sockets[0].closed)
