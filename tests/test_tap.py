@@ -1,0 +1,250 @@
+"""
+Tests for the command line and the service: L{shifter.tap},
+L{shifter.proxy}, L{shifter.service}, the dropin and the .tac file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from zope.interface import implementer
+
+from twisted.application.service import IService
+from twisted.internet.defer import fail, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from shifter.proxy import parseProxy
+from shifter.resolver import IOriginalDestinationResolver, ResolverUnavailable
+from shifter.sockopt import SocketOptionResolver
+from shifter.tap import Options, defaultMaxConnections, makeService
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def parse(*arguments: str) -> Options:
+    options = Options()
+    options.parseOptions(list(arguments))
+    return options
+
+
+class ProxyOptionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+
+    def test_shorthand(self) -> None:
+        """
+        C{host:port} with an IPv4 address becomes a TCP endpoint to it, and
+        its address is known for loop detection.
+        """
+        proxy = parseProxy("10.0.0.5:3128", self.reactor)
+        self.assertIsInstance(proxy.endpoint, TCP4ClientEndpoint)
+        self.assertEqual(proxy.address, ("10.0.0.5", 3128))
+        self.assertEqual(proxy.description, "10.0.0.5:3128")
+
+    def test_ipv6Shorthand(self) -> None:
+        """
+        C{[v6]:port} becomes a TCP6 endpoint.
+        """
+        proxy = parseProxy("[2001:db8::5]:3128", self.reactor)
+        self.assertIsInstance(proxy.endpoint, TCP6ClientEndpoint)
+        self.assertEqual(proxy.address, ("2001:db8::5", 3128))
+
+    def test_hostname(self) -> None:
+        """
+        A hostname is allowed; its address is not known in advance.
+        """
+        proxy = parseProxy("squid.example.test:3128", self.reactor)
+        self.assertIsNone(proxy.address)
+
+    def test_endpointString(self) -> None:
+        """
+        A Twisted client endpoint string is used as it is.
+        """
+        proxy = parseProxy("tcp:host=10.0.0.5:port=3128", self.reactor)
+        self.assertIsInstance(proxy.endpoint, TCP4ClientEndpoint)
+        self.assertEqual(proxy.address, ("10.0.0.5", 3128))
+
+    def test_invalid(self) -> None:
+        """
+        Values that are neither form are rejected with a one-line reason.
+        """
+        for value in ["squid", "10.0.0.5:0", "10.0.0.5:70000", "[zz::1]:3128", "nosuch:host=x", ""]:
+            with self.assertRaises(ValueError) as caught:
+                parseProxy(value, self.reactor)
+            self.assertNotIn("\n", str(caught.exception))
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """
+        Only --proxy is needed; the rest have the documented defaults.
+        """
+        options = parse("--proxy", "127.0.0.1:3128")
+        self.assertEqual(options["listen"], "tcp:12345")
+        self.assertEqual(options["resolver"], "sockopt")
+        self.assertEqual(options["connect-timeout"], 10.0)
+        self.assertEqual(options["handshake-timeout"], 10.0)
+        self.assertEqual(options["idle-timeout"], 3600.0)
+        self.assertEqual(options["max-connections"], defaultMaxConnections())
+
+    def test_values(self) -> None:
+        """
+        Each option is read into its value.
+        """
+        options = parse(
+            "--proxy", "127.0.0.1:3128", "--listen", "tcp6:8080:interface=\\:\\:",
+            "--connect-timeout", "2.5", "--handshake-timeout", "3",
+            "--idle-timeout", "0", "--max-connections", "7",
+        )
+        self.assertEqual(
+            (options["listen"], options["connect-timeout"], options["handshake-timeout"],
+             options["idle-timeout"], options["max-connections"]),
+            ("tcp6:8080:interface=\\:\\:", 2.5, 3.0, 0.0, 7),
+        )
+
+    def test_invalidValues(self) -> None:
+        """
+        Missing or invalid values are a L{UsageError} with a one-line
+        message naming the problem.
+        """
+        cases = [
+            ((), "--proxy is required"),
+            (("--proxy", "nope"), "--proxy"),
+            (("--proxy", "127.0.0.1:3128", "--listen", "bogus:1"), "--listen"),
+            (("--proxy", "127.0.0.1:3128", "--resolver", "magic"), "unknown resolver 'magic'"),
+            (("--proxy", "127.0.0.1:3128", "--connect-timeout", "0"), "positive number"),
+            (("--proxy", "127.0.0.1:3128", "--handshake-timeout", "x"), "could not convert"),
+            (("--proxy", "127.0.0.1:3128", "--idle-timeout", "-1"), "0 for off"),
+            (("--proxy", "127.0.0.1:3128", "--idle-timeout", "nan"), "0 for off"),
+            (("--proxy", "127.0.0.1:3128", "--max-connections", "0"), "positive integer"),
+        ]
+        for arguments, expected in cases:
+            with self.assertRaises(UsageError, msg=str(arguments)) as caught:
+                parse(*arguments)
+            self.assertIn(expected, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_defaultMaxConnectionsFollowsDescriptorLimit(self) -> None:
+        """
+        The default cap leaves two descriptors per tunnel and a reserve.
+        """
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.assertEqual(defaultMaxConnections(), max(1, (soft - 32) // 2))
+
+
+@implementer(IOriginalDestinationResolver)
+class BrokenResolver:
+    name = "broken"
+
+    def __init__(self, reactor: object = None) -> None:
+        pass
+
+    def start(self):  # type: ignore[no-untyped-def]
+        return fail(ResolverUnavailable("module shifter not loaded"))
+
+    def stop(self):  # type: ignore[no-untyped-def]
+        return succeed(None)
+
+    def resolve(self, transport):  # type: ignore[no-untyped-def]
+        raise AssertionError("never called")
+
+
+class ServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def test_listensOnStart(self) -> None:
+        """
+        Starting the service starts the resolver, then listens on the
+        --listen endpoint, and logs one line saying so.
+        """
+        service = makeService(parse("--proxy", "127.0.0.1:3128", "--listen", "tcp:4321"), reactor=self.reactor)
+        self.assertTrue(IService.providedBy(service))
+        service.startService()
+        [(port, factory, _, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (4321, ""))
+        self.assertIsInstance(factory.resolver, SocketOptionResolver)
+        self.assertTrue(any("accepting redirected connections on tcp:4321" in formatEvent(e) for e in self.events))
+        self.successResultOf(service.stopService())
+
+    def test_resolverFailureStopsReactor(self) -> None:
+        """
+        A resolver that cannot start is a critical log line and the reactor
+        stops: Shifter does not listen without a way to resolve.
+        """
+        from shifter import resolver
+
+        self.patch(resolver, "RESOLVERS", dict(resolver.RESOLVERS, broken=f"{__name__}.BrokenResolver"))
+        config = parse("--proxy", "127.0.0.1:3128")
+        config["resolver"] = "broken"
+        service = makeService(config, reactor=self.reactor)
+        service.startService()
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.reactor.run()
+        self.assertFalse(self.reactor.running)
+        self.assertTrue(
+            any("cannot start: module shifter not loaded" in formatEvent(e) for e in self.events)
+        )
+
+
+class DropinTests(SynchronousTestCase):
+    def test_plugin(self) -> None:
+        """
+        Twisted finds the dropin as the C{shifter} tap.
+        """
+        import twisted.plugins
+
+        makers = {p.tapname: p for p in getPlugins(IPlugin, twisted.plugins) if hasattr(p, "tapname")}
+        self.assertIn("shifter", makers)
+        self.assertIs(makers["shifter"].options, Options)
+
+    def twistd(self, *arguments: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        environment = dict(os.environ, PYTHONPATH=str(PROJECT), **(env or {}))
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "twistd"), *arguments],
+            capture_output=True, text=True, env=environment, cwd=str(PROJECT), timeout=60,
+        )
+
+    def test_help(self) -> None:
+        """
+        C{twistd shifter --help} documents every option.
+        """
+        result = self.twistd("shifter", "--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for option in ("--listen", "--proxy", "--resolver", "--connect-timeout",
+                       "--handshake-timeout", "--idle-timeout", "--max-connections"):
+            self.assertIn(option, result.stdout)
+
+    def test_badOptionIsOneLine(self) -> None:
+        """
+        An invalid value ends twistd with a one-line error, not a traceback.
+        """
+        result = self.twistd("shifter", "--proxy", "127.0.0.1:3128", "--idle-timeout", "soon")
+        self.assertNotEqual(result.returncode, 0)
+        output = result.stdout + result.stderr
+        self.assertNotIn("Traceback", output)
+        self.assertIn("shifter: Parameter type enforcement failed", output.strip().splitlines()[-1])
+
+    def test_tac(self) -> None:
+        """
+        The .tac file builds the same service from SHIFTER_* variables.
+        """
+        namespace: dict = {}
+        environment = {"SHIFTER_PROXY": "127.0.0.1:3128", "SHIFTER_LISTEN": "tcp:4322",
+                       "SHIFTER_IDLE_TIMEOUT": "5"}
+        self.patch(os, "environ", dict(os.environ, **environment))
+        exec(compile((PROJECT / "shifter.tac").read_text(), "shifter.tac", "exec"), namespace)
+        self.assertEqual(namespace["config"]["listen"], "tcp:4322")
+        self.assertEqual(namespace["config"]["idle-timeout"], 5.0)
+        self.assertTrue(IService(namespace["application"]))

@@ -1,0 +1,573 @@
+"""
+Tests for the tunnel, in memory: L{shifter.downstream} and
+L{shifter.upstream} with Twisted's test doubles and a fake clock.
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from shifter.downstream import DownstreamProtocol, ShifterFactory, TunnelSettings
+from shifter.proxy import UpstreamProxy
+from shifter.resolver import DestinationUnknown, IOriginalDestinationResolver
+
+CLIENT = IPv4Address("TCP", "192.0.2.2", 50000)
+SHIFTER = IPv4Address("TCP", "192.0.2.1", 12345)
+DESTINATION = IPv4Address("TCP", "203.0.113.7", 443)
+PROXY = ("198.51.100.3", 3128)
+OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+class HalfCloseTransport(StringTransport):
+    """
+    A L{StringTransport} that also records a half-close.
+    """
+
+    writeClosed = False
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
+
+
+@implementer(IOriginalDestinationResolver)
+class FakeResolver:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.answer: object = DESTINATION
+        self.pending: Deferred | None = None
+
+    def start(self) -> Deferred:
+        return succeed(None)
+
+    def stop(self) -> Deferred:
+        return succeed(None)
+
+    def resolve(self, transport: object) -> Deferred:
+        if self.answer == "later":
+            self.pending = Deferred()
+            return self.pending
+        if isinstance(self.answer, Exception):
+            return fail(self.answer)
+        return succeed(self.answer)
+
+
+@implementer(IStreamClientEndpoint)
+class FakeProxyEndpoint:
+    """
+    Connects on demand: L{accept} builds the upstream protocol on a
+    L{HalfCloseTransport}, L{refuse} fails the attempt.
+    """
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[object, Deferred]] = []
+
+    def connect(self, factory: object) -> Deferred:
+        d: Deferred = Deferred()
+        self.attempts.append((factory, d))
+        return d
+
+    def accept(self):  # type: ignore[no-untyped-def]
+        factory, d = self.attempts.pop(0)
+        protocol = factory.buildProtocol(None)  # type: ignore[attr-defined]
+        transport = HalfCloseTransport()
+        protocol.makeConnection(transport)
+        d.callback(protocol)
+        return protocol, transport
+
+    def refuse(self) -> None:
+        _, d = self.attempts.pop(0)
+        d.errback(ConnectionRefusedError("Connection refused"))
+
+
+class TunnelTestCase(SynchronousTestCase):
+    """
+    One client connection through a L{ShifterFactory}, with every
+    collaborator under the test's control.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.resolver = FakeResolver()
+        self.endpoint = FakeProxyEndpoint()
+        self.settings = TunnelSettings(
+            connectTimeout=5, handshakeTimeout=7, idleTimeout=30, earlyDataLimit=100, maxConnections=3
+        )
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def makeFactory(self) -> ShifterFactory:
+        proxy = UpstreamProxy("proxy.test:3128", self.endpoint, PROXY)
+        self.factory = ShifterFactory(self.resolver, proxy, self.settings, self.clock)
+        return self.factory
+
+    def connectClient(self, peer=CLIENT, host=SHIFTER):  # type: ignore[no-untyped-def]
+        if not hasattr(self, "factory"):
+            self.makeFactory()
+        protocol = self.factory.buildProtocol(peer)
+        transport = HalfCloseTransport(hostAddress=host, peerAddress=peer)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def openTunnel(self, answer: bytes = OK):  # type: ignore[no-untyped-def]
+        client, clientTransport = self.connectClient()
+        upstream, upstreamTransport = self.endpoint.accept()
+        upstream.dataReceived(answer)
+        return client, clientTransport, upstream, upstreamTransport
+
+    def lose(self, protocol, transport, reason=ConnectionDone) -> None:  # type: ignore[no-untyped-def]
+        """
+        Deliver connectionLost for a transport the code asked to close.
+        """
+        protocol.connectionLost(Failure(reason()))
+
+    def messages(self, level: str | None = None) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [
+            formatEvent(e) for e in self.events if level is None or e["log_level"].name == level
+        ]
+
+    def failureLines(self) -> list[str]:
+        return [m for m in self.messages("warn") if "failed" in m]
+
+
+class HandshakeTests(TunnelTestCase):
+    def test_connectRequestForOriginalDestination(self) -> None:
+        """
+        Once the destination is resolved and the proxy connected, the proxy
+        is asked for CONNECT to the original destination.
+        """
+        self.connectClient()
+        _, upstreamTransport = self.endpoint.accept()
+        self.assertEqual(
+            upstreamTransport.value(),
+            b"CONNECT 203.0.113.7:443 HTTP/1.1\r\nHost: 203.0.113.7:443\r\n\r\n",
+        )
+
+    def test_ipv6Destination(self) -> None:
+        """
+        An IPv6 destination is asked for in brackets.
+        """
+        self.resolver.answer = IPv6Address("TCP", "2001:db8:2::7", 443)
+        self.connectClient()
+        _, upstreamTransport = self.endpoint.accept()
+        self.assertTrue(upstreamTransport.value().startswith(b"CONNECT [2001:db8:2::7]:443 HTTP/1.1\r\n"))
+
+    def test_2xxOpensTunnel(self) -> None:
+        """
+        A 2xx answer opens the tunnel: bytes then flow both ways.
+        """
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        upstreamTransport.clear()
+        client.dataReceived(b"client hello")
+        upstream.dataReceived(b"server hello")
+        self.assertEqual(upstreamTransport.value(), b"client hello")
+        self.assertEqual(clientTransport.value(), b"server hello")
+        self.assertEqual(self.factory.counters["opened"], 1)
+
+    def test_producersRegistered(self) -> None:
+        """
+        Each transport is registered as the other's streaming producer, so
+        a slow side pauses the fast one.
+        """
+        _, clientTransport, _, upstreamTransport = self.openTunnel()
+        self.assertIs(clientTransport.producer, upstreamTransport)
+        self.assertIs(upstreamTransport.producer, clientTransport)
+        self.assertTrue(clientTransport.streaming)
+        self.assertTrue(upstreamTransport.streaming)
+
+    def test_leftoverGoesToClient(self) -> None:
+        """
+        Tunnel bytes that came in the same read as the answer go to the
+        client, and not the answer itself.
+        """
+        _, clientTransport, _, _ = self.openTunnel(OK + b"\x16\x03\x03early")
+        self.assertEqual(clientTransport.value(), b"\x16\x03\x03early")
+
+    def test_earlyClientBytesDeliveredFirst(self) -> None:
+        """
+        What the client sent before the tunnel opened reaches the proxy
+        after the CONNECT request and before anything sent later.
+        """
+        client, _ = self.connectClient()
+        client.dataReceived(b"early-1 ")
+        client.dataReceived(b"early-2 ")
+        upstream, upstreamTransport = self.endpoint.accept()
+        upstream.dataReceived(OK)
+        client.dataReceived(b"later")
+        request = b"CONNECT 203.0.113.7:443 HTTP/1.1\r\nHost: 203.0.113.7:443\r\n\r\n"
+        self.assertEqual(upstreamTransport.value(), request + b"early-1 early-2 later")
+
+    def test_earlyBytesBounded(self) -> None:
+        """
+        Once a client has sent C{earlyDataLimit} bytes before its tunnel
+        opened, reading from it pauses; it resumes when the tunnel opens.
+        """
+        client, clientTransport = self.connectClient()
+        client.dataReceived(b"x" * 60)
+        self.assertEqual(clientTransport.producerState, "producing")
+        client.dataReceived(b"x" * 60)
+        self.assertEqual(clientTransport.producerState, "paused")
+        upstream, upstreamTransport = self.endpoint.accept()
+        upstream.dataReceived(OK)
+        self.assertEqual(clientTransport.producerState, "producing")
+        self.assertTrue(upstreamTransport.value().endswith(b"x" * 120))
+
+    def test_answerSplitAcrossReads(self) -> None:
+        """
+        An answer split over several reads opens the tunnel once complete.
+        """
+        client, clientTransport = self.connectClient()
+        upstream, _ = self.endpoint.accept()
+        for byte in OK[:-1]:
+            upstream.dataReceived(bytes([byte]))
+        self.assertEqual(self.factory.counters["opened"], 0)
+        upstream.dataReceived(OK[-1:] + b"data")
+        self.assertEqual(self.factory.counters["opened"], 1)
+        self.assertEqual(clientTransport.value(), b"data")
+
+
+class FailureTests(TunnelTestCase):
+    def assertBothClosed(self, clientTransport, upstreamTransport=None) -> None:  # type: ignore[no-untyped-def]
+        self.assertTrue(clientTransport.disconnecting, "client connection left open")
+        if upstreamTransport is not None:
+            self.assertTrue(upstreamTransport.disconnecting, "proxy connection left open")
+
+    def assertOneFailureLine(self, *fragments: str) -> None:
+        lines = self.failureLines()
+        self.assertEqual(len(lines), 1, lines)
+        for fragment in fragments:
+            self.assertIn(fragment, lines[0])
+
+    def test_non2xxClosesBoth(self) -> None:
+        """
+        A 403 ends the client connection and the proxy connection, with one
+        log line naming the client, destination, proxy, status and reason.
+        """
+        client, clientTransport, _, upstreamTransport = self.openTunnel(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assertBothClosed(clientTransport, upstreamTransport)
+        self.assertEqual(clientTransport.value(), b"")
+        self.assertOneFailureLine(
+            "192.0.2.2:50000", "203.0.113.7:443", "proxy.test:3128", "403 Forbidden"
+        )
+        self.assertEqual(self.factory.counters["proxy-status"], 1)
+
+    def test_407(self) -> None:
+        """
+        A 407 (authentication required) is a failure like any non-2xx.
+        """
+        _, clientTransport, _, upstreamTransport = self.openTunnel(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"
+        )
+        self.assertBothClosed(clientTransport, upstreamTransport)
+        self.assertOneFailureLine("407 Proxy Authentication Required")
+
+    def test_garbageClosesBoth(self) -> None:
+        """
+        An answer that is not HTTP ends both connections at once.
+        """
+        _, clientTransport, _, upstreamTransport = self.openTunnel(b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.assertBothClosed(clientTransport, upstreamTransport)
+        self.assertOneFailureLine("bad answer from proxy", "not an HTTP response")
+        self.assertEqual(self.factory.counters["proxy-garbage"], 1)
+
+    def test_oversizedAnswer(self) -> None:
+        """
+        An answer whose header block never ends within the bound ends both
+        connections.
+        """
+        client, clientTransport = self.connectClient()
+        upstream, upstreamTransport = self.endpoint.accept()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(20):
+            upstream.dataReceived(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+        self.assertBothClosed(clientTransport, upstreamTransport)
+        self.assertOneFailureLine("exceeds")
+
+    def test_handshakeTimeout(self) -> None:
+        """
+        A proxy that accepts but does not answer within the handshake
+        timeout has both connections closed.
+        """
+        _, clientTransport = self.connectClient()
+        _, upstreamTransport = self.endpoint.accept()
+        self.clock.advance(6.9)
+        self.assertFalse(clientTransport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertBothClosed(clientTransport, upstreamTransport)
+        self.assertOneFailureLine("did not answer CONNECT within 7 s")
+        self.assertEqual(self.factory.counters["timeout"], 1)
+
+    def test_connectTimeout(self) -> None:
+        """
+        A proxy connection that does not complete within the connect timeout
+        is abandoned and the client closed.
+        """
+        _, clientTransport = self.connectClient()
+        self.clock.advance(5.1)
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertOneFailureLine("no connection to proxy within 5 s")
+
+    def test_proxyRefused(self) -> None:
+        """
+        A refused proxy connection closes the client with one log line.
+        """
+        _, clientTransport = self.connectClient()
+        self.endpoint.refuse()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertOneFailureLine("cannot connect to proxy", "refused")
+        self.assertEqual(self.factory.counters["proxy-connect"], 1)
+
+    def test_proxyClosesBeforeAnswer(self) -> None:
+        """
+        A proxy that closes before answering (EOF or loss) ends the client
+        connection.
+        """
+        for event in ("readConnectionLost", "connectionLost"):
+            self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            _, clientTransport = self.connectClient()
+            upstream, _ = self.endpoint.accept()
+            upstream.dataReceived(b"HTTP/1.1 200")
+            if event == "readConnectionLost":
+                upstream.readConnectionLost()
+            else:
+                upstream.connectionLost(Failure(ConnectionLost("reset")))
+            self.assertTrue(clientTransport.disconnecting)
+            self.assertOneFailureLine("before answering")
+
+    def test_resolverMiss(self) -> None:
+        """
+        A connection whose original destination is unknown is refused
+        without any connection to the proxy.
+        """
+        self.resolver.answer = DestinationUnknown("SO_ORIGINAL_DST: No such file or directory")
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertOneFailureLine("original destination unknown", "No such file")
+        self.assertEqual(self.factory.counters["resolver"], 1)
+
+    def test_resolverBugRefusesConnection(self) -> None:
+        """
+        A resolver that raises instead of failing its Deferred still has the
+        connection refused rather than left hanging.
+        """
+        self.resolver.resolve = lambda transport: 1 / 0  # type: ignore[method-assign]
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_directConnectionRefused(self) -> None:
+        """
+        A connection whose original destination is Shifter's own listening
+        address was not redirected: it is refused, never relayed.
+        """
+        self.resolver.answer = SHIFTER
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertOneFailureLine("connected to Shifter directly")
+        self.assertEqual(self.factory.counters["loop"], 1)
+
+    def test_directConnectionOnDualStackRefused(self) -> None:
+        """
+        On a dual-stack listener, Shifter's own address is reported IPv4-mapped;
+        a direct connection is still recognised and refused.
+        """
+        self.resolver.answer = SHIFTER
+        _, clientTransport = self.connectClient(
+            peer=IPv6Address("TCP", "::ffff:192.0.2.2", 50000),
+            host=IPv6Address("TCP", "::ffff:192.0.2.1", 12345),
+        )
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertOneFailureLine("192.0.2.2:50000", "connected to Shifter directly")
+
+    def test_destinationIsProxyRefused(self) -> None:
+        """
+        A connection redirected to the proxy itself would loop: refused.
+        """
+        self.resolver.answer = IPv4Address("TCP", *PROXY)
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertOneFailureLine("destination is the upstream proxy")
+
+    def test_clientGoneWhileConnecting(self) -> None:
+        """
+        A client that leaves while the proxy connection is being made has
+        the attempt cancelled, and one log line.
+        """
+        client, clientTransport = self.connectClient()
+        attempt = self.endpoint.attempts[0][1]
+        self.lose(client, clientTransport, ConnectionLost)
+        self.assertTrue(attempt.called)
+        self.assertOneFailureLine("client left before the tunnel opened")
+        self.assertNotIn(client, self.factory.active)
+
+    def test_clientGoneDuringHandshake(self) -> None:
+        """
+        A client that resets while the proxy is answering has the proxy
+        connection closed too.
+        """
+        client, clientTransport = self.connectClient()
+        upstream, upstreamTransport = self.endpoint.accept()
+        self.lose(client, clientTransport, ConnectionLost)
+        self.assertTrue(upstreamTransport.disconnecting)
+        self.lose(upstream, upstreamTransport)
+        self.assertOneFailureLine("client left before the tunnel opened")
+        self.assertNotIn(client, self.factory.active)
+        self.assertFalse(self.clock.getDelayedCalls(), "handshake timer left running")
+
+    def test_clientGoneWhileResolving(self) -> None:
+        """
+        A client that leaves while its destination is being resolved is
+        not connected onward when the answer comes.
+        """
+        self.resolver.answer = "later"
+        client, clientTransport = self.connectClient()
+        pending = self.resolver.pending
+        self.lose(client, clientTransport, ConnectionLost)
+        pending.callback(DESTINATION)
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertNotIn(client, self.factory.active)
+
+    def test_connectionCap(self) -> None:
+        """
+        Clients past C{maxConnections} are refused (no protocol is built),
+        with a log line; a place frees up when a tunnel ends.
+        """
+        self.makeFactory()
+        clients = [self.connectClient() for _ in range(3)]
+        self.assertIsNone(self.factory.buildProtocol(CLIENT))
+        self.assertEqual(self.factory.counters["limit"], 1)
+        self.assertTrue(any("3 tunnels already open" in m for m in self.messages("warn")))
+        client, clientTransport = clients[0]
+        self.lose(client, clientTransport)
+        self.assertIsInstance(self.factory.buildProtocol(CLIENT), DownstreamProtocol)
+
+
+class RelayTests(TunnelTestCase):
+    def test_clientHalfClosePassedOn(self) -> None:
+        """
+        A client that shuts down its sending side has the proxy connection
+        half-closed too, and still receives the rest of the answer.
+        """
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        client.dataReceived(b"request")
+        client.readConnectionLost()
+        self.assertTrue(upstreamTransport.writeClosed)
+        self.assertFalse(clientTransport.disconnecting)
+        upstream.dataReceived(b"the whole response")
+        self.assertEqual(clientTransport.value(), b"the whole response")
+
+    def test_proxyHalfClosePassedOn(self) -> None:
+        """
+        When the proxy finishes sending, the client's connection is
+        half-closed; when both have finished, both are closed.
+        """
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        upstream.readConnectionLost()
+        self.assertTrue(clientTransport.writeClosed)
+        self.assertFalse(clientTransport.disconnecting)
+        client.dataReceived(b"more")
+        self.assertTrue(upstreamTransport.value().endswith(b"more"))
+        client.readConnectionLost()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertTrue(upstreamTransport.disconnecting)
+
+    def test_halfCloseBeforeTunnelOpens(self) -> None:
+        """
+        A client that sends its request and half-closes before the tunnel
+        opens has its bytes delivered and the half-close passed on.
+        """
+        client, _ = self.connectClient()
+        client.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+        client.readConnectionLost()
+        upstream, upstreamTransport = self.endpoint.accept()
+        upstream.dataReceived(OK)
+        self.assertTrue(upstreamTransport.value().endswith(b"GET / HTTP/1.0\r\n\r\n"))
+        self.assertTrue(upstreamTransport.writeClosed)
+
+    def test_clientCloseClosesProxy(self) -> None:
+        """
+        When the client connection is lost, the proxy connection is closed,
+        and one line logs the tunnel with its byte counts.
+        """
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        client.dataReceived(b"12345")
+        upstream.dataReceived(b"1234567890")
+        self.clock.advance(2.5)
+        self.lose(client, clientTransport, ConnectionLost)
+        self.assertTrue(upstreamTransport.disconnecting)
+        self.lose(upstream, upstreamTransport)
+        [line] = [m for m in self.messages("info") if "closed" in m and "tunnel" in m]
+        self.assertIn("192.0.2.2:50000 -> 203.0.113.7:443 via proxy.test:3128", line)
+        self.assertIn("client connection lost", line)
+        self.assertIn("5 bytes up, 10 bytes down, 2.500 s", line)
+        self.assertEqual(self.failureLines(), [])
+        self.assertNotIn(client, self.factory.active)
+
+    def test_tunnelLineIsStructured(self) -> None:
+        """
+        The tunnel line carries its facts as fields, for JSON observers.
+        """
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        client.dataReceived(b"abc")
+        self.lose(upstream, upstreamTransport)
+        self.lose(client, clientTransport)
+        [event] = [e for e in self.events if "bytes_up" in e]
+        self.assertEqual(
+            (event["client"], event["destination"], event["bytes_up"], event["bytes_down"]),
+            ("192.0.2.2:50000", "203.0.113.7:443", 3, 0),
+        )
+        self.assertEqual(event["how"], "proxy closed")
+
+    def test_proxyCloseClosesClient(self) -> None:
+        """
+        When the proxy connection is lost, the client's is closed.
+        """
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        self.lose(upstream, upstreamTransport, ConnectionLost)
+        self.assertTrue(clientTransport.disconnecting)
+        self.lose(client, clientTransport)
+        self.assertEqual(self.factory.counters["closed"], 1)
+
+    def test_idleTimeout(self) -> None:
+        """
+        A tunnel with no bytes either way for C{idleTimeout} seconds is
+        closed; bytes in either direction postpone it.
+        """
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        self.clock.advance(20)
+        client.dataReceived(b"ping")
+        self.clock.advance(20)
+        upstream.dataReceived(b"pong")
+        self.clock.advance(29)
+        self.assertFalse(clientTransport.disconnecting)
+        self.clock.advance(1.5)
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertTrue(upstreamTransport.disconnecting)
+        self.lose(client, clientTransport)
+        self.lose(upstream, upstreamTransport)
+        self.assertTrue(any("idle for 30 s" in m for m in self.messages("info")))
+        self.assertFalse(self.clock.getDelayedCalls())
+
+    def test_idleTimeoutOff(self) -> None:
+        """
+        With an idle timeout of 0, silent tunnels stay open.
+        """
+        self.settings = TunnelSettings(idleTimeout=0)
+        _, clientTransport, _, _ = self.openTunnel()
+        self.clock.advance(10 * 24 * 3600)
+        self.assertFalse(clientTransport.disconnecting)
+        self.assertFalse(self.clock.getDelayedCalls())
