@@ -1,0 +1,59 @@
+# Shifter: set-up, run and test on a Debian machine.  Run as root (or with
+# sudo): set-up installs Debian packages, and the tests build network
+# namespaces and boot a kernel under qemu.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+# What Shifter, its tests and its demo need from Debian.
+APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack \
+	curl openssl procps kmod make gcc build-essential \
+	linux-headers-amd64 linux-image-amd64 qemu-system-x86
+
+PROXY ?= 127.0.0.1:3128
+LISTEN ?= tcp:12345
+
+.PHONY: setup apt venv run test unit clean
+
+setup: apt venv
+
+apt:
+	@if [ "$$(dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -c 'ok installed')" = "$(words $(APT_PACKAGES))" ]; then \
+	    echo "Debian packages: all present"; \
+	else \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py requirements-test.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q -e . --config-settings editable_mode=compat
+	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
+
+# Shifter in the foreground with its defaults, pointed at a Squid on this
+# machine (started here if none is listening on 3128).
+run: setup
+	@ss -Htln 'sport = :3128' | grep -q . || { echo "starting Squid on 127.0.0.1:3128"; squid; sleep 2; }
+	@echo "Shifter on $(LISTEN), proxy $(PROXY). Redirect clients to it with, for example:"
+	@echo "  iptables -t nat -A PREROUTING -i <lan interface> -p tcp --dport 443 -j REDIRECT --to-ports 12345"
+	$(VENV)/bin/twistd -n --pidfile= shifter --listen $(LISTEN) --proxy $(PROXY)
+
+# Every test: unit, end to end in namespaces, and the kernel module in a
+# booted kernel.  The last line is the plain verdict.
+test: setup
+	@set -o pipefail; rm -rf _trial_temp; \
+	$(PY) -m twisted.trial --temp-directory=_trial_temp tests 2>&1 | tee test.log; \
+	status=$$?; $(PY) tests/summary.py < test.log && exit $$status
+
+# The in-memory tests alone: seconds, no root.
+unit: venv
+	$(PY) -m twisted.trial tests.test_connect tests.test_tunnel tests.test_sockopt tests.test_tap
+
+clean:
+	rm -rf _trial_temp test.log build *.egg-info
+	$(MAKE) -C kernel_module clean 2>/dev/null || true
