@@ -177,11 +177,26 @@ class Gateway:
         gateway.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         gateway.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 
-    def redirect(self, port: int = 443, toPort: int = SHIFTER_PORT) -> None:
+    def redirect(self, port: int = 443, toPort: int = SHIFTER_PORT, nft: bool = False) -> None:
         """
-        Add the gateway rules a user adds: REDIRECT what the client side
-        sends to C{port} to Shifter, for IPv4 and IPv6.
+        Add the gateway rules a user adds (the README's): REDIRECT what the
+        client side sends to C{port} to Shifter, for IPv4 and IPv6, with
+        iptables or, if C{nft}, with one nftables table.
         """
+        if nft:
+            ruleset = (
+                "table inet shifter {\n"
+                "    chain prerouting {\n"
+                "        type nat hook prerouting priority dstnat; policy accept;\n"
+                f'        iifname "c1" tcp dport {port} redirect to :{toPort}\n'
+                "    }\n"
+                "}\n"
+            )
+            subprocess.run(
+                ["ip", "netns", "exec", self.gateway.name, "nft", "-f", "-"],
+                input=ruleset, text=True, check=True,
+            )
+            return
         for iptables in ("iptables", "ip6tables"):
             self.gateway.run(
                 iptables, "-t", "nat", "-A", "PREROUTING", "-i", "c1", "-p", "tcp",

@@ -40,16 +40,20 @@ class GatewayTestCase(SynchronousTestCase):
     """
 
     squidDeny: tuple[str, ...] = ()
+    nftables = False
 
     def setUp(self) -> None:
-        requireHost(root=True, programs=("ip", "iptables", "ip6tables", "squid", "curl", "openssl", "ss"))
+        requireHost(
+            root=True,
+            programs=("ip", "iptables", "ip6tables", "nft", "squid", "curl", "openssl", "ss"),
+        )
         self.directory = Path(self.mktemp()).resolve()
         self.directory.mkdir(parents=True)
         for parent in [self.directory, *self.directory.parents]:
             os.chmod(parent, os.stat(parent).st_mode | 0o005)  # Squid runs as 'proxy'
         self.net = Gateway(self.directory)
         self.addCleanup(self.net.destroy)
-        self.net.redirect(443)
+        self.net.redirect(443, nft=self.nftables)
         self.squid = Squid(self.net.gateway, self.directory / "squid", deny=self.squidDeny)
         self.web = WebServer(self.net.server, self.directory / "web")
         self.payload = os.urandom(1024 * 1024)
@@ -129,6 +133,15 @@ class TunnelTests(GatewayTestCase):
             result = self.fetch(f"https://{SERVER_V4}/file.bin")
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertEqual(result.body, self.payload)
+
+
+class NftablesTests(TunnelTests):
+    """
+    The tunnel tests again, with the README's nftables rules in place of
+    the iptables ones.
+    """
+
+    nftables = True
 
 
 class SquidDeniesTests(GatewayTestCase):
