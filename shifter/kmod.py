@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from pyroute2.netlink import genlmsg, nla
+from pyroute2.netlink import NLA_F_NESTED, genlmsg, nla
 from zope.interface import implementer
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -95,7 +95,10 @@ class shifter_msg(genlmsg):
         ("SHIFTER_A_PAD", "none"),
     )
 
+    # Nests carry NLA_F_NESTED: the kernel's strict validation refuses
+    # them without it.
     class stats(nla):
+        nla_flags = NLA_F_NESTED
         prefix = "SHIFTER_STAT_"
         nla_map = (
             ("SHIFTER_STAT_UNSPEC", "none"),
@@ -110,6 +113,7 @@ class shifter_msg(genlmsg):
         )
 
     class ports(nla):
+        nla_flags = NLA_F_NESTED
         prefix = "SHIFTER_A_PORTS_"
         nla_map = (
             ("SHIFTER_A_PORTS_UNSPEC", "none"),

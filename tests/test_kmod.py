@@ -11,7 +11,7 @@ import socket
 import struct
 from typing import Any
 
-from pyroute2.netlink import GENL_ID_CTRL, NLM_F_ACK, NLM_F_REQUEST
+from pyroute2.netlink import GENL_ID_CTRL, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST
 from zope.interface.verify import verifyObject
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -22,6 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from shifter import kmod
 from shifter.kmod import (
     SHIFTER_A_FAMILY,
+    SHIFTER_A_PORTS,
+    SHIFTER_A_PORTS_PORT,
     SHIFTER_A_SRC_ADDR,
     SHIFTER_A_SRC_PORT,
     SHIFTER_CMD_GET,
@@ -112,6 +114,10 @@ class FakeShifterModule:
                 ["SHIFTER_A_PORTS", {"attrs": [["SHIFTER_A_PORTS_PORT", p] for p in self.ports]}]
             ]
         elif cmd == SHIFTER_CMD_SET_PORTS:
+            # As the kernel's strict validation: a nest needs NLA_F_NESTED.
+            _, kind = struct.unpack_from("=HH", request, 20)
+            if kind != NLA_F_NESTED | SHIFTER_A_PORTS:
+                return [errorMessage(header.sequence, -errno.EINVAL, request=request, extack="NLA_F_NESTED is missing")]
             nest = message.get_attr("SHIFTER_A_PORTS")
             self.ports = list(nest.get_attrs("SHIFTER_A_PORTS_PORT")) if nest else []
             return [errorMessage(header.sequence, 0, request=request)]
@@ -545,6 +551,19 @@ class ClientTests(FakeKernelCase):
         self.assertTrue(header.flags & NLM_F_ACK)
         self.assertIsNone(self.successResultOf(self.settle(d)))
         self.assertEqual(self.module.ports, [80, 443])
+
+    def test_setPortsEncoding(self) -> None:
+        """
+        SET_PORTS carries SHIFTER_A_PORTS flagged NLA_F_NESTED (strict
+        validation requires it) holding one u16 attribute per port.
+        """
+        self.client().setPorts([80, 443])
+        _, request = self.kernel.requests[-1]
+        ports = nlattr(SHIFTER_A_PORTS_PORT, struct.pack("=H", 80)) + nlattr(
+            SHIFTER_A_PORTS_PORT, struct.pack("=H", 443)
+        )
+        nest = struct.pack("=HH", 4 + len(ports), NLA_F_NESTED | SHIFTER_A_PORTS) + ports
+        self.assertEqual(request[16:], struct.pack("=BBH", SHIFTER_CMD_SET_PORTS, 1, 0) + nest)
 
     def test_setPortsRefused(self) -> None:
         """
