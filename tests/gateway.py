@@ -134,11 +134,14 @@ class Gateway:
     The client, gateway and server namespaces, linked and routed.
 
     @ivar directory: where the programs' files and logs go.
+    @ivar prefix: the namespaces are named C{prefix-client}, C{prefix-gw}
+        and C{prefix-srv}.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, prefix: str | None = None) -> None:
         self.directory = directory
-        prefix = f"shf{os.getpid()}x{next(_names)}"
+        prefix = prefix or f"shf{os.getpid()}x{next(_names)}"
+        self.prefix = prefix
         self.client = self.gateway = self.server = None
         try:
             self.client = Namespace(prefix + "-client")
