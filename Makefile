@@ -14,7 +14,7 @@ APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack 
 PROXY ?= 127.0.0.1:3128
 LISTEN ?= tcp:12345
 
-.PHONY: setup apt venv run test unit clean
+.PHONY: setup apt venv run demo demo-down serve test unit clean
 
 setup: apt venv
 
@@ -35,9 +35,21 @@ $(VENV)/.installed: setup.py requirements-test.txt
 	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
-# Shifter in the foreground with its defaults, pointed at a Squid on this
-# machine (started here if none is listening on 3128).
-run: setup
+# The demo: a whole gateway in network namespaces on this machine, a real
+# Squid, Shifter and curl, narrated; torn down at the end.
+#   make run IPV6=1          the same over IPv6
+#   make run KEEP=1          leave it running (prints how to tear it down)
+run: demo
+
+demo: setup
+	$(PY) demo/demo.py $(if $(IPV6),--ipv6) $(if $(KEEP),--keep) $(if $(RESOLVER),--resolver $(RESOLVER))
+
+demo-down:
+	$(PY) demo/demo.py --down $(NAME)
+
+# Shifter for real on this machine, in the foreground, pointed at a Squid
+# here (started if nothing listens on 3128 yet).
+serve: setup
 	@ss -Htln 'sport = :3128' | grep -q . || { echo "starting Squid on 127.0.0.1:3128"; squid; sleep 2; }
 	@echo "Shifter on $(LISTEN), proxy $(PROXY). Redirect clients to it with, for example:"
 	@echo "  iptables -t nat -A PREROUTING -i <lan interface> -p tcp --dport 443 -j REDIRECT --to-ports 12345"
