@@ -574,6 +574,24 @@ class NetlinkProtocol:
         except MalformedMessage as e:
             self.log.warn("dropped malformed netlink data: {reason}", reason=e)
 
+    def unsolicitedReceived(self, header: Header, message: bytes) -> None:
+        """
+        A message that answers no request waiting here: a late answer to a
+        request that timed out, or one the kernel sends on its own (an
+        nfnetlink_queue packet, an error for a message sent with
+        L{NetlinkPort.send} directly).  This protocol drops it; subclasses
+        that expect such messages override this.
+
+        @param header: the message's header.
+        @param message: the whole message, header included.
+        """
+        self.log.debug(
+            "dropped netlink message type {type} for no request "
+            "(sequence {sequence})",
+            type=header.type,
+            sequence=header.sequence,
+        )
+
     # The user's side -----------------------------------------------------
 
     def request(
@@ -719,12 +737,7 @@ class NetlinkProtocol:
     def _messageReceived(self, header: Header, message: bytes) -> None:
         request = self._pending.get(header.sequence)
         if request is None:
-            self.log.debug(
-                "dropped netlink message type {type} for no request "
-                "(sequence {sequence})",
-                type=header.type,
-                sequence=header.sequence,
-            )
+            self.unsolicitedReceived(header, message)
             return
         if header.type == NLMSG_ERROR:
             try:

@@ -681,6 +681,22 @@ class ProtocolTests(SynchronousTestCase):
         self.deliver(genericReply(header.sequence))
         self.successResultOf(d)
 
+    def test_unsolicitedReceived(self) -> None:
+        """
+        A message that answers no request goes to C{unsolicitedReceived}
+        with its header and bytes, and a waiting request is not disturbed.
+        """
+        received: list[tuple[Header, bytes]] = []
+        self.protocol.unsolicitedReceived = lambda h, m: received.append((h, m))  # type: ignore[method-assign]
+        d = self.protocol.request(genericRequest(), 0x20)
+        ((header, _),) = self.kernel.requests
+        stranger = genericReply(0, cmd=7)
+        self.deliver(stranger)
+        self.assertEqual([(h.sequence, m) for h, m in received], [(0, stranger)])
+        self.assertNoResult(d)
+        self.deliver(genericReply(header.sequence))
+        self.successResultOf(d)
+
     def test_error(self) -> None:
         """
         An error reply fails the request with L{NetlinkError} carrying the
