@@ -23,6 +23,6 @@ setup(
     python_requires=">=3.9",
     packages=["shifter", "twisted.plugins"],
     package_data={"twisted.plugins": ["shifter_plugin.py"]},
-    install_requires=["Twisted>=23.8", "pyroute2>=0.7", "zope.interface>=5"],
+    install_requires=["Twisted>=23.8", "pyroute2>=0.7", "zope.interface>=5", "prometheus_client>=0.17"],
     extras_require={"test": ["hypothesis", "virtme-ng"]},
 )

@@ -4,7 +4,9 @@ Shifter as a .tac deployment: C{twistd -ny shifter.tac}.
 The same service as C{twistd shifter}, configured from the environment:
 SHIFTER_PROXY (required), and optionally SHIFTER_LISTEN, SHIFTER_RESOLVER,
 SHIFTER_CONNECT_TIMEOUT, SHIFTER_HANDSHAKE_TIMEOUT, SHIFTER_IDLE_TIMEOUT,
-SHIFTER_MAX_CONNECTIONS, each the value of the option of the same name.
+SHIFTER_MAX_CONNECTIONS, SHIFTER_DRAIN_TIMEOUT, SHIFTER_METRICS, each the
+value of the option of the same name, and SHIFTER_ALLOW and
+SHIFTER_ALLOW_PORT, each a comma-separated list.
 """
 
 import os
@@ -18,6 +20,11 @@ for option in Options.optParameters:
     value = os.environ.get("SHIFTER_" + option[0].upper().replace("-", "_"))
     if value is not None:
         arguments += ["--" + option[0], value]
+
+for listOption in ("allow", "allow-port"):
+    value = os.environ.get("SHIFTER_" + listOption.upper().replace("-", "_"), "")
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        arguments += ["--" + listOption, item]
 
 config = Options()
 config.parseOptions(arguments)

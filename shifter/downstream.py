@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zope.interface import implementer
 
@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shifter.connect import formatConnectRequest
+from shifter.metrics import TunnelMetrics
 from shifter.proxy import UpstreamProxy
 from shifter.resolver import Destination, IOriginalDestinationResolver, ResolverError
 from shifter.sockopt import unmapAddress
@@ -43,6 +44,8 @@ class TunnelSettings:
     @ivar earlyDataLimit: bytes a client may send before its tunnel opens;
         past this, reading from it pauses until the tunnel is open.
     @ivar maxConnections: tunnels open at once; further clients are refused.
+    @ivar allowedClients: if not empty, the only client networks served.
+    @ivar allowedPorts: if not empty, the only destination ports served.
     """
 
     connectTimeout: float = 10.0
@@ -50,6 +53,8 @@ class TunnelSettings:
     idleTimeout: float = 3600.0
     earlyDataLimit: int = 64 * 1024
     maxConnections: int = 10000
+    allowedClients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allowedPorts: frozenset[int] = field(default_factory=frozenset)
 
 
 class ShifterFactory(ServerFactory):
@@ -60,6 +65,14 @@ class ShifterFactory(ServerFactory):
     @ivar active: the client protocols whose tunnels are not yet finished.
     @ivar counters: how tunnels ended and why they failed, by short name
         (C{"opened"}, C{"closed"}, C{"resolver"}, C{"proxy-status"}, ...).
+    @ivar openTunnels: tunnels relaying now.
+    @ivar bytesUp: bytes from clients, of tunnels that have finished.
+    @ivar bytesDown: bytes to clients, of tunnels that have finished.
+    @ivar proxyAnswers: the proxy's answers to CONNECT by status class.
+    @ivar proxyHealthy: whether the last connection attempt to the proxy
+        succeeded.
+    @ivar acceptPauses: times accepting paused for lack of descriptors.
+    @ivar metrics: latency histograms, and the registry C{--metrics} serves.
     """
 
     log = Logger()
@@ -77,6 +90,49 @@ class ShifterFactory(ServerFactory):
         self.reactor = reactor
         self.active: set[DownstreamProtocol] = set()
         self.counters: Counter[str] = Counter()
+        self.openTunnels = 0
+        self.bytesUp = 0
+        self.bytesDown = 0
+        self.proxyAnswers: Counter[str] = Counter()
+        self.proxyHealthy = True
+        self.acceptPauses = 0
+        self.metrics = TunnelMetrics(self)
+        self._idleWaiters: list[Deferred[None]] = []
+
+    def acceptPaused(self) -> None:
+        """
+        Count a pause of accepting (descriptors or memory ran out).
+        """
+        self.acceptPauses += 1
+
+    def whenIdle(self) -> Deferred[None]:
+        """
+        @return: a L{Deferred} that fires once no client connection is left.
+        """
+        waiter: Deferred[None] = Deferred()
+        if self.active:
+            self._idleWaiters.append(waiter)
+        else:
+            waiter.callback(None)
+        return waiter
+
+    def closeAll(self) -> Deferred[None]:
+        """
+        Abort every client connection and its tunnel.
+
+        @return: a L{Deferred} that fires once they are all gone.
+        """
+        done = self.whenIdle()
+        for protocol in list(self.active):
+            protocol.abort("closed at shutdown")
+        return done
+
+    def _forget(self, protocol: DownstreamProtocol) -> None:
+        self.active.discard(protocol)
+        if not self.active and self._idleWaiters:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def buildProtocol(self, addr) -> DownstreamProtocol | None:  # type: ignore[no-untyped-def]
         if len(self.active) >= self.settings.maxConnections:
@@ -123,9 +179,16 @@ class DownstreamProtocol(Protocol):
         factory.active.add(self)
         self._started = factory.reactor.seconds()
         peer = self.transport.getPeer()
-        self.client = _formatAddress(unmapAddress(peer.host), peer.port)
+        peerHost = unmapAddress(peer.host)
+        self.client = _formatAddress(peerHost, peer.port)
         self._early: list[bytes] = []
         self._earlyBytes = 0
+        allowed = factory.settings.allowedClients
+        if allowed:
+            address = ipaddress.ip_address(peerHost)
+            if not any(address in network for network in allowed):
+                self.fail("client-denied", f"client {peerHost} is not in an --allow network")
+                return
         # maybeDeferred: a resolver bug becomes a refused connection, not a
         # client left hanging.
         pending = maybeDeferred(factory.resolver.resolve, self.transport)
@@ -136,6 +199,9 @@ class DownstreamProtocol(Protocol):
 
     def _resolved(self, destination: Destination) -> None:
         self._pending = None
+        factory = self.factory
+        now = factory.reactor.seconds()
+        factory.metrics.resolveSeconds.observe(now - self._started)
         host = ipaddress.ip_address(unmapAddress(destination.host)).compressed
         self.destination = destination
         self.target = _formatAddress(host, destination.port)
@@ -148,6 +214,11 @@ class DownstreamProtocol(Protocol):
         if (host, destination.port) == proxy.address:
             self.fail("loop", "destination is the upstream proxy itself")
             return
+        allowedPorts = factory.settings.allowedPorts
+        if allowedPorts and destination.port not in allowedPorts:
+            self.fail("port-denied", f"destination port {destination.port} is not an --allow-port")
+            return
+        self._connectStarted = now
         request = formatConnectRequest(host, destination.port)
         pending = proxy.endpoint.connect(UpstreamFactory(self, request))
         pending.addTimeout(self.factory.settings.connectTimeout, self.factory.reactor)
@@ -170,6 +241,7 @@ class DownstreamProtocol(Protocol):
         self._pending = None
         if self._clientLost and reason.check(CancelledError):
             return
+        self.factory.proxyHealthy = False
         if reason.check(TimeoutError):
             why = f"no connection to proxy within {self.factory.settings.connectTimeout:g} s"
             self.fail("timeout", why)
@@ -183,6 +255,7 @@ class DownstreamProtocol(Protocol):
         self._pending = None
         self.upstream = upstream
         self._upstreamLost = False
+        self.factory.proxyHealthy = True
         if self._clientLost:
             upstream.transport.abortConnection()
 
@@ -196,8 +269,12 @@ class DownstreamProtocol(Protocol):
         """
         upstream = self.upstream
         assert upstream is not None
+        factory = self.factory
         self._relaying = True
-        self.factory.counters["opened"] += 1
+        factory.counters["opened"] += 1
+        factory.openTunnels += 1
+        factory.proxyAnswers["2xx"] += 1
+        factory.metrics.connectSeconds.observe(factory.reactor.seconds() - self._connectStarted)
         upstream.transport.registerProducer(self.transport, True)
         self.transport.registerProducer(upstream.transport, True)
         if self._early:
@@ -267,6 +344,9 @@ class DownstreamProtocol(Protocol):
             return
         self._failed = True
         self.factory.counters[kind] += 1
+        status = fields.get("status")
+        if isinstance(status, int):
+            self.factory.proxyAnswers[f"{status // 100}xx"] += 1
         self.log.warn(
             "tunnel {client} -> {destination} via {proxy} failed: {reason}",
             client=self.client,
@@ -314,25 +394,41 @@ class DownstreamProtocol(Protocol):
         else:
             self.upstream.transport.loseConnection()  # type: ignore[union-attr]
 
+    def abort(self, how: str) -> None:
+        """
+        Drop both connections now, without flushing what is queued.
+        """
+        if not self._relaying:
+            self.fail("shutdown", how)
+        elif self._how is None:
+            self._how = how
+        if self.upstream is not None:
+            self.upstream.transport.abortConnection()
+        self.transport.abortConnection()
+
     def _finished(self) -> None:
-        self.factory.active.discard(self)
+        self.factory._forget(self)
         if self._idleTimer is not None:
             self._idleTimer.cancel()
             self._idleTimer = None
         if not self._relaying:
             return  # fail() has logged the one line this connection gets.
-        self.factory.counters["closed"] += 1
-        upstream = self.upstream
+        factory = self.factory
+        bytesDown = self.upstream.received  # type: ignore[union-attr]
+        factory.counters["closed"] += 1
+        factory.openTunnels -= 1
+        factory.bytesUp += self.received
+        factory.bytesDown += bytesDown
         self.log.info(
             "tunnel {client} -> {destination} via {proxy} closed ({how}): "
             "{bytes_up} bytes up, {bytes_down} bytes down, {duration:.3f} s",
             client=self.client,
             destination=self.target,
-            proxy=self.factory.proxy.description,
+            proxy=factory.proxy.description,
             how=self._how,
             bytes_up=self.received,
-            bytes_down=upstream.received if upstream is not None else 0,
-            duration=self.factory.reactor.seconds() - self._started,
+            bytes_down=bytesDown,
+            duration=factory.reactor.seconds() - self._started,
         )
 
 

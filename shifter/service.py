@@ -1,17 +1,19 @@
 """
-The Shifter service: start the resolver, then accept redirected connections.
+The Shifter service: start the resolver, then accept redirected connections;
+on shutdown, stop accepting and let open tunnels drain.
 """
 
 from __future__ import annotations
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import shifter
 from shifter.downstream import ShifterFactory
+from shifter.limits import AcceptPauser, pauseOnExhaustion
 
 
 class ShifterService(Service):
@@ -23,6 +25,10 @@ class ShifterService(Service):
     logged and the reactor is stopped: a redirector that silently does not
     listen would black-hole every redirected connection.
 
+    Stopping (SIGTERM under twistd) closes the listening port at once, then
+    waits up to C{drainTimeout} seconds for open tunnels to finish before
+    closing those that remain.
+
     @ivar ready: a L{Deferred} that fires with the listening port once
         Shifter accepts connections.
     """
@@ -30,12 +36,18 @@ class ShifterService(Service):
     log = Logger()
 
     def __init__(
-        self, endpoint: IStreamServerEndpoint, description: str, factory: ShifterFactory
+        self,
+        endpoint: IStreamServerEndpoint,
+        description: str,
+        factory: ShifterFactory,
+        drainTimeout: float = 30.0,
     ) -> None:
         self.endpoint = endpoint
         self.description = description
         self.factory = factory
+        self.drainTimeout = drainTimeout
         self.port: IListeningPort | None = None
+        self._pauser: AcceptPauser | None = None
         self.ready: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:
@@ -47,6 +59,7 @@ class ShifterService(Service):
         factory = self.factory
         yield factory.resolver.start()
         self.port = yield self.endpoint.listen(factory)
+        self._pauser = pauseOnExhaustion(self.port, factory.reactor, factory.acceptPaused)
         self.log.info(
             "Shifter {version} accepting redirected connections on {listen} "
             "(resolver {resolver}, proxy {proxy})",
@@ -69,7 +82,27 @@ class ShifterService(Service):
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
         Service.stopService(self)
+        factory = self.factory
+        if self._pauser is not None:
+            self._pauser.stop()
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()
-        yield self.factory.resolver.stop()
+        if factory.active:
+            self.log.info(
+                "stopped accepting; draining {count} connections for up to {timeout:g} s",
+                count=len(factory.active),
+                timeout=self.drainTimeout,
+            )
+            idle = factory.whenIdle()
+            idle.addTimeout(self.drainTimeout, factory.reactor)
+            try:
+                yield idle
+            except TimeoutError:
+                self.log.warn(
+                    "closing {count} connections still open after {timeout:g} s of draining",
+                    count=len(factory.active),
+                    timeout=self.drainTimeout,
+                )
+                yield factory.closeAll()
+        yield factory.resolver.stop()

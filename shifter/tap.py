@@ -4,13 +4,17 @@ C{twistd shifter}: the command-line options and the service they describe.
 
 from __future__ import annotations
 
+import ipaddress
 import resource
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
+from twisted.web.server import Site
 
 from shifter.downstream import ShifterFactory, TunnelSettings
+from shifter.metrics import MetricsPage
 from shifter.proxy import UpstreamProxy, parseProxy
 from shifter.resolver import RESOLVERS, makeResolver
 from shifter.service import ShifterService
@@ -124,7 +128,47 @@ class Options(usage.Options):
             "Default: half the open-file limit, less a reserve.",
             _positiveInt,
         ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "On SIGTERM, stop accepting and give open tunnels this many "
+            "seconds to finish before closing them.",
+            _secondsOrOff,
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics on this Twisted server endpoint, for "
+            "example tcp:9100:interface=127.0.0.1. Default: off.",
+        ],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow"] = []
+        self["allow-port"] = set()
+
+    def opt_allow(self, network: str) -> None:
+        """
+        Serve only clients in this network, such as 192.168.0.0/16;
+        repeatable. Default: every client the rules redirect.
+        """
+        try:
+            self["allow"].append(ipaddress.ip_network(network, strict=False))
+        except ValueError as e:
+            raise usage.UsageError(f"--allow: {e}") from None
+
+    def opt_allow_port(self, ports: str) -> None:
+        """
+        Serve only these original destination ports (comma-separated;
+        repeatable). Default: every port the rules redirect.
+        """
+        for port in ports.split(","):
+            if not port.strip().isdigit() or not 0 < int(port) < 65536:
+                raise usage.UsageError(f"--allow-port: not a port number: {port!r}")
+            self["allow-port"].add(int(port))
 
     def postOptions(self) -> None:
         from twisted.internet import reactor
@@ -146,6 +190,11 @@ class Options(usage.Options):
             )
         if self["max-connections"] is None:
             self["max-connections"] = defaultMaxConnections()
+        if self["metrics"] is not None:
+            try:
+                serverFromString(reactor, self["metrics"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"--metrics: invalid endpoint {self['metrics']!r}: {e}") from None
 
 
 def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-untyped-def]
@@ -164,10 +213,21 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         handshakeTimeout=config["handshake-timeout"],
         idleTimeout=config["idle-timeout"],
         maxConnections=config["max-connections"] or defaultMaxConnections(),
+        allowedClients=tuple(config["allow"]),
+        allowedPorts=frozenset(config["allow-port"]),
     )
     factory = ShifterFactory(makeResolver(config["resolver"], reactor), proxy, settings, reactor)
     top = MultiService()
-    ShifterService(serverFromString(reactor, config["listen"]), config["listen"], factory).setServiceParent(top)
+    ShifterService(
+        serverFromString(reactor, config["listen"]),
+        config["listen"],
+        factory,
+        drainTimeout=config["drain-timeout"],
+    ).setServiceParent(top)
+    if config["metrics"] is not None:
+        site = Site(MetricsPage(factory.metrics.registry))
+        site.noisy = False
+        StreamServerEndpointService(serverFromString(reactor, config["metrics"]), site).setServiceParent(top)
     return top
 
 
