@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.lab import CLIENT, SERVER, Lab, Redirector, descendants, raiseNofile
+from bench.lab import NOFILE, SERVER, Lab, Redirector, descendants, raiseNofile
 
 TICK = os.sysconf("SC_CLK_TCK")
 PF_KTHREAD = 0x00200000
@@ -70,6 +70,26 @@ def rssBytes(pids: list[int]) -> int:
         except OSError:
             pass
     return total
+
+
+def fdKinds(pids: list[int]) -> dict[str, int]:
+    """
+    The processes' descriptors by kind: socket, pipe, anon_inode:[eventpoll]...
+    """
+    kinds: dict[str, int] = {}
+    for pid in pids:
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for name in names:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            kind = target.split(":[", 1)[0] if ":[" in target else ("file" if target.startswith("/") else target)
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def fdCount(pids: list[int]) -> int:
@@ -276,52 +296,85 @@ def latency(lab: Lab, r: Redirector, s: Settings) -> dict:
     }
 
 
+class Holding:
+    """
+    C{count} idle tunnels through C{r}, held by bench/idle.py in the client
+    namespace for as long as the block runs.
+    """
+
+    def __init__(self, lab: Lab, r: Redirector, s: Settings, count: int) -> None:
+        self.command = lab.client.command(
+            "python3", str(s.idleScript), SERVER, str(r.httpPort), str(count), f"{30 + count / 500:g}"
+        )
+
+    def __enter__(self) -> "Holding":
+        self.holder = subprocess.Popen(
+            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, preexec_fn=raiseNofile,
+        )
+        line = self.holder.stdout.readline().split()
+        if len(line) < 4 or line[0] != "open":
+            self.__exit__()
+            raise RuntimeError(f"idle tunnel holder failed: {self.holder.stderr.read()[-500:]}")
+        self.opened, self.failed, self.failures = int(line[1]), int(line[3]), " ".join(line[4:])
+        if not self.opened:
+            self.__exit__()
+            raise RuntimeError(f"no idle tunnel could be opened: {self.failures}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.holder.poll() is None:
+            self.holder.stdin.close()
+        try:
+            self.holder.wait(60)
+        except subprocess.TimeoutExpired:
+            self.holder.kill()
+            self.holder.wait()
+
+
+def _waitClosed(pids: list[int], fds: int) -> None:
+    deadline = time.monotonic() + 60
+    while fdCount(pids) > fds + 16 and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def idleMemory(lab: Lab, r: Redirector, s: Settings) -> dict:
     """
-    The redirector's RSS with C{s.tunnels} idle tunnels open through it.
+    The redirector's RSS with C{s.tunnels} idle tunnels open through it, or
+    as many as the descriptor limit allows it: a probe of a few tunnels
+    first finds how many descriptors each takes (two sockets; more for a
+    relay that keeps splice pipes per tunnel).
     """
     pids = lab.redirectorPids(r)
     fdsBefore = fdCount(pids)
     rssBefore = rssBytes(pids)
     squidBefore = rssBytes(lab.squidPids())
-    holder = subprocess.Popen(
-        lab.client.command("python3", str(s.idleScript), SERVER, str(r.httpPort), str(s.tunnels), "120"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=raiseNofile,
-    )
-    try:
-        line = holder.stdout.readline().split()
-        if len(line) < 4 or line[0] != "open":
-            raise RuntimeError(f"idle tunnel holder failed: {holder.stderr.read()[-500:]}")
-        opened, failed = int(line[1]), int(line[3])
-        if not opened:
-            raise RuntimeError(f"no idle tunnel could be opened: {' '.join(line[4:])}")
+    probe = min(50, s.tunnels)
+    with Holding(lab, r, s, probe) as held:
+        time.sleep(0.3)
+        fdsPerTunnel = max(2.0, (fdCount(descendants(pids[:1])) - fdsBefore) / held.opened)
+    _waitClosed(pids, fdsBefore)
+    count = min(s.tunnels, int((NOFILE - 400) / math.ceil(fdsPerTunnel)))
+    with Holding(lab, r, s, count) as held:
         time.sleep(1.0)
         pids = descendants(pids[:1])
         rssWith = rssBytes(pids)
         fdsWith = fdCount(pids)
+        fdKindsWith = fdKinds(pids)
         squidWith = rssBytes(lab.squidPids())
-    finally:
-        if holder.poll() is None:
-            holder.stdin.close()
-        try:
-            holder.wait(60)
-        except subprocess.TimeoutExpired:
-            holder.kill()
-            holder.wait()
-    # Let the redirector close the tunnels before the next measurement.
-    deadline = time.monotonic() + 60
-    while fdCount(pids) > fdsBefore + 16 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    _waitClosed(pids, fdsBefore)
     return {
-        "tunnels": opened,
-        "failed": failed,
-        "failures": " ".join(line[4:]),
+        "tunnels": held.opened,
+        "tunnels_wanted": s.tunnels,
+        "failed": held.failed,
+        "failures": held.failures,
         "rss_before": rssBefore,
         "rss_with": rssWith,
-        "rss_per_tunnel": (rssWith - rssBefore) / opened,
+        "rss_per_tunnel": (rssWith - rssBefore) / held.opened,
         "fds_before": fdsBefore,
         "fds_with": fdsWith,
+        "fds_per_tunnel": (fdsWith - fdsBefore) / held.opened,
+        "fd_kinds_with": fdKindsWith,
         "squid_rss_before": squidBefore,
         "squid_rss_with": squidWith,
     }

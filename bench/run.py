@@ -61,10 +61,14 @@ FIGURES = [
      lambda rec: _perUnit(rec, "redirector_cpu", bytesPerGB(rec["result"]["bytes"]))),
     ("cpu_per_kconn", "redirector CPU per 1000 connections", "CPU s", "cps",
      lambda rec: _perUnit(rec, "redirector_cpu", rec["result"]["connections"] / 1000)),
-    ("rss_with_tunnels", "redirector RSS with the idle tunnels", "MB", "memory",
+    ("idle_tunnels", "idle tunnels held (the descriptor limit allowing)", "", "memory",
+     lambda rec: rec["result"]["tunnels"]),
+    ("rss_with_tunnels", "redirector RSS with them", "MB", "memory",
      lambda rec: rec["result"]["rss_with"] / 1e6),
     ("rss_per_tunnel", "redirector RSS per idle tunnel", "KB", "memory",
      lambda rec: rec["result"]["rss_per_tunnel"] / 1e3),
+    ("fds_per_tunnel", "redirector descriptors per idle tunnel", "", "memory",
+     lambda rec: rec["result"]["fds_per_tunnel"]),
     ("squid_cpu_per_gb_1", "Squid CPU per GB, 1 stream", "CPU s", "throughput1",
      lambda rec: _perUnit(rec, "squid_cpu", bytesPerGB(rec["result"]["bytes"]))),
     ("squid_cpu_per_kconn", "Squid CPU per 1000 connections", "CPU s", "cps",
@@ -140,14 +144,18 @@ def measureOnce(lab: Lab, r: Redirector, kind: str, settings: measure.Settings, 
 
 def settle(lab: Lab, r: Redirector, args) -> float:
     """
-    Wait (at most --settle seconds) until other users of the machine are
-    below the threshold; return how long that took.
+    Wait (at most --settle seconds, and at most --settle-budget seconds
+    over the whole run) until other users of the machine are below the
+    threshold; return how long that took.
     """
     started = time.monotonic()
-    while time.monotonic() - started < args.settle:
+    limit = min(args.settle, args.settleBudget)
+    while time.monotonic() - started < limit:
         if measure.quietOthers(lab, r, 0.5) <= args.threshold:
             break
-    return time.monotonic() - started
+    waited = time.monotonic() - started
+    args.settleBudget = max(0.0, args.settleBudget - waited)
+    return waited
 
 
 def describe(rec: dict) -> str:
@@ -209,10 +217,10 @@ def table(summary: dict, tunnels: int) -> str:
         med = {r.key: fig[r.key]["median"] if r.key in fig else None for r in REDIRECTORS}
         if all(v is None for v in med.values()):
             continue
-        label = label.replace("the idle tunnels", f"{tunnels:,} idle tunnels")
+        r_ = (lambda a, b: "-") if key == "idle_tunnels" else ratio
         rows.append([
-            label, unit, fmt(med["direct"]), fmt(med["redsocks"]), ratio(med["redsocks"], med["direct"]),
-            fmt(med["shifter"]), ratio(med["shifter"], med["direct"]), ratio(med["shifter"], med["redsocks"]),
+            label, unit, fmt(med["direct"]), fmt(med["redsocks"]), r_(med["redsocks"], med["direct"]),
+            fmt(med["shifter"]), r_(med["shifter"], med["direct"]), r_(med["shifter"], med["redsocks"]),
         ])
     return _render(rows)
 
@@ -267,7 +275,10 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.15,
                    help="other users' CPU, in cores, above which a measurement is repeated (0.15)")
     p.add_argument("--attempts", type=int, help="most attempts of one measurement (3; smoke 1)")
-    p.add_argument("--settle", type=float, help="most seconds to wait for a quiet machine before each (5; smoke 0)")
+    p.add_argument("--settle", type=float,
+                   help="most seconds to wait for a quiet machine before each measurement (15; smoke 0)")
+    p.add_argument("--settle-budget", type=float,
+                   help="most seconds of such waiting over the whole run (240; smoke 0)")
     p.add_argument("--twistd", type=Path, default=PROJECT / ".venv" / "bin" / "twistd")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="after the measurements, profile Shifter with py-spy during a throughput "
@@ -276,10 +287,12 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     smoke = args.smoke
     defaults = {"reps": (3, 1), "seconds": (3.0, 1.0), "tunnels": (10000, 100),
-                "latency_count": (2000, 50), "attempts": (3, 1), "settle": (5.0, 0.0)}
+                "latency_count": (2000, 50), "attempts": (3, 1), "settle": (15.0, 0.0),
+                "settle_budget": (240.0, 0.0)}
     for name, (full, small) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if smoke else full)
+    args.settleBudget = args.settle_budget
     # Squid and the redirector hold two descriptors per tunnel and keep some
     # in reserve (Squid refuses new clients in its last hundred).
     most = (labModule.NOFILE - 400) // 2
