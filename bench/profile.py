@@ -94,7 +94,9 @@ def summarize(raw: Path, top: int = 25) -> dict:
             inclusiveBy[name] = inclusiveBy.get(name, 0) + n
 
     def ranked(counts: dict[str, int]) -> list[tuple[str, int, float]]:
-        items = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        # Frames on (nearly) every stack -- twistd's main, the reactor's
+        # loop -- say nothing; leave them out.
+        items = sorted(((k, n) for k, n in counts.items() if n < 0.95 * total), key=lambda kv: -kv[1])[:top]
         return [(name, n, 100.0 * n / total if total else 0.0) for name, n in items]
 
     result = {
@@ -104,7 +106,7 @@ def summarize(raw: Path, top: int = 25) -> dict:
         "files": ranked(fileBy),
     }
     lines = []
-    for title, key in (("self time by function", "self"), ("on the stack (inclusive)", "inclusive"),
+    for title, key in (("self time by function", "self"), ("on the stack (inclusive; frames on over 95% of stacks left out)", "inclusive"),
                        ("self time by file", "files")):
         lines.append(f"  {title}:")
         lines.extend(f"    {pct:5.1f}%  {name}" for name, n, pct in result[key])

@@ -437,7 +437,7 @@ def runProfile(lab: Lab, settings: measure.Settings, args) -> dict:
         raw = args.profile / f"shifter-{kind}.txt"
         with Profiler(lab.redirectorPids(SHIFTER)[0], raw):
             result = run(kind, lab, SHIFTER, settings)
-        summary = summarize(raw, top=args.profile_top if hasattr(args, "profile_top") else 25)
+        summary = summarize(raw)
         out[kind] = {"raw": str(raw), "result": result, **summary}
         texts.append(f"Shifter profile during {kind} ({summary['samples']} samples, {raw}):\n"
                      + summary["text"])
