@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 # What Shifter, its tests and its demo need from Debian.
 APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack \
-	curl openssl procps kmod make gcc build-essential \
+	curl openssl procps util-linux systemd kmod make gcc build-essential \
 	linux-headers-amd64 linux-image-amd64 qemu-system-x86
 
 PROXY ?= 127.0.0.1:3128

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
+
+from twisted.internet import tcp
 
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -85,3 +88,54 @@ def _endpointAddress(endpoint: IStreamClientEndpoint) -> tuple[str, int] | None:
         return ipaddress.ip_address(host).compressed, port
     except ValueError:
         return None
+
+
+# linux/socket.h
+SO_MARK = 36
+
+
+class _MarkedClient(tcp.Client):
+    """
+    A TCP client connection whose socket carries a netfilter mark from
+    before its SYN, so that firewall rules can tell Shifter's own
+    connections apart (for example, to keep them out of the redirect).
+    """
+
+    def __init__(self, host, port, bindAddress, connector, reactor, mark):  # type: ignore[no-untyped-def]
+        self._mark = mark
+        super().__init__(host, port, bindAddress, connector, reactor)
+
+    def createInternetSocket(self):  # type: ignore[no-untyped-def]
+        skt = super().createInternetSocket()
+        skt.setsockopt(socket.SOL_SOCKET, SO_MARK, self._mark)
+        return skt
+
+
+class _MarkedConnector(tcp.Connector):
+    def __init__(self, host, port, factory, timeout, bindAddress, reactor, mark):  # type: ignore[no-untyped-def]
+        self._mark = mark
+        super().__init__(host, port, factory, timeout, bindAddress, reactor)
+
+    def _makeTransport(self) -> tcp.Client:
+        return _MarkedClient(self.host, self.port, self.bindAddress, self, self.reactor, self._mark)
+
+
+class MarkingReactor:
+    """
+    The reactor as client endpoints see it, except that the TCP connections
+    they make carry the socket mark C{mark} (C{SO_MARK}; needs
+    CAP_NET_ADMIN).  Endpoints built on this reactor, from a host:port or
+    from an endpoint string, need no other change.
+    """
+
+    def __init__(self, reactor, mark: int) -> None:  # type: ignore[no-untyped-def]
+        self._reactor = reactor
+        self._mark = mark
+
+    def connectTCP(self, host, port, factory, timeout=30.0, bindAddress=None):  # type: ignore[no-untyped-def]
+        connector = _MarkedConnector(host, port, factory, timeout, bindAddress, self._reactor, self._mark)
+        connector.connect()
+        return connector
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._reactor, name)

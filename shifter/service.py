@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 import shifter
 from shifter.downstream import ShifterFactory
 from shifter.limits import AcceptPauser, pauseOnExhaustion
+from shifter.logs import reopenOnHangup
 
 
 class ShifterService(Service):
@@ -27,7 +28,8 @@ class ShifterService(Service):
 
     Stopping (SIGTERM under twistd) closes the listening port at once, then
     waits up to C{drainTimeout} seconds for open tunnels to finish before
-    closing those that remain.
+    closing those that remain.  With C{handleHangup}, SIGHUP reopens the
+    log files (for logrotate).
 
     @ivar ready: a L{Deferred} that fires with the listening port once
         Shifter accepts connections.
@@ -41,6 +43,7 @@ class ShifterService(Service):
         description: str,
         factory: ShifterFactory,
         drainTimeout: float = 30.0,
+        handleHangup: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.description = description
@@ -48,10 +51,14 @@ class ShifterService(Service):
         self.drainTimeout = drainTimeout
         self.port: IListeningPort | None = None
         self._pauser: AcceptPauser | None = None
+        self._handleHangup = handleHangup
+        self._restoreHangup = None
         self.ready: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:
         Service.startService(self)
+        if self._handleHangup:
+            self._restoreHangup = reopenOnHangup(self.factory.reactor)
         self._start().addErrback(self._cannotStart)
 
     @inlineCallbacks
@@ -83,6 +90,9 @@ class ShifterService(Service):
     def stopService(self):  # type: ignore[no-untyped-def]
         Service.stopService(self)
         factory = self.factory
+        if self._restoreHangup is not None:
+            self._restoreHangup()
+            self._restoreHangup = None
         if self._pauser is not None:
             self._pauser.stop()
         if self.port is not None:

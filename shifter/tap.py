@@ -15,7 +15,7 @@ from twisted.web.server import Site
 
 from shifter.downstream import ShifterFactory, TunnelSettings
 from shifter.metrics import MetricsPage
-from shifter.proxy import UpstreamProxy, parseProxy
+from shifter.proxy import MarkingReactor, parseProxy
 from shifter.resolver import RESOLVERS, makeResolver
 from shifter.service import ShifterService
 
@@ -42,6 +42,16 @@ def _secondsOrOff(value: str) -> float:
 
 
 _secondsOrOff.coerceDoc = "Seconds; 0 turns it off."  # type: ignore[attr-defined]
+
+
+def _mark(value: str) -> int:
+    mark = int(value, 0)
+    if not 0 < mark < 2**32:
+        raise ValueError(f"expected a mark from 1 to 0xffffffff, got {value!r}")
+    return mark
+
+
+_mark.coerceDoc = "A number, decimal or 0x-hexadecimal."  # type: ignore[attr-defined]
 
 
 def _positiveInt(value: str) -> int:
@@ -143,6 +153,15 @@ class Options(usage.Options):
             "Serve Prometheus metrics on this Twisted server endpoint, for "
             "example tcp:9100:interface=127.0.0.1. Default: off.",
         ],
+        [
+            "mark",
+            None,
+            None,
+            "Put this netfilter mark (SO_MARK) on connections to the proxy, so "
+            "firewall rules can keep them out of the redirect. Needs "
+            "CAP_NET_ADMIN. Default: no mark.",
+            _mark,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -176,11 +195,16 @@ class Options(usage.Options):
         if self["proxy"] is None:
             raise usage.UsageError("--proxy is required (for example --proxy 127.0.0.1:3128)")
         try:
-            self["proxy"] = parseProxy(self["proxy"], reactor)
+            parseProxy(self["proxy"], reactor)
         except ValueError as e:
             raise usage.UsageError(f"--proxy: {e}") from None
         try:
             serverFromString(reactor, self["listen"])
+        except IndexError:
+            raise usage.UsageError(
+                f"--listen: {self['listen']!r}: no such descriptor was passed "
+                "(LISTEN_FDS and LISTEN_FDNAMES, set by systemd socket activation)"
+            ) from None
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(f"--listen: invalid endpoint {self['listen']!r}: {e}") from None
         if self["resolver"] not in RESOLVERS:
@@ -203,9 +227,9 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
     """
     if reactor is None:
         from twisted.internet import reactor
-    proxy = config["proxy"]
-    if not isinstance(proxy, UpstreamProxy):
-        proxy = parseProxy(proxy, reactor)
+    proxy = parseProxy(
+        config["proxy"], MarkingReactor(reactor, config["mark"]) if config["mark"] else reactor
+    )
     if proxy.address is None:
         _resolveHostnamesInReactor(reactor)
     settings = TunnelSettings(
@@ -223,6 +247,7 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         config["listen"],
         factory,
         drainTimeout=config["drain-timeout"],
+        handleHangup=True,
     ).setServiceParent(top)
     if config["metrics"] is not None:
         site = Site(MetricsPage(factory.metrics.registry))

@@ -14,14 +14,17 @@ namespaces this module creates; everything is torn down by name.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 PROJECT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -61,6 +64,30 @@ def waitFor(predicate: Callable[[], object], timeout: float = 15.0, what: str = 
         time.sleep(0.05)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+@contextmanager
+def insideNamespace(name: str) -> Iterator[None]:
+    """
+    Run the body with this thread in network namespace C{name}: sockets
+    made there stay there after the thread returns home.
+    """
+    with open("/proc/self/ns/net") as home, open(f"/run/netns/{name}") as target:
+        _setns(target.fileno())
+        try:
+            yield
+        finally:
+            _setns(home.fileno())
+
+
 class Namespace:
     """
     A network namespace, by name, and the processes started in it.
@@ -98,6 +125,14 @@ class Namespace:
             )
         self.processes.append(process)
         return process
+
+    def connect(self, host: str, port: int, timeout: float = 10) -> socket.socket:
+        """
+        A TCP connection made from inside this namespace, for the test
+        process itself to use.
+        """
+        with insideNamespace(self.name):
+            return socket.create_connection((host, port), timeout=timeout)
 
     def isListening(self, port: int) -> bool:
         """
@@ -335,13 +370,17 @@ class ShifterProcess:
 
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=str(PROJECT))
+        # A restarted Shifter appends to the same log: wait for this run's
+        # start-up line, not an earlier one.
+        earlier = len(self.logText())
         self.process = self.namespace.start(
             str(VENV_BIN / "twistd"), "-n", "--pidfile=", f"--logfile={self.log}",
             "shifter", *self.options,
             logTo=self.log.with_suffix(".out"), env=env,
         )
         waitFor(
-            lambda: self.process.poll() is not None or "accepting redirected" in self.logText(),
+            lambda: self.process.poll() is not None
+            or "accepting redirected" in self.logText()[earlier:],
             20,
             "Shifter to start",
         )

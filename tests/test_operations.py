@@ -16,6 +16,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from shifter.downstream import TunnelSettings
 from shifter.limits import AcceptPauser
+from shifter.logs import reopenLogFiles
 from shifter.metrics import MetricsPage
 from shifter.service import ShifterService
 from tests.test_tap import parse
@@ -292,3 +293,30 @@ class AcceptPauserTests(SynchronousTestCase):
         self.assertEqual(caught.exception.errno, errno.ECONNABORTED)
         self.assertTrue(self.port.reading)
         self.assertEqual(self.pauser.pauses, 0)
+
+
+class ReopenLogFilesTests(SynchronousTestCase):
+    def test_reopensFileObservers(self) -> None:
+        """
+        Observers that write to a reopenable file have it reopened; others
+        are left alone.
+        """
+
+        class LogFile:
+            reopened = 0
+
+            def reopen(self) -> None:
+                self.reopened += 1
+
+        class FileObserver:
+            def __init__(self, outFile: object) -> None:
+                self._outFile = outFile
+
+        class Publisher:
+            pass
+
+        logFile = LogFile()
+        publisher = Publisher()
+        publisher._observers = [FileObserver(logFile), FileObserver(object()), lambda event: None]
+        self.assertEqual(reopenLogFiles(publisher), 1)
+        self.assertEqual(logFile.reopened, 1)

@@ -132,6 +132,16 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(expected, str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
 
+    def test_mark(self) -> None:
+        """
+        --mark takes decimal or hexadecimal marks, not 0 or past 32 bits.
+        """
+        self.assertEqual(parse("--proxy", "127.0.0.1:3128", "--mark", "0x5f")["mark"], 0x5F)
+        self.assertEqual(parse("--proxy", "127.0.0.1:3128", "--mark", "7")["mark"], 7)
+        self.assertIsNone(parse("--proxy", "127.0.0.1:3128")["mark"])
+        for bad in ("0", "0x100000000", "mark"):
+            self.assertRaises(UsageError, parse, "--proxy", "127.0.0.1:3128", "--mark", bad)
+
     def test_defaultMaxConnectionsFollowsDescriptorLimit(self) -> None:
         """
         The default cap leaves two descriptors per tunnel and a reserve.
