@@ -53,6 +53,15 @@ class ConnectResponse:
         return 200 <= self.status < 300
 
 
+def isValidHostname(name: str) -> bool:
+    """
+    Whether C{name} is a DNS hostname (letters, digits and hyphens in labels
+    of at most 63 characters, at most 253 in all): the only names Shifter
+    puts into a CONNECT request.
+    """
+    return _HOSTNAME.fullmatch(name) is not None
+
+
 def formatAuthority(host: str, port: int) -> str:
     """
     Format C{host:port} for a CONNECT request target, with IPv6 literals in
@@ -67,7 +76,7 @@ def formatAuthority(host: str, port: int) -> str:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        if not _HOSTNAME.fullmatch(host):
+        if not isValidHostname(host):
             raise ValueError(f"not an IP address or hostname: {host!r}") from None
         return f"{host}:{port}"
     if address.version == 6:
