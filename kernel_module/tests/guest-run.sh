@@ -1,0 +1,93 @@
+#!/bin/sh
+# SPDX-License-Identifier: GPL-2.0
+#
+# Runs inside the booted test kernel (tests/test_kernel.py starts it with
+# virtme-ng): loads the shifter module, runs every test module in
+# tests.guest with trial, unloads the module while it holds live entries,
+# and checks the kernel log.  The host's file system is read-only here and
+# /tmp is writable.  Prints markers for the host to read:
+#
+#	GUEST-KERNEL <release>
+#	INSMOD-OK | INSMOD-FAILED
+#	TRIAL-EXIT <status>         after trial's own summary line
+#	LIVE-ENTRIES <n>            entries held when the module is unloaded
+#	RMMOD-OK | RMMOD-FAILED
+#	DMESG-CLEAN | DMESG-DIRTY   then the whole log between
+#	--- dmesg ---  and  --- end dmesg ---
+#	GUEST-EXIT <status>
+#
+# Environment: SHIFTER_PYTHON, the Python with the project's packages
+# (default: the work tree's .venv).
+
+exec 2>&1
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+module="$root/kernel_module/shifter.ko"
+python="${SHIFTER_PYTHON:-$root/.venv/bin/python}"
+status=0
+
+echo "GUEST-KERNEL $(uname -r)"
+
+# Only this run's messages count: the boot's are not the module's doing.
+dmesg --clear
+
+if insmod "$module"; then
+	echo "INSMOD-OK"
+else
+	echo "INSMOD-FAILED"
+	echo "GUEST-EXIT 1"
+	exit 1
+fi
+
+cd "$root" || exit 1
+SHIFTER_GUEST=1 SHIFTER_MODULE="$module" PYTHONDONTWRITEBYTECODE=1 \
+	"$python" -m twisted.trial --temp-directory=/tmp/_trial_guest tests.guest
+trial=$?
+echo "TRIAL-EXIT $trial"
+[ "$trial" -eq 0 ] || status=1
+
+# The tests may have reloaded the module: load it again if one left it out.
+[ -d /sys/module/shifter ] || insmod "$module"
+
+# Unload with entries in the table: a namespace with a recorded SYN, kept
+# alive across the rmmod.
+ip netns add shifter-unload
+ip -n shifter-unload link set lo up
+ip -n shifter-unload link add sh0 type veth peer name sh1
+ip -n shifter-unload link set sh0 up
+ip -n shifter-unload link set sh1 up
+ip -n shifter-unload addr add 192.0.2.1/24 dev sh0
+ip -n shifter-unload route add 203.0.113.0/24 dev sh0
+entries=$(ip netns exec shifter-unload env PYTHONDONTWRITEBYTECODE=1 \
+	PYTHONPATH="$root" "$python" -c '
+import socket
+from tests.guest.support import ShifterClient, ipv4Packet, tcpHeader
+src, dst = "192.0.2.1", "203.0.113.7"
+with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+    for port in range(40000, 40100):
+        raw.sendto(ipv4Packet(src, dst, tcpHeader(socket.AF_INET, src, dst, port, 443, 2)), (dst, 0))
+print(ShifterClient().stats()["entries"])
+')
+echo "LIVE-ENTRIES ${entries:-none}"
+[ "${entries:-0}" -gt 0 ] 2>/dev/null || status=1
+
+if rmmod shifter; then
+	echo "RMMOD-OK"
+else
+	echo "RMMOD-FAILED"
+	status=1
+fi
+ip netns del shifter-unload
+
+if dmesg | grep -E -q 'WARNING|BUG|Oops|Call Trace|general protection|RCU stall|kmemleak|refcount_t|list_(add|del) corruption|UBSAN|KASAN'; then
+	echo "DMESG-DIRTY"
+	status=1
+else
+	echo "DMESG-CLEAN"
+fi
+echo "--- dmesg ---"
+dmesg
+echo "--- end dmesg ---"
+
+echo "GUEST-EXIT $status"
+exit $status
