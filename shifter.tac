@@ -4,9 +4,10 @@ Shifter as a .tac deployment: C{twistd -ny shifter.tac}.
 The same service as C{twistd shifter}, configured from the environment:
 SHIFTER_PROXY (required), and optionally SHIFTER_LISTEN, SHIFTER_RESOLVER,
 SHIFTER_CONNECT_TIMEOUT, SHIFTER_HANDSHAKE_TIMEOUT, SHIFTER_IDLE_TIMEOUT,
-SHIFTER_MAX_CONNECTIONS, SHIFTER_DRAIN_TIMEOUT, SHIFTER_METRICS, each the
-value of the option of the same name, and SHIFTER_ALLOW and
-SHIFTER_ALLOW_PORT, each a comma-separated list.
+SHIFTER_MAX_CONNECTIONS, SHIFTER_DRAIN_TIMEOUT, SHIFTER_METRICS,
+SHIFTER_BALANCE, SHIFTER_CONNECT_TARGET, SHIFTER_PROXY_CREDENTIALS, ..., each
+the value of the option of the same name, and SHIFTER_PROXY, SHIFTER_ALLOW
+and SHIFTER_ALLOW_PORT, each a comma-separated list.
 """
 
 import os
@@ -21,7 +22,7 @@ for option in Options.optParameters:
     if value is not None:
         arguments += ["--" + option[0], value]
 
-for listOption in ("allow", "allow-port"):
+for listOption in ("proxy", "allow", "allow-port"):
     value = os.environ.get("SHIFTER_" + listOption.upper().replace("-", "_"), "")
     for item in filter(None, (part.strip() for part in value.split(","))):
         arguments += ["--" + listOption, item]

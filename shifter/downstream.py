@@ -24,8 +24,9 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.connect import formatConnectRequest
+from shifter.connect import ConnectResponse, formatAuthority, formatConnectRequest
 from shifter.metrics import TunnelMetrics
+from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
 from shifter.resolver import Destination, IOriginalDestinationResolver, ResolverError
 from shifter.sockopt import unmapAddress
@@ -46,6 +47,12 @@ class TunnelSettings:
     @ivar maxConnections: tunnels open at once; further clients are refused.
     @ivar allowedClients: if not empty, the only client networks served.
     @ivar allowedPorts: if not empty, the only destination ports served.
+    @ivar connectTarget: what CONNECT asks for: C{"ip"}, the original
+        destination's address; C{"sni"} or C{"host"}, the name in the
+        client's TLS ClientHello or HTTP Host header; C{"auto"}, whichever
+        the client's first bytes hold.  The original port is always kept.
+    @ivar sniffTimeout: seconds to wait for the client's first bytes when
+        looking for a name, before using the address.
     """
 
     connectTimeout: float = 10.0
@@ -55,12 +62,14 @@ class TunnelSettings:
     maxConnections: int = 10000
     allowedClients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     allowedPorts: frozenset[int] = field(default_factory=frozenset)
+    connectTarget: str = "ip"
+    sniffTimeout: float = 2.0
 
 
 class ShifterFactory(ServerFactory):
     """
-    Accepts redirected connections and tunnels each through C{proxy} to the
-    destination that C{resolver} finds.
+    Accepts redirected connections and tunnels each, through a proxy of
+    C{pool}, to the destination that C{resolver} finds.
 
     @ivar active: the client protocols whose tunnels are not yet finished.
     @ivar counters: how tunnels ended and why they failed, by short name
@@ -69,8 +78,7 @@ class ShifterFactory(ServerFactory):
     @ivar bytesUp: bytes from clients, of tunnels that have finished.
     @ivar bytesDown: bytes to clients, of tunnels that have finished.
     @ivar proxyAnswers: the proxy's answers to CONNECT by status class.
-    @ivar proxyHealthy: whether the last connection attempt to the proxy
-        succeeded.
+    @ivar retries: connection attempts moved on to another proxy.
     @ivar acceptPauses: times accepting paused for lack of descriptors.
     @ivar metrics: latency histograms, and the registry C{--metrics} serves.
     """
@@ -80,12 +88,12 @@ class ShifterFactory(ServerFactory):
     def __init__(
         self,
         resolver: IOriginalDestinationResolver,
-        proxy: UpstreamProxy,
+        pool: ProxyPool,
         settings: TunnelSettings,
         reactor,  # type: ignore[no-untyped-def]
     ) -> None:
         self.resolver = resolver
-        self.proxy = proxy
+        self.pool = pool
         self.settings = settings
         self.reactor = reactor
         self.active: set[DownstreamProtocol] = set()
@@ -94,7 +102,7 @@ class ShifterFactory(ServerFactory):
         self.bytesUp = 0
         self.bytesDown = 0
         self.proxyAnswers: Counter[str] = Counter()
-        self.proxyHealthy = True
+        self.retries = 0
         self.acceptPauses = 0
         self.metrics = TunnelMetrics(self)
         self._idleWaiters: list[Deferred[None]] = []
@@ -155,7 +163,8 @@ class DownstreamProtocol(Protocol):
 
     @ivar received: bytes received from the client.
     @ivar destination: the original destination, once resolved.
-    @ivar upstream: the connection to the proxy, once connected.
+    @ivar proxy: the proxy being tried or in use.
+    @ivar upstream: the connection to that proxy, once connected.
     """
 
     log = Logger()
@@ -163,6 +172,8 @@ class DownstreamProtocol(Protocol):
 
     received = 0
     destination: Destination | None = None
+    target = "(unknown)"
+    proxy: UpstreamProxy | None = None
     upstream: UpstreamProtocol | None = None
     _relaying = False
     _failed = False
@@ -173,21 +184,27 @@ class DownstreamProtocol(Protocol):
     _how: str | None = None
     _pending: Deferred | None = None
     _idleTimer = None
+    _sniffTimer = None
+    _authRetried = False
+    # What CONNECT asks for when it is not the destination's address, and
+    # why: for the tunnel's log line.
+    _named = ""
+    _connectHost = ""
 
     def connectionMade(self) -> None:
         factory = self.factory
         factory.active.add(self)
         self._started = factory.reactor.seconds()
         peer = self.transport.getPeer()
-        peerHost = unmapAddress(peer.host)
-        self.client = _formatAddress(peerHost, peer.port)
+        self._peerHost = unmapAddress(peer.host)
+        self.client = _formatAddress(self._peerHost, peer.port)
         self._early: list[bytes] = []
         self._earlyBytes = 0
         allowed = factory.settings.allowedClients
         if allowed:
-            address = ipaddress.ip_address(peerHost)
+            address = ipaddress.ip_address(self._peerHost)
             if not any(address in network for network in allowed):
-                self.fail("client-denied", f"client {peerHost} is not in an --allow network")
+                self.fail("client-denied", f"client {self._peerHost} is not in an --allow network")
                 return
         # maybeDeferred: a resolver bug becomes a refused connection, not a
         # client left hanging.
@@ -200,30 +217,30 @@ class DownstreamProtocol(Protocol):
     def _resolved(self, destination: Destination) -> None:
         self._pending = None
         factory = self.factory
-        now = factory.reactor.seconds()
-        factory.metrics.resolveSeconds.observe(now - self._started)
+        factory.metrics.resolveSeconds.observe(factory.reactor.seconds() - self._started)
         host = ipaddress.ip_address(unmapAddress(destination.host)).compressed
         self.destination = destination
         self.target = _formatAddress(host, destination.port)
+        self._connectHost = host
         local = self.transport.getHost()
         localHost = ipaddress.ip_address(unmapAddress(local.host)).compressed
         if (host, destination.port) == (localHost, local.port):
             self.fail("loop", "connected to Shifter directly, not redirected")
             return
-        proxy = self.factory.proxy
-        if (host, destination.port) == proxy.address:
-            self.fail("loop", "destination is the upstream proxy itself")
+        if any((host, destination.port) == proxy.address for proxy in factory.pool.proxies):
+            self.fail("loop", "destination is an upstream proxy itself")
             return
         allowedPorts = factory.settings.allowedPorts
         if allowedPorts and destination.port not in allowedPorts:
             self.fail("port-denied", f"destination port {destination.port} is not an --allow-port")
             return
-        self._connectStarted = now
-        request = formatConnectRequest(host, destination.port)
-        pending = proxy.endpoint.connect(UpstreamFactory(self, request))
-        pending.addTimeout(self.factory.settings.connectTimeout, self.factory.reactor)
-        self._pending = pending
-        pending.addErrback(self._connectFailed)
+        if factory.settings.connectTarget == "ip":
+            self._chooseProxies()
+        else:
+            self._sniffTimer = factory.reactor.callLater(
+                factory.settings.sniffTimeout, self._sniff, True
+            )
+            self._sniff()
 
     def _resolveFailed(self, reason: Failure) -> None:
         self._pending = None
@@ -235,18 +252,93 @@ class DownstreamProtocol(Protocol):
             self.log.failure("resolver error for {client}", reason, client=self.client)
             self.fail("resolver", f"resolver error: {reason.getErrorMessage()}")
 
-    # Stage 2: the connection to the proxy.
+    # Stage 1b (--connect-target sni, host, auto): a name from the client's
+    # first bytes.
 
-    def _connectFailed(self, reason: Failure) -> None:
+    def _sniff(self, final: bool = False) -> None:
+        """
+        Look for a name in what the client sent so far; go on to the proxy
+        once there is a verdict, or with the address when C{final}.
+        """
+        from shifter.sniff import sniffTarget
+
+        settings = self.factory.settings
+        verdict = sniffTarget(settings.connectTarget, b"".join(self._early))
+        if verdict is None:
+            if not final:
+                return
+            reason = f"client sent no complete hello within {settings.sniffTimeout:g} s"
+            if self._clientEnded:
+                reason = "client finished sending before a complete hello"
+            name = None
+        else:
+            name, reason = verdict.name, verdict.reason
+        if self._sniffTimer is not None:
+            if self._sniffTimer.active():
+                self._sniffTimer.cancel()
+            self._sniffTimer = None
+        port = self.destination.port  # type: ignore[union-attr]
+        if name is None:
+            self._named = f" (CONNECT by address: {reason})"
+        else:
+            self._connectHost = name
+            self._named = f" (CONNECT {name}:{port}, from {reason})"
+        self._chooseProxies()
+
+    # Stage 2: a connection to a proxy, retried on the next one when a
+    # proxy fails before the tunnel opens.
+
+    def _chooseProxies(self) -> None:
+        self._candidates = self.factory.pool.candidates(self._peerHost)
+        if not self._candidates:
+            self.fail("no-proxy", "every proxy is down")
+            return
+        self._connectStarted = self.factory.reactor.seconds()
+        self._connectNext()
+
+    def _connectNext(self) -> None:
+        factory = self.factory
+        proxy = self.proxy = self._candidates.pop(0)
+        port = self.destination.port  # type: ignore[union-attr]
+        headers = []
+        if proxy.auth is not None:
+            headers = proxy.auth.headersFor("CONNECT", formatAuthority(self._connectHost, port))
+        request = formatConnectRequest(self._connectHost, port, headers)
+        pending = proxy.endpoint.connect(UpstreamFactory(self, request))
+        pending.addTimeout(factory.settings.connectTimeout, factory.reactor)
+        self._pending = pending
+        pending.addErrback(self._connectFailed, proxy)
+
+    def _connectFailed(self, reason: Failure, proxy: UpstreamProxy) -> None:
         self._pending = None
         if self._clientLost and reason.check(CancelledError):
             return
-        self.factory.proxyHealthy = False
         if reason.check(TimeoutError):
+            kind = "timeout"
             why = f"no connection to proxy within {self.factory.settings.connectTimeout:g} s"
-            self.fail("timeout", why)
         else:
-            self.fail("proxy-connect", f"cannot connect to proxy: {reason.getErrorMessage()}")
+            kind = "proxy-connect"
+            why = f"cannot connect to proxy: {reason.getErrorMessage()}"
+        self.factory.pool.failed(proxy, why)
+        self._retryOrFail(kind, why)
+
+    def _retryOrFail(self, kind: str, reason: str, **fields: object) -> None:
+        """
+        Try the next proxy if one is left, else end the connection.
+        """
+        if not self._candidates or self._clientLost or self._failed:
+            self.fail(kind, reason, **fields)
+            return
+        self.factory.retries += 1
+        self.log.info(
+            "tunnel {client} -> {destination} via {proxy}: {reason}; trying {next}",
+            client=self.client,
+            destination=self.target,
+            proxy=self.proxy.description,  # type: ignore[union-attr]
+            reason=reason,
+            next=self._candidates[0].description,
+        )
+        self._connectNext()
 
     def upstreamConnected(self, upstream: UpstreamProtocol) -> None:
         """
@@ -255,20 +347,79 @@ class DownstreamProtocol(Protocol):
         self._pending = None
         self.upstream = upstream
         self._upstreamLost = False
-        self.factory.proxyHealthy = True
+        self.factory.pool.succeeded(self.proxy)  # type: ignore[arg-type]
         if self._clientLost:
             upstream.transport.abortConnection()
 
+    def _dropUpstream(self, upstream: UpstreamProtocol) -> None:
+        """
+        Let go of a proxy connection that will not carry the tunnel.
+        """
+        upstream.transport.loseConnection()
+        self.upstream = None
+        self._upstreamLost = True
+
     # Stage 3: the proxy's answer (read by the upstream protocol).
 
-    def tunnelOpened(self, leftover: bytes) -> None:
+    def upstreamFailed(
+        self,
+        upstream: UpstreamProtocol,
+        kind: str,
+        reason: str,
+        retry: bool = False,
+        unhealthy: bool = False,
+        **fields: object,
+    ) -> None:
+        """
+        The proxy's answer to CONNECT was a failure.
+
+        @param retry: whether another proxy may succeed where this one
+            failed.
+        @param unhealthy: whether this counts against the proxy's health.
+        """
+        if upstream is not self.upstream:
+            return  # an abandoned attempt
+        status = fields.get("status")
+        if isinstance(status, int):
+            self.factory.proxyAnswers[f"{status // 100}xx"] += 1
+        if unhealthy:
+            self.factory.pool.failed(self.proxy, reason)  # type: ignore[arg-type]
+        if retry and self._candidates and not self._clientLost:
+            self._dropUpstream(upstream)
+            self._retryOrFail(kind, reason, **fields)
+        else:
+            self.fail(kind, reason, **fields)
+
+    def proxyChallenged(self, upstream: UpstreamProtocol, response: ConnectResponse) -> None:
+        """
+        The proxy answered 407: answer its challenge on a new connection,
+        once, if the credentials allow.
+        """
+        if upstream is not self.upstream:
+            return
+        self.factory.proxyAnswers["4xx"] += 1
+        auth = self.proxy.auth  # type: ignore[union-attr]
+        if auth is None:
+            self.fail("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
+            return
+        challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
+        cannot = auth.challenged(challenges)
+        if cannot is not None or self._authRetried:
+            self.fail("proxy-auth", f"proxy answered 407: {cannot or 'credentials refused'}", status=407)
+            return
+        self._authRetried = True
+        self._dropUpstream(upstream)
+        self._candidates.insert(0, self.proxy)  # type: ignore[arg-type]
+        self._connectNext()
+
+    def tunnelOpened(self, upstream: UpstreamProtocol, leftover: bytes) -> None:
         """
         The proxy answered 2xx: join the two connections.
 
         @param leftover: tunnel bytes that arrived with the proxy's answer.
         """
-        upstream = self.upstream
-        assert upstream is not None
+        if upstream is not self.upstream:
+            return
         factory = self.factory
         self._relaying = True
         factory.counters["opened"] += 1
@@ -302,6 +453,8 @@ class DownstreamProtocol(Protocol):
         self._earlyBytes += len(data)
         if self._earlyBytes >= self.factory.settings.earlyDataLimit:
             self.transport.pauseProducing()
+        if self._sniffTimer is not None:
+            self._sniff(final=self._earlyBytes >= self.factory.settings.earlyDataLimit)
 
     def touch(self) -> None:
         """
@@ -316,6 +469,8 @@ class DownstreamProtocol(Protocol):
 
     def readConnectionLost(self) -> None:
         self._clientEnded = True
+        if self._sniffTimer is not None:
+            self._sniff(final=True)
         if self._relaying:
             self.upstream.transport.loseWriteConnection()  # type: ignore[union-attr]
             if self._upstreamEnded:
@@ -324,10 +479,12 @@ class DownstreamProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def upstreamEnded(self) -> None:
+    def upstreamEnded(self, upstream: UpstreamProtocol) -> None:
         """
         The proxy finished sending (half-close): pass that on to the client.
         """
+        if upstream is not self.upstream:
+            return
         self._upstreamEnded = True
         self.transport.loseWriteConnection()
         if self._clientEnded:
@@ -344,14 +501,12 @@ class DownstreamProtocol(Protocol):
             return
         self._failed = True
         self.factory.counters[kind] += 1
-        status = fields.get("status")
-        if isinstance(status, int):
-            self.factory.proxyAnswers[f"{status // 100}xx"] += 1
         self.log.warn(
-            "tunnel {client} -> {destination} via {proxy} failed: {reason}",
+            "tunnel {client} -> {destination}{named} via {proxy} failed: {reason}",
             client=self.client,
-            destination=getattr(self, "target", "(unknown)"),
-            proxy=self.factory.proxy.description,
+            destination=self.target,
+            named=self._named,
+            proxy=self.proxy.description if self.proxy is not None else "(none)",
             reason=reason,
             failure_kind=kind,
             **fields,
@@ -361,6 +516,10 @@ class DownstreamProtocol(Protocol):
     def _close(self, how: str) -> None:
         if self._how is None:
             self._how = how
+        if self._sniffTimer is not None:
+            if self._sniffTimer.active():
+                self._sniffTimer.cancel()
+            self._sniffTimer = None
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
@@ -368,10 +527,12 @@ class DownstreamProtocol(Protocol):
             self.upstream.transport.loseConnection()
         self.transport.loseConnection()
 
-    def upstreamLost(self, reason: Failure) -> None:
+    def upstreamLost(self, upstream: UpstreamProtocol, reason: Failure) -> None:
         """
         The connection to the proxy is gone: close the client's too.
         """
+        if upstream is not self.upstream:
+            return  # an abandoned attempt
         self._upstreamLost = True
         if self._how is None:
             self._how = _howLost("proxy", reason)
@@ -420,11 +581,13 @@ class DownstreamProtocol(Protocol):
         factory.bytesUp += self.received
         factory.bytesDown += bytesDown
         self.log.info(
-            "tunnel {client} -> {destination} via {proxy} closed ({how}): "
+            "tunnel {client} -> {destination}{named} via {proxy} closed ({how}): "
             "{bytes_up} bytes up, {bytes_down} bytes down, {duration:.3f} s",
             client=self.client,
             destination=self.target,
-            proxy=factory.proxy.description,
+            named=self._named,
+            connect_target=_formatAddress(self._connectHost, self.destination.port),  # type: ignore[union-attr]
+            proxy=self.proxy.description,  # type: ignore[union-attr]
             how=self._how,
             bytes_up=self.received,
             bytes_down=bytesDown,

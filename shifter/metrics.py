@@ -111,12 +111,17 @@ class _FactoryCollector:
         relayed.add_metric(["down"], down)
         yield relayed
         proxyUp = GaugeMetricFamily(
-            "shifter_proxy_up",
-            "1 if the last connection attempt to the proxy succeeded, else 0.",
+            "shifter_proxy_up", "1 while a proxy is up, 0 while it is marked down.",
             labels=["proxy"],
         )
-        proxyUp.add_metric([factory.proxy.description], 1 if factory.proxyHealthy else 0)
+        for proxy, health in factory.pool.health.items():
+            proxyUp.add_metric([proxy.description], 1 if health.up else 0)
         yield proxyUp
+        yield CounterMetricFamily(
+            "shifter_proxy_retries",
+            "Connection attempts moved on to the next proxy after one failed.",
+            value=factory.retries,
+        )
         yield CounterMetricFamily(
             "shifter_accept_pauses",
             "Times accepting paused because descriptors or memory ran out.",

@@ -9,70 +9,169 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from OpenSSL.SSL import Error as SSLError
 
 from twisted.internet import tcp
-
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     clientFromString,
+    wrapClientTLS,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+
+if TYPE_CHECKING:
+    from shifter.auth import Credentials, ProxyAuth
 
 # host:port, or [v6 literal]:port
 _SHORTHAND = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]{1,5})")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class UpstreamProxy:
     """
     One upstream HTTP proxy.
 
-    @ivar description: how the proxy is named in log lines.
-    @ivar endpoint: the client endpoint that connects to it.
+    @ivar description: how the proxy is named in log lines (never with its
+        password).
+    @ivar endpoint: the client endpoint that connects to it (TLS included,
+        for an https:// proxy).
     @ivar address: its (IP address, port) when known in advance, so that a
         connection redirected to the proxy itself can be refused; L{None}
         when the proxy is named by hostname or by a non-TCP endpoint.
+    @ivar auth: its authentication state, when credentials are configured.
     """
 
     description: str
     endpoint: IStreamClientEndpoint
     address: tuple[str, int] | None = None
+    auth: ProxyAuth | None = None
 
 
-def parseProxy(value: str, reactor) -> UpstreamProxy:  # type: ignore[no-untyped-def]
+def parseProxy(  # type: ignore[no-untyped-def]
+    value: str,
+    reactor,
+    credentials: Credentials | None = None,
+    caFile: str | None = None,
+) -> UpstreamProxy:
     """
-    Parse a C{--proxy} value: C{host:port}, C{[v6]:port}, or a Twisted
-    client endpoint string such as C{tcp:host=10.0.0.5:port=3128}.
+    Parse a C{--proxy} value: C{host:port}, C{[v6]:port},
+    C{http://[user:password@]host:port}, C{https://[user:password@]host:port}
+    (TLS to the proxy, its certificate verified against C{caFile} or the
+    system's trust store), or a Twisted client endpoint string such as
+    C{tcp:host=10.0.0.5:port=3128}.
 
-    @raise ValueError: with a one-line reason if the value is neither.
+    @param credentials: used when C{value} names none.
+    @raise ValueError: with a one-line reason if the value is none of these.
     """
+    if value.startswith(("http://", "https://")):
+        return _parseURL(value, reactor, credentials, caFile)
     match = _SHORTHAND.fullmatch(value)
     if match is None:
         if ":" not in value:
-            raise ValueError(f"expected host:port or an endpoint string, got {value!r}")
+            raise ValueError(f"expected host:port, a URL or an endpoint string, got {value!r}")
         try:
             endpoint = clientFromString(reactor, value)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"invalid proxy endpoint {value!r}: {e}") from None
-        return UpstreamProxy(value, endpoint, _endpointAddress(endpoint))
-    port = int(match.group("port"))
-    if not 0 < port < 65536:
-        raise ValueError(f"proxy port out of range in {value!r}")
+        return UpstreamProxy(value, endpoint, _endpointAddress(endpoint), _auth(credentials))
     host = match.group("v6") or match.group("host")
+    if match.group("v6"):
+        _checkIPv6(host, value)
+    return _tcpProxy(value, reactor, host, _port(match.group("port"), value), credentials)
+
+
+def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ignore[no-untyped-def]
+    url = urlsplit(value)
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ValueError(f"a proxy URL has only a scheme, credentials, host and port: {value!r}")
+    try:
+        port = url.port
+    except ValueError:
+        raise ValueError(f"proxy port out of range in {value!r}") from None
+    if port is None or url.hostname is None:
+        raise ValueError(f"give the proxy's host and port: {value!r}")
+    host = url.hostname
+    if "[" in url.netloc:
+        _checkIPv6(host, value)
+    if url.username is not None:
+        from shifter.auth import Credentials
+
+        credentials = Credentials(unquote(url.username), unquote(url.password or ""))
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if url.scheme == "http":
+        return _tcpProxy(authority, reactor, host, port, credentials)
+    plain = _tcpProxy(authority, reactor, host, port, credentials)
+    if caFile is not None:
+        try:
+            with open(caFile, "rb") as f:
+                trustRoot = Certificate.loadPEM(f.read())
+        except (OSError, ValueError, SSLError) as e:
+            raise ValueError(f"cannot read the proxy CA certificate {caFile!r}: {e}") from None
+    else:
+        trustRoot = platformTrust()
+    tls = wrapClientTLS(optionsForClientTLS(host, trustRoot=trustRoot), plain.endpoint)
+    return UpstreamProxy(f"https://{authority}", tls, plain.address, plain.auth)
+
+
+def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  # type: ignore[no-untyped-def]
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        if match.group("v6"):
-            raise ValueError(f"invalid IPv6 address in {value!r}") from None
         # A hostname: TCP4ClientEndpoint resolves it through the reactor's
         # resolver when connecting.
-        return UpstreamProxy(value, TCP4ClientEndpoint(reactor, host, port))
+        return UpstreamProxy(description, TCP4ClientEndpoint(reactor, host, port), None, _auth(credentials))
     if address.version == 6:
         endpoint = TCP6ClientEndpoint(reactor, address.compressed, port)
     else:
         endpoint = TCP4ClientEndpoint(reactor, str(address), port)
-    return UpstreamProxy(value, endpoint, (address.compressed, port))
+    return UpstreamProxy(description, endpoint, (address.compressed, port), _auth(credentials))
+
+
+def _port(text: str, value: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError(f"proxy port out of range in {value!r}")
+    return port
+
+
+def _checkIPv6(host: str, value: str) -> None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"invalid IPv6 address in {value!r}") from None
+
+
+def _auth(credentials: Credentials | None) -> ProxyAuth | None:
+    if credentials is None:
+        return None
+    from shifter.auth import ProxyAuth
+
+    return ProxyAuth(credentials)
+
+
+def readCredentials(path: str) -> Credentials:
+    """
+    Read C{user:password} from the first line of the file at C{path}, so
+    that the password stays out of the process list.
+
+    @raise ValueError: if the file cannot be read or has no C{user:password}.
+    """
+    try:
+        with open(path) as f:
+            line = f.readline().rstrip("\r\n")
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
+    username, colon, password = line.partition(":")
+    if not colon or not username:
+        raise ValueError(f"{path!r} should hold user:password on its first line")
+    from shifter.auth import Credentials
+
+    return Credentials(username, password)
 
 
 def _endpointAddress(endpoint: IStreamClientEndpoint) -> tuple[str, int] | None:

@@ -73,7 +73,7 @@ class ShifterService(Service):
             version=shifter.__version__,
             listen=self.description,
             resolver=factory.resolver.name,
-            proxy=factory.proxy.description,
+            proxy=", ".join(proxy.description for proxy in factory.pool.proxies),
         )
         self.ready.callback(self.port)
 
@@ -115,4 +115,5 @@ class ShifterService(Service):
                     timeout=self.drainTimeout,
                 )
                 yield factory.closeAll()
+        factory.pool.stop()
         yield factory.resolver.stop()

@@ -15,9 +15,12 @@ from twisted.web.server import Site
 
 from shifter.downstream import ShifterFactory, TunnelSettings
 from shifter.metrics import MetricsPage
-from shifter.proxy import MarkingReactor, parseProxy
+from shifter.pool import BALANCES, ProxyPool
+from shifter.proxy import MarkingReactor, parseProxy, readCredentials
 from shifter.resolver import RESOLVERS, makeResolver
 from shifter.service import ShifterService
+
+CONNECT_TARGETS = ("ip", "sni", "host", "auto")
 
 # Descriptors kept back from the connection cap for listening sockets,
 # resolver sockets, log files and the like.
@@ -94,11 +97,42 @@ class Options(usage.Options):
             "tcp6:12345:interface=\\:\\:",
         ],
         [
-            "proxy",
-            "p",
+            "balance",
             None,
-            "The upstream HTTP proxy (required): HOST:PORT, [IPV6]:PORT, or a "
-            "Twisted client endpoint string such as tcp:host=10.0.0.5:port=3128.",
+            "failover",
+            "With several --proxy: failover (the first that is up), "
+            "round-robin, or source-hash (a client keeps its proxy).",
+        ],
+        [
+            "proxy-credentials",
+            None,
+            None,
+            "A file whose first line is user:password, for proxies whose "
+            "--proxy names no credentials (keeps the password out of ps).",
+        ],
+        [
+            "proxy-ca",
+            None,
+            None,
+            "A PEM file of the CA that signs https:// proxies' certificates. "
+            "Default: the system's trust store.",
+        ],
+        [
+            "connect-target",
+            None,
+            "ip",
+            "What CONNECT asks for: ip (the original address), sni (the name in "
+            "the client's TLS ClientHello), host (the HTTP Host header) or auto "
+            "(whichever the client sends). The original port is kept; without a "
+            "usable name, the address is used.",
+        ],
+        [
+            "sniff-timeout",
+            None,
+            2.0,
+            "With --connect-target sni, host or auto: seconds to wait for the "
+            "client's first bytes before using the address.",
+            _seconds,
         ],
         [
             "resolver",
@@ -166,8 +200,20 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        self["proxy"] = []
         self["allow"] = []
         self["allow-port"] = set()
+
+    def opt_proxy(self, proxy: str) -> None:
+        """
+        An upstream HTTP proxy (at least one): HOST:PORT, [IPV6]:PORT,
+        http://[USER:PASSWORD@]HOST:PORT, https://[USER:PASSWORD@]HOST:PORT
+        (TLS to the proxy), or a Twisted client endpoint string such as
+        tcp:host=10.0.0.5:port=3128. Repeatable; see --balance.
+        """
+        self["proxy"].append(proxy)
+
+    opt_p = opt_proxy
 
     def opt_allow(self, network: str) -> None:
         """
@@ -192,12 +238,27 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
-        if self["proxy"] is None:
+        if not self["proxy"]:
             raise usage.UsageError("--proxy is required (for example --proxy 127.0.0.1:3128)")
-        try:
-            parseProxy(self["proxy"], reactor)
-        except ValueError as e:
-            raise usage.UsageError(f"--proxy: {e}") from None
+        if self["proxy-credentials"] is not None:
+            try:
+                self["proxy-credentials"] = readCredentials(self["proxy-credentials"])
+            except ValueError as e:
+                raise usage.UsageError(f"--proxy-credentials: {e}") from None
+        for proxy in self["proxy"]:
+            try:
+                parseProxy(proxy, reactor, self["proxy-credentials"], self["proxy-ca"])
+            except ValueError as e:
+                raise usage.UsageError(f"--proxy: {e}") from None
+        if self["balance"] not in BALANCES:
+            raise usage.UsageError(
+                f"--balance: expected one of {', '.join(BALANCES)}, got {self['balance']!r}"
+            )
+        if self["connect-target"] not in CONNECT_TARGETS:
+            raise usage.UsageError(
+                f"--connect-target: expected one of {', '.join(CONNECT_TARGETS)}, "
+                f"got {self['connect-target']!r}"
+            )
         try:
             serverFromString(reactor, self["listen"])
         except IndexError:
@@ -227,10 +288,12 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
     """
     if reactor is None:
         from twisted.internet import reactor
-    proxy = parseProxy(
-        config["proxy"], MarkingReactor(reactor, config["mark"]) if config["mark"] else reactor
-    )
-    if proxy.address is None:
+    proxyReactor = MarkingReactor(reactor, config["mark"]) if config["mark"] else reactor
+    proxies = [
+        parseProxy(proxy, proxyReactor, config["proxy-credentials"], config["proxy-ca"])
+        for proxy in config["proxy"]
+    ]
+    if any(proxy.address is None for proxy in proxies):
         _resolveHostnamesInReactor(reactor)
     settings = TunnelSettings(
         connectTimeout=config["connect-timeout"],
@@ -239,8 +302,11 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         maxConnections=config["max-connections"] or defaultMaxConnections(),
         allowedClients=tuple(config["allow"]),
         allowedPorts=frozenset(config["allow-port"]),
+        connectTarget=config["connect-target"],
+        sniffTimeout=config["sniff-timeout"],
     )
-    factory = ShifterFactory(makeResolver(config["resolver"], reactor), proxy, settings, reactor)
+    pool = ProxyPool(proxies, reactor, config["balance"])
+    factory = ShifterFactory(makeResolver(config["resolver"], reactor), pool, settings, reactor)
     top = MultiService()
     ShifterService(
         serverFromString(reactor, config["listen"]),

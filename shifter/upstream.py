@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 @implementer(IHalfCloseableProtocol)
 class UpstreamProtocol(Protocol):
     """
-    Shifter's connection to the upstream proxy for one client.
+    Shifter's connection to an upstream proxy for one client.
 
     It sends the CONNECT request as soon as it is connected and gives the
     proxy C{handshakeTimeout} seconds to answer.  The answer goes to the
@@ -59,27 +59,35 @@ class UpstreamProtocol(Protocol):
             response = self._parser.feed(data)
         except ProxyResponseError as e:
             self._endHandshake()
-            self.downstream.fail("proxy-garbage", f"bad answer from proxy: {e}")
+            self.downstream.upstreamFailed(self, "proxy-garbage", f"bad answer from proxy: {e}", retry=True)
             return
         if response is None:
             return
         self._endHandshake()
         if response.opensTunnel:
             self.received = len(response.leftover)
-            self.downstream.tunnelOpened(response.leftover)
+            self.downstream.tunnelOpened(self, response.leftover)
+        elif response.status == 407:
+            self.downstream.proxyChallenged(self, response)
         else:
-            self.downstream.fail(
+            self.downstream.upstreamFailed(
+                self,
                 "proxy-status",
                 f"proxy answered {response.status} {response.reason}".rstrip(),
+                # A 5xx says this proxy could not serve the request; another
+                # proxy may.  Other answers are the same policy everywhere.
+                retry=response.status >= 500,
                 status=response.status,
             )
 
     def readConnectionLost(self) -> None:
         if self._parser is not None:
             self._endHandshake()
-            self.downstream.fail("proxy-closed", "proxy closed the connection before answering")
+            self.downstream.upstreamFailed(
+                self, "proxy-closed", "proxy closed the connection before answering", retry=True
+            )
         else:
-            self.downstream.upstreamEnded()
+            self.downstream.upstreamEnded(self)
 
     def writeConnectionLost(self) -> None:
         pass
@@ -87,11 +95,13 @@ class UpstreamProtocol(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         if self._parser is not None:
             self._endHandshake()
-            self.downstream.fail(
+            self.downstream.upstreamFailed(
+                self,
                 "proxy-closed",
                 f"proxy connection lost before answering: {reason.getErrorMessage()}",
+                retry=True,
             )
-        self.downstream.upstreamLost(reason)
+        self.downstream.upstreamLost(self, reason)
 
     def _endHandshake(self) -> None:
         self._parser = None
@@ -102,19 +112,22 @@ class UpstreamProtocol(Protocol):
     def _handshakeTimedOut(self) -> None:
         self._handshakeTimer = None
         self._parser = None
-        self.downstream.fail(
+        self.downstream.upstreamFailed(
+            self,
             "timeout",
             f"proxy did not answer CONNECT within "
             f"{self.downstream.factory.settings.handshakeTimeout:g} s",
+            retry=True,
+            unhealthy=True,
         )
 
 
 class UpstreamFactory(ClientFactory):
     """
-    Builds the one L{UpstreamProtocol} of a tunnel.
+    Builds the one L{UpstreamProtocol} of a connection attempt.
     """
 
-    noisy = False  # one factory per tunnel: its start and stop are not news
+    noisy = False  # one factory per attempt: its start and stop are not news
 
     def __init__(self, downstream: DownstreamProtocol, request: bytes) -> None:
         self.downstream = downstream

@@ -75,7 +75,17 @@ class MetricsTests(TunnelTestCase):
         self.assertEqual(samples['shifter_tunnel_failures_total{reason="proxy-connect"}'], 1)
         self.assertEqual(samples['shifter_proxy_answers_total{status_class="4xx"}'], 1)
         self.assertEqual(samples['shifter_proxy_answers_total{status_class="5xx"}'], 1)
-        self.assertEqual(samples['shifter_proxy_up{proxy="proxy.test:3128"}'], 0)
+
+    def test_proxyHealth(self) -> None:
+        """
+        A proxy is reported up until it is marked down.
+        """
+        self.makeFactory()
+        self.assertEqual(scrape(self.factory)['shifter_proxy_up{proxy="proxy.test:3128"}'], 1)
+        for _ in range(3):
+            self.connectClient()
+            self.endpoint.refuse()
+        self.assertEqual(scrape(self.factory)['shifter_proxy_up{proxy="proxy.test:3128"}'], 0)
 
     def test_latencyHistograms(self) -> None:
         """

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.downstream import DownstreamProtocol, ShifterFactory, TunnelSettings
+from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
 from shifter.resolver import DestinationUnknown, IOriginalDestinationResolver
 
@@ -106,7 +107,8 @@ class TunnelTestCase(SynchronousTestCase):
 
     def makeFactory(self) -> ShifterFactory:
         proxy = UpstreamProxy("proxy.test:3128", self.endpoint, PROXY)
-        self.factory = ShifterFactory(self.resolver, proxy, self.settings, self.clock)
+        self.pool = ProxyPool([proxy], self.clock)
+        self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
         return self.factory
 
     def connectClient(self, peer=CLIENT, host=SHIFTER):  # type: ignore[no-untyped-def]
@@ -265,13 +267,15 @@ class FailureTests(TunnelTestCase):
 
     def test_407(self) -> None:
         """
-        A 407 (authentication required) is a failure like any non-2xx.
+        A 407 (authentication required) without configured credentials is a
+        failure with one line saying so.
         """
         _, clientTransport, _, upstreamTransport = self.openTunnel(
             b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"
         )
         self.assertBothClosed(clientTransport, upstreamTransport)
-        self.assertOneFailureLine("407 Proxy Authentication Required")
+        self.assertOneFailureLine("proxy answered 407: it needs credentials and none are configured")
+        self.assertEqual(self.factory.counters["proxy-auth"], 1)
 
     def test_garbageClosesBoth(self) -> None:
         """
@@ -400,7 +404,7 @@ class FailureTests(TunnelTestCase):
         self.resolver.answer = IPv4Address("TCP", *PROXY)
         _, clientTransport = self.connectClient()
         self.assertTrue(clientTransport.disconnecting)
-        self.assertOneFailureLine("destination is the upstream proxy")
+        self.assertOneFailureLine("destination is an upstream proxy itself")
 
     def test_clientGoneWhileConnecting(self) -> None:
         """
@@ -571,3 +575,96 @@ class RelayTests(TunnelTestCase):
         self.clock.advance(10 * 24 * 3600)
         self.assertFalse(clientTransport.disconnecting)
         self.assertFalse(self.clock.getDelayedCalls())
+
+
+class SeveralProxiesTests(TunnelTestCase):
+    """
+    A pool of two proxies, A and B, tried in that order (failover).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.endpointB = FakeProxyEndpoint()
+        self.proxyA = UpstreamProxy("a.test:3128", self.endpoint, PROXY)
+        self.proxyB = UpstreamProxy("b.test:3128", self.endpointB, ("198.51.100.4", 3128))
+        self.pool = ProxyPool([self.proxyA, self.proxyB], self.clock, failureThreshold=2)
+        self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+
+    def test_refusedProxyRetriedOnNext(self) -> None:
+        """
+        When the first proxy refuses the connection, the second is tried,
+        early client bytes included; the client never notices.
+        """
+        client, clientTransport = self.connectClient()
+        client.dataReceived(b"hello")
+        self.endpoint.refuse()
+        upstream, upstreamTransport = self.endpointB.accept()
+        upstream.dataReceived(OK + b"answer")
+        self.assertTrue(upstreamTransport.value().endswith(b"\r\n\r\nhello"))
+        self.assertEqual(clientTransport.value(), b"answer")
+        self.assertEqual((self.factory.retries, self.factory.counters["opened"]), (1, 1))
+        self.assertTrue(any("via a.test:3128: cannot connect" in m and "trying b.test:3128" in m
+                            for m in self.messages("info")))
+        self.assertEqual(self.failureLines(), [])
+
+    def test_5xxRetried(self) -> None:
+        """
+        A 5xx answer (this proxy could not serve it) moves on to the next
+        proxy; the first proxy connection is closed.
+        """
+        self.connectClient()
+        upstreamA, upstreamTransportA = self.endpoint.accept()
+        upstreamA.dataReceived(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")
+        self.assertTrue(upstreamTransportA.disconnecting)
+        self.assertEqual(len(self.endpointB.attempts), 1)
+        upstream, _ = self.endpointB.accept()
+        upstream.dataReceived(OK)
+        self.assertEqual(self.factory.counters["opened"], 1)
+
+    def test_403NotRetried(self) -> None:
+        """
+        A 403 is the proxies' policy: it ends the client connection without
+        asking the next proxy.
+        """
+        _, clientTransport, _, _ = self.openTunnel(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertEqual(self.endpointB.attempts, [])
+
+    def test_allFail(self) -> None:
+        """
+        When every proxy fails, the client is closed with one failure line
+        giving the last reason.
+        """
+        _, clientTransport = self.connectClient()
+        self.endpoint.refuse()
+        self.endpointB.refuse()
+        self.assertTrue(clientTransport.disconnecting)
+        [line] = self.failureLines()
+        self.assertIn("via b.test:3128 failed: cannot connect to proxy", line)
+
+    def test_downProxySkipped(self) -> None:
+        """
+        After C{failureThreshold} refusals a proxy is marked down and
+        clients go straight to the next one.
+        """
+        for _ in range(2):
+            self.connectClient()
+            self.endpoint.refuse()
+            self.endpointB.accept()[0].dataReceived(OK)
+        self.assertFalse(self.pool.health[self.proxyA].up)
+        self.connectClient()
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertEqual(len(self.endpointB.attempts), 1)
+
+    def test_allDown(self) -> None:
+        """
+        With every proxy down, clients are closed at once with a log line,
+        without any connection attempt.
+        """
+        for proxy in (self.proxyA, self.proxyB):
+            self.pool.health[proxy].up = False
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertEqual((self.endpoint.attempts, self.endpointB.attempts), ([], []))
+        self.assertIn("every proxy is down", self.failureLines()[0])
+        self.assertEqual(self.factory.counters["no-proxy"], 1)
