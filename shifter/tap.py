@@ -87,6 +87,15 @@ class Options(usage.Options):
         "through a redirect, is refused: Shifter is never an open proxy."
     )
 
+    optFlags = [
+        [
+            "queue-bypass",
+            None,
+            "With --resolver nfqueue: when the queue is full, the kernel "
+            "accepts SYNs unmarked (so unproxied) instead of dropping them.",
+        ],
+    ]
+
     optParameters = [
         [
             "listen",
@@ -141,7 +150,29 @@ class Options(usage.Options):
             "How to find each connection's original destination: "
             + ", ".join(sorted(RESOLVERS))
             + ". sockopt reads SO_ORIGINAL_DST (REDIRECT and DNAT rules); "
-            "kmod asks Shifter's kernel module.",
+            "kmod asks Shifter's kernel module; conntrack asks ctnetlink "
+            "(REDIRECT and DNAT rules); nfqueue reads the SYNs an NFQUEUE rule "
+            "queues; tproxy takes the local address of connections a TPROXY "
+            "rule delivers to a tproxy: listener; auto uses kmod if the module "
+            "is loaded, else sockopt. python -m shifter.rules prints the rules "
+            "for each.",
+        ],
+        [
+            "queue-num",
+            None,
+            0,
+            "With --resolver nfqueue: the NFQUEUE queue number to bind "
+            "(the rule's --queue-num), 0 to 65535.",
+            int,
+        ],
+        [
+            "queue-mark",
+            None,
+            0x10000,
+            "With --resolver nfqueue: the mark bit Shifter sets on each SYN it "
+            "has recorded; the nat rule redirects only SYNs with it, so SYNs "
+            "Shifter missed go unproxied rather than to Shifter. 0 for none.",
+            lambda value: int(value, 0),
         ],
         [
             "connect-timeout",
@@ -273,6 +304,15 @@ class Options(usage.Options):
                 f"--resolver: unknown resolver {self['resolver']!r}; "
                 f"choose one of {', '.join(sorted(RESOLVERS))}"
             )
+        if self["resolver"] == "tproxy" and not self["listen"].startswith("tproxy:"):
+            raise usage.UsageError(
+                "--resolver tproxy needs a transparent listener: "
+                "--listen 'tproxy:PORT:interface=\\:\\:'"
+            )
+        if not 0 <= self["queue-num"] <= 65535:
+            raise usage.UsageError(f"--queue-num: {self['queue-num']} is not between 0 and 65535")
+        if not 0 <= self["queue-mark"] <= 0xFFFFFFFF:
+            raise usage.UsageError(f"--queue-mark: {self['queue-mark']:#x} does not fit in 32 bits")
         if self["max-connections"] is None:
             self["max-connections"] = defaultMaxConnections()
         if self["metrics"] is not None:
@@ -306,7 +346,9 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         sniffTimeout=config["sniff-timeout"],
     )
     pool = ProxyPool(proxies, reactor, config["balance"])
-    factory = ShifterFactory(makeResolver(config["resolver"], reactor), pool, settings, reactor)
+    factory = ShifterFactory(
+        makeResolver(config["resolver"], reactor, **resolverOptions(config)), pool, settings, reactor
+    )
     top = MultiService()
     ShifterService(
         serverFromString(reactor, config["listen"]),
@@ -320,6 +362,20 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         site.noisy = False
         StreamServerEndpointService(serverFromString(reactor, config["metrics"]), site).setServiceParent(top)
     return top
+
+
+def resolverOptions(config: Options) -> dict[str, object]:
+    """
+    The chosen resolver's own settings, as keyword arguments for
+    L{makeResolver}.
+    """
+    if config["resolver"] == "nfqueue":
+        return {
+            "queueNum": config["queue-num"],
+            "queueBypass": bool(config["queue-bypass"]),
+            "mark": config["queue-mark"],
+        }
+    return {}
 
 
 def _resolveHostnamesInReactor(reactor) -> None:  # type: ignore[no-untyped-def]
