@@ -98,6 +98,7 @@ class ShifterFactory(ServerFactory):
         self.reactor = reactor
         self.active: set[DownstreamProtocol] = set()
         self.counters: Counter[str] = Counter()
+        self.listeningAddress: Destination | None = None
         self.openTunnels = 0
         self.bytesUp = 0
         self.bytesDown = 0
@@ -106,6 +107,20 @@ class ShifterFactory(ServerFactory):
         self.acceptPauses = 0
         self.metrics = TunnelMetrics(self)
         self._idleWaiters: list[Deferred[None]] = []
+
+    def isListeningAddress(self, host: str, port: int) -> bool:
+        """
+        Whether C{host} and C{port} name Shifter's own listening socket (as
+        set in C{listeningAddress} once it listens): its port, and its
+        address or, for a wildcard socket, any address.
+
+        @param host: an IP address in compressed form.
+        """
+        listening = self.listeningAddress
+        if listening is None or listening.port != port:
+            return False
+        bound = ipaddress.ip_address(unmapAddress(listening.host.split("%", 1)[0]))
+        return bound.is_unspecified or bound.compressed == host
 
     def acceptPaused(self) -> None:
         """
@@ -222,9 +237,16 @@ class DownstreamProtocol(Protocol):
         self.destination = destination
         self.target = _formatAddress(host, destination.port)
         self._connectHost = host
-        local = self.transport.getHost()
-        localHost = ipaddress.ip_address(unmapAddress(local.host)).compressed
-        if (host, destination.port) == (localHost, local.port):
+        if getattr(self.factory.resolver, "localAddressIsDestination", False):
+            # TPROXY: the local address is the destination for every
+            # connection, so it cannot tell a direct one.  A destination
+            # the listening socket itself would accept can.
+            direct = self.factory.isListeningAddress(host, destination.port)
+        else:
+            local = self.transport.getHost()
+            localHost = ipaddress.ip_address(unmapAddress(local.host)).compressed
+            direct = (host, destination.port) == (localHost, local.port)
+        if direct:
             self.fail("loop", "connected to Shifter directly, not redirected")
             return
         if any((host, destination.port) == proxy.address for proxy in factory.pool.proxies):

@@ -82,15 +82,21 @@ class IOriginalDestinationResolver(Interface):
 RESOLVERS = {
     "sockopt": "shifter.sockopt.SocketOptionResolver",
     "kmod": "shifter.kmod.KernelModuleResolver",
+    "conntrack": "shifter.conntrack.ConntrackResolver",
+    "nfqueue": "shifter.nfqueue.QueueResolver",
+    "tproxy": "shifter.tproxy.TransparentResolver",
+    "auto": "shifter.auto.AutoResolver",
 }
 
 
-def makeResolver(name: str, reactor) -> IOriginalDestinationResolver:  # type: ignore[no-untyped-def]
+def makeResolver(name: str, reactor, **options: object) -> IOriginalDestinationResolver:  # type: ignore[no-untyped-def]
     """
     Build the resolver registered under C{name}.
 
+    @param options: the resolver's own settings (C{queueNum=1} for
+        C{nfqueue}, ...), passed to its constructor as keyword arguments.
     @raise KeyError: if no resolver has that name.
     """
     from twisted.python.reflect import namedAny
 
-    return namedAny(RESOLVERS[name])(reactor=reactor)
+    return namedAny(RESOLVERS[name])(reactor=reactor, **options)

@@ -66,6 +66,7 @@ class ShifterService(Service):
         factory = self.factory
         yield factory.resolver.start()
         self.port = yield self.endpoint.listen(factory)
+        factory.listeningAddress = self.port.getHost()
         self._pauser = pauseOnExhaustion(self.port, factory.reactor, factory.acceptPaused)
         self.log.info(
             "Shifter {version} accepting redirected connections on {listen} "

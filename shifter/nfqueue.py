@@ -1,0 +1,669 @@
+"""
+The C{nfqueue} resolver: Shifter reads the SYNs itself.
+
+An C{NFQUEUE} rule in the mangle table hands each SYN to be redirected to
+Shifter over nfnetlink_queue (the modern form of IP Queue) before the nat
+table rewrites it, so Shifter sees where the client was going.  Shifter
+files the destination under the SYN's source (address, port) in a bounded,
+expiring table -- the kernel module's semantics, in user space -- and
+returns the verdict at once: ACCEPT, with a mark that says "Shifter has
+recorded this SYN".  The nat rule redirects only marked SYNs, so a SYN
+Shifter never saw (it was not running, and the rule has C{--queue-bypass})
+is not redirected at all: it goes to its destination unproxied, instead of
+reaching Shifter with a destination nobody knows.  When Shifter then
+accepts the redirected connection, its peer address is the key.
+
+The queue protocol (config bind, copy-packet parameters, packets, verdicts)
+is written with pyroute2's nla message classes and driven by
+L{NetlinkProtocol} in the reactor: configuration commands are requests
+with acknowledgements, packets arrive as messages that answer no request
+(L{NetlinkProtocol.unsolicitedReceived}).  Verdicts for all the packets
+read in one reactor turn go out together, as one C{NFQNL_MSG_VERDICT_BATCH}
+when they can.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pyroute2.netlink import NLMSG_ERROR, nla
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_QUEUE, nfgen_msg
+from zope.interface import implementer
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shifter.kmod import ConnectionKey
+from shifter.netlink import (
+    Header,
+    MalformedMessage,
+    NetlinkError,
+    NetlinkException,
+    NetlinkPort,
+    NetlinkProtocol,
+    decodeMessage,
+    encodeMessage,
+    parseError,
+)
+from shifter.resolver import (
+    Destination,
+    DestinationUnknown,
+    IOriginalDestinationResolver,
+    ResolverError,
+    ResolverUnavailable,
+)
+
+NETLINK_NETFILTER = 12
+
+# linux/netfilter/nfnetlink_queue.h
+NFQNL_MSG_PACKET = 0
+NFQNL_MSG_VERDICT = 1
+NFQNL_MSG_CONFIG = 2
+NFQNL_MSG_VERDICT_BATCH = 3
+
+NFQNL_CFG_CMD_NONE = 0
+NFQNL_CFG_CMD_BIND = 1
+NFQNL_CFG_CMD_UNBIND = 2
+
+NFQNL_COPY_NONE = 0
+NFQNL_COPY_META = 1
+NFQNL_COPY_PACKET = 2
+
+NFQA_CFG_F_FAIL_OPEN = 1 << 0
+
+# linux/netfilter.h
+NF_DROP = 0
+NF_ACCEPT = 1
+
+# nfnetlink message types: the subsystem in the high byte.
+QUEUE_PACKET = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+QUEUE_VERDICT = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
+QUEUE_CONFIG = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
+QUEUE_VERDICT_BATCH = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH
+
+# Bytes of each packet to copy: an IPv4 header with the most options, or
+# an IPv6 header with a few extension headers, then the TCP ports and flags.
+COPY_RANGE = 128
+
+DEFAULT_QUEUE_MARK = 0x10000
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+
+
+class nfqnl_config_msg(nfgen_msg):
+    """
+    C{NFQNL_MSG_CONFIG}: bind a queue, set what is copied and how.
+    """
+
+    prefix = "NFQA_CFG_"
+    nla_map = (
+        ("NFQA_CFG_UNSPEC", "none"),
+        ("NFQA_CFG_CMD", "cmd"),
+        ("NFQA_CFG_PARAMS", "params"),
+        ("NFQA_CFG_QUEUE_MAXLEN", "be32"),
+        ("NFQA_CFG_MASK", "be32"),
+        ("NFQA_CFG_FLAGS", "be32"),
+        ("NFQA_CFG_SECCTX", "none"),
+    )
+
+    # struct nfqnl_msg_config_cmd
+    class cmd(nla):
+        fields = (("command", "B"), ("__pad", "x"), ("pf", ">H"))
+
+    # struct nfqnl_msg_config_params (packed)
+    class params(nla):
+        fields = (("copy_range", ">I"), ("copy_mode", "B"))
+
+
+class nfqnl_msg(nfgen_msg):
+    """
+    C{NFQNL_MSG_PACKET} from the kernel, C{NFQNL_MSG_VERDICT} and
+    C{NFQNL_MSG_VERDICT_BATCH} to it.
+    """
+
+    prefix = "NFQA_"
+    nla_map = (
+        ("NFQA_UNSPEC", "none"),
+        ("NFQA_PACKET_HDR", "packet_hdr"),
+        ("NFQA_VERDICT_HDR", "verdict_hdr"),
+        ("NFQA_MARK", "be32"),
+        ("NFQA_TIMESTAMP", "hex"),
+        ("NFQA_IFINDEX_INDEV", "be32"),
+        ("NFQA_IFINDEX_OUTDEV", "be32"),
+        ("NFQA_IFINDEX_PHYSINDEV", "be32"),
+        ("NFQA_IFINDEX_PHYSOUTDEV", "be32"),
+        ("NFQA_HWADDR", "hex"),
+        ("NFQA_PAYLOAD", "cdata"),
+        ("NFQA_CT", "hex"),
+        ("NFQA_CT_INFO", "be32"),
+        ("NFQA_CAP_LEN", "be32"),
+        ("NFQA_SKB_INFO", "be32"),
+        ("NFQA_EXP", "hex"),
+        ("NFQA_UID", "be32"),
+        ("NFQA_GID", "be32"),
+        ("NFQA_SECCTX", "hex"),
+        ("NFQA_VLAN", "hex"),
+        ("NFQA_L2HDR", "hex"),
+        ("NFQA_PRIORITY", "be32"),
+        ("NFQA_CGROUP_CLASSID", "be32"),
+    )
+
+    # struct nfqnl_msg_packet_hdr (packed)
+    class packet_hdr(nla):
+        fields = (("packet_id", ">I"), ("hw_protocol", ">H"), ("hook", "B"))
+
+    # struct nfqnl_msg_verdict_hdr
+    class verdict_hdr(nla):
+        fields = (("verdict", ">I"), ("id", ">I"))
+
+
+# --------------------------------------------------------------------------
+# The codec: no I/O
+# --------------------------------------------------------------------------
+
+
+def encodeConfig(
+    queueNum: int,
+    command: Optional[int] = None,
+    copyRange: Optional[int] = None,
+    maxLength: Optional[int] = None,
+    flags: Optional[tuple[int, int]] = None,
+) -> nfqnl_config_msg:
+    """
+    An C{NFQNL_MSG_CONFIG} message for queue C{queueNum}.
+
+    @param command: C{NFQNL_CFG_CMD_BIND} or C{_UNBIND}, if any.
+    @param copyRange: if given, copy this many bytes of each packet.
+    @param maxLength: if given, the most packets the kernel keeps waiting
+        for a verdict.
+    @param flags: if given, C{(mask, flags)} of C{NFQA_CFG_F_*} to set.
+    """
+    message = nfqnl_config_msg()
+    message["nfgen_family"] = socket.AF_UNSPEC
+    message["version"] = 0
+    message["res_id"] = queueNum
+    attrs: list[Any] = []
+    if command is not None:
+        attrs.append(["NFQA_CFG_CMD", {"command": command, "pf": 0}])
+    if copyRange is not None:
+        attrs.append(["NFQA_CFG_PARAMS", {"copy_range": copyRange, "copy_mode": NFQNL_COPY_PACKET}])
+    if maxLength is not None:
+        attrs.append(["NFQA_CFG_QUEUE_MAXLEN", maxLength])
+    if flags is not None:
+        attrs.append(["NFQA_CFG_MASK", flags[0]])
+        attrs.append(["NFQA_CFG_FLAGS", flags[1]])
+    message["attrs"] = attrs
+    return message
+
+
+def encodeVerdict(
+    queueNum: int, packetId: int, verdict: int = NF_ACCEPT, mark: Optional[int] = None,
+    batch: bool = False,
+) -> bytes:
+    """
+    The verdict on one packet, or with C{batch} on every packet queued with
+    an id up to C{packetId}, as one netlink message.
+
+    @param mark: if given, the packet mark to set.
+    """
+    message = nfqnl_msg()
+    message["nfgen_family"] = socket.AF_UNSPEC
+    message["version"] = 0
+    message["res_id"] = queueNum
+    message["attrs"] = [["NFQA_VERDICT_HDR", {"verdict": verdict, "id": packetId}]]
+    if mark is not None:
+        message["attrs"].append(["NFQA_MARK", mark])
+    return encodeMessage(message, QUEUE_VERDICT_BATCH if batch else QUEUE_VERDICT, 0x1, 0)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """
+    What Shifter needs of a queued TCP segment.
+    """
+
+    family: int
+    source: bytes
+    sourcePort: int
+    destination: bytes
+    destinationPort: int
+    flags: int
+
+    @property
+    def isSyn(self) -> bool:
+        """
+        A connection's first segment: SYN alone (no ACK, RST or FIN).
+        """
+        return self.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+
+    def key(self) -> ConnectionKey:
+        return ConnectionKey(self.family, self.source, self.sourcePort)
+
+    def destinationAddress(self) -> Destination:
+        host = socket.inet_ntop(self.family, self.destination)
+        if self.family == socket.AF_INET:
+            return IPv4Address("TCP", host, self.destinationPort)
+        return IPv6Address("TCP", host, self.destinationPort)
+
+
+_IPV6_EXTENSIONS = {0, 43, 60}  # hop-by-hop, routing, destination options
+_IPV6_FRAGMENT, _IPV6_AH = 44, 51
+
+
+def parseSegment(payload: bytes) -> Segment:
+    """
+    Read the addresses, ports and flags of a TCP segment from the start of
+    an IPv4 or IPv6 packet.
+
+    @raise ValueError: for anything else, a non-first fragment, or too few
+        bytes.
+    """
+    if not payload:
+        raise ValueError("empty packet")
+    version = payload[0] >> 4
+    if version == 4:
+        if len(payload) < 20:
+            raise ValueError("IPv4 header cut short")
+        headerLength = (payload[0] & 0x0F) * 4
+        if headerLength < 20:
+            raise ValueError(f"IPv4 header length {headerLength}")
+        if struct.unpack_from("!H", payload, 6)[0] & 0x1FFF:
+            raise ValueError("not a first fragment")
+        if payload[9] != socket.IPPROTO_TCP:
+            raise ValueError(f"IPv4 protocol {payload[9]}, not TCP")
+        family, source, destination = socket.AF_INET, payload[12:16], payload[16:20]
+        offset = headerLength
+    elif version == 6:
+        if len(payload) < 40:
+            raise ValueError("IPv6 header cut short")
+        family, source, destination = socket.AF_INET6, payload[8:24], payload[24:40]
+        nextHeader, offset = payload[6], 40
+        for _ in range(8):
+            if nextHeader == socket.IPPROTO_TCP:
+                break
+            if offset + 8 > len(payload):
+                raise ValueError("IPv6 extension header cut short")
+            if nextHeader in _IPV6_EXTENSIONS:
+                length = (payload[offset + 1] + 1) * 8
+            elif nextHeader == _IPV6_FRAGMENT:
+                if struct.unpack_from("!H", payload, offset + 2)[0] & 0xFFF8:
+                    raise ValueError("not a first fragment")
+                length = 8
+            elif nextHeader == _IPV6_AH:
+                length = (payload[offset + 1] + 2) * 4
+            else:
+                raise ValueError(f"IPv6 next header {nextHeader}, not TCP")
+            nextHeader = payload[offset]
+            offset += length
+        else:
+            raise ValueError("too many IPv6 extension headers")
+    else:
+        raise ValueError(f"IP version {version}")
+    if offset + 14 > len(payload):
+        raise ValueError("TCP header cut short")
+    sourcePort, destinationPort = struct.unpack_from("!HH", payload, offset)
+    return Segment(family, bytes(source), sourcePort, bytes(destination), destinationPort,
+                   payload[offset + 13])
+
+
+@dataclass(frozen=True)
+class QueuedPacket:
+    """
+    A packet the kernel queued to Shifter.
+
+    @ivar segment: its TCP segment, or C{None} if it could not be read.
+    @ivar mark: its packet mark.
+    """
+
+    packetId: int
+    mark: int
+    segment: Optional[Segment]
+
+
+def decodePacket(message: bytes) -> QueuedPacket:
+    """
+    Decode an C{NFQNL_MSG_PACKET} message.
+
+    @raise MalformedMessage: if it has no packet header (without its id,
+        no verdict can be given).
+    """
+    decoded = decodeMessage(message, nfqnl_msg)
+    header = decoded.get_attr("NFQA_PACKET_HDR")
+    if header is None or not isinstance(header.get("packet_id"), int):
+        raise MalformedMessage("queued packet without NFQA_PACKET_HDR")
+    mark = decoded.get_attr("NFQA_MARK") or 0
+    payload = decoded.get_attr("NFQA_PAYLOAD")
+    segment = None
+    if isinstance(payload, (bytes, bytearray)):
+        try:
+            segment = parseSegment(bytes(payload))
+        except ValueError:
+            segment = None
+    return QueuedPacket(header["packet_id"], mark, segment)
+
+
+# --------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------
+
+
+class SynTable:
+    """
+    Original destinations by connection source, with the kernel module's
+    semantics: a new SYN from the same source replaces the entry (and makes
+    it the newest); entries are never removed on FIN or RST, since Shifter
+    may accept a connection only after its client has sent everything and
+    closed; past C{maxEntries} the oldest entry is evicted; an entry older
+    than C{expiry} seconds is never returned and is dropped.
+
+    @ivar counters: C{inserts}, C{lookups}, C{hits}, C{misses},
+        C{evictions}, C{expiries}, as the module counts them.
+    """
+
+    def __init__(self, clock: IReactorTime, maxEntries: int = 65536, expiry: float = 120.0) -> None:
+        if maxEntries < 1:
+            raise ValueError("maxEntries must be at least 1")
+        if not expiry > 0:
+            raise ValueError("expiry must be more than 0 seconds")
+        self.clock = clock
+        self.maxEntries = maxEntries
+        self.expiry = expiry
+        self._entries: OrderedDict[ConnectionKey, tuple[float, Destination]] = OrderedDict()
+        self.counters = dict.fromkeys(
+            ("inserts", "lookups", "hits", "misses", "evictions", "expiries"), 0
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            key, (stamp, _) = next(iter(entries.items()))
+            if now - stamp < self.expiry:
+                return
+            del entries[key]
+            self.counters["expiries"] += 1
+
+    def insert(self, key: ConnectionKey, destination: Destination) -> None:
+        """
+        Record that the connection from C{key} was sent to C{destination}.
+        """
+        now = self.clock.seconds()
+        self._expire(now)
+        entries = self._entries
+        if key in entries:
+            del entries[key]
+        elif len(entries) >= self.maxEntries:
+            entries.popitem(last=False)
+            self.counters["evictions"] += 1
+        entries[key] = (now, destination)
+        self.counters["inserts"] += 1
+
+    def lookup(self, key: ConnectionKey) -> Optional[Destination]:
+        """
+        The destination recorded for C{key}, unless there is none or it
+        expired.
+        """
+        now = self.clock.seconds()
+        self._expire(now)
+        self.counters["lookups"] += 1
+        entry = self._entries.get(key)
+        if entry is None:
+            self.counters["misses"] += 1
+            return None
+        self.counters["hits"] += 1
+        return entry[1]
+
+
+# --------------------------------------------------------------------------
+# The queue in the reactor
+# --------------------------------------------------------------------------
+
+
+class QueueProtocol(NetlinkProtocol):
+    """
+    One bound nfnetlink_queue queue: records each queued SYN in C{table}
+    and gives every packet its ACCEPT verdict, marked with C{mark}.
+
+    Verdicts wait only for the end of the current reactor turn, so that
+    all packets read in one turn are answered together: with one
+    C{NFQNL_MSG_VERDICT_BATCH} when they are to get the same mark (the
+    usual case), or one verdict each when their marks differ.
+
+    @ivar received: packets read from the queue.
+    @ivar verdicts: packets given a verdict (by batch or alone).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        queueNum: int,
+        table: SynTable,
+        mark: int = DEFAULT_QUEUE_MARK,
+        timeout: float = 2.0,
+    ) -> None:
+        NetlinkProtocol.__init__(self, reactor, timeout=timeout)
+        self.queueNum = queueNum
+        self.table = table
+        self.mark = mark
+        self.received = 0
+        self.verdicts = 0
+        self.unreadable = 0
+        self._pendingVerdicts: list[tuple[int, Optional[int]]] = []
+        self._flushCall: Any = None
+
+    def unsolicitedReceived(self, header: Header, message: bytes) -> None:
+        if header.type == QUEUE_PACKET:
+            self._packetReceived(message)
+        elif header.type == NLMSG_ERROR:
+            try:
+                error, text = parseError(message)
+            except MalformedMessage:
+                return
+            if error:
+                self.log.warn(
+                    "nfqueue {queue}: the kernel refused a verdict: {error}",
+                    queue=self.queueNum,
+                    error=NetlinkError.fromErrno(-error, text),
+                )
+        else:
+            NetlinkProtocol.unsolicitedReceived(self, header, message)
+
+    def _packetReceived(self, message: bytes) -> None:
+        try:
+            packet = decodePacket(message)
+        except MalformedMessage as e:
+            self.log.warn("nfqueue {queue}: dropped an unreadable message: {reason}",
+                          queue=self.queueNum, reason=e)
+            return
+        self.received += 1
+        segment = packet.segment
+        if segment is None:
+            self.unreadable += 1
+        elif segment.isSyn:
+            self.table.insert(segment.key(), segment.destinationAddress())
+        mark = None if not self.mark else packet.mark | self.mark
+        self._pendingVerdicts.append((packet.packetId, mark))
+        if self._flushCall is None:
+            self._flushCall = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """
+        Send the verdicts for every packet read so far.
+        """
+        if self._flushCall is not None and self._flushCall.active():
+            self._flushCall.cancel()
+        self._flushCall = None
+        pending, self._pendingVerdicts = self._pendingVerdicts, []
+        if not pending or self.transport is None:
+            return
+        marks = {mark for _, mark in pending}
+        if len(marks) == 1:
+            datagrams = [encodeVerdict(self.queueNum, pending[-1][0], NF_ACCEPT, marks.pop(), batch=True)]
+        else:
+            datagrams = [encodeVerdict(self.queueNum, packetId, NF_ACCEPT, mark)
+                         for packetId, mark in pending]
+        try:
+            for datagram in datagrams:
+                self.transport.send(datagram)
+        except OSError as e:
+            self.log.error("nfqueue {queue}: cannot send verdicts: {error}",
+                           queue=self.queueNum, error=e)
+            return
+        self.verdicts += len(pending)
+
+    def receiveOverrun(self, error: OSError) -> None:
+        # The kernel could not deliver some packets: it dropped them (or,
+        # with the fail-open flag, accepted them unmarked) rather than
+        # queue them, so none of them waits for a verdict of ours.
+        self.log.warn("nfqueue {queue}: receive buffer overrun, SYNs were not seen",
+                      queue=self.queueNum)
+        NetlinkProtocol.receiveOverrun(self, error)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._flushCall is not None and self._flushCall.active():
+            self._flushCall.cancel()
+        self._flushCall = None
+        NetlinkProtocol.connectionLost(self, reason)
+
+
+@implementer(IOriginalDestinationResolver)
+class QueueResolver:
+    """
+    C{--resolver=nfqueue}: read the SYNs an C{NFQUEUE} rule queues, and
+    answer from what they said.
+
+    @param queueNum: the queue to bind (C{--queue-num} of the rule).
+    @param queueBypass: ask the kernel to accept packets rather than drop
+        them when the queue is full (C{NFQA_CFG_F_FAIL_OPEN}); such SYNs
+        go unmarked, so unproxied.
+    @param mark: the mark bit set on every packet given a verdict; the nat
+        rule redirects only SYNs that carry it.  0 sets no mark.
+    """
+
+    name = "nfqueue"
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Optional[Any] = None,
+        queueNum: int = 0,
+        queueBypass: bool = False,
+        mark: int = DEFAULT_QUEUE_MARK,
+        maxEntries: int = 65536,
+        expiry: float = 120.0,
+        maxQueueLength: int = 8192,
+        receiveBuffer: int = 4 << 20,
+        timeout: float = 2.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        if not 0 <= queueNum <= 65535:
+            raise ValueError(f"queue number {queueNum} is not between 0 and 65535")
+        if not 0 <= mark <= 0xFFFFFFFF:
+            raise ValueError(f"mark {mark:#x} does not fit in 32 bits")
+        self.reactor = reactor
+        self.queueNum = queueNum
+        self.queueBypass = queueBypass
+        self.mark = mark
+        self.maxQueueLength = maxQueueLength
+        self.receiveBuffer = receiveBuffer
+        self.timeout = timeout
+        self.table = SynTable(reactor, maxEntries, expiry)
+        self.protocol: Optional[QueueProtocol] = None
+
+    def start(self) -> Deferred[None]:
+        """
+        Bind the queue and ask for the first bytes of each packet.
+
+        @return: a L{Deferred} failing with L{ResolverUnavailable} when the
+            queue cannot be bound (no CAP_NET_ADMIN, another process has
+            it, no nfnetlink_queue in the kernel).
+        """
+        protocol = QueueProtocol(self.reactor, self.queueNum, self.table, self.mark, self.timeout)
+        port = NetlinkPort(NETLINK_NETFILTER, protocol, reactor=self.reactor,
+                           receiveBuffer=self.receiveBuffer)
+        try:
+            port.startListening()
+        except OSError as e:
+            return fail(ResolverUnavailable(f"cannot open a netfilter netlink socket: {e}"))
+        flags = NFQA_CFG_F_FAIL_OPEN if self.queueBypass else 0
+
+        def configure(_: object) -> Deferred[object]:
+            return protocol.request(
+                encodeConfig(self.queueNum, copyRange=COPY_RANGE,
+                             maxLength=self.maxQueueLength,
+                             flags=(NFQA_CFG_F_FAIL_OPEN, flags)),
+                QUEUE_CONFIG, ack=True,
+            )
+
+        def bound(_: object) -> None:
+            self.protocol = protocol
+            self.log.info(
+                "nfqueue: bound queue {queue} (mark {mark}, {bypass})",
+                queue=self.queueNum,
+                mark=f"{self.mark:#x}" if self.mark else "none",
+                bypass="fail-open when full" if self.queueBypass else "drop when full",
+            )
+
+        def failed(reason: Failure) -> Failure:
+            protocol.close()
+            if reason.check(NetlinkError):
+                code = reason.value.errno
+                if code == errno.EPERM:
+                    why = "CAP_NET_ADMIN is needed"
+                elif code == errno.EBUSY:
+                    why = "another process has bound it"
+                else:
+                    why = str(reason.value)
+                return Failure(ResolverUnavailable(f"cannot bind nfqueue {self.queueNum}: {why}"))
+            if reason.check(NetlinkException):
+                return Failure(ResolverUnavailable(f"cannot bind nfqueue {self.queueNum}: {reason.value}"))
+            return reason
+
+        return (
+            protocol.request(encodeConfig(self.queueNum, command=NFQNL_CFG_CMD_BIND),
+                             QUEUE_CONFIG, ack=True)
+            .addCallback(configure)
+            .addCallbacks(bound, failed)
+        )
+
+    def stop(self) -> Deferred[None]:
+        """
+        Give the verdicts still owed, then close the socket, which unbinds
+        the queue: from then on the rule's C{--queue-bypass} decides.
+        """
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.flush()
+            protocol.close()
+        return succeed(None)
+
+    def resolve(self, transport: ITCPTransport) -> Deferred[Destination]:
+        if self.protocol is None:
+            return fail(ResolverUnavailable("the nfqueue resolver is not started"))
+        peer = transport.getPeer()
+        try:
+            key = ConnectionKey.fromPeer(peer)
+        except (ValueError, OSError) as e:
+            return fail(ResolverError(f"cannot look up {peer!r}: {e}"))
+        destination = self.table.lookup(key)
+        if destination is None:
+            return fail(DestinationUnknown(
+                f"no SYN from {key} seen on nfqueue {self.queueNum} "
+                f"(missed, or its record expired or was evicted)"
+            ))
+        return succeed(destination)
