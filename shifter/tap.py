@@ -113,6 +113,21 @@ class Options(usage.Options):
             "round-robin, or source-hash (a client keeps its proxy).",
         ],
         [
+            "proxy-failures",
+            None,
+            3,
+            "Mark a proxy down after this many connection failures in a row.",
+            _positiveInt,
+        ],
+        [
+            "proxy-backoff",
+            None,
+            10.0,
+            "Seconds a proxy stays marked down before it is probed; doubled "
+            "after each failed probe, up to 30 times this.",
+            _seconds,
+        ],
+        [
             "proxy-credentials",
             None,
             None,
@@ -345,7 +360,14 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         connectTarget=config["connect-target"],
         sniffTimeout=config["sniff-timeout"],
     )
-    pool = ProxyPool(proxies, reactor, config["balance"])
+    pool = ProxyPool(
+        proxies,
+        reactor,
+        config["balance"],
+        failureThreshold=config["proxy-failures"],
+        downFor=config["proxy-backoff"],
+        maxDownFor=30 * config["proxy-backoff"],
+    )
     factory = ShifterFactory(
         makeResolver(config["resolver"], reactor, **resolverOptions(config)), pool, settings, reactor
     )

@@ -253,9 +253,24 @@ class Squid:
     its own under C{directory}.
     """
 
-    def __init__(self, namespace: Namespace, directory: Path, deny: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        namespace: Namespace,
+        directory: Path,
+        deny: tuple[str, ...] = (),
+        port: int = SQUID_PORT,
+        access: str = "http_access allow localhost\n",
+        extra: str = "",
+    ) -> None:
+        """
+        @param deny: destination addresses Squid refuses (403).
+        @param port: its plain HTTP port, on 127.0.0.1 and ::1.
+        @param access: the http_access rules (before the final deny all).
+        @param extra: more configuration lines (auth_param, https_port, ...).
+        """
         self.namespace = namespace
         self.directory = directory
+        self.port = port
         directory.mkdir(parents=True, exist_ok=True)
         self.accessLog = directory / "access.log"
         self.config = directory / "squid.conf"
@@ -265,8 +280,8 @@ class Squid:
         )
         self.config.write_text(
             f"""\
-http_port 127.0.0.1:{SQUID_PORT}
-http_port [::1]:{SQUID_PORT}
+http_port 127.0.0.1:{port}
+http_port [::1]:{port}
 pid_filename {directory}/squid.pid
 access_log stdio:{self.accessLog} squid
 cache_log {directory}/cache.log
@@ -275,10 +290,10 @@ coredump_dir {directory}
 cache deny all
 cache_mem 8 MB
 shutdown_lifetime 0 seconds
+{extra}
 acl SSL_ports port 443
 http_access deny CONNECT !SSL_ports
-{denyLines}http_access allow localhost
-http_access deny all
+{denyLines}{access}http_access deny all
 """
         )
         subprocess.run(["chown", "-R", "proxy:proxy", str(directory)], check=True)
@@ -288,7 +303,7 @@ http_access deny all
         self.process = self.namespace.start(
             "squid", "-N", "-f", str(self.config), logTo=self.directory / "squid.out"
         )
-        self.namespace.waitListening(SQUID_PORT)
+        self.namespace.waitListening(self.port)
 
     def stop(self) -> None:
         if self.process is not None:
