@@ -188,6 +188,14 @@ class Namespace:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
+def _rss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    return total
+
+
 def descendants(pids: list[int]) -> list[int]:
     """
     C{pids} and every process descended from them.
@@ -226,6 +234,7 @@ class Lab:
         self.squid: subprocess.Popen | None = None
         self.nginx: subprocess.Popen | None = None
         self.processes: dict[str, subprocess.Popen] = {}
+        self.startRss: dict[str, int] = {}
         prefix = f"shbench{os.getpid()}"
         self.client = self._namespace(prefix + "-cli")
         self.gateway = self._namespace(prefix + "-gw")
@@ -279,6 +288,9 @@ class Lab:
                 self._startRedsocks()
             elif r is SHIFTER:
                 self._startShifter()
+        time.sleep(0.5)
+        # Each redirector's RSS before any traffic: the memory figure's base.
+        self.startRss = {r.key: _rss(self.redirectorPids(r)) for r in self.redirectors if r.listen}
 
     def _dir(self, name: str) -> Path:
         path = self.directory / name

@@ -370,7 +370,12 @@ def idleMemory(lab: Lab, r: Redirector, s: Settings) -> dict:
         "failures": held.failures,
         "rss_before": rssBefore,
         "rss_with": rssWith,
-        "rss_per_tunnel": (rssWith - rssBefore) / held.opened,
+        # Against the RSS at start: the heap a Python process grew during
+        # earlier measurements is not given back, so "just before" can be
+        # as high as "with".
+        "rss_at_start": lab.startRss[r.key],
+        "rss_per_tunnel": (rssWith - lab.startRss[r.key]) / held.opened,
+        "rss_per_tunnel_marginal": (rssWith - rssBefore) / held.opened,
         "fds_before": fdsBefore,
         "fds_with": fdsWith,
         "fds_per_tunnel": (fdsWith - fdsBefore) / held.opened,
