@@ -1,0 +1,438 @@
+"""
+Tests for the C{nfqueue} resolver: the queue codec on bytes the kernel
+sent, the SYN table with a clock, and the queue protocol against a fake
+kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+from pyroute2.netlink import NLMSG_ERROR
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver
+from twisted.trial.unittest import SynchronousTestCase
+
+from shifter.kmod import ConnectionKey
+from shifter.netlink import NetlinkPort, decodeMessage, splitMessages
+from shifter.nfqueue import (
+    COPY_RANGE,
+    NFQA_CFG_F_FAIL_OPEN,
+    NFQNL_CFG_CMD_BIND,
+    NFQNL_COPY_PACKET,
+    NF_ACCEPT,
+    QUEUE_CONFIG,
+    QUEUE_PACKET,
+    QUEUE_VERDICT,
+    QUEUE_VERDICT_BATCH,
+    QueueResolver,
+    SynTable,
+    decodePacket,
+    encodeConfig,
+    encodeVerdict,
+    nfqnl_config_msg,
+    nfqnl_msg,
+    parseSegment,
+)
+from shifter.resolver import DestinationUnknown, ResolverUnavailable
+from tests.test_netlink import FakeKernel, errorMessage, netlinkHeader
+
+# NFQNL_MSG_PACKET messages captured from a 6.x kernel: the SYNs of
+# 127.0.0.1:44842 -> 127.0.0.2:443 (packet id 1) and of
+# [::1]:55614 -> [::1]:443 (packet id 2), copy range 128.
+CAPTURED_SYN_V4 = bytes.fromhex(
+    "68000000000300000000000000000000020000000b0001000000000108000300080006000000000140000a00"
+    "4500003c86a840004006b6107f0000017f000002af2a01bba966264e00000000a002ffd7a0f600000204ffd7"
+    "0402080a2f23ff49000000000103030a"
+)
+CAPTURED_SYN_V6 = bytes.fromhex(
+    "7c0000000003000000000000000000000a0000000b0001000000000286dd0300080006000000000154000a00"
+    "60026d800028064000000000000000000000000000000001000000000000000000000000000000"
+    "01d93e01bb1c7bab1b00000000a002ffc4bd4400000204ffc40402080a5a9b93b5000000000103030a"
+)
+
+
+def ipv4Packet(src: str, dst: str, sport: int, dport: int, flags: int = 0x02,
+               protocol: int = 6, fragment: int = 0) -> bytes:
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, fragment, 64, protocol, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+    return header + struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 0x50, flags, 0, 0, 0)
+
+
+def queuedPacket(packetId: int, payload: bytes, mark: int = 0, family: int = socket.AF_INET) -> bytes:
+    message = nfqnl_msg()
+    message["nfgen_family"] = family
+    message["res_id"] = 0
+    message["attrs"] = [["NFQA_PACKET_HDR", {"packet_id": packetId, "hw_protocol": 0x0800, "hook": 3}],
+                        ["NFQA_PAYLOAD", payload]]
+    if mark:
+        message["attrs"].append(["NFQA_MARK", mark])
+    message.encode()
+    data = bytearray(message.data)
+    struct.pack_into("=HH", data, 4, QUEUE_PACKET, 0)
+    return bytes(data)
+
+
+class CodecTests(SynchronousTestCase):
+    def test_capturedIPv4Syn(self) -> None:
+        """
+        A captured IPv4 SYN decodes to its packet id and its source and
+        original destination.
+        """
+        packet = decodePacket(CAPTURED_SYN_V4)
+        self.assertEqual(packet.packetId, 1)
+        self.assertEqual(packet.mark, 0)
+        segment = packet.segment
+        self.assertTrue(segment.isSyn)
+        self.assertEqual(segment.key(), ConnectionKey(socket.AF_INET, socket.inet_aton("127.0.0.1"), 44842))
+        self.assertEqual(segment.destinationAddress(), IPv4Address("TCP", "127.0.0.2", 443))
+
+    def test_capturedIPv6Syn(self) -> None:
+        """
+        A captured IPv6 SYN decodes the same way.
+        """
+        packet = decodePacket(CAPTURED_SYN_V6)
+        self.assertEqual(packet.packetId, 2)
+        segment = packet.segment
+        self.assertTrue(segment.isSyn)
+        self.assertEqual(segment.key(), ConnectionKey(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "::1"), 55614))
+        self.assertEqual(segment.destinationAddress(), IPv6Address("TCP", "::1", 443))
+
+    def test_markKept(self) -> None:
+        """
+        The packet's mark is read, so the verdict can keep its other bits.
+        """
+        packet = decodePacket(queuedPacket(9, ipv4Packet("192.0.2.2", "203.0.113.7", 1000, 443), mark=0x5))
+        self.assertEqual((packet.packetId, packet.mark), (9, 0x5))
+
+    def test_packetWithoutHeader(self) -> None:
+        """
+        A packet message without NFQA_PACKET_HDR cannot be given a verdict,
+        and says so.
+        """
+        message = nfqnl_msg()
+        message["attrs"] = [["NFQA_MARK", 1]]
+        message.encode()
+        from shifter.netlink import MalformedMessage
+        self.assertRaises(MalformedMessage, decodePacket, bytes(message.data))
+
+    def test_unreadablePayload(self) -> None:
+        """
+        A packet whose payload is not TCP still decodes, without a segment,
+        so that it gets its verdict.
+        """
+        packet = decodePacket(queuedPacket(3, ipv4Packet("192.0.2.2", "203.0.113.7", 1, 2, protocol=17)))
+        self.assertEqual((packet.packetId, packet.segment), (3, None))
+
+    def test_segmentFlags(self) -> None:
+        """
+        Only a bare SYN counts as a connection's first segment.
+        """
+        for flags, first in [(0x02, True), (0x12, False), (0x10, False), (0x04, False), (0x03, False)]:
+            segment = parseSegment(ipv4Packet("192.0.2.2", "203.0.113.7", 1000, 443, flags))
+            self.assertEqual(segment.isSyn, first, hex(flags))
+
+    def test_segmentRefused(self) -> None:
+        """
+        Non-TCP packets, later fragments, truncated headers and unknown
+        versions raise L{ValueError}.
+        """
+        good = ipv4Packet("192.0.2.2", "203.0.113.7", 1000, 443)
+        for bad in [b"", good[:30], ipv4Packet("1.2.3.4", "5.6.7.8", 1, 2, protocol=17),
+                    ipv4Packet("1.2.3.4", "5.6.7.8", 1, 2, fragment=8), b"\x50" + good[1:]]:
+            self.assertRaises(ValueError, parseSegment, bad)
+
+    def test_ipv6ExtensionHeader(self) -> None:
+        """
+        An IPv6 SYN behind a hop-by-hop options header is read.
+        """
+        src, dst = socket.inet_pton(socket.AF_INET6, "2001:db8:1::2"), socket.inet_pton(socket.AF_INET6, "2001:db8:2::7")
+        header = struct.pack("!IHBB16s16s", 6 << 28, 28, 0, 64, src, dst)
+        hopByHop = bytes([6, 0]) + b"\x01\x04\0\0\0\0"
+        tcp = struct.pack("!HHIIBBHHH", 5000, 443, 0, 0, 0x50, 0x02, 0, 0, 0)
+        segment = parseSegment(header + hopByHop + tcp)
+        self.assertEqual((segment.sourcePort, segment.destinationAddress()),
+                         (5000, IPv6Address("TCP", "2001:db8:2::7", 443)))
+
+    def test_bindConfig(self) -> None:
+        """
+        The bind command names the queue in res_id and the command in
+        NFQA_CFG_CMD.
+        """
+        message = encodeConfig(7, command=NFQNL_CFG_CMD_BIND)
+        message.encode()
+        decoded = decodeMessage(bytes(message.data), nfqnl_config_msg)
+        self.assertEqual(decoded["res_id"], 7)
+        self.assertEqual(decoded.get_attr("NFQA_CFG_CMD")["command"], NFQNL_CFG_CMD_BIND)
+
+    def test_paramsConfigBytes(self) -> None:
+        """
+        The copy-packet parameters are the kernel's packed struct: a
+        big-endian range then the mode, in a 9-byte attribute.
+        """
+        message = encodeConfig(0, copyRange=128)
+        message.encode()
+        data = bytes(message.data)
+        self.assertIn(bytes.fromhex("0900020000000080") + bytes([NFQNL_COPY_PACKET]), data)
+
+    def test_verdictBytes(self) -> None:
+        """
+        A verdict is NFQA_VERDICT_HDR (verdict, id, big-endian) and, when a
+        mark is given, NFQA_MARK; a batch verdict has the batch type.
+        """
+        ((header, single),) = list(splitMessages(encodeVerdict(3, 42, NF_ACCEPT, mark=0x10000)))
+        self.assertEqual(header.type, QUEUE_VERDICT)
+        self.assertIn(bytes.fromhex("0c000200") + struct.pack("!II", NF_ACCEPT, 42), single)
+        self.assertIn(bytes.fromhex("08000300") + struct.pack("!I", 0x10000), single)
+        ((header, batch),) = list(splitMessages(encodeVerdict(3, 42, batch=True)))
+        self.assertEqual(header.type, QUEUE_VERDICT_BATCH)
+        self.assertNotIn(bytes.fromhex("08000300"), batch)
+
+
+KEY_A = ConnectionKey(socket.AF_INET, socket.inet_aton("192.0.2.2"), 1000)
+KEY_B = ConnectionKey(socket.AF_INET, socket.inet_aton("192.0.2.2"), 1001)
+KEY_C = ConnectionKey(socket.AF_INET, socket.inet_aton("192.0.2.3"), 1000)
+DEST_1 = IPv4Address("TCP", "203.0.113.7", 443)
+DEST_2 = IPv4Address("TCP", "203.0.113.8", 8443)
+
+
+class SynTableTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.table = SynTable(self.clock, maxEntries=2, expiry=120)
+
+    def test_lookup(self) -> None:
+        """
+        A recorded destination is found by its source; others are not.
+        """
+        self.table.insert(KEY_A, DEST_1)
+        self.assertEqual(self.table.lookup(KEY_A), DEST_1)
+        self.assertIsNone(self.table.lookup(KEY_B))
+        self.assertEqual((self.table.counters["hits"], self.table.counters["misses"]), (1, 1))
+
+    def test_newSynReplaces(self) -> None:
+        """
+        A new SYN from the same source replaces the destination.
+        """
+        self.table.insert(KEY_A, DEST_1)
+        self.table.insert(KEY_A, DEST_2)
+        self.assertEqual(self.table.lookup(KEY_A), DEST_2)
+        self.assertEqual(len(self.table), 1)
+
+    def test_replacedBecomesNewest(self) -> None:
+        """
+        A replaced entry is the newest: the next eviction takes the other.
+        """
+        self.table.insert(KEY_A, DEST_1)
+        self.table.insert(KEY_B, DEST_1)
+        self.table.insert(KEY_A, DEST_2)
+        self.table.insert(KEY_C, DEST_1)
+        self.assertIsNone(self.table.lookup(KEY_B))
+        self.assertEqual(self.table.lookup(KEY_A), DEST_2)
+
+    def test_sizeBoundEvictsOldest(self) -> None:
+        """
+        Past maxEntries the oldest entry goes, and is counted.
+        """
+        self.table.insert(KEY_A, DEST_1)
+        self.clock.advance(1)
+        self.table.insert(KEY_B, DEST_1)
+        self.table.insert(KEY_C, DEST_2)
+        self.assertEqual(len(self.table), 2)
+        self.assertIsNone(self.table.lookup(KEY_A))
+        self.assertEqual(self.table.lookup(KEY_C), DEST_2)
+        self.assertEqual(self.table.counters["evictions"], 1)
+
+    def test_expiry(self) -> None:
+        """
+        An entry is returned until it is expiry seconds old, then never.
+        """
+        self.table.insert(KEY_A, DEST_1)
+        self.clock.advance(119.9)
+        self.assertEqual(self.table.lookup(KEY_A), DEST_1)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.table.lookup(KEY_A))
+        self.assertEqual((len(self.table), self.table.counters["expiries"]), (0, 1))
+
+    def test_noDeletionOnLookup(self) -> None:
+        """
+        Looking up does not remove: a connection accepted late (its client
+        already closed) and looked up twice still finds it.
+        """
+        self.table.insert(KEY_A, DEST_1)
+        self.table.lookup(KEY_A)
+        self.assertEqual(self.table.lookup(KEY_A), DEST_1)
+
+    def test_badBounds(self) -> None:
+        """
+        A table must hold at least one entry for some time.
+        """
+        self.assertRaises(ValueError, SynTable, self.clock, maxEntries=0)
+        self.assertRaises(ValueError, SynTable, self.clock, expiry=0)
+
+
+def ack(sequence: int) -> bytes:
+    return errorMessage(sequence, 0)
+
+
+class ResolverTests(SynchronousTestCase):
+    """
+    L{QueueResolver} on a fake kernel that acknowledges configuration.
+    """
+
+    def setUp(self) -> None:
+        self.refuse: int | None = None
+
+        def answer(header, request):  # type: ignore[no-untyped-def]
+            if header.type != QUEUE_CONFIG:
+                return []
+            return [errorMessage(header.sequence, -self.refuse if self.refuse else 0)]
+
+        self.kernel = FakeKernel(answer)
+        self.patch(NetlinkPort, "_socketFactory", self.kernel.socket)
+        self.reactor = MemoryReactorClock()
+        self.resolver = QueueResolver(reactor=self.reactor, queueNum=4, queueBypass=True)
+
+    def start(self) -> None:
+        d = self.resolver.start()
+        self.pump()
+        self.successResultOf(d)
+
+    def pump(self) -> None:
+        port = self.resolver.protocol.transport if self.resolver.protocol else None
+        for reader in list(self.reactor.getReaders()):
+            reader.doRead()
+
+    def deliver(self, *messages: bytes) -> None:
+        sock = self.kernel.sockets[0]
+        for message in messages:
+            sock.deliver(message)
+        self.resolver.protocol.transport.doRead()
+
+    def verdicts(self) -> list:
+        return [(h, decodeMessage(m, nfqnl_msg)) for h, m in self.kernel.requests
+                if h.type in (QUEUE_VERDICT, QUEUE_VERDICT_BATCH)]
+
+    def test_binds(self) -> None:
+        """
+        Start binds the queue, then asks for COPY_RANGE bytes of each packet,
+        with fail-open set for --queue-bypass.
+        """
+        self.start()
+        (bind, _), (params, message) = self.kernel.requests
+        self.assertEqual((bind.type, params.type), (QUEUE_CONFIG, QUEUE_CONFIG))
+        config = decodeMessage(message, nfqnl_config_msg)
+        self.assertEqual(config["res_id"], 4)
+        self.assertEqual(config.get_attr("NFQA_CFG_PARAMS")["copy_range"], COPY_RANGE)
+        self.assertEqual(config.get_attr("NFQA_CFG_FLAGS"), NFQA_CFG_F_FAIL_OPEN)
+
+    def test_bindRefused(self) -> None:
+        """
+        A queue another process holds makes the resolver unavailable, saying
+        so, and the socket is closed.
+        """
+        self.refuse = errno.EBUSY
+        d = self.resolver.start()
+        self.pump()
+        failure = self.failureResultOf(d, ResolverUnavailable)
+        self.assertIn("another process", str(failure.value))
+        self.assertTrue(self.kernel.sockets[0].closed)
+
+    def test_synRecordedAndAccepted(self) -> None:
+        """
+        A queued SYN is recorded before its verdict; the verdict is ACCEPT
+        with the queue mark, sent by the end of the reactor turn.
+        """
+        self.start()
+        self.deliver(queuedPacket(11, ipv4Packet("192.0.2.2", "203.0.113.7", 40000, 443)))
+        self.assertEqual(self.verdicts(), [])
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 40000))
+        self.assertEqual(self.successResultOf(self.resolver.resolve(transport)),
+                         IPv4Address("TCP", "203.0.113.7", 443))
+        self.reactor.advance(0)
+        ((header, verdict),) = self.verdicts()
+        self.assertEqual(verdict.get_attr("NFQA_VERDICT_HDR")["id"], 11)
+        self.assertEqual(verdict.get_attr("NFQA_VERDICT_HDR")["verdict"], NF_ACCEPT)
+        self.assertEqual(verdict.get_attr("NFQA_MARK"), 0x10000)
+
+    def test_dualStackPeer(self) -> None:
+        """
+        An IPv4 client accepted on a dual-stack socket is found by its
+        IPv4 SYN.
+        """
+        self.start()
+        self.deliver(queuedPacket(1, ipv4Packet("192.0.2.2", "203.0.113.7", 40000, 443)))
+        transport = StringTransport(peerAddress=IPv6Address("TCP", "::ffff:192.0.2.2", 40000))
+        self.assertEqual(self.successResultOf(self.resolver.resolve(transport)).host, "203.0.113.7")
+
+    def test_batch(self) -> None:
+        """
+        The packets read in one turn get one batch verdict up to the last
+        id; every packet is counted as given its verdict.
+        """
+        self.start()
+        self.deliver(*[queuedPacket(i, ipv4Packet("192.0.2.2", "203.0.113.7", 40000 + i, 443))
+                       for i in range(1, 51)])
+        self.reactor.advance(0)
+        ((header, verdict),) = self.verdicts()
+        self.assertEqual(header.type, QUEUE_VERDICT_BATCH)
+        self.assertEqual(verdict.get_attr("NFQA_VERDICT_HDR")["id"], 50)
+        self.assertEqual((self.resolver.protocol.received, self.resolver.protocol.verdicts), (50, 50))
+
+    def test_differentMarksNotBatched(self) -> None:
+        """
+        Packets that carry other mark bits each get their own verdict,
+        keeping those bits.
+        """
+        self.start()
+        self.deliver(queuedPacket(1, ipv4Packet("192.0.2.2", "203.0.113.7", 1, 443), mark=0x4),
+                     queuedPacket(2, ipv4Packet("192.0.2.2", "203.0.113.7", 2, 443)))
+        self.reactor.advance(0)
+        verdicts = self.verdicts()
+        self.assertEqual([h.type for h, _ in verdicts], [QUEUE_VERDICT, QUEUE_VERDICT])
+        self.assertEqual([v.get_attr("NFQA_MARK") for _, v in verdicts], [0x10004, 0x10000])
+
+    def test_nonSynAcceptedNotRecorded(self) -> None:
+        """
+        A queued packet that is not a bare SYN is accepted but not recorded.
+        """
+        self.start()
+        self.deliver(queuedPacket(1, ipv4Packet("192.0.2.2", "203.0.113.7", 1, 443, flags=0x12)))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.verdicts()), 1)
+        self.assertEqual(len(self.resolver.table), 0)
+
+    def test_unknownRefused(self) -> None:
+        """
+        A connection whose SYN was never seen fails with
+        L{DestinationUnknown} naming the queue.
+        """
+        self.start()
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 1234))
+        failure = self.failureResultOf(self.resolver.resolve(transport), DestinationUnknown)
+        self.assertIn("no SYN from 192.0.2.9:1234 seen on nfqueue 4", str(failure.value))
+
+    def test_stopFlushes(self) -> None:
+        """
+        Stopping gives the verdicts still owed before closing the socket.
+        """
+        self.start()
+        self.deliver(queuedPacket(5, ipv4Packet("192.0.2.2", "203.0.113.7", 1, 443)))
+        self.successResultOf(self.resolver.stop())
+        self.assertEqual(len(self.verdicts()), 1)
+        self.assertTrue(self.kernel.sockets[0].closed)
+
+    def test_verdictErrorLogged(self) -> None:
+        """
+        An error the kernel sends for a verdict is logged.
+        """
+        from shifter.nfqueue import QueueProtocol
+        events = EventLoggingObserver.createWithCleanup(self, QueueProtocol.log.observer)
+        self.start()
+        self.deliver(errorMessage(0, -errno.ENOENT))
+        self.assertTrue(any("refused a verdict" in e["log_format"] for e in events))

@@ -1,0 +1,200 @@
+"""
+Tests for C{python -m shifter.rules}: the text of the rules for each
+resolver and format.  (tests/test_resolvers_e2e.py applies the same text in
+a gateway namespace and sends traffic through it.)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from shifter.rules import RuleOptions, RulesError, generateRules, main
+
+
+def rules(**kwargs: object) -> str:
+    options = dict(resolver="sockopt", format="iptables", lanInterface="lan0", ports=(443, 8443),
+                   listenPort=12345)
+    options.update(kwargs)
+    return generateRules(RuleOptions(**options))  # type: ignore[arg-type]
+
+
+def commands(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+class RedirectTests(SynchronousTestCase):
+    def test_iptables(self) -> None:
+        """
+        sockopt with iptables: one REDIRECT per family in nat PREROUTING for
+        the LAN interface and ports.
+        """
+        self.assertEqual(commands(rules()), [
+            "iptables -t nat -A PREROUTING -i lan0 -p tcp -m multiport --dports 443,8443 -j REDIRECT --to-ports 12345",
+            "ip6tables -t nat -A PREROUTING -i lan0 -p tcp -m multiport --dports 443,8443 -j REDIRECT --to-ports 12345",
+        ])
+
+    def test_onePort(self) -> None:
+        """
+        A single port uses --dport, not multiport.
+        """
+        self.assertIn("-p tcp --dport 443 -j REDIRECT", rules(ports=(443,)))
+
+    def test_noIPv6(self) -> None:
+        """
+        --no-ipv6 leaves out ip6tables, and nft uses an ip table.
+        """
+        self.assertNotIn("ip6tables", rules(ipv6=False))
+        self.assertIn("table ip shifter {", rules(ipv6=False, format="nft"))
+
+    def test_sameForConntrackAndKmod(self) -> None:
+        """
+        conntrack and kmod use the same REDIRECT rules; kmod says to set
+        the module's ports.
+        """
+        self.assertEqual(commands(rules(resolver="conntrack")), commands(rules()))
+        self.assertEqual(commands(rules(resolver="kmod")), commands(rules()))
+        self.assertIn("python -m shifter.kmod set-ports 443 8443", rules(resolver="kmod"))
+
+    def test_ownerExclusion(self) -> None:
+        """
+        --proxy-user adds nat OUTPUT REDIRECTs that skip the proxy's user.
+        """
+        text = rules(proxyUser="proxy")
+        self.assertIn("iptables -t nat -A OUTPUT -p tcp -m multiport --dports 443,8443 "
+                      "-m owner ! --uid-owner proxy -j REDIRECT --to-ports 12345", text)
+        self.assertIn('meta skuid != "proxy" tcp dport { 443, 8443 } redirect to :12345',
+                      rules(proxyUser="proxy", format="nft"))
+
+    def test_markExclusion(self) -> None:
+        """
+        --mark excludes marked connections instead.
+        """
+        self.assertIn("-m mark ! --mark 0x2 -j REDIRECT", rules(mark=2))
+        self.assertIn("meta mark != 0x2 tcp dport", rules(mark=2, format="nft"))
+
+    def test_nft(self) -> None:
+        """
+        nft: one inet table, replaced as a whole when the script is run
+        again, with a nat prerouting chain.
+        """
+        text = rules(format="nft")
+        self.assertIn("table inet shifter\ndelete table inet shifter\ntable inet shifter {", text)
+        self.assertIn("type nat hook prerouting priority dstnat; policy accept;", text)
+        self.assertIn('iifname "lan0" tcp dport { 443, 8443 } redirect to :12345', text)
+
+
+class QueueTests(SynchronousTestCase):
+    def test_iptables(self) -> None:
+        """
+        nfqueue: SYNs queued in mangle PREROUTING; nat redirects only those
+        carrying Shifter's mark.
+        """
+        lines = commands(rules(resolver="nfqueue", ports=(443,), queueNum=3, queueBypass=True))
+        self.assertIn("iptables -t mangle -A PREROUTING -i lan0 -p tcp --syn --dport 443 "
+                      "-j NFQUEUE --queue-num 3 --queue-bypass", lines)
+        self.assertIn("ip6tables -t nat -A PREROUTING -i lan0 -p tcp --dport 443 "
+                      "-m mark --mark 0x10000/0x10000 -j REDIRECT --to-ports 12345", lines)
+
+    def test_noMark(self) -> None:
+        """
+        With queue mark 0 the redirect is unconditional.
+        """
+        self.assertNotIn("-m mark", rules(resolver="nfqueue", queueMark=0))
+
+    def test_nftKeepsIptablesQueue(self) -> None:
+        """
+        In nft form the NFQUEUE rule stays in iptables-nft form (nft's own
+        queue statement needs nft_queue); the redirect is in the nft table.
+        """
+        text = rules(resolver="nfqueue", format="nft")
+        self.assertIn("iptables -t mangle -A PREROUTING", text)
+        self.assertNotIn(" queue ", text.replace("# ", ""))
+        self.assertIn("meta mark & 0x10000 == 0x10000 redirect to :12345", text)
+
+    def test_shifterCommand(self) -> None:
+        """
+        The matching Shifter command line is given.
+        """
+        self.assertIn("--resolver nfqueue --listen 'tcp6:12345:interface=\\:\\:' --queue-num 2 --queue-bypass",
+                      rules(resolver="nfqueue", queueNum=2, queueBypass=True))
+
+    def test_markOverlap(self) -> None:
+        """
+        An exclusion mark sharing bits with the queue mark is refused.
+        """
+        self.assertRaises(RulesError, rules, resolver="nfqueue", mark=0x10000)
+
+
+class TproxyTests(SynchronousTestCase):
+    def test_iptables(self) -> None:
+        """
+        tproxy: TPROXY in mangle PREROUTING, then policy routing of the
+        mark to local delivery, both families.
+        """
+        self.assertEqual(commands(rules(resolver="tproxy", ports=(443,))), [
+            "iptables -t mangle -A PREROUTING -i lan0 -p tcp --dport 443 -j TPROXY --on-port 12345 --tproxy-mark 0x1/0x1",
+            "ip6tables -t mangle -A PREROUTING -i lan0 -p tcp --dport 443 -j TPROXY --on-port 12345 --tproxy-mark 0x1/0x1",
+            "ip rule add fwmark 0x1/0x1 lookup 100",
+            "ip route add local 0.0.0.0/0 dev lo table 100",
+            "ip -6 rule add fwmark 0x1/0x1 lookup 100",
+            "ip -6 route add local ::/0 dev lo table 100",
+        ])
+
+    def test_nft(self) -> None:
+        """
+        nft tproxy: a filter chain at mangle priority.
+        """
+        text = rules(resolver="tproxy", format="nft", tproxyMark=4, routeTable=7)
+        self.assertIn('tproxy to :12345 meta mark set meta mark | 0x4 accept', text)
+        self.assertIn("ip -6 route add local ::/0 dev lo table 7", text)
+
+    def test_listener(self) -> None:
+        """
+        The Shifter command uses a tproxy: listener.
+        """
+        self.assertIn("--listen 'tproxy:12345:interface=\\:\\:'", rules(resolver="tproxy"))
+
+    def test_noExclusion(self) -> None:
+        """
+        TPROXY never sees the gateway's own connections: an exclusion is
+        refused with the reason.
+        """
+        with self.assertRaises(RulesError) as caught:
+            rules(resolver="tproxy", proxyUser="proxy")
+        self.assertIn("PREROUTING only", str(caught.exception))
+
+
+class CheckTests(SynchronousTestCase):
+    def test_refused(self) -> None:
+        """
+        Options that make no working rules are refused.
+        """
+        for bad in [dict(ports=(12345,)), dict(ports=()), dict(ports=(0,)), dict(lanInterface="a b"),
+                    dict(proxyUser="proxy", mark=1), dict(resolver="nope"), dict(format="pf"),
+                    dict(proxyUser="x;rm")]:
+            self.assertRaises(RulesError, rules, **bad)
+
+    def test_command(self) -> None:
+        """
+        The command prints the same text as the function.
+        """
+        out = io.StringIO()
+        main(["--resolver", "tproxy", "--lan-interface", "lan0", "--ports", "443,8443"], out)
+        self.assertEqual(out.getvalue(), rules(resolver="tproxy"))
+
+    def test_commandError(self) -> None:
+        """
+        The command exits 2 with the reason on bad options.
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "shifter.rules", "--lan-interface", "lan0", "--ports", "443",
+             "--listen-port", "443"], capture_output=True, text=True,
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("listening port 443 is among the redirected ports", result.stderr)
