@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 # What Shifter, its tests and its demo need from Debian.
 APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack \
 	curl openssl procps util-linux systemd kmod make gcc build-essential \
-	linux-headers-amd64 linux-image-amd64 qemu-system-x86
+	linux-headers-amd64 linux-image-amd64 qemu-system-x86 \
+	iperf3 wrk nginx-light redsocks
 
 PROXY ?= 127.0.0.1:3128
 LISTEN ?= tcp:12345
