@@ -650,6 +650,16 @@ class QueueResolver:
         if protocol is not None:
             protocol.flush()
             protocol.close()
+            self.log.info(
+                "nfqueue {queue}: {received} packets read, {verdicts} verdicts given, "
+                "{inserts} SYNs recorded, {hits} connections found, {misses} not found",
+                queue=self.queueNum,
+                received=protocol.received,
+                verdicts=protocol.verdicts,
+                inserts=self.table.counters["inserts"],
+                hits=self.table.counters["hits"],
+                misses=self.table.counters["misses"],
+            )
         return succeed(None)
 
     def resolve(self, transport: ITCPTransport) -> Deferred[Destination]:
