@@ -1,0 +1,941 @@
+"""
+Tests for L{shifter.sniff}: the server name from a TLS ClientHello, the host
+from an HTTP request, on plain bytes.
+
+The ClientHellos are real ones, written by OpenSSL through the C{ssl} module
+into a memory BIO, re-framed or extended where a test needs a shape OpenSSL
+does not produce on its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+import string
+from dataclasses import dataclass, replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from shifter.connect import isValidHostname
+from shifter.sniff import (
+    MAX_CLIENT_HELLO_BYTES,
+    MAX_REQUEST_HEADER_BYTES,
+    Sniffed,
+    sniffHost,
+    sniffServerName,
+    sniffTarget,
+)
+
+_CLIENT = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+_CLIENT_NO_SNI = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+_CLIENT_NO_SNI.check_hostname = False
+
+# The size of an X25519MLKEM768 key share: what makes today's hellos big.
+_PQ_KEY_SHARE = 1216
+_GREASE_EXTENSION = 0x0A0A
+_PADDING_EXTENSION = 21
+
+
+def realHello(serverName: str | None) -> bytes:
+    """
+    The records of a ClientHello as OpenSSL writes it for C{serverName}.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    context = _CLIENT if serverName is not None else _CLIENT_NO_SNI
+    connection = context.wrap_bio(incoming, outgoing, server_hostname=serverName)
+    try:
+        connection.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def fragments(records: bytes) -> list[bytes]:
+    """
+    The fragments of a run of well-formed TLS records.
+    """
+    result = []
+    pos = 0
+    while pos < len(records):
+        length = int.from_bytes(records[pos + 3 : pos + 5], "big")
+        result.append(records[pos + 5 : pos + 5 + length])
+        pos += 5 + length
+    return result
+
+
+def frame(message: bytes, sizes: list[int] = (), version: bytes = b"\x03\x01") -> bytes:
+    """
+    Carry C{message} in handshake records: the first fragments of the given
+    C{sizes}, the rest in the largest records allowed.
+    """
+    records = []
+    pos = 0
+    sizes = list(sizes)
+    while pos < len(message):
+        size = sizes.pop(0) if sizes else 2**14
+        fragment = message[pos : pos + size]
+        records.append(b"\x16" + version + len(fragment).to_bytes(2, "big") + fragment)
+        pos += size
+    return b"".join(records)
+
+
+@dataclass(frozen=True)
+class Hello:
+    """
+    The fields of a ClientHello, to take real ones apart and build others.
+    """
+
+    version: bytes = b"\x03\x03"
+    random: bytes = bytes(32)
+    sessionId: bytes = b""
+    cipherSuites: bytes = b"\x13\x01"
+    compression: bytes = b"\x00"
+    extensions: tuple[tuple[int, bytes], ...] | None = ()
+
+    @classmethod
+    def fromMessage(cls, message: bytes) -> Hello:
+        body = message[4:]
+        pos = 34
+        fields = []
+        for size in (1, 2, 1):
+            length = int.from_bytes(body[pos : pos + size], "big")
+            fields.append(body[pos + size : pos + size + length])
+            pos += size + length
+        extensions = []
+        pos += 2
+        while pos < len(body):
+            kind = int.from_bytes(body[pos : pos + 2], "big")
+            length = int.from_bytes(body[pos + 2 : pos + 4], "big")
+            extensions.append((kind, body[pos + 4 : pos + 4 + length]))
+            pos += 4 + length
+        return cls(body[:2], body[2:34], *fields, tuple(extensions))
+
+    def lengthFields(self) -> list[tuple[int, int, int]]:
+        """
+        Each length field of the encoded message that is bounded by the
+        structure around it, as (offset, size, its value).
+        """
+        return self._encode()[1]
+
+    def encode(self) -> bytes:
+        return self._encode()[0]
+
+    def _encode(self) -> tuple[bytes, list[tuple[int, int, int]]]:
+        out = bytearray(b"\x01\x00\x00\x00" + self.version + self.random)
+        fields: list[tuple[int, int, int]] = []
+
+        def vector(size: int, content: bytes) -> None:
+            fields.append((len(out), size, len(content)))
+            out.extend(len(content).to_bytes(size, "big") + content)
+
+        vector(1, self.sessionId)
+        vector(2, self.cipherSuites)
+        vector(1, self.compression)
+        if self.extensions is not None:
+            start = len(out)
+            block = b"".join(
+                kind.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
+                for kind, data in self.extensions
+            )
+            vector(2, block)
+            pos = start + 2
+            for kind, data in self.extensions:
+                fields.append((pos + 2, 2, len(data)))
+                if kind == 0 and len(data) >= 2:
+                    fields.append((pos + 4, 2, len(data) - 2))
+                    entries = pos + 6
+                    while entries < pos + 4 + len(data):
+                        length = int.from_bytes(out[entries + 1 : entries + 3], "big")
+                        fields.append((entries + 1, 2, pos + 4 + len(data) - entries - 3))
+                        entries += 3 + length
+                pos += 4 + len(data)
+        out[1:4] = (len(out) - 4).to_bytes(3, "big")
+        return bytes(out), fields
+
+
+def serverName(*entries: tuple[int, bytes]) -> tuple[int, bytes]:
+    """
+    A server_name extension holding C{entries} of (name type, name).
+    """
+    names = b"".join(bytes([kind]) + len(name).to_bytes(2, "big") + name for kind, name in entries)
+    return (0, len(names).to_bytes(2, "big") + names)
+
+
+def withName(name: bytes, *others: tuple[int, bytes]) -> bytes:
+    """
+    A framed ClientHello whose SNI holds C{name}, with other extensions.
+    """
+    return frame(Hello(extensions=(serverName((0, name)),) + others).encode())
+
+
+def bigHello(name: str, extra: int) -> bytes:
+    """
+    A real ClientHello for C{name} grown by an extension of C{extra} bytes,
+    as its handshake message (not framed).
+    """
+    hello = Hello.fromMessage(b"".join(fragments(realHello(name))))
+    return replace(
+        hello, extensions=hello.extensions + ((_GREASE_EXTENSION, bytes(extra)),)
+    ).encode()
+
+
+_LABEL = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,20}[a-zA-Z0-9])?"
+_TOP_LABEL = r"[a-zA-Z]([a-zA-Z0-9-]{0,20}[a-zA-Z0-9])?"
+
+hostnames = st.builds(
+    lambda labels, top, dot: ".".join(labels + [top]) + ("." if dot else ""),
+    st.lists(st.from_regex(_LABEL, fullmatch=True), max_size=4),
+    st.from_regex(_TOP_LABEL, fullmatch=True),
+    st.booleans(),
+)
+
+_BAD_CHARACTERS = [" ", ":", "_", "/", "@", "\r", "\n", "\x00", '"', "%", "*", "é", "\x7f", "\t"]
+
+invalidNames = st.one_of(
+    # A character no hostname has, anywhere in a valid one.
+    st.builds(
+        lambda name, bad, at: name[: at % (len(name) + 1)] + bad + name[at % (len(name) + 1) :],
+        hostnames,
+        st.sampled_from(_BAD_CHARACTERS),
+        st.integers(0, 300),
+    ),
+    # Labels or names too long, empty labels, hyphens at label ends.
+    st.builds(lambda n: "a" * n + ".test", st.integers(64, 300)),
+    st.builds(lambda n: ".".join(["abcdefghi"] * n) + ".test", st.integers(26, 40)),
+    st.sampled_from(["a..test", ".a.test", "-a.test", "a-.test", "a.test..", "..", "."]),
+)
+
+numericNames = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.sampled_from(["127.1", "2130706433", "0x7f000001", "0x7f.1", "10.0.0.0x1", "1.2.3.4."]),
+)
+
+
+class SafeNameMixin:
+    def assertSafe(self, verdict: Sniffed | None) -> None:
+        """
+        A verdict is None or a Sniffed, and any name in it is a lowercased
+        hostname with no trailing dot that is not an IP address.
+        """
+        if verdict is None:
+            return
+        self.assertIsInstance(verdict, Sniffed)
+        self.assertIsInstance(verdict.reason, str)
+        if verdict.name is not None:
+            self.assertTrue(isValidHostname(verdict.name), verdict.name)
+            self.assertEqual(verdict.name, verdict.name.lower())
+            self.assertFalse(verdict.name.endswith("."))
+            self.assertRaises(ValueError, ipaddress.ip_address, verdict.name)
+            self.assertFalse(verdict.name.rsplit(".", 1)[-1].isdigit())
+
+    def assertMonotonic(self, sniff, data: bytes, cut: int) -> None:
+        """
+        A verdict given for a prefix of C{data} is the verdict for all of it.
+        """
+        early = sniff(data[:cut])
+        whole = sniff(data)
+        self.assertSafe(early)
+        self.assertSafe(whole)
+        if early is not None:
+            self.assertEqual(early, whole)
+
+
+class ServerNameTests(SafeNameMixin, SynchronousTestCase):
+    def test_realHello(self) -> None:
+        """
+        The server name of a real ClientHello is found.
+        """
+        self.assertEqual(
+            sniffServerName(realHello("www.example.test")), Sniffed("www.example.test", "SNI")
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(hostnames)
+    def test_realHelloNames(self, name: str) -> None:
+        """
+        Any valid name in a real ClientHello comes back lowercased, without a
+        trailing dot.
+        """
+        expected = name.lower().removesuffix(".")
+        self.assertEqual(sniffServerName(realHello(name)), Sniffed(expected, "SNI"))
+
+    @settings(max_examples=300)
+    @given(hostnames)
+    def test_builtHelloNames(self, name: str) -> None:
+        """
+        A valid name round-trips through a built ClientHello too.
+        """
+        expected = name.lower().removesuffix(".")
+        self.assertEqual(sniffServerName(withName(name.encode())), Sniffed(expected, "SNI"))
+
+    def test_longestName(self) -> None:
+        """
+        A name of 253 characters, the most DNS allows, is accepted.
+        """
+        name = ".".join(["a" * 63] * 3 + ["b" * 61])
+        self.assertEqual(len(name), 253)
+        self.assertEqual(sniffServerName(withName(name.encode())), Sniffed(name, "SNI"))
+
+    @settings(max_examples=500)
+    @given(invalidNames)
+    def test_invalidNames(self, name: str) -> None:
+        """
+        A server name that is not a hostname is refused, and the reason says
+        so.
+        """
+        verdict = sniffServerName(withName(name.encode("utf-8")))
+        self.assertIsNone(verdict.name)
+        self.assertTrue(verdict.reason.startswith("invalid server name: "), verdict.reason)
+
+    @settings(max_examples=200)
+    @given(numericNames)
+    def test_numericNames(self, name: str) -> None:
+        """
+        A server name that a resolver would read as an IPv4 address is
+        refused as an IP address.
+        """
+        verdict = sniffServerName(withName(name.encode()))
+        self.assertEqual(
+            verdict, Sniffed(None, f"server name is an IP address: {name.removesuffix('.')}")
+        )
+
+    @given(st.ip_addresses(v=6))
+    def test_ipv6Names(self, address: ipaddress.IPv6Address) -> None:
+        """
+        An IPv6 literal as a server name is refused.
+        """
+        verdict = sniffServerName(withName(str(address).encode()))
+        self.assertIsNone(verdict.name)
+        self.assertTrue(verdict.reason.startswith("invalid server name: "))
+
+    def test_injectionRefused(self) -> None:
+        """
+        A name carrying a CONNECT request of its own is refused.
+        """
+        verdict = sniffServerName(withName(b"evil.test:80 HTTP/1.1\r\nX-Injected: 1\r\n\r\nGET"))
+        self.assertIsNone(verdict.name)
+        self.assertTrue(verdict.reason.startswith("invalid server name: "))
+
+    def test_noServerName(self) -> None:
+        """
+        A real ClientHello without SNI says so.
+        """
+        self.assertEqual(sniffServerName(realHello(None)), Sniffed(None, "no SNI extension"))
+
+    def test_noExtensions(self) -> None:
+        """
+        A ClientHello with no extensions block at all, as SSL 3.0 sent them,
+        has no SNI.
+        """
+        self.assertEqual(
+            sniffServerName(frame(Hello(extensions=None).encode())),
+            Sniffed(None, "no SNI extension"),
+        )
+
+    def test_otherNameTypes(self) -> None:
+        """
+        Entries of name types other than host_name are skipped.
+        """
+        self.assertEqual(
+            sniffServerName(
+                frame(Hello(extensions=(serverName((7, b"x.test"), (0, b"y.test")),)).encode())
+            ),
+            Sniffed("y.test", "SNI"),
+        )
+        self.assertEqual(
+            sniffServerName(frame(Hello(extensions=(serverName((7, b"x.test")),)).encode())),
+            Sniffed(None, "no host_name in the SNI extension"),
+        )
+
+    def test_structuralErrors(self) -> None:
+        """
+        Two host names, an empty list or name, a repeated extension, an
+        empty server_name extension, too long a session id, odd cipher
+        suites, no compression method are each refused as malformed.
+        """
+        sni = serverName((0, b"a.test"))
+        cases = {
+            "two host names": Hello(extensions=(serverName((0, b"a.test"), (0, b"b.test")),)),
+            "empty server name list": Hello(extensions=(serverName(),)),
+            "empty host name": Hello(extensions=(serverName((0, b"")),)),
+            "extension 0 twice": Hello(extensions=(sni, sni)),
+            "extension 21 twice": Hello(extensions=((21, b""), sni, (21, b""))),
+            "server name list length runs past its enclosing structure": Hello(
+                extensions=((0, b""),)
+            ),
+            "session id of 33 bytes": Hello(sessionId=bytes(33), extensions=(sni,)),
+            "cipher suites length 3": Hello(cipherSuites=b"\x13\x01\x13", extensions=(sni,)),
+            "cipher suites length 0": Hello(cipherSuites=b"", extensions=(sni,)),
+            "no compression methods": Hello(compression=b"", extensions=(sni,)),
+            "client version 0200": Hello(version=b"\x02\x00", extensions=(sni,)),
+        }
+        for what, hello in cases.items():
+            self.assertEqual(
+                sniffServerName(frame(hello.encode())),
+                Sniffed(None, f"malformed ClientHello: {what}"),
+                what,
+            )
+
+    def test_bytesAfterExtensions(self) -> None:
+        """
+        A handshake message longer than its fields is refused.
+        """
+        message = bytearray(Hello(extensions=(serverName((0, b"a.test")),)).encode() + b"\x00")
+        message[1:4] = (len(message) - 4).to_bytes(3, "big")
+        self.assertEqual(
+            sniffServerName(frame(bytes(message))),
+            Sniffed(None, "malformed ClientHello: bytes after the extensions"),
+        )
+
+    @settings(max_examples=500)
+    @given(st.data())
+    def test_lengthPastItsStructure(self, data: st.DataObject) -> None:
+        """
+        Any length field of a real ClientHello made to reach past the
+        structure around it gives a malformed verdict, at once.
+        """
+        message = bytearray(b"".join(fragments(realHello("www.example.test"))))
+        offset, size, _ = data.draw(
+            st.sampled_from(Hello.fromMessage(bytes(message)).lengthFields())
+        )
+        room = len(message) - offset - size
+        # The field's structure ends at most at the end of the message.
+        if room + 1 >= 256**size:
+            return
+        value = data.draw(st.integers(room + 1, 256**size - 1))
+        message[offset : offset + size] = value.to_bytes(size, "big")
+        verdict = sniffServerName(frame(bytes(message)))
+        self.assertIsNone(verdict.name)
+        self.assertTrue(verdict.reason.startswith("malformed ClientHello: "), verdict.reason)
+
+    @given(st.integers(33, 255))
+    def test_sessionIdTooLong(self, length: int) -> None:
+        """
+        A session id over 32 bytes is refused.
+        """
+        message = Hello(sessionId=bytes(length), extensions=(serverName((0, b"a.test")),)).encode()
+        self.assertEqual(
+            sniffServerName(frame(message)),
+            Sniffed(None, f"malformed ClientHello: session id of {length} bytes"),
+        )
+
+    def test_everyPrefix(self) -> None:
+        """
+        Split anywhere, a real ClientHello gives no verdict until its last
+        byte, and the same verdict with anything after it.
+        """
+        hello = realHello("split.example.test")
+        for cut in range(len(hello)):
+            self.assertIsNone(sniffServerName(hello[:cut]), cut)
+        self.assertEqual(sniffServerName(hello), Sniffed("split.example.test", "SNI"))
+        self.assertEqual(
+            sniffServerName(hello + b"\x17\x03\x03\x00\x05early"),
+            Sniffed("split.example.test", "SNI"),
+        )
+
+    def test_postQuantumSizedHello(self) -> None:
+        """
+        A hello with a post-quantum-sized key share, carried in several
+        records as clients split it, gives no verdict until its last byte.
+        """
+        message = bigHello("pq.example.test", _PQ_KEY_SHARE)
+        self.assertGreater(len(message), 1500)
+        hello = frame(message, [512, 700, 1])
+        self.assertEqual(len(fragments(hello)), 4)
+        for cut in range(len(hello)):
+            self.assertIsNone(sniffServerName(hello[:cut]), cut)
+        self.assertEqual(sniffServerName(hello), Sniffed("pq.example.test", "SNI"))
+
+    def test_largerThanOneRecord(self) -> None:
+        """
+        A hello larger than the largest record is reassembled from two.
+        """
+        hello = frame(bigHello("big.example.test", 20000))
+        self.assertEqual(len(fragments(hello)), 2)
+        self.assertEqual(sniffServerName(hello), Sniffed("big.example.test", "SNI"))
+        self.assertIsNone(sniffServerName(hello[:-1]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(st.integers(1, 2**14), max_size=8),
+        st.integers(0, 4000),
+        st.data(),
+    )
+    def test_anyFraming(self, sizes: list[int], extra: int, data: st.DataObject) -> None:
+        """
+        However the hello is cut into records and the records into reads,
+        there is no verdict before its last byte and the SNI after.
+        """
+        hello = frame(bigHello("frames.example.test", extra), sizes)
+        cut = data.draw(st.integers(0, len(hello) - 1))
+        self.assertIsNone(sniffServerName(hello[:cut]))
+        self.assertEqual(sniffServerName(hello), Sniffed("frames.example.test", "SNI"))
+
+    def test_overLimitByDeclaredLength(self) -> None:
+        """
+        A hello that says it is longer than the limit is refused from its
+        first nine bytes, without waiting for the rest.
+        """
+        hello = frame(bigHello("huge.example.test", 40000))
+        self.assertEqual(
+            sniffServerName(hello[:9]),
+            Sniffed(None, f"ClientHello over {MAX_CLIENT_HELLO_BYTES} bytes"),
+        )
+        self.assertIsNone(sniffServerName(hello[:8]))
+
+    def test_limitIsAParameter(self) -> None:
+        """
+        The limit counts the records carrying the hello, headers included.
+        """
+        hello = realHello("limit.example.test")
+        self.assertEqual(
+            sniffServerName(hello, limit=len(hello)), Sniffed("limit.example.test", "SNI")
+        )
+        self.assertEqual(
+            sniffServerName(hello, limit=len(hello) - 1),
+            Sniffed(None, f"ClientHello over {len(hello) - 1} bytes"),
+        )
+
+    def test_tinyRecordsOverLimit(self) -> None:
+        """
+        A small hello cut into one-byte records costs five bytes of header
+        for each: past the limit it is refused rather than waited for.
+        """
+        message = b"".join(fragments(realHello("tiny.example.test")))
+        hello = frame(message, [1] * len(message))
+        self.assertLess(len(hello), MAX_CLIENT_HELLO_BYTES)
+        self.assertEqual(sniffServerName(hello), Sniffed("tiny.example.test", "SNI"))
+        self.assertEqual(
+            sniffServerName(hello, limit=4 * len(message)),
+            Sniffed(None, f"ClientHello over {4 * len(message)} bytes"),
+        )
+        self.assertEqual(
+            sniffServerName(hello, limit=6 * len(message)), Sniffed("tiny.example.test", "SNI")
+        )
+
+    @given(st.integers(0, 255).filter(lambda b: b != 0x16))
+    def test_notTLSAtOnce(self, first: int) -> None:
+        """
+        A first byte that is not a handshake record's is refused at once.
+        """
+        self.assertEqual(sniffServerName(bytes([first])), Sniffed(None, "not a TLS handshake"))
+
+    @given(st.integers(0, 255).filter(lambda b: b != 3))
+    def test_notTLSVersion(self, major: int) -> None:
+        """
+        A handshake record whose version is not 3.x is refused at its second
+        byte.
+        """
+        self.assertEqual(
+            sniffServerName(bytes([0x16, major])), Sniffed(None, "not a TLS handshake")
+        )
+
+    def test_recordLengths(self) -> None:
+        """
+        An empty handshake record, or one over 2^14 bytes, is malformed.
+        """
+        self.assertEqual(
+            sniffServerName(b"\x16\x03\x01\x00\x00"),
+            Sniffed(None, "malformed ClientHello: record length 0"),
+        )
+        self.assertEqual(
+            sniffServerName(b"\x16\x03\x01\x40\x01"),
+            Sniffed(None, "malformed ClientHello: record length 16385"),
+        )
+
+    def test_notClientHello(self) -> None:
+        """
+        A handshake message other than ClientHello is refused at its first
+        byte.
+        """
+        self.assertEqual(
+            sniffServerName(b"\x16\x03\x01\x00\x30\x02"),
+            Sniffed(None, "malformed ClientHello: handshake type 2, not a ClientHello"),
+        )
+
+    def test_otherRecordInside(self) -> None:
+        """
+        A record of another type before the hello is complete is malformed:
+        handshake messages may not be interleaved with other records.
+        """
+        hello = frame(b"".join(fragments(realHello("x.example.test"))), [100])
+        second = len(fragments(hello)[0]) + 5
+        for kind in (20, 21, 23):
+            corrupted = hello[:second] + bytes([kind]) + hello[second + 1 :]
+            self.assertEqual(
+                sniffServerName(corrupted[: second + 1]),
+                Sniffed(None, f"malformed ClientHello: record of type {kind} inside it"),
+            )
+
+    @settings(max_examples=3000)
+    @given(st.binary(max_size=600))
+    def test_arbitraryBytes(self, data: bytes) -> None:
+        """
+        Arbitrary bytes give None or a verdict, never an exception.
+        """
+        self.assertSafe(sniffServerName(data))
+
+    @settings(max_examples=2000)
+    @given(st.binary(max_size=600), st.integers(0, 600))
+    def test_arbitraryAfterRecordHeader(self, data: bytes, cut: int) -> None:
+        """
+        Arbitrary bytes behind a plausible record and handshake header reach
+        the ClientHello parser; the verdicts are safe and do not change with
+        more bytes.
+        """
+        record = b"\x16\x03\x01" + min(len(data) + 4, 2**14).to_bytes(2, "big")
+        handshake = b"\x01" + len(data).to_bytes(3, "big")
+        self.assertMonotonic(sniffServerName, record + handshake + data, cut)
+
+    @settings(max_examples=1000, deadline=None)
+    @given(st.data())
+    def test_corruptedHellos(self, data: st.DataObject) -> None:
+        """
+        A real hello with bytes changed anywhere, framed in any way, gives a
+        safe verdict that does not change with more bytes.
+        """
+        message = bytearray(bigHello("corrupt.example.test", data.draw(st.integers(0, 3000))))
+        hello = bytearray(
+            frame(bytes(message), data.draw(st.lists(st.integers(1, 2000), max_size=4)))
+        )
+        for _ in range(data.draw(st.integers(1, 4))):
+            hello[data.draw(st.integers(0, len(hello) - 1))] = data.draw(st.integers(0, 255))
+        hello += data.draw(st.binary(max_size=20))
+        self.assertMonotonic(sniffServerName, bytes(hello), data.draw(st.integers(0, len(hello))))
+
+    @settings(max_examples=1000)
+    @given(
+        st.lists(st.tuples(st.integers(0, 65535), st.binary(max_size=40)), max_size=6),
+        st.lists(st.tuples(st.integers(0, 3), st.binary(max_size=30)), max_size=4),
+        st.data(),
+    )
+    def test_randomExtensions(self, extensions, entries, data: st.DataObject) -> None:
+        """
+        Hellos with random extensions and random server_name entries give
+        safe verdicts, found alike from any prefix.
+        """
+        extensions = list(extensions)
+        extensions.insert(data.draw(st.integers(0, len(extensions))), serverName(*entries))
+        hello = frame(Hello(extensions=tuple(extensions)).encode())
+        self.assertMonotonic(sniffServerName, hello, data.draw(st.integers(0, len(hello))))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(0, 20000))
+    def test_oversized(self, extra: int) -> None:
+        """
+        Hellos up to and past the limit: within it the name is found, past
+        it the verdict says the hello is too big.
+        """
+        hello = frame(bigHello("size.example.test", extra))
+        limit = 8192
+        expected = (
+            Sniffed("size.example.test", "SNI")
+            if len(hello) <= limit
+            else Sniffed(None, f"ClientHello over {limit} bytes")
+        )
+        self.assertEqual(sniffServerName(hello, limit=limit), expected)
+
+
+def request(
+    host: bytes | None = b"www.example.test",
+    headers: list[tuple[bytes, bytes]] = (),
+    requestLine: bytes = b"GET / HTTP/1.1",
+) -> bytes:
+    """
+    An HTTP request head with C{host} as its Host header (none if None).
+    """
+    lines = [requestLine]
+    if host is not None:
+        lines.append(b"Host: " + host)
+    lines.extend(name + b": " + value for name, value in headers)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+_TOKEN = st.text(
+    alphabet="!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits, min_size=1, max_size=12
+)
+_FIELD_VALUE = st.binary(max_size=40).map(
+    lambda b: bytes(c for c in b if c == 9 or 0x20 <= c <= 0x7E or c >= 0x80).strip(b" \t")
+)
+
+
+class HostTests(SafeNameMixin, SynchronousTestCase):
+    def test_host(self) -> None:
+        """
+        The Host header of a request is found.
+        """
+        self.assertEqual(sniffHost(request()), Sniffed("www.example.test", "Host header"))
+
+    @settings(max_examples=500)
+    @given(
+        hostnames,
+        st.one_of(st.none(), st.integers(0, 99999).map(str), st.just("")),
+        st.lists(st.tuples(_TOKEN.filter(lambda t: t.lower() != "host"), _FIELD_VALUE), max_size=6),
+        st.data(),
+    )
+    def test_hostNames(self, name: str, port: str | None, headers, data: st.DataObject) -> None:
+        """
+        Any valid name comes back lowercased, without a trailing dot or the
+        port, wherever the Host header is among the others and however its
+        name is capitalized.
+        """
+        value = name if port is None else f"{name}:{port}"
+        spelling = data.draw(st.sampled_from([b"Host", b"host", b"HOST", b"hOsT"]))
+        headers = [(n.encode(), v) for n, v in headers]
+        headers.insert(data.draw(st.integers(0, len(headers))), (spelling, value.encode()))
+        method = data.draw(_TOKEN).encode()
+        head = request(None, headers, method + b" /x?y=1 HTTP/1.0")
+        self.assertEqual(sniffHost(head), Sniffed(name.lower().removesuffix("."), "Host header"))
+
+    def test_whitespaceAroundValue(self) -> None:
+        """
+        Spaces and tabs around the value are not part of it.
+        """
+        self.assertEqual(
+            sniffHost(b"GET / HTTP/1.1\r\nHost:\t a.test \t\r\n\r\n"),
+            Sniffed("a.test", "Host header"),
+        )
+
+    def test_everyPrefix(self) -> None:
+        """
+        Split anywhere, a request gives no verdict until the empty line
+        ends, and the same verdict with a body after it.
+        """
+        head = request(headers=[(b"User-Agent", b"curl/8"), (b"Accept", b"*/*")])
+        for cut in range(len(head)):
+            self.assertIsNone(sniffHost(head[:cut]), cut)
+        self.assertEqual(sniffHost(head), Sniffed("www.example.test", "Host header"))
+        self.assertEqual(
+            sniffHost(head + b"body bytes"), Sniffed("www.example.test", "Host header")
+        )
+
+    @settings(max_examples=500)
+    @given(
+        invalidNames.filter(
+            lambda n: not set(n) & set("\r\n:") and n == n.strip(" \t") and n != "."
+        )
+    )
+    def test_invalidNames(self, name: str) -> None:
+        """
+        A Host that is not a hostname is refused, and the reason says so.
+        """
+        verdict = sniffHost(b"GET / HTTP/1.1\r\nHost: " + name.encode("utf-8") + b"\r\n\r\n")
+        if verdict.reason.startswith("malformed header line"):
+            # Control characters break the header line itself.
+            self.assertTrue(set(name) & set("\x00\x7f"), name)
+            return
+        self.assertIsNone(verdict.name)
+        self.assertTrue(verdict.reason.startswith("invalid Host header: "), verdict.reason)
+
+    @given(numericNames, st.booleans())
+    def test_ipv4(self, name: str, withPort: bool) -> None:
+        """
+        An IPv4 address, or what a resolver would take for one, gives no
+        name.
+        """
+        value = name + (":80" if withPort else "")
+        self.assertEqual(
+            sniffHost(request(value.encode())),
+            Sniffed(None, f"Host header is an IP address: {name.removesuffix('.')}"),
+        )
+
+    @given(st.ip_addresses(v=6), st.booleans())
+    def test_ipv6(self, address: ipaddress.IPv6Address, withPort: bool) -> None:
+        """
+        A bracketed IPv6 literal gives no name.
+        """
+        value = f"[{address}]" + (":8080" if withPort else "")
+        self.assertEqual(
+            sniffHost(request(value.encode())),
+            Sniffed(None, f"Host header is an IP address: [{address}]"),
+        )
+
+    def test_invalidHostValues(self) -> None:
+        """
+        Bad brackets, ports that are not numbers, user info, unbracketed
+        IPv6 are refused as invalid.
+        """
+        for value in [
+            b"[::1",
+            b"[nothost]",
+            b"[::1]x",
+            b"[::1]:a",
+            b"a.test:x",
+            b"a.test:80:80",
+            b"u@a.test",
+            b"::1",
+        ]:
+            self.assertEqual(
+                sniffHost(request(value)).reason[: len("invalid Host header: ")],
+                "invalid Host header: ",
+                value,
+            )
+
+    def test_noHost(self) -> None:
+        """
+        A request without a Host header, or with an empty one, says so.
+        """
+        self.assertEqual(
+            sniffHost(request(None, [(b"Accept", b"*/*")])), Sniffed(None, "no Host header")
+        )
+        self.assertEqual(sniffHost(request(b"")), Sniffed(None, "empty Host header"))
+
+    def test_severalHosts(self) -> None:
+        """
+        Two Host headers are refused, even with the same value: a proxy and
+        the server might each believe another one.
+        """
+        for other in [b"www.example.test", b"other.test"]:
+            self.assertEqual(
+                sniffHost(request(headers=[(b"host", other)])),
+                Sniffed(None, "several Host headers"),
+            )
+
+    def test_malformedHeaderLines(self) -> None:
+        """
+        A folded line, a space before the colon, a line without a colon, a
+        bare LF or a NUL in a header line is refused.
+        """
+        for line in [
+            b" folded",
+            b"Host : a.test",
+            b"NoColon",
+            b"X: a\nb",
+            b"X: a\x00b",
+            b": empty",
+        ]:
+            head = b"GET / HTTP/1.1\r\nHost: a.test\r\n" + line + b"\r\n\r\n"
+            self.assertTrue(sniffHost(head).reason.startswith("malformed header line: "), line)
+
+    def test_notHTTPAtOnce(self) -> None:
+        """
+        Bytes that cannot begin an HTTP/1.x request line are refused as soon
+        as they are seen.
+        """
+        for data in [
+            b"\x00",
+            b"{",
+            b"GET\t",
+            b"GET  ",
+            b"GET /\x01",
+            b"GET / HTTP/2",
+            b"GET / http",
+            b"GET / HTTP/1.1x",
+            b"GET / HTTP/1.1\n",
+            b"GET /\r",
+            b"GET / HTTP/1.1 x",
+        ]:
+            self.assertEqual(sniffHost(data), Sniffed(None, "not an HTTP request"), data)
+
+    def test_http2Preface(self) -> None:
+        """
+        HTTP/2's connection preface is not an HTTP/1.x request, and is
+        refused before its first line ends.
+        """
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        self.assertEqual(sniffHost(preface[:12]), Sniffed(None, "not an HTTP request"))
+
+    def test_overLimit(self) -> None:
+        """
+        A header block that does not end within the limit is refused; one
+        that ends exactly at it is read.
+        """
+        head = request(headers=[(b"X-Pad", b"p" * 200)])
+        self.assertEqual(
+            sniffHost(head, limit=len(head)), Sniffed("www.example.test", "Host header")
+        )
+        self.assertEqual(
+            sniffHost(head, limit=len(head) - 1),
+            Sniffed(None, f"HTTP request header over {len(head) - 1} bytes"),
+        )
+        self.assertIsNone(sniffHost(head[: len(head) - 2], limit=len(head) - 1))
+        endless = b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 2000
+        self.assertEqual(
+            sniffHost(endless),
+            Sniffed(None, f"HTTP request header over {MAX_REQUEST_HEADER_BYTES} bytes"),
+        )
+        self.assertEqual(
+            sniffHost(b"GET /" + b"a" * 9000),
+            Sniffed(None, f"HTTP request header over {MAX_REQUEST_HEADER_BYTES} bytes"),
+        )
+
+    @settings(max_examples=3000)
+    @given(st.binary(max_size=300), st.integers(0, 300))
+    def test_arbitraryBytes(self, data: bytes, cut: int) -> None:
+        """
+        Arbitrary bytes, bare or behind a request line, give safe verdicts
+        that do not change with more bytes.
+        """
+        self.assertMonotonic(sniffHost, data, cut)
+        self.assertMonotonic(sniffHost, b"GET / HTTP/1.1\r\n" + data, cut + 16)
+
+    @settings(max_examples=1000)
+    @given(
+        st.lists(st.tuples(_TOKEN, _FIELD_VALUE), max_size=6),
+        st.binary(max_size=30),
+        st.data(),
+    )
+    def test_randomHeaders(self, headers, tail: bytes, data: st.DataObject) -> None:
+        """
+        Requests with random headers, Host among them or not, give safe
+        verdicts found alike from any prefix.
+        """
+        head = request(None, [(n.encode(), v) for n, v in headers]) + tail
+        self.assertMonotonic(sniffHost, head, data.draw(st.integers(0, len(head))))
+
+
+class TargetTests(SynchronousTestCase):
+    def test_modes(self) -> None:
+        """
+        C{sni} and C{host} use their parser whatever the bytes are.
+        """
+        hello = realHello("mode.example.test")
+        self.assertEqual(sniffTarget("sni", hello), sniffServerName(hello))
+        self.assertEqual(sniffTarget("host", request()), sniffHost(request()))
+        self.assertEqual(sniffTarget("sni", request()), Sniffed(None, "not a TLS handshake"))
+        self.assertEqual(sniffTarget("host", hello), Sniffed(None, "not an HTTP request"))
+
+    def test_autoTLS(self) -> None:
+        """
+        In C{auto}, a handshake record is read for SNI.
+        """
+        hello = realHello("auto.example.test")
+        self.assertEqual(sniffTarget("auto", hello), Sniffed("auto.example.test", "SNI"))
+        self.assertIsNone(sniffTarget("auto", hello[:1]))
+
+    def test_autoHTTP(self) -> None:
+        """
+        In C{auto}, an uppercase first byte is read as an HTTP request.
+        """
+        self.assertEqual(sniffTarget("auto", request()), Sniffed("www.example.test", "Host header"))
+        self.assertIsNone(sniffTarget("auto", b"G"))
+
+    def test_autoEmpty(self) -> None:
+        """
+        With no bytes yet, C{auto} waits.
+        """
+        self.assertIsNone(sniffTarget("auto", b""))
+
+    @given(
+        st.binary(min_size=1, max_size=50).filter(
+            lambda b: b[0] != 0x16 and not 0x41 <= b[0] <= 0x5A
+        )
+    )
+    def test_autoOther(self, data: bytes) -> None:
+        """
+        In C{auto}, anything else is refused from its first byte.
+        """
+        self.assertEqual(
+            sniffTarget("auto", data[:1]),
+            Sniffed(None, "neither a TLS handshake nor an HTTP request"),
+        )
+        self.assertEqual(sniffTarget("auto", data), sniffTarget("auto", data[:1]))
+
+    def test_unknownMode(self) -> None:
+        """
+        An unknown mode is a programming error.
+        """
+        self.assertRaises(ValueError, sniffTarget, "ip", b"x")
