@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import struct
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -27,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shifter.netlink import (
+    HEADER_SIZE,
     NETLINK_GENERIC,
     FamilyNotFound,
     NetlinkException,
@@ -34,6 +36,8 @@ from shifter.netlink import (
     NetlinkPort,
     NetlinkProtocol,
     NetlinkTimeout,
+    encodeAttribute,
+    parseAttributes,
 )
 from shifter.resolver import (
     Destination,
@@ -176,39 +180,59 @@ def _destination(family: int, address: bytes, port: int) -> Destination:
     return IPv6Address("TCP", host, port)
 
 
-def encodeGet(key: ConnectionKey) -> shifter_msg:
-    """
-    The SHIFTER_CMD_GET request for a connection.
-    """
-    message = shifter_msg()
-    message["cmd"] = SHIFTER_CMD_GET
-    message["version"] = SHIFTER_GENL_VERSION
-    message["attrs"] = [
-        ["SHIFTER_A_FAMILY", key.family],
-        ["SHIFTER_A_SRC_ADDR", key.address],
-        ["SHIFTER_A_SRC_PORT", key.port],
-    ]
-    return message
+# GET is the look-up made for every accepted connection, so its request
+# and reply are encoded with struct here rather than through shifter_msg,
+# which costs some 70 us a look-up; the tests check both codecs agree.
+_GENL = struct.Struct("=BBH")
+_U16 = struct.Struct("=H")
 
 
-def decodeGetReply(reply: shifter_msg, key: ConnectionKey) -> Destination:
+def encodeGet(key: ConnectionKey) -> bytes:
+    """
+    The SHIFTER_CMD_GET request for a connection: the generic netlink
+    header and the attributes, to follow the netlink header.
+    """
+    return (
+        _GENL.pack(SHIFTER_CMD_GET, SHIFTER_GENL_VERSION, 0)
+        + encodeAttribute(SHIFTER_A_FAMILY, bytes((key.family,)))
+        + encodeAttribute(SHIFTER_A_SRC_ADDR, key.address)
+        + encodeAttribute(SHIFTER_A_SRC_PORT, _U16.pack(key.port))
+    )
+
+
+def decodeGetReply(reply: bytes, key: ConnectionKey) -> Destination:
     """
     The original destination in a SHIFTER_CMD_GET reply.
 
+    @param reply: the whole reply message, netlink header included.
+    @param key: what was asked for (the family when the reply omits it).
     @raise ValueError: if the reply lacks it or holds a malformed one.
     """
-    family = reply.get_attr("SHIFTER_A_FAMILY")
-    address = reply.get_attr("SHIFTER_A_DST_ADDR")
-    port = reply.get_attr("SHIFTER_A_DST_PORT")
-    if family is None:
+    if len(reply) < HEADER_SIZE + _GENL.size:
+        raise ValueError(f"GET reply of {len(reply)} bytes")
+    (cmd, _, _) = _GENL.unpack_from(reply, HEADER_SIZE)
+    if cmd != SHIFTER_CMD_GET:
+        raise ValueError(f"GET answered with command {cmd}")
+    attributes = parseAttributes(reply, HEADER_SIZE + _GENL.size)
+    rawFamily = attributes.get(SHIFTER_A_FAMILY)
+    address = attributes.get(SHIFTER_A_DST_ADDR)
+    rawPort = attributes.get(SHIFTER_A_DST_PORT)
+    if rawFamily is None:
         family = key.family
+    elif len(rawFamily) == 1:
+        family = rawFamily[0]
+    else:
+        raise ValueError(f"bad address family attribute {rawFamily!r}")
     if family not in _ADDRESS_LENGTHS:
         raise ValueError(f"unknown address family {family}")
-    if not isinstance(address, (bytes, bytearray)) or len(address) != _ADDRESS_LENGTHS[family]:
+    if address is None or len(address) != _ADDRESS_LENGTHS[family]:
         raise ValueError(f"bad destination address {address!r} for family {family}")
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(f"bad destination port {port!r}")
-    return _destination(family, bytes(address), port)
+    if rawPort is None or len(rawPort) != _U16.size:
+        raise ValueError(f"bad destination port attribute {rawPort!r}")
+    (port,) = _U16.unpack(rawPort)
+    if port == 0:
+        raise ValueError("destination port 0")
+    return _destination(family, address, port)
 
 
 def _command(cmd: int, attrs: Sequence[Any] = ()) -> shifter_msg:
@@ -281,9 +305,9 @@ class ShifterClient:
             L{NetlinkNotFound} when the module has no record, another
             L{NetlinkException}, or L{ValueError} for a malformed answer.
         """
-        return self.protocol.request(encodeGet(key), self.familyId).addCallback(
-            lambda replies: decodeGetReply(replies[0], key)
-        )
+        return self.protocol.request(
+            encodeGet(key), self.familyId, raw=True
+        ).addCallback(lambda replies: decodeGetReply(replies[0], key))
 
     def stats(self) -> Deferred[dict[str, int]]:
         """

@@ -31,7 +31,7 @@ import socket
 import struct
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 from pyroute2.netlink import (
     CTRL_CMD_GETFAMILY,
@@ -67,6 +67,8 @@ __all__ = [
     "Header",
     "encodeMessage",
     "encodeRequest",
+    "encodeAttribute",
+    "parseAttributes",
     "splitMessages",
     "parseError",
     "parseDone",
@@ -84,6 +86,7 @@ NLMSG_OVERRUN = 4
 NLM_F_CAPPED = 0x100
 NLM_F_ACK_TLVS = 0x200
 NLMSGERR_ATTR_MSG = 1
+NLA_TYPE_MASK = 0x3FFF
 GENL_NAMSIZ = 16
 
 _HEADER = struct.Struct("=IHHII")
@@ -208,19 +211,30 @@ class Header:
 
 
 def encodeMessage(
-    message: nlmsg, messageType: int, flags: int, sequence: int, pid: int = 0
+    message: Union[nlmsg, bytes],
+    messageType: int,
+    flags: int,
+    sequence: int,
+    pid: int = 0,
 ) -> bytes:
     """
-    Encode a pyroute2 message as one netlink message.
+    Encode one netlink message.
 
-    @param message: the message, with its fields and attributes filled in;
-        its header is overwritten.
+    @param message: a pyroute2 message with its fields and attributes
+        filled in (its header is overwritten), or the bytes that follow the
+        netlink header (for generic netlink, the family header and the
+        attributes), already encoded.
     @param messageType: the netlink message type (for generic netlink, the
         family id).
     @param flags: its C{NLM_F_*} flags.
     @param sequence: its sequence number.
     @param pid: its port id.
     """
+    if isinstance(message, (bytes, bytearray)):
+        return (
+            _HEADER.pack(HEADER_SIZE + len(message), messageType, flags, sequence, pid)
+            + message
+        )
     message["header"]["type"] = messageType
     message["header"]["flags"] = flags
     message["header"]["sequence_number"] = sequence
@@ -231,13 +245,50 @@ def encodeMessage(
 
 
 def encodeRequest(
-    message: nlmsg, messageType: int, flags: int, sequence: int, pid: int = 0
+    message: Union[nlmsg, bytes],
+    messageType: int,
+    flags: int,
+    sequence: int,
+    pid: int = 0,
 ) -> bytes:
     """
-    Encode a pyroute2 message as a request: L{encodeMessage} with
-    C{NLM_F_REQUEST} added to C{flags}.
+    Encode a request: L{encodeMessage} with C{NLM_F_REQUEST} added to
+    C{flags}.
     """
     return encodeMessage(message, messageType, flags | NLM_F_REQUEST, sequence, pid)
+
+
+def encodeAttribute(kind: int, payload: bytes) -> bytes:
+    """
+    One netlink attribute (C{struct nlattr} and its payload), padded to
+    four bytes.
+    """
+    length = _NLA.size + len(payload)
+    return _NLA.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+def parseAttributes(data: bytes, offset: int) -> dict[int, bytes]:
+    """
+    The attributes in C{data} from C{offset} to its end, by type (the
+    C{NLA_F_NESTED} and C{NLA_F_NET_BYTEORDER} bits cleared); the last of
+    repeated types wins.
+
+    @raise MalformedMessage: for an attribute that does not fit.
+    """
+    attributes = {}
+    end = len(data)
+    while offset < end:
+        if end - offset < _NLA.size:
+            raise MalformedMessage(f"{end - offset} trailing bytes after the attributes")
+        length, kind = _NLA.unpack_from(data, offset)
+        if length < _NLA.size or offset + length > end:
+            raise MalformedMessage(
+                f"attribute {kind & NLA_TYPE_MASK} claims {length} bytes "
+                f"with {end - offset} left"
+            )
+        attributes[kind & NLA_TYPE_MASK] = data[offset + _NLA.size : offset + length]
+        offset += _align(length)
+    return attributes
 
 
 def splitMessages(data: bytes) -> Iterator[tuple[Header, bytes]]:
@@ -275,7 +326,7 @@ def _nlaString(data: bytes, offset: int, wanted: int) -> Optional[str]:
         length, kind = _NLA.unpack_from(data, offset)
         if length < _NLA.size or offset + length > len(data):
             return None
-        if kind & 0x3FFF == wanted:
+        if kind & NLA_TYPE_MASK == wanted:
             raw = data[offset + _NLA.size : offset + length]
             return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         offset += _align(length)
@@ -492,9 +543,10 @@ class _Request:
     datagram: bytes
     dump: bool
     ack: bool
-    deferred: Deferred[list[nlmsg]]
+    raw: bool
+    deferred: Deferred[list[Any]]
     timer: Optional[IDelayedCall] = None
-    replies: list[nlmsg] = field(default_factory=list)
+    replies: list[Any] = field(default_factory=list)
     sent: bool = False
 
 
@@ -596,29 +648,35 @@ class NetlinkProtocol:
 
     def request(
         self,
-        message: nlmsg,
+        message: Union[nlmsg, bytes],
         messageType: int,
         *,
         dump: bool = False,
         ack: bool = False,
+        raw: bool = False,
         timeout: Optional[float] = None,
-    ) -> Deferred[list[nlmsg]]:
+    ) -> Deferred[list[Any]]:
         """
         Send a request and wait for its answer.
 
         @param message: a pyroute2 message with its fields and attributes
-            set; the header is filled in here.
+            set (the header is filled in here), or the bytes that follow the
+            netlink header, already encoded (see L{encodeMessage}).
         @param messageType: its netlink type (a generic netlink family id).
         @param dump: ask for a dump (C{NLM_F_DUMP}): every part up to
             C{NLMSG_DONE} is gathered.
         @param ack: ask for an acknowledgement (C{NLM_F_ACK}): every reply
             up to the acknowledgement is gathered (commands that answer
             nothing else on success need this).
+        @param raw: answer with each reply's bytes (header included) rather
+            than a decoded message, for callers that decode their own hot
+            path.
         @param timeout: seconds to wait for the whole answer (default:
             the protocol's C{timeout}), counted from this call.
         @return: a L{Deferred} firing with the list of reply messages (for
             a plain request, the one reply; for C{ack}, possibly none), or
-            failing with a L{NetlinkException}.
+            failing with a L{NetlinkException}.  Error replies never reach
+            the list, raw or not: they fail the L{Deferred}.
         """
         if self._closed is not None or self.transport is None:
             return fail(NetlinkClosed("netlink socket is not open"))
@@ -636,6 +694,7 @@ class NetlinkProtocol:
             datagram,
             dump,
             ack,
+            raw,
             Deferred(lambda d: self._cancel(sequence)),
         )
         self._pending[sequence] = request
@@ -761,6 +820,11 @@ class NetlinkProtocol:
                 self._finish(request, request.replies)
             return
         if header.type in (NLMSG_NOOP, NLMSG_OVERRUN):
+            return
+        if request.raw:
+            request.replies.append(message)
+            if not request.dump and not request.ack:
+                self._finish(request, request.replies)
             return
         messageClass = self.messageClasses.get(header.type, self.defaultMessageClass)
         try:

@@ -237,12 +237,32 @@ class MessageTests(SynchronousTestCase):
         self.assertIn(nlattr(SHIFTER_A_SRC_ADDR, v6("2001:db8::7")), data)
         self.assertIn(nlattr(SHIFTER_A_SRC_PORT, struct.pack("=H", 50000)), data)
 
-    def reply(self, *attrs: Any) -> shifter_msg:
+    def test_encodeGetAgreesWithMirror(self) -> None:
+        """
+        The struct-built GET decodes, with the header's Python mirror
+        L{shifter_msg}, to the same command and attributes.
+        """
+        key = ConnectionKey(V6, v6("2001:db8::7"), 50000)
+        message = decodeMessage(encodeRequest(encodeGet(key), FAMILY_ID, 0, 9), shifter_msg)
+        self.assertEqual((message["cmd"], message["version"]), (SHIFTER_CMD_GET, 1))
+        self.assertEqual(
+            [(name, value) for name, value in message["attrs"]],
+            [
+                ("SHIFTER_A_FAMILY", V6),
+                ("SHIFTER_A_SRC_ADDR", v6("2001:db8::7")),
+                ("SHIFTER_A_SRC_PORT", 50000),
+            ],
+        )
+
+    def reply(self, *attrs: Any, cmd: int = SHIFTER_CMD_GET) -> bytes:
+        """
+        A GET reply encoded with the mirror L{shifter_msg}.
+        """
         message = shifter_msg()
-        message["cmd"] = SHIFTER_CMD_GET
+        message["cmd"] = cmd
         message["version"] = 1
         message["attrs"] = list(attrs)
-        return decodeMessage(encodeMessage(message, FAMILY_ID, 0, 1), shifter_msg)
+        return encodeMessage(message, FAMILY_ID, 0, 1)
 
     def test_decodeIPv4(self) -> None:
         """
@@ -267,6 +287,70 @@ class MessageTests(SynchronousTestCase):
         )
         key = ConnectionKey(V6, v6("2001:db8::1"), 1)
         self.assertEqual(decodeGetReply(reply, key), IPv6Address("TCP", "2001:db8::443", 8443))
+
+    def test_decodeFullReply(self) -> None:
+        """
+        A reply as the module sends it, echoing the source before the
+        destination, decodes to the destination.
+        """
+        reply = self.reply(
+            ["SHIFTER_A_FAMILY", V4],
+            ["SHIFTER_A_SRC_ADDR", v4("10.0.0.1")],
+            ["SHIFTER_A_SRC_PORT", 40000],
+            ["SHIFTER_A_DST_ADDR", v4("203.0.113.7")],
+            ["SHIFTER_A_DST_PORT", 443],
+        )
+        key = ConnectionKey(V4, v4("10.0.0.1"), 40000)
+        self.assertEqual(decodeGetReply(reply, key), IPv4Address("TCP", "203.0.113.7", 443))
+
+    def test_decodeFamilyFromKey(self) -> None:
+        """
+        A reply without SHIFTER_A_FAMILY is read in the family asked for.
+        """
+        reply = self.reply(["SHIFTER_A_DST_ADDR", v6("2001:db8::1")], ["SHIFTER_A_DST_PORT", 443])
+        key = ConnectionKey(V6, v6("2001:db8::2"), 1)
+        self.assertEqual(decodeGetReply(reply, key), IPv6Address("TCP", "2001:db8::1", 443))
+
+    def test_decodeWrongCommand(self) -> None:
+        """
+        A reply of another command is rejected.
+        """
+        reply = self.reply(
+            ["SHIFTER_A_FAMILY", V4],
+            ["SHIFTER_A_DST_ADDR", v4("203.0.113.7")],
+            ["SHIFTER_A_DST_PORT", 443],
+            cmd=SHIFTER_CMD_STATS,
+        )
+        with self.assertRaises(ValueError):
+            decodeGetReply(reply, ConnectionKey(V4, v4("10.0.0.1"), 1))
+
+    def test_decodeTruncated(self) -> None:
+        """
+        A reply cut inside an attribute, or inside its generic netlink
+        header, is rejected with L{ValueError}.
+        """
+        reply = self.reply(
+            ["SHIFTER_A_FAMILY", V4],
+            ["SHIFTER_A_DST_ADDR", v4("203.0.113.7")],
+            ["SHIFTER_A_DST_PORT", 443],
+        )
+        key = ConnectionKey(V4, v4("10.0.0.1"), 1)
+        # The last attribute is the port: 6 bytes and 2 of padding.
+        for length in (18, len(reply) - 4, len(reply) - 7):
+            with self.assertRaises(ValueError):
+                decodeGetReply(reply[:length], key)
+
+    def test_decodeBadPortSize(self) -> None:
+        """
+        A destination port attribute that is not two bytes is rejected.
+        """
+        reply = self.reply(
+            ["SHIFTER_A_FAMILY", V4],
+            ["SHIFTER_A_DST_ADDR", v4("203.0.113.7")],
+        ) + nlattr(5, b"\1\2\3\4")
+        reply = struct.pack("=I", len(reply)) + reply[4:]
+        with self.assertRaises(ValueError):
+            decodeGetReply(reply, ConnectionKey(V4, v4("10.0.0.1"), 1))
 
     def test_decodeMissingAddress(self) -> None:
         """

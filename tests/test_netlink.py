@@ -47,8 +47,10 @@ from shifter.netlink import (
     NetlinkProtocol,
     NetlinkTimeout,
     decodeMessage,
+    encodeAttribute,
     encodeMessage,
     encodeRequest,
+    parseAttributes,
     parseDone,
     parseError,
     splitMessages,
@@ -411,6 +413,42 @@ class CodecTests(SynchronousTestCase):
         self.assertEqual(parseDone(doneMessage(1)), 0)
         self.assertEqual(parseDone(netlinkHeader(16, NLMSG_DONE, 0, 1)), 0)
 
+    def test_encodeAttribute(self) -> None:
+        """
+        An attribute is its length (header included, padding not), its
+        type, its payload, and zeros up to four bytes.
+        """
+        self.assertEqual(encodeAttribute(3, b"\x01\xbb"), b"\x06\x00\x03\x00\x01\xbb\x00\x00")
+        self.assertEqual(encodeAttribute(2, b"\x0a\x00\x00\x01"), b"\x08\x00\x02\x00\x0a\x00\x00\x01")
+
+    def test_parseAttributes(self) -> None:
+        """
+        Attributes are read by type, flag bits cleared, from the offset to
+        the end of the data.
+        """
+        data = b"xx" + encodeAttribute(1, b"\x02") + encodeAttribute(0x8000 | 7, b"nest")
+        self.assertEqual(parseAttributes(data, 2), {1: b"\x02", 7: b"nest"})
+
+    def test_parseAttributesTruncated(self) -> None:
+        """
+        An attribute longer than what is left, shorter than its own header,
+        or a few stray bytes at the end, are malformed.
+        """
+        good = encodeAttribute(1, b"abcd")
+        for data in (good[:-1], struct.pack("=HH", 2, 1) + b"\0\0", good + b"\0\0"):
+            with self.assertRaises(MalformedMessage):
+                parseAttributes(data, 0)
+
+    @given(st.binary(max_size=100))
+    def test_parseAttributesGarbage(self, data: bytes) -> None:
+        """
+        Whatever the bytes, attributes parse or raise L{MalformedMessage}.
+        """
+        try:
+            parseAttributes(data, 0)
+        except MalformedMessage:
+            pass
+
     def test_decodeCapturedReply(self) -> None:
         """
         The captured controller reply decodes to the nlctrl family, id 16.
@@ -759,6 +797,28 @@ class ProtocolTests(SynchronousTestCase):
         ((header, _),) = self.kernel.requests
         self.deliver(genericReply(header.sequence, flags=NLM_F_MULTI), doneMessage(header.sequence, -errno.EMSGSIZE))
         self.assertEqual(self.failureResultOf(d, NetlinkError).value.errno, errno.EMSGSIZE)
+
+    def test_rawReply(self) -> None:
+        """
+        With C{raw}, a request may be given as the bytes after the netlink
+        header and fires with the reply's bytes, undecoded.
+        """
+        d = self.protocol.request(b"\x07\x01\x00\x00", 0x20, raw=True)
+        ((header, request),) = self.kernel.requests
+        self.assertEqual(request[16:], b"\x07\x01\x00\x00")
+        self.assertEqual(header.length, 20)
+        reply = genericReply(header.sequence, cmd=7)
+        self.deliver(reply)
+        self.assertEqual(self.successResultOf(d), [reply])
+
+    def test_rawError(self) -> None:
+        """
+        A raw request answered with an error fails like any other.
+        """
+        d = self.protocol.request(b"\x07\x01\x00\x00", 0x20, raw=True)
+        ((header, _),) = self.kernel.requests
+        self.deliver(errorMessage(header.sequence, -errno.ENOENT))
+        self.failureResultOf(d, NetlinkNotFound)
 
     def test_ackAfterReply(self) -> None:
         """
