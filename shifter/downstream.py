@@ -28,6 +28,7 @@ from shifter.connect import ConnectResponse, formatAuthority, formatConnectReque
 from shifter.metrics import TunnelMetrics
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
+from shifter.relay import IRelay, openRelay
 from shifter.resolver import Destination, IOriginalDestinationResolver, ResolverError
 from shifter.sockopt import unmapAddress
 from shifter.upstream import UpstreamFactory, UpstreamProtocol
@@ -53,6 +54,9 @@ class TunnelSettings:
         the client's first bytes hold.  The original port is always kept.
     @ivar sniffTimeout: seconds to wait for the client's first bytes when
         looking for a name, before using the address.
+    @ivar relay: how open tunnels relay: C{"auto"} or C{"splice"} (zero-copy
+        wherever both sides are plain TCP), or C{"twisted"} (Twisted's
+        producers and consumers); see L{shifter.relay}.
     """
 
     connectTimeout: float = 10.0
@@ -64,6 +68,7 @@ class TunnelSettings:
     allowedPorts: frozenset[int] = field(default_factory=frozenset)
     connectTarget: str = "ip"
     sniffTimeout: float = 2.0
+    relay: str = "auto"
 
 
 class ShifterFactory(ServerFactory):
@@ -199,6 +204,8 @@ class DownstreamProtocol(Protocol):
     _how: str | None = None
     _pending: Deferred | None = None
     _idleTimer = None
+    _lastMoved = 0.0
+    _relay: IRelay | None = None
     _sniffTimer = None
     _authRetried = False
     # What CONNECT asks for when it is not the destination's address, and
@@ -448,20 +455,20 @@ class DownstreamProtocol(Protocol):
         factory.openTunnels += 1
         factory.proxyAnswers["2xx"] += 1
         factory.metrics.connectSeconds.observe(factory.reactor.seconds() - self._connectStarted)
-        upstream.transport.registerProducer(self.transport, True)
-        self.transport.registerProducer(upstream.transport, True)
-        if self._early:
-            upstream.transport.write(b"".join(self._early))
-            self._early = []
-        if leftover:
-            self.transport.write(leftover)
-        if self._clientEnded:
-            upstream.transport.loseWriteConnection()
-        else:
-            self.transport.resumeProducing()
-        idleTimeout = self.factory.settings.idleTimeout
+        idleTimeout = factory.settings.idleTimeout
         if idleTimeout:
-            self._idleTimer = self.factory.reactor.callLater(idleTimeout, self._idledOut)
+            self._lastMoved = factory.reactor.seconds()
+            self._idleTimer = factory.reactor.callLater(idleTimeout, self._idledOut)
+        early, self._early = b"".join(self._early), []
+        self._relay = openRelay(factory.settings.relay, factory.reactor, self, upstream)
+        self._relay.start(early, leftover, self._clientEnded)
+
+    def relayEnded(self, how: str) -> None:
+        """
+        The splice relay has ended (both sides finished, or an error) and
+        let go of the sockets: close both connections.
+        """
+        self._close(how)
 
     # Stage 4: the relay.
 
@@ -481,13 +488,21 @@ class DownstreamProtocol(Protocol):
     def touch(self) -> None:
         """
         Note that bytes moved, which postpones the idle timeout.
+
+        Only the time is noted: the timer, when it fires, reschedules itself
+        for what is left, which is cheaper than moving it on every chunk.
         """
-        if self._idleTimer is not None:
-            self._idleTimer.reset(self.factory.settings.idleTimeout)
+        self._lastMoved = self.factory.reactor.seconds()
 
     def _idledOut(self) -> None:
+        reactor = self.factory.reactor
+        idleTimeout = self.factory.settings.idleTimeout
+        left = self._lastMoved + idleTimeout - reactor.seconds()
+        if left > 0:
+            self._idleTimer = reactor.callLater(left, self._idledOut)
+            return
         self._idleTimer = None
-        self._close(f"idle for {self.factory.settings.idleTimeout:g} s")
+        self._close(f"idle for {idleTimeout:g} s")
 
     def readConnectionLost(self) -> None:
         self._clientEnded = True
@@ -538,6 +553,8 @@ class DownstreamProtocol(Protocol):
     def _close(self, how: str) -> None:
         if self._how is None:
             self._how = how
+        if self._relay is not None:
+            self._relay.stop()
         if self._sniffTimer is not None:
             if self._sniffTimer.active():
                 self._sniffTimer.cancel()
@@ -585,6 +602,8 @@ class DownstreamProtocol(Protocol):
             self.fail("shutdown", how)
         elif self._how is None:
             self._how = how
+        if self._relay is not None:
+            self._relay.stop()
         if self.upstream is not None:
             self.upstream.transport.abortConnection()
         self.transport.abortConnection()

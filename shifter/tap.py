@@ -17,8 +17,10 @@ from shifter.downstream import ShifterFactory, TunnelSettings
 from shifter.metrics import MetricsPage
 from shifter.pool import BALANCES, ProxyPool
 from shifter.proxy import MarkingReactor, parseProxy, readCredentials
+from shifter.relay import RELAYS
 from shifter.resolver import RESOLVERS, makeResolver
 from shifter.service import ShifterService
+from shifter.splice import SPLICE_AVAILABLE
 
 CONNECT_TARGETS = ("ip", "sni", "host", "auto")
 
@@ -234,6 +236,15 @@ class Options(usage.Options):
             "example tcp:9100:interface=127.0.0.1. Default: off.",
         ],
         [
+            "relay",
+            None,
+            "auto",
+            "How open tunnels move bytes: splice (zero-copy, splice(2) through "
+            "a pipe per direction; for plain TCP to the proxy, https:// proxies "
+            "keep the Twisted relay), twisted (Twisted's producers and "
+            "consumers), or auto (splice wherever it works).",
+        ],
+        [
             "mark",
             None,
             None,
@@ -328,6 +339,12 @@ class Options(usage.Options):
             raise usage.UsageError(f"--queue-num: {self['queue-num']} is not between 0 and 65535")
         if not 0 <= self["queue-mark"] <= 0xFFFFFFFF:
             raise usage.UsageError(f"--queue-mark: {self['queue-mark']:#x} does not fit in 32 bits")
+        if self["relay"] not in RELAYS:
+            raise usage.UsageError(
+                f"--relay: expected one of {', '.join(RELAYS)}, got {self['relay']!r}"
+            )
+        if self["relay"] == "splice" and not SPLICE_AVAILABLE:
+            raise usage.UsageError("--relay splice: this Python has no os.splice (3.10+ on Linux)")
         if self["max-connections"] is None:
             self["max-connections"] = defaultMaxConnections()
         if self["metrics"] is not None:
@@ -359,6 +376,7 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         allowedPorts=frozenset(config["allow-port"]),
         connectTarget=config["connect-target"],
         sniffTimeout=config["sniff-timeout"],
+        relay=config["relay"],
     )
     pool = ProxyPool(
         proxies,

@@ -1,0 +1,436 @@
+"""
+The zero-copy relay: once a tunnel is open, bytes go from one socket to the
+other through a pipe with C{splice(2)}, so they never enter Python.
+
+Each direction (a L{_Flow}) moves bytes socket -> pipe -> socket.  The
+reactor tells each socket's L{_Socket} when it is readable or writable; the
+flow splices what the source has into its pipe and at once on into the
+destination.  When the destination cannot take it all, the flow stops
+reading the source and waits until the destination is writable again, so
+at most a pipe's worth of bytes is in flight per direction: the same flow
+control as Twisted's producers and consumers, with the kernel holding the
+bytes.  An end of file is passed on as C{shutdown(SHUT_WR)} once the pipe is
+drained; the relay ends when both directions have ended, or at the first
+error on either socket.
+
+Everything runs in the reactor: each socket is registered with
+L{IReactorFDSet} under its own descriptor (the Twisted transport that owned
+it having stopped reading and writing), and every call is non-blocking.
+
+Pipes are made when a direction first has bytes to move, and an empty pipe
+that has not moved a byte for a while is closed again (L{_PipeReaper}), so
+an idle tunnel holds its two sockets and nothing else.  When no pipe can be
+made (the descriptor limit), the flow copies through a small buffer instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any, Callable
+
+from zope.interface import implementer
+
+from twisted.internet.interfaces import IHalfCloseableDescriptor, IReadWriteDescriptor
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+SPLICE_AVAILABLE = hasattr(os, "splice")
+
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = 1031
+
+# Bytes asked of one splice(2) from a socket: more than a pipe holds, so the
+# pipe, not the request, is the limit.
+_REQUEST = 1 << 20
+
+# Bytes read at once when a flow has no pipe and copies instead.
+_COPY_CHUNK = 1 << 16
+
+_NO_PIPE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+@implementer(IReadWriteDescriptor, IHalfCloseableDescriptor)
+class _Socket:
+    """
+    One of the relay's two sockets as the reactor sees it: readable means
+    its outgoing flow may pull, writable means its incoming flow may push.
+    """
+
+    reading = False
+    writing = False
+
+    def __init__(self, relay: SpliceRelay, sock: socket.socket, side: str) -> None:
+        self.relay = relay
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.side = side
+        self.outgoing: _Flow
+        self.incoming: _Flow
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return f"splice {self.side}"
+
+    def startReading(self) -> None:
+        if not self.reading:
+            self.reading = True
+            self.relay.reactor.addReader(self)
+
+    def stopReading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.relay.reactor.removeReader(self)
+
+    def startWriting(self) -> None:
+        if not self.writing:
+            self.writing = True
+            self.relay.reactor.addWriter(self)
+
+    def stopWriting(self) -> None:
+        if self.writing:
+            self.writing = False
+            self.relay.reactor.removeWriter(self)
+
+    def doRead(self) -> None:
+        if not self.relay.stopped:
+            self.outgoing.pull()
+
+    def doWrite(self) -> None:
+        if not self.relay.stopped:
+            self.incoming.push()
+
+    def readConnectionLost(self, reason: object) -> None:
+        # The reactor saw a hang-up with nothing left to read; it has
+        # already removed us as a reader.
+        self.reading = False
+        if not self.relay.stopped:
+            self.outgoing.ended()
+
+    def connectionLost(self, reason: object) -> None:
+        # The reactor saw an error or hang-up while we only wrote; it has
+        # removed us both as reader and writer.
+        self.reading = self.writing = False
+        if not self.relay.stopped:
+            try:
+                error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError as e:
+                error = e.errno
+            self.relay.failed(self, error or errno.EPIPE)
+
+
+class _Flow:
+    """
+    One direction of the relay: bytes from C{source} to C{sink}.
+
+    @ivar pending: bytes to write to the sink before anything else (what
+        Twisted had already read, or a copied chunk), with C{sent} of them
+        written.
+    @ivar inPipe: bytes in the pipe, not yet in the sink.
+    @ivar eof: whether the source has ended.
+    @ivar done: whether the end has been passed on to the sink.
+    """
+
+    pipe: tuple[int, int] | None = None
+    inPipe = 0
+    eof = False
+    done = False
+    moved = False
+    sent = 0
+
+    def __init__(
+        self, relay: SpliceRelay, source: _Socket, sink: _Socket, count: Callable[[int], None]
+    ) -> None:
+        self.relay = relay
+        self.source = source
+        self.sink = sink
+        self.count = count
+        self.pending = b""
+        source.outgoing = self
+        sink.incoming = self
+
+    def start(self, pending: bytes, eof: bool) -> None:
+        self.pending = pending
+        self.eof = eof
+        self.push()
+
+    def pull(self) -> None:
+        """
+        The source is readable: move what it has into the pipe, then on.
+        """
+        pipe = self.pipe
+        if pipe is None:
+            pipe = self.relay.openPipe(self)
+            if pipe is None:
+                self._copy()
+                return
+        try:
+            n = os.splice(self.source.fd, pipe[1], _REQUEST, flags=_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.relay.failed(self.source, e.errno)
+            return
+        if n == 0:
+            self.ended()
+            return
+        self.inPipe += n
+        self.moved = True
+        self.count(n)
+        self.relay.touch()
+        self.push()
+
+    def _copy(self) -> None:
+        """
+        Pull without a pipe: read a chunk into C{pending}.
+        """
+        try:
+            data = os.read(self.source.fd, _COPY_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.relay.failed(self.source, e.errno)
+            return
+        if not data:
+            self.ended()
+            return
+        self.pending = data
+        self.sent = 0
+        self.count(len(data))
+        self.relay.touch()
+        self.push()
+
+    def push(self) -> None:
+        """
+        Move what is pending and what is in the pipe into the sink; if the
+        sink cannot take it all, stop reading the source until it can.
+        """
+        sink = self.sink
+        if self.pending:
+            try:
+                n = os.write(sink.fd, memoryview(self.pending)[self.sent :])
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                self.relay.failed(sink, e.errno)
+                return
+            self.sent += n
+            if self.sent < len(self.pending):
+                self._blocked()
+                return
+            self.pending = b""
+            self.sent = 0
+        if self.inPipe:
+            try:
+                n = os.splice(self.pipe[0], sink.fd, self.inPipe, flags=_FLAGS)  # type: ignore[index]
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                self.relay.failed(sink, e.errno)
+                return
+            self.inPipe -= n
+            if self.inPipe:
+                # A short write means the sink's buffer is full: waiting
+                # for it to be writable saves a splice that would say so.
+                self._blocked()
+                return
+        sink.stopWriting()
+        if self.eof:
+            self._finish()
+        else:
+            self.source.startReading()
+
+    def _blocked(self) -> None:
+        self.source.stopReading()
+        self.sink.startWriting()
+
+    def ended(self) -> None:
+        """
+        The source has no more bytes: pass that on once the pipe is empty.
+        """
+        self.eof = True
+        self.source.stopReading()
+        if not self.inPipe and not self.pending:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.relay.closePipe(self)
+        try:
+            self.sink.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the sink is gone too; its own flow will say how
+        self.relay.flowDone()
+
+
+class _PipeReaper:
+    """
+    Closes the pipes of flows that have moved nothing for a while, so that
+    idle tunnels hold no pipe descriptors.  One timer for all the relays of
+    a reactor, running only while some flow holds a pipe.
+    """
+
+    def __init__(self, reactor: Any, interval: float) -> None:
+        self.reactor = reactor
+        self.interval = interval
+        self.flows: set[_Flow] = set()
+        self._loop: LoopingCall | None = None
+
+    def add(self, flow: _Flow) -> None:
+        self.flows.add(flow)
+        if self._loop is None:
+            self._loop = LoopingCall(self._sweep)
+            self._loop.clock = self.reactor
+            self._loop.start(self.interval, now=False)
+
+    def discard(self, flow: _Flow) -> None:
+        self.flows.discard(flow)
+        if not self.flows and self._loop is not None:
+            loop, self._loop = self._loop, None
+            loop.stop()
+
+    def _sweep(self) -> None:
+        for flow in list(self.flows):
+            if flow.moved or flow.inPipe:
+                flow.moved = False
+            else:
+                flow.relay.closePipe(flow)
+
+
+_reapers: dict[int, _PipeReaper] = {}
+
+# Seconds without a byte after which a flow's empty pipe is closed.
+PIPE_IDLE = 5.0
+
+
+def _reaperFor(reactor: Any) -> _PipeReaper:
+    reaper = _reapers.get(id(reactor))
+    if reaper is None or reaper.reactor is not reactor:
+        reaper = _reapers[id(reactor)] = _PipeReaper(reactor, PIPE_IDLE)
+    return reaper
+
+
+class SpliceRelay:
+    """
+    Relays bytes both ways between two connected TCP sockets with
+    C{splice(2)}, in the reactor.
+
+    The caller must have stopped its own reading and writing on both
+    sockets, and must not use them until C{onEnd} has been called or
+    L{stop} has returned; closing the sockets stays the caller's job.
+
+    @ivar stopped: whether the relay has let go of the sockets.
+    """
+
+    log = Logger()
+    stopped = False
+    _done = 0
+
+    def __init__(
+        self,
+        reactor: Any,
+        clientSocket: socket.socket,
+        proxySocket: socket.socket,
+        countUp: Callable[[int], None],
+        countDown: Callable[[int], None],
+        touch: Callable[[], None],
+        onEnd: Callable[[str], None],
+        pipeSize: int = 0,
+    ) -> None:
+        """
+        @param countUp: called with the number of bytes read from the client.
+        @param countDown: called with the number of bytes read from the proxy.
+        @param touch: called whenever bytes move (for idle timeouts).
+        @param onEnd: called once, with how the relay ended, after it has
+            let go of the sockets.
+        @param pipeSize: the pipes' size in bytes; 0 for the system's.
+        """
+        self.reactor = reactor
+        self.touch = touch
+        self._onEnd = onEnd
+        self._pipeSize = pipeSize
+        self._reaper = _reaperFor(reactor)
+        self.client = _Socket(self, clientSocket, "client")
+        self.proxy = _Socket(self, proxySocket, "proxy")
+        self.up = _Flow(self, self.client, self.proxy, countUp)
+        self.down = _Flow(self, self.proxy, self.client, countDown)
+
+    def start(self, toProxy: bytes = b"", toClient: bytes = b"", clientEnded: bool = False) -> None:
+        """
+        Start relaying, first writing the bytes already read from either
+        side.
+
+        @param clientEnded: whether the client has already finished sending.
+        """
+        self.down.start(toClient, False)
+        if not self.stopped:
+            self.up.start(toProxy, clientEnded)
+
+    def openPipe(self, flow: _Flow) -> tuple[int, int] | None:
+        """
+        Give C{flow} a pipe, or C{None} if no descriptor is left for one.
+        """
+        try:
+            read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in _NO_PIPE:
+                return None
+            raise
+        if self._pipeSize:
+            try:
+                import fcntl
+
+                fcntl.fcntl(write, _F_SETPIPE_SZ, self._pipeSize)
+            except OSError:
+                pass  # over /proc/sys/fs/pipe-max-size: the default will do
+        flow.pipe = (read, write)
+        self._reaper.add(flow)
+        return flow.pipe
+
+    def closePipe(self, flow: _Flow) -> None:
+        """
+        Close C{flow}'s pipe, if it has one; bytes still in it are lost.
+        """
+        pipe = flow.pipe
+        if pipe is not None:
+            flow.pipe = None
+            flow.inPipe = 0
+            self._reaper.discard(flow)
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def flowDone(self) -> None:
+        self._done += 1
+        if self._done == 2:
+            self._end("both sides closed")
+
+    def failed(self, where: _Socket, error: int) -> None:
+        """
+        A call on C{where} failed with C{error}: end the relay.
+        """
+        self._end(f"{where.side} connection lost: {os.strerror(error) if error else 'hang-up'}")
+
+    def _end(self, how: str) -> None:
+        if self.stopped:
+            return
+        self.stop()
+        self._onEnd(how)
+
+    def stop(self) -> None:
+        """
+        Let go of both sockets now (unregister them from the reactor) and
+        close the pipes, without calling C{onEnd}.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
+        for sock in (self.client, self.proxy):
+            sock.stopReading()
+            sock.stopWriting()
+        self.closePipe(self.up)
+        self.closePipe(self.down)

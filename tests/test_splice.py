@@ -1,0 +1,401 @@
+"""
+Tests for L{shifter.splice}: the zero-copy relay on real loopback TCP
+sockets, driven by the real reactor.
+
+Each test builds two TCP connections on 127.0.0.1: the client's (a peer
+playing the client, and the socket the relay reads as the client side) and
+the proxy's (the relay's proxy side, and a peer playing the proxy).  The
+peers are ordinary Twisted protocols.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+
+from zope.interface import implementer
+
+from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest, TestCase
+
+from shifter import splice
+from shifter.splice import SpliceRelay
+
+
+def tcpPair() -> tuple[socket.socket, socket.socket]:
+    """
+    Two ends of one loopback TCP connection, both non-blocking.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    one = socket.create_connection(listener.getsockname())
+    other, _ = listener.accept()
+    listener.close()
+    for sock in (one, other):
+        sock.setblocking(False)
+    return one, other
+
+
+def openDescriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@implementer(IHalfCloseableProtocol)
+class Peer(Protocol):
+    """
+    One far end of the relay: hashes what it receives, and says when the
+    other side finished sending and when the connection is gone.
+    """
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.received = 0
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.reason = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.received += len(data)
+
+    def readConnectionLost(self) -> None:
+        self.ended.callback(None)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:  # type: ignore[no-untyped-def]
+        self.reason = reason
+        if not self.ended.called:
+            self.ended.callback(None)
+        self.lost.callback(None)
+
+
+def adopt(sock: socket.socket) -> Peer:
+    """
+    Hand C{sock} to the reactor with a L{Peer} on it.
+    """
+    peer = Peer()
+    factory = Factory.forProtocol(lambda: peer)
+    reactor.adoptStreamConnection(sock.fileno(), socket.AF_INET, factory)
+    sock.close()
+    return peer
+
+
+def describeDescriptors() -> str:
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            names.append(f"{fd}:{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass
+    return " ".join(names)
+
+
+def payload(size: int, seed: bytes) -> bytes:
+    block = hashlib.sha256(seed).digest() * 2048
+    return (block * (size // len(block) + 1))[:size]
+
+
+def waitUntil(predicate, timeout: float = 10.0) -> defer.Deferred:  # type: ignore[no-untyped-def]
+    """
+    Poll C{predicate} in the reactor until it is true (or fail after
+    C{timeout} seconds).
+    """
+
+    @defer.inlineCallbacks
+    def poll():  # type: ignore[no-untyped-def]
+        for _ in range(int(timeout / 0.01)):
+            if predicate():
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError(f"timed out waiting for {predicate}")
+
+    return poll()
+
+
+class SpliceRelayTests(TestCase):
+    """
+    L{SpliceRelay} between a client connection and a proxy connection.
+    """
+
+    def setUp(self) -> None:
+        if not splice.SPLICE_AVAILABLE:
+            raise SkipTest("this Python has no os.splice")
+        clientPeer, self.clientSide = tcpPair()
+        self.proxySide, proxyPeer = tcpPair()
+        self.client = adopt(clientPeer)
+        self.proxy = adopt(proxyPeer)
+        self.up = self.down = self.touched = 0
+        self.how: defer.Deferred[str] = defer.Deferred()
+
+        def countUp(n: int) -> None:
+            self.up += n
+
+        def countDown(n: int) -> None:
+            self.down += n
+
+        def touch() -> None:
+            self.touched += 1
+
+        def ended(how: str) -> None:
+            self.clientSide.close()
+            self.proxySide.close()
+            self.how.callback(how)
+
+        self.relay = SpliceRelay(
+            reactor, self.clientSide, self.proxySide, countUp, countDown, touch, ended
+        )
+        self.addCleanup(self.closeAll)
+
+    @defer.inlineCallbacks
+    def closeAll(self):  # type: ignore[no-untyped-def]
+        if not self.relay.stopped:
+            self.relay.stop()
+            self.clientSide.close()
+            self.proxySide.close()
+        for peer in (self.client, self.proxy):
+            if peer.transport.connected:
+                peer.transport.abortConnection()
+            yield peer.lost
+
+    def peerTransport(self, peer: Peer):  # type: ignore[no-untyped-def]
+        return peer.transport
+
+    @defer.inlineCallbacks
+    def test_bytesBothWays(self):  # type: ignore[no-untyped-def]
+        """
+        Several megabytes each way arrive intact, and are counted.
+        """
+        upBytes = payload(5_000_000, b"up")
+        downBytes = payload(7_000_000, b"down")
+        self.relay.start()
+        self.client.transport.write(upBytes)
+        self.proxy.transport.write(downBytes)
+        self.client.transport.loseWriteConnection()
+        self.proxy.transport.loseWriteConnection()
+        how = yield self.how
+        yield self.client.ended
+        yield self.proxy.ended
+        self.assertEqual(how, "both sides closed")
+        self.assertEqual(self.proxy.hash.hexdigest(), hashlib.sha256(upBytes).hexdigest())
+        self.assertEqual(self.client.hash.hexdigest(), hashlib.sha256(downBytes).hexdigest())
+        self.assertEqual((self.up, self.down), (len(upBytes), len(downBytes)))
+        self.assertGreater(self.touched, 0)
+
+    @defer.inlineCallbacks
+    def test_bufferedBytesFirst(self):  # type: ignore[no-untyped-def]
+        """
+        Bytes already read before the relay started go first, each to its
+        side, and are not counted again.
+        """
+        self.relay.start(toProxy=b"early ", toClient=b"leftover ")
+        self.client.transport.write(b"later")
+        self.proxy.transport.write(b"later")
+        yield waitUntil(lambda: self.proxy.received == 11 and self.client.received == 14)
+        self.assertEqual(self.proxy.hash.digest(), hashlib.sha256(b"early later").digest())
+        self.assertEqual(self.client.hash.digest(), hashlib.sha256(b"leftover later").digest())
+        self.assertEqual((self.up, self.down), (5, 5))
+
+    @defer.inlineCallbacks
+    def test_backpressure(self):  # type: ignore[no-untyped-def]
+        """
+        When the proxy's peer does not read, the relay stops reading the
+        client: what it holds stays within a pipe, and the rest waits in
+        the client's socket.  Once the peer reads again, everything
+        arrives.
+        """
+        data = payload(32_000_000, b"slow")
+        self.proxy.transport.pauseProducing()
+        self.relay.start()
+        self.client.transport.write(data)
+        yield waitUntil(lambda: not self.relay.client.reading and self.relay.proxy.writing)
+        yield deferLater(reactor, 0.2, lambda: None)
+        stalled = self.up
+        self.assertLess(stalled, len(data))
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(self.up, stalled, "the relay kept reading a blocked direction")
+        self.assertLessEqual(self.relay.up.inPipe, 1 << 20)
+        self.proxy.transport.resumeProducing()
+        yield waitUntil(lambda: self.proxy.received == len(data), timeout=30)
+        self.assertEqual(self.proxy.hash.digest(), hashlib.sha256(data).digest())
+
+    @defer.inlineCallbacks
+    def test_halfCloseFromClient(self):  # type: ignore[no-untyped-def]
+        """
+        The client's end of sending reaches the proxy's peer as an end of
+        file, and the proxy's answer still reaches the client; the relay
+        ends when the proxy finishes too.
+        """
+        self.relay.start()
+        self.client.transport.write(b"request")
+        self.client.transport.loseWriteConnection()
+        yield self.proxy.ended
+        self.assertFalse(self.how.called)
+        self.proxy.transport.write(b"answer")
+        yield waitUntil(lambda: self.client.received == 6)
+        self.proxy.transport.loseWriteConnection()
+        how = yield self.how
+        self.assertEqual(how, "both sides closed")
+        self.assertEqual(self.client.hash.digest(), hashlib.sha256(b"answer").digest())
+
+    @defer.inlineCallbacks
+    def test_halfCloseFromProxy(self):  # type: ignore[no-untyped-def]
+        """
+        The proxy's end of sending reaches the client as an end of file,
+        and the client may still send.
+        """
+        self.relay.start()
+        self.proxy.transport.write(b"banner")
+        self.proxy.transport.loseWriteConnection()
+        yield self.client.ended
+        self.client.transport.write(b"more")
+        yield waitUntil(lambda: self.proxy.received == 4)
+        self.assertFalse(self.how.called)
+        self.client.transport.loseWriteConnection()
+        self.assertEqual((yield self.how), "both sides closed")
+
+    @defer.inlineCallbacks
+    def test_clientAlreadyEnded(self):  # type: ignore[no-untyped-def]
+        """
+        A client that finished sending before the relay started has its
+        early bytes delivered, then the end of file.
+        """
+        self.relay.start(toProxy=b"all of it", clientEnded=True)
+        yield self.proxy.ended
+        self.assertEqual(self.proxy.received, 9)
+
+    @defer.inlineCallbacks
+    def test_endOfFileWithBytesInPipe(self):  # type: ignore[no-untyped-def]
+        """
+        An end of file that arrives while bytes wait in the pipe is passed
+        on only after them.
+        """
+        data = payload(32_000_000, b"tail")
+        self.proxy.transport.pauseProducing()
+        self.relay.start()
+        self.client.transport.write(data)
+        self.client.transport.loseWriteConnection()
+        yield waitUntil(lambda: self.relay.up.inPipe > 0 and not self.relay.client.reading)
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(self.proxy.ended.called)
+        self.proxy.transport.resumeProducing()
+        yield self.proxy.ended
+        self.assertEqual(self.proxy.hash.digest(), hashlib.sha256(data).digest())
+        self.assertIsNone(self.relay.up.pipe, "the ended direction's pipe was kept")
+
+    @defer.inlineCallbacks
+    def test_reset(self):  # type: ignore[no-untyped-def]
+        """
+        A client that resets its connection ends the relay at once, saying
+        so.
+        """
+        self.relay.start()
+        self.client.transport.write(b"x")
+        yield waitUntil(lambda: self.proxy.received == 1)
+        self.client.transport.socket.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        self.client.transport.abortConnection()
+        how = yield self.how
+        self.assertTrue(how.startswith("client connection lost"), how)
+
+    @defer.inlineCallbacks
+    def test_resetWhileWriting(self):  # type: ignore[no-untyped-def]
+        """
+        A proxy that resets while the relay writes to it ends the relay.
+        """
+        self.relay.start()
+        self.proxy.transport.socket.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        self.proxy.transport.abortConnection()
+        yield self.proxy.lost
+        self.client.transport.write(payload(1_000_000, b"to nobody"))
+        how = yield self.how
+        self.assertTrue(how.startswith("proxy connection lost"), how)
+
+    @defer.inlineCallbacks
+    def test_stop(self):  # type: ignore[no-untyped-def]
+        """
+        L{SpliceRelay.stop} lets go of both sockets without a word: the
+        caller closes them.
+        """
+        self.relay.start()
+        self.client.transport.write(b"x")
+        yield waitUntil(lambda: self.proxy.received == 1)
+        self.relay.stop()
+        self.assertFalse(self.how.called)
+        self.assertEqual((self.relay.client.reading, self.relay.proxy.reading), (False, False))
+        self.assertIsNone(self.relay.up.pipe)
+
+    @defer.inlineCallbacks
+    def test_pipesMadeLazily(self):  # type: ignore[no-untyped-def]
+        """
+        A relay holds no pipe until bytes flow, and gives an idle pipe back.
+        """
+        self.patch(splice, "_reapers", {})
+        self.patch(splice, "PIPE_IDLE", 0.05)
+        self.relay = SpliceRelay(
+            reactor, self.clientSide, self.proxySide, lambda n: None, lambda n: None,
+            lambda: None, self.how.callback,
+        )
+        self.relay.start()
+        self.assertIsNone(self.relay.up.pipe)
+        self.assertIsNone(self.relay.down.pipe)
+        self.client.transport.write(b"x")
+        yield waitUntil(lambda: self.proxy.received == 1)
+        self.assertIsNotNone(self.relay.up.pipe)
+        self.assertIsNone(self.relay.down.pipe)
+        yield waitUntil(lambda: self.relay.up.pipe is None)
+        self.client.transport.write(b"y")
+        yield waitUntil(lambda: self.proxy.received == 2)
+        self.relay.stop()
+        self.clientSide.close()
+        self.proxySide.close()
+
+    @defer.inlineCallbacks
+    def test_copiesWithoutPipes(self):  # type: ignore[no-untyped-def]
+        """
+        When no pipe can be made (no descriptor left), bytes are copied
+        instead, intact.
+        """
+
+        def noPipe(flags: int) -> tuple[int, int]:
+            raise OSError(24, "Too many open files")
+
+        self.patch(os, "pipe2", noPipe)
+        data = payload(2_000_000, b"copy")
+        self.relay.start()
+        self.client.transport.write(data)
+        self.client.transport.loseWriteConnection()
+        self.proxy.transport.loseWriteConnection()
+        self.assertEqual((yield self.how), "both sides closed")
+        yield self.proxy.ended
+        self.assertEqual(self.proxy.hash.digest(), hashlib.sha256(data).digest())
+
+    @defer.inlineCallbacks
+    def test_descriptorsClosed(self):  # type: ignore[no-untyped-def]
+        """
+        Once the relay has ended and the sockets are closed, every
+        descriptor it used (pipes included) is closed.
+        """
+        yield deferLater(reactor, 0, lambda: None)  # the reactor's own pipes are made
+        # The two relay sockets and the two peers' are open now.
+        before = openDescriptors() - 4
+        self.relay.start()
+        self.client.transport.write(payload(1_000_000, b"a"))
+        self.proxy.transport.write(payload(1_000_000, b"b"))
+        yield waitUntil(lambda: self.relay.up.pipe is not None and self.relay.down.pipe is not None)
+        self.client.transport.loseConnection()
+        self.proxy.transport.loseConnection()
+        yield self.how
+        yield self.client.lost
+        yield self.proxy.lost
+        self.assertEqual(openDescriptors(), before, describeDescriptors())
