@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from shifter import kmod
 from shifter.kmod import (
@@ -692,3 +692,31 @@ class ClientTests(FakeKernelCase):
         """
         self.command("ports")
         self.assertTrue(self.kernel.sockets[0].closed)
+
+
+class CommandLineTests(SynchronousTestCase):
+    """
+    C{python -m shifter.kmod} as a real process.
+    """
+
+    def test_moduleNotLoaded(self) -> None:
+        """
+        Without the module, the command exits 1 and says the module is not
+        loaded.
+        """
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        if Path("/sys/module/shifter").exists():
+            raise SkipTest("the shifter module is loaded on this host")
+        project = str(Path(__file__).resolve().parent.parent)
+        result = subprocess.run(
+            [sys.executable, "-m", "shifter.kmod", "stats"],
+            capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, PYTHONPATH=project),
+        )
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertIn("module shifter not loaded", result.stderr)
