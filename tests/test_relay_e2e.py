@@ -1,0 +1,125 @@
+"""
+End-to-end tests of each relay (C{--relay splice}, C{--relay twisted}) and
+of C{--workers}: a real C{twistd shifter} on the namespaced gateway, with a
+real Squid and a real TLS web server, fetched from by curl.
+
+These need root (namespaces, iptables), Squid, curl and openssl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import time
+
+from tests.gateway import SERVER_V4, SQUID_PORT, waitFor
+from tests.test_integration import PEER, GatewayTestCase
+
+
+def pipeDescriptors(pid: int) -> int:
+    """
+    How many pipes process C{pid} holds open.
+    """
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("pipe:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+class RelayTestsMixin:
+    """
+    Shifter forced to one relay: a slow download through it arrives
+    intact, is logged with its byte counts, and a half-closing client gets
+    its whole answer.
+    """
+
+    relay: str
+
+    def setUp(self) -> None:
+        super().setUp()  # type: ignore[misc]
+        self.shifter.options = (*self.shifter.options, "--relay", self.relay)
+        self.squid.start()
+        self.shifter.start()
+
+    def slowFetch(self):  # type: ignore[no-untyped-def]
+        """
+        Fetch the 1 MiB file at 400 kB/s; return the curl process, still
+        running, and the file it writes.
+        """
+        out = self.directory / "slow.bin"
+        process = self.net.client.start(
+            "curl", "-sS", "--max-time", "30", "--limit-rate", "400k",
+            "--cacert", str(self.web.cert), "-o", str(out), f"https://{SERVER_V4}/file.bin",
+            logTo=self.directory / "curl.log",
+        )
+        return process, out
+
+    def relayPipes(self) -> tuple[int, int]:
+        """
+        Shifter's pipes before and during a slow download, whose body is
+        checked once it is done.
+        """
+        pid = self.shifter.process.pid
+        before = pipeDescriptors(pid)
+        process, out = self.slowFetch()
+        during = 0
+        deadline = time.monotonic() + 30
+        while process.poll() is None and time.monotonic() < deadline:
+            during = max(during, pipeDescriptors(pid))
+            time.sleep(0.05)
+        self.assertEqual(process.wait(30), 0, (self.directory / "curl.log").read_text())
+        self.assertEqual(hashlib.sha256(out.read_bytes()).digest(), hashlib.sha256(self.payload).digest())
+        line = self.shifter.waitForLog("tunnel ", f"-> {SERVER_V4}:443 via 127.0.0.1:{SQUID_PORT} closed")
+        bytesDown = int(line.split(" bytes down")[0].rsplit(" ", 1)[1])
+        self.assertGreater(bytesDown, len(self.payload))
+        return before, during
+
+    def test_halfClose(self) -> None:
+        """
+        A client that sends its data and shuts down its sending side still
+        receives the whole answer, which the far end sends only after EOF
+        (through a CONNECT proxy that keeps half-closed tunnels open).
+        """
+        gateway = self.net.gateway
+        gateway.start(sys.executable, PEER, "proxy", "3129", logTo=self.directory / "peer.log")
+        gateway.waitListening(3129)
+        self.shifter.stop()
+        self.shifter.options = (
+            "--listen", "tcp6:12345:interface=\\:\\:", "--proxy", "127.0.0.1:3129", "--relay", self.relay,
+        )
+        self.shifter.start()
+        result = self.net.client.run(sys.executable, PEER, "client", SERVER_V4, "443", "3000000")
+        sent, received = result.stdout.split()
+        self.assertEqual(sent, received)
+        self.shifter.waitForLog("3000000 bytes up, 64 bytes down", "(both sides closed)")
+
+
+class SpliceRelayTests(RelayTestsMixin, GatewayTestCase):
+    relay = "splice"
+
+    def test_download(self) -> None:
+        """
+        With C{--relay splice}, a download arrives intact and is counted,
+        and Shifter moves it through pipes (two per tunnel while bytes
+        flow both ways).
+        """
+        before, during = self.relayPipes()
+        self.assertGreaterEqual(during - before, 2)
+
+
+class TwistedRelayTests(RelayTestsMixin, GatewayTestCase):
+    relay = "twisted"
+
+    def test_download(self) -> None:
+        """
+        With C{--relay twisted}, a download arrives intact and is counted,
+        and Shifter holds no pipe for it.
+        """
+        before, during = self.relayPipes()
+        self.assertEqual(during, before)
