@@ -668,3 +668,110 @@ class SeveralProxiesTests(TunnelTestCase):
         self.assertEqual((self.endpoint.attempts, self.endpointB.attempts), ([], []))
         self.assertIn("every proxy is down", self.failureLines()[0])
         self.assertEqual(self.factory.counters["no-proxy"], 1)
+
+
+class ConnectTargetTests(TunnelTestCase):
+    """
+    --connect-target sni, host and auto: the name CONNECT asks for comes
+    from the client's first bytes.
+    """
+
+    def useTarget(self, mode: str) -> None:
+        self.settings = TunnelSettings(connectTarget=mode, sniffTimeout=2, earlyDataLimit=65536)
+
+    def request(self, upstreamTransport) -> bytes:  # type: ignore[no-untyped-def]
+        return upstreamTransport.value().split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+
+    def test_sniNamesTheTarget(self) -> None:
+        """
+        The server name from a ClientHello, even one split across reads,
+        becomes the CONNECT target with the original port; the hello itself
+        is sent through the tunnel unchanged.
+        """
+        from tests.test_sniff import realHello
+
+        self.useTarget("sni")
+        hello = realHello("www.example.test")
+        client, clientTransport = self.connectClient()
+        client.dataReceived(hello[:20])
+        self.assertEqual(self.endpoint.attempts, [], "connected before the name was known")
+        client.dataReceived(hello[20:])
+        upstream, upstreamTransport = self.endpoint.accept()
+        self.assertEqual(
+            self.request(upstreamTransport),
+            b"CONNECT www.example.test:443 HTTP/1.1\r\nHost: www.example.test:443\r\n\r\n",
+        )
+        upstream.dataReceived(OK)
+        self.assertTrue(upstreamTransport.value().endswith(hello))
+        self.lose(upstream, upstreamTransport)
+        self.lose(client, clientTransport)
+        self.assertTrue(any(
+            "-> 203.0.113.7:443 (CONNECT www.example.test:443, from SNI) via" in m
+            for m in self.messages("info")
+        ))
+
+    def test_hostHeader(self) -> None:
+        """
+        With auto, a plain HTTP request's Host header names the target.
+        """
+        self.useTarget("auto")
+        self.resolver.answer = IPv4Address("TCP", "203.0.113.7", 80)
+        client, _ = self.connectClient()
+        client.dataReceived(b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n")
+        _, upstreamTransport = self.endpoint.accept()
+        self.assertTrue(self.request(upstreamTransport).startswith(b"CONNECT www.example.test:80 "))
+
+    def test_noNameFallsBackToAddress(self) -> None:
+        """
+        A hello without a server name is tunnelled by address, and the log
+        says why.
+        """
+        from tests.test_sniff import realHello
+
+        self.useTarget("sni")
+        client, clientTransport = self.connectClient()
+        client.dataReceived(realHello(None))
+        upstream, upstreamTransport = self.endpoint.accept()
+        self.assertTrue(self.request(upstreamTransport).startswith(b"CONNECT 203.0.113.7:443 "))
+        upstream.dataReceived(OK)
+        self.lose(upstream, upstreamTransport)
+        self.lose(client, clientTransport)
+        self.assertTrue(any("(CONNECT by address: no SNI" in m for m in self.messages("info")))
+
+    def test_sniffTimeout(self) -> None:
+        """
+        A client that sends nothing (a server-speaks-first protocol) is
+        tunnelled by address once the sniff timeout ends.
+        """
+        self.useTarget("sni")
+        self.connectClient()
+        self.clock.advance(1.9)
+        self.assertEqual(self.endpoint.attempts, [])
+        self.clock.advance(0.2)
+        _, upstreamTransport = self.endpoint.accept()
+        self.assertTrue(self.request(upstreamTransport).startswith(b"CONNECT 203.0.113.7:443 "))
+
+    def test_clientEndsBeforeHello(self) -> None:
+        """
+        A client that half-closes before a whole hello is tunnelled by
+        address at once, its bytes and its half-close passed on.
+        """
+        self.useTarget("sni")
+        client, _ = self.connectClient()
+        client.dataReceived(b"\x16\x03\x01\x00")
+        client.readConnectionLost()
+        upstream, upstreamTransport = self.endpoint.accept()
+        upstream.dataReceived(OK)
+        self.assertTrue(upstreamTransport.value().endswith(b"\x16\x03\x01\x00"))
+        self.assertTrue(upstreamTransport.writeClosed)
+
+    def test_hostileNameRefused(self) -> None:
+        """
+        A name that is not a hostname never reaches the CONNECT request.
+        """
+        self.useTarget("host")
+        client, _ = self.connectClient()
+        client.dataReceived(b"GET / HTTP/1.1\r\nHost: evil.test\tX\r\n\r\n")
+        _, upstreamTransport = self.endpoint.accept()
+        self.assertTrue(self.request(upstreamTransport).startswith(b"CONNECT 203.0.113.7:443 "))
+        self.assertNotIn(b"evil", upstreamTransport.value().split(b"\r\n\r\n")[0])
