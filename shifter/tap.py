@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import resource
+import sys
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -21,6 +22,7 @@ from shifter.relay import RELAYS
 from shifter.resolver import RESOLVERS, makeResolver
 from shifter.service import ShifterService
 from shifter.splice import SPLICE_AVAILABLE
+from shifter.workers import ReusePortEndpoint, WorkersService, becomeWorker, shiftPort, workerReady
 
 CONNECT_TARGETS = ("ip", "sni", "host", "auto")
 
@@ -236,6 +238,23 @@ class Options(usage.Options):
             "example tcp:9100:interface=127.0.0.1. Default: off.",
         ],
         [
+            "workers",
+            None,
+            1,
+            "Processes serving the --listen port (tcp: or tcp6: only), each "
+            "with its own socket (SO_REUSEPORT) and reactor, started, watched "
+            "and restarted by this one. With --metrics, worker I serves on the "
+            "metrics port plus I.",
+            _positiveInt,
+        ],
+        [
+            "worker",
+            None,
+            None,
+            "Internal: set by the parent of --workers on each of its workers.",
+            int,
+        ],
+        [
             "relay",
             None,
             "auto",
@@ -257,9 +276,15 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        self.arguments: list[str] = []
         self["proxy"] = []
         self["allow"] = []
         self["allow-port"] = set()
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Kept for --workers, whose workers are started with the same ones.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_proxy(self, proxy: str) -> None:
         """
@@ -345,6 +370,11 @@ class Options(usage.Options):
             )
         if self["relay"] == "splice" and not SPLICE_AVAILABLE:
             raise usage.UsageError("--relay splice: this Python has no os.splice (3.10+ on Linux)")
+        if self["workers"] > 1:
+            if ReusePortEndpoint.fromEndpoint(reactor, serverFromString(reactor, self["listen"])) is None:
+                raise usage.UsageError("--workers: the --listen endpoint must be tcp: or tcp6:")
+            if self["resolver"] == "nfqueue":
+                raise usage.UsageError("--workers: --resolver nfqueue binds one queue, for one process")
         if self["max-connections"] is None:
             self["max-connections"] = defaultMaxConnections()
         if self["metrics"] is not None:
@@ -360,6 +390,10 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
     """
     if reactor is None:
         from twisted.internet import reactor
+    if config["workers"] > 1 and config["worker"] is None:
+        return WorkersService(
+            reactor, config["workers"], config.arguments, config["drain-timeout"], config["listen"]
+        )
     proxyReactor = MarkingReactor(reactor, config["mark"]) if config["mark"] else reactor
     proxies = [
         parseProxy(proxy, proxyReactor, config["proxy-credentials"], config["proxy-ca"])
@@ -390,17 +424,28 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         makeResolver(config["resolver"], reactor, **resolverOptions(config)), pool, settings, reactor
     )
     top = MultiService()
-    ShifterService(
-        serverFromString(reactor, config["listen"]),
+    endpoint = serverFromString(reactor, config["listen"])
+    metrics = config["metrics"]
+    worker = config["worker"]
+    if worker is not None:
+        becomeWorker(worker)
+        endpoint = ReusePortEndpoint.fromEndpoint(reactor, endpoint) or endpoint
+        if metrics is not None:
+            metrics = shiftPort(metrics, worker) or (metrics if worker == 0 else None)
+    service = ShifterService(
+        endpoint,
         config["listen"],
         factory,
         drainTimeout=config["drain-timeout"],
         handleHangup=True,
-    ).setServiceParent(top)
-    if config["metrics"] is not None:
+    )
+    service.setServiceParent(top)
+    if worker is not None:
+        service.ready.addCallback(lambda _: workerReady())
+    if metrics is not None:
         site = Site(MetricsPage(factory.metrics.registry))
         site.noisy = False
-        StreamServerEndpointService(serverFromString(reactor, config["metrics"]), site).setServiceParent(top)
+        StreamServerEndpointService(serverFromString(reactor, metrics), site).setServiceParent(top)
     return top
 
 

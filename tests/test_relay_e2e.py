@@ -123,3 +123,56 @@ class TwistedRelayTests(RelayTestsMixin, GatewayTestCase):
         """
         before, during = self.relayPipes()
         self.assertEqual(during, before)
+
+
+class WorkersTests(GatewayTestCase):
+    """
+    C{--workers 2}: two processes behind one port.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        (self.web.site / "small.txt").write_text("small\n")
+        self.shifter.options = (*self.shifter.options, "--workers", "2")
+        self.squid.start()
+        self.shifter.start()
+        self.shifter.waitForLog("2 workers accepting on")
+
+    def workerPids(self) -> dict[str, int]:
+        return {
+            index: int(pid)
+            for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", self.shifter.logText())
+        }
+
+    def test_bothWorkersServe(self) -> None:
+        """
+        Connections are spread over both workers, each logging its tunnels
+        tagged with its index; SIGTERM to the parent ends both workers.
+        """
+        pids = self.workerPids()
+        self.assertEqual(sorted(pids), ["0", "1"])
+        self.assertEqual(len(set(pids.values())), 2)
+        for _ in range(24):
+            result = self.fetch(f"https://{SERVER_V4}/small.txt")
+            self.assertEqual((result.returncode, result.body), (0, b"small\n"), result.stderr)
+        waitFor(lambda: self.shifter.logText().count(" closed (") >= 24, 10, "24 tunnel lines")
+        lines = [line for line in self.shifter.logText().splitlines() if " closed (" in line]
+        served = {index for index in "01" if any(f"[worker {index}#info] tunnel " in line for line in lines)}
+        self.assertEqual(served, {"0", "1"})
+        self.shifter.stop()
+        for pid in pids.values():
+            waitFor(lambda: not os.path.exists(f"/proc/{pid}"), 10, f"worker {pid} to exit")
+
+    def test_restart(self) -> None:
+        """
+        A worker that dies is restarted, and the port keeps being served.
+        """
+        pids = self.workerPids()
+        os.kill(pids["1"], 9)
+        waitFor(lambda: self.shifter.logText().count(" started (pid ") >= 3, 10, "a restarted worker")
+        self.assertNotEqual(self.workerPids()["1"], pids["1"])
+        self.shifter.waitForLog("worker 1 exited")
+        waitFor(lambda: self.shifter.logText().count("accepting redirected") >= 3, 10, "it to accept")
+        for _ in range(6):
+            result = self.fetch(f"https://{SERVER_V4}/small.txt")
+            self.assertEqual(result.returncode, 0, result.stderr)
