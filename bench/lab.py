@@ -226,10 +226,13 @@ class Lab:
     at any point of L{__init__} or L{start}.
     """
 
-    def __init__(self, directory: Path, redirectors: tuple[Redirector, ...], twistd: Path) -> None:
+    def __init__(
+        self, directory: Path, redirectors: tuple[Redirector, ...], twistd: Path, shifterArgs: tuple[str, ...] = ()
+    ) -> None:
         self.directory = directory
         self.redirectors = redirectors
         self.twistd = twistd
+        self.shifterArgs = shifterArgs
         self.namespaces: list[Namespace] = []
         self.squid: subprocess.Popen | None = None
         self.nginx: subprocess.Popen | None = None
@@ -398,14 +401,18 @@ redsocks {{
         process = self.gateway.start(
             str(self.twistd), "-n", "--pidfile=", f"--logfile={log}",
             "shifter", "--listen", f"tcp:{SHIFTER.listen}", "--proxy", f"127.0.0.1:{SQUID_PORT}",
-            logTo=d / "shifter.out", env=env,
+            *self.shifterArgs, logTo=d / "shifter.out", env=env,
         )
         self.processes[SHIFTER.key] = process
 
         def started() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(f"Shifter exited with {process.returncode}; see {log}")
-            return log.exists() and "accepting redirected" in log.read_text()
+            text = log.read_text() if log.exists() else ""
+            # With --workers, the parent says when all of them accept.
+            return "accepting redirected" in text and (
+                not any(a.startswith("--workers") for a in self.shifterArgs) or "workers accepting" in text
+            )
 
         waitFor(started, 30, "Shifter to start")
 

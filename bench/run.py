@@ -280,6 +280,8 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--settle-budget", type=float,
                    help="most seconds of such waiting over the whole run (240; smoke 0)")
     p.add_argument("--twistd", type=Path, default=PROJECT / ".venv" / "bin" / "twistd")
+    p.add_argument("--shifter-args", default="", metavar="ARGS",
+                   help="more options for Shifter, one string: --shifter-args='--workers 2'")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="after the measurements, profile Shifter with py-spy during a throughput "
                         "and a cps run; flame data and summaries go to DIR")
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     lab = None
     try:
-        lab = Lab(directory, args.redirectors, args.twistd)
+        lab = Lab(directory, args.redirectors, args.twistd, tuple(args.shifter_args.split()))
         lab.start()
         print(f"bench: namespaces {', '.join(ns.name for ns in lab.namespaces)}; files in {directory}",
               file=sys.stderr)
@@ -389,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             "latency_count": args.latency_count, "cps_connections": args.cps_connections,
             "threshold_cores": args.threshold, "attempts": args.attempts,
             "redirectors": [r.key for r in args.redirectors], "measurements": list(args.measurements),
+            "shifter_args": args.shifter_args,
             "versions": versions(),
             "interrupted": status == 130,
         },
