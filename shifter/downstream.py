@@ -621,18 +621,27 @@ class DownstreamProtocol(Protocol):
         factory.openTunnels -= 1
         factory.bytesUp += self.received
         factory.bytesDown += bytesDown
+        client, destination, named = self.client, self.target, self._named
+        proxy = self.proxy.description  # type: ignore[union-attr]
+        how, bytesUp = self._how, self.received
+        duration = factory.reactor.seconds() - self._started
+        # The line is rendered here, in one f-string, and logged as a single
+        # field: Twisted's observers would otherwise run string.Formatter
+        # over eight fields for every tunnel, the largest per-connection
+        # cost there was.  The facts stay in the event as fields.
         self.log.info(
-            "tunnel {client} -> {destination}{named} via {proxy} closed ({how}): "
-            "{bytes_up} bytes up, {bytes_down} bytes down, {duration:.3f} s",
-            client=self.client,
-            destination=self.target,
-            named=self._named,
+            "{tunnel_line}",
+            tunnel_line=f"tunnel {client} -> {destination}{named} via {proxy} closed ({how}): "
+            f"{bytesUp} bytes up, {bytesDown} bytes down, {duration:.3f} s",
+            client=client,
+            destination=destination,
+            named=named,
             connect_target=_formatAddress(self._connectHost, self.destination.port),  # type: ignore[union-attr]
-            proxy=self.proxy.description,  # type: ignore[union-attr]
-            how=self._how,
-            bytes_up=self.received,
+            proxy=proxy,
+            how=how,
+            bytes_up=bytesUp,
             bytes_down=bytesDown,
-            duration=factory.reactor.seconds() - self._started,
+            duration=duration,
         )
 
 
