@@ -4,9 +4,10 @@ tunnel through the upstream proxy.
 
 A L{DownstreamProtocol} takes its connection through four stages: resolve
 the original destination, connect to the proxy, read the proxy's answer to
-CONNECT, relay.  The relay is Twisted's own flow control: each transport is
-the other's streaming producer, so a slow side pauses the fast one and no
-buffer grows without bound.
+CONNECT, relay.  The relay (L{shifter.relay}) is splice(2) between the two
+sockets where both are plain TCP, else Twisted's own flow control, each
+transport the other's streaming producer; either way a slow side pauses the
+fast one and no buffer grows without bound.
 """
 
 from __future__ import annotations
