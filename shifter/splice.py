@@ -17,10 +17,13 @@ Everything runs in the reactor: each socket is registered with
 L{IReactorFDSet} under its own descriptor (the Twisted transport that owned
 it having stopped reading and writing), and every call is non-blocking.
 
-Pipes are made when a direction first has bytes to move, and an empty pipe
-that has not moved a byte for a while is closed again (L{_PipeReaper}), so
-an idle tunnel holds its two sockets and nothing else.  When no pipe can be
-made (the descriptor limit), the flow copies through a small buffer instead.
+Small messages (a request, an answer) are cheaper to copy than to splice
+through a pipe that must first be made: each direction starts by copying
+one read at a time (at most 64 KiB), and makes its pipe when a read comes
+back nearly full, the sign of bulk transfer.  An empty pipe that has not
+moved a byte for a while is closed again (L{_PipeReaper}), so an idle
+tunnel holds its two sockets and nothing else.  When no pipe can be made
+(the descriptor limit), the flow keeps copying.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ _REQUEST = 1 << 20
 
 # Bytes read at once when a flow has no pipe and copies instead.
 _COPY_CHUNK = 1 << 16
+
+# A copied read at least this long makes the flow splice from then on.
+_SPLICE_AFTER = _COPY_CHUNK // 2
 
 _NO_PIPE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
@@ -163,10 +169,8 @@ class _Flow:
         """
         pipe = self.pipe
         if pipe is None:
-            pipe = self.relay.openPipe(self)
-            if pipe is None:
-                self._copy()
-                return
+            self._copy()
+            return
         try:
             n = os.splice(self.source.fd, pipe[1], _REQUEST, flags=_FLAGS)
         except BlockingIOError:
@@ -185,7 +189,9 @@ class _Flow:
 
     def _copy(self) -> None:
         """
-        Pull without a pipe: read a chunk into C{pending}.
+        Pull without a pipe: read a chunk into C{pending}.  A chunk that
+        fills most of the buffer says bulk is flowing: the next pulls
+        splice, through a pipe made now (if a descriptor is left for it).
         """
         try:
             data = os.read(self.source.fd, _COPY_CHUNK)
@@ -199,6 +205,8 @@ class _Flow:
             return
         self.pending = data
         self.sent = 0
+        if len(data) >= _SPLICE_AFTER:
+            self.relay.openPipe(self)
         self.count(len(data))
         self.relay.touch()
         self.push()

@@ -338,7 +338,8 @@ class SpliceRelayTests(TestCase):
     @defer.inlineCallbacks
     def test_pipesMadeLazily(self):  # type: ignore[no-untyped-def]
         """
-        A relay holds no pipe until bytes flow, and gives an idle pipe back.
+        A relay holds no pipe while only small messages flow, makes one
+        when bulk flows, and gives it back once idle.
         """
         self.patch(splice, "_reapers", {})
         self.patch(splice, "PIPE_IDLE", 0.05)
@@ -350,12 +351,18 @@ class SpliceRelayTests(TestCase):
         self.assertIsNone(self.relay.up.pipe)
         self.assertIsNone(self.relay.down.pipe)
         self.client.transport.write(b"x")
-        yield waitUntil(lambda: self.proxy.received == 1)
-        self.assertIsNotNone(self.relay.up.pipe)
+        self.proxy.transport.write(b"y")
+        yield waitUntil(lambda: self.proxy.received == 1 and self.client.received == 1)
+        self.assertIsNone(self.relay.up.pipe)
         self.assertIsNone(self.relay.down.pipe)
+        self.proxy.transport.pauseProducing()
+        self.client.transport.write(payload(16_000_000, b"bulk"))
+        yield waitUntil(lambda: self.relay.up.pipe is not None)
+        self.proxy.transport.resumeProducing()
+        yield waitUntil(lambda: self.proxy.received == 16_000_001, timeout=30)
         yield waitUntil(lambda: self.relay.up.pipe is None)
-        self.client.transport.write(b"y")
-        yield waitUntil(lambda: self.proxy.received == 2)
+        self.client.transport.write(b"z")
+        yield waitUntil(lambda: self.proxy.received == 16_000_002)
         self.relay.stop()
         self.clientSide.close()
         self.proxySide.close()
