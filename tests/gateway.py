@@ -329,16 +329,20 @@ http_access deny CONNECT !SSL_ports
         return waitFor(find, timeout, f"Squid access log line with {fragments}")  # type: ignore[return-value]
 
 
-def makeCertificate(directory: Path) -> tuple[Path, Path]:
+def makeCertificate(
+    directory: Path,
+    names: tuple[str, ...] = (f"IP:{SERVER_V4}", f"IP:{SERVER_V6}", "DNS:www.example.test"),
+) -> tuple[Path, Path]:
     """
-    A throwaway self-signed certificate for the test server's addresses.
+    A throwaway self-signed certificate, by default for the test server's
+    addresses and name.
     """
     key, cert = directory / "server.key", directory / "server.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
          "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
          "-subj", "/CN=shifter-test-server",
-         "-addext", f"subjectAltName=IP:{SERVER_V4},IP:{SERVER_V6},DNS:www.example.test"],
+         "-addext", "subjectAltName=" + ",".join(names)],
         check=True,
         capture_output=True,
     )
