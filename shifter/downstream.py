@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from zope.interface import implementer
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -27,6 +28,7 @@ from twisted.python.failure import Failure
 
 from shifter.connect import ConnectResponse, formatAuthority, formatConnectRequest
 from shifter.metrics import TunnelMetrics
+from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
 from shifter.relay import IRelay, openRelay
@@ -97,10 +99,12 @@ class ShifterFactory(ServerFactory):
         pool: ProxyPool,
         settings: TunnelSettings,
         reactor,  # type: ignore[no-untyped-def]
+        policy: ITunnelPolicy | None = None,
     ) -> None:
         self.resolver = resolver
         self.pool = pool
         self.settings = settings
+        self.policy = policy
         self.reactor = reactor
         self.active: set[DownstreamProtocol] = set()
         self.counters: Counter[str] = Counter()
@@ -244,7 +248,7 @@ class DownstreamProtocol(Protocol):
         host = ipaddress.ip_address(unmapAddress(destination.host)).compressed
         self.destination = destination
         self.target = _formatAddress(host, destination.port)
-        self._connectHost = host
+        self._address = self._connectHost = host
         if getattr(self.factory.resolver, "localAddressIsDestination", False):
             # TPROXY: the local address is the destination for every
             # connection, so it cannot tell a direct one.  A destination
@@ -319,7 +323,47 @@ class DownstreamProtocol(Protocol):
     # proxy fails before the tunnel opens.
 
     def _chooseProxies(self) -> None:
-        self._candidates = self.factory.pool.candidates(self._peerHost)
+        factory = self.factory
+        self._candidates = factory.pool.candidates(self._peerHost)
+        if factory.policy is None:
+            self._connectFirst()
+            return
+        peer = self.transport.getPeer()
+        client = (IPv6Address if ":" in self._peerHost else IPv4Address)("TCP", self._peerHost, peer.port)
+        name = self._connectHost if self._connectHost != self._address else None
+        request = TunnelRequest(client, self.destination, name, tuple(self._candidates))  # type: ignore[arg-type]
+        pending = maybeDeferred(factory.policy.decide, request)
+        self._pending = pending
+        pending.addCallbacks(self._decided, self._policyFailed)
+
+    def _decided(self, decision: TunnelDecision | None) -> None:
+        self._pending = None
+        if decision is not None:
+            if decision.refuse is not None:
+                self.fail("policy", f"refused by policy: {decision.refuse}")
+                return
+            if decision.proxies is not None:
+                health = self.factory.pool.health
+                self._candidates = [p for p in decision.proxies if p not in health or health[p].up]
+            if decision.target is not None:
+                port = self.destination.port  # type: ignore[union-attr]
+                try:
+                    formatAuthority(decision.target, port)
+                except ValueError as e:
+                    self.fail("policy", f"policy gave an invalid target: {e}")
+                    return
+                self._connectHost = decision.target
+                self._named = f" (CONNECT {_formatAddress(decision.target, port)}, from policy)"
+        self._connectFirst()
+
+    def _policyFailed(self, reason: Failure) -> None:
+        self._pending = None
+        if reason.check(CancelledError):
+            return
+        self.log.failure("tunnel policy error for {client}", reason, client=self.client)
+        self.fail("policy", f"policy error: {reason.getErrorMessage()}")
+
+    def _connectFirst(self) -> None:
         if not self._candidates:
             self.fail("no-proxy", "every proxy is down")
             return

@@ -95,9 +95,12 @@ class ProxyPool:
 
     def succeeded(self, proxy: UpstreamProxy) -> None:
         """
-        A connection to C{proxy} was made.
+        A connection to C{proxy} was made.  (Proxies outside the pool, such
+        as one an embedding program's policy chose, are not tracked.)
         """
-        health = self.health[proxy]
+        health = self.health.get(proxy)
+        if health is None:
+            return
         health.failures = 0
         health.downFor = self.firstDownFor
 
@@ -106,8 +109,8 @@ class ProxyPool:
         A connection to C{proxy} was refused or timed out; after
         C{failureThreshold} in a row it is marked down.
         """
-        health = self.health[proxy]
-        if not health.up:
+        health = self.health.get(proxy)
+        if health is None or not health.up:
             return
         health.failures += 1
         if health.failures >= self.failureThreshold:

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.downstream import DownstreamProtocol, ShifterFactory, TunnelSettings
+from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
 from shifter.resolver import DestinationUnknown, IOriginalDestinationResolver
@@ -775,3 +776,98 @@ class ConnectTargetTests(TunnelTestCase):
         _, upstreamTransport = self.endpoint.accept()
         self.assertTrue(self.request(upstreamTransport).startswith(b"CONNECT 203.0.113.7:443 "))
         self.assertNotIn(b"evil", upstreamTransport.value().split(b"\r\n\r\n")[0])
+
+
+@implementer(ITunnelPolicy)
+class RecordingPolicy:
+    """
+    Answers with C{self.decision} (or a Deferred the test fires), recording
+    the requests.
+    """
+
+    def __init__(self, decision: object = None) -> None:
+        self.decision = decision
+        self.requests: list[TunnelRequest] = []
+
+    def decide(self, request: TunnelRequest) -> object:
+        self.requests.append(request)
+        if isinstance(self.decision, Exception):
+            raise self.decision
+        return self.decision
+
+
+class PolicyTests(TunnelTestCase):
+    def usePolicy(self, decision: object) -> RecordingPolicy:
+        policy = RecordingPolicy(decision)
+        self.makeFactory()
+        self.factory.policy = policy
+        return policy
+
+    def test_askedWithWhatIsKnown(self) -> None:
+        """
+        The policy is asked once per connection with the client, the
+        original destination and the proxies Shifter would try; None keeps
+        Shifter's choices.
+        """
+        policy = self.usePolicy(None)
+        self.openTunnel()
+        [request] = policy.requests
+        self.assertEqual(request.client, CLIENT)
+        self.assertEqual(request.destination, DESTINATION)
+        self.assertIsNone(request.name)
+        self.assertEqual([p.description for p in request.proxies], ["proxy.test:3128"])
+        self.assertEqual(self.factory.counters["opened"], 1)
+
+    def test_refuse(self) -> None:
+        """
+        A refusal closes the client with the policy's reason, and no proxy
+        is contacted.
+        """
+        self.usePolicy(TunnelDecision(refuse="destination blocked"))
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertIn("refused by policy: destination blocked", self.failureLines()[0])
+
+    def test_chooseProxyAndTarget(self) -> None:
+        """
+        The policy may name the proxies to try and the CONNECT target; the
+        original port is kept.
+        """
+        other = FakeProxyEndpoint()
+        proxy = UpstreamProxy("other.test:3128", other)
+        self.usePolicy(TunnelDecision(proxies=[proxy], target="internal.example.test"))
+        self.connectClient()
+        self.assertEqual(self.endpoint.attempts, [])
+        _, transport = other.accept()
+        self.assertTrue(transport.value().startswith(b"CONNECT internal.example.test:443 HTTP/1.1\r\n"))
+
+    def test_deferredDecision(self) -> None:
+        """
+        A policy may answer later with a Deferred; nothing is connected
+        until it does.
+        """
+        answer: Deferred = Deferred()
+        self.usePolicy(answer)
+        self.connectClient()
+        self.assertEqual(self.endpoint.attempts, [])
+        answer.callback(None)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_invalidTargetRefused(self) -> None:
+        """
+        A target that is not a hostname or address is refused, never sent.
+        """
+        self.usePolicy(TunnelDecision(target="evil\r\nX-Injected: 1"))
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertEqual(self.endpoint.attempts, [])
+
+    def test_policyErrorRefuses(self) -> None:
+        """
+        A policy that raises refuses the connection, with the error logged.
+        """
+        self.usePolicy(RuntimeError("policy bug"))
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
