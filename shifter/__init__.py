@@ -4,6 +4,65 @@ Shifter: a transparent-proxy redirector.
 Connections that netfilter redirects to Shifter are tunnelled, with an HTTP
 C{CONNECT}, through an upstream proxy to the destination the client was
 really trying to reach.
+
+The names listed in C{__all__} are Shifter's public API, for Twisted
+programs that embed it: they keep their meaning from release to release.
+Everything else, including the submodules themselves, is internal and may
+change.  A program embeds Shifter by building a L{ShifterFactory} (or a
+whole service with L{makeService}) and listening with it on an endpoint:
+
+    from twisted.internet.endpoints import serverFromString
+    from shifter import ProxyPool, ShifterFactory, SocketOptionResolver, TunnelSettings, parseProxy
+
+    pool = ProxyPool([parseProxy("10.0.0.5:3128", reactor)], reactor)
+    factory = ShifterFactory(SocketOptionResolver(), pool, TunnelSettings(), reactor)
+    serverFromString(reactor, "tcp:12345").listen(factory)
+
+See C{examples/} for a program with its own L{ITunnelPolicy}.
 """
 
 __version__ = "0.1.0"
+
+from shifter.auth import Credentials
+from shifter.auto import AutoResolver
+from shifter.conntrack import ConntrackResolver
+from shifter.downstream import ShifterFactory, TunnelSettings
+from shifter.kmod import KernelModuleResolver
+from shifter.nfqueue import QueueResolver
+from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+from shifter.pool import ProxyPool
+from shifter.proxy import UpstreamProxy, parseProxy
+from shifter.resolver import (
+    DestinationUnknown,
+    IOriginalDestinationResolver,
+    ResolverError,
+    ResolverUnavailable,
+)
+from shifter.sockopt import SocketOptionResolver
+from shifter.tap import Options, makeService
+from shifter.tproxy import TransparentResolver
+
+__all__ = [
+    "AutoResolver",
+    "ConntrackResolver",
+    "Credentials",
+    "DestinationUnknown",
+    "IOriginalDestinationResolver",
+    "ITunnelPolicy",
+    "KernelModuleResolver",
+    "Options",
+    "ProxyPool",
+    "QueueResolver",
+    "ResolverError",
+    "ResolverUnavailable",
+    "ShifterFactory",
+    "SocketOptionResolver",
+    "TransparentResolver",
+    "TunnelDecision",
+    "TunnelRequest",
+    "TunnelSettings",
+    "UpstreamProxy",
+    "makeService",
+    "parseProxy",
+    "__version__",
+]
