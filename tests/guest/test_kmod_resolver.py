@@ -38,7 +38,7 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import TestCase
 
 from shifter.kmod import ConnectionKey, KernelModuleResolver, ShifterClient
 from shifter.resolver import DestinationUnknown
@@ -524,12 +524,17 @@ class GuestShifterProcess(ShifterProcess):
             assert process.poll() is None, f"Shifter exited:\n{self.logText()}"
 
 
-class TwistdTests(SynchronousTestCase):
+class TwistdTests(TestCase):
     """
     A real C{twistd shifter --resolver=kmod} on a gateway, relaying real
     HTTPS requests from a client namespace through a real Squid to a real
     web server.
+
+    The programs are started and driven with blocking calls: nothing else
+    runs in this test's reactor meanwhile.
     """
+
+    timeout = 1200
 
     def setUp(self) -> None:
         requireGuest()
@@ -557,13 +562,16 @@ class TwistdTests(SynchronousTestCase):
         self.addCleanup(self.shifter.stop)
         self.gateway.redirect(443, SHIFTER_PORT)
 
-    def stats(self) -> dict[str, int]:
+    @inlineCallbacks
+    def stats(self) -> Iterator[Any]:
         """
         The module's counters in the gateway namespace.
         """
-        client = inNamespace(self.gateway.gateway, support.ShifterClient)
+        client = yield inNamespace(
+            self.gateway.gateway, lambda: ShifterClient.connect(reactor)
+        )
         try:
-            return client.stats()
+            return (yield client.stats())
         finally:
             client.close()
 
@@ -579,7 +587,8 @@ class TwistdTests(SynchronousTestCase):
         )
         return result.stdout
 
-    def test_relay(self) -> None:
+    @inlineCallbacks
+    def test_relay(self) -> Iterator[Any]:
         """
         HTTPS requests from an IPv4 and an IPv6 client reach the server
         through Shifter and Squid: Squid logs a CONNECT to each original
@@ -587,11 +596,11 @@ class TwistdTests(SynchronousTestCase):
         counts both look-ups as hits.  (One test for both families: under
         qemu without KVM, starting Shifter alone takes about a minute.)
         """
-        before = self.stats()
+        before = yield self.stats()
         self.assertEqual(self.fetch(SERVER_V4), "hello through the kernel module\n")
         self.squid.waitForLog("CONNECT", f"{SERVER_V4}:443")
         self.assertEqual(self.fetch(SERVER_V6), "hello through the kernel module\n")
         self.squid.waitForLog("CONNECT", SERVER_V6)
-        after = self.stats()
+        after = yield self.stats()
         self.assertEqual(after["hits"] - before["hits"], 2, (before, after))
         self.assertEqual(after["misses"], before["misses"], (before, after))
