@@ -9,7 +9,7 @@ The names listed in C{__all__} are Shifter's public API, for Twisted
 programs that embed it: they keep their meaning from release to release.
 Everything else, including the submodules themselves, is internal and may
 change.  A program embeds Shifter by building a L{ShifterFactory} (or a
-whole service with L{makeService}) and listening with it on an endpoint:
+whole service with L{makeService}) and listening with it on an endpoint::
 
     from twisted.internet.endpoints import serverFromString
     from shifter import ProxyPool, ShifterFactory, SocketOptionResolver, TunnelSettings, parseProxy

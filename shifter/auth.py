@@ -262,12 +262,12 @@ def digestResponse(
     The Digest C{response} value (RFC 7616 section 3.4.1).
 
     For the C{-sess} algorithms A1 also holds the nonce and cnonce (3.4.2);
-    with C{qop} L{None} the response is RFC 2069's, for proxies that offer
+    with C{qop} C{None} the response is RFC 2069's, for proxies that offer
     no qop.  C{auth-int} hashes an empty body, which is what CONNECT has.
 
     @param algorithm: C{MD5}, C{SHA-256}, C{MD5-sess} or C{SHA-256-sess},
         in any case.
-    @param qop: C{auth}, C{auth-int} or L{None}.
+    @param qop: C{auth}, C{auth-int} or C{None}.
     @param nc: the nonce count, how many requests have used this nonce.
     @return: the response as lowercase hexadecimal.
     @raise ValueError: for an algorithm or qop Shifter does not implement.
@@ -293,7 +293,7 @@ def digestResponse(
 def _digestQop(challenge: Challenge) -> tuple[bool, str | None]:
     """
     Which qop to answer C{challenge} with: C{auth} if offered, else
-    C{auth-int}; L{None} if the challenge names none (RFC 2069).
+    C{auth-int}; C{None} if the challenge names none (RFC 2069).
 
     @return: whether the challenge can be answered, and the qop.
     """
@@ -330,7 +330,7 @@ def _strength(challenge: Challenge) -> int:
 def strongestChallenge(challenges: list[Challenge]) -> Challenge | None:
     """
     The challenge to answer: Digest SHA-256, else Digest MD5, else Basic;
-    the first offered among equals.  L{None} if none can be answered.
+    the first offered among equals.  C{None} if none can be answered.
     """
     best: Challenge | None = None
     for challenge in challenges:
@@ -396,7 +396,7 @@ class ProxyAuth:
 
     The caller adds L{headersFor} to each CONNECT; on a 407 it passes the
     C{Proxy-Authenticate} values to L{challenged} and, if that returns
-    L{None}, sends the CONNECT again once on a new connection.
+    C{None}, sends the CONNECT again once on a new connection.
     """
 
     def __init__(self, credentials: Credentials, cnonce: Callable[[], str] = _randomCnonce) -> None:
@@ -455,7 +455,7 @@ class ProxyAuth:
         only the nonce old.
 
         @param headerValues: the 407's C{Proxy-Authenticate} values.
-        @return: L{None} if a new CONNECT can answer (send it once), else
+        @return: C{None} if a new CONNECT can answer (send it once), else
             why not, as one line for the log: no supported scheme, or the
             credentials were refused (Basic already sent, or a Digest nonce
             already answered and not stale).

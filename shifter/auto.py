@@ -57,7 +57,7 @@ class AutoResolver:
 
     def start(self) -> Deferred[None]:
         """
-        @return: a L{Deferred} firing once one candidate started, or failing
+        @return: a C{Deferred} firing once one candidate started, or failing
             with L{ResolverUnavailable} listing why none could.
         """
         reasons: list[str] = []

@@ -120,7 +120,7 @@ class ConnectResponseParser:
         Add bytes received from the proxy.
 
         @return: the complete L{ConnectResponse} once the header block has
-            ended, else L{None} while more bytes are needed.
+            ended, else C{None} while more bytes are needed.
         @raise ProxyResponseError: if the bytes cannot be a valid answer.
         """
         self._buffer += data

@@ -174,7 +174,7 @@ class ConntrackResolver:
         """
         Open a netfilter netlink socket and check that ctnetlink answers.
 
-        @return: a L{Deferred} failing with L{ResolverUnavailable} when the
+        @return: a C{Deferred} failing with L{ResolverUnavailable} when the
             socket cannot be opened, ctnetlink is missing (module
             C{nf_conntrack_netlink}) or refuses us (CAP_NET_ADMIN).
         """

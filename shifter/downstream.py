@@ -140,7 +140,7 @@ class ShifterFactory(ServerFactory):
 
     def whenIdle(self) -> Deferred[None]:
         """
-        @return: a L{Deferred} that fires once no client connection is left.
+        @return: a C{Deferred} that fires once no client connection is left.
         """
         waiter: Deferred[None] = Deferred()
         if self.active:
@@ -153,7 +153,7 @@ class ShifterFactory(ServerFactory):
         """
         Abort every client connection and its tunnel.
 
-        @return: a L{Deferred} that fires once they are all gone.
+        @return: a C{Deferred} that fires once they are all gone.
         """
         done = self.whenIdle()
         for protocol in list(self.active):

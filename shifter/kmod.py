@@ -263,7 +263,7 @@ class ShifterClient:
         """
         Open a generic netlink socket in the reactor and find the family.
 
-        @return: a L{Deferred} firing with a client, or failing with
+        @return: a C{Deferred} firing with a client, or failing with
             L{ResolverUnavailable} saying why there can be none (the
             message starts "module shifter not loaded" when the family is
             absent).
@@ -301,7 +301,7 @@ class ShifterClient:
         """
         Look up a connection's original destination.
 
-        @return: a L{Deferred} firing with it, or failing with
+        @return: a C{Deferred} firing with it, or failing with
             L{NetlinkNotFound} when the module has no record, another
             L{NetlinkException}, or L{ValueError} for a malformed answer.
         """
@@ -395,7 +395,7 @@ class KernelModuleResolver:
         Open the socket and find the module's family, then check that the
         module answers this process (it needs CAP_NET_ADMIN).
 
-        @return: a L{Deferred} failing with L{ResolverUnavailable}
+        @return: a C{Deferred} failing with L{ResolverUnavailable}
             ("module shifter not loaded: ...") when it cannot be used.
         """
 

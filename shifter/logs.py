@@ -1,6 +1,6 @@
 """
 Logging helpers: a JSON observer for twistd's C{--logger} option, and
-reopening log files on SIGHUP.
+reopening log files on SIGHUP::
 
     twistd --logger shifter.logs.json -n shifter --proxy ...
 

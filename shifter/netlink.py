@@ -9,7 +9,7 @@ non-blocking descriptor, with the one OS call that makes the socket held in
 a class attribute so tests can swap it.
 
 L{NetlinkProtocol} speaks the request/reply half of netlink on top of it:
-each request gets a sequence number and a L{Deferred}; replies are matched
+each request gets a sequence number and a C{Deferred}; replies are matched
 back by that number, however many requests are in flight and in whatever
 order the answers come; dumps are gathered up to C{NLMSG_DONE}; error
 replies become L{NetlinkError}; requests that get no answer time out; and
@@ -553,7 +553,7 @@ class _Request:
 class NetlinkProtocol:
     """
     Requests to the kernel over a L{NetlinkPort}, each answered through its
-    own L{Deferred}.
+    own C{Deferred}.
 
     Replies are matched to requests by sequence number.  At most
     C{maxInFlight} requests are sent and unanswered at once; more wait in
@@ -673,10 +673,10 @@ class NetlinkProtocol:
             path.
         @param timeout: seconds to wait for the whole answer (default:
             the protocol's C{timeout}), counted from this call.
-        @return: a L{Deferred} firing with the list of reply messages (for
+        @return: a C{Deferred} firing with the list of reply messages (for
             a plain request, the one reply; for C{ack}, possibly none), or
             failing with a L{NetlinkException}.  Error replies never reach
-            the list, raw or not: they fail the L{Deferred}.
+            the list, raw or not: they fail the C{Deferred}.
         """
         if self._closed is not None or self.transport is None:
             return fail(NetlinkClosed("netlink socket is not open"))
@@ -712,7 +712,7 @@ class NetlinkProtocol:
 
         @param messageClass: if given, replies of that family are decoded
             with it from now on.
-        @return: a L{Deferred} firing with the id, or failing with
+        @return: a C{Deferred} firing with the id, or failing with
             L{FamilyNotFound} when the kernel has no such family (or
             L{ValueError} for a name too long to be one).
         """

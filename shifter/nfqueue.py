@@ -589,7 +589,7 @@ class QueueResolver:
         """
         Bind the queue and ask for the first bytes of each packet.
 
-        @return: a L{Deferred} failing with L{ResolverUnavailable} when the
+        @return: a C{Deferred} failing with L{ResolverUnavailable} when the
             queue cannot be bound (no CAP_NET_ADMIN, another process has
             it, no nfnetlink_queue in the kernel).
         """

@@ -43,7 +43,7 @@ class TunnelRequest:
 @dataclass(frozen=True)
 class TunnelDecision:
     """
-    The policy's answer.  Every field left at L{None} keeps Shifter's own
+    The policy's answer.  Every field left at C{None} keeps Shifter's own
     choice.
 
     @ivar refuse: if set, the connection is refused, with this reason in
@@ -68,7 +68,7 @@ class ITunnelPolicy(Interface):
         Decide for one connection.
 
         @param request: what is known of the connection.
-        @return: a L{TunnelDecision}, L{None} for Shifter's own choices, or
-            a L{Deferred} firing with either.  A failure refuses the
+        @return: a L{TunnelDecision}, C{None} for Shifter's own choices, or
+            a C{Deferred} firing with either.  A failure refuses the
             connection.
         """

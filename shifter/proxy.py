@@ -41,7 +41,7 @@ class UpstreamProxy:
     @ivar endpoint: the client endpoint that connects to it (TLS included,
         for an https:// proxy).
     @ivar address: its (IP address, port) when known in advance, so that a
-        connection redirected to the proxy itself can be refused; L{None}
+        connection redirected to the proxy itself can be refused; C{None}
         when the proxy is named by hostname or by a non-TCP endpoint.
     @ivar auth: its authentication state, when credentials are configured.
     """

@@ -54,7 +54,7 @@ class IOriginalDestinationResolver(Interface):
         """
         Prepare the resolver (open sockets, look up netlink families).
 
-        @return: a L{Deferred} that fires when L{resolve} may be called, or
+        @return: a C{Deferred} that fires when L{resolve} may be called, or
             fails with L{ResolverUnavailable} saying why it cannot be.
         """
 
@@ -62,7 +62,7 @@ class IOriginalDestinationResolver(Interface):
         """
         Release what L{start} acquired.
 
-        @return: a L{Deferred} that fires when that is done.
+        @return: a C{Deferred} that fires when that is done.
         """
 
     def resolve(transport: ITCPTransport) -> Deferred[Destination]:
@@ -70,8 +70,8 @@ class IOriginalDestinationResolver(Interface):
         Find the original destination of an accepted connection.
 
         @param transport: the accepted connection's transport.
-        @return: a L{Deferred} that fires with an L{IPv4Address} or
-            L{IPv6Address} of type C{"TCP"}, or fails with a
+        @return: a C{Deferred} that fires with an C{IPv4Address} or
+            C{IPv6Address} of type C{"TCP"}, or fails with a
             L{ResolverError}.
         """
 

@@ -31,7 +31,7 @@ class ShifterService(Service):
     closing those that remain.  With C{handleHangup}, SIGHUP reopens the
     log files (for logrotate).
 
-    @ivar ready: a L{Deferred} that fires with the listening port once
+    @ivar ready: a C{Deferred} that fires with the listening port once
         Shifter accepts connections.
     """
 

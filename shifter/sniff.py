@@ -11,7 +11,7 @@ without consuming them: the caller keeps every byte and sends it through the
 tunnel unchanged.
 
 Each parser takes I{all} the bytes the client has sent so far and returns
-L{None} while it needs more, else a L{Sniffed} verdict.  A verdict depends
+C{None} while it needs more, else a L{Sniffed} verdict.  A verdict depends
 only on the bytes it was given, and more bytes never change it, so the
 caller may re-call with whatever has arrived.  Every length is checked
 against its enclosing structure, every wait is bounded by a byte limit, and
@@ -64,7 +64,7 @@ class Sniffed:
     What the client's first bytes say about where to CONNECT.
 
     @ivar name: a validated, lowercased hostname without a trailing dot, to
-        put into the CONNECT request with the original port; or L{None}:
+        put into the CONNECT request with the original port; or C{None}:
         connect to the original IP address.
     @ivar reason: why, for the log line: C{"SNI"}, C{"Host header"}, or what
         was wrong.
@@ -143,7 +143,7 @@ def sniffServerName(data: bytes, limit: int = MAX_CLIENT_HELLO_BYTES) -> Sniffed
 
     @param data: every byte the client has sent so far.
     @param limit: the most bytes to wait for.
-    @return: L{None} while more bytes are needed; else a L{Sniffed} with the
+    @return: C{None} while more bytes are needed; else a L{Sniffed} with the
         host_name of the server_name extension, or with no name and why not.
     """
     try:
@@ -174,7 +174,7 @@ def _reassemble(data: bytes, limit: int) -> tuple[bytes, Sniffed | None]:
     C{data}.
 
     @return: the message bytes received so far (header included), and
-        L{None} or the verdict that ends the record walk: a record-layer
+        C{None} or the verdict that ends the record walk: a record-layer
         problem, or the limit.  The message bytes are cut at the point of
         that problem.
     @raise _Malformed: with the whole reason, for what is not TLS at all.
@@ -296,7 +296,7 @@ def _parseServerName(extension: _Reader) -> bytes | None:
     (name_type, name) in which only host_name (type 0) is defined, at most
     once.
 
-    @return: the host_name's bytes, or L{None} if the list holds none.
+    @return: the host_name's bytes, or C{None} if the list holds none.
     """
     names = extension.vector(2, "server name list")
     if not extension.done():
@@ -329,7 +329,7 @@ def sniffHost(data: bytes, limit: int = MAX_REQUEST_HEADER_BYTES) -> Sniffed | N
 
     @param data: every byte the client has sent so far.
     @param limit: the most bytes to wait for.
-    @return: L{None} while more bytes are needed; else a L{Sniffed} with the
+    @return: C{None} while more bytes are needed; else a L{Sniffed} with the
         host, or with no name and why not.
     """
     view = data[:limit]
@@ -473,7 +473,7 @@ def sniffTarget(mode: str, data: bytes) -> Sniffed | None:
         letter, as every method name begins) for Host, and anything else is
         refused at once.
     @param data: every byte the client has sent so far.
-    @return: L{None} while more bytes are needed, else the verdict.
+    @return: C{None} while more bytes are needed, else the verdict.
     @raise ValueError: for an unknown mode.
     """
     if mode == "sni":
