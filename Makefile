@@ -15,7 +15,7 @@ APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack 
 PROXY ?= 127.0.0.1:3128
 LISTEN ?= tcp:12345
 
-.PHONY: setup apt venv run demo demo-down serve test unit clean
+.PHONY: setup apt venv run demo demo-down serve test unit docs typecheck clean
 
 setup: apt venv
 
@@ -62,6 +62,19 @@ test: setup
 	@set -o pipefail; rm -rf _trial_temp; \
 	$(PY) -m twisted.trial --temp-directory=_trial_temp tests 2>&1 | tee test.log; \
 	status=$$?; $(PY) tests/summary.py < test.log && exit $$status
+
+# API documentation of the public names (shifter.__all__) into apidocs/;
+# any pydoctor warning fails it.
+INTERNAL_MODULES := $(filter-out __init__,$(basename $(notdir $(wildcard shifter/*.py))))
+docs: venv
+	rm -rf apidocs
+	$(PY) -m pydoctor --project-name=Shifter --html-output=apidocs --docformat=epytext \
+	    $(foreach module,$(INTERNAL_MODULES),--privacy=HIDDEN:shifter.$(module)) -W -q shifter
+	@echo "API documentation: apidocs/index.html"
+
+# Static types of shifter/, with the zope.interface plugin (mypy.ini).
+typecheck: venv
+	$(VENV)/bin/mypy
 
 # The in-memory tests alone: seconds, no root.
 unit: venv
