@@ -80,6 +80,7 @@ __all__ = [
 SOL_NETLINK = 270
 NETLINK_EXT_ACK = 11
 NETLINK_CAP_ACK = 10
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 NLMSG_NOOP = 1
 NLMSG_OVERRUN = 4
@@ -421,11 +422,21 @@ class NetlinkPort(FileDescriptor):
         protocol: Any,
         reactor: Optional[IReactorFDSet] = None,
         receiveBuffer: int = 1 << 20,
+        groups: int = 0,
     ) -> None:
+        """
+        @param netlinkProtocol: the netlink protocol number
+            (C{NETLINK_GENERIC}, C{NETLINK_NETFILTER}, ...).
+        @param protocol: what the datagrams go to (a L{NetlinkProtocol}).
+        @param receiveBuffer: the receive buffer to ask for, in bytes:
+            beyond C{net.core.rmem_max} only with C{CAP_NET_ADMIN}.
+        @param groups: the multicast groups to bind to, as a bit mask.
+        """
         FileDescriptor.__init__(self, reactor=reactor)
         self.netlinkProtocol = netlinkProtocol
         self.protocol = protocol
         self.receiveBuffer = receiveBuffer
+        self.groups = groups
         self.socket: Any = None
         self.portId: Optional[int] = None
 
@@ -444,14 +455,7 @@ class NetlinkPort(FileDescriptor):
         )
         try:
             sock.setblocking(False)
-            try:
-                sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_RCVBUF, self.receiveBuffer
-                )
-            except OSError as e:
-                self.log.warn(
-                    "cannot size the netlink receive buffer: {error}", error=e
-                )
+            self._sizeReceiveBuffer(sock)
             # Error replies carry the kernel's message, and not the whole
             # request back.  Older kernels lack these; nothing depends on them.
             for option in (NETLINK_EXT_ACK, NETLINK_CAP_ACK):
@@ -459,7 +463,7 @@ class NetlinkPort(FileDescriptor):
                     sock.setsockopt(SOL_NETLINK, option, 1)
                 except OSError:
                     pass
-            sock.bind((0, 0))
+            sock.bind((0, self.groups))
             self.portId = sock.getsockname()[0]
         except BaseException:
             sock.close()
@@ -470,6 +474,19 @@ class NetlinkPort(FileDescriptor):
         self._writeDisconnected = True
         self.startReading()
         self.protocol.makeConnection(self)
+
+    def _sizeReceiveBuffer(self, sock: Any) -> None:
+        # A privileged process may pass net.core.rmem_max; others get what
+        # it allows.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.receiveBuffer)
+            return
+        except OSError:
+            pass
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receiveBuffer)
+        except OSError as e:
+            self.log.warn("cannot size the netlink receive buffer: {error}", error=e)
 
     def fileno(self) -> int:
         if self.socket is None:

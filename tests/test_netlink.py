@@ -499,7 +499,7 @@ class PortTests(SynchronousTestCase):
         """
         Listening opens a non-blocking raw netlink socket of the protocol
         asked for, binds it to a kernel-chosen port, asks for a larger
-        receive buffer and extended acks, reads it in the reactor, and
+        receive buffer (C{SO_RCVBUFFORCE}, 33) and extended acks, reads it in the reactor, and
         connects the protocol.
         """
         self.port.startListening()
@@ -507,11 +507,44 @@ class PortTests(SynchronousTestCase):
         self.assertEqual((sock.family, sock.type, sock.proto), (socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC))
         self.assertFalse(sock.blocking)
         self.assertEqual(sock.bound, (0, 0))
-        self.assertEqual(sock.options[(socket.SOL_SOCKET, socket.SO_RCVBUF)], self.port.receiveBuffer)
+        self.assertEqual(sock.options[(socket.SOL_SOCKET, 33)], self.port.receiveBuffer)
         self.assertEqual(sock.options[(270, 11)], 1)
         self.assertIn(self.port, self.reactor.getReaders())
         self.assertEqual(self.received, [("connected", self.port)])
         self.assertEqual(self.port.portId, PORT_ID)
+
+    def test_receiveBufferUnprivileged(self) -> None:
+        """
+        When the privileged C{SO_RCVBUFFORCE} is refused, the buffer is
+        asked for with C{SO_RCVBUF} (which the kernel caps at rmem_max).
+        """
+        original = self.kernel.socket
+
+        def unprivileged(*args: int) -> FakeNetlinkSocket:
+            sock = original(*args)
+            setsockopt = sock.setsockopt
+
+            def refuseForce(level: int, option: int, value: int) -> None:
+                if (level, option) == (socket.SOL_SOCKET, 33):
+                    raise OSError(errno.EPERM, "Operation not permitted")
+                setsockopt(level, option, value)
+
+            sock.setsockopt = refuseForce  # type: ignore[method-assign]
+            return sock
+
+        self.patch(NetlinkPort, "_socketFactory", unprivileged)
+        self.port.startListening()
+        options = self.kernel.sockets[0].options
+        self.assertNotIn((socket.SOL_SOCKET, 33), options)
+        self.assertEqual(options[(socket.SOL_SOCKET, socket.SO_RCVBUF)], self.port.receiveBuffer)
+
+    def test_groups(self) -> None:
+        """
+        The socket is bound to the multicast groups asked for.
+        """
+        port = NetlinkPort(NETLINK_GENERIC, self.port.protocol, reactor=self.reactor, groups=0b101)
+        port.startListening()
+        self.assertEqual(self.kernel.sockets[0].bound, (0, 0b101))
 
     def test_startListeningFails(self) -> None:
         """
