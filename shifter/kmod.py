@@ -134,7 +134,7 @@ STAT_NAMES = tuple(
     if kind == "uint64"
 )
 
-_ADDRESS_LENGTHS = {socket.AF_INET: 4, socket.AF_INET6: 16}
+_ADDRESS_LENGTHS: dict[int, int] = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 
 @dataclass(frozen=True)

@@ -859,7 +859,7 @@ class NetlinkProtocol:
             self._finish(request, request.replies)
 
     def _finish(
-        self, request: _Request, result: object, sendMore: bool = True
+        self, request: _Request, result: Union[list[Any], Failure], sendMore: bool = True
     ) -> None:
         if self._pending.pop(request.sequence, None) is None:
             return
