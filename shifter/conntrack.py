@@ -62,7 +62,7 @@ CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
 # The kernel answers a GET with the entry as a NEW message.
 CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 
-_ADDRESS_ATTRS = {socket.AF_INET: "CTA_IP_V4", socket.AF_INET6: "CTA_IP_V6"}
+_ADDRESS_ATTRS: dict[int, str] = {socket.AF_INET: "CTA_IP_V4", socket.AF_INET6: "CTA_IP_V6"}
 
 
 def _family(host: str) -> int:
@@ -200,7 +200,7 @@ class ConntrackResolver:
                 self.log.info("conntrack: ctnetlink answers")
                 return None
             protocol.close()
-            if reason.check(NetlinkError) and reason.value.errno == errno.EPERM:
+            if reason.check(NetlinkError) and getattr(reason.value, "errno", None) == errno.EPERM:
                 return Failure(ResolverUnavailable("ctnetlink refuses us: CAP_NET_ADMIN is needed"))
             if reason.check(NetlinkException):
                 return Failure(ResolverUnavailable(f"ctnetlink does not answer: {reason.value}"))

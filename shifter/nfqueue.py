@@ -602,7 +602,7 @@ class QueueResolver:
             return fail(ResolverUnavailable(f"cannot open a netfilter netlink socket: {e}"))
         flags = NFQA_CFG_F_FAIL_OPEN if self.queueBypass else 0
 
-        def configure(_: object) -> Deferred[object]:
+        def configure(_: object) -> Deferred[list[Any]]:
             return protocol.request(
                 encodeConfig(self.queueNum, copyRange=COPY_RANGE,
                              maxLength=self.maxQueueLength,
@@ -622,7 +622,7 @@ class QueueResolver:
         def failed(reason: Failure) -> Failure:
             protocol.close()
             if reason.check(NetlinkError):
-                code = reason.value.errno
+                code = getattr(reason.value, "errno", None)
                 if code == errno.EPERM:
                     why = "CAP_NET_ADMIN is needed"
                 elif code == errno.EBUSY:

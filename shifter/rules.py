@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from shifter.nfqueue import DEFAULT_QUEUE_MARK
 
@@ -396,7 +396,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, out: object = None) -> None:
+def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> None:
     """
     The C{python -m shifter.rules} command; exits 2 with the reason for
     options that make no working rules.
@@ -414,7 +414,7 @@ def main(argv: Optional[Sequence[str]] = None, out: object = None) -> None:
         text = generateRules(options)
     except RulesError as e:
         parser.error(str(e))
-    (out or sys.stdout).write(text)  # type: ignore[attr-defined]
+    (out or sys.stdout).write(text)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class ShifterService(Service):
         factory = self.factory
         yield factory.resolver.start()
         self.port = yield self.endpoint.listen(factory)
-        factory.listeningAddress = self.port.getHost()
+        factory.listeningAddress = self.port.getHost()  # type: ignore[assignment]
         self._pauser = pauseOnExhaustion(self.port, factory.reactor, factory.acceptPaused)
         self.log.info(
             "Shifter {version} accepting redirected connections on {listen} "
