@@ -163,7 +163,7 @@ def _parseValue(text: str) -> list[Challenge]:
 
     pos = 0
     while True:
-        pos = _SEPARATORS.match(text, pos).end()
+        pos = _SEPARATORS.match(text, pos).end()  # type: ignore[union-attr]  # matches the empty string too
         if pos >= len(text):
             break
         param = _PARAM.match(text, pos)

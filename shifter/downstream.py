@@ -13,6 +13,7 @@ fast one and no buffer grows without bound.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -167,7 +168,7 @@ class ShifterFactory(ServerFactory):
             for waiter in waiters:
                 waiter.callback(None)
 
-    def buildProtocol(self, addr) -> DownstreamProtocol | None:  # type: ignore[no-untyped-def]
+    def buildProtocol(self, addr) -> DownstreamProtocol | None:  # type: ignore[no-untyped-def, override]
         if len(self.active) >= self.settings.maxConnections:
             self.counters["limit"] += 1
             self.log.warn(
@@ -194,6 +195,9 @@ class DownstreamProtocol(Protocol):
 
     log = Logger()
     factory: ShifterFactory
+    # The accepted TCP connection: an ITCPTransport that is also the push
+    # producer of its bytes.
+    transport: Any
 
     received = 0
     destination: Destination | None = None
@@ -625,7 +629,7 @@ class DownstreamProtocol(Protocol):
         else:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._clientLost = True
         if self._how is None:
             self._how = _howLost("client", reason)

@@ -58,4 +58,8 @@ def reopenOnHangup(reactor: Any) -> Callable[[], None]:
         reactor.callFromThread(reopen)
 
     previous = signal.signal(signal.SIGHUP, onHangup)
-    return lambda: signal.signal(signal.SIGHUP, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGHUP, previous)
+
+    return restore

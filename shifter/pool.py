@@ -134,7 +134,7 @@ class ProxyPool:
         attempt.addTimeout(self.probeTimeout, self.reactor)
 
         def connected(protocol: Protocol) -> None:
-            protocol.transport.loseConnection()
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
             health.up = True
             health.failures = 0
             health.downFor = self.firstDownFor

@@ -125,6 +125,7 @@ def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  
         # A hostname: TCP4ClientEndpoint resolves it through the reactor's
         # resolver when connecting.
         return UpstreamProxy(description, TCP4ClientEndpoint(reactor, host, port), None, _auth(credentials))
+    endpoint: IStreamClientEndpoint
     if address.version == 6:
         endpoint = TCP6ClientEndpoint(reactor, address.compressed, port)
     else:

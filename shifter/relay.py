@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING, Any
 
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorFDSet
@@ -50,6 +50,7 @@ class IRelay(Interface):
         """
 
 
+@implementer(IRelay)
 class TwistedRelay:
     """
     Each transport is the other's streaming producer, so a slow reader
@@ -79,6 +80,7 @@ class TwistedRelay:
         pass
 
 
+@implementer(IRelay)
 class _SpliceTunnel:
     """
     A L{SpliceRelay} on the sockets of the tunnel's two Twisted transports,
@@ -121,7 +123,7 @@ def _spliceable(transport: object) -> bool:
     Whether C{transport} is a plain TCP connection that Twisted holds no
     unsent bytes for, whose socket a splice relay can take over.
     """
-    return (
+    return bool(
         isinstance(transport, tcp.Connection)
         and transport.connected
         and not transport.disconnecting

@@ -5,6 +5,8 @@ on shutdown, stop accepting and let open tunnels drain.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -52,7 +54,7 @@ class ShifterService(Service):
         self.port: IListeningPort | None = None
         self._pauser: AcceptPauser | None = None
         self._handleHangup = handleHangup
-        self._restoreHangup = None
+        self._restoreHangup: Callable[[], None] | None = None
         self.ready: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:

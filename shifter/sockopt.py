@@ -76,6 +76,7 @@ class SocketOptionResolver:
 
     def resolve(self, transport: ITCPTransport) -> Deferred[Destination]:
         try:
-            return succeed(originalDestination(transport.getHandle()))
+            # A TCP transport's handle is its socket.
+            return succeed(originalDestination(transport.getHandle()))  # type: ignore[attr-defined]
         except OSError as e:
             return fail(DestinationUnknown(f"SO_ORIGINAL_DST: {e.strerror or e}"))

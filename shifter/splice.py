@@ -116,6 +116,11 @@ class _Socket:
         if not self.relay.stopped:
             self.outgoing.ended()
 
+    def writeConnectionLost(self, reason: object) -> None:
+        # Part of IHalfCloseableDescriptor; the relay shuts down writing
+        # itself and the reactor never calls this.
+        pass
+
     def connectionLost(self, reason: object) -> None:
         # The reactor saw an error or hang-up while we only wrote; it has
         # removed us both as reader and writer.
@@ -124,7 +129,7 @@ class _Socket:
             try:
                 error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             except OSError as e:
-                error = e.errno
+                error = e.errno or errno.EIO
             self.relay.failed(self, error or errno.EPIPE)
 
 
@@ -176,7 +181,7 @@ class _Flow:
         except BlockingIOError:
             return
         except OSError as e:
-            self.relay.failed(self.source, e.errno)
+            self.relay.failed(self.source, e.errno or errno.EIO)
             return
         if n == 0:
             self.ended()
@@ -198,7 +203,7 @@ class _Flow:
         except BlockingIOError:
             return
         except OSError as e:
-            self.relay.failed(self.source, e.errno)
+            self.relay.failed(self.source, e.errno or errno.EIO)
             return
         if not data:
             self.ended()
@@ -223,7 +228,7 @@ class _Flow:
             except BlockingIOError:
                 n = 0
             except OSError as e:
-                self.relay.failed(sink, e.errno)
+                self.relay.failed(sink, e.errno or errno.EIO)
                 return
             self.sent += n
             if self.sent < len(self.pending):
@@ -237,7 +242,7 @@ class _Flow:
             except BlockingIOError:
                 n = 0
             except OSError as e:
-                self.relay.failed(sink, e.errno)
+                self.relay.failed(sink, e.errno or errno.EIO)
                 return
             self.inPipe -= n
             if self.inPipe:

@@ -5,12 +5,12 @@ C{CONNECT host:port}, reads the answer, and then relays bytes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import implementer
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from shifter.connect import ConnectResponseParser, ProxyResponseError
@@ -34,6 +34,8 @@ class UpstreamProtocol(Protocol):
     """
 
     received = 0
+    # The connection to the proxy (TCP, or TLS over TCP).
+    transport: Any
 
     def __init__(self, downstream: DownstreamProtocol, request: bytes) -> None:
         self.downstream = downstream
@@ -92,7 +94,7 @@ class UpstreamProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._parser is not None:
             self._endHandshake()
             self.downstream.upstreamFailed(

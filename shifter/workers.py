@@ -29,7 +29,7 @@ import re
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet import error
@@ -119,7 +119,7 @@ def becomeWorker(index: int) -> None:
             level = event.get("log_level")
             event["log_system"] = f"worker {index}#{level.name}" if level is not None else f"worker {index}"
 
-    globalLogPublisher.addObserver(tag)
+    globalLogPublisher.addObserver(tag)  # type: ignore[arg-type]  # a plain function is an observer
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -218,7 +218,7 @@ class WorkersService(Service):
         self.pids: dict[int, int] = {}
         self._failures: dict[int, int] = {}
         self._restarts: dict[int, Any] = {}
-        self._restoreHangup = None
+        self._restoreHangup: Callable[[], object] | None = None
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
@@ -259,7 +259,7 @@ class WorkersService(Service):
         if self.workers.get(index) is worker:
             del self.workers[index]
             self.pids.pop(index, None)
-        status = reason.value.exitCode if reason.check(error.ProcessTerminated) else 0
+        status = reason.value.exitCode if reason.check(error.ProcessTerminated) else 0  # type: ignore[union-attr]
         if self._stopping:
             return
         if not worker.ready:
@@ -295,7 +295,7 @@ class WorkersService(Service):
             except ProcessLookupError:
                 pass
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[Any]:
         Service.stopService(self)
         self._stopping = True
         if self._restoreHangup is not None:
