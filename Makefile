@@ -56,9 +56,10 @@ serve: setup
 	@echo "  iptables -t nat -A PREROUTING -i <lan interface> -p tcp --dport 443 -j REDIRECT --to-ports 12345"
 	$(VENV)/bin/twistd -n --pidfile= shifter --listen $(LISTEN) --proxy $(PROXY)
 
-# Every test: unit, end to end in namespaces, and the kernel module in a
-# booted kernel.  The last line is the plain verdict.
-test: setup
+# Every test: the API documentation and the types checked, then unit, end
+# to end in namespaces, and the kernel module in a booted kernel.  The last
+# line is the plain verdict.
+test: setup docs typecheck
 	@set -o pipefail; rm -rf _trial_temp; \
 	$(PY) -m twisted.trial --temp-directory=_trial_temp tests 2>&1 | tee test.log; \
 	status=$$?; $(PY) tests/summary.py < test.log && exit $$status
