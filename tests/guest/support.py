@@ -336,7 +336,7 @@ class ShifterClient:
         seq = next(self.seq)
         msg["header"]["type"] = GENL_ID_CTRL
         msg["header"]["flags"] = NLM_F_REQUEST
-        msg["header"]["seq"] = seq
+        msg["header"]["sequence_number"] = seq
         msg.encode()
         self.sock.send(msg.data)
         for kind, data in self.receive(seq, untilAck=False):
@@ -360,7 +360,7 @@ class ShifterClient:
         msg["attrs"] = list(attrs)
         msg["header"]["type"] = self.familyId
         msg["header"]["flags"] = flags
-        msg["header"]["seq"] = seq
+        msg["header"]["sequence_number"] = seq
         msg.encode()
         return bytes(msg.data)
 
