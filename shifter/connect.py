@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 MAX_RESPONSE_HEADER_BYTES = 16 * 1024
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9]{2})(?: ([\t \x21-\x7e\x80-\xff]*))?")
-_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[\t ]*(.*?)[\t ]*")
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_VALUE = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                        r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?")
 _PREFIX = b"HTTP/"
@@ -161,10 +162,13 @@ def _parseStatusLine(line: bytes) -> tuple[int, str]:
 
 
 def _parseHeaderLine(line: bytes) -> tuple[bytes, bytes]:
-    match = _HEADER_LINE.fullmatch(line)
-    if match is None or b"\r" in line or b"\n" in line:
+    # No regular expression around the value's optional whitespace: one
+    # that backtracks over it takes time quadratic in the line's length.
+    name, colon, value = line.partition(b":")
+    value = value.strip(b"\t ")
+    if not colon or _HEADER_NAME.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
         raise ProxyResponseError(f"malformed header line: {_excerpt(line)}")
-    return match.group(1), match.group(2)
+    return name, value
 
 
 def _excerpt(data: bytes, limit: int = 40) -> str:

@@ -188,6 +188,31 @@ class ConnectResponseParserTests(SynchronousTestCase):
         self.assertEqual(len(wire), MAX_RESPONSE_HEADER_BYTES)
         self.assertEqual(ConnectResponseParser().feed(wire).status, 200)
 
+    def test_controlCharactersInValueRefused(self) -> None:
+        """
+        A header value holding NUL or another control character (other
+        than a tab) is refused, as RFC 9110 asks.
+        """
+        for value in [b"a\x00b", b"\x01", b"a\x1fb", b"a\x7fb", b"a\x0bb"]:
+            self.assertRaises(
+                ProxyResponseError,
+                ConnectResponseParser().feed,
+                b"HTTP/1.1 200 OK\r\nX: " + value + b"\r\n\r\n",
+            )
+
+    def test_whitespaceAroundValue(self) -> None:
+        """
+        Spaces and tabs around a value are not part of it, those inside
+        are, however many: a header line of 16 KiB of spaces is read (in
+        linear time; a backtracking pattern took seconds of the reactor).
+        """
+        response = ConnectResponseParser().feed(
+            b"HTTP/1.1 200 OK\r\nX: \t a \t b \t \r\nY:" + b" " * 16000 + b"c\r\n\r\n"
+        )
+        self.assertEqual(response.headers, [(b"X", b"a \t b"), (b"Y", b"c")])
+        wide = b"HTTP/1.1 200 OK\r\nZ: a" + b" " * 16000 + b"b\r\n\r\n"
+        self.assertEqual(ConnectResponseParser().feed(wide).headers, [(b"Z", b"a" + b" " * 16000 + b"b")])
+
     @settings(max_examples=2000)
     @given(st.binary(max_size=300))
     def test_arbitraryBytes(self, data: bytes) -> None:
