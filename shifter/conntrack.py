@@ -27,6 +27,7 @@ import ipaddress
 import socket
 from typing import Any, Optional
 
+from pyroute2.netlink import nla_base
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_NEW, nfct_msg
 from zope.interface import implementer
@@ -123,12 +124,14 @@ def decodeOriginalDestination(reply: nfct_msg) -> Destination:
 
     @raise ValueError: if the entry holds none, or not a TCP one.
     """
+    # A nested attribute too short for its structure is left as bytes by
+    # pyroute2: such an entry is as malformed as one without it.
     original = reply.get_attr("CTA_TUPLE_ORIG")
-    if original is None:
+    if not isinstance(original, nla_base):
         raise ValueError("conntrack entry without an original tuple")
     ip = original.get_attr("CTA_TUPLE_IP")
     proto = original.get_attr("CTA_TUPLE_PROTO")
-    if ip is None or proto is None:
+    if not isinstance(ip, nla_base) or not isinstance(proto, nla_base):
         raise ValueError("conntrack original tuple without addresses or ports")
     if proto.get_attr("CTA_PROTO_NUM") != socket.IPPROTO_TCP:
         raise ValueError(f"conntrack entry for protocol {proto.get_attr('CTA_PROTO_NUM')}, not TCP")

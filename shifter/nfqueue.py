@@ -337,9 +337,12 @@ def decodePacket(message: bytes) -> QueuedPacket:
     """
     decoded = decodeMessage(message, nfqnl_msg)
     header = decoded.get_attr("NFQA_PACKET_HDR")
-    if header is None or not isinstance(header.get("packet_id"), int):
+    # pyroute2 leaves an attribute too short for its structure as bytes.
+    if not isinstance(header, dict) or not isinstance(header.get("packet_id"), int):
         raise MalformedMessage("queued packet without NFQA_PACKET_HDR")
-    mark = decoded.get_attr("NFQA_MARK") or 0
+    mark = decoded.get_attr("NFQA_MARK")
+    if not isinstance(mark, int):
+        mark = 0
     payload = decoded.get_attr("NFQA_PAYLOAD")
     segment = None
     if isinstance(payload, (bytes, bytearray)):
