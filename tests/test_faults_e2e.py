@@ -95,6 +95,8 @@ class ShifterFaultTestCase(GatewayTestCase):
     timeouts and its metrics served; the fault ports redirected too.
     """
 
+    extraOptions: tuple[str, ...] = ()
+
     def setUp(self) -> None:
         super().setUp()
         for port in FAULT_PORTS:
@@ -107,6 +109,7 @@ class ShifterFaultTestCase(GatewayTestCase):
             "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
             "--idle-timeout", str(IDLE_TIMEOUT),
             "--metrics", f"tcp:{METRICS_PORT}:interface=127.0.0.1",
+            *self.extraOptions,
         )
         self.shifter.start()
         self.addCleanup(self.shifter.stop)
@@ -440,6 +443,26 @@ class ResolverFaultTests(ShifterFaultTestCase):
         self.assertEqual(failureCount(after, "loop") - failureCount(before, "loop"), 1)
         self.assertEqual(failureCount(after, "proxy-closed") - failureCount(before, "proxy-closed"), 1)
         self.net.gateway.run("iptables", *("-D" if r == "-A" else r for r in rule))
+        self.assertRecovered()
+
+
+class AllowListTests(ShifterFaultTestCase):
+    extraOptions = ("--allow-port", "443", "--allow", "192.0.2.0/24")
+
+    def test_portNotAllowed(self) -> None:
+        """
+        With --allow-port 443, a client (in an --allow network) connecting
+        to another port is refused before any proxy is asked: one line,
+        counted under port-denied, and the proxy never hears of it.
+        """
+        before = self.scrape()
+        sock = self.connect(7011)
+        clientPort = sock.getsockname()[1]
+        self.assertEqual(receiveAll(sock), b"")
+        self.assertOneLine(clientPort, f"-> {SERVER_V4}:7011 via (none) failed: destination port 7011 is not an --allow-port")
+        after = self.scrape()
+        self.assertEqual(failureCount(after, "port-denied") - failureCount(before, "port-denied"), 1)
+        self.assertNotIn(":7011", self.faultLog.read_text())
         self.assertRecovered()
 
 
