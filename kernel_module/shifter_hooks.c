@@ -31,7 +31,7 @@
 #include <net/ip.h>
 #include <net/ipv6.h>
 
-#include "shifter.h"
+#include "shifter_net.h"
 #include "shifter_hooks.h"
 #include "shifter_ports.h"
 #include "shifter_table.h"

@@ -9,6 +9,7 @@
  * on the way out the family goes first.
  */
 
+#include <linux/bits.h>
 #include <linux/init.h>
 #include <linux/kernel.h>
 #include <linux/module.h>
@@ -17,7 +18,7 @@
 #include <net/net_namespace.h>
 #include <net/netns/generic.h>
 
-#include "shifter.h"
+#include "shifter_net.h"
 #include "shifter_hooks.h"
 #include "shifter_netlink.h"
 #include "shifter_ports.h"
@@ -25,7 +26,7 @@
 
 /* A day: long enough for any handshake, short enough for jiffies math. */
 #define SHIFTER_EXPIRY_SECS_MAX	(24 * 60 * 60)
-#define SHIFTER_MAX_ENTRIES_MAX	(1U << 24)
+#define SHIFTER_MAX_ENTRIES_MAX	BIT(24)
 
 unsigned int shifter_max_entries __read_mostly = 65536;
 module_param_named(max_entries, shifter_max_entries, uint, 0444);
@@ -94,7 +95,7 @@ static int __init shifter_check_params(void)
 
 	if (!shifter_max_entries ||
 	    shifter_max_entries > SHIFTER_MAX_ENTRIES_MAX) {
-		pr_err("max_entries must be between 1 and %u\n",
+		pr_err("max_entries must be between 1 and %lu\n",
 		       SHIFTER_MAX_ENTRIES_MAX);
 		return -EINVAL;
 	}

@@ -18,7 +18,7 @@
 #include <net/genetlink.h>
 #include <net/netlink.h>
 
-#include "shifter.h"
+#include "shifter_net.h"
 #include "shifter_netlink.h"
 #include "shifter_ports.h"
 #include "shifter_table.h"

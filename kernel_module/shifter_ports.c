@@ -12,7 +12,7 @@
 #include <linux/rcupdate.h>
 #include <linux/slab.h>
 
-#include "shifter.h"
+#include "shifter_net.h"
 #include "shifter_ports.h"
 
 static DEFINE_MUTEX(shifter_ports_mutex);

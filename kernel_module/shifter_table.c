@@ -33,7 +33,7 @@
 #include <linux/string.h>
 #include <net/netns/hash.h>
 
-#include "shifter.h"
+#include "shifter_net.h"
 #include "shifter_table.h"
 
 #define SHIFTER_HASH_LOG_MIN	8

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Shifter: what the parts of the module share.
+ * Shifter: per-namespace state and the module parameters.
  *
  * Each network namespace has a struct shifter_net (through net_generic()):
  * its watched ports, its view of the connection table and its counters.
@@ -8,8 +8,8 @@
  * shifter_table.c.
  */
 
-#ifndef _SHIFTER_H
-#define _SHIFTER_H
+#ifndef _SHIFTER_NET_H
+#define _SHIFTER_NET_H
 
 #include <linux/atomic.h>
 #include <linux/list.h>
@@ -57,4 +57,4 @@ static inline struct shifter_net *shifter_pernet(const struct net *net)
 	return net_generic(net, shifter_net_id);
 }
 
-#endif /* _SHIFTER_H */
+#endif /* _SHIFTER_NET_H */
