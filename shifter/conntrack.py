@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shifter.netlink import (
+    NETLINK_NETFILTER,
     NetlinkError,
     NetlinkException,
     NetlinkNotFound,
@@ -55,7 +56,6 @@ from shifter.resolver import (
 )
 from shifter.sockopt import unmapAddress
 
-NETLINK_NETFILTER = 12
 
 # nfnetlink message types are the subsystem in the high byte, the
 # subsystem's message in the low one.

@@ -37,6 +37,7 @@ from pyroute2.netlink import (
     CTRL_CMD_GETFAMILY,
     GENL_ID_CTRL,
     NETLINK_GENERIC,
+    NETLINK_NETFILTER,
     NLM_F_ACK,
     NLM_F_DUMP,
     NLM_F_REQUEST,
@@ -55,6 +56,7 @@ from twisted.python.failure import Failure
 
 __all__ = [
     "NETLINK_GENERIC",
+    "NETLINK_NETFILTER",
     "NetlinkException",
     "NetlinkError",
     "NetlinkNotFound",

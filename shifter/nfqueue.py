@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 
 from shifter.kmod import ConnectionKey
 from shifter.netlink import (
+    NETLINK_NETFILTER,
     Header,
     MalformedMessage,
     NetlinkError,
@@ -61,7 +62,6 @@ from shifter.resolver import (
     ResolverUnavailable,
 )
 
-NETLINK_NETFILTER = 12
 
 # linux/netfilter/nfnetlink_queue.h
 NFQNL_MSG_PACKET = 0
