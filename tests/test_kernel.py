@@ -1,7 +1,8 @@
 """
 The Shifter kernel module in a real kernel.
 
-The module is built against the installed kernel headers, then Debian's
+The module is built against the installed kernel headers (from a copy of
+its sources in a temporary directory), then Debian's
 kernel boots once under qemu (virtme-ng, software emulation) with this
 machine's file system shared read-only, and
 C{kernel_module/tests/guest-run.sh} loads the module there, runs every
@@ -13,6 +14,7 @@ is printed once after the boot.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULE_DIR = ROOT / "kernel_module"
 GUEST_SCRIPT = MODULE_DIR / "tests" / "guest-run.sh"
 BOOT_TIMEOUT = 15 * 60
+HOSTFS_TAG = "shifterhostfs"
 BUILD_TIMEOUT = 10 * 60
 
 # What a kernel log must not hold after the guest suite.
@@ -113,6 +117,7 @@ class Build:
     release: str
     returncode: int
     output: str
+    module: Path
 
 
 @dataclass
@@ -150,25 +155,33 @@ _boot: Boot | None = None
 
 def build(release: str) -> Build:
     """
-    Build the module from clean, once for the whole test run.
+    Build the module, once for the whole test run, from a copy of its
+    sources in a directory of its own: a clean build, and one that another
+    test run building in the work tree at the same time cannot change under
+    the guest.
     """
     global _build
     if _build is None:
-        kdir = f"/lib/modules/{release}/build"
-        subprocess.run(
-            ["make", "-C", str(MODULE_DIR), f"KDIR={kdir}", "clean"],
-            capture_output=True, timeout=BUILD_TIMEOUT,
+        directory = Path(tempfile.mkdtemp(prefix="shifter-kmod-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        sources = directory / "kernel_module"
+        shutil.copytree(
+            MODULE_DIR, sources,
+            ignore=shutil.ignore_patterns(
+                "*.o", "*.ko", "*.mod", "*.mod.c", ".*.cmd", "*.order",
+                "Module.symvers", "tests",
+            ),
         )
         result = subprocess.run(
-            ["make", "-C", str(MODULE_DIR), f"KDIR={kdir}"],
+            ["make", "-C", str(sources), f"KDIR=/lib/modules/{release}/build"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             timeout=BUILD_TIMEOUT,
         )
-        _build = Build(release, result.returncode, result.stdout)
+        _build = Build(release, result.returncode, result.stdout, sources / "shifter.ko")
     return _build
 
 
-def boot(release: str) -> Boot:
+def boot(release: str, module: Path) -> Boot:
     """
     Boot the kernel once for the whole test run and run the guest suite in
     it.
@@ -177,10 +190,17 @@ def boot(release: str) -> Boot:
     if _boot is None:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        # The guest mounts this second export of / with caching over the
+        # work tree and the Python installation (see guest-run.sh).
+        cached = sorted({str(ROOT), sys.prefix, sys.base_prefix})
         command = [
             _vng() or "vng", "--run", f"/boot/vmlinuz-{release}",
             "--disable-kvm", "--memory", "2G",
-            "--exec", f"SHIFTER_PYTHON={sys.executable} sh {GUEST_SCRIPT}",
+            f"--qemu-opts=-virtfs local,path=/,mount_tag={HOSTFS_TAG},"
+            "security_model=none,readonly=on,multidevs=remap",
+            "--exec", f"SHIFTER_PYTHON={sys.executable} SHIFTER_MODULE={module}"
+            f" SHIFTER_HOSTFS_TAG={HOSTFS_TAG}"
+            f" SHIFTER_HOSTFS_DIRS='{' '.join(cached)}' sh {GUEST_SCRIPT}",
         ]
         started = time.monotonic()
         process = subprocess.Popen(
@@ -221,7 +241,7 @@ class BuildTests(SynchronousTestCase):
             if re.search(r"warning|error", line, re.IGNORECASE)
         ]
         self.assertEqual(complaints, [], result.output)
-        self.assertTrue((MODULE_DIR / "shifter.ko").exists(), result.output)
+        self.assertTrue(result.module.exists(), result.output)
 
 
 class GuestTests(SynchronousTestCase):
@@ -235,7 +255,7 @@ class GuestTests(SynchronousTestCase):
         if built.returncode != 0:
             self.fail(f"the module did not build, so no kernel was booted:\n{built.output}")
         self.release = release
-        self.boot = boot(release)
+        self.boot = boot(release, built.module)
 
     def test_booted(self) -> None:
         """

@@ -17,16 +17,33 @@
 #	GUEST-EXIT <status>
 #
 # Environment: SHIFTER_PYTHON, the Python with the project's packages
-# (default: the work tree's .venv).
+# (default: the work tree's .venv); SHIFTER_MODULE, the module to load
+# (default: the one built in the work tree).  SHIFTER_HOSTFS_TAG and
+# SHIFTER_HOSTFS_DIRS: when the host exports its root a second time as a
+# 9p device with that tag, the script mounts it with caching and binds
+# those directories (the work tree, the Python installation) from it.
+# virtme-ng's own root mount has no cache, and Python's imports, a stat
+# after a stat, are several times faster with one.
 
 exec 2>&1
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
-module="$root/kernel_module/shifter.ko"
+module="${SHIFTER_MODULE:-$root/kernel_module/shifter.ko}"
 python="${SHIFTER_PYTHON:-$root/.venv/bin/python}"
 status=0
 
 echo "GUEST-KERNEL $(uname -r)"
+
+if [ -n "${SHIFTER_HOSTFS_TAG:-}" ]; then
+	mkdir -p /run/shifter-hostfs
+	if mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=512000 \
+		"$SHIFTER_HOSTFS_TAG" /run/shifter-hostfs; then
+		for dir in ${SHIFTER_HOSTFS_DIRS:-}; do
+			[ -d "$dir" ] && mount --bind "/run/shifter-hostfs$dir" "$dir"
+		done
+		echo "HOSTFS-CACHED $SHIFTER_HOSTFS_DIRS"
+	fi
+fi
 
 # Only this run's messages count: the boot's are not the module's doing.
 dmesg --clear
