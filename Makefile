@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack \
 	curl openssl procps util-linux systemd kmod make gcc build-essential \
 	linux-headers-amd64 linux-image-amd64 qemu-system-x86 \
-	iperf3 wrk nginx-light redsocks
+	iperf3 wrk nginx-light redsocks busybox-static
 
 PROXY ?= 127.0.0.1:3128
 LISTEN ?= tcp:12345

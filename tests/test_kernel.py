@@ -5,8 +5,8 @@ The module is built against the installed kernel headers (from a copy of
 its sources in a temporary directory), then Debian's
 kernel boots once under qemu (virtme-ng, software emulation) with this
 machine's file system shared read-only, and
-C{kernel_module/tests/guest-run.sh} loads the module there, runs every
-test module in C{tests.guest} with trial, unloads the module while it holds
+C{kernel_module/tests/guest-run.sh} loads the module there, runs the
+guest test modules of C{tests.guest} with trial, unloads the module while it holds
 entries and checks the kernel log.  The tests below read that one boot's
 output; each says what it found when it fails, and the whole guest output
 is printed once after the boot.

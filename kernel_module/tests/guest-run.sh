@@ -2,9 +2,9 @@
 # SPDX-License-Identifier: GPL-2.0
 #
 # Runs inside the booted test kernel (tests/test_kernel.py starts it with
-# virtme-ng): loads the shifter module, runs every test module in
-# tests.guest with trial, unloads the module while it holds live entries,
-# and checks the kernel log.  The host's file system is read-only here and
+# virtme-ng): loads the shifter module, runs the guest test modules
+# (tests.guest.guest_module and guest_kmod_resolver) with trial, unloads the
+# module while it holds live entries, and checks the kernel log.  The host's file system is read-only here and
 # /tmp is writable.  Prints markers for the host to read:
 #
 #	GUEST-KERNEL <release>
@@ -58,7 +58,8 @@ fi
 
 cd "$root" || exit 1
 SHIFTER_GUEST=1 SHIFTER_MODULE="$module" PYTHONDONTWRITEBYTECODE=1 \
-	"$python" -m twisted.trial --temp-directory=/tmp/_trial_guest tests.guest
+	"$python" -m twisted.trial --temp-directory=/tmp/_trial_guest \
+		tests.guest.guest_module tests.guest.guest_kmod_resolver
 trial=$?
 echo "TRIAL-EXIT $trial"
 [ "$trial" -eq 0 ] || status=1
