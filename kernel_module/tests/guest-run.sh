@@ -4,8 +4,8 @@
 # Runs inside the booted test kernel (tests/test_kernel.py starts it with
 # virtme-ng): loads the shifter module, runs the guest test modules
 # (tests.guest.guest_module and guest_kmod_resolver) with trial, unloads the
-# module while it holds live entries, and checks the kernel log.  The host's file system is read-only here and
-# /tmp is writable.  Prints markers for the host to read:
+# module while it holds live entries, and checks the kernel log.  The host's
+# file system is read-only here and /tmp is writable.  Prints markers for the host to read:
 #
 #	GUEST-KERNEL <release>
 #	INSMOD-OK | INSMOD-FAILED
