@@ -14,6 +14,7 @@ import ctypes
 import errno
 import json
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -694,10 +695,10 @@ class PermissionTests(GuestTestCase):
                          {"GET": errno.ENOENT, "STATS": 0, "GET_PORTS": 0, "SET_PORTS": 0})
 
 
-class MalformedRequestTests(GuestTestCase):
+class RecordedEntryTestCase(GuestTestCase):
     """
-    Requests that the family's policies or commands refuse, each with an
-    error and none with a crash.
+    A namespace with one recorded connection, and a client of the family
+    that must still find it after whatever the test sent.
     """
 
     def setUp(self) -> None:
@@ -719,6 +720,13 @@ class MalformedRequestTests(GuestTestCase):
 
     def stillAnswers(self) -> None:
         self.assertEqual(self.kmod.get(socket.AF_INET, LOCAL_V4, 40000), (REMOTE_V4, 443))
+
+
+class MalformedRequestTests(RecordedEntryTestCase):
+    """
+    Requests that the family's policies or commands refuse, each with an
+    error and none with a crash.
+    """
 
     def get(self, code: int, **replace: bytes) -> NetlinkError:
         attrs = dict(self.good)
@@ -831,6 +839,59 @@ class MalformedRequestTests(GuestTestCase):
             self.kmod.sock.settimeout(5)
 
 
+
+
+def randomAttributes(rng: random.Random, depth: int = 0) -> bytes:
+    """
+    Netlink attributes of random types (some flagged nested, some holding
+    random attributes in turn), lengths and contents.
+    """
+    attrs = b""
+    for _ in range(rng.randrange(6)):
+        kind = rng.choice([rng.randrange(12), rng.randrange(1 << 14)])
+        if depth < 2 and rng.random() < 0.3:
+            kind |= 0x8000  # NLA_F_NESTED
+            payload = randomAttributes(rng, depth + 1)
+        else:
+            payload = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 2, 4, 8, 16, rng.randrange(64)])))
+        attrs += nlattr(kind, payload)
+    if rng.random() < 0.1 and attrs:
+        # An attribute area that ends inside an attribute.
+        attrs = attrs[: rng.randrange(len(attrs))]
+    return attrs
+
+
+class NetlinkFuzzTests(RecordedEntryTestCase):
+    """
+    Random requests: the module answers each with an error or a reply and
+    keeps working (the kernel log is checked for warnings and oopses by
+    guest-run.sh after the suite).
+    """
+
+    def test_randomRequests(self) -> None:
+        """
+        Two thousand random requests (random commands, versions, reserved
+        fields and attributes, nested and cut short) each get an answer,
+        and the recorded entry is still found afterwards.
+        """
+        rng = random.Random(0x5F1F7E5)
+        answered = refused = 0
+        for _ in range(2000):
+            cmd = rng.choice([0, 1, 2, 3, 4, 5, rng.randrange(256)])
+            seq = next(self.kmod.seq)
+            self.kmod.sock.send(genlRequest(
+                self.kmod.familyId, cmd, randomAttributes(rng), seq=seq,
+                version=rng.choice([1, 1, 0, 2, 255]),
+                reserved=rng.choice([0, 0, 0, rng.randrange(1 << 16)]),
+            ))
+            try:
+                self.kmod.receive(seq)
+            except NetlinkError:
+                refused += 1
+            answered += 1
+        self.assertEqual(answered, 2000)
+        self.assertGreater(refused, 1000)
+        print(f"random requests: {answered} answered, {refused} refused with an error")
 
 class ModuleParameterTests(GuestTestCase):
     """
