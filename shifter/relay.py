@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 RELAYS = ("auto", "splice", "twisted")
 
+# Bulk flows get pipes of 1 MiB (the unprivileged maximum by default) rather
+# than the kernel's 64 KiB: each splice then moves up to sixteen times as
+# much, and the reactor wakes that much less often per gigabyte.
+_PIPE_SIZE = 1 << 20
+
 
 class IRelay(Interface):
     """
@@ -106,6 +111,7 @@ class _SpliceTunnel:
             countDown,
             downstream.touch,
             downstream.relayEnded,
+            pipeSize=_PIPE_SIZE,
         )
 
     def start(self, toProxy: bytes, toClient: bytes, clientEnded: bool) -> None:
