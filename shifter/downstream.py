@@ -13,9 +13,9 @@ fast one and no buffer grows without bound.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from zope.interface import implementer
 

@@ -67,6 +67,11 @@ class RelayTestsMixin:
         """
         pid = self.shifter.process.pid
         before = pipeDescriptors(pid)
+        # A small receive buffer for the slow client, so that it pushes back
+        # at once and Shifter's reads from the proxy are bulk (what makes a
+        # splice relay take a pipe), however large the kernel would have
+        # grown the buffer.
+        self.net.client.run("sysctl", "-qw", "net.ipv4.tcp_rmem=4096 16384 65536")
         process, out = self.slowFetch()
         during = 0
         deadline = time.monotonic() + 30
