@@ -247,6 +247,21 @@ class Gateway:
                 ns.destroy()
 
 
+def gatewayFor(test) -> Gateway:  # type: ignore[no-untyped-def]
+    """
+    A L{Gateway} with its files in a new directory of C{test}'s (readable,
+    with its parents, by the C{proxy} user Squid runs as), torn down when
+    the test ends.
+    """
+    directory = Path(test.mktemp()).resolve()
+    directory.mkdir(parents=True)
+    for parent in [directory, *directory.parents]:
+        os.chmod(parent, os.stat(parent).st_mode | 0o005)
+    net = Gateway(directory)
+    test.addCleanup(net.destroy)
+    return net
+
+
 class Squid:
     """
     A real Squid in a namespace, with a configuration, logs and PID file of

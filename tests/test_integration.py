@@ -22,10 +22,10 @@ from tests.gateway import (
     SERVER_V4,
     SERVER_V6,
     SQUID_PORT,
-    Gateway,
     ShifterProcess,
     Squid,
     WebServer,
+    gatewayFor,
 )
 from tests.support import requireHost
 
@@ -47,12 +47,8 @@ class GatewayTestCase(SynchronousTestCase):
             root=True,
             programs=("ip", "iptables", "ip6tables", "nft", "squid", "curl", "openssl", "ss"),
         )
-        self.directory = Path(self.mktemp()).resolve()
-        self.directory.mkdir(parents=True)
-        for parent in [self.directory, *self.directory.parents]:
-            os.chmod(parent, os.stat(parent).st_mode | 0o005)  # Squid runs as 'proxy'
-        self.net = Gateway(self.directory)
-        self.addCleanup(self.net.destroy)
+        self.net = gatewayFor(self)
+        self.directory = self.net.directory
         self.net.redirect(443, nft=self.nftables)
         self.squid = Squid(self.net.gateway, self.directory / "squid", deny=self.squidDeny)
         self.web = WebServer(self.net.server, self.directory / "web")

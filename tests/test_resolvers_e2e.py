@@ -30,10 +30,10 @@ from tests.gateway import (
     SERVER_V6,
     SHIFTER_PORT,
     SQUID_PORT,
-    Gateway,
     ShifterProcess,
     Squid,
     WebServer,
+    gatewayFor,
     stopProcess,
     waitFor,
 )
@@ -73,12 +73,8 @@ class ResolverGatewayTestCase(SynchronousTestCase):
             root=True,
             programs=("ip", "iptables", "ip6tables", "nft", "squid", "curl", "openssl", "ss"),
         )
-        self.directory = Path(self.mktemp()).resolve()
-        self.directory.mkdir(parents=True)
-        for parent in [self.directory, *self.directory.parents]:
-            os.chmod(parent, os.stat(parent).st_mode | 0o005)  # Squid runs as 'proxy'
-        self.net = Gateway(self.directory)
-        self.addCleanup(self.net.destroy)
+        self.net = gatewayFor(self)
+        self.directory = self.net.directory
         self.rules = printedRules(self.resolver, self.ruleFormat, *self.ruleOptions)
         self.applyRules(self.rules)
         self.squid = Squid(self.net.gateway, self.directory / "squid")

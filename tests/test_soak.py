@@ -38,9 +38,9 @@ from tests.gateway import (
     SERVER_V4,
     SHIFTER_PORT,
     SQUID_PORT,
-    Gateway,
     ShifterProcess,
     Squid,
+    gatewayFor,
     stopProcess,
     waitFor,
 )
@@ -67,12 +67,8 @@ MiB = 1024 * 1024
 class SoakTests(SynchronousTestCase):
     def setUp(self) -> None:
         requireHost(root=True, programs=("ip", "iptables", "ip6tables", "squid", "curl", "ss", "prlimit"))
-        self.directory = Path(self.mktemp()).resolve()
-        self.directory.mkdir(parents=True)
-        for parent in [self.directory, *self.directory.parents]:
-            os.chmod(parent, os.stat(parent).st_mode | 0o005)  # Squid runs as 'proxy'
-        self.net = Gateway(self.directory)
-        self.addCleanup(self.net.destroy)
+        self.net = gatewayFor(self)
+        self.directory = self.net.directory
         self.net.redirect(443)
         for namespace in (self.net.client, self.net.gateway, self.net.server):
             # Tens of thousands of connections in a minute: all the
