@@ -35,6 +35,7 @@ from shifter.proxy import UpstreamProxy
 from shifter.relay import IRelay, openRelay
 from shifter.resolver import Destination, IOriginalDestinationResolver, ResolverError
 from shifter.sockopt import unmapAddress
+from shifter.tunnel import TunnelInfo
 from shifter.upstream import UpstreamFactory, UpstreamProtocol
 
 
@@ -161,6 +162,32 @@ class ShifterFactory(ServerFactory):
             protocol.abort("closed at shutdown")
         return done
 
+    def tunnels(self) -> list[TunnelInfo]:
+        """
+        A snapshot of every client connection not yet finished.
+        """
+        now = self.reactor.seconds()
+        return [protocol.describe(now) for protocol in self.active]
+
+    def reconfigure(
+        self,
+        settings: TunnelSettings | None = None,
+        pool: ProxyPool | None = None,
+        policy: ITunnelPolicy | None = None,
+    ) -> None:
+        """
+        Apply new settings, proxies or policy to connections accepted from
+        now on; each open connection keeps the ones it started with.  The
+        old pool's probes stop.  Arguments left at C{None} keep what is.
+        """
+        if settings is not None:
+            self.settings = settings
+        if pool is not None and pool is not self.pool:
+            self.pool.stop()
+            self.pool = pool
+        if policy is not None:
+            self.policy = policy
+
     def _forget(self, protocol: DownstreamProtocol) -> None:
         self.active.discard(protocol)
         if not self.active and self._idleWaiters:
@@ -221,6 +248,38 @@ class DownstreamProtocol(Protocol):
     # why: for the tunnel's log line.
     _named = ""
     _connectHost = ""
+
+    def describe(self, now: float) -> TunnelInfo:
+        """
+        What an operator sees of this connection at time C{now}.
+        """
+        if self._relaying:
+            state = "closing" if self._how is not None else "relaying"
+        elif self._failed:
+            state = "closing"
+        elif self.destination is None:
+            state = "resolving"
+        elif self.upstream is not None:
+            state = "handshaking"
+        elif self.proxy is not None:
+            state = "connecting"
+        else:
+            state = "deciding"
+        upstream = self.upstream
+        return TunnelInfo(
+            client=self.client,
+            destination=self.target,
+            connectTarget=(
+                _formatAddress(self._connectHost, self.destination.port)
+                if self.destination is not None
+                else ""
+            ),
+            proxy=self.proxy.description if self.proxy is not None else "",
+            state=state,
+            bytesUp=self.received,
+            bytesDown=upstream.received if upstream is not None else 0,
+            age=now - self._started,
+        )
 
     def connectionMade(self) -> None:
         factory = self.factory
