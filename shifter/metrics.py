@@ -1,9 +1,9 @@
 """
 Prometheus metrics: what Shifter has done, served over HTTP by C{--metrics}.
 
-Counts that the tunnel code keeps anyway (tunnels, failures by reason, bytes)
-are read from the factory when scraped, so the relay pays nothing per byte
-for them.  Latencies are observed into histograms once per connection.
+Counts that the tunnels keep anyway (tunnels, failures by reason, bytes)
+are plain integers in a L{TunnelStats}, read when scraped, so the relay pays
+an addition per chunk for them.  Latencies are observed into histograms once per connection.
 
 The text format is prometheus_client's own.  Its Twisted resource renders
 in the reactor's thread pool; Shifter runs no threads, so L{MetricsPage}
@@ -12,7 +12,8 @@ renders in the reactor instead, which takes well under a millisecond.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections import Counter
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -20,29 +21,43 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-if TYPE_CHECKING:
-    from shifter.downstream import ShifterFactory
-
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 
-# Counters of ShifterFactory.counters that are not failures.
+# Counters of TunnelStats.counters that are not failures.
 _OUTCOMES = {"opened", "closed"}
 
 
-class TunnelMetrics:
+class TunnelStats:
     """
-    The metrics of one L{ShifterFactory}, in a registry of their own.
+    What the tunnels of one factory have done, counted as it happens.
+    Every counter only goes up: bytes are counted when they are relayed,
+    a client's early bytes when its tunnel opens.
 
-    @ivar registry: the registry to serve.
+    @ivar counters: how tunnels ended and why they failed, by short name
+        (C{"opened"}, C{"closed"}, C{"resolver"}, C{"proxy-status"}, ...).
+    @ivar openTunnels: tunnels relaying now.
+    @ivar bytesUp: bytes relayed from clients to proxies.
+    @ivar bytesDown: bytes relayed from proxies to clients.
+    @ivar proxyAnswers: the proxies' answers to CONNECT by status class.
+    @ivar retries: connection attempts moved on to another proxy.
+    @ivar acceptPauses: times accepting paused for lack of descriptors.
+    @ivar registry: the registry C{--metrics} serves.
     @ivar resolveSeconds: from accepting a client to knowing its original
         destination.
     @ivar connectSeconds: from asking for the proxy connection to the
         proxy's 2xx answer.
     """
 
-    def __init__(self, factory: ShifterFactory) -> None:
+    def __init__(self) -> None:
+        self.counters: Counter[str] = Counter()
+        self.openTunnels = 0
+        self.bytesUp = 0
+        self.bytesDown = 0
+        self.proxyAnswers: Counter[str] = Counter()
+        self.retries = 0
+        self.acceptPauses = 0
         self.registry = CollectorRegistry(auto_describe=True)
         self.resolveSeconds = Histogram(
             "shifter_resolve_seconds",
@@ -56,27 +71,36 @@ class TunnelMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_FactoryCollector(factory))
+
+    def collectFrom(self, activeCount: Callable[[], int], pool: Callable[[], Any]) -> None:
+        """
+        Serve these counts, with the number of connections that
+        C{activeCount} gives and the health of the proxies of the pool
+        that C{pool} gives, at each scrape.
+        """
+        self.registry.register(_StatsCollector(self, activeCount, pool))
 
 
-class _FactoryCollector:
+class _StatsCollector:
     """
-    Reads the factory's own counts at scrape time.
+    Reads the counts at scrape time.
     """
 
-    def __init__(self, factory: ShifterFactory) -> None:
-        self._factory = factory
+    def __init__(self, stats: TunnelStats, activeCount: Callable[[], int], pool: Callable[[], Any]) -> None:
+        self._stats = stats
+        self._activeCount = activeCount
+        self._pool = pool
 
     def collect(self) -> Iterator[Metric]:
-        factory = self._factory
-        counters = factory.counters
+        stats = self._stats
+        counters = stats.counters
         yield GaugeMetricFamily(
-            "shifter_tunnels_open", "Tunnels relaying now.", value=factory.openTunnels
+            "shifter_tunnels_open", "Tunnels relaying now.", value=stats.openTunnels
         )
         yield GaugeMetricFamily(
             "shifter_connections_active",
             "Client connections accepted and not yet finished (tunnels and handshakes).",
-            value=len(factory.active),
+            value=self._activeCount(),
         )
         yield CounterMetricFamily(
             "shifter_tunnels_opened", "Tunnels opened (the proxy answered 2xx).",
@@ -95,37 +119,32 @@ class _FactoryCollector:
             "shifter_proxy_answers", "Proxy answers to CONNECT, by status class.",
             labels=["status_class"],
         )
-        for statusClass, count in sorted(factory.proxyAnswers.items()):
+        for statusClass, count in sorted(stats.proxyAnswers.items()):
             answers.add_metric([statusClass], count)
         yield answers
-        up, down = factory.bytesUp, factory.bytesDown
-        for protocol in factory.active:
-            up += protocol.received
-            if protocol.upstream is not None:
-                down += protocol.upstream.received
         relayed = CounterMetricFamily(
             "shifter_bytes", "Bytes relayed, up (client to proxy) and down.",
             labels=["direction"],
         )
-        relayed.add_metric(["up"], up)
-        relayed.add_metric(["down"], down)
+        relayed.add_metric(["up"], stats.bytesUp)
+        relayed.add_metric(["down"], stats.bytesDown)
         yield relayed
         proxyUp = GaugeMetricFamily(
             "shifter_proxy_up", "1 while a proxy is up, 0 while it is marked down.",
             labels=["proxy"],
         )
-        for proxy, health in factory.pool.health.items():
+        for proxy, health in self._pool().health.items():
             proxyUp.add_metric([proxy.description], 1 if health.up else 0)
         yield proxyUp
         yield CounterMetricFamily(
             "shifter_proxy_retries",
             "Connection attempts moved on to the next proxy after one failed.",
-            value=factory.retries,
+            value=stats.retries,
         )
         yield CounterMetricFamily(
             "shifter_accept_pauses",
             "Times accepting paused because descriptors or memory ran out.",
-            value=factory.acceptPauses,
+            value=stats.acceptPauses,
         )
 
 

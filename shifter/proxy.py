@@ -9,7 +9,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from OpenSSL.SSL import Error as SSLError
@@ -44,12 +44,16 @@ class UpstreamProxy:
         connection redirected to the proxy itself can be refused; C{None}
         when the proxy is named by hostname or by a non-TCP endpoint.
     @ivar auth: its authentication state, when credentials are configured.
+    @ivar tcpReactor: for a plain TCP proxy at a known C{address}, the
+        reactor whose C{connectTCP} reaches it: cheaper per connection than
+        the endpoint, which stays for everything else.
     """
 
     description: str
     endpoint: IStreamClientEndpoint
     address: tuple[str, int] | None = None
     auth: ProxyAuth | None = None
+    tcpReactor: Any = None
 
 
 def parseProxy(  # type: ignore[no-untyped-def]
@@ -130,7 +134,7 @@ def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  
         endpoint = TCP6ClientEndpoint(reactor, address.compressed, port)
     else:
         endpoint = TCP4ClientEndpoint(reactor, str(address), port)
-    return UpstreamProxy(description, endpoint, (address.compressed, port), _auth(credentials))
+    return UpstreamProxy(description, endpoint, (address.compressed, port), _auth(credentials), reactor)
 
 
 def _port(text: str, value: str) -> int:

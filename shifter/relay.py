@@ -14,18 +14,15 @@ C{--relay auto} (the default) uses splice wherever it can, else twisted.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorFDSet
 
 from shifter.splice import SPLICE_AVAILABLE, SpliceRelay
-
-if TYPE_CHECKING:
-    from shifter.downstream import DownstreamProtocol
-    from shifter.upstream import UpstreamProtocol
+from shifter.interfaces import IProxyAttempt, IRelay
 
 RELAYS = ("auto", "splice", "twisted")
 
@@ -35,54 +32,49 @@ RELAYS = ("auto", "splice", "twisted")
 _PIPE_SIZE = 1 << 20
 
 
-class IRelay(Interface):
-    """
-    Moves the bytes of one open tunnel both ways until either side ends it.
-    """
-
-    def start(toProxy: bytes, toClient: bytes, clientEnded: bool) -> None:
-        """
-        Start relaying, first delivering what was read before the tunnel
-        opened: the client's early bytes and the tunnel bytes that came
-        with the proxy's answer.
-
-        @param clientEnded: whether the client has already finished sending.
-        """
-
-    def stop() -> None:
-        """
-        Stop relaying now, leaving both transports to the caller to close.
-        """
-
-
 @implementer(IRelay)
 class TwistedRelay:
     """
     Each transport is the other's streaming producer, so a slow reader
-    pauses the fast writer; the protocols' C{dataReceived} write each chunk
-    to the other side and half-closes are passed on by the protocols.
+    pauses the fast writer; the bytes themselves pass through the
+    protocols and the tunnel.  A side that has finished sending stops being
+    a producer, and the relay, when stopped, unregisters both, so that
+    closing a transport is never held up by a paused producer.
     """
 
     name = "twisted"
 
-    def __init__(self, downstream: DownstreamProtocol, upstream: UpstreamProtocol) -> None:
-        self.client = downstream.transport
-        self.proxy = upstream.transport
+    def __init__(self, clientTransport: Any, attempt: IProxyAttempt) -> None:
+        self.client = clientTransport
+        self.attempt = attempt
+        self.proxy = attempt.transport
 
     def start(self, toProxy: bytes, toClient: bytes, clientEnded: bool) -> None:
-        self.proxy.registerProducer(self.client, True)
         self.client.registerProducer(self.proxy, True)
         if toProxy:
             self.proxy.write(toProxy)
         if toClient:
             self.client.write(toClient)
         if clientEnded:
-            self.proxy.loseWriteConnection()
+            self.attempt.halfClose()
         else:
+            self.proxy.registerProducer(self.client, True)
             self.client.resumeProducing()
 
+    def clientFinished(self) -> None:
+        if self.proxy.producer is not None:
+            self.proxy.unregisterProducer()
+        self.attempt.halfClose()
+
+    def proxyFinished(self) -> None:
+        if self.client.producer is not None:
+            self.client.unregisterProducer()
+        self.client.loseWriteConnection()
+
     def stop(self) -> None:
-        pass
+        for transport in (self.client, self.proxy):
+            if transport.producer is not None:
+                transport.unregisterProducer()
 
 
 @implementer(IRelay)
@@ -90,27 +82,31 @@ class _SpliceTunnel:
     """
     A L{SpliceRelay} on the sockets of the tunnel's two Twisted transports,
     which stop reading and writing while it runs and close the sockets when
-    it has ended, as ever.
+    it has ended, as ever.  Half-closes are seen and passed on by the
+    splice relay itself.
     """
 
     name = "splice"
 
-    def __init__(self, reactor: Any, downstream: DownstreamProtocol, upstream: UpstreamProtocol) -> None:
-        def countUp(n: int) -> None:
-            downstream.received += n
-
-        def countDown(n: int) -> None:
-            upstream.received += n
-
-        self.transports = (downstream.transport, upstream.transport)
+    def __init__(
+        self,
+        reactor: Any,
+        clientTransport: Any,
+        proxyTransport: Any,
+        countUp: Callable[[int], None],
+        countDown: Callable[[int], None],
+        touch: Callable[[], None],
+        onEnd: Callable[[str], None],
+    ) -> None:
+        self.transports = (clientTransport, proxyTransport)
         self.relay = SpliceRelay(
             reactor,
-            downstream.transport.socket,
-            upstream.transport.socket,
+            clientTransport.getHandle(),
+            proxyTransport.getHandle(),
             countUp,
             countDown,
-            downstream.touch,
-            downstream.relayEnded,
+            touch,
+            onEnd,
             pipeSize=_PIPE_SIZE,
         )
 
@@ -120,40 +116,59 @@ class _SpliceTunnel:
             transport.stopWriting()
         self.relay.start(toProxy, toClient, clientEnded)
 
+    def clientFinished(self) -> None:
+        pass  # the transports do not read while the splice relay runs
+
+    def proxyFinished(self) -> None:
+        pass
+
     def stop(self) -> None:
         self.relay.stop()
 
 
 def _spliceable(transport: object) -> bool:
     """
-    Whether C{transport} is a plain TCP connection that Twisted holds no
-    unsent bytes for, whose socket a splice relay can take over.
+    Whether C{transport} is a plain, open TCP connection whose socket a
+    splice relay can take over.
+
+    Shifter itself makes sure that Twisted holds no unsent bytes for it:
+    nothing is written to the client before the tunnel opens, and the only
+    bytes written to the proxy, the CONNECT request, have been answered.
     """
     return bool(
         isinstance(transport, tcp.Connection)
         and transport.connected
         and not transport.disconnecting
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-        and transport.producer is None
-        and transport.socket.type == socket.SOCK_STREAM
+        and transport.getHandle().type == socket.SOCK_STREAM
     )
 
 
-def openRelay(mode: str, reactor: Any, downstream: DownstreamProtocol, upstream: UpstreamProtocol) -> IRelay:
+def openRelay(
+    mode: str,
+    reactor: Any,
+    clientTransport: Any,
+    attempt: IProxyAttempt,
+    owner: Any,
+) -> IRelay:
     """
     The relay for a tunnel that has just opened: splice where C{mode} allows
     it and both transports are plain TCP, else Twisted's.
 
     @param mode: C{"auto"} or C{"splice"} (splice where possible), or
         C{"twisted"}.
+    @param owner: told of the splice relay's progress: its C{countUp},
+        C{countDown}, C{touch} and C{relayEnded}.
     """
+    proxyTransport = attempt.transport
     if (
         mode != "twisted"
         and SPLICE_AVAILABLE
         and IReactorFDSet.providedBy(reactor)
-        and _spliceable(downstream.transport)
-        and _spliceable(upstream.transport)
+        and _spliceable(clientTransport)
+        and _spliceable(proxyTransport)
     ):
-        return _SpliceTunnel(reactor, downstream, upstream)
-    return TwistedRelay(downstream, upstream)
+        return _SpliceTunnel(
+            reactor, clientTransport, proxyTransport,
+            owner.countUp, owner.countDown, owner.touch, owner.relayEnded,
+        )
+    return TwistedRelay(clientTransport, attempt)

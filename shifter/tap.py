@@ -208,6 +208,15 @@ class Options(usage.Options):
             _seconds,
         ],
         [
+            "setup-timeout",
+            None,
+            30.0,
+            "Seconds from accepting a client to its tunnel's opening, "
+            "whatever resolving, the policy and every proxy tried take; past "
+            "it the client is closed.",
+            _seconds,
+        ],
+        [
             "idle-timeout",
             None,
             3600.0,
@@ -404,6 +413,7 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
     settings = TunnelSettings(
         connectTimeout=config["connect-timeout"],
         handshakeTimeout=config["handshake-timeout"],
+        setupTimeout=config["setup-timeout"],
         idleTimeout=config["idle-timeout"],
         maxConnections=config["max-connections"] or defaultMaxConnections(),
         allowedClients=tuple(config["allow"]),

@@ -1,13 +1,110 @@
 """
-The life of one tunnel, as an explicit state machine.
+The life of one tunnel, as an explicit state machine, sans I/O.
 
-(The machine itself is being written; for now this module holds what the
-control socket and other readers see of a tunnel.)
+A client connection that netfilter redirected to Shifter goes through
+these states::
+
+  accepted -> resolving -> [sniffing] -> [deciding] -> connecting -> handshaking -> relaying -> closing -> closed
+                                                            ^  next proxy  |           |  \\
+                                                            +--------------+           |   client-finished,
+                                                                                       |   proxy-finished
+                   (any failure, timeout or loss: closing)  ------------------------->+
+
+Everything that can happen to a tunnel is one of the events in L{EVENTS};
+L{TABLE} says, for every state and every event, what the tunnel does.
+Nothing else decides: the tunnel has no flags that change what an event
+means.  A pair that cannot happen (a proxy's answer while resolving) is
+declared too, as L{Tunnel._impossible}, which closes the connection with
+an error line rather than guessing.
+
+The machine does no I/O itself.  It talks to its client connection through
+L{ITunnelClient}, to proxy connections through the L{IProxyAttempt}s that
+the client side makes for it, and to the factory that owns it through
+L{ITunnelOwner}; each of them feeds it events by calling its methods.  So
+the whole life of a tunnel is tested with plain objects, and the
+protocols stay thin.
+
+Deadlines: a tunnel has at most one at a time (the end of its current
+set-up stage or of the whole set-up, whichever is first; the end of its
+idle period; the end of its closing grace), kept by the owner's
+L{shifter.deadlines.Deadlines}, which calls L{Tunnel.timedOut}.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from zope.interface import Attribute, Interface, implementer
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone, TimeoutError
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from shifter.connect import ConnectResponse, formatAuthority, formatConnectRequest
+from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
+from shifter.policy import TunnelDecision, TunnelRequest
+from shifter.resolver import Destination, ResolverError
+
+# The states.  Plain strings: they are dictionary keys on every event.
+ACCEPTED = "accepted"
+RESOLVING = "resolving"
+SNIFFING = "sniffing"
+DECIDING = "deciding"
+CONNECTING = "connecting"
+HANDSHAKING = "handshaking"
+RELAYING = "relaying"
+CLIENT_FINISHED = "client-finished"
+PROXY_FINISHED = "proxy-finished"
+CLOSING = "closing"
+CLOSED = "closed"
+
+STATES = (
+    ACCEPTED, RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING,
+    RELAYING, CLIENT_FINISHED, PROXY_FINISHED, CLOSING, CLOSED,
+)
+
+# States before the tunnel opens, and while it is open.
+SETUP = (RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING)
+OPEN = (RELAYING, CLIENT_FINISHED, PROXY_FINISHED)
+
+# The events.
+START = "start"
+RESOLVED = "resolved"
+RESOLVE_FAILED = "resolve-failed"
+DECIDED = "decided"
+DECIDE_FAILED = "decide-failed"
+CLIENT_DATA = "client-data"
+CLIENT_ENDED = "client-ended"
+CLIENT_LOST = "client-lost"
+PROXY_CONNECTED = "proxy-connected"
+PROXY_CONNECT_FAILED = "proxy-connect-failed"
+PROXY_ANSWERED = "proxy-answered"
+PROXY_INVALID = "proxy-invalid"
+PROXY_DATA = "proxy-data"
+PROXY_ENDED = "proxy-ended"
+PROXY_LOST = "proxy-lost"
+RELAY_ENDED = "relay-ended"
+TIMED_OUT = "timed-out"
+ABORT = "abort"
+
+EVENTS = (
+    START, RESOLVED, RESOLVE_FAILED, DECIDED, DECIDE_FAILED,
+    CLIENT_DATA, CLIENT_ENDED, CLIENT_LOST,
+    PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID,
+    PROXY_DATA, PROXY_ENDED, PROXY_LOST, RELAY_ENDED, TIMED_OUT, ABORT,
+)
+
+# Events that come from one proxy attempt.  One from an attempt the tunnel
+# has given up on is not looked up in the table: the attempt is aborted,
+# and nothing else happens.
+PROXY_EVENTS = frozenset(
+    (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID,
+     PROXY_DATA, PROXY_ENDED, PROXY_LOST)
+)
 
 
 @dataclass(frozen=True)
@@ -36,3 +133,954 @@ class TunnelInfo:
     bytesUp: int
     bytesDown: int
     age: float
+
+
+class ITunnelClient(Interface):
+    """
+    The client connection, as the tunnel drives it.
+    """
+
+    def resolveDestination() -> Any:
+        """
+        Ask the resolver for this connection's original destination.
+
+        @return: a L{Destination}, or a C{Deferred} firing with one.
+        """
+
+    def connectProxy(proxy: Any, tunnel: Tunnel) -> IProxyAttempt:
+        """
+        Start connecting to C{proxy}; the attempt reports to C{tunnel}.
+        """
+
+    def startRelay(attempt: IProxyAttempt, toProxy: bytes, toClient: bytes, clientEnded: bool) -> IRelay:
+        """
+        Join the client connection to C{attempt}'s, first delivering the
+        bytes read before the tunnel opened.
+        """
+
+    def write(data: bytes) -> None:
+        """
+        Send C{data} to the client.
+        """
+
+    def pauseReading() -> None:
+        """
+        Stop reading from the client until L{resumeReading}.
+        """
+
+    def resumeReading() -> None:
+        """
+        Read from the client again.
+        """
+
+    def close() -> None:
+        """
+        Close the client connection once what was written is sent.
+        """
+
+    def abort() -> None:
+        """
+        Drop the client connection now.
+        """
+
+
+class ITunnelOwner(Interface):
+    """
+    What a tunnel needs from the factory that accepted it.
+    """
+
+    settings = Attribute("The L{shifter.downstream.TunnelSettings}.")
+    pool = Attribute("The L{shifter.pool.ProxyPool}.")
+    policy = Attribute("The L{shifter.policy.ITunnelPolicy}, or C{None}.")
+    resolver = Attribute("The original-destination resolver.")
+    reactor = Attribute("The reactor, for its clock.")
+    deadlines = Attribute("The L{shifter.deadlines.Deadlines} of every tunnel.")
+    stats = Attribute("The L{shifter.metrics.TunnelStats} to count in.")
+
+    def isListeningAddress(host: str, port: int) -> Optional[bool]:
+        """
+        Whether C{host:port} is Shifter's own listening socket; C{None} when
+        that is not known.
+        """
+
+    def tunnelClosed(tunnel: Tunnel) -> None:
+        """
+        C{tunnel} has finished: both its connections are gone.
+        """
+
+
+@implementer(IProxyReceiver)
+class Tunnel:
+    """
+    One client connection and the tunnel it is owed.
+
+    The public methods are the events; each is looked up in L{TABLE} under
+    the tunnel's current state.
+
+    @ivar state: one of L{STATES}.
+    @ivar destination: the original destination, once resolved.
+    @ivar proxy: the proxy being tried or in use.
+    @ivar attempt: the current proxy attempt, or C{None}.
+    @ivar bytesUp: bytes received from the client.
+    @ivar bytesDown: bytes received from the proxy after its answer.
+    """
+
+    log = Logger()
+
+    __slots__ = (
+        "state", "owner", "client", "settings", "pool", "policy", "clock",
+        "clientHost", "clientPort", "localHost", "localPort", "clientLabel",
+        "destination", "address", "target", "connectHost", "named", "proxy", "attempt",
+        "candidates", "request", "early", "earlyBytes", "earlyEnded",
+        "pending", "relay", "bytesUp", "bytesDown", "started", "connectStarted",
+        "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
+        "failed", "clientGone", "authRetried",
+    )
+
+    def __init__(
+        self,
+        owner: Any,
+        client: Any,
+        clientHost: str,
+        clientPort: int,
+        localHost: str,
+        localPort: int,
+    ) -> None:
+        """
+        @param owner: the L{ITunnelOwner}; its settings, pool and policy at
+            this moment are the ones this tunnel keeps.
+        @param client: the L{ITunnelClient}.
+        @param clientHost: the client's address, IPv4-mapped ones unmapped.
+        """
+        self.state = ACCEPTED
+        self.owner = owner
+        self.client = client
+        self.settings = owner.settings
+        self.pool = owner.pool
+        self.policy = owner.policy
+        self.clock = owner.reactor
+        self.clientHost = clientHost
+        self.clientPort = clientPort
+        self.localHost = localHost
+        self.localPort = localPort
+        self.clientLabel = formatAddress(clientHost, clientPort)
+        self.destination: Destination | None = None
+        self.address = ""
+        self.target = "(unknown)"
+        self.connectHost = ""
+        self.named = ""
+        self.proxy: Any = None
+        self.attempt: Any = None
+        self.candidates: list[Any] = []
+        self.request = b""
+        self.early: list[bytes] = []
+        self.earlyBytes = 0
+        self.earlyEnded = False
+        self.pending: Deferred[Any] | None = None
+        self.relay: Any = None
+        self.bytesUp = 0
+        self.bytesDown = 0
+        self.started = self.clock.seconds()
+        self.connectStarted = 0.0
+        self.setupDeadline = self.started + self.settings.setupTimeout
+        self.lastMoved = self.started
+        self.deadline: float | None = None
+        self.deadlineBucket: int | None = None
+        self.how: str | None = None
+        self.failed = False
+        self.clientGone = False
+        self.authRetried = False
+
+    # The events.
+
+    def start(self) -> None:
+        """
+        The client connection was accepted: begin.
+        """
+        self._handle(START)
+
+    def resolved(self, destination: Destination) -> None:
+        self._handle(RESOLVED, destination)
+
+    def resolveFailed(self, reason: Failure) -> None:
+        self._handle(RESOLVE_FAILED, reason)
+
+    def decided(self, decision: TunnelDecision | None) -> None:
+        self._handle(DECIDED, decision)
+
+    def decideFailed(self, reason: Failure) -> None:
+        self._handle(DECIDE_FAILED, reason)
+
+    def clientData(self, data: bytes) -> None:
+        self._handle(CLIENT_DATA, data)
+
+    def clientEnded(self) -> None:
+        """
+        The client has finished sending (a half-close).
+        """
+        self._handle(CLIENT_ENDED)
+
+    def clientLost(self, reason: Failure) -> None:
+        """
+        The client connection is gone.
+        """
+        self._handle(CLIENT_LOST, reason)
+
+    def proxyConnected(self, attempt: IProxyAttempt) -> None:
+        self._handleProxy(PROXY_CONNECTED, attempt)
+
+    def proxyConnectFailed(self, attempt: IProxyAttempt, reason: Failure) -> None:
+        self._handleProxy(PROXY_CONNECT_FAILED, attempt, reason)
+
+    def proxyAnswered(self, attempt: IProxyAttempt, response: ConnectResponse) -> None:
+        self._handleProxy(PROXY_ANSWERED, attempt, response)
+
+    def proxyInvalid(self, attempt: IProxyAttempt, reason: str) -> None:
+        """
+        The proxy's answer to CONNECT is not HTTP Shifter accepts.
+        """
+        self._handleProxy(PROXY_INVALID, attempt, reason)
+
+    def proxyData(self, attempt: IProxyAttempt, data: bytes) -> None:
+        self._handleProxy(PROXY_DATA, attempt, data)
+
+    def proxyEnded(self, attempt: IProxyAttempt) -> None:
+        self._handleProxy(PROXY_ENDED, attempt)
+
+    def proxyLost(self, attempt: IProxyAttempt, reason: Failure) -> None:
+        self._handleProxy(PROXY_LOST, attempt, reason)
+
+    def relayEnded(self, how: str) -> None:
+        """
+        The relay ended by itself (the splice relay: both sides finished,
+        or an error) and let go of the sockets.
+        """
+        self._handle(RELAY_ENDED, how)
+
+    def timedOut(self) -> None:
+        """
+        The tunnel's deadline has passed.
+        """
+        self._handle(TIMED_OUT)
+
+    def abort(self, how: str) -> None:
+        """
+        Drop both connections now (shutdown).
+        """
+        self._handle(ABORT, how)
+
+    # What the splice relay reports as bytes move.
+
+    def countUp(self, n: int) -> None:
+        self.bytesUp += n
+        self.owner.stats.bytesUp += n
+
+    def countDown(self, n: int) -> None:
+        self.bytesDown += n
+        self.owner.stats.bytesDown += n
+
+    def touch(self) -> None:
+        """
+        Bytes moved: the idle period starts again.  Only the time is noted;
+        the deadline, when it comes, looks at it.
+        """
+        self.lastMoved = self.clock.seconds()
+
+    # Dispatch.
+
+    def _handle(self, event: str, *args: Any) -> None:
+        try:
+            TABLE[event][self.state](self, *args)
+        except Exception:
+            self._internalError(event, Failure())
+
+    def _handleProxy(self, event: str, attempt: Any, *args: Any) -> None:
+        if attempt is not self.attempt:
+            attempt.abort()  # an attempt given up on: nothing else to do
+            return
+        self._handle(event, *args)
+
+    def _internalError(self, event: str, failure: Failure) -> None:
+        """
+        A bug: an exception while handling C{event}.  Close the connection
+        with one line and the C{internal} counter; never leave it hanging.
+        """
+        if self.state in (CLOSING, CLOSED):
+            self.log.failure(
+                "tunnel {client}: internal error on {event} while {state}",
+                failure, client=self.clientLabel, event=event, state=self.state,
+            )
+            self.owner.stats.counters["internal"] += 1
+            self._abortAll()
+            return
+        try:
+            self._fail(
+                "internal",
+                f"internal error on {event} while {self.state}: {failure.getErrorMessage()}",
+                failure=failure,
+            )
+        except Exception:
+            self.log.failure("tunnel {client}: closing failed", client=self.clientLabel)
+            self._abortAll()
+
+    def _impossible(self, *args: Any) -> None:
+        raise AssertionError("an event this state never expects")
+
+    def _ignore(self, *args: Any) -> None:
+        pass
+
+    # Stage 0: accepted.
+
+    def _begin(self) -> None:
+        allowed = self.settings.allowedClients
+        if allowed:
+            address = ipaddress.ip_address(self.clientHost)
+            if not any(address in network for network in allowed):
+                self._fail("client-denied", f"client {self.clientHost} is not in an --allow network")
+                return
+        self.state = RESOLVING
+        self._setDeadline(self.setupDeadline)
+        result = self.client.resolveDestination()
+        if isinstance(result, Deferred):
+            self._wait(result, self.resolved, self.resolveFailed)
+        else:
+            self.resolved(result)
+
+    def _wait(self, pending: Deferred[Any], ok: Callable[[Any], None], failed: Callable[[Failure], None]) -> None:
+        """
+        Wait for C{pending}; its result or failure becomes an event.
+        """
+        self.pending = pending
+
+        def fired(result: Any) -> None:
+            if self.pending is pending:
+                self.pending = None
+            ok(result)
+
+        def errored(reason: Failure) -> None:
+            if self.pending is pending:
+                self.pending = None
+            failed(reason)
+
+        pending.addCallbacks(fired, errored)
+
+    # Before the tunnel opens, the client's bytes are kept (up to a limit;
+    # past it, reading pauses) and sent first once it opens.
+
+    def _keepEarly(self, data: bytes) -> None:
+        self.bytesUp += len(data)
+        self.early.append(data)
+        self.earlyBytes += len(data)
+        if self.earlyBytes >= self.settings.earlyDataLimit:
+            self.client.pauseReading()
+
+    def _keepEnd(self) -> None:
+        self.earlyEnded = True
+
+    def _clientLeftEarly(self, reason: Failure) -> None:
+        self.clientGone = True
+        self._fail("client-gone", "client left before the tunnel opened")
+
+    def _setupTimedOut(self) -> None:
+        self._fail(
+            "setup-timeout",
+            f"tunnel not set up within {self.settings.setupTimeout:g} s (was {self.state})",
+        )
+
+    def _abortEarly(self, how: str) -> None:
+        self._fail("shutdown", how)
+        self._abortAll()
+
+    # Stage 1: the original destination.
+
+    def _resolved(self, destination: Destination) -> None:
+        owner = self.owner
+        owner.stats.resolveSeconds.observe(self.clock.seconds() - self.started)
+        host = ipaddress.ip_address(_unmap(destination.host)).compressed
+        port = destination.port
+        self.destination = destination
+        self.address = self.connectHost = host
+        self.target = formatAddress(host, port)
+        refusal = self._refusal(host, port)
+        if refusal is not None:
+            self._fail(*refusal)
+            return
+        if self.settings.connectTarget == "ip":
+            self._chooseProxies()
+            return
+        self.state = SNIFFING
+        self._setDeadline(min(self.clock.seconds() + self.settings.sniffTimeout, self.setupDeadline))
+        self._sniff(final=self.earlyEnded)
+
+    def _refusal(self, host: str, port: int) -> tuple[str, str] | None:
+        """
+        Why a connection to C{host:port} must not be tunnelled, as
+        (counter, reason), or C{None}.
+        """
+        if getattr(self.owner.resolver, "localAddressIsDestination", False):
+            # TPROXY: the local address is the destination of every
+            # connection, so it cannot tell a direct one.  A destination
+            # the listening socket itself would accept can.
+            direct = self.owner.isListeningAddress(host, port)
+            if direct is None:
+                return "loop", "Shifter's listening address is not known, so a direct connection cannot be told"
+        else:
+            direct = (host, port) == (self.localHost, self.localPort)
+        if direct:
+            return "loop", "connected to Shifter directly, not redirected"
+        if any((host, port) == proxy.address for proxy in self.pool.proxies):
+            return "loop", "destination is an upstream proxy itself"
+        allowedPorts = self.settings.allowedPorts
+        if allowedPorts and port not in allowedPorts:
+            return "port-denied", f"destination port {port} is not an --allow-port"
+        return None
+
+    def _resolveFailed(self, reason: Failure) -> None:
+        if reason.check(ResolverError):
+            self._fail("resolver", f"original destination unknown: {reason.getErrorMessage()}")
+        else:
+            self._fail("resolver", f"resolver error: {reason.getErrorMessage()}", failure=reason)
+
+    # Stage 1b (--connect-target sni, host, auto): a name from the
+    # client's first bytes.
+
+    def _sniffMore(self, data: bytes) -> None:
+        self._keepEarly(data)
+        self._sniff(final=self.earlyBytes >= self.settings.earlyDataLimit)
+
+    def _sniffEnded(self) -> None:
+        self.earlyEnded = True
+        self._sniff(final=True)
+
+    def _sniffTimedOut(self) -> None:
+        if self.clock.seconds() >= self.setupDeadline:
+            self._setupTimedOut()
+        else:
+            self._sniff(final=True)
+
+    def _sniff(self, final: bool) -> None:
+        """
+        Look for a name in what the client sent so far; go on once there is
+        a verdict, or with the address when C{final}.
+        """
+        from shifter.sniff import sniffTarget
+
+        settings = self.settings
+        verdict = sniffTarget(settings.connectTarget, b"".join(self.early))
+        if verdict is None:
+            if not final:
+                return
+            if self.earlyEnded:
+                reason = "client finished sending before a complete hello"
+            else:
+                reason = f"client sent no complete hello within {settings.sniffTimeout:g} s"
+            name = None
+        else:
+            name, reason = verdict.name, verdict.reason
+        port = self.destination.port  # type: ignore[union-attr]
+        if name is None:
+            self.named = f" (CONNECT by address: {reason})"
+        else:
+            self.connectHost = name
+            self.named = f" (CONNECT {name}:{port}, from {reason})"
+        self._chooseProxies()
+
+    # Stage 2: the policy, if any.
+
+    def _chooseProxies(self) -> None:
+        self.candidates = self.pool.candidates(self.clientHost)
+        policy = self.policy
+        if policy is None:
+            self._connectFirst()
+            return
+        self.state = DECIDING
+        self._setDeadline(self.setupDeadline)
+        client = (IPv6Address if ":" in self.clientHost else IPv4Address)("TCP", self.clientHost, self.clientPort)
+        name = self.connectHost if self.connectHost != self.address else None
+        request = TunnelRequest(client, self.destination, name, tuple(self.candidates))  # type: ignore[arg-type]
+        try:
+            result = policy.decide(request)
+        except Exception:
+            self.decideFailed(Failure())
+            return
+        if isinstance(result, Deferred):
+            self._wait(result, self.decided, self.decideFailed)
+        else:
+            self.decided(result)
+
+    def _decided(self, decision: TunnelDecision | None) -> None:
+        if decision is not None:
+            if decision.refuse is not None:
+                self._fail("policy", f"refused by policy: {decision.refuse}")
+                return
+            if decision.proxies is not None:
+                health = self.pool.health
+                self.candidates = [p for p in decision.proxies if p not in health or health[p].up]
+            if decision.target is not None:
+                port = self.destination.port  # type: ignore[union-attr]
+                try:
+                    formatAuthority(decision.target, port)
+                except (ValueError, TypeError) as e:
+                    self._fail("policy", f"policy gave an invalid target: {e}")
+                    return
+                self.connectHost = decision.target
+                self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"
+        self._connectFirst()
+
+    def _decideFailed(self, reason: Failure) -> None:
+        self._fail("policy", f"policy error: {reason.getErrorMessage()}", failure=reason)
+
+    # Stage 3: a connection to a proxy, and its answer to CONNECT; the
+    # next proxy is tried when one fails before the tunnel opens.
+
+    def _connectFirst(self) -> None:
+        if not self.candidates:
+            self._fail("no-proxy", "every proxy is down")
+            return
+        self.connectStarted = self.clock.seconds()
+        self._connectNext()
+
+    def _connectNext(self) -> None:
+        proxy = self.proxy = self.candidates.pop(0)
+        port = self.destination.port  # type: ignore[union-attr]
+        headers: list[tuple[str, str]] = []
+        if proxy.auth is not None:
+            headers = proxy.auth.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+        self.request = formatConnectRequest(self.connectHost, port, headers)
+        self.state = CONNECTING
+        self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.setupDeadline))
+        self.attempt = self.client.connectProxy(proxy, self)
+
+    def _proxyConnected(self) -> None:
+        self.state = HANDSHAKING
+        self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
+        self.attempt.write(self.request)
+
+    def _connectFailed(self, reason: Failure) -> None:
+        why = f"cannot connect to proxy: {reason.getErrorMessage()}"
+        self.pool.failed(self.proxy, why)
+        self.attempt = None
+        self._retryOrFail("proxy-connect", why)
+
+    def _connectTimedOut(self) -> None:
+        if self.clock.seconds() >= self.setupDeadline:
+            self._setupTimedOut()
+            return
+        why = f"no connection to proxy within {self.settings.connectTimeout:g} s"
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrFail("timeout", why)
+
+    def _handshakeTimedOut(self) -> None:
+        if self.clock.seconds() >= self.setupDeadline:
+            self._setupTimedOut()
+            return
+        why = f"proxy did not answer CONNECT within {self.settings.handshakeTimeout:g} s"
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrFail("timeout", why)
+
+    def _answered(self, response: ConnectResponse) -> None:
+        status = response.status
+        stats = self.owner.stats
+        stats.proxyAnswers[f"{status // 100}xx"] += 1
+        if response.opensTunnel:
+            self.pool.succeeded(self.proxy)
+            self._open(response.leftover)
+        elif status == 407:
+            self._challenged(response)
+        else:
+            reason = f"proxy answered {status} {response.reason}".rstrip()
+            self._dropAttempt()
+            if status >= 500:
+                # This proxy could not serve the request; another may.
+                self._retryOrFail("proxy-status", reason, status=status)
+            else:
+                self._fail("proxy-status", reason, status=status)
+
+    def _challenged(self, response: ConnectResponse) -> None:
+        auth = self.proxy.auth
+        self._dropAttempt()
+        if auth is None:
+            self._fail("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
+            return
+        challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
+        cannot = auth.challenged(challenges)
+        if cannot is not None or self.authRetried:
+            self._fail("proxy-auth", f"proxy answered 407: {cannot or 'credentials refused'}", status=407)
+            return
+        self.authRetried = True
+        self.candidates.insert(0, self.proxy)
+        self._connectNext()
+
+    def _answerInvalid(self, reason: str) -> None:
+        why = f"bad answer from proxy: {reason}"
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrFail("proxy-garbage", why)
+
+    def _closedBeforeAnswer(self, reason: Failure | None = None) -> None:
+        if reason is None or reason.check(ConnectionDone):
+            why = "proxy closed the connection before answering"
+        else:
+            why = f"proxy connection lost before answering: {reason.getErrorMessage()}"
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrFail("proxy-closed", why)
+
+    def _dropAttempt(self) -> None:
+        """
+        Let go of the current attempt: it will not carry the tunnel.
+        """
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.abort()
+
+    def _retryOrFail(self, kind: str, reason: str, **fields: Any) -> None:
+        """
+        Try the next proxy if one is left and time allows, else fail.
+        """
+        if not self.candidates or self.clock.seconds() >= self.setupDeadline:
+            self._fail(kind, reason, **fields)
+            return
+        self.owner.stats.retries += 1
+        self.log.info(
+            "tunnel {client} -> {destination} via {proxy}: {reason}; trying {next}",
+            client=self.clientLabel,
+            destination=self.target,
+            proxy=self.proxy.description,
+            reason=reason,
+            next=self.candidates[0].description,
+        )
+        self._connectNext()
+
+    # Stage 4: the relay.
+
+    def _open(self, leftover: bytes) -> None:
+        stats = self.owner.stats
+        now = self.clock.seconds()
+        stats.counters["opened"] += 1
+        stats.openTunnels += 1
+        stats.connectSeconds.observe(now - self.connectStarted)
+        early, self.early = b"".join(self.early), []
+        # Early bytes count as relayed once they are relayed, so that the
+        # byte counters only ever go up.
+        stats.bytesUp += len(early)
+        self.bytesDown += len(leftover)
+        stats.bytesDown += len(leftover)
+        self.state = CLIENT_FINISHED if self.earlyEnded else RELAYING
+        self.lastMoved = now
+        self._armIdle()
+        self.relay = self.client.startRelay(self.attempt, early, leftover, self.earlyEnded)
+
+    def _relayUp(self, data: bytes) -> None:
+        n = len(data)
+        self.bytesUp += n
+        self.owner.stats.bytesUp += n
+        self.lastMoved = self.clock.seconds()
+        self.attempt.write(data)
+
+    def _relayDown(self, data: bytes) -> None:
+        n = len(data)
+        self.bytesDown += n
+        self.owner.stats.bytesDown += n
+        self.lastMoved = self.clock.seconds()
+        self.client.write(data)
+
+    def _clientFinished(self) -> None:
+        self.state = CLIENT_FINISHED
+        self.relay.clientFinished()
+
+    def _proxyFinished(self) -> None:
+        self.state = PROXY_FINISHED
+        self.relay.proxyFinished()
+
+    def _bothFinished(self) -> None:
+        self._close("both sides closed")
+
+    def _clientLostOpen(self, reason: Failure) -> None:
+        self.clientGone = True
+        self._close(_howLost("client", reason))
+
+    def _proxyLostOpen(self, reason: Failure) -> None:
+        self.attempt = None
+        self._close(_howLost("proxy", reason))
+
+    def _relayEnded(self, how: str) -> None:
+        self._close(how)
+
+    def _idleCheck(self) -> None:
+        idle = self.settings.idleTimeout
+        if self.clock.seconds() - self.lastMoved >= idle:
+            self._close(f"idle for {idle:g} s")
+        else:
+            self._armIdle()
+
+    def _armIdle(self) -> None:
+        idle = self.settings.idleTimeout
+        self._setDeadline(self.lastMoved + idle if idle else None)
+
+    def _abortOpen(self, how: str) -> None:
+        self._close(how)
+        self._abortAll()
+
+    # Closing: both connections asked to close, the client's after what
+    # was written to it is sent; after a grace period, dropped.
+
+    def _fail(self, kind: str, reason: str, failure: Failure | None = None, **fields: Any) -> None:
+        """
+        End the tunnel before it opened, with one log line saying why.
+        """
+        self.failed = True
+        self.owner.stats.counters[kind] += 1
+        text = "tunnel {client} -> {destination}{named} via {proxy} failed: {reason}"
+        facts: dict[str, Any] = dict(
+            client=self.clientLabel,
+            destination=self.target,
+            named=self.named,
+            proxy=self.proxy.description if self.proxy is not None else "(none)",
+            reason=reason,
+            failure_kind=kind,
+            **fields,
+        )
+        if failure is not None and not failure.check(ResolverError, CancelledError, TimeoutError):
+            self.log.failure(text, failure, LogLevel.error, **facts)
+        else:
+            self.log.warn(text, **facts)
+        self._close(reason)
+
+    def _close(self, how: str) -> None:
+        if self.how is None:
+            self.how = how
+        self.state = CLOSING
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.stop()
+        # The deadline first: closing a transport may report its loss at
+        # once, and that may finish the tunnel.
+        self._setDeadline(self.clock.seconds() + self.settings.closeGrace)
+        if self.failed:
+            # A proxy connection that never carried the tunnel is dropped.
+            self._dropAttempt()
+        elif self.attempt is not None:
+            self.attempt.close()
+        if not self.clientGone and self.state == CLOSING:
+            self.client.close()
+        self._closedIfGone()
+
+    def _clientLostClosing(self, reason: Failure) -> None:
+        self.clientGone = True
+        if self.how is None:
+            self.how = _howLost("client", reason)
+        self._closedIfGone()
+
+    def _proxyLostClosing(self, reason: Failure) -> None:
+        self.attempt = None
+        self._closedIfGone()
+
+    def _attemptEndedClosing(self, reason: Failure) -> None:
+        self.attempt = None
+        self._closedIfGone()
+
+    def _graceOver(self) -> None:
+        self.log.info(
+            "tunnel {client} -> {destination}: still open {grace:g} s after closing; dropped",
+            client=self.clientLabel, destination=self.target, grace=self.settings.closeGrace,
+        )
+        self._abortAll()
+        # Aborted transports close their sockets on the reactor's next
+        # turn; the tunnel is finished now.
+        self.clientGone = True
+        self.attempt = None
+        self._closedIfGone()
+
+    def _abortClosing(self, how: str) -> None:
+        self._abortAll()
+
+    def _abortAll(self) -> None:
+        attempt = self.attempt
+        if attempt is not None:
+            attempt.abort()
+        if not self.clientGone:
+            self.client.abort()
+
+    def _closedIfGone(self) -> None:
+        if self.state == CLOSING and self.clientGone and self.attempt is None:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.state = CLOSED
+        self._setDeadline(None)
+        wasOpen = not self.failed
+        stats = self.owner.stats
+        if wasOpen:
+            stats.openTunnels -= 1
+            stats.counters["closed"] += 1
+        self.owner.tunnelClosed(self)
+        if not wasOpen:
+            return  # _fail has logged the one line this connection gets.
+        duration = self.clock.seconds() - self.started
+        client, destination, named = self.clientLabel, self.target, self.named
+        proxy = self.proxy.description
+        how, up, down = self.how, self.bytesUp, self.bytesDown
+        # The line is rendered here, in one f-string, and logged as a single
+        # field: Twisted's observers would otherwise run string.Formatter
+        # over eight fields for every tunnel.  The facts stay in the event
+        # as fields.
+        self.log.info(
+            "{tunnel_line}",
+            tunnel_line=f"tunnel {client} -> {destination}{named} via {proxy} closed ({how}): "
+            f"{up} bytes up, {down} bytes down, {duration:.3f} s",
+            client=client,
+            destination=destination,
+            named=named,
+            connect_target=formatAddress(self.connectHost, self.destination.port),  # type: ignore[union-attr]
+            proxy=proxy,
+            how=how,
+            bytes_up=up,
+            bytes_down=down,
+            duration=duration,
+        )
+
+    def _setDeadline(self, when: float | None) -> None:
+        self.owner.deadlines.set(self, when)
+
+    def describe(self, now: float) -> TunnelInfo:
+        """
+        What an operator sees of this tunnel at time C{now}.
+        """
+        destination = self.destination
+        return TunnelInfo(
+            client=self.clientLabel,
+            destination=self.target,
+            connectTarget=formatAddress(self.connectHost, destination.port) if destination is not None else "",
+            proxy=self.proxy.description if self.proxy is not None else "",
+            state=self.state,
+            bytesUp=self.bytesUp,
+            bytesDown=self.bytesDown,
+            age=now - self.started,
+        )
+
+
+def _table(*rows: tuple[Any, Any, str]) -> dict[str, dict[str, Callable[..., None]]]:
+    """
+    Build the dispatch table from C{(states, events, action)} rows, where
+    C{states} and C{events} are one name or a tuple of names and C{action}
+    names a method of L{Tunnel}.  Every (state, event) pair must be named
+    by exactly one row.
+    """
+    table: dict[str, dict[str, Callable[..., None]]] = {event: {} for event in EVENTS}
+    for states, events, action in rows:
+        for event in (events,) if isinstance(events, str) else events:
+            for state in (states,) if isinstance(states, str) else states:
+                if state in table[event]:
+                    raise AssertionError(f"({state}, {event}) is declared twice")
+                table[event][state] = getattr(Tunnel, action)
+    missing = [(s, e) for e in EVENTS for s in STATES if s not in table[e]]
+    if missing:
+        raise AssertionError(f"undeclared (state, event) pairs: {missing}")
+    return table
+
+
+_CLIENT_SIDE = (CLIENT_DATA, CLIENT_ENDED, CLIENT_LOST)
+_ANSWERS = (PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA, PROXY_ENDED, PROXY_LOST)
+_RESULTS = (RESOLVED, RESOLVE_FAILED, DECIDED, DECIDE_FAILED)
+
+# What every event does in every state.  "_impossible" marks a pair that
+# cannot happen (the sources of the event do not exist in that state); it
+# closes the connection with an internal-error line.
+TABLE = _table(
+    # state                    event(s)                           action
+    (ACCEPTED,                 START,                             "_begin"),
+    (ACCEPTED,                 tuple(e for e in EVENTS if e != START), "_impossible"),
+    # Set-up: every stage keeps early bytes, notes an early end, fails on
+    # the client's loss, the set-up deadline or shutdown.
+    (SETUP,                    START,                             "_impossible"),
+    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING), CLIENT_DATA, "_keepEarly"),
+    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING), CLIENT_ENDED, "_keepEnd"),
+    (SETUP,                    CLIENT_LOST,                       "_clientLeftEarly"),
+    (SETUP,                    ABORT,                             "_abortEarly"),
+    (SETUP,                    RELAY_ENDED,                       "_impossible"),
+    (RESOLVING,                RESOLVED,                          "_resolved"),
+    (RESOLVING,                RESOLVE_FAILED,                    "_resolveFailed"),
+    (RESOLVING,                (DECIDED, DECIDE_FAILED),          "_impossible"),
+    (RESOLVING,                TIMED_OUT,                         "_setupTimedOut"),
+    ((RESOLVING, SNIFFING, DECIDING), PROXY_EVENTS,               "_impossible"),
+    (SNIFFING,                 CLIENT_DATA,                       "_sniffMore"),
+    (SNIFFING,                 CLIENT_ENDED,                      "_sniffEnded"),
+    (SNIFFING,                 TIMED_OUT,                         "_sniffTimedOut"),
+    (SNIFFING,                 _RESULTS,                          "_impossible"),
+    (DECIDING,                 DECIDED,                           "_decided"),
+    (DECIDING,                 DECIDE_FAILED,                     "_decideFailed"),
+    (DECIDING,                 (RESOLVED, RESOLVE_FAILED),        "_impossible"),
+    (DECIDING,                 TIMED_OUT,                         "_setupTimedOut"),
+    ((CONNECTING, HANDSHAKING), _RESULTS,                         "_impossible"),
+    (CONNECTING,               PROXY_CONNECTED,                   "_proxyConnected"),
+    (CONNECTING,               PROXY_CONNECT_FAILED,              "_connectFailed"),
+    (CONNECTING,               _ANSWERS,                          "_impossible"),
+    (CONNECTING,               TIMED_OUT,                         "_connectTimedOut"),
+    (HANDSHAKING,              (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_DATA), "_impossible"),
+    (HANDSHAKING,              PROXY_ANSWERED,                    "_answered"),
+    (HANDSHAKING,              PROXY_INVALID,                     "_answerInvalid"),
+    (HANDSHAKING,              (PROXY_ENDED, PROXY_LOST),         "_closedBeforeAnswer"),
+    (HANDSHAKING,              TIMED_OUT,                         "_handshakeTimedOut"),
+    # Open: bytes flow; a half-close is passed on; a loss, the end of the
+    # relay, the idle deadline or shutdown closes.
+    (OPEN,                     (START,) + _RESULTS,               "_impossible"),
+    (OPEN,                     (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID), "_impossible"),
+    ((RELAYING, PROXY_FINISHED), CLIENT_DATA,                     "_relayUp"),
+    (CLIENT_FINISHED,          CLIENT_DATA,                       "_impossible"),
+    ((RELAYING, CLIENT_FINISHED), PROXY_DATA,                     "_relayDown"),
+    (PROXY_FINISHED,           PROXY_DATA,                        "_impossible"),
+    (RELAYING,                 CLIENT_ENDED,                      "_clientFinished"),
+    (RELAYING,                 PROXY_ENDED,                       "_proxyFinished"),
+    (PROXY_FINISHED,           CLIENT_ENDED,                      "_bothFinished"),
+    (CLIENT_FINISHED,          PROXY_ENDED,                       "_bothFinished"),
+    (CLIENT_FINISHED,          CLIENT_ENDED,                      "_impossible"),
+    (PROXY_FINISHED,           PROXY_ENDED,                       "_impossible"),
+    (OPEN,                     CLIENT_LOST,                       "_clientLostOpen"),
+    (OPEN,                     PROXY_LOST,                        "_proxyLostOpen"),
+    (OPEN,                     RELAY_ENDED,                       "_relayEnded"),
+    (OPEN,                     TIMED_OUT,                         "_idleCheck"),
+    (OPEN,                     ABORT,                             "_abortOpen"),
+    # Closing: late bytes and answers are dropped, late results ignored;
+    # the connections' losses are awaited, then the grace runs out.
+    (CLOSING,                  START,                             "_impossible"),
+    (CLOSING,                  _RESULTS + (CLIENT_DATA, CLIENT_ENDED, RELAY_ENDED), "_ignore"),
+    (CLOSING,                  (PROXY_CONNECTED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA, PROXY_ENDED), "_ignore"),
+    (CLOSING,                  CLIENT_LOST,                       "_clientLostClosing"),
+    (CLOSING,                  PROXY_LOST,                        "_proxyLostClosing"),
+    (CLOSING,                  PROXY_CONNECT_FAILED,              "_attemptEndedClosing"),
+    (CLOSING,                  TIMED_OUT,                         "_graceOver"),
+    (CLOSING,                  ABORT,                             "_abortClosing"),
+    # Closed: nothing is left to do.
+    (CLOSED,                   EVENTS,                            "_ignore"),
+)
+
+
+def _howLost(side: str, reason: Failure) -> str:
+    if reason.check(ConnectionDone):
+        return f"{side} closed"
+    return f"{side} connection lost: {reason.getErrorMessage()}"
+
+
+def _unmap(host: str) -> str:
+    """
+    C{host} without an IPv4-mapped IPv6 prefix (C{::ffff:192.0.2.2} ->
+    C{192.0.2.2}).
+    """
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+def formatAddress(host: str, port: int) -> str:
+    """
+    C{host:port}, with an IPv6 address in brackets.
+    """
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"

@@ -1,139 +1,221 @@
 """
-The upstream side of a tunnel: a connection to the HTTP proxy that asks for
-C{CONNECT host:port}, reads the answer, and then relays bytes.
+The upstream side of a tunnel: one attempt at a proxy, the connection it
+makes, the proxy's answer to CONNECT, and then the tunnel's bytes.
+
+A L{ProxyAttempt} reports everything to its receiver (the tunnel, through
+L{shifter.interfaces.IProxyReceiver}) naming itself, so the receiver can tell an attempt it
+has given up on from the one it waits for.  This module knows nothing of
+the tunnel beyond that interface.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zope.interface import implementer
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from shifter.connect import ConnectResponseParser, ProxyResponseError
+from shifter.interfaces import IProxyAttempt, IProxyReceiver
 
-if TYPE_CHECKING:
-    from shifter.downstream import DownstreamProtocol
+
+# The attempt's states.
+CONNECTING = "connecting"
+CONNECTED = "connected"
+ABANDONED = "abandoned"  # given up on; a connection made late is dropped
+GONE = "gone"
+
+
+@implementer(IProxyAttempt)
+class ProxyAttempt:
+    """
+    One try at one proxy for one tunnel.
+
+    A plain TCP proxy at a known address is reached with the reactor's own
+    C{connectTCP}, with no timeout of its own (the tunnel keeps the
+    deadline); any other (TLS, a hostname, an endpoint string) through its
+    endpoint.
+
+    @ivar proxy: the L{shifter.proxy.UpstreamProxy} being tried.
+    @ivar protocol: the L{UpstreamProtocol}, once connected.
+    """
+
+    __slots__ = ("proxy", "receiver", "state", "protocol", "_connector", "_pending")
+
+    def __init__(self, proxy: Any, receiver: IProxyReceiver) -> None:
+        self.proxy = proxy
+        self.receiver = receiver
+        self.state = CONNECTING
+        self.protocol: UpstreamProtocol | None = None
+        self._connector: Any = None
+        self._pending: Deferred[Any] | None = None
+
+    def connect(self) -> None:
+        """
+        Start connecting.
+        """
+        proxy = self.proxy
+        factory = _AttemptFactory(self)
+        if proxy.tcpReactor is not None:
+            host, port = proxy.address
+            self._connector = proxy.tcpReactor.connectTCP(host, port, factory, timeout=None)
+            return
+        pending = proxy.endpoint.connect(factory)
+        self._pending = pending
+        pending.addErrback(self._endpointFailed)
+
+    def _endpointFailed(self, reason: Failure) -> None:
+        self._pending = None
+        self.connectFailed(reason)
+
+    def connected(self, protocol: UpstreamProtocol) -> None:
+        """
+        The connection is made (called by the protocol).
+        """
+        self._connector = None
+        if self.state == ABANDONED:
+            protocol.transport.abortConnection()
+            return
+        self.state = CONNECTED
+        self.protocol = protocol
+        self.receiver.proxyConnected(self)
+
+    def connectFailed(self, reason: Failure) -> None:
+        if self.state == GONE:
+            return
+        self.state = GONE
+        self._connector = None
+        self.receiver.proxyConnectFailed(self, reason)
+
+    def lost(self, reason: Failure) -> None:
+        """
+        The connection is gone (called by the protocol).
+        """
+        self.state = GONE
+        self.receiver.proxyLost(self, reason)
+
+    @property
+    def transport(self) -> Any:
+        """
+        The connection's transport (TCP, or TLS over TCP), once connected.
+        """
+        return self.protocol.transport if self.protocol is not None else None
+
+    def write(self, data: bytes) -> None:
+        if self.state == CONNECTED:
+            self.protocol.transport.write(data)  # type: ignore[union-attr]
+
+    def halfClose(self) -> None:
+        if self.state != CONNECTED:
+            return
+        transport = self.protocol.transport  # type: ignore[union-attr]
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            # TLS has no half-close of its own: a close_notify says "no
+            # more from me", and the TLS layer keeps reading until the
+            # proxy answers with its own.  A bare FIN under TLS would be a
+            # truncation attack as far as the proxy can tell.
+            transport.loseConnection()
+        else:
+            transport.loseWriteConnection()
+
+    def close(self) -> None:
+        if self.state == CONNECTED:
+            self.protocol.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        state = self.state
+        if state == CONNECTED:
+            self.protocol.transport.abortConnection()  # type: ignore[union-attr]
+        elif state == CONNECTING:
+            self.state = ABANDONED
+            if self._connector is not None:
+                connector, self._connector = self._connector, None
+                connector.stopConnecting()
+            elif self._pending is not None:
+                pending, self._pending = self._pending, None
+                pending.cancel()
+
+
+# The upstream protocol's states.
+ANSWERING = "answering"  # CONNECT sent, the answer not yet complete
+OPEN = "open"  # a 2xx came: bytes belong to the tunnel
+REFUSED = "refused"  # any other answer, or garbage: bytes are dropped
 
 
 @implementer(IHalfCloseableProtocol)
 class UpstreamProtocol(Protocol):
     """
-    Shifter's connection to an upstream proxy for one client.
+    Shifter's connection to an upstream proxy for one tunnel.
 
-    It sends the CONNECT request as soon as it is connected and gives the
-    proxy C{handshakeTimeout} seconds to answer.  The answer goes to the
-    sans-I/O L{ConnectResponseParser}; the verdict, and any tunnel bytes
-    that came with it, go to the L{DownstreamProtocol} that owns the tunnel.
-    After that, every byte received is relayed to the client.
-
-    @ivar received: bytes received from the proxy after its answer.
+    The answer to CONNECT goes to the sans-I/O L{ConnectResponseParser};
+    only after a 2xx are bytes passed on, as tunnel bytes.
     """
 
-    received = 0
     # The connection to the proxy (TCP, or TLS over TCP).
     transport: Any
 
-    def __init__(self, downstream: DownstreamProtocol, request: bytes) -> None:
-        self.downstream = downstream
-        self._request = request
+    def __init__(self, attempt: ProxyAttempt) -> None:
+        self.attempt = attempt
+        self.state = ANSWERING
         self._parser: ConnectResponseParser | None = ConnectResponseParser()
-        self._handshakeTimer = None
 
     def connectionMade(self) -> None:
-        downstream = self.downstream
-        self._handshakeTimer = downstream.factory.reactor.callLater(
-            downstream.factory.settings.handshakeTimeout, self._handshakeTimedOut
-        )
-        self.transport.write(self._request)
-        downstream.upstreamConnected(self)
+        self.attempt.connected(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._parser is None:
-            self.received += len(data)
-            self.downstream.transport.write(data)
-            self.downstream.touch()
-            return
+        state = self.state
+        if state == OPEN:
+            self.attempt.receiver.proxyData(self.attempt, data)
+        elif state == ANSWERING:
+            self._answer(data)
+        # REFUSED: the tunnel was refused; whatever follows (the body of a
+        # 403 or 407 page) is not the client's business.
+
+    def _answer(self, data: bytes) -> None:
         try:
-            response = self._parser.feed(data)
+            response = self._parser.feed(data)  # type: ignore[union-attr]
         except ProxyResponseError as e:
-            self._endHandshake()
-            self.downstream.upstreamFailed(self, "proxy-garbage", f"bad answer from proxy: {e}", retry=True)
+            self.state = REFUSED
+            self._parser = None
+            self.attempt.receiver.proxyInvalid(self.attempt, str(e))
             return
         if response is None:
             return
-        self._endHandshake()
-        if response.opensTunnel:
-            self.received = len(response.leftover)
-            self.downstream.tunnelOpened(self, response.leftover)
-        elif response.status == 407:
-            self.downstream.proxyChallenged(self, response)
-        else:
-            self.downstream.upstreamFailed(
-                self,
-                "proxy-status",
-                f"proxy answered {response.status} {response.reason}".rstrip(),
-                # A 5xx says this proxy could not serve the request; another
-                # proxy may.  Other answers are the same policy everywhere.
-                retry=response.status >= 500,
-                status=response.status,
-            )
+        self._parser = None
+        self.state = OPEN if response.opensTunnel else REFUSED
+        self.attempt.receiver.proxyAnswered(self.attempt, response)
 
     def readConnectionLost(self) -> None:
-        if self._parser is not None:
-            self._endHandshake()
-            self.downstream.upstreamFailed(
-                self, "proxy-closed", "proxy closed the connection before answering", retry=True
-            )
-        else:
-            self.downstream.upstreamEnded(self)
+        self.attempt.receiver.proxyEnded(self.attempt)
 
     def writeConnectionLost(self) -> None:
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._parser is not None:
-            self._endHandshake()
-            self.downstream.upstreamFailed(
-                self,
-                "proxy-closed",
-                f"proxy connection lost before answering: {reason.getErrorMessage()}",
-                retry=True,
-            )
-        self.downstream.upstreamLost(self, reason)
-
-    def _endHandshake(self) -> None:
         self._parser = None
-        if self._handshakeTimer is not None and self._handshakeTimer.active():
-            self._handshakeTimer.cancel()
-        self._handshakeTimer = None
-
-    def _handshakeTimedOut(self) -> None:
-        self._handshakeTimer = None
-        self._parser = None
-        self.downstream.upstreamFailed(
-            self,
-            "timeout",
-            f"proxy did not answer CONNECT within "
-            f"{self.downstream.factory.settings.handshakeTimeout:g} s",
-            retry=True,
-            unhealthy=True,
-        )
+        self.attempt.lost(reason)
 
 
-class UpstreamFactory(ClientFactory):
+class _AttemptFactory(ClientFactory):
     """
-    Builds the one L{UpstreamProtocol} of a connection attempt.
+    Builds the one L{UpstreamProtocol} of an attempt, and tells the attempt
+    when its connection fails.
     """
 
     noisy = False  # one factory per attempt: its start and stop are not news
 
-    def __init__(self, downstream: DownstreamProtocol, request: bytes) -> None:
-        self.downstream = downstream
-        self.request = request
+    def __init__(self, attempt: ProxyAttempt) -> None:
+        self.attempt = attempt
 
     def buildProtocol(self, addr: object) -> UpstreamProtocol:
-        return UpstreamProtocol(self.downstream, self.request)
+        return UpstreamProtocol(self.attempt)
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        self.attempt.connectFailed(reason)

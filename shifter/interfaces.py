@@ -1,0 +1,123 @@
+"""
+The interfaces between the tunnel and the layers below it.
+
+The tunnel (L{shifter.tunnel}) drives proxy attempts and relays through
+these, and they report back through them; neither the upstream side nor
+the relays import the tunnel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import Attribute, Interface
+
+from twisted.python.failure import Failure
+
+from shifter.connect import ConnectResponse
+
+
+class IProxyAttempt(Interface):
+    """
+    One try at one proxy for one tunnel: a connection being made, then
+    made.  It reports to the tunnel with the proxy events, naming itself.
+    """
+
+    proxy = Attribute("The L{shifter.proxy.UpstreamProxy} being tried.")
+    transport = Attribute("The connection's transport once connected, else C{None}.")
+
+    def write(data: bytes) -> None:
+        """
+        Send C{data} to the proxy (the CONNECT request, then tunnel bytes).
+        """
+
+    def halfClose() -> None:
+        """
+        Tell the proxy that the client has finished sending (through the
+        TLS layer, for a TLS proxy).
+        """
+
+    def close() -> None:
+        """
+        Close the connection once what was written is sent.
+        """
+
+    def abort() -> None:
+        """
+        Give up on this attempt now: stop connecting, or drop the
+        connection without flushing.  Safe to call more than once.
+        """
+
+
+class IRelay(Interface):
+    """
+    Moves the bytes of one open tunnel both ways.
+    """
+
+    def start(toProxy: bytes, toClient: bytes, clientEnded: bool) -> None:
+        """
+        Start relaying, first delivering what was read before the tunnel
+        opened: the client's early bytes and the tunnel bytes that came
+        with the proxy's answer.
+
+        @param clientEnded: whether the client has already finished sending.
+        """
+
+    def clientFinished() -> None:
+        """
+        The client has finished sending: pass that on to the proxy.
+        """
+
+    def proxyFinished() -> None:
+        """
+        The proxy has finished sending: pass that on to the client.
+        """
+
+    def stop() -> None:
+        """
+        Stop relaying now and let go of both transports (no producer left
+        registered), leaving the caller to close them.
+        """
+
+
+class IProxyReceiver(Interface):
+    """
+    Who is told what happens to a L{IProxyAttempt}.
+    """
+
+    def proxyConnected(attempt: IProxyAttempt) -> None:
+        """
+        The connection to the proxy is made.
+        """
+
+    def proxyConnectFailed(attempt: IProxyAttempt, reason: Failure) -> None:
+        """
+        The connection could not be made (or the attempt was abandoned
+        while connecting).
+        """
+
+    def proxyAnswered(attempt: IProxyAttempt, response: ConnectResponse) -> None:
+        """
+        The proxy answered CONNECT.  After a 2xx, the tunnel's bytes follow
+        as L{proxyData}; after any other answer, nothing does.
+        """
+
+    def proxyInvalid(attempt: IProxyAttempt, reason: str) -> None:
+        """
+        The proxy's answer cannot be read as HTTP that Shifter accepts.
+        """
+
+    def proxyData(attempt: IProxyAttempt, data: bytes) -> None:
+        """
+        Tunnel bytes from the proxy (only ever after a 2xx answer).
+        """
+
+    def proxyEnded(attempt: IProxyAttempt) -> None:
+        """
+        The proxy has finished sending.
+        """
+
+    def proxyLost(attempt: IProxyAttempt, reason: Failure) -> None:
+        """
+        The connection to the proxy is gone.
+        """
