@@ -27,8 +27,9 @@ from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse, formatAuthority, formatConnectRequest
+from shifter.connect import ConnectResponse, formatAuthority
 from shifter.metrics import TunnelMetrics
+from shifter.passclient import tunnelRequest
 from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
@@ -248,6 +249,8 @@ class DownstreamProtocol(Protocol):
     # why: for the tunnel's log line.
     _named = ""
     _connectHost = ""
+    # What the proxy is told about the client, when a policy chose it.
+    _passClient: str | None = None
 
     def describe(self, now: float) -> TunnelInfo:
         """
@@ -408,6 +411,7 @@ class DownstreamProtocol(Protocol):
             if decision.proxies is not None:
                 health = self.factory.pool.health
                 self._candidates = [p for p in decision.proxies if p not in health or health[p].up]
+            self._passClient = decision.passClient
             if decision.target is not None:
                 port = self.destination.port  # type: ignore[union-attr]
                 try:
@@ -440,7 +444,10 @@ class DownstreamProtocol(Protocol):
         headers = []
         if proxy.auth is not None:
             headers = proxy.auth.headersFor("CONNECT", formatAuthority(self._connectHost, port))
-        request = formatConnectRequest(self._connectHost, port, headers)
+        request = tunnelRequest(
+            proxy, self.transport.getPeer(), self.destination,  # type: ignore[arg-type]
+            self._connectHost, port, headers, self._passClient,
+        )
         pending = proxy.endpoint.connect(UpstreamFactory(self, request))
         pending.addTimeout(factory.settings.connectTimeout, factory.reactor)
         self._pending = pending

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+from zope.interface import implementer
+
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
@@ -24,10 +26,13 @@ from shifter.passclient import (
     proxyHeader,
     tunnelRequest,
 )
-from shifter.policy import TunnelDecision
+from shifter.downstream import ShifterFactory
+from shifter.policy import ITunnelPolicy, TunnelDecision
+from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy, parseProxy
 from shifter.proxyprotocol import V1_MAX_LENGTH, V2_SIGNATURE, encodeV1, encodeV2
 from shifter.tap import Options
+from tests.test_tunnel import OK, PROXY, FakeProxyEndpoint, RecordingPolicy, TunnelTestCase
 
 CLIENT = IPv4Address("TCP", "192.0.2.2", 50000)
 MAPPED_CLIENT = IPv6Address("TCP", "::ffff:192.0.2.2", 50000)
@@ -453,3 +458,102 @@ class SettingTests(SynchronousTestCase):
         self.assertIsNone(TunnelDecision().passClient)
         self.assertEqual(TunnelDecision(passClient="proxy-v2").passClient, "proxy-v2")
         self.assertRaises(ValueError, TunnelDecision, passClient="proxy-v9")
+
+
+class TunnelWiringTests(TunnelTestCase):
+    """
+    The bytes a tunnel writes on its proxy connection, in memory: two
+    proxies, A and B, tried in that order.
+    """
+
+    def usePool(self, modeA: str = "none", modeB: str = "none", policy: object = None) -> None:
+        self.endpointB = FakeProxyEndpoint()
+        proxyA = UpstreamProxy("a.test:3128", self.endpoint, PROXY, passClient=modeA)
+        proxyB = UpstreamProxy("b.test:3128", self.endpointB, ("198.51.100.4", 3128), passClient=modeB)
+        self.pool = ProxyPool([proxyA, proxyB], self.clock)
+        self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        if policy is not None:
+            self.factory.policy = RecordingPolicy(policy)  # type: ignore[assignment]
+
+    def test_proxyHeaderBeforeConnect(self) -> None:
+        """
+        A proxy set to C{proxy-v1} gets the client's and the original
+        destination's addresses before CONNECT, and the tunnel opens as
+        usual.
+        """
+        self.usePool("proxy-v1")
+        client, clientTransport = self.connectClient()
+        upstream, upstreamTransport = self.endpoint.accept()
+        self.assertEqual(
+            upstreamTransport.value(),
+            b"PROXY TCP4 192.0.2.2 203.0.113.7 50000 443\r\n" + CONNECT,
+        )
+        upstream.dataReceived(OK)
+        self.assertEqual(self.factory.counters["opened"], 1)
+
+    def test_dualStackClientAsIPv4(self) -> None:
+        """
+        On a dual-stack listener an IPv4 client (and its destination) are
+        seen IPv4-mapped, and are sent as IPv4.
+        """
+        self.usePool("proxy-v2")
+        self.resolver.answer = IPv6Address("TCP", "::ffff:203.0.113.7", 443)
+        self.connectClient(peer=MAPPED_CLIENT, host=IPv6Address("TCP", "::ffff:192.0.2.1", 12345))
+        _, upstreamTransport = self.endpoint.accept()
+        self.assertEqual(
+            readV2(upstreamTransport.value()),
+            (0x1, 0x11, ("192.0.2.2", "203.0.113.7", 50000, 443), CONNECT),
+        )
+
+    def test_eachProxyItsOwnMode(self) -> None:
+        """
+        When the first proxy fails, the next is sent its own mode, not the
+        first one's.
+        """
+        self.usePool("proxy-v2", "x-forwarded-for")
+        self.connectClient()
+        self.endpoint.refuse()
+        _, upstreamTransport = self.endpointB.accept()
+        self.assertEqual(
+            upstreamTransport.value(),
+            b"CONNECT 203.0.113.7:443 HTTP/1.1\r\nHost: 203.0.113.7:443\r\n"
+            b"X-Forwarded-For: 192.0.2.2\r\n\r\n",
+        )
+
+    def test_policyModeForEveryProxy(self) -> None:
+        """
+        A policy's mode applies to whichever proxy is tried for the
+        connection.
+        """
+        self.usePool("none", "none", policy=TunnelDecision(passClient="proxy-v1"))
+        self.connectClient()
+        self.endpoint.refuse()
+        _, upstreamTransport = self.endpointB.accept()
+        self.assertTrue(upstreamTransport.value().startswith(b"PROXY TCP4 192.0.2.2 203.0.113.7 50000 443\r\n"))
+
+    def test_policyNoneKeepsProxyMode(self) -> None:
+        """
+        A decision that leaves the mode at C{None} keeps the proxy's.
+        """
+        self.usePool("x-forwarded-for", policy=TunnelDecision(target="www.example.test"))
+        self.connectClient()
+        _, upstreamTransport = self.endpoint.accept()
+        self.assertIn(b"\r\nX-Forwarded-For: 192.0.2.2\r\n", upstreamTransport.value())
+
+    def test_invalidPolicyModeRefuses(self) -> None:
+        """
+        A policy that builds a decision with an unknown mode refuses the
+        connection, as any policy error does; no proxy is contacted.
+        """
+        self.usePool()
+
+        @implementer(ITunnelPolicy)
+        class BadPolicy:
+            def decide(self, request: object) -> TunnelDecision:
+                return TunnelDecision(passClient="proxy-v9")
+
+        self.factory.policy = BadPolicy()
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
