@@ -134,3 +134,25 @@ def tunnelRequest(
     if mode == "x-forwarded-for":
         headers.append(forwardedFor(client))
     return proxyHeader(mode, client, destination) + formatConnectRequest(connectHost, port, headers)
+
+
+def refusalHint(kind: str, status: object, mode: str) -> str:
+    """
+    A hint for the log line of a tunnel the proxy refused in a way that a
+    mismatched C{--pass-client} causes, else C{""}.
+
+    Squid closes a connection that lacks the PROXY header on a port that
+    requires one, and answers 400 to a PROXY header on a port that does
+    not expect it.
+
+    @param kind: the failure's counter name (C{"proxy-closed"},
+        C{"proxy-status"}, ...).
+    @param status: the proxy's status code, if it answered.
+    @param mode: the connection's C{--pass-client} mode.
+    """
+    sentHeader = mode in _ENCODERS
+    if kind == "proxy-closed" and not sentHeader:
+        return " (as a proxy port that requires a PROXY protocol header does; see --pass-client)"
+    if kind == "proxy-status" and status == 400 and sentHeader:
+        return f" (as a proxy port that expects no PROXY protocol header does; {mode} was sent, see --pass-client)"
+    return ""

@@ -24,6 +24,7 @@ from shifter.passclient import (
     clientEndpoints,
     forwardedFor,
     proxyHeader,
+    refusalHint,
     tunnelRequest,
 )
 from shifter.downstream import ShifterFactory
@@ -462,15 +463,16 @@ class SettingTests(SynchronousTestCase):
 
 class TunnelWiringTests(TunnelTestCase):
     """
-    The bytes a tunnel writes on its proxy connection, in memory: two
-    proxies, A and B, tried in that order.
+    The bytes a tunnel writes on its proxy connection, in memory: proxy A
+    and, if a second mode is given, B, tried in that order.
     """
 
-    def usePool(self, modeA: str = "none", modeB: str = "none", policy: object = None) -> None:
+    def usePool(self, modeA: str = "none", modeB: str | None = None, policy: object = None) -> None:
         self.endpointB = FakeProxyEndpoint()
-        proxyA = UpstreamProxy("a.test:3128", self.endpoint, PROXY, passClient=modeA)
-        proxyB = UpstreamProxy("b.test:3128", self.endpointB, ("198.51.100.4", 3128), passClient=modeB)
-        self.pool = ProxyPool([proxyA, proxyB], self.clock)
+        proxies = [UpstreamProxy("a.test:3128", self.endpoint, PROXY, passClient=modeA)]
+        if modeB is not None:
+            proxies.append(UpstreamProxy("b.test:3128", self.endpointB, ("198.51.100.4", 3128), passClient=modeB))
+        self.pool = ProxyPool(proxies, self.clock)
         self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
         if policy is not None:
             self.factory.policy = RecordingPolicy(policy)  # type: ignore[assignment]
@@ -557,3 +559,45 @@ class TunnelWiringTests(TunnelTestCase):
         self.assertTrue(clientTransport.disconnecting)
         self.assertEqual(self.endpoint.attempts, [])
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_missingHeaderHint(self) -> None:
+        """
+        A proxy that closes before answering a connection sent without the
+        PROXY header (as Squid's require-proxy-header port does) gets a
+        failure line that points at --pass-client.
+        """
+        self.usePool()
+        self.connectClient()
+        upstream, _ = self.endpoint.accept()
+        upstream.readConnectionLost()
+        [line] = self.failureLines()
+        self.assertIn(
+            "failed: proxy closed the connection before answering (as a proxy port that requires "
+            "a PROXY protocol header does; see --pass-client)",
+            line,
+        )
+
+    def test_unexpectedHeaderHint(self) -> None:
+        """
+        A 400 to a connection that began with a PROXY header (as Squid's
+        plain port answers) gets a failure line that says which was sent.
+        """
+        self.usePool("proxy-v1")
+        self.connectClient()
+        upstream, _ = self.endpoint.accept()
+        upstream.dataReceived(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        [line] = self.failureLines()
+        self.assertIn("failed: proxy answered 400 Bad Request (as a proxy port that expects no PROXY "
+                      "protocol header does; proxy-v1 was sent, see --pass-client)", line)
+
+    def test_noHintOtherwise(self) -> None:
+        """
+        Other refusals, and these refusals in the other modes, have no
+        hint.
+        """
+        self.assertEqual(refusalHint("proxy-status", 403, "proxy-v1"), "")
+        self.assertEqual(refusalHint("proxy-status", 400, "none"), "")
+        self.assertEqual(refusalHint("proxy-status", 400, "x-forwarded-for"), "")
+        self.assertEqual(refusalHint("proxy-closed", None, "proxy-v2"), "")
+        self.assertEqual(refusalHint("timeout", None, "none"), "")
+        self.assertEqual(refusalHint("proxy-garbage", None, "none"), "")
