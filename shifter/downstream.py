@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from shifter.connect import ConnectResponse, formatAuthority
 from shifter.metrics import TunnelMetrics
-from shifter.passclient import tunnelRequest
+from shifter.passclient import refusalHint, tunnelRequest
 from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
@@ -524,6 +524,7 @@ class DownstreamProtocol(Protocol):
         if upstream is not self.upstream:
             return  # an abandoned attempt
         status = fields.get("status")
+        reason += refusalHint(kind, status, self._passClient or self.proxy.passClient)  # type: ignore[union-attr]
         if isinstance(status, int):
             self.factory.proxyAnswers[f"{status // 100}xx"] += 1
         if unhealthy:
