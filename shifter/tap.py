@@ -301,7 +301,8 @@ class Options(usage.Options):
         An upstream HTTP proxy (at least one): HOST:PORT, [IPV6]:PORT,
         http://[USER:PASSWORD@]HOST:PORT, https://[USER:PASSWORD@]HOST:PORT
         (TLS to the proxy), or a Twisted client endpoint string such as
-        tcp:host=10.0.0.5:port=3128. Repeatable; see --balance.
+        tcp:host=10.0.0.5:port=3128. Repeatable; see --balance. A URL may
+        end with ?pass-client=MODE, this proxy's own --pass-client.
         """
         self["proxy"].append(proxy)
 
