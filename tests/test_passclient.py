@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from zope.interface import implementer
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -240,6 +242,31 @@ class ProxyV2Tests(SynchronousTestCase):
         self.assertLessEqual(len(encodeV1((full, 65535), (full, 65535))), 536)
         self.assertLessEqual(len(encodeV2((full, 65535), (full, 65535))), 536)
 
+    @settings(max_examples=300)
+    @given(st.data())
+    def test_anyEndpoints(self, data: st.DataObject) -> None:
+        """
+        For any two addresses of one family and any ports, each header
+        reads back (v1 split on its spaces, v2 as the specification's
+        receiver reads it) as exactly those endpoints.
+        """
+        version = data.draw(st.sampled_from([4, 6]))
+        source = data.draw(st.ip_addresses(v=version))
+        destination = data.draw(st.ip_addresses(v=version))
+        sport, dport = data.draw(st.integers(0, 65535)), data.draw(st.integers(0, 65535))
+        line = encodeV1((str(source), sport), (str(destination), dport))
+        self.assertLessEqual(len(line), V1_MAX_LENGTH[version])
+        words = line[:-2].decode("ascii").split(" ")
+        self.assertEqual(words[:2], ["PROXY", f"TCP{version}"])
+        self.assertEqual(
+            (ipaddress.ip_address(words[2]), ipaddress.ip_address(words[3]), words[4], words[5]),
+            (source, destination, str(sport), str(dport)),
+        )
+        _, family, addresses, rest = readV2(encodeV2((str(source), sport), (str(destination), dport)))
+        self.assertEqual(family, {4: 0x11, 6: 0x21}[version])
+        self.assertEqual(addresses, (source.compressed, destination.compressed, sport, dport))
+        self.assertEqual(rest, b"")
+
 
 class ClientAddressTests(SynchronousTestCase):
     def test_mappedClientAsIPv4(self) -> None:
@@ -289,6 +316,19 @@ class ClientAddressTests(SynchronousTestCase):
         self.assertEqual(forwardedFor(CLIENT), ("X-Forwarded-For", "192.0.2.2"))
         self.assertEqual(forwardedFor(CLIENT6), ("X-Forwarded-For", "2001:db8:1::2"))
         self.assertEqual(forwardedFor(MAPPED_CLIENT), ("X-Forwarded-For", "192.0.2.2"))
+
+    @settings(max_examples=500)
+    @given(st.text(max_size=60))
+    def test_forwardedForAnyHost(self, host: str) -> None:
+        """
+        Whatever the host string, X-Forwarded-For is an IP address or
+        nothing at all.
+        """
+        try:
+            _, value = forwardedFor(IPv4Address("TCP", host, 1))
+        except ValueError:
+            return
+        self.assertEqual(ipaddress.ip_address(value).compressed, value)
 
     def test_forwardedForValidated(self) -> None:
         """
