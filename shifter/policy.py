@@ -17,6 +17,7 @@ from zope.interface import Interface
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 
+from shifter.passclient import checkPassClient
 from shifter.proxy import UpstreamProxy
 from shifter.resolver import Destination
 
@@ -51,11 +52,21 @@ class TunnelDecision:
     @ivar proxies: the proxies to try, in order, instead of the pool's.
     @ivar target: the host name or address to ask CONNECT for; the
         original port is always kept.
+    @ivar passClient: what the proxy is told about this client, whichever
+        proxy carries the tunnel: C{"none"}, C{"x-forwarded-for"},
+        C{"proxy-v1"} or C{"proxy-v2"} (see C{--pass-client}); C{None}
+        keeps each proxy's own setting.
+    @raise ValueError: if C{passClient} is none of these.
     """
 
     refuse: Optional[str] = None
     proxies: Optional[Sequence[UpstreamProxy]] = None
     target: Optional[str] = None
+    passClient: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.passClient is not None:
+            checkPassClient(self.passClient)
 
 
 class ITunnelPolicy(Interface):

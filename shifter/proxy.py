@@ -8,9 +8,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from OpenSSL.SSL import Error as SSLError
 
@@ -23,6 +23,8 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+
+from shifter.passclient import checkPassClient
 
 if TYPE_CHECKING:
     from shifter.auth import Credentials, ProxyAuth
@@ -44,6 +46,8 @@ class UpstreamProxy:
         connection redirected to the proxy itself can be refused; C{None}
         when the proxy is named by hostname or by a non-TCP endpoint.
     @ivar auth: its authentication state, when credentials are configured.
+    @ivar passClient: what it is told about each client (C{--pass-client}):
+        C{"none"}, C{"x-forwarded-for"}, C{"proxy-v1"} or C{"proxy-v2"}.
     @ivar tcpReactor: for a plain TCP proxy at a known C{address}, the
         reactor whose C{connectTCP} reaches it: cheaper per connection than
         the endpoint, which stays for everything else.
@@ -53,6 +57,7 @@ class UpstreamProxy:
     endpoint: IStreamClientEndpoint
     address: tuple[str, int] | None = None
     auth: ProxyAuth | None = None
+    passClient: str = "none"
     tcpReactor: Any = None
 
 
@@ -61,19 +66,25 @@ def parseProxy(  # type: ignore[no-untyped-def]
     reactor,
     credentials: Credentials | None = None,
     caFile: str | None = None,
+    passClient: str = "none",
 ) -> UpstreamProxy:
     """
     Parse a C{--proxy} value: C{host:port}, C{[v6]:port},
     C{http://[user:password@]host:port}, C{https://[user:password@]host:port}
     (TLS to the proxy, its certificate verified against C{caFile} or the
     system's trust store), or a Twisted client endpoint string such as
-    C{tcp:host=10.0.0.5:port=3128}.
+    C{tcp:host=10.0.0.5:port=3128}.  A URL may end with
+    C{?pass-client=MODE}, this proxy's own C{--pass-client}.
 
     @param credentials: used when C{value} names none.
+    @param passClient: what the proxy is told about each client, unless
+        its URL says otherwise.
     @raise ValueError: with a one-line reason if the value is none of these.
     """
+    checkPassClient(passClient)
     if value.startswith(("http://", "https://")):
-        return _parseURL(value, reactor, credentials, caFile)
+        proxy = _parseURL(value, reactor, credentials, caFile)
+        return replace(proxy, passClient=_urlPassClient(value, passClient))
     match = _SHORTHAND.fullmatch(value)
     if match is None:
         if ":" not in value:
@@ -82,17 +93,42 @@ def parseProxy(  # type: ignore[no-untyped-def]
             endpoint = clientFromString(reactor, value)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"invalid proxy endpoint {value!r}: {e}") from None
-        return UpstreamProxy(value, endpoint, _endpointAddress(endpoint), _auth(credentials))
+        return UpstreamProxy(value, endpoint, _endpointAddress(endpoint), _auth(credentials), passClient)
     host = match.group("v6") or match.group("host")
     if match.group("v6"):
         _checkIPv6(host, value)
-    return _tcpProxy(value, reactor, host, _port(match.group("port"), value), credentials)
+    proxy = _tcpProxy(value, reactor, host, _port(match.group("port"), value), credentials)
+    return replace(proxy, passClient=passClient)
+
+
+def _urlPassClient(value: str, default: str) -> str:
+    """
+    The C{pass-client} a proxy URL's query names, else C{default}.
+    """
+    query = urlsplit(value).query
+    if not query:
+        return default
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ValueError(f"malformed query in proxy URL {value!r}") from None
+    unknown = sorted({name for name, _ in pairs} - {"pass-client"})
+    if unknown:
+        raise ValueError(f"unknown proxy URL parameter {unknown[0]!r} in {value!r}; only pass-client is known")
+    if len(pairs) > 1:
+        raise ValueError(f"pass-client given more than once in {value!r}")
+    try:
+        return checkPassClient(pairs[0][1])
+    except ValueError as e:
+        raise ValueError(f"pass-client in {value!r}: {e}") from None
 
 
 def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ignore[no-untyped-def]
     url = urlsplit(value)
-    if url.path not in ("", "/") or url.query or url.fragment:
-        raise ValueError(f"a proxy URL has only a scheme, credentials, host and port: {value!r}")
+    if url.path not in ("", "/") or url.fragment:
+        raise ValueError(
+            f"a proxy URL has only a scheme, credentials, host, port and ?pass-client=: {value!r}"
+        )
     try:
         port = url.port
     except ValueError:
@@ -134,7 +170,7 @@ def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  
         endpoint = TCP6ClientEndpoint(reactor, address.compressed, port)
     else:
         endpoint = TCP4ClientEndpoint(reactor, str(address), port)
-    return UpstreamProxy(description, endpoint, (address.compressed, port), _auth(credentials), reactor)
+    return UpstreamProxy(description, endpoint, (address.compressed, port), _auth(credentials), tcpReactor=reactor)
 
 
 def _port(text: str, value: str) -> int:

@@ -16,6 +16,7 @@ from twisted.web.server import Site
 
 from shifter.downstream import ShifterFactory, TunnelSettings
 from shifter.metrics import MetricsPage
+from shifter.passclient import PASS_CLIENT_MODES
 from shifter.pool import BALANCES, ProxyPool
 from shifter.proxy import MarkingReactor, parseProxy, readCredentials
 from shifter.relay import RELAYS
@@ -144,6 +145,15 @@ class Options(usage.Options):
             None,
             "A PEM file of the CA that signs https:// proxies' certificates. "
             "Default: the system's trust store.",
+        ],
+        [
+            "pass-client",
+            None,
+            "none",
+            "What each proxy is told about the client: none, x-forwarded-for "
+            "(an X-Forwarded-For header on CONNECT), proxy-v1 or proxy-v2 (a "
+            "PROXY protocol header, text or binary, before CONNECT). A proxy "
+            "URL's ?pass-client=MODE sets it for that proxy alone.",
         ],
         [
             "connect-target",
@@ -300,7 +310,8 @@ class Options(usage.Options):
         An upstream HTTP proxy (at least one): HOST:PORT, [IPV6]:PORT,
         http://[USER:PASSWORD@]HOST:PORT, https://[USER:PASSWORD@]HOST:PORT
         (TLS to the proxy), or a Twisted client endpoint string such as
-        tcp:host=10.0.0.5:port=3128. Repeatable; see --balance.
+        tcp:host=10.0.0.5:port=3128. Repeatable; see --balance. A URL may
+        end with ?pass-client=MODE, this proxy's own --pass-client.
         """
         self["proxy"].append(proxy)
 
@@ -336,9 +347,16 @@ class Options(usage.Options):
                 self["proxy-credentials"] = readCredentials(self["proxy-credentials"])
             except ValueError as e:
                 raise usage.UsageError(f"--proxy-credentials: {e}") from None
+        if self["pass-client"] not in PASS_CLIENT_MODES:
+            raise usage.UsageError(
+                f"--pass-client: expected one of {', '.join(PASS_CLIENT_MODES)}, "
+                f"got {self['pass-client']!r}"
+            )
         for proxy in self["proxy"]:
             try:
-                parseProxy(proxy, reactor, self["proxy-credentials"], self["proxy-ca"])
+                parseProxy(
+                    proxy, reactor, self["proxy-credentials"], self["proxy-ca"], self["pass-client"]
+                )
             except ValueError as e:
                 raise usage.UsageError(f"--proxy: {e}") from None
         if self["balance"] not in BALANCES:
@@ -405,7 +423,9 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         )
     proxyReactor = MarkingReactor(reactor, config["mark"]) if config["mark"] else reactor
     proxies = [
-        parseProxy(proxy, proxyReactor, config["proxy-credentials"], config["proxy-ca"])
+        parseProxy(
+            proxy, proxyReactor, config["proxy-credentials"], config["proxy-ca"], config["pass-client"]
+        )
         for proxy in config["proxy"]
     ]
     if any(proxy.address is None for proxy in proxies):

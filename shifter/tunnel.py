@@ -44,8 +44,9 @@ from twisted.internet.error import ConnectionDone, TimeoutError
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse, formatAuthority, formatConnectRequest
+from shifter.connect import ConnectResponse, formatAuthority
 from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
+from shifter.passclient import refusalHint, tunnelRequest
 from shifter.policy import TunnelDecision, TunnelRequest
 from shifter.resolver import Destination, ResolverError
 
@@ -234,7 +235,7 @@ class Tunnel:
         "candidates", "request", "early", "earlyBytes", "earlyEnded",
         "pending", "relay", "bytesUp", "bytesDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
-        "failed", "clientGone", "authRetried",
+        "failed", "clientGone", "authRetried", "passClient",
     )
 
     def __init__(
@@ -290,6 +291,7 @@ class Tunnel:
         self.failed = False
         self.clientGone = False
         self.authRetried = False
+        self.passClient: str | None = None  # a policy's --pass-client choice
 
     # The events.
 
@@ -595,7 +597,7 @@ class Tunnel:
             return
         self.state = DECIDING
         self._setDeadline(self.setupDeadline)
-        client = (IPv6Address if ":" in self.clientHost else IPv4Address)("TCP", self.clientHost, self.clientPort)
+        client = self._clientAddress()
         name = self.connectHost if self.connectHost != self.address else None
         request = TunnelRequest(client, self.destination, name, tuple(self.candidates))  # type: ignore[arg-type]
         try:
@@ -616,6 +618,7 @@ class Tunnel:
             if decision.proxies is not None:
                 health = self.pool.health
                 self.candidates = [p for p in decision.proxies if p not in health or health[p].up]
+            self.passClient = decision.passClient
             if decision.target is not None:
                 port = self.destination.port  # type: ignore[union-attr]
                 try:
@@ -642,11 +645,15 @@ class Tunnel:
 
     def _connectNext(self) -> None:
         proxy = self.proxy = self.candidates.pop(0)
-        port = self.destination.port  # type: ignore[union-attr]
+        destination = self.destination
+        assert destination is not None
+        port = destination.port
         headers: list[tuple[str, str]] = []
         if proxy.auth is not None:
             headers = proxy.auth.headersFor("CONNECT", formatAuthority(self.connectHost, port))
-        self.request = formatConnectRequest(self.connectHost, port, headers)
+        self.request = tunnelRequest(
+            proxy, self._clientAddress(), destination, self.connectHost, port, headers, self.passClient
+        )
         self.state = CONNECTING
         self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.setupDeadline))
         self.attempt = self.client.connectProxy(proxy, self)
@@ -691,6 +698,7 @@ class Tunnel:
             self._challenged(response)
         else:
             reason = f"proxy answered {status} {response.reason}".rstrip()
+            reason += refusalHint("proxy-status", status, self._passClientMode())
             self._dropAttempt()
             if status >= 500:
                 # This proxy could not serve the request; another may.
@@ -724,9 +732,17 @@ class Tunnel:
             why = "proxy closed the connection before answering"
         else:
             why = f"proxy connection lost before answering: {reason.getErrorMessage()}"
+        why += refusalHint("proxy-closed", None, self._passClientMode())
         self.pool.failed(self.proxy, why)
         self._dropAttempt()
         self._retryOrFail("proxy-closed", why)
+
+    def _clientAddress(self) -> IPv4Address | IPv6Address:
+        host = self.clientHost
+        return (IPv6Address if ":" in host else IPv4Address)("TCP", host, self.clientPort)
+
+    def _passClientMode(self) -> str:
+        return self.passClient or self.proxy.passClient
 
     def _dropAttempt(self) -> None:
         """
