@@ -99,7 +99,7 @@ class AutoResolver:
             return succeed(None)
         return chosen.stop()
 
-    def resolve(self, transport: ITCPTransport) -> Deferred[Destination]:
+    def resolve(self, transport: ITCPTransport) -> Destination | Deferred[Destination]:
         if self.chosen is None:
-            return fail(ResolverUnavailable("the auto resolver is not started"))
+            raise ResolverUnavailable("the auto resolver is not started")
         return self.chosen.resolve(transport)

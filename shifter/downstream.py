@@ -28,7 +28,7 @@ from shifter.pool import ProxyPool
 from shifter.relay import openRelay
 from shifter.resolver import Destination, IOriginalDestinationResolver
 from shifter.sockopt import unmapAddress
-from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel, TunnelInfo, formatAddress
+from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel, TunnelInfo, canonicalHost, formatAddress
 from shifter.upstream import ProxyAttempt
 
 
@@ -282,10 +282,9 @@ class DownstreamProtocol(Protocol):
         transport = self.transport
         peer = transport.getPeer()
         local = transport.getHost()
-        localHost = local.host
-        if ":" in localHost:
-            localHost = ipaddress.ip_address(unmapAddress(localHost.split("%", 1)[0])).compressed
-        tunnel = self.tunnel = Tunnel(factory, self, unmapAddress(peer.host), peer.port, localHost, local.port)
+        tunnel = self.tunnel = Tunnel(
+            factory, self, canonicalHost(peer.host), peer.port, canonicalHost(local.host), local.port
+        )
         factory.active.add(tunnel)
         tunnel.start()
 

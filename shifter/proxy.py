@@ -9,7 +9,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from OpenSSL.SSL import Error as SSLError
@@ -24,6 +24,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 
+from shifter.connector import SO_MARK, DirectTCP
 from shifter.passclient import checkPassClient
 
 if TYPE_CHECKING:
@@ -48,9 +49,9 @@ class UpstreamProxy:
     @ivar auth: its authentication state, when credentials are configured.
     @ivar passClient: what it is told about each client (C{--pass-client}):
         C{"none"}, C{"x-forwarded-for"}, C{"proxy-v1"} or C{"proxy-v2"}.
-    @ivar tcpReactor: for a plain TCP proxy at a known C{address}, the
-        reactor whose C{connectTCP} reaches it: cheaper per connection than
-        the endpoint, which stays for everything else.
+    @ivar direct: for a plain TCP proxy at a known C{address}, how
+        L{shifter.connector} reaches it, cheaper per connection than the
+        endpoint, which stays for everything else.
     """
 
     description: str
@@ -58,7 +59,7 @@ class UpstreamProxy:
     address: tuple[str, int] | None = None
     auth: ProxyAuth | None = None
     passClient: str = "none"
-    tcpReactor: Any = None
+    direct: DirectTCP | None = None
 
 
 def parseProxy(  # type: ignore[no-untyped-def]
@@ -170,7 +171,11 @@ def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  
         endpoint = TCP6ClientEndpoint(reactor, address.compressed, port)
     else:
         endpoint = TCP4ClientEndpoint(reactor, str(address), port)
-    return UpstreamProxy(description, endpoint, (address.compressed, port), _auth(credentials), tcpReactor=reactor)
+    if isinstance(reactor, MarkingReactor):
+        direct = DirectTCP(reactor.reactor, address.compressed, port, reactor.mark)
+    else:
+        direct = DirectTCP(reactor, address.compressed, port)
+    return UpstreamProxy(description, endpoint, (address.compressed, port), _auth(credentials), direct=direct)
 
 
 def _port(text: str, value: str) -> int:
@@ -230,8 +235,6 @@ def _endpointAddress(endpoint: IStreamClientEndpoint) -> tuple[str, int] | None:
         return None
 
 
-# linux/socket.h
-SO_MARK = 36
 
 
 class _MarkedClient(tcp.Client):
@@ -269,13 +272,13 @@ class MarkingReactor:
     """
 
     def __init__(self, reactor, mark: int) -> None:  # type: ignore[no-untyped-def]
-        self._reactor = reactor
-        self._mark = mark
+        self.reactor = reactor
+        self.mark = mark
 
     def connectTCP(self, host, port, factory, timeout=30.0, bindAddress=None):  # type: ignore[no-untyped-def]
-        connector = _MarkedConnector(host, port, factory, timeout, bindAddress, self._reactor, self._mark)
+        connector = _MarkedConnector(host, port, factory, timeout, bindAddress, self.reactor, self.mark)
         connector.connect()
         return connector
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        return getattr(self._reactor, name)
+        return getattr(self.reactor, name)

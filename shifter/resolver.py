@@ -65,14 +65,18 @@ class IOriginalDestinationResolver(Interface):
         @return: a C{Deferred} that fires when that is done.
         """
 
-    def resolve(transport: ITCPTransport) -> Deferred[Destination]:
+    def resolve(transport: ITCPTransport) -> Union[Destination, Deferred[Destination]]:
         """
         Find the original destination of an accepted connection.
 
+        A resolver that knows at once (a socket option, the local address)
+        answers at once: the tunnel then waits for nothing.
+
         @param transport: the accepted connection's transport.
-        @return: a C{Deferred} that fires with an C{IPv4Address} or
-            C{IPv6Address} of type C{"TCP"}, or fails with a
-            L{ResolverError}.
+        @return: an C{IPv4Address} or C{IPv6Address} of type C{"TCP"}, or a
+            C{Deferred} that fires with one.
+        @raise ResolverError: (or the C{Deferred} fails with one) when the
+            destination cannot be found.
         """
 
 

@@ -74,9 +74,9 @@ class SocketOptionResolver:
     def stop(self) -> Deferred[None]:
         return succeed(None)
 
-    def resolve(self, transport: ITCPTransport) -> Deferred[Destination]:
+    def resolve(self, transport: ITCPTransport) -> Destination:
         try:
             # A TCP transport's handle is its socket.
-            return succeed(originalDestination(transport.getHandle()))  # type: ignore[attr-defined]
+            return originalDestination(transport.getHandle())  # type: ignore[attr-defined]
         except OSError as e:
-            return fail(DestinationUnknown(f"SO_ORIGINAL_DST: {e.strerror or e}"))
+            raise DestinationUnknown(f"SO_ORIGINAL_DST: {e.strerror or e}") from None

@@ -132,9 +132,9 @@ class TransparentResolver:
     def stop(self) -> Deferred[None]:
         return succeed(None)
 
-    def resolve(self, transport: ITCPTransport) -> Deferred[Destination]:
+    def resolve(self, transport: ITCPTransport) -> Destination:
         local = transport.getHost()
         host = unmapAddress(local.host)
         if ":" in host:
-            return succeed(IPv6Address("TCP", host, local.port))
-        return succeed(IPv4Address("TCP", host, local.port))
+            return IPv6Address("TCP", host, local.port)
+        return IPv4Address("TCP", host, local.port)

@@ -442,7 +442,11 @@ class Tunnel:
                 return
         self.state = RESOLVING
         self._setDeadline(self.setupDeadline)
-        result = self.client.resolveDestination()
+        try:
+            result = self.client.resolveDestination()
+        except Exception:
+            self.resolveFailed(Failure())
+            return
         if isinstance(result, Deferred):
             self._wait(result, self.resolved, self.resolveFailed)
         else:
@@ -498,7 +502,7 @@ class Tunnel:
     def _resolved(self, destination: Destination) -> None:
         owner = self.owner
         owner.stats.resolveSeconds.observe(self.clock.seconds() - self.started)
-        host = ipaddress.ip_address(_unmap(destination.host)).compressed
+        host = canonicalHost(destination.host)
         port = destination.port
         self.destination = destination
         self.address = self.connectHost = host
@@ -1083,14 +1087,26 @@ def _howLost(side: str, reason: Failure) -> str:
     return f"{side} connection lost: {reason.getErrorMessage()}"
 
 
-def _unmap(host: str) -> str:
+def canonicalHost(host: str) -> str:
     """
-    C{host} without an IPv4-mapped IPv6 prefix (C{::ffff:192.0.2.2} ->
-    C{192.0.2.2}).
+    An IP address as the kernel reports it, in the one form Shifter
+    compares and prints: IPv4-mapped IPv6 addresses unmapped, IPv6 ones
+    compressed, any scope dropped.  A dotted quad from the kernel is
+    already canonical, and is not parsed again.
+
+    @raise ValueError: if C{host} is not an IP address.
     """
+    if ":" not in host:
+        parts = host.split(".")
+        if len(parts) == 4 and all(
+            part.isdigit() and len(part) <= 3 and int(part) < 256 and (part == "0" or part[0] != "0")
+            for part in parts
+        ):
+            return host
+        return ipaddress.IPv4Address(host).compressed
     if host.startswith("::ffff:") and "." in host:
-        return host[7:]
-    return host
+        return canonicalHost(host[7:])
+    return ipaddress.IPv6Address(host.split("%", 1)[0]).compressed
 
 
 def formatAddress(host: str, port: int) -> str:

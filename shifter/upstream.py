@@ -21,6 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from shifter.connect import ConnectResponseParser, ProxyResponseError
+from shifter.connector import connectNow
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
 
 
@@ -36,8 +37,8 @@ class ProxyAttempt:
     """
     One try at one proxy for one tunnel.
 
-    A plain TCP proxy at a known address is reached with the reactor's own
-    C{connectTCP}, with no timeout of its own (the tunnel keeps the
+    A plain TCP proxy at a known address is reached with
+    L{shifter.connector}, with no timeout of its own (the tunnel keeps the
     deadline); any other (TLS, a hostname, an endpoint string) through its
     endpoint.
 
@@ -61,9 +62,8 @@ class ProxyAttempt:
         """
         proxy = self.proxy
         factory = _AttemptFactory(self)
-        if proxy.tcpReactor is not None:
-            host, port = proxy.address
-            self._connector = proxy.tcpReactor.connectTCP(host, port, factory, timeout=None)
+        if proxy.direct is not None:
+            self._connector = connectNow(proxy.direct, factory)
             return
         pending = proxy.endpoint.connect(factory)
         self._pending = pending
@@ -137,7 +137,7 @@ class ProxyAttempt:
             self.state = ABANDONED
             if self._connector is not None:
                 connector, self._connector = self._connector, None
-                connector.stopConnecting()
+                connector.stop()
             elif self._pending is not None:
                 pending, self._pending = self._pending, None
                 pending.cancel()

@@ -106,24 +106,22 @@ class SocketOptionResolverTests(SynchronousTestCase):
 
     def test_resolve(self) -> None:
         """
-        L{SocketOptionResolver.resolve} fires with the original destination.
+        L{SocketOptionResolver.resolve} answers at once with the original destination.
         """
         sock = FakeSocket(socket.AF_INET, "192.0.2.2", sockaddrIn("203.0.113.7", 443))
-        result = self.successResultOf(SocketOptionResolver().resolve(FakeTransport(sock)))
+        result = SocketOptionResolver().resolve(FakeTransport(sock))
         self.assertEqual(result, IPv4Address("TCP", "203.0.113.7", 443))
 
     def test_unknown(self) -> None:
         """
         When the kernel has no original destination (ENOENT: no conntrack
         entry; ENOPROTOOPT: conntrack not loaded), the resolver fails with
-        L{DestinationUnknown} giving the kernel's reason.
+        L{DestinationUnknown} giving the kernel's reason, at once.
         """
         for code in (errno.ENOENT, errno.ENOPROTOOPT):
             sock = FakeSocket(socket.AF_INET, "192.0.2.2", OSError(code, "kernel says no"))
-            failure = self.failureResultOf(
-                SocketOptionResolver().resolve(FakeTransport(sock)), DestinationUnknown
-            )
-            self.assertIn("SO_ORIGINAL_DST: kernel says no", failure.getErrorMessage())
+            error = self.assertRaises(DestinationUnknown, SocketOptionResolver().resolve, FakeTransport(sock))
+            self.assertIn("SO_ORIGINAL_DST: kernel says no", str(error))
 
     def test_realUnredirectedSocket(self) -> None:
         """

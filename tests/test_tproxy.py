@@ -77,7 +77,7 @@ class ResolverTests(SynchronousTestCase):
             (IPv6Address("TCP", "2001:db8:2::7", 443), IPv6Address("TCP", "2001:db8:2::7", 443)),
         ]:
             transport = StringTransport(hostAddress=host, peerAddress=CLIENT)
-            self.assertEqual(self.successResultOf(resolver.resolve(transport)), expected)
+            self.assertEqual(resolver.resolve(transport), expected)
 
     def test_registered(self) -> None:
         """
