@@ -72,6 +72,7 @@ class _Socket:
         self.sock = sock
         self.fd = sock.fileno()
         self.side = side
+        self.prefix = f"splice {side}"
         self.outgoing: _Flow
         self.incoming: _Flow
 
@@ -79,7 +80,7 @@ class _Socket:
         return self.fd
 
     def logPrefix(self) -> str:
-        return f"splice {self.side}"
+        return self.prefix
 
     def startReading(self) -> None:
         if not self.reading:

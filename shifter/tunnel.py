@@ -827,7 +827,10 @@ class Tunnel:
         self._close(_howLost("proxy", reason))
 
     def _relayEnded(self, how: str) -> None:
-        self._close(how)
+        # The splice relay wrote every byte itself and has let go: Twisted
+        # holds nothing to flush for either socket, so both are dropped at
+        # once rather than watched until an empty buffer drains.
+        self._close(how, drop=True)
 
     def _idleCheck(self) -> None:
         idle = self.settings.idleTimeout
@@ -869,7 +872,13 @@ class Tunnel:
             self.log.warn(text, **facts)
         self._close(reason)
 
-    def _close(self, how: str) -> None:
+    def _close(self, how: str, drop: bool = False) -> None:
+        """
+        Close both connections: a proxy connection that never carried the
+        tunnel is dropped, open ones are closed after what was written to
+        them is sent (or dropped at once with C{drop}); after the closing
+        grace, whatever is left is dropped.
+        """
         if self.how is None:
             self.how = how
         self.state = CLOSING
@@ -883,12 +892,17 @@ class Tunnel:
         # once, and that may finish the tunnel.
         self._setDeadline(self.clock.seconds() + self.settings.closeGrace)
         if self.failed:
-            # A proxy connection that never carried the tunnel is dropped.
             self._dropAttempt()
         elif self.attempt is not None:
-            self.attempt.close()
+            if drop:
+                self.attempt.abort()
+            else:
+                self.attempt.close()
         if not self.clientGone and self.state == CLOSING:
-            self.client.close()
+            if drop:
+                self.client.abort()
+            else:
+                self.client.close()
         self._closedIfGone()
 
     def _clientLostClosing(self, reason: Failure) -> None:
