@@ -1,0 +1,376 @@
+"""
+How tunnels end, with real sockets and the real reactor.
+
+A L{StringTransport} cannot show a producer that never lets go, a TLS
+layer that keeps delivering bytes after a close, or a socket the kernel
+keeps open; these tests run Shifter's factory in this process on loopback,
+with scripted CONNECT proxies (plain TCP and TLS) and clients made of plain
+sockets, and check what the client receives and which descriptors are
+left.  The original destination comes from a fixed resolver: what is under
+test is the tunnel's life, not the kernel's redirect.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from zope.interface import implementer
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from shifter.downstream import ShifterFactory, TunnelSettings
+from shifter.policy import ITunnelPolicy
+from shifter.pool import ProxyPool
+from shifter.proxy import parseProxy
+from shifter.resolver import IOriginalDestinationResolver
+from tests.gateway import makeCertificate
+
+DESTINATION = IPv4Address("TCP", "203.0.113.7", 443)
+OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+@implementer(IOriginalDestinationResolver)
+class FixedResolver:
+    name = "fixed"
+
+    def start(self) -> Deferred:
+        return succeed(None)
+
+    def stop(self) -> Deferred:
+        return succeed(None)
+
+    def resolve(self, transport: object) -> IPv4Address:
+        return DESTINATION
+
+
+class ScriptedProxy(Protocol):
+    """
+    A CONNECT proxy that does what its factory's C{script} says once the
+    request's header block is in: C{"flood-reset"} answers 200, sends
+    C{floodBytes} and resets; C{"407-body"} answers 407 with a body, in two
+    writes; C{"silent"} never answers; C{"echo"} answers 200 and echoes.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.buffer = b""
+        self.answered = False
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.lost.append(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.answered:
+            if self.factory.script == "echo":
+                self.transport.write(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        self.answered = True
+        script = self.factory.script
+        if script == "flood-reset":
+            self.transport.write(OK + b"x" * self.factory.floodBytes)
+            reactor.callLater(0.3, self.transport.abortConnection)
+        elif script == "407-body":
+            body = b"<html>SECRET 407 PAGE BODY</html>" * 20
+            self.transport.write(
+                b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                b"Proxy-Authenticate: Basic realm=\"test\"\r\n"
+                b"Content-Length: " + str(2 * len(body)).encode() + b"\r\n\r\n" + body
+            )
+            reactor.callLater(0.05, self.transport.write, body)
+        elif script == "echo":
+            self.transport.write(OK)
+            rest = self.buffer.split(b"\r\n\r\n", 1)[1]
+            if rest:
+                self.transport.write(rest)
+
+
+class ScriptedProxyFactory(Factory):
+    protocol = ScriptedProxy
+
+    def __init__(self, script: str, floodBytes: int = 8 << 20) -> None:
+        self.script = script
+        self.floodBytes = floodBytes
+        self.connections = 0
+        self.lost: list[Any] = []
+
+
+def descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class LifecycleTestCase(TestCase):
+    """
+    Shifter's factory listening on loopback, proxies started on demand.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.directory = Path(self.mktemp())
+        self.directory.mkdir(parents=True)
+
+    @inlineCallbacks
+    def startProxy(self, script: str, tls: bool = False):  # type: ignore[no-untyped-def]
+        factory = ScriptedProxyFactory(script)
+        if tls:
+            key, cert = makeCertificate(self.directory, names=("IP:127.0.0.1",))
+            self.proxyCA = str(cert)
+            description = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        else:
+            description = "tcp:0:interface=127.0.0.1"
+        port = yield serverFromString(reactor, description).listen(factory)
+        self.addCleanup(port.stopListening)
+        scheme = "https" if tls else "http"
+        return factory, f"{scheme}://127.0.0.1:{port.getHost().port}"
+
+    @inlineCallbacks
+    def startShifter(self, proxies: list[str], policy: Any = None, **settings: Any):  # type: ignore[no-untyped-def]
+        parsed = [parseProxy(p, reactor, caFile=getattr(self, "proxyCA", None)) for p in proxies]
+        self.pool = ProxyPool(parsed, reactor, failureThreshold=settings.pop("failures", 3))
+        self.factory = ShifterFactory(FixedResolver(), self.pool, TunnelSettings(**settings), reactor, policy)
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(self.factory)
+        self.factory.listeningAddress = port.getHost()
+
+        @inlineCallbacks
+        def stop():  # type: ignore[no-untyped-def]
+            yield port.stopListening()
+            yield self.factory.closeAll()
+            self.pool.stop()
+            self.factory.deadlines.stop()
+
+        self.addCleanup(stop)
+        self.shifterPort = port.getHost().port
+
+    def client(self, receiveBuffer: int = 0) -> socket.socket:
+        sock = socket.socket()
+        if receiveBuffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receiveBuffer)
+        sock.connect(("127.0.0.1", self.shifterPort))
+        self.addCleanup(sock.close)
+        return sock
+
+    @inlineCallbacks
+    def waitUntil(self, predicate: Callable[[], object], seconds: float, what: str):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + seconds
+        while not predicate():
+            if time.monotonic() > deadline:
+                self.fail(f"not within {seconds} s: {what}")
+            yield deferLater(reactor, 0.05, lambda: None)
+
+    @inlineCallbacks
+    def receive(self, sock: socket.socket, size: int, seconds: float = 10.0):  # type: ignore[no-untyped-def]
+        """
+        Wait, letting the reactor run, until C{size} bytes can be read from
+        C{sock}; read them.
+        """
+
+        def ready() -> bool:
+            try:
+                return len(sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)) >= size
+            except BlockingIOError:
+                return False
+
+        yield self.waitUntil(ready, seconds, f"{size} bytes for the client")
+        return sock.recv(size)
+
+    def lines(self, *fragments: str) -> list[str]:
+        found = []
+        for event in self.events:
+            text = formatEvent(event)
+            if all(fragment in text for fragment in fragments):
+                found.append(text)
+        return found
+
+
+def drain(sock: socket.socket, seconds: float = 5.0) -> tuple[bytes, str]:
+    """
+    Read what C{sock} has until its end; return the bytes and how it ended
+    (C{"eof"}, C{"reset"} or C{"timeout"}).
+    """
+    sock.settimeout(seconds)
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks), "eof"
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b"".join(chunks), "reset"
+    except socket.timeout:
+        return b"".join(chunks), "timeout"
+
+
+class SlowReaderTests(LifecycleTestCase):
+    """
+    A client that stops reading while the proxy floods it and then resets:
+    Shifter's side of the client connection holds unsent bytes and a
+    producer that would keep it open; the closing grace ends it.
+    """
+
+    @inlineCallbacks
+    def assertReleased(self, tls: bool, relay: str):  # type: ignore[no-untyped-def]
+        proxyFactory, proxy = yield self.startProxy("flood-reset", tls=tls)
+        yield self.startShifter([proxy], relay=relay, idleTimeout=2.0, closeGrace=0.5)
+        # A turn of the reactor first: starting to run opens descriptors of
+        # its own.
+        yield deferLater(reactor, 0, lambda: None)
+        baseline = descriptors()
+        client = self.client(receiveBuffer=4096)
+        client.sendall(b"hello")
+        yield self.waitUntil(lambda: self.factory.counters["opened"] == 1, 10, "the tunnel to open")
+        # Idle timeout plus grace, and some slack: the client never reads.
+        yield self.waitUntil(lambda: not self.factory.active, 2.0 + 0.5 + 3.0, "the tunnel to be gone")
+        yield deferLater(reactor, 0.2, lambda: None)
+        # Shifter holds nothing for this client any more: only the test's
+        # own client socket is left over the baseline.
+        self.assertEqual(descriptors(), baseline + 1)
+        self.assertEqual(self.factory.counters["closed"], 1)
+        data, how = drain(client)
+        self.assertIn(how, ("eof", "reset"))
+        self.assertEqual(set(data), {ord("x")} if data else set())
+
+    def test_twistedRelay(self):  # type: ignore[no-untyped-def]
+        """
+        With the Twisted relay over plain TCP, the client connection is
+        dropped once the closing grace runs out, and every descriptor is
+        back.
+        """
+        return self.assertReleased(tls=False, relay="twisted")
+
+    def test_tlsProxy(self):  # type: ignore[no-untyped-def]
+        """
+        The same through an https:// proxy (the Twisted relay over TLS).
+        """
+        return self.assertReleased(tls=True, relay="auto")
+
+    def test_spliceRelay(self):  # type: ignore[no-untyped-def]
+        """
+        The same with the splice relay.
+        """
+        return self.assertReleased(tls=False, relay="splice")
+
+
+class RefusalTests(LifecycleTestCase):
+    @inlineCallbacks
+    def test_407BodyOverTLSNeverReachesClient(self):  # type: ignore[no-untyped-def]
+        """
+        A 407 through a TLS proxy, whose page body arrives with the answer
+        and after it: the client gets nothing at all, only the end of its
+        connection, and the log has one line for it.
+        """
+        _, proxy = yield self.startProxy("407-body", tls=True)
+        yield self.startShifter([proxy])
+        client = self.client()
+        client.sendall(b"\x16\x03\x01hello")
+        yield self.waitUntil(lambda: self.factory.counters["proxy-auth"] == 1, 10, "the 407")
+        data, how = yield deferLater(reactor, 0.2, drain, client, 2.0)
+        self.assertEqual((data, how), (b"", "eof"))
+        self.assertEqual(len(self.lines("failed", "407")), 1)
+        self.assertEqual(self.factory.counters["proxy-auth"], 1)
+
+
+class HalfCloseTests(LifecycleTestCase):
+    @inlineCallbacks
+    def test_halfCloseOverTLSIsATLSClose(self):  # type: ignore[no-untyped-def]
+        """
+        A client that finishes sending, through a TLS proxy: the proxy sees
+        the TLS layer's close (close_notify), a clean end, not a bare FIN
+        under TLS, which it could not tell from a truncation.
+        """
+        proxyFactory, proxy = yield self.startProxy("echo", tls=True)
+        yield self.startShifter([proxy])
+        client = self.client()
+        client.sendall(b"ping")
+        self.assertEqual((yield self.receive(client, 4)), b"ping")
+        client.shutdown(socket.SHUT_WR)
+        yield self.waitUntil(lambda: proxyFactory.lost, 10, "the proxy to see the end")
+        self.assertTrue(proxyFactory.lost[0].check(ConnectionDone), proxyFactory.lost[0])
+        yield self.waitUntil(lambda: not self.factory.active, 10, "the tunnel to end")
+        self.assertEqual(len(self.lines("closed (both sides closed)")) + len(self.lines("closed (proxy closed)")), 1)
+
+
+@implementer(ITunnelPolicy)
+class RaisingPolicy:
+    def decide(self, request: object) -> None:
+        raise RuntimeError("the policy has a bug")
+
+
+@implementer(ITunnelPolicy)
+class NeverPolicy:
+    def decide(self, request: object) -> Deferred:
+        return Deferred()
+
+
+class PolicyFailureTests(LifecycleTestCase):
+    @inlineCallbacks
+    def test_raisingPolicy(self):  # type: ignore[no-untyped-def]
+        """
+        A policy that raises ends the client with one line and the
+        C{policy} counter; no proxy is asked.
+        """
+        proxyFactory, proxy = yield self.startProxy("echo")
+        yield self.startShifter([proxy], policy=RaisingPolicy())
+        client = self.client()
+        yield self.waitUntil(lambda: self.factory.counters["policy"] == 1, 10, "the policy failure")
+        data, how = yield deferLater(reactor, 0.1, drain, client, 2.0)
+        self.assertEqual((data, how), (b"", "eof"))
+        self.assertEqual(len(self.lines("failed", "policy error: the policy has a bug")), 1)
+        self.assertEqual(proxyFactory.connections, 0)
+        self.flushLoggedErrors(RuntimeError)
+
+    @inlineCallbacks
+    def test_neverFiringPolicy(self):  # type: ignore[no-untyped-def]
+        """
+        A policy whose answer never comes holds the client only until the
+        set-up deadline, then ends it with one line.
+        """
+        _, proxy = yield self.startProxy("echo")
+        yield self.startShifter([proxy], policy=NeverPolicy(), setupTimeout=1.0)
+        client = self.client()
+        yield self.waitUntil(lambda: self.factory.counters["setup-timeout"] == 1, 5, "the set-up deadline")
+        data, how = yield deferLater(reactor, 0.1, drain, client, 2.0)
+        self.assertEqual((data, how), (b"", "eof"))
+        self.assertEqual(len(self.lines("failed", "not set up within 1 s (was deciding)")), 1)
+        self.assertEqual(self.factory.counters["setup-timeout"], 1)
+
+
+class SilentProxyTests(LifecycleTestCase):
+    @inlineCallbacks
+    def test_markedDownAfterHandshakeTimeouts(self):  # type: ignore[no-untyped-def]
+        """
+        A proxy that accepts and never answers fails each client's
+        handshake; those clients are carried by the next proxy.  After
+        C{--proxy-failures} such timeouts it is marked down, and the next
+        client goes to the next proxy without trying it.
+        """
+        silentFactory, silent = yield self.startProxy("silent")
+        echoFactory, echo = yield self.startProxy("echo")
+        yield self.startShifter([silent, echo], failures=2, handshakeTimeout=0.5)
+        for n in range(3):
+            client = self.client()
+            client.sendall(b"ping %d" % n)
+            data = yield self.receive(client, 6)
+            self.assertEqual(data, b"ping %d" % n)
+            client.close()
+        self.assertEqual(silentFactory.connections, 2)
+        self.assertEqual(echoFactory.connections, 3)
+        self.assertFalse(self.pool.health[self.pool.proxies[0]].up)
+        self.assertEqual(len(self.lines("marked down", "did not answer CONNECT within 0.5 s")), 1)
