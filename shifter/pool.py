@@ -33,12 +33,15 @@ class ProxyHealth:
     @ivar up: whether clients may be sent to it.
     @ivar failures: connection failures in a row.
     @ivar downFor: the back-off of its current or next down period.
+    @ivar probe: the pending probe (a timer, or a connection attempt).
+    @ivar lastError: why it last failed, for operators.
     """
 
     up: bool = True
     failures: int = 0
     downFor: float = 0.0
     probe: Any = None
+    lastError: str = ""
 
 
 class ProxyPool:
@@ -74,6 +77,7 @@ class ProxyPool:
         self.probeTimeout = probeTimeout
         self.health = {proxy: ProxyHealth(downFor=downFor) for proxy in self.proxies}
         self._next = 0
+        self._stopped = False
 
     def candidates(self, clientHost: str) -> list[UpstreamProxy]:
         """
@@ -95,8 +99,9 @@ class ProxyPool:
 
     def succeeded(self, proxy: UpstreamProxy) -> None:
         """
-        A connection to C{proxy} was made.  (Proxies outside the pool, such
-        as one an embedding program's policy chose, are not tracked.)
+        C{proxy} opened a tunnel (a valid 2xx answer to CONNECT).  (Proxies
+        outside the pool, such as one an embedding program's policy chose,
+        are not tracked.)
         """
         health = self.health.get(proxy)
         if health is None:
@@ -106,12 +111,17 @@ class ProxyPool:
 
     def failed(self, proxy: UpstreamProxy, reason: str) -> None:
         """
-        A connection to C{proxy} was refused or timed out; after
-        C{failureThreshold} in a row it is marked down.
+        C{proxy} failed a tunnel: its connection was refused or timed out,
+        it did not answer CONNECT in time, closed before answering, or
+        answered with garbage.  After C{failureThreshold} in a row it is
+        marked down.  (A tunnel given up on by Shifter itself, because its
+        client left or Shifter is stopping, is not the proxy's failure and
+        is never reported.)
         """
         health = self.health.get(proxy)
-        if health is None or not health.up:
+        if health is None or not health.up or self._stopped:
             return
+        health.lastError = reason
         health.failures += 1
         if health.failures >= self.failureThreshold:
             self._markDown(proxy, reason)
@@ -129,11 +139,12 @@ class ProxyPool:
 
     def _probe(self, proxy: UpstreamProxy) -> None:
         health = self.health[proxy]
-        health.probe = None
         attempt: Deferred = proxy.endpoint.connect(Factory.forProtocol(Protocol))
         attempt.addTimeout(self.probeTimeout, self.reactor)
+        health.probe = attempt
 
         def connected(protocol: Protocol) -> None:
+            health.probe = None
             protocol.transport.loseConnection()  # type: ignore[union-attr]
             health.up = True
             health.failures = 0
@@ -141,6 +152,9 @@ class ProxyPool:
             self.log.info("proxy {proxy} is back up", proxy=proxy.description)
 
         def refused(failure: Failure) -> None:
+            health.probe = None
+            if self._stopped:
+                return  # cancelled by stop(): no new period, no new probe
             health.downFor = min(health.downFor * 2, self.maxDownFor)
             self._markDown(proxy, f"probe failed: {failure.getErrorMessage()}")
 
@@ -148,9 +162,13 @@ class ProxyPool:
 
     def stop(self) -> None:
         """
-        Cancel pending probes.
+        Cancel pending probes, those waiting and those connecting, and
+        schedule no more.
         """
+        self._stopped = True
         for health in self.health.values():
-            if health.probe is not None and health.probe.active():
-                health.probe.cancel()
-            health.probe = None
+            probe, health.probe = health.probe, None
+            if isinstance(probe, Deferred):
+                probe.cancel()
+            elif probe is not None and probe.active():
+                probe.cancel()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,19 +56,26 @@ class ShifterService(Service):
         self._handleHangup = handleHangup
         self._restoreHangup: Callable[[], None] | None = None
         self.ready: Deferred[IListeningPort] = Deferred()
+        self._starting: Deferred[None] | None = None
 
     def startService(self) -> None:
         Service.startService(self)
         if self._handleHangup:
             self._restoreHangup = reopenOnHangup(self.factory.reactor)
-        self._start().addErrback(self._cannotStart)
+        self._starting = self._start()
+        self._starting.addErrback(self._cannotStart)
 
     @inlineCallbacks
     def _start(self):  # type: ignore[no-untyped-def]
         factory = self.factory
         yield factory.resolver.start()
-        self.port = yield self.endpoint.listen(factory)
-        factory.listeningAddress = self.port.getHost()  # type: ignore[assignment]
+        port = yield self.endpoint.listen(factory)
+        if not self.running:
+            # Stopped while starting: stopService did not see this port.
+            yield port.stopListening()
+            return
+        self.port = port
+        factory.listeningAddress = port.getHost()  # type: ignore[assignment]
         self._pauser = pauseOnExhaustion(self.port, factory.reactor, factory.acceptPaused)
         self.log.info(
             "Shifter {version} accepting redirected connections on {listen} "
@@ -81,6 +88,8 @@ class ShifterService(Service):
         self.ready.callback(self.port)
 
     def _cannotStart(self, reason: Failure) -> None:
+        if reason.check(CancelledError) and not self.running:
+            return  # stopped while starting
         self.log.critical(
             "Shifter cannot start: {reason}", reason=reason.getErrorMessage()
         )
@@ -93,6 +102,9 @@ class ShifterService(Service):
     def stopService(self):  # type: ignore[no-untyped-def]
         Service.stopService(self)
         factory = self.factory
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.called:
+            starting.cancel()
         if self._restoreHangup is not None:
             self._restoreHangup()
             self._restoreHangup = None
@@ -119,4 +131,5 @@ class ShifterService(Service):
                 )
                 yield factory.closeAll()
         factory.pool.stop()
+        factory.deadlines.stop()
         yield factory.resolver.stop()

@@ -143,3 +143,22 @@ class HealthTests(SynchronousTestCase):
         self.markDown()
         self.pool.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stopCancelsProbeInFlight(self) -> None:
+        """
+        Stopping the pool while a probe is connecting cancels that
+        connection attempt, and the cancelled probe schedules no other.
+        """
+        self.markDown()
+        self.clock.advance(10)
+        [(_, attempt)] = self.proxy.endpoint.attempts
+        self.pool.stop()
+        self.assertTrue(attempt.called, "the probe's connection attempt was left running")
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+
+    def test_lastError(self) -> None:
+        """
+        A proxy's health keeps the reason of its last failure.
+        """
+        self.pool.failed(self.proxy, "cannot connect to proxy: refused")
+        self.assertEqual(self.health.lastError, "cannot connect to proxy: refused")

@@ -13,7 +13,7 @@ from pathlib import Path
 from zope.interface import implementer
 
 from twisted.application.service import IService
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -206,6 +206,51 @@ class ServiceTests(SynchronousTestCase):
         self.assertTrue(
             any("cannot start: module shifter not loaded" in formatEvent(e) for e in self.events)
         )
+
+    def test_stoppedWhileStarting(self) -> None:
+        """
+        A service stopped while its resolver is still starting gives up
+        the start (the resolver's start is cancelled), never listens, and
+        logs no failure to start.
+        """
+        from shifter import resolver
+
+        self.patch(resolver, "RESOLVERS", dict(resolver.RESOLVERS, slow=f"{__name__}.SlowResolver"))
+        config = parse("--proxy", "127.0.0.1:3128")
+        config["resolver"] = "slow"
+        service = makeService(config, reactor=self.reactor)
+        service.startService()
+        self.successResultOf(service.stopService())
+        self.assertTrue(SlowResolver.cancelled)
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.assertFalse(any("cannot start" in formatEvent(e) for e in self.events))
+
+
+@implementer(IOriginalDestinationResolver)
+class SlowResolver:
+    """
+    A resolver whose start finishes when the test says.
+    """
+
+    name = "slow"
+    cancelled = False
+
+    def __init__(self, reactor: object = None) -> None:
+        SlowResolver.cancelled = False
+
+        def cancel(d: Deferred) -> None:
+            SlowResolver.cancelled = True
+
+        self.started: Deferred = Deferred(cancel)
+
+    def start(self) -> Deferred:
+        return self.started
+
+    def stop(self) -> Deferred:
+        return succeed(None)
+
+    def resolve(self, transport: object) -> Deferred:
+        return Deferred()
 
 
 class DropinTests(SynchronousTestCase):
