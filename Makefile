@@ -79,7 +79,7 @@ typecheck: venv
 
 # The in-memory tests alone: seconds, no root.
 unit: venv
-	$(PY) -m twisted.trial tests.test_connect tests.test_tunnel tests.test_sockopt tests.test_tap
+	$(PY) -m twisted.trial tests.test_connect tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient
 
 clean:
 	rm -rf _trial_temp test.log build *.egg-info
