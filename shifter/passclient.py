@@ -21,15 +21,21 @@ connections the same way).  Nothing here touches a socket.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import Optional, Protocol, Sequence, Union
 
 from twisted.internet.address import IPv4Address, IPv6Address
 
 from shifter.connect import formatConnectRequest
 from shifter.proxyprotocol import encodeV1, encodeV2
 
-if TYPE_CHECKING:
-    from shifter.proxy import UpstreamProxy
+
+
+class _Proxy(Protocol):
+    """
+    What L{tunnelRequest} reads of a L{shifter.proxy.UpstreamProxy}.
+    """
+
+    passClient: str
 
 PASS_CLIENT_MODES = ("none", "x-forwarded-for", "proxy-v1", "proxy-v2")
 
@@ -103,7 +109,7 @@ def proxyHeader(mode: str, client: Address, destination: Address) -> bytes:
 
 
 def tunnelRequest(
-    proxy: UpstreamProxy,
+    proxy: _Proxy,
     client: Address,
     destination: Address,
     connectHost: str,
@@ -125,7 +131,7 @@ def tunnelRequest(
     @param destination: where the client was originally going; the PROXY
         header's destination.
     @param passClient: this connection's mode (a policy's choice); C{None}
-        for the proxy's own, L{UpstreamProxy.passClient}.
+        for the proxy's own, L{shifter.proxy.UpstreamProxy.passClient}.
     @raise ValueError: if the mode is unknown or anything in the request
         cannot be sent safely (see L{formatConnectRequest}).
     """
