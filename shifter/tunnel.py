@@ -4,18 +4,20 @@ The life of one tunnel, as an explicit state machine, sans I/O.
 A client connection that netfilter redirected to Shifter goes through
 these states::
 
-  accepted -> resolving -> [sniffing] -> [deciding] -> connecting -> handshaking -> relaying -> closing -> closed
-                                                            ^  next proxy  |           |  \\
-                                                            +--------------+           |   client-finished,
-                                                                                       |   proxy-finished
-                   (any failure, timeout or loss: closing)  ------------------------->+
+  accepted -> resolving -> [sniffing] -> [deciding] -> connecting -> handshaking -> relaying
+                                                        ^                 |            |
+                                                        +-- next proxy ---+            +-> client-finished
+                                                                                       +-> proxy-finished
+  any state -> closing -> closed   (a failure, a deadline, a loss, the end of the relay, shutdown)
 
 Everything that can happen to a tunnel is one of the events in L{EVENTS};
-L{TABLE} says, for every state and every event, what the tunnel does.
-Nothing else decides: the tunnel has no flags that change what an event
-means.  A pair that cannot happen (a proxy's answer while resolving) is
-declared too, as L{Tunnel._impossible}, which closes the connection with
-an error line rather than guessing.
+L{TABLE} says, for every state and every event, what the tunnel does, and
+that is the only place where it is decided: the handlers keep facts (the
+bytes counted, whether the client finished sending before the tunnel
+opened, whether its connection is gone) but no flag sends an event to one
+handler or another.  A pair that cannot happen (a proxy's answer while
+resolving) is declared too, as L{Tunnel._impossible}, which closes the
+connection with an error line rather than guessing.
 
 The machine does no I/O itself.  It talks to its client connection through
 L{ITunnelClient}, to proxy connections through the L{IProxyAttempt}s that
@@ -665,7 +667,8 @@ class Tunnel:
     def _proxyConnected(self) -> None:
         self.state = HANDSHAKING
         self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
-        self.attempt.write(self.request)
+        request, self.request = self.request, b""
+        self.attempt.write(request)
 
     def _connectFailed(self, reason: Failure) -> None:
         why = f"cannot connect to proxy: {reason.getErrorMessage()}"
