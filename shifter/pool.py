@@ -33,12 +33,14 @@ class ProxyHealth:
     @ivar up: whether clients may be sent to it.
     @ivar failures: connection failures in a row.
     @ivar downFor: the back-off of its current or next down period.
+    @ivar lastError: the reason of its last failure, or C{""}.
     """
 
     up: bool = True
     failures: int = 0
     downFor: float = 0.0
     probe: Any = None
+    lastError: str = ""
 
 
 class ProxyPool:
@@ -110,7 +112,10 @@ class ProxyPool:
         C{failureThreshold} in a row it is marked down.
         """
         health = self.health.get(proxy)
-        if health is None or not health.up:
+        if health is None:
+            return
+        health.lastError = reason
+        if not health.up:
             return
         health.failures += 1
         if health.failures >= self.failureThreshold:
@@ -141,6 +146,7 @@ class ProxyPool:
             self.log.info("proxy {proxy} is back up", proxy=proxy.description)
 
         def refused(failure: Failure) -> None:
+            health.lastError = f"probe failed: {failure.getErrorMessage()}"
             health.downFor = min(health.downFor * 2, self.maxDownFor)
             self._markDown(proxy, f"probe failed: {failure.getErrorMessage()}")
 

@@ -143,3 +143,19 @@ class HealthTests(SynchronousTestCase):
         self.markDown()
         self.pool.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LastErrorTests(SynchronousTestCase):
+    def test_lastErrorKept(self) -> None:
+        """
+        Each failure's reason is kept as the proxy's last error, also while
+        it is down, for operators to read.
+        """
+        proxies = makeProxies(1)
+        pool = ProxyPool(proxies, MemoryReactorClock(), failureThreshold=1)
+        self.assertEqual(pool.health[proxies[0]].lastError, "")
+        pool.failed(proxies[0], "connection refused")
+        self.assertEqual(pool.health[proxies[0]].lastError, "connection refused")
+        self.assertFalse(pool.health[proxies[0]].up)
+        pool.failed(proxies[0], "timed out")
+        self.assertEqual(pool.health[proxies[0]].lastError, "timed out")
