@@ -84,10 +84,11 @@ class ControlProtocol(LineOnlyReceiver):
     def connectionMade(self) -> None:
         uid = self.factory.peerUid(self.transport)
         if uid is None or uid not in (0, os.geteuid()):
+            own = os.geteuid()
             self.log.warn(
-                "control socket: refused a connection from uid {uid}: only uid {own} and root may use it",
+                "control socket: refused a connection from uid {uid}: only {allowed} may use it",
                 uid="(unknown)" if uid is None else uid,
-                own=os.geteuid(),
+                allowed="root" if own == 0 else f"uid {own} (Shifter's) and root",
             )
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
