@@ -967,7 +967,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[GatewayState] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[GatewayState] = None,
+         err: Any = None) -> int:
     """
     The C{python -m shifter.doctor} command.
 
@@ -979,6 +980,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
     from shifter.tap import Options
 
     out = out or sys.stdout
+    err = err or sys.stderr
     parser = _parser()
     arguments, shifterArguments = parser.parse_known_args(argv)
     arguments.shifter = shifterArguments
@@ -989,7 +991,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
         config.parseOptions(shifterArguments)
         expected = expectationsFrom(config, arguments)
     except (usage.UsageError, ValueError) as e:
-        print(f"shifter.doctor: {e}", file=sys.stderr)
+        print(f"shifter.doctor: {e}", file=err)
         return 2
     if state is None:
         state = readGateway()

@@ -203,7 +203,7 @@ def traverse(
             continue
         current = replace(packet, mark=outcome.mark)
         try:
-            result = _run(ruleset, chain, current, outcome, depth=0)
+            result = _run(ruleset, chain, current, outcome, depth=0, base=chain)
         except _Verdict as verdict:
             result = verdict.kind
             if verdict.kind in ("drop", "reject"):
@@ -226,10 +226,11 @@ def traverse(
     return outcome
 
 
-def _run(ruleset: Ruleset, chain: Chain, packet: Packet, outcome: Outcome, depth: int) -> Optional[str]:
+def _run(ruleset: Ruleset, chain: Chain, packet: Packet, outcome: Outcome, depth: int, base: Chain) -> Optional[str]:
     """
-    Run one chain; return a verdict, or C{None} when it ends without one
-    (fell off its end, or returned).
+    Run one chain (called, directly or not, from the base chain C{base});
+    return a verdict, or C{None} when it ends without one (fell off its
+    end, or returned).
     """
     if depth > 32:
         return None
@@ -243,7 +244,7 @@ def _run(ruleset: Ruleset, chain: Chain, packet: Packet, outcome: Outcome, depth
             continue
         outcome.unknown.extend(rule.unknown)
         for target in rule.statements:
-            result = _statement(ruleset, chain, packet, outcome, depth, rule, target)
+            result = _statement(ruleset, chain, packet, outcome, depth, rule, target, base)
             if result is _CONTINUE:
                 continue
             if result is _NEXT_RULE:
@@ -257,7 +258,8 @@ _NEXT_RULE = object()
 
 
 def _statement(
-    ruleset: Ruleset, chain: Chain, packet: Packet, outcome: Outcome, depth: int, rule: Rule, target: Target
+    ruleset: Ruleset, chain: Chain, packet: Packet, outcome: Outcome, depth: int, rule: Rule, target: Target,
+    base: Chain,
 ) -> object:
     """
     Carry out one statement: C{_CONTINUE} with the rule's next statement,
@@ -273,7 +275,7 @@ def _statement(
     if kind == "other":
         return _NEXT_RULE if target.terminal else _CONTINUE
     if kind in ("redirect", "dnat"):
-        if chain.kind != "nat":
+        if base.kind != "nat":
             return _NEXT_RULE
         outcome.nat = (kind, target.address, target.port, rule.text)
         return "accept"
@@ -296,7 +298,7 @@ def _statement(
         if called is None:
             outcome.unknown.append(rule.text)
             return _NEXT_RULE
-        result = _run(ruleset, called, packet, outcome, depth + 1)
+        result = _run(ruleset, called, packet, outcome, depth + 1, base)
         if result is not None:
             return result
         return None if kind == "goto" else _NEXT_RULE

@@ -269,7 +269,8 @@ class SocketTests(TestCase):
         os.chmod(directory, 0o755)  # so that only the socket's own mode keeps others out
         self.addCleanup(lambda: [p.unlink() for p in directory.iterdir()] and None or directory.rmdir())
         self.path = str(directory / "control")
-        self.service = shifterService(reactor)
+        # The tunnels' own clock is a fake one: only the socket is real.
+        self.service = shifterService(MemoryReactorClock())
         self.control = ControlService(f"unix:{self.path}", self.service, reactor)
         self.control.startService()
         self.addCleanup(self.control.stopService)
