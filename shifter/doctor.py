@@ -140,6 +140,7 @@ class GatewayState:
     listeners: Callable[[int], Optional[list[int]]]
     openFileLimit: Callable[[Optional[int]], Optional[int]]
     processUid: Callable[[int], Optional[int]] = lambda pid: None
+    rulesRead: bool = True
 
     @property
     def localAddresses(self) -> frozenset[Address]:
@@ -176,10 +177,14 @@ def readGateway() -> GatewayState:
     """
     Read this network namespace's rules, interfaces, routes and limits.
     """
-    ruleset = loadRuleset(
+    listings = (
         _run("iptables-save"), _run("ip6tables-save"),
         _run("nft", "-j", "list", "ruleset"), _run("nft", "-a", "list", "ruleset"),
     )
+    ruleset = loadRuleset(*listings)
+    # iptables-save prints its header even with no rules; nft prints its
+    # metainfo: nothing at all means neither could read (not root).
+    rulesRead = any(listing.strip() for listing in listings)
     interfaces: dict[str, list[Any]] = {}
     for link in _json("ip", "-j", "addr", "show"):
         addresses = interfaces.setdefault(link.get("ifname", "?"), [])
@@ -235,7 +240,8 @@ def readGateway() -> GatewayState:
             return None
 
     return GatewayState(
-        ruleset, interfaces, sysctl, routeDevice, ipRules, tableRoutes, listeners, openFileLimit, processUid
+        ruleset, interfaces, sysctl, routeDevice, ipRules, tableRoutes, listeners, openFileLimit, processUid,
+        rulesRead,
     )
 
 
@@ -661,6 +667,9 @@ def checkRules(expected: Expectations, state: GatewayState) -> tuple[list[Findin
     """
     Every check that reads the gateway without talking to anything.
     """
+    if not state.rulesRead:
+        return [Finding("error", "doctor", "cannot read the netfilter rules (iptables-save, nft): run doctor as "
+                        "root, in the gateway's network namespace")], None
     listening, pid = checkListening(expected, state)
     if pid is not None:
         uid = state.processUid(pid)
@@ -998,6 +1007,11 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
     findings, _ = checkRules(expected, state)
 
     def asks(reactor: Any) -> Deferred:
+        if any(proxy.address is None for proxy in expected.proxies):
+            # Names resolved in the reactor, not in a thread pool.
+            from twisted.names.client import createResolver
+
+            reactor.installResolver(createResolver())
         checks = [checkKernelModule(expected, reactor), checkConntrack(expected, reactor)]
         if not arguments.no_proxy_check:
             checks.append(checkProxies(expected, reactor, arguments.timeout))

@@ -307,3 +307,15 @@ class CheckTests(SynchronousTestCase):
         err = io.StringIO()
         self.assertEqual(doctor.main(["--proxy", "127.0.0.1:3128"], io.StringIO(), gatewayState(GOOD), err), 2)
         self.assertIn("which interface do the clients' connections arrive on? --lan-interface", err.getvalue())
+
+    def test_rulesUnreadable(self) -> None:
+        """
+        When the rules cannot be read (not root), doctor says so, once,
+        rather than report every port as not redirected.
+        """
+        state = gatewayState(GOOD)
+        state.rulesRead = False
+        self.assertEqual(self.findings(state), [
+            "error: doctor: cannot read the netfilter rules (iptables-save, nft): run doctor as root, in the "
+            "gateway's network namespace"
+        ])
