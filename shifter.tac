@@ -5,9 +5,10 @@ The same service as C{twistd shifter}, configured from the environment:
 SHIFTER_PROXY (required), and optionally SHIFTER_LISTEN, SHIFTER_RESOLVER,
 SHIFTER_CONNECT_TIMEOUT, SHIFTER_HANDSHAKE_TIMEOUT, SHIFTER_IDLE_TIMEOUT,
 SHIFTER_MAX_CONNECTIONS, SHIFTER_DRAIN_TIMEOUT, SHIFTER_METRICS,
-SHIFTER_BALANCE, SHIFTER_CONNECT_TARGET, SHIFTER_PROXY_CREDENTIALS, ..., each
-the value of the option of the same name, and SHIFTER_PROXY, SHIFTER_ALLOW
-and SHIFTER_ALLOW_PORT, each a comma-separated list.
+SHIFTER_BALANCE, SHIFTER_CONNECT_TARGET, SHIFTER_PROXY_CREDENTIALS,
+SHIFTER_CONFIG, SHIFTER_CONTROL, ..., each the value of the option of the
+same name, and SHIFTER_PROXY, SHIFTER_ALLOW and SHIFTER_ALLOW_PORT, each a
+comma-separated list.
 """
 
 import os

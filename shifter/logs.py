@@ -44,15 +44,18 @@ def reopenLogFiles(publisher: Any = globalLogPublisher) -> int:
     return reopened
 
 
-def reopenOnHangup(reactor: Any) -> Callable[[], None]:
+def reopenOnHangup(reactor: Any, then: Callable[[], object] | None = None) -> Callable[[], None]:
     """
-    Reopen log files on SIGHUP, in the reactor.
+    Reopen log files on SIGHUP, in the reactor, then call C{then} (such as
+    reloading the configuration), if given.
 
     @return: a function that puts the previous SIGHUP handler back.
     """
 
     def reopen() -> None:
         log.info("SIGHUP: reopened {count} log files", count=reopenLogFiles())
+        if then is not None:
+            then()
 
     def onHangup(signum: int, frame: object) -> None:
         reactor.callFromThread(reopen)

@@ -34,7 +34,7 @@ class ProxyHealth:
     @ivar failures: connection failures in a row.
     @ivar downFor: the back-off of its current or next down period.
     @ivar probe: the pending probe (a timer, or a connection attempt).
-    @ivar lastError: why it last failed, for operators.
+    @ivar lastError: the reason of its last failure, or C{""}.
     """
 
     up: bool = True
@@ -119,9 +119,11 @@ class ProxyPool:
         is never reported.)
         """
         health = self.health.get(proxy)
-        if health is None or not health.up or self._stopped:
+        if health is None or self._stopped:
             return
         health.lastError = reason
+        if not health.up:
+            return
         health.failures += 1
         if health.failures >= self.failureThreshold:
             self._markDown(proxy, reason)
@@ -155,6 +157,7 @@ class ProxyPool:
             health.probe = None
             if self._stopped:
                 return  # cancelled by stop(): no new period, no new probe
+            health.lastError = f"probe failed: {failure.getErrorMessage()}"
             health.downFor = min(health.downFor * 2, self.maxDownFor)
             self._markDown(proxy, f"probe failed: {failure.getErrorMessage()}")
 

@@ -31,10 +31,13 @@ class ShifterService(Service):
     Stopping (SIGTERM under twistd) closes the listening port at once, then
     waits up to C{drainTimeout} seconds for open tunnels to finish before
     closing those that remain.  With C{handleHangup}, SIGHUP reopens the
-    log files (for logrotate).
+    log files (for logrotate), then reloads the configuration file.
 
     @ivar ready: a C{Deferred} that fires with the listening port once
         Shifter accepts connections.
+    @ivar reloader: reloads the configuration: returns what changed, in
+        words, or raises C{ValueError} with the reason it cannot; C{None}
+        when nothing can be reloaded.
     """
 
     log = Logger()
@@ -57,13 +60,64 @@ class ShifterService(Service):
         self._restoreHangup: Callable[[], None] | None = None
         self.ready: Deferred[IListeningPort] = Deferred()
         self._starting: Deferred[None] | None = None
+        self.reloader: Callable[[], str] | None = None
+        self.draining = False
 
     def startService(self) -> None:
         Service.startService(self)
         if self._handleHangup:
-            self._restoreHangup = reopenOnHangup(self.factory.reactor)
+            self._restoreHangup = reopenOnHangup(self.factory.reactor, self._reloadOnHangup)
         self._starting = self._start()
         self._starting.addErrback(self._cannotStart)
+
+    def _reloadOnHangup(self) -> None:
+        if self.reloader is not None and getattr(self.reloader, "path", True) is not None:
+            self.reload("SIGHUP")
+
+    def reload(self, why: str = "request") -> tuple[bool, str]:
+        """
+        Reload the configuration file: the new settings, proxies and rules
+        apply to connections accepted from now on; open tunnels keep
+        theirs.  A file that cannot be used changes nothing.  Either way
+        one log line says what happened.
+
+        @param why: what asked for the reload, for the log line.
+        @return: whether it was reloaded, and what changed or why not.
+        """
+        if self.reloader is None:
+            return False, "nothing to reload"
+        try:
+            changes = self.reloader()
+        except ValueError as e:
+            self.log.error(
+                "{why}: configuration not reloaded, the running one stays: {reason}",
+                why=why,
+                reason=str(e),
+            )
+            return False, str(e)
+        self.log.info(
+            "{why}: configuration reloaded for new connections ({changes}); "
+            "{count} open connections keep theirs",
+            why=why,
+            changes=changes,
+            count=len(self.factory.active),
+        )
+        return True, changes
+
+    def drain(self, why: str = "request") -> int:
+        """
+        Stop accepting, let open tunnels finish (up to C{drainTimeout}),
+        then stop the process: what SIGTERM does.
+
+        @return: how many connections are open now.
+        """
+        count = len(self.factory.active)
+        if not self.draining:
+            self.draining = True
+            self.log.info("{why}: draining {count} connections, then stopping", why=why, count=count)
+            reactor = self.factory.reactor
+            reactor.callLater(0, reactor.stop)
+        return count
 
     @inlineCallbacks
     def _start(self):  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import resource
 import sys
+from dataclasses import dataclass
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -14,11 +15,20 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.server import Site
 
+from shifter.config import (
+    ConfigError,
+    ConfigFile,
+    ProxySpec,
+    RulePolicy,
+    findConfigPath,
+    loadConfig,
+    policyFor,
+)
 from shifter.downstream import ShifterFactory, TunnelSettings
 from shifter.metrics import MetricsPage
 from shifter.passclient import PASS_CLIENT_MODES
 from shifter.pool import BALANCES, ProxyPool
-from shifter.proxy import MarkingReactor, parseProxy, readCredentials
+from shifter.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
 from shifter.relay import RELAYS
 from shifter.resolver import RESOLVERS, makeResolver
 from shifter.service import ShifterService
@@ -102,6 +112,26 @@ class Options(usage.Options):
     ]
 
     optParameters = [
+        [
+            "config",
+            None,
+            None,
+            "A TOML file holding these options (by their long names), proxies "
+            "with settings of their own, and rules that choose a proxy group, "
+            "the CONNECT target or a refusal per connection. Options given here "
+            "override the file's; --proxy, --allow and --allow-port add to it. "
+            "SIGHUP reloads it: new connections get the new settings, open "
+            "tunnels keep theirs, and a file with an error is refused with a "
+            "log line while the running settings stay.",
+        ],
+        [
+            "control",
+            None,
+            None,
+            "A control socket, unix:PATH, for python -m shifter.ctl (tunnels, "
+            "proxies, reload, drain); only its owner (and root) may use it. "
+            "With --workers, worker I listens on PATH.I. Default: none.",
+        ],
         [
             "listen",
             "l",
@@ -299,11 +329,25 @@ class Options(usage.Options):
         self["proxy"] = []
         self["allow"] = []
         self["allow-port"] = set()
+        self.configFile: ConfigFile | None = None
+        self.proxySpecs: list[ProxySpec] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
-        # Kept for --workers, whose workers are started with the same ones.
+        # Kept for --workers, whose workers are started with the same ones,
+        # and for reloading --config.
         self.arguments = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        path = findConfigPath(self.arguments)
+        if path is None:
+            super().parseOptions(self.arguments)
+            return
+        try:
+            self.configFile = loadConfig(path, type(self))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        try:
+            super().parseOptions(self.configFile.arguments + self.arguments)
+        except usage.UsageError as e:
+            raise usage.UsageError(self.configFile.error(str(e), self.arguments)) from None
 
     def opt_proxy(self, proxy: str) -> None:
         """
@@ -340,7 +384,11 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
-        if not self["proxy"]:
+        configFile = self.configFile
+        self.proxySpecs = (configFile.proxies if configFile is not None else []) + [
+            ProxySpec(proxy) for proxy in self["proxy"]
+        ]
+        if not self.proxySpecs:
             raise usage.UsageError("--proxy is required (for example --proxy 127.0.0.1:3128)")
         if self["proxy-credentials"] is not None:
             try:
@@ -352,13 +400,13 @@ class Options(usage.Options):
                 f"--pass-client: expected one of {', '.join(PASS_CLIENT_MODES)}, "
                 f"got {self['pass-client']!r}"
             )
-        for proxy in self["proxy"]:
+        for spec in self.proxySpecs:
             try:
-                parseProxy(
-                    proxy, reactor, self["proxy-credentials"], self["proxy-ca"], self["pass-client"]
-                )
+                buildProxy(spec, self, reactor)
             except ValueError as e:
-                raise usage.UsageError(f"--proxy: {e}") from None
+                if spec.line is None:
+                    raise usage.UsageError(f"--proxy: {e}") from None
+                raise usage.UsageError(f"{configFile.path} line {spec.line}: proxy: {e}") from None  # type: ignore[union-attr]
         if self["balance"] not in BALANCES:
             raise usage.UsageError(
                 f"--balance: expected one of {', '.join(BALANCES)}, got {self['balance']!r}"
@@ -404,6 +452,19 @@ class Options(usage.Options):
                 raise usage.UsageError("--workers: --resolver nfqueue binds one queue, for one process")
         if self["max-connections"] is None:
             self["max-connections"] = defaultMaxConnections()
+        if configFile is not None:
+            groups = {group for spec in self.proxySpecs for group in spec.groups}
+            try:
+                configFile.checkRules(self["connect-target"], groups)
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
+        if self["control"] is not None:
+            from shifter.control import controlPath
+
+            try:
+                controlPath(self["control"])
+            except ValueError as e:
+                raise usage.UsageError(f"--control: {e}") from None
         if self["metrics"] is not None:
             try:
                 serverFromString(reactor, self["metrics"])
@@ -421,15 +482,108 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         return WorkersService(
             reactor, config["workers"], config.arguments, config["drain-timeout"], config["listen"]
         )
-    proxyReactor = MarkingReactor(reactor, config["mark"]) if config["mark"] else reactor
-    proxies = [
-        parseProxy(
-            proxy, proxyReactor, config["proxy-credentials"], config["proxy-ca"], config["pass-client"]
-        )
-        for proxy in config["proxy"]
-    ]
-    if any(proxy.address is None for proxy in proxies):
+    built = configure(config, reactor)
+    if any(proxy.address is None for proxy in built.pool.proxies):
         _resolveHostnamesInReactor(reactor)
+    factory = ShifterFactory(
+        makeResolver(config["resolver"], reactor, **resolverOptions(config)),
+        built.pool,
+        built.settings,
+        reactor,
+        policy=built.policy,
+    )
+    top = MultiService()
+    endpoint = serverFromString(reactor, config["listen"])
+    metrics = config["metrics"]
+    control = config["control"]
+    worker = config["worker"]
+    if worker is not None:
+        becomeWorker(worker)
+        endpoint = ReusePortEndpoint.fromEndpoint(reactor, endpoint) or endpoint
+        if metrics is not None:
+            metrics = shiftPort(metrics, worker) or (metrics if worker == 0 else None)
+        if control is not None:
+            control = f"{control}.{worker}"
+    service = ShifterService(
+        endpoint,
+        config["listen"],
+        factory,
+        drainTimeout=config["drain-timeout"],
+        handleHangup=True,
+    )
+    service.reloader = Reloader(config, built, service, reactor)
+    service.setServiceParent(top)
+    if worker is not None:
+        service.ready.addCallback(lambda _: workerReady())
+    if metrics is not None:
+        site = Site(MetricsPage(factory.metrics.registry))
+        site.noisy = False
+        StreamServerEndpointService(serverFromString(reactor, metrics), site).setServiceParent(top)
+    if control is not None:
+        from shifter.control import ControlService
+
+        ControlService(control, service, reactor).setServiceParent(top)
+    return top
+
+
+def buildProxy(spec: ProxySpec, config: Options, reactor) -> UpstreamProxy:  # type: ignore[no-untyped-def]
+    """
+    The proxy that C{spec} describes, with the options' C{--mark},
+    C{--proxy-credentials} and C{--proxy-ca} where it sets none of its own.
+
+    @raise ValueError: with a one-line reason.
+    """
+    mark = spec.mark if spec.mark is not None else config["mark"]
+    proxyReactor = MarkingReactor(reactor, mark) if mark else reactor
+    credentials = config["proxy-credentials"]
+    if spec.credentials is not None:
+        credentials = readCredentials(spec.credentials)
+    return parseProxy(
+        spec.address, proxyReactor, credentials, spec.ca or config["proxy-ca"],
+        spec.passClient or config["pass-client"],
+    )
+
+
+@dataclass
+class Configured:
+    """
+    What the options make of the tunnels: their settings, the proxies and
+    the policy.
+
+    @ivar poolKey: what the pool was built from, to tell whether a reload
+        changes it.
+    """
+
+    settings: TunnelSettings
+    pool: ProxyPool
+    policy: RulePolicy | None
+    poolKey: tuple[object, ...]
+
+
+def _poolKey(config: Options) -> tuple[object, ...]:
+    proxies = []
+    for spec in config.proxySpecs:
+        credentials = config["proxy-credentials"]
+        if spec.credentials is not None:
+            credentials = readCredentials(spec.credentials)
+        proxies.append((
+            spec.address,
+            credentials,
+            spec.ca or config["proxy-ca"],
+            spec.mark if spec.mark is not None else config["mark"],
+            spec.passClient or config["pass-client"],
+        ))
+    return (tuple(proxies), config["balance"], config["proxy-failures"], config["proxy-backoff"])
+
+
+def configure(config: Options, reactor, running: Configured | None = None) -> Configured:  # type: ignore[no-untyped-def]
+    """
+    Build the tunnel settings, proxy pool and policy that C{config}
+    describes.  The C{running} pool is kept (with what it knows of each
+    proxy's health) when the proxies and their settings are the same.
+
+    @raise ValueError: if a proxy cannot be built (a credentials file gone).
+    """
     settings = TunnelSettings(
         connectTimeout=config["connect-timeout"],
         handshakeTimeout=config["handshake-timeout"],
@@ -442,41 +596,93 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         sniffTimeout=config["sniff-timeout"],
         relay=config["relay"],
     )
-    pool = ProxyPool(
-        proxies,
-        reactor,
-        config["balance"],
-        failureThreshold=config["proxy-failures"],
-        downFor=config["proxy-backoff"],
-        maxDownFor=30 * config["proxy-backoff"],
-    )
-    factory = ShifterFactory(
-        makeResolver(config["resolver"], reactor, **resolverOptions(config)), pool, settings, reactor
-    )
-    top = MultiService()
-    endpoint = serverFromString(reactor, config["listen"])
-    metrics = config["metrics"]
-    worker = config["worker"]
-    if worker is not None:
-        becomeWorker(worker)
-        endpoint = ReusePortEndpoint.fromEndpoint(reactor, endpoint) or endpoint
-        if metrics is not None:
-            metrics = shiftPort(metrics, worker) or (metrics if worker == 0 else None)
-    service = ShifterService(
-        endpoint,
-        config["listen"],
-        factory,
-        drainTimeout=config["drain-timeout"],
-        handleHangup=True,
-    )
-    service.setServiceParent(top)
-    if worker is not None:
-        service.ready.addCallback(lambda _: workerReady())
-    if metrics is not None:
-        site = Site(MetricsPage(factory.metrics.registry))
-        site.noisy = False
-        StreamServerEndpointService(serverFromString(reactor, metrics), site).setServiceParent(top)
-    return top
+    key = _poolKey(config)
+    if running is not None and running.poolKey == key:
+        pool = running.pool
+    else:
+        pool = ProxyPool(
+            [buildProxy(spec, config, reactor) for spec in config.proxySpecs],
+            reactor,
+            config["balance"],
+            failureThreshold=config["proxy-failures"],
+            downFor=config["proxy-backoff"],
+            maxDownFor=30 * config["proxy-backoff"],
+        )
+    policy = policyFor(config.configFile, config.proxySpecs, pool.proxies)
+    return Configured(settings, pool, policy, key)
+
+
+# Options that the running service cannot change: a reload that changes
+# them says so, and they take effect at the next start.
+RESTART_OPTIONS = (
+    "listen", "resolver", "queue-num", "queue-bypass", "queue-mark", "workers", "metrics", "control",
+)
+
+
+class Reloader:
+    """
+    Reloads C{--config}: the same command line, the file read again, and
+    the new settings, proxies and rules given to the factory for the
+    connections it accepts from now on.
+    """
+
+    def __init__(self, config: Options, running: Configured, service: ShifterService, reactor) -> None:  # type: ignore[no-untyped-def]
+        self.config = config
+        self.running = running
+        self.service = service
+        self.reactor = reactor
+
+    @property
+    def path(self) -> str | None:
+        """
+        The configuration file, if there is one.
+        """
+        return self.config["config"]
+
+    def __call__(self) -> str:
+        """
+        Reload.
+
+        @return: what changed, in words, for the log line.
+        @raise ValueError: with the file, line and reason, when the file
+            cannot be used; nothing has changed then.
+        """
+        if self.path is None:
+            raise ValueError("no --config file to reload")
+        new = type(self.config)()
+        try:
+            new.parseOptions(self.config.arguments)
+            built = configure(new, self.reactor, self.running)
+        except (usage.UsageError, ValueError) as e:
+            raise ValueError(str(e).removeprefix("--config: ")) from None
+        old, self.config = self.config, new
+        previous, self.running = self.running, built
+        factory = self.service.factory
+        factory.reconfigure(
+            settings=built.settings,
+            pool=built.pool if built.pool is not previous.pool else None,
+            policy=built.policy,
+        )
+        if built.policy is None:
+            factory.policy = None
+        self.service.drainTimeout = new["drain-timeout"]
+        changed = [
+            name for name in sorted(new.keys())
+            if name not in ("config",) and _comparable(new[name]) != _comparable(old[name])
+        ]
+        if built.pool is not previous.pool:
+            changed.append("proxies")
+        if (old.configFile and old.configFile.rules) != (new.configFile and new.configFile.rules):
+            changed.append("rules")
+        later = [name for name in changed if name in RESTART_OPTIONS]
+        summary = "changed: " + ", ".join(changed) if changed else "nothing changed"
+        if later:
+            summary += f" ({', '.join(later)} only at restart)"
+        return summary
+
+
+def _comparable(value: object) -> object:
+    return sorted(map(str, value)) if isinstance(value, (list, set, frozenset)) else value
 
 
 def resolverOptions(config: Options) -> dict[str, object]:

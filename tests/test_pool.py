@@ -156,9 +156,17 @@ class HealthTests(SynchronousTestCase):
         self.assertTrue(attempt.called, "the probe's connection attempt was left running")
         self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
 
-    def test_lastError(self) -> None:
+class LastErrorTests(SynchronousTestCase):
+    def test_lastErrorKept(self) -> None:
         """
-        A proxy's health keeps the reason of its last failure.
+        Each failure's reason is kept as the proxy's last error, also while
+        it is down, for operators to read.
         """
-        self.pool.failed(self.proxy, "cannot connect to proxy: refused")
-        self.assertEqual(self.health.lastError, "cannot connect to proxy: refused")
+        proxies = makeProxies(1)
+        pool = ProxyPool(proxies, MemoryReactorClock(), failureThreshold=1)
+        self.assertEqual(pool.health[proxies[0]].lastError, "")
+        pool.failed(proxies[0], "connection refused")
+        self.assertEqual(pool.health[proxies[0]].lastError, "connection refused")
+        self.assertFalse(pool.health[proxies[0]].up)
+        pool.failed(proxies[0], "timed out")
+        self.assertEqual(pool.health[proxies[0]].lastError, "timed out")

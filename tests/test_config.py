@@ -1,0 +1,456 @@
+"""
+Tests for C{--config}: L{shifter.config} (the file, its errors, the
+rules as a policy) and reloading it in a running service (L{shifter.tap},
+L{shifter.service}), in memory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from shifter.config import ConfigError, RulePolicy, loadConfig, optionKinds
+from shifter.downstream import ShifterFactory
+from shifter.policy import TunnelRequest
+from shifter.proxy import MarkingReactor, UpstreamProxy
+from shifter.service import ShifterService
+from shifter.tap import Options, makeService
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def readmeExample() -> str:
+    """
+    The configuration file example of the README.
+    """
+    readme = (PROJECT / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert len(blocks) == 1, "the README has one TOML example"
+    return blocks[0]
+
+
+class ConfigTestCase(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return str(path)
+
+    def parse(self, text: str, *arguments: str) -> Options:
+        options = Options()
+        options.parseOptions(["--config", self.write(text), *arguments])
+        return options
+
+    def refused(self, text: str, *arguments: str) -> str:
+        with self.assertRaises(UsageError) as caught:
+            self.parse(text, *arguments)
+        return str(caught.exception)
+
+
+class OptionTests(ConfigTestCase):
+    def test_everyOptionIsAKey(self) -> None:
+        """
+        Every option of the command line (but the internal --worker and
+        --config itself) is a key of the file, read from the option
+        definitions.
+        """
+        kinds = optionKinds(Options)
+        longNames = {spec.rstrip("=") for spec in Options().longOpt}
+        self.assertEqual(set(kinds), longNames - {"worker", "config", "help", "version"})
+        self.assertTrue(kinds["queue-bypass"].flag)
+        self.assertTrue(kinds["allow"].repeatable)
+        self.assertFalse(kinds["idle-timeout"].repeatable)
+
+    def test_sameAsCommandLine(self) -> None:
+        """
+        Each option with a default, written in the file with that value (a
+        flag as true), gives the value the command line gives.
+        """
+        for name, short, default, *_ in Options.optParameters:
+            if default is None or name == "worker":
+                continue
+            value = f'"{default}"' if isinstance(default, str) else repr(default)
+            fromFile = self.parse(f"{name} = {value}\nproxy = ['127.0.0.1:3128']\n")
+            fromLine = Options()
+            fromLine.parseOptions([f"--{name}={default}", "--proxy", "127.0.0.1:3128"])
+            self.assertEqual(fromFile[name], fromLine[name], name)
+        for name, *_ in Options.optFlags:
+            self.assertTrue(self.parse(f"{name} = true\nproxy = ['127.0.0.1:3128']\n")[name], name)
+            self.assertFalse(self.parse(f"{name} = false\nproxy = ['127.0.0.1:3128']\n")[name], name)
+
+    def test_values(self) -> None:
+        """
+        Numbers, strings, lists and flags become the options' values.
+        """
+        options = self.parse(
+            'listen = "tcp:2000"\nidle-timeout = 600\nallow = ["10.0.0.0/8", "192.168.1.0/24"]\n'
+            'allow-port = [443, "8443,8444"]\nqueue-bypass = true\nproxy = ["127.0.0.1:3128"]\n'
+        )
+        self.assertEqual(options["listen"], "tcp:2000")
+        self.assertEqual(options["idle-timeout"], 600.0)
+        self.assertEqual(options["allow"], [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.168.1.0/24")])
+        self.assertEqual(options["allow-port"], {443, 8443, 8444})
+        self.assertTrue(options["queue-bypass"])
+
+    def test_commandLineOverrides(self) -> None:
+        """
+        A command-line option overrides the file's; a repeatable one adds
+        to it.
+        """
+        options = self.parse(
+            'idle-timeout = 600\nallow = ["10.0.0.0/8"]\nproxy = ["127.0.0.1:3128"]\n',
+            "--idle-timeout", "5", "--allow", "192.168.0.0/16", "--proxy", "127.0.0.1:3129",
+        )
+        self.assertEqual(options["idle-timeout"], 5.0)
+        self.assertEqual(len(options["allow"]), 2)
+        self.assertEqual([spec.address for spec in options.proxySpecs], ["127.0.0.1:3128", "127.0.0.1:3129"])
+
+    def test_commandLineAlone(self) -> None:
+        """
+        Without --config, the command line works as before.
+        """
+        options = Options()
+        options.parseOptions(["--proxy", "127.0.0.1:3128"])
+        self.assertIsNone(options.configFile)
+        self.assertEqual([spec.address for spec in options.proxySpecs], ["127.0.0.1:3128"])
+
+    def test_readmeExample(self) -> None:
+        """
+        The README's example file loads: its options, proxies, groups,
+        rules and gateway table are what it says.
+        """
+        credentials = Path(self.mktemp())
+        credentials.write_text("lab:secret\n")
+        text = readmeExample().replace("/etc/shifter/lab-proxy.credentials", str(credentials))
+        options = self.parse(text)
+        self.assertEqual(options["connect-target"], "auto")
+        self.assertEqual(options["idle-timeout"], 900.0)
+        self.assertEqual(options["control"], "unix:/run/shifter/control")
+        self.assertEqual([spec.groups for spec in options.proxySpecs], [("default",), ("default",), ("lab",)])
+        self.assertEqual(options.proxySpecs[2].mark, 2)
+        rules = options.configFile.rules  # type: ignore[union-attr]
+        self.assertEqual([(r.group, r.refuse is not None, r.connectTarget) for r in rules],
+                         [("lab", False, None), (None, True, None), (None, False, "name")])
+        self.assertEqual(options.configFile.gateway["lan-interface"], ["lan0"])  # type: ignore[union-attr]
+        service = makeService(options, MemoryReactorClock())
+        factory = list(service)[0].factory  # type: ignore[attr-defined]
+        self.assertIsInstance(factory.policy, RulePolicy)
+        lab = factory.pool.proxies[2]
+        self.assertIsNotNone(lab.auth)
+        self.assertIsInstance(lab.endpoint._reactor, MarkingReactor)
+
+
+class ErrorTests(ConfigTestCase):
+    """
+    Each mistake stops with one line naming the file, the line and why.
+    """
+
+    def assertLine(self, message: str, line: int, *fragments: str) -> None:
+        self.assertIn(f" line {line}: ", message)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        self.assertNotIn("\n", message)
+
+    def test_badValue(self) -> None:
+        self.assertLine(
+            self.refused("proxy = ['127.0.0.1:3128']\n\nidle-timeout = -5\n"),
+            3, "idle-timeout", "-5",
+        )
+
+    def test_unknownKey(self) -> None:
+        self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\nidle-timout = 5\n"), 2, "did you mean 'idle-timeout'")
+
+    def test_notToml(self) -> None:
+        self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\nidle-timeout = = 5\n"), 2, "not valid TOML")
+
+    def test_crossOption(self) -> None:
+        """
+        A check across options names the line of the option it is about.
+        """
+        message = self.refused("proxy = ['127.0.0.1:3128']\nresolver = 'tproxy'\n")
+        self.assertLine(message, 2, "--resolver tproxy needs a transparent listener")
+
+    def test_crossOptionFromCommandLine(self) -> None:
+        """
+        When the option at fault was given on the command line, no line of
+        the file is blamed.
+        """
+        message = self.refused("proxy = ['127.0.0.1:3128']\nlisten = 'tcp:1'\n", "--resolver", "tproxy")
+        self.assertNotIn(" line ", message)
+
+    def test_notAList(self) -> None:
+        self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\nidle-timeout = [1, 2]\n"), 2, "one value")
+
+    def test_flagNotBoolean(self) -> None:
+        self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\nqueue-bypass = 'yes'\n"), 2, "true or false")
+
+    def test_badProxy(self) -> None:
+        message = self.refused("[[proxy]]\naddress = '127.0.0.1:3128'\n\n[[proxy]]\naddress = 'nohost'\n")
+        self.assertLine(message, 4, "proxy", "nohost")
+
+    def test_proxyUnknownSetting(self) -> None:
+        message = self.refused("[[proxy]]\naddress = '127.0.0.1:3128'\nweight = 3\n")
+        self.assertLine(message, 3, "unknown setting 'weight'")
+
+    def test_proxyCredentialsMissing(self) -> None:
+        message = self.refused("[[proxy]]\naddress = '127.0.0.1:3128'\ncredentials = '/nonexistent/file'\n")
+        self.assertLine(message, 1, "cannot read")
+
+    def test_noProxy(self) -> None:
+        self.assertIn("--proxy is required", self.refused("idle-timeout = 5\n"))
+
+    def test_ruleUnknownGroup(self) -> None:
+        message = self.refused("proxy = ['127.0.0.1:3128']\n\n[[rule]]\nclient = '10.0.0.0/8'\nproxy = 'lab'\n")
+        self.assertLine(message, 3, "no proxy is in group 'lab'")
+
+    def test_ruleNeedsNames(self) -> None:
+        """
+        A rule on names, with connect-target ip (so no name is ever read),
+        is refused.
+        """
+        message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\nname = 'example.com'\nproxy = 'default'\n")
+        self.assertLine(message, 2, "connect-target sni, host or auto")
+
+    def test_ruleBadNetwork(self) -> None:
+        message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\nrefuse = true\ndestination = '10.0.0.300/8'\n")
+        self.assertLine(message, 4, "destination")
+
+    def test_ruleBadPort(self) -> None:
+        message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\nrefuse = true\nport = '90-80'\n")
+        self.assertLine(message, 4, "port")
+
+    def test_ruleNothingToDo(self) -> None:
+        message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\nport = 443\n")
+        self.assertLine(message, 2, "nothing to do")
+
+    def test_ruleRefuseAlone(self) -> None:
+        message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\nrefuse = true\nproxy = 'default'\n")
+        self.assertLine(message, 2, "refuse goes alone")
+
+    def test_unreadable(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            loadConfig("/nonexistent/shifter.toml", Options)
+        self.assertEqual(str(caught.exception), "/nonexistent/shifter.toml: cannot read it: No such file or directory")
+
+    def test_gatewayTable(self) -> None:
+        message = self.refused("proxy = ['127.0.0.1:3128']\n[gateway]\nports = [443]\nlan = 'x'\n")
+        self.assertLine(message, 4, "unknown setting 'lan'")
+
+
+def request(client: str = "192.0.2.2", destination: str = "203.0.113.7", port: int = 443,
+            name: str | None = None, proxies: tuple[UpstreamProxy, ...] = ()) -> TunnelRequest:
+    address = (IPv6Address if ":" in client else IPv4Address)("TCP", client, 50000)
+    original = (IPv6Address if ":" in destination else IPv4Address)("TCP", destination, port)
+    return TunnelRequest(address, original, name, proxies)
+
+
+class PolicyTests(ConfigTestCase):
+    """
+    The rules decide per connection, first match first.
+    """
+
+    def policy(self, rules: str) -> tuple[RulePolicy, list[UpstreamProxy]]:
+        options = self.parse(
+            "connect-target = 'auto'\n"
+            "[[proxy]]\naddress = '127.0.0.1:3001'\n"
+            "[[proxy]]\naddress = '127.0.0.1:3002'\ngroup = 'lab'\n"
+            "[[proxy]]\naddress = '127.0.0.1:3003'\ngroup = ['lab', 'other']\n" + rules
+        )
+        factory = list(makeService(options, MemoryReactorClock()))[0].factory  # type: ignore[attr-defined]
+        self.assertIsInstance(factory.policy, RulePolicy)
+        return factory.policy, factory.pool.proxies
+
+    def test_defaultGroup(self) -> None:
+        """
+        A connection that no rule matches goes through the default group.
+        """
+        policy, proxies = self.policy("")
+        decision = policy.decide(request(proxies=tuple(proxies)))
+        self.assertEqual(decision.proxies, [proxies[0]])
+
+    def test_clientNetwork(self) -> None:
+        """
+        A rule on client networks sends those clients to its group, in
+        the pool's order, and no one else.
+        """
+        policy, proxies = self.policy("[[rule]]\nclient = ['10.20.0.0/16', '2001:db8:20::/48']\nproxy = 'lab'\n")
+        self.assertEqual(policy.decide(request("10.20.3.4", proxies=tuple(proxies))).proxies, proxies[1:])
+        self.assertEqual(policy.decide(request("2001:db8:20::9", proxies=tuple(proxies))).proxies, proxies[1:])
+        self.assertEqual(policy.decide(request("10.21.3.4", proxies=tuple(proxies))).proxies, proxies[:1])
+
+    def test_groupDown(self) -> None:
+        """
+        When every proxy of the group is down (not among the request's),
+        the decision leaves none to try.
+        """
+        policy, proxies = self.policy("[[rule]]\nclient = '10.20.0.0/16'\nproxy = 'other'\n")
+        self.assertEqual(policy.decide(request("10.20.3.4", proxies=tuple(proxies[:2]))).proxies, [])
+
+    def test_destinationAndPorts(self) -> None:
+        """
+        Destination networks and ports (single and ranges) must all hold.
+        """
+        policy, proxies = self.policy(
+            "[[rule]]\ndestination = '198.51.100.0/24'\nport = [443, '8000-8100']\nrefuse = 'no'\n"
+        )
+        self.assertIsNotNone(policy.decide(request(destination="198.51.100.9", port=8050)).refuse)
+        self.assertIsNotNone(policy.decide(request(destination="198.51.100.9", port=443)).refuse)
+        self.assertIsNone(policy.decide(request(destination="198.51.100.9", port=8101, proxies=tuple(proxies))).refuse)
+        self.assertIsNone(policy.decide(request(destination="198.51.101.9", port=443, proxies=tuple(proxies))).refuse)
+
+    def test_nameSuffix(self) -> None:
+        """
+        C{example.com} matches it and its subdomains; C{.example.org}
+        only subdomains; no name, no match.
+        """
+        policy, proxies = self.policy("[[rule]]\nname = ['example.com', '.example.org']\nrefuse = true\n")
+        for name, refused in [("example.com", True), ("www.Example.com.", True), ("badexample.com", False),
+                              ("example.org", False), ("a.example.org", True), (None, False)]:
+            decision = policy.decide(request(name=name, proxies=tuple(proxies)))
+            self.assertEqual(decision is not None and decision.refuse is not None, refused, name)
+
+    def test_refuseReason(self) -> None:
+        """
+        A refusal carries the rule's reason and its line.
+        """
+        policy, _ = self.policy("[[rule]]\ndestination = '203.0.113.0/24'\nrefuse = 'VPN only'\n")
+        self.assertEqual(policy.decide(request()).refuse, "VPN only (rule at line 10)")
+
+    def test_connectTarget(self) -> None:
+        """
+        connect-target name asks CONNECT for the name read; ip for the
+        address even when a name was read.
+        """
+        policy, proxies = self.policy(
+            "[[rule]]\nport = 443\nconnect-target = 'ip'\n[[rule]]\nport = 8443\nconnect-target = 'name'\n"
+        )
+        self.assertEqual(policy.decide(request(name="www.example.com", proxies=tuple(proxies))).target, "203.0.113.7")
+        self.assertEqual(
+            policy.decide(request(port=8443, name="www.example.com", proxies=tuple(proxies))).target, "www.example.com"
+        )
+
+    def test_firstMatchWins(self) -> None:
+        policy, proxies = self.policy(
+            "[[rule]]\nclient = '10.0.0.0/8'\nproxy = 'other'\n[[rule]]\nclient = '10.20.0.0/16'\nrefuse = true\n"
+        )
+        decision = policy.decide(request("10.20.0.1", proxies=tuple(proxies)))
+        self.assertIsNone(decision.refuse)
+        self.assertEqual(decision.proxies, [proxies[2]])
+
+    def test_noPolicyWhenNothingToDecide(self) -> None:
+        """
+        Without rules or groups, Shifter asks no policy at all.
+        """
+        options = self.parse("proxy = ['127.0.0.1:3128', '127.0.0.1:3129']\n")
+        factory = list(makeService(options, MemoryReactorClock()))[0].factory  # type: ignore[attr-defined]
+        self.assertIsNone(factory.policy)
+
+
+class ReloadTests(ConfigTestCase):
+    """
+    Reloading the file in a running service.
+    """
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.path = self.write("idle-timeout = 600\nproxy = ['127.0.0.1:3128']\n")
+        options = Options()
+        options.parseOptions(["--config", self.path, "--connect-timeout", "4"])
+        self.service: ShifterService = list(makeService(options, MemoryReactorClock()))[0]  # type: ignore[assignment]
+        self.factory: ShifterFactory = self.service.factory
+
+    def rewrite(self, text: str) -> None:
+        Path(self.path).write_text(text)
+
+    def lines(self) -> list[str]:
+        return [formatEvent(event) for event in self.events if "configuration" in formatEvent(event)]
+
+    def test_newSettings(self) -> None:
+        """
+        New settings go to the factory, for new connections; the command
+        line still overrides the file; one line says what changed.
+        """
+        self.rewrite("idle-timeout = 60\nconnect-timeout = 9\nproxy = ['127.0.0.1:3128']\n")
+        self.assertEqual(self.service.reload("SIGHUP"), (True, "changed: idle-timeout"))
+        self.assertEqual(self.factory.settings.idleTimeout, 60.0)
+        self.assertEqual(self.factory.settings.connectTimeout, 4.0)
+        self.assertEqual(self.lines(), [
+            "SIGHUP: configuration reloaded for new connections (changed: idle-timeout); "
+            "0 open connections keep theirs"
+        ])
+
+    def test_poolKept(self) -> None:
+        """
+        With the same proxies, the pool (and what it knows of their
+        health) is kept.
+        """
+        pool = self.factory.pool
+        pool.failed(pool.proxies[0], "refused")
+        self.rewrite("idle-timeout = 60\nproxy = ['127.0.0.1:3128']\n")
+        self.service.reload()
+        self.assertIs(self.factory.pool, pool)
+
+    def test_newProxies(self) -> None:
+        """
+        New proxies make a new pool, and rules come into force.
+        """
+        self.rewrite(
+            "connect-target = 'sni'\n[[proxy]]\naddress = '127.0.0.1:3129'\n"
+            "[[rule]]\nname = 'example.com'\nrefuse = true\n"
+        )
+        reloaded, changes = self.service.reload()
+        self.assertTrue(reloaded)
+        self.assertIn("proxies", changes)
+        self.assertEqual([p.description for p in self.factory.pool.proxies], ["127.0.0.1:3129"])
+        self.assertIsInstance(self.factory.policy, RulePolicy)
+        self.assertEqual(self.factory.settings.connectTarget, "sni")
+
+    def test_rulesRemoved(self) -> None:
+        """
+        A reload that removes every rule removes the policy.
+        """
+        self.rewrite("connect-target = 'sni'\nproxy = ['127.0.0.1:3128']\n[[rule]]\nname = 'a.test'\nrefuse = true\n")
+        self.service.reload()
+        self.rewrite("proxy = ['127.0.0.1:3128']\n")
+        self.service.reload()
+        self.assertIsNone(self.factory.policy)
+
+    def test_invalidKeepsRunning(self) -> None:
+        """
+        A file with an error changes nothing, and one error line names the
+        line and the reason.
+        """
+        settings, pool = self.factory.settings, self.factory.pool
+        self.rewrite("idle-timeout = 60\nproxy = ['127.0.0.1:3128']\nmax-connections = 0\n")
+        reloaded, reason = self.service.reload("SIGHUP")
+        self.assertFalse(reloaded)
+        self.assertIs(self.factory.settings, settings)
+        self.assertIs(self.factory.pool, pool)
+        self.assertEqual(self.lines(), [
+            f"SIGHUP: configuration not reloaded, the running one stays: {self.path} line 3: "
+            "max-connections: expected a positive integer, got '0'"
+        ])
+        errors = [e for e in self.events if e["log_level"].name == "error"]
+        self.assertEqual(len(errors), 1)
+
+    def test_restartOnly(self) -> None:
+        """
+        A change that needs a restart is named as such.
+        """
+        self.rewrite("idle-timeout = 600\nlisten = 'tcp:2222'\nproxy = ['127.0.0.1:3128']\n")
+        self.assertEqual(self.service.reload(), (True, "changed: listen (listen only at restart)"))
+
+    def test_drainTimeout(self) -> None:
+        """
+        A new drain timeout applies to the next drain.
+        """
+        self.rewrite("drain-timeout = 5\nproxy = ['127.0.0.1:3128']\n")
+        self.service.reload()
+        self.assertEqual(self.service.drainTimeout, 5.0)

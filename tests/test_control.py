@@ -1,0 +1,357 @@
+"""
+Tests for the control socket (L{shifter.control}) and its client
+(L{shifter.ctl}): the protocol in memory, then a real UNIX socket in the
+reactor, used by C{python -m shifter.ctl} and refused to another user
+(a forked child that changes its uid).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import socket
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+from zope.interface import implementer
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from shifter import ctl
+from shifter.control import ControlFactory, ControlService, controlPath
+from shifter.resolver import IOriginalDestinationResolver
+from shifter.service import ShifterService
+from shifter.tap import Options, makeService
+from tests.support import requireHost
+
+PROJECT = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+
+@implementer(IOriginalDestinationResolver)
+class SilentResolver:
+    """
+    A resolver that never answers: connections stay in C{resolving}.
+    """
+
+    name = "silent"
+
+    def start(self) -> Deferred:
+        return succeed(None)
+
+    def stop(self) -> Deferred:
+        return succeed(None)
+
+    def resolve(self, transport: object) -> Deferred:
+        return Deferred()
+
+
+def shifterService(clock, *arguments: str) -> ShifterService:  # type: ignore[no-untyped-def]
+    options = Options()
+    options.parseOptions(["--proxy", "127.0.0.1:3128", "--proxy", "127.0.0.1:3129", *arguments])
+    service: ShifterService = list(makeService(options, clock))[0]  # type: ignore[assignment]
+    service.factory.resolver = SilentResolver()
+    return service
+
+
+def connectClient(service: ShifterService, port: int) -> None:
+    from twisted.internet.address import IPv4Address
+
+    peer = IPv4Address("TCP", "192.0.2.2", port)
+    protocol = service.factory.buildProtocol(peer)
+    protocol.makeConnection(StringTransport(hostAddress=IPv4Address("TCP", "192.0.2.1", 12345), peerAddress=peer))
+
+
+class ProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.service = shifterService(self.clock)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def talk(self, *requests: bytes, uid: int | None = None) -> list[dict]:
+        factory = ControlFactory(self.service, peerUid=lambda transport: os.geteuid() if uid is None else uid)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        for request in requests:
+            protocol.dataReceived(request)
+        self.transport = transport
+        return [json.loads(line) for line in transport.value().splitlines()]
+
+    def test_tunnels(self) -> None:
+        """
+        C{tunnels} lists every connection not yet finished, oldest first,
+        with the tunnel's fields.
+        """
+        connectClient(self.service, 50001)
+        self.clock.advance(3)
+        connectClient(self.service, 50002)
+        [answer] = self.talk(b'{"command": "tunnels"}\n')
+        self.assertTrue(answer["ok"])
+        self.assertEqual([t["client"] for t in answer["tunnels"]], ["192.0.2.2:50001", "192.0.2.2:50002"])
+        first = answer["tunnels"][0]
+        self.assertEqual(
+            set(first), {"client", "destination", "connectTarget", "proxy", "state", "bytesUp", "bytesDown", "age"}
+        )
+        self.assertEqual(first["state"], "resolving")
+        self.assertEqual(first["age"], 3.0)
+
+    def test_proxies(self) -> None:
+        """
+        C{proxies} gives each proxy's state, failures in a row, last error
+        and groups.
+        """
+        pool = self.service.factory.pool
+        pool.failed(pool.proxies[1], "cannot connect to proxy: refused")
+        [answer] = self.talk(b'{"command": "proxies"}\n')
+        self.assertEqual(answer["proxies"], [
+            {"proxy": "127.0.0.1:3128", "up": True, "failures": 0, "lastError": "", "groups": ["default"]},
+            {"proxy": "127.0.0.1:3129", "up": True, "failures": 1,
+             "lastError": "cannot connect to proxy: refused", "groups": ["default"]},
+        ])
+
+    def test_reloadWithoutFile(self) -> None:
+        """
+        C{reload} without a configuration file says so.
+        """
+        [answer] = self.talk(b'{"command": "reload"}\n')
+        self.assertEqual(answer, {"ok": False, "error": "no --config file to reload"})
+
+    def test_reload(self) -> None:
+        """
+        C{reload} reloads the file and answers what changed.
+        """
+        path = Path(self.mktemp())
+        path.write_text("proxy = ['127.0.0.1:3128']\n")
+        service = shifterService(self.clock, "--config", str(path))
+        self.service = service
+        path.write_text("proxy = ['127.0.0.1:3128']\nidle-timeout = 7\n")
+        [answer] = self.talk(b'{"command": "reload"}\n')
+        self.assertEqual(answer, {"ok": True, "changes": "changed: idle-timeout"})
+        self.assertEqual(service.factory.settings.idleTimeout, 7.0)
+
+    def test_drain(self) -> None:
+        """
+        C{drain} starts what SIGTERM does (the reactor stops, and stopping
+        the service drains) and answers how many connections are open.
+        """
+        connectClient(self.service, 50001)
+        [answer] = self.talk(b'{"command": "drain"}\n')
+        self.assertEqual(answer, {"ok": True, "open": 1, "timeout": 30.0})
+        self.assertFalse(self.clock.running)
+        self.clock.running = True
+        self.clock.advance(0)
+        self.assertFalse(self.clock.running)
+
+    def test_badRequests(self) -> None:
+        """
+        Unknown commands and requests that are not JSON objects are
+        answered with the reason; the connection stays usable.
+        """
+        answers = self.talk(b"nonsense\n", b'{"command": "reboot"}\n', b'["tunnels"]\n', b'{"command": "proxies"}\n')
+        self.assertEqual([a["ok"] for a in answers], [False, False, False, True])
+        self.assertIn("unknown command 'reboot'", answers[1]["error"])
+
+    def test_tooLong(self) -> None:
+        """
+        A request line past the limit is refused and the connection closed.
+        """
+        [answer] = self.talk(b"x" * 5000)
+        self.assertFalse(answer["ok"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_otherUserRefused(self) -> None:
+        """
+        A peer that is neither Shifter's user nor root is closed without an
+        answer, with one log line.
+        """
+        answers = self.talk(b'{"command": "tunnels"}\n', uid=os.geteuid() + 4242)
+        self.assertEqual(answers, [])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIn(
+            f"control socket: refused a connection from uid {os.geteuid() + 4242}",
+            [formatEvent(e) for e in self.events][-1],
+        )
+
+    def test_controlPath(self) -> None:
+        self.assertEqual(controlPath("unix:/run/shifter/control"), "/run/shifter/control")
+        for bad in ["tcp:1234", "unix:", "/run/shifter/control"]:
+            self.assertRaises(ValueError, controlPath, bad)
+
+
+class FormatTests(SynchronousTestCase):
+    def test_sizes(self) -> None:
+        self.assertEqual(
+            [ctl.formatSize(n) for n in (0, 1023, 1536, 12 * 1024 * 1024, 3 * 1024**3)],
+            ["0 B", "1023 B", "1.5 KiB", "12.0 MiB", "3.0 GiB"],
+        )
+
+    def test_ages(self) -> None:
+        self.assertEqual([ctl.formatAge(s) for s in (4.24, 303, 7800)], ["4.2s", "5m03s", "2h10m"])
+
+    def test_tunnelTable(self) -> None:
+        """
+        The table has a header, a row per tunnel in aligned columns, and a
+        count.
+        """
+        text = ctl.formatTunnels([
+            {"client": "192.0.2.2:41522", "destination": "203.0.113.7:443", "connectTarget": "www.example.test:443",
+             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 1200, "bytesDown": 12 * 1024 * 1024, "age": 3.25},
+            {"client": "[2001:db8:1::2]:41600", "destination": "(unknown)", "connectTarget": "",
+             "proxy": "", "state": "resolving", "bytesUp": 0, "bytesDown": 0, "age": 0.01},
+        ])
+        lines = text.splitlines()
+        self.assertEqual(lines[0].split(), ["CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE"])
+        self.assertEqual(lines[1].split(), ["192.0.2.2:41522", "203.0.113.7:443", "www.example.test:443",
+                                            "127.0.0.1:3128", "relaying", "1.2", "KiB", "12.0", "MiB", "3.2s"])
+        self.assertEqual(lines[0].index("STATE"), lines[2].index("resolving"))
+        self.assertEqual(lines[-1], "2 connections")
+
+
+def childExit(pid: int, timeout: float = 20.0) -> Deferred[int]:
+    """
+    Wait, without blocking the reactor, for child C{pid}; fire with its
+    exit status.
+    """
+    done: Deferred[int] = Deferred()
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+
+    def poll() -> None:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            done.callback(os.waitstatus_to_exitcode(status))
+        elif reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            done.errback(AssertionError(f"child {pid} still running after {timeout:g} s"))
+        else:
+            reactor.callLater(0.02, poll)  # type: ignore[attr-defined]
+
+    poll()
+    return done
+
+
+def asUser(uid: int, attempt) -> Deferred[int]:  # type: ignore[no-untyped-def]
+    """
+    Fork; the child becomes C{uid} and exits with C{attempt()}'s status,
+    touching nothing of the reactor.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            code = attempt()
+        finally:
+            os._exit(code)
+    return childExit(pid)
+
+
+class SocketTests(TestCase):
+    """
+    The control socket for real, in this reactor.
+    """
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        directory = Path(tempfile.mkdtemp(prefix="shifter-control-"))
+        os.chmod(directory, 0o755)  # so that only the socket's own mode keeps others out
+        self.addCleanup(lambda: [p.unlink() for p in directory.iterdir()] and None or directory.rmdir())
+        self.path = str(directory / "control")
+        # The tunnels' own clock is a fake one: only the socket is real.
+        self.service = shifterService(MemoryReactorClock())
+        self.control = ControlService(f"unix:{self.path}", self.service, reactor)
+        self.control.startService()
+        self.addCleanup(self.control.stopService)
+
+    def test_ownerOnly(self) -> None:
+        """
+        The socket is created owner-only (0600).
+        """
+        mode = os.stat(self.path).st_mode
+        self.assertTrue(stat.S_ISSOCK(mode))
+        self.assertEqual(stat.S_IMODE(mode), 0o600)
+
+    async def test_ctl(self) -> None:
+        """
+        C{python -m shifter.ctl} (as its own process, Shifter's user) gets
+        the tunnels table and the proxies from the socket.
+        """
+        connectClient(self.service, 50001)
+        env = dict(os.environ, PYTHONPATH=str(PROJECT))
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "shifter.ctl", "--control", f"unix:{self.path}", "tunnels"], env=env
+        )
+        self.assertEqual((code, err), (0, b""))
+        lines = out.decode().splitlines()
+        self.assertEqual(lines[0].split()[:2], ["CLIENT", "DESTINATION"])
+        self.assertEqual(lines[1].split()[:2], ["192.0.2.2:50001", "(unknown)"])
+        self.assertEqual(lines[-1], "1 connection")
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "shifter.ctl", "--control", f"unix:{self.path}", "proxies", "--json"], env=env
+        )
+        self.assertEqual(code, 0)
+        self.assertEqual([p["proxy"] for p in json.loads(out)["proxies"]], ["127.0.0.1:3128", "127.0.0.1:3129"])
+
+    async def test_otherUserCannotConnect(self) -> None:
+        """
+        Another user (a forked child that became nobody) cannot even
+        connect: the socket's mode refuses it.
+        """
+        requireHost(root=True)
+
+        def attempt() -> int:
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                connection.connect(self.path)
+            except PermissionError:
+                return 0
+            except OSError:
+                return 2
+            return 1
+
+        self.assertEqual(await asUser(NOBODY, attempt), 0)
+
+    async def test_otherUserRefusedEvenIfOpened(self) -> None:
+        """
+        Should the socket's mode be opened up, another user's connection
+        is still closed without an answer (peer credentials), with a log
+        line naming its uid.
+        """
+        requireHost(root=True)
+        os.chmod(self.path, 0o666)
+
+        def attempt() -> int:
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connection.settimeout(10)
+            try:
+                connection.connect(self.path)
+                connection.sendall(b'{"command": "tunnels"}\n')
+                return 0 if connection.recv(100) == b"" else 1
+            except OSError as e:
+                return 0 if e.errno == errno.ECONNRESET else 2
+
+        self.assertEqual(await asUser(NOBODY, attempt), 0)
+        self.assertTrue(any(
+            formatEvent(e).startswith(f"control socket: refused a connection from uid {NOBODY}:")
+            for e in self.events
+        ))
+
+    def test_ctlWithoutShifter(self) -> None:
+        """
+        With nothing listening, ctl says so and exits 2.
+        """
+        err = io.StringIO()
+        self.assertEqual(ctl.main(["--control", f"unix:{self.path}-none", "tunnels"], err=err), 2)
+        self.assertIn("cannot reach Shifter", err.getvalue())
