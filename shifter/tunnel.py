@@ -830,10 +830,10 @@ class Tunnel:
         self._close(_howLost("proxy", reason))
 
     def _relayEnded(self, how: str) -> None:
-        # The splice relay wrote every byte itself and has let go: Twisted
-        # holds nothing to flush for either socket, so both are dropped at
-        # once rather than watched until an empty buffer drains.
-        self._close(how, drop=True)
+        # Closed in order, not dropped: dropping a socket resets it, and
+        # the kernel would throw away what the relay has handed it and the
+        # peer not yet read.
+        self._close(how)
 
     def _idleCheck(self) -> None:
         idle = self.settings.idleTimeout
@@ -875,12 +875,11 @@ class Tunnel:
             self.log.warn(text, **facts)
         self._close(reason)
 
-    def _close(self, how: str, drop: bool = False) -> None:
+    def _close(self, how: str) -> None:
         """
         Close both connections: a proxy connection that never carried the
         tunnel is dropped, open ones are closed after what was written to
-        them is sent (or dropped at once with C{drop}); after the closing
-        grace, whatever is left is dropped.
+        them is sent; after the closing grace, whatever is left is dropped.
         """
         if self.how is None:
             self.how = how
@@ -897,15 +896,9 @@ class Tunnel:
         if self.failed:
             self._dropAttempt()
         elif self.attempt is not None:
-            if drop:
-                self.attempt.abort()
-            else:
-                self.attempt.close()
+            self.attempt.close()
         if not self.clientGone and self.state == CLOSING:
-            if drop:
-                self.client.abort()
-            else:
-                self.client.close()
+            self.client.close()
         self._closedIfGone()
 
     def _clientLostClosing(self, reason: Failure) -> None:

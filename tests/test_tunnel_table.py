@@ -362,7 +362,7 @@ def expected(state: str, event: str) -> tuple[Any, Any, Any]:
     if event == T.PROXY_LOST:
         return T.CLOSING, [("relay.stop",), ("client.close",)], {}
     if event == T.RELAY_ENDED:
-        return T.CLOSING, [("relay.stop",), ("proxy.abort",), ("client.abort",)], {}
+        return T.CLOSING, close, {}
     if event == T.TIMED_OUT:
         return T.CLOSING, close, {}  # idle
     if event == T.ABORT:
