@@ -60,7 +60,8 @@ class ScriptedProxy(Protocol):
     """
     A CONNECT proxy that does what its factory's C{script} says once the
     request's header block is in: C{"flood-reset"} answers 200, sends
-    C{floodBytes} and resets; C{"407-body"} answers 407 with a body, in two
+    C{floodBytes} and resets; C{"send-end"} answers 200, sends
+    C{floodBytes} and finishes sending; C{"407-body"} answers 407 with a body, in two
     writes; C{"silent"} never answers; C{"echo"} answers 200 and echoes.
     """
 
@@ -85,6 +86,11 @@ class ScriptedProxy(Protocol):
         if script == "flood-reset":
             self.transport.write(OK + b"x" * self.factory.floodBytes)
             reactor.callLater(0.3, self.transport.abortConnection)
+        elif script == "send-end":
+            # All of it, then the end of what it sends (still reading, so
+            # that no unread byte turns its close into a reset).
+            self.transport.write(OK + b"y" * self.factory.floodBytes)
+            self.transport.loseWriteConnection()
         elif script == "407-body":
             body = b"<html>SECRET 407 PAGE BODY</html>" * 20
             self.transport.write(
@@ -266,6 +272,45 @@ class SlowReaderTests(LifecycleTestCase):
         The same with the splice relay.
         """
         return self.assertReleased(tls=False, relay="splice")
+
+
+class DeliveryTests(LifecycleTestCase):
+    @inlineCallbacks
+    def assertAllDelivered(self, relay: str):  # type: ignore[no-untyped-def]
+        proxyFactory, proxy = yield self.startProxy("send-end")
+        proxyFactory.floodBytes = 4 << 20
+        yield self.startShifter([proxy], relay=relay)
+        client = self.client(receiveBuffer=8192)
+        client.sendall(b"hello")
+        client.setblocking(False)
+        received = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                chunk = client.recv(1 << 16)
+            except BlockingIOError:
+                yield deferLater(reactor, 0.01, lambda: None)
+                continue
+            if not chunk:
+                break
+            received += len(chunk)
+        self.assertEqual(received, 4 << 20)
+        client.close()
+        yield self.waitUntil(lambda: not self.factory.active, 10, "the tunnel to end")
+        self.assertEqual(len(self.lines("closed (", f"{4 << 20} bytes down")), 1)
+
+    def test_splice(self):  # type: ignore[no-untyped-def]
+        """
+        Everything a proxy sent before finishing reaches a slow client
+        through the splice relay, to the last byte, and then the end.
+        """
+        return self.assertAllDelivered("splice")
+
+    def test_twisted(self):  # type: ignore[no-untyped-def]
+        """
+        The same through the Twisted relay.
+        """
+        return self.assertAllDelivered("twisted")
 
 
 class RefusalTests(LifecycleTestCase):
