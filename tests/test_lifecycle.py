@@ -25,6 +25,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
@@ -56,6 +57,7 @@ class FixedResolver:
         return DESTINATION
 
 
+@implementer(IHalfCloseableProtocol)
 class ScriptedProxy(Protocol):
     """
     A CONNECT proxy that does what its factory's C{script} says once the
@@ -69,6 +71,17 @@ class ScriptedProxy(Protocol):
         self.factory.connections += 1
         self.buffer = b""
         self.answered = False
+
+    def readConnectionLost(self) -> None:
+        if self.factory.script == "answer-at-end":
+            # The client has finished: now the answer, then the end.
+            self.transport.write(b"z" * self.factory.floodBytes)
+            self.transport.loseWriteConnection()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def connectionLost(self, reason: Any) -> None:
         self.factory.lost.append(reason)
@@ -99,6 +112,8 @@ class ScriptedProxy(Protocol):
                 b"Content-Length: " + str(2 * len(body)).encode() + b"\r\n\r\n" + body
             )
             reactor.callLater(0.05, self.transport.write, body)
+        elif script == "answer-at-end":
+            self.transport.write(OK)
         elif script == "echo":
             self.transport.write(OK)
             rest = self.buffer.split(b"\r\n\r\n", 1)[1]
@@ -311,6 +326,26 @@ class DeliveryTests(LifecycleTestCase):
         The same through the Twisted relay.
         """
         return self.assertAllDelivered("twisted")
+
+    @inlineCallbacks
+    def test_answerAfterHalfClose(self):  # type: ignore[no-untyped-def]
+        """
+        A client that finishes sending first, then reads slowly: the answer
+        its server sends after that end, and then its own end, all reach
+        the client although the relay is done before the client has read
+        them (they wait in the kernel, and closing must not throw them
+        away).
+        """
+        proxyFactory, proxy = yield self.startProxy("answer-at-end")
+        proxyFactory.floodBytes = 64 << 10
+        yield self.startShifter([proxy], relay="splice")
+        client = self.client(receiveBuffer=8192)
+        client.sendall(b"hello")
+        client.shutdown(socket.SHUT_WR)
+        yield self.waitUntil(lambda: self.factory.counters["closed"] == 1, 10, "the relay to finish")
+        yield deferLater(reactor, 0.1, lambda: None)
+        data, how = drain(client)
+        self.assertEqual((len(data), how), (64 << 10, "eof"))
 
 
 class RefusalTests(LifecycleTestCase):
