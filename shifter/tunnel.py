@@ -794,7 +794,11 @@ class Tunnel:
         self.state = CLIENT_FINISHED if self.earlyEnded else RELAYING
         self.lastMoved = now
         self._armIdle()
-        self.relay = self.client.startRelay(self.attempt, early, leftover, self.earlyEnded)
+        relay = self.client.startRelay(self.attempt, early, leftover, self.earlyEnded)
+        if self.state in OPEN:
+            self.relay = relay
+        else:
+            relay.stop()  # it ended (and the tunnel with it) while starting
 
     def _relayUp(self, data: bytes) -> None:
         n = len(data)
