@@ -13,7 +13,6 @@ C{--relay auto} (the default) uses splice wherever it can, else twisted.
 
 from __future__ import annotations
 
-import socket
 from typing import Any, Callable
 
 from zope.interface import implementer
@@ -128,19 +127,15 @@ class _SpliceTunnel:
 
 def _spliceable(transport: object) -> bool:
     """
-    Whether C{transport} is a plain, open TCP connection whose socket a
-    splice relay can take over.
+    Whether C{transport} is a plain, open TCP connection (Twisted's
+    C{tcp.Connection} is always a stream socket) whose socket a splice
+    relay can take over.
 
     Shifter itself makes sure that Twisted holds no unsent bytes for it:
     nothing is written to the client before the tunnel opens, and the only
     bytes written to the proxy, the CONNECT request, have been answered.
     """
-    return bool(
-        isinstance(transport, tcp.Connection)
-        and transport.connected
-        and not transport.disconnecting
-        and transport.getHandle().type == socket.SOCK_STREAM
-    )
+    return bool(isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting)
 
 
 def openRelay(

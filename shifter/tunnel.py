@@ -35,6 +35,7 @@ L{shifter.deadlines.Deadlines}, which calls L{Tunnel.timedOut}.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -1101,6 +1102,10 @@ def _howLost(side: str, reason: Failure) -> str:
     return f"{side} connection lost: {reason.getErrorMessage()}"
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+
 def canonicalHost(host: str) -> str:
     """
     An IP address as the kernel reports it, in the one form Shifter
@@ -1111,11 +1116,7 @@ def canonicalHost(host: str) -> str:
     @raise ValueError: if C{host} is not an IP address.
     """
     if ":" not in host:
-        parts = host.split(".")
-        if len(parts) == 4 and all(
-            part.isdigit() and len(part) <= 3 and int(part) < 256 and (part == "0" or part[0] != "0")
-            for part in parts
-        ):
+        if _DOTTED_QUAD.fullmatch(host):
             return host
         return ipaddress.IPv4Address(host).compressed
     if host.startswith("::ffff:") and "." in host:

@@ -443,3 +443,28 @@ class TableTests(SynchronousTestCase):
         self.assertEqual(harness.tunnel.state, T.HANDSHAKING)
         self.assertEqual(harness.calls, [("proxy.abort",)])
         self.assertEqual(harness.counted(), {})
+
+
+class CanonicalHostTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        """
+        Addresses come out in the one form Shifter compares: IPv4 as given
+        when already canonical, IPv4-mapped ones unmapped, IPv6 compressed
+        and lower case, without a scope.
+        """
+        for given, canonical in [
+            ("192.0.2.2", "192.0.2.2"),
+            ("0.0.0.0", "0.0.0.0"),
+            ("255.255.255.255", "255.255.255.255"),
+            ("::ffff:192.0.2.2", "192.0.2.2"),
+            ("2001:DB8:0::1", "2001:db8::1"),
+            ("fe80::1%eth0", "fe80::1"),
+        ]:
+            self.assertEqual(T.canonicalHost(given), canonical)
+
+    def test_notAnAddress(self) -> None:
+        """
+        Anything else is refused, never passed on as if it were one.
+        """
+        for bad in ("256.0.0.1", "01.2.3.4", "1.2.3", "1.2.3.4.5", "example.test", "", "::ffff:1.2.3.999"):
+            self.assertRaises(ValueError, T.canonicalHost, bad)
