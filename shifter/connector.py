@@ -126,6 +126,10 @@ class PendingConnection:
         self.socket = None
         try:
             self.target.reactor.adoptStreamConnection(sock.fileno(), self.target.family, self.factory)
+        except OSError as e:
+            # The reactor takes a descriptor of its own (a dup), which can
+            # run out like any other.
+            self._failed(error.getConnectError((e.errno, e.strerror)))
         finally:
             sock.close()  # the reactor holds its own descriptor now
 

@@ -1,0 +1,152 @@
+"""
+Tests for L{shifter.connector}: plain TCP connections to a proxy, on
+loopback with the real reactor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ConnectionRefusedError, UserError
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from shifter.connector import SO_MARK, DirectTCP, connectNow
+
+
+class Recorder(ClientFactory):
+    """
+    Fires C{done} with C{("connected", protocol)} or C{("failed",
+    failure)}.
+    """
+
+    def __init__(self) -> None:
+        self.done: Deferred[Any] = Deferred()
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        protocol = Protocol()
+        protocol.factory = self
+
+        def made() -> None:
+            self.done.callback(("connected", protocol))
+
+        protocol.connectionMade = made  # type: ignore[method-assign]
+        return protocol
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        self.done.callback(("failed", reason))
+
+
+class AdoptionFails:
+    """
+    The reactor, except that adopting a connected socket runs out of
+    descriptors.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def adoptStreamConnection(self, fd: int, family: int, factory: object) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+class ConnectorTests(TestCase):
+    def listening(self) -> int:
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @inlineCallbacks
+    def test_connects(self):  # type: ignore[no-untyped-def]
+        """
+        A listening proxy is connected to; the protocol gets a TCP
+        transport whose peer is the proxy.
+        """
+        port = self.listening()
+        recorder = Recorder()
+        connectNow(DirectTCP(reactor, "127.0.0.1", port), recorder)
+        outcome, protocol = yield recorder.done
+        self.assertEqual(outcome, "connected")
+        self.assertEqual((protocol.transport.getPeer().host, protocol.transport.getPeer().port), ("127.0.0.1", port))
+        protocol.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_refused(self):  # type: ignore[no-untyped-def]
+        """
+        A port nothing listens on fails with ConnectionRefusedError.
+        """
+        port = self.listening()
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        closedPort = free.getsockname()[1]
+        free.close()
+        recorder = Recorder()
+        connectNow(DirectTCP(reactor, "127.0.0.1", closedPort), recorder)
+        outcome, result = yield recorder.done
+        self.assertEqual(outcome, "failed")
+        self.assertTrue(result.check(ConnectionRefusedError), result)
+        self.assertNotEqual(port, closedPort)
+
+    @inlineCallbacks
+    def test_stop(self):  # type: ignore[no-untyped-def]
+        """
+        Giving up on a pending connection reports UserError, closes the
+        socket, and nothing is connected later.
+        """
+        yield deferLater(reactor, 0, lambda: None)  # the reactor's own descriptors first
+        before = len(os.listdir("/proc/self/fd"))
+        recorder = Recorder()
+        # An address nothing answers, so that the connection stays pending.
+        pending = connectNow(DirectTCP(reactor, "192.0.2.1", 9), recorder)
+        pending.stop()
+        outcome, result = yield recorder.done
+        self.assertEqual(outcome, "failed")
+        self.assertTrue(result.check(UserError), result)
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+    @inlineCallbacks
+    def test_mark(self):  # type: ignore[no-untyped-def]
+        """
+        The connection carries the mark asked for (SO_MARK, which needs
+        CAP_NET_ADMIN) from before its SYN.
+        """
+        from tests.support import requireHost
+
+        requireHost(root=True)
+        port = self.listening()
+        recorder = Recorder()
+        connectNow(DirectTCP(reactor, "127.0.0.1", port, mark=0x2A), recorder)
+        outcome, protocol = yield recorder.done
+        self.assertEqual(outcome, "connected")
+        sock = protocol.transport.getHandle()
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, SO_MARK), 0x2A)
+        protocol.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_adoptionFails(self):  # type: ignore[no-untyped-def]
+        """
+        When the reactor cannot take the connected socket (out of
+        descriptors), the failure is reported, not left to a timeout, and
+        the socket is closed.
+        """
+        port = self.listening()
+        yield deferLater(reactor, 0, lambda: None)  # the reactor's own descriptors first
+        before = len(os.listdir("/proc/self/fd"))
+        recorder = Recorder()
+        connectNow(DirectTCP(AdoptionFails(reactor), "127.0.0.1", port), recorder)
+        outcome, result = yield recorder.done
+        self.assertEqual(outcome, "failed")
+        self.assertIn("Too many open files", result.getErrorMessage())
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
