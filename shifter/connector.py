@@ -1,14 +1,15 @@
 """
 A plain TCP connection to a proxy at a known address, made with as little
-work per connection as the reactor's public API allows.
+work per connection as Twisted allows.
 
 C{reactor.connectTCP} waits a reactor turn before it even calls
 C{connect()}, goes through a C{Deferred} for the address it was given,
 calls C{connect()} twice and schedules a timeout of its own.  Here the
 socket is made and C{connect()} called at once, the reactor watches it for
-writability, and the connected socket is handed to the reactor with
-L{IReactorSocket.adoptStreamConnection}, which gives an ordinary TCP
-transport.  There is no timeout here: the tunnel's deadline covers it.
+writability, and the connected socket becomes an ordinary Twisted TCP
+transport (L{ProxyConnection}, a C{tcp.Connection}) holding the same
+descriptor: a tunnel never needs a third one, even for a moment.  There is
+no timeout here: the tunnel's deadline covers it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 from zope.interface import implementer
 
-from twisted.internet import error
+from twisted.internet import error, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReadWriteDescriptor
 from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
@@ -57,9 +59,9 @@ class DirectTCP:
 class PendingConnection:
     """
     A connection being made: the socket is watched for writability, then
-    adopted by the reactor with C{factory}, whose C{buildProtocol} gives the
-    protocol; if it cannot be made, C{factory.clientConnectionFailed} is
-    told why (with C{None} for the connector).
+    becomes a L{ProxyConnection} for the protocol C{factory.buildProtocol}
+    gives; if it cannot be made, C{factory.clientConnectionFailed} is told
+    why (with C{None} for the connector).
     """
 
     def __init__(self, target: DirectTCP, factory: ClientFactory) -> None:
@@ -122,16 +124,17 @@ class PendingConnection:
             self._close()
             self._failed(error.getConnectError((code, os.strerror(code))))
             return
-        self.target.reactor.removeWriter(self)
+        target = self.target
+        target.reactor.removeWriter(self)
         self.socket = None
-        try:
-            self.target.reactor.adoptStreamConnection(sock.fileno(), self.target.family, self.factory)
-        except OSError as e:
-            # The reactor takes a descriptor of its own (a dup), which can
-            # run out like any other.
-            self._failed(error.getConnectError((e.errno, e.strerror)))
-        finally:
-            sock.close()  # the reactor holds its own descriptor now
+        peer = (IPv6Address if target.family == socket.AF_INET6 else IPv4Address)("TCP", target.host, target.port)
+        protocol = self.factory.buildProtocol(peer)
+        if protocol is None:
+            sock.close()
+            return
+        transport = ProxyConnection(sock, protocol, target.reactor, peer)
+        protocol.makeConnection(transport)
+        transport.startReading()
 
     def doRead(self) -> None:
         pass
@@ -145,6 +148,29 @@ class PendingConnection:
         self.socket = None
         sock.close()
         self._failed(error.getConnectError((code, os.strerror(code))))
+
+
+class ProxyConnection(tcp.Connection):
+    """
+    A connected socket to a proxy, as a Twisted TCP transport.
+    """
+
+    logstr = "shifter proxy connection"
+
+    def __init__(self, sock: socket.socket, protocol: Any, reactor: Any, peer: IPv4Address | IPv6Address) -> None:
+        super().__init__(sock, protocol, reactor)
+        self.connected = 1
+        self.peer = peer
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        return self.peer
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        host, port = self.socket.getsockname()[:2]
+        return (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+
+    def __repr__(self) -> str:
+        return f"<ProxyConnection to {self.peer.host}:{self.peer.port}>"
 
 
 def connectNow(target: DirectTCP, factory: ClientFactory) -> PendingConnection:
