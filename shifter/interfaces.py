@@ -8,7 +8,6 @@ the relays import the tunnel.
 
 from __future__ import annotations
 
-from typing import Any
 
 from zope.interface import Attribute, Interface
 

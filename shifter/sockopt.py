@@ -15,7 +15,7 @@ import struct
 from zope.interface import implementer
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import ITCPTransport
 
 from shifter.resolver import Destination, DestinationUnknown, IOriginalDestinationResolver
