@@ -23,24 +23,34 @@ See C{examples/} for a program with its own L{ITunnelPolicy}.
 
 __version__ = "0.1.0"
 
-from shifter.auth import Credentials
-from shifter.auto import AutoResolver
-from shifter.conntrack import ConntrackResolver
-from shifter.downstream import ShifterFactory, TunnelSettings
-from shifter.kmod import KernelModuleResolver
-from shifter.nfqueue import QueueResolver
-from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
-from shifter.pool import ProxyPool
-from shifter.proxy import UpstreamProxy, parseProxy
-from shifter.resolver import (
-    DestinationUnknown,
-    IOriginalDestinationResolver,
-    ResolverError,
-    ResolverUnavailable,
-)
-from shifter.sockopt import SocketOptionResolver
-from shifter.tap import Options, makeService
-from shifter.tproxy import TransparentResolver
+from typing import TYPE_CHECKING, Any
+
+# Where each public name lives.  They are imported when first used, so
+# that a process pays only for what it uses: C{twistd shifter} with the
+# default resolver never loads netlink (pyroute2) or the other resolvers.
+_PUBLIC = {
+    "AutoResolver": "shifter.auto",
+    "ConntrackResolver": "shifter.conntrack",
+    "Credentials": "shifter.auth",
+    "DestinationUnknown": "shifter.resolver",
+    "IOriginalDestinationResolver": "shifter.resolver",
+    "ITunnelPolicy": "shifter.policy",
+    "KernelModuleResolver": "shifter.kmod",
+    "Options": "shifter.tap",
+    "ProxyPool": "shifter.pool",
+    "QueueResolver": "shifter.nfqueue",
+    "ResolverError": "shifter.resolver",
+    "ResolverUnavailable": "shifter.resolver",
+    "ShifterFactory": "shifter.downstream",
+    "SocketOptionResolver": "shifter.sockopt",
+    "TransparentResolver": "shifter.tproxy",
+    "TunnelDecision": "shifter.policy",
+    "TunnelRequest": "shifter.policy",
+    "TunnelSettings": "shifter.downstream",
+    "UpstreamProxy": "shifter.proxy",
+    "makeService": "shifter.tap",
+    "parseProxy": "shifter.proxy",
+}
 
 __all__ = [
     "AutoResolver",
@@ -66,3 +76,35 @@ __all__ = [
     "parseProxy",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shifter' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # the same names, for type checkers and the API documentation
+    from shifter.auth import Credentials
+    from shifter.auto import AutoResolver
+    from shifter.conntrack import ConntrackResolver
+    from shifter.downstream import ShifterFactory, TunnelSettings
+    from shifter.kmod import KernelModuleResolver
+    from shifter.nfqueue import QueueResolver
+    from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+    from shifter.pool import ProxyPool
+    from shifter.proxy import UpstreamProxy, parseProxy
+    from shifter.resolver import (
+        DestinationUnknown,
+        IOriginalDestinationResolver,
+        ResolverError,
+        ResolverUnavailable,
+    )
+    from shifter.sockopt import SocketOptionResolver
+    from shifter.tap import Options, makeService
+    from shifter.tproxy import TransparentResolver

@@ -5,9 +5,7 @@ Counts that the tunnels keep anyway (tunnels, failures by reason, bytes)
 are plain integers in a L{TunnelStats}, read when scraped, so the relay pays
 an addition per chunk for them.  Latencies are observed into histograms once per connection.
 
-The text format is prometheus_client's own.  Its Twisted resource renders
-in the reactor's thread pool; Shifter runs no threads, so L{MetricsPage}
-renders in the reactor instead, which takes well under a millisecond.
+They are served by L{shifter.metricspage}, loaded only with C{--metrics}.
 """
 
 from __future__ import annotations
@@ -15,11 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
-from twisted.web.resource import Resource
-from twisted.web.server import Request
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -146,19 +141,3 @@ class _StatsCollector:
             "Times accepting paused because descriptors or memory ran out.",
             value=stats.acceptPauses,
         )
-
-
-class MetricsPage(Resource):
-    """
-    The metrics in Prometheus text format, rendered in the reactor.
-    """
-
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self._registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self._registry)

@@ -13,7 +13,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
-from twisted.web.server import Site
 
 from shifter.config import (
     ConfigError,
@@ -25,7 +24,6 @@ from shifter.config import (
     policyFor,
 )
 from shifter.downstream import ShifterFactory, TunnelSettings
-from shifter.metrics import MetricsPage
 from shifter.passclient import PASS_CLIENT_MODES
 from shifter.pool import BALANCES, ProxyPool
 from shifter.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
@@ -516,8 +514,9 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
     if worker is not None:
         service.ready.addCallback(lambda _: workerReady())
     if metrics is not None:
-        site = Site(MetricsPage(factory.metrics.registry))
-        site.noisy = False
+        from shifter.metricspage import metricsSite
+
+        site = metricsSite(factory.metrics.registry)
         StreamServerEndpointService(serverFromString(reactor, metrics), site).setServiceParent(top)
     if control is not None:
         from shifter.control import ControlService

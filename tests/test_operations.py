@@ -17,7 +17,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from shifter.downstream import TunnelSettings
 from shifter.limits import AcceptPauser
 from shifter.logs import reopenLogFiles
-from shifter.metrics import MetricsPage
+from shifter.metricspage import MetricsPage
 from shifter.service import ShifterService
 from tests.test_tap import parse
 from tests.test_tunnel import CLIENT, OK, TunnelTestCase
