@@ -3,9 +3,9 @@ The upstream side of a tunnel: one attempt at a proxy, the connection it
 makes, the proxy's answer to CONNECT, and then the tunnel's bytes.
 
 A L{ProxyAttempt} reports everything to its receiver (the tunnel, through
-L{shifter.interfaces.IProxyReceiver}) naming itself, so the receiver can tell an attempt it
-has given up on from the one it waits for.  This module knows nothing of
-the tunnel beyond that interface.
+L{shifter.interfaces.IProxyReceiver}) naming itself, so the receiver can
+tell an attempt it has given up on from the one it waits for.  This module
+knows nothing of the tunnel beyond that interface.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class ProxyAttempt:
         The connection is made (called by the protocol).
         """
         self._connector = None
+        self._pending = None
         if self.state == ABANDONED:
             protocol.transport.abortConnection()
             return
