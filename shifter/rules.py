@@ -8,7 +8,9 @@ marked for C{nfqueue}.  This command prints them as a shell script, for
 iptables (ip6tables) or nftables, IPv4 and IPv6, for the LAN interface,
 ports and listening port given, with the exclusion that keeps the proxy's
 own connections out of the redirect when the gateway's own traffic is
-redirected too.  It prints and never applies: the administrator reviews
+redirected too, and (unless C{--quic pass}) a filter rule that refuses UDP
+to the redirected ports from the LAN: QUIC (HTTP/3) would otherwise go
+around the proxy.  It prints and never applies: the administrator reviews
 the rules, then runs them (C{python -m shifter.rules ... | sh}).
 """
 
@@ -23,6 +25,7 @@ from shifter.nfqueue import DEFAULT_QUEUE_MARK
 
 RESOLVER_NAMES = ("sockopt", "conntrack", "kmod", "nfqueue", "tproxy")
 FORMATS = ("iptables", "nft")
+QUIC_CHOICES = ("reject", "drop", "pass")
 
 
 class RulesError(ValueError):
@@ -43,6 +46,11 @@ class RuleOptions:
         Shifter's C{--mark}).
     @ivar queueMark: with C{nfqueue}, the mark Shifter sets on the SYNs it
         recorded (its C{--queue-mark}); 0 redirects every SYN.
+    @ivar quic: what becomes of UDP from the LAN to the redirected ports
+        (QUIC, HTTP/3), which no TCP rule catches: C{reject} (an ICMP
+        port-unreachable, so clients fall back to TCP at once), C{drop}
+        (they fall back after their own timeout) or C{pass} (it goes
+        around the proxy).
     """
 
     resolver: str
@@ -58,6 +66,7 @@ class RuleOptions:
     queueMark: int = DEFAULT_QUEUE_MARK
     tproxyMark: int = 0x1
     routeTable: int = 100
+    quic: str = "reject"
 
     def check(self) -> None:
         """
@@ -67,6 +76,8 @@ class RuleOptions:
             raise RulesError(f"unknown resolver {self.resolver!r}; choose one of {', '.join(RESOLVER_NAMES)}")
         if self.format not in FORMATS:
             raise RulesError(f"unknown format {self.format!r}; choose iptables or nft")
+        if self.quic not in QUIC_CHOICES:
+            raise RulesError(f"unknown --quic {self.quic!r}; choose one of {', '.join(QUIC_CHOICES)}")
         if not self.lanInterface or any(c in self.lanInterface for c in " \t\n\"'\\;$`"):
             raise RulesError(f"bad interface name {self.lanInterface!r}")
         if not self.ports:
@@ -166,6 +177,23 @@ def _iptablesQueue(o: RuleOptions) -> list[str]:
     return lines
 
 
+def _iptablesQuic(o: RuleOptions) -> list[str]:
+    # Inserted at the top of FORWARD: an ACCEPT already there for the LAN
+    # must not let QUIC past.
+    if o.quic == "pass":
+        return []
+    ports, lines = _iptPorts(o.ports), []
+    for ipt in _commands(o):
+        if o.quic == "drop":
+            target = "DROP"
+        elif ipt == "ip6tables":
+            target = "REJECT --reject-with icmp6-port-unreachable"
+        else:
+            target = "REJECT --reject-with icmp-port-unreachable"
+        lines.append(f"{ipt} -I FORWARD -i {o.lanInterface} -p udp {ports} -j {target}")
+    return lines
+
+
 def _iptablesTproxy(o: RuleOptions) -> list[str]:
     ports, lines = _iptPorts(o.ports), []
     mark = f"{o.tproxyMark:#x}"
@@ -180,10 +208,10 @@ def _iptablesTproxy(o: RuleOptions) -> list[str]:
 # --------------------------------------------------------------------------
 
 
-def _nftPorts(ports: Sequence[int]) -> str:
+def _nftPorts(ports: Sequence[int], protocol: str = "tcp") -> str:
     if len(ports) == 1:
-        return f"tcp dport {ports[0]}"
-    return "tcp dport { " + ", ".join(str(p) for p in ports) + " }"
+        return f"{protocol} dport {ports[0]}"
+    return f"{protocol} dport {{ " + ", ".join(str(p) for p in ports) + " }"
 
 
 def _nftExclusion(o: RuleOptions) -> str:
@@ -213,6 +241,20 @@ def _nftTable(o: RuleOptions, chains: list[tuple[str, str, list[str]]]) -> list[
 _NAT_PREROUTING = "type nat hook prerouting priority dstnat; policy accept;"
 _NAT_OUTPUT = "type nat hook output priority -100; policy accept;"
 _MANGLE_PREROUTING = "type filter hook prerouting priority mangle; policy accept;"
+_FILTER_FORWARD = "type filter hook forward priority filter; policy accept;"
+
+
+def _nftQuic(o: RuleOptions) -> list[tuple[str, str, list[str]]]:
+    # A base chain of its own: an accept in another forward chain does not
+    # end a packet's way through this one.
+    if o.quic == "pass":
+        return []
+    if o.quic == "drop":
+        verdict = "drop"
+    else:
+        verdict = f"reject with {'icmpx' if o.ipv6 else 'icmp'} type port-unreachable"
+    return [("forward", _FILTER_FORWARD,
+             [f'iifname "{o.lanInterface}" {_nftPorts(o.ports, "udp")} {verdict}'])]
 
 
 def _nftRedirect(o: RuleOptions) -> list[str]:
@@ -222,7 +264,7 @@ def _nftRedirect(o: RuleOptions) -> list[str]:
     if o.excludes:
         chains.append(("output", _NAT_OUTPUT,
                        [f"{_nftExclusion(o)} {ports} redirect to :{o.listenPort}"]))
-    lines = _nftTable(o, chains)
+    lines = _nftTable(o, chains + _nftQuic(o))
     if o.excludes:
         lines.insert(0, f"# The output chain redirects the gateway's own connections too, "
                         f"except the proxy's ({_exclusionText(o)}).")
@@ -245,7 +287,7 @@ def _nftQueue(o: RuleOptions) -> list[str]:
                        [f"{ports}{marked}{exclusion} redirect to :{o.listenPort}"]))
     lines.append("# Redirect the SYNs Shifter recorded (and marked) to it:" if o.queueMark
                  else "# Redirect the queued connections to Shifter:")
-    lines.extend(_nftTable(o, chains))
+    lines.extend(_nftTable(o, chains + _nftQuic(o)))
     return lines
 
 
@@ -255,7 +297,7 @@ def _nftTproxy(o: RuleOptions) -> list[str]:
         "prerouting", _MANGLE_PREROUTING,
         [f'iifname "{o.lanInterface}" {ports} tproxy to :{o.listenPort} '
          f"meta mark set meta mark | {mark} accept"],
-    )])
+    )] + _nftQuic(o))
 
 
 # --------------------------------------------------------------------------
@@ -267,6 +309,25 @@ def _exclusionText(o: RuleOptions) -> str:
     if o.proxyUser is not None:
         return f"user {o.proxyUser}"
     return f"mark {o.mark:#x}"
+
+
+def _quic(o: RuleOptions) -> list[str]:
+    ports = ",".join(str(p) for p in o.ports)
+    if o.quic == "pass":
+        return [f"# UDP to ports {ports} passes (--quic pass): QUIC (HTTP/3) goes around the proxy."]
+    verb = ("the forward chain " if o.format == "nft" else "") + (
+        ("drops" if o.format == "nft" else "drop") if o.quic == "drop"
+        else ("refuses" if o.format == "nft" else "refuse"))
+    how = " with an ICMP port-unreachable" if o.quic == "reject" else ""
+    when = "once their QUIC attempt times out" if o.quic == "drop" else "at once"
+    lines = [f"# QUIC (HTTP/3 over UDP) to ports {ports} would go around the proxy: {verb} it{how},",
+             f"# so clients fall back to TCP, and so to the proxy, {when} (--quic reject|drop|pass)"]
+    if o.format == "iptables":
+        lines[-1] += ":"
+        lines += _iptablesQuic(o)
+    else:
+        lines[-1] += "."
+    return lines
 
 
 def _policyRouting(o: RuleOptions) -> list[str]:
@@ -339,6 +400,7 @@ def generateRules(o: RuleOptions) -> str:
     elif not o.excludes:
         lines.append("# The gateway's own connections are not redirected; --proxy-user or "
                      "--mark redirects them too, except the proxy's.")
+    lines += _quic(o)
     return "\n".join(lines) + "\n"
 
 
@@ -393,6 +455,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="tproxy: the mark that routes packets to the local socket (default: 0x1)")
     parser.add_argument("--route-table", type=int, default=100, metavar="TABLE",
                         help="tproxy: the routing table for marked packets (default: 100)")
+    parser.add_argument("--quic", choices=QUIC_CHOICES, default="reject",
+                        help="UDP from the LAN to the redirected ports (QUIC, HTTP/3), which would "
+                        "go around the proxy: reject it with an ICMP port-unreachable so clients "
+                        "fall back to TCP at once, drop it, or pass it (default: reject)")
     return parser
 
 
@@ -408,7 +474,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> None:
         ports=args.ports, listenPort=args.listen_port, ipv6=args.ipv6,
         proxyUser=args.proxy_user, mark=args.mark, queueNum=args.queue_num,
         queueBypass=args.queue_bypass, queueMark=args.queue_mark,
-        tproxyMark=args.tproxy_mark, routeTable=args.route_table,
+        tproxyMark=args.tproxy_mark, routeTable=args.route_table, quic=args.quic,
     )
     try:
         text = generateRules(options)

@@ -439,3 +439,60 @@ class ShifterProcess:
             return None
 
         return waitFor(find, timeout, f"Shifter log line with {fragments}")  # type: ignore[return-value]
+
+
+# A UDP echo server on [::] (IPv4 and IPv6), one port per argument.
+_UDP_ECHO = """\
+import selectors, socket, sys
+selector = selectors.DefaultSelector()
+for port in sys.argv[1:]:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", int(port)))
+    selector.register(sock, selectors.EVENT_READ)
+print("listening", flush=True)
+while True:
+    for key, _ in selector.select():
+        data, peer = key.fileobj.recvfrom(65536)
+        key.fileobj.sendto(data, peer)
+"""
+
+
+class UdpEcho:
+    """
+    A UDP echo server in a namespace, on each of C{ports}, IPv4 and IPv6.
+    """
+
+    def __init__(self, namespace: Namespace, directory: Path, *ports: int) -> None:
+        self.namespace = namespace
+        self.ports = ports
+        self.log = directory / "udp-echo.log"
+
+    def start(self) -> None:
+        self.namespace.start(sys.executable, "-c", _UDP_ECHO, *map(str, self.ports), logTo=self.log)
+        waitFor(lambda: "listening" in (self.log.read_text() if self.log.exists() else ""),
+                20, "the UDP echo server to start")
+
+
+def udpExchange(namespace: Namespace, host: str, port: int, timeout: float = 2.0) -> str:
+    """
+    Send one datagram from C{namespace} to C{host}:C{port} on a connected
+    UDP socket and say what came of it: C{"echoed"}, C{"refused"} (an ICMP
+    port-unreachable came back: ECONNREFUSED), or C{"no answer"} within
+    C{timeout} seconds.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with insideNamespace(namespace.name):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        payload = os.urandom(16)
+        try:
+            sock.send(payload)
+            answer = sock.recv(65536)
+        except ConnectionRefusedError:
+            return "refused"
+        except socket.timeout:
+            return "no answer"
+        return "echoed" if answer == payload else f"answered {answer!r}"

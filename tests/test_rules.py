@@ -1,7 +1,8 @@
 """
 Tests for C{python -m shifter.rules}: the text of the rules for each
-resolver and format.  (tests/test_resolvers_e2e.py applies the same text in
-a gateway namespace and sends traffic through it.)
+resolver and format, and the QUIC rule applied as printed in namespaces.
+(tests/test_resolvers_e2e.py applies the TCP rules in a gateway namespace
+and sends traffic through them.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.rules import RuleOptions, RulesError, generateRules, main
+from tests.gateway import (
+    PROJECT,
+    SERVER_V4,
+    SERVER_V6,
+    UdpEcho,
+    gatewayFor,
+    udpExchange,
+    waitFor,
+)
+from tests.support import requireHost
 
 
 def rules(**kwargs: object) -> str:
@@ -34,7 +45,7 @@ class RedirectTests(SynchronousTestCase):
         sockopt with iptables: one REDIRECT per family in nat PREROUTING for
         the LAN interface and ports.
         """
-        self.assertEqual(commands(rules()), [
+        self.assertEqual(commands(rules(quic="pass")), [
             "iptables -t nat -A PREROUTING -i lan0 -p tcp -m multiport --dports 443,8443 -j REDIRECT --to-ports 12345",
             "ip6tables -t nat -A PREROUTING -i lan0 -p tcp -m multiport --dports 443,8443 -j REDIRECT --to-ports 12345",
         ])
@@ -137,7 +148,7 @@ class TproxyTests(SynchronousTestCase):
         tproxy: TPROXY in mangle PREROUTING, then policy routing of the
         mark to local delivery, both families.
         """
-        self.assertEqual(commands(rules(resolver="tproxy", ports=(443,))), [
+        self.assertEqual(commands(rules(resolver="tproxy", ports=(443,), quic="pass")), [
             "iptables -t mangle -A PREROUTING -i lan0 -p tcp --dport 443 -j TPROXY --on-port 12345 --tproxy-mark 0x1/0x1",
             "ip6tables -t mangle -A PREROUTING -i lan0 -p tcp --dport 443 -j TPROXY --on-port 12345 --tproxy-mark 0x1/0x1",
             "ip rule add fwmark 0x1/0x1 lookup 100",
@@ -168,6 +179,160 @@ class TproxyTests(SynchronousTestCase):
         with self.assertRaises(RulesError) as caught:
             rules(resolver="tproxy", proxyUser="proxy")
         self.assertIn("PREROUTING only", str(caught.exception))
+
+
+class QuicTests(SynchronousTestCase):
+    def test_rejectByDefault(self) -> None:
+        """
+        By default UDP from the LAN to the redirected ports is refused with
+        an ICMP port-unreachable, per family, at the top of FORWARD.
+        """
+        lines = commands(rules())
+        self.assertEqual(lines[-2:], [
+            "iptables -I FORWARD -i lan0 -p udp -m multiport --dports 443,8443 "
+            "-j REJECT --reject-with icmp-port-unreachable",
+            "ip6tables -I FORWARD -i lan0 -p udp -m multiport --dports 443,8443 "
+            "-j REJECT --reject-with icmp6-port-unreachable",
+        ])
+        self.assertIn("fall back to TCP, and so to the proxy, at once", rules())
+
+    def test_everyResolver(self) -> None:
+        """
+        Every resolver's rules stop QUIC, in both formats.
+        """
+        for resolver in ("sockopt", "conntrack", "kmod", "nfqueue", "tproxy"):
+            self.assertIn("-p udp -m multiport --dports 443,8443 -j REJECT", rules(resolver=resolver))
+            self.assertIn('iifname "lan0" udp dport { 443, 8443 } reject with icmpx type port-unreachable',
+                          rules(resolver=resolver, format="nft"))
+
+    def test_drop(self) -> None:
+        """
+        --quic drop drops instead, and says that clients wait for their
+        timeout.
+        """
+        text = rules(quic="drop", ports=(443,))
+        self.assertIn("iptables -I FORWARD -i lan0 -p udp --dport 443 -j DROP", commands(text))
+        self.assertIn("once their QUIC attempt times out", text)
+        self.assertIn('iifname "lan0" udp dport 443 drop', rules(quic="drop", ports=(443,), format="nft"))
+
+    def test_pass(self) -> None:
+        """
+        --quic pass prints no UDP rule, and a comment says QUIC goes
+        around the proxy.
+        """
+        for fmt in ("iptables", "nft"):
+            text = rules(quic="pass", format=fmt)
+            self.assertNotIn("udp", text.replace("UDP", ""))
+            self.assertIn("QUIC (HTTP/3) goes around the proxy", text)
+
+    def test_nftChain(self) -> None:
+        """
+        In nft form the refusal is a forward filter chain of the shifter
+        table; an IPv4-only table rejects with icmp rather than icmpx.
+        """
+        text = rules(format="nft")
+        self.assertIn("    chain forward {\n"
+                      "        type filter hook forward priority filter; policy accept;\n"
+                      '        iifname "lan0" udp dport { 443, 8443 } reject with icmpx type port-unreachable\n'
+                      "    }\n}\nEOF", text)
+        self.assertIn("reject with icmp type port-unreachable", rules(format="nft", ipv6=False))
+
+    def test_noIPv6(self) -> None:
+        """
+        Without IPv6, no ip6tables QUIC rule.
+        """
+        self.assertNotIn("ip6tables", rules(ipv6=False))
+
+    def test_unknown(self) -> None:
+        """
+        Another --quic value is refused.
+        """
+        self.assertRaises(RulesError, rules, quic="allow")
+
+
+class QuicGatewayTests(SynchronousTestCase):
+    """
+    The QUIC rule, applied as printed in a gateway namespace: datagrams
+    from the client to a UDP echo server behind the gateway.
+    """
+
+    redirected, other = 443, 4433
+
+    def setUp(self) -> None:
+        requireHost(root=True, programs=("ip", "iptables", "ip6tables", "nft"))
+        self.net = gatewayFor(self)
+        UdpEcho(self.net.server, self.net.directory, self.redirected, self.other).start()
+
+    def apply(self, *options: str) -> str:
+        script = subprocess.run(
+            [sys.executable, "-m", "shifter.rules", "--lan-interface", "c1",
+             "--ports", str(self.redirected), *options],
+            capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=str(PROJECT)),
+        ).stdout
+        result = subprocess.run(["ip", "netns", "exec", self.net.gateway.name, "sh", "-e"],
+                                input=script, capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 0, f"rules failed: {result.stderr}\n{script}")
+        return script
+
+    def exchanges(self, timeout: float = 2.0) -> dict[tuple[str, int], str]:
+        return {
+            (server, port): udpExchange(self.net.client, server, port, timeout)
+            for server in (SERVER_V4, SERVER_V6)
+            for port in (self.redirected, self.other)
+        }
+
+    def waitEchoed(self) -> None:
+        """
+        Wait until every datagram is echoed: the first over a new link may
+        be lost while neighbour discovery settles.
+        """
+        seen: list[dict[tuple[str, int], str]] = []
+        waitFor(lambda: seen.append(self.exchanges(timeout=0.5)) or set(seen[-1].values()) == {"echoed"},
+                20, "every UDP datagram echoed before the rules")
+
+    def assertRefusedAfterRules(self, *options: str) -> None:
+        self.waitEchoed()
+        self.apply(*options)
+        after = self.exchanges()
+        self.assertEqual(after, {
+            (SERVER_V4, self.redirected): "refused", (SERVER_V4, self.other): "echoed",
+            (SERVER_V6, self.redirected): "refused", (SERVER_V6, self.other): "echoed",
+        })
+
+    def test_iptables(self) -> None:
+        """
+        With the iptables rules, a datagram to the redirected port that was
+        echoed before is refused after (ECONNREFUSED: the ICMP
+        port-unreachable), IPv4 and IPv6; another UDP port is still echoed.
+        """
+        self.assertRefusedAfterRules("--format", "iptables")
+
+    def test_nft(self) -> None:
+        """
+        The same with the nft table.
+        """
+        self.assertRefusedAfterRules("--format", "nft")
+
+    def test_drop(self) -> None:
+        """
+        With --quic drop the datagram gets no answer at all; the other port
+        is still echoed.
+        """
+        self.waitEchoed()
+        self.apply("--quic", "drop")
+        after = self.exchanges(timeout=1.0)
+        self.assertEqual(after, {
+            (SERVER_V4, self.redirected): "no answer", (SERVER_V4, self.other): "echoed",
+            (SERVER_V6, self.redirected): "no answer", (SERVER_V6, self.other): "echoed",
+        })
+
+    def test_pass(self) -> None:
+        """
+        With --quic pass UDP to the redirected port is still echoed.
+        """
+        self.waitEchoed()
+        self.apply("--quic", "pass")
+        self.assertEqual(set(self.exchanges().values()), {"echoed"})
 
 
 class CheckTests(SynchronousTestCase):
