@@ -314,11 +314,11 @@ http_access deny CONNECT !SSL_ports
         subprocess.run(["chown", "-R", "proxy:proxy", str(directory)], check=True)
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, timeout: float = 20.0) -> None:
         self.process = self.namespace.start(
             "squid", "-N", "-f", str(self.config), logTo=self.directory / "squid.out"
         )
-        self.namespace.waitListening(self.port)
+        self.namespace.waitListening(self.port, timeout)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -402,7 +402,7 @@ class ShifterProcess:
         )
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, timeout: float = 20.0) -> None:
         env = dict(os.environ, PYTHONPATH=str(PROJECT))
         # A restarted Shifter appends to the same log: wait for this run's
         # start-up line, not an earlier one.
@@ -415,7 +415,7 @@ class ShifterProcess:
         waitFor(
             lambda: self.process.poll() is not None
             or "accepting redirected" in self.logText()[earlier:],
-            20,
+            timeout,
             "Shifter to start",
         )
         assert self.process.poll() is None, f"Shifter exited:\n{self.logText()}"

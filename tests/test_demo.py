@@ -1,8 +1,12 @@
 """
-The demo (C{make run}) end to end: its narration proves the flow, and it
-leaves nothing behind, also when interrupted.
+The demo (C{make run}) end to end, for every resolver: its narration
+proves the flow through the rules C{python -m shifter.rules} prints, says
+what the resolver saw, shows QUIC refused, and the demo leaves nothing
+behind, also when interrupted or when it fails.  C{--resolver kmod} runs
+the demo in Debian's kernel booted under qemu.
 
-Needs root, namespaces, Squid, iptables, curl and openssl.
+Needs root, namespaces, Squid, iptables, conntrack, curl and openssl; the
+kmod demo also needs what tests/test_kernel.py needs.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.support import requireHost
 
 DEMO = str(Path(__file__).resolve().parent.parent / "demo" / "demo.py")
+PROGRAMS = ("ip", "iptables", "ip6tables", "nft", "squid", "curl", "openssl", "conntrack", "ss")
+V4 = ("203.0.113.7", "192.0.2.2", "192.0.2.1")
+V6 = ("[2001:db8:2::7]", "[2001:db8:1::2]", "[2001:db8:1::1]")
 
 
 def namespaces(prefix: str) -> list[str]:
@@ -34,48 +41,148 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
-class DemoTests(SynchronousTestCase):
+class DemoTestCase(SynchronousTestCase):
     def setUp(self) -> None:
-        requireHost(root=True, programs=("ip", "iptables", "ip6tables", "squid", "curl", "openssl"))
+        requireHost(root=True, programs=PROGRAMS)
         self.prefix = f"shfdemo{os.getpid()}"
         self.addCleanup(subprocess.run, [sys.executable, DEMO, "--down", self.prefix], capture_output=True)
 
-    def demo(self, *arguments: str) -> subprocess.CompletedProcess:
+    def demo(self, *arguments: str, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, DEMO, "--name", self.prefix, *arguments],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True, text=True, timeout=timeout, **kwargs,  # type: ignore[call-overload]
         )
 
-    def assertNarratesFlow(self, output: str, server: str, squidTarget: str) -> None:
+    def assertNarratesFlow(self, output: str, resolver: str, ipv6: bool = False) -> None:
+        """
+        The narration common to every resolver: the printed rules applied
+        and shown, Shifter started with the printed command line, the
+        fetch, Squid's CONNECT, the tunnel with bytes both ways, and QUIC
+        refused while other UDP passes.
+        """
+        server, client, _ = V6 if ipv6 else V4
+        destination = f"{server}:443"
+        iptables = "ip6tables" if ipv6 else "iptables"
+        self.assertIn(f"as `python -m shifter.rules --resolver {resolver} --lan-interface c1 --ports 443 "
+                      "--listen-port 12345` prints them, applied as printed:", output)
+        self.assertIn(f"# Shifter, --resolver {resolver}: ", output)
+        self.assertRegex(output, rf"\n     twistd shifter --resolver {resolver} --listen '\S+' .*--proxy 127\.0\.0\.1:3128\n")
+        self.assertRegex(output, rf"-> Shifter \S+ accepting redirected connections on .* \(resolver {resolver}, ")
         self.assertIn(f"curl --cacert server.pem https://{server}/hello.txt", output)
-        self.assertRegex(output, r"The rule matched [1-9]\d* packet")
-        self.assertRegex(output, rf"TCP_TUNNEL/200 \d+ CONNECT {re.escape(squidTarget)} ")
-        tunnel = re.search(r"tunnel \S+ -> (\S+) via \S+ closed .*: (\d+) bytes up, (\d+) bytes down", output)
+        self.assertIn(f"-> Hello from {server.strip('[]')}, through Shifter and Squid.", output)
+        self.assertRegex(output, rf"TCP_TUNNEL/200 \d+ CONNECT {re.escape(destination)} ")
+        tunnel = re.search(r"tunnel (\S+):\d+ -> (\S+) via \S+ closed .*: (\d+) bytes up, (\d+) bytes down", output)
         self.assertIsNotNone(tunnel, output)
-        self.assertEqual(tunnel.group(1), squidTarget)
-        self.assertGreater(int(tunnel.group(2)), 0)
+        self.assertEqual((tunnel.group(1), tunnel.group(2)), (client, destination))
         self.assertGreater(int(tunnel.group(3)), 0)
+        self.assertGreater(int(tunnel.group(4)), 0)
+        self.assertIn(f"{iptables} -I FORWARD -i c1 -p udp --dport 443 -j REJECT", output)
+        self.assertRegex(output, rf"{re.escape(destination)} +-> refused at once: the gateway answered with an "
+                                 r"ICMP port-unreachable \(ECONNREFUSED; its REJECT rule matched [1-9]\d* packets?\), "
+                                 "and the server received nothing")
+        self.assertRegex(output, rf"{re.escape(server)}:4433 +-> delivered: other UDP is untouched")
 
-    def test_narration(self) -> None:
-        """
-        The demo shows the client's request, the rule, the destination
-        Shifter found, Squid's CONNECT line and Shifter's tunnel line with
-        its byte counts, and then removes its namespaces.
-        """
-        result = self.demo()
-        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertNarratesFlow(result.stdout, "203.0.113.7", "203.0.113.7:443")
-        self.assertIn("(resolver sockopt): 203.0.113.7:443", result.stdout)
+    def assertTornDown(self, result: subprocess.CompletedProcess) -> None:
+        self.assertIn("Torn down: the demo's processes are stopped and its namespaces removed.", result.stdout)
         self.assertEqual(namespaces(self.prefix), [])
+
+
+class ResolverDemoMixin:
+    """
+    The demo for one resolver, over IPv4 and IPv6.
+    """
+
+    resolver = "sockopt"
+
+    def narration(self, ipv6: bool) -> str:
+        result = self.demo("--resolver", self.resolver, *(["--ipv6"] if ipv6 else []))  # type: ignore[attr-defined]
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)  # type: ignore[attr-defined]
+        self.assertEqual(result.stderr, "")  # type: ignore[attr-defined]
+        self.assertNarratesFlow(result.stdout, self.resolver, ipv6)  # type: ignore[attr-defined]
+        self.assertTornDown(result)  # type: ignore[attr-defined]
+        return result.stdout
+
+    def test_ipv4(self) -> None:
+        """
+        Over IPv4 the demo narrates the flow and what the resolver saw of
+        the connection, then removes its namespaces.
+        """
+        self.assertSaw(self.narration(False), *V4, "iptables")
 
     def test_ipv6(self) -> None:
         """
-        With --ipv6 the same flow runs over IPv6.
+        The same over IPv6.
         """
-        result = self.demo("--ipv6")
-        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertNarratesFlow(result.stdout, "[2001:db8:2::7]", "[2001:db8:2::7]:443")
+        self.assertSaw(self.narration(True), *V6, "ip6tables")
 
+    def assertSaw(self, output: str, server: str, client: str, gateway: str, iptables: str) -> None:
+        raise NotImplementedError()
+
+
+class SockoptDemoTests(ResolverDemoMixin, DemoTestCase):
+    resolver = "sockopt"
+
+    def assertSaw(self, output: str, server: str, client: str, gateway: str, iptables: str) -> None:
+        """
+        The REDIRECT matched the SYN; the conntrack entry holds the
+        original destination that SO_ORIGINAL_DST reads on a socket bound
+        to Shifter's port.
+        """
+        self.assertIn(f"The {iptables} REDIRECT rule matched 1 packet: the SYN went to Shifter", output)
+        self.assertRegex(output, rf"TIME_WAIT src={re.escape(client.strip('[]'))} dst={re.escape(server.strip('[]'))} "
+                                 r"sport=\d+ dport=443 ")
+        option = "IP6T_SO_ORIGINAL_DST" if iptables == "ip6tables" else "SO_ORIGINAL_DST"
+        self.assertRegex(output, rf"Shifter's accepted socket is {re.escape(gateway)}:12345 <- {re.escape(client)}:\d+ "
+                                 rf"\(its own port\); getsockopt\({option}\) on it reads this entry's original "
+                                 rf"destination: {re.escape(server)}:443")
+
+
+class ConntrackDemoTests(ResolverDemoMixin, DemoTestCase):
+    resolver = "conntrack"
+
+    def assertSaw(self, output: str, server: str, client: str, gateway: str, iptables: str) -> None:
+        """
+        The conntrack entry found by the reply tuple, its original tuple
+        the destination.
+        """
+        self.assertRegex(output, rf"-> conntrack: ctnetlink answers")
+        self.assertRegex(output, rf"original {re.escape(client)}:(\d+) -> {re.escape(server)}:443, "
+                                 rf"reply {re.escape(gateway)}:12345 -> {re.escape(client)}:\1: the destination is "
+                                 rf"the original tuple's, {re.escape(server)}:443")
+
+
+class NfqueueDemoTests(ResolverDemoMixin, DemoTestCase):
+    resolver = "nfqueue"
+
+    def assertSaw(self, output: str, server: str, client: str, gateway: str, iptables: str) -> None:
+        """
+        The mangle rule queued the SYN, the kernel's queue counted it, and
+        Shifter's own count says it recorded and found it.
+        """
+        self.assertIn(f"The {iptables} rules matched: NFQUEUE queued 1 packet to Shifter (the SYN), and the "
+                      "REDIRECT of marked SYNs matched 1 packet.", output)
+        self.assertRegex(output, rf"queued the client's SYN, {re.escape(client)}:\d+ -> {re.escape(server)}:443, to Shifter")
+        self.assertRegex(output, r"nfnetlink_queue: queue 0, bound by Shifter \(netlink port \d+\), 1 packet queued "
+                                 r"in all, 0 waiting for a verdict, 0 dropped")
+        self.assertIn("nfqueue 0: 1 packets read, 1 verdicts given, 1 SYNs recorded, 1 connections found, "
+                      "0 not found", output)
+
+
+class TproxyDemoTests(ResolverDemoMixin, DemoTestCase):
+    resolver = "tproxy"
+
+    def assertSaw(self, output: str, server: str, client: str, gateway: str, iptables: str) -> None:
+        """
+        The TPROXY rule matched the client's packets, and Shifter's
+        accepted socket has the server's address as its local address.
+        """
+        self.assertRegex(output, rf"The {iptables} TPROXY rule matched [1-9]\d* packets")
+        self.assertRegex(output, rf"\n     local {re.escape(server)}:443, peer {re.escape(client)}:\d+: the socket's "
+                                 r"local address is where the client was going")
+        self.assertRegex(output, r'users:\(\("twistd"')
+
+
+class LifecycleTests(DemoTestCase):
     def test_keepAndDown(self) -> None:
         """
         With --keep the gateway stays up and the demo prints the command
@@ -100,8 +207,8 @@ class DemoTests(SynchronousTestCase):
             [sys.executable, DEMO, "--name", self.prefix],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        for line in process.stdout:
-            if line.startswith("1. The gateway redirects"):
+        for line in process.stdout:  # type: ignore[union-attr]
+            if line.startswith("2. Shifter runs as the rules say"):
                 break
         pids = self.namespacePids()
         self.assertTrue(pids, "no programs running in the demo's namespaces")
@@ -109,6 +216,7 @@ class DemoTests(SynchronousTestCase):
         rest = process.communicate(timeout=60)[0]
         self.assertEqual(process.returncode, 130, rest)
         self.assertIn("Torn down", rest)
+        self.assertNotIn("Traceback", rest)
         self.assertEqual(namespaces(self.prefix), [])
         self.waitDead(pids)
 
@@ -123,3 +231,51 @@ class DemoTests(SynchronousTestCase):
         from tests.gateway import waitFor
 
         waitFor(lambda: not any(alive(pid) for pid in pids), 15, f"demo processes {pids} to end")
+
+
+class FailureTests(DemoTestCase):
+    def assertExplained(self, result: subprocess.CompletedProcess, what: str) -> None:
+        """
+        The demo failed with status 1, saying what went wrong and what to
+        do, and no traceback.
+        """
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn(f"The demo failed: {what}", result.stderr)
+        self.assertIn("What to do: ", result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_shifterCannotStart(self) -> None:
+        """
+        When Shifter cannot start (here: the kmod resolver in this kernel,
+        which has no module), the demo says so with Shifter's reason and
+        removes what it built.
+        """
+        if Path("/sys/module/shifter").exists():
+            raise SkipTest("the shifter module is loaded in this kernel")
+        result = self.demo("--resolver", "kmod", env=dict(os.environ, SHIFTER_DEMO_GUEST="1"))
+        self.assertExplained(result, "")
+        self.assertRegex(result.stderr, r"The demo failed: (Shifter did not start: .*module shifter|"
+                                        r"the printed rules did not apply: .*shifter\.kmod)")
+        self.assertTornDown(result)
+
+    def test_missingProgram(self) -> None:
+        """
+        Without the programs it needs, the demo names them and says that
+        `make setup` installs them.
+        """
+        result = self.demo(env=dict(os.environ, PATH="/nonexistent"))
+        self.assertExplained(result, "this machine lacks ip, iptables")
+        self.assertIn("`make setup` installs", result.stderr)
+        self.assertEqual(namespaces(self.prefix), [])
+
+    def test_notRoot(self) -> None:
+        """
+        Run by another user, the demo says it needs root.
+        """
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, DEMO, "--name", self.prefix],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertExplained(result, "the demo builds network namespaces")
+        self.assertIn("run it as root", result.stderr)
