@@ -555,13 +555,13 @@ class Demo:
     def saw_kmod(self) -> None:
         from vmdemo import moduleAnswer
 
-        answer, stats = moduleAnswer(self.net.gateway, self.clientEndpoint)
+        answer, stats = moduleAnswer(self.net.gateway.name, *splitEndpoint(self.clientEndpoint))
         self.step("What the resolver saw (kmod). The module recorded the SYN in the gateway's "
                   "namespace before NAT; Shifter asked it over generic netlink for the "
                   "connection it accepted. Asked the same again (SHIFTER_CMD_GET):")
         say(f"{self.clientEndpoint} -> {answer}", 5)
-        say("and its counters for the namespace (SHIFTER_CMD_STATS, as `python -m shifter.kmod "
-            "stats` prints them):", 5)
+        say("and its counters for the gateway's namespace (SHIFTER_CMD_STATS, as `python -m "
+            "shifter.kmod stats` prints them; the look-ups include the demo's own):", 5)
         say(", ".join(f"{name} {value}" for name, value in stats.items()), 7)
 
     # -- the proxy ----------------------------------------------------------
@@ -656,9 +656,12 @@ def main() -> int:
         checkHost(arguments)
         interruptOnTerm()
         if arguments.resolver == "kmod" and not GUEST:
-            from vmdemo import runInBootedKernel
+            from vmdemo import BootFailure, runInBootedKernel
 
-            return runInBootedKernel(arguments)
+            try:
+                return runInBootedKernel(arguments)
+            except BootFailure as failure:
+                raise DemoFailure(failure.what, failure.advice) from None
         return Demo(arguments).run()
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)

@@ -279,3 +279,61 @@ class FailureTests(DemoTestCase):
         )
         self.assertExplained(result, "the demo builds network namespaces")
         self.assertIn("run it as root", result.stderr)
+
+
+class KmodDemoTests(DemoTestCase):
+    """
+    C{--resolver kmod}: the module built, Debian's kernel booted under qemu,
+    and the whole demo run there (one boot per test: some 90 s each).
+    """
+
+    def setUp(self) -> None:
+        from tests.test_kernel import requireBootableKernel
+
+        super().setUp()
+        requireBootableKernel()
+
+    def narration(self, *arguments: str) -> str:
+        result = self.demo("--resolver", "kmod", *arguments, timeout=15 * 60)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        output = result.stdout
+        self.assertRegex(output, r"^Shifter demo \(resolver kmod, IPv[46]\): Shifter's kernel module, in Debian's "
+                                 r"kernel \S+ booted under qemu .* This takes about a minute or two\.\n")
+        self.assertRegex(output, r"\nBuilding the module against the headers of \S+ \.\.\. built \(\d+ s\)\.\n")
+        self.assertIn("The module is loaded: shifter: watching", output)
+        self.assertIn("a gateway in three network namespaces in the booted kernel.", output)
+        self.assertIn("-> kernel module shifter found (family ", output)
+        self.assertRegex(output, r"\nThe booted kernel has shut down \(\d+ s in all\)\.\n$")
+        return output
+
+    def assertModuleAnswered(self, output: str, server: str, client: str, ipv6: bool) -> None:
+        """
+        The narration holds the module's GET answer for the client's
+        connection (the tunnel's client and destination), and its counters
+        with every look-up a hit.
+        """
+        self.assertNarratesFlow(output, "kmod", ipv6)
+        tunnel = re.search(r"tunnel (\S+) -> (\S+) via", output)
+        self.assertIsNotNone(tunnel, output)
+        self.assertIn(f"(SHIFTER_CMD_GET):\n     {tunnel.group(1)} -> {server}:443\n", output)
+        self.assertTrue(tunnel.group(1).startswith(client + ":"), tunnel.group(1))
+        stats = re.search(r"\n       entries (\d+), inserts (\d+), lookups (\d+), hits (\d+), misses (\d+)", output)
+        self.assertIsNotNone(stats, output)
+        entries, inserts, lookups, hits, misses = map(int, stats.groups())
+        self.assertGreaterEqual(inserts, 1)
+        self.assertEqual((lookups, hits, misses), (2, 2, 0))
+
+    def test_ipv4(self) -> None:
+        """
+        RESOLVER=kmod over IPv4: the demo says up front how long it takes,
+        builds the module, boots the kernel, and narrates the flow and the
+        module's answer and counters from inside it.
+        """
+        self.assertModuleAnswered(self.narration(), *V4[:2], ipv6=False)
+
+    def test_ipv6(self) -> None:
+        """
+        The same over IPv6.
+        """
+        self.assertModuleAnswered(self.narration("--ipv6"), *V6[:2], ipv6=True)
