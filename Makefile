@@ -36,14 +36,19 @@ $(VENV)/.installed: setup.py requirements-test.txt
 	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
-# The demo: a whole gateway in network namespaces on this machine, a real
-# Squid, Shifter and curl, narrated; torn down at the end.
-#   make run IPV6=1          the same over IPv6
-#   make run KEEP=1          leave it running (prints how to tear it down)
+# The demo: a whole gateway in network namespaces on this machine, built
+# from the rules `python -m shifter.rules` prints, a real Squid, Shifter and
+# curl, narrated; torn down at the end.
+#   make run IPV6=1              the same over IPv6
+#   make run RESOLVER=NAME       sockopt (default), conntrack, nfqueue, tproxy, or
+#                                kmod (the module, in Debian's kernel under qemu)
+#   make run KEEP=1              leave it running (prints how to tear it down)
+#   make run DEBUG=1             a failure's traceback too
 run: demo
 
 demo: setup
-	$(PY) demo/demo.py $(if $(IPV6),--ipv6) $(if $(KEEP),--keep) $(if $(RESOLVER),--resolver $(RESOLVER))
+	@$(if $(DEBUG),DEBUG=1) $(PY) demo/demo.py $(if $(IPV6),--ipv6) $(if $(KEEP),--keep) \
+	    $(if $(RESOLVER),--resolver $(RESOLVER))
 
 demo-down:
 	$(PY) demo/demo.py --down $(NAME)
