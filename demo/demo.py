@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
