@@ -67,6 +67,7 @@ RESOLVERS = ("sockopt", "conntrack", "nfqueue", "tproxy", "kmod")
 ROLES = ("client", "gw", "srv")
 PAGE = "hello.txt"
 LAN = "c1"  # the gateway's side of the client's link
+FILES_PREFIX = "shifter-demo-"  # then the namespaces' prefix
 OTHER_UDP_PORT = 4433
 # In the booted kernel under qemu a program takes many times longer to
 # start than on the host.
@@ -120,7 +121,8 @@ def interruptOnTerm() -> None:
 
 def tearDown(prefix: str) -> None:
     """
-    Stop every process in the demo's namespaces and remove them, by name.
+    Stop every process in the demo's namespaces and remove them, by name,
+    and the demo's files.
     """
     for role in ROLES:
         name = f"{prefix}-{role}"
@@ -131,6 +133,8 @@ def tearDown(prefix: str) -> None:
             except ProcessLookupError:
                 pass
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    for directory in Path(tempfile.gettempdir()).glob(f"{FILES_PREFIX}{prefix}-*"):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------
@@ -322,11 +326,9 @@ class Demo:
         self.keep: bool = arguments.keep
         self.name: str | None = arguments.name
         self.server, self.client = (SERVER_V6, CLIENT_V6) if self.ipv6 else (SERVER_V4, CLIENT_V4)
-        self.gatewayAddress = GATEWAY_V6 if self.ipv6 else GATEWAY_V4
         self.iptables = "ip6tables" if self.ipv6 else "iptables"
         self.url = f"https://{endpoint(self.server, 443).rsplit(':', 1)[0]}/{PAGE}"
         self.steps = 0
-        self.stopped = False
 
     def step(self, text: str) -> None:
         self.steps += 1
@@ -335,13 +337,23 @@ class Demo:
     # -- the whole run ------------------------------------------------------
 
     def run(self) -> int:
-        directory = Path(tempfile.mkdtemp(prefix="shifter-demo-"))
+        prefix = self.name or f"shf{os.getpid()}"
+        directory = Path(tempfile.mkdtemp(prefix=f"{FILES_PREFIX}{prefix}-"))
         os.chmod(directory, 0o755)  # Squid runs as the 'proxy' user.
         self.directory = directory
         family = "IPv6" if self.ipv6 else "IPv4"
         say(f"Shifter demo (resolver {self.resolver}, {family}): a gateway in three network namespaces"
             f"{' in the booted kernel' if GUEST else ' on this machine'}.")
-        self.net = Gateway(directory, prefix=self.name)
+        try:
+            self.net = Gateway(directory, prefix=prefix)
+        except subprocess.CalledProcessError as e:
+            shutil.rmtree(directory, ignore_errors=True)
+            taken = any(Path(f"/run/netns/{prefix}-{role}").exists() for role in ROLES)
+            raise DemoFailure(
+                f"cannot build the demo's namespaces: `{' '.join(map(str, e.cmd))}` failed",
+                f"a demo left running holds the name {prefix}: `make demo-down NAME={prefix}` "
+                "removes it" if taken else "this kernel must offer network namespaces and veth links",
+            ) from None
         keep = False
         try:
             self.introduce()
@@ -522,7 +534,6 @@ class Demo:
             f"answered {flow.original[1]}.", 5)
         if not self.keep:
             self.shifter.stop()
-            self.stopped = True
             account = self.shifter.waitForLog("nfqueue ", "packets read", timeout=START_TIMEOUT)
             say("Shifter's own count, logged as it stops:", 5)
             say(account.split("] ", 1)[-1], 7)

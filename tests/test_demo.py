@@ -186,7 +186,7 @@ class LifecycleTests(DemoTestCase):
     def test_keepAndDown(self) -> None:
         """
         With --keep the gateway stays up and the demo prints the command
-        that tears it down; that command removes it.
+        that tears it down; that command removes it and the demo's files.
         """
         result = self.demo("--keep")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
@@ -194,8 +194,12 @@ class LifecycleTests(DemoTestCase):
         self.assertEqual(len(namespaces(self.prefix)), 3)
         pids = self.namespacePids()
         self.assertTrue(pids)
+        files = re.search(r"files in (\S+)\)", result.stdout)
+        self.assertIsNotNone(files, result.stdout)
+        self.assertTrue(Path(files.group(1)).is_dir())
         subprocess.run([sys.executable, DEMO, "--down", self.prefix], check=True, capture_output=True)
         self.assertEqual(namespaces(self.prefix), [])
+        self.assertFalse(Path(files.group(1)).exists())
         self.waitDead(pids)
 
     def test_interrupted(self) -> None:
