@@ -565,10 +565,18 @@ class Demo:
     def saw_kmod(self) -> None:
         from vmdemo import moduleAnswer
 
-        answer, stats = moduleAnswer(self.net.gateway.name, *splitEndpoint(self.clientEndpoint))
-        self.step("What the resolver saw (kmod). The module recorded the SYN in the gateway's "
-                  "namespace before NAT; Shifter asked it over generic netlink for the "
-                  "connection it accepted. Asked the same again (SHIFTER_CMD_GET):")
+        flow = self.flow()
+        try:
+            answer, stats = moduleAnswer(self.net.gateway.name, splitEndpoint(flow.reply[1]),
+                                         splitEndpoint(flow.reply[0]))
+        except Exception as e:
+            raise DemoFailure(f"the module did not answer for the client's connection: {e}",
+                              "`python -m twisted.trial tests.test_kernel` shows whether the module "
+                              "works in this kernel") from None
+        self.step("What the resolver saw (kmod). The module recorded the connection in the "
+                  "gateway's namespace; Shifter asked it over generic netlink for the one it "
+                  f"accepted, {flow.reply[1]} on {flow.reply[0]}. Asked the same again "
+                  "(SHIFTER_CMD_GET), it answers:")
         say(f"{self.clientEndpoint} -> {answer}", 5)
         say("and its counters for the gateway's namespace (SHIFTER_CMD_STATS, as `python -m "
             "shifter.kmod stats` prints them; the look-ups include the demo's own):", 5)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from twisted.python.failure import Failure
 
 from tests.gateway import PROJECT, insideNamespace
 
@@ -172,21 +173,43 @@ def runInBootedKernel(arguments: argparse.Namespace) -> int:
     return status
 
 
-def moduleAnswer(namespace: str, host: str, port: int) -> tuple[str, dict[str, int]]:
+def moduleAnswer(namespace: str, peer: tuple[str, int], local: tuple[str, int]) -> tuple[str, dict[str, int]]:
     """
-    Ask the module, in network namespace C{namespace}, for the original
-    destination of the connection from C{host}:C{port}, and for its
-    counters.
-    """
-    from tests.guest.support import ShifterClient
+    Ask the module, in network namespace C{namespace}, what the kmod
+    resolver asks it for the connection accepted from C{peer} on C{local}
+    (its original destination), then for its counters, through Shifter's
+    own client of the module, in a reactor run for just this.
 
-    with insideNamespace(namespace):
-        client = ShifterClient()
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        address, destinationPort = client.get(family, host, port)
-        stats = client.stats()
-    finally:
-        client.close()
-    shown = f"[{address}]" if ":" in address else address
-    return f"{shown}:{destinationPort}", stats
+    @return: the destination as C{host:port}, and the counters.
+    @raise Exception: what the module or the client failed with.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.address import IPv4Address, IPv6Address
+    from twisted.internet.defer import Deferred
+
+    from shifter.kmod import ConnectionKey, ShifterClient
+
+    def address(host: str, port: int) -> IPv4Address | IPv6Address:
+        return IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
+
+    async def ask() -> tuple[str, dict[str, int]]:
+        with insideNamespace(namespace):
+            connecting = ShifterClient.connect(reactor, timeout=30.0)
+        client = await connecting
+        try:
+            destination = await client.get(ConnectionKey.fromPeer(address(*peer)))
+            stats = await client.stats()
+        finally:
+            client.close()
+        host = f"[{destination.host}]" if ":" in destination.host else destination.host
+        return f"{host}:{destination.port}", stats
+
+    outcome: list[object] = []
+    done = Deferred.fromCoroutine(ask())
+    done.addBoth(outcome.append)
+    if not outcome:
+        done.addBoth(lambda _: reactor.stop())
+        reactor.run(installSignalHandlers=False)
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]  # type: ignore[return-value]
