@@ -28,6 +28,10 @@ if [ -n "${SHIFTER_HOSTFS_TAG:-}" ]; then
 	fi
 fi
 
+# insmod loads no dependency: load what the module depends on first.
+for dependency in $(modinfo -F depends "$SHIFTER_MODULE" | tr ',' ' '); do
+	modprobe "$dependency"
+done
 if ! insmod "$SHIFTER_MODULE"; then
 	echo "insmod $SHIFTER_MODULE failed"
 	dmesg | tail -5
@@ -35,7 +39,8 @@ if ! insmod "$SHIFTER_MODULE"; then
 	exit 1
 fi
 echo "DEMO-BEGIN"
-echo "The module is loaded: $(dmesg | grep -m1 'shifter: watching' | sed 's/^\[[^]]*\] //')"
+said=$(dmesg | grep 'shifter: ' | grep -v -e taint -e verification | tail -1 | sed 's/^\[[^]]*\] //')
+echo "The module is loaded (insmod $(basename "$SHIFTER_MODULE"))${said:+: $said}."
 cd "$root" || exit 1
 # shellcheck disable=SC2086 # the options are words
 SHIFTER_DEMO_GUEST=1 PYTHONDONTWRITEBYTECODE=1 "$SHIFTER_PYTHON" demo/demo.py \

@@ -103,7 +103,7 @@ def runInBootedKernel(arguments: argparse.Namespace) -> int:
     family = "IPv6" if arguments.ipv6 else "IPv4"
     print(f"Shifter demo (resolver kmod, {family}): Shifter's kernel module, in Debian's kernel "
           f"{release} booted under qemu for the demo, so this machine's own kernel is left alone. "
-          "This takes about a minute or two.", flush=True)
+          "This takes a minute or two (more on a busy machine).", flush=True)
     print(f"Building the module against the headers of {release} ...", end=" ", flush=True)
     built = build(release)
     if built.returncode != 0 or not built.module.exists():
