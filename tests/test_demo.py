@@ -320,7 +320,7 @@ class KmodDemoTests(DemoTestCase):
         self.assertNarratesFlow(output, "kmod", ipv6)
         tunnel = re.search(r"tunnel (\S+) -> (\S+) via", output)
         self.assertIsNotNone(tunnel, output)
-        self.assertIn(f"(SHIFTER_CMD_GET):\n     {tunnel.group(1)} -> {server}:443\n", output)
+        self.assertIn(f"(SHIFTER_CMD_GET), it answers:\n     {tunnel.group(1)} -> {server}:443\n", output)
         self.assertTrue(tunnel.group(1).startswith(client + ":"), tunnel.group(1))
         stats = re.search(r"\n       entries (\d+), inserts (\d+), lookups (\d+), hits (\d+), misses (\d+)", output)
         self.assertIsNotNone(stats, output)
