@@ -10,15 +10,29 @@ HTTP/1.x request (RFC 9112 section 3.2).  These parsers read those bytes
 without consuming them: the caller keeps every byte and sends it through the
 tunnel unchanged.
 
-Each parser takes I{all} the bytes the client has sent so far and returns
-C{None} while it needs more, else a L{Sniffed} verdict.  A verdict depends
-only on the bytes it was given, and more bytes never change it, so the
-caller may re-call with whatever has arrived.  Every length is checked
-against its enclosing structure, every wait is bounded by a byte limit, and
-a name is only ever returned after L{isValidHostname} has accepted it and it
-cannot be read as an IP address, so the client cannot inject anything into
-the CONNECT request.  On any other outcome the caller connects to the
-original address, which is always a safe choice.
+A sniffer (L{NameSniffer}, or L{ServerNameSniffer} and L{HostSniffer}) is
+fed each chunk the client sends, once, as it arrives, and parses each byte
+once: the ClientHello is reassembled from its records and walked as its
+bytes come in, the request head line by line.  So a client that trickles
+its hello in one-byte records costs a constant amount per read, not a
+re-parse of everything so far.  L{NameSniffer.feed} returns C{None} while
+more bytes are needed, then a L{Sniffed} verdict, the same from then on;
+L{NameSniffer.finish} ends the wait (a timeout, the client's end of
+sending) with a verdict either way.  A verdict depends only on the bytes
+before the point where it was reached, so it is the same however those
+bytes were cut into reads.
+
+Every length is checked against its enclosing structure, every wait is
+bounded (a ClientHello's records, headers included, by bytes and by
+number; a request head by bytes), and a name is only ever returned after
+L{isValidHostname} has accepted it, it cannot be read as an IP address and
+it is not C{localhost} or under it, so the client cannot inject anything
+into the CONNECT request nor send the proxy to itself.  On any other
+outcome the caller connects to the original address, which is always a
+safe choice.
+
+The functions L{sniffServerName}, L{sniffHost} and L{sniffTarget} give the
+verdict for a whole byte string at once.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Generator
 
 from shifter.connect import isValidHostname
 
@@ -33,6 +48,12 @@ from shifter.connect import isValidHostname
 # Hellos with post-quantum key shares are 1.5-2 KiB today; big session
 # tickets or many extensions stay well below this.
 MAX_CLIENT_HELLO_BYTES = 32768
+
+# The most TLS records a ClientHello may come in.  Clients send it in one
+# record, two when it is over 16 KiB, a few when a tool splits it on
+# purpose; a hello in tiny records is refused (the address is used) rather
+# than waited for.
+MAX_CLIENT_HELLO_RECORDS = 64
 
 # The largest HTTP request header block (request line to the empty line)
 # that Shifter waits for.
@@ -54,8 +75,11 @@ _TCHAR = frozenset(
 _VCHAR = frozenset(range(0x21, 0x7F))
 _FIELD_VALUE = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
 _HTTP_VERSION = re.compile(rb"HTTP/1\.[0-9]")
+_VERSION_PREFIX = b"HTTP/1."
+_DIGITS = frozenset(b"0123456789")
 _PORT = re.compile(r"[0-9]*")
 _HEX = re.compile(r"0x[0-9a-f]*")
+_SP, _CR = 0x20, 0x0D
 
 
 @dataclass(frozen=True)
@@ -74,12 +98,6 @@ class Sniffed:
     reason: str
 
 
-class _NeedMore(Exception):
-    """
-    The bytes so far end inside a structure that has not ended yet.
-    """
-
-
 class _Malformed(Exception):
     """
     A structure does not fit its enclosing one; the message says which.
@@ -88,141 +106,176 @@ class _Malformed(Exception):
 
 class _Reader:
     """
-    Reads a TLS structure from the bytes of a message received so far.
+    Reads a TLS structure from the bytes of a message as they arrive.
 
     C{end} is where the enclosing structure ends by its declared length:
-    reading past it is malformed, whereas reading past the bytes received is
-    only a reason to wait.  So a malformation is found from the declared
-    lengths alone, the same however many bytes have arrived.
+    reading past it is malformed, whereas reading past the bytes received
+    yields until more have arrived.  So a malformation is found from the
+    declared lengths alone, the same however many bytes have arrived.
+    Each method is a generator, driven by L{ServerNameSniffer}: it yields
+    while it waits, and returns what it read.
     """
 
-    def __init__(self, data: bytes, start: int, end: int) -> None:
+    def __init__(self, data: bytearray, start: int, end: int) -> None:
         self._data = data
         self.pos = start
         self.end = end
 
-    def take(self, count: int, what: str) -> bytes:
+    def take(self, count: int, what: str) -> Generator[None, None, bytes]:
         if self.pos + count > self.end:
             raise _Malformed(f"{what} runs past its enclosing structure")
-        if self.pos + count > len(self._data):
-            raise _NeedMore()
-        value = self._data[self.pos : self.pos + count]
+        while self.pos + count > len(self._data):
+            yield
+        value = bytes(self._data[self.pos : self.pos + count])
         self.pos += count
         return value
 
-    def integer(self, size: int, what: str) -> int:
-        return int.from_bytes(self.take(size, what), "big")
+    def integer(self, size: int, what: str) -> Generator[None, None, int]:
+        return int.from_bytes((yield from self.take(size, what)), "big")
 
-    def vector(self, lengthSize: int, what: str) -> _Reader:
+    def vector(self, lengthSize: int, what: str) -> Generator[None, None, _Reader]:
         """
-        Read a length-prefixed vector and return a reader bounded by it,
-        skipping past it here.
+        Read a length-prefixed vector's length and return a reader bounded
+        by it, skipping past it here.
         """
-        length = self.integer(lengthSize, f"{what} length")
+        length = yield from self.integer(lengthSize, f"{what} length")
         if self.pos + length > self.end:
             raise _Malformed(f"{what} length {length} runs past its enclosing structure")
         inner = _Reader(self._data, self.pos, self.pos + length)
         self.pos += length
         return inner
 
-    def rest(self, what: str) -> bytes:
-        return self.take(self.end - self.pos, what)
+    def rest(self, what: str) -> Generator[None, None, bytes]:
+        return (yield from self.take(self.end - self.pos, what))
 
     def done(self) -> bool:
         return self.pos >= self.end
 
 
-def sniffServerName(data: bytes, limit: int = MAX_CLIENT_HELLO_BYTES) -> Sniffed | None:
+class ServerNameSniffer:
     """
-    Read the server name from a TLS ClientHello.
+    Reads the server name from a TLS ClientHello, fed in chunks.
 
     The handshake message is reassembled from as many handshake records as
     carry it (RFC 8446 5.1 lets a ClientHello span records, and large ones
-    do), as long as those records, headers included, fit in C{limit} bytes.
-    Bytes after the ClientHello are not looked at.
+    do), as long as those records, headers included, fit in C{limit} bytes
+    and number at most C{maxRecords}.  Bytes after the ClientHello are not
+    looked at.
 
-    @param data: every byte the client has sent so far.
-    @param limit: the most bytes to wait for.
-    @return: C{None} while more bytes are needed; else a L{Sniffed} with the
-        host_name of the server_name extension, or with no name and why not.
+    @ivar verdict: the verdict once there is one, else C{None}.
     """
-    try:
-        message, recordProblem = _reassemble(data, limit)
-    except _Malformed as e:
-        return Sniffed(None, str(e))
-    # A malformation inside the message is found from the bytes before any
-    # record-layer problem, so it is what the same bytes always report.
-    if len(message) < _HANDSHAKE_HEADER:
-        return recordProblem
-    length = int.from_bytes(message[1:4], "big")
-    try:
-        verdict = _parseClientHello(_Reader(message, _HANDSHAKE_HEADER, _HANDSHAKE_HEADER + length))
-    except _Malformed as e:
-        return Sniffed(None, f"malformed ClientHello: {e}")
-    except _NeedMore:
-        return recordProblem
-    if recordProblem is not None:
-        return recordProblem
-    if len(message) < _HANDSHAKE_HEADER + length:
-        return None
-    return verdict
+
+    verdict: Sniffed | None = None
+
+    def __init__(
+        self, limit: int = MAX_CLIENT_HELLO_BYTES, maxRecords: int = MAX_CLIENT_HELLO_RECORDS
+    ) -> None:
+        self._limit = limit
+        self._maxRecords = maxRecords
+        self._consumed = 0  # bytes of records taken so far, headers included
+        self._records = 0
+        self._header = bytearray()  # the record header being read
+        self._recordLeft = 0  # fragment bytes of the current record not yet read
+        self._message = bytearray()
+        self._needed: int | None = None  # the message's full length, once known
+        self._parser: Generator[None, None, Sniffed] | None = None
+        self._parsed: Sniffed | None = None  # the parse's verdict, kept until the message ends
+
+    def feed(self, data: bytes) -> Sniffed | None:
+        """
+        Read the next bytes the client sent.
+
+        @return: C{None} while more bytes are needed; else a L{Sniffed}
+            with the host_name of the server_name extension, or with no
+            name and why not.
+        """
+        if self.verdict is None:
+            try:
+                self._feed(data)
+            except _Malformed as e:
+                self.verdict = Sniffed(None, str(e))
+        return self.verdict
+
+    def _feed(self, data: bytes) -> None:
+        at, size = 0, len(data)
+        while at < size and self.verdict is None:
+            if not self._recordLeft:
+                at = self._readHeader(data, at)
+            else:
+                at = self._readFragment(data, at)
+
+    def _readHeader(self, data: bytes, at: int) -> int:
+        header = self._header
+        if not header and self._consumed + _RECORD_HEADER > self._limit:
+            self.verdict = self._overLimit()
+            return at
+        take = min(_RECORD_HEADER - len(header), len(data) - at)
+        header += data[at : at + take]
+        self._consumed += take
+        self.verdict = _checkRecordHeader(header, first=not self._records)
+        if self.verdict is None and len(header) == _RECORD_HEADER:
+            self._records += 1
+            self._recordLeft = int.from_bytes(header[3:5], "big")
+            header.clear()
+            if self._records > self._maxRecords:
+                self.verdict = Sniffed(None, f"ClientHello in more than {self._maxRecords} records")
+        return at + take
+
+    def _readFragment(self, data: bytes, at: int) -> int:
+        message = self._message
+        # Take the message header first, then the rest of the message:
+        # whatever follows the message in its last record is not ours.
+        goal = _HANDSHAKE_HEADER if self._needed is None else self._needed
+        want = min(self._recordLeft, goal - len(message))
+        if self._consumed + want > self._limit:
+            self.verdict = self._overLimit()
+            return at
+        take = min(want, len(data) - at)
+        wasEmpty = not message
+        message += data[at : at + take]
+        self._consumed += take
+        self._recordLeft -= take
+        if wasEmpty and message[0] != _HANDSHAKE_CLIENT_HELLO:
+            self.verdict = Sniffed(
+                None, f"malformed ClientHello: handshake type {message[0]}, not a ClientHello"
+            )
+            return at + take
+        if self._needed is None and len(message) == _HANDSHAKE_HEADER:
+            self._needed = _HANDSHAKE_HEADER + int.from_bytes(message[1:4], "big")
+            if self._needed + _RECORD_HEADER > self._limit:
+                self.verdict = self._overLimit()
+                return at + take
+            self._parser = _parseClientHello(_Reader(message, _HANDSHAKE_HEADER, self._needed))
+        if self._parser is not None:
+            self._advance()
+        if self.verdict is None and len(message) == self._needed:
+            # The parse has read every byte it can: it has ended.
+            self.verdict = self._parsed
+        return at + take
+
+    def _advance(self) -> None:
+        """
+        Let the ClientHello parse read what has arrived.
+        """
+        try:
+            next(self._parser)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            self._parser = None
+            self._parsed = stop.value
+        except _Malformed as e:
+            self._parser = None
+            self.verdict = Sniffed(None, f"malformed ClientHello: {e}")
+
+    def _overLimit(self) -> Sniffed:
+        return Sniffed(None, f"ClientHello over {self._limit} bytes")
 
 
-def _reassemble(data: bytes, limit: int) -> tuple[bytes, Sniffed | None]:
-    """
-    Gather the bytes of the first handshake message from the records in
-    C{data}.
-
-    @return: the message bytes received so far (header included), and
-        C{None} or the verdict that ends the record walk: a record-layer
-        problem, or the limit.  The message bytes are cut at the point of
-        that problem.
-    @raise _Malformed: with the whole reason, for what is not TLS at all.
-    """
-    message = bytearray()
-    needed: int | None = None  # the message's full length, once known
-    pos = 0
-    first = True
-    while needed is None or len(message) < needed:
-        if pos + _RECORD_HEADER > limit:
-            return bytes(message), _overLimit(limit)
-        header = data[pos : pos + _RECORD_HEADER]
-        problem = _checkRecordHeader(header, first)
-        if problem is not None:
-            return bytes(message), problem
-        if len(header) < _RECORD_HEADER:
-            return bytes(message), None
-        first = False
-        cursor = pos + _RECORD_HEADER
-        recordEnd = cursor + int.from_bytes(header[3:5], "big")
-        while cursor < recordEnd and (needed is None or len(message) < needed):
-            # Take the message header first, then the rest of the message:
-            # whatever follows the message in its last record is not ours.
-            goal = _HANDSHAKE_HEADER if needed is None else needed
-            want = min(recordEnd - cursor, goal - len(message))
-            if cursor + want > limit:
-                return bytes(message), _overLimit(limit)
-            chunk = data[cursor : cursor + want]
-            message += chunk
-            cursor += len(chunk)
-            if message and message[0] != _HANDSHAKE_CLIENT_HELLO:
-                return bytes(message), Sniffed(
-                    None, f"malformed ClientHello: handshake type {message[0]}, not a ClientHello"
-                )
-            if len(chunk) < want:
-                return bytes(message), None
-            if needed is None and len(message) == _HANDSHAKE_HEADER:
-                needed = _HANDSHAKE_HEADER + int.from_bytes(message[1:4], "big")
-                if needed + _RECORD_HEADER > limit:
-                    return bytes(message), _overLimit(limit)
-        pos = recordEnd
-    return bytes(message), None
-
-
-def _checkRecordHeader(header: bytes, first: bool) -> Sniffed | None:
+def _checkRecordHeader(header: bytes | bytearray, first: bool) -> Sniffed | None:
     """
     Check as much of a record header as has arrived: the very first byte
     already tells a TLS handshake from anything else.
+
+    @raise _Malformed: for what is not TLS at all.
     """
     if header[:1] not in (b"", bytes([_CONTENT_TYPE_HANDSHAKE])):
         if first:
@@ -239,58 +292,53 @@ def _checkRecordHeader(header: bytes, first: bool) -> Sniffed | None:
     return None
 
 
-def _overLimit(limit: int) -> Sniffed:
-    return Sniffed(None, f"ClientHello over {limit} bytes")
-
-
-def _parseClientHello(body: _Reader) -> Sniffed:
+def _parseClientHello(body: _Reader) -> Generator[None, None, Sniffed]:
     """
     Walk a ClientHello body (RFC 8446 4.1.2, RFC 5246 7.4.1.2) to its
     server_name extension, checking every length on the way.
 
     @raise _Malformed: if a length does not fit.
-    @raise _NeedMore: if the bytes end before the walk does.
     """
-    version = body.take(2, "client version")
+    version = yield from body.take(2, "client version")
     if version[0] != 3:
         raise _Malformed(f"client version {version.hex()}")
-    body.take(32, "random")
-    sessionId = body.vector(1, "session id")
+    yield from body.take(32, "random")
+    sessionId = yield from body.vector(1, "session id")
     if sessionId.end - sessionId.pos > 32:
         raise _Malformed(f"session id of {sessionId.end - sessionId.pos} bytes")
-    cipherSuites = body.vector(2, "cipher suites")
+    cipherSuites = yield from body.vector(2, "cipher suites")
     count = cipherSuites.end - cipherSuites.pos
     if count == 0 or count % 2:
         raise _Malformed(f"cipher suites length {count}")
-    compression = body.vector(1, "compression methods")
+    compression = yield from body.vector(1, "compression methods")
     if compression.done():
         raise _Malformed("no compression methods")
     if body.done():
         # SSL 3.0 and old TLS 1.0 clients may send no extensions at all.
         return Sniffed(None, "no SNI extension")
-    extensions = body.vector(2, "extensions")
+    extensions = yield from body.vector(2, "extensions")
     if not body.done():
         raise _Malformed("bytes after the extensions")
     seen: set[int] = set()
     hostName: bytes | None = None
     sawServerName = False
     while not extensions.done():
-        extensionType = extensions.integer(2, "extension type")
-        extension = extensions.vector(2, "extension")
+        extensionType = yield from extensions.integer(2, "extension type")
+        extension = yield from extensions.vector(2, "extension")
         if extensionType in seen:
             raise _Malformed(f"extension {extensionType} twice")
         seen.add(extensionType)
         if extensionType == _EXTENSION_SERVER_NAME:
             sawServerName = True
-            hostName = _parseServerName(extension)
+            hostName = yield from _parseServerName(extension)
     if not sawServerName:
         return Sniffed(None, "no SNI extension")
     if hostName is None:
         return Sniffed(None, "no host_name in the SNI extension")
-    return _checkName(hostName, "SNI", "invalid server name", "server name is an IP address")
+    return _checkName(hostName, "SNI", "server name")
 
 
-def _parseServerName(extension: _Reader) -> bytes | None:
+def _parseServerName(extension: _Reader) -> Generator[None, None, bytes | None]:
     """
     Read the server_name extension (RFC 6066 section 3): a non-empty list of
     (name_type, name) in which only host_name (type 0) is defined, at most
@@ -298,55 +346,98 @@ def _parseServerName(extension: _Reader) -> bytes | None:
 
     @return: the host_name's bytes, or C{None} if the list holds none.
     """
-    names = extension.vector(2, "server name list")
+    names = yield from extension.vector(2, "server name list")
     if not extension.done():
         raise _Malformed("bytes after the server name list")
     if names.done():
         raise _Malformed("empty server name list")
     hostName: bytes | None = None
     while not names.done():
-        nameType = names.integer(1, "server name type")
-        name = names.vector(2, "server name")
+        nameType = yield from names.integer(1, "server name type")
+        name = yield from names.vector(2, "server name")
         if nameType != _NAME_TYPE_HOST_NAME:
             continue
         if hostName is not None:
             raise _Malformed("two host names")
-        hostName = name.rest("server name")
+        hostName = yield from name.rest("server name")
         if not hostName:
             raise _Malformed("empty host name")
     return hostName
 
 
-def sniffHost(data: bytes, limit: int = MAX_REQUEST_HEADER_BYTES) -> Sniffed | None:
+class HostSniffer:
     """
-    Read the host from the C{Host} header of an HTTP/1.x request.
+    Reads the host from the C{Host} header of an HTTP/1.x request, fed in
+    chunks.
 
     The request line must be C{method SP request-target SP HTTP/1.x} and
     every line must end with CRLF (RFC 9112 sections 2.2 and 3); a prefix
     that cannot begin such a request is refused at once.  The header block
     must end within C{limit} bytes.  The port in the C{Host} value is
-    ignored: the caller always keeps the original port.
+    ignored: the caller always keeps the original port.  Each complete
+    line is read once; the request line is also checked byte by byte as
+    it arrives.
 
-    @param data: every byte the client has sent so far.
-    @param limit: the most bytes to wait for.
-    @return: C{None} while more bytes are needed; else a L{Sniffed} with the
-        host, or with no name and why not.
+    @ivar verdict: the verdict once there is one, else C{None}.
     """
-    view = data[:limit]
-    lines = view.split(b"\r\n")
-    partial = lines.pop()  # what follows the last CRLF: an unfinished line
-    if not lines:
-        if not _requestLinePrefix(partial):
-            return Sniffed(None, "not an HTTP request")
-        return _waitOrOver(data, limit)
-    if not _requestLine(lines[0]):
-        return Sniffed(None, "not an HTTP request")
-    host: bytes | None = None
-    for line in lines[1:]:
+
+    verdict: Sniffed | None = None
+
+    def __init__(self, limit: int = MAX_REQUEST_HEADER_BYTES) -> None:
+        self._limit = limit
+        self._consumed = 0
+        self._partial = bytearray()  # what follows the last CRLF
+        self._lines = 0
+        self._host: bytes | None = None
+        # The request line as far as it has been checked: which part
+        # (method, target, version), that part's length, the version's
+        # bytes, and whether a CR ended it.
+        self._checked = 0
+        self._part = 0
+        self._partLength = 0
+        self._version = bytearray()
+        self._carriageReturn = False
+
+    def feed(self, data: bytes) -> Sniffed | None:
+        """
+        Read the next bytes the client sent.
+
+        @return: C{None} while more bytes are needed; else a L{Sniffed}
+            with the host, or with no name and why not.
+        """
+        if self.verdict is not None:
+            return self.verdict
+        chunk = data[: self._limit - self._consumed]
+        self._consumed += len(chunk)
+        partial = self._partial
+        # A CRLF may straddle the previous chunk and this one.
+        search = max(0, len(partial) - 1)
+        partial += chunk
+        start = 0
+        while self.verdict is None:
+            end = partial.find(b"\r\n", search)
+            if end == -1:
+                break
+            self.verdict = self._line(bytes(partial[start:end]))
+            start = search = end + 2
+        del partial[:start]
+        if self.verdict is None and not self._lines:
+            self._checkRequestLinePrefix()
+        if self.verdict is None and self._consumed >= self._limit:
+            self.verdict = Sniffed(None, f"HTTP request header over {self._limit} bytes")
+        return self.verdict
+
+    def _line(self, line: bytes) -> Sniffed | None:
+        """
+        Read one complete line.
+        """
+        self._lines += 1
+        if self._lines == 1:
+            return None if _requestLine(line) else Sniffed(None, "not an HTTP request")
         if not line:
-            if host is None:
+            if self._host is None:
                 return Sniffed(None, "no Host header")
-            return _checkHostValue(host)
+            return _checkHostValue(self._host)
         name, colon, value = line.partition(b":")
         if not colon or not name or not set(name) <= _TCHAR:
             return Sniffed(None, f"malformed header line: {_excerpt(line)}")
@@ -354,16 +445,48 @@ def sniffHost(data: bytes, limit: int = MAX_REQUEST_HEADER_BYTES) -> Sniffed | N
         if _FIELD_VALUE.fullmatch(value) is None:
             return Sniffed(None, f"malformed header line: {_excerpt(line)}")
         if name.lower() == b"host":
-            if host is not None:
+            if self._host is not None:
                 return Sniffed(None, "several Host headers")
-            host = value
-    return _waitOrOver(data, limit)
+            self._host = value
+        return None
 
+    def _checkRequestLinePrefix(self) -> None:
+        """
+        Check the bytes of the unfinished request line not checked yet:
+        refuse at once what cannot become an HTTP/1.x request line.
+        """
+        partial = self._partial
+        for byte in partial[self._checked :]:
+            if not self._requestLineByte(byte):
+                self.verdict = Sniffed(None, "not an HTTP request")
+                return
+        self._checked = len(partial)
 
-def _waitOrOver(data: bytes, limit: int) -> Sniffed | None:
-    if len(data) >= limit:
-        return Sniffed(None, f"HTTP request header over {limit} bytes")
-    return None
+    def _requestLineByte(self, byte: int) -> bool:
+        if self._carriageReturn:
+            # A CR not followed by LF: the line would go on past it.
+            return False
+        if byte == _SP:
+            if not self._partLength or self._part == 2:
+                return False
+            self._part += 1
+            self._partLength = 0
+            return True
+        self._partLength += 1
+        if self._part == 0:
+            return byte in _TCHAR
+        if self._part == 1:
+            return byte in _VCHAR
+        version = self._version
+        if byte == _CR:
+            self._carriageReturn = True
+            return len(version) == len(_VERSION_PREFIX) + 1
+        if len(version) < len(_VERSION_PREFIX):
+            ok = byte == _VERSION_PREFIX[len(version)]
+        else:
+            ok = len(version) == len(_VERSION_PREFIX) and byte in _DIGITS
+        version.append(byte)
+        return ok
 
 
 def _requestLine(line: bytes) -> bool:
@@ -378,30 +501,6 @@ def _requestLine(line: bytes) -> bool:
         and bool(parts[1])
         and set(parts[1]) <= _VCHAR
         and _HTTP_VERSION.fullmatch(parts[2]) is not None
-    )
-
-
-def _requestLinePrefix(prefix: bytes) -> bool:
-    """
-    Whether C{prefix} may still become an HTTP/1.x request line, so that
-    anything else is refused without waiting for a line end.
-    """
-    if prefix.endswith(b"\r"):
-        return _requestLine(prefix[:-1])
-    parts = prefix.split(b" ")
-    if len(parts) > 3 or not set(parts[0]) <= _TCHAR:
-        return False
-    if len(parts) == 1:
-        return True
-    if not parts[0] or not set(parts[1]) <= _VCHAR:
-        return False
-    if len(parts) == 2:
-        return True
-    version = parts[2]
-    return (
-        bool(parts[1])
-        and len(version) <= 8
-        and (_HTTP_VERSION.fullmatch(version + b"HTTP/1.0"[len(version) :]) is not None)
     )
 
 
@@ -426,31 +525,42 @@ def _checkHostValue(value: bytes) -> Sniffed:
     host, colon, port = text.partition(":")
     if colon and _PORT.fullmatch(port) is None:
         return Sniffed(None, f"invalid Host header: {_excerpt(value)}")
-    return _checkName(
-        host.encode("latin-1"), "Host header", "invalid Host header", "Host header is an IP address"
-    )
+    return _checkName(host.encode("latin-1"), "Host header", "Host header")
 
 
-def _checkName(raw: bytes, source: str, invalid: str, numeric: str) -> Sniffed:
+def _checkName(raw: bytes, source: str, what: str) -> Sniffed:
     """
     Normalize a name the client sent and accept it only if it is a hostname
-    that no resolver could take for an IP address.
+    that no resolver could take for an IP address and that does not name
+    the proxy's own host.
 
     @param source: the reason to give when the name is accepted.
-    @param invalid: how to begin the reason when it is not a hostname.
-    @param numeric: how to begin the reason when it is an IP address.
+    @param what: what the name is, to begin the reason when it is refused.
     """
     try:
         name = raw.decode("ascii").lower()
     except UnicodeDecodeError:
-        return Sniffed(None, f"{invalid}: {_excerpt(raw)}")
+        return Sniffed(None, f"invalid {what}: {_excerpt(raw)}")
     if name.endswith("."):
         name = name[:-1]
     if not name or name.endswith(".") or not isValidHostname(name):
-        return Sniffed(None, f"{invalid}: {_excerpt(raw)}")
+        return Sniffed(None, f"invalid {what}: {_excerpt(raw)}")
     if _looksNumeric(name):
-        return Sniffed(None, f"{numeric}: {name}")
+        return Sniffed(None, f"{what} is an IP address: {name}")
+    if isLocalhostName(name):
+        return Sniffed(None, f"{what} is a localhost name: {name}")
     return Sniffed(name, source)
+
+
+def isLocalhostName(name: str) -> bool:
+    """
+    Whether C{name} is C{localhost} or a name under it, which resolvers
+    answer with a loopback address (RFC 6761 section 6.3): asking the proxy
+    for it would have the proxy connect to itself.
+
+    @param name: a lowercased hostname without a trailing dot.
+    """
+    return name == "localhost" or name.endswith(".localhost")
 
 
 def _looksNumeric(name: str) -> bool:
@@ -464,31 +574,110 @@ def _looksNumeric(name: str) -> bool:
     return last.isdigit() or _HEX.fullmatch(last) is not None
 
 
+class NameSniffer:
+    """
+    Reads the CONNECT target as C{--connect-target} says, from chunks fed
+    as they arrive.
+
+    In C{auto} mode a TLS handshake (first byte 0x16) is read for SNI, an
+    HTTP request (first byte an uppercase letter, as every method name
+    begins) for Host, and anything else is refused at once.
+
+    @ivar verdict: the verdict once there is one, else C{None}.
+    """
+
+    def __init__(self, mode: str) -> None:
+        """
+        @param mode: C{"sni"}, C{"host"} or C{"auto"}.
+        @raise ValueError: for an unknown mode.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown connect target mode: {mode!r}")
+        self.mode = mode
+        self._inner: ServerNameSniffer | HostSniffer | None = None
+        self._verdict: Sniffed | None = None
+        if mode == "sni":
+            self._inner = ServerNameSniffer()
+        elif mode == "host":
+            self._inner = HostSniffer()
+
+    @property
+    def verdict(self) -> Sniffed | None:
+        if self._verdict is not None:
+            return self._verdict
+        return self._inner.verdict if self._inner is not None else None
+
+    def feed(self, data: bytes) -> Sniffed | None:
+        """
+        Read the next bytes the client sent (each byte once: pass only
+        what is new).
+
+        @return: C{None} while more bytes are needed, else the verdict,
+            the same from then on.
+        """
+        if self._verdict is not None:
+            return self._verdict
+        if self._inner is None:
+            if not data:
+                return None
+            if data[0] == _CONTENT_TYPE_HANDSHAKE:
+                self._inner = ServerNameSniffer()
+            elif 0x41 <= data[0] <= 0x5A:
+                self._inner = HostSniffer()
+            else:
+                self._verdict = Sniffed(None, "neither a TLS handshake nor an HTTP request")
+                return self._verdict
+        return self._inner.feed(data)
+
+    def finish(self, reason: str) -> Sniffed:
+        """
+        Stop waiting (the sniff timeout, or the client finished sending):
+        the verdict if there is one, else no name, for C{reason}.
+        """
+        verdict = self.verdict
+        if verdict is None:
+            verdict = self._verdict = Sniffed(None, reason)
+        return verdict
+
+
+def sniffServerName(
+    data: bytes, limit: int = MAX_CLIENT_HELLO_BYTES, maxRecords: int = MAX_CLIENT_HELLO_RECORDS
+) -> Sniffed | None:
+    """
+    Read the server name from a TLS ClientHello, all at once: what
+    L{ServerNameSniffer} says after C{data}.
+
+    @param data: every byte the client has sent so far.
+    @param limit: the most bytes to wait for.
+    @param maxRecords: the most records to wait for.
+    @return: C{None} while more bytes are needed, else the verdict.
+    """
+    return ServerNameSniffer(limit, maxRecords).feed(data)
+
+
+def sniffHost(data: bytes, limit: int = MAX_REQUEST_HEADER_BYTES) -> Sniffed | None:
+    """
+    Read the host from the C{Host} header of an HTTP/1.x request, all at
+    once: what L{HostSniffer} says after C{data}.
+
+    @param data: every byte the client has sent so far.
+    @param limit: the most bytes to wait for.
+    @return: C{None} while more bytes are needed, else the verdict.
+    """
+    return HostSniffer(limit).feed(data)
+
+
 def sniffTarget(mode: str, data: bytes) -> Sniffed | None:
     """
-    Read the CONNECT target as C{--connect-target} says.
+    Read the CONNECT target as C{--connect-target} says, all at once: what
+    L{NameSniffer} says after C{data}.
 
-    @param mode: C{"sni"}, C{"host"}, or C{"auto"}: a TLS handshake (first
-        byte 0x16) is read for SNI, an HTTP request (first byte an uppercase
-        letter, as every method name begins) for Host, and anything else is
-        refused at once.
+    @param mode: C{"sni"}, C{"host"}, or C{"auto"}.
     @param data: every byte the client has sent so far.
     @return: C{None} while more bytes are needed, else the verdict.
     @raise ValueError: for an unknown mode.
     """
-    if mode == "sni":
-        return sniffServerName(data)
-    if mode == "host":
-        return sniffHost(data)
-    if mode != "auto":
-        raise ValueError(f"unknown connect target mode: {mode!r}")
-    if not data:
-        return None
-    if data[0] == _CONTENT_TYPE_HANDSHAKE:
-        return sniffServerName(data)
-    if 0x41 <= data[0] <= 0x5A:
-        return sniffHost(data)
-    return Sniffed(None, "neither a TLS handshake nor an HTTP request")
+    return NameSniffer(mode).feed(data)
 
 
 def _excerpt(data: bytes, limit: int = 40) -> str:

@@ -59,7 +59,7 @@ from shifter.nfqueue import (
     nfqnl_msg,
     parseSegment,
 )
-from shifter.sniff import sniffHost, sniffServerName, sniffTarget
+from shifter.sniff import NameSniffer, sniffHost, sniffServerName, sniffTarget
 from tests.test_nfqueue import CAPTURED_SYN_V4, CAPTURED_SYN_V6, ipv4Packet, queuedPacket
 from tests.test_sniff import realHello, withName
 
@@ -284,10 +284,13 @@ def assertSafeName(test: SynchronousTestCase, sniffed: Any) -> None:
         return
     test.assertEqual(formatAuthority(sniffed.name, 443), f"{sniffed.name}:443")
     test.assertEqual(sniffed.name, sniffed.name.lower())
+    test.assertFalse(sniffed.name == "localhost" or sniffed.name.endswith(".localhost"), sniffed.name)
 
 
 HELLOS = [realHello("www.example.test"), realHello("x" * 63 + ".test"), realHello(None),
-          withName(b"a.b"), withName(b"www.example.test\r\nX: y")]
+          withName(b"a.b"), withName(b"www.example.test\r\nX: y"), withName(b"localhost")]
+REQUESTS = [b"GET / HTTP/1.1\r\nUser-Agent: x\r\nHost: " + host + b"\r\nAccept: */*\r\n\r\n"
+            for host in (b"www.example.test", b"www.example.test:8080", b"[2001:db8::1]", b"a.localhost")]
 
 
 class SniffFuzzTests(SynchronousTestCase):
@@ -317,6 +320,25 @@ class SniffFuzzTests(SynchronousTestCase):
         for mode in ("host", "auto"):
             assertSafeName(self, sniffTarget(mode, hostile))
         assertSafeName(self, sniffHost(hostile, limit=data.draw(st.integers(0, 40000))))
+
+    @fuzz(1500)
+    @given(st.data())
+    def test_mutatedAnySplit(self, data: st.DataObject) -> None:
+        """
+        Mutated hellos and requests fed in reads cut anywhere, as Shifter
+        feeds what each read brings, give in every mode the verdict the
+        whole bytes give at once, and a safe name.
+        """
+        seed = data.draw(st.sampled_from(HELLOS + REQUESTS))
+        hostile = data.draw(mutated(seed))
+        pieces = data.draw(splits(hostile))
+        for mode in ("sni", "host", "auto"):
+            sniffer = NameSniffer(mode)
+            verdict = None
+            for piece in pieces:
+                verdict = sniffer.feed(piece)
+            self.assertEqual(verdict, sniffTarget(mode, hostile))
+            assertSafeName(self, verdict)
 
     @fuzz(2000)
     @given(st.binary(max_size=600))

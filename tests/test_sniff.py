@@ -22,8 +22,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from shifter.connect import isValidHostname
 from shifter.sniff import (
     MAX_CLIENT_HELLO_BYTES,
+    MAX_CLIENT_HELLO_RECORDS,
     MAX_REQUEST_HEADER_BYTES,
+    HostSniffer,
+    NameSniffer,
+    ServerNameSniffer,
     Sniffed,
+    isLocalhostName,
     sniffHost,
     sniffServerName,
     sniffTarget,
@@ -190,7 +195,7 @@ hostnames = st.builds(
     st.lists(st.from_regex(_LABEL, fullmatch=True), max_size=4),
     st.from_regex(_TOP_LABEL, fullmatch=True),
     st.booleans(),
-)
+).filter(lambda name: not isLocalhostName(name.lower().removesuffix(".")))
 
 _BAD_CHARACTERS = [" ", ":", "_", "/", "@", "\r", "\n", "\x00", '"', "%", "*", "é", "\x7f", "\t"]
 
@@ -507,14 +512,37 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         message = b"".join(fragments(realHello("tiny.example.test")))
         hello = frame(message, [1] * len(message))
         self.assertLess(len(hello), MAX_CLIENT_HELLO_BYTES)
-        self.assertEqual(sniffServerName(hello), Sniffed("tiny.example.test", "SNI"))
+        many = len(message)
         self.assertEqual(
-            sniffServerName(hello, limit=4 * len(message)),
+            sniffServerName(hello, maxRecords=many), Sniffed("tiny.example.test", "SNI")
+        )
+        self.assertEqual(
+            sniffServerName(hello, limit=4 * len(message), maxRecords=many),
             Sniffed(None, f"ClientHello over {4 * len(message)} bytes"),
         )
         self.assertEqual(
-            sniffServerName(hello, limit=6 * len(message)), Sniffed("tiny.example.test", "SNI")
+            sniffServerName(hello, limit=6 * len(message), maxRecords=many),
+            Sniffed("tiny.example.test", "SNI"),
         )
+
+    def test_recordCount(self) -> None:
+        """
+        A hello in more records than the cap is refused when the record one
+        past the cap begins, without waiting for the rest; one in exactly
+        as many is read.
+        """
+        message = b"".join(fragments(realHello("count.example.test")))
+        cap = MAX_CLIENT_HELLO_RECORDS
+        sizes = [1] * (cap - 1)
+        exact = frame(message, sizes + [len(message)])
+        self.assertEqual(len(fragments(exact)), cap)
+        self.assertEqual(sniffServerName(exact), Sniffed("count.example.test", "SNI"))
+        over = frame(message, sizes + [1])
+        refused = Sniffed(None, f"ClientHello in more than {cap} records")
+        pastCap = 6 * cap
+        self.assertEqual(sniffServerName(over[: pastCap + 5]), refused)
+        self.assertIsNone(sniffServerName(over[: pastCap + 4]))
+        self.assertEqual(sniffServerName(over, maxRecords=3), Sniffed(None, "ClientHello in more than 3 records"))
 
     @given(st.integers(0, 255).filter(lambda b: b != 0x16))
     def test_notTLSAtOnce(self, first: int) -> None:
@@ -637,6 +665,166 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
             else Sniffed(None, f"ClientHello over {limit} bytes")
         )
         self.assertEqual(sniffServerName(hello, limit=limit), expected)
+
+
+class CountingBytes(bytes):
+    """
+    Bytes that count how many of themselves are sliced out, to check that a
+    sniffer reads each byte it is fed once.
+    """
+
+    sliced = 0
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def, override]
+        value = super().__getitem__(index)
+        if isinstance(index, slice):
+            type(self).sliced += len(value)
+        return value
+
+
+class IncrementalTests(SafeNameMixin, SynchronousTestCase):
+    def feedAll(self, sniffer, pieces: list[bytes]):  # type: ignore[no-untyped-def]
+        verdicts = [sniffer.feed(piece) for piece in pieces]
+        firstVerdict = next((at for at, v in enumerate(verdicts) if v is not None), len(verdicts))
+        self.assertEqual(verdicts[firstVerdict:], [verdicts[-1]] * (len(verdicts) - firstVerdict))
+        return verdicts[-1] if verdicts else None
+
+    def test_oneByteReads(self) -> None:
+        """
+        A hello fed one byte at a time gives no verdict until its last byte,
+        then the name, and the same verdict for whatever follows.
+        """
+        hello = realHello("bytes.example.test")
+        sniffer = ServerNameSniffer()
+        for byte in hello[:-1]:
+            self.assertIsNone(sniffer.feed(bytes([byte])))
+        self.assertEqual(sniffer.feed(hello[-1:]), Sniffed("bytes.example.test", "SNI"))
+        self.assertEqual(sniffer.feed(b"\x17anything"), Sniffed("bytes.example.test", "SNI"))
+        self.assertEqual(sniffer.verdict, Sniffed("bytes.example.test", "SNI"))
+
+    def test_eachByteReadOnce(self) -> None:
+        """
+        However a hello or a request head is cut into reads, each byte fed
+        is taken out of its read at most once: nothing is parsed again when
+        more arrives.
+        """
+        message = b"".join(fragments(realHello("once.example.test")))
+        tinyRecords = frame(message, [1] * MAX_CLIENT_HELLO_RECORDS)
+        head = request(headers=[(b"X-Pad", b"p" * 300)] * 5)
+        for data, sniffer in [
+            (tinyRecords, ServerNameSniffer()),
+            (realHello("once.example.test"), NameSniffer("auto")),
+            (head, HostSniffer()),
+            (head, NameSniffer("auto")),
+        ]:
+            CountingBytes.sliced = 0
+            for at in range(len(data)):
+                sniffer.feed(CountingBytes(data[at : at + 1]))
+            self.assertIsNotNone(sniffer.verdict)
+            self.assertLessEqual(CountingBytes.sliced, len(data))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.data())
+    def test_anySplitSameVerdict(self, data: st.DataObject) -> None:
+        """
+        Fed in reads cut anywhere, each sniffer gives the verdict it gives
+        for all the bytes at once, from the read where that verdict's last
+        byte arrives on.
+        """
+        whole = data.draw(
+            st.one_of(
+                st.sampled_from(
+                    [
+                        realHello("split.example.test"),
+                        frame(bigHello("split.example.test", 3000), [10, 1, 200]),
+                        request(),
+                        request(b"localhost"),
+                    ]
+                ),
+                st.binary(max_size=200),
+            )
+        )
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(whole)), max_size=8)))
+        pieces = [whole[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)])]
+        for make, atOnce in [
+            (ServerNameSniffer, sniffServerName),
+            (HostSniffer, sniffHost),
+            *[(lambda m=mode: NameSniffer(m), lambda d, m=mode: sniffTarget(m, d)) for mode in ("sni", "host", "auto")],
+        ]:
+            verdict = self.feedAll(make(), pieces)
+            self.assertEqual(verdict, atOnce(whole))
+            self.assertSafe(verdict)
+
+    def test_finish(self) -> None:
+        """
+        Finishing before a verdict gives no name with the reason given, and
+        that verdict stays; finishing after one gives that one.
+        """
+        hello = realHello("finish.example.test")
+        sniffer = NameSniffer("sni")
+        sniffer.feed(hello[:10])
+        self.assertEqual(sniffer.finish("timed out"), Sniffed(None, "timed out"))
+        self.assertEqual(sniffer.feed(hello[10:]), Sniffed(None, "timed out"))
+        done = NameSniffer("auto")
+        done.feed(hello)
+        self.assertEqual(done.finish("timed out"), Sniffed("finish.example.test", "SNI"))
+        self.assertEqual(NameSniffer("auto").finish("nothing"), Sniffed(None, "nothing"))
+
+    def test_hostBytesPastLimitIgnored(self) -> None:
+        """
+        The Host sniffer reads no byte past its limit, however they arrive.
+        """
+        head = request()
+        sniffer = HostSniffer(limit=len(head))
+        CountingBytes.sliced = 0
+        self.assertEqual(
+            sniffer.feed(CountingBytes(head + b"x" * 10000)), Sniffed("www.example.test", "Host header")
+        )
+        self.assertEqual(CountingBytes.sliced, len(head))
+
+
+class LocalhostTests(SynchronousTestCase):
+    refused = ["localhost", "LOCALHOST", "localhost.", "a.localhost", "x.y.LocalHost."]
+    allowed = ["localhost.example.test", "notlocalhost", "localhosts", "localhost-1.test"]
+
+    def test_predicate(self) -> None:
+        """
+        C{localhost} and names under it are localhost names; names that
+        only look alike are not.
+        """
+        for name in ["localhost", "a.localhost", "b.a.localhost"]:
+            self.assertTrue(isLocalhostName(name), name)
+        for name in self.allowed:
+            self.assertFalse(isLocalhostName(name), name)
+
+    def test_serverName(self) -> None:
+        """
+        A server name that is C{localhost} or under it is refused: the
+        proxy would connect to itself.
+        """
+        for name in self.refused:
+            expected = name.lower().removesuffix(".")
+            self.assertEqual(
+                sniffServerName(withName(name.encode())),
+                Sniffed(None, f"server name is a localhost name: {expected}"),
+            )
+        for name in self.allowed:
+            self.assertEqual(sniffServerName(withName(name.encode())), Sniffed(name, "SNI"))
+
+    def test_hostHeader(self) -> None:
+        """
+        A Host header that is C{localhost} or under it, with or without a
+        port, is refused.
+        """
+        for name in self.refused:
+            expected = name.lower().removesuffix(".")
+            for value in (name, name + ":8080"):
+                self.assertEqual(
+                    sniffHost(request(value.encode())),
+                    Sniffed(None, f"Host header is a localhost name: {expected}"),
+                )
+        for name in self.allowed:
+            self.assertEqual(sniffHost(request(name.encode())), Sniffed(name, "Host header"))
 
 
 def request(
