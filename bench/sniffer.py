@@ -1,16 +1,24 @@
 """
 What a hostile client costs the name sniffer (C{--connect-target sni}).
 
-A real Shifter on a gateway in network namespaces (tests/gateway.py: client,
-gateway with Squid on loopback, server with an echo server on port 443),
-with C{--connect-target sni}.  The hostile client sends a ClientHello of
-about 5 KB as one-byte TLS records, one record per C{send()} with
-C{TCP_NODELAY} (one per TCP segment), then reads the echo of every byte
-through the tunnel.  Measured:
+Real Shifters on a gateway in network namespaces (tests/gateway.py: client,
+gateway with Squid on loopback, server with echo servers): one with
+C{--connect-target sni} for port 443, one with C{--connect-target ip} for
+port 8443, the same in every other way.  The hostile client sends a
+ClientHello of about 5 KB as one-byte TLS records, one record per
+C{send()} with C{TCP_NODELAY} (one per TCP segment, C{--gap} apart so that
+each is a read of its own), then reads the echo of every byte through the
+tunnel.  Measured:
 
   - Shifter's CPU time for one such connection, from the kernel's count
     of its on-CPU time (C{/proc/PID/task/*/schedstat}, nanoseconds) before
-    the connection and after it has ended, one connection after another;
+    the connection and after it has ended, one connection after another:
+    with C{sni}, and with C{ip} (where no sniffing happens: what relaying
+    the same thousands of segments costs), and the difference, which is
+    the sniffer's share;
+  - the sniffing alone, in this process: the hostile hello's records
+    given to the sniffer one per read, as the tunnel of the source tree
+    does it, in CPU time;
   - the first-byte latency of ordinary connections (a real one-record
     ClientHello, then the first byte of its echo) made one after another,
     alone and then while hostile clients keep connecting, and the
@@ -42,9 +50,10 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT))
 
 HOSTILE_NAME = "hostile.example.test"
+# The destination port redirected to the Shifter that does not sniff.
+IP_PORT = 8443
 ORDINARY_NAME = "ordinary.example.test"
 # A reserved (GREASE) extension type: OpenSSL may already send padding (21).
 _FILLER_EXTENSION = 0x0A0A
@@ -187,6 +196,45 @@ def cpuNanoseconds(pid: int) -> int:
     return total
 
 
+def sniffOnly(size: int) -> dict[str, float]:
+    """
+    The CPU time of sniffing the hostile hello fed one record per read, as
+    the tunnel of the Shifter found on the path does it: fed each read
+    once (L{shifter.sniff.NameSniffer}), or, in older trees, every byte so
+    far parsed again at each read.
+    """
+    from shifter import sniff
+
+    message = clientHello(HOSTILE_NAME, size)
+    records = [b"\x16\x03\x01\x00\x01" + bytes([byte]) for byte in message]
+    results = {}
+    if hasattr(sniff, "NameSniffer"):
+        runs = {
+            f"{len(records)} reads, as the tunnel feeds them (cap of "
+            f"{sniff.MAX_CLIENT_HELLO_RECORDS} records)": lambda: sniff.NameSniffer("sni"),
+            f"{len(records)} reads, with no record cap (all {len(records)} records parsed)":
+                lambda: sniff.ServerNameSniffer(maxRecords=len(records)),
+        }
+        for label, make in runs.items():
+            started = time.process_time()
+            sniffer = make()
+            for record in records:
+                if sniffer.feed(record) is not None:
+                    break
+            results[label] = time.process_time() - started
+    else:
+        started = time.process_time()
+        early: list[bytes] = []
+        for record in records:
+            early.append(record)
+            if sniff.sniffTarget("sni", b"".join(early)) is not None:
+                break
+        results[f"{len(records)} reads, every byte so far parsed again at each read"] = (
+            time.process_time() - started
+        )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default=str(PROJECT), help="the Shifter source tree to run")
@@ -198,6 +246,7 @@ def main() -> None:
                         help="seconds between the hostile client's segments (default 100 us; 0 for none)")
     args = parser.parse_args()
 
+    sys.path.insert(0, str(PROJECT))
     from tests.gateway import SERVER_V4, SHIFTER_PORT, SQUID_PORT, VENV_BIN, Gateway, Squid, waitFor
 
     here = str(Path(__file__).resolve())
@@ -209,41 +258,58 @@ def main() -> None:
         net = Gateway(directory)
         try:
             net.redirect(443)
+            net.redirect(IP_PORT, toPort=SHIFTER_PORT + 1)
             hosts = directory / "hosts"
             hosts.write_text(f"{SERVER_V4} {HOSTILE_NAME} {ORDINARY_NAME}\n")
-            squid = Squid(net.gateway, directory / "squid", extra=f"hosts_file {hosts}\n")
-            squid.start()
-            net.server.start(sys.executable, peer, "echo", "443", logTo=directory / "echo.log")
-            net.server.waitListening(443)
-            log = directory / "shifter.log"
-            env = dict(os.environ, PYTHONPATH=args.source)
-            shifter = net.gateway.start(
-                str(VENV_BIN / "twistd"), "-n", "--pidfile=", f"--logfile={log}", "shifter",
-                "--listen", f"tcp:{SHIFTER_PORT}", "--proxy", f"127.0.0.1:{SQUID_PORT}",
-                "--connect-target", "sni",
-                logTo=directory / "shifter.out", env=env,
+            squid = Squid(
+                net.gateway, directory / "squid",
+                extra=f"hosts_file {hosts}\nacl SSL_ports port {IP_PORT}\n",
             )
-            waitFor(lambda: shifter.poll() is not None or "accepting" in _text(log), 30, "Shifter")
-            if shifter.poll() is not None:
-                raise SystemExit(f"Shifter did not start:\n{_text(log)}")
+            squid.start()
+            for port in (443, IP_PORT):
+                net.server.start(sys.executable, peer, "echo", str(port), logTo=directory / f"echo-{port}.log")
+                net.server.waitListening(port)
+            env = dict(os.environ, PYTHONPATH=args.source)
+            shifters = {}
+            for target, port in (("sni", SHIFTER_PORT), ("ip", SHIFTER_PORT + 1)):
+                log = directory / f"shifter-{target}.log"
+                process = net.gateway.start(
+                    str(VENV_BIN / "twistd"), "-n", "--pidfile=", f"--logfile={log}", "shifter",
+                    "--listen", f"tcp:{port}", "--proxy", f"127.0.0.1:{SQUID_PORT}",
+                    "--connect-target", target,
+                    logTo=directory / f"shifter-{target}.out", env=env,
+                )
+                waitFor(lambda: process.poll() is not None or "accepting" in _text(log), 30, "Shifter")
+                if process.poll() is not None:
+                    raise SystemExit(f"Shifter did not start:\n{_text(log)}")
+                shifters[target] = (process, log)
+            shifter, log = shifters["sni"]
 
             def client(*argv: str, timeout: float = 600) -> object:
                 out = net.client.run(sys.executable, here, "client", *argv, timeout=timeout)
                 return json.loads(out.stdout)
 
-            # 1. Shifter's CPU for one hostile connection, one at a time.
-            costs = []
+            # 1. Shifter's CPU for one hostile connection, one at a time,
+            # alternately with sni and with ip.
+            costs: dict[str, list[float]] = {"sni": [], "ip": []}
             for _ in range(args.hostile):
-                ended = _ended(log)
-                before = cpuNanoseconds(shifter.pid)
-                result = client("hostile", SERVER_V4, "443", str(args.size), str(args.gap))
-                waitFor(lambda: _ended(log) > ended, 30, "the tunnel's log line")
-                time.sleep(0.2)
-                costs.append((cpuNanoseconds(shifter.pid) - before) / 1e6)
-                print(f"hostile connection: {costs[-1]:8.1f} ms of Shifter CPU, "
-                      f"{result['seconds']:.3f} s, {result['message']} byte hello in "
-                      f"{result['message']} records, echo {'complete' if result['complete'] else 'INCOMPLETE'}",
-                      flush=True)
+                for target, port in (("sni", 443), ("ip", IP_PORT)):
+                    process, targetLog = shifters[target]
+                    ended = _ended(targetLog)
+                    before = cpuNanoseconds(process.pid)
+                    result = client("hostile", SERVER_V4, str(port), str(args.size), str(args.gap))
+                    waitFor(lambda: _ended(targetLog) > ended, 30, "the tunnel's log line")
+                    time.sleep(0.2)
+                    costs[target].append((cpuNanoseconds(process.pid) - before) / 1e6)
+                    print(f"hostile connection, --connect-target {target:3}: {costs[target][-1]:8.1f} ms "
+                          f"of Shifter CPU, {result['seconds']:.3f} s, {result['message']} byte hello in "
+                          f"{result['message']} records, echo "
+                          f"{'complete' if result['complete'] else 'INCOMPLETE'}", flush=True)
+            print(_lastLine(shifters["sni"][1], " closed ("))
+            inProcess = json.loads(subprocess.run(
+                [sys.executable, here, "sniff-only", str(args.size)],
+                env=env, capture_output=True, text=True, check=True,
+            ).stdout)
 
             # 2. Ordinary first-byte latency, alone.
             alone = client("ordinary", SERVER_V4, "443", str(args.ordinary))
@@ -265,9 +331,16 @@ def main() -> None:
 
             print(f"\nShifter source: {args.source}")
             print(f"hostile connection ({args.size} byte ClientHello, 1-byte records "
-                  f"{args.gap * 1e6:g} us apart): "
-                  f"Shifter CPU median {statistics.median(costs):.1f} ms "
-                  f"(min {min(costs):.1f}, max {max(costs):.1f}, {len(costs)} connections)")
+                  f"{args.gap * 1e6:g} us apart), Shifter CPU:")
+            for target in ("sni", "ip"):
+                spent = costs[target]
+                print(f"  --connect-target {target:3}: median {statistics.median(spent):7.1f} ms "
+                      f"(min {min(spent):.1f}, max {max(spent):.1f}, {len(spent)} connections)")
+            print(f"  the sniffer's share (sni - ip, medians): "
+                  f"{statistics.median(costs['sni']) - statistics.median(costs['ip']):+.1f} ms")
+            print(f"the sniffing alone, in one process, one record per read as the tunnel feeds it:")
+            for label, seconds in inProcess.items():
+                print(f"  {label}: {seconds * 1e3:.2f} ms CPU")
             for label, times in (("alone", alone), (f"with {args.parallel} hostile clients", meanwhile)):
                 q = statistics.quantiles(times, n=20)
                 print(f"ordinary first byte, {label:24}: median {statistics.median(times) * 1e3:8.3f} ms, "
@@ -279,6 +352,14 @@ def main() -> None:
                   f"({loop['complete']} echoed completely), Shifter busy {busy * 100:.0f}% of one CPU")
         finally:
             net.destroy()
+
+
+def _lastLine(log: Path, fragment: str) -> str:
+    """
+    The last line of C{log} holding C{fragment}.
+    """
+    lines = [line for line in _text(log).splitlines() if fragment in line]
+    return lines[-1] if lines else f"(no line with {fragment!r})"
 
 
 def _ended(log: Path) -> int:
@@ -296,5 +377,7 @@ def _text(path: Path) -> str:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["client"]:
         clientMain(sys.argv[2:])
+    elif sys.argv[1:2] == ["sniff-only"]:
+        print(json.dumps(sniffOnly(int(sys.argv[2]))))
     else:
         main()
