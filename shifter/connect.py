@@ -20,6 +20,11 @@ _FIELD_VALUE = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                        r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?")
 _PREFIX = b"HTTP/"
+# Control characters (C0, DEL, C1) and every kind of whitespace.
+_UNSAFE = re.compile(r"[\x00-\x20\x7f-\xa0\s]")
+_HEX_LABEL = re.compile(r"0x[0-9a-f]*")
+_HEADER_NAME_TEXT = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_TEXT = re.compile(r"[\t\x20-\x7e]*")
 
 
 class ProxyResponseError(Exception):
@@ -63,26 +68,77 @@ def isValidHostname(name: str) -> bool:
     return _HOSTNAME.fullmatch(name) is not None
 
 
-def formatAuthority(host: str, port: int) -> str:
+class InvalidAuthority(ValueError):
     """
-    Format C{host:port} for a CONNECT request target, with IPv6 literals in
-    brackets.
+    A host or port that must not go into a CONNECT request; the message
+    says why, for the log line.
+    """
 
-    @raise ValueError: if C{host} is neither an IP address nor a valid
-        hostname, or C{port} is out of range, so that nothing can be
-        injected into the request.
+
+def checkHost(host: str) -> str:
     """
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range: {port!r}")
+    The one check every host Shifter asks a proxy for goes through: the
+    destination's address, a sniffed name, a policy's target.
+
+    Accepted: an IPv4 address in dotted-quad form, an IPv6 address
+    (written back compressed), or a DNS hostname (L{isValidHostname})
+    whose last label is not a number (C{127.1} or C{0x7f000001} would be
+    read as an IPv4 address by the proxy's resolver).  Refused: anything
+    else, an IPv6 zone ID (C{fe80::1%eth0}: it means nothing to the proxy,
+    and Python's parser accepts any text after the C{%}), and any control
+    character or whitespace.
+
+    @return: the host as it goes into the request.
+    @raise InvalidAuthority: with the reason.
+    """
+    if not isinstance(host, str):
+        raise InvalidAuthority(f"host is not text: {host!r}")
+    if not host:
+        raise InvalidAuthority("empty host")
+    if _UNSAFE.search(host):
+        raise InvalidAuthority(f"control character or whitespace in host {host!r}")
+    if "%" in host:
+        raise InvalidAuthority(f"IPv6 zone ID in host {host!r}")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        if not isValidHostname(host):
-            raise ValueError(f"not an IP address or hostname: {host!r}") from None
-        return f"{host}:{port}"
-    if address.version == 6:
-        return f"[{address.compressed}]:{port}"
-    return f"{address}:{port}"
+        pass
+    else:
+        return address.compressed
+    if not isValidHostname(host):
+        raise InvalidAuthority(f"not an IP address or hostname: {host!r}")
+    last = host.removesuffix(".").rsplit(".", 1)[-1].lower()
+    if last.isdigit() or _HEX_LABEL.fullmatch(last):
+        raise InvalidAuthority(f"hostname that reads as an IPv4 address: {host!r}")
+    return host
+
+
+def checkPort(port: int) -> int:
+    """
+    A TCP port for a CONNECT request: an integer from 1 to 65535.
+
+    @raise InvalidAuthority: with the reason.
+    """
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise InvalidAuthority(f"port is not an integer: {port!r}")
+    if not 0 < port < 65536:
+        raise InvalidAuthority(f"port out of range: {port!r}")
+    return port
+
+
+def formatAuthority(host: str, port: int) -> str:
+    """
+    Format C{host:port} for a CONNECT request target, with IPv6 literals in
+    brackets, after L{checkHost} and L{checkPort}.
+
+    @raise InvalidAuthority: (a C{ValueError}) if C{host} or C{port} is
+        refused, so that nothing can be injected into the request.
+    """
+    port = checkPort(port)
+    host = checkHost(host)
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
 
 
 def formatConnectRequest(
@@ -91,12 +147,18 @@ def formatConnectRequest(
     """
     Build the CONNECT request for C{host:port}, with its C{Host} header and
     any extra C{headers} (for example C{Proxy-Authorization}).
+
+    @raise InvalidAuthority: if the host or port is refused.
+    @raise ValueError: if a header's name is not a token or its value holds
+        anything but visible ASCII, spaces and tabs.
     """
     authority = formatAuthority(host, port)
     lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
     for name, value in headers or ():
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-            raise ValueError(f"line break in header {name!r}")
+        if _HEADER_NAME_TEXT.fullmatch(name) is None:
+            raise ValueError(f"invalid header name {name!r}")
+        if _HEADER_VALUE_TEXT.fullmatch(value) is None:
+            raise ValueError(f"control character, line break or non-ASCII in header {name!r}")
         lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 

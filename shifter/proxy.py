@@ -160,6 +160,12 @@ def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ig
 
 
 def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  # type: ignore[no-untyped-def]
+    from shifter.connect import checkHost
+
+    try:
+        checkHost(host)
+    except ValueError as e:
+        raise ValueError(f"proxy host in {description!r}: {e}") from None
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
