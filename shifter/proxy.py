@@ -52,6 +52,9 @@ class UpstreamProxy:
     @ivar direct: for a plain TCP proxy at a known C{address}, how
         L{shifter.connector} reaches it, cheaper per connection than the
         endpoint, which stays for everything else.
+    @ivar host: the IP address or hostname it is reached at, as configured;
+        C{None} for a non-TCP endpoint.
+    @ivar port: its TCP port; C{None} for a non-TCP endpoint.
     """
 
     description: str
@@ -60,6 +63,8 @@ class UpstreamProxy:
     auth: ProxyAuth | None = None
     passClient: str = "none"
     direct: DirectTCP | None = None
+    host: str | None = None
+    port: int | None = None
 
 
 def parseProxy(  # type: ignore[no-untyped-def]
@@ -94,7 +99,10 @@ def parseProxy(  # type: ignore[no-untyped-def]
             endpoint = clientFromString(reactor, value)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"invalid proxy endpoint {value!r}: {e}") from None
-        return UpstreamProxy(value, endpoint, _endpointAddress(endpoint), _auth(credentials), passClient)
+        host, port = _endpointHostPort(value) or (None, None)
+        return UpstreamProxy(
+            value, endpoint, _literalAddress(host, port), _auth(credentials), passClient, host=host, port=port
+        )
     host = match.group("v6") or match.group("host")
     if match.group("v6"):
         _checkIPv6(host, value)
@@ -156,7 +164,7 @@ def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ig
     else:
         trustRoot = platformTrust()
     tls = wrapClientTLS(optionsForClientTLS(host, trustRoot=trustRoot), plain.endpoint)
-    return UpstreamProxy(f"https://{authority}", tls, plain.address, plain.auth)
+    return UpstreamProxy(f"https://{authority}", tls, plain.address, plain.auth, host=plain.host, port=plain.port)
 
 
 def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  # type: ignore[no-untyped-def]
@@ -171,7 +179,9 @@ def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  
     except ValueError:
         # A hostname: TCP4ClientEndpoint resolves it through the reactor's
         # resolver when connecting.
-        return UpstreamProxy(description, TCP4ClientEndpoint(reactor, host, port), None, _auth(credentials))
+        return UpstreamProxy(
+            description, TCP4ClientEndpoint(reactor, host, port), None, _auth(credentials), host=host, port=port
+        )
     endpoint: IStreamClientEndpoint
     if address.version == 6:
         endpoint = TCP6ClientEndpoint(reactor, address.compressed, port)
@@ -181,7 +191,10 @@ def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  
         direct = DirectTCP(reactor.reactor, address.compressed, port, reactor.mark)
     else:
         direct = DirectTCP(reactor, address.compressed, port)
-    return UpstreamProxy(description, endpoint, (address.compressed, port), _auth(credentials), direct=direct)
+    return UpstreamProxy(
+        description, endpoint, (address.compressed, port), _auth(credentials), direct=direct,
+        host=address.compressed, port=port,
+    )
 
 
 def _port(text: str, value: str) -> int:
@@ -226,20 +239,59 @@ def readCredentials(path: str) -> Credentials:
     return Credentials(username, password)
 
 
-def _endpointAddress(endpoint: IStreamClientEndpoint) -> tuple[str, int] | None:
+# The client endpoint kinds that reach a proxy over TCP, and the
+# positional arguments that name its host and port.
+_TCP_ENDPOINTS = ("tcp", "tcp6", "ssl", "tls")
+
+
+def _endpointHostPort(description: str) -> tuple[str, int] | None:
     """
-    The (IP address, port) a TCP client endpoint connects to, if its host is
-    an IP literal.
+    The host and port a TCP client endpoint string names
+    (C{tcp:host=10.0.0.5:port=3128}, C{tcp:10.0.0.5:3128},
+    C{tcp6:host=2001\\:db8\\:\\:5:port=3128}, C{tls:...}, C{ssl:...}),
+    read from the string as Twisted's grammar has it (arguments split at
+    colons, C{key=value} or positional, backslash escapes); C{None} for
+    other kinds or when the string names none.
     """
-    host = getattr(endpoint, "_host", None)
-    port = getattr(endpoint, "_port", None)
-    if not isinstance(host, str) or not isinstance(port, int):
+    parts: list[tuple[str, str | None]] = []
+    current: list[str] = []
+    key: str | None = None
+    escaped = False
+    for char in description + ":":
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(("".join(current), key) if key is None else (key, "".join(current)))
+            current, key = [], None
+        elif char == "=" and key is None:
+            key, current = "".join(current), []
+        else:
+            current.append(char)
+    kind = parts[0][0] if parts and parts[0][1] is None else ""
+    if kind not in _TCP_ENDPOINTS:
+        return None
+    positional = [name for name, value in parts[1:] if value is None]
+    keywords = {name: value for name, value in parts[1:] if value is not None}
+    host = keywords.get("host", positional[0] if positional else None)
+    portText = keywords.get("port", positional[1] if len(positional) > 1 else None)
+    if not host or portText is None or not portText.isdigit() or not 0 < int(portText) < 65536:
+        return None
+    return host, int(portText)
+
+
+def _literalAddress(host: str | None, port: int | None) -> tuple[str, int] | None:
+    """
+    (host, port) with the host compressed, if C{host} is an IP literal.
+    """
+    if host is None or port is None:
         return None
     try:
-        return ipaddress.ip_address(host).compressed, port
+        return ipaddress.ip_address(host.split("%", 1)[0]).compressed, port
     except ValueError:
         return None
-
 
 
 

@@ -1,0 +1,369 @@
+"""
+Tests for L{shifter.destinations}: the addresses Shifter never tunnels to,
+and every address of every upstream proxy, kept current and failing closed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.names import hosts
+from twisted.names.error import DomainError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from shifter.destinations import (
+    ProxyAddresses,
+    ProxyTarget,
+    alwaysKnown,
+    destinationRefusal,
+    isRefusedDestination,
+    proxyTargets,
+    readLocalAddresses,
+    resolveAll,
+)
+from shifter.proxy import _endpointHostPort, parseProxy
+
+LOCAL = ("192.0.2.1", "203.0.113.1", "2001:db8:1::1")
+
+
+class DestinationRefusalTests(SynchronousTestCase):
+    def test_refused(self) -> None:
+        """
+        Loopback, unspecified, multicast, broadcast and link-local
+        destinations are refused, IPv4 and IPv6, with the kind in the
+        reason.
+        """
+        for host, kind in [
+            ("127.0.0.1", "a loopback"),
+            ("127.255.0.9", "a loopback"),
+            ("::1", "a loopback"),
+            ("0.0.0.0", "an unspecified"),
+            ("0.1.2.3", "an unspecified"),
+            ("::", "an unspecified"),
+            ("224.0.0.1", "a multicast"),
+            ("239.255.255.250", "a multicast"),
+            ("ff02::1", "a multicast"),
+            ("255.255.255.255", "a broadcast"),
+            ("169.254.169.254", "a link-local"),
+            ("fe80::1", "a link-local"),
+            ("febf::1", "a link-local"),
+        ]:
+            expected = ipaddress.ip_address(host).compressed
+            self.assertEqual(destinationRefusal(host), f"destination {expected} is {kind} address")
+
+    def test_mappedJudgedAsIPv4(self) -> None:
+        """
+        IPv4-mapped IPv6 addresses are judged, and named, by the IPv4
+        address they carry.
+        """
+        self.assertEqual(destinationRefusal("::ffff:127.0.0.1"), "destination 127.0.0.1 is a loopback address")
+        self.assertEqual(
+            destinationRefusal("::ffff:169.254.169.254"), "destination 169.254.169.254 is a link-local address"
+        )
+        self.assertIsNone(destinationRefusal("::ffff:203.0.113.7"))
+
+    def test_allowed(self) -> None:
+        """
+        Ordinary unicast destinations, private ones included, pass.
+        """
+        for host in ["203.0.113.7", "10.0.0.1", "192.168.1.1", "2001:db8::7", "fd00::1", "100.64.0.1"]:
+            self.assertIsNone(destinationRefusal(host), host)
+            self.assertFalse(isRefusedDestination(host))
+
+    def test_notAnAddress(self) -> None:
+        """
+        Anything that is not an address, zone IDs included, is refused.
+        """
+        for host in ["fe80::1%eth0", "www.example.test", ""]:
+            self.assertIn("is not an IP address", destinationRefusal(host))
+
+    @settings(max_examples=500)
+    @given(st.ip_addresses(v=4))
+    def test_mappedAlwaysAgrees(self, address: ipaddress.IPv4Address) -> None:
+        """
+        An IPv4 address and its IPv4-mapped form always get the same
+        verdict, and exactly the special addresses are refused.
+        """
+        verdict = destinationRefusal(str(address))
+        self.assertEqual(destinationRefusal(f"::ffff:{address}"), verdict)
+        special = (
+            address.is_loopback or address.is_multicast or address.is_link_local
+            or address in ipaddress.IPv4Network("0.0.0.0/8") or str(address) == "255.255.255.255"
+        )
+        self.assertEqual(verdict is not None, special)
+
+    @settings(max_examples=500)
+    @given(st.ip_addresses(v=6))
+    def test_ipv6(self, address: ipaddress.IPv6Address) -> None:
+        """
+        An IPv6 address is refused exactly when it is special.
+        """
+        if address.ipv4_mapped is not None:
+            return
+        special = address.is_loopback or address.is_multicast or address.is_link_local or address.is_unspecified
+        self.assertEqual(destinationRefusal(str(address)) is not None, special)
+
+
+class FakeNames:
+    """
+    A C{twisted.names} resolver answering from a hosts file of the test's,
+    or failing, or waiting, as the test says.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.waiting: list[Deferred] = []
+        self.hold = False
+        self.broken = False
+
+    def write(self, text: str) -> None:
+        self.path.write_text(text)
+
+    def _lookup(self, method: str, name: str) -> Deferred:
+        if self.broken:
+            return fail(DomainError(name))
+        if self.hold:
+            d: Deferred = Deferred()
+            self.waiting.append(d)
+            return d
+        return getattr(hosts.Resolver(file=str(self.path)), method)(name)
+
+    def lookupAddress(self, name: str) -> Deferred:
+        return self._lookup("lookupAddress", name)
+
+    def lookupIPV6Address(self, name: str) -> Deferred:
+        return self._lookup("lookupIPV6Address", name)
+
+
+class ProxyAddressesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.names = FakeNames(Path(self.mktemp()))
+        self.names.write("198.51.100.3 squid.lan\n2001:db8:5::3 squid.lan\n192.0.2.1 gw.lan\n")
+        self.local: Deferred | frozenset = frozenset(LOCAL)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def localAddresses(self) -> Deferred:
+        if isinstance(self.local, Deferred):
+            return self.local
+        if isinstance(self.local, Exception):
+            return fail(self.local)
+        return succeed(self.local)
+
+    def make(self, *proxies: str) -> ProxyAddresses:
+        parsed = [parseProxy(proxy, self.clock) for proxy in proxies]
+        return ProxyAddresses(parsed, self.clock, self.names, self.localAddresses, refreshInterval=60)
+
+    def test_literalProxy(self) -> None:
+        """
+        A proxy given by address is refused as a destination at once, on
+        its port only; IPv4-mapped forms too.
+        """
+        addresses = self.make("198.51.100.3:3128")
+        addresses.start()
+        self.assertEqual(addresses.refusal("198.51.100.3", 3128), "destination is an upstream proxy itself")
+        self.assertTrue(addresses.isProxyDestination("::ffff:198.51.100.3", 3128))
+        self.assertFalse(addresses.isProxyDestination("198.51.100.3", 443))
+        self.assertFalse(addresses.isProxyDestination("198.51.100.4", 3128))
+
+    def test_hostnameFailsClosedUntilKnown(self) -> None:
+        """
+        Before a proxy's hostname is resolved, every destination on its
+        port is refused, and the reason says why; other ports pass.
+        """
+        self.names.hold = True
+        addresses = self.make("http://squid.lan:3128")
+        started = addresses.start()
+        self.assertFalse(started.called)
+        reason = addresses.refusal("203.0.113.7", 3128)
+        self.assertEqual(
+            reason, "destination is on the port of proxy squid.lan:3128, whose address is not known yet"
+        )
+        self.assertIsNone(addresses.refusal("203.0.113.7", 443))
+
+    def test_hostnameResolved(self) -> None:
+        """
+        Once resolved, every address of the proxy's name (A and AAAA) is
+        refused on its port, and nothing else.
+        """
+        addresses = self.make("squid.lan:3128")
+        started = addresses.start()
+        self.assertTrue(started.called)
+        self.assertTrue(addresses.isProxyDestination("198.51.100.3", 3128))
+        self.assertTrue(addresses.isProxyDestination("2001:db8:5::3", 3128))
+        self.assertFalse(addresses.isProxyDestination("203.0.113.7", 3128))
+        self.assertIn("198.51.100.3, 2001:db8:5::3", [e.get("addresses") for e in self.events])
+
+    def test_lookupFailureNeverKnown(self) -> None:
+        """
+        A name that cannot be resolved keeps its port refused, with a
+        warning that says so; start still completes.
+        """
+        self.names.broken = True
+        addresses = self.make("squid.lan:3128")
+        self.assertTrue(addresses.start().called)
+        self.assertTrue(addresses.isProxyDestination("203.0.113.7", 3128))
+        [warning] = [e for e in self.events if e["log_level"].name == "warn"]
+        self.assertIn("refused until it is known", warning["then"])
+
+    def test_refreshFollowsChanges(self) -> None:
+        """
+        Every refresh interval the name is looked up again: a new address
+        replaces the old one; a failed look-up keeps what was known.
+        """
+        addresses = self.make("squid.lan:3128")
+        addresses.start()
+        self.names.write("198.51.100.4 squid.lan\n")
+        self.clock.advance(60)
+        self.assertTrue(addresses.isProxyDestination("198.51.100.4", 3128))
+        self.assertFalse(addresses.isProxyDestination("198.51.100.3", 3128))
+        self.names.broken = True
+        self.clock.advance(60)
+        self.assertTrue(addresses.isProxyDestination("198.51.100.4", 3128))
+        addresses.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_localProxyEveryLocalAddress(self) -> None:
+        """
+        A proxy on this machine (its address is loopback, or one of this
+        machine's) is reachable through every address of this machine:
+        they are all refused on its port; other hosts' are not.
+        """
+        for proxy in ("127.0.0.1:3128", "[::1]:3128", "192.0.2.1:3128", "gw.lan:3128"):
+            addresses = self.make(proxy)
+            addresses.start()
+            for host in LOCAL:
+                self.assertTrue(addresses.isProxyDestination(host, 3128), (proxy, host))
+                self.assertFalse(addresses.isProxyDestination(host, 3129))
+            self.assertFalse(addresses.isProxyDestination("203.0.113.7", 3128), proxy)
+        self.assertEqual(
+            addresses.refusal("203.0.113.1", 3128),
+            "destination is an address of this machine, where proxy gw.lan:3128 runs",
+        )
+
+    def test_remoteProxyNotLocal(self) -> None:
+        """
+        A proxy elsewhere does not make this machine's addresses refused.
+        """
+        addresses = self.make("198.51.100.3:3128")
+        addresses.start()
+        self.assertFalse(addresses.isProxyDestination("192.0.2.1", 3128))
+
+    def test_localAddressesUnknown(self) -> None:
+        """
+        Until this machine's addresses are known, a destination on a
+        proxy's port that is not the proxy itself is refused.
+        """
+        self.local = OSError("no netlink")
+        addresses = self.make("198.51.100.3:3128")
+        addresses.start()
+        self.assertEqual(
+            addresses.refusal("192.0.2.1", 3128),
+            "destination is on the port of proxy 198.51.100.3:3128, and this machine's addresses are not known yet",
+        )
+        self.assertIsNone(addresses.refusal("192.0.2.1", 443))
+
+    def test_refreshOnceAtATime(self) -> None:
+        """
+        A refresh asked for while one runs waits for it instead of
+        starting another.
+        """
+        self.names.hold = True
+        addresses = self.make("squid.lan:3128")
+        first, second = addresses.start(), addresses.refresh()
+        self.assertEqual(len(self.names.waiting), 2)
+        for d in self.names.waiting:
+            d.errback(DomainError("squid.lan"))
+        self.assertTrue(first.called and second.called)
+
+    def test_targets(self) -> None:
+        """
+        Every TCP proxy form gives its host and port; a UNIX socket proxy
+        none.
+        """
+        proxies = [
+            parseProxy(value, self.clock)
+            for value in ["squid.lan:3128", "[2001:db8::5]:3128", "https://proxy.lan:3129",
+                          "tcp:host=10.0.0.5:port=3130", "unix:/run/squid.sock"]
+        ]
+        self.assertEqual(
+            [(t.host, t.port) for t in proxyTargets(proxies)],
+            [("squid.lan", 3128), ("2001:db8::5", 3128), ("proxy.lan", 3129), ("10.0.0.5", 3130)],
+        )
+        self.assertEqual(proxyTargets(proxies)[0], ProxyTarget("squid.lan:3128", "squid.lan", 3128))
+
+
+class EndpointStringTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        """
+        Host and port are read from TCP endpoint strings in Twisted's
+        grammar, escapes and keyword order included; other kinds give
+        none.
+        """
+        for description, expected in [
+            ("tcp:host=10.0.0.5:port=3128", ("10.0.0.5", 3128)),
+            ("tcp:10.0.0.5:3128", ("10.0.0.5", 3128)),
+            ("tcp:port=3128:host=squid.lan:timeout=3", ("squid.lan", 3128)),
+            ("tcp6:host=2001\\:db8\\:\\:5:port=3128", ("2001:db8::5", 3128)),
+            ("tls:proxy.lan:3129", ("proxy.lan", 3129)),
+            ("unix:/run/squid.sock", None),
+            ("tcp:host=a.lan:port=0", None),
+            ("tcp:host=a.lan", None),
+        ]:
+            self.assertEqual(_endpointHostPort(description), expected, description)
+
+    def test_proxyFields(self) -> None:
+        """
+        Each --proxy form records the host and port it was given, and the
+        address when the host is one.
+        """
+        for value, host, port, address in [
+            ("squid.lan:3128", "squid.lan", 3128, None),
+            ("[2001:0db8::5]:3128", "2001:db8::5", 3128, ("2001:db8::5", 3128)),
+            ("http://10.0.0.5:3128", "10.0.0.5", 3128, ("10.0.0.5", 3128)),
+            ("tcp:host=10.0.0.5:port=3128", "10.0.0.5", 3128, ("10.0.0.5", 3128)),
+            ("tcp:host=squid.lan:port=3128", "squid.lan", 3128, None),
+        ]:
+            proxy = parseProxy(value, Clock())
+            self.assertEqual((proxy.host, proxy.port, proxy.address), (host, port, address), value)
+
+
+class RealLookupTests(TestCase):
+    def test_localAddresses(self) -> Deferred:
+        """
+        This machine's addresses come from a real netlink dump in the
+        reactor; the loopback address is among them when lo is up.
+        """
+
+        def check(addresses: frozenset[str]) -> None:
+            self.assertTrue(addresses)
+            for address in addresses:
+                self.assertEqual(ipaddress.ip_address(address).compressed, address)
+            self.assertIn("127.0.0.1", addresses)
+
+        return readLocalAddresses(reactor).addCallback(check)
+
+    def test_resolveAllFromHostsFile(self) -> Deferred:
+        """
+        Every A and AAAA address of a name is found through a real
+        C{twisted.names} resolver.
+        """
+        path = Path(self.mktemp())
+        path.write_text("198.51.100.3 squid.lan\n2001:db8:5::3 squid.lan\n")
+        pending = resolveAll(hosts.Resolver(file=str(path)), "squid.lan")
+        return pending.addCallback(self.assertEqual, frozenset({"198.51.100.3", "2001:db8:5::3"}))
+
+    def test_alwaysKnown(self) -> Deferred:
+        """
+        A fixed source of local addresses answers them at once.
+        """
+        return alwaysKnown(["192.0.2.1"])().addCallback(self.assertEqual, frozenset({"192.0.2.1"}))
