@@ -3,12 +3,27 @@ Authentication to the upstream proxy, sans I/O: the C{Proxy-Authorization}
 values Shifter sends with CONNECT and the reading of a 407's
 C{Proxy-Authenticate} challenges.
 
-Basic (RFC 7617) goes up front, since most proxies use it and it costs no
-round trip.  Once a proxy has asked for Digest (RFC 7616), Shifter answers
-every following CONNECT to it with Digest, reusing the proxy's nonce with an
-incrementing nonce count, and never sends the password in the clear to it
-again.  A challenge that cannot be answered gives a one-line reason instead
-of another attempt, so a wrong password is a log line, not a retry loop.
+Credentials are sent only after the proxy has asked for them: the first
+CONNECT to a proxy carries none, and the proxy's 407 says which scheme it
+wants.  Basic (RFC 7617) is then sent up front to that proxy from then on
+(it asked for it); C{preemptiveBasic} sends it from the first CONNECT, for
+proxies known to want it.  Once a proxy has asked for Digest (RFC 7616),
+Basic is never sent to it again.
+
+Digest under concurrency: a nonce's count must only go up as the proxy sees
+it (Squid invalidates a nonce whose count goes back, and serves each nonce
+a limited number of times), but concurrent tunnels reach the proxy on
+separate connections in no set order.  So a tunnel answers its first
+challenge with the nonce of that very challenge (count 1: its first use),
+and only a nonce whose first use the proxy has accepted is shared with the
+tunnels that follow, counting on.  A 407 to a request that used a shared
+nonce, if it is stale or brings another nonce, means that nonce was spent,
+not that the password is wrong: the tunnel answers again with its own new
+nonce, without spending its one retry (at most L{MAX_RENEWALS} times).  A
+challenge that cannot be answered gives a one-line reason instead of
+another attempt, so a wrong password is a log line, not a retry loop.
+
+The per-tunnel side of this is an L{AuthExchange} (L{ProxyAuth.exchange}).
 
 Every header value built here is printable ASCII: nothing from a challenge
 or from the credentials can add a line to the CONNECT request.
@@ -54,8 +69,11 @@ _CANONICAL = {
 }
 _BASIC_STRENGTH = 1
 _MAX_NONCE_COUNT = 0xFFFFFFFF
-# How many answered nonces to remember, to tell a refusal from a new nonce.
-_ANSWERED_NONCES = 32
+# How many nonces to remember, each with its count.
+_KNOWN_NONCES = 32
+# Retries a tunnel may make for a spent nonce (stale, or replaced), on top
+# of its one retry to answer a challenge.
+MAX_RENEWALS = 3
 
 
 @dataclass(frozen=True)
@@ -322,9 +340,15 @@ def _strength(challenge: Challenge) -> int:
     for name in ("nonce", "realm", "opaque"):
         if name in params and _QUOTABLE.fullmatch(params[name]) is None:
             return 0
-    if not _digestQop(challenge)[0]:
+    answerable, qop = _digestQop(challenge)
+    if not answerable:
         return 0
-    return _ALGORITHMS.get(params.get("algorithm", "MD5").upper(), 0)
+    algorithm = params.get("algorithm", "MD5").upper()
+    if qop is None and algorithm.endswith("-SESS"):
+        # The session key hashes a cnonce, which is only sent with a qop
+        # (RFC 7616 3.4): without one the proxy cannot check the answer.
+        return 0
+    return _ALGORITHMS.get(algorithm, 0)
 
 
 def strongestChallenge(challenges: list[Challenge]) -> Challenge | None:
@@ -386,100 +410,201 @@ def _randomCnonce() -> str:
     return secrets.token_hex(16)
 
 
+class _Nonce:
+    """
+    A Digest challenge being answered, with the client nonce and the last
+    count used with it (shared by every tunnel that uses the nonce, so that
+    counts only go up in the order requests are made).
+    """
+
+    def __init__(self, challenge: Challenge, cnonce: str) -> None:
+        self.challenge = challenge
+        self.value = challenge.params["nonce"]
+        self.cnonce = cnonce
+        self.count = 0
+        self.spent = False
+
+    def nextCount(self) -> int | None:
+        if self.count >= _MAX_NONCE_COUNT:
+            return None
+        self.count += 1
+        return self.count
+
+
 class ProxyAuth:
     """
-    Per-proxy authentication state.
+    Per-proxy authentication state: the credentials, what the proxy has
+    asked for, and the Digest nonce shared by its tunnels.
 
-    One instance serves every connection to one proxy, so a Digest nonce
-    learned on one connection is used, with the next nonce count, by all
-    that follow (RFC 7616 3.4: a client may reuse a nonce, counting).
-
-    The caller adds L{headersFor} to each CONNECT; on a 407 it passes the
-    C{Proxy-Authenticate} values to L{challenged} and, if that returns
-    C{None}, sends the CONNECT again once on a new connection.
+    One instance serves every tunnel to one proxy; each tunnel talks to it
+    through an L{AuthExchange} of its own (L{exchange}).
     """
 
-    def __init__(self, credentials: Credentials, cnonce: Callable[[], str] = _randomCnonce) -> None:
+    def __init__(
+        self,
+        credentials: Credentials,
+        cnonce: Callable[[], str] = _randomCnonce,
+        preemptiveBasic: bool = False,
+    ) -> None:
         """
         @param credentials: the user name and password for this proxy.
         @param cnonce: makes a client nonce; a test passes a fixed one.
+        @param preemptiveBasic: send Basic with the first CONNECT, before
+            any challenge.
         """
-        self._credentials = credentials
-        self._newCnonce = cnonce
-        self._digest: Challenge | None = None
-        self._cnonce = ""
-        self._nc = 0
-        self._answered: OrderedDict[str, None] = OrderedDict()
-        self._basicSent = False
+        self.credentials = credentials
+        self.newCnonce = cnonce
+        self.preemptiveBasic = preemptiveBasic
+        self.basic = preemptiveBasic
+        self.digest = False
+        self.shared: _Nonce | None = None
+        self._nonces: OrderedDict[str, _Nonce] = OrderedDict()
 
     @property
     def scheme(self) -> str:
         """
-        C{"digest"} once the proxy has asked for Digest, else C{"basic"}.
+        What a new tunnel sends up front: C{"digest"} (a shared nonce is
+        known), C{"basic"}, or C{"none"}.
         """
-        return "digest" if self._digest is not None else "basic"
+        if self.shared is not None and not self.shared.spent:
+            return "digest"
+        if self.basic and not self.digest:
+            return "basic"
+        return "none"
+
+    def exchange(self) -> AuthExchange:
+        """
+        The authentication of one tunnel with this proxy, for every
+        CONNECT the tunnel sends it.
+        """
+        return AuthExchange(self)
+
+    def nonceFor(self, challenge: Challenge) -> _Nonce:
+        """
+        The state of the nonce C{challenge} carries: the one already known
+        (its count goes on), or a new one.
+        """
+        value = challenge.params["nonce"]
+        known = self._nonces.get(value)
+        if known is None:
+            known = self._nonces[value] = _Nonce(challenge, self.newCnonce())
+            while len(self._nonces) > _KNOWN_NONCES:
+                self._nonces.popitem(last=False)
+        else:
+            self._nonces.move_to_end(value)
+        return known
+
+
+class AuthExchange:
+    """
+    The authentication of one tunnel with one proxy.
+
+    The tunnel adds L{headersFor} to each CONNECT it sends the proxy.  On a
+    407 it passes the C{Proxy-Authenticate} values to L{challenged}: if that
+    returns C{None} it sends the CONNECT again on a new connection (with
+    L{headersFor} again), else it ends with the reason.  On a 2xx it calls
+    L{succeeded}.  The exchange bounds the retries: one to answer a
+    challenge, and up to L{MAX_RENEWALS} for spent nonces.
+    """
+
+    def __init__(self, auth: ProxyAuth) -> None:
+        self._auth = auth
+        self._sent: _Nonce | str | None = None  # what the last CONNECT carried
+        self._sentShared = False
+        self._own: _Nonce | None = None  # from this tunnel's own 407
+        self._answered = False
+        self.renewals = 0
 
     def headersFor(self, method: str, target: str) -> list[tuple[str, str]]:
         """
-        The headers to send with the next request to this proxy.
+        The headers for the next CONNECT of this tunnel to the proxy.
 
         @param method: the request method, C{"CONNECT"}.
         @param target: the request-target, the C{host:port} of the CONNECT.
-        @return: a C{Proxy-Authorization} header: Basic until a Digest
-            challenge has been seen, Digest from then on.  None once a nonce
-            has been used 2**32 - 1 times, so that the proxy sends a new one.
+        @return: a C{Proxy-Authorization} header, or none: Digest with this
+            tunnel's own nonce if a 407 gave it one, else with the shared
+            nonce if there is one, else Basic if the proxy asked for it (or
+            C{preemptiveBasic}), else nothing.
         """
-        if self._digest is None:
-            self._basicSent = True
-            return [("Proxy-Authorization", basicAuthorization(self._credentials))]
-        if self._nc >= _MAX_NONCE_COUNT:
-            return []
-        self._nc += 1
-        nonce = self._digest.params["nonce"]
-        self._answered[nonce] = None
-        self._answered.move_to_end(nonce)
-        while len(self._answered) > _ANSWERED_NONCES:
-            self._answered.popitem(last=False)
-        value = digestAuthorization(
-            self._credentials, self._digest, method, target, self._nc, self._cnonce
-        )
-        return [("Proxy-Authorization", value)]
+        auth = self._auth
+        shared = auth.shared
+        for nonce, isShared in ((self._own, False), (shared, True)):
+            if nonce is None or (isShared and nonce.spent):
+                continue
+            count = nonce.nextCount()
+            if count is None:
+                nonce.spent = True
+                continue
+            self._sent, self._sentShared = nonce, isShared
+            value = digestAuthorization(
+                auth.credentials, nonce.challenge, method, target, count, nonce.cnonce
+            )
+            return [("Proxy-Authorization", value)]
+        if auth.basic and not auth.digest:
+            self._sent, self._sentShared = "basic", False
+            return [("Proxy-Authorization", basicAuthorization(auth.credentials))]
+        self._sent, self._sentShared = None, False
+        return []
 
     def challenged(self, headerValues: list[bytes]) -> str | None:
         """
-        Learn from a 407 and say whether the next CONNECT can answer it.
+        Learn from a 407 and say whether the tunnel may send its CONNECT
+        again.
 
         The strongest supported challenge is taken: Digest SHA-256, Digest
-        MD5, then Basic.  A Digest challenge's nonce is kept for every
-        following request; C{stale=true} means the password was right and
-        only the nonce old.
+        MD5, then Basic.
 
         @param headerValues: the 407's C{Proxy-Authenticate} values.
-        @return: C{None} if a new CONNECT can answer (send it once), else
-            why not, as one line for the log: no supported scheme, or the
-            credentials were refused (Basic already sent, or a Digest nonce
-            already answered and not stale).
+        @return: C{None} if a new CONNECT can answer (send it once more),
+            else why not, as one line for the log: no supported scheme,
+            the credentials refused, or Basic asked for after Digest.
         """
+        auth = self._auth
         challenges = parseChallenges(headerValues)
         best = strongestChallenge(challenges)
+        sent, sentShared = self._sent, self._sentShared
+        if isinstance(sent, _Nonce):
+            # Whatever the reason, this nonce is not to be handed out again.
+            sent.spent = True
+            self._own = None
         if best is None:
             offered = ", ".join(sorted({c.scheme for c in challenges})) or "none"
             return f"proxy offers no supported authentication scheme (offered: {offered})"
         if best.scheme == "basic":
-            if self._digest is not None:
+            if auth.digest:
                 return "proxy asks for Basic after Digest; not sending the password in clear"
-            if self._basicSent:
+            if sent == "basic":
                 return "proxy refused the credentials (Basic)"
+            if self._answered:
+                return "proxy refused the credentials"
+            self._answered = True
+            auth.basic = True
             return None
-        nonce = best.params["nonce"]
+        auth.digest = True
         stale = best.params.get("stale", "").lower() == "true"
-        if not stale and nonce in self._answered:
-            return "proxy refused the credentials (Digest)"
-        if self._digest is None or self._digest.params["nonce"] != nonce:
-            # A new nonce: count from one again, with a client nonce of its
-            # own, kept for as long as the nonce so that a -sess session
-            # key means the same to every proxy implementation.
-            self._nc = 0
-            self._cnonce = self._newCnonce()
-        self._digest = best
+        nonce = auth.nonceFor(best)
+        if isinstance(sent, _Nonce):
+            renew = stale or (sentShared and nonce is not sent)
+            if not renew or self.renewals >= MAX_RENEWALS:
+                return "proxy refused the credentials (Digest)"
+            self.renewals += 1
+        elif self._answered:
+            return "proxy refused the credentials"
+        else:
+            self._answered = True
+        if nonce.spent:
+            # The proxy named a nonce already spent; it still counts on.
+            nonce.spent = False
+        self._own = nonce
         return None
+
+    def succeeded(self) -> None:
+        """
+        The proxy opened the tunnel: the nonce this tunnel used is good, and
+        is shared with the tunnels that follow if none is.
+        """
+        sent = self._sent
+        auth = self._auth
+        if isinstance(sent, _Nonce) and not sent.spent:
+            if auth.shared is None or auth.shared.spent:
+                auth.shared = sent

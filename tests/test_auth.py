@@ -10,12 +10,15 @@ import hashlib
 import re
 import string
 
+import random
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.auth import (
+    MAX_RENEWALS,
     Challenge,
     Credentials,
     ProxyAuth,
@@ -490,6 +493,19 @@ class StrongestTests(SynchronousTestCase):
             )
             self.assertIsNone(strongestChallenge(parseChallenges([bad])))
 
+    def test_sessWithoutQop(self) -> None:
+        """
+        A -sess algorithm without a qop cannot be answered (its session key
+        hashes a cnonce that only a qop lets the client send): Basic wins,
+        or nothing.
+        """
+        for algorithm in ("MD5-sess", "SHA-256-sess"):
+            bad = f'Digest realm="p", nonce="n", algorithm={algorithm}'.encode()
+            self.assertIsNone(strongestChallenge(parseChallenges([bad])))
+            self.assertEqual(strongestChallenge(parseChallenges([bad, b'Basic realm="p"'])).scheme, "basic")
+        plain = b'Digest realm="p", nonce="n", algorithm=MD5'
+        self.assertEqual(strongestChallenge(parseChallenges([plain])).scheme, "digest")
+
     def test_authIntOnly(self) -> None:
         """
         A Digest challenge offering only auth-int is answered with it.
@@ -506,242 +522,327 @@ class ProxyAuthTests(SynchronousTestCase):
         self.cnonces = iter(f"cnonce{i}" for i in range(1000))
         self.auth = ProxyAuth(Credentials("user", "pass"), cnonce=lambda: next(self.cnonces))
 
-    def authorization(self, target: str = "a.test:443") -> str:
-        headers = self.auth.headersFor("CONNECT", target)
+    def authorization(self, exchange, target: str = "a.test:443") -> str | None:  # type: ignore[no-untyped-def]
+        headers = exchange.headersFor("CONNECT", target)
+        if not headers:
+            return None
         self.assertEqual([name for name, _ in headers], ["Proxy-Authorization"])
         return headers[0][1]
 
-    def test_basicUpFront(self) -> None:
+    def answered(self, nonce: str = "n1", algorithm: str = "MD5"):  # type: ignore[no-untyped-def]
         """
-        Before any challenge, every CONNECT carries Basic.
+        An exchange that sent nothing, was challenged with C{nonce}, and
+        answered it.
+        """
+        exchange = self.auth.exchange()
+        self.assertIsNone(self.authorization(exchange))
+        self.assertIsNone(exchange.challenged([digest(nonce, algorithm)]))
+        return exchange, fields(self.authorization(exchange))
+
+    def test_nothingBeforeChallenge(self) -> None:
+        """
+        Before any challenge, a CONNECT carries no credentials at all.
         """
         for _ in range(3):
-            self.assertEqual(self.authorization(), basicAuthorization(Credentials("user", "pass")))
-        self.assertEqual(self.auth.scheme, "basic")
+            self.assertIsNone(self.authorization(self.auth.exchange()))
+        self.assertEqual(self.auth.scheme, "none")
 
-    def test_digestAfterChallenge(self) -> None:
+    def test_preemptiveBasic(self) -> None:
         """
-        After a Digest challenge the next CONNECT answers it, and the
-        following ones reuse the nonce with the count going up and the same
-        cnonce, each response computed for its own count and target.
+        With preemptiveBasic, Basic goes with every CONNECT from the first.
         """
-        self.authorization()
-        self.assertIsNone(self.auth.challenged([digest("n1", "SHA-256")]))
+        auth = ProxyAuth(Credentials("user", "pass"), preemptiveBasic=True)
+        self.assertEqual(
+            auth.exchange().headersFor("CONNECT", "a.test:443"),
+            [("Proxy-Authorization", basicAuthorization(Credentials("user", "pass")))],
+        )
+        self.assertEqual(auth.scheme, "basic")
+
+    def test_basicAfterChallenge(self) -> None:
+        """
+        A Basic challenge is answered once; from then on Basic goes up front
+        to that proxy; a second Basic challenge after Basic refuses.
+        """
+        exchange = self.auth.exchange()
+        self.assertIsNone(self.authorization(exchange))
+        self.assertIsNone(exchange.challenged([b'Basic realm="p"']))
+        basic = basicAuthorization(Credentials("user", "pass"))
+        self.assertEqual(self.authorization(exchange), basic)
+        self.assertEqual(self.authorization(self.auth.exchange()), basic)
+        self.assertEqual(exchange.challenged([b'Basic realm="p"']), "proxy refused the credentials (Basic)")
+
+    def test_digestWithOwnNonce(self) -> None:
+        """
+        A tunnel answers its Digest challenge with that challenge's nonce,
+        count one, and a response computed for its target.
+        """
+        _, value = self.answered("n1", "SHA-256")
+        self.assertEqual((value["nonce"], value["nc"], value["cnonce"]), ("n1", "00000001", "cnonce0"))
+        self.assertEqual(
+            value["response"],
+            digestResponse(Credentials("user", "pass"), "proxy", "n1", "CONNECT", "a.test:443",
+                           "SHA-256", "auth", 1, "cnonce0"),
+        )
+
+    def test_sharedOnlyAfterSuccess(self) -> None:
+        """
+        A nonce is shared with later tunnels only once the proxy has opened
+        a tunnel with it; they count on from there, each response for its
+        own count and target.
+        """
+        first, _ = self.answered("n1", "SHA-256")
+        self.assertIsNone(self.authorization(self.auth.exchange()))
+        first.succeeded()
         self.assertEqual(self.auth.scheme, "digest")
-        for count in range(1, 6):
+        for count in range(2, 6):
             target = f"host{count}.test:443"
-            value = fields(self.authorization(target))
-            self.assertEqual(value["nonce"], "n1")
-            self.assertEqual(value["nc"], f"{count:08x}")
-            self.assertEqual(value["cnonce"], "cnonce0")
-            self.assertEqual(value["uri"], target)
+            value = fields(self.authorization(self.auth.exchange(), target))
+            self.assertEqual((value["nonce"], value["nc"], value["cnonce"], value["uri"]),
+                             ("n1", f"{count:08x}", "cnonce0", target))
             self.assertEqual(
                 value["response"],
-                digestResponse(
-                    Credentials("user", "pass"),
-                    "proxy",
-                    "n1",
-                    "CONNECT",
-                    target,
-                    "SHA-256",
-                    "auth",
-                    count,
-                    "cnonce0",
-                ),
+                digestResponse(Credentials("user", "pass"), "proxy", "n1", "CONNECT", target,
+                               "SHA-256", "auth", count, "cnonce0"),
             )
+
+    def test_concurrentFirstChallenges(self) -> None:
+        """
+        Tunnels challenged at the same time each answer their own nonce at
+        count one, with a client nonce of its own.
+        """
+        values = [self.answered(f"n{i}")[1] for i in range(3)]
+        self.assertEqual([(v["nonce"], v["nc"]) for v in values], [(f"n{i}", "00000001") for i in range(3)])
+        self.assertEqual(len({v["cnonce"] for v in values}), 3)
+
+    def test_spentSharedNonceRenewedFree(self) -> None:
+        """
+        A 407 bringing another nonce to a tunnel that used the shared one
+        means the shared nonce was spent: the tunnel answers the new nonce
+        without spending its retry, and no new tunnel gets the spent one.
+        """
+        first, _ = self.answered("n1")
+        first.succeeded()
+        tunnel = self.auth.exchange()
+        self.assertEqual(fields(self.authorization(tunnel))["nc"], "00000002")
+        self.assertIsNone(tunnel.challenged([digest("n2")]))
+        self.assertEqual(tunnel.renewals, 1)
+        value = fields(self.authorization(tunnel))
+        self.assertEqual((value["nonce"], value["nc"]), ("n2", "00000001"))
+        self.assertIsNone(self.authorization(self.auth.exchange()))
+        tunnel.succeeded()
+        self.assertEqual(fields(self.authorization(self.auth.exchange()))["nonce"], "n2")
+
+    def test_staleRenewedFree(self) -> None:
+        """
+        stale=true means only the nonce was old: the tunnel answers the new
+        one, even after its own nonce, without spending its retry.
+        """
+        tunnel, _ = self.answered("n1")
+        self.assertIsNone(tunnel.challenged([digest("n2", stale=True)]))
+        value = fields(self.authorization(tunnel))
+        self.assertEqual((value["nonce"], value["nc"], value["cnonce"]), ("n2", "00000001", "cnonce1"))
+
+    def test_renewalsBounded(self) -> None:
+        """
+        A tunnel renews a spent nonce at most MAX_RENEWALS times.
+        """
+        tunnel, _ = self.answered("n0")
+        for i in range(1, MAX_RENEWALS + 1):
+            self.assertIsNone(tunnel.challenged([digest(f"n{i}", stale=True)]))
+            self.authorization(tunnel)
+        self.assertEqual(
+            tunnel.challenged([digest("last", stale=True)]), "proxy refused the credentials (Digest)"
+        )
+
+    def test_wrongPassword(self) -> None:
+        """
+        A tunnel whose own nonce is answered with a new challenge that is
+        not stale had its password refused: no further retry.
+        """
+        tunnel, _ = self.answered("n1")
+        self.assertEqual(tunnel.challenged([digest("n2")]), "proxy refused the credentials (Digest)")
+
+    def test_sameNonceAgainRefused(self) -> None:
+        """
+        A proxy that names the same nonce again, not stale, refused the
+        password (proxies that always send one nonce).
+        """
+        tunnel, _ = self.answered("n1")
+        self.assertEqual(tunnel.challenged([digest("n1")]), "proxy refused the credentials (Digest)")
+
+    def test_sameNonceCountsOn(self) -> None:
+        """
+        Proxies that always send one nonce: every tunnel that answers it
+        counts on from the last count used, so counts only go up.
+        """
+        counts = [self.answered("same")[1]["nc"] for _ in range(3)]
+        self.assertEqual(counts, ["00000001", "00000002", "00000003"])
 
     def test_neverBasicAgain(self) -> None:
         """
         Once Digest has been asked for, Basic is never sent to that proxy,
         even if a later 407 offers only Basic.
         """
-        self.authorization()
-        self.auth.challenged([digest()])
-        self.authorization()
-        reason = self.auth.challenged([b'Basic realm="p"'])
+        tunnel, _ = self.answered("n1")
         self.assertEqual(
-            reason, "proxy asks for Basic after Digest; not sending the password in clear"
+            tunnel.challenged([b'Basic realm="p"']),
+            "proxy asks for Basic after Digest; not sending the password in clear",
         )
-        self.assertTrue(self.authorization().startswith("Digest "))
-
-    def test_staleNonce(self) -> None:
-        """
-        stale=true after an answered nonce means only the nonce was old: the
-        new one is taken, counting from one with a new cnonce, and a retry
-        is allowed.
-        """
-        self.authorization()
-        self.auth.challenged([digest("n1")])
-        self.authorization()
-        self.authorization()
-        self.assertIsNone(self.auth.challenged([digest("n2", stale=True)]))
-        value = fields(self.authorization())
-        self.assertEqual(
-            (value["nonce"], value["nc"], value["cnonce"]), ("n2", "00000001", "cnonce1")
-        )
-
-    def test_digestRefused(self) -> None:
-        """
-        A challenge that is not stale, for a nonce already answered, means
-        the password was wrong: no retry.
-        """
-        self.authorization()
-        self.assertIsNone(self.auth.challenged([digest("n1")]))
-        self.authorization()
-        self.assertEqual(
-            self.auth.challenged([digest("n1")]), "proxy refused the credentials (Digest)"
-        )
-
-    def test_newNonceNotStale(self) -> None:
-        """
-        A fresh nonce that was never answered may be answered, even without
-        stale=true; the count restarts.
-        """
-        self.authorization()
-        self.auth.challenged([digest("n1")])
-        self.authorization()
-        self.assertIsNone(self.auth.challenged([digest("n2")]))
-        self.assertEqual(fields(self.authorization())["nc"], "00000001")
-
-    def test_sameNonceAgainBeforeAnswering(self) -> None:
-        """
-        Several connections that sent Basic before the first challenge was
-        read all get a retry, and the shared nonce's count is not reset.
-        """
-        for _ in range(3):
-            self.authorization()
-        self.assertIsNone(self.auth.challenged([digest("n1")]))
-        self.assertEqual(fields(self.authorization())["nc"], "00000001")
-        self.assertIsNone(self.auth.challenged([digest("n1", stale=True)]))
-        self.assertEqual(fields(self.authorization())["nc"], "00000002")
-
-    def test_basicRefused(self) -> None:
-        """
-        A Basic challenge after Basic was sent means the password was wrong.
-        """
-        self.authorization()
-        self.assertEqual(
-            self.auth.challenged([b'Basic realm="p"']), "proxy refused the credentials (Basic)"
-        )
-
-    def test_basicBeforeSending(self) -> None:
-        """
-        A Basic challenge before anything was sent can be answered.
-        """
-        self.assertIsNone(self.auth.challenged([b'Basic realm="p"']))
+        preemptive = ProxyAuth(Credentials("user", "pass"), preemptiveBasic=True)
+        exchange = preemptive.exchange()
+        exchange.headersFor("CONNECT", "a.test:443")
+        self.assertIsNone(exchange.challenged([digest("n1")]))
+        self.assertTrue(exchange.headersFor("CONNECT", "a.test:443")[0][1].startswith("Digest "))
+        self.assertEqual(preemptive.exchange().headersFor("CONNECT", "a.test:443"), [])
 
     def test_noSupportedScheme(self) -> None:
         """
         A 407 offering only schemes Shifter does not speak, or none, says
         which were offered.
         """
-        self.authorization()
+        exchange = self.auth.exchange()
         self.assertEqual(
-            self.auth.challenged([b"Negotiate", b"NTLM"]),
+            exchange.challenged([b"Negotiate", b"NTLM"]),
             "proxy offers no supported authentication scheme (offered: negotiate, ntlm)",
         )
         self.assertEqual(
-            self.auth.challenged([]),
-            "proxy offers no supported authentication scheme (offered: none)",
+            exchange.challenged([]), "proxy offers no supported authentication scheme (offered: none)"
         )
 
     def test_nonceCountExhausted(self) -> None:
         """
-        After 2**32 - 1 uses of a nonce, no authorization is sent, so the
-        proxy challenges with a new nonce, which is then used from one.
+        A nonce used 2**32 - 1 times is not used again: the next tunnel
+        sends nothing, so the proxy challenges with a new nonce.
         """
-        self.authorization()
-        self.auth.challenged([digest("n1")])
-        self.auth._nc = 0xFFFFFFFE
-        self.assertEqual(fields(self.authorization())["nc"], "ffffffff")
-        self.assertEqual(self.auth.headersFor("CONNECT", "a.test:443"), [])
-        self.assertIsNone(self.auth.challenged([digest("n2")]))
-        self.assertEqual(fields(self.authorization())["nc"], "00000001")
+        first, _ = self.answered("n1")
+        first.succeeded()
+        self.auth.shared.count = 0xFFFFFFFE
+        self.assertEqual(fields(self.authorization(self.auth.exchange()))["nc"], "ffffffff")
+        self.assertIsNone(self.authorization(self.auth.exchange()))
+        self.assertEqual(self.auth.scheme, "none")
 
 
-class FakeDigestProxy:
+class SquidLikeProxy:
     """
-    A proxy that checks Digest answers the way RFC 7616 describes, with its
-    own arithmetic, and challenges everything else.
+    A proxy that checks Digest answers as Squid does, with its own
+    arithmetic: every 407 brings a new nonce; a nonce's count must go up
+    from request to request as they arrive (a count that goes back
+    invalidates the nonce), and a nonce serves at most C{maxUses}
+    requests.  A spent or unknown nonce with the right password is
+    answered stale=true (or not, as older Squids did, with C{staleFlag}
+    off); a wrong password, stale=false.
     """
 
-    def __init__(self, password: str, algorithm: str = "SHA-256", nonceUses: int = 1000) -> None:
+    def __init__(self, password: str, maxUses: int = 50, staleFlag: bool = True) -> None:
         self.password = password
-        self.algorithm = algorithm
-        self.nonceUses = nonceUses
-        self.nonce = 0
-        self.seen: set[int] = set()
+        self.maxUses = maxUses
+        self.staleFlag = staleFlag
+        self.issued = 0
+        self.nonces: dict[str, list[int]] = {}  # value -> [last count, uses, valid]
 
     def challenge(self, stale: bool = False) -> list[bytes]:
-        return [b'Basic realm="proxy"', digest(f"nonce{self.nonce}", self.algorithm, stale)]
+        self.issued += 1
+        value = f"nonce{self.issued}"
+        self.nonces[value] = [0, 0, 1]
+        return [b'Basic realm="proxy"', digest(value, "MD5", stale)]
 
     def handle(self, headers: list[tuple[str, str]], target: str) -> tuple[int, list[bytes]]:
         values = [value for name, value in headers if name == "Proxy-Authorization"]
         if not values or not values[0].startswith("Digest "):
             return 407, self.challenge()
         value = fields(values[0])
-        count = int(value["nc"], 16)
-        if value["nonce"] != f"nonce{self.nonce}" or len(self.seen) >= self.nonceUses:
-            self.nonce += 1
-            self.seen = set()
-            return 407, self.challenge(stale=True)
-        a1 = H(self.algorithm, f"{value['username']}:proxy:{self.password}")
-        a2 = H(self.algorithm, f"CONNECT:{value['uri']}")
-        expected = H(
-            self.algorithm, f"{a1}:{value['nonce']}:{value['nc']}:{value['cnonce']}:auth:{a2}"
-        )
-        if value["response"] != expected or count in self.seen or value["uri"] != target:
+        a1 = H("MD5", f"{value['username']}:proxy:{self.password}")
+        a2 = H("MD5", f"CONNECT:{value['uri']}")
+        expected = H("MD5", f"{a1}:{value['nonce']}:{value['nc']}:{value['cnonce']}:auth:{a2}")
+        if value["response"] != expected or value["uri"] != target:
             return 407, self.challenge()
-        self.seen.add(count)
+        state = self.nonces.get(value["nonce"])
+        count = int(value["nc"], 16)
+        if state is None or not state[2] or count <= state[0] or state[1] >= self.maxUses:
+            if state is not None:
+                state[2] = 0
+            return 407, self.challenge(stale=self.staleFlag)
+        state[0] = count
+        state[1] += 1
         return 200, []
 
 
-def connect(auth: ProxyAuth, proxy: FakeDigestProxy, target: str) -> tuple[int, int, str | None]:
+def burst(auth: ProxyAuth, proxy: SquidLikeProxy, count: int, seed: int) -> list[tuple[int, int, str | None]]:
     """
-    What a tunnel does: CONNECT, and on a 407 that can be answered, once
-    more.
+    C{count} tunnels opened at once: each builds its CONNECT in turn, the
+    proxy reads them in a random order, and each follows its exchange's
+    verdicts (a retry is built when its 407 is read, and goes to the back
+    of a randomly ordered queue).
 
-    @return: the final status, the number of CONNECTs sent, the reason.
+    @return: for each tunnel, its final status, its CONNECTs, the reason.
     """
-    attempts = 0
-    reason = None
-    for _ in range(2):
-        attempts += 1
-        status, challenges = proxy.handle(auth.headersFor("CONNECT", target), target)
-        if status != 407:
-            return status, attempts, None
-        reason = auth.challenged(challenges)
+    shuffle = random.Random(seed)
+    tunnels = [auth.exchange() for _ in range(count)]
+    sent = [0] * count
+    result: list[tuple[int, int, str | None]] = [(0, 0, None)] * count
+    queue = []
+    for index, exchange in enumerate(tunnels):
+        queue.append((index, exchange.headersFor("CONNECT", f"h{index}.test:443")))
+        sent[index] += 1
+    while queue:
+        at = shuffle.randrange(min(len(queue), 8))
+        index, headers = queue.pop(at)
+        target = f"h{index}.test:443"
+        status, challenges = proxy.handle(headers, target)
+        exchange = tunnels[index]
+        if status == 200:
+            exchange.succeeded()
+            result[index] = (200, sent[index], None)
+            continue
+        reason = exchange.challenged(challenges)
         if reason is not None:
-            break
-    return 407, attempts, reason
+            result[index] = (407, sent[index], reason)
+            continue
+        queue.append((index, exchange.headersFor("CONNECT", target)))
+        sent[index] += 1
+    return result
 
 
 class ConversationTests(SynchronousTestCase):
-    def test_rightPassword(self) -> None:
+    @settings(max_examples=60, deadline=None)
+    @given(st.integers(0, 2**32), st.sampled_from([3, 50]), st.booleans())
+    def test_burstNoneRefused(self, seed: int, maxUses: int, staleFlag: bool) -> None:
         """
-        With the right password the first tunnel takes two CONNECTs (Basic,
-        then Digest), the following ones one each, across nonce expiries.
+        A hundred tunnels at once, their CONNECTs read in any order, nonces
+        spent after a few uses, stale flagged or not: every tunnel opens,
+        each with at most its one retry and MAX_RENEWALS renewals.
         """
-        proxy = FakeDigestProxy("secret", nonceUses=3)
+        proxy = SquidLikeProxy("secret", maxUses=maxUses, staleFlag=staleFlag)
         auth = ProxyAuth(Credentials("user", "secret"))
-        results = [connect(auth, proxy, f"h{i}.test:443") for i in range(10)]
-        self.assertEqual([status for status, _, _ in results], [200] * 10)
-        self.assertEqual(results[0][1], 2)
-        # A nonce serves three tunnels, then one retry renews it.
-        self.assertEqual([attempts for _, attempts, _ in results[1:]], [1, 1, 2, 1, 1, 2, 1, 1, 2])
+        results = burst(auth, proxy, 100, seed)
+        self.assertEqual([status for status, _, _ in results], [200] * 100, results)
+        self.assertLessEqual(max(sent for _, sent, _ in results), 2 + MAX_RENEWALS)
+        # Once a nonce is shared, later tunnels need no extra round trip.
+        later = burst(auth, proxy, 1, seed)
+        self.assertEqual(later, [(200, 1, None)])
 
-    def test_wrongPassword(self) -> None:
+    def test_sequentialOneRoundTripOnce(self) -> None:
         """
-        With a wrong password each tunnel ends after at most two CONNECTs,
-        with the reason.
+        Tunnels one after another: the first takes two CONNECTs, the
+        following ones one each until the proxy spends the nonce, then two
+        once.
         """
-        proxy = FakeDigestProxy("secret")
+        proxy = SquidLikeProxy("secret", maxUses=3)
+        auth = ProxyAuth(Credentials("user", "secret"))
+        attempts = [burst(auth, proxy, 1, i)[0][1] for i in range(8)]
+        self.assertEqual(attempts, [2, 1, 1, 2, 1, 1, 2, 1])
+
+    @settings(max_examples=30, deadline=None)
+    @given(st.integers(0, 2**32))
+    def test_wrongPassword(self, seed: int) -> None:
+        """
+        With a wrong password every tunnel ends after two CONNECTs, with
+        the reason.
+        """
+        proxy = SquidLikeProxy("secret")
         auth = ProxyAuth(Credentials("user", "wrong"))
-        for _ in range(5):
-            status, attempts, reason = connect(auth, proxy, "a.test:443")
-            self.assertEqual(status, 407)
-            self.assertLessEqual(attempts, 2)
-            self.assertEqual(reason, "proxy refused the credentials (Digest)")
+        for status, sent, reason in burst(auth, proxy, 20, seed):
+            self.assertEqual((status, sent, reason), (407, 2, "proxy refused the credentials (Digest)"))
 
 
 headerText = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x2FF), max_size=30)
@@ -766,10 +867,12 @@ class HeaderSafetyTests(SynchronousTestCase):
             f"Digest realm={quoteString(realm)}, nonce={quoteString(nonce)}, opaque={quoteString(realm)}, "
             f'qop="auth"' + (f", algorithm={algorithm}" if algorithm else "")
         ).encode("latin-1")
-        auth = ProxyAuth(Credentials(username, password))
+        auth = ProxyAuth(Credentials(username, password), preemptiveBasic=True)
         for values in [[], junk, [challenge], junk + [challenge]]:
-            auth.challenged(values)
-            headers = auth.headersFor("CONNECT", "a.test:443")
+            exchange = auth.exchange()
+            exchange.headersFor("CONNECT", "a.test:443")
+            exchange.challenged(values)
+            headers = exchange.headersFor("CONNECT", "a.test:443")
             for name, value in headers:
                 self.assertIsNotNone(_SAFE_VALUE.fullmatch(value), value)
                 self.assertNotIn("\r", value)
