@@ -73,6 +73,7 @@ def parseProxy(  # type: ignore[no-untyped-def]
     credentials: Credentials | None = None,
     caFile: str | None = None,
     passClient: str = "none",
+    preemptiveBasic: bool = False,
 ) -> UpstreamProxy:
     """
     Parse a C{--proxy} value: C{host:port}, C{[v6]:port},
@@ -85,8 +86,20 @@ def parseProxy(  # type: ignore[no-untyped-def]
     @param credentials: used when C{value} names none.
     @param passClient: what the proxy is told about each client, unless
         its URL says otherwise.
+    @param preemptiveBasic: send the credentials with Basic from the first
+        CONNECT, before the proxy asks (by default they are sent only once
+        the proxy has challenged, in the scheme it asks for).
     @raise ValueError: with a one-line reason if the value is none of these.
     """
+    proxy = _parseProxy(value, reactor, credentials, caFile, passClient)
+    if preemptiveBasic and proxy.auth is not None:
+        from shifter.auth import ProxyAuth
+
+        proxy = replace(proxy, auth=ProxyAuth(proxy.auth.credentials, preemptiveBasic=True))
+    return proxy
+
+
+def _parseProxy(value, reactor, credentials, caFile, passClient) -> UpstreamProxy:  # type: ignore[no-untyped-def]
     checkPassClient(passClient)
     if value.startswith(("http://", "https://")):
         proxy = _parseURL(value, reactor, credentials, caFile)

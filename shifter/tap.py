@@ -102,6 +102,13 @@ class Options(usage.Options):
 
     optFlags = [
         [
+            "proxy-preemptive-basic",
+            None,
+            "Send the proxy credentials with Basic on the first CONNECT, before "
+            "the proxy asks. Default: only once the proxy has challenged, in the "
+            "scheme it asks for (Basic then goes up front to that proxy).",
+        ],
+        [
             "queue-bypass",
             None,
             "With --resolver nfqueue: when the queue is full, the kernel "
@@ -540,6 +547,7 @@ def buildProxy(spec: ProxySpec, config: Options, reactor) -> UpstreamProxy:  # t
     return parseProxy(
         spec.address, proxyReactor, credentials, spec.ca or config["proxy-ca"],
         spec.passClient or config["pass-client"],
+        preemptiveBasic=bool(config["proxy-preemptive-basic"]),
     )
 
 
@@ -572,7 +580,10 @@ def _poolKey(config: Options) -> tuple[object, ...]:
             spec.mark if spec.mark is not None else config["mark"],
             spec.passClient or config["pass-client"],
         ))
-    return (tuple(proxies), config["balance"], config["proxy-failures"], config["proxy-backoff"])
+    return (
+        tuple(proxies), config["balance"], config["proxy-failures"], config["proxy-backoff"],
+        bool(config["proxy-preemptive-basic"]),
+    )
 
 
 def configure(config: Options, reactor, running: Configured | None = None) -> Configured:  # type: ignore[no-untyped-def]

@@ -253,6 +253,29 @@ class SlowResolver:
         return Deferred()
 
 
+class AuthOptionTests(SynchronousTestCase):
+    def proxyAuth(self, *arguments: str):  # type: ignore[no-untyped-def]
+        service = makeService(parse(*arguments), reactor=MemoryReactorClock())
+        [shifter] = [child for child in service if hasattr(child, "factory")]  # type: ignore[attr-defined]
+        [proxy] = shifter.factory.pool.proxies
+        return proxy.auth
+
+    def test_credentialsAfterChallengeByDefault(self) -> None:
+        """
+        By default no credentials go with the first CONNECT.
+        """
+        auth = self.proxyAuth("--proxy", "http://u:p@127.0.0.1:3128")
+        self.assertEqual(auth.exchange().headersFor("CONNECT", "a.test:443"), [])
+
+    def test_preemptiveBasic(self) -> None:
+        """
+        --proxy-preemptive-basic sends Basic with the first CONNECT.
+        """
+        auth = self.proxyAuth("--proxy", "http://u:p@127.0.0.1:3128", "--proxy-preemptive-basic")
+        [(name, value)] = auth.exchange().headersFor("CONNECT", "a.test:443")
+        self.assertEqual((name, value), ("Proxy-Authorization", "Basic dTpw"))
+
+
 class DropinTests(SynchronousTestCase):
     def test_plugin(self) -> None:
         """
