@@ -10,6 +10,8 @@ These need root (namespaces, iptables), Squid, curl and openssl.
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 from tests.gateway import (
     SERVER_V4,
@@ -23,6 +25,8 @@ from tests.gateway import (
 from tests.test_integration import GatewayTestCase
 
 NAME = "www.example.test"
+TCP_PEER = Path(__file__).resolve().parent / "tcp_peer.py"
+ECHO_PORT = 8443
 LISTEN = ("--listen", f"tcp6:{SHIFTER_PORT}:interface=\\:\\:")
 SQUID = f"127.0.0.1:{SQUID_PORT}"
 
@@ -175,6 +179,44 @@ class AuthenticationTests(UpstreamTestCase):
             10, "three authenticated tunnels",
         )
         self.assertEqual(sum("/407 " in line for line in squid.accessLogLines()), 1)
+
+
+    def test_digestBurst(self) -> None:
+        """
+        A hundred tunnels opened at once through a Digest-only Squid, twice,
+        after one that made a nonce shared, all open: spent nonces are
+        renewed and no client is refused.  Squid is strict here (a nonce
+        serves ten requests, and its counts must come one after another,
+        in order), so that concurrent tunnels do spend nonces.
+        """
+        passwords = self.directory / "digest-passwords"
+        passwords.write_text("bob:open sesame\n")
+        squid = self.squidWith(
+            self.authed,
+            extra=f"auth_param digest program /usr/lib/squid/digest_file_auth {passwords}\n"
+            "auth_param digest realm shifter-test\n"
+            "auth_param digest children 20 startup=5\n"
+            "auth_param digest nonce_max_count 10\n"
+            "auth_param digest nonce_strictness on\n"
+            f"acl SSL_ports port {ECHO_PORT}\n",
+        )
+        subprocess.run(["chown", "proxy", str(passwords)], check=True)
+        self.net.redirect(ECHO_PORT)
+        self.net.server.start(sys.executable, str(TCP_PEER), "echo", str(ECHO_PORT), logTo=self.directory / "echo.log")
+        self.net.server.waitListening(ECHO_PORT)
+        self.startShifter("--proxy", f"http://bob:open%20sesame@{SQUID}")
+        # One tunnel first, so that the burst finds a nonce shared already.
+        for count in (1, 100, 100):
+            result = self.net.client.run(
+                sys.executable, str(TCP_PEER), "burst", SERVER_V4, str(ECHO_PORT), str(count), "60", timeout=120
+            )
+            self.assertEqual(result.stdout.splitlines()[0], f"ok {count} failed 0", result.stdout)
+        waitFor(
+            lambda: sum("TCP_TUNNEL/200" in l and " bob " in l for l in squid.accessLogLines()) == 201,
+            30, "two hundred and one authenticated tunnels",
+        )
+        self.assertNotIn("proxy answered 407", self.shifter.logText())
+        self.assertNotIn("open sesame", self.shifter.logText())
 
 
 class SeveralProxiesTests(UpstreamTestCase):
