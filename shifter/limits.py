@@ -12,6 +12,7 @@ clients wait in the kernel's backlog meanwhile rather than being dropped.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import random
 from typing import Any, Callable
@@ -118,3 +119,64 @@ def pauseOnExhaustion(port: Any, reactor: Any, onPause: Callable[[], None]) -> A
     if not hasattr(port, "socket") or not hasattr(port, "stopReading"):
         return None
     return AcceptPauser(port, reactor, onPause)
+
+
+def clientKey(host: str) -> str:
+    """
+    What counts as one client for a per-client limit: its IPv4 address, or
+    its IPv6 /64 (a host can take any address of its /64, so counting
+    addresses would let it past the limit).  IPv4-mapped addresses count
+    as their IPv4 address.
+
+    @param host: the client's address.
+    """
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class ClientLimit:
+    """
+    At most C{limit} connections at once per client (L{clientKey}), so that
+    one host cannot take every C{--max-connections} slot.
+
+    The caller calls L{admit} when a client connects, and, for each
+    admitted connection, L{release} once when it is gone.
+
+    @ivar counts: open connections by client key, for those that have any.
+    """
+
+    def __init__(self, limit: int) -> None:
+        """
+        @param limit: connections per client; 0 for no limit.
+        """
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def admit(self, host: str) -> bool:
+        """
+        Count a new connection from C{host}, if the client is under its
+        limit.
+
+        @return: whether it was admitted (and must be released).
+        """
+        key = clientKey(host)
+        count = self.counts.get(key, 0)
+        if self.limit and count >= self.limit:
+            return False
+        self.counts[key] = count + 1
+        return True
+
+    def release(self, host: str) -> None:
+        """
+        An admitted connection from C{host} is gone.
+        """
+        key = clientKey(host)
+        count = self.counts.get(key, 0) - 1
+        if count > 0:
+            self.counts[key] = count
+        else:
+            self.counts.pop(key, None)

@@ -88,6 +88,24 @@ def defaultMaxConnections() -> int:
     return max(1, (soft - _RESERVED_DESCRIPTORS) // 2)
 
 
+def defaultMaxConnectionsPerClient(maxConnections: int) -> int:
+    """
+    The per-client cap when none is given: a quarter of the connection cap,
+    so that no one host can take every slot, at most 1024 and at least 1.
+    """
+    return max(1, min(1024, maxConnections // 4))
+
+
+def _countOrOff(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"expected a number of connections (0 for no limit), got {value!r}")
+    return number
+
+
+_countOrOff.coerceDoc = "A number; 0 for no limit."  # type: ignore[attr-defined]
+
+
 class Options(usage.Options):
     synopsis = "--proxy HOST:PORT [options]"
     longdesc = (
@@ -277,6 +295,15 @@ class Options(usage.Options):
             _positiveInt,
         ],
         [
+            "max-connections-per-client",
+            None,
+            None,
+            "Tunnels one client (an IPv4 address, or an IPv6 /64) may hold at "
+            "once; its connections past this are refused. 0 for no limit. "
+            "Default: a quarter of --max-connections, at most 1024.",
+            _countOrOff,
+        ],
+        [
             "drain-timeout",
             None,
             30.0,
@@ -457,6 +484,8 @@ class Options(usage.Options):
                 raise usage.UsageError("--workers: --resolver nfqueue binds one queue, for one process")
         if self["max-connections"] is None:
             self["max-connections"] = defaultMaxConnections()
+        if self["max-connections-per-client"] is None:
+            self["max-connections-per-client"] = defaultMaxConnectionsPerClient(self["max-connections"])
         if configFile is not None:
             groups = {group for spec in self.proxySpecs for group in spec.groups}
             try:
