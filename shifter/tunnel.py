@@ -238,7 +238,7 @@ class Tunnel:
         "candidates", "request", "early", "earlyBytes", "earlyEnded",
         "pending", "relay", "bytesUp", "bytesDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
-        "failed", "clientGone", "authRetried", "passClient",
+        "failed", "clientGone", "authRetried", "passClient", "sniffer",
     )
 
     def __init__(
@@ -295,6 +295,7 @@ class Tunnel:
         self.clientGone = False
         self.authRetried = False
         self.passClient: str | None = None  # a policy's --pass-client choice
+        self.sniffer: Any = None  # the name sniffer, fed each read once, while sniffing
 
     # The events.
 
@@ -517,7 +518,11 @@ class Tunnel:
         if self.settings.connectTarget == "ip":
             self._chooseProxies()
             return
+        from shifter.sniff import NameSniffer
+
         self.state = SNIFFING
+        self.sniffer = NameSniffer(self.settings.connectTarget)
+        self.sniffer.feed(b"".join(self.early))
         self._setDeadline(min(self.clock.seconds() + self.settings.sniffTimeout, self.setupDeadline))
         self._sniff(final=self.earlyEnded)
 
@@ -555,6 +560,7 @@ class Tunnel:
 
     def _sniffMore(self, data: bytes) -> None:
         self._keepEarly(data)
+        self.sniffer.feed(data)
         self._sniff(final=self.earlyBytes >= self.settings.earlyDataLimit)
 
     def _sniffEnded(self) -> None:
@@ -569,13 +575,11 @@ class Tunnel:
 
     def _sniff(self, final: bool) -> None:
         """
-        Look for a name in what the client sent so far; go on once there is
-        a verdict, or with the address when C{final}.
+        Go on once the sniffer, fed each read as it came, has a verdict, or
+        with the address when C{final}.
         """
-        from shifter.sniff import sniffTarget
-
         settings = self.settings
-        verdict = sniffTarget(settings.connectTarget, b"".join(self.early))
+        verdict = self.sniffer.verdict
         if verdict is None:
             if not final:
                 return
@@ -583,9 +587,9 @@ class Tunnel:
                 reason = "client finished sending before a complete hello"
             else:
                 reason = f"client sent no complete hello within {settings.sniffTimeout:g} s"
-            name = None
-        else:
-            name, reason = verdict.name, verdict.reason
+            verdict = self.sniffer.finish(reason)
+        name, reason = verdict.name, verdict.reason
+        self.sniffer = None
         port = self.destination.port  # type: ignore[union-attr]
         if name is None:
             self.named = f" (CONNECT by address: {reason})"
