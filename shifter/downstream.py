@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shifter.deadlines import Deadlines
+from shifter.destinations import ProxyAddresses
 from shifter.metrics import TunnelStats
 from shifter.policy import ITunnelPolicy
 from shifter.pool import ProxyPool
@@ -110,6 +111,16 @@ class ShifterFactory(ServerFactory):
         self.deadlines = Deadlines(reactor)
         self.listeningAddress: Destination | None = None
         self._idleWaiters: list[Deferred[None]] = []
+        self.proxyAddresses = ProxyAddresses(pool.proxies, reactor)
+
+    def startFactory(self) -> None:
+        # Look up the proxies' names and this machine's addresses once
+        # listening; until then, destinations on the proxies' ports are
+        # refused.
+        self.proxyAddresses.start()
+
+    def stopFactory(self) -> None:
+        self.proxyAddresses.stop()
 
     # What the tunnels have done, as the factory has always offered it.
 
@@ -216,6 +227,10 @@ class ShifterFactory(ServerFactory):
         if pool is not None and pool is not self.pool:
             self.pool.stop()
             self.pool = pool
+            self.proxyAddresses.stop()
+            self.proxyAddresses = ProxyAddresses(pool.proxies, self.reactor)
+            if self.numPorts:
+                self.proxyAddresses.start()
         if policy is not None:
             self.policy = policy
 

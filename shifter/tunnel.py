@@ -48,6 +48,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from shifter.connect import ConnectResponse, formatAuthority
+from shifter.destinations import destinationRefusal
 from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
 from shifter.passclient import refusalHint, tunnelRequest
 from shifter.policy import TunnelDecision, TunnelRequest
@@ -200,6 +201,9 @@ class ITunnelOwner(Interface):
     reactor = Attribute("The reactor, for its clock.")
     deadlines = Attribute("The L{shifter.deadlines.Deadlines} of every tunnel.")
     stats = Attribute("The L{shifter.metrics.TunnelStats} to count in.")
+    proxyAddresses = Attribute(
+        "The L{shifter.destinations.ProxyAddresses} of the proxies: destinations that could reach one are refused."
+    )
 
     def isListeningAddress(host: str, port: int) -> Optional[bool]:
         """
@@ -542,8 +546,12 @@ class Tunnel:
             direct = (host, port) == (self.localHost, self.localPort)
         if direct:
             return "loop", "connected to Shifter directly, not redirected"
-        if any((host, port) == proxy.address for proxy in self.pool.proxies):
-            return "loop", "destination is an upstream proxy itself"
+        refusal = self.owner.proxyAddresses.refusal(host, port)
+        if refusal is not None:
+            return "loop", refusal
+        refusal = destinationRefusal(host)
+        if refusal is not None:
+            return "destination", refusal
         allowedPorts = self.settings.allowedPorts
         if allowedPorts and port not in allowedPorts:
             return "port-denied", f"destination port {port} is not an --allow-port"

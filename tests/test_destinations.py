@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
@@ -31,6 +32,7 @@ from shifter.destinations import (
     resolveAll,
 )
 from shifter.proxy import _endpointHostPort, parseProxy
+from tests.test_tunnel import PROXY, TunnelTestCase
 
 LOCAL = ("192.0.2.1", "203.0.113.1", "2001:db8:1::1")
 
@@ -367,3 +369,42 @@ class RealLookupTests(TestCase):
         A fixed source of local addresses answers them at once.
         """
         return alwaysKnown(["192.0.2.1"])().addCallback(self.assertEqual, frozenset({"192.0.2.1"}))
+
+
+class TunnelRefusalTests(TunnelTestCase):
+    def test_specialDestinationRefused(self) -> None:
+        """
+        A connection whose original destination is a loopback address is
+        refused before any proxy is asked, counted as C{destination}.
+        """
+        self.resolver.answer = IPv4Address("TCP", "127.0.0.1", 443)
+        _, clientTransport = self.connectClient()
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertIn("failed: destination 127.0.0.1 is a loopback address", self.failureLines()[0])
+        self.assertEqual(self.factory.counters["destination"], 1)
+
+    def test_proxyDestinationRefused(self) -> None:
+        """
+        A connection to the proxy's own address and port is refused as a
+        loop.
+        """
+        self.resolver.answer = IPv4Address("TCP", PROXY[0], PROXY[1])
+        self.connectClient()
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertIn("failed: destination is an upstream proxy itself", self.failureLines()[0])
+        self.assertEqual(self.factory.counters["loop"], 1)
+
+    def test_unknownLocalAddressesFailClosed(self) -> None:
+        """
+        Until the factory has read this machine's addresses (it does when
+        it starts listening), another address on the proxy's port is
+        refused; other ports are served.
+        """
+        self.resolver.answer = IPv4Address("TCP", "203.0.113.9", PROXY[1])
+        self.connectClient()
+        self.assertIn("this machine's addresses are not known yet", self.failureLines()[0])
+        self.factory.proxyAddresses._readLocal = alwaysKnown(LOCAL)
+        self.factory.proxyAddresses.refresh()
+        self.connectClient()
+        self.assertEqual(len(self.endpoint.attempts), 1)
