@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shifter import tunnel as T
 from shifter.connect import ConnectResponse
 from shifter.deadlines import Deadlines
+from shifter.destinations import ProxyAddresses
 from shifter.downstream import TunnelSettings
 from shifter.interfaces import IProxyAttempt, IRelay
 from shifter.metrics import TunnelStats
@@ -130,6 +131,7 @@ class Owner:
         self.settings = settings
         self.reactor = Clock()
         self.pool = ProxyPool([UpstreamProxy("proxy.test:3128", DummyEndpoint(), ("198.51.100.3", 3128))], self.reactor)
+        self.proxyAddresses = ProxyAddresses(self.pool.proxies, self.reactor)
         self.policy = policy
         self.deadlines = Deadlines(self.reactor)
         self.stats = TunnelStats()
