@@ -242,7 +242,7 @@ class Tunnel:
         "candidates", "request", "early", "earlyBytes", "earlyEnded",
         "pending", "relay", "bytesUp", "bytesDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
-        "failed", "clientGone", "authRetried", "passClient", "sniffer",
+        "failed", "clientGone", "authExchange", "authProxy", "passClient", "sniffer",
     )
 
     def __init__(
@@ -297,7 +297,11 @@ class Tunnel:
         self.how: str | None = None
         self.failed = False
         self.clientGone = False
-        self.authRetried = False
+        # The authentication of this tunnel with the proxy it is trying:
+        # an AuthExchange (it bounds the retries a 407 allows), and for
+        # which proxy.
+        self.authExchange: Any = None
+        self.authProxy: Any = None
         self.passClient: str | None = None  # a policy's --pass-client choice
         self.sniffer: Any = None  # the name sniffer, fed each read once, while sniffing
 
@@ -669,7 +673,9 @@ class Tunnel:
         port = destination.port
         headers: list[tuple[str, str]] = []
         if proxy.auth is not None:
-            headers = proxy.auth.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+            if self.authProxy is not proxy:
+                self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
+            headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
         self.request = tunnelRequest(
             proxy, self._clientAddress(), destination, self.connectHost, port, headers, self.passClient
         )
@@ -713,6 +719,8 @@ class Tunnel:
         stats.proxyAnswers[f"{status // 100}xx"] += 1
         if response.opensTunnel:
             self.pool.succeeded(self.proxy)
+            if self.authExchange is not None and self.authProxy is self.proxy:
+                self.authExchange.succeeded()
             self._open(response.leftover)
         elif status == 407:
             self._challenged(response)
@@ -727,17 +735,16 @@ class Tunnel:
                 self._fail("proxy-status", reason, status=status)
 
     def _challenged(self, response: ConnectResponse) -> None:
-        auth = self.proxy.auth
+        exchange = self.authExchange if self.authProxy is self.proxy else None
         self._dropAttempt()
-        if auth is None:
+        if exchange is None:
             self._fail("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
             return
         challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
-        cannot = auth.challenged(challenges)
-        if cannot is not None or self.authRetried:
-            self._fail("proxy-auth", f"proxy answered 407: {cannot or 'credentials refused'}", status=407)
+        cannot = exchange.challenged(challenges)
+        if cannot is not None:
+            self._fail("proxy-auth", f"proxy answered 407: {cannot}", status=407)
             return
-        self.authRetried = True
         self.candidates.insert(0, self.proxy)
         self._connectNext()
 

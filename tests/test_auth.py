@@ -29,6 +29,7 @@ from shifter.auth import (
     strongestChallenge,
 )
 from shifter.connect import formatConnectRequest
+from tests.test_tunnel import PROXY, TunnelTestCase
 
 # RFC 7616 section 3.9.1.
 RFC_CREDENTIALS = Credentials("Mufasa", "Circle of Life")
@@ -878,3 +879,77 @@ class HeaderSafetyTests(SynchronousTestCase):
                 self.assertNotIn("\r", value)
                 self.assertNotIn("\n", value)
             formatConnectRequest("a.test", 443, headers)
+
+
+class TunnelAuthTests(TunnelTestCase):
+    """
+    The tunnel follows its exchange's verdicts on a 407, in memory.
+    """
+
+    def makeFactory(self):  # type: ignore[no-untyped-def]
+        from shifter.downstream import ShifterFactory
+        from shifter.pool import ProxyPool
+        from shifter.proxy import UpstreamProxy
+
+        self.auth = ProxyAuth(Credentials("user", "secret"), cnonce=lambda: "c")
+        proxy = UpstreamProxy("proxy.test:3128", self.endpoint, PROXY, self.auth)
+        self.pool = ProxyPool([proxy], self.clock)
+        self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        return self.factory
+
+    def answer(self, status: bytes, *challenges: bytes):  # type: ignore[no-untyped-def]
+        """
+        Accept the pending proxy connection and answer its CONNECT.
+
+        @return: the CONNECT request it was sent.
+        """
+        upstream, transport = self.endpoint.accept()
+        sent = transport.value()
+        headers = b"".join(b"Proxy-Authenticate: " + c + b"\r\n" for c in challenges)
+        upstream.dataReceived(b"HTTP/1.1 " + status + b"\r\n" + headers + b"\r\n")
+        return sent
+
+    def test_challengeThenShared(self) -> None:
+        """
+        The first tunnel sends no credentials, answers the Digest challenge
+        on a new connection, and once open shares the nonce: the next
+        tunnel is opened with one CONNECT.
+        """
+        self.connectClient()
+        first = self.answer(b"407 Proxy Authentication Required", digest("n1"))
+        self.assertNotIn(b"Proxy-Authorization", first)
+        second = self.answer(b"200 Connection established")
+        self.assertIn(b'nonce="n1", nc=00000001', second)
+        self.connectClient()
+        third = self.answer(b"200 Connection established")
+        self.assertIn(b'nonce="n1", nc=00000002', third)
+        self.assertEqual(self.factory.counters["opened"], 2)
+
+    def test_wrongPasswordOneLine(self) -> None:
+        """
+        A password the proxy refuses ends the tunnel after its one retry,
+        with one failure line that gives the reason.
+        """
+        _, clientTransport = self.connectClient()
+        self.answer(b"407 Proxy Authentication Required", digest("n1"))
+        self.answer(b"407 Proxy Authentication Required", digest("n2"))
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertTrue(clientTransport.disconnecting)
+        [line] = self.failureLines()
+        self.assertIn("proxy answered 407: proxy refused the credentials (Digest)", line)
+        self.assertEqual(self.factory.counters["proxy-auth"], 1)
+
+    def test_spentNonceRenewedWithoutSpendingTheRetry(self) -> None:
+        """
+        A tunnel that used the shared nonce and is told it is stale
+        answers again, and still opens.
+        """
+        self.connectClient()
+        self.answer(b"407 Proxy Authentication Required", digest("n1"))
+        self.answer(b"200 Connection established")
+        self.connectClient()
+        self.answer(b"407 Proxy Authentication Required", digest("n2", stale=True))
+        renewed = self.answer(b"200 Connection established")
+        self.assertIn(b'nonce="n2", nc=00000001', renewed)
+        self.assertEqual(self.factory.counters["opened"], 2)
+        self.assertEqual(self.factory.counters["proxy-auth"], 0)
