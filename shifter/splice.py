@@ -29,6 +29,7 @@ tunnel holds its two sockets and nothing else.  When no pipe can be made
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 from typing import Any, Callable
@@ -43,6 +44,7 @@ SPLICE_AVAILABLE = hasattr(os, "splice")
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
 
 # Bytes asked of one splice(2) from a socket: more than a pipe holds, so the
 # pipe, not the request, is the limit.
@@ -55,6 +57,17 @@ _COPY_CHUNK = 1 << 16
 _SPLICE_AFTER = _COPY_CHUNK // 2
 
 _NO_PIPE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+# A pipe smaller than this moves less per splice than one copied read: a
+# flow that can only get such pipes copies instead.
+_SMALLEST_USEFUL_PIPE = _COPY_CHUNK
+
+# Seconds to go without asking for larger pipes (or making tiny ones) after
+# the system has refused: pipes close as tunnels end, and it may allow them
+# again.
+PIPE_RETRY = 10.0
+
+_PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
 
 
 @implementer(IReadWriteDescriptor, IHalfCloseableDescriptor)
@@ -322,6 +335,102 @@ _reapers: dict[int, _PipeReaper] = {}
 PIPE_IDLE = 5.0
 
 
+class PipeSizes:
+    """
+    What pipe sizes this process gets, learned as pipes are made.
+
+    Linux caps pipes in two ways for a process without C{CAP_SYS_RESOURCE}:
+    no pipe larger than C{/proc/sys/fs/pipe-max-size} (1 MiB by default),
+    and, once a user's pipes hold C{/proc/sys/fs/pipe-user-pages-soft}
+    pages in all (16384, 64 MiB, by default: 64 pipes of 1 MiB), new pipes
+    get the smallest size and cannot be enlarged.  So each size asked for
+    is checked against the size obtained (C{F_GETPIPE_SZ}).  A request over
+    C{pipe-max-size} is lowered to it for good; a refusal under the
+    per-user limit stops requests, and tiny pipes, for L{PIPE_RETRY}
+    seconds.  The first time a pipe comes out smaller than asked, one line
+    says so and why.
+
+    @cvar _fcntl: the C{fcntl} call; tests swap it.
+    """
+
+    log = Logger()
+    _fcntl: Callable[[int, int, int], int] = staticmethod(fcntl.fcntl)  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        self.ceiling: int | None = None  # pipe-max-size, once a request over it was refused
+        self.noResizeUntil = float("-inf")
+        self.noTinyUntil = float("-inf")
+        self.warned = False
+
+    def mayOpen(self, now: float) -> bool:
+        """
+        Whether a new pipe may be worth making: not while recent ones came
+        out too small.
+        """
+        return now >= self.noTinyUntil
+
+    def tooSmall(self, now: float) -> None:
+        """
+        A pipe came out too small to use: make none for a while.
+        """
+        self.noTinyUntil = now + PIPE_RETRY
+
+    def fit(self, fd: int, wanted: int, now: float) -> int:
+        """
+        Make the pipe C{fd} C{wanted} bytes large, as far as allowed.
+
+        @return: the size it has.
+        """
+        size = self._fcntl(fd, _F_GETPIPE_SZ, 0)
+        if size >= wanted or now < self.noResizeUntil:
+            return size
+        ask = wanted if self.ceiling is None else min(wanted, self.ceiling)
+        why = ""
+        for _ in range(2):
+            try:
+                size = self._fcntl(fd, _F_SETPIPE_SZ, ask)
+                break
+            except OSError as e:
+                if e.errno != errno.EPERM:
+                    why = os.strerror(e.errno or errno.EIO)
+                    break
+                limit = _pipeMaxSize()
+                if self.ceiling is None and limit is not None and ask > limit:
+                    self.ceiling = ask = limit
+                    why = f"fs.pipe-max-size is {limit}"
+                    continue
+                why = "this user's pipes hold fs.pipe-user-pages-soft pages already"
+                self.noResizeUntil = now + PIPE_RETRY
+                break
+        size = self._fcntl(fd, _F_GETPIPE_SZ, 0)
+        if size < wanted and not self.warned:
+            self.warned = True
+            self.log.warn(
+                "splice relay: pipes of {size} bytes, not the {wanted} asked for ({why}); "
+                "{then}. Shifter with CAP_SYS_RESOURCE (as root), or larger fs.pipe-max-size "
+                "and fs.pipe-user-pages-soft, gets them whole",
+                size=size,
+                wanted=wanted,
+                why=why or "the system gave less",
+                then="tunnels copy instead while pipes are this small"
+                if size < min(wanted, _SMALLEST_USEFUL_PIPE)
+                else "more splices per megabyte",
+            )
+        return size
+
+
+def _pipeMaxSize() -> int | None:
+    try:
+        with open(_PIPE_MAX_SIZE) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+# The limits are the user's and the process's: one for all relays.
+pipeSizes = PipeSizes()
+
+
 def _reaperFor(reactor: Any) -> _PipeReaper:
     reaper = _reapers.get(id(reactor))
     if reaper is None or reaper.reactor is not reactor:
@@ -369,6 +478,7 @@ class SpliceRelay:
         self._onEnd = onEnd
         self._pipeSize = pipeSize
         self._reaper = _reaperFor(reactor)
+        self._sizes = pipeSizes
         self.client = _Socket(self, clientSocket, "client")
         self.proxy = _Socket(self, proxySocket, "proxy")
         self.up = _Flow(self, self.client, self.proxy, countUp)
@@ -387,8 +497,14 @@ class SpliceRelay:
 
     def openPipe(self, flow: _Flow) -> tuple[int, int] | None:
         """
-        Give C{flow} a pipe, or C{None} if no descriptor is left for one.
+        Give C{flow} a pipe, or C{None} if it had better keep copying: no
+        descriptor is left for one, or the system only gives pipes too
+        small to be worth it (see L{PipeSizes}).
         """
+        sizes = self._sizes
+        now = self.reactor.seconds()
+        if not sizes.mayOpen(now):
+            return None
         try:
             read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
@@ -396,12 +512,12 @@ class SpliceRelay:
                 return None
             raise
         if self._pipeSize:
-            try:
-                import fcntl
-
-                fcntl.fcntl(write, _F_SETPIPE_SZ, self._pipeSize)
-            except OSError:
-                pass  # over /proc/sys/fs/pipe-max-size: the default will do
+            size = sizes.fit(write, self._pipeSize, now)
+            if size < min(self._pipeSize, _SMALLEST_USEFUL_PIPE):
+                sizes.tooSmall(now)
+                os.close(read)
+                os.close(write)
+                return None
         flow.pipe = (read, write)
         self._reaper.add(flow)
         return flow.pipe

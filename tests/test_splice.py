@@ -10,6 +10,7 @@ peers are ordinary Twisted protocols.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -21,10 +22,13 @@ from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from shifter import splice
 from shifter.splice import SpliceRelay
+from tests.support import requireHost
 
 
 def tcpPair() -> tuple[socket.socket, socket.socket]:
@@ -388,6 +392,33 @@ class SpliceRelayTests(TestCase):
         self.assertEqual(self.proxy.hash.digest(), hashlib.sha256(data).digest())
 
     @defer.inlineCallbacks
+    def test_copiesWhenPipesAreTiny(self):  # type: ignore[no-untyped-def]
+        """
+        When the system only gives one-page pipes (a user over
+        fs.pipe-user-pages-soft), the relay copies instead, intact, and
+        holds no pipe.
+        """
+        sizes = splice.PipeSizes()
+        self.patch(splice, "pipeSizes", sizes)
+        self.patch(sizes, "_fcntl", FakeFcntl(obtained=4096, refuse=True))
+        self.relay = SpliceRelay(
+            reactor, self.clientSide, self.proxySide, lambda n: None, lambda n: None,
+            lambda: None, self.how.callback, pipeSize=1 << 20,
+        )
+        data = payload(4_000_000, b"tiny")
+        self.relay.start()
+        self.client.transport.write(data)
+        self.client.transport.loseWriteConnection()
+        self.proxy.transport.loseWriteConnection()
+        self.assertEqual((yield self.how), "both sides closed")
+        self.clientSide.close()
+        self.proxySide.close()
+        yield self.proxy.ended
+        self.assertEqual(self.proxy.hash.digest(), hashlib.sha256(data).digest())
+        self.assertIsNone(self.relay.up.pipe)
+        self.assertTrue(sizes.warned)
+
+    @defer.inlineCallbacks
     def test_descriptorsClosed(self):  # type: ignore[no-untyped-def]
         """
         Once the relay has ended and the sockets are closed, every
@@ -406,3 +437,141 @@ class SpliceRelayTests(TestCase):
         yield self.client.lost
         yield self.proxy.lost
         self.assertEqual(openDescriptors(), before, describeDescriptors())
+
+
+class FakeFcntl:
+    """
+    F_GETPIPE_SZ and F_SETPIPE_SZ as a system with limits answers them.
+    """
+
+    def __init__(self, obtained: int = 65536, maxSize: int = 1 << 20, refuse: bool = False) -> None:
+        self.obtained = obtained
+        self.maxSize = maxSize
+        self.refuse = refuse
+        self.sets: list[int] = []
+
+    def __call__(self, fd: int, command: int, argument: int) -> int:
+        if command == splice._F_GETPIPE_SZ:
+            return self.obtained
+        self.sets.append(argument)
+        if argument > self.maxSize or self.refuse:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        self.obtained = argument
+        return argument
+
+
+class PipeSizesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.sizes = splice.PipeSizes()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        maxSize = self.mktemp()
+        with open(maxSize, "w") as f:
+            f.write("262144\n")
+        self.patch(splice, "_PIPE_MAX_SIZE", maxSize)
+
+    def warnings(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e["log_level"] == LogLevel.warn]
+
+    def test_obtained(self) -> None:
+        """
+        A size the system allows is set, and checked; nothing is logged.
+        """
+        fake = FakeFcntl(maxSize=1 << 20)
+        self.patch(self.sizes, "_fcntl", fake)
+        self.assertEqual(self.sizes.fit(3, 1 << 20, 0), 1 << 20)
+        self.assertEqual(self.warnings(), [])
+
+    def test_overPipeMaxSize(self) -> None:
+        """
+        Over fs.pipe-max-size (unprivileged), the request is lowered to it,
+        for this pipe and the next ones, and one line says so.
+        """
+        fake = FakeFcntl(maxSize=262144)
+        self.patch(self.sizes, "_fcntl", fake)
+        self.assertEqual(self.sizes.fit(3, 1 << 20, 0), 262144)
+        self.assertEqual(self.sizes.fit(4, 1 << 20, 1), 262144)
+        self.assertEqual(fake.sets, [1 << 20, 262144, 262144])
+        [line] = self.warnings()
+        self.assertIn("pipes of 262144 bytes, not the 1048576 asked for (fs.pipe-max-size is 262144)", line)
+
+    def test_overUserPages(self) -> None:
+        """
+        Over fs.pipe-user-pages-soft, pipes stay at the smallest size: no
+        more requests for a while, then one again; one line in all.
+        """
+        with open(splice._PIPE_MAX_SIZE, "w") as f:
+            f.write("1048576\n")
+        fake = FakeFcntl(obtained=8192, maxSize=1 << 20, refuse=True)
+        self.patch(self.sizes, "_fcntl", fake)
+        self.assertEqual(self.sizes.fit(3, 1 << 20, 0), 8192)
+        self.assertEqual(self.sizes.fit(4, 1 << 20, 5), 8192)
+        self.assertEqual(len(fake.sets), 1)
+        self.sizes.fit(5, 1 << 20, splice.PIPE_RETRY + 1)
+        self.assertEqual(len(fake.sets), 2)
+        [line] = self.warnings()
+        self.assertIn("pipes of 8192 bytes", line)
+        self.assertIn("fs.pipe-user-pages-soft", line)
+        self.assertIn("tunnels copy instead", line)
+
+    def test_tinyPipesPause(self) -> None:
+        """
+        After a pipe too small to use, none is made for a while.
+        """
+        self.assertTrue(self.sizes.mayOpen(0))
+        self.sizes.tooSmall(0)
+        self.assertFalse(self.sizes.mayOpen(splice.PIPE_RETRY - 1))
+        self.assertTrue(self.sizes.mayOpen(splice.PIPE_RETRY))
+
+
+class RealPipeLimitTests(SynchronousTestCase):
+    def test_unprivilegedUserIsCapped(self) -> None:
+        """
+        For real, in this kernel: as root every 1 MiB pipe is obtained; as
+        an unprivileged user, once its pipes hold fs.pipe-user-pages-soft
+        pages, new ones come out smaller and the sizes say so.
+        """
+        requireHost(root=True)
+        with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+            softPages = int(f.read())
+        wanted = 1 << 20
+        count = softPages * 4096 // wanted + 4
+        if count > 1000:
+            raise SkipTest(f"fs.pipe-user-pages-soft is {softPages}: too many pipes to reach it")
+        self.assertEqual(pipeSizesAs(None, count, wanted), [wanted] * count)
+        sizes = pipeSizesAs(65534, count, wanted)
+        self.assertEqual(sizes[: count - 5], [wanted] * (count - 5))
+        self.assertLess(sizes[-1], wanted)
+
+
+def pipeSizesAs(uid: int | None, count: int, wanted: int) -> list[int]:
+    """
+    In a child process (as C{uid}, if given), make C{count} pipes, keeping
+    them open, each fitted to C{wanted} bytes by a new L{splice.PipeSizes}:
+    the sizes obtained.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            sizes = splice.PipeSizes()
+            kept = []
+            obtained = []
+            for _ in range(count):
+                pipe = os.pipe()
+                kept.append(pipe)
+                obtained.append(sizes.fit(pipe[1], wanted, 0))
+            os.write(write, " ".join(map(str, obtained)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    data = b""
+    while chunk := os.read(read, 65536):
+        data += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    return [int(n) for n in data.split()]
