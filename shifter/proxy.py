@@ -261,33 +261,15 @@ def _endpointHostPort(description: str) -> tuple[str, int] | None:
     """
     The host and port a TCP client endpoint string names
     (C{tcp:host=10.0.0.5:port=3128}, C{tcp:10.0.0.5:3128},
-    C{tcp6:host=2001\\:db8\\:\\:5:port=3128}, C{tls:...}, C{ssl:...}),
-    read from the string as Twisted's grammar has it (arguments split at
-    colons, C{key=value} or positional, backslash escapes); C{None} for
-    other kinds or when the string names none.
+    C{tcp6:host=2001\\:db8\\:\\:5:port=3128}, C{tls:...}, C{ssl:...}), read
+    from the string (L{splitEndpoint}); C{None} for other kinds or when the
+    string names none.
     """
-    parts: list[tuple[str, str | None]] = []
-    current: list[str] = []
-    key: str | None = None
-    escaped = False
-    for char in description + ":":
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append(("".join(current), key) if key is None else (key, "".join(current)))
-            current, key = [], None
-        elif char == "=" and key is None:
-            key, current = "".join(current), []
-        else:
-            current.append(char)
-    kind = parts[0][0] if parts and parts[0][1] is None else ""
+    from shifter.endpointstrings import splitEndpoint
+
+    kind, positional, keywords = splitEndpoint(description)
     if kind not in _TCP_ENDPOINTS:
         return None
-    positional = [name for name, value in parts[1:] if value is None]
-    keywords = {name: value for name, value in parts[1:] if value is not None}
     host = keywords.get("host", positional[0] if positional else None)
     portText = keywords.get("port", positional[1] if len(positional) > 1 else None)
     if not host or portText is None or not portText.isdigit() or not 0 < int(portText) < 65536:
