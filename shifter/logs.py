@@ -1,6 +1,7 @@
 """
-Logging helpers: a JSON observer for twistd's C{--logger} option, and
-reopening log files on SIGHUP::
+Logging helpers: a JSON observer for twistd's C{--logger} option,
+reopening twistd's log file on SIGHUP, and log lines limited in rate for
+what a client can repeat at will::
 
     twistd --logger shifter.logs.json -n shifter --proxy ...
 
@@ -11,11 +12,13 @@ JSON object per line on standard output, for journald or a log shipper.
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 import sys
 from typing import Any, Callable
 
-from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher, jsonFileLogObserver
+from twisted.logger import ILogObserver, Logger, LogLevel, jsonFileLogObserver
 
 log = Logger()
 
@@ -27,20 +30,131 @@ def json() -> ILogObserver:
     return jsonFileLogObserver(sys.stdout, recordSeparator="")
 
 
-def reopenLogFiles(publisher: Any = globalLogPublisher) -> int:
+class LogFileReopener:
     """
-    Reopen the log files that observers of C{publisher} write to (twistd's
-    C{--logfile}), so that a file moved away by logrotate is let go of.
+    Reopens the log file twistd writes to (C{--logfile}) after logrotate
+    has moved it, through values Shifter keeps itself rather than twistd's
+    private ones: its path (from twistd's options) and the identity (device
+    and inode) of the file open under that path once twistd has opened it.
+
+    To reopen, the descriptor open on that file is found among this
+    process's descriptors, a new file is opened at the path (appending,
+    with the old file's permissions), and moved onto that descriptor
+    (C{dup2}): twistd's file object goes on writing to the same descriptor,
+    now the new file.  A descriptor is only ever replaced if it is the
+    regular file recorded.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.identity: tuple[int, int] | None = None
+
+    def remember(self) -> None:
+        """
+        Record which file is at the path now (twistd has opened it).
+        """
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return
+        self.identity = (info.st_dev, info.st_ino)
+
+    def reopen(self) -> bool:
+        """
+        Point the descriptor of the recorded file at a new file at the
+        path.
+
+        @return: whether a descriptor was found and reopened.
+        """
+        fd = _descriptorOf(self.identity)
+        if fd is None:
+            # twistd rotated the file itself (it does, by size): what is at
+            # the path now is what it has open.
+            self.remember()
+            fd = _descriptorOf(self.identity)
+        if fd is None:
+            return False
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        new = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+        try:
+            os.dup2(new, fd, inheritable=False)
+        finally:
+            os.close(new)
+        info = os.fstat(fd)
+        self.identity = (info.st_dev, info.st_ino)
+        return True
+
+
+def _descriptorOf(identity: tuple[int, int] | None) -> int | None:
+    """
+    A descriptor of this process open on the regular file C{identity}
+    (device, inode), if any.
+    """
+    if identity is None:
+        return None
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            info = os.fstat(int(name))
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(info.st_mode) and (info.st_dev, info.st_ino) == identity:
+            return int(name)
+    return None
+
+
+# The log files this process writes through twistd, as Shifter was told.
+logFiles: list[LogFileReopener] = []
+
+
+def twistdLogFile(options: Any) -> str | None:
+    """
+    The file twistd logs to, from its own options (C{--logfile},
+    C{--nodaemon}, C{--syslog}, C{--logger}): C{None} for standard output,
+    syslog or an observer of its own.
+    """
+    if options is None or options.get("syslog") or options.get("logger"):
+        return None
+    path = options.get("logfile")
+    if path == "-":
+        return None
+    if not path:
+        return None if options.get("nodaemon") else "twistd.log"
+    return str(path)
+
+
+def useLogFile(path: str | None) -> None:
+    """
+    Note the file twistd logs to (from L{twistdLogFile}), so that SIGHUP
+    can reopen it.
+    """
+    logFiles.clear()
+    if path is not None:
+        logFiles.append(LogFileReopener(path))
+
+
+def rememberOpenLogFile() -> None:
+    """
+    Record which files the log paths hold, once twistd has opened them
+    (when the service starts).
+    """
+    for logFile in logFiles:
+        logFile.remember()
+
+
+def reopenLogFiles() -> int:
+    """
+    Reopen the log files noted with L{useLogFile} (twistd's C{--logfile}),
+    so that a file moved away by logrotate is let go of.
 
     @return: how many files were reopened.
     """
     reopened = 0
-    for observer in getattr(publisher, "_observers", ()):
-        outFile = getattr(observer, "_outFile", None)
-        reopen = getattr(outFile, "reopen", None)
-        if reopen is not None:
-            reopen()
-            reopened += 1
+    for logFile in logFiles:
+        try:
+            if logFile.reopen():
+                reopened += 1
+        except OSError as e:
+            log.warn("cannot reopen {path}: {error}", path=logFile.path, error=e.strerror or e)
     return reopened
 
 
@@ -60,6 +174,7 @@ def reopenOnHangup(reactor: Any, then: Callable[[], object] | None = None) -> Ca
     def onHangup(signum: int, frame: object) -> None:
         reactor.callFromThread(reopen)
 
+    rememberOpenLogFile()
     previous = signal.signal(signal.SIGHUP, onHangup)
 
     def restore() -> None:

@@ -5,7 +5,11 @@ on shutdown, stop accepting and let open tunnels drain.
 
 from __future__ import annotations
 
-from typing import Callable
+import atexit
+import logging
+import os
+import sys
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
@@ -26,7 +30,10 @@ class ShifterService(Service):
 
     If the resolver or the listening endpoint cannot start, the reason is
     logged and the reactor is stopped: a redirector that silently does not
-    listen would black-hole every redirected connection.
+    listen would black-hole every redirected connection.  With
+    C{exitStatusOnFailure} (under twistd), the process then exits with
+    status 1, so that a supervisor (systemd's C{Restart=on-failure}) or a
+    script sees the failure.
 
     Stopping (SIGTERM under twistd) closes the listening port at once, then
     waits up to C{drainTimeout} seconds for open tunnels to finish before
@@ -49,6 +56,7 @@ class ShifterService(Service):
         factory: ShifterFactory,
         drainTimeout: float = 30.0,
         handleHangup: bool = False,
+        exitStatusOnFailure: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.description = description
@@ -57,6 +65,7 @@ class ShifterService(Service):
         self.port: IListeningPort | None = None
         self._pauser: AcceptPauser | None = None
         self._handleHangup = handleHangup
+        self.exitStatusOnFailure = exitStatusOnFailure
         self._restoreHangup: Callable[[], None] | None = None
         self.ready: Deferred[IListeningPort] = Deferred()
         self._starting: Deferred[None] | None = None
@@ -149,8 +158,7 @@ class ShifterService(Service):
         )
         self.ready.errback(reason)
         self.ready.addErrback(lambda _: None)
-        reactor = self.factory.reactor
-        reactor.callWhenRunning(reactor.stop)
+        stopWithFailure(self.factory.reactor, self.exitStatusOnFailure)
 
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
@@ -187,3 +195,35 @@ class ShifterService(Service):
         factory.pool.stop()
         factory.deadlines.stop()
         yield factory.resolver.stop()
+
+
+# The status the process exits with once twistd has finished, if not 0.
+_exitStatus = 0
+
+
+def stopWithFailure(reactor: Any, exitStatus: bool) -> None:
+    """
+    Stop the reactor because Shifter cannot run; with C{exitStatus}, make
+    the process exit with status 1 once twistd has finished (removed its
+    pid file, stopped logging).
+
+    twistd has no way to say a run failed: it exits 0 whenever the reactor
+    stops.  So the status is set at the very end, from an C{atexit}
+    handler, after the standard streams and the C{logging} module have been
+    flushed.
+    """
+    global _exitStatus
+    if exitStatus and not _exitStatus:
+        _exitStatus = 1
+        atexit.register(_exitWithStatus)
+    reactor.callWhenRunning(reactor.stop)
+
+
+def _exitWithStatus() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(_exitStatus)

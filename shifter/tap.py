@@ -29,6 +29,7 @@ from shifter.pool import BALANCES, ProxyPool
 from shifter.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
 from shifter.relay import RELAYS
 from shifter.resolver import RESOLVERS, makeResolver
+from shifter.logs import twistdLogFile, useLogFile
 from shifter.service import ShifterService
 from shifter.splice import SPLICE_AVAILABLE
 from shifter.workers import ReusePortEndpoint, WorkersService, becomeWorker, shiftPort, workerReady
@@ -478,7 +479,7 @@ class Options(usage.Options):
         if self["relay"] == "splice" and not SPLICE_AVAILABLE:
             raise usage.UsageError("--relay splice: this Python has no os.splice (3.10+ on Linux)")
         if self["workers"] > 1:
-            if ReusePortEndpoint.fromEndpoint(reactor, serverFromString(reactor, self["listen"])) is None:
+            if ReusePortEndpoint.fromString(reactor, self["listen"]) is None:
                 raise usage.UsageError("--workers: the --listen endpoint must be tcp: or tcp6:")
             if self["resolver"] == "nfqueue":
                 raise usage.UsageError("--workers: --resolver nfqueue binds one queue, for one process")
@@ -506,15 +507,28 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--metrics: invalid endpoint {self['metrics']!r}: {e}") from None
 
 
-def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-untyped-def]
+def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None = None) -> IService:  # type: ignore[no-untyped-def]
     """
     Build the Shifter service that C{config} describes.
+
+    @param exitStatusOnFailure: whether a start that fails makes the
+        process exit with status 1; by default, when twistd runs Shifter
+        (C{config} is the subcommand of twistd's options).
     """
     if reactor is None:
         from twisted.internet import reactor
+    # Run by twistd (as its subcommand, the parent of config): twistd's own
+    # options say where it logs, and a failed start must give a failure
+    # status.
+    twistd = getattr(config, "parent", None)
+    if exitStatusOnFailure is None:
+        exitStatusOnFailure = twistd is not None
+    if twistd is not None:
+        useLogFile(twistdLogFile(twistd))
     if config["workers"] > 1 and config["worker"] is None:
         return WorkersService(
-            reactor, config["workers"], config.arguments, config["drain-timeout"], config["listen"]
+            reactor, config["workers"], config.arguments, config["drain-timeout"], config["listen"],
+            exitStatusOnFailure=exitStatusOnFailure,
         )
     built = configure(config, reactor)
     if any(proxy.address is None for proxy in built.pool.proxies):
@@ -533,7 +547,7 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
     worker = config["worker"]
     if worker is not None:
         becomeWorker(worker)
-        endpoint = ReusePortEndpoint.fromEndpoint(reactor, endpoint) or endpoint
+        endpoint = ReusePortEndpoint.fromString(reactor, config["listen"]) or endpoint
         if metrics is not None:
             metrics = shiftPort(metrics, worker) or (metrics if worker == 0 else None)
         if control is not None:
@@ -544,6 +558,7 @@ def makeService(config: Options, reactor=None) -> IService:  # type: ignore[no-u
         factory,
         drainTimeout=config["drain-timeout"],
         handleHangup=True,
+        exitStatusOnFailure=exitStatusOnFailure,
     )
     service.reloader = Reloader(config, built, service, reactor)
     service.setServiceParent(top)

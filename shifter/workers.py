@@ -5,7 +5,7 @@ reactor and no threads.
 The parent (L{WorkersService}) does no relaying.  It starts N copies of
 C{twistd -n shifter} with the same options plus C{--worker I}, watches
 them, restarts one that dies, and passes SIGTERM (drain, then exit) and
-SIGHUP (reopen logs) on to all of them.
+SIGHUP on to all of them.
 
 Each worker listens on its own socket bound with C{SO_REUSEPORT}
 (L{ReusePortEndpoint}), so the kernel spreads new connections over the
@@ -13,12 +13,19 @@ workers by hash, with no shared accept queue to contend on and no thundering
 herd; a worker that restarts simply binds again.  Only C{tcp:} and C{tcp6:}
 listeners can be shared this way.
 
-Logs: every worker tags its events C{[worker I#level]}.  When the parent logs to
-a file (C{--logfile}), the workers' output comes to it through a pipe and is
-appended to that file as whole lines, so rotation and SIGHUP reopening stay
-the parent's; otherwise the workers write to the parent's own standard
-output.  Metrics (C{--metrics}): worker I serves on the given port plus I
-(scrape them all; the counters are per worker).
+Logs: a worker writes its log events, as JSON, to a pipe to the parent,
+which publishes them as its own, tagged C{[worker I#level]}: so they go
+where the parent's go (C{--logfile}, C{--syslog}, a C{--logger}), in the
+format the parent's go in, and rotation and reopening stay the parent's.
+Metrics (C{--metrics}): worker I serves on the given port plus I (scrape
+them all; the counters are per worker).
+
+A worker arms the parent-death signal before anything else (C{prctl
+PR_SET_PDEATHSIG}) and then checks that its parent is still the process
+that started it, so a worker never outlives its parent, even one that died
+while the worker was starting.  A worker that cannot start during the
+first start stops the parent, with a failure status; one that cannot start
+again later is retried, with a growing delay, while the others serve.
 """
 
 from __future__ import annotations
@@ -37,18 +44,38 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from shifter.logs import reopenLogFiles
+from shifter.logs import rememberOpenLogFile, reopenLogFiles
 
 # The descriptor on which a worker says it is accepting connections.
 READY_FD = 3
 
-# How a worker runs twistd: as the parent did, from the same interpreter.
-_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+# The environment variable that tells a worker its parent's pid.
+PARENT_PID = "SHIFTER_WORKER_PARENT"
+
+# How a worker starts: the parent-death signal first, then a check that
+# the parent has not died already (the signal would never come), then
+# twistd as the parent ran it, from the same interpreter.
+_TWISTD = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)\n"
+    f"if os.getppid() != int(os.environ['{PARENT_PID}']):\n"
+    "    sys.exit('shifter worker: the parent is gone')\n"
+    "from twisted.scripts.twistd import run\n"
+    "sys.argv[0] = 'twistd'\n"
+    "run()\n"
+)
+
+# What twistd is told in each worker: its log events go to the parent as
+# JSON lines.
+_WORKER_TWISTD_OPTIONS = ("-n", "--pidfile=", "--logger", "shifter.logs.json")
 
 _PR_SET_PDEATHSIG = 1
+
+# The longest line a worker may write before it is passed on as it is.
+_MAX_LINE = 1 << 20
 
 
 class ReusePortEndpoint:
@@ -65,19 +92,28 @@ class ReusePortEndpoint:
         self.backlog = backlog
 
     @classmethod
-    def fromEndpoint(cls, reactor: Any, endpoint: object) -> ReusePortEndpoint | None:
+    def fromString(cls, reactor: Any, description: str) -> ReusePortEndpoint | None:
         """
-        The same listener as a C{tcp:} or C{tcp6:} endpoint, or C{None} for
-        any other kind.
+        The listener a C{tcp:} or C{tcp6:} server endpoint string describes
+        (C{tcp:12345}, C{tcp6:port=12345:interface=\\:\\:}, with
+        C{backlog=}), read from the string itself; C{None} for any other
+        kind.
         """
-        if isinstance(endpoint, TCP6ServerEndpoint):
-            family = socket.AF_INET6
-        elif isinstance(endpoint, TCP4ServerEndpoint):
-            family = socket.AF_INET
+        from shifter.endpointstrings import splitEndpoint
+
+        kind, positional, keywords = splitEndpoint(description)
+        if kind == "tcp6":
+            family, wildcard = socket.AF_INET6, "::"
+        elif kind == "tcp":
+            family, wildcard = socket.AF_INET, "0.0.0.0"
         else:
             return None
-        interface = endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
-        return cls(reactor, family, endpoint._port, interface, endpoint._backlog)
+        port = keywords.get("port", positional[0] if positional else None)
+        interface = keywords.get("interface", positional[2] if len(positional) > 2 else "")
+        backlog = keywords.get("backlog", positional[1] if len(positional) > 1 else "50")
+        if port is None or not port.isdigit() or not backlog.isdigit():
+            return None
+        return cls(reactor, family, int(port), interface or wildcard, int(backlog))
 
     def listen(self, factory: Any) -> Deferred[IListeningPort]:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
@@ -112,6 +148,8 @@ def becomeWorker(index: int) -> None:
     """
     Set up this process as worker C{index}: tag its log events, and have
     the kernel end it if the parent dies (it holds a share of the port).
+    The bootstrap armed that already; arming it again here covers a worker
+    started otherwise.  A worker whose parent is gone exits now.
     """
 
     def tag(event: dict) -> None:
@@ -125,6 +163,9 @@ def becomeWorker(index: int) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    parent = os.environ.get(PARENT_PID)
+    if parent is not None and parent.isdigit() and os.getppid() != int(parent):
+        sys.exit(f"shifter worker {index}: the parent (pid {parent}) is gone")
 
 
 def workerReady() -> None:
@@ -138,28 +179,17 @@ def workerReady() -> None:
         pass  # not started by a parent
 
 
-def _logFile(publisher: Any = globalLogPublisher) -> Any:
-    """
-    The file that twistd's C{--logfile} observer writes to, if any.
-    """
-    for observer in getattr(publisher, "_observers", ()):
-        outFile = getattr(observer, "_outFile", None)
-        if outFile is not None and hasattr(outFile, "rotate"):
-            return outFile
-    return None
-
-
 class _Worker(ProcessProtocol):
     """
-    The parent's view of one worker: its output, its readiness, its end.
+    The parent's view of one worker: its log events, its readiness, its
+    end.
     """
 
     ready = False
 
-    def __init__(self, service: WorkersService, index: int, logFile: Any) -> None:
+    def __init__(self, service: WorkersService, index: int) -> None:
         self.service = service
         self.index = index
-        self.logFile = logFile
         self._partial = {1: b"", 2: b""}
         self.ended: Deferred[None] = Deferred()
 
@@ -169,29 +199,40 @@ class _Worker(ProcessProtocol):
                 self.ready = True
                 self.service.workerReady(self)
             return
-        # Whole lines only, so that two workers' lines never interleave.
+        if childFD not in self._partial:
+            return
         data = self._partial[childFD] + data
-        cut = data.rfind(b"\n") + 1
-        self._partial[childFD] = data[cut:]
-        if cut:
-            self.logFile.write(data[:cut])
-            self.logFile.flush()
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        if len(rest) > _MAX_LINE:
+            lines.append(rest)
+            rest = b""
+        self._partial[childFD] = rest
+        for line in lines:
+            if line:
+                self.service.workerLine(self.index, childFD, line)
 
     def processEnded(self, reason: Failure) -> None:
         for childFD, rest in self._partial.items():
-            if rest and self.logFile is not None:
-                self.logFile.write(rest + b"\n")
+            if rest:
+                self.service.workerLine(self.index, childFD, rest)
+        self._partial = {1: b"", 2: b""}
         self.ended.callback(None)
         self.service.workerEnded(self, reason)
 
 
 class WorkersService(Service):
     """
-    Starts C{count} worker processes, restarts those that die after they
-    started accepting, and stops them all (draining) when stopped.
+    Starts C{count} worker processes, restarts those that die, publishes
+    their log events as its own, and stops them all (draining) when
+    stopped.
 
-    A worker that exits before it ever accepted (a bad option, a port in
-    use) stops the parent too: restarting it would fail the same way.
+    A worker that exits before it ever accepted during the first start (a
+    bad option, a port in use) stops the parent too, with a failure status
+    if C{exitStatusOnFailure}: every worker would fail the same way.  Once
+    the workers have started, one that exits is restarted after a delay
+    that doubles with each failure in a row (up to 30 s), whether it
+    failed to start again or not; the others serve meanwhile.
     """
 
     log = Logger()
@@ -204,16 +245,23 @@ class WorkersService(Service):
         arguments: list[str],
         drainTimeout: float,
         listen: str,
+        exitStatusOnFailure: bool = False,
+        publisher: Callable[[dict], None] = globalLogPublisher,
     ) -> None:
         """
         @param arguments: the C{shifter} subcommand's arguments, to which
             each worker's C{--worker I} is added.
+        @param exitStatusOnFailure: make the process exit with a failure
+            status if the first start fails (under twistd).
+        @param publisher: where the workers' log events are published.
         """
         self.reactor = reactor
         self.count = count
         self.arguments = arguments
         self.drainTimeout = drainTimeout
         self.listen = listen
+        self.exitStatusOnFailure = exitStatusOnFailure
+        self.publisher = publisher
         self.workers: dict[int, _Worker] = {}
         self.pids: dict[int, int] = {}
         self._failures: dict[int, int] = {}
@@ -225,24 +273,56 @@ class WorkersService(Service):
         Service.startService(self)
         previous = signal.signal(signal.SIGHUP, self._onHangup)
         self._restoreHangup = lambda: signal.signal(signal.SIGHUP, previous)
+        rememberOpenLogFile()
         for index in range(self.count):
             self._spawn(index)
 
+    def workerArguments(self, index: int) -> list[str]:
+        """
+        The command line of worker C{index}.
+        """
+        return [
+            sys.executable, "-c", _TWISTD, *_WORKER_TWISTD_OPTIONS,
+            "shifter", *self.arguments, "--worker", str(index),
+        ]
+
     def _spawn(self, index: int) -> None:
         self._restarts.pop(index, None)
-        logFile = _logFile()
-        worker = _Worker(self, index, logFile)
-        output: object = "r" if logFile is not None else None
-        childFDs = {0: 0, 1: output or 1, 2: output or 2, READY_FD: "r"}
+        worker = _Worker(self, index)
+        childFDs = {0: 0, 1: "r", 2: "r", READY_FD: "r"}
         env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-        args = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "shifter", *self.arguments, "--worker", str(index)]
+        env[PARENT_PID] = str(os.getpid())
         transport = self.reactor.spawnProcess(
-            worker, sys.executable, args, env=env, path=os.getcwd(), childFDs=childFDs
+            worker, sys.executable, self.workerArguments(index), env=env, path=os.getcwd(), childFDs=childFDs
         )
         self.workers[index] = worker
         self.pids[index] = transport.pid
-        worker.started = self.reactor.seconds()  # type: ignore[attr-defined]
         self.log.info("worker {index} started (pid {pid})", index=index, pid=transport.pid)
+
+    def workerLine(self, index: int, childFD: int, line: bytes) -> None:
+        """
+        A line from worker C{index}: a log event (JSON, on its standard
+        output), published as the parent's own; anything else (a traceback
+        on its standard error, say) is published as a warning.
+        """
+        event: dict[str, Any] | None = None
+        if childFD == 1 and line.startswith(b"{"):
+            try:
+                event = eventFromJSON(line.decode("utf-8", "replace"))
+            except ValueError:
+                event = None
+        if event is None:
+            event = {
+                "log_format": "{worker_output}",
+                "worker_output": line.decode("utf-8", "replace"),
+                "log_level": LogLevel.warn,
+                "log_namespace": "shifter.workers",
+                "log_time": self.reactor.seconds(),
+            }
+        if event.get("log_system", "-") == "-":
+            event["log_system"] = f"worker {index}"
+        event.setdefault("shifter_worker", index)
+        self.publisher(event)
 
     def workerReady(self, worker: _Worker) -> None:
         self._failures[worker.index] = 0
@@ -262,21 +342,24 @@ class WorkersService(Service):
         status = reason.value.exitCode if reason.check(error.ProcessTerminated) else 0  # type: ignore[union-attr]
         if self._stopping:
             return
-        if not worker.ready:
+        if not worker.ready and not self.ready.called:
             self.log.critical(
                 "worker {index} exited (status {status}) before accepting connections; stopping",
                 index=index,
                 status=status,
             )
-            self.reactor.callWhenRunning(self.reactor.stop)
+            from shifter.service import stopWithFailure
+
+            stopWithFailure(self.reactor, self.exitStatusOnFailure)
             return
         failures = self._failures.get(index, 0) + 1
         self._failures[index] = failures
         delay = min(30.0, 0.5 * 2 ** (failures - 1))
         self.log.warn(
-            "worker {index} exited ({reason}); restarting in {delay:g} s",
+            "worker {index} exited ({reason}{before}); restarting in {delay:g} s",
             index=index,
             reason=reason.getErrorMessage(),
+            before="" if worker.ready else ", before accepting connections",
             delay=delay,
         )
         self._restarts[index] = self.reactor.callLater(delay, self._spawn, index)

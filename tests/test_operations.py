@@ -6,6 +6,7 @@ draining on shutdown, and pausing accepts when descriptors run out.
 from __future__ import annotations
 
 import errno
+import os
 import ipaddress
 
 from twisted.internet.address import IPv4Address
@@ -16,7 +17,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from shifter.downstream import TunnelSettings
 from shifter.limits import AcceptPauser
-from shifter.logs import reopenLogFiles
+from shifter import logs
 from shifter.metricspage import MetricsPage
 from shifter.service import ShifterService
 from tests.test_tap import parse
@@ -306,27 +307,75 @@ class AcceptPauserTests(SynchronousTestCase):
 
 
 class ReopenLogFilesTests(SynchronousTestCase):
-    def test_reopensFileObservers(self) -> None:
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.path = os.path.join(directory, "shifter.log")
+        self.addCleanup(logs.useLogFile, None)
+
+    def openAsTwistd(self):  # type: ignore[no-untyped-def]
         """
-        Observers that write to a reopenable file have it reopened; others
-        are left alone.
+        The file as twistd's LogFile opens it: unbuffered, read-write, at
+        its end.
         """
+        f = open(self.path, "ab+", 0)
+        self.addCleanup(f.close)
+        return f
 
-        class LogFile:
-            reopened = 0
+    def read(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
 
-            def reopen(self) -> None:
-                self.reopened += 1
+    def test_reopensAfterRotation(self) -> None:
+        """
+        After logrotate has moved the file, SIGHUP's reopen makes the same
+        file object write to a new file at the path.
+        """
+        twistdFile = self.openAsTwistd()
+        twistdFile.write(b"before\n")
+        logs.useLogFile(self.path)
+        logs.rememberOpenLogFile()
+        os.rename(self.path, self.path + ".1")
+        self.assertEqual(logs.reopenLogFiles(), 1)
+        twistdFile.write(b"after\n")
+        self.assertEqual(self.read(self.path), b"after\n")
+        self.assertEqual(self.read(self.path + ".1"), b"before\n")
 
-        class FileObserver:
-            def __init__(self, outFile: object) -> None:
-                self._outFile = outFile
+    def test_rotatedByTwistdFirst(self) -> None:
+        """
+        If twistd has rotated the file itself since (a new file at the
+        path, open under a new descriptor), that one is found and reopened.
+        """
+        old = self.openAsTwistd()
+        logs.useLogFile(self.path)
+        logs.rememberOpenLogFile()
+        old.close()
+        os.rename(self.path, self.path + ".1")
+        current = self.openAsTwistd()
+        self.assertEqual(logs.reopenLogFiles(), 1)
+        current.write(b"still here\n")
+        self.assertEqual(self.read(self.path), b"still here\n")
 
-        class Publisher:
-            pass
+    def test_notOpen(self) -> None:
+        """
+        With no log file, or one this process does not hold, nothing is
+        reopened.
+        """
+        logs.useLogFile(None)
+        self.assertEqual(logs.reopenLogFiles(), 0)
+        logs.useLogFile(self.path)
+        self.assertEqual(logs.reopenLogFiles(), 0)
 
-        logFile = LogFile()
-        publisher = Publisher()
-        publisher._observers = [FileObserver(logFile), FileObserver(object()), lambda event: None]
-        self.assertEqual(reopenLogFiles(publisher), 1)
-        self.assertEqual(logFile.reopened, 1)
+    def test_twistdOptions(self) -> None:
+        """
+        The file twistd logs to follows its options.
+        """
+        for options, expected in [
+            ({"logfile": "/var/log/s.log", "nodaemon": True}, "/var/log/s.log"),
+            ({"logfile": "-", "nodaemon": True}, None),
+            ({"logfile": None, "nodaemon": True}, None),
+            ({"logfile": None, "nodaemon": False}, "twistd.log"),
+            ({"logfile": "/var/log/s.log", "syslog": True}, None),
+            ({"logfile": "/var/log/s.log", "logger": "shifter.logs.json"}, None),
+        ]:
+            self.assertEqual(logs.twistdLogFile(options), expected, options)
