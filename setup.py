@@ -22,7 +22,14 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=["shifter", "twisted.plugins"],
-    package_data={"twisted.plugins": ["shifter_plugin.py"]},
-    install_requires=["Twisted>=23.8", "pyroute2>=0.7", "zope.interface>=5", "prometheus_client>=0.17"],
+    package_data={"twisted.plugins": ["shifter_plugin.py", "shifter_endpoints.py"]},
+    # Twisted[tls]: pyOpenSSL, service_identity and idna, which shifter.proxy
+    # imports for https:// proxies (and so twistd shifter --help needs).
+    install_requires=[
+        "Twisted[tls]>=23.8",
+        "pyroute2>=0.7",
+        "zope.interface>=5",
+        "prometheus_client>=0.17",
+    ],
     extras_require={"test": ["hypothesis", "virtme-ng"]},
 )

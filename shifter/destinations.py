@@ -40,8 +40,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 # Every destination in these networks is refused, with the reason's word.
 _REFUSED_V4 = [
     (ipaddress.IPv4Network("0.0.0.0/8"), "unspecified"),
@@ -65,7 +63,7 @@ RTM_GETADDR = 22
 NETLINK_ROUTE = 0
 
 
-def _parse(host: str) -> _Address:
+def _parse(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """
     @raise ValueError: if C{host} is not an IP address (zone IDs refused).
     """
