@@ -395,7 +395,12 @@ def readLocalAddresses(reactor: Any, timeout: float = 5.0) -> Deferred[frozenset
         port.loseConnection()
         return result
 
-    return pending.addCallback(addresses).addBoth(close)
+    result: Deferred[frozenset[str]] = pending.addCallback(addresses).addBoth(close)  # type: ignore[assignment]
+    # The kernel answers a dump request while it is sent, and the rest as
+    # it is read: reading now usually ends it here, socket closed, rather
+    # than a turn of the reactor later.
+    port.doRead()
+    return result
 
 
 def alwaysKnown(addresses: Iterable[str]) -> Callable[[], Deferred[frozenset[str]]]:
