@@ -31,6 +31,7 @@ reason that says so.  Destinations on other ports are not affected.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -54,6 +55,9 @@ _REFUSED_V6 = [
     (ipaddress.IPv6Network("fe80::/10"), "link-local"),
     (ipaddress.IPv6Network("ff00::/8"), "multicast"),
 ]
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 # How often proxy names and this machine's addresses are looked up again.
 REFRESH_INTERVAL = 60.0
@@ -85,6 +89,12 @@ def destinationRefusal(host: str) -> str | None:
     @return: the reason for the log line, such as C{"destination
         127.0.0.1 is a loopback address"}.
     """
+    if _DOTTED_QUAD.fullmatch(host):
+        first = host[: host.index(".")]
+        if first not in ("0", "127", "169") and int(first) < 224:
+            # Outside every refused network (the tunnel's usual case): no
+            # need to parse the address.
+            return None
     try:
         address = _parse(host)
     except ValueError:

@@ -130,6 +130,8 @@ def clientKey(host: str) -> str:
 
     @param host: the client's address.
     """
+    if ":" not in host:
+        return host  # IPv4, as the kernel gives it
     address = ipaddress.ip_address(host.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:

@@ -115,6 +115,36 @@ class DestinationRefusalTests(SynchronousTestCase):
         self.assertEqual(destinationRefusal(str(address)) is not None, special)
 
 
+class IPv4EveryAddressTests(SynchronousTestCase):
+    @settings(max_examples=3000)
+    @given(st.integers(min_value=0, max_value=2**32 - 1))
+    def test_matchesTheNetworks(self, number: int) -> None:
+        """
+        For any IPv4 address, the answer (including the quick one for
+        plain dotted quads) is a refusal exactly when the address is in a
+        refused network.
+        """
+        address = ipaddress.IPv4Address(number)
+        refused = any(
+            address in ipaddress.IPv4Network(network)
+            for network in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32")
+        )
+        self.assertEqual(destinationRefusal(str(address)) is not None, refused)
+
+    def test_edges(self) -> None:
+        """
+        The addresses at the edges of each refused network.
+        """
+        for host, refused in [
+            ("0.255.255.255", True), ("1.0.0.0", False), ("126.255.255.255", False),
+            ("127.0.0.0", True), ("128.0.0.0", False), ("169.253.255.255", False),
+            ("169.254.0.0", True), ("169.255.0.0", False), ("223.255.255.255", False),
+            ("224.0.0.0", True), ("239.255.255.255", True), ("240.0.0.0", False), ("255.255.255.254", False),
+            ("255.255.255.255", True),
+        ]:
+            self.assertEqual(destinationRefusal(host) is not None, refused, host)
+
+
 class FakeNames:
     """
     A C{twisted.names} resolver answering from a hosts file of the test's,
