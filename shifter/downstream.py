@@ -23,6 +23,8 @@ from twisted.python.failure import Failure
 
 from shifter.deadlines import Deadlines
 from shifter.destinations import ProxyAddresses
+from shifter.limits import ClientLimit
+from shifter.logs import RateLimitedLog
 from shifter.metrics import TunnelStats
 from shifter.policy import ITunnelPolicy
 from shifter.pool import ProxyPool
@@ -50,6 +52,8 @@ class TunnelSettings:
     @ivar earlyDataLimit: bytes a client may send before its tunnel opens;
         past this, reading from it pauses until the tunnel is open.
     @ivar maxConnections: tunnels open at once; further clients are refused.
+    @ivar maxConnectionsPerClient: connections open at once from one client
+        (an IPv4 address, or an IPv6 /64); 0 for no limit of its own.
     @ivar allowedClients: if not empty, the only client networks served.
     @ivar allowedPorts: if not empty, the only destination ports served.
     @ivar connectTarget: what CONNECT asks for: C{"ip"}, the original
@@ -70,6 +74,7 @@ class TunnelSettings:
     closeGrace: float = 5.0
     earlyDataLimit: int = 64 * 1024
     maxConnections: int = 10000
+    maxConnectionsPerClient: int = 0
     allowedClients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     allowedPorts: frozenset[int] = field(default_factory=frozenset)
     connectTarget: str = "ip"
@@ -112,6 +117,10 @@ class ShifterFactory(ServerFactory):
         self.listeningAddress: Destination | None = None
         self._idleWaiters: list[Deferred[None]] = []
         self.proxyAddresses = ProxyAddresses(pool.proxies, reactor)
+        self.clientLimit = ClientLimit(settings.maxConnectionsPerClient)
+        # Refusals a client can repeat at will are logged one line per
+        # reason per interval, with a count of the others.
+        self.refusals = RateLimitedLog(self.log, reactor, interval=10.0)
 
     def startFactory(self) -> None:
         # Look up the proxies' names and this machine's addresses once
@@ -121,6 +130,7 @@ class ShifterFactory(ServerFactory):
 
     def stopFactory(self) -> None:
         self.proxyAddresses.stop()
+        self.refusals.stop()
 
     # What the tunnels have done, as the factory has always offered it.
 
@@ -224,6 +234,7 @@ class ShifterFactory(ServerFactory):
         """
         if settings is not None:
             self.settings = settings
+            self.clientLimit.limit = settings.maxConnectionsPerClient
         if pool is not None and pool is not self.pool:
             self.pool.stop()
             self.pool = pool
@@ -258,18 +269,31 @@ class ShifterFactory(ServerFactory):
 
     def tunnelClosed(self, tunnel: Tunnel) -> None:
         self.active.discard(tunnel)
+        self.clientLimit.release(tunnel.clientHost)
         if not self.active and self._idleWaiters:
             waiters, self._idleWaiters = self._idleWaiters, []
             for waiter in waiters:
                 waiter.callback(None)
 
     def buildProtocol(self, addr) -> DownstreamProtocol | None:  # type: ignore[no-untyped-def, override]
-        if len(self.active) >= self.settings.maxConnections:
+        settings = self.settings
+        if len(self.active) >= settings.maxConnections:
             self.stats.counters["limit"] += 1
-            self.log.warn(
+            self.refusals.warn(
+                "limit",
                 "refused {client}: {limit} tunnels already open (--max-connections)",
                 client=formatAddress(addr.host, addr.port),
-                limit=self.settings.maxConnections,
+                limit=settings.maxConnections,
+            )
+            return None
+        if not self.clientLimit.admit(addr.host):
+            self.stats.counters["client-limit"] += 1
+            self.refusals.warn(
+                "client-limit",
+                "refused {client}: {limit} connections from this client already open "
+                "(--max-connections-per-client)",
+                client=formatAddress(addr.host, addr.port),
+                limit=settings.maxConnectionsPerClient,
             )
             return None
         return DownstreamProtocol(self)

@@ -644,6 +644,7 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
         setupTimeout=config["setup-timeout"],
         idleTimeout=config["idle-timeout"],
         maxConnections=config["max-connections"] or defaultMaxConnections(),
+        maxConnectionsPerClient=config["max-connections-per-client"],
         allowedClients=tuple(config["allow"]),
         allowedPorts=frozenset(config["allow-port"]),
         connectTarget=config["connect-target"],

@@ -112,6 +112,12 @@ PROXY_EVENTS = frozenset(
 )
 
 
+# Failures that are Shifter refusing the client, before any proxy is
+# asked; a client can repeat them at will, so their lines are rate-limited
+# (one per reason per interval, then a count).
+REFUSALS = frozenset(("client-denied", "port-denied", "loop", "destination"))
+
+
 @dataclass(frozen=True)
 class TunnelInfo:
     """
@@ -201,6 +207,9 @@ class ITunnelOwner(Interface):
     reactor = Attribute("The reactor, for its clock.")
     deadlines = Attribute("The L{shifter.deadlines.Deadlines} of every tunnel.")
     stats = Attribute("The L{shifter.metrics.TunnelStats} to count in.")
+    refusals = Attribute(
+        "A L{shifter.logs.RateLimitedLog} for the lines of L{REFUSALS}."
+    )
     proxyAddresses = Attribute(
         "The L{shifter.destinations.ProxyAddresses} of the proxies: destinations that could reach one are refused."
     )
@@ -895,6 +904,8 @@ class Tunnel:
         )
         if failure is not None and not failure.check(ResolverError, CancelledError, TimeoutError):
             self.log.failure(text, failure, LogLevel.error, **facts)
+        elif kind in REFUSALS:
+            self.owner.refusals.warn(kind, text, **facts)
         else:
             self.log.warn(text, **facts)
         self._close(reason)

@@ -461,6 +461,76 @@ class FailureTests(TunnelTestCase):
         self.assertIsInstance(self.factory.buildProtocol(CLIENT), DownstreamProtocol)
 
 
+class ClientLimitTests(TunnelTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.settings = TunnelSettings(maxConnections=10, maxConnectionsPerClient=2)
+
+    def test_perClientCap(self) -> None:
+        """
+        One client past C{maxConnectionsPerClient} is refused with the
+        C{client-limit} counter, while another client is still served; a
+        place frees up for it when one of its tunnels ends.
+        """
+        self.makeFactory()
+        mine = [self.connectClient(peer=IPv4Address("TCP", "192.0.2.2", 50000 + n)) for n in range(2)]
+        self.assertIsNone(self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 50002)))
+        self.assertEqual(self.factory.counters["client-limit"], 1)
+        self.assertIsInstance(self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.3", 50000)), DownstreamProtocol)
+        client, clientTransport = mine[0]
+        self.lose(client, clientTransport)
+        self.assertIsInstance(self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 50003)), DownstreamProtocol)
+
+    def test_ipv6Slash64(self) -> None:
+        """
+        IPv6 clients count by their /64: a host cannot escape its limit by
+        taking other addresses of its network.
+        """
+        self.makeFactory()
+        for n in range(2):
+            self.connectClient(peer=IPv6Address("TCP", f"2001:db8:1::{n + 2}", 50000))
+        self.assertIsNone(self.factory.buildProtocol(IPv6Address("TCP", "2001:db8:1::99", 50000)))
+        self.assertIsInstance(self.factory.buildProtocol(IPv6Address("TCP", "2001:db8:2::2", 50000)), DownstreamProtocol)
+
+    def test_reloadChangesTheCap(self) -> None:
+        """
+        New settings change the cap for the next connections.
+        """
+        self.makeFactory()
+        for n in range(2):
+            self.connectClient(peer=IPv4Address("TCP", "192.0.2.2", 50000 + n))
+        self.factory.reconfigure(settings=TunnelSettings(maxConnections=10, maxConnectionsPerClient=3))
+        self.assertIsInstance(self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 50002)), DownstreamProtocol)
+
+    def test_refusalLinesRateLimited(self) -> None:
+        """
+        Refusals a client can repeat at will are logged once per reason per
+        interval, then one line counts the rest; each is still counted.
+        """
+        self.makeFactory()
+        for n in range(2):
+            self.connectClient(peer=IPv4Address("TCP", "192.0.2.2", 50000 + n))
+        for n in range(5):
+            self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 51000 + n))
+        self.assertEqual(self.factory.counters["client-limit"], 5)
+        refused = [m for m in self.messages("warn") if "already open" in m]
+        self.assertEqual(len(refused), 1)
+        self.clock.advance(10)
+        self.assertTrue(any("4 more like it not logged in the last 10 s" in m for m in self.messages("warn")))
+
+    def test_loopRefusalsRateLimited(self) -> None:
+        """
+        Direct connections to Shifter, refused as a loop, are likewise
+        one line per interval however many come.
+        """
+        self.settings = TunnelSettings()
+        self.resolver.answer = SHIFTER
+        for _ in range(4):
+            self.connectClient()
+        self.assertEqual(self.factory.counters["loop"], 4)
+        self.assertEqual(len(self.failureLines()), 1)
+
+
 class RelayTests(TunnelTestCase):
     def test_clientHalfClosePassedOn(self) -> None:
         """

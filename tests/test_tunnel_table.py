@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -28,6 +28,7 @@ from shifter.deadlines import Deadlines
 from shifter.destinations import ProxyAddresses
 from shifter.downstream import TunnelSettings
 from shifter.interfaces import IProxyAttempt, IRelay
+from shifter.logs import RateLimitedLog
 from shifter.metrics import TunnelStats
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
@@ -135,6 +136,7 @@ class Owner:
         self.policy = policy
         self.deadlines = Deadlines(self.reactor)
         self.stats = TunnelStats()
+        self.refusals = RateLimitedLog(Logger(), self.reactor)
         self.closed: list[Tunnel] = []
 
     def isListeningAddress(self, host: str, port: int) -> bool:
