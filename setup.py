@@ -20,7 +20,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     packages=["shifter", "twisted.plugins"],
     package_data={"twisted.plugins": ["shifter_plugin.py", "shifter_endpoints.py"]},
     # Twisted[tls]: pyOpenSSL, service_identity and idna, which shifter.proxy

@@ -32,4 +32,6 @@ config = Options()
 config.parseOptions(arguments)
 
 application = Application("shifter")
-makeService(config).setServiceParent(application)
+# A start that fails makes twistd exit with status 1 (for systemd's
+# Restart=on-failure and for scripts), as under twistd shifter.
+makeService(config, exitStatusOnFailure=True).setServiceParent(application)
