@@ -570,6 +570,19 @@ class Tunnel:
             return "port-denied", f"destination port {port} is not an --allow-port"
         return None
 
+    def _targetRefusal(self, target: str, port: int) -> str | None:
+        """
+        Why a policy's CONNECT target must not be asked for, when it is an
+        address: the same refusals as for an original destination (an
+        upstream proxy, loopback, link-local, ...).  Names are the proxy's
+        to resolve.
+        """
+        try:
+            host = canonicalHost(target)
+        except ValueError:
+            return None
+        return self.owner.proxyAddresses.refusal(host, port) or destinationRefusal(host)
+
     def _resolveFailed(self, reason: Failure) -> None:
         if reason.check(ResolverError):
             self._fail("resolver", f"original destination unknown: {reason.getErrorMessage()}")
@@ -657,6 +670,10 @@ class Tunnel:
                     formatAuthority(decision.target, port)
                 except (ValueError, TypeError) as e:
                     self._fail("policy", f"policy gave an invalid target: {e}")
+                    return
+                refusal = self._targetRefusal(decision.target, port)
+                if refusal is not None:
+                    self._fail("destination", f"policy's target refused: {refusal}")
                     return
                 self.connectHost = decision.target
                 self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"

@@ -933,6 +933,20 @@ class PolicyTests(TunnelTestCase):
         self.assertTrue(clientTransport.disconnecting)
         self.assertEqual(self.endpoint.attempts, [])
 
+    def test_refusedAddressTarget(self) -> None:
+        """
+        A policy's target that is an address Shifter would refuse as a
+        destination (loopback, link-local, ...) is refused likewise,
+        never asked for.
+        """
+        for target in ("127.0.0.1", "::1", "169.254.1.1"):
+            self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            self.usePolicy(TunnelDecision(target=target))
+            _, clientTransport = self.connectClient()
+            self.assertTrue(clientTransport.disconnecting, target)
+            self.assertEqual(self.endpoint.attempts, [], target)
+        self.assertEqual(self.factory.counters["destination"], 3)
+
     def test_policyErrorRefuses(self) -> None:
         """
         A policy that raises refuses the connection, with the error logged.
