@@ -86,6 +86,7 @@ class _SpliceTunnel:
     """
 
     name = "splice"
+    __slots__ = ("transports", "relay")
 
     def __init__(
         self,

@@ -77,8 +77,9 @@ class _Socket:
     its outgoing flow may pull, writable means its incoming flow may push.
     """
 
-    reading = False
-    writing = False
+    # Every tunnel the splice relay carries has two of these and two
+    # flows: slots keep an idle tunnel small.
+    __slots__ = ("relay", "sock", "fd", "side", "prefix", "outgoing", "incoming", "reading", "writing")
 
     def __init__(self, relay: SpliceRelay, sock: socket.socket, side: str) -> None:
         self.relay = relay
@@ -88,6 +89,8 @@ class _Socket:
         self.prefix = f"splice {side}"
         self.outgoing: _Flow
         self.incoming: _Flow
+        self.reading = False
+        self.writing = False
 
     def fileno(self) -> int:
         return self.fd
@@ -159,12 +162,7 @@ class _Flow:
     @ivar done: whether the end has been passed on to the sink.
     """
 
-    pipe: tuple[int, int] | None = None
-    inPipe = 0
-    eof = False
-    done = False
-    moved = False
-    sent = 0
+    __slots__ = ("relay", "source", "sink", "count", "pending", "pipe", "inPipe", "eof", "done", "moved", "sent")
 
     def __init__(
         self, relay: SpliceRelay, source: _Socket, sink: _Socket, count: Callable[[int], None]
@@ -174,6 +172,12 @@ class _Flow:
         self.sink = sink
         self.count = count
         self.pending = b""
+        self.pipe: tuple[int, int] | None = None
+        self.inPipe = 0
+        self.eof = False
+        self.done = False
+        self.moved = False
+        self.sent = 0
         source.outgoing = self
         sink.incoming = self
 
@@ -451,8 +455,10 @@ class SpliceRelay:
     """
 
     log = Logger()
-    stopped = False
-    _done = 0
+    __slots__ = (
+        "reactor", "touch", "_onEnd", "_pipeSize", "_reaper", "_sizes",
+        "client", "proxy", "up", "down", "stopped", "_done",
+    )
 
     def __init__(
         self,
@@ -473,6 +479,8 @@ class SpliceRelay:
             let go of the sockets.
         @param pipeSize: the pipes' size in bytes; 0 for the system's.
         """
+        self.stopped = False
+        self._done = 0
         self.reactor = reactor
         self.touch = touch
         self._onEnd = onEnd
