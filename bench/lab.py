@@ -401,6 +401,8 @@ redsocks {{
         process = self.gateway.start(
             str(self.twistd), "-n", "--pidfile=", f"--logfile={log}",
             "shifter", "--listen", f"tcp:{SHIFTER.listen}", "--proxy", f"127.0.0.1:{SQUID_PORT}",
+            # Every connection here comes from the one client host.
+            "--max-connections-per-client", "0",
             *self.shifterArgs, logTo=d / "shifter.out", env=env,
         )
         self.processes[SHIFTER.key] = process
