@@ -88,26 +88,10 @@ class _SpliceTunnel:
     name = "splice"
     __slots__ = ("transports", "relay")
 
-    def __init__(
-        self,
-        reactor: Any,
-        clientTransport: Any,
-        proxyTransport: Any,
-        countUp: Callable[[int], None],
-        countDown: Callable[[int], None],
-        touch: Callable[[], None],
-        onEnd: Callable[[str], None],
-    ) -> None:
+    def __init__(self, reactor: Any, clientTransport: Any, proxyTransport: Any, owner: Any) -> None:
         self.transports = (clientTransport, proxyTransport)
         self.relay = SpliceRelay(
-            reactor,
-            clientTransport.getHandle(),
-            proxyTransport.getHandle(),
-            countUp,
-            countDown,
-            touch,
-            onEnd,
-            pipeSize=_PIPE_SIZE,
+            reactor, clientTransport.getHandle(), proxyTransport.getHandle(), owner, pipeSize=_PIPE_SIZE
         )
 
     def start(self, toProxy: bytes, toClient: bytes, clientEnded: bool) -> None:
@@ -152,8 +136,8 @@ def openRelay(
 
     @param mode: C{"auto"} or C{"splice"} (splice where possible), or
         C{"twisted"}.
-    @param owner: told of the splice relay's progress: its C{countUp},
-        C{countDown}, C{touch} and C{relayEnded}.
+    @param owner: told of the splice relay's progress: its C{relayed} and
+        C{relayEnded} (see L{SpliceRelay}).
     """
     proxyTransport = attempt.transport
     if (
@@ -163,8 +147,5 @@ def openRelay(
         and _spliceable(clientTransport)
         and _spliceable(proxyTransport)
     ):
-        return _SpliceTunnel(
-            reactor, clientTransport, proxyTransport,
-            owner.countUp, owner.countDown, owner.touch, owner.relayEnded,
-        )
+        return _SpliceTunnel(reactor, clientTransport, proxyTransport, owner)
     return TwistedRelay(clientTransport, attempt)

@@ -162,15 +162,13 @@ class _Flow:
     @ivar done: whether the end has been passed on to the sink.
     """
 
-    __slots__ = ("relay", "source", "sink", "count", "pending", "pipe", "inPipe", "eof", "done", "moved", "sent")
+    __slots__ = ("relay", "source", "sink", "up", "pending", "pipe", "inPipe", "eof", "done", "moved", "sent")
 
-    def __init__(
-        self, relay: SpliceRelay, source: _Socket, sink: _Socket, count: Callable[[int], None]
-    ) -> None:
+    def __init__(self, relay: SpliceRelay, source: _Socket, sink: _Socket, up: bool) -> None:
         self.relay = relay
         self.source = source
         self.sink = sink
-        self.count = count
+        self.up = up
         self.pending = b""
         self.pipe: tuple[int, int] | None = None
         self.inPipe = 0
@@ -206,8 +204,7 @@ class _Flow:
             return
         self.inPipe += n
         self.moved = True
-        self.count(n)
-        self.relay.touch()
+        self.relay.owner.relayed(self.up, n)
         self.push()
 
     def _copy(self) -> None:
@@ -230,8 +227,7 @@ class _Flow:
         self.sent = 0
         if len(data) >= _SPLICE_AFTER:
             self.relay.openPipe(self)
-        self.count(len(data))
-        self.relay.touch()
+        self.relay.owner.relayed(self.up, len(data))
         self.push()
 
     def push(self) -> None:
@@ -448,15 +444,16 @@ class SpliceRelay:
     C{splice(2)}, in the reactor.
 
     The caller must have stopped its own reading and writing on both
-    sockets, and must not use them until C{onEnd} has been called or
-    L{stop} has returned; closing the sockets stays the caller's job.
+    sockets, and must not use them until its owner's C{relayEnded} has been
+    called or L{stop} has returned; closing the sockets stays the caller's
+    job.
 
     @ivar stopped: whether the relay has let go of the sockets.
     """
 
     log = Logger()
     __slots__ = (
-        "reactor", "touch", "_onEnd", "_pipeSize", "_reaper", "_sizes",
+        "reactor", "owner", "_pipeSize", "_reaper", "_sizes",
         "client", "proxy", "up", "down", "stopped", "_done",
     )
 
@@ -465,32 +462,29 @@ class SpliceRelay:
         reactor: Any,
         clientSocket: socket.socket,
         proxySocket: socket.socket,
-        countUp: Callable[[int], None],
-        countDown: Callable[[int], None],
-        touch: Callable[[], None],
-        onEnd: Callable[[str], None],
+        owner: Any,
         pipeSize: int = 0,
     ) -> None:
         """
-        @param countUp: called with the number of bytes read from the client.
-        @param countDown: called with the number of bytes read from the proxy.
-        @param touch: called whenever bytes move (for idle timeouts).
-        @param onEnd: called once, with how the relay ended, after it has
-            let go of the sockets.
+        @param owner: told of the relay's progress: C{owner.relayed(up, n)}
+            when C{n} bytes were read from the client (C{up}) or from the
+            proxy, which also says that bytes moved (for idle timeouts);
+            C{owner.relayEnded(how)} once, after the relay has let go of
+            the sockets.  One object rather than four callbacks keeps a
+            tunnel small.
         @param pipeSize: the pipes' size in bytes; 0 for the system's.
         """
         self.stopped = False
         self._done = 0
         self.reactor = reactor
-        self.touch = touch
-        self._onEnd = onEnd
+        self.owner = owner
         self._pipeSize = pipeSize
         self._reaper = _reaperFor(reactor)
         self._sizes = pipeSizes
         self.client = _Socket(self, clientSocket, "client")
         self.proxy = _Socket(self, proxySocket, "proxy")
-        self.up = _Flow(self, self.client, self.proxy, countUp)
-        self.down = _Flow(self, self.proxy, self.client, countDown)
+        self.up = _Flow(self, self.client, self.proxy, True)
+        self.down = _Flow(self, self.proxy, self.client, False)
 
     def start(self, toProxy: bytes = b"", toClient: bytes = b"", clientEnded: bool = False) -> None:
         """
@@ -557,12 +551,12 @@ class SpliceRelay:
         if self.stopped:
             return
         self.stop()
-        self._onEnd(how)
+        self.owner.relayEnded(how)
 
     def stop(self) -> None:
         """
         Let go of both sockets now (unregister them from the reactor) and
-        close the pipes, without calling C{onEnd}.
+        close the pipes, without calling the owner's C{relayEnded}.
         """
         if self.stopped:
             return

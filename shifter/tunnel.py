@@ -394,19 +394,18 @@ class Tunnel:
 
     # What the splice relay reports as bytes move.
 
-    def countUp(self, n: int) -> None:
-        self.bytesUp += n
-        self.owner.stats.bytesUp += n
-
-    def countDown(self, n: int) -> None:
-        self.bytesDown += n
-        self.owner.stats.bytesDown += n
-
-    def touch(self) -> None:
+    def relayed(self, up: bool, n: int) -> None:
         """
-        Bytes moved: the idle period starts again.  Only the time is noted;
-        the deadline, when it comes, looks at it.
+        The relay read C{n} bytes, from the client if C{up}, else from the
+        proxy: count them, and start the idle period again (only the time
+        is noted; the deadline, when it comes, looks at it).
         """
+        if up:
+            self.bytesUp += n
+            self.owner.stats.bytesUp += n
+        else:
+            self.bytesDown += n
+            self.owner.stats.bytesDown += n
         self.lastMoved = self.clock.seconds()
 
     # Dispatch.

@@ -124,6 +124,21 @@ def waitUntil(predicate, timeout: float = 10.0) -> defer.Deferred:  # type: igno
     return poll()
 
 
+class EndsWith:
+    """
+    A relay owner that only says how the relay ended.
+    """
+
+    def __init__(self, how: defer.Deferred[str]) -> None:
+        self.how = how
+
+    def relayed(self, up: bool, n: int) -> None:
+        pass
+
+    def relayEnded(self, how: str) -> None:
+        self.how.callback(how)
+
+
 class SpliceRelayTests(TestCase):
     """
     L{SpliceRelay} between a client connection and a proxy connection.
@@ -138,25 +153,22 @@ class SpliceRelayTests(TestCase):
         self.proxy = adopt(proxyPeer)
         self.up = self.down = self.touched = 0
         self.how: defer.Deferred[str] = defer.Deferred()
-
-        def countUp(n: int) -> None:
-            self.up += n
-
-        def countDown(n: int) -> None:
-            self.down += n
-
-        def touch() -> None:
-            self.touched += 1
-
-        def ended(how: str) -> None:
-            self.clientSide.close()
-            self.proxySide.close()
-            self.how.callback(how)
-
-        self.relay = SpliceRelay(
-            reactor, self.clientSide, self.proxySide, countUp, countDown, touch, ended
-        )
+        self.relay = SpliceRelay(reactor, self.clientSide, self.proxySide, self)
         self.addCleanup(self.closeAll)
+
+    # The relay's owner.
+
+    def relayed(self, up: bool, n: int) -> None:
+        if up:
+            self.up += n
+        else:
+            self.down += n
+        self.touched += 1
+
+    def relayEnded(self, how: str) -> None:
+        self.clientSide.close()
+        self.proxySide.close()
+        self.how.callback(how)
 
     @defer.inlineCallbacks
     def closeAll(self):  # type: ignore[no-untyped-def]
@@ -347,10 +359,7 @@ class SpliceRelayTests(TestCase):
         """
         self.patch(splice, "_reapers", {})
         self.patch(splice, "PIPE_IDLE", 0.05)
-        self.relay = SpliceRelay(
-            reactor, self.clientSide, self.proxySide, lambda n: None, lambda n: None,
-            lambda: None, self.how.callback,
-        )
+        self.relay = SpliceRelay(reactor, self.clientSide, self.proxySide, EndsWith(self.how))
         self.relay.start()
         self.assertIsNone(self.relay.up.pipe)
         self.assertIsNone(self.relay.down.pipe)
@@ -401,10 +410,7 @@ class SpliceRelayTests(TestCase):
         sizes = splice.PipeSizes()
         self.patch(splice, "pipeSizes", sizes)
         self.patch(sizes, "_fcntl", FakeFcntl(obtained=4096, refuse=True))
-        self.relay = SpliceRelay(
-            reactor, self.clientSide, self.proxySide, lambda n: None, lambda n: None,
-            lambda: None, self.how.callback, pipeSize=1 << 20,
-        )
+        self.relay = SpliceRelay(reactor, self.clientSide, self.proxySide, EndsWith(self.how), pipeSize=1 << 20)
         data = payload(4_000_000, b"tiny")
         self.relay.start()
         self.client.transport.write(data)
