@@ -225,6 +225,16 @@ class ITunnelOwner(Interface):
         C{tunnel} has finished: both its connections are gone.
         """
 
+    def heldTunnel(clientHost: str, clientPort: int, receiver: IProxyReceiver) -> Any:
+        """
+        The tunnel already opened for the client connection from
+        C{clientHost:clientPort} while its SYN was held (C{--hold-syn}, see
+        L{shifter.holdsyn}), now reporting to C{receiver}; or C{None}.  It
+        has C{attempt} (an L{IProxyAttempt} whose CONNECT the proxy answered
+        with a 2xx), C{leftover} (tunnel bytes already read from the proxy)
+        and C{started} (when its CONNECT began).
+        """
+
 
 @implementer(IProxyReceiver)
 class Tunnel:
@@ -686,6 +696,14 @@ class Tunnel:
     # next proxy is tried when one fails before the tunnel opens.
 
     def _connectFirst(self) -> None:
+        # With --hold-syn the tunnel may be open already: the client's SYN
+        # was held until the proxy answered (shifter.holdsyn).
+        held = self.owner.heldTunnel(self.clientHost, self.clientPort, self)
+        if held is not None:
+            if self._takesHeld(held.attempt.proxy):
+                self._takeHeld(held)
+                return
+            held.attempt.abort()
         if not self.candidates:
             self._fail("no-proxy", "every proxy is down")
             return
@@ -708,6 +726,28 @@ class Tunnel:
         self.state = CONNECTING
         self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.setupDeadline))
         self.attempt = self.client.connectProxy(proxy, self)
+
+    def _takesHeld(self, proxy: Any) -> bool:
+        """
+        Whether a tunnel opened at the SYN (CONNECT by address, through
+        C{proxy}, with that proxy's --pass-client) is the one this
+        connection would open: not when a policy chose a name, a
+        --pass-client mode, or proxies without C{proxy}.
+        """
+        return (
+            self.connectHost == self.address
+            and self.passClient in (None, proxy.passClient)
+            and (self.policy is None or proxy in self.candidates)
+        )
+
+    def _takeHeld(self, held: Any) -> None:
+        """
+        Carry on with the tunnel opened while the client's SYN was held.
+        """
+        attempt = self.attempt = held.attempt
+        self.proxy = attempt.proxy
+        self.connectStarted = held.started
+        self._open(held.leftover)
 
     def _proxyConnected(self) -> None:
         self.state = HANDSHAKING

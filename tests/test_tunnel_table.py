@@ -138,12 +138,19 @@ class Owner:
         self.stats = TunnelStats()
         self.refusals = RateLimitedLog(Logger(), self.reactor)
         self.closed: list[Tunnel] = []
+        self.held: Any = None
+        self.claims: list[tuple[str, int, Any]] = []
 
     def isListeningAddress(self, host: str, port: int) -> bool:
         return False
 
     def tunnelClosed(self, tunnel: Tunnel) -> None:
         self.closed.append(tunnel)
+
+    def heldTunnel(self, clientHost: str, clientPort: int, receiver: Any) -> Any:
+        self.claims.append((clientHost, clientPort, receiver))
+        held, self.held = self.held, None
+        return held
 
 
 class Harness:
@@ -472,3 +479,66 @@ class CanonicalHostTests(SynchronousTestCase):
         """
         for bad in ("256.0.0.1", "01.2.3.4", "1.2.3", "1.2.3.4.5", "example.test", "", "::ffff:1.2.3.999"):
             self.assertRaises(ValueError, T.canonicalHost, bad)
+
+
+class TargetPolicy:
+    def decide(self, request: Any) -> Any:
+        from shifter.policy import TunnelDecision
+
+        return TunnelDecision(target="www.example.test")
+
+
+class HeldTunnelTests(SynchronousTestCase):
+    """
+    A tunnel opened while its client's SYN was held (C{--hold-syn}): the
+    owner hands it over when the tunnel would connect to a proxy.
+    """
+
+    def setUp(self) -> None:
+        self.owner = Owner(TunnelSettings(idleTimeout=30, setupTimeout=60, closeGrace=5))
+        self.calls: list = []
+        self.client = RecordingClient(self.calls)
+        self.tunnel = Tunnel(self.owner, self.client, "192.0.2.2", 50000, "192.0.2.1", 12345)
+        self.proxy = self.owner.pool.proxies[0]
+        self.attempt = RecordingAttempt(self.proxy, self.calls)
+
+    def hold(self, leftover: bytes = b"") -> None:
+        from shifter.holdsyn import HeldTunnel
+
+        self.owner.held = HeldTunnel(self.attempt, leftover, 0.0)
+
+    def test_taken(self) -> None:
+        """
+        The held tunnel is the tunnel's: no proxy connection is made, the
+        relay starts with the bytes the proxy already sent, and it counts as
+        opened; proxy events from its attempt are the tunnel's.
+        """
+        self.hold(b"banner")
+        self.tunnel.start()
+        self.assertEqual(self.owner.claims, [("192.0.2.2", 50000, self.tunnel)])
+        self.assertEqual(self.calls, [("startRelay", b"", b"banner", False)])
+        self.assertEqual((self.tunnel.state, self.tunnel.attempt, self.tunnel.proxy),
+                         (T.RELAYING, self.attempt, self.proxy))
+        self.assertEqual(self.owner.stats.counters["opened"], 1)
+        self.tunnel.proxyData(self.attempt, b"more")
+        self.assertEqual(self.calls[-1], ("client.write", b"more"))
+
+    def test_noneHeld(self) -> None:
+        """
+        With nothing held, the tunnel connects to a proxy as ever.
+        """
+        self.tunnel.start()
+        self.assertEqual([c[0] for c in self.calls], ["connectProxy"])
+        self.assertEqual(self.tunnel.state, T.CONNECTING)
+
+    def test_policyTargetNotTaken(self) -> None:
+        """
+        A policy that chose a name for CONNECT gets its own tunnel: the held
+        one (by address) is dropped.
+        """
+        self.owner.policy = TargetPolicy()
+        self.tunnel = Tunnel(self.owner, self.client, "192.0.2.2", 50000, "192.0.2.1", 12345)
+        self.hold()
+        self.tunnel.start()
+        self.assertEqual([c[0] for c in self.calls], ["proxy.abort", "connectProxy"])
+        self.assertEqual(self.tunnel.state, T.CONNECTING)
