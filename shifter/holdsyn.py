@@ -61,6 +61,8 @@ from shifter.tunnel import canonicalHost, formatAddress
 from shifter.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
+# The mark bit a refused SYN gets in place of the queue mark.
+DEFAULT_REJECT_MARK = 0x20000
 
 # A held SYN's states.
 CONNECTING = "connecting"  # connecting to a proxy; the SYN held

@@ -47,6 +47,7 @@ from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from shifter.holdsyn import DEFAULT_REJECT_MARK
 from shifter.kmod import ConnectionKey
 from shifter.netlink import (
     NETLINK_NETFILTER,
@@ -100,7 +101,6 @@ QUEUE_VERDICT_BATCH = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH
 COPY_RANGE = 128
 
 DEFAULT_QUEUE_MARK = 0x10000
-DEFAULT_REJECT_MARK = 0x20000
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
