@@ -26,9 +26,10 @@ and one log line per refusal.  It can only ask for the address: nothing
 but the SYN exists yet, so C{--connect-target sni}/C{host} cannot work.
 
 A retransmitted SYN (same source, same initial sequence number) is
-recognised: while its first copy is held the copy is dropped, once the
-first was accepted the copy is accepted too, and it never costs a second
-CONNECT.  An open tunnel that no client connection takes within
+recognised: while its first copy is held the copy is dropped; once the
+first got its verdict, for up to C{--hold-timeout} after, the copy gets
+the same (the connection goes on, or is reset again in case the first
+reset was lost); it never costs a second CONNECT.  An open tunnel that no client connection takes within
 C{--hold-timeout} of its SYN's acceptance (the client never completed its
 handshake) is closed.  Every queued packet gets exactly one verdict.
 
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -161,6 +162,7 @@ class HeldSyn:
         self.received: list[bytes] = []
         self.receivedBytes = 0
         self.paused = False
+        self.verdict: str | None = None  # what the held SYN got, once it got it
         self.deadline: float | None = None
         self.deadlineBucket: int | None = None
 
@@ -231,8 +233,7 @@ class HeldSyn:
         )
         self.stats.counters["internal"] += 1
         if self.state in (CONNECTING, HANDSHAKING):
-            self.protocol.reject(self.packet)
-            self._noteVerdict()
+            self._verdict("reject")
         self._dropAttempt()
         self._done()
 
@@ -399,8 +400,7 @@ class HeldSyn:
             **fields,
         )
         self._dropAttempt()
-        self.protocol.reject(self.packet)
-        self._noteVerdict()
+        self._verdict("reject")
         self._done()
 
     def _dropCopy(self, copy: Any) -> None:
@@ -414,8 +414,7 @@ class HeldSyn:
         has moved on) and the attempt.
         """
         self._dropAttempt()
-        self.protocol.drop(self.packet)
-        self._noteVerdict()
+        self._verdict("drop")
         self._done()
 
     def _notAnswered(self, receiver: IProxyReceiver) -> None:
@@ -428,8 +427,7 @@ class HeldSyn:
         self.holder.counters["accepted"] += 1
         if leftover:
             self._keepData(leftover)
-        self.protocol.accept(self.packet)
-        self._noteVerdict()
+        self._verdict("accept")
         self._setDeadline(self.clock.seconds() + self.holder.timeout)
 
     def _keepData(self, data: bytes) -> None:
@@ -484,7 +482,7 @@ class HeldSyn:
         self._done()
 
     def _passCopy(self, copy: Any) -> None:
-        self.protocol.accept(copy)  # never happens: the holder forgets what is done
+        self.holder.copyOfDone(self.protocol, copy, self)  # never happens: the holder forgets what is done
 
     # Bookkeeping.
 
@@ -493,7 +491,12 @@ class HeldSyn:
         if attempt is not None:
             attempt.abort()
 
-    def _noteVerdict(self) -> None:
+    def _verdict(self, kind: str) -> None:
+        """
+        Give the held SYN its verdict: C{"accept"}, C{"reject"} or C{"drop"}.
+        """
+        self.verdict = kind
+        getattr(self.protocol, kind)(self.packet)
         self.holder.noteHold(self.clock.seconds() - self.started)
 
     def _done(self) -> None:
@@ -567,6 +570,9 @@ class SynHolder:
         longest an open tunnel waits for its client's connection.
     @ivar entries: the held SYNs and open tunnels not yet taken, by the
         client's (address, port).
+    @ivar recent: the SYNs whose verdict was given in the last C{timeout}
+        seconds (at most C{maxRecent}), so that copies of them still get
+        the same verdict.
     @ivar counters: C{held}, C{accepted}, C{refused}, C{joined},
         C{retransmits}, C{unclaimed}, C{passed} (not held: too many).
     @ivar longestHold: the longest a SYN waited for its verdict, in seconds.
@@ -592,6 +598,10 @@ class SynHolder:
         self.newAttempt = newAttempt
         self.deadlines = Deadlines(self.clock)
         self.entries: dict[tuple[str, int], HeldSyn] = {}
+        # (sequence number, verdict, until when) of SYNs done lately, by
+        # source, oldest first.
+        self.recent: OrderedDict[tuple[str, int], tuple[int, str, float]] = OrderedDict()
+        self.maxRecent = 65536
         self.counters: Counter[str] = Counter()
         self.longestHold = 0.0
 
@@ -607,6 +617,8 @@ class SynHolder:
                 entry.retransmitted(packet)
                 return
             entry.superseded()
+        elif self._copyOfRecent(protocol, packet, key):
+            return
         if len(self.entries) + len(self.owner.active) >= self.owner.settings.maxConnections:
             self.counters["passed"] += 1
             protocol.accept(packet)
@@ -628,9 +640,48 @@ class SynHolder:
         return entry.claimed(receiver)
 
     def forget(self, entry: HeldSyn) -> None:
+        """
+        C{entry} is done.  Its SYN's verdict is remembered for a while: a
+        copy of it can still come, sent before the client had the answer
+        to the first, or read from the queue after it.
+        """
         key = (entry.clientHost, entry.clientPort)
         if self.entries.get(key) is entry:
             del self.entries[key]
+        if entry.verdict in ("accept", "reject"):
+            recent = self.recent
+            recent.pop(key, None)
+            recent[key] = (entry.sequence, entry.verdict, self.clock.seconds() + self.timeout)
+            if len(recent) > self.maxRecent:
+                recent.popitem(last=False)
+
+    def _copyOfRecent(self, protocol: Any, packet: Any, key: tuple[str, int]) -> bool:
+        """
+        If C{packet} is a copy of a SYN whose verdict was given lately, give
+        it the same verdict (an accepted connection goes on; a refused one
+        is reset again, in case the first reset was lost) and say so.
+        """
+        recent = self.recent
+        now = self.clock.seconds()
+        while recent:
+            oldest = next(iter(recent.values()))
+            if oldest[2] > now:
+                break
+            recent.popitem(last=False)
+        remembered = recent.get(key)
+        if remembered is None or remembered[0] != packet.segment.sequence:
+            return False
+        self.counters["retransmits"] += 1
+        getattr(protocol, remembered[1])(packet)
+        return True
+
+    def copyOfDone(self, protocol: Any, packet: Any, entry: HeldSyn) -> None:
+        """
+        A copy for an entry already done: the verdict its SYN got, or, for
+        a SYN dropped, acceptance as an ordinary SYN.
+        """
+        self.counters["retransmits"] += 1
+        getattr(protocol, entry.verdict if entry.verdict in ("accept", "reject") else "accept")(packet)
 
     def noteHold(self, seconds: float) -> None:
         if seconds > self.longestHold:

@@ -436,6 +436,51 @@ class CopiesTests(HolderTestCase):
         self.assertEqual(self.queue.verdicts, [("accept", 1), ("accept", 2)])
         self.assertEqual(len(self.attempts), 1)
 
+    def test_copyAfterClaim(self) -> None:
+        """
+        A copy read after the connection took its tunnel is accepted (it
+        goes to that connection), without a new CONNECT.
+        """
+        self.send(syn(1))
+        self.answered(self.attempts[0])
+        self.holder.claim("192.0.2.2", 40000, object())
+        self.send(syn(2))
+        self.assertEqual(self.queue.verdicts, [("accept", 1), ("accept", 2)])
+        self.assertEqual((len(self.attempts), self.queue.held), (1, set()))
+
+    def test_copyAfterRefusal(self) -> None:
+        """
+        A copy of a refused SYN is refused again (the first reset may have
+        been lost), without a new CONNECT.
+        """
+        self.send(syn(1))
+        self.answered(self.attempts[0], ConnectResponse(403, "Forbidden"))
+        self.send(syn(2))
+        self.assertEqual(self.queue.verdicts, [("reject", 1), ("reject", 2)])
+        self.assertEqual(len(self.attempts), 1)
+
+    def test_copyRememberedForTheHoldTimeout(self) -> None:
+        """
+        A verdict is remembered for the hold timeout; after it, the same SYN
+        is held anew.
+        """
+        self.send(syn(1))
+        self.answered(self.attempts[0], ConnectResponse(403, "Forbidden"))
+        self.clock.advance(5.1)
+        self.send(syn(2))
+        self.assertEqual((len(self.attempts), self.queue.held), (2, {2}))
+
+    def test_newConnectionAfterClaim(self) -> None:
+        """
+        Another sequence number from the source of a connection that took
+        its tunnel is a new connection, held.
+        """
+        self.send(syn(1, sequence=1000))
+        self.answered(self.attempts[0])
+        self.holder.claim("192.0.2.2", 40000, object())
+        self.send(syn(2, sequence=9000))
+        self.assertEqual((len(self.attempts), self.queue.held), (2, {2}))
+
     def test_newConnectionSameSource(self) -> None:
         """
         A SYN from the same source with another sequence number is a new
