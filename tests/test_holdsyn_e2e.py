@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from twisted.logger import Logger
+
 from tests.gateway import (
     SERVER_V4,
     SERVER_V6,
@@ -37,6 +39,8 @@ from tests.gateway import (
 )
 from tests.support import requireHost
 from tests.test_resolvers_e2e import PEER, ResolverGatewayTestCase, printedRules
+
+log = Logger()
 
 # Destinations Squid refuses (403); they need not exist.
 DENIED_V4, DENIED_V6 = "203.0.113.8", "2001:db8:2::8"
@@ -116,7 +120,8 @@ class HoldSynGatewayTestCase(ResolverGatewayTestCase):
         finally:
             elapsed = time.monotonic() - started
             sock.close()
-        print(f"connect to {host}:{port}: {errno.errorcode.get(code, code)} after {elapsed * 1000:.1f} ms")
+        log.info("connect to {host}:{port}: {error} after {ms:.1f} ms",
+                 host=host, port=port, error=errno.errorcode.get(code, code), ms=elapsed * 1000)
         return code, elapsed
 
     def stoppedStats(self) -> dict[str, int]:
@@ -226,7 +231,7 @@ class HoldSynBurstTests(HoldSynGatewayTestCase):
             SILENT_V4, "443", str(self.silent),
             timeout=90,
         )
-        print(result.stdout)
+        log.info("clients: {out}", out=result.stdout)
         lines = result.stdout.splitlines()
         counts = {}
         for line in lines[:3]:
@@ -244,8 +249,7 @@ class HoldSynBurstTests(HoldSynGatewayTestCase):
         stats = self.stoppedStats()
         line = self.shifter.waitForLog("nfqueue 0:", "packets read")
         received, verdicts = map(int, re.findall(r"(\d+) (?:packets read|verdicts given)", line))
-        print(line)
-        print(self.shifter.waitForLog("hold-syn:", "SYNs held"))
+        log.info("shifter: {queue} / {hold}", queue=line, hold=self.shifter.waitForLog("hold-syn:", "SYNs held"))
         self.assertEqual(received, verdicts)
         self.assertEqual(received, int(queue[7]))
         total = self.allowed + self.denied + self.silent + self.halfOpen
