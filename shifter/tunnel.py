@@ -645,6 +645,15 @@ class Tunnel:
     # Stage 2: the policy, if any.
 
     def _chooseProxies(self) -> None:
+        # With --hold-syn the tunnel may be open already: the client's SYN
+        # was held while the policy, if any, decided and a proxy answered
+        # (shifter.holdsyn).  Not when a name was read for CONNECT: the SYN
+        # had none.
+        if self.connectHost == self.address:
+            held = self.owner.heldTunnel(self.clientHost, self.clientPort, self)
+            if held is not None:
+                self._takeHeld(held)
+                return
         self.candidates = self.pool.candidates(self.clientHost)
         policy = self.policy
         if policy is None:
@@ -696,14 +705,6 @@ class Tunnel:
     # next proxy is tried when one fails before the tunnel opens.
 
     def _connectFirst(self) -> None:
-        # With --hold-syn the tunnel may be open already: the client's SYN
-        # was held until the proxy answered (shifter.holdsyn).
-        held = self.owner.heldTunnel(self.clientHost, self.clientPort, self)
-        if held is not None:
-            if self._takesHeld(held.attempt.proxy):
-                self._takeHeld(held)
-                return
-            held.attempt.abort()
         if not self.candidates:
             self._fail("no-proxy", "every proxy is down")
             return
@@ -727,25 +728,17 @@ class Tunnel:
         self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.setupDeadline))
         self.attempt = self.client.connectProxy(proxy, self)
 
-    def _takesHeld(self, proxy: Any) -> bool:
-        """
-        Whether a tunnel opened at the SYN (CONNECT by address, through
-        C{proxy}, with that proxy's --pass-client) is the one this
-        connection would open: not when a policy chose a name, a
-        --pass-client mode, or proxies without C{proxy}.
-        """
-        return (
-            self.connectHost == self.address
-            and self.passClient in (None, proxy.passClient)
-            and (self.policy is None or proxy in self.candidates)
-        )
-
     def _takeHeld(self, held: Any) -> None:
         """
-        Carry on with the tunnel opened while the client's SYN was held.
+        Carry on with the tunnel opened while the client's SYN was held:
+        its proxy, CONNECT target and --pass-client mode were chosen then.
         """
         attempt = self.attempt = held.attempt
         self.proxy = attempt.proxy
+        self.passClient = held.passClient
+        if held.connectHost != self.address:
+            self.connectHost = held.connectHost
+            self.named = f" (CONNECT {formatAddress(held.connectHost, self.destination.port)}, from policy)"  # type: ignore[union-attr]
         self.connectStarted = held.started
         self._open(held.leftover)
 

@@ -34,6 +34,7 @@ from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
 from shifter.resolver import DestinationUnknown
 from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel
+from tests.test_sniff import realHello
 
 DESTINATION = IPv4Address("TCP", "203.0.113.7", 443)
 OK = ConnectResponse(200, "Connection established", [], b"")
@@ -481,13 +482,6 @@ class CanonicalHostTests(SynchronousTestCase):
             self.assertRaises(ValueError, T.canonicalHost, bad)
 
 
-class TargetPolicy:
-    def decide(self, request: Any) -> Any:
-        from shifter.policy import TunnelDecision
-
-        return TunnelDecision(target="www.example.test")
-
-
 class HeldTunnelTests(SynchronousTestCase):
     """
     A tunnel opened while its client's SYN was held (C{--hold-syn}): the
@@ -502,10 +496,10 @@ class HeldTunnelTests(SynchronousTestCase):
         self.proxy = self.owner.pool.proxies[0]
         self.attempt = RecordingAttempt(self.proxy, self.calls)
 
-    def hold(self, leftover: bytes = b"") -> None:
+    def hold(self, leftover: bytes = b"", connectHost: str = "203.0.113.7", passClient: Any = None) -> None:
         from shifter.holdsyn import HeldTunnel
 
-        self.owner.held = HeldTunnel(self.attempt, leftover, 0.0)
+        self.owner.held = HeldTunnel(self.attempt, leftover, 0.0, connectHost, passClient)
 
     def test_taken(self) -> None:
         """
@@ -531,14 +525,30 @@ class HeldTunnelTests(SynchronousTestCase):
         self.assertEqual([c[0] for c in self.calls], ["connectProxy"])
         self.assertEqual(self.tunnel.state, T.CONNECTING)
 
-    def test_policyTargetNotTaken(self) -> None:
+    def test_policyAskedAtTheSyn(self) -> None:
         """
-        A policy that chose a name for CONNECT gets its own tunnel: the held
-        one (by address) is dropped.
+        With a policy, the held tunnel is taken before the policy would be
+        asked: it was asked at the SYN, and its choices (here a name for
+        CONNECT and a --pass-client mode) are the tunnel's.
         """
-        self.owner.policy = TargetPolicy()
+        self.owner.policy = PendingPolicy()
+        self.tunnel = Tunnel(self.owner, self.client, "192.0.2.2", 50000, "192.0.2.1", 12345)
+        self.hold(connectHost="www.example.test", passClient="proxy-v1")
+        self.tunnel.start()
+        self.assertEqual(self.tunnel.state, T.RELAYING)
+        self.assertEqual([c[0] for c in self.calls], ["startRelay"])
+        self.assertEqual((self.tunnel.connectHost, self.tunnel.passClient, self.tunnel.named),
+                         ("www.example.test", "proxy-v1", " (CONNECT www.example.test:443, from policy)"))
+
+    def test_notTakenWithAName(self) -> None:
+        """
+        A connection that read a name for CONNECT from its first bytes does
+        not ask for a held tunnel (its SYN had no name to ask for).
+        """
+        self.owner = Owner(TunnelSettings(connectTarget="sni", sniffTimeout=1, idleTimeout=30, setupTimeout=60))
         self.tunnel = Tunnel(self.owner, self.client, "192.0.2.2", 50000, "192.0.2.1", 12345)
         self.hold()
         self.tunnel.start()
-        self.assertEqual([c[0] for c in self.calls], ["proxy.abort", "connectProxy"])
+        self.tunnel.clientData(realHello("www.example.test"))
+        self.assertEqual(self.owner.claims, [])
         self.assertEqual(self.tunnel.state, T.CONNECTING)
