@@ -50,6 +50,7 @@ from typing import Any, Callable, Optional
 from zope.interface import implementer
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,6 +59,7 @@ from shifter.connect import ConnectResponse, formatAuthority
 from shifter.deadlines import Deadlines
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
 from shifter.passclient import refusalHint, tunnelRequest
+from shifter.policy import TunnelDecision, TunnelRequest
 from shifter.tunnel import canonicalHost, formatAddress
 from shifter.upstream import ProxyAttempt
 
@@ -66,14 +68,17 @@ DEFAULT_HOLD_TIMEOUT = 10.0
 DEFAULT_REJECT_MARK = 0x20000
 
 # A held SYN's states.
+DECIDING = "deciding"  # the policy deciding; the SYN held
 CONNECTING = "connecting"  # connecting to a proxy; the SYN held
 HANDSHAKING = "handshaking"  # CONNECT sent; the SYN held
 ACCEPTED = "accepted"  # the proxy said 2xx and the SYN was accepted: waiting for the client's connection
 DONE = "done"  # refused, taken over by a tunnel, or given up
 
-STATES = (CONNECTING, HANDSHAKING, ACCEPTED, DONE)
+STATES = (DECIDING, CONNECTING, HANDSHAKING, ACCEPTED, DONE)
 
 # Its events.
+DECIDED = "decided"
+DECIDE_FAILED = "decide-failed"
 PROXY_CONNECTED = "proxy-connected"
 PROXY_CONNECT_FAILED = "proxy-connect-failed"
 PROXY_ANSWERED = "proxy-answered"
@@ -88,7 +93,7 @@ CLAIMED = "claimed"  # a client connection from the SYN's source was accepted
 STOP = "stop"
 
 EVENTS = (
-    PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA,
+    DECIDED, DECIDE_FAILED, PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA,
     PROXY_ENDED, PROXY_LOST, TIMED_OUT, RETRANSMITTED, SUPERSEDED, CLAIMED, STOP,
 )
 
@@ -103,11 +108,17 @@ class HeldTunnel:
         with a 2xx; it reports to the receiver given to L{SynHolder.claim}.
     @ivar leftover: tunnel bytes already read from the proxy.
     @ivar started: when the SYN arrived (on the reactor's clock).
+    @ivar connectHost: what CONNECT asked for: the destination's address,
+        or a policy's target.
+    @ivar passClient: a policy's C{--pass-client} choice, or C{None} for
+        the proxy's own.
     """
 
     attempt: Any
     leftover: bytes
     started: float
+    connectHost: str
+    passClient: Optional[str] = None
 
 
 def newAttempt(proxy: Any, receiver: IProxyReceiver) -> Any:
@@ -151,10 +162,15 @@ class HeldSyn:
         self.address = canonicalHost(self.destination.host)
         self.clientLabel = formatAddress(clientHost, clientPort)
         self.target = formatAddress(self.address, self.destination.port)
-        self.state = CONNECTING
+        self.policy = owner.policy
+        self.state = DECIDING
         self.started = self.clock.seconds()
         self.holdDeadline = self.started + holder.timeout
         self.candidates: list[Any] = []
+        self.connectHost = self.address
+        self.named = ""
+        self.passClient: str | None = None  # a policy's --pass-client choice
+        self.pending: Deferred[Any] | None = None
         self.proxy: Any = None
         self.attempt: Any = None
         self.request = b""
@@ -167,6 +183,12 @@ class HeldSyn:
         self.deadlineBucket: int | None = None
 
     # The events.
+
+    def decided(self, decision: TunnelDecision | None) -> None:
+        self._handle(DECIDED, decision)
+
+    def decideFailed(self, reason: Failure) -> None:
+        self._handle(DECIDE_FAILED, reason)
 
     def proxyConnected(self, attempt: IProxyAttempt) -> None:
         self._handleProxy(PROXY_CONNECTED, attempt)
@@ -232,8 +254,9 @@ class HeldSyn:
             failure, client=self.clientLabel, destination=self.target, event=event, state=self.state,
         )
         self.stats.counters["internal"] += 1
-        if self.state in (CONNECTING, HANDSHAKING):
+        if self.state in _HELD:
             self._verdict("reject")
+        self._cancelPending()
         self._dropAttempt()
         self._done()
 
@@ -248,13 +271,75 @@ class HeldSyn:
     def start(self) -> None:
         """
         Begin, for a SYN just held: refuse it at once if Shifter would
-        refuse its connection, else connect to the first proxy.
+        refuse its connection; else ask the policy, if there is one, as the
+        tunnel would (with no name: nothing has been read), then connect.
         """
         refusal = self._refusal()
         if refusal is not None:
             self._refuse(*refusal)
             return
         self.candidates = self.pool.candidates(self.clientHost)
+        policy = self.policy
+        if policy is None:
+            self._connectFirst()
+            return
+        self._setDeadline(self.holdDeadline)
+        request = TunnelRequest(self._clientAddress(), self.destination, None, tuple(self.candidates))
+        try:
+            result = policy.decide(request)
+        except Exception:
+            self.decideFailed(Failure())
+            return
+        if isinstance(result, Deferred):
+            self.pending = result
+            result.addCallbacks(self._pendingDecided, self._pendingFailed, callbackArgs=(result,),
+                                errbackArgs=(result,))
+        else:
+            self.decided(result)
+
+    # A decision given up on (cancelled, after a refusal or the timeout)
+    # is no longer the pending one, and what it says is ignored.
+
+    def _pendingDecided(self, decision: TunnelDecision | None, pending: Deferred[Any]) -> None:
+        if self.pending is pending:
+            self.pending = None
+            self.decided(decision)
+
+    def _pendingFailed(self, reason: Failure, pending: Deferred[Any]) -> None:
+        if self.pending is pending:
+            self.pending = None
+            self.decideFailed(reason)
+
+    def _cancelPending(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()
+
+    def _decided(self, decision: TunnelDecision | None) -> None:
+        if decision is not None:
+            if decision.refuse is not None:
+                self._refuse("policy", f"refused by policy: {decision.refuse}")
+                return
+            if decision.proxies is not None:
+                health = self.pool.health
+                self.candidates = [p for p in decision.proxies if p not in health or health[p].up]
+            self.passClient = decision.passClient
+            if decision.target is not None:
+                port = self.destination.port
+                try:
+                    formatAuthority(decision.target, port)
+                except (ValueError, TypeError) as e:
+                    self._refuse("policy", f"policy gave an invalid target: {e}")
+                    return
+                self.connectHost = decision.target
+                if decision.target != self.address:
+                    self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"
+        self._connectFirst()
+
+    def _decideFailed(self, reason: Failure) -> None:
+        self._refuse("policy", f"policy error: {reason.getErrorMessage()}")
+
+    def _connectFirst(self) -> None:
         if not self.candidates:
             self._refuse("no-proxy", "every proxy is down")
             return
@@ -283,13 +368,18 @@ class HeldSyn:
         port = self.destination.port
         headers: list[tuple[str, str]] = []
         if proxy.auth is not None:
-            headers = proxy.auth.headersFor("CONNECT", formatAuthority(self.address, port))
-        self.request = tunnelRequest(proxy, self._clientAddress(), self.destination, self.address, port, headers)
+            headers = proxy.auth.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+        self.request = tunnelRequest(
+            proxy, self._clientAddress(), self.destination, self.connectHost, port, headers, self.passClient
+        )
         self.state = CONNECTING
         self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.holdDeadline))
         # Known as the current attempt before it starts: it may fail at once.
         attempt = self.attempt = self.holder.newAttempt(proxy, self)
         attempt.connect()
+
+    def _passClientMode(self) -> str:
+        return self.passClient or self.proxy.passClient
 
     def _clientAddress(self) -> IPv4Address | IPv6Address:
         host = self.clientHost
@@ -333,7 +423,7 @@ class HeldSyn:
             self._challenged(response)
         else:
             reason = f"proxy answered {status} {response.reason}".rstrip()
-            reason += refusalHint("proxy-status", status, self.proxy.passClient)
+            reason += refusalHint("proxy-status", status, self._passClientMode())
             self._dropAttempt()
             if status >= 500:
                 self._retryOrRefuse("proxy-status", reason, status=status)
@@ -366,7 +456,7 @@ class HeldSyn:
             why = "proxy closed the connection before answering"
         else:
             why = f"proxy connection lost before answering: {reason.getErrorMessage()}"
-        why += refusalHint("proxy-closed", None, self.proxy.passClient)
+        why += refusalHint("proxy-closed", None, self._passClientMode())
         self.pool.failed(self.proxy, why)
         self._dropAttempt()
         self._retryOrRefuse("proxy-closed", why)
@@ -391,14 +481,16 @@ class HeldSyn:
         self.stats.counters[kind] += 1
         self.holder.counters["refused"] += 1
         self.log.warn(
-            "tunnel {client} -> {destination} via {proxy} refused at the SYN: {reason}",
+            "tunnel {client} -> {destination}{named} via {proxy} refused at the SYN: {reason}",
             client=self.clientLabel,
             destination=self.target,
+            named=self.named,
             proxy=self.proxy.description if self.proxy is not None else "(none)",
             reason=reason,
             failure_kind=kind,
             **fields,
         )
+        self._cancelPending()
         self._dropAttempt()
         self._verdict("reject")
         self._done()
@@ -413,6 +505,7 @@ class HeldSyn:
         Give up on a held SYN: drop it (its client will send it again, or
         has moved on) and the attempt.
         """
+        self._cancelPending()
         self._dropAttempt()
         self._verdict("drop")
         self._done()
@@ -475,7 +568,7 @@ class HeldSyn:
             attempt.transport.resumeProducing()
         self.holder.counters["joined"] += 1
         self._done()
-        return HeldTunnel(attempt, b"".join(self.received), self.started)
+        return HeldTunnel(attempt, b"".join(self.received), self.started, self.connectHost, self.passClient)
 
     def _giveUp(self) -> None:
         self._dropAttempt()
@@ -526,13 +619,20 @@ def _table(*rows: tuple[Any, Any, str]) -> dict[str, dict[str, Callable[..., Any
     return table
 
 
-_HELD = (CONNECTING, HANDSHAKING)
+_HELD = (DECIDING, CONNECTING, HANDSHAKING)
+_PROXY_EVENTS = (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA,
+                 PROXY_ENDED, PROXY_LOST)
 
 # What every event does in every state.  "_impossible" marks a pair that
 # cannot happen; it refuses a SYN still held and ends with an
 # internal-error line.
 TABLE = _table(
     # state        event(s)                                            action
+    (DECIDING,     DECIDED,                                            "_decided"),
+    (DECIDING,     DECIDE_FAILED,                                      "_decideFailed"),
+    (DECIDING,     _PROXY_EVENTS,                                      "_impossible"),
+    # Late results of a policy given up on (cancelled) change nothing.
+    ((CONNECTING, HANDSHAKING, ACCEPTED), (DECIDED, DECIDE_FAILED),   "_ignore"),
     (CONNECTING,   PROXY_CONNECTED,                                    "_proxyConnected"),
     (CONNECTING,   PROXY_CONNECT_FAILED,                               "_connectFailed"),
     (CONNECTING,   (PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA, PROXY_ENDED, PROXY_LOST), "_impossible"),

@@ -10,6 +10,7 @@ from typing import Any
 
 from zope.interface import implementer
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
@@ -25,6 +26,7 @@ from shifter.holdsyn import HeldTunnel, SynHolder
 from shifter.interfaces import IProxyAttempt
 from shifter.metrics import TunnelStats
 from shifter.nfqueue import QueuedPacket, parseSegment
+from shifter.policy import TunnelDecision
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
 from tests.test_nfqueue import ipv4Packet
@@ -119,6 +121,7 @@ class Owner:
         )
         self.stats = TunnelStats()
         self.active: set[Any] = set()
+        self.policy: Any = None
 
 
 class HolderTestCase(SynchronousTestCase):
@@ -188,7 +191,7 @@ class OpenTests(HolderTestCase):
         attempt.receiver.proxyData(attempt, b" world")
         receiver = object()
         held = self.holder.claim("192.0.2.2", 40000, receiver)
-        self.assertEqual(held, HeldTunnel(attempt, b"hello world", 3.0))
+        self.assertEqual(held, HeldTunnel(attempt, b"hello world", 3.0, "203.0.113.7", None))
         self.assertIs(attempt.receiver, receiver)
         self.assertFalse(attempt.aborted)
         self.assertEqual(self.holder.entries, {})
@@ -284,6 +287,100 @@ class OpenTests(HolderTestCase):
         self.answered(third)
         self.assertEqual(self.queue.verdicts, [("accept", 1)])
         self.assertEqual(self.owner.stats.retries, 2)
+
+
+class PolicyTests(HolderTestCase):
+    """
+    With a policy (an embedding program's, or --config rules), it is asked
+    at the SYN, as the tunnel would ask it, with no name.
+    """
+
+    def decideWith(self, decision: Any) -> None:
+        class Policy:
+            def decide(self, request: Any) -> Any:
+                self.request = request
+                return decision
+
+        self.policy = self.owner.policy = Policy()
+
+    def test_asked(self) -> None:
+        """
+        The policy hears of the client, the destination, no name, and the
+        proxies that are up.
+        """
+        self.decideWith(None)
+        self.send(syn(1))
+        request = self.policy.request
+        self.assertEqual((request.client.host, request.client.port, request.destination.host,
+                          request.destination.port, request.name, list(request.proxies)),
+                         ("192.0.2.2", 40000, "203.0.113.7", 443, None, self.owner.pool.proxies))
+        self.assertEqual(len(self.attempts), 1)
+
+    def test_refusesAtTheSyn(self) -> None:
+        """
+        A policy's refusal refuses the SYN, with its reason.
+        """
+        self.decideWith(TunnelDecision(refuse="not for the lab"))
+        self.send(syn(1))
+        self.assertEqual((self.attempts, self.queue.verdicts), ([], [("reject", 1)]))
+        self.assertEqual(self.counters(), {"policy": 1})
+        self.assertEqual(len(self.lines("refused at the SYN: refused by policy: not for the lab")), 1)
+
+    def test_choices(self) -> None:
+        """
+        The policy's proxies, target and --pass-client are the held CONNECT's,
+        and go with the tunnel to its connection.
+        """
+        self.makeHolder(proxies=2)
+        second = self.owner.pool.proxies[1]
+        self.decideWith(TunnelDecision(proxies=[second], target="www.example.test", passClient="x-forwarded-for"))
+        self.send(syn(1))
+        (attempt,) = self.attempts
+        self.assertIs(attempt.proxy, second)
+        attempt.receiver.proxyConnected(attempt)
+        self.assertEqual(attempt.written, [b"CONNECT www.example.test:443 HTTP/1.1\r\nHost: www.example.test:443\r\n"
+                                           b"X-Forwarded-For: 192.0.2.2\r\n\r\n"])
+        attempt.receiver.proxyAnswered(attempt, OK)
+        held = self.holder.claim("192.0.2.2", 40000, object())
+        self.assertEqual((held.connectHost, held.passClient), ("www.example.test", "x-forwarded-for"))
+
+    def test_deferred(self) -> None:
+        """
+        A decision that comes later is waited for, the SYN held.
+        """
+        pending: Deferred = Deferred()
+        self.decideWith(pending)
+        self.send(syn(1))
+        self.assertEqual((self.attempts, self.queue.held), ([], {1}))
+        pending.callback(None)
+        self.assertEqual(len(self.attempts), 1)
+
+    def test_slowDecision(self) -> None:
+        """
+        A decision that does not come within the hold timeout refuses the
+        SYN, and is given up on.
+        """
+        pending: Deferred = Deferred()
+        self.decideWith(pending)
+        self.send(syn(1))
+        self.clock.advance(5.1)
+        self.assertEqual(self.queue.verdicts, [("reject", 1)])
+        self.assertTrue(pending.called)  # cancelled
+        self.assertEqual(self.counters(), {"setup-timeout": 1})
+
+    def test_policyError(self) -> None:
+        """
+        A policy that fails refuses the SYN.
+        """
+
+        class Broken:
+            def decide(self, request: Any) -> Any:
+                raise RuntimeError("policy broke")
+
+        self.owner.policy = Broken()
+        self.send(syn(1))
+        self.assertEqual(self.queue.verdicts, [("reject", 1)])
+        self.assertEqual(len(self.lines("refused at the SYN: policy error: policy broke")), 1)
 
 
 class RefusalTests(HolderTestCase):
@@ -591,12 +688,26 @@ class LimitsTests(HolderTestCase):
         self.assertEqual(sorted(p for _, p in self.queue.verdicts), list(range(1, packetId + 1)))
 
 
+class PendingPolicy:
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    def decide(self, request: Any) -> Deferred:
+        self.requests.append(request)
+        return Deferred()
+
+
 def heldSynIn(test: HolderTestCase, state: str) -> H.HeldSyn:
     """
     A held SYN brought to C{state}.
     """
+    if state == H.DECIDING:
+        test.owner.policy = PendingPolicy()
     test.send(syn(1))
     entry = test.holder.entries[("192.0.2.2", 40000)]
+    if state == H.DECIDING:
+        assert entry.state == state, (entry.state, state)
+        return entry
     attempt = test.attempts[-1]
     if state == H.HANDSHAKING:
         attempt.receiver.proxyConnected(attempt)
@@ -620,6 +731,8 @@ class TableTests(HolderTestCase):
         attempt = entry.attempt or RecordingAttempt(None, entry)
         copy = syn(2)
         calls: dict[str, Any] = {
+            H.DECIDED: lambda: entry.decided(None),
+            H.DECIDE_FAILED: lambda: entry.decideFailed(Failure(RuntimeError("policy broke"))),
             H.PROXY_CONNECTED: lambda: entry.proxyConnected(attempt),
             H.PROXY_CONNECT_FAILED: lambda: entry.proxyConnectFailed(attempt, Failure(ConnectionRefusedError())),
             H.PROXY_ANSWERED: lambda: entry.proxyAnswered(attempt, OK),
@@ -660,7 +773,7 @@ class TableTests(HolderTestCase):
                 if entry.state == H.DONE:
                     self.assertIn(1, given, where)
                     self.assertNotIn(entry, self.holder.entries.values(), where)
-                elif entry.state in (H.CONNECTING, H.HANDSHAKING):
+                elif entry.state in (H.DECIDING, H.CONNECTING, H.HANDSHAKING):
                     self.assertEqual(self.queue.held, {1}, where)
                 internal = self.lines("internal error")
                 if (state, event) in impossible:
