@@ -278,7 +278,7 @@ class ShifterFactory(ServerFactory):
             for waiter in waiters:
                 waiter.callback(None)
 
-    def heldTunnel(self, clientHost: str, clientPort: int, receiver: Any) -> Any:
+    def heldTunnel(self, clientHost: str, clientPort: int, host: str, port: int, receiver: Any) -> Any:
         """
         The tunnel opened while this client connection's SYN was held, if
         any (see L{ITunnelOwner.heldTunnel}).
@@ -286,7 +286,7 @@ class ShifterFactory(ServerFactory):
         holder = self.holder
         if holder is None:
             return None
-        return holder.claim(clientHost, clientPort, receiver)
+        return holder.claim(clientHost, clientPort, host, port, receiver)
 
     def buildProtocol(self, addr) -> DownstreamProtocol | None:  # type: ignore[no-untyped-def, override]
         settings = self.settings

@@ -225,10 +225,11 @@ class ITunnelOwner(Interface):
         C{tunnel} has finished: both its connections are gone.
         """
 
-    def heldTunnel(clientHost: str, clientPort: int, receiver: IProxyReceiver) -> Any:
+    def heldTunnel(clientHost: str, clientPort: int, host: str, port: int, receiver: IProxyReceiver) -> Any:
         """
         The tunnel already opened for the client connection from
-        C{clientHost:clientPort} while its SYN was held (C{--hold-syn}, see
+        C{clientHost:clientPort} to C{host:port} (its original destination)
+        while its SYN was held (C{--hold-syn}, see
         L{shifter.holdsyn}), now reporting to C{receiver}; or C{None}.  It
         has C{attempt} (an L{IProxyAttempt} whose CONNECT the proxy answered
         with a 2xx), C{leftover} (tunnel bytes already read from the proxy)
@@ -650,7 +651,8 @@ class Tunnel:
         # (shifter.holdsyn).  Not when a name was read for CONNECT: the SYN
         # had none.
         if self.connectHost == self.address:
-            held = self.owner.heldTunnel(self.clientHost, self.clientPort, self)
+            port = self.destination.port  # type: ignore[union-attr]
+            held = self.owner.heldTunnel(self.clientHost, self.clientPort, self.address, port, self)
             if held is not None:
                 self._takeHeld(held)
                 return

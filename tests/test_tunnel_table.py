@@ -140,7 +140,7 @@ class Owner:
         self.refusals = RateLimitedLog(Logger(), self.reactor)
         self.closed: list[Tunnel] = []
         self.held: Any = None
-        self.claims: list[tuple[str, int, Any]] = []
+        self.claims: list[tuple[str, int, str, int, Any]] = []
 
     def isListeningAddress(self, host: str, port: int) -> bool:
         return False
@@ -148,8 +148,8 @@ class Owner:
     def tunnelClosed(self, tunnel: Tunnel) -> None:
         self.closed.append(tunnel)
 
-    def heldTunnel(self, clientHost: str, clientPort: int, receiver: Any) -> Any:
-        self.claims.append((clientHost, clientPort, receiver))
+    def heldTunnel(self, clientHost: str, clientPort: int, host: str, port: int, receiver: Any) -> Any:
+        self.claims.append((clientHost, clientPort, host, port, receiver))
         held, self.held = self.held, None
         return held
 
@@ -509,7 +509,7 @@ class HeldTunnelTests(SynchronousTestCase):
         """
         self.hold(b"banner")
         self.tunnel.start()
-        self.assertEqual(self.owner.claims, [("192.0.2.2", 50000, self.tunnel)])
+        self.assertEqual(self.owner.claims, [("192.0.2.2", 50000, "203.0.113.7", 443, self.tunnel)])
         self.assertEqual(self.calls, [("startRelay", b"", b"banner", False)])
         self.assertEqual((self.tunnel.state, self.tunnel.attempt, self.tunnel.proxy),
                          (T.RELAYING, self.attempt, self.proxy))
