@@ -161,6 +161,7 @@ class HeldSyn:
         self.destination = segment.destinationAddress()
         self.address = canonicalHost(self.destination.host)
         self.clientLabel = formatAddress(clientHost, clientPort)
+        self.key = (clientHost, clientPort, self.address, self.destination.port)
         self.target = formatAddress(self.address, self.destination.port)
         self.policy = owner.policy
         self.state = DECIDING
@@ -668,8 +669,10 @@ class SynHolder:
         pool, counters and open tunnels at the time of each SYN).
     @ivar timeout: C{--hold-timeout}: the longest a SYN is held, and the
         longest an open tunnel waits for its client's connection.
-    @ivar entries: the held SYNs and open tunnels not yet taken, by the
-        client's (address, port).
+    @ivar entries: the held SYNs and open tunnels not yet taken, by
+        (client address, client port, destination address, destination
+        port): a client may use one port for connections to several
+        destinations at once.
     @ivar recent: the SYNs whose verdict was given in the last C{timeout}
         seconds (at most C{maxRecent}), so that copies of them still get
         the same verdict.
@@ -697,10 +700,10 @@ class SynHolder:
         self.clock = owner.reactor
         self.newAttempt = newAttempt
         self.deadlines = Deadlines(self.clock)
-        self.entries: dict[tuple[str, int], HeldSyn] = {}
+        self.entries: dict[tuple[str, int, str, int], HeldSyn] = {}
         # (sequence number, verdict, until when) of SYNs done lately, by
         # source, oldest first.
-        self.recent: OrderedDict[tuple[str, int], tuple[int, str, float]] = OrderedDict()
+        self.recent: OrderedDict[tuple[str, int, str, int], tuple[int, str, float]] = OrderedDict()
         self.maxRecent = 65536
         self.counters: Counter[str] = Counter()
         self.longestHold = 0.0
@@ -710,7 +713,9 @@ class SynHolder:
         A SYN was queued: hold it and open its tunnel, or recognise a copy.
         """
         segment = packet.segment
-        key = (canonicalHost(socket.inet_ntop(segment.family, segment.source)), segment.sourcePort)
+        client = canonicalHost(socket.inet_ntop(segment.family, segment.source))
+        destination = canonicalHost(socket.inet_ntop(segment.family, segment.destination))
+        key = (client, segment.sourcePort, destination, segment.destinationPort)
         entry = self.entries.get(key)
         if entry is not None:
             if entry.sequence == segment.sequence:
@@ -723,18 +728,21 @@ class SynHolder:
             self.counters["passed"] += 1
             protocol.accept(packet)
             return
-        entry = HeldSyn(self, protocol, packet, *key)
+        entry = HeldSyn(self, protocol, packet, client, segment.sourcePort)
         self.entries[key] = entry
         self.counters["held"] += 1
         protocol.hold(packet)
         entry.start()
 
-    def claim(self, clientHost: str, clientPort: int, receiver: IProxyReceiver) -> Optional[HeldTunnel]:
+    def claim(
+        self, clientHost: str, clientPort: int, host: str, port: int, receiver: IProxyReceiver
+    ) -> Optional[HeldTunnel]:
         """
-        The open tunnel for the client connection from C{clientHost:port},
-        now reporting to C{receiver}; C{None} if there is none.
+        The open tunnel for the client connection from C{clientHost:clientPort}
+        to C{host:port}, now reporting to C{receiver}; C{None} if there is
+        none.
         """
-        entry = self.entries.get((clientHost, clientPort))
+        entry = self.entries.get((clientHost, clientPort, host, port))
         if entry is None:
             return None
         return entry.claimed(receiver)
@@ -745,7 +753,7 @@ class SynHolder:
         copy of it can still come, sent before the client had the answer
         to the first, or read from the queue after it.
         """
-        key = (entry.clientHost, entry.clientPort)
+        key = entry.key
         if self.entries.get(key) is entry:
             del self.entries[key]
         if entry.verdict in ("accept", "reject"):
@@ -755,7 +763,7 @@ class SynHolder:
             if len(recent) > self.maxRecent:
                 recent.popitem(last=False)
 
-    def _copyOfRecent(self, protocol: Any, packet: Any, key: tuple[str, int]) -> bool:
+    def _copyOfRecent(self, protocol: Any, packet: Any, key: tuple[str, int, str, int]) -> bool:
         """
         If C{packet} is a copy of a SYN whose verdict was given lately, give
         it the same verdict (an accepted connection goes on; a refused one

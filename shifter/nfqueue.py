@@ -530,10 +530,10 @@ class QueueProtocol(NetlinkProtocol):
         if segment is None:
             self.unreadable += 1
         elif segment.isSyn:
-            self.table.insert(segment.key(), segment.destinationAddress())
             if self.holder is not None:
-                self.holder.synReceived(self, packet)
+                self.holder.synReceived(self, packet)  # recorded if accepted
                 return
+            self.table.insert(segment.key(), segment.destinationAddress())
         self.accept(packet)
 
     # The verdicts.
@@ -541,7 +541,14 @@ class QueueProtocol(NetlinkProtocol):
     def accept(self, packet: QueuedPacket) -> None:
         """
         Accept C{packet} with the queue mark: the nat rule redirects it.
+        With a holder, a SYN is recorded only now: one it refuses never
+        reaches Shifter, and its record could only hide that of another
+        connection from the same port.
         """
+        if self.holder is not None:
+            segment = packet.segment
+            if segment is not None and segment.isSyn:
+                self.table.insert(segment.key(), segment.destinationAddress())
         self._verdict(packet.packetId, NF_ACCEPT, packet.mark | self.mark if self.mark else None)
 
     def reject(self, packet: QueuedPacket) -> None:

@@ -176,7 +176,7 @@ class OpenTests(HolderTestCase):
         attempt.receiver.proxyAnswered(attempt, OK)
         self.assertEqual(self.queue.verdicts, [("accept", 1)])
         self.assertEqual(self.owner.stats.proxyAnswers["2xx"], 1)
-        self.assertEqual(self.holder.entries[("192.0.2.2", 40000)].state, H.ACCEPTED)
+        self.assertEqual(self.holder.entries[("192.0.2.2", 40000, "203.0.113.7", 443)].state, H.ACCEPTED)
 
     def test_claimed(self) -> None:
         """
@@ -190,12 +190,12 @@ class OpenTests(HolderTestCase):
         self.answered(attempt, ConnectResponse(200, "OK", [], b"hello"))
         attempt.receiver.proxyData(attempt, b" world")
         receiver = object()
-        held = self.holder.claim("192.0.2.2", 40000, receiver)
+        held = self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, receiver)
         self.assertEqual(held, HeldTunnel(attempt, b"hello world", 3.0, "203.0.113.7", None))
         self.assertIs(attempt.receiver, receiver)
         self.assertFalse(attempt.aborted)
         self.assertEqual(self.holder.entries, {})
-        self.assertEqual(self.holder.claim("192.0.2.2", 40000, receiver), None)
+        self.assertEqual(self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, receiver), None)
         self.assertEqual(self.holder.counters["joined"], 1)
         self.assertEqual(len(self.holder.deadlines), 0)
 
@@ -205,15 +205,16 @@ class OpenTests(HolderTestCase):
         """
         self.send(syn(1))
         self.answered(self.attempts[0])
-        self.assertIsNone(self.holder.claim("192.0.2.2", 40001, object()))
-        self.assertIsNone(self.holder.claim("192.0.2.3", 40000, object()))
+        self.assertIsNone(self.holder.claim("192.0.2.2", 40001, "203.0.113.7", 443, object()))
+        self.assertIsNone(self.holder.claim("192.0.2.3", 40000, "203.0.113.7", 443, object()))
+        self.assertIsNone(self.holder.claim("192.0.2.2", 40000, "203.0.113.8", 443, object()))
 
     def test_claimWhileHeld(self) -> None:
         """
         A SYN still held has no tunnel to give.
         """
         self.send(syn(1))
-        self.assertIsNone(self.holder.claim("192.0.2.2", 40000, object()))
+        self.assertIsNone(self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object()))
         self.assertEqual(self.queue.held, {1})
 
     def test_serverSpeaksFirst(self) -> None:
@@ -230,7 +231,7 @@ class OpenTests(HolderTestCase):
         self.assertTrue(attempt.transport.producing)
         attempt.receiver.proxyData(attempt, b"y" * 6)
         self.assertFalse(attempt.transport.producing)
-        held = self.holder.claim("192.0.2.2", 40000, object())
+        held = self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object())
         self.assertEqual(held.leftover, b"x" * 6 + b"y" * 6)
         self.assertTrue(attempt.transport.producing)
 
@@ -341,7 +342,7 @@ class PolicyTests(HolderTestCase):
         self.assertEqual(attempt.written, [b"CONNECT www.example.test:443 HTTP/1.1\r\nHost: www.example.test:443\r\n"
                                            b"X-Forwarded-For: 192.0.2.2\r\n\r\n"])
         attempt.receiver.proxyAnswered(attempt, OK)
-        held = self.holder.claim("192.0.2.2", 40000, object())
+        held = self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object())
         self.assertEqual((held.connectHost, held.passClient), ("www.example.test", "x-forwarded-for"))
 
     def test_deferred(self) -> None:
@@ -540,7 +541,7 @@ class CopiesTests(HolderTestCase):
         """
         self.send(syn(1))
         self.answered(self.attempts[0])
-        self.holder.claim("192.0.2.2", 40000, object())
+        self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object())
         self.send(syn(2))
         self.assertEqual(self.queue.verdicts, [("accept", 1), ("accept", 2)])
         self.assertEqual((len(self.attempts), self.queue.held), (1, set()))
@@ -574,9 +575,23 @@ class CopiesTests(HolderTestCase):
         """
         self.send(syn(1, sequence=1000))
         self.answered(self.attempts[0])
-        self.holder.claim("192.0.2.2", 40000, object())
+        self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object())
         self.send(syn(2, sequence=9000))
         self.assertEqual((len(self.attempts), self.queue.held), (2, {2}))
+
+    def test_samePortOtherDestination(self) -> None:
+        """
+        A client may use one port for connections to two destinations at
+        once: each SYN is its own, neither replaces the other.
+        """
+        self.send(syn(1, sequence=1000))
+        self.send(syn(2, sequence=5000, destination="203.0.113.8"))
+        first, second = self.attempts
+        self.assertFalse(first.aborted)
+        self.answered(second, ConnectResponse(403, "Forbidden"))
+        self.answered(first)
+        self.assertEqual(self.queue.verdicts, [("reject", 2), ("accept", 1)])
+        self.assertIs(self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object()).attempt, first)
 
     def test_newConnectionSameSource(self) -> None:
         """
@@ -631,7 +646,7 @@ class LimitsTests(HolderTestCase):
         attempt = self.attempts[0]
         self.answered(attempt)
         attempt.receiver.proxyLost(attempt, Failure(ConnectionDone()))
-        self.assertIsNone(self.holder.claim("192.0.2.2", 40000, object()))
+        self.assertIsNone(self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object()))
 
     def test_overTheLimitPassed(self) -> None:
         """
@@ -704,7 +719,7 @@ def heldSynIn(test: HolderTestCase, state: str) -> H.HeldSyn:
     if state == H.DECIDING:
         test.owner.policy = PendingPolicy()
     test.send(syn(1))
-    entry = test.holder.entries[("192.0.2.2", 40000)]
+    entry = test.holder.entries[("192.0.2.2", 40000, "203.0.113.7", 443)]
     if state == H.DECIDING:
         assert entry.state == state, (entry.state, state)
         return entry

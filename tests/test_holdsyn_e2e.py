@@ -47,6 +47,8 @@ DENIED_V4, DENIED_V6 = "203.0.113.8", "2001:db8:2::8"
 # A destination whose server drops every TCP segment: Squid never
 # connects, so never answers CONNECT.
 SILENT_V4 = "203.0.113.9"
+# A destination a --config rule refuses.
+RULE_REFUSED_V4 = "203.0.113.10"
 
 
 def holdStats(line: str) -> dict[str, int]:
@@ -178,6 +180,21 @@ class HoldSynIptablesTests(AllowedAndRefusedMixin, HoldSynGatewayTestCase):
         code, _ = self.connectFromClient(DENIED_V6)
         self.assertEqual(code, errno.ECONNREFUSED)
         self.shifter.waitForLog(f"-> [{DENIED_V6}]:443 via", "refused at the SYN: proxy answered 403 Forbidden")
+
+    def test_ruleRefusesAtTheSyn(self) -> None:
+        """
+        A --config rule that refuses a destination refuses its SYN, before
+        any proxy is asked: ECONNREFUSED, and nothing in Squid's log.
+        """
+        config = self.directory / "shifter.toml"
+        config.write_text(f'[[rule]]\ndestination = "{RULE_REFUSED_V4}/32"\nrefuse = "not from here"\n')
+        self.shifter.options += ("--config", str(config))
+        self.shifter.start()
+        code, _ = self.connectFromClient(RULE_REFUSED_V4)
+        self.assertEqual(code, errno.ECONNREFUSED)
+        self.shifter.waitForLog(f"-> {RULE_REFUSED_V4}:443 via (none) refused at the SYN: "
+                                "refused by policy: not from here (rule at line 1)")
+        self.assertEqual([line for line in self.squid.accessLogLines() if "CONNECT" in line], [])
 
     def test_squidDown(self) -> None:
         """

@@ -478,15 +478,30 @@ class HeldVerdictTests(QueueHarness, SynchronousTestCase):
 
     def test_heldGetsNoVerdict(self) -> None:
         """
-        A held SYN is recorded but gets no verdict until the holder gives
-        one; it is counted as held.
+        A held SYN gets no verdict until the holder gives one; it is counted
+        as held, and not recorded yet.
         """
         self.start()
         self.deliver(self.syn(1, 40000))
         self.reactor.advance(0)
         self.assertEqual(self.given(), [])
         self.assertEqual(self.resolver.protocol.held, 1)
-        self.assertEqual(len(self.resolver.table), 1)
+        self.assertEqual(len(self.resolver.table), 0)
+
+    def test_recordedWhenAccepted(self) -> None:
+        """
+        A held SYN is recorded when it is accepted, never when it is
+        refused: the refused one from the same port to another destination
+        does not hide the accepted one's.
+        """
+        self.start()
+        self.deliver(self.syn(1, 40000), queuedPacket(2, ipv4Packet("192.0.2.2", "203.0.113.8", 40000, 443)))
+        accepted, refused = self.holder.packets
+        self.resolver.protocol.accept(accepted)
+        self.resolver.protocol.reject(refused)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 40000))
+        self.assertEqual(self.successResultOf(self.resolver.resolve(transport)),
+                         IPv4Address("TCP", "203.0.113.7", 443))
 
     def test_acceptedWithQueueMark(self) -> None:
         """
