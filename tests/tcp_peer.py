@@ -7,9 +7,11 @@ measurement, run inside the test namespaces (not part of Shifter):
     tcp_peer.py burst HOST PORT COUNT TIMEOUT
         open COUNT connections at once, send each a line, expect it back;
         print "ok N failed M" and the first few errors
-    tcp_peer.py latency HOST PORT COUNT
+    tcp_peer.py latency HOST PORT COUNT [split]
         COUNT connections one after another, each timed from the start of
-        connect() to the first byte of the echo; print the sorted times (s)
+        connect() to the first byte of the echo; print the sorted times (s),
+        or with split each connection's CONNECT/FIRST (connect() returned,
+        first byte), in the order made
     tcp_peer.py outcomes TIMEOUT HOST PORT COUNT [HOST PORT COUNT ...]
         open COUNT connections to each HOST PORT, all at once, each echoing
         a line if it connects; print one line per destination:
@@ -72,7 +74,7 @@ async def burst(host: str, port: int, count: int, timeout: float) -> None:
         print(f"error: {error!r}")
 
 
-def latency(host: str, port: int, count: int) -> None:
+def latency(host: str, port: int, count: int, split: bool = False) -> None:
     times = []
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(count):
@@ -80,12 +82,16 @@ def latency(host: str, port: int, count: int) -> None:
         sock.settimeout(10)
         started = time.perf_counter()
         sock.connect((host, port))
+        connected = time.perf_counter() - started
         sock.sendall(b"x")
         if sock.recv(1) != b"x":
             raise SystemExit("no echo")
-        times.append(time.perf_counter() - started)
+        times.append((time.perf_counter() - started, connected))
         sock.close()
-    print(" ".join(f"{t:.6f}" for t in sorted(times)))
+    if split:
+        print(" ".join(f"{c:.6f}/{t:.6f}" for t, c in times))
+    else:
+        print(" ".join(f"{t:.6f}" for t, _ in sorted(times)))
 
 
 async def outcome(host: str, port: int, n: int, timeout: float) -> tuple[str, float, str]:
@@ -148,7 +154,7 @@ def main(argv: list[str]) -> None:
     elif mode == "burst":
         asyncio.run(burst(argv[1], int(argv[2]), int(argv[3]), float(argv[4])))
     elif mode == "latency":
-        latency(argv[1], int(argv[2]), int(argv[3]))
+        latency(argv[1], int(argv[2]), int(argv[3]), argv[4:5] == ["split"])
     elif mode == "outcomes":
         rest = argv[2:]
         targets = [(rest[i], int(rest[i + 1]), int(rest[i + 2])) for i in range(0, len(rest), 3)]
