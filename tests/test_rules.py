@@ -149,8 +149,8 @@ class HoldSynTests(SynchronousTestCase):
         of SYNs carrying the reject mark, inserted first in FORWARD and
         INPUT, both families.
         """
-        lines = commands(rules(resolver="nfqueue", ports=(443,), holdSyn=True))
-        self.assertEqual(lines[:4], commands(rules(resolver="nfqueue", ports=(443,))))
+        lines = commands(rules(resolver="nfqueue", ports=(443,), holdSyn=True, quic="pass"))
+        self.assertEqual(lines[:4], commands(rules(resolver="nfqueue", ports=(443,), quic="pass")))
         self.assertEqual(lines[4:], [
             f"{ipt} -t filter -I {chain} -p tcp --syn -m mark --mark 0x20000/0x20000 -j REJECT --reject-with tcp-reset"
             for ipt in ("iptables", "ip6tables") for chain in ("FORWARD", "INPUT")
