@@ -57,6 +57,7 @@ from twisted.python.failure import Failure
 
 from shifter.connect import ConnectResponse, formatAuthority
 from shifter.deadlines import Deadlines
+from shifter.destinations import destinationRefusal
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
 from shifter.passclient import refusalHint, tunnelRequest
 from shifter.policy import TunnelDecision, TunnelRequest
@@ -175,7 +176,9 @@ class HeldSyn:
         self.proxy: Any = None
         self.attempt: Any = None
         self.request = b""
-        self.authRetried = False
+        # This held SYN's authentication with the proxy it is trying.
+        self.authExchange: Any = None
+        self.authProxy: Any = None
         self.received: list[bytes] = []
         self.receivedBytes = 0
         self.paused = False
@@ -358,8 +361,12 @@ class HeldSyn:
             if not any(client in network for network in allowed):
                 return "client-denied", f"client {self.clientHost} is not in an --allow network"
         port = self.destination.port
-        if any((self.address, port) == proxy.address for proxy in self.pool.proxies):
-            return "loop", "destination is an upstream proxy itself"
+        refusal = self.holder.owner.proxyAddresses.refusal(self.address, port)
+        if refusal is not None:
+            return "loop", refusal
+        refusal = destinationRefusal(self.address)
+        if refusal is not None:
+            return "destination", refusal
         if settings.allowedPorts and port not in settings.allowedPorts:
             return "port-denied", f"destination port {port} is not an --allow-port"
         return None
@@ -369,7 +376,9 @@ class HeldSyn:
         port = self.destination.port
         headers: list[tuple[str, str]] = []
         if proxy.auth is not None:
-            headers = proxy.auth.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+            if self.authProxy is not proxy:
+                self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
+            headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
         self.request = tunnelRequest(
             proxy, self._clientAddress(), self.destination, self.connectHost, port, headers, self.passClient
         )
@@ -419,6 +428,8 @@ class HeldSyn:
         self.stats.proxyAnswers[f"{status // 100}xx"] += 1
         if response.opensTunnel:
             self.pool.succeeded(self.proxy)
+            if self.authExchange is not None and self.authProxy is self.proxy:
+                self.authExchange.succeeded()
             self._accept(response.leftover)
         elif status == 407:
             self._challenged(response)
@@ -432,17 +443,16 @@ class HeldSyn:
                 self._refuse("proxy-status", reason, status=status)
 
     def _challenged(self, response: ConnectResponse) -> None:
-        auth = self.proxy.auth
+        exchange = self.authExchange if self.authProxy is self.proxy else None
         self._dropAttempt()
-        if auth is None:
+        if exchange is None:
             self._refuse("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
             return
         challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
-        cannot = auth.challenged(challenges)
-        if cannot is not None or self.authRetried:
-            self._refuse("proxy-auth", f"proxy answered 407: {cannot or 'credentials refused'}", status=407)
+        cannot = exchange.challenged(challenges)
+        if cannot is not None:
+            self._refuse("proxy-auth", f"proxy answered 407: {cannot}", status=407)
             return
-        self.authRetried = True
         self.candidates.insert(0, self.proxy)
         self._connectNext()
 

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shifter import holdsyn as H
 from shifter.auth import Credentials, ProxyAuth
 from shifter.connect import ConnectResponse
+from shifter.destinations import ProxyAddresses
 from shifter.downstream import TunnelSettings
 from shifter.holdsyn import HeldTunnel, SynHolder
 from shifter.interfaces import IProxyAttempt
@@ -122,6 +123,7 @@ class Owner:
         self.stats = TunnelStats()
         self.active: set[Any] = set()
         self.policy: Any = None
+        self.proxyAddresses = ProxyAddresses(self.pool.proxies, self.reactor)
 
 
 class HolderTestCase(SynchronousTestCase):
@@ -257,7 +259,7 @@ class OpenTests(HolderTestCase):
         self.send(syn(1))
         first = self.attempts[0]
         first.receiver.proxyConnected(first)
-        self.assertIn(b"Proxy-Authorization: Basic ", first.written[0])
+        self.assertNotIn(b"Proxy-Authorization", first.written[0])  # until the proxy asks
         challenge = ConnectResponse(
             407, "Proxy Authentication Required",
             [(b"Proxy-Authenticate", b'Digest realm="squid", nonce="abc", qop="auth"')],
@@ -497,6 +499,16 @@ class RefusalTests(HolderTestCase):
         self.makeHolder(allowedPorts=frozenset({8443}))
         self.send(syn(1))
         self.assertRefused("port-denied", "destination port 443 is not an --allow-port")
+
+    def test_refusedDestination(self) -> None:
+        """
+        A destination Shifter never tunnels to (here a loopback address) is
+        refused at the SYN, before any proxy is asked.
+        """
+        self.send(syn(1, destination="127.0.0.1"))
+        self.assertEqual((self.attempts, self.queue.verdicts), ([], [("reject", 1)]))
+        self.assertEqual(self.counters(), {"destination": 1})
+        self.assertEqual(len(self.lines("refused at the SYN: destination 127.0.0.1 is a loopback address")), 1)
 
     def test_proxyAsDestination(self) -> None:
         """
