@@ -232,8 +232,9 @@ class ITunnelOwner(Interface):
         while its SYN was held (C{--hold-syn}, see
         L{shifter.holdsyn}), now reporting to C{receiver}; or C{None}.  It
         has C{attempt} (an L{IProxyAttempt} whose CONNECT the proxy answered
-        with a 2xx), C{leftover} (tunnel bytes already read from the proxy)
-        and C{started} (when its CONNECT began).
+        with a 2xx), C{leftover} (tunnel bytes already read from the proxy),
+        C{started} (when its CONNECT began), and the C{connectHost} and
+        C{passClient} the policy chose for it at the SYN, if any.
         """
 
 
