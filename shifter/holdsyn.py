@@ -33,10 +33,11 @@ reset was lost); it never costs a second CONNECT.  An open tunnel that no client
 C{--hold-timeout} of its SYN's acceptance (the client never completed its
 handshake) is closed.  Every queued packet gets exactly one verdict.
 
-A held SYN costs a proxy connection, so a flood of SYNs could cost many:
-SYNs past C{--max-connections} (held ones and open tunnels together) are
-not held but accepted at once, to be tunnelled the ordinary way after
-their handshake.
+A held SYN costs a proxy connection, so a flood of SYNs could cost many.
+The caps apply at the SYN: with C{--max-connections} tunnels open, or a
+client's C{--max-connections-per-client} open or held, its SYN is refused;
+SYNs past C{--max-connections} counting held ones are not held but
+accepted at once, to be tunnelled the ordinary way after their handshake.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ from twisted.python.failure import Failure
 from shifter.connect import ConnectResponse, formatAuthority
 from shifter.deadlines import Deadlines
 from shifter.destinations import destinationRefusal
+from shifter.limits import clientKey
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
 from shifter.passclient import refusalHint, tunnelRequest
 from shifter.policy import TunnelDecision, TunnelRequest
-from shifter.tunnel import canonicalHost, formatAddress
+from shifter.tunnel import REFUSALS, canonicalHost, formatAddress
 from shifter.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
@@ -163,6 +165,7 @@ class HeldSyn:
         self.address = canonicalHost(self.destination.host)
         self.clientLabel = formatAddress(clientHost, clientPort)
         self.key = (clientHost, clientPort, self.address, self.destination.port)
+        self.clientId = ""  # its client key, for --max-connections-per-client
         self.target = formatAddress(self.address, self.destination.port)
         self.policy = owner.policy
         self.state = DECIDING
@@ -335,10 +338,23 @@ class HeldSyn:
                 except (ValueError, TypeError) as e:
                     self._refuse("policy", f"policy gave an invalid target: {e}")
                     return
+                refusal = self._targetRefusal(decision.target, port)
+                if refusal is not None:
+                    self._refuse("destination", f"policy's target refused: {refusal}")
+                    return
                 self.connectHost = decision.target
                 if decision.target != self.address:
                     self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"
         self._connectFirst()
+
+    def _targetRefusal(self, target: str, port: int) -> str | None:
+        # A target that is an address meets the same refusals as an
+        # original destination; names are the proxy's to resolve.
+        try:
+            host = canonicalHost(target)
+        except ValueError:
+            return None
+        return self.holder.owner.proxyAddresses.refusal(host, port) or destinationRefusal(host)
 
     def _decideFailed(self, reason: Failure) -> None:
         self._refuse("policy", f"policy error: {reason.getErrorMessage()}")
@@ -355,6 +371,16 @@ class HeldSyn:
         or C{None}: the same checks, before any proxy is asked.
         """
         settings = self.settings
+        owner = self.holder.owner
+        if len(owner.active) >= settings.maxConnections:
+            return "limit", f"{settings.maxConnections} tunnels already open (--max-connections)"
+        perClient = settings.maxConnectionsPerClient
+        if perClient:
+            key = clientKey(self.clientHost)
+            others = self.holder.heldFrom(key) - 1 + owner.clientLimit.counts.get(key, 0)
+            if others >= perClient:
+                return "client-limit", (f"{perClient} connections from this client already open or "
+                                        "held (--max-connections-per-client)")
         allowed = settings.allowedClients
         if allowed:
             client = ipaddress.ip_address(self.clientHost)
@@ -491,8 +517,8 @@ class HeldSyn:
         """
         self.stats.counters[kind] += 1
         self.holder.counters["refused"] += 1
-        self.log.warn(
-            "tunnel {client} -> {destination}{named} via {proxy} refused at the SYN: {reason}",
+        text = "tunnel {client} -> {destination}{named} via {proxy} refused at the SYN: {reason}"
+        facts: dict[str, Any] = dict(
             client=self.clientLabel,
             destination=self.target,
             named=self.named,
@@ -501,6 +527,12 @@ class HeldSyn:
             failure_kind=kind,
             **fields,
         )
+        if kind in _REPEATABLE:
+            # Refusals a client can repeat at will: rate-limited, as the
+            # tunnel's are.
+            self.holder.owner.refusals.warn(kind, text, **facts)
+        else:
+            self.log.warn(text, **facts)
         self._cancelPending()
         self._dropAttempt()
         self._verdict("reject")
@@ -631,6 +663,7 @@ def _table(*rows: tuple[Any, Any, str]) -> dict[str, dict[str, Callable[..., Any
 
 
 _HELD = (DECIDING, CONNECTING, HANDSHAKING)
+_REPEATABLE = REFUSALS | {"limit", "client-limit"}
 _PROXY_EVENTS = (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA,
                  PROXY_ENDED, PROXY_LOST)
 
@@ -715,6 +748,7 @@ class SynHolder:
         # source, oldest first.
         self.recent: OrderedDict[tuple[str, int, str, int], tuple[int, str, float]] = OrderedDict()
         self.maxRecent = 65536
+        self.perClient: dict[str, int] = {}  # entries by client key
         self.counters: Counter[str] = Counter()
         self.longestHold = 0.0
 
@@ -734,12 +768,16 @@ class SynHolder:
             entry.superseded()
         elif self._copyOfRecent(protocol, packet, key):
             return
-        if len(self.entries) + len(self.owner.active) >= self.owner.settings.maxConnections:
+        limit, active = self.owner.settings.maxConnections, len(self.owner.active)
+        if active < limit <= active + len(self.entries):
+            # Room for its connection, none for a held SYN more.
             self.counters["passed"] += 1
             protocol.accept(packet)
             return
         entry = HeldSyn(self, protocol, packet, client, segment.sourcePort)
         self.entries[key] = entry
+        clientId = entry.clientId = clientKey(client)
+        self.perClient[clientId] = self.perClient.get(clientId, 0) + 1
         self.counters["held"] += 1
         protocol.hold(packet)
         entry.start()
@@ -766,6 +804,12 @@ class SynHolder:
         key = entry.key
         if self.entries.get(key) is entry:
             del self.entries[key]
+            clientId = entry.clientId
+            left = self.perClient[clientId] - 1
+            if left:
+                self.perClient[clientId] = left
+            else:
+                del self.perClient[clientId]
         if entry.verdict in ("accept", "reject"):
             recent = self.recent
             recent.pop(key, None)
@@ -800,6 +844,13 @@ class SynHolder:
         """
         self.counters["retransmits"] += 1
         getattr(protocol, entry.verdict if entry.verdict in ("accept", "reject") else "accept")(packet)
+
+    def heldFrom(self, clientId: str) -> int:
+        """
+        The held SYNs and open tunnels not yet taken of one client
+        (L{shifter.limits.clientKey}).
+        """
+        return self.perClient.get(clientId, 0)
 
     def noteHold(self, seconds: float) -> None:
         if seconds > self.longestHold:

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,6 +23,8 @@ from shifter.auth import Credentials, ProxyAuth
 from shifter.connect import ConnectResponse
 from shifter.destinations import ProxyAddresses
 from shifter.downstream import TunnelSettings
+from shifter.limits import ClientLimit
+from shifter.logs import RateLimitedLog
 from shifter.holdsyn import HeldTunnel, SynHolder
 from shifter.interfaces import IProxyAttempt
 from shifter.metrics import TunnelStats
@@ -124,6 +126,8 @@ class Owner:
         self.active: set[Any] = set()
         self.policy: Any = None
         self.proxyAddresses = ProxyAddresses(self.pool.proxies, self.reactor)
+        self.clientLimit = ClientLimit(self.settings.maxConnectionsPerClient)
+        self.refusals = RateLimitedLog(Logger(), self.reactor)
 
 
 class HolderTestCase(SynchronousTestCase):
@@ -659,6 +663,48 @@ class LimitsTests(HolderTestCase):
         self.answered(attempt)
         attempt.receiver.proxyLost(attempt, Failure(ConnectionDone()))
         self.assertIsNone(self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object()))
+
+    def test_fullRefused(self) -> None:
+        """
+        With --max-connections tunnels open, a SYN is refused at once.
+        """
+        self.makeHolder(maxConnections=1)
+        self.owner.active.add(object())
+        self.send(syn(1))
+        self.assertEqual((self.attempts, self.queue.verdicts), ([], [("reject", 1)]))
+        self.assertEqual(self.counters(), {"limit": 1})
+
+    def test_perClientLimit(self) -> None:
+        """
+        A client with --max-connections-per-client connections open or SYNs
+        held has its next SYN refused; another client's is held.
+        """
+        self.makeHolder(maxConnectionsPerClient=3)
+        self.owner.clientLimit.admit("192.0.2.2")
+        self.send(syn(1, port=1))
+        self.send(syn(2, port=2))
+        self.send(syn(3, port=3))
+        self.send(syn(4, port=1, source="192.0.2.3"))
+        self.assertEqual(self.queue.verdicts, [("reject", 3)])
+        self.assertEqual(self.queue.held, {1, 2, 4})
+        self.assertEqual(self.counters(), {"client-limit": 1})
+        # A refused or finished SYN no longer counts.
+        self.answered(self.attempts[0], ConnectResponse(403, "Forbidden"))
+        self.send(syn(5, port=5))
+        self.assertIn(5, self.queue.held)
+
+    def test_repeatableRefusalsRateLimited(self) -> None:
+        """
+        Refusals a client can repeat at will (here a destination Shifter
+        never tunnels to) are logged once per reason per interval, then
+        counted.
+        """
+        for n in range(5):
+            self.send(syn(n + 1, port=1000 + n, destination="127.0.0.1"))
+        self.assertEqual(len(self.lines("refused at the SYN")), 1)
+        self.assertEqual(self.counters(), {"destination": 5})
+        self.clock.advance(10)
+        self.assertEqual(len(self.lines("4 more like it not logged")), 1)
 
     def test_overTheLimitPassed(self) -> None:
         """
