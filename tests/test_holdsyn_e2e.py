@@ -97,6 +97,7 @@ class HoldSynGatewayTestCase(ResolverGatewayTestCase):
             self.net.gateway, self.directory,
             "--listen", self.listen, "--proxy", f"127.0.0.1:{SQUID_PORT}",
             "--resolver", "nfqueue", "--hold-syn", "--hold-timeout", f"{self.holdTimeout:g}",
+            *self.shifterOptions,
         )
 
     def connectFromClient(self, host: str, port: int = 443) -> tuple[int, float]:
@@ -223,6 +224,8 @@ class HoldSynBurstTests(HoldSynGatewayTestCase):
     webServer = False
     holdTimeout = 3.0
     allowed, denied, silent, halfOpen = 300, 50, 50, 40
+    # Every connection comes from the one client host.
+    shifterOptions = ("--max-connections-per-client", "0")
 
     def test_burst(self) -> None:
         """
