@@ -19,19 +19,22 @@ SYN's destination, and only then gives the verdict:
     --reject-with tcp-reset} rule matches, so the client's C{connect()}
     fails with C{ECONNREFUSED}, as if the server had refused it.
 
-The CONNECT is the tunnel's own: the same proxies in the same order, the
-same authentication (one retry after a 407), the same C{--pass-client}
-header, the next proxy after a failure or a 5xx, the same failure counters
-and one log line per refusal.  It can only ask for the address: nothing
-but the SYN exists yet, so C{--connect-target sni}/C{host} cannot work.
+The CONNECT is the tunnel's own: the same checks and policy (asked with
+no name), the same proxies in the same order, the same authentication (a
+407 answered as the tunnel answers it), the same C{--pass-client} header,
+the next proxy after a failure or a 5xx, the same failure counters and one
+log line per refusal.  It can only ask for the address (or a policy's
+target): nothing but the SYN exists yet, so C{--connect-target
+sni}/C{host} cannot work.
 
 A retransmitted SYN (same source, same initial sequence number) is
 recognised: while its first copy is held the copy is dropped; once the
 first got its verdict, for up to C{--hold-timeout} after, the copy gets
 the same (the connection goes on, or is reset again in case the first
-reset was lost); it never costs a second CONNECT.  An open tunnel that no client connection takes within
-C{--hold-timeout} of its SYN's acceptance (the client never completed its
-handshake) is closed.  Every queued packet gets exactly one verdict.
+reset was lost); it never costs a second CONNECT.  An open tunnel that no
+client connection takes within C{--hold-timeout} of its SYN's acceptance
+(the client never completed its handshake) is closed.  Every queued packet
+gets exactly one verdict.
 
 A held SYN costs a proxy connection, so a flood of SYNs could cost many.
 The caps apply at the SYN: with C{--max-connections} tunnels open, or a
@@ -59,8 +62,8 @@ from twisted.python.failure import Failure
 from shifter.connect import ConnectResponse, formatAuthority
 from shifter.deadlines import Deadlines
 from shifter.destinations import destinationRefusal
-from shifter.limits import clientKey
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
+from shifter.limits import clientKey
 from shifter.passclient import refusalHint, tunnelRequest
 from shifter.policy import TunnelDecision, TunnelRequest
 from shifter.tunnel import REFUSALS, canonicalHost, formatAddress
@@ -387,7 +390,7 @@ class HeldSyn:
             if not any(client in network for network in allowed):
                 return "client-denied", f"client {self.clientHost} is not in an --allow network"
         port = self.destination.port
-        refusal = self.holder.owner.proxyAddresses.refusal(self.address, port)
+        refusal = owner.proxyAddresses.refusal(self.address, port)
         if refusal is not None:
             return "loop", refusal
         refusal = destinationRefusal(self.address)
