@@ -92,6 +92,8 @@ class ShifterFactory(ServerFactory):
     @ivar stats: what the tunnels have done (L{TunnelStats}).
     @ivar deadlines: every tunnel's deadline, on one timer.
     @ivar listeningAddress: the listening socket's address, once listening.
+    @ivar holder: with C{--hold-syn}, the L{shifter.holdsyn.SynHolder} whose
+        open tunnels the client connections take; else C{None}.
     """
 
     log = Logger()
@@ -115,6 +117,7 @@ class ShifterFactory(ServerFactory):
         self.stats.collectFrom(lambda: len(self.active), lambda: self.pool)
         self.deadlines = Deadlines(reactor)
         self.listeningAddress: Destination | None = None
+        self.holder: Any = None
         self._idleWaiters: list[Deferred[None]] = []
         self.proxyAddresses = ProxyAddresses(pool.proxies, reactor)
         self.clientLimit = ClientLimit(settings.maxConnectionsPerClient)
@@ -274,6 +277,16 @@ class ShifterFactory(ServerFactory):
             waiters, self._idleWaiters = self._idleWaiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def heldTunnel(self, clientHost: str, clientPort: int, host: str, port: int, receiver: Any) -> Any:
+        """
+        The tunnel opened while this client connection's SYN was held, if
+        any (see L{ITunnelOwner.heldTunnel}).
+        """
+        holder = self.holder
+        if holder is None:
+            return None
+        return holder.claim(clientHost, clientPort, host, port, receiver)
 
     def buildProtocol(self, addr) -> DownstreamProtocol | None:  # type: ignore[no-untyped-def, override]
         settings = self.settings

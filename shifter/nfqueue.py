@@ -20,6 +20,12 @@ with acknowledgements, packets arrive as messages that answer no request
 (L{NetlinkProtocol.unsolicitedReceived}).  Verdicts for all the packets
 read in one reactor turn go out together, as one C{NFQNL_MSG_VERDICT_BATCH}
 when they can.
+
+With C{--hold-syn} (L{shifter.holdsyn}) a SYN's verdict waits for the
+proxy's answer: the packet is I{held}.  A batch verdict applies to every
+packet queued with an id up to the one it names, so verdicts are batched
+only when no held packet has a lower id; otherwise each packet gets a
+verdict of its own (all of them still in one datagram).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from shifter.holdsyn import DEFAULT_REJECT_MARK
 from shifter.kmod import ConnectionKey
 from shifter.netlink import (
     NETLINK_NETFILTER,
@@ -236,6 +243,7 @@ class Segment:
     destination: bytes
     destinationPort: int
     flags: int
+    sequence: int = 0  # the segment's sequence number: a SYN's initial one
 
     @property
     def isSyn(self) -> bool:
@@ -309,9 +317,9 @@ def parseSegment(payload: bytes) -> Segment:
         raise ValueError(f"IP version {version}")
     if offset + 14 > len(payload):
         raise ValueError("TCP header cut short")
-    sourcePort, destinationPort = struct.unpack_from("!HH", payload, offset)
+    sourcePort, destinationPort, sequence = struct.unpack_from("!HHI", payload, offset)
     return Segment(family, bytes(source), sourcePort, bytes(destination), destinationPort,
-                   payload[offset + 13])
+                   payload[offset + 13], sequence)
 
 
 @dataclass(frozen=True)
@@ -432,6 +440,14 @@ class SynTable:
 # --------------------------------------------------------------------------
 
 
+def _idBefore(a: int, b: int) -> bool:
+    """
+    Whether packet id C{a} was queued before C{b}, as the kernel compares
+    ids (32 bits, wrapping).
+    """
+    return 0 < ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
 class QueueProtocol(NetlinkProtocol):
     """
     One bound nfnetlink_queue queue: records each queued SYN in C{table}
@@ -439,8 +455,13 @@ class QueueProtocol(NetlinkProtocol):
 
     Verdicts wait only for the end of the current reactor turn, so that
     all packets read in one turn are answered together: with one
-    C{NFQNL_MSG_VERDICT_BATCH} when they are to get the same mark (the
-    usual case), or one verdict each when their marks differ.
+    C{NFQNL_MSG_VERDICT_BATCH} when they are to get the same verdict and
+    mark (the usual case) and no held packet would be covered by it, else
+    with one verdict each, sent in one datagram.
+
+    With a C{holder} (C{--hold-syn}), each SYN is handed to it instead: it
+    calls L{hold}, then one of L{accept}, L{reject} or L{drop} when it has
+    decided.
 
     @ivar received: packets read from the queue.
     @ivar verdicts: packets given a verdict (by batch or alone).
@@ -455,16 +476,30 @@ class QueueProtocol(NetlinkProtocol):
         table: SynTable,
         mark: int = DEFAULT_QUEUE_MARK,
         timeout: float = 2.0,
+        rejectMark: int = DEFAULT_REJECT_MARK,
+        holder: Any = None,
     ) -> None:
         NetlinkProtocol.__init__(self, reactor, timeout=timeout)
         self.queueNum = queueNum
         self.table = table
         self.mark = mark
+        self.rejectMark = rejectMark
+        self.holder = holder
         self.received = 0
         self.verdicts = 0
         self.unreadable = 0
-        self._pendingVerdicts: list[tuple[int, Optional[int]]] = []
+        # (packet id, verdict, mark) of the verdicts owed, in the order given.
+        self._pendingVerdicts: list[tuple[int, int, Optional[int]]] = []
+        # The ids of held packets, oldest first.
+        self._held: dict[int, None] = {}
         self._flushCall: Any = None
+
+    @property
+    def held(self) -> int:
+        """
+        Packets held: queued, read, and given no verdict yet.
+        """
+        return len(self._held)
 
     def unsolicitedReceived(self, header: Header, message: bytes) -> None:
         if header.type == QUEUE_PACKET:
@@ -495,15 +530,75 @@ class QueueProtocol(NetlinkProtocol):
         if segment is None:
             self.unreadable += 1
         elif segment.isSyn:
+            if self.holder is not None:
+                self.holder.synReceived(self, packet)  # recorded if accepted
+                return
             self.table.insert(segment.key(), segment.destinationAddress())
-        mark = None if not self.mark else packet.mark | self.mark
-        self._pendingVerdicts.append((packet.packetId, mark))
+        self.accept(packet)
+
+    # The verdicts.
+
+    def accept(self, packet: QueuedPacket) -> None:
+        """
+        Accept C{packet} with the queue mark: the nat rule redirects it.
+        With a holder, a SYN is recorded only now: one it refuses never
+        reaches Shifter, and its record could only hide that of another
+        connection from the same port.
+        """
+        if self.holder is not None:
+            segment = packet.segment
+            if segment is not None and segment.isSyn:
+                self.table.insert(segment.key(), segment.destinationAddress())
+        self._verdict(packet.packetId, NF_ACCEPT, packet.mark | self.mark if self.mark else None)
+
+    def reject(self, packet: QueuedPacket) -> None:
+        """
+        Accept C{packet} with the reject mark and without the queue mark: it
+        is not redirected, and the C{REJECT --reject-with tcp-reset} rule
+        answers the client with a reset.
+        """
+        self._verdict(packet.packetId, NF_ACCEPT, (packet.mark & ~self.mark & 0xFFFFFFFF) | self.rejectMark)
+
+    def drop(self, packet: QueuedPacket) -> None:
+        """
+        Drop C{packet} (a copy of a SYN already held, or a held SYN when
+        Shifter stops: its client sends it again).
+        """
+        self._verdict(packet.packetId, NF_DROP, None)
+
+    def hold(self, packet: QueuedPacket) -> None:
+        """
+        Give C{packet} no verdict until L{accept}, L{reject} or L{drop} is
+        called for it; until then, no batch verdict covers it.
+        """
+        self._held[packet.packetId] = None
+
+    def _verdict(self, packetId: int, verdict: int, mark: Optional[int]) -> None:
+        self._held.pop(packetId, None)
+        self._pendingVerdicts.append((packetId, verdict, mark))
         if self._flushCall is None:
             self._flushCall = self.reactor.callLater(0, self.flush)
 
+    def _batchable(self, pending: list[tuple[int, int, Optional[int]]]) -> Optional[int]:
+        """
+        The id up to which one batch verdict gives every verdict in
+        C{pending}, or C{None} when one batch cannot: the verdicts differ,
+        or a held packet was queued before one of them.
+        """
+        _, verdict, mark = pending[0]
+        if any(v != verdict or m != mark for _, v, m in pending):
+            return None
+        if self._held:
+            oldestHeld = next(iter(self._held))
+            if not all(_idBefore(packetId, oldestHeld) for packetId, _, _ in pending):
+                return None
+        first = pending[0][0]
+        return max((packetId for packetId, _, _ in pending),
+                   key=lambda packetId: (packetId - first + 0x80000000) & 0xFFFFFFFF)
+
     def flush(self) -> None:
         """
-        Send the verdicts for every packet read so far.
+        Send the verdicts owed so far.
         """
         if self._flushCall is not None and self._flushCall.active():
             self._flushCall.cancel()
@@ -511,15 +606,17 @@ class QueueProtocol(NetlinkProtocol):
         pending, self._pendingVerdicts = self._pendingVerdicts, []
         if not pending or self.transport is None:
             return
-        marks = {mark for _, mark in pending}
-        if len(marks) == 1:
-            datagrams = [encodeVerdict(self.queueNum, pending[-1][0], NF_ACCEPT, marks.pop(), batch=True)]
+        last = self._batchable(pending)
+        if last is not None:
+            _, verdict, mark = pending[0]
+            datagram = encodeVerdict(self.queueNum, last, verdict, mark, batch=True)
         else:
-            datagrams = [encodeVerdict(self.queueNum, packetId, NF_ACCEPT, mark)
-                         for packetId, mark in pending]
+            # Netlink takes several messages in one datagram, and the kernel
+            # answers each on its own (an error for one does not stop the rest).
+            datagram = b"".join(encodeVerdict(self.queueNum, packetId, verdict, mark)
+                                for packetId, verdict, mark in pending)
         try:
-            for datagram in datagrams:
-                self.transport.send(datagram)
+            self.transport.send(datagram)
         except OSError as e:
             self.log.error("nfqueue {queue}: cannot send verdicts: {error}",
                            queue=self.queueNum, error=e)
@@ -553,6 +650,12 @@ class QueueResolver:
         go unmarked, so unproxied.
     @param mark: the mark bit set on every packet given a verdict; the nat
         rule redirects only SYNs that carry it.  0 sets no mark.
+    @param rejectMark: with a L{holder}, the mark bit set, in place of
+        C{mark}, on a SYN whose tunnel was refused; a C{REJECT} rule
+        answers it with a reset.
+
+    @ivar holder: if set before L{start}, the L{shifter.holdsyn.SynHolder}
+        (C{--hold-syn}) that decides each SYN's verdict.
     """
 
     name = "nfqueue"
@@ -569,6 +672,7 @@ class QueueResolver:
         maxQueueLength: int = 8192,
         receiveBuffer: int = 4 << 20,
         timeout: float = 2.0,
+        rejectMark: int = DEFAULT_REJECT_MARK,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -581,7 +685,11 @@ class QueueResolver:
         self.reactor = reactor
         self.queueNum = queueNum
         self.queueBypass = queueBypass
+        if not 0 <= rejectMark <= 0xFFFFFFFF:
+            raise ValueError(f"reject mark {rejectMark:#x} does not fit in 32 bits")
         self.mark = mark
+        self.rejectMark = rejectMark
+        self.holder: Any = None
         self.maxQueueLength = maxQueueLength
         self.receiveBuffer = receiveBuffer
         self.timeout = timeout
@@ -596,7 +704,8 @@ class QueueResolver:
             queue cannot be bound (no CAP_NET_ADMIN, another process has
             it, no nfnetlink_queue in the kernel).
         """
-        protocol = QueueProtocol(self.reactor, self.queueNum, self.table, self.mark, self.timeout)
+        protocol = QueueProtocol(self.reactor, self.queueNum, self.table, self.mark, self.timeout,
+                                 self.rejectMark, self.holder)
         port = NetlinkPort(NETLINK_NETFILTER, protocol, reactor=self.reactor,
                            receiveBuffer=self.receiveBuffer)
         try:
@@ -646,11 +755,14 @@ class QueueResolver:
 
     def stop(self) -> Deferred[None]:
         """
-        Give the verdicts still owed, then close the socket, which unbinds
-        the queue: from then on the rule's C{--queue-bypass} decides.
+        Give the verdicts still owed (held SYNs are dropped: their clients
+        send them again), then close the socket, which unbinds the queue:
+        from then on the rule's C{--queue-bypass} decides.
         """
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
+            if self.holder is not None:
+                self.holder.stop()
             protocol.flush()
             protocol.close()
             self.log.info(

@@ -4,7 +4,8 @@ C{python -m shifter.rules}: print the gateway rules for a resolver.
 Each resolver needs its own netfilter rules: REDIRECT for C{sockopt},
 C{conntrack} and C{kmod}; TPROXY and policy routing for C{tproxy}; an
 C{NFQUEUE} rule in the mangle table and a REDIRECT of the SYNs Shifter
-marked for C{nfqueue}.  This command prints them as a shell script, for
+marked for C{nfqueue} (with C{--hold-syn}, also a C{REJECT} of the SYNs it
+marked as refused).  This command prints them as a shell script, for
 iptables (ip6tables) or nftables, IPv4 and IPv6, for the LAN interface,
 ports and listening port given, with the exclusion that keeps the proxy's
 own connections out of the redirect when the gateway's own traffic is
@@ -21,7 +22,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from shifter.holdsyn import DEFAULT_REJECT_MARK
 from shifter.nfqueue import DEFAULT_QUEUE_MARK
+
+# The listening queue the printed command gives Shifter with --hold-syn.
+HOLD_SYN_BACKLOG = 1024
 
 RESOLVER_NAMES = ("sockopt", "conntrack", "kmod", "nfqueue", "tproxy")
 FORMATS = ("iptables", "nft")
@@ -51,6 +56,10 @@ class RuleOptions:
         port-unreachable, so clients fall back to TCP at once), C{drop}
         (they fall back after their own timeout) or C{pass} (it goes
         around the proxy).
+    @ivar holdSyn: with C{nfqueue}, Shifter holds each SYN until the proxy
+        answers (its C{--hold-syn}), and the SYNs it refuses are reset.
+    @ivar rejectMark: with C{holdSyn}, the mark Shifter sets on the SYNs it
+        refuses (its C{--reject-mark}).
     """
 
     resolver: str
@@ -67,6 +76,8 @@ class RuleOptions:
     tproxyMark: int = 0x1
     routeTable: int = 100
     quic: str = "reject"
+    holdSyn: bool = False
+    rejectMark: int = DEFAULT_REJECT_MARK
 
     def check(self) -> None:
         """
@@ -108,6 +119,17 @@ class RuleOptions:
                 raise RulesError(f"queue number {self.queueNum} is not between 0 and 65535")
             if self.mark is not None and self.mark & self.queueMark:
                 raise RulesError("--mark shares bits with the queue mark")
+        if self.holdSyn:
+            if self.resolver != "nfqueue":
+                raise RulesError("--hold-syn needs --resolver nfqueue: only there does Shifter see the SYN first")
+            if not self.queueMark:
+                raise RulesError("--hold-syn needs a queue mark: only the SYNs Shifter accepted may be redirected")
+            if not 0 < self.rejectMark <= 0xFFFFFFFF:
+                raise RulesError(f"reject mark {self.rejectMark:#x} is not from 1 to 0xffffffff")
+            if self.rejectMark & self.queueMark:
+                raise RulesError("the reject mark shares bits with the queue mark")
+            if self.mark is not None and self.mark & self.rejectMark:
+                raise RulesError("--mark shares bits with the reject mark: the proxy's connections would be reset")
         if self.resolver == "tproxy" and not self.tproxyMark:
             raise RulesError("the TPROXY mark must not be 0")
         if not 0 < self.routeTable < 0xFFFFFFFF or self.routeTable in (253, 254, 255):
@@ -174,6 +196,27 @@ def _iptablesQueue(o: RuleOptions) -> list[str]:
             exclusion = "" if o.queueMark else f" {_iptExclusion(o)}"
             lines.append(f"{ipt} -t nat -A OUTPUT -p tcp {ports}{marked}{exclusion} "
                          f"-j REDIRECT --to-ports {o.listenPort}")
+    if o.holdSyn:
+        lines += _iptablesReject(o)
+    return lines
+
+
+_REJECT_COMMENT = [
+    "# Reset the SYNs whose tunnel the proxy refused (Shifter gave them the reject",
+    "# mark, not the queue mark, so they were not redirected): the client's connect()",
+    "# fails at once, as if the server had refused it. First in their chains, before",
+    "# any ACCEPT there, or a refused SYN would reach its server unproxied:",
+]
+
+
+def _iptablesReject(o: RuleOptions) -> list[str]:
+    mark = f"{o.rejectMark:#x}"
+    chains = ["FORWARD", "INPUT"] + (["OUTPUT"] if o.excludes else [])
+    lines = list(_REJECT_COMMENT)
+    for ipt in _commands(o):
+        for chain in chains:
+            lines.append(f"{ipt} -t filter -I {chain} -p tcp --syn -m mark --mark {mark}/{mark} "
+                         f"-j REJECT --reject-with tcp-reset")
     return lines
 
 
@@ -241,6 +284,7 @@ def _nftTable(o: RuleOptions, chains: list[tuple[str, str, list[str]]]) -> list[
 _NAT_PREROUTING = "type nat hook prerouting priority dstnat; policy accept;"
 _NAT_OUTPUT = "type nat hook output priority -100; policy accept;"
 _MANGLE_PREROUTING = "type filter hook prerouting priority mangle; policy accept;"
+_FILTER = "type filter hook {hook} priority filter; policy accept;"
 _FILTER_FORWARD = "type filter hook forward priority filter; policy accept;"
 
 
@@ -285,8 +329,18 @@ def _nftQueue(o: RuleOptions) -> list[str]:
         exclusion = "" if o.queueMark else f" {_nftExclusion(o)}"
         chains.append(("output", _NAT_OUTPUT,
                        [f"{ports}{marked}{exclusion} redirect to :{o.listenPort}"]))
+    if o.holdSyn:
+        # A base chain of its own: an accept in another table's chain does
+        # not stop it, so the reset cannot be bypassed.
+        reject = (f"meta l4proto tcp meta mark & {o.rejectMark:#x} == {o.rejectMark:#x} "
+                  "reject with tcp reset")
+        for hook in ["forward", "input"] + (["output"] if o.excludes else []):
+            chains.append((f"refused-{hook}", _FILTER.format(hook=hook), [reject]))
     lines.append("# Redirect the SYNs Shifter recorded (and marked) to it:" if o.queueMark
                  else "# Redirect the queued connections to Shifter:")
+    if o.holdSyn:
+        lines[-1] = ("# Redirect the SYNs Shifter accepted (queue mark) to it; reset those it "
+                     "refused (reject mark), in chains of their own, whatever other tables accept:")
     lines.extend(_nftTable(o, chains + _nftQuic(o)))
     return lines
 
@@ -348,6 +402,10 @@ def _shifterCommand(o: RuleOptions) -> str:
         listen = f"tcp6:{o.listenPort}:interface=\\:\\:"
     else:
         listen = f"tcp:{o.listenPort}"
+    if o.holdSyn:
+        # Accepted SYNs come in bursts, as the proxy answers: a listening
+        # queue of Twisted's default 50 would drop some.
+        listen += f":backlog={HOLD_SYN_BACKLOG}"
     extra = ""
     if o.resolver == "nfqueue":
         extra = f" --queue-num {o.queueNum}"
@@ -355,6 +413,10 @@ def _shifterCommand(o: RuleOptions) -> str:
             extra += f" --queue-mark {o.queueMark:#x}"
         if o.queueBypass:
             extra += " --queue-bypass"
+        if o.holdSyn:
+            extra += " --hold-syn"
+            if o.rejectMark != DEFAULT_REJECT_MARK:
+                extra += f" --reject-mark {o.rejectMark:#x}"
     if o.mark is not None:
         extra += f" --mark {o.mark:#x}"
     return f"twistd shifter --resolver {o.resolver} --listen '{listen}'{extra} --proxy HOST:PORT"
@@ -376,9 +438,14 @@ def generateRules(o: RuleOptions) -> str:
         "nfqueue": "NFQUEUE, then REDIRECT",
         "tproxy": "TPROXY",
     }[o.resolver]
+    header = (f"# Shifter, --resolver {o.resolver}: {how} of TCP ports {ports} arriving on "
+              f"{o.lanInterface} to Shifter on port {o.listenPort}, {families}.")
+    if o.holdSyn:
+        header = (f"# Shifter, --resolver nfqueue --hold-syn: NFQUEUE, then REDIRECT of TCP ports "
+                  f"{ports} arriving on {o.lanInterface} to Shifter on port {o.listenPort} once the "
+                  f"proxy has opened the tunnel, or a reset if it refuses, {families}.")
     lines = [
-        f"# Shifter, --resolver {o.resolver}: {how} of TCP ports {ports} arriving on "
-        f"{o.lanInterface} to Shifter on port {o.listenPort}, {families}.",
+        header,
         f"# Run Shifter with: {_shifterCommand(o)}",
     ]
     if o.resolver == "kmod":
@@ -451,6 +518,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="nfqueue: let SYNs through, unproxied, while Shifter is not running")
     parser.add_argument("--queue-mark", type=_number, default=DEFAULT_QUEUE_MARK, metavar="MARK",
                         help=f"nfqueue: the mark Shifter sets on recorded SYNs (default: {DEFAULT_QUEUE_MARK:#x})")
+    parser.add_argument("--hold-syn", action="store_true",
+                        help="nfqueue: Shifter holds each SYN until the proxy answers CONNECT; "
+                        "add the rules that reset the SYNs it refuses")
+    parser.add_argument("--reject-mark", type=_number, default=DEFAULT_REJECT_MARK, metavar="MARK",
+                        help=f"nfqueue --hold-syn: the mark Shifter sets on refused SYNs "
+                        f"(default: {DEFAULT_REJECT_MARK:#x})")
     parser.add_argument("--tproxy-mark", type=_number, default=0x1, metavar="MARK",
                         help="tproxy: the mark that routes packets to the local socket (default: 0x1)")
     parser.add_argument("--route-table", type=int, default=100, metavar="TABLE",
@@ -475,6 +548,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> None:
         proxyUser=args.proxy_user, mark=args.mark, queueNum=args.queue_num,
         queueBypass=args.queue_bypass, queueMark=args.queue_mark,
         tproxyMark=args.tproxy_mark, routeTable=args.route_table, quic=args.quic,
+        holdSyn=args.hold_syn, rejectMark=args.reject_mark,
     )
     try:
         text = generateRules(options)

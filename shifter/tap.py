@@ -24,6 +24,7 @@ from shifter.config import (
     policyFor,
 )
 from shifter.downstream import ShifterFactory, TunnelSettings
+from shifter.holdsyn import DEFAULT_HOLD_TIMEOUT, DEFAULT_REJECT_MARK, SynHolder
 from shifter.passclient import PASS_CLIENT_MODES
 from shifter.pool import BALANCES, ProxyPool
 from shifter.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
@@ -132,6 +133,15 @@ class Options(usage.Options):
             None,
             "With --resolver nfqueue: when the queue is full, the kernel "
             "accepts SYNs unmarked (so unproxied) instead of dropping them.",
+        ],
+        [
+            "hold-syn",
+            None,
+            "With --resolver nfqueue: hold each SYN until the proxy has answered "
+            "CONNECT for it; accept it if the tunnel is open (the client's "
+            "connection then uses it), else answer the client with a TCP reset "
+            "(through the REJECT rule that python -m shifter.rules --hold-syn "
+            "prints), so its connect() fails with ECONNREFUSED.",
         ],
     ]
 
@@ -255,6 +265,24 @@ class Options(usage.Options):
             "With --resolver nfqueue: the mark bit Shifter sets on each SYN it "
             "has recorded; the nat rule redirects only SYNs with it, so SYNs "
             "Shifter missed go unproxied rather than to Shifter. 0 for none.",
+            lambda value: int(value, 0),
+        ],
+        [
+            "hold-timeout",
+            None,
+            DEFAULT_HOLD_TIMEOUT,
+            "With --hold-syn: the longest a SYN is held before the client is "
+            "refused, and the longest an open tunnel waits for its client to "
+            "complete the handshake.",
+            _seconds,
+        ],
+        [
+            "reject-mark",
+            None,
+            DEFAULT_REJECT_MARK,
+            "With --hold-syn: the mark bit Shifter sets, in place of --queue-mark, "
+            "on a SYN whose tunnel was refused; the REJECT rule resets the "
+            "client's connection for it.",
             lambda value: int(value, 0),
         ],
         [
@@ -472,6 +500,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--queue-num: {self['queue-num']} is not between 0 and 65535")
         if not 0 <= self["queue-mark"] <= 0xFFFFFFFF:
             raise usage.UsageError(f"--queue-mark: {self['queue-mark']:#x} does not fit in 32 bits")
+        if self["hold-syn"]:
+            self._checkHoldSyn()
         if self["relay"] not in RELAYS:
             raise usage.UsageError(
                 f"--relay: expected one of {', '.join(RELAYS)}, got {self['relay']!r}"
@@ -506,6 +536,31 @@ class Options(usage.Options):
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--metrics: invalid endpoint {self['metrics']!r}: {e}") from None
 
+    def _checkHoldSyn(self) -> None:
+        if self["resolver"] != "nfqueue":
+            raise usage.UsageError(
+                "--hold-syn needs --resolver nfqueue: only there does Shifter have the "
+                "SYN before the client's handshake completes"
+            )
+        if self["connect-target"] != "ip":
+            raise usage.UsageError(
+                f"--hold-syn opens the tunnel before the client has sent a byte, so CONNECT "
+                f"can only ask for the address: --connect-target {self['connect-target']} "
+                "cannot work with it (use --connect-target ip)"
+            )
+        if not self["queue-mark"]:
+            raise usage.UsageError(
+                "--hold-syn needs a --queue-mark: the nat rule must redirect only the SYNs "
+                "Shifter accepted, not those it refused"
+            )
+        reject = self["reject-mark"]
+        if not 0 < reject <= 0xFFFFFFFF:
+            raise usage.UsageError(f"--reject-mark: expected a mark from 1 to 0xffffffff, got {reject:#x}")
+        if reject & self["queue-mark"]:
+            raise usage.UsageError("--reject-mark shares bits with --queue-mark")
+        if self["mark"] is not None and reject & self["mark"]:
+            raise usage.UsageError("--reject-mark shares bits with --mark: Shifter's own connections would be reset")
+
 
 def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None = None) -> IService:  # type: ignore[no-untyped-def]
     """
@@ -533,13 +588,10 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     built = configure(config, reactor)
     if any(proxy.address is None for proxy in built.pool.proxies):
         _resolveHostnamesInReactor(reactor)
-    factory = ShifterFactory(
-        makeResolver(config["resolver"], reactor, **resolverOptions(config)),
-        built.pool,
-        built.settings,
-        reactor,
-        policy=built.policy,
-    )
+    resolver = makeResolver(config["resolver"], reactor, **resolverOptions(config))
+    factory = ShifterFactory(resolver, built.pool, built.settings, reactor, policy=built.policy)
+    if config["hold-syn"]:
+        factory.holder = resolver.holder = SynHolder(factory, config["hold-timeout"])  # type: ignore[attr-defined]
     top = MultiService()
     endpoint = serverFromString(reactor, config["listen"])
     metrics = config["metrics"]
@@ -671,6 +723,7 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
 # them says so, and they take effect at the next start.
 RESTART_OPTIONS = (
     "listen", "resolver", "queue-num", "queue-bypass", "queue-mark", "workers", "metrics", "control",
+    "hold-syn", "hold-timeout", "reject-mark",
 )
 
 
@@ -750,6 +803,7 @@ def resolverOptions(config: Options) -> dict[str, object]:
             "queueNum": config["queue-num"],
             "queueBypass": bool(config["queue-bypass"]),
             "mark": config["queue-mark"],
+            "rejectMark": config["reject-mark"],
         }
     return {}
 

@@ -225,6 +225,18 @@ class ITunnelOwner(Interface):
         C{tunnel} has finished: both its connections are gone.
         """
 
+    def heldTunnel(clientHost: str, clientPort: int, host: str, port: int, receiver: IProxyReceiver) -> Any:
+        """
+        The tunnel already opened for the client connection from
+        C{clientHost:clientPort} to C{host:port} (its original destination)
+        while its SYN was held (C{--hold-syn}, see
+        L{shifter.holdsyn}), now reporting to C{receiver}; or C{None}.  It
+        has C{attempt} (an L{IProxyAttempt} whose CONNECT the proxy answered
+        with a 2xx), C{leftover} (tunnel bytes already read from the proxy),
+        C{started} (when its CONNECT began), and the C{connectHost} and
+        C{passClient} the policy chose for it at the SYN, if any.
+        """
+
 
 @implementer(IProxyReceiver)
 class Tunnel:
@@ -634,6 +646,16 @@ class Tunnel:
     # Stage 2: the policy, if any.
 
     def _chooseProxies(self) -> None:
+        # With --hold-syn the tunnel may be open already: the client's SYN
+        # was held while the policy, if any, decided and a proxy answered
+        # (shifter.holdsyn).  Not when a name was read for CONNECT: the SYN
+        # had none.
+        if self.connectHost == self.address:
+            port = self.destination.port  # type: ignore[union-attr]
+            held = self.owner.heldTunnel(self.clientHost, self.clientPort, self.address, port, self)
+            if held is not None:
+                self._takeHeld(held)
+                return
         self.candidates = self.pool.candidates(self.clientHost)
         policy = self.policy
         if policy is None:
@@ -707,6 +729,20 @@ class Tunnel:
         self.state = CONNECTING
         self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.setupDeadline))
         self.attempt = self.client.connectProxy(proxy, self)
+
+    def _takeHeld(self, held: Any) -> None:
+        """
+        Carry on with the tunnel opened while the client's SYN was held:
+        its proxy, CONNECT target and --pass-client mode were chosen then.
+        """
+        attempt = self.attempt = held.attempt
+        self.proxy = attempt.proxy
+        self.passClient = held.passClient
+        if held.connectHost != self.address:
+            self.connectHost = held.connectHost
+            self.named = f" (CONNECT {formatAddress(held.connectHost, self.destination.port)}, from policy)"  # type: ignore[union-attr]
+        self.connectStarted = held.started
+        self._open(held.leftover)
 
     def _proxyConnected(self) -> None:
         self.state = HANDSHAKING

@@ -215,6 +215,7 @@ class FakeKernel:
         self.answer = answer or (lambda header, request: [])
         self.sockets: list[FakeNetlinkSocket] = []
         self.requests: list[tuple[Header, bytes]] = []
+        self.datagrams = 0
 
     def socket(self, family: int, type: int, proto: int) -> FakeNetlinkSocket:
         sock = FakeNetlinkSocket(self, family, type, proto)
@@ -222,10 +223,12 @@ class FakeKernel:
         return sock
 
     def received(self, sock: FakeNetlinkSocket, data: bytes) -> None:
-        ((header, request),) = list(splitMessages(data))
-        self.requests.append((header, request))
-        for reply in self.answer(header, request) or []:
-            sock.deliver(reply)
+        # As the kernel does, each message of a datagram is taken in turn.
+        self.datagrams += 1
+        for header, request in splitMessages(data):
+            self.requests.append((header, request))
+            for reply in self.answer(header, request) or []:
+                sock.deliver(reply)
 
 
 def pump(reactor: MemoryReactorClock) -> None:

@@ -26,6 +26,7 @@ from shifter.nfqueue import (
     NFQNL_CFG_CMD_BIND,
     NFQNL_COPY_PACKET,
     NF_ACCEPT,
+    NF_DROP,
     QUEUE_CONFIG,
     QUEUE_PACKET,
     QUEUE_VERDICT,
@@ -38,6 +39,7 @@ from shifter.nfqueue import (
     nfqnl_config_msg,
     nfqnl_msg,
     parseSegment,
+    _idBefore,
 )
 from shifter.resolver import DestinationUnknown, ResolverUnavailable
 from tests.test_netlink import FakeKernel, errorMessage, netlinkHeader
@@ -58,10 +60,10 @@ CAPTURED_SYN_V6 = bytes.fromhex(
 
 
 def ipv4Packet(src: str, dst: str, sport: int, dport: int, flags: int = 0x02,
-               protocol: int = 6, fragment: int = 0) -> bytes:
+               protocol: int = 6, fragment: int = 0, sequence: int = 0) -> bytes:
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, fragment, 64, protocol, 0,
                          socket.inet_aton(src), socket.inet_aton(dst))
-    return header + struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 0x50, flags, 0, 0, 0)
+    return header + struct.pack("!HHIIBBHHH", sport, dport, sequence, 0, 0x50, flags, 0, 0, 0)
 
 
 def queuedPacket(packetId: int, payload: bytes, mark: int = 0, family: int = socket.AF_INET) -> bytes:
@@ -91,6 +93,7 @@ class CodecTests(SynchronousTestCase):
         self.assertTrue(segment.isSyn)
         self.assertEqual(segment.key(), ConnectionKey(socket.AF_INET, socket.inet_aton("127.0.0.1"), 44842))
         self.assertEqual(segment.destinationAddress(), IPv4Address("TCP", "127.0.0.2", 443))
+        self.assertEqual(segment.sequence, 0xA966264E)
 
     def test_capturedIPv6Syn(self) -> None:
         """
@@ -280,7 +283,7 @@ def ack(sequence: int) -> bytes:
     return errorMessage(sequence, 0)
 
 
-class ResolverTests(SynchronousTestCase):
+class QueueHarness:
     """
     L{QueueResolver} on a fake kernel that acknowledges configuration.
     """
@@ -318,6 +321,8 @@ class ResolverTests(SynchronousTestCase):
         return [(h, decodeMessage(m, nfqnl_msg)) for h, m in self.kernel.requests
                 if h.type in (QUEUE_VERDICT, QUEUE_VERDICT_BATCH)]
 
+
+class ResolverTests(QueueHarness, SynchronousTestCase):
     def test_binds(self) -> None:
         """
         Start binds the queue, then asks for COPY_RANGE bytes of each packet,
@@ -436,3 +441,157 @@ class ResolverTests(SynchronousTestCase):
         self.start()
         self.deliver(errorMessage(0, -errno.ENOENT))
         self.assertTrue(any("refused a verdict" in e["log_format"] for e in events))
+
+
+class StubHolder:
+    """
+    Holds every SYN, and remembers them for the test to decide.
+    """
+
+    def __init__(self) -> None:
+        self.packets: list = []
+
+    def synReceived(self, protocol, packet) -> None:  # type: ignore[no-untyped-def]
+        protocol.hold(packet)
+        self.packets.append(packet)
+
+
+class HeldVerdictTests(QueueHarness, SynchronousTestCase):
+    """
+    The queue with a holder (C{--hold-syn}): held packets get their verdict
+    when the holder decides, and no batch verdict ever covers one.
+    """
+
+    def setUp(self) -> None:
+        QueueHarness.setUp(self)
+        self.holder = self.resolver.holder = StubHolder()
+
+    def syn(self, packetId: int, port: int, mark: int = 0) -> bytes:
+        return queuedPacket(packetId, ipv4Packet("192.0.2.2", "203.0.113.7", port, 443), mark=mark)
+
+    def given(self) -> list[tuple[int, int, int, object]]:
+        """
+        (message type, packet id, verdict, mark) of every verdict sent.
+        """
+        return [(h.type, v.get_attr("NFQA_VERDICT_HDR")["id"], v.get_attr("NFQA_VERDICT_HDR")["verdict"],
+                 v.get_attr("NFQA_MARK")) for h, v in self.verdicts()]
+
+    def test_heldGetsNoVerdict(self) -> None:
+        """
+        A held SYN gets no verdict until the holder gives one; it is counted
+        as held, and not recorded yet.
+        """
+        self.start()
+        self.deliver(self.syn(1, 40000))
+        self.reactor.advance(0)
+        self.assertEqual(self.given(), [])
+        self.assertEqual(self.resolver.protocol.held, 1)
+        self.assertEqual(len(self.resolver.table), 0)
+
+    def test_recordedWhenAccepted(self) -> None:
+        """
+        A held SYN is recorded when it is accepted, never when it is
+        refused: the refused one from the same port to another destination
+        does not hide the accepted one's.
+        """
+        self.start()
+        self.deliver(self.syn(1, 40000), queuedPacket(2, ipv4Packet("192.0.2.2", "203.0.113.8", 40000, 443)))
+        accepted, refused = self.holder.packets
+        self.resolver.protocol.accept(accepted)
+        self.resolver.protocol.reject(refused)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 40000))
+        self.assertEqual(self.successResultOf(self.resolver.resolve(transport)),
+                         IPv4Address("TCP", "203.0.113.7", 443))
+
+    def test_acceptedWithQueueMark(self) -> None:
+        """
+        An accepted held SYN gets ACCEPT with the queue mark, keeping its
+        other bits.
+        """
+        self.start()
+        self.deliver(self.syn(1, 40000, mark=0x4))
+        self.resolver.protocol.accept(self.holder.packets[0])
+        self.reactor.advance(0)
+        self.assertEqual(self.given(), [(QUEUE_VERDICT_BATCH, 1, NF_ACCEPT, 0x10004)])
+        self.assertEqual(self.resolver.protocol.held, 0)
+
+    def test_rejectedWithRejectMark(self) -> None:
+        """
+        A refused SYN gets ACCEPT with the reject mark in place of the queue
+        mark (so the nat rule does not redirect it), keeping its other bits.
+        """
+        self.start()
+        self.deliver(self.syn(1, 40000, mark=0x10004))
+        self.resolver.protocol.reject(self.holder.packets[0])
+        self.reactor.advance(0)
+        self.assertEqual(self.given(), [(QUEUE_VERDICT_BATCH, 1, NF_ACCEPT, 0x20004)])
+
+    def test_dropped(self) -> None:
+        """
+        A dropped packet gets NF_DROP and no mark.
+        """
+        self.start()
+        self.deliver(self.syn(1, 40000))
+        self.resolver.protocol.drop(self.holder.packets[0])
+        self.reactor.advance(0)
+        self.assertEqual(self.given(), [(QUEUE_VERDICT_BATCH, 1, NF_DROP, None)])
+
+    def test_batchNeverCoversHeld(self) -> None:
+        """
+        While packet 2 is held, the verdicts on packets 1 and 3 go out one
+        by one (a batch up to 3 would cover 2), in one datagram; packet 2
+        gets its own verdict later.
+        """
+        self.start()
+        self.deliver(self.syn(1, 40001), self.syn(2, 40002), self.syn(3, 40003))
+        protocol = self.resolver.protocol
+        first, second, third = self.holder.packets
+        protocol.accept(first)
+        protocol.accept(third)
+        datagrams = self.kernel.datagrams
+        self.reactor.advance(0)
+        self.assertEqual(self.given(), [(QUEUE_VERDICT, 1, NF_ACCEPT, 0x10000),
+                                        (QUEUE_VERDICT, 3, NF_ACCEPT, 0x10000)])
+        self.assertEqual(self.kernel.datagrams, datagrams + 1)
+        self.assertEqual(protocol.held, 1)
+        protocol.reject(second)
+        self.reactor.advance(0)
+        self.assertEqual(self.given()[2:], [(QUEUE_VERDICT_BATCH, 2, NF_ACCEPT, 0x20000)])
+        self.assertEqual((protocol.received, protocol.verdicts, protocol.held), (3, 3, 0))
+
+    def test_batchBelowHeld(self) -> None:
+        """
+        Verdicts all on packets queued before the oldest held one still go
+        out as one batch.
+        """
+        self.start()
+        self.deliver(self.syn(1, 40001), self.syn(2, 40002), self.syn(3, 40003))
+        protocol = self.resolver.protocol
+        protocol.accept(self.holder.packets[1])
+        protocol.accept(self.holder.packets[0])
+        self.reactor.advance(0)
+        self.assertEqual(self.given(), [(QUEUE_VERDICT_BATCH, 2, NF_ACCEPT, 0x10000)])
+
+    def test_stopDropsHeld(self) -> None:
+        """
+        Stopping tells the holder first, so that what it gives (here: drop
+        the held SYN) is sent before the socket closes.
+        """
+        self.start()
+        self.deliver(self.syn(1, 40001))
+        protocol = self.resolver.protocol
+        self.holder.stop = lambda: protocol.drop(self.holder.packets[0])  # type: ignore[attr-defined]
+        self.successResultOf(self.resolver.stop())
+        self.assertEqual(self.given(), [(QUEUE_VERDICT_BATCH, 1, NF_DROP, None)])
+
+
+class PacketIdTests(SynchronousTestCase):
+    def test_idBefore(self) -> None:
+        """
+        Packet ids compare as the kernel compares them: 32 bits, wrapping.
+        """
+        self.assertTrue(_idBefore(1, 2))
+        self.assertFalse(_idBefore(2, 1))
+        self.assertFalse(_idBefore(2, 2))
+        self.assertTrue(_idBefore(0xFFFFFFFF, 1))
+        self.assertFalse(_idBefore(1, 0xFFFFFFFF))

@@ -142,6 +142,73 @@ class QueueTests(SynchronousTestCase):
         self.assertRaises(RulesError, rules, resolver="nfqueue", mark=0x10000)
 
 
+class HoldSynTests(SynchronousTestCase):
+    def test_iptables(self) -> None:
+        """
+        nfqueue --hold-syn: the nfqueue rules, then a REJECT with a TCP reset
+        of SYNs carrying the reject mark, inserted first in FORWARD and
+        INPUT, both families.
+        """
+        lines = commands(rules(resolver="nfqueue", ports=(443,), holdSyn=True, quic="pass"))
+        self.assertEqual(lines[:4], commands(rules(resolver="nfqueue", ports=(443,), quic="pass")))
+        self.assertEqual(lines[4:], [
+            f"{ipt} -t filter -I {chain} -p tcp --syn -m mark --mark 0x20000/0x20000 -j REJECT --reject-with tcp-reset"
+            for ipt in ("iptables", "ip6tables") for chain in ("FORWARD", "INPUT")
+        ])
+
+    def test_nft(self) -> None:
+        """
+        In nft form the reset is in base chains of the shifter table for
+        forward and input, at filter priority.
+        """
+        text = rules(resolver="nfqueue", format="nft", holdSyn=True, rejectMark=0x40)
+        for hook in ("forward", "input"):
+            self.assertIn(f"    chain refused-{hook} {{\n"
+                          f"        type filter hook {hook} priority filter; policy accept;\n"
+                          "        meta l4proto tcp meta mark & 0x40 == 0x40 reject with tcp reset\n", text)
+        self.assertNotIn("refused-output", text)
+
+    def test_gatewayOwnTraffic(self) -> None:
+        """
+        With the gateway's own connections queued too, their refused SYNs
+        are reset in OUTPUT.
+        """
+        self.assertIn("iptables -t filter -I OUTPUT -p tcp --syn -m mark --mark 0x20000/0x20000 -j REJECT",
+                      rules(resolver="nfqueue", holdSyn=True, proxyUser="proxy"))
+        self.assertIn("chain refused-output {", rules(resolver="nfqueue", holdSyn=True, mark=2, format="nft"))
+
+    def test_shifterCommand(self) -> None:
+        """
+        The matching Shifter command line has --hold-syn, a listening queue
+        for accepted SYNs' bursts, and --reject-mark when it is not the
+        default.
+        """
+        text = rules(resolver="nfqueue", holdSyn=True)
+        self.assertIn("--listen 'tcp6:12345:interface=\\:\\::backlog=1024' --queue-num 0 --hold-syn --proxy", text)
+        self.assertIn("--hold-syn --reject-mark 0x4 --proxy", rules(resolver="nfqueue", holdSyn=True, rejectMark=4))
+
+    def test_refused(self) -> None:
+        """
+        --hold-syn without nfqueue, without a queue mark, or with a reject
+        mark sharing bits with the queue mark or the exclusion mark is
+        refused.
+        """
+        for bad in [dict(resolver="sockopt"), dict(queueMark=0), dict(rejectMark=0x10000),
+                    dict(rejectMark=0), dict(mark=0x20000)]:
+            options = dict(resolver="nfqueue", holdSyn=True)
+            options.update(bad)
+            self.assertRaises(RulesError, rules, **options)
+
+    def test_command(self) -> None:
+        """
+        The command takes --hold-syn and --reject-mark.
+        """
+        out = io.StringIO()
+        main(["--resolver", "nfqueue", "--hold-syn", "--reject-mark", "0x8", "--lan-interface", "lan0",
+              "--ports", "443,8443"], out)
+        self.assertEqual(out.getvalue(), rules(resolver="nfqueue", holdSyn=True, rejectMark=8))
+
+
 class TproxyTests(SynchronousTestCase):
     def test_iptables(self) -> None:
         """

@@ -152,6 +152,64 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(defaultMaxConnections(), max(1, (soft - 32) // 2))
 
 
+class HoldSynOptionTests(SynchronousTestCase):
+    base = ("--proxy", "127.0.0.1:3128", "--resolver", "nfqueue", "--hold-syn")
+
+    def test_defaults(self) -> None:
+        """
+        --hold-syn holds for 10 s at most, and refused SYNs get mark 0x20000.
+        """
+        options = parse(*self.base)
+        self.assertEqual((options["hold-syn"], options["hold-timeout"], options["reject-mark"]),
+                         (1, 10.0, 0x20000))
+
+    def test_refusedCombinations(self) -> None:
+        """
+        --hold-syn without the nfqueue resolver, with a CONNECT by name,
+        without a queue mark or with marks that share bits is refused with
+        a one-line reason.
+        """
+        cases = [
+            (("--proxy", "127.0.0.1:3128", "--hold-syn"), "--hold-syn needs --resolver nfqueue"),
+            (self.base + ("--connect-target", "sni"), "--connect-target sni cannot work with it"),
+            (self.base + ("--connect-target", "host"), "--connect-target host cannot work with it"),
+            (self.base + ("--queue-mark", "0"), "--hold-syn needs a --queue-mark"),
+            (self.base + ("--reject-mark", "0x10000"), "--reject-mark shares bits with --queue-mark"),
+            (self.base + ("--reject-mark", "0"), "--reject-mark: expected a mark"),
+            (self.base + ("--mark", "0x20001"), "--reject-mark shares bits with --mark"),
+            (self.base + ("--hold-timeout", "0"), "positive number"),
+        ]
+        for arguments, expected in cases:
+            with self.assertRaises(UsageError, msg=str(arguments)) as caught:
+                parse(*arguments)
+            self.assertIn(expected, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_service(self) -> None:
+        """
+        The service's factory and its nfqueue resolver share one holder,
+        with the hold timeout given; the resolver has the reject mark.
+        """
+        from shifter.holdsyn import SynHolder
+
+        reactor = MemoryReactorClock()
+        service = makeService(parse(*self.base, "--hold-timeout", "4", "--reject-mark", "0x40"), reactor=reactor)
+        factory = list(service)[0].factory  # type: ignore[call-overload]
+        self.assertIsInstance(factory.holder, SynHolder)
+        self.assertIs(factory.resolver.holder, factory.holder)
+        self.assertEqual((factory.holder.timeout, factory.resolver.rejectMark), (4.0, 0x40))
+
+    def test_noHolderByDefault(self) -> None:
+        """
+        Without --hold-syn, nothing is held.
+        """
+        reactor = MemoryReactorClock()
+        service = makeService(parse("--proxy", "127.0.0.1:3128", "--resolver", "nfqueue"), reactor=reactor)
+        factory = list(service)[0].factory  # type: ignore[call-overload]
+        self.assertIsNone(factory.holder)
+        self.assertIsNone(factory.resolver.holder)
+
+
 @implementer(IOriginalDestinationResolver)
 class BrokenResolver:
     name = "broken"

@@ -34,6 +34,7 @@ from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
 from shifter.resolver import DestinationUnknown
 from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel
+from tests.test_sniff import realHello
 
 DESTINATION = IPv4Address("TCP", "203.0.113.7", 443)
 OK = ConnectResponse(200, "Connection established", [], b"")
@@ -138,12 +139,19 @@ class Owner:
         self.stats = TunnelStats()
         self.refusals = RateLimitedLog(Logger(), self.reactor)
         self.closed: list[Tunnel] = []
+        self.held: Any = None
+        self.claims: list[tuple[str, int, str, int, Any]] = []
 
     def isListeningAddress(self, host: str, port: int) -> bool:
         return False
 
     def tunnelClosed(self, tunnel: Tunnel) -> None:
         self.closed.append(tunnel)
+
+    def heldTunnel(self, clientHost: str, clientPort: int, host: str, port: int, receiver: Any) -> Any:
+        self.claims.append((clientHost, clientPort, host, port, receiver))
+        held, self.held = self.held, None
+        return held
 
 
 class Harness:
@@ -472,3 +480,75 @@ class CanonicalHostTests(SynchronousTestCase):
         """
         for bad in ("256.0.0.1", "01.2.3.4", "1.2.3", "1.2.3.4.5", "example.test", "", "::ffff:1.2.3.999"):
             self.assertRaises(ValueError, T.canonicalHost, bad)
+
+
+class HeldTunnelTests(SynchronousTestCase):
+    """
+    A tunnel opened while its client's SYN was held (C{--hold-syn}): the
+    owner hands it over when the tunnel would connect to a proxy.
+    """
+
+    def setUp(self) -> None:
+        self.owner = Owner(TunnelSettings(idleTimeout=30, setupTimeout=60, closeGrace=5))
+        self.calls: list = []
+        self.client = RecordingClient(self.calls)
+        self.tunnel = Tunnel(self.owner, self.client, "192.0.2.2", 50000, "192.0.2.1", 12345)
+        self.proxy = self.owner.pool.proxies[0]
+        self.attempt = RecordingAttempt(self.proxy, self.calls)
+
+    def hold(self, leftover: bytes = b"", connectHost: str = "203.0.113.7", passClient: Any = None) -> None:
+        from shifter.holdsyn import HeldTunnel
+
+        self.owner.held = HeldTunnel(self.attempt, leftover, 0.0, connectHost, passClient)
+
+    def test_taken(self) -> None:
+        """
+        The held tunnel is the tunnel's: no proxy connection is made, the
+        relay starts with the bytes the proxy already sent, and it counts as
+        opened; proxy events from its attempt are the tunnel's.
+        """
+        self.hold(b"banner")
+        self.tunnel.start()
+        self.assertEqual(self.owner.claims, [("192.0.2.2", 50000, "203.0.113.7", 443, self.tunnel)])
+        self.assertEqual(self.calls, [("startRelay", b"", b"banner", False)])
+        self.assertEqual((self.tunnel.state, self.tunnel.attempt, self.tunnel.proxy),
+                         (T.RELAYING, self.attempt, self.proxy))
+        self.assertEqual(self.owner.stats.counters["opened"], 1)
+        self.tunnel.proxyData(self.attempt, b"more")
+        self.assertEqual(self.calls[-1], ("client.write", b"more"))
+
+    def test_noneHeld(self) -> None:
+        """
+        With nothing held, the tunnel connects to a proxy as ever.
+        """
+        self.tunnel.start()
+        self.assertEqual([c[0] for c in self.calls], ["connectProxy"])
+        self.assertEqual(self.tunnel.state, T.CONNECTING)
+
+    def test_policyAskedAtTheSyn(self) -> None:
+        """
+        With a policy, the held tunnel is taken before the policy would be
+        asked: it was asked at the SYN, and its choices (here a name for
+        CONNECT and a --pass-client mode) are the tunnel's.
+        """
+        self.owner.policy = PendingPolicy()
+        self.tunnel = Tunnel(self.owner, self.client, "192.0.2.2", 50000, "192.0.2.1", 12345)
+        self.hold(connectHost="www.example.test", passClient="proxy-v1")
+        self.tunnel.start()
+        self.assertEqual(self.tunnel.state, T.RELAYING)
+        self.assertEqual([c[0] for c in self.calls], ["startRelay"])
+        self.assertEqual((self.tunnel.connectHost, self.tunnel.passClient, self.tunnel.named),
+                         ("www.example.test", "proxy-v1", " (CONNECT www.example.test:443, from policy)"))
+
+    def test_notTakenWithAName(self) -> None:
+        """
+        A connection that read a name for CONNECT from its first bytes does
+        not ask for a held tunnel (its SYN had no name to ask for).
+        """
+        self.owner = Owner(TunnelSettings(connectTarget="sni", sniffTimeout=1, idleTimeout=30, setupTimeout=60))
+        self.tunnel = Tunnel(self.owner, self.client, "192.0.2.2", 50000, "192.0.2.1", 12345)
+        self.hold()
+        self.tunnel.start()
+        self.tunnel.clientData(realHello("www.example.test"))
+        self.assertEqual(self.owner.claims, [])
+        self.assertEqual(self.tunnel.state, T.CONNECTING)

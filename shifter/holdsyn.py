@@ -1,0 +1,879 @@
+"""
+C{--hold-syn}: the tunnel is opened while the client's SYN waits, so that a
+refused tunnel is refused at the SYN.
+
+With C{--resolver nfqueue}, each SYN to be redirected reaches Shifter
+before the client's handshake has even begun.  L{SynHolder} keeps it
+there, with no verdict, connects to a proxy and asks for C{CONNECT} to the
+SYN's destination, and only then gives the verdict:
+
+  - the proxy opens the tunnel (2xx): the SYN is accepted with the queue
+    mark, so the nat rule redirects it to Shifter; the client's connection
+    that Shifter then accepts takes the open proxy connection over
+    (L{shifter.tunnel.Tunnel} asks its owner for it, through
+    L{shifter.downstream.ShifterFactory.heldTunnel}) and makes none of its
+    own;
+  - the tunnel is refused (another status, every proxy down or
+    unreachable, garbage, no answer within C{--hold-timeout}): the SYN is
+    accepted with the reject mark instead, which the printed C{REJECT
+    --reject-with tcp-reset} rule matches, so the client's C{connect()}
+    fails with C{ECONNREFUSED}, as if the server had refused it.
+
+The CONNECT is the tunnel's own: the same checks and policy (asked with
+no name), the same proxies in the same order, the same authentication (a
+407 answered as the tunnel answers it), the same C{--pass-client} header,
+the next proxy after a failure or a 5xx, the same failure counters and one
+log line per refusal.  It can only ask for the address (or a policy's
+target): nothing but the SYN exists yet, so C{--connect-target
+sni}/C{host} cannot work.
+
+A retransmitted SYN (same source, same initial sequence number) is
+recognised: while its first copy is held the copy is dropped; once the
+first got its verdict, for up to C{--hold-timeout} after, the copy gets
+the same (the connection goes on, or is reset again in case the first
+reset was lost); it never costs a second CONNECT.  An open tunnel that no
+client connection takes within C{--hold-timeout} of its SYN's acceptance
+(the client never completed its handshake) is closed.  Every queued packet
+gets exactly one verdict.
+
+A held SYN costs a proxy connection, so a flood of SYNs could cost many.
+The caps apply at the SYN: with C{--max-connections} tunnels open, or a
+client's C{--max-connections-per-client} open or held, its SYN is refused;
+SYNs past C{--max-connections} counting held ones are not held but
+accepted at once, to be tunnelled the ordinary way after their handshake.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from zope.interface import implementer
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shifter.connect import ConnectResponse, formatAuthority
+from shifter.deadlines import Deadlines
+from shifter.destinations import destinationRefusal
+from shifter.interfaces import IProxyAttempt, IProxyReceiver
+from shifter.limits import clientKey
+from shifter.passclient import refusalHint, tunnelRequest
+from shifter.policy import TunnelDecision, TunnelRequest
+from shifter.tunnel import REFUSALS, canonicalHost, formatAddress
+from shifter.upstream import ProxyAttempt
+
+DEFAULT_HOLD_TIMEOUT = 10.0
+# The mark bit a refused SYN gets in place of the queue mark.
+DEFAULT_REJECT_MARK = 0x20000
+
+# A held SYN's states.
+DECIDING = "deciding"  # the policy deciding; the SYN held
+CONNECTING = "connecting"  # connecting to a proxy; the SYN held
+HANDSHAKING = "handshaking"  # CONNECT sent; the SYN held
+ACCEPTED = "accepted"  # the proxy said 2xx and the SYN was accepted: waiting for the client's connection
+DONE = "done"  # refused, taken over by a tunnel, or given up
+
+STATES = (DECIDING, CONNECTING, HANDSHAKING, ACCEPTED, DONE)
+
+# Its events.
+DECIDED = "decided"
+DECIDE_FAILED = "decide-failed"
+PROXY_CONNECTED = "proxy-connected"
+PROXY_CONNECT_FAILED = "proxy-connect-failed"
+PROXY_ANSWERED = "proxy-answered"
+PROXY_INVALID = "proxy-invalid"
+PROXY_DATA = "proxy-data"
+PROXY_ENDED = "proxy-ended"
+PROXY_LOST = "proxy-lost"
+TIMED_OUT = "timed-out"
+RETRANSMITTED = "retransmitted"  # a copy of the SYN (same initial sequence number)
+SUPERSEDED = "superseded"  # a new SYN from the same source: the client gave up on this one
+CLAIMED = "claimed"  # a client connection from the SYN's source was accepted
+STOP = "stop"
+
+EVENTS = (
+    DECIDED, DECIDE_FAILED, PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA,
+    PROXY_ENDED, PROXY_LOST, TIMED_OUT, RETRANSMITTED, SUPERSEDED, CLAIMED, STOP,
+)
+
+
+@dataclass(frozen=True)
+class HeldTunnel:
+    """
+    A tunnel opened before its client connection was accepted, handed to
+    that connection's L{shifter.tunnel.Tunnel}.
+
+    @ivar attempt: the L{IProxyAttempt} whose CONNECT the proxy answered
+        with a 2xx; it reports to the receiver given to L{SynHolder.claim}.
+    @ivar leftover: tunnel bytes already read from the proxy.
+    @ivar started: when the SYN arrived (on the reactor's clock).
+    @ivar connectHost: what CONNECT asked for: the destination's address,
+        or a policy's target.
+    @ivar passClient: a policy's C{--pass-client} choice, or C{None} for
+        the proxy's own.
+    """
+
+    attempt: Any
+    leftover: bytes
+    started: float
+    connectHost: str
+    passClient: Optional[str] = None
+
+
+def newAttempt(proxy: Any, receiver: IProxyReceiver) -> Any:
+    """
+    An attempt at C{proxy} that reports to C{receiver}, not yet connecting
+    (its C{connect()} starts it).
+    """
+    return ProxyAttempt(proxy, receiver)
+
+
+@implementer(IProxyReceiver)
+class HeldSyn:
+    """
+    One SYN held while its tunnel is opened, then the open tunnel until a
+    client connection takes it.
+
+    The public methods are the events; each is looked up in L{TABLE} under
+    the current state.
+
+    @ivar state: one of L{STATES}.
+    @ivar packet: the held L{shifter.nfqueue.QueuedPacket}.
+    @ivar sequence: the SYN's initial sequence number.
+    """
+
+    log = Logger()
+
+    def __init__(self, holder: SynHolder, protocol: Any, packet: Any, clientHost: str, clientPort: int) -> None:
+        owner = holder.owner
+        segment = packet.segment
+        self.holder = holder
+        self.protocol = protocol
+        self.packet = packet
+        self.sequence: int = segment.sequence
+        self.clientHost = clientHost
+        self.clientPort = clientPort
+        self.settings = owner.settings
+        self.pool = owner.pool
+        self.stats = owner.stats
+        self.clock = holder.clock
+        self.destination = segment.destinationAddress()
+        self.address = canonicalHost(self.destination.host)
+        self.clientLabel = formatAddress(clientHost, clientPort)
+        self.key = (clientHost, clientPort, self.address, self.destination.port)
+        self.clientId = ""  # its client key, for --max-connections-per-client
+        self.target = formatAddress(self.address, self.destination.port)
+        self.policy = owner.policy
+        self.state = DECIDING
+        self.started = self.clock.seconds()
+        self.holdDeadline = self.started + holder.timeout
+        self.candidates: list[Any] = []
+        self.connectHost = self.address
+        self.named = ""
+        self.passClient: str | None = None  # a policy's --pass-client choice
+        self.pending: Deferred[Any] | None = None
+        self.proxy: Any = None
+        self.attempt: Any = None
+        self.request = b""
+        # This held SYN's authentication with the proxy it is trying.
+        self.authExchange: Any = None
+        self.authProxy: Any = None
+        self.received: list[bytes] = []
+        self.receivedBytes = 0
+        self.paused = False
+        self.verdict: str | None = None  # what the held SYN got, once it got it
+        self.deadline: float | None = None
+        self.deadlineBucket: int | None = None
+
+    # The events.
+
+    def decided(self, decision: TunnelDecision | None) -> None:
+        self._handle(DECIDED, decision)
+
+    def decideFailed(self, reason: Failure) -> None:
+        self._handle(DECIDE_FAILED, reason)
+
+    def proxyConnected(self, attempt: IProxyAttempt) -> None:
+        self._handleProxy(PROXY_CONNECTED, attempt)
+
+    def proxyConnectFailed(self, attempt: IProxyAttempt, reason: Failure) -> None:
+        self._handleProxy(PROXY_CONNECT_FAILED, attempt, reason)
+
+    def proxyAnswered(self, attempt: IProxyAttempt, response: ConnectResponse) -> None:
+        self._handleProxy(PROXY_ANSWERED, attempt, response)
+
+    def proxyInvalid(self, attempt: IProxyAttempt, reason: str) -> None:
+        self._handleProxy(PROXY_INVALID, attempt, reason)
+
+    def proxyData(self, attempt: IProxyAttempt, data: bytes) -> None:
+        self._handleProxy(PROXY_DATA, attempt, data)
+
+    def proxyEnded(self, attempt: IProxyAttempt) -> None:
+        self._handleProxy(PROXY_ENDED, attempt)
+
+    def proxyLost(self, attempt: IProxyAttempt, reason: Failure) -> None:
+        self._handleProxy(PROXY_LOST, attempt, reason)
+
+    def timedOut(self) -> None:
+        self._handle(TIMED_OUT)
+
+    def retransmitted(self, copy: Any) -> None:
+        """
+        The client sent its SYN again: C{copy} is queued too.
+        """
+        self._handle(RETRANSMITTED, copy)
+
+    def superseded(self) -> None:
+        self._handle(SUPERSEDED)
+
+    def claimed(self, receiver: IProxyReceiver) -> Optional[HeldTunnel]:
+        """
+        A client connection from this SYN's source was accepted: hand it
+        the open tunnel, re-pointed at C{receiver}, if there is one.
+        """
+        return self._handle(CLAIMED, receiver)  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self._handle(STOP)
+
+    # Dispatch.
+
+    def _handle(self, event: str, *args: Any) -> Any:
+        try:
+            return TABLE[event][self.state](self, *args)
+        except Exception:
+            self._internalError(event, Failure())
+            return None
+
+    def _handleProxy(self, event: str, attempt: Any, *args: Any) -> None:
+        if attempt is not self.attempt:
+            attempt.abort()  # an attempt given up on
+            return
+        self._handle(event, *args)
+
+    def _internalError(self, event: str, failure: Failure) -> None:
+        self.log.failure(
+            "held SYN {client} -> {destination}: internal error on {event} while {state}",
+            failure, client=self.clientLabel, destination=self.target, event=event, state=self.state,
+        )
+        self.stats.counters["internal"] += 1
+        if self.state in _HELD:
+            self._verdict("reject")
+        self._cancelPending()
+        self._dropAttempt()
+        self._done()
+
+    def _impossible(self, *args: Any) -> None:
+        raise AssertionError("an event this state never expects")
+
+    def _ignore(self, *args: Any) -> None:
+        pass
+
+    # The start: checks, then the first proxy.
+
+    def start(self) -> None:
+        """
+        Begin, for a SYN just held: refuse it at once if Shifter would
+        refuse its connection; else ask the policy, if there is one, as the
+        tunnel would (with no name: nothing has been read), then connect.
+        """
+        refusal = self._refusal()
+        if refusal is not None:
+            self._refuse(*refusal)
+            return
+        self.candidates = self.pool.candidates(self.clientHost)
+        policy = self.policy
+        if policy is None:
+            self._connectFirst()
+            return
+        self._setDeadline(self.holdDeadline)
+        request = TunnelRequest(self._clientAddress(), self.destination, None, tuple(self.candidates))
+        try:
+            result = policy.decide(request)
+        except Exception:
+            self.decideFailed(Failure())
+            return
+        if isinstance(result, Deferred):
+            self.pending = result
+            result.addCallbacks(self._pendingDecided, self._pendingFailed, callbackArgs=(result,),
+                                errbackArgs=(result,))
+        else:
+            self.decided(result)
+
+    # A decision given up on (cancelled, after a refusal or the timeout)
+    # is no longer the pending one, and what it says is ignored.
+
+    def _pendingDecided(self, decision: TunnelDecision | None, pending: Deferred[Any]) -> None:
+        if self.pending is pending:
+            self.pending = None
+            self.decided(decision)
+
+    def _pendingFailed(self, reason: Failure, pending: Deferred[Any]) -> None:
+        if self.pending is pending:
+            self.pending = None
+            self.decideFailed(reason)
+
+    def _cancelPending(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()
+
+    def _decided(self, decision: TunnelDecision | None) -> None:
+        if decision is not None:
+            if decision.refuse is not None:
+                self._refuse("policy", f"refused by policy: {decision.refuse}")
+                return
+            if decision.proxies is not None:
+                health = self.pool.health
+                self.candidates = [p for p in decision.proxies if p not in health or health[p].up]
+            self.passClient = decision.passClient
+            if decision.target is not None:
+                port = self.destination.port
+                try:
+                    formatAuthority(decision.target, port)
+                except (ValueError, TypeError) as e:
+                    self._refuse("policy", f"policy gave an invalid target: {e}")
+                    return
+                refusal = self._targetRefusal(decision.target, port)
+                if refusal is not None:
+                    self._refuse("destination", f"policy's target refused: {refusal}")
+                    return
+                self.connectHost = decision.target
+                if decision.target != self.address:
+                    self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"
+        self._connectFirst()
+
+    def _targetRefusal(self, target: str, port: int) -> str | None:
+        # A target that is an address meets the same refusals as an
+        # original destination; names are the proxy's to resolve.
+        try:
+            host = canonicalHost(target)
+        except ValueError:
+            return None
+        return self.holder.owner.proxyAddresses.refusal(host, port) or destinationRefusal(host)
+
+    def _decideFailed(self, reason: Failure) -> None:
+        self._refuse("policy", f"policy error: {reason.getErrorMessage()}")
+
+    def _connectFirst(self) -> None:
+        if not self.candidates:
+            self._refuse("no-proxy", "every proxy is down")
+            return
+        self._connectNext()
+
+    def _refusal(self) -> tuple[str, str] | None:
+        """
+        Why the tunnel would refuse this connection, as (counter, reason),
+        or C{None}: the same checks, before any proxy is asked.
+        """
+        settings = self.settings
+        owner = self.holder.owner
+        if len(owner.active) >= settings.maxConnections:
+            return "limit", f"{settings.maxConnections} tunnels already open (--max-connections)"
+        perClient = settings.maxConnectionsPerClient
+        if perClient:
+            key = clientKey(self.clientHost)
+            others = self.holder.heldFrom(key) - 1 + owner.clientLimit.counts.get(key, 0)
+            if others >= perClient:
+                return "client-limit", (f"{perClient} connections from this client already open or "
+                                        "held (--max-connections-per-client)")
+        allowed = settings.allowedClients
+        if allowed:
+            client = ipaddress.ip_address(self.clientHost)
+            if not any(client in network for network in allowed):
+                return "client-denied", f"client {self.clientHost} is not in an --allow network"
+        port = self.destination.port
+        refusal = owner.proxyAddresses.refusal(self.address, port)
+        if refusal is not None:
+            return "loop", refusal
+        refusal = destinationRefusal(self.address)
+        if refusal is not None:
+            return "destination", refusal
+        if settings.allowedPorts and port not in settings.allowedPorts:
+            return "port-denied", f"destination port {port} is not an --allow-port"
+        return None
+
+    def _connectNext(self) -> None:
+        proxy = self.proxy = self.candidates.pop(0)
+        port = self.destination.port
+        headers: list[tuple[str, str]] = []
+        if proxy.auth is not None:
+            if self.authProxy is not proxy:
+                self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
+            headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+        self.request = tunnelRequest(
+            proxy, self._clientAddress(), self.destination, self.connectHost, port, headers, self.passClient
+        )
+        self.state = CONNECTING
+        self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.holdDeadline))
+        # Known as the current attempt before it starts: it may fail at once.
+        attempt = self.attempt = self.holder.newAttempt(proxy, self)
+        attempt.connect()
+
+    def _passClientMode(self) -> str:
+        return self.passClient or self.proxy.passClient
+
+    def _clientAddress(self) -> IPv4Address | IPv6Address:
+        host = self.clientHost
+        return (IPv6Address if ":" in host else IPv4Address)("TCP", host, self.clientPort)
+
+    # Connecting and handshaking, the SYN held.
+
+    def _proxyConnected(self) -> None:
+        self.state = HANDSHAKING
+        self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.holdDeadline))
+        self.attempt.write(self.request)
+
+    def _connectFailed(self, reason: Failure) -> None:
+        why = f"cannot connect to proxy: {reason.getErrorMessage()}"
+        self.pool.failed(self.proxy, why)
+        self.attempt = None
+        self._retryOrRefuse("proxy-connect", why)
+
+    def _timedOut(self) -> None:
+        if self.clock.seconds() >= self.holdDeadline:
+            self._refuse(
+                "setup-timeout",
+                f"tunnel not open within --hold-timeout {self.holder.timeout:g} s (was {self.state})",
+            )
+            return
+        if self.state == CONNECTING:
+            kind, why = "timeout", f"no connection to proxy within {self.settings.connectTimeout:g} s"
+        else:
+            kind, why = "timeout", f"proxy did not answer CONNECT within {self.settings.handshakeTimeout:g} s"
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrRefuse(kind, why)
+
+    def _answered(self, response: ConnectResponse) -> None:
+        status = response.status
+        self.stats.proxyAnswers[f"{status // 100}xx"] += 1
+        if response.opensTunnel:
+            self.pool.succeeded(self.proxy)
+            if self.authExchange is not None and self.authProxy is self.proxy:
+                self.authExchange.succeeded()
+            self._accept(response.leftover)
+        elif status == 407:
+            self._challenged(response)
+        else:
+            reason = f"proxy answered {status} {response.reason}".rstrip()
+            reason += refusalHint("proxy-status", status, self._passClientMode())
+            self._dropAttempt()
+            if status >= 500:
+                self._retryOrRefuse("proxy-status", reason, status=status)
+            else:
+                self._refuse("proxy-status", reason, status=status)
+
+    def _challenged(self, response: ConnectResponse) -> None:
+        exchange = self.authExchange if self.authProxy is self.proxy else None
+        self._dropAttempt()
+        if exchange is None:
+            self._refuse("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
+            return
+        challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
+        cannot = exchange.challenged(challenges)
+        if cannot is not None:
+            self._refuse("proxy-auth", f"proxy answered 407: {cannot}", status=407)
+            return
+        self.candidates.insert(0, self.proxy)
+        self._connectNext()
+
+    def _answerInvalid(self, reason: str) -> None:
+        why = f"bad answer from proxy: {reason}"
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrRefuse("proxy-garbage", why)
+
+    def _closedBeforeAnswer(self, reason: Failure | None = None) -> None:
+        if reason is None or reason.check(ConnectionDone):
+            why = "proxy closed the connection before answering"
+        else:
+            why = f"proxy connection lost before answering: {reason.getErrorMessage()}"
+        why += refusalHint("proxy-closed", None, self._passClientMode())
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrRefuse("proxy-closed", why)
+
+    def _retryOrRefuse(self, kind: str, reason: str, **fields: Any) -> None:
+        if not self.candidates or self.clock.seconds() >= self.holdDeadline:
+            self._refuse(kind, reason, **fields)
+            return
+        self.stats.retries += 1
+        self.log.info(
+            "held SYN {client} -> {destination} via {proxy}: {reason}; trying {next}",
+            client=self.clientLabel, destination=self.target, proxy=self.proxy.description,
+            reason=reason, next=self.candidates[0].description,
+        )
+        self._connectNext()
+
+    def _refuse(self, kind: str, reason: str, **fields: Any) -> None:
+        """
+        The tunnel is refused: so is the SYN, with a reset, and one line
+        says why.
+        """
+        self.stats.counters[kind] += 1
+        self.holder.counters["refused"] += 1
+        text = "tunnel {client} -> {destination}{named} via {proxy} refused at the SYN: {reason}"
+        facts: dict[str, Any] = dict(
+            client=self.clientLabel,
+            destination=self.target,
+            named=self.named,
+            proxy=self.proxy.description if self.proxy is not None else "(none)",
+            reason=reason,
+            failure_kind=kind,
+            **fields,
+        )
+        if kind in _REPEATABLE:
+            # Refusals a client can repeat at will: rate-limited, as the
+            # tunnel's are.
+            self.holder.owner.refusals.warn(kind, text, **facts)
+        else:
+            self.log.warn(text, **facts)
+        self._cancelPending()
+        self._dropAttempt()
+        self._verdict("reject")
+        self._done()
+
+    def _dropCopy(self, copy: Any) -> None:
+        # The first copy, held, will be answered: this one adds nothing.
+        self.holder.counters["retransmits"] += 1
+        self.protocol.drop(copy)
+
+    def _abandon(self) -> None:
+        """
+        Give up on a held SYN: drop it (its client will send it again, or
+        has moved on) and the attempt.
+        """
+        self._cancelPending()
+        self._dropAttempt()
+        self._verdict("drop")
+        self._done()
+
+    def _notAnswered(self, receiver: IProxyReceiver) -> None:
+        return None  # no connection can come from a SYN still held
+
+    # Accepted: the tunnel is open, the SYN on its way to Shifter.
+
+    def _accept(self, leftover: bytes) -> None:
+        self.state = ACCEPTED
+        self.holder.counters["accepted"] += 1
+        if leftover:
+            self._keepData(leftover)
+        self._verdict("accept")
+        self._setDeadline(self.clock.seconds() + self.holder.timeout)
+
+    def _keepData(self, data: bytes) -> None:
+        # Bytes the server sent first: kept for the client, up to a limit;
+        # past it, reading from the proxy pauses until a client takes it.
+        self.received.append(data)
+        self.receivedBytes += len(data)
+        if self.receivedBytes >= self.settings.earlyDataLimit and not self.paused:
+            self.paused = True
+            self.attempt.transport.pauseProducing()
+
+    def _acceptCopy(self, copy: Any) -> None:
+        # The first copy was accepted and redirected; this one follows it
+        # (conntrack already knows the connection).
+        self.holder.counters["retransmits"] += 1
+        self.protocol.accept(copy)
+
+    def _lostWaiting(self, reason: Failure | None = None) -> None:
+        # The proxy closed the open tunnel before a client connection took
+        # it: forget it; the connection, if it comes, connects afresh.
+        self.log.info(
+            "tunnel {client} -> {destination} via {proxy}: proxy closed the tunnel "
+            "before the client's connection was accepted",
+            client=self.clientLabel, destination=self.target, proxy=self.proxy.description,
+        )
+        self._dropAttempt()
+        self._done()
+
+    def _unclaimed(self) -> None:
+        self.holder.counters["unclaimed"] += 1
+        self.log.info(
+            "tunnel {client} -> {destination} via {proxy}: no connection took it within "
+            "{timeout:g} s of its SYN's acceptance (the client never completed its "
+            "handshake, or its connection was refused); closed",
+            client=self.clientLabel, destination=self.target, proxy=self.proxy.description,
+            timeout=self.holder.timeout,
+        )
+        self._dropAttempt()
+        self._done()
+
+    def _handOver(self, receiver: IProxyReceiver) -> HeldTunnel:
+        attempt, self.attempt = self.attempt, None
+        attempt.receiver = receiver
+        if self.paused:
+            attempt.transport.resumeProducing()
+        self.holder.counters["joined"] += 1
+        self._done()
+        return HeldTunnel(attempt, b"".join(self.received), self.started, self.connectHost, self.passClient)
+
+    def _giveUp(self) -> None:
+        self._dropAttempt()
+        self._done()
+
+    def _passCopy(self, copy: Any) -> None:
+        self.holder.copyOfDone(self.protocol, copy, self)  # never happens: the holder forgets what is done
+
+    # Bookkeeping.
+
+    def _dropAttempt(self) -> None:
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.abort()
+
+    def _verdict(self, kind: str) -> None:
+        """
+        Give the held SYN its verdict: C{"accept"}, C{"reject"} or C{"drop"}.
+        """
+        self.verdict = kind
+        getattr(self.protocol, kind)(self.packet)
+        self.holder.noteHold(self.clock.seconds() - self.started)
+
+    def _done(self) -> None:
+        self.state = DONE
+        self._setDeadline(None)
+        self.holder.forget(self)
+
+    def _setDeadline(self, when: float | None) -> None:
+        self.holder.deadlines.set(self, when)
+
+
+def _table(*rows: tuple[Any, Any, str]) -> dict[str, dict[str, Callable[..., Any]]]:
+    """
+    The dispatch table from C{(states, events, action)} rows; every
+    (state, event) pair must be named by exactly one row.
+    """
+    table: dict[str, dict[str, Callable[..., Any]]] = {event: {} for event in EVENTS}
+    for states, events, action in rows:
+        for event in (events,) if isinstance(events, str) else events:
+            for state in (states,) if isinstance(states, str) else states:
+                if state in table[event]:
+                    raise AssertionError(f"({state}, {event}) is declared twice")
+                table[event][state] = getattr(HeldSyn, action)
+    missing = [(s, e) for e in EVENTS for s in STATES if s not in table[e]]
+    if missing:
+        raise AssertionError(f"undeclared (state, event) pairs: {missing}")
+    return table
+
+
+_HELD = (DECIDING, CONNECTING, HANDSHAKING)
+_REPEATABLE = REFUSALS | {"limit", "client-limit"}
+_PROXY_EVENTS = (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA,
+                 PROXY_ENDED, PROXY_LOST)
+
+# What every event does in every state.  "_impossible" marks a pair that
+# cannot happen; it refuses a SYN still held and ends with an
+# internal-error line.
+TABLE = _table(
+    # state        event(s)                                            action
+    (DECIDING,     DECIDED,                                            "_decided"),
+    (DECIDING,     DECIDE_FAILED,                                      "_decideFailed"),
+    (DECIDING,     _PROXY_EVENTS,                                      "_impossible"),
+    # Late results of a policy given up on (cancelled) change nothing.
+    ((CONNECTING, HANDSHAKING, ACCEPTED), (DECIDED, DECIDE_FAILED),   "_ignore"),
+    (CONNECTING,   PROXY_CONNECTED,                                    "_proxyConnected"),
+    (CONNECTING,   PROXY_CONNECT_FAILED,                               "_connectFailed"),
+    (CONNECTING,   (PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA, PROXY_ENDED, PROXY_LOST), "_impossible"),
+    (HANDSHAKING,  (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_DATA), "_impossible"),
+    (HANDSHAKING,  PROXY_ANSWERED,                                     "_answered"),
+    (HANDSHAKING,  PROXY_INVALID,                                      "_answerInvalid"),
+    (HANDSHAKING,  (PROXY_ENDED, PROXY_LOST),                          "_closedBeforeAnswer"),
+    (_HELD,        TIMED_OUT,                                          "_timedOut"),
+    (_HELD,        RETRANSMITTED,                                      "_dropCopy"),
+    (_HELD,        (SUPERSEDED, STOP),                                 "_abandon"),
+    (_HELD,        CLAIMED,                                            "_notAnswered"),
+    (ACCEPTED,     (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID), "_impossible"),
+    (ACCEPTED,     PROXY_DATA,                                         "_keepData"),
+    (ACCEPTED,     (PROXY_ENDED, PROXY_LOST),                          "_lostWaiting"),
+    (ACCEPTED,     TIMED_OUT,                                          "_unclaimed"),
+    (ACCEPTED,     RETRANSMITTED,                                      "_acceptCopy"),
+    (ACCEPTED,     (SUPERSEDED, STOP),                                 "_giveUp"),
+    (ACCEPTED,     CLAIMED,                                            "_handOver"),
+    # Done: nothing is left; a copy of the SYN still gets its verdict.
+    (DONE,         RETRANSMITTED,                                      "_passCopy"),
+    (DONE,         tuple(e for e in EVENTS if e != RETRANSMITTED),     "_ignore"),
+)
+
+
+class SynHolder:
+    """
+    Holds each queued SYN while its tunnel is opened (C{--hold-syn}).
+
+    L{shifter.nfqueue.QueueProtocol} hands it every SYN
+    (L{synReceived}); the owner's tunnels take open tunnels with L{claim}.
+
+    @ivar owner: the L{shifter.downstream.ShifterFactory} (its settings,
+        pool, counters and open tunnels at the time of each SYN).
+    @ivar timeout: C{--hold-timeout}: the longest a SYN is held, and the
+        longest an open tunnel waits for its client's connection.
+    @ivar entries: the held SYNs and open tunnels not yet taken, by
+        (client address, client port, destination address, destination
+        port): a client may use one port for connections to several
+        destinations at once.
+    @ivar recent: the SYNs whose verdict was given in the last C{timeout}
+        seconds (at most C{maxRecent}), so that copies of them still get
+        the same verdict.
+    @ivar counters: C{held}, C{accepted}, C{refused}, C{joined},
+        C{retransmits}, C{unclaimed}, C{passed} (not held: too many).
+    @ivar longestHold: the longest a SYN waited for its verdict, in seconds.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        owner: Any,
+        timeout: float = DEFAULT_HOLD_TIMEOUT,
+        newAttempt: Callable[[Any, IProxyReceiver], Any] = newAttempt,
+    ) -> None:
+        """
+        @param newAttempt: makes an attempt at a proxy (a test passes its
+            own).
+        """
+        if not timeout > 0:
+            raise ValueError("the hold timeout must be more than 0 seconds")
+        self.owner = owner
+        self.timeout = timeout
+        self.clock = owner.reactor
+        self.newAttempt = newAttempt
+        self.deadlines = Deadlines(self.clock)
+        self.entries: dict[tuple[str, int, str, int], HeldSyn] = {}
+        # (sequence number, verdict, until when) of SYNs done lately, by
+        # source, oldest first.
+        self.recent: OrderedDict[tuple[str, int, str, int], tuple[int, str, float]] = OrderedDict()
+        self.maxRecent = 65536
+        self.perClient: dict[str, int] = {}  # entries by client key
+        self.counters: Counter[str] = Counter()
+        self.longestHold = 0.0
+
+    def synReceived(self, protocol: Any, packet: Any) -> None:
+        """
+        A SYN was queued: hold it and open its tunnel, or recognise a copy.
+        """
+        segment = packet.segment
+        client = canonicalHost(socket.inet_ntop(segment.family, segment.source))
+        destination = canonicalHost(socket.inet_ntop(segment.family, segment.destination))
+        key = (client, segment.sourcePort, destination, segment.destinationPort)
+        entry = self.entries.get(key)
+        if entry is not None:
+            if entry.sequence == segment.sequence:
+                entry.retransmitted(packet)
+                return
+            entry.superseded()
+        elif self._copyOfRecent(protocol, packet, key):
+            return
+        limit, active = self.owner.settings.maxConnections, len(self.owner.active)
+        if active < limit <= active + len(self.entries):
+            # Room for its connection, none for a held SYN more.
+            self.counters["passed"] += 1
+            protocol.accept(packet)
+            return
+        entry = HeldSyn(self, protocol, packet, client, segment.sourcePort)
+        self.entries[key] = entry
+        clientId = entry.clientId = clientKey(client)
+        self.perClient[clientId] = self.perClient.get(clientId, 0) + 1
+        self.counters["held"] += 1
+        protocol.hold(packet)
+        entry.start()
+
+    def claim(
+        self, clientHost: str, clientPort: int, host: str, port: int, receiver: IProxyReceiver
+    ) -> Optional[HeldTunnel]:
+        """
+        The open tunnel for the client connection from C{clientHost:clientPort}
+        to C{host:port}, now reporting to C{receiver}; C{None} if there is
+        none.
+        """
+        entry = self.entries.get((clientHost, clientPort, host, port))
+        if entry is None:
+            return None
+        return entry.claimed(receiver)
+
+    def forget(self, entry: HeldSyn) -> None:
+        """
+        C{entry} is done.  Its SYN's verdict is remembered for a while: a
+        copy of it can still come, sent before the client had the answer
+        to the first, or read from the queue after it.
+        """
+        key = entry.key
+        if self.entries.get(key) is entry:
+            del self.entries[key]
+            clientId = entry.clientId
+            left = self.perClient[clientId] - 1
+            if left:
+                self.perClient[clientId] = left
+            else:
+                del self.perClient[clientId]
+        if entry.verdict in ("accept", "reject"):
+            recent = self.recent
+            recent.pop(key, None)
+            recent[key] = (entry.sequence, entry.verdict, self.clock.seconds() + self.timeout)
+            if len(recent) > self.maxRecent:
+                recent.popitem(last=False)
+
+    def _copyOfRecent(self, protocol: Any, packet: Any, key: tuple[str, int, str, int]) -> bool:
+        """
+        If C{packet} is a copy of a SYN whose verdict was given lately, give
+        it the same verdict (an accepted connection goes on; a refused one
+        is reset again, in case the first reset was lost) and say so.
+        """
+        recent = self.recent
+        now = self.clock.seconds()
+        while recent:
+            oldest = next(iter(recent.values()))
+            if oldest[2] > now:
+                break
+            recent.popitem(last=False)
+        remembered = recent.get(key)
+        if remembered is None or remembered[0] != packet.segment.sequence:
+            return False
+        self.counters["retransmits"] += 1
+        getattr(protocol, remembered[1])(packet)
+        return True
+
+    def copyOfDone(self, protocol: Any, packet: Any, entry: HeldSyn) -> None:
+        """
+        A copy for an entry already done: the verdict its SYN got, or, for
+        a SYN dropped, acceptance as an ordinary SYN.
+        """
+        self.counters["retransmits"] += 1
+        getattr(protocol, entry.verdict if entry.verdict in ("accept", "reject") else "accept")(packet)
+
+    def heldFrom(self, clientId: str) -> int:
+        """
+        The held SYNs and open tunnels not yet taken of one client
+        (L{shifter.limits.clientKey}).
+        """
+        return self.perClient.get(clientId, 0)
+
+    def noteHold(self, seconds: float) -> None:
+        if seconds > self.longestHold:
+            self.longestHold = seconds
+
+    def stop(self) -> None:
+        """
+        Drop every held SYN (their clients send them again, to the next
+        Shifter or past the queue) and close every open tunnel not taken.
+        """
+        for entry in list(self.entries.values()):
+            entry.stop()
+        self.deadlines.stop()
+        counters = self.counters
+        self.log.info(
+            "hold-syn: {held} SYNs held, {accepted} accepted, {refused} refused, "
+            "{joined} joined to their connection, {unclaimed} never taken, "
+            "{retransmits} copies recognised, {passed} passed unheld; longest hold {longest:.3f} s",
+            held=counters["held"], accepted=counters["accepted"], refused=counters["refused"],
+            joined=counters["joined"], unclaimed=counters["unclaimed"],
+            retransmits=counters["retransmits"], passed=counters["passed"],
+            longest=self.longestHold,
+        )
