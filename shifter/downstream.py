@@ -358,9 +358,7 @@ class DownstreamProtocol(Protocol):
         return self.factory.resolver.resolve(self.transport)
 
     def connectProxy(self, proxy: Any, tunnel: Tunnel) -> ProxyAttempt:
-        attempt = ProxyAttempt(proxy, tunnel)
-        attempt.connect()
-        return attempt
+        return ProxyAttempt(proxy, tunnel)
 
     def startRelay(self, attempt: Any, toProxy: bytes, toClient: bytes, clientEnded: bool) -> Any:
         factory = self.factory

@@ -25,6 +25,12 @@ class IProxyAttempt(Interface):
     proxy = Attribute("The L{shifter.proxy.UpstreamProxy} being tried.")
     transport = Attribute("The connection's transport once connected, else C{None}.")
 
+    def connect() -> None:
+        """
+        Start connecting; what happens is reported to the attempt's
+        receiver, perhaps at once.
+        """
+
     def write(data: bytes) -> None:
         """
         Send C{data} to the proxy (the CONNECT request, then tunnel bytes).

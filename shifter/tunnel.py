@@ -160,7 +160,9 @@ class ITunnelClient(Interface):
 
     def connectProxy(proxy: Any, tunnel: Tunnel) -> IProxyAttempt:
         """
-        Start connecting to C{proxy}; the attempt reports to C{tunnel}.
+        An attempt at C{proxy} that reports to C{tunnel}, not started yet:
+        the tunnel knows it as its own before it can report anything, even
+        a failure at once.
         """
 
     def startRelay(attempt: IProxyAttempt, toProxy: bytes, toClient: bytes, clientEnded: bool) -> IRelay:
@@ -728,7 +730,8 @@ class Tunnel:
         )
         self.state = CONNECTING
         self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.setupDeadline))
-        self.attempt = self.client.connectProxy(proxy, self)
+        attempt = self.attempt = self.client.connectProxy(proxy, self)
+        attempt.connect()
 
     def _takeHeld(self, held: Any) -> None:
         """

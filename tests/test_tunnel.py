@@ -334,6 +334,18 @@ class FailureTests(TunnelTestCase):
         self.assertOneFailureLine("cannot connect to proxy", "refused")
         self.assertEqual(self.factory.counters["proxy-connect"], 1)
 
+    def test_proxyRefusedAtOnce(self) -> None:
+        """
+        A proxy connection that fails at once, before the attempt is even
+        returned (a synchronous error), fails the tunnel at once rather
+        than after the connect timeout.
+        """
+        self.endpoint.connect = lambda factory: fail(ConnectionRefusedError("at once"))  # type: ignore[method-assign]
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertOneFailureLine("cannot connect to proxy", "at once")
+        self.assertEqual(self.factory.counters["proxy-connect"], 1)
+
     def test_proxyClosesBeforeAnswer(self) -> None:
         """
         A proxy that closes before answering (EOF or loss) ends the client

@@ -48,6 +48,9 @@ class RecordingAttempt:
         self.proxy = proxy
         self.calls = calls
 
+    def connect(self) -> None:
+        pass
+
     def write(self, data: bytes) -> None:
         self.calls.append(("proxy.write", data))
 
