@@ -63,6 +63,45 @@ class MetricsTests(TunnelTestCase):
         self.assertEqual(samples['shifter_bytes_total{direction="up"}'], 100)
         self.assertEqual(samples['shifter_bytes_total{direction="down"}'], 250)
 
+    def test_countersOnlyGoUp(self) -> None:
+        """
+        Every counter only ever goes up, with tunnels failing as well as
+        opening: a client's early bytes count once its tunnel opens and
+        they are relayed, and not at all when it fails first, so nothing
+        is counted and then taken back (which Prometheus would read as a
+        reset).
+        """
+        counters = []
+
+        def check() -> None:
+            samples = scrape(self.factory)
+            now = {k: v for k, v in samples.items() if k.startswith(("shifter_bytes_total", "shifter_tunnel"))
+                   and "_open" not in k}
+            if counters:
+                for key, value in counters[-1].items():
+                    self.assertGreaterEqual(now.get(key, 0), value, key)
+            counters.append(now)
+
+        client, clientTransport = self.connectClient()
+        client.dataReceived(b"e" * 40)
+        check()
+        upstream, _ = self.endpoint.accept()
+        upstream.dataReceived(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+        self.lose(client, clientTransport)
+        check()
+        self.assertEqual(counters[-1]['shifter_bytes_total{direction="up"}'], 0)
+        client, clientTransport = self.connectClient()
+        client.dataReceived(b"f" * 30)
+        check()
+        upstream, upstreamTransport = self.endpoint.accept()
+        upstream.dataReceived(OK + b"g" * 5)
+        check()
+        self.assertEqual(counters[-1]['shifter_bytes_total{direction="up"}'], 30)
+        self.assertEqual(counters[-1]['shifter_bytes_total{direction="down"}'], 5)
+        self.lose(client, clientTransport)
+        self.lose(upstream, upstreamTransport)
+        check()
+
     def test_failuresByReason(self) -> None:
         """
         Failures are counted by reason, and proxy answers by status class.
