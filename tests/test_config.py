@@ -81,9 +81,12 @@ class OptionTests(ConfigTestCase):
             fromLine = Options()
             fromLine.parseOptions([f"--{name}={default}", "--proxy", "127.0.0.1:3128"])
             self.assertEqual(fromFile[name], fromLine[name], name)
+        # What a flag needs beside it to be valid at all.
+        needs = {"hold-syn": "resolver = 'nfqueue'\n"}
         for name, *_ in Options.optFlags:
-            self.assertTrue(self.parse(f"{name} = true\nproxy = ['127.0.0.1:3128']\n")[name], name)
-            self.assertFalse(self.parse(f"{name} = false\nproxy = ['127.0.0.1:3128']\n")[name], name)
+            rest = f"proxy = ['127.0.0.1:3128']\n{needs.get(name, '')}"
+            self.assertTrue(self.parse(f"{name} = true\n{rest}")[name], name)
+            self.assertFalse(self.parse(f"{name} = false\n{rest}")[name], name)
 
     def test_values(self) -> None:
         """

@@ -104,20 +104,27 @@ class TunnelTests(GatewayTestCase):
             f"https://[{SERVER_V6}]/file.bin", f"[{SERVER_V6}]:443", f"[{SERVER_V6}]:443"
         )
 
+    def assertDirectRefused(self, url: str, address: str) -> None:
+        result = self.fetch(url, timeout=10)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotEqual(result.returncode, 28, "refusal took until curl's timeout")
+        self.shifter.waitForLog(f"-> {address} via", "connected to Shifter directly")
+        self.assertEqual([l for l in self.squid.accessLogLines() if "CONNECT" in l], [])
+
     def test_directConnectionRefused(self) -> None:
         """
-        A client connecting to Shifter's port itself is refused, over IPv4
-        and IPv6, and nothing reaches Squid.
+        A client connecting to Shifter's port itself is refused, with one
+        line, and nothing reaches Squid.
         """
-        for url, address in [
-            (f"https://{GATEWAY_V4}:12345/", f"{GATEWAY_V4}:12345"),
-            (f"https://[{GATEWAY_V6}]:12345/", f"[{GATEWAY_V6}]:12345"),
-        ]:
-            result = self.fetch(url, timeout=10)
-            self.assertNotEqual(result.returncode, 0)
-            self.assertNotEqual(result.returncode, 28, "refusal took until curl's timeout")
-            self.shifter.waitForLog(f"-> {address} via", "connected to Shifter directly")
-        self.assertEqual([l for l in self.squid.accessLogLines() if "CONNECT" in l], [])
+        self.assertDirectRefused(f"https://{GATEWAY_V4}:12345/", f"{GATEWAY_V4}:12345")
+
+    def test_directConnectionRefusedIPv6(self) -> None:
+        """
+        The same over IPv6.  (A test of its own: refusal lines are one per
+        reason every few seconds, so a second one in the same run would be
+        counted, not logged.)
+        """
+        self.assertDirectRefused(f"https://[{GATEWAY_V6}]:12345/", f"[{GATEWAY_V6}]:12345")
 
     def test_serialConnectionsAfterRefusal(self) -> None:
         """
