@@ -36,10 +36,12 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from shifter.localaddresses import readLocalAddresses
 
 # Every destination in these networks is refused, with the reason's word.
 _REFUSED_V4 = [
@@ -62,9 +64,6 @@ _DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 # How often proxy names and this machine's addresses are looked up again.
 REFRESH_INTERVAL = 60.0
 
-RTM_NEWADDR = 20
-RTM_GETADDR = 22
-NETLINK_ROUTE = 0
 
 
 def _parse(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -367,50 +366,6 @@ def resolveAll(resolver: Any, name: str) -> Deferred[frozenset[str]]:
         return frozenset(addresses)
 
     return DeferredList(lookups, consumeErrors=True).addCallback(gather)
-
-
-def readLocalAddresses(reactor: Any, timeout: float = 5.0) -> Deferred[frozenset[str]]:
-    """
-    This machine's addresses (in this network namespace), from a netlink
-    C{RTM_GETADDR} dump read in the reactor.
-
-    @return: a C{Deferred} firing with the addresses, compressed.
-    """
-    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-
-    from shifter.netlink import NetlinkPort, NetlinkProtocol
-
-    protocol = NetlinkProtocol(reactor, timeout=timeout, messageClasses={RTM_NEWADDR: ifaddrmsg})
-    port = NetlinkPort(NETLINK_ROUTE, protocol, reactor=reactor, receiveBuffer=1 << 18)
-    try:
-        port.startListening()
-    except OSError:
-        return fail()
-    request = ifaddrmsg()
-    request["family"] = socket.AF_UNSPEC
-    pending = protocol.request(request, RTM_GETADDR, dump=True)
-
-    def addresses(replies: list[Any]) -> frozenset[str]:
-        found = set()
-        for reply in replies:
-            value = reply.get_attr("IFA_LOCAL") or reply.get_attr("IFA_ADDRESS")
-            if value:
-                try:
-                    found.add(ipaddress.ip_address(value).compressed)
-                except ValueError:
-                    continue
-        return frozenset(found)
-
-    def close(result: object) -> object:
-        port.loseConnection()
-        return result
-
-    result: Deferred[frozenset[str]] = pending.addCallback(addresses).addBoth(close)  # type: ignore[assignment]
-    # The kernel answers a dump request while it is sent, and the rest as
-    # it is read: reading now usually ends it here, socket closed, rather
-    # than a turn of the reactor later.
-    port.doRead()
-    return result
 
 
 def alwaysKnown(addresses: Iterable[str]) -> Callable[[], Deferred[frozenset[str]]]:
