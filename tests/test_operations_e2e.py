@@ -102,7 +102,7 @@ class OperationsTests(GatewayTestCase):
         Past --max-connections, new clients are refused at once while the
         open tunnels keep working; a freed place is served again.
         """
-        self.startShifter("--max-connections", "2")
+        self.startShifter("--max-connections", "2", "--max-connections-per-client", "0")
         held = [self.tlsConnection() for _ in range(2)]
         extra = self.net.client.connect(SERVER_V4, 443)
         self.addCleanup(extra.close)

@@ -88,6 +88,8 @@ class SoakTests(SynchronousTestCase):
             "--listen", f"tcp6:{SHIFTER_PORT}:interface=\\:\\::backlog=1024",
             "--proxy", f"127.0.0.1:{SQUID_PORT}",
             "--max-connections", str(CONCURRENT * 2),
+            # The whole load comes from one client host.
+            "--max-connections-per-client", "0",
             "--metrics", f"tcp:{METRICS_PORT}:interface=127.0.0.1",
         )
         self.shifter.start()
