@@ -21,7 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from shifter.connect import ConnectResponseParser, ProxyResponseError
-from shifter.connector import connectNow
+from shifter.connector import ProxyConnection, connectNow
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
 
 
@@ -46,7 +46,7 @@ class ProxyAttempt:
     @ivar protocol: the L{UpstreamProtocol}, once connected.
     """
 
-    __slots__ = ("proxy", "receiver", "state", "protocol", "_connector", "_pending")
+    __slots__ = ("proxy", "receiver", "state", "protocol", "_connector", "_pending", "_written")
 
     def __init__(self, proxy: Any, receiver: IProxyReceiver) -> None:
         self.proxy = proxy
@@ -55,6 +55,7 @@ class ProxyAttempt:
         self.protocol: UpstreamProtocol | None = None
         self._connector: Any = None
         self._pending: Deferred[Any] | None = None
+        self._written = False
 
     def connect(self) -> None:
         """
@@ -108,8 +109,25 @@ class ProxyAttempt:
         return self.protocol.transport if self.protocol is not None else None
 
     def write(self, data: bytes) -> None:
-        if self.state == CONNECTED:
-            self.protocol.transport.write(data)  # type: ignore[union-attr]
+        if self.state != CONNECTED:
+            return
+        transport = self.protocol.transport  # type: ignore[union-attr]
+        if not self._written:
+            self._written = True
+            if isinstance(transport, ProxyConnection):
+                # The first bytes on a connection just made (the CONNECT
+                # request) go out now: nothing can be queued before them,
+                # and the socket has room.  Waiting for the reactor to say
+                # it is writable would cost a turn before the proxy hears
+                # anything.
+                try:
+                    sent = transport.getHandle().send(data)
+                except OSError:
+                    sent = 0  # the transport will meet the error itself
+                data = data[sent:]
+                if not data:
+                    return
+        transport.write(data)
 
     def halfClose(self) -> None:
         if self.state != CONNECTED:
