@@ -75,6 +75,19 @@ class InvalidAuthority(ValueError):
     """
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+
+def isDottedQuad(host: str) -> bool:
+    """
+    Whether C{host} is an IPv4 address in the one form the kernel writes
+    (four decimal numbers up to 255, no leading zeros): one pattern,
+    cheaper than parsing, for the addresses every connection carries.
+    """
+    return _DOTTED_QUAD.fullmatch(host) is not None
+
+
 def checkHost(host: str) -> str:
     """
     The one check every host Shifter asks a proxy for goes through: the
@@ -93,6 +106,8 @@ def checkHost(host: str) -> str:
     """
     if not isinstance(host, str):
         raise InvalidAuthority(f"host is not text: {host!r}")
+    if isDottedQuad(host):
+        return host  # already what the request holds (the usual case)
     if not host:
         raise InvalidAuthority("empty host")
     if _UNSAFE.search(host):

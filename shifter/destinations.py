@@ -31,7 +31,6 @@ reason that says so.  Destinations on other ports are not affected.
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -41,6 +40,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from shifter.connect import isDottedQuad
 from shifter.localaddresses import readLocalAddresses
 
 # Every destination in these networks is refused, with the reason's word.
@@ -57,9 +57,6 @@ _REFUSED_V6 = [
     (ipaddress.IPv6Network("fe80::/10"), "link-local"),
     (ipaddress.IPv6Network("ff00::/8"), "multicast"),
 ]
-
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 # How often proxy names and this machine's addresses are looked up again.
 REFRESH_INTERVAL = 60.0
@@ -88,7 +85,7 @@ def destinationRefusal(host: str) -> str | None:
     @return: the reason for the log line, such as C{"destination
         127.0.0.1 is a loopback address"}.
     """
-    if _DOTTED_QUAD.fullmatch(host):
+    if isDottedQuad(host):
         first = host[: host.index(".")]
         if first not in ("0", "127", "169") and int(first) < 224:
             # Outside every refused network (the tunnel's usual case): no

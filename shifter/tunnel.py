@@ -35,7 +35,6 @@ L{shifter.deadlines.Deadlines}, which calls L{Tunnel.timedOut}.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -47,7 +46,7 @@ from twisted.internet.error import ConnectionDone, TimeoutError
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse, formatAuthority
+from shifter.connect import ConnectResponse, formatAuthority, isDottedQuad
 from shifter.destinations import destinationRefusal
 from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
 from shifter.passclient import refusalHint, tunnelRequest
@@ -1187,10 +1186,6 @@ def _howLost(side: str, reason: Failure) -> str:
     return f"{side} connection lost: {reason.getErrorMessage()}"
 
 
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
-
-
 def canonicalHost(host: str) -> str:
     """
     An IP address as the kernel reports it, in the one form Shifter
@@ -1201,7 +1196,7 @@ def canonicalHost(host: str) -> str:
     @raise ValueError: if C{host} is not an IP address.
     """
     if ":" not in host:
-        if _DOTTED_QUAD.fullmatch(host):
+        if isDottedQuad(host):
             return host
         return ipaddress.IPv4Address(host).compressed
     if host.startswith("::ffff:") and "." in host:
