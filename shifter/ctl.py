@@ -126,7 +126,7 @@ def formatTunnels(tunnels: Sequence[dict[str, Any]]) -> str:
     ]
     headers = ("CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE")
     count = f"{len(tunnels)} connection{'' if len(tunnels) == 1 else 's'}"
-    return (table(headers, rows) + "\n" + count) if rows else f"no connections"
+    return (table(headers, rows) + "\n" + count) if rows else "no connections"
 
 
 def formatProxies(proxies: Sequence[dict[str, Any]]) -> str:

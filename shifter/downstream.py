@@ -31,7 +31,8 @@ from shifter.pool import ProxyPool
 from shifter.relay import openRelay
 from shifter.resolver import Destination, IOriginalDestinationResolver
 from shifter.sockopt import unmapAddress
-from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel, TunnelInfo, canonicalHost, formatAddress
+from shifter.negotiation import canonicalHost, formatAddress
+from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel, TunnelInfo
 from shifter.upstream import ProxyAttempt
 
 

@@ -53,20 +53,25 @@ from typing import Any, Callable, Optional
 
 from zope.interface import implementer
 
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse, formatAuthority
+from shifter.connect import ConnectResponse
 from shifter.deadlines import Deadlines
-from shifter.destinations import destinationRefusal
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
 from shifter.limits import clientKey
-from shifter.passclient import refusalHint, tunnelRequest
+from shifter.negotiation import (
+    CONNECTING,
+    HANDSHAKING,
+    ProxyNegotiation,
+    canonicalHost,
+    destinationCheck,
+    formatAddress,
+)
+from shifter.statetable import buildTable
 from shifter.policy import TunnelDecision, TunnelRequest
-from shifter.tunnel import REFUSALS, canonicalHost, formatAddress
+from shifter.tunnel import REFUSALS
 from shifter.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
@@ -75,8 +80,8 @@ DEFAULT_REJECT_MARK = 0x20000
 
 # A held SYN's states.
 DECIDING = "deciding"  # the policy deciding; the SYN held
-CONNECTING = "connecting"  # connecting to a proxy; the SYN held
-HANDSHAKING = "handshaking"  # CONNECT sent; the SYN held
+# CONNECTING (connecting to a proxy) and HANDSHAKING (CONNECT sent), the
+# SYN held: the proxy negotiation's own (shifter.negotiation).
 ACCEPTED = "accepted"  # the proxy said 2xx and the SYN was accepted: waiting for the client's connection
 DONE = "done"  # refused, taken over by a tunnel, or given up
 
@@ -136,7 +141,7 @@ def newAttempt(proxy: Any, receiver: IProxyReceiver) -> Any:
 
 
 @implementer(IProxyReceiver)
-class HeldSyn:
+class HeldSyn(ProxyNegotiation):
     """
     One SYN held while its tunnel is opened, then the open tunnel until a
     client connection takes it.
@@ -150,9 +155,10 @@ class HeldSyn:
     """
 
     log = Logger()
+    retryLine = "held SYN {client} -> {destination} via {proxy}: {reason}; trying {next}"
 
     def __init__(self, holder: SynHolder, protocol: Any, packet: Any, clientHost: str, clientPort: int) -> None:
-        owner = holder.owner
+        owner = self.owner = holder.owner
         segment = packet.segment
         self.holder = holder
         self.protocol = protocol
@@ -173,7 +179,8 @@ class HeldSyn:
         self.policy = owner.policy
         self.state = DECIDING
         self.started = self.clock.seconds()
-        self.holdDeadline = self.started + holder.timeout
+        self.setupDeadline = self.started + holder.timeout
+        self.connectStarted = self.started
         self.candidates: list[Any] = []
         self.connectHost = self.address
         self.named = ""
@@ -286,14 +293,14 @@ class HeldSyn:
         """
         refusal = self._refusal()
         if refusal is not None:
-            self._refuse(*refusal)
+            self._fail(*refusal)
             return
         self.candidates = self.pool.candidates(self.clientHost)
         policy = self.policy
         if policy is None:
             self._connectFirst()
             return
-        self._setDeadline(self.holdDeadline)
+        self._setDeadline(self.setupDeadline)
         request = TunnelRequest(self._clientAddress(), self.destination, None, tuple(self.candidates))
         try:
             result = policy.decide(request)
@@ -325,48 +332,17 @@ class HeldSyn:
         if pending is not None:
             pending.cancel()
 
-    def _decided(self, decision: TunnelDecision | None) -> None:
-        if decision is not None:
-            if decision.refuse is not None:
-                self._refuse("policy", f"refused by policy: {decision.refuse}")
-                return
-            if decision.proxies is not None:
-                health = self.pool.health
-                self.candidates = [p for p in decision.proxies if p not in health or health[p].up]
-            self.passClient = decision.passClient
-            if decision.target is not None:
-                port = self.destination.port
-                try:
-                    formatAuthority(decision.target, port)
-                except (ValueError, TypeError) as e:
-                    self._refuse("policy", f"policy gave an invalid target: {e}")
-                    return
-                refusal = self._targetRefusal(decision.target, port)
-                if refusal is not None:
-                    self._refuse("destination", f"policy's target refused: {refusal}")
-                    return
-                self.connectHost = decision.target
-                if decision.target != self.address:
-                    self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"
-        self._connectFirst()
+    def _setupTimedOut(self) -> None:
+        self._fail(
+            "setup-timeout",
+            f"tunnel not open within --hold-timeout {self.holder.timeout:g} s (was {self.state})",
+        )
 
-    def _targetRefusal(self, target: str, port: int) -> str | None:
-        # A target that is an address meets the same refusals as an
-        # original destination; names are the proxy's to resolve.
-        try:
-            host = canonicalHost(target)
-        except ValueError:
-            return None
-        return self.holder.owner.proxyAddresses.refusal(host, port) or destinationRefusal(host)
+    def _newAttempt(self, proxy: Any) -> IProxyAttempt:
+        return self.holder.newAttempt(proxy, self)
 
     def _decideFailed(self, reason: Failure) -> None:
-        self._refuse("policy", f"policy error: {reason.getErrorMessage()}")
-
-    def _connectFirst(self) -> None:
-        if not self.candidates:
-            self._refuse("no-proxy", "every proxy is down")
-            return
-        self._connectNext()
+        self._fail("policy", f"policy error: {reason.getErrorMessage()}")
 
     def _refusal(self) -> tuple[str, str] | None:
         """
@@ -389,131 +365,11 @@ class HeldSyn:
             client = ipaddress.ip_address(self.clientHost)
             if not any(client in network for network in allowed):
                 return "client-denied", f"client {self.clientHost} is not in an --allow network"
-        port = self.destination.port
-        refusal = owner.proxyAddresses.refusal(self.address, port)
-        if refusal is not None:
-            return "loop", refusal
-        refusal = destinationRefusal(self.address)
-        if refusal is not None:
-            return "destination", refusal
-        if settings.allowedPorts and port not in settings.allowedPorts:
-            return "port-denied", f"destination port {port} is not an --allow-port"
-        return None
-
-    def _connectNext(self) -> None:
-        proxy = self.proxy = self.candidates.pop(0)
-        port = self.destination.port
-        headers: list[tuple[str, str]] = []
-        if proxy.auth is not None:
-            if self.authProxy is not proxy:
-                self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
-            headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
-        self.request = tunnelRequest(
-            proxy, self._clientAddress(), self.destination, self.connectHost, port, headers, self.passClient
-        )
-        self.state = CONNECTING
-        self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.holdDeadline))
-        # Known as the current attempt before it starts: it may fail at once.
-        attempt = self.attempt = self.holder.newAttempt(proxy, self)
-        attempt.connect()
-
-    def _passClientMode(self) -> str:
-        return self.passClient or self.proxy.passClient
-
-    def _clientAddress(self) -> IPv4Address | IPv6Address:
-        host = self.clientHost
-        return (IPv6Address if ":" in host else IPv4Address)("TCP", host, self.clientPort)
+        return destinationCheck(owner, settings, self.address, self.destination.port)
 
     # Connecting and handshaking, the SYN held.
 
-    def _proxyConnected(self) -> None:
-        self.state = HANDSHAKING
-        self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.holdDeadline))
-        self.attempt.write(self.request)
-
-    def _connectFailed(self, reason: Failure) -> None:
-        why = f"cannot connect to proxy: {reason.getErrorMessage()}"
-        self.pool.failed(self.proxy, why)
-        self.attempt = None
-        self._retryOrRefuse("proxy-connect", why)
-
-    def _timedOut(self) -> None:
-        if self.clock.seconds() >= self.holdDeadline:
-            self._refuse(
-                "setup-timeout",
-                f"tunnel not open within --hold-timeout {self.holder.timeout:g} s (was {self.state})",
-            )
-            return
-        if self.state == CONNECTING:
-            kind, why = "timeout", f"no connection to proxy within {self.settings.connectTimeout:g} s"
-        else:
-            kind, why = "timeout", f"proxy did not answer CONNECT within {self.settings.handshakeTimeout:g} s"
-        self.pool.failed(self.proxy, why)
-        self._dropAttempt()
-        self._retryOrRefuse(kind, why)
-
-    def _answered(self, response: ConnectResponse) -> None:
-        status = response.status
-        self.stats.proxyAnswers[f"{status // 100}xx"] += 1
-        if response.opensTunnel:
-            self.pool.succeeded(self.proxy)
-            if self.authExchange is not None and self.authProxy is self.proxy:
-                self.authExchange.succeeded()
-            self._accept(response.leftover)
-        elif status == 407:
-            self._challenged(response)
-        else:
-            reason = f"proxy answered {status} {response.reason}".rstrip()
-            reason += refusalHint("proxy-status", status, self._passClientMode())
-            self._dropAttempt()
-            if status >= 500:
-                self._retryOrRefuse("proxy-status", reason, status=status)
-            else:
-                self._refuse("proxy-status", reason, status=status)
-
-    def _challenged(self, response: ConnectResponse) -> None:
-        exchange = self.authExchange if self.authProxy is self.proxy else None
-        self._dropAttempt()
-        if exchange is None:
-            self._refuse("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
-            return
-        challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
-        cannot = exchange.challenged(challenges)
-        if cannot is not None:
-            self._refuse("proxy-auth", f"proxy answered 407: {cannot}", status=407)
-            return
-        self.candidates.insert(0, self.proxy)
-        self._connectNext()
-
-    def _answerInvalid(self, reason: str) -> None:
-        why = f"bad answer from proxy: {reason}"
-        self.pool.failed(self.proxy, why)
-        self._dropAttempt()
-        self._retryOrRefuse("proxy-garbage", why)
-
-    def _closedBeforeAnswer(self, reason: Failure | None = None) -> None:
-        if reason is None or reason.check(ConnectionDone):
-            why = "proxy closed the connection before answering"
-        else:
-            why = f"proxy connection lost before answering: {reason.getErrorMessage()}"
-        why += refusalHint("proxy-closed", None, self._passClientMode())
-        self.pool.failed(self.proxy, why)
-        self._dropAttempt()
-        self._retryOrRefuse("proxy-closed", why)
-
-    def _retryOrRefuse(self, kind: str, reason: str, **fields: Any) -> None:
-        if not self.candidates or self.clock.seconds() >= self.holdDeadline:
-            self._refuse(kind, reason, **fields)
-            return
-        self.stats.retries += 1
-        self.log.info(
-            "held SYN {client} -> {destination} via {proxy}: {reason}; trying {next}",
-            client=self.clientLabel, destination=self.target, proxy=self.proxy.description,
-            reason=reason, next=self.candidates[0].description,
-        )
-        self._connectNext()
-
-    def _refuse(self, kind: str, reason: str, **fields: Any) -> None:
+    def _fail(self, kind: str, reason: str, **fields: Any) -> None:
         """
         The tunnel is refused: so is the SYN, with a reset, and one line
         says why.
@@ -561,7 +417,7 @@ class HeldSyn:
 
     # Accepted: the tunnel is open, the SYN on its way to Shifter.
 
-    def _accept(self, leftover: bytes) -> None:
+    def _open(self, leftover: bytes) -> None:
         self.state = ACCEPTED
         self.holder.counters["accepted"] += 1
         if leftover:
@@ -625,11 +481,6 @@ class HeldSyn:
 
     # Bookkeeping.
 
-    def _dropAttempt(self) -> None:
-        attempt, self.attempt = self.attempt, None
-        if attempt is not None:
-            attempt.abort()
-
     def _verdict(self, kind: str) -> None:
         """
         Give the held SYN its verdict: C{"accept"}, C{"reject"} or C{"drop"}.
@@ -646,25 +497,6 @@ class HeldSyn:
     def _setDeadline(self, when: float | None) -> None:
         self.holder.deadlines.set(self, when)
 
-
-def _table(*rows: tuple[Any, Any, str]) -> dict[str, dict[str, Callable[..., Any]]]:
-    """
-    The dispatch table from C{(states, events, action)} rows; every
-    (state, event) pair must be named by exactly one row.
-    """
-    table: dict[str, dict[str, Callable[..., Any]]] = {event: {} for event in EVENTS}
-    for states, events, action in rows:
-        for event in (events,) if isinstance(events, str) else events:
-            for state in (states,) if isinstance(states, str) else states:
-                if state in table[event]:
-                    raise AssertionError(f"({state}, {event}) is declared twice")
-                table[event][state] = getattr(HeldSyn, action)
-    missing = [(s, e) for e in EVENTS for s in STATES if s not in table[e]]
-    if missing:
-        raise AssertionError(f"undeclared (state, event) pairs: {missing}")
-    return table
-
-
 _HELD = (DECIDING, CONNECTING, HANDSHAKING)
 _REPEATABLE = REFUSALS | {"limit", "client-limit"}
 _PROXY_EVENTS = (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA,
@@ -673,7 +505,8 @@ _PROXY_EVENTS = (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_IN
 # What every event does in every state.  "_impossible" marks a pair that
 # cannot happen; it refuses a SYN still held and ends with an
 # internal-error line.
-TABLE = _table(
+TABLE = buildTable(
+    HeldSyn, STATES, EVENTS,
     # state        event(s)                                            action
     (DECIDING,     DECIDED,                                            "_decided"),
     (DECIDING,     DECIDE_FAILED,                                      "_decideFailed"),
@@ -687,7 +520,9 @@ TABLE = _table(
     (HANDSHAKING,  PROXY_ANSWERED,                                     "_answered"),
     (HANDSHAKING,  PROXY_INVALID,                                      "_answerInvalid"),
     (HANDSHAKING,  (PROXY_ENDED, PROXY_LOST),                          "_closedBeforeAnswer"),
-    (_HELD,        TIMED_OUT,                                          "_timedOut"),
+    (DECIDING,     TIMED_OUT,                                          "_setupTimedOut"),
+    (CONNECTING,   TIMED_OUT,                                          "_connectTimedOut"),
+    (HANDSHAKING,  TIMED_OUT,                                          "_handshakeTimedOut"),
     (_HELD,        RETRANSMITTED,                                      "_dropCopy"),
     (_HELD,        (SUPERSEDED, STOP),                                 "_abandon"),
     (_HELD,        CLAIMED,                                            "_notAnswered"),

@@ -13,7 +13,7 @@ C{--relay auto} (the default) uses splice wherever it can, else twisted.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from zope.interface import implementer
 

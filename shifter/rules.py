@@ -449,7 +449,7 @@ def generateRules(o: RuleOptions) -> str:
         f"# Run Shifter with: {_shifterCommand(o)}",
     ]
     if o.resolver == "kmod":
-        lines.append(f"# and have the module watch the ports: python -m shifter.kmod set-ports "
+        lines.append("# and have the module watch the ports: python -m shifter.kmod set-ports "
                      + " ".join(str(p) for p in o.ports))
     if o.resolver == "nfqueue" and o.queueBypass:
         lines.append("# --queue-bypass: while Shifter is not running, SYNs pass unmarked, "

@@ -40,26 +40,30 @@ from typing import Any, Callable, Optional
 
 from zope.interface import Attribute, Interface, implementer
 
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, TimeoutError
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse, formatAuthority, isDottedQuad
-from shifter.destinations import destinationRefusal
+from shifter.connect import ConnectResponse
 from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
-from shifter.passclient import refusalHint, tunnelRequest
+from shifter.negotiation import (
+    CONNECTING,
+    HANDSHAKING,
+    ProxyNegotiation,
+    canonicalHost,
+    destinationCheck,
+    formatAddress,
+)
 from shifter.policy import TunnelDecision, TunnelRequest
 from shifter.resolver import Destination, ResolverError
+from shifter.statetable import buildTable
 
 # The states.  Plain strings: they are dictionary keys on every event.
 ACCEPTED = "accepted"
 RESOLVING = "resolving"
 SNIFFING = "sniffing"
 DECIDING = "deciding"
-CONNECTING = "connecting"
-HANDSHAKING = "handshaking"
 RELAYING = "relaying"
 CLIENT_FINISHED = "client-finished"
 PROXY_FINISHED = "proxy-finished"
@@ -240,7 +244,7 @@ class ITunnelOwner(Interface):
 
 
 @implementer(IProxyReceiver)
-class Tunnel:
+class Tunnel(ProxyNegotiation):
     """
     One client connection and the tunnel it is owed.
 
@@ -256,9 +260,10 @@ class Tunnel:
     """
 
     log = Logger()
+    retryLine = "tunnel {client} -> {destination} via {proxy}: {reason}; trying {next}"
 
     __slots__ = (
-        "state", "owner", "client", "settings", "pool", "policy", "clock",
+        "state", "owner", "client", "settings", "pool", "policy", "clock", "stats",
         "clientHost", "clientPort", "localHost", "localPort", "clientLabel",
         "destination", "address", "target", "connectHost", "named", "proxy", "attempt",
         "candidates", "request", "early", "earlyBytes", "earlyEnded",
@@ -289,6 +294,7 @@ class Tunnel:
         self.pool = owner.pool
         self.policy = owner.policy
         self.clock = owner.reactor
+        self.stats = owner.stats
         self.clientHost = clientHost
         self.clientPort = clientPort
         self.localHost = localHost
@@ -571,30 +577,7 @@ class Tunnel:
             direct = (host, port) == (self.localHost, self.localPort)
         if direct:
             return "loop", "connected to Shifter directly, not redirected"
-        refusal = self.owner.proxyAddresses.refusal(host, port)
-        if refusal is not None:
-            return "loop", refusal
-        refusal = destinationRefusal(host)
-        if refusal is not None:
-            return "destination", refusal
-        allowedPorts = self.settings.allowedPorts
-        if allowedPorts and port not in allowedPorts:
-            return "port-denied", f"destination port {port} is not an --allow-port"
-        return None
-
-    def _targetRefusal(self, target: str, port: int) -> str | None:
-        """
-        Why a policy's CONNECT target must not be asked for, when it is an
-        address: the same refusals as for an original destination (an
-        upstream proxy, loopback, link-local, ...).  Names are the proxy's
-        to resolve.
-        """
-        try:
-            host = canonicalHost(target)
-        except ValueError:
-            return None
-        return self.owner.proxyAddresses.refusal(host, port) or destinationRefusal(host)
-
+        return destinationCheck(self.owner, self.settings, host, port)
     def _resolveFailed(self, reason: Failure) -> None:
         if reason.check(ResolverError):
             self._fail("resolver", f"original destination unknown: {reason.getErrorMessage()}")
@@ -677,60 +660,11 @@ class Tunnel:
         else:
             self.decided(result)
 
-    def _decided(self, decision: TunnelDecision | None) -> None:
-        if decision is not None:
-            if decision.refuse is not None:
-                self._fail("policy", f"refused by policy: {decision.refuse}")
-                return
-            if decision.proxies is not None:
-                health = self.pool.health
-                self.candidates = [p for p in decision.proxies if p not in health or health[p].up]
-            self.passClient = decision.passClient
-            if decision.target is not None:
-                port = self.destination.port  # type: ignore[union-attr]
-                try:
-                    formatAuthority(decision.target, port)
-                except (ValueError, TypeError) as e:
-                    self._fail("policy", f"policy gave an invalid target: {e}")
-                    return
-                refusal = self._targetRefusal(decision.target, port)
-                if refusal is not None:
-                    self._fail("destination", f"policy's target refused: {refusal}")
-                    return
-                self.connectHost = decision.target
-                self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"
-        self._connectFirst()
-
     def _decideFailed(self, reason: Failure) -> None:
         self._fail("policy", f"policy error: {reason.getErrorMessage()}", failure=reason)
 
     # Stage 3: a connection to a proxy, and its answer to CONNECT; the
     # next proxy is tried when one fails before the tunnel opens.
-
-    def _connectFirst(self) -> None:
-        if not self.candidates:
-            self._fail("no-proxy", "every proxy is down")
-            return
-        self.connectStarted = self.clock.seconds()
-        self._connectNext()
-
-    def _connectNext(self) -> None:
-        proxy = self.proxy = self.candidates.pop(0)
-        destination = self.destination
-        assert destination is not None
-        port = destination.port
-        headers: list[tuple[str, str]] = []
-        if proxy.auth is not None:
-            if self.authProxy is not proxy:
-                self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
-            headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
-        self.request = tunnelRequest(
-            proxy, self._clientAddress(), destination, self.connectHost, port, headers, self.passClient
-        )
-        self.state = CONNECTING
-        self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.setupDeadline))
-        attempt = self.attempt = self.client.connectProxy(proxy, self)
-        attempt.connect()
 
     def _takeHeld(self, held: Any) -> None:
         """
@@ -746,119 +680,10 @@ class Tunnel:
         self.connectStarted = held.started
         self._open(held.leftover)
 
-    def _proxyConnected(self) -> None:
-        self.state = HANDSHAKING
-        self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
-        request, self.request = self.request, b""
-        self.attempt.write(request)
+    # What the proxy negotiation (shifter.negotiation) asks of a tunnel.
 
-    def _connectFailed(self, reason: Failure) -> None:
-        why = f"cannot connect to proxy: {reason.getErrorMessage()}"
-        self.pool.failed(self.proxy, why)
-        self.attempt = None
-        self._retryOrFail("proxy-connect", why)
-
-    def _connectTimedOut(self) -> None:
-        if self.clock.seconds() >= self.setupDeadline:
-            self._setupTimedOut()
-            return
-        why = f"no connection to proxy within {self.settings.connectTimeout:g} s"
-        self.pool.failed(self.proxy, why)
-        self._dropAttempt()
-        self._retryOrFail("timeout", why)
-
-    def _handshakeTimedOut(self) -> None:
-        if self.clock.seconds() >= self.setupDeadline:
-            self._setupTimedOut()
-            return
-        why = f"proxy did not answer CONNECT within {self.settings.handshakeTimeout:g} s"
-        self.pool.failed(self.proxy, why)
-        self._dropAttempt()
-        self._retryOrFail("timeout", why)
-
-    def _answered(self, response: ConnectResponse) -> None:
-        status = response.status
-        stats = self.owner.stats
-        stats.proxyAnswers[f"{status // 100}xx"] += 1
-        if response.opensTunnel:
-            self.pool.succeeded(self.proxy)
-            if self.authExchange is not None and self.authProxy is self.proxy:
-                self.authExchange.succeeded()
-            self._open(response.leftover)
-        elif status == 407:
-            self._challenged(response)
-        else:
-            reason = f"proxy answered {status} {response.reason}".rstrip()
-            reason += refusalHint("proxy-status", status, self._passClientMode())
-            self._dropAttempt()
-            if status >= 500:
-                # This proxy could not serve the request; another may.
-                self._retryOrFail("proxy-status", reason, status=status)
-            else:
-                self._fail("proxy-status", reason, status=status)
-
-    def _challenged(self, response: ConnectResponse) -> None:
-        exchange = self.authExchange if self.authProxy is self.proxy else None
-        self._dropAttempt()
-        if exchange is None:
-            self._fail("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
-            return
-        challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
-        cannot = exchange.challenged(challenges)
-        if cannot is not None:
-            self._fail("proxy-auth", f"proxy answered 407: {cannot}", status=407)
-            return
-        self.candidates.insert(0, self.proxy)
-        self._connectNext()
-
-    def _answerInvalid(self, reason: str) -> None:
-        why = f"bad answer from proxy: {reason}"
-        self.pool.failed(self.proxy, why)
-        self._dropAttempt()
-        self._retryOrFail("proxy-garbage", why)
-
-    def _closedBeforeAnswer(self, reason: Failure | None = None) -> None:
-        if reason is None or reason.check(ConnectionDone):
-            why = "proxy closed the connection before answering"
-        else:
-            why = f"proxy connection lost before answering: {reason.getErrorMessage()}"
-        why += refusalHint("proxy-closed", None, self._passClientMode())
-        self.pool.failed(self.proxy, why)
-        self._dropAttempt()
-        self._retryOrFail("proxy-closed", why)
-
-    def _clientAddress(self) -> IPv4Address | IPv6Address:
-        host = self.clientHost
-        return (IPv6Address if ":" in host else IPv4Address)("TCP", host, self.clientPort)
-
-    def _passClientMode(self) -> str:
-        return self.passClient or self.proxy.passClient
-
-    def _dropAttempt(self) -> None:
-        """
-        Let go of the current attempt: it will not carry the tunnel.
-        """
-        attempt, self.attempt = self.attempt, None
-        if attempt is not None:
-            attempt.abort()
-
-    def _retryOrFail(self, kind: str, reason: str, **fields: Any) -> None:
-        """
-        Try the next proxy if one is left and time allows, else fail.
-        """
-        if not self.candidates or self.clock.seconds() >= self.setupDeadline:
-            self._fail(kind, reason, **fields)
-            return
-        self.owner.stats.retries += 1
-        self.log.info(
-            "tunnel {client} -> {destination} via {proxy}: {reason}; trying {next}",
-            client=self.clientLabel,
-            destination=self.target,
-            proxy=self.proxy.description,
-            reason=reason,
-            next=self.candidates[0].description,
-        )
-        self._connectNext()
+    def _newAttempt(self, proxy: Any) -> IProxyAttempt:
+        return self.client.connectProxy(proxy, self)
 
     # Stage 4: the relay.
 
@@ -1083,27 +908,6 @@ class Tunnel:
             age=now - self.started,
         )
 
-
-def _table(*rows: tuple[Any, Any, str]) -> dict[str, dict[str, Callable[..., None]]]:
-    """
-    Build the dispatch table from C{(states, events, action)} rows, where
-    C{states} and C{events} are one name or a tuple of names and C{action}
-    names a method of L{Tunnel}.  Every (state, event) pair must be named
-    by exactly one row.
-    """
-    table: dict[str, dict[str, Callable[..., None]]] = {event: {} for event in EVENTS}
-    for states, events, action in rows:
-        for event in (events,) if isinstance(events, str) else events:
-            for state in (states,) if isinstance(states, str) else states:
-                if state in table[event]:
-                    raise AssertionError(f"({state}, {event}) is declared twice")
-                table[event][state] = getattr(Tunnel, action)
-    missing = [(s, e) for e in EVENTS for s in STATES if s not in table[e]]
-    if missing:
-        raise AssertionError(f"undeclared (state, event) pairs: {missing}")
-    return table
-
-
 _CLIENT_SIDE = (CLIENT_DATA, CLIENT_ENDED, CLIENT_LOST)
 _ANSWERS = (PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA, PROXY_ENDED, PROXY_LOST)
 _RESULTS = (RESOLVED, RESOLVE_FAILED, DECIDED, DECIDE_FAILED)
@@ -1111,7 +915,8 @@ _RESULTS = (RESOLVED, RESOLVE_FAILED, DECIDED, DECIDE_FAILED)
 # What every event does in every state.  "_impossible" marks a pair that
 # cannot happen (the sources of the event do not exist in that state); it
 # closes the connection with an internal-error line.
-TABLE = _table(
+TABLE = buildTable(
+    Tunnel, STATES, EVENTS,
     # state                    event(s)                           action
     (ACCEPTED,                 START,                             "_begin"),
     (ACCEPTED,                 tuple(e for e in EVENTS if e != START), "_impossible"),
@@ -1184,30 +989,3 @@ def _howLost(side: str, reason: Failure) -> str:
     if reason.check(ConnectionDone):
         return f"{side} closed"
     return f"{side} connection lost: {reason.getErrorMessage()}"
-
-
-def canonicalHost(host: str) -> str:
-    """
-    An IP address as the kernel reports it, in the one form Shifter
-    compares and prints: IPv4-mapped IPv6 addresses unmapped, IPv6 ones
-    compressed, any scope dropped.  A dotted quad from the kernel is
-    already canonical, and is not parsed again.
-
-    @raise ValueError: if C{host} is not an IP address.
-    """
-    if ":" not in host:
-        if isDottedQuad(host):
-            return host
-        return ipaddress.IPv4Address(host).compressed
-    if host.startswith("::ffff:") and "." in host:
-        return canonicalHost(host[7:])
-    return ipaddress.IPv6Address(host.split("%", 1)[0]).compressed
-
-
-def formatAddress(host: str, port: int) -> str:
-    """
-    C{host:port}, with an IPv6 address in brackets.
-    """
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"

@@ -1,0 +1,280 @@
+"""
+Asking a proxy for the tunnel: the part of a tunnel's set-up that a client
+connection (L{shifter.tunnel.Tunnel}) and a SYN held before the
+connection exists (L{shifter.holdsyn.HeldSyn}) go through alike.
+
+L{ProxyNegotiation} applies a policy's decision, connects to the proxies
+one after another, sends CONNECT (with authentication and
+C{--pass-client}), reads the answer, counts each proxy's health, and moves
+on to the next proxy when one fails before the tunnel opens.  The two
+machines that mix it in declare, in their own tables, which of its steps
+each of their events leads to, and give it these hooks:
+
+  - C{_newAttempt(proxy)}: an unstarted L{shifter.interfaces.IProxyAttempt}
+    reporting to them;
+  - C{_open(leftover)}: the proxy answered 2xx;
+  - C{_fail(kind, reason, **fields)}: give up, counted under C{kind};
+  - C{_setupTimedOut()}: the whole set-up's deadline has passed;
+  - C{_setDeadline(when)};
+
+and these attributes: C{state}, C{owner} (for C{proxyAddresses}),
+C{settings}, C{pool}, C{stats}, C{clock}, C{log}, C{retryLine}, C{clientHost},
+C{clientPort}, C{clientLabel}, C{destination}, C{address}, C{target},
+C{connectHost}, C{named}, C{candidates}, C{proxy}, C{attempt}, C{request},
+C{passClient}, C{authExchange}, C{authProxy}, C{setupDeadline},
+C{connectStarted}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from shifter.connect import ConnectResponse, formatAuthority, isDottedQuad
+from shifter.destinations import destinationRefusal
+from shifter.passclient import refusalHint, tunnelRequest
+from shifter.policy import TunnelDecision
+
+# The states of this stage, in both machines.
+CONNECTING = "connecting"
+HANDSHAKING = "handshaking"
+
+
+def destinationCheck(owner: Any, settings: Any, host: str, port: int) -> tuple[str, str] | None:
+    """
+    Why a connection to C{host:port} must not be tunnelled, as (counter,
+    reason), or C{None}: it could reach an upstream proxy, it is an address
+    no proxy should be asked for, or its port is not allowed.
+
+    @param host: the destination's address, as L{canonicalHost} gives it.
+    """
+    refusal = owner.proxyAddresses.refusal(host, port)
+    if refusal is not None:
+        return "loop", refusal
+    refusal = destinationRefusal(host)
+    if refusal is not None:
+        return "destination", refusal
+    if settings.allowedPorts and port not in settings.allowedPorts:
+        return "port-denied", f"destination port {port} is not an --allow-port"
+    return None
+
+
+class ProxyNegotiation:
+    """
+    The steps from a list of proxies to an open tunnel or a failure; see
+    the module's docstring for what the class that mixes it in provides.
+    """
+
+    __slots__ = ()
+
+    # Stage: the policy's decision.
+
+    def _decided(self: Any, decision: TunnelDecision | None) -> None:
+        if decision is not None:
+            if decision.refuse is not None:
+                self._fail("policy", f"refused by policy: {decision.refuse}")
+                return
+            if decision.proxies is not None:
+                health = self.pool.health
+                self.candidates = [p for p in decision.proxies if p not in health or health[p].up]
+            self.passClient = decision.passClient
+            if decision.target is not None:
+                port = self.destination.port
+                try:
+                    formatAuthority(decision.target, port)
+                except (ValueError, TypeError) as e:
+                    self._fail("policy", f"policy gave an invalid target: {e}")
+                    return
+                refusal = self._targetRefusal(decision.target, port)
+                if refusal is not None:
+                    self._fail("destination", f"policy's target refused: {refusal}")
+                    return
+                self.connectHost = decision.target
+                if decision.target != self.address:
+                    self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"
+        self._connectFirst()
+
+    def _targetRefusal(self: Any, target: str, port: int) -> str | None:
+        """
+        Why a policy's CONNECT target must not be asked for, when it is an
+        address: the same refusals as for an original destination (an
+        upstream proxy, loopback, link-local, ...).  Names are the proxy's
+        to resolve.
+        """
+        try:
+            host = canonicalHost(target)
+        except ValueError:
+            return None
+        return self.owner.proxyAddresses.refusal(host, port) or destinationRefusal(host)
+
+    # Stage: a connection to a proxy, and its answer to CONNECT; the next
+    # proxy is tried when one fails before the tunnel opens.
+
+    def _connectFirst(self: Any) -> None:
+        if not self.candidates:
+            self._fail("no-proxy", "every proxy is down")
+            return
+        self.connectStarted = self.clock.seconds()
+        self._connectNext()
+
+    def _connectNext(self: Any) -> None:
+        proxy = self.proxy = self.candidates.pop(0)
+        destination = self.destination
+        port = destination.port
+        headers: list[tuple[str, str]] = []
+        if proxy.auth is not None:
+            if self.authProxy is not proxy:
+                self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
+            headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+        self.request = tunnelRequest(
+            proxy, self._clientAddress(), destination, self.connectHost, port, headers, self.passClient
+        )
+        self.state = CONNECTING
+        self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.setupDeadline))
+        # The current attempt before it starts: it may fail at once.
+        attempt = self.attempt = self._newAttempt(proxy)
+        attempt.connect()
+
+    def _proxyConnected(self: Any) -> None:
+        self.state = HANDSHAKING
+        self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
+        request, self.request = self.request, b""
+        self.attempt.write(request)
+
+    def _connectFailed(self: Any, reason: Failure) -> None:
+        why = f"cannot connect to proxy: {reason.getErrorMessage()}"
+        self.pool.failed(self.proxy, why)
+        self.attempt = None
+        self._retryOrFail("proxy-connect", why)
+
+    def _connectTimedOut(self: Any) -> None:
+        if self.clock.seconds() >= self.setupDeadline:
+            self._setupTimedOut()
+            return
+        why = f"no connection to proxy within {self.settings.connectTimeout:g} s"
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrFail("timeout", why)
+
+    def _handshakeTimedOut(self: Any) -> None:
+        if self.clock.seconds() >= self.setupDeadline:
+            self._setupTimedOut()
+            return
+        why = f"proxy did not answer CONNECT within {self.settings.handshakeTimeout:g} s"
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrFail("timeout", why)
+
+    def _answered(self: Any, response: ConnectResponse) -> None:
+        status = response.status
+        self.stats.proxyAnswers[f"{status // 100}xx"] += 1
+        if response.opensTunnel:
+            self.pool.succeeded(self.proxy)
+            if self.authExchange is not None and self.authProxy is self.proxy:
+                self.authExchange.succeeded()
+            self._open(response.leftover)
+        elif status == 407:
+            self._challenged(response)
+        else:
+            reason = f"proxy answered {status} {response.reason}".rstrip()
+            reason += refusalHint("proxy-status", status, self._passClientMode())
+            self._dropAttempt()
+            if status >= 500:
+                # This proxy could not serve the request; another may.
+                self._retryOrFail("proxy-status", reason, status=status)
+            else:
+                self._fail("proxy-status", reason, status=status)
+
+    def _challenged(self: Any, response: ConnectResponse) -> None:
+        exchange = self.authExchange if self.authProxy is self.proxy else None
+        self._dropAttempt()
+        if exchange is None:
+            self._fail("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
+            return
+        challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
+        cannot = exchange.challenged(challenges)
+        if cannot is not None:
+            self._fail("proxy-auth", f"proxy answered 407: {cannot}", status=407)
+            return
+        self.candidates.insert(0, self.proxy)
+        self._connectNext()
+
+    def _answerInvalid(self: Any, reason: str) -> None:
+        why = f"bad answer from proxy: {reason}"
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrFail("proxy-garbage", why)
+
+    def _closedBeforeAnswer(self: Any, reason: Failure | None = None) -> None:
+        if reason is None or reason.check(ConnectionDone):
+            why = "proxy closed the connection before answering"
+        else:
+            why = f"proxy connection lost before answering: {reason.getErrorMessage()}"
+        why += refusalHint("proxy-closed", None, self._passClientMode())
+        self.pool.failed(self.proxy, why)
+        self._dropAttempt()
+        self._retryOrFail("proxy-closed", why)
+
+    def _retryOrFail(self: Any, kind: str, reason: str, **fields: Any) -> None:
+        """
+        Try the next proxy if one is left and time allows, else fail.
+        """
+        if not self.candidates or self.clock.seconds() >= self.setupDeadline:
+            self._fail(kind, reason, **fields)
+            return
+        self.stats.retries += 1
+        self.log.info(
+            self.retryLine,
+            client=self.clientLabel,
+            destination=self.target,
+            proxy=self.proxy.description,
+            reason=reason,
+            next=self.candidates[0].description,
+        )
+        self._connectNext()
+
+    def _dropAttempt(self: Any) -> None:
+        """
+        Let go of the current attempt: it will not carry the tunnel.
+        """
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.abort()
+
+    def _clientAddress(self: Any) -> IPv4Address | IPv6Address:
+        host = self.clientHost
+        return (IPv6Address if ":" in host else IPv4Address)("TCP", host, self.clientPort)
+
+    def _passClientMode(self: Any) -> str:
+        return self.passClient or self.proxy.passClient
+
+
+def canonicalHost(host: str) -> str:
+    """
+    An IP address as the kernel reports it, in the one form Shifter
+    compares and prints: IPv4-mapped IPv6 addresses unmapped, IPv6 ones
+    compressed, any scope dropped.  A dotted quad from the kernel is
+    already canonical, and is not parsed again.
+
+    @raise ValueError: if C{host} is not an IP address.
+    """
+    if ":" not in host:
+        if isDottedQuad(host):
+            return host
+        return ipaddress.IPv4Address(host).compressed
+    if host.startswith("::ffff:") and "." in host:
+        return canonicalHost(host[7:])
+    return ipaddress.IPv6Address(host.split("%", 1)[0]).compressed
+
+
+def formatAddress(host: str, port: int) -> str:
+    """
+    C{host:port}, with an IPv6 address in brackets.
+    """
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
