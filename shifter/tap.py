@@ -329,7 +329,7 @@ class Options(usage.Options):
             None,
             "Tunnels one client (an IPv4 address, or an IPv6 /64) may hold at "
             "once; its connections past this are refused. 0 for no limit. "
-            "Default: a quarter of --max-connections, at most 1024.",
+            "Default: a quarter of --max-connections, at most 1024",
             _countOrOff,
         ],
         [
@@ -379,7 +379,7 @@ class Options(usage.Options):
             None,
             "Put this netfilter mark (SO_MARK) on connections to the proxy, so "
             "firewall rules can keep them out of the redirect. Needs "
-            "CAP_NET_ADMIN. Default: no mark.",
+            "CAP_NET_ADMIN. Default: no mark",
             _mark,
         ],
     ]
