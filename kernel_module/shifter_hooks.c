@@ -1,161 +1,163 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Shifter: the netfilter hooks that see TCP SYNs before NAT.
+ * Shifter: recording in the namespaces that enabled it.
  *
- * In every namespace, hooks at PRE_ROUTING (connections passing through a
- * gateway) and LOCAL_OUT (connections of local clients), IPv4 and IPv6,
- * run just before destination NAT, so a SYN still carries the destination
- * its client meant.  A SYN without ACK to a watched port is recorded as
+ * A namespace that enables the module gets a table, a conntrack reference
+ * (nf_ct_netns_get(), so conntrack tracks there) and one hook per family
+ * at LOCAL_IN; one that never does costs nothing per packet.
  *
- *	(family, source address, source port) -> (destination, port)
- *
- * Every header is read with skb_header_pointer(); a packet too short for
- * its headers, a fragment, or anything else odd is let through untouched
- * and unrecorded.  The hooks never drop or change a packet.
- *
- * A locally sent packet that NAT turned towards a local socket comes back
- * through PRE_ROUTING on the loopback device, already rewritten: it was
- * seen at LOCAL_OUT, so PRE_ROUTING ignores loopback devices.
+ * The hook runs just before conntrack confirms a new connection
+ * (NF_IP_PRI_CONNTRACK_CONFIRM - 1): after every NAT hook and chain,
+ * whatever their priorities, so the connection's tuples are final, and
+ * after the filter chains, so most SYNs that are going to be dropped
+ * already have been.  Only connections that reach a local socket pass
+ * LOCAL_IN, so a gateway's forwarded traffic and its own outgoing
+ * connections are never recorded.  A packet is recorded when it opened a
+ * TCP connection with a SYN (conntrack says SYN_SENT, not a connection
+ * picked up mid-stream), destination NAT changed the connection's
+ * destination, the original destination port is watched, and, if the
+ * namespace names an interface, the SYN arrived on it (the loopback
+ * device for local programs' connections redirected in nat OUTPUT).
+ * The hook never drops or changes a packet.
  */
 
-#include <linux/if.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
-#include <linux/kernel.h>
 #include <linux/netdevice.h>
 #include <linux/netfilter.h>
 #include <linux/netfilter_ipv4.h>
 #include <linux/netfilter_ipv6.h>
 #include <linux/skbuff.h>
-#include <linux/tcp.h>
-#include <net/ip.h>
-#include <net/ipv6.h>
+#include <net/netfilter/nf_conntrack.h>
 
 #include "shifter_net.h"
 #include "shifter_hooks.h"
 #include "shifter_ports.h"
 #include "shifter_table.h"
 
-static bool shifter_from_loopback(const struct nf_hook_state *state)
-{
-	return state->hook == NF_INET_PRE_ROUTING && state->in &&
-	       (state->in->flags & IFF_LOOPBACK);
-}
+#define SHIFTER_HOOK_PRIORITY	(NF_IP_PRI_CONNTRACK_CONFIRM - 1)
 
-static void shifter_tcp(struct net *net, const struct sk_buff *skb,
-			unsigned int thoff, u8 family,
-			const void *saddr, const void *daddr)
+static_assert((int)NF_IP6_PRI_LAST == (int)NF_IP_PRI_CONNTRACK_CONFIRM);
+
+static unsigned int shifter_hook(void *priv, struct sk_buff *skb,
+				 const struct nf_hook_state *state)
 {
-	struct shifter_tuple src, dst;
-	const struct tcphdr *th;
+	const struct nf_conntrack_tuple *orig;
+	enum ip_conntrack_info ctinfo;
+	struct shifter_table *table;
 	struct shifter_net *sn;
-	struct tcphdr _th;
+	struct nf_conn *ct;
+	int ifindex;
 
-	th = skb_header_pointer(skb, thoff, sizeof(_th), &_th);
-	if (!th || th->doff < sizeof(_th) / 4)
-		return;
-	if (!th->syn || th->ack || th->rst || th->fin)
-		return;
-	if (!th->source || !th->dest)
-		return;
-
-	sn = shifter_pernet(net);
-	if (!shifter_ports_watched(sn, ntohs(th->dest)))
-		return;
-
-	shifter_tuple_set(&src, family, saddr, th->source);
-	shifter_tuple_set(&dst, family, daddr, th->dest);
-	shifter_table_insert(sn, &src, &dst);
-}
-
-static unsigned int shifter_hook_ipv4(void *priv, struct sk_buff *skb,
-				      const struct nf_hook_state *state)
-{
-	unsigned int nhoff = skb_network_offset(skb);
-	const struct iphdr *iph;
-	struct iphdr _iph;
-	unsigned int ihl;
-
-	if (shifter_from_loopback(state))
+	ct = nf_ct_get(skb, &ctinfo);
+	if (!ct || ctinfo != IP_CT_NEW || nf_ct_protonum(ct) != IPPROTO_TCP)
+		return NF_ACCEPT;
+	if (!test_bit(IPS_DST_NAT_BIT, &ct->status))
+		return NF_ACCEPT;
+	if (READ_ONCE(ct->proto.tcp.state) != TCP_CONNTRACK_SYN_SENT)
 		return NF_ACCEPT;
 
-	iph = skb_header_pointer(skb, nhoff, sizeof(_iph), &_iph);
-	if (!iph || iph->version != 4 || iph->protocol != IPPROTO_TCP)
+	sn = shifter_pernet(state->net);
+	table = rcu_dereference(sn->table);
+	if (!table)
 		return NF_ACCEPT;
-	ihl = iph->ihl * 4;
-	if (ihl < sizeof(_iph) || ntohs(iph->tot_len) < ihl)
+	ifindex = READ_ONCE(sn->ifindex);
+	if (ifindex && (!state->in || state->in->ifindex != ifindex))
 		return NF_ACCEPT;
-	if (iph->frag_off & htons(IP_MF | IP_OFFSET))
-		return NF_ACCEPT;
-
-	shifter_tcp(state->net, skb, nhoff + ihl, AF_INET,
-		    &iph->saddr, &iph->daddr);
-	return NF_ACCEPT;
-}
-
-static unsigned int shifter_hook_ipv6(void *priv, struct sk_buff *skb,
-				      const struct nf_hook_state *state)
-{
-	unsigned int nhoff = skb_network_offset(skb);
-	const struct ipv6hdr *ip6h;
-	struct ipv6hdr _ip6h;
-	__be16 frag_off = 0;
-	u8 nexthdr;
-	int thoff;
-
-	if (shifter_from_loopback(state))
+	orig = &ct->tuplehash[IP_CT_DIR_ORIGINAL].tuple;
+	if (!shifter_ports_watched(sn, ntohs(orig->dst.u.tcp.port)))
 		return NF_ACCEPT;
 
-	ip6h = skb_header_pointer(skb, nhoff, sizeof(_ip6h), &_ip6h);
-	if (!ip6h || ip6h->version != 6)
-		return NF_ACCEPT;
-
-	nexthdr = ip6h->nexthdr;
-	thoff = ipv6_skip_exthdr(skb, nhoff + sizeof(_ip6h), &nexthdr,
-				 &frag_off);
-	if (thoff < 0 || nexthdr != IPPROTO_TCP || frag_off)
-		return NF_ACCEPT;
-
-	shifter_tcp(state->net, skb, thoff, AF_INET6,
-		    &ip6h->saddr, &ip6h->daddr);
+	shifter_table_record(table, ct);
 	return NF_ACCEPT;
 }
 
 static const struct nf_hook_ops shifter_nf_ops[] = {
 	{
-		.hook		= shifter_hook_ipv4,
+		.hook		= shifter_hook,
 		.pf		= NFPROTO_IPV4,
-		.hooknum	= NF_INET_PRE_ROUTING,
-		.priority	= NF_IP_PRI_NAT_DST - 1,
+		.hooknum	= NF_INET_LOCAL_IN,
+		.priority	= SHIFTER_HOOK_PRIORITY,
 	},
 	{
-		.hook		= shifter_hook_ipv4,
-		.pf		= NFPROTO_IPV4,
-		.hooknum	= NF_INET_LOCAL_OUT,
-		.priority	= NF_IP_PRI_NAT_DST - 1,
-	},
-	{
-		.hook		= shifter_hook_ipv6,
+		.hook		= shifter_hook,
 		.pf		= NFPROTO_IPV6,
-		.hooknum	= NF_INET_PRE_ROUTING,
-		.priority	= NF_IP6_PRI_NAT_DST - 1,
-	},
-	{
-		.hook		= shifter_hook_ipv6,
-		.pf		= NFPROTO_IPV6,
-		.hooknum	= NF_INET_LOCAL_OUT,
-		.priority	= NF_IP6_PRI_NAT_DST - 1,
+		.hooknum	= NF_INET_LOCAL_IN,
+		.priority	= SHIFTER_HOOK_PRIORITY,
 	},
 };
 
-int shifter_hooks_register(struct net *net)
+/* Called under sn->lock. */
+int shifter_hooks_enable(struct shifter_net *sn)
 {
-	return nf_register_net_hooks(net, shifter_nf_ops,
-				     ARRAY_SIZE(shifter_nf_ops));
+	struct shifter_table *table;
+	int ret;
+
+	if (rcu_access_pointer(sn->table))
+		return 0;
+	table = shifter_table_new(sn);
+	if (!table)
+		return -ENOMEM;
+	ret = nf_ct_netns_get(sn->net, NFPROTO_INET);
+	if (ret)
+		goto err_table;
+	rcu_assign_pointer(sn->table, table);
+	ret = nf_register_net_hooks(sn->net, shifter_nf_ops,
+				    ARRAY_SIZE(shifter_nf_ops));
+	if (ret)
+		goto err_conntrack;
+	return 0;
+
+err_conntrack:
+	RCU_INIT_POINTER(sn->table, NULL);
+	/*
+	 * nf_register_net_hooks() took back the hooks it had registered, but
+	 * one may still be running on another CPU, and a look-up may hold
+	 * the table.
+	 */
+	synchronize_net();
+	nf_ct_netns_put(sn->net, NFPROTO_INET);
+err_table:
+	shifter_table_free(table);
+	return ret;
 }
 
-void shifter_hooks_unregister(struct net *net)
+/* Called under sn->lock. */
+void shifter_hooks_disable(struct shifter_net *sn)
 {
-	nf_unregister_net_hooks(net, shifter_nf_ops,
+	struct shifter_table *table;
+
+	table = rcu_dereference_protected(sn->table,
+					  lockdep_is_held(&sn->lock));
+	if (!table)
+		return;
+	nf_unregister_net_hooks(sn->net, shifter_nf_ops,
 				ARRAY_SIZE(shifter_nf_ops));
+	RCU_INIT_POINTER(sn->table, NULL);
+	/* No hook and no look-up sees the table after this. */
+	synchronize_net();
+	shifter_table_free(table);
+	nf_ct_netns_put(sn->net, NFPROTO_INET);
+}
+
+/*
+ * A namespace going away: its hooks go first; the core waits for an RCU
+ * grace period before shifter_hooks_net_exit().  No socket, so no
+ * command, is left in the namespace.
+ */
+void shifter_hooks_net_pre_exit(struct shifter_net *sn)
+{
+	if (rcu_access_pointer(sn->table))
+		nf_unregister_net_hooks(sn->net, shifter_nf_ops,
+					ARRAY_SIZE(shifter_nf_ops));
+}
+
+void shifter_hooks_net_exit(struct shifter_net *sn)
+{
+	struct shifter_table *table;
+
+	table = rcu_dereference_protected(sn->table, true);
+	if (!table)
+		return;
+	RCU_INIT_POINTER(sn->table, NULL);
+	shifter_table_free(table);
+	nf_ct_netns_put(sn->net, NFPROTO_INET);
 }

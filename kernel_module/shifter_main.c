@@ -3,10 +3,13 @@
  * Shifter: the original destination of redirected TCP connections.
  *
  * Module parameters, per-namespace set-up and tear-down, and the order in
- * which the parts come up and go down: the table first, then the
- * namespaces (each with its ports and hooks), and the generic netlink
- * family last, so that user space can only reach a module that is whole;
- * on the way out the family goes first.
+ * which the parts come up and go down: the entry cache first, then the
+ * per-namespace state, and the generic netlink family last, so that user
+ * space can only reach a module that is whole; on the way out the family
+ * goes first.  Loading the module registers no hook anywhere: a namespace
+ * gets its hooks and its table when it enables the module (see
+ * shifter_hooks.c).  The module is not loaded on demand by a look-up of
+ * its family: an administrator loads it.
  */
 
 #include <linux/bits.h>
@@ -14,6 +17,8 @@
 #include <linux/kernel.h>
 #include <linux/module.h>
 #include <linux/moduleparam.h>
+#include <linux/mutex.h>
+#include <linux/version.h>
 #include <net/genetlink.h>
 #include <net/net_namespace.h>
 #include <net/netns/generic.h>
@@ -24,6 +29,11 @@
 #include "shifter_ports.h"
 #include "shifter_table.h"
 
+/* GENL_REQ_ATTR_CHECK() and per-command policies as used here. */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 1, 0)
+#error "shifter needs Linux 6.1 or later"
+#endif
+
 /* A day: long enough for any handshake, short enough for jiffies math. */
 #define SHIFTER_EXPIRY_SECS_MAX	(24 * 60 * 60)
 #define SHIFTER_MAX_ENTRIES_MAX	BIT(24)
@@ -31,7 +41,12 @@
 unsigned int shifter_max_entries __read_mostly = 65536;
 module_param_named(max_entries, shifter_max_entries, uint, 0444);
 MODULE_PARM_DESC(max_entries,
-		 "Most connections remembered per network namespace; the oldest is dropped first (default 65536)");
+		 "Most connections remembered per network namespace (default 65536)");
+
+unsigned int shifter_max_entries_total __read_mostly = 262144;
+module_param_named(max_entries_total, shifter_max_entries_total, uint, 0444);
+MODULE_PARM_DESC(max_entries_total,
+		 "Most connections remembered in all network namespaces together (default 262144)");
 
 unsigned int shifter_expiry_secs __read_mostly = 120;
 module_param_named(expiry_secs, shifter_expiry_secs, uint, 0444);
@@ -43,33 +58,22 @@ unsigned int shifter_default_nports = 1;
 module_param_array_named(ports, shifter_default_ports, ushort,
 			 &shifter_default_nports, 0444);
 MODULE_PARM_DESC(ports,
-		 "Destination ports watched in a new network namespace, comma-separated (default 443)");
+		 "Destination ports a namespace watches until it sets its own, comma-separated (default 443)");
 
 unsigned int shifter_net_id __read_mostly;
 
 static int __net_init shifter_net_init(struct net *net)
 {
 	struct shifter_net *sn = shifter_pernet(net);
-	int ret;
 
 	sn->net = net;
-	shifter_table_net_init(sn);
-	ret = shifter_ports_net_init(sn);
-	if (ret)
-		return ret;
-	ret = shifter_hooks_register(net);
-	if (ret)
-		goto err_ports;
+	mutex_init(&sn->lock);
 	return 0;
-
-err_ports:
-	shifter_ports_net_exit(sn);
-	return ret;
 }
 
 static void __net_exit shifter_net_pre_exit(struct net *net)
 {
-	shifter_hooks_unregister(net);
+	shifter_hooks_net_pre_exit(shifter_pernet(net));
 }
 
 /* The core waits for an RCU grace period between pre_exit and exit. */
@@ -77,8 +81,9 @@ static void __net_exit shifter_net_exit(struct net *net)
 {
 	struct shifter_net *sn = shifter_pernet(net);
 
-	shifter_table_net_exit(sn);
+	shifter_hooks_net_exit(sn);
 	shifter_ports_net_exit(sn);
+	mutex_destroy(&sn->lock);
 }
 
 static struct pernet_operations shifter_net_ops = {
@@ -96,6 +101,12 @@ static int __init shifter_check_params(void)
 	if (!shifter_max_entries ||
 	    shifter_max_entries > SHIFTER_MAX_ENTRIES_MAX) {
 		pr_err("max_entries must be between 1 and %lu\n",
+		       SHIFTER_MAX_ENTRIES_MAX);
+		return -EINVAL;
+	}
+	if (!shifter_max_entries_total ||
+	    shifter_max_entries_total > SHIFTER_MAX_ENTRIES_MAX) {
+		pr_err("max_entries_total must be between 1 and %lu\n",
 		       SHIFTER_MAX_ENTRIES_MAX);
 		return -EINVAL;
 	}
@@ -134,8 +145,8 @@ static int __init shifter_init(void)
 	if (ret)
 		goto err_pernet;
 
-	pr_info("watching %u port(s), up to %u entries per namespace for %u s\n",
-		shifter_default_nports, shifter_max_entries,
+	pr_info("ready: up to %u entries per namespace, %u in all, for %u s\n",
+		shifter_max_entries, shifter_max_entries_total,
 		shifter_expiry_secs);
 	return 0;
 
@@ -149,6 +160,7 @@ err_table:
 static void __exit shifter_exit(void)
 {
 	shifter_genl_exit();
+	/* Each namespace: hooks off, a grace period, its table emptied. */
 	unregister_pernet_subsys(&shifter_net_ops);
 	shifter_table_exit();
 }
@@ -158,4 +170,3 @@ module_exit(shifter_exit);
 MODULE_LICENSE("GPL");
 MODULE_DESCRIPTION("Shifter: original destinations of redirected TCP connections");
 MODULE_AUTHOR("The Shifter authors");
-MODULE_ALIAS_GENL_FAMILY(SHIFTER_GENL_NAME);

@@ -3,29 +3,31 @@
  * Shifter: the "shifter" generic netlink family.
  *
  * The commands, attributes and errors are documented in
- * include/uapi/linux/shifter.h.  Every request is validated strictly
- * against shifter_genl_policy by the generic netlink core before it gets
- * here; the checks that a policy cannot express (an address as long as
- * its family says, a port other than 0) are made below.  Every command
+ * include/uapi/linux/shifter.h and described for tools in
+ * Documentation/netlink/specs/shifter.yaml.  Each command has a policy of
+ * its own, and the generic netlink core validates every request strictly
+ * against it before the command runs, so a command never sees an
+ * attribute that is not its own; the checks that a policy cannot express
+ * (an address as long as its family says) are made below.  Every command
  * needs CAP_NET_ADMIN in the user namespace that owns the network
- * namespace of the requesting socket, and sees only that namespace.
+ * namespace of the requesting socket (GENL_UNS_ADMIN_PERM), and acts on
+ * that namespace only.
  */
 
+#include <linux/err.h>
 #include <linux/in.h>
 #include <linux/in6.h>
 #include <linux/kernel.h>
+#include <linux/netdevice.h>
 #include <linux/socket.h>
 #include <net/genetlink.h>
 #include <net/netlink.h>
 
 #include "shifter_net.h"
+#include "shifter_hooks.h"
 #include "shifter_netlink.h"
 #include "shifter_ports.h"
 #include "shifter_table.h"
-
-static const struct nla_policy shifter_ports_policy[SHIFTER_A_PORTS_MAX + 1] = {
-	[SHIFTER_A_PORTS_PORT]	= { .type = NLA_U16 },
-};
 
 /* An address of either family; its own family's length is checked later. */
 static int shifter_validate_addr(const struct nlattr *attr,
@@ -40,18 +42,31 @@ static int shifter_validate_addr(const struct nlattr *attr,
 	return 0;
 }
 
-static const struct nla_policy shifter_genl_policy[SHIFTER_A_MAX + 1] = {
+static const struct nla_policy shifter_ports_policy[SHIFTER_A_PORTS_MAX + 1] = {
+	[SHIFTER_A_PORTS_PORT]	= NLA_POLICY_MIN(NLA_U16, 1),
+};
+
+static const struct nla_policy shifter_get_policy[SHIFTER_A_MAX + 1] = {
 	[SHIFTER_A_FAMILY]	= { .type = NLA_U8 },
 	[SHIFTER_A_SRC_ADDR]	= NLA_POLICY_VALIDATE_FN(NLA_BINARY,
 							 shifter_validate_addr),
-	[SHIFTER_A_SRC_PORT]	= { .type = NLA_U16 },
-	/* Attributes of replies only. */
-	[SHIFTER_A_DST_ADDR]	= { .type = NLA_REJECT },
-	[SHIFTER_A_DST_PORT]	= { .type = NLA_REJECT },
-	[SHIFTER_A_STATS]	= { .type = NLA_REJECT },
-	[SHIFTER_A_PORTS]	= NLA_POLICY_NESTED(shifter_ports_policy),
-	[SHIFTER_A_PAD]		= { .type = NLA_REJECT },
+	[SHIFTER_A_SRC_PORT]	= NLA_POLICY_MIN(NLA_U16, 1),
+	[SHIFTER_A_LOCAL_ADDR]	= NLA_POLICY_VALIDATE_FN(NLA_BINARY,
+							 shifter_validate_addr),
+	[SHIFTER_A_LOCAL_PORT]	= NLA_POLICY_MIN(NLA_U16, 1),
 };
+
+static const struct nla_policy shifter_set_ports_policy[SHIFTER_A_MAX + 1] = {
+	[SHIFTER_A_PORTS]	= NLA_POLICY_NESTED(shifter_ports_policy),
+};
+
+static const struct nla_policy shifter_enable_policy[SHIFTER_A_MAX + 1] = {
+	[SHIFTER_A_PORTS]	= NLA_POLICY_NESTED(shifter_ports_policy),
+	[SHIFTER_A_IFINDEX]	= { .type = NLA_U32 },
+};
+
+/* For the commands that take no attribute: each one is refused. */
+static const struct nla_policy shifter_empty_policy[SHIFTER_A_MAX + 1];
 
 static struct genl_family shifter_genl_family;
 
@@ -67,13 +82,26 @@ static unsigned int shifter_addr_len(u8 family)
 	}
 }
 
-static int shifter_put_tuple(struct sk_buff *msg, int addr_type,
-			     int port_type, const struct shifter_tuple *tuple)
+static int shifter_get_addr(struct genl_info *info, int type,
+			    unsigned int len, union nf_inet_addr *addr)
 {
-	unsigned int len = shifter_addr_len(tuple->family);
+	const struct nlattr *attr = info->attrs[type];
 
-	if (nla_put(msg, addr_type, len, &tuple->addr) ||
-	    nla_put_u16(msg, port_type, ntohs(tuple->port)))
+	if (nla_len(attr) != len) {
+		NL_SET_ERR_MSG_ATTR(info->extack, attr,
+				    "address length does not match the family");
+		return -EINVAL;
+	}
+	memcpy(addr, nla_data(attr), len);
+	return 0;
+}
+
+static int shifter_put_addr(struct sk_buff *msg, int addr_type, int port_type,
+			    unsigned int len, const union nf_inet_addr *addr,
+			    __be16 port)
+{
+	if (nla_put(msg, addr_type, len, addr) ||
+	    nla_put_u16(msg, port_type, ntohs(port)))
 		return -EMSGSIZE;
 	return 0;
 }
@@ -81,51 +109,73 @@ static int shifter_put_tuple(struct sk_buff *msg, int addr_type,
 static int shifter_genl_get(struct sk_buff *skb, struct genl_info *info)
 {
 	struct shifter_net *sn = shifter_pernet(genl_info_net(info));
-	struct shifter_tuple src, dst;
-	struct nlattr *addr;
+	struct shifter_table *table;
+	struct shifter_dest dest;
+	struct shifter_key key;
 	struct sk_buff *msg;
 	unsigned int len;
+	bool enabled;
 	void *hdr;
-	u8 family;
+	int ret;
 
 	if (GENL_REQ_ATTR_CHECK(info, SHIFTER_A_FAMILY) ||
 	    GENL_REQ_ATTR_CHECK(info, SHIFTER_A_SRC_ADDR) ||
-	    GENL_REQ_ATTR_CHECK(info, SHIFTER_A_SRC_PORT))
+	    GENL_REQ_ATTR_CHECK(info, SHIFTER_A_SRC_PORT) ||
+	    GENL_REQ_ATTR_CHECK(info, SHIFTER_A_LOCAL_ADDR) ||
+	    GENL_REQ_ATTR_CHECK(info, SHIFTER_A_LOCAL_PORT))
 		return -EINVAL;
 
-	family = nla_get_u8(info->attrs[SHIFTER_A_FAMILY]);
-	len = shifter_addr_len(family);
+	memset(&key, 0, sizeof(key));
+	key.family = nla_get_u8(info->attrs[SHIFTER_A_FAMILY]);
+	len = shifter_addr_len(key.family);
 	if (!len) {
 		NL_SET_ERR_MSG_ATTR(info->extack, info->attrs[SHIFTER_A_FAMILY],
 				    "family is neither AF_INET nor AF_INET6");
 		return -EINVAL;
 	}
-	addr = info->attrs[SHIFTER_A_SRC_ADDR];
-	if (nla_len(addr) != len) {
-		NL_SET_ERR_MSG_ATTR(info->extack, addr,
-				    "address length does not match the family");
-		return -EINVAL;
-	}
-	shifter_tuple_set(&src, family, nla_data(addr),
-			  htons(nla_get_u16(info->attrs[SHIFTER_A_SRC_PORT])));
+	ret = shifter_get_addr(info, SHIFTER_A_SRC_ADDR, len, &key.peer);
+	if (ret)
+		return ret;
+	ret = shifter_get_addr(info, SHIFTER_A_LOCAL_ADDR, len, &key.local);
+	if (ret)
+		return ret;
+	key.peer_port = htons(nla_get_u16(info->attrs[SHIFTER_A_SRC_PORT]));
+	key.local_port = htons(nla_get_u16(info->attrs[SHIFTER_A_LOCAL_PORT]));
 
-	if (!shifter_table_lookup(sn, &src, &dst))
-		return -ENOENT;
+	atomic64_inc(&sn->stats.lookups);
+	rcu_read_lock();
+	table = rcu_dereference(sn->table);
+	enabled = table;
+	ret = table ? shifter_table_lookup(table, &key, &dest) : -ENOENT;
+	rcu_read_unlock();
+	if (ret) {
+		atomic64_inc(&sn->stats.misses);
+		if (enabled)
+			NL_SET_ERR_MSG(info->extack,
+				       "no record of this connection");
+		else
+			NL_SET_ERR_MSG(info->extack,
+				       "not enabled in this network namespace");
+		return ret;
+	}
+	atomic64_inc(&sn->stats.hits);
 
 	msg = genlmsg_new(nla_total_size(sizeof(u8)) +
-			  2 * nla_total_size(sizeof(struct in6_addr)) +
-			  2 * nla_total_size(sizeof(u16)), GFP_KERNEL);
+			  3 * nla_total_size(sizeof(struct in6_addr)) +
+			  3 * nla_total_size(sizeof(u16)), GFP_KERNEL);
 	if (!msg)
 		return -ENOMEM;
 	hdr = genlmsg_put_reply(msg, info, &shifter_genl_family, 0,
 				SHIFTER_CMD_GET);
 	if (!hdr)
 		goto err_msgsize;
-	if (nla_put_u8(msg, SHIFTER_A_FAMILY, family) ||
-	    shifter_put_tuple(msg, SHIFTER_A_SRC_ADDR, SHIFTER_A_SRC_PORT,
-			      &src) ||
-	    shifter_put_tuple(msg, SHIFTER_A_DST_ADDR, SHIFTER_A_DST_PORT,
-			      &dst))
+	if (nla_put_u8(msg, SHIFTER_A_FAMILY, key.family) ||
+	    shifter_put_addr(msg, SHIFTER_A_SRC_ADDR, SHIFTER_A_SRC_PORT, len,
+			     &key.peer, key.peer_port) ||
+	    shifter_put_addr(msg, SHIFTER_A_LOCAL_ADDR, SHIFTER_A_LOCAL_PORT,
+			     len, &key.local, key.local_port) ||
+	    shifter_put_addr(msg, SHIFTER_A_DST_ADDR, SHIFTER_A_DST_PORT, len,
+			     &dest.addr, dest.port))
 		goto err_msgsize;
 	genlmsg_end(msg, hdr);
 	return genlmsg_reply(msg, info);
@@ -135,20 +185,35 @@ err_msgsize:
 	return -EMSGSIZE;
 }
 
+static u64 shifter_entries(struct shifter_net *sn)
+{
+	struct shifter_table *table;
+	u64 entries = 0;
+
+	rcu_read_lock();
+	table = rcu_dereference(sn->table);
+	if (table)
+		entries = shifter_table_count(table);
+	rcu_read_unlock();
+	return entries;
+}
+
 static int shifter_genl_stats(struct sk_buff *skb, struct genl_info *info)
 {
 	struct shifter_net *sn = shifter_pernet(genl_info_net(info));
+	struct shifter_stats *stats = &sn->stats;
 	const struct {
 		int type;
 		u64 value;
 	} stat[] = {
-		{ SHIFTER_STAT_ENTRIES, shifter_table_count(sn) },
-		{ SHIFTER_STAT_INSERTS, atomic64_read(&sn->inserts) },
-		{ SHIFTER_STAT_LOOKUPS, atomic64_read(&sn->lookups) },
-		{ SHIFTER_STAT_HITS, atomic64_read(&sn->hits) },
-		{ SHIFTER_STAT_MISSES, atomic64_read(&sn->misses) },
-		{ SHIFTER_STAT_EVICTIONS, atomic64_read(&sn->evictions) },
-		{ SHIFTER_STAT_EXPIRIES, atomic64_read(&sn->expiries) },
+		{ SHIFTER_STAT_ENTRIES, shifter_entries(sn) },
+		{ SHIFTER_STAT_INSERTS, atomic64_read(&stats->inserts) },
+		{ SHIFTER_STAT_LOOKUPS, atomic64_read(&stats->lookups) },
+		{ SHIFTER_STAT_HITS, atomic64_read(&stats->hits) },
+		{ SHIFTER_STAT_MISSES, atomic64_read(&stats->misses) },
+		{ SHIFTER_STAT_EXPIRIES, atomic64_read(&stats->expiries) },
+		{ SHIFTER_STAT_GONE, atomic64_read(&stats->gone) },
+		{ SHIFTER_STAT_FULL, atomic64_read(&stats->full) },
 	};
 	struct nlattr *nest;
 	struct sk_buff *msg;
@@ -181,23 +246,29 @@ err_msgsize:
 	return -EMSGSIZE;
 }
 
-static int shifter_genl_get_ports(struct sk_buff *skb, struct genl_info *info)
+static int shifter_genl_get_config(struct sk_buff *skb, struct genl_info *info)
 {
 	struct shifter_net *sn = shifter_pernet(genl_info_net(info));
 	u16 port[SHIFTER_MAX_PORTS];
 	unsigned int count, i;
 	struct nlattr *nest;
 	struct sk_buff *msg;
+	bool enabled;
 	void *hdr;
 
 	count = shifter_ports_get(sn, port);
-	msg = genlmsg_new(nla_total_size(0) +
+	enabled = !!rcu_access_pointer(sn->table);
+	msg = genlmsg_new(nla_total_size(sizeof(u8)) +
+			  nla_total_size(sizeof(u32)) + nla_total_size(0) +
 			  count * nla_total_size(sizeof(u16)), GFP_KERNEL);
 	if (!msg)
 		return -ENOMEM;
 	hdr = genlmsg_put_reply(msg, info, &shifter_genl_family, 0,
-				SHIFTER_CMD_GET_PORTS);
+				SHIFTER_CMD_GET_CONFIG);
 	if (!hdr)
+		goto err_msgsize;
+	if (nla_put_u8(msg, SHIFTER_A_ENABLED, enabled) ||
+	    nla_put_u32(msg, SHIFTER_A_IFINDEX, READ_ONCE(sn->ifindex)))
 		goto err_msgsize;
 	nest = nla_nest_start(msg, SHIFTER_A_PORTS);
 	if (!nest)
@@ -215,71 +286,160 @@ err_msgsize:
 	return -EMSGSIZE;
 }
 
-static int shifter_genl_set_ports(struct sk_buff *skb, struct genl_info *info)
+/* The ports of a SHIFTER_A_PORTS nest, each already checked by policy. */
+static struct shifter_ports *shifter_parse_ports(const struct nlattr *nest,
+						 struct netlink_ext_ack *extack)
 {
-	struct shifter_net *sn = shifter_pernet(genl_info_net(info));
 	u16 port[SHIFTER_MAX_PORTS];
 	unsigned int count = 0;
 	struct nlattr *attr;
 	int rem;
 
-	if (GENL_REQ_ATTR_CHECK(info, SHIFTER_A_PORTS))
-		return -EINVAL;
-
-	nla_for_each_nested(attr, info->attrs[SHIFTER_A_PORTS], rem) {
-		if (nla_type(attr) != SHIFTER_A_PORTS_PORT) {
-			NL_SET_ERR_MSG_ATTR(info->extack, attr,
-					    "unexpected attribute in the ports");
-			return -EINVAL;
-		}
+	nla_for_each_nested(attr, nest, rem) {
 		if (count == SHIFTER_MAX_PORTS) {
-			NL_SET_ERR_MSG_ATTR(info->extack, attr,
-					    "too many ports");
-			return -EINVAL;
+			NL_SET_ERR_MSG_ATTR(extack, attr, "too many ports");
+			return ERR_PTR(-EINVAL);
 		}
-		port[count] = nla_get_u16(attr);
-		if (!port[count]) {
-			NL_SET_ERR_MSG_ATTR(info->extack, attr,
-					    "port 0 cannot be watched");
-			return -EINVAL;
-		}
-		count++;
+		port[count++] = nla_get_u16(attr);
 	}
-	return shifter_ports_set(sn, port, count);
+	return shifter_ports_new(port, count);
 }
 
-static const struct genl_small_ops shifter_genl_ops[] = {
+/*
+ * Enables @sn if it is not yet, then applies the settings given; on an
+ * error nothing has changed.
+ */
+static int shifter_configure(struct shifter_net *sn,
+			     struct shifter_ports *ports,
+			     const int *ifindex)
+{
+	int ret;
+
+	mutex_lock(&sn->lock);
+	ret = shifter_hooks_enable(sn);
+	if (ret) {
+		mutex_unlock(&sn->lock);
+		kfree(ports);
+		return ret;
+	}
+	if (ports)
+		shifter_ports_replace(sn, ports);
+	if (ifindex)
+		WRITE_ONCE(sn->ifindex, *ifindex);
+	mutex_unlock(&sn->lock);
+	return 0;
+}
+
+static int shifter_genl_set_ports(struct sk_buff *skb, struct genl_info *info)
+{
+	struct shifter_net *sn = shifter_pernet(genl_info_net(info));
+	struct shifter_ports *ports;
+
+	if (GENL_REQ_ATTR_CHECK(info, SHIFTER_A_PORTS))
+		return -EINVAL;
+	ports = shifter_parse_ports(info->attrs[SHIFTER_A_PORTS], info->extack);
+	if (IS_ERR(ports))
+		return PTR_ERR(ports);
+	return shifter_configure(sn, ports, NULL);
+}
+
+static int shifter_genl_enable(struct sk_buff *skb, struct genl_info *info)
+{
+	struct net *net = genl_info_net(info);
+	struct shifter_net *sn = shifter_pernet(net);
+	struct shifter_ports *ports = NULL;
+	const struct nlattr *attr;
+	bool found;
+	int ifindex;
+
+	attr = info->attrs[SHIFTER_A_IFINDEX];
+	if (attr) {
+		ifindex = nla_get_u32(attr);
+		if (ifindex < 0) {
+			NL_SET_ERR_MSG_ATTR(info->extack, attr,
+					    "interface index out of range");
+			return -EINVAL;
+		}
+		rcu_read_lock();
+		found = !ifindex || dev_get_by_index_rcu(net, ifindex);
+		rcu_read_unlock();
+		if (!found) {
+			NL_SET_ERR_MSG_ATTR(info->extack, attr,
+					    "no such interface in this network namespace");
+			return -ENODEV;
+		}
+	}
+	if (info->attrs[SHIFTER_A_PORTS]) {
+		ports = shifter_parse_ports(info->attrs[SHIFTER_A_PORTS],
+					    info->extack);
+		if (IS_ERR(ports))
+			return PTR_ERR(ports);
+	}
+	return shifter_configure(sn, ports, attr ? &ifindex : NULL);
+}
+
+static int shifter_genl_disable(struct sk_buff *skb, struct genl_info *info)
+{
+	struct shifter_net *sn = shifter_pernet(genl_info_net(info));
+
+	mutex_lock(&sn->lock);
+	shifter_hooks_disable(sn);
+	mutex_unlock(&sn->lock);
+	return 0;
+}
+
+static const struct genl_ops shifter_genl_ops[] = {
 	{
-		.cmd	= SHIFTER_CMD_GET,
-		.doit	= shifter_genl_get,
-		.flags	= GENL_UNS_ADMIN_PERM,
+		.cmd		= SHIFTER_CMD_GET,
+		.doit		= shifter_genl_get,
+		.policy		= shifter_get_policy,
+		.maxattr	= ARRAY_SIZE(shifter_get_policy) - 1,
+		.flags		= GENL_UNS_ADMIN_PERM,
 	},
 	{
-		.cmd	= SHIFTER_CMD_STATS,
-		.doit	= shifter_genl_stats,
-		.flags	= GENL_UNS_ADMIN_PERM,
+		.cmd		= SHIFTER_CMD_STATS,
+		.doit		= shifter_genl_stats,
+		.policy		= shifter_empty_policy,
+		.maxattr	= ARRAY_SIZE(shifter_empty_policy) - 1,
+		.flags		= GENL_UNS_ADMIN_PERM,
 	},
 	{
-		.cmd	= SHIFTER_CMD_GET_PORTS,
-		.doit	= shifter_genl_get_ports,
-		.flags	= GENL_UNS_ADMIN_PERM,
+		.cmd		= SHIFTER_CMD_GET_CONFIG,
+		.doit		= shifter_genl_get_config,
+		.policy		= shifter_empty_policy,
+		.maxattr	= ARRAY_SIZE(shifter_empty_policy) - 1,
+		.flags		= GENL_UNS_ADMIN_PERM,
 	},
 	{
-		.cmd	= SHIFTER_CMD_SET_PORTS,
-		.doit	= shifter_genl_set_ports,
-		.flags	= GENL_UNS_ADMIN_PERM,
+		.cmd		= SHIFTER_CMD_SET_PORTS,
+		.doit		= shifter_genl_set_ports,
+		.policy		= shifter_set_ports_policy,
+		.maxattr	= ARRAY_SIZE(shifter_set_ports_policy) - 1,
+		.flags		= GENL_UNS_ADMIN_PERM,
+	},
+	{
+		.cmd		= SHIFTER_CMD_ENABLE,
+		.doit		= shifter_genl_enable,
+		.policy		= shifter_enable_policy,
+		.maxattr	= ARRAY_SIZE(shifter_enable_policy) - 1,
+		.flags		= GENL_UNS_ADMIN_PERM,
+	},
+	{
+		.cmd		= SHIFTER_CMD_DISABLE,
+		.doit		= shifter_genl_disable,
+		.policy		= shifter_empty_policy,
+		.maxattr	= ARRAY_SIZE(shifter_empty_policy) - 1,
+		.flags		= GENL_UNS_ADMIN_PERM,
 	},
 };
 
 static struct genl_family shifter_genl_family __ro_after_init = {
 	.name		= SHIFTER_GENL_NAME,
 	.version	= SHIFTER_GENL_VERSION,
-	.maxattr	= SHIFTER_A_MAX,
-	.policy		= shifter_genl_policy,
 	.netnsok	= true,
 	.parallel_ops	= true,
-	.small_ops	= shifter_genl_ops,
-	.n_small_ops	= ARRAY_SIZE(shifter_genl_ops),
+	.ops		= shifter_genl_ops,
+	.n_ops		= ARRAY_SIZE(shifter_genl_ops),
 	.module		= THIS_MODULE,
 };
 

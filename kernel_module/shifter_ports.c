@@ -2,31 +2,30 @@
 /*
  * Shifter: the destination ports watched in each namespace.
  *
- * A namespace's ports are a small array, read under RCU by the hooks for
- * every TCP SYN and replaced whole, under shifter_ports_mutex, when user
- * space sets new ones.  A namespace starts with the ports of the module
- * parameter "ports".
+ * A namespace's ports are a small array, read under RCU by the hook for
+ * every new redirected connection and replaced whole, under the
+ * namespace's lock, when user space sets new ones.  Until then the
+ * namespace watches the ports of the module parameter "ports", which
+ * cost it nothing.
  */
 
-#include <linux/mutex.h>
+#include <linux/err.h>
+#include <linux/overflow.h>
 #include <linux/rcupdate.h>
 #include <linux/slab.h>
 
 #include "shifter_net.h"
 #include "shifter_ports.h"
 
-static DEFINE_MUTEX(shifter_ports_mutex);
-
 /* Copies @count ports, leaving out repeats; order is kept. */
-static struct shifter_ports *shifter_ports_new(const u16 *port,
-					       unsigned int count)
+struct shifter_ports *shifter_ports_new(const u16 *port, unsigned int count)
 {
 	struct shifter_ports *ports;
 	unsigned int i, j;
 
 	if (count > SHIFTER_MAX_PORTS)
 		return ERR_PTR(-EINVAL);
-	ports = kzalloc(sizeof(*ports), GFP_KERNEL);
+	ports = kzalloc(struct_size(ports, port, count), GFP_KERNEL_ACCOUNT);
 	if (!ports)
 		return ERR_PTR(-ENOMEM);
 	for (i = 0; i < count; i++) {
@@ -44,18 +43,6 @@ static struct shifter_ports *shifter_ports_new(const u16 *port,
 	return ports;
 }
 
-int shifter_ports_net_init(struct shifter_net *sn)
-{
-	struct shifter_ports *ports;
-
-	ports = shifter_ports_new(shifter_default_ports,
-				  shifter_default_nports);
-	if (IS_ERR(ports))
-		return PTR_ERR(ports);
-	RCU_INIT_POINTER(sn->ports, ports);
-	return 0;
-}
-
 /* Called once the namespace's hooks are gone and an RCU grace period later. */
 void shifter_ports_net_exit(struct shifter_net *sn)
 {
@@ -63,45 +50,55 @@ void shifter_ports_net_exit(struct shifter_net *sn)
 	RCU_INIT_POINTER(sn->ports, NULL);
 }
 
+static bool shifter_ports_find(const u16 *port, unsigned int count, u16 wanted)
+{
+	unsigned int i;
+
+	for (i = 0; i < count; i++) {
+		if (port[i] == wanted)
+			return true;
+	}
+	return false;
+}
+
 /* Called under rcu_read_lock(), as netfilter hooks are. */
 bool shifter_ports_watched(const struct shifter_net *sn, u16 port)
 {
 	const struct shifter_ports *ports = rcu_dereference(sn->ports);
-	unsigned int i;
 
-	for (i = 0; i < ports->count; i++) {
-		if (ports->port[i] == port)
-			return true;
-	}
-	return false;
+	if (!ports)
+		return shifter_ports_find(shifter_default_ports,
+					  shifter_default_nports, port);
+	return shifter_ports_find(ports->port, ports->count, port);
 }
 
 /* Copies the ports into @port, which has room for SHIFTER_MAX_PORTS. */
 unsigned int shifter_ports_get(const struct shifter_net *sn, u16 *port)
 {
 	const struct shifter_ports *ports;
-	unsigned int count;
+	unsigned int count, i;
 
 	rcu_read_lock();
 	ports = rcu_dereference(sn->ports);
-	count = ports->count;
-	memcpy(port, ports->port, count * sizeof(*port));
+	if (ports) {
+		count = ports->count;
+		memcpy(port, ports->port, count * sizeof(*port));
+	} else {
+		count = shifter_default_nports;
+		for (i = 0; i < count; i++)
+			port[i] = shifter_default_ports[i];
+	}
 	rcu_read_unlock();
 	return count;
 }
 
-int shifter_ports_set(struct shifter_net *sn, const u16 *port,
-		      unsigned int count)
+/* Called under sn->lock. */
+void shifter_ports_replace(struct shifter_net *sn, struct shifter_ports *ports)
 {
-	struct shifter_ports *ports, *old;
+	struct shifter_ports *old;
 
-	ports = shifter_ports_new(port, count);
-	if (IS_ERR(ports))
-		return PTR_ERR(ports);
-	mutex_lock(&shifter_ports_mutex);
 	old = rcu_replace_pointer(sn->ports, ports,
-				  lockdep_is_held(&shifter_ports_mutex));
-	mutex_unlock(&shifter_ports_mutex);
-	kfree_rcu(old, rcu);
-	return 0;
+				  lockdep_is_held(&sn->lock));
+	if (old)
+		kfree_rcu(old, rcu);
 }

@@ -10,12 +10,19 @@
 
 struct shifter_net;
 
-int shifter_ports_net_init(struct shifter_net *sn);
+/* The watched destination ports of one namespace, replaced as a whole. */
+struct shifter_ports {
+	struct rcu_head rcu;
+	unsigned int count;
+	u16 port[];
+};
+
+struct shifter_ports *shifter_ports_new(const u16 *port, unsigned int count);
 void shifter_ports_net_exit(struct shifter_net *sn);
 
 bool shifter_ports_watched(const struct shifter_net *sn, u16 port);
 unsigned int shifter_ports_get(const struct shifter_net *sn, u16 *port);
-int shifter_ports_set(struct shifter_net *sn, const u16 *port,
-		      unsigned int count);
+void shifter_ports_replace(struct shifter_net *sn,
+			   struct shifter_ports *ports);
 
 #endif /* _SHIFTER_PORTS_H */

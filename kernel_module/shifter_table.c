@@ -1,237 +1,451 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Shifter: the table of original destinations.
+ * Shifter: the table of redirected connections of one namespace.
  *
- * One hash table for the whole module, keyed on (namespace, family, source
- * address, source port), with the namespace mixed into the hash.  Look-ups
- * walk a bucket under RCU; inserts and removals take shifter_table_lock
- * with bottom halves off (inserts come from the netfilter hooks) and free
- * entries with kfree_rcu().
+ * Each namespace that records has a table of its own, made when it is
+ * enabled and charged, with its entries, to the memory cgroup of the
+ * process that enabled it.  An entry is filed under the connection's
+ * reply tuple, the key the redirector asks with, in a bucket chosen by a
+ * siphash keyed afresh for every table, so no one outside can aim at a
+ * bucket.  Look-ups walk a bucket under RCU; writers take that bucket's
+ * lock only, with bottom halves off (the hook records from softirq), and
+ * free entries after a grace period.
  *
- * Each namespace also keeps its entries on a list in insertion order, so
- * the oldest entry is always the first: that is the one evicted when the
- * namespace reaches max_entries, and expiry only ever has to look at the
- * head of the list.  A per-namespace delayed work drops expired entries
- * while the namespace has any, so an idle table empties itself.
+ * Memory is bounded three ways: max_entries per namespace, so one cannot
+ * crowd another; max_entries_total for the whole module; and
+ * SHIFTER_BUCKET_MAX per bucket.  A connection that finds no room is not
+ * recorded (and counted as such): an entry is never pushed out to make
+ * room, so nothing that arrives can displace a live connection's entry.
  *
- * Entries are never removed on FIN or RST: the redirector may accept a
- * connection only after its client has sent its data and closed, and the
- * look-up it then makes must still succeed.
+ * An entry answers only while conntrack still holds the connection it was
+ * made for: the look-up asks conntrack for the reply tuple and compares
+ * the connection it finds with the original tuple recorded.  A SYN that
+ * was dropped after the hook (by a later rule, or by conntrack itself
+ * when it could not confirm the connection) leaves an entry that never
+ * answers; a later connection that reuses the key replaces an entry whose
+ * connection is gone, and never one whose connection is alive.
+ *
+ * A delayed work sweeps each table in batches of SHIFTER_GC_BATCH buckets,
+ * bucket lock by bucket lock, dropping entries past expiry_secs and
+ * entries whose connection conntrack no longer holds; it stops while the
+ * table is empty.  Nothing ever holds a lock over the whole table.
  */
 
 #include <linux/bug.h>
-#include <linux/jhash.h>
-#include <linux/hash.h>
 #include <linux/jiffies.h>
 #include <linux/log2.h>
+#include <linux/memcontrol.h>
 #include <linux/minmax.h>
 #include <linux/mm.h>
+#include <linux/overflow.h>
 #include <linux/random.h>
 #include <linux/rculist.h>
+#include <linux/sched.h>
+#include <linux/sched/mm.h>
+#include <linux/siphash.h>
 #include <linux/slab.h>
 #include <linux/spinlock.h>
 #include <linux/string.h>
-#include <net/netns/hash.h>
+#include <linux/workqueue.h>
+#include <net/netfilter/nf_conntrack.h>
+#include <net/netfilter/nf_conntrack_core.h>
+#include <net/netfilter/nf_conntrack_tuple.h>
+#include <net/netfilter/nf_conntrack_zones.h>
 
 #include "shifter_net.h"
 #include "shifter_table.h"
 
-#define SHIFTER_HASH_LOG_MIN	8
-#define SHIFTER_HASH_LOG_MAX	18
+#define SHIFTER_BUCKET_MAX	16
+#define SHIFTER_BUCKETS_MIN	64U
+#define SHIFTER_BUCKETS_MAX	65536U
+#define SHIFTER_GC_BATCH	256
+#define SHIFTER_GC_INTERVAL	HZ
+/* How long a new entry's connection may still wait for confirmation. */
+#define SHIFTER_GRACE		HZ
 
 struct shifter_entry {
 	struct hlist_node node;
-	struct list_head lru;
-	struct shifter_net *sn;
+	struct shifter_key key;
+	struct nf_conntrack_tuple orig;
+	struct nf_conntrack_zone zone;
 	unsigned long stamp;
-	struct shifter_tuple src;
-	struct shifter_tuple dst;
 	struct rcu_head rcu;
 };
 
-static_assert(sizeof(struct shifter_tuple) % sizeof(u32) == 0);
+struct shifter_bucket {
+	spinlock_t lock;
+	unsigned int count;
+	struct hlist_head head;
+};
 
-static DEFINE_SPINLOCK(shifter_table_lock);
-static struct hlist_head *shifter_hash __read_mostly;
-static unsigned int shifter_hash_log __read_mostly;
-static u32 shifter_hash_seed __read_mostly;
-static unsigned long shifter_expiry __read_mostly;
+struct shifter_table {
+	struct shifter_net *sn;
+	struct mem_cgroup *memcg;
+	siphash_key_t hash_key;
+	unsigned int mask;
+	atomic_t count;
+	unsigned int gc_next;
+	struct delayed_work gc;
+	struct shifter_bucket bucket[];
+};
 
-void shifter_tuple_set(struct shifter_tuple *tuple, u8 family,
-		       const void *addr, __be16 port)
+static_assert(sizeof(struct shifter_key) % sizeof(u32) == 0);
+
+static struct kmem_cache *shifter_entry_cache __ro_after_init;
+static unsigned long shifter_expiry __ro_after_init;
+static atomic_t shifter_entries_total = ATOMIC_INIT(0);
+
+static void shifter_key_from_ct(struct shifter_key *key,
+				const struct nf_conn *ct)
 {
-	memset(tuple, 0, sizeof(*tuple));
-	tuple->family = family;
-	tuple->port = port;
-	if (family == AF_INET)
-		memcpy(&tuple->addr.s6_addr32[0], addr, sizeof(__be32));
-	else
-		memcpy(&tuple->addr, addr, sizeof(struct in6_addr));
+	const struct nf_conntrack_tuple *reply =
+		&ct->tuplehash[IP_CT_DIR_REPLY].tuple;
+
+	memset(key, 0, sizeof(*key));
+	key->family = nf_ct_l3num(ct);
+	if (key->family == AF_INET) {
+		key->peer.ip = reply->dst.u3.ip;
+		key->local.ip = reply->src.u3.ip;
+	} else {
+		key->peer.in6 = reply->dst.u3.in6;
+		key->local.in6 = reply->src.u3.in6;
+	}
+	key->peer_port = reply->dst.u.tcp.port;
+	key->local_port = reply->src.u.tcp.port;
 }
 
-static struct hlist_head *shifter_bucket(const struct shifter_net *sn,
-					 const struct shifter_tuple *src)
+static void shifter_key_to_reply(const struct shifter_key *key,
+				 struct nf_conntrack_tuple *reply)
 {
-	u32 hash = jhash2((const u32 *)src, sizeof(*src) / sizeof(u32),
-			  shifter_hash_seed ^ net_hash_mix(sn->net));
-
-	return &shifter_hash[hash_32(hash, shifter_hash_log)];
+	memset(reply, 0, sizeof(*reply));
+	reply->src.l3num = key->family;
+	reply->src.u3 = key->local;
+	reply->src.u.tcp.port = key->local_port;
+	reply->dst.u3 = key->peer;
+	reply->dst.u.tcp.port = key->peer_port;
+	reply->dst.protonum = IPPROTO_TCP;
+	reply->dst.dir = IP_CT_DIR_REPLY;
 }
 
-static bool shifter_entry_expired(const struct shifter_entry *entry)
+static struct shifter_bucket *shifter_bucket(struct shifter_table *table,
+					     const struct shifter_key *key)
 {
-	return time_after_eq(jiffies, entry->stamp + shifter_expiry);
+	u64 hash = siphash(key, sizeof(*key), &table->hash_key);
+
+	return &table->bucket[hash & table->mask];
 }
 
-static void shifter_entry_del(struct shifter_net *sn,
+static bool shifter_entry_expired(const struct shifter_entry *entry,
+				  unsigned long now)
+{
+	return time_after_eq(now, READ_ONCE(entry->stamp) + shifter_expiry);
+}
+
+/*
+ * Whether conntrack holds the very connection @entry was recorded for: a
+ * connection whose reply tuple is the entry's key and whose original
+ * tuple is the one recorded.
+ */
+static bool shifter_entry_live(struct net *net,
+			       const struct shifter_entry *entry)
+{
+	const struct nf_conntrack_tuple_hash *h;
+	struct nf_conntrack_tuple reply;
+	struct nf_conn *ct;
+	bool live;
+
+	shifter_key_to_reply(&entry->key, &reply);
+	h = nf_conntrack_find_get(net, &entry->zone, &reply);
+	if (!h)
+		return false;
+	ct = nf_ct_tuplehash_to_ctrack(h);
+	live = NF_CT_DIRECTION(h) == IP_CT_DIR_REPLY &&
+	       nf_ct_tuple_equal(&entry->orig,
+				 &ct->tuplehash[IP_CT_DIR_ORIGINAL].tuple);
+	nf_ct_put(ct);
+	return live;
+}
+
+static void shifter_entry_free_rcu(struct rcu_head *head)
+{
+	kmem_cache_free(shifter_entry_cache,
+			container_of(head, struct shifter_entry, rcu));
+}
+
+static bool shifter_reserve(struct shifter_table *table)
+{
+	if (atomic_inc_return(&table->count) > shifter_max_entries)
+		goto err_table;
+	if (atomic_inc_return(&shifter_entries_total) >
+	    shifter_max_entries_total)
+		goto err_total;
+	return true;
+
+err_total:
+	atomic_dec(&shifter_entries_total);
+err_table:
+	atomic_dec(&table->count);
+	return false;
+}
+
+static void shifter_unreserve(struct shifter_table *table)
+{
+	atomic_dec(&shifter_entries_total);
+	atomic_dec(&table->count);
+}
+
+/* Called with @bucket's lock held. */
+static void shifter_entry_del(struct shifter_table *table,
+			      struct shifter_bucket *bucket,
 			      struct shifter_entry *entry)
 {
-	lockdep_assert_held(&shifter_table_lock);
+	lockdep_assert_held(&bucket->lock);
 	hlist_del_rcu(&entry->node);
-	list_del(&entry->lru);
-	WRITE_ONCE(sn->count, sn->count - 1);
-	kfree_rcu(entry, rcu);
+	WRITE_ONCE(bucket->count, bucket->count - 1);
+	shifter_unreserve(table);
+	call_rcu(&entry->rcu, shifter_entry_free_rcu);
 }
 
-static void shifter_table_expire(struct shifter_net *sn)
+/*
+ * Drops the bucket's entries that expired, and those past their grace
+ * whose connection conntrack no longer holds.  Called with the bucket's
+ * lock held.
+ */
+static void shifter_bucket_reap(struct shifter_table *table,
+				struct shifter_bucket *bucket)
 {
-	struct shifter_entry *entry, *tmp;
+	struct shifter_stats *stats = &table->sn->stats;
+	struct shifter_entry *entry;
+	struct hlist_node *tmp;
+	unsigned long now = jiffies;
 
-	lockdep_assert_held(&shifter_table_lock);
-	list_for_each_entry_safe(entry, tmp, &sn->lru, lru) {
-		if (!shifter_entry_expired(entry))
-			break;
-		shifter_entry_del(sn, entry);
-		atomic64_inc(&sn->expiries);
+	hlist_for_each_entry_safe(entry, tmp, &bucket->head, node) {
+		if (shifter_entry_expired(entry, now)) {
+			shifter_entry_del(table, bucket, entry);
+			atomic64_inc(&stats->expiries);
+		} else if (time_after_eq(now, entry->stamp + SHIFTER_GRACE) &&
+			   !shifter_entry_live(table->sn->net, entry)) {
+			shifter_entry_del(table, bucket, entry);
+			atomic64_inc(&stats->gone);
+		}
 	}
 }
 
 static void shifter_table_gc(struct work_struct *work)
 {
-	struct shifter_net *sn = container_of(to_delayed_work(work),
-					      struct shifter_net, gc);
-	struct shifter_entry *oldest;
+	struct shifter_table *table =
+		container_of(to_delayed_work(work), struct shifter_table, gc);
+	unsigned int end = min(table->gc_next + SHIFTER_GC_BATCH,
+			       table->mask + 1);
+	struct shifter_bucket *bucket;
+	unsigned int i;
 
-	spin_lock_bh(&shifter_table_lock);
-	shifter_table_expire(sn);
-	oldest = list_first_entry_or_null(&sn->lru, struct shifter_entry, lru);
-	if (oldest)
-		schedule_delayed_work(&sn->gc,
-				      oldest->stamp + shifter_expiry - jiffies);
-	spin_unlock_bh(&shifter_table_lock);
+	for (i = table->gc_next; i < end; i++) {
+		bucket = &table->bucket[i];
+		if (!READ_ONCE(bucket->count))
+			continue;
+		spin_lock_bh(&bucket->lock);
+		shifter_bucket_reap(table, bucket);
+		spin_unlock_bh(&bucket->lock);
+	}
+
+	if (end <= table->mask) {
+		/* More of this sweep: let other work run in between. */
+		table->gc_next = end;
+		queue_delayed_work(system_power_efficient_wq, &table->gc, 0);
+	} else {
+		table->gc_next = 0;
+		/* An insert re-arms the work once the table is empty. */
+		if (atomic_read(&table->count))
+			queue_delayed_work(system_power_efficient_wq,
+					   &table->gc, SHIFTER_GC_INTERVAL);
+	}
 }
 
-void shifter_table_insert(struct shifter_net *sn,
-			  const struct shifter_tuple *src,
-			  const struct shifter_tuple *dst)
+/*
+ * Records @ct, a new connection that destination NAT sent to this host;
+ * called from the hook, in softirq or with bottom halves off, under RCU.
+ */
+void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct)
 {
-	struct hlist_head *bucket = shifter_bucket(sn, src);
+	struct shifter_stats *stats = &table->sn->stats;
 	struct shifter_entry *entry, *old;
+	struct shifter_bucket *bucket;
+	struct mem_cgroup *old_memcg;
 
-	entry = kmalloc(sizeof(*entry), GFP_ATOMIC);
+	if (!shifter_reserve(table))
+		goto full;
+
+	/* Charged to the memory cgroup that enabled this namespace. */
+	old_memcg = set_active_memcg(table->memcg);
+	entry = kmem_cache_alloc(shifter_entry_cache,
+				 GFP_ATOMIC | __GFP_ACCOUNT | __GFP_NOWARN);
+	set_active_memcg(old_memcg);
 	if (!entry)
-		return;
-	entry->sn = sn;
+		goto err_reserved;
+
+	shifter_key_from_ct(&entry->key, ct);
+	entry->orig = ct->tuplehash[IP_CT_DIR_ORIGINAL].tuple;
+	entry->zone = *nf_ct_zone(ct);
 	entry->stamp = jiffies;
-	entry->src = *src;
-	entry->dst = *dst;
+	bucket = shifter_bucket(table, &entry->key);
 
-	spin_lock_bh(&shifter_table_lock);
-	shifter_table_expire(sn);
-
-	hlist_for_each_entry(old, bucket, node) {
-		if (old->sn == sn && !memcmp(&old->src, src, sizeof(*src)))
+	spin_lock_bh(&bucket->lock);
+	hlist_for_each_entry(old, &bucket->head, node) {
+		if (!memcmp(&old->key, &entry->key, sizeof(entry->key)))
 			break;
 	}
 	if (old) {
-		/* A new SYN from the same source: the new destination wins. */
+		if (nf_ct_tuple_equal(&old->orig, &entry->orig)) {
+			/* The same connection's SYN, seen again. */
+			WRITE_ONCE(old->stamp, entry->stamp);
+			goto err_locked;
+		}
+		/*
+		 * Conntrack confirms no second connection with a live one's
+		 * reply tuple: this one's SYN is about to be dropped.
+		 */
+		if (shifter_entry_live(table->sn->net, old))
+			goto err_locked;
 		hlist_replace_rcu(&old->node, &entry->node);
-		list_del(&old->lru);
-		kfree_rcu(old, rcu);
-	} else {
-		if (sn->count >= shifter_max_entries) {
-			old = list_first_entry(&sn->lru, struct shifter_entry,
-					       lru);
-			shifter_entry_del(sn, old);
-			atomic64_inc(&sn->evictions);
-		}
-		hlist_add_head_rcu(&entry->node, bucket);
-		WRITE_ONCE(sn->count, sn->count + 1);
+		spin_unlock_bh(&bucket->lock);
+		shifter_unreserve(table);
+		call_rcu(&old->rcu, shifter_entry_free_rcu);
+		atomic64_inc(&stats->gone);
+		goto recorded;
 	}
-	list_add_tail(&entry->lru, &sn->lru);
-	atomic64_inc(&sn->inserts);
-	/* Does nothing when the work is already pending for an older entry. */
-	schedule_delayed_work(&sn->gc, shifter_expiry);
-	spin_unlock_bh(&shifter_table_lock);
+	if (bucket->count >= SHIFTER_BUCKET_MAX) {
+		shifter_bucket_reap(table, bucket);
+		if (bucket->count >= SHIFTER_BUCKET_MAX) {
+			spin_unlock_bh(&bucket->lock);
+			kmem_cache_free(shifter_entry_cache, entry);
+			shifter_unreserve(table);
+			goto full;
+		}
+	}
+	hlist_add_head_rcu(&entry->node, &bucket->head);
+	WRITE_ONCE(bucket->count, bucket->count + 1);
+	spin_unlock_bh(&bucket->lock);
+
+recorded:
+	atomic64_inc(&stats->inserts);
+	if (!delayed_work_pending(&table->gc))
+		queue_delayed_work(system_power_efficient_wq, &table->gc,
+				   SHIFTER_GC_INTERVAL);
+	return;
+
+err_locked:
+	spin_unlock_bh(&bucket->lock);
+	kmem_cache_free(shifter_entry_cache, entry);
+	shifter_unreserve(table);
+	return;
+
+err_reserved:
+	shifter_unreserve(table);
+full:
+	atomic64_inc(&stats->full);
 }
 
-bool shifter_table_lookup(struct shifter_net *sn,
-			  const struct shifter_tuple *src,
-			  struct shifter_tuple *dst)
+/*
+ * Finds the original destination of the connection whose reply tuple is
+ * @key, if conntrack still holds the connection recorded under it.
+ * Called under rcu_read_lock().
+ */
+int shifter_table_lookup(struct shifter_table *table,
+			 const struct shifter_key *key,
+			 struct shifter_dest *dest)
 {
-	struct hlist_head *bucket = shifter_bucket(sn, src);
+	struct shifter_bucket *bucket = shifter_bucket(table, key);
 	struct shifter_entry *entry;
-	bool found = false;
 
-	atomic64_inc(&sn->lookups);
-	rcu_read_lock();
-	hlist_for_each_entry_rcu(entry, bucket, node) {
-		if (entry->sn != sn || memcmp(&entry->src, src, sizeof(*src)))
+	hlist_for_each_entry_rcu(entry, &bucket->head, node) {
+		if (memcmp(&entry->key, key, sizeof(*key)))
 			continue;
-		if (!shifter_entry_expired(entry)) {
-			*dst = entry->dst;
-			found = true;
-		}
-		break;
+		if (shifter_entry_expired(entry, jiffies) ||
+		    !shifter_entry_live(table->sn->net, entry))
+			return -ENOENT;
+		dest->addr = entry->orig.dst.u3;
+		dest->port = entry->orig.dst.u.tcp.port;
+		return 0;
 	}
-	rcu_read_unlock();
-	atomic64_inc(found ? &sn->hits : &sn->misses);
-	return found;
+	return -ENOENT;
 }
 
-unsigned int shifter_table_count(const struct shifter_net *sn)
+unsigned int shifter_table_count(const struct shifter_table *table)
 {
-	return READ_ONCE(sn->count);
+	return max(atomic_read(&table->count), 0);
 }
 
-void shifter_table_net_init(struct shifter_net *sn)
+/* Called in process context, by the command that enables a namespace. */
+struct shifter_table *shifter_table_new(struct shifter_net *sn)
 {
-	INIT_LIST_HEAD(&sn->lru);
-	INIT_DELAYED_WORK(&sn->gc, shifter_table_gc);
+	unsigned int buckets, i;
+	struct shifter_table *table;
+
+	/* About four entries a bucket when the namespace is full. */
+	buckets = roundup_pow_of_two(max(shifter_max_entries / 4, 1U));
+	buckets = clamp(buckets, SHIFTER_BUCKETS_MIN, SHIFTER_BUCKETS_MAX);
+	table = kvzalloc(struct_size(table, bucket, buckets),
+			 GFP_KERNEL_ACCOUNT);
+	if (!table)
+		return NULL;
+	for (i = 0; i < buckets; i++) {
+		spin_lock_init(&table->bucket[i].lock);
+		INIT_HLIST_HEAD(&table->bucket[i].head);
+	}
+	table->sn = sn;
+	table->mask = buckets - 1;
+	get_random_bytes(&table->hash_key, sizeof(table->hash_key));
+	table->memcg = get_mem_cgroup_from_mm(current->mm);
+	INIT_DELAYED_WORK(&table->gc, shifter_table_gc);
+	return table;
 }
 
-/* Called once the namespace's hooks are gone and an RCU grace period later. */
-void shifter_table_net_exit(struct shifter_net *sn)
+/*
+ * Empties and frees a table that no hook and no look-up can reach any
+ * more (an RCU grace period has passed since it was unpublished), bucket
+ * by bucket.
+ */
+void shifter_table_free(struct shifter_table *table)
 {
-	struct shifter_entry *entry, *tmp;
+	struct shifter_bucket *bucket;
+	struct shifter_entry *entry;
+	struct hlist_node *tmp;
+	unsigned int i;
 
-	cancel_delayed_work_sync(&sn->gc);
-	spin_lock_bh(&shifter_table_lock);
-	list_for_each_entry_safe(entry, tmp, &sn->lru, lru)
-		shifter_entry_del(sn, entry);
-	spin_unlock_bh(&shifter_table_lock);
+	cancel_delayed_work_sync(&table->gc);
+	for (i = 0; i <= table->mask; i++) {
+		bucket = &table->bucket[i];
+		spin_lock_bh(&bucket->lock);
+		hlist_for_each_entry_safe(entry, tmp, &bucket->head, node) {
+			hlist_del(&entry->node);
+			shifter_unreserve(table);
+			kmem_cache_free(shifter_entry_cache, entry);
+		}
+		bucket->count = 0;
+		spin_unlock_bh(&bucket->lock);
+		if (!(i % SHIFTER_GC_BATCH))
+			cond_resched();
+	}
+	WARN_ON_ONCE(atomic_read(&table->count));
+	mem_cgroup_put(table->memcg);
+	kvfree(table);
 }
 
-int shifter_table_init(void)
+int __init shifter_table_init(void)
 {
-	/* About two entries a bucket when a namespace is full. */
-	unsigned int log = order_base_2(max(shifter_max_entries / 2, 1U));
-
-	shifter_hash_log = clamp(log, SHIFTER_HASH_LOG_MIN,
-				 SHIFTER_HASH_LOG_MAX);
-	shifter_hash = kvcalloc(1U << shifter_hash_log, sizeof(*shifter_hash),
-				GFP_KERNEL);
-	if (!shifter_hash)
+	shifter_entry_cache = KMEM_CACHE(shifter_entry, 0);
+	if (!shifter_entry_cache)
 		return -ENOMEM;
-	shifter_hash_seed = get_random_u32();
 	shifter_expiry = (unsigned long)shifter_expiry_secs * HZ;
 	return 0;
 }
 
-/* Called once every namespace has let go of its entries. */
+/* Called once every table is gone. */
 void shifter_table_exit(void)
 {
-	/* Let the kfree_rcu() callbacks finish before the module goes. */
+	/* Let the call_rcu() frees finish before the cache goes. */
 	rcu_barrier();
-	kvfree(shifter_hash);
+	WARN_ON_ONCE(atomic_read(&shifter_entries_total));
+	kmem_cache_destroy(shifter_entry_cache);
 }

@@ -1,43 +1,50 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Shifter: the table of original destinations.
+ * Shifter: the table of redirected connections of one namespace.
  */
 
 #ifndef _SHIFTER_TABLE_H
 #define _SHIFTER_TABLE_H
 
-#include <linux/in6.h>
+#include <linux/netfilter.h>
 #include <linux/types.h>
 
+struct nf_conn;
 struct shifter_net;
+struct shifter_table;
 
 /*
- * One end of a connection as the table keys it.  An IPv4 address sits in
- * the first word of @addr with the rest zero, so that the whole structure,
- * padding included, can be hashed and compared as bytes: build it with
- * shifter_tuple_set().
+ * A connection as the redirector sees it on its accepted socket: its peer
+ * (the client, after any source NAT) and its own local address, that is
+ * conntrack's reply tuple turned round.  IPv4 addresses sit in the first
+ * word of the unions with the rest zero, so that the whole structure,
+ * padding included, is hashed and compared as bytes: build it zeroed.
  */
-struct shifter_tuple {
-	struct in6_addr addr;
-	__be16 port;
+struct shifter_key {
+	union nf_inet_addr peer;
+	union nf_inet_addr local;
+	__be16 peer_port;
+	__be16 local_port;
 	u8 family;
-	u8 zero;
+	u8 zero[3];
 };
 
-void shifter_tuple_set(struct shifter_tuple *tuple, u8 family,
-		       const void *addr, __be16 port);
+/* What a look-up answers: the connection's original destination. */
+struct shifter_dest {
+	union nf_inet_addr addr;
+	__be16 port;
+};
 
 int shifter_table_init(void);
 void shifter_table_exit(void);
-void shifter_table_net_init(struct shifter_net *sn);
-void shifter_table_net_exit(struct shifter_net *sn);
 
-void shifter_table_insert(struct shifter_net *sn,
-			  const struct shifter_tuple *src,
-			  const struct shifter_tuple *dst);
-bool shifter_table_lookup(struct shifter_net *sn,
-			  const struct shifter_tuple *src,
-			  struct shifter_tuple *dst);
-unsigned int shifter_table_count(const struct shifter_net *sn);
+struct shifter_table *shifter_table_new(struct shifter_net *sn);
+void shifter_table_free(struct shifter_table *table);
+
+void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct);
+int shifter_table_lookup(struct shifter_table *table,
+			 const struct shifter_key *key,
+			 struct shifter_dest *dest);
+unsigned int shifter_table_count(const struct shifter_table *table);
 
 #endif /* _SHIFTER_TABLE_H */
