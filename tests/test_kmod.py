@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import errno
 import io
+import re
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 from pyroute2.netlink import GENL_ID_CTRL, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST
+from pyroute2.netlink.generic import ctrlmsg
 from zope.interface.verify import verifyObject
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -22,16 +25,24 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from shifter import kmod
 from shifter.kmod import (
     SHIFTER_A_FAMILY,
+    SHIFTER_A_IFINDEX,
+    SHIFTER_A_LOCAL_ADDR,
+    SHIFTER_A_LOCAL_PORT,
     SHIFTER_A_PORTS,
     SHIFTER_A_PORTS_PORT,
     SHIFTER_A_SRC_ADDR,
     SHIFTER_A_SRC_PORT,
+    SHIFTER_CMD_DISABLE,
+    SHIFTER_CMD_ENABLE,
     SHIFTER_CMD_GET,
-    SHIFTER_CMD_GET_PORTS,
+    SHIFTER_CMD_GET_CONFIG,
     SHIFTER_CMD_SET_PORTS,
     SHIFTER_CMD_STATS,
+    SHIFTER_GENL_VERSION,
     STAT_NAMES,
+    AcceptedConnection,
     ConnectionKey,
+    ModuleConfig,
     KernelModuleResolver,
     ShifterClient,
     decodeGetReply,
@@ -46,13 +57,12 @@ from shifter.resolver import (
     ResolverUnavailable,
     makeResolver,
 )
+from tests.guest import spec as ynl
 from tests.test_netlink import (
     FakeKernel,
     errorMessage,
-    familyReply,
     nlattr,
     pump,
-    requestedFamily,
 )
 
 FAMILY_ID = 0x1D
@@ -68,16 +78,23 @@ def v6(host: str) -> bytes:
     return socket.inet_pton(V6, host)
 
 
+Key = tuple[int, bytes, int, bytes, int]
+
+
 class FakeShifterModule:
     """
     The generic netlink controller and the shifter family of a fake
-    kernel: a table of connections, counters and watched ports.
+    kernel: a table of connections (family, peer address and port, local
+    address and port), counters and settings.
     """
 
     def __init__(self, loaded: bool = True) -> None:
         self.loaded = loaded
-        self.table: dict[tuple[int, bytes, int], tuple[int, bytes, int]] = {}
+        self.version = SHIFTER_GENL_VERSION
+        self.table: dict[Key, tuple[int, bytes, int]] = {}
         self.stats = {name: 0 for name in STAT_NAMES}
+        self.enabled = True
+        self.ifindex = 0
         self.ports = [443]
         # cmd -> errno to answer with instead
         self.errors: dict[int, int] = {}
@@ -86,9 +103,7 @@ class FakeShifterModule:
 
     def __call__(self, header: Header, request: bytes) -> list[bytes]:
         if header.type == GENL_ID_CTRL:
-            if self.loaded and requestedFamily(request) == "shifter":
-                return [familyReply(header.sequence, "shifter", FAMILY_ID)]
-            return [errorMessage(header.sequence, -errno.ENOENT, request=request)]
+            return self.controller(header, request)
         assert header.type == FAMILY_ID, header
         message = decodeMessage(request, shifter_msg)
         self.requests.append(message)
@@ -101,7 +116,7 @@ class FakeShifterModule:
             return self.get(header, message, request)
         reply = shifter_msg()
         reply["cmd"] = cmd
-        reply["version"] = 1
+        reply["version"] = self.version
         if cmd == SHIFTER_CMD_STATS:
             reply["attrs"] = [
                 [
@@ -109,21 +124,44 @@ class FakeShifterModule:
                     {"attrs": [["SHIFTER_STAT_" + n.upper(), v] for n, v in self.stats.items()]},
                 ]
             ]
-        elif cmd == SHIFTER_CMD_GET_PORTS:
+        elif cmd == SHIFTER_CMD_GET_CONFIG:
             reply["attrs"] = [
-                ["SHIFTER_A_PORTS", {"attrs": [["SHIFTER_A_PORTS_PORT", p] for p in self.ports]}]
+                ["SHIFTER_A_ENABLED", int(self.enabled)],
+                ["SHIFTER_A_IFINDEX", self.ifindex],
+                ["SHIFTER_A_PORTS", {"attrs": [["SHIFTER_A_PORTS_PORT", p] for p in self.ports]}],
             ]
-        elif cmd == SHIFTER_CMD_SET_PORTS:
+        elif cmd in (SHIFTER_CMD_SET_PORTS, SHIFTER_CMD_ENABLE, SHIFTER_CMD_DISABLE):
             # As the kernel's strict validation: a nest needs NLA_F_NESTED.
-            _, kind = struct.unpack_from("=HH", request, 20)
-            if kind != NLA_F_NESTED | SHIFTER_A_PORTS:
-                return [errorMessage(header.sequence, -errno.EINVAL, request=request, extack="NLA_F_NESTED is missing")]
+            for kind, _ in walkAttributes(request):
+                if kind & 0x7FFF == SHIFTER_A_PORTS and not kind & NLA_F_NESTED:
+                    return [errorMessage(header.sequence, -errno.EINVAL, request=request,
+                                         extack="NLA_F_NESTED is missing")]
             nest = message.get_attr("SHIFTER_A_PORTS")
-            self.ports = list(nest.get_attrs("SHIFTER_A_PORTS_PORT")) if nest else []
+            if nest is not None:
+                self.ports = list(nest.get_attrs("SHIFTER_A_PORTS_PORT"))
+            ifindex = message.get_attr("SHIFTER_A_IFINDEX")
+            if ifindex is not None:
+                self.ifindex = ifindex
+            self.enabled = cmd != SHIFTER_CMD_DISABLE
             return [errorMessage(header.sequence, 0, request=request)]
         else:
             return [errorMessage(header.sequence, -errno.EOPNOTSUPP, request=request)]
         return [encodeMessage(reply, FAMILY_ID, 0, header.sequence)]
+
+    def controller(self, header: Header, request: bytes) -> list[bytes]:
+        query = decodeMessage(request, ctrlmsg)
+        wanted = (query.get_attr("CTRL_ATTR_FAMILY_NAME"), query.get_attr("CTRL_ATTR_FAMILY_ID"))
+        if not self.loaded or wanted not in (("shifter", None), (None, FAMILY_ID)):
+            return [errorMessage(header.sequence, -errno.ENOENT, request=request)]
+        reply = ctrlmsg()
+        reply["cmd"] = 1  # CTRL_CMD_NEWFAMILY
+        reply["version"] = 2
+        reply["attrs"] = [
+            ["CTRL_ATTR_FAMILY_ID", FAMILY_ID],
+            ["CTRL_ATTR_FAMILY_NAME", "shifter"],
+            ["CTRL_ATTR_VERSION", self.version],
+        ]
+        return [encodeMessage(reply, GENL_ID_CTRL, 0, header.sequence)]
 
     def get(self, header: Header, message: shifter_msg, request: bytes) -> list[bytes]:
         self.stats["lookups"] += 1
@@ -131,6 +169,8 @@ class FakeShifterModule:
             message.get_attr("SHIFTER_A_FAMILY"),
             message.get_attr("SHIFTER_A_SRC_ADDR"),
             message.get_attr("SHIFTER_A_SRC_PORT"),
+            message.get_attr("SHIFTER_A_LOCAL_ADDR"),
+            message.get_attr("SHIFTER_A_LOCAL_PORT"),
         )
         if key not in self.table:
             self.stats["misses"] += 1
@@ -139,22 +179,61 @@ class FakeShifterModule:
         family, address, port = self.table[key]
         reply = shifter_msg()
         reply["cmd"] = SHIFTER_CMD_GET
-        reply["version"] = 1
+        reply["version"] = self.version
         reply["attrs"] = [
             ["SHIFTER_A_FAMILY", family],
             ["SHIFTER_A_SRC_ADDR", key[1]],
             ["SHIFTER_A_SRC_PORT", key[2]],
+            ["SHIFTER_A_LOCAL_ADDR", key[3]],
+            ["SHIFTER_A_LOCAL_PORT", key[4]],
             ["SHIFTER_A_DST_ADDR", address],
             ["SHIFTER_A_DST_PORT", port],
         ]
         return [encodeMessage(reply, FAMILY_ID, 0, header.sequence)]
 
 
-def acceptedFrom(peer: Any) -> StringTransport:
+def walkAttributes(request: bytes, offset: int = 20) -> list[tuple[int, bytes]]:
     """
-    A transport standing for a connection accepted from C{peer}.
+    The top-level attributes of a generic netlink request, types with
+    their flags.
     """
-    return StringTransport(peerAddress=peer)
+    found = []
+    while offset + 4 <= len(request):
+        length, kind = struct.unpack_from("=HH", request, offset)
+        if length < 4:
+            break
+        found.append((kind, request[offset + 4:offset + length]))
+        offset += (length + 3) & ~3
+    return found
+
+
+LOCAL_V4 = IPv4Address("TCP", "192.0.2.1", 12345)
+LOCAL_V6 = IPv6Address("TCP", "2001:db8::1", 12345)
+
+
+def accepted(peer: Any, local: Any = None) -> StringTransport:
+    """
+    A transport standing for a connection accepted from C{peer} on
+    C{local} (Shifter's port, on an address of C{peer}'s family).
+    """
+    if local is None:
+        local = LOCAL_V6 if isinstance(peer, IPv6Address) and not peer.host.startswith("::ffff:") else LOCAL_V4
+        if isinstance(peer, IPv6Address) and peer.host.startswith("::ffff:"):
+            local = IPv6Address("TCP", "::ffff:192.0.2.1", 12345)
+    return StringTransport(hostAddress=local, peerAddress=peer)
+
+
+def key(peer: str, port: int, local: str = "192.0.2.1", localPort: int = 12345) -> Key:
+    family = V6 if ":" in peer else V4
+    return (family, socket.inet_pton(family, peer), port, socket.inet_pton(family, local), localPort)
+
+
+def conn(peer: str, port: int, local: str = "192.0.2.1", localPort: int = 12345) -> AcceptedConnection:
+    family = V6 if ":" in peer else V4
+    return AcceptedConnection(
+        ConnectionKey(family, socket.inet_pton(family, peer), port),
+        ConnectionKey(family, socket.inet_pton(family, local), localPort),
+    )
 
 
 class ConnectionKeyTests(SynchronousTestCase):
@@ -206,6 +285,48 @@ class ConnectionKeyTests(SynchronousTestCase):
         self.assertEqual(str(ConnectionKey(V6, v6("2001:db8::1"), 5)), "[2001:db8::1]:5")
 
 
+class AcceptedConnectionTests(SynchronousTestCase):
+    """
+    L{AcceptedConnection}: the two ends of the accepted socket, what the
+    module is asked for.
+    """
+
+    def test_fromTransport(self) -> None:
+        """
+        An accepted transport's connection is its peer and its own address.
+        """
+        connection = AcceptedConnection.fromTransport(
+            accepted(IPv4Address("TCP", "10.0.0.2", 40000), IPv4Address("TCP", "10.0.0.1", 12345))
+        )
+        self.assertEqual(connection, conn("10.0.0.2", 40000, "10.0.0.1", 12345))
+        self.assertEqual(connection.family, V4)
+
+    def test_dualStack(self) -> None:
+        """
+        An IPv4 connection accepted on a dual-stack socket, both ends
+        ::ffff:a.b.c.d, is an IPv4 connection.
+        """
+        connection = AcceptedConnection.fromAddresses(
+            IPv6Address("TCP", "::ffff:10.0.0.2", 40000), IPv6Address("TCP", "::ffff:10.0.0.1", 12345)
+        )
+        self.assertEqual(connection, conn("10.0.0.2", 40000, "10.0.0.1", 12345))
+
+    def test_mixedFamilies(self) -> None:
+        """
+        Ends of two families are no connection.
+        """
+        with self.assertRaises(ValueError):
+            AcceptedConnection.fromAddresses(
+                IPv4Address("TCP", "10.0.0.2", 1), IPv6Address("TCP", "2001:db8::1", 2)
+            )
+
+    def test_str(self) -> None:
+        """
+        A connection reads as its peer on its local address.
+        """
+        self.assertEqual(str(conn("10.0.0.2", 5, "10.0.0.1", 6)), "10.0.0.2:5 on 10.0.0.1:6")
+
+
 class MessageTests(SynchronousTestCase):
     """
     The GET request and reply on the wire.
@@ -213,44 +334,49 @@ class MessageTests(SynchronousTestCase):
 
     def test_encodeGetIPv4(self) -> None:
         """
-        GET for an IPv4 peer carries the family (u8), the 4-byte address
-        and the port (u16, host order), as the uapi header defines.
+        GET for an IPv4 connection carries the family (u8), the peer's
+        4-byte address and port (u16, host order), then the local address
+        and port, as the uapi header defines.
         """
-        key = ConnectionKey(V4, v4("10.1.2.3"), 40000)
-        data = encodeRequest(encodeGet(key), FAMILY_ID, 0, 9)
+        data = encodeRequest(encodeGet(conn("10.1.2.3", 40000)), FAMILY_ID, 0, 9)
         body = (
-            struct.pack("=BBH", SHIFTER_CMD_GET, 1, 0)
+            struct.pack("=BBH", SHIFTER_CMD_GET, SHIFTER_GENL_VERSION, 0)
             + nlattr(SHIFTER_A_FAMILY, struct.pack("=B", V4))
             + nlattr(SHIFTER_A_SRC_ADDR, v4("10.1.2.3"))
             + nlattr(SHIFTER_A_SRC_PORT, struct.pack("=H", 40000))
+            + nlattr(SHIFTER_A_LOCAL_ADDR, v4("192.0.2.1"))
+            + nlattr(SHIFTER_A_LOCAL_PORT, struct.pack("=H", 12345))
         )
         header = struct.pack("=IHHII", 16 + len(body), FAMILY_ID, NLM_F_REQUEST, 9, 0)
         self.assertEqual(data, header + body)
 
     def test_encodeGetIPv6(self) -> None:
         """
-        GET for an IPv6 peer carries AF_INET6 and the 16-byte address.
+        GET for an IPv6 connection carries AF_INET6 and 16-byte addresses.
         """
-        key = ConnectionKey(V6, v6("2001:db8::7"), 50000)
-        data = encodeRequest(encodeGet(key), FAMILY_ID, 0, 9)
+        data = encodeRequest(encodeGet(conn("2001:db8::7", 50000, "2001:db8::1", 8080)), FAMILY_ID, 0, 9)
         self.assertIn(nlattr(SHIFTER_A_FAMILY, struct.pack("=B", V6)), data)
         self.assertIn(nlattr(SHIFTER_A_SRC_ADDR, v6("2001:db8::7")), data)
         self.assertIn(nlattr(SHIFTER_A_SRC_PORT, struct.pack("=H", 50000)), data)
+        self.assertIn(nlattr(SHIFTER_A_LOCAL_ADDR, v6("2001:db8::1")), data)
+        self.assertIn(nlattr(SHIFTER_A_LOCAL_PORT, struct.pack("=H", 8080)), data)
 
     def test_encodeGetAgreesWithMirror(self) -> None:
         """
         The struct-built GET decodes, with the header's Python mirror
         L{shifter_msg}, to the same command and attributes.
         """
-        key = ConnectionKey(V6, v6("2001:db8::7"), 50000)
-        message = decodeMessage(encodeRequest(encodeGet(key), FAMILY_ID, 0, 9), shifter_msg)
-        self.assertEqual((message["cmd"], message["version"]), (SHIFTER_CMD_GET, 1))
+        data = encodeRequest(encodeGet(conn("2001:db8::7", 50000, "2001:db8::1", 8080)), FAMILY_ID, 0, 9)
+        message = decodeMessage(data, shifter_msg)
+        self.assertEqual((message["cmd"], message["version"]), (SHIFTER_CMD_GET, SHIFTER_GENL_VERSION))
         self.assertEqual(
             [(name, value) for name, value in message["attrs"]],
             [
                 ("SHIFTER_A_FAMILY", V6),
                 ("SHIFTER_A_SRC_ADDR", v6("2001:db8::7")),
                 ("SHIFTER_A_SRC_PORT", 50000),
+                ("SHIFTER_A_LOCAL_ADDR", v6("2001:db8::1")),
+                ("SHIFTER_A_LOCAL_PORT", 8080),
             ],
         )
 
@@ -421,14 +547,39 @@ class ResolverTests(FakeKernelCase):
     def test_startFindsFamily(self) -> None:
         """
         Starting opens a generic netlink socket, resolves the "shifter"
-        family and checks that the module answers (a STATS request).
+        family and its version, and checks that the module records in this
+        namespace (GET_CONFIG) and answers (STATS).
         """
         resolver = self.started()
         (sock,) = self.kernel.sockets
         self.assertEqual(sock.proto, 16)
-        self.assertEqual(self.kernel.requests[0][0].type, GENL_ID_CTRL)
-        self.assertEqual([m["cmd"] for m in self.module.requests], [SHIFTER_CMD_STATS])
+        self.assertEqual([h.type for h, _ in self.kernel.requests[:2]], [GENL_ID_CTRL, GENL_ID_CTRL])
+        self.assertEqual([m["cmd"] for m in self.module.requests], [SHIFTER_CMD_GET_CONFIG, SHIFTER_CMD_STATS])
         self.assertIsNotNone(resolver.client)
+        self.assertEqual(resolver.client.version, SHIFTER_GENL_VERSION)  # type: ignore[union-attr]
+
+    def test_oldModule(self) -> None:
+        """
+        A version 1 module, which answered by the client's address alone,
+        is refused with L{ResolverUnavailable} saying so.
+        """
+        self.module.version = 1
+        resolver = KernelModuleResolver(reactor=self.reactor)
+        failure = self.failureResultOf(self.settle(resolver.start()), ResolverUnavailable)
+        self.assertIn("version 1", str(failure.value))
+        self.assertTrue(self.kernel.sockets[0].closed)
+
+    def test_notEnabled(self) -> None:
+        """
+        A module that does not record in this namespace makes starting fail
+        with L{ResolverUnavailable} saying how to enable it.
+        """
+        self.module.enabled = False
+        resolver = KernelModuleResolver(reactor=self.reactor)
+        failure = self.failureResultOf(self.settle(resolver.start()), ResolverUnavailable)
+        self.assertIn("not enabled in this network namespace", str(failure.value))
+        self.assertIn("python -m shifter.kmod enable", str(failure.value))
+        self.assertTrue(self.kernel.sockets[0].closed)
 
     def test_moduleNotLoaded(self) -> None:
         """
@@ -447,7 +598,7 @@ class ResolverTests(FakeKernelCase):
         A module that refuses this process (no CAP_NET_ADMIN) makes starting
         fail with L{ResolverUnavailable} giving the reason.
         """
-        self.module.errors[SHIFTER_CMD_STATS] = errno.EPERM
+        self.module.errors[SHIFTER_CMD_GET_CONFIG] = errno.EPERM
         resolver = KernelModuleResolver(reactor=self.reactor)
         failure = self.failureResultOf(self.settle(resolver.start()), ResolverUnavailable)
         self.assertIn("EPERM", str(failure.value))
@@ -470,23 +621,26 @@ class ResolverTests(FakeKernelCase):
     def test_resolveIPv4(self) -> None:
         """
         An IPv4 connection the module recorded resolves to its original
-        destination; the request named the peer's address and port.
+        destination; the request named the peer's address and port and
+        the accepting socket's.
         """
-        self.module.table[(V4, v4("10.0.0.2"), 40001)] = (V4, v4("203.0.113.7"), 443)
+        self.module.table[key("10.0.0.2", 40001)] = (V4, v4("203.0.113.7"), 443)
         resolver = self.started()
-        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 40001)))
+        d = resolver.resolve(accepted(IPv4Address("TCP", "10.0.0.2", 40001)))
         self.assertEqual(self.successResultOf(self.settle(d)), IPv4Address("TCP", "203.0.113.7", 443))
         get = self.module.requests[-1]
         self.assertEqual(get["cmd"], SHIFTER_CMD_GET)
         self.assertEqual(get.get_attr("SHIFTER_A_SRC_ADDR"), v4("10.0.0.2"))
+        self.assertEqual(get.get_attr("SHIFTER_A_LOCAL_ADDR"), v4("192.0.2.1"))
+        self.assertEqual(get.get_attr("SHIFTER_A_LOCAL_PORT"), 12345)
 
     def test_resolveIPv6(self) -> None:
         """
         An IPv6 connection resolves to an L{IPv6Address}.
         """
-        self.module.table[(V6, v6("2001:db8::2"), 40002)] = (V6, v6("2001:db8::443"), 443)
+        self.module.table[key("2001:db8::2", 40002, "2001:db8::1")] = (V6, v6("2001:db8::443"), 443)
         resolver = self.started()
-        d = resolver.resolve(acceptedFrom(IPv6Address("TCP", "2001:db8::2", 40002)))
+        d = resolver.resolve(accepted(IPv6Address("TCP", "2001:db8::2", 40002)))
         self.assertEqual(self.successResultOf(self.settle(d)), IPv6Address("TCP", "2001:db8::443", 443))
 
     def test_resolveIPv4Mapped(self) -> None:
@@ -494,9 +648,9 @@ class ResolverTests(FakeKernelCase):
         An IPv4 client accepted on a dual-stack socket is asked for as
         AF_INET and resolves to an L{IPv4Address}.
         """
-        self.module.table[(V4, v4("10.0.0.3"), 40003)] = (V4, v4("198.51.100.1"), 443)
+        self.module.table[key("10.0.0.3", 40003)] = (V4, v4("198.51.100.1"), 443)
         resolver = self.started()
-        d = resolver.resolve(acceptedFrom(IPv6Address("TCP", "::ffff:10.0.0.3", 40003)))
+        d = resolver.resolve(accepted(IPv6Address("TCP", "::ffff:10.0.0.3", 40003)))
         self.assertEqual(self.successResultOf(self.settle(d)), IPv4Address("TCP", "198.51.100.1", 443))
         self.assertEqual(self.module.requests[-1].get_attr("SHIFTER_A_FAMILY"), V4)
 
@@ -506,9 +660,9 @@ class ResolverTests(FakeKernelCase):
         L{DestinationUnknown} naming it.
         """
         resolver = self.started()
-        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.9", 1)))
+        d = resolver.resolve(accepted(IPv4Address("TCP", "10.0.0.9", 1)))
         failure = self.failureResultOf(self.settle(d), DestinationUnknown)
-        self.assertIn("10.0.0.9:1", str(failure.value))
+        self.assertIn("10.0.0.9:1 on 192.0.2.1:12345", str(failure.value))
 
     def test_otherError(self) -> None:
         """
@@ -517,7 +671,7 @@ class ResolverTests(FakeKernelCase):
         """
         resolver = self.started()
         self.module.errors[SHIFTER_CMD_GET] = errno.EINVAL
-        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.9", 1)))
+        d = resolver.resolve(accepted(IPv4Address("TCP", "10.0.0.9", 1)))
         failure = self.failureResultOf(self.settle(d), ResolverError)
         self.assertNotIsInstance(failure.value, DestinationUnknown)
         self.assertIn("EINVAL", str(failure.value))
@@ -529,7 +683,7 @@ class ResolverTests(FakeKernelCase):
         """
         resolver = self.started(timeout=0.5)
         self.module.silent = True
-        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.9", 1)))
+        d = resolver.resolve(accepted(IPv4Address("TCP", "10.0.0.9", 1)))
         self.settle(d)
         self.assertNoResult(d)
         self.reactor.advance(0.5)
@@ -541,9 +695,9 @@ class ResolverTests(FakeKernelCase):
         """
         A reply without a usable destination fails with L{ResolverError}.
         """
-        self.module.table[(V4, v4("10.0.0.2"), 40001)] = (V4, b"\1\2", 443)
+        self.module.table[key("10.0.0.2", 40001)] = (V4, b"\1\2", 443)
         resolver = self.started()
-        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 40001)))
+        d = resolver.resolve(accepted(IPv4Address("TCP", "10.0.0.2", 40001)))
         failure = self.failureResultOf(self.settle(d), ResolverError)
         self.assertIn("bad destination address", str(failure.value))
 
@@ -554,7 +708,7 @@ class ResolverTests(FakeKernelCase):
         """
         resolver = self.started()
         before = len(self.module.requests)
-        d = resolver.resolve(acceptedFrom(UNIXAddress("/tmp/sock")))
+        d = resolver.resolve(accepted(UNIXAddress("/tmp/sock")))
         self.failureResultOf(d, ResolverError)
         self.assertEqual(len(self.module.requests), before)
 
@@ -563,7 +717,7 @@ class ResolverTests(FakeKernelCase):
         Resolving before starting fails with L{ResolverUnavailable}.
         """
         resolver = KernelModuleResolver(reactor=self.reactor)
-        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 1)))
+        d = resolver.resolve(accepted(IPv4Address("TCP", "10.0.0.2", 1)))
         self.failureResultOf(d, ResolverUnavailable)
 
     def test_stop(self) -> None:
@@ -573,11 +727,11 @@ class ResolverTests(FakeKernelCase):
         """
         resolver = self.started()
         self.module.silent = True
-        d = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 1)))
+        d = resolver.resolve(accepted(IPv4Address("TCP", "10.0.0.2", 1)))
         self.successResultOf(resolver.stop())
         self.assertTrue(self.kernel.sockets[0].closed)
         self.failureResultOf(d, ResolverError)
-        later = resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 1)))
+        later = resolver.resolve(accepted(IPv4Address("TCP", "10.0.0.2", 1)))
         self.failureResultOf(later, ResolverUnavailable)
         self.assertEqual(self.reactor.getReaders(), [])
 
@@ -586,10 +740,10 @@ class ResolverTests(FakeKernelCase):
         Many look-ups at once each get their own connection's destination.
         """
         for i in range(200):
-            self.module.table[(V4, v4("10.0.0.2"), 10000 + i)] = (V4, v4("203.0.113.7"), 1000 + i)
+            self.module.table[key("10.0.0.2", 10000 + i)] = (V4, v4("203.0.113.7"), 1000 + i)
         resolver = self.started()
         ds = [
-            resolver.resolve(acceptedFrom(IPv4Address("TCP", "10.0.0.2", 10000 + i)))
+            resolver.resolve(accepted(IPv4Address("TCP", "10.0.0.2", 10000 + i)))
             for i in range(200)
         ]
         self.settle(ds[0])
@@ -610,19 +764,70 @@ class ClientTests(FakeKernelCase):
         """
         STATS decodes to every counter by name.
         """
-        self.module.stats.update(entries=3, inserts=10, lookups=7, hits=5, misses=2, evictions=1, expiries=4)
+        self.module.stats.update(entries=3, inserts=10, lookups=7, hits=5, misses=2, expiries=4, gone=1, full=6)
         stats = self.successResultOf(self.settle(self.client().stats()))
         self.assertEqual(stats, dict(self.module.stats))
         self.assertEqual(
-            list(stats), ["entries", "inserts", "lookups", "hits", "misses", "evictions", "expiries"]
+            list(stats), ["entries", "inserts", "lookups", "hits", "misses", "expiries", "gone", "full"]
+        )
+
+    def test_version(self) -> None:
+        """
+        The client knows the family's version from the controller.
+        """
+        self.module.version = 7
+        self.assertEqual(self.client().version, 7)
+
+    def test_getConfig(self) -> None:
+        """
+        GET_CONFIG decodes to whether the namespace records, its interface
+        and its ports.
+        """
+        self.module.enabled, self.module.ifindex, self.module.ports = False, 3, [443, 8443]
+        self.assertEqual(
+            self.successResultOf(self.settle(self.client().getConfig())),
+            ModuleConfig(False, 3, (443, 8443)),
         )
 
     def test_getPorts(self) -> None:
         """
-        GET_PORTS decodes to the list of watched ports.
+        The ports are those of GET_CONFIG.
         """
         self.module.ports = [443, 8443]
         self.assertEqual(self.successResultOf(self.settle(self.client().getPorts())), [443, 8443])
+
+    def test_enable(self) -> None:
+        """
+        ENABLE carries the ports in a nest and the interface index, and
+        waits for the acknowledgement.
+        """
+        self.module.enabled = False
+        client = self.client()
+        d = client.enable([80, 443], ifindex=4)
+        header, request = self.kernel.requests[-1]
+        self.assertTrue(header.flags & NLM_F_ACK)
+        self.assertIsNone(self.successResultOf(self.settle(d)))
+        self.assertEqual((self.module.enabled, self.module.ifindex, self.module.ports), (True, 4, [80, 443]))
+        self.assertIn(nlattr(SHIFTER_A_IFINDEX, struct.pack("=I", 4)), request)
+
+    def test_enableAsIs(self) -> None:
+        """
+        ENABLE without ports or interface carries no attribute.
+        """
+        client = self.client()
+        self.successResultOf(self.settle(client.enable()))
+        _, request = self.kernel.requests[-1]
+        self.assertEqual(request[16:], struct.pack("=BBH", SHIFTER_CMD_ENABLE, SHIFTER_GENL_VERSION, 0))
+
+    def test_disable(self) -> None:
+        """
+        DISABLE carries no attribute and is acknowledged.
+        """
+        client = self.client()
+        self.successResultOf(self.settle(client.disable()))
+        _, request = self.kernel.requests[-1]
+        self.assertEqual(request[16:], struct.pack("=BBH", SHIFTER_CMD_DISABLE, SHIFTER_GENL_VERSION, 0))
+        self.assertFalse(self.module.enabled)
 
     def test_setPorts(self) -> None:
         """
@@ -647,7 +852,7 @@ class ClientTests(FakeKernelCase):
             SHIFTER_A_PORTS_PORT, struct.pack("=H", 443)
         )
         nest = struct.pack("=HH", 4 + len(ports), NLA_F_NESTED | SHIFTER_A_PORTS) + ports
-        self.assertEqual(request[16:], struct.pack("=BBH", SHIFTER_CMD_SET_PORTS, 1, 0) + nest)
+        self.assertEqual(request[16:], struct.pack("=BBH", SHIFTER_CMD_SET_PORTS, SHIFTER_GENL_VERSION, 0) + nest)
 
     def test_setPortsRefused(self) -> None:
         """
@@ -686,6 +891,24 @@ class ClientTests(FakeKernelCase):
         self.assertEqual(self.command("set-ports", "443", "8443"), "443 8443\n")
         self.assertEqual(self.module.ports, [443, 8443])
 
+    def test_commandEnable(self) -> None:
+        """
+        C{enable --ports --interface} enables with those settings and
+        prints the namespace's status.
+        """
+        self.module.enabled = False
+        output = self.command("enable", "--ports", "443,8443", "--interface", "lo")
+        self.assertEqual((self.module.enabled, self.module.ports), (True, [443, 8443]))
+        self.assertEqual(self.module.ifindex, socket.if_nametoindex("lo"))
+        self.assertEqual(output, "enabled; interface lo; ports 443 8443\n")
+
+    def test_commandDisable(self) -> None:
+        """
+        C{disable} disables and prints the status.
+        """
+        self.assertEqual(self.command("disable"), "disabled; interface any; ports 443\n")
+        self.assertFalse(self.module.enabled)
+
     def test_commandClosesSocket(self) -> None:
         """
         The command closes its socket when done.
@@ -720,3 +943,131 @@ class CommandLineTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertEqual(result.stdout, "")
         self.assertIn("module shifter not loaded", result.stderr)
+
+
+HEADER_PATH = Path(__file__).resolve().parent.parent / "kernel_module" / "include" / "uapi" / "linux" / "shifter.h"
+
+# YNL attribute types -> pyroute2 nla_map types of the codec.
+_NLA_TYPES = {"u8": "uint8", "u16": "uint16", "u32": "uint32", "u64": "uint64",
+              "binary": "cdata", "pad": "none"}
+
+
+def headerEnum(name: str) -> list[str]:
+    """
+    The members of a C enum in the uapi header, in order, without the
+    UNSPEC first and the __MAX last.
+    """
+    text = HEADER_PATH.read_text()
+    match = re.search(r"enum %s \{(.*?)\};" % name, text, re.S)
+    assert match, f"no enum {name} in {HEADER_PATH}"
+    members = [m.group(1) for m in re.finditer(r"^\s*(\w+)", match.group(1), re.M)]
+    assert members[0].endswith("_UNSPEC") and members[-1].startswith("__"), members
+    return members[1:-1]
+
+
+class SpecTests(SynchronousTestCase):
+    """
+    The family's YNL spec is what the uapi header and the Python codec
+    implement: names, numbers, types, and what each request carries.
+    """
+
+    def setUp(self) -> None:
+        self.spec = ynl.loadSpec()
+
+    def test_header(self) -> None:
+        """
+        The uapi header's enums list the spec's commands and attributes by
+        the names YNL gives them, in the spec's order, and its family name
+        is the spec's.
+        """
+        self.assertEqual(headerEnum("shifter_cmd"), list(ynl.operations(self.spec)))
+        for setName, enum in (("shifter", "shifter_attr"), ("ports", "shifter_ports_attr"),
+                              ("stats", "shifter_stat")):
+            self.assertEqual(headerEnum(enum), list(ynl.attributes(self.spec, setName)), setName)
+        self.assertIn(f'#define SHIFTER_GENL_NAME\t"{self.spec["name"]}"', HEADER_PATH.read_text())
+        self.assertIn(f"#define SHIFTER_MAX_PORTS\t{kmod.SHIFTER_MAX_PORTS}", HEADER_PATH.read_text())
+
+    def test_constants(self) -> None:
+        """
+        Every SHIFTER_CMD_, SHIFTER_A_ and SHIFTER_STAT_ constant of the
+        codec has the spec's value, and the codec has one for each of the
+        spec's.
+        """
+        expected = {name: value for name, (value, _) in ynl.operations(self.spec).items()}
+        for setName in ("shifter", "ports", "stats"):
+            expected.update(
+                (name, value) for name, (value, _) in ynl.attributes(self.spec, setName).items()
+            )
+        actual = {
+            name: getattr(kmod, name) for name in dir(kmod)
+            if re.fullmatch(r"SHIFTER_(CMD|A|STAT)_\w+", name) and not name.endswith("_UNSPEC")
+        }
+        self.assertEqual(actual, expected)
+        self.assertEqual(self.spec["definitions"][0]["value"], kmod.SHIFTER_MAX_PORTS)
+
+    def test_types(self) -> None:
+        """
+        The codec decodes each attribute as the spec types it: integers of
+        the spec's width, binary as bytes, nests with the spec's attribute
+        set.
+        """
+        nests = {"stats": shifter_msg.stats, "ports": shifter_msg.ports}
+        for setName, messageClass in (("shifter", shifter_msg), ("stats", shifter_msg.stats),
+                                      ("ports", shifter_msg.ports)):
+            nlaMap = {name: kind for name, kind in messageClass.nla_map}
+            for name, (value, attr) in ynl.attributes(self.spec, setName).items():
+                self.assertEqual(messageClass.nla_map[value][0], name)
+                if attr["type"] == "nest":
+                    self.assertIs(getattr(shifter_msg, nlaMap[name]), nests[attr["nested-attributes"]])
+                else:
+                    self.assertEqual(nlaMap[name], _NLA_TYPES[attr["type"]], name)
+
+    def requestsOf(self, call: Any) -> list[tuple[int, list[str]]]:
+        """
+        The commands and top-level attribute names that C{call(client)}
+        sent to a fake module.
+        """
+        module = FakeShifterModule()
+        kernel = FakeKernel(module)
+        self.patch(NetlinkPort, "_socketFactory", kernel.socket)
+        reactor = MemoryReactorClock()
+        d = ShifterClient.connect(reactor)
+        pump(reactor)
+        client = self.successResultOf(d)
+        d = call(client)
+        pump(reactor)
+        self.successResultOf(d)
+        return [(m["cmd"], [name for name, _ in m["attrs"]]) for m in module.requests]
+
+    def test_requests(self) -> None:
+        """
+        Each request the client sends carries attributes its operation's
+        spec lists, and GET all of them.
+        """
+        ops = ynl.operations(self.spec)
+        names = {value: name for name, (value, _) in ops.items()}
+        calls = [
+            lambda c: c.get(conn("10.0.0.2", 1)).addErrback(lambda f: f.trap(Exception)),
+            lambda c: c.stats(),
+            lambda c: c.getConfig(),
+            lambda c: c.setPorts([443]),
+            lambda c: c.enable([443], ifindex=1),
+            lambda c: c.enable(),
+            lambda c: c.disable(),
+        ]
+        seen = set()
+        for call in calls:
+            for cmd, attrs in self.requestsOf(call):
+                allowed = ynl.requestAttributes(self.spec, names[cmd])
+                self.assertLessEqual(set(attrs), set(allowed), names[cmd])
+                if cmd == SHIFTER_CMD_GET:
+                    self.assertEqual(attrs, allowed)
+                seen.add(names[cmd])
+        self.assertEqual(seen, set(ops))
+
+    def test_adminOnly(self) -> None:
+        """
+        Every operation is for the namespace's admins only.
+        """
+        for name, (_, op) in ynl.operations(self.spec).items():
+            self.assertEqual(op["flags"], ["uns-admin-perm"], name)
