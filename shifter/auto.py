@@ -3,12 +3,19 @@ The C{auto} resolver: the first resolver that starts on this host.
 
 Only resolvers that answer correctly under the same rules are candidates:
 the REDIRECT/DNAT rules of the README serve C{kmod} and C{sockopt} alike.
-C{kmod} comes first, since a loaded Shifter module is an administrator's
-deliberate choice (it also sees connections whose NAT state is gone);
-C{sockopt} needs nothing and always starts, so it is the last resort and
-anything after it would never be tried.  C{conntrack} answers the same
-question as C{sockopt} with a netlink round trip more, and C{nfqueue} and
-C{tproxy} need rules of their own, so those are only used when named.
+C{kmod} comes first, but only when it is exact: its C{start} fails, and
+C{auto} passes it over, unless the loaded module is one that answers for
+exactly the connection accepted (family version 2 or later: it files each
+connection under the accepted socket's two ends as conntrack names them
+once NAT has decided, and answers only while conntrack holds that very
+connection) and records in this network namespace (an administrator
+enabled it here, which is a deliberate choice).  A version 1 module, keyed
+on the client's address alone, could answer for the wrong connection and
+is never used.  C{sockopt} needs nothing and always starts, so it is the
+last resort and anything after it would never be tried.  C{conntrack}
+answers the same question as C{sockopt} with a netlink round trip more,
+and C{nfqueue} and C{tproxy} need rules of their own, so those are only
+used when named.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 C{python -m shifter.rules}: print the gateway rules for a resolver.
 
 Each resolver needs its own netfilter rules: REDIRECT for C{sockopt},
-C{conntrack} and C{kmod}; TPROXY and policy routing for C{tproxy}; an
+C{conntrack} and C{kmod} (and, for C{kmod}, the command that has the
+kernel module record in this namespace); TPROXY and policy routing for
+C{tproxy}; an
 C{NFQUEUE} rule in the mangle table and a REDIRECT of the SYNs Shifter
 marked for C{nfqueue} (with C{--hold-syn}, also a C{REJECT} of the SYNs it
 marked as refused).  This command prints them as a shell script, for
@@ -422,6 +424,20 @@ def _shifterCommand(o: RuleOptions) -> str:
     return f"twistd shifter --resolver {o.resolver} --listen '{listen}'{extra} --proxy HOST:PORT"
 
 
+def _kmodEnable(o: RuleOptions) -> list[str]:
+    # The module records nothing in a namespace until it is enabled there.
+    # Connections redirected in nat OUTPUT arrive on lo, so with them the
+    # module records from every interface.
+    interface = "any" if o.excludes else o.lanInterface
+    ports = ",".join(str(p) for p in o.ports)
+    return [
+        "# The Shifter kernel module (loaded beforehand: modprobe shifter, or insmod",
+        "# kernel_module/shifter.ko) records this namespace's redirected connections",
+        f"# to these ports, arriving on {'any interface' if o.excludes else o.lanInterface}:",
+        f"python3 -m shifter.kmod enable --ports {ports} --interface {interface}",
+    ]
+
+
 def generateRules(o: RuleOptions) -> str:
     """
     The rules for C{o} as a shell script, comments included.
@@ -448,9 +464,6 @@ def generateRules(o: RuleOptions) -> str:
         header,
         f"# Run Shifter with: {_shifterCommand(o)}",
     ]
-    if o.resolver == "kmod":
-        lines.append("# and have the module watch the ports: python -m shifter.kmod set-ports "
-                     + " ".join(str(p) for p in o.ports))
     if o.resolver == "nfqueue" and o.queueBypass:
         lines.append("# --queue-bypass: while Shifter is not running, SYNs pass unmarked, "
                      "so unproxied, instead of being dropped.")
@@ -462,6 +475,8 @@ def generateRules(o: RuleOptions) -> str:
     else:
         body = {"nfqueue": _nftQueue, "tproxy": _nftTproxy}.get(o.resolver, _nftRedirect)(o)
     lines += body
+    if o.resolver == "kmod":
+        lines += _kmodEnable(o)
     if o.resolver == "tproxy":
         lines += _policyRouting(o)
     elif not o.excludes:

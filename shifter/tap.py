@@ -247,7 +247,7 @@ class Options(usage.Options):
             "(REDIRECT and DNAT rules); nfqueue reads the SYNs an NFQUEUE rule "
             "queues; tproxy takes the local address of connections a TPROXY "
             "rule delivers to a tproxy: listener; auto uses kmod if the module "
-            "is loaded, else sockopt. python -m shifter.rules prints the rules "
+            "is loaded, exact (version 2) and enabled in this namespace, else sockopt. python -m shifter.rules prints the rules "
             "for each.",
         ],
         [

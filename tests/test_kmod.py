@@ -1071,3 +1071,40 @@ class SpecTests(SynchronousTestCase):
         """
         for name, (_, op) in ynl.operations(self.spec).items():
             self.assertEqual(op["flags"], ["uns-admin-perm"], name)
+
+
+class AutoTests(FakeKernelCase):
+    """
+    C{--resolver auto} prefers the module only when it is exact: a module
+    of version 2 or later that records in this namespace.
+    """
+
+    def chosen(self) -> str:
+        from shifter.auto import AutoResolver
+
+        resolver = AutoResolver(reactor=self.reactor)
+        self.successResultOf(self.settle(resolver.start()))
+        self.addCleanup(resolver.stop)
+        return resolver.name
+
+    def test_exactModule(self) -> None:
+        """
+        An exact module that records here is chosen.
+        """
+        self.assertEqual(self.chosen(), "auto: kmod")
+
+    def test_oldModule(self) -> None:
+        """
+        A version 1 module, keyed on the client's address alone, is passed
+        over for sockopt.
+        """
+        self.module.version = 1
+        self.assertEqual(self.chosen(), "auto: sockopt")
+
+    def test_notEnabled(self) -> None:
+        """
+        A module that does not record in this namespace is passed over for
+        sockopt.
+        """
+        self.module.enabled = False
+        self.assertEqual(self.chosen(), "auto: sockopt")

@@ -65,12 +65,22 @@ class RedirectTests(SynchronousTestCase):
 
     def test_sameForConntrackAndKmod(self) -> None:
         """
-        conntrack and kmod use the same REDIRECT rules; kmod says to set
-        the module's ports.
+        conntrack and kmod use the same REDIRECT rules; kmod's script then
+        enables the module in the namespace for the ports and the LAN
+        interface.
         """
         self.assertEqual(commands(rules(resolver="conntrack")), commands(rules()))
-        self.assertEqual(commands(rules(resolver="kmod")), commands(rules()))
-        self.assertIn("python -m shifter.kmod set-ports 443 8443", rules(resolver="kmod"))
+        self.assertEqual(commands(rules(resolver="kmod")), commands(rules()) + [
+            "python3 -m shifter.kmod enable --ports 443,8443 --interface lan0",
+        ])
+
+    def test_kmodWithOwnTraffic(self) -> None:
+        """
+        When the gateway's own connections are redirected too (they arrive
+        on lo), the module records from every interface.
+        """
+        self.assertIn("python3 -m shifter.kmod enable --ports 443,8443 --interface any\n",
+                      rules(resolver="kmod", proxyUser="proxy", format="nft"))
 
     def test_ownerExclusion(self) -> None:
         """
