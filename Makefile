@@ -6,16 +6,25 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-# What Shifter, its tests and its demo need from Debian.
+# What Shifter, its tests and its demo need from Debian.  The kernel
+# module is tested in Debian 12's two kernels, 6.1 (linux-image-amd64) and
+# 6.12 (linux-image-6.12-amd64, from bookworm-security, in every Debian 12
+# machine's sources), each with its headers.
 APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack \
 	curl openssl procps util-linux systemd kmod make gcc build-essential \
-	linux-headers-amd64 linux-image-amd64 qemu-system-x86 \
+	linux-headers-amd64 linux-image-amd64 \
+	linux-headers-6.12-amd64 linux-image-6.12-amd64 qemu-system-x86 \
 	iperf3 wrk nginx-light redsocks busybox-static
+
+# What building the debug kernel needs besides (make test-kernel-debug).
+DEBUG_APT_PACKAGES := linux-source-6.12 flex bison bc libelf-dev libssl-dev
+DEBUG_KERNEL_CACHE ?= /var/cache/shifter-debug-kernel
 
 PROXY ?= 127.0.0.1:3128
 LISTEN ?= tcp:12345
 
-.PHONY: setup apt venv run demo demo-down serve test unit docs typecheck clean
+.PHONY: setup apt venv run demo demo-down serve test unit docs typecheck clean \
+	test-kernel test-kernel-all test-kernel-debug
 
 setup: apt venv
 
@@ -69,6 +78,28 @@ test: setup docs typecheck
 	$(PY) -m twisted.trial --temp-directory=_trial_temp tests 2>&1 | tee test.log; \
 	status=$$?; $(PY) tests/summary.py < test.log && exit $$status
 
+# The kernel module alone: built for Debian's 6.1 and 6.12 kernels and its
+# guest suite run in each, booted under qemu (what make test runs of it).
+# KERNELS=6.12 (or 6.1) for one of them.
+test-kernel test-kernel-all: setup
+	rm -rf _trial_temp_kernel
+	$(if $(KERNELS),SHIFTER_KERNELS="$(KERNELS)") $(PY) -m twisted.trial \
+	    --temp-directory=_trial_temp_kernel tests.test_kernel
+
+# The guest suite, and a longer churn of namespaces under SYN load, in a
+# kernel built with lockdep, PROVE_RCU, KASAN and kmemleak from Debian's
+# linux-source-6.12 (cached in DEBUG_KERNEL_CACHE: the first run builds it,
+# the better part of an hour on two cores).  Not part of make test.
+test-kernel-debug: setup
+	@dpkg-query -W -f='$${Status}\n' $(DEBUG_APT_PACKAGES) 2>/dev/null | grep -c 'ok installed' | \
+	    grep -qx "$(words $(DEBUG_APT_PACKAGES))" || \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBUG_APT_PACKAGES); }
+	rm -rf _trial_temp_debug
+	set -o pipefail; tree=$$(PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+	    sh kernel_module/tests/debug-kernel.sh $(DEBUG_KERNEL_CACHE) | tail -1) && \
+	SHIFTER_DEBUG_KERNEL="$$tree" $(PY) -m twisted.trial --temp-directory=_trial_temp_debug \
+	    tests.test_kernel.DebugKernelTests
+
 # API documentation of the public names (shifter.__all__) into apidocs/;
 # any pydoctor warning fails it.
 INTERNAL_MODULES := $(filter-out __init__,$(basename $(notdir $(wildcard shifter/*.py))))
@@ -87,5 +118,5 @@ unit: venv
 	$(PY) -m twisted.trial tests.test_connect tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations
 
 clean:
-	rm -rf _trial_temp test.log build *.egg-info
+	rm -rf _trial_temp _trial_temp_kernel _trial_temp_debug test.log build *.egg-info
 	$(MAKE) -C kernel_module clean 2>/dev/null || true

@@ -1,15 +1,20 @@
 """
-The Shifter kernel module in a real kernel.
+The Shifter kernel module in real kernels: Debian's 6.1 and 6.12.
 
-The module is built against the installed kernel headers (from a copy of
-its sources in a temporary directory), then Debian's
-kernel boots once under qemu (virtme-ng, software emulation) with this
-machine's file system shared read-only, and
-C{kernel_module/tests/guest-run.sh} loads the module there, runs the
-guest test modules of C{tests.guest} with trial, unloads the module while it holds
-entries and checks the kernel log.  The tests below read that one boot's
-output; each says what it found when it fails, and the whole guest output
-is printed once after the boot.
+For each kernel, the module is built against its installed headers (from a
+copy of its sources in a temporary directory), then the kernel boots once
+under qemu (virtme-ng, software emulation) with this machine's file system
+shared read-only, and C{kernel_module/tests/guest-run.sh} loads the module
+there, runs the guest test modules of C{tests.guest} with trial, unloads
+the module while it holds entries and checks the kernel log.  The tests
+below read that one boot's output; each says what it found when it fails,
+and the whole guest output is printed once after the boot.
+
+C{SHIFTER_KERNELS} (for example C{6.12}) limits the kernels to those
+series.  C{SHIFTER_DEBUG_KERNEL}, set by C{make test-kernel-debug} to a
+kernel tree built with lockdep, PROVE_RCU, KASAN and kmemleak, runs the
+same suite in that kernel too, with a longer namespace churn; elsewhere
+L{DebugKernelTests} skips.
 """
 
 from __future__ import annotations
@@ -34,14 +39,16 @@ from tests.support import requireHost
 ROOT = Path(__file__).resolve().parent.parent
 MODULE_DIR = ROOT / "kernel_module"
 GUEST_SCRIPT = MODULE_DIR / "tests" / "guest-run.sh"
-BOOT_TIMEOUT = 15 * 60
+BOOT_TIMEOUT = 20 * 60
+DEBUG_BOOT_TIMEOUT = 150 * 60
 HOSTFS_TAG = "shifterhostfs"
 BUILD_TIMEOUT = 10 * 60
 
 # What a kernel log must not hold after the guest suite.
 DMESG_TROUBLE = re.compile(
-    r"WARNING|BUG|Oops|Call Trace|general protection|RCU stall|kmemleak|"
-    r"refcount_t|list_(add|del) corruption|UBSAN|KASAN"
+    r"WARNING|BUG|Oops|Call Trace|general protection|RCU stall|kmemleak: .*leak|"
+    r"refcount_t|list_(add|del) corruption|UBSAN|KASAN|possible circular|lockdep|"
+    r"suspicious RCU"
 )
 
 
@@ -54,19 +61,36 @@ def _unavailable(reason: str) -> None:
     raise SkipTest(reason)
 
 
-def _kernelRelease() -> str | None:
+# The Debian kernels the module is tested in, by series.
+SERIES = ("6.1", "6.12")
+
+
+def _kernelRelease(series: str) -> str | None:
     """
-    The newest kernel in /boot that has headers to build the module
-    against.
+    The newest kernel of C{series} in /boot that has headers to build the
+    module against.
     """
+    def version(release: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", release))
+
     releases = sorted(
-        (path.name[len("vmlinuz-"):] for path in Path("/boot").glob("vmlinuz-*")),
-        reverse=True,
+        (
+            path.name[len("vmlinuz-"):] for path in Path("/boot").glob("vmlinuz-*")
+            if re.match(re.escape(series) + r"[.-]", path.name[len("vmlinuz-"):])
+        ),
+        key=version, reverse=True,
     )
     for release in releases:
         if (Path("/lib/modules") / release / "build" / "Makefile").exists():
             return release
     return None
+
+
+def _wantedSeries() -> tuple[str, ...]:
+    wanted = os.environ.get("SHIFTER_KERNELS")
+    if not wanted:
+        return SERIES
+    return tuple(item for item in wanted.replace(",", " ").split())
 
 
 def _isStatic(path: str) -> bool:
@@ -95,10 +119,10 @@ def _vng() -> str | None:
     return str(beside) if beside.exists() else shutil.which("vng")
 
 
-def requireBootableKernel() -> str:
+def requireBootTools() -> None:
     """
     Skip (or fail under CI) unless this host can build the module and boot
-    a kernel for it; return that kernel's release.
+    a kernel for it.
     """
     requireHost(root=True, programs=("make", "gcc", "qemu-system-x86_64"))
     if _vng() is None:
@@ -106,10 +130,40 @@ def requireBootableKernel() -> str:
     busybox = shutil.which("busybox")
     if busybox is None or not _isStatic(busybox):
         _unavailable("needs a static busybox (Debian's busybox-static) for virtme-ng")
-    release = _kernelRelease()
+
+
+def requireBootableKernel(series: str) -> str:
+    """
+    Skip (or fail under CI) unless this host can build the module and boot
+    a Debian kernel of C{series} for it; return that kernel's release.
+    """
+    if series not in _wantedSeries():
+        raise SkipTest(f"SHIFTER_KERNELS={os.environ.get('SHIFTER_KERNELS')} leaves out {series}")
+    requireBootTools()
+    release = _kernelRelease(series)
     if release is None:
-        _unavailable("needs a kernel in /boot (vmlinuz-*) with its headers installed")
+        _unavailable(
+            f"needs a Debian {series} kernel in /boot (vmlinuz-{series}.*) with its headers "
+            f"installed (make setup installs them)"
+        )
     return release
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """
+    A kernel to boot: its release, its image, and the tree to build the
+    module against.
+    """
+
+    release: str
+    image: str
+    kdir: str
+    debug: bool = False
+
+
+def debianKernel(release: str) -> Kernel:
+    return Kernel(release, f"/boot/vmlinuz-{release}", f"/lib/modules/{release}/build")
 
 
 @dataclass
@@ -149,19 +203,18 @@ class Boot:
         return "\n".join(self.output.splitlines()[-lines:])
 
 
-_build: Build | None = None
-_boot: Boot | None = None
+_builds: dict[Kernel, Build] = {}
+_boots: dict[Kernel, Boot] = {}
 
 
-def build(release: str) -> Build:
+def build(kernel: Kernel) -> Build:
     """
     Build the module, once for the whole test run, from a copy of its
     sources in a directory of its own: a clean build, and one that another
     test run building in the work tree at the same time cannot change under
     the guest.
     """
-    global _build
-    if _build is None:
+    if kernel not in _builds:
         directory = Path(tempfile.mkdtemp(prefix="shifter-kmod-"))
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         sources = directory / "kernel_module"
@@ -173,32 +226,34 @@ def build(release: str) -> Build:
             ),
         )
         result = subprocess.run(
-            ["make", "-C", str(sources), f"KDIR=/lib/modules/{release}/build"],
+            ["make", "-C", str(sources), f"KDIR={kernel.kdir}"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             timeout=BUILD_TIMEOUT,
         )
-        _build = Build(release, result.returncode, result.stdout, sources / "shifter.ko")
-    return _build
+        _builds[kernel] = Build(kernel.release, result.returncode, result.stdout, sources / "shifter.ko")
+    return _builds[kernel]
 
 
-def boot(release: str, module: Path) -> Boot:
+def boot(kernel: Kernel, module: Path) -> Boot:
     """
     Boot the kernel once for the whole test run and run the guest suite in
     it.
     """
-    global _boot
-    if _boot is None:
+    if kernel not in _boots:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # The guest mounts this second export of / with caching over the
         # work tree and the Python installation (see guest-run.sh).
         cached = sorted({str(ROOT), sys.prefix, sys.base_prefix})
+        churn = os.environ.get("SHIFTER_CHURN_SECONDS", "120" if kernel.debug else "20")
+        timeout = DEBUG_BOOT_TIMEOUT if kernel.debug else BOOT_TIMEOUT
         command = [
-            _vng() or "vng", "--run", f"/boot/vmlinuz-{release}",
-            "--disable-kvm", "--memory", "2G",
+            _vng() or "vng", "--run", kernel.image,
+            "--disable-kvm", "--memory", "3G" if kernel.debug else "2G",
             f"--qemu-opts=-virtfs local,path=/,mount_tag={HOSTFS_TAG},"
             "security_model=none,readonly=on,multidevs=remap",
             "--exec", f"SHIFTER_PYTHON={sys.executable} SHIFTER_MODULE={module}"
+            f" SHIFTER_CHURN_SECONDS={churn}"
             f" SHIFTER_HOSTFS_TAG={HOSTFS_TAG}"
             f" SHIFTER_HOSTFS_DIRS='{' '.join(cached)}' sh {GUEST_SCRIPT}",
         ]
@@ -208,33 +263,39 @@ def boot(release: str, module: Path) -> Boot:
             stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True,
         )
         try:
-            output, _ = process.communicate(timeout=BOOT_TIMEOUT)
+            output, _ = process.communicate(timeout=timeout)
             returncode: int | None = process.returncode
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
             returncode = None
-            output += f"\n[test_kernel] the guest did not finish in {BOOT_TIMEOUT} s\n".encode()
+            output += f"\n[test_kernel] the guest did not finish in {timeout} s\n".encode()
         text = output.decode("utf-8", "replace")
-        _boot = Boot(returncode, text, time.monotonic() - started)
+        _boots[kernel] = result = Boot(returncode, text, time.monotonic() - started)
         sys.stdout.write(
-            f"\n===== guest output ({_boot.seconds:.0f} s, exit {returncode}) =====\n"
-            f"{text}\n===== end of guest output =====\n"
+            f"\n===== guest output, {kernel.release} ({result.seconds:.0f} s, exit {returncode}) =====\n"
+            f"{text}\n===== end of guest output, {kernel.release} =====\n"
         )
         sys.stdout.flush()
-    return _boot
+    return _boots[kernel]
 
 
-class BuildTests(SynchronousTestCase):
+class KernelTestsMixin:
     """
-    The module builds against the installed kernel headers.
+    The module built for one kernel and the guest suite in that kernel
+    booted.
     """
+
+    series: str
+
+    def kernel(self) -> Kernel:
+        return debianKernel(requireBootableKernel(self.series))
 
     def test_noWarnings(self) -> None:
         """
         A clean build of the module succeeds and prints no warning.
         """
-        result = build(requireBootableKernel())
+        result = build(self.kernel())
         self.assertEqual(result.returncode, 0, result.output)
         complaints = [
             line for line in result.output.splitlines()
@@ -243,66 +304,109 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual(complaints, [], result.output)
         self.assertTrue(result.module.exists(), result.output)
 
-
-class GuestTests(SynchronousTestCase):
-    """
-    The guest suite, run in the booted kernel with the module loaded.
-    """
-
-    def setUp(self) -> None:
-        release = requireBootableKernel()
-        built = build(release)
+    def booted(self) -> tuple[Kernel, Boot]:
+        kernel = self.kernel()
+        built = build(kernel)
         if built.returncode != 0:
             self.fail(f"the module did not build, so no kernel was booted:\n{built.output}")
-        self.release = release
-        self.boot = boot(release, built.module)
+        return kernel, boot(kernel, built.module)
 
     def test_booted(self) -> None:
         """
         The kernel booted, ran the guest script to its end with a zero
         status, in time, and it was the kernel the module was built for.
         """
-        self.assertEqual(self.boot.marker("GUEST-KERNEL"), self.release, self.boot.tail())
-        self.assertTrue(self.boot.has("INSMOD-OK"), self.boot.tail())
-        self.assertEqual(self.boot.marker("GUEST-EXIT"), "0", self.boot.tail())
-        self.assertEqual(self.boot.returncode, 0, self.boot.tail())
+        kernel, booted = self.booted()
+        self.assertEqual(booted.marker("GUEST-KERNEL"), kernel.release, booted.tail())
+        self.assertTrue(booted.has("INSMOD-OK"), booted.tail())
+        self.assertEqual(booted.marker("GUEST-EXIT"), "0", booted.tail())
+        self.assertEqual(booted.returncode, 0, booted.tail())
 
     def test_suitePassed(self) -> None:
         """
         Trial ran the guest suite with no failure, error or skip.
         """
-        summaries = re.findall(r"^(PASSED|FAILED) \(([^)]*)\)\s*$", self.boot.output, re.M)
-        self.assertTrue(summaries, f"no trial summary in the guest output:\n{self.boot.tail()}")
+        _, booted = self.booted()
+        summaries = re.findall(r"^(PASSED|FAILED) \(([^)]*)\)\s*$", booted.output, re.M)
+        self.assertTrue(summaries, f"no trial summary in the guest output:\n{booted.tail()}")
         verdict, counts = summaries[-1]
         tally = {
             name: int(value)
             for name, value in (item.split("=") for item in counts.split(", "))
         }
-        ran = re.findall(r"^Ran (\d+) tests? in", self.boot.output, re.M)
-        report = f"{verdict} ({counts}); ran {ran[-1] if ran else '?'}\n{self.boot.tail(200)}"
+        ran = re.findall(r"^Ran (\d+) tests? in", booted.output, re.M)
+        report = f"{verdict} ({counts}); ran {ran[-1] if ran else '?'}\n{booted.tail(200)}"
         self.assertEqual(verdict, "PASSED", report)
         self.assertEqual(set(tally), {"successes"}, report)
         self.assertGreater(tally["successes"], 0, report)
         self.assertEqual(ran[-1:], [str(tally["successes"])], report)
-        self.assertEqual(self.boot.marker("TRIAL-EXIT"), "0", report)
+        self.assertEqual(booted.marker("TRIAL-EXIT"), "0", report)
 
     def test_unloadedWithLiveEntries(self) -> None:
         """
-        The module unloaded while a namespace held entries.
+        The module unloaded while a namespace recorded and held entries.
         """
-        live = self.boot.marker("LIVE-ENTRIES")
-        self.assertIsNotNone(live, self.boot.tail())
+        _, booted = self.booted()
+        live = booted.marker("LIVE-ENTRIES")
+        self.assertIsNotNone(live, booted.tail())
         self.assertTrue(live.isdigit() and int(live) > 0, f"LIVE-ENTRIES {live}")
-        self.assertTrue(self.boot.has("RMMOD-OK"), self.boot.tail())
+        self.assertTrue(booted.has("RMMOD-OK"), booted.tail())
 
     def test_dmesgClean(self) -> None:
         """
         The guest's kernel log, from the module's loading to its last
-        unloading, holds no warning, bug, oops or call trace.
+        unloading, holds no warning, bug, oops, call trace, lockdep or
+        RCU complaint.
         """
-        log = self.boot.section("--- dmesg ---", "--- end dmesg ---")
-        self.assertIsNotNone(log, self.boot.tail())
-        self.assertIn("shifter: watching", log)
+        _, booted = self.booted()
+        log = booted.section("--- dmesg ---", "--- end dmesg ---")
+        self.assertIsNotNone(log, booted.tail())
+        self.assertIn("shifter: ready", log)
         trouble = [line for line in log.splitlines() if DMESG_TROUBLE.search(line)]
         self.assertEqual(trouble, [], log)
-        self.assertTrue(self.boot.has("DMESG-CLEAN"), self.boot.tail())
+        self.assertTrue(booted.has("DMESG-CLEAN"), booted.tail())
+
+
+class Debian61Tests(KernelTestsMixin, SynchronousTestCase):
+    """
+    Debian 12's own kernel, 6.1.
+    """
+
+    series = "6.1"
+
+
+class Debian612Tests(KernelTestsMixin, SynchronousTestCase):
+    """
+    Debian 12's 6.12 kernel (linux-image-6.12-amd64).
+    """
+
+    series = "6.12"
+
+
+class DebugKernelTests(KernelTestsMixin, SynchronousTestCase):
+    """
+    A kernel built from Debian's linux-source with lockdep, PROVE_RCU,
+    KASAN and kmemleak (C{make test-kernel-debug} builds it, caches it and
+    names its tree in C{SHIFTER_DEBUG_KERNEL}): the same suite, a longer
+    namespace churn, and kmemleak asked for leaks.
+    """
+
+    series = "debug"
+
+    def kernel(self) -> Kernel:
+        tree = os.environ.get("SHIFTER_DEBUG_KERNEL")
+        if not tree:
+            raise SkipTest("runs the debug kernel that make test-kernel-debug builds")
+        requireBootTools()
+        release = (Path(tree) / "include" / "config" / "kernel.release").read_text().strip()
+        return Kernel(release, str(Path(tree) / "arch" / "x86" / "boot" / "bzImage"), tree, debug=True)
+
+    def test_noLeaks(self) -> None:
+        """
+        kmemleak reports no object leaked through the module.
+        """
+        _, booted = self.booted()
+        counts = booted.marker("KMEMLEAK")
+        self.assertIsNotNone(counts, "no kmemleak report: is kmemleak built in and on?\n" + booted.tail())
+        ours, _ = counts.split()
+        self.assertEqual(ours, "0", booted.section("--- kmemleak ---", "--- end kmemleak ---"))

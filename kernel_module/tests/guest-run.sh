@@ -4,21 +4,26 @@
 # Runs inside the booted test kernel (tests/test_kernel.py starts it with
 # virtme-ng): loads the shifter module, runs the guest test modules
 # (tests.guest.guest_module and guest_kmod_resolver) with trial, unloads the
-# module while it holds live entries, and checks the kernel log.  The host's
-# file system is read-only here and /tmp is writable.  Prints markers for the host to read:
+# module while a namespace records and holds live entries, and checks the
+# kernel log (and, in a kernel built with kmemleak, asks it for leaks).
+# The host's file system is read-only here and /tmp is writable.  Prints
+# markers for the host to read:
 #
 #	GUEST-KERNEL <release>
 #	INSMOD-OK | INSMOD-FAILED
 #	TRIAL-EXIT <status>         after trial's own summary line
 #	LIVE-ENTRIES <n>            entries held when the module is unloaded
 #	RMMOD-OK | RMMOD-FAILED
+#	KMEMLEAK <n> <m>            with kmemleak: objects reported leaked whose
+#	                            allocation went through the module, and in all
 #	DMESG-CLEAN | DMESG-DIRTY   then the whole log between
 #	--- dmesg ---  and  --- end dmesg ---
 #	GUEST-EXIT <status>
 #
 # Environment: SHIFTER_PYTHON, the Python with the project's packages
 # (default: the work tree's .venv); SHIFTER_MODULE, the module to load
-# (default: the one built in the work tree).  SHIFTER_HOSTFS_TAG and
+# (default: the one built in the work tree); SHIFTER_CHURN_SECONDS, how
+# long the namespace churn test runs (passed on to it).  SHIFTER_HOSTFS_TAG and
 # SHIFTER_HOSTFS_DIRS: when the host exports its root a second time as a
 # 9p device with that tag, the script mounts it with caching and binds
 # those directories (the work tree, the Python installation) from it.
@@ -48,6 +53,17 @@ fi
 # Only this run's messages count: the boot's are not the module's doing.
 dmesg --clear
 
+kmemleak=/sys/kernel/debug/kmemleak
+mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+if [ -w "$kmemleak" ]; then
+	echo clear > "$kmemleak"
+else
+	kmemleak=
+fi
+
+# The module needs conntrack (built in, or a module to load first).
+[ -d /sys/module/nf_conntrack ] || modprobe nf_conntrack
+
 if insmod "$module"; then
 	echo "INSMOD-OK"
 else
@@ -67,8 +83,8 @@ echo "TRIAL-EXIT $trial"
 # The tests may have reloaded the module: load it again if one left it out.
 [ -d /sys/module/shifter ] || insmod "$module"
 
-# Unload with entries in the table: a namespace with a recorded SYN, kept
-# alive across the rmmod.
+# Unload with entries in the table: a namespace that records, with live
+# redirected connections, kept alive across the rmmod.
 ip netns add shifter-unload
 ip -n shifter-unload link set lo up
 ip -n shifter-unload link add sh0 type veth peer name sh1
@@ -76,18 +92,27 @@ ip -n shifter-unload link set sh0 up
 ip -n shifter-unload link set sh1 up
 ip -n shifter-unload addr add 192.0.2.1/24 dev sh0
 ip -n shifter-unload route add 203.0.113.0/24 dev sh0
+ip netns exec shifter-unload iptables -t nat -A OUTPUT -p tcp -d 203.0.113.0/24 \
+	--dport 443 -j REDIRECT --to-ports 12345
 entries=$(ip netns exec shifter-unload env PYTHONDONTWRITEBYTECODE=1 \
 	PYTHONPATH="$root" "$python" -c '
 import socket
-from tests.guest.support import ShifterClient, ipv4Packet, tcpHeader
-src, dst = "192.0.2.1", "203.0.113.7"
-with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
-    for port in range(40000, 40100):
-        raw.sendto(ipv4Packet(src, dst, tcpHeader(socket.AF_INET, src, dst, port, 443, 2)), (dst, 0))
-print(ShifterClient().stats()["entries"])
+from tests.guest.support import ShifterClient
+kmod = ShifterClient()
+kmod.enable([443])
+server = socket.create_server(("127.0.0.1", 12345), backlog=128)
+clients = [socket.create_connection(("203.0.113.%d" % n, 443)) for n in range(1, 41)]
+accepted = [server.accept()[0] for _ in clients]
+print(kmod.stats()["entries"])
 ')
 echo "LIVE-ENTRIES ${entries:-none}"
 [ "${entries:-0}" -gt 0 ] 2>/dev/null || status=1
+
+# Leaks the module made, found while its symbols are there to name it.
+if [ -n "$kmemleak" ]; then
+	echo scan > "$kmemleak"; sleep 6; echo scan > "$kmemleak"
+	cat "$kmemleak" > /tmp/kmemleak-loaded.txt
+fi
 
 if rmmod shifter; then
 	echo "RMMOD-OK"
@@ -97,7 +122,20 @@ else
 fi
 ip netns del shifter-unload
 
-if dmesg | grep -E -q 'WARNING|BUG|Oops|Call Trace|general protection|RCU stall|kmemleak|refcount_t|list_(add|del) corruption|UBSAN|KASAN'; then
+if [ -n "$kmemleak" ]; then
+	echo scan > "$kmemleak"; sleep 6; echo scan > "$kmemleak"
+	cat "$kmemleak" > /tmp/kmemleak-unloaded.txt
+	ours=$(awk '/^unreferenced object/ { n++; mark[n] = 0 } /\[shifter\]/ { mark[n] = 1 }
+		END { c = 0; for (i in mark) c += mark[i]; print c }' /tmp/kmemleak-loaded.txt)
+	all=$(grep -c '^unreferenced object' /tmp/kmemleak-unloaded.txt)
+	echo "KMEMLEAK ${ours:-0} ${all:-0}"
+	[ "${ours:-0}" -eq 0 ] || status=1
+	echo "--- kmemleak ---"
+	cat /tmp/kmemleak-loaded.txt /tmp/kmemleak-unloaded.txt | head -200
+	echo "--- end kmemleak ---"
+fi
+
+if dmesg | grep -E -q 'WARNING|BUG|Oops|Call Trace|general protection|RCU stall|kmemleak: .*leak|refcount_t|list_(add|del) corruption|UBSAN|KASAN|possible circular|lockdep|suspicious RCU'; then
 	echo "DMESG-DIRTY"
 	status=1
 else

@@ -13,9 +13,12 @@ with real REDIRECT rules, so that the module sees real SYNs:
     destination (IPv4, IPv6, and IPv4 on a dual-stack listener); then the
     same through nat PREROUTING from a client namespace over veth.
   - L{LookupRateTests}: the look-up rate through L{NetlinkProtocol} with
-    many requests in flight, printed, never asserted.
+    many requests in flight, and C{sockopt}'s on the same connections in
+    the same guest, printed, never asserted.
   - L{TwistdTests}: a real C{twistd shifter --resolver=kmod} relaying a
-    real HTTPS connection through a real Squid.
+    real HTTPS connection through a real Squid, on a gateway set up by the
+    script C{python -m shifter.rules --resolver kmod} prints, run as
+    printed.
 
 The test process enters a namespace with setns(2) only around the calls
 that make sockets: a socket stays in the namespace it was made in, so one
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,10 +42,12 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, suc
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from shifter.kmod import ConnectionKey, KernelModuleResolver, ShifterClient
+from shifter.kmod import AcceptedConnection, KernelModuleResolver, ShifterClient
 from shifter.resolver import DestinationUnknown
+from shifter.sockopt import SocketOptionResolver
 from tests.guest import support
 from tests.gateway import (
+    PROJECT,
     CLIENT_V4,
     CLIENT_V6,
     SERVER_V4,
@@ -114,6 +118,21 @@ def inNamespace(namespace: Namespace, call: Callable[[], T]) -> T:
             _setns(home)
     finally:
         os.close(home)
+
+
+def enableModule(namespace: Namespace, ports: tuple[int, ...] = (443,)) -> None:
+    """
+    Have the module record in C{namespace}, for C{ports}.
+    """
+
+    def enable() -> None:
+        client = support.ShifterClient()
+        try:
+            client.enable(list(ports))
+        finally:
+            client.close()
+
+    inNamespace(namespace, enable)
 
 
 def localNamespace(name: str) -> Namespace:
@@ -245,11 +264,10 @@ class ResolverTests(TestCase):
 
     @inlineCallbacks
     def startResolver(self, namespace: Namespace) -> Iterator[Any]:
+        enableModule(namespace)
         self.resolver = KernelModuleResolver(reactor=reactor, timeout=5.0)
         yield inNamespace(namespace, self.resolver.start)
         self.addCleanup(self.resolver.stop)
-        # A fresh namespace watches the module parameter's ports: say which.
-        yield self.resolver.client.setPorts([443])  # type: ignore[union-attr]
 
     def listen(self, namespace: Namespace, interface: str) -> RedirectedConnections:
         connections = RedirectedConnections(namespace, interface)
@@ -314,6 +332,19 @@ class ResolverTests(TestCase):
         )
 
     @inlineCallbacks
+    def test_notEnabled(self) -> Iterator[Any]:
+        """
+        In a namespace where the module does not record, the resolver does
+        not start, and says why.
+        """
+        other = localNamespace(f"shkn{os.getpid()}")
+        self.addCleanup(other.destroy)
+        resolver = KernelModuleResolver(reactor=reactor, timeout=5.0)
+        with self.assertRaises(Exception) as raised:
+            yield inNamespace(other, resolver.start)
+        self.assertIn("not enabled in this network namespace", str(raised.exception))
+
+    @inlineCallbacks
     def test_notRedirected(self) -> Iterator[Any]:
         """
         A connection made straight to the listener, never redirected, is
@@ -335,6 +366,7 @@ class ResolverTests(TestCase):
         _, server = yield connections.connect(self.namespace, TARGET_V4)
         other = localNamespace(f"shko{os.getpid()}")
         self.addCleanup(other.destroy)
+        enableModule(other)
         elsewhere = KernelModuleResolver(reactor=reactor, timeout=5.0)
         yield inNamespace(other, elsewhere.start)
         self.addCleanup(elsewhere.stop)
@@ -358,10 +390,10 @@ class GatewayResolverTests(TestCase):
         directory = Path(tempfile.mkdtemp(prefix="shifter-kmod-gw-"))
         self.gateway = Gateway(directory)
         self.addCleanup(self.gateway.destroy)
+        enableModule(self.gateway.gateway)
         self.resolver = KernelModuleResolver(reactor=reactor, timeout=5.0)
         yield inNamespace(self.gateway.gateway, self.resolver.start)
         self.addCleanup(self.resolver.stop)
-        yield self.resolver.client.setPorts([443])  # type: ignore[union-attr]
         self.connections = RedirectedConnections(self.gateway.gateway, "::")
         self.addCleanup(self.connections.close)
         self.gateway.redirect(443, self.connections.port)
@@ -390,9 +422,11 @@ class GatewayResolverTests(TestCase):
 
 class LookupRateTests(TestCase):
     """
-    How many look-ups per second L{NetlinkProtocol} gets from the module
-    with many requests in flight.  The figure is printed; timing is never
-    asserted.
+    How many look-ups per second C{kmod} (through L{NetlinkProtocol}, with
+    many requests in flight) and C{sockopt} (a getsockopt per connection)
+    get on the same connections in the same guest.  The figures are
+    printed, with their ratio; timing is never asserted (under software
+    emulation only the ratio means anything).
     """
 
     timeout = 300
@@ -405,7 +439,7 @@ class LookupRateTests(TestCase):
         self.addCleanup(self.namespace.destroy)
 
     @inlineCallbacks
-    def measure(self, client: ShifterClient, keys: list[tuple[ConnectionKey, Any]], inFlight: int) -> Iterator[Any]:
+    def measure(self, lookUp: Callable[[Any], Deferred[Any]], keys: list[tuple[Any, Any]], inFlight: int) -> Iterator[Any]:
         """
         Keep C{inFlight} look-ups going for L{seconds}; return how many
         were answered per second, checking every answer.
@@ -420,7 +454,7 @@ class LookupRateTests(TestCase):
             i = offset
             while time.monotonic() < deadline:
                 key, expected = keys[i % len(keys)]
-                destination = yield client.get(key)
+                destination = yield lookUp(key)
                 if destination != expected:
                     wrong.append((key, destination, expected))
                 done += 1
@@ -436,32 +470,38 @@ class LookupRateTests(TestCase):
     def test_lookupRate(self) -> Iterator[Any]:
         """
         With connections recorded by the module, look-ups of them through one
-        socket, 1, 16 and 64 in flight, all answer correctly; the rates are
-        printed as "kmod lookups/s: N".
+        socket, 1, 16 and 64 in flight, all answer correctly, and so do
+        sockopt's of the same connections; the rates are printed as
+        "kmod lookups/s: N" and "sockopt lookups/s: N".
         """
         namespace = self.namespace
+        enableModule(namespace)
         resolver = KernelModuleResolver(reactor=reactor, timeout=10.0, maxInFlight=256)
         yield inNamespace(namespace, resolver.start)
         self.addCleanup(resolver.stop)
         client = resolver.client
         assert client is not None
-        yield client.setPorts([443])
         connections = RedirectedConnections(namespace, "::")
         self.addCleanup(connections.close)
         redirectOutput(namespace, connections.port)
-        keys = []
+        keys, transports = [], []
         for i in range(self.connections):
             target = TARGET_V4 if i % 2 else TARGET_V6
             _, server = yield connections.connect(namespace, target)
             expected = (IPv4Address if i % 2 else IPv6Address)("TCP", target, 443)
-            keys.append((ConnectionKey.fromPeer(server.getPeer()), expected))
+            keys.append((AcceptedConnection.fromTransport(server), expected))
+            transports.append((server, expected))
         before = yield client.stats()
-        rates = {}
+        sockopt = SocketOptionResolver(reactor)
+        lines = []
         for inFlight in (1, 16, 64):
-            rates[inFlight] = yield self.measure(client, keys, inFlight)
+            kmodRate = yield self.measure(client.get, keys, inFlight)
+            sockoptRate = yield self.measure(sockopt.resolve, transports, inFlight)
+            lines.append(f"kmod lookups/s: {kmodRate:.0f} ({inFlight} in flight, {len(keys)} connections, one socket)")
+            lines.append(f"sockopt lookups/s: {sockoptRate:.0f} ({inFlight} in flight, same connections); "
+                         f"kmod/sockopt {kmodRate / sockoptRate:.2f}")
         after = yield client.stats()
-        for inFlight, rate in rates.items():
-            line = f"kmod lookups/s: {rate:.0f} ({inFlight} in flight, {len(keys)} connections, one socket)"
+        for line in lines:
             print(line)
             sys.stdout.flush()
             with open(os.environ.get("SHIFTER_GUEST_REPORT", "/tmp/shifter-kmod-rate.txt"), "a") as report:
@@ -558,9 +598,31 @@ class TwistdTests(TestCase):
             "--proxy", f"127.0.0.1:{SQUID_PORT}",
             "--resolver", "kmod",
         )
+        self.applyPrintedRules()
         self.shifter.start()
         self.addCleanup(self.shifter.stop)
-        self.gateway.redirect(443, SHIFTER_PORT)
+
+    def applyPrintedRules(self) -> None:
+        """
+        Run the script C{python -m shifter.rules --resolver kmod} prints for
+        this gateway, as printed, with sh in the gateway namespace (its
+        C{python3} this project's): the REDIRECT rules, and the command that
+        has the module record in this namespace, without which Shifter's
+        kmod resolver would not start.
+        """
+        env = dict(os.environ, PYTHONPATH=str(PROJECT))
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        script = subprocess.run(
+            [sys.executable, "-m", "shifter.rules", "--resolver", "kmod", "--lan-interface", "c1",
+             "--ports", "443", "--listen-port", str(SHIFTER_PORT)],
+            capture_output=True, text=True, check=True, env=env,
+        ).stdout
+        self.assertIn("python3 -m shifter.kmod enable --ports 443 --interface c1", script)
+        result = subprocess.run(
+            ["ip", "netns", "exec", self.gateway.gateway.name, "sh", "-e"],
+            input=script, capture_output=True, text=True, timeout=GUEST_START_TIMEOUT, env=env,
+        )
+        self.assertEqual(result.returncode, 0, f"{script}\n{result.stdout}{result.stderr}")
 
     @inlineCallbacks
     def stats(self) -> Iterator[Any]:

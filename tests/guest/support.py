@@ -26,8 +26,10 @@ from pyroute2.netlink.generic import CTRL_CMD_GETFAMILY, GENL_ID_CTRL, ctrlmsg
 from twisted.trial.unittest import SkipTest
 
 from shifter.kmod import (
+    SHIFTER_CMD_DISABLE,
+    SHIFTER_CMD_ENABLE,
     SHIFTER_CMD_GET,
-    SHIFTER_CMD_GET_PORTS,
+    SHIFTER_CMD_GET_CONFIG,
     SHIFTER_CMD_SET_PORTS,
     SHIFTER_CMD_STATS,
     SHIFTER_GENL_NAME,
@@ -42,6 +44,8 @@ MODULE_NAME = "shifter"
 
 # Where redirected connections are accepted, in every topology below.
 LISTEN_PORT = 12345
+# Where nat OUTPUT's REDIRECT sends local programs' connections.
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 # Documentation ranges only, and only inside namespaces the tests create.
 LOCAL_V4 = "192.0.2.1"
@@ -99,6 +103,15 @@ def moduleParameters() -> dict[str, str]:
     }
 
 
+def loadConntrack() -> None:
+    """
+    Load conntrack, which the module needs, unless it is there (built in,
+    or loaded already).
+    """
+    if not os.path.isdir("/sys/module/nf_conntrack"):
+        run("modprobe", "nf_conntrack")
+
+
 def loadModule(**parameters: object) -> None:
     """
     Load the module afresh with these parameters, unloading it first if it
@@ -106,6 +119,7 @@ def loadModule(**parameters: object) -> None:
     """
     if moduleLoaded():
         run("rmmod", MODULE_NAME)
+    loadConntrack()
     run("insmod", modulePath(), *(f"{k}={v}" for k, v in parameters.items()))
 
 
@@ -141,6 +155,17 @@ class Namespace:
     def iptables(self, family: int, *argv: str) -> None:
         program = "iptables" if family == socket.AF_INET else "ip6tables"
         self.exec(program, "-w", *argv)
+
+    def nft(self, ruleset: str) -> None:
+        result = subprocess.run(
+            ["ip", "netns", "exec", self.name, "nft", "-f", "-"],
+            input=ruleset, capture_output=True, text=True, timeout=60,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"nft -f - failed:\n{ruleset}\n{result.stderr}")
+
+    def ifindex(self, device: str) -> int:
+        return int(self.exec("cat", f"/sys/class/net/{device}/ifindex").stdout)
 
     def addAddress(self, device: str, address: str, prefix: int) -> None:
         if ":" in address:
@@ -186,11 +211,14 @@ def vethPair(a: Namespace, aName: str, b: Namespace, bName: str) -> None:
     b.ip("link", "set", bName, "up")
 
 
-def makeLocalClient(test, family: int, ports: Sequence[int] = (443,)) -> Namespace:
+def makeLocalClient(
+    test, family: int, ports: Sequence[int] = (443,), enable: bool = True,
+) -> Namespace:
     """
     A namespace whose own (local) clients have their connections to
-    C{REMOTE_NET} on C{ports} redirected in nat OUTPUT to C{LISTEN_PORT}.
-    Its client address is C{LOCAL_V4}/C{LOCAL_V6}.
+    C{REMOTE_NET} on C{ports} redirected in nat OUTPUT to C{LISTEN_PORT} (on
+    C{LOOPBACK}), with the module enabled there for C{ports} unless
+    C{enable} is false.  Its client address is C{LOCAL_V4}/C{LOCAL_V6}.
     """
     ns = Namespace()
     test.addCleanup(ns.delete)
@@ -206,14 +234,31 @@ def makeLocalClient(test, family: int, ports: Sequence[int] = (443,)) -> Namespa
             REMOTE_NET[family], "--dport", str(port),
             "-j", "REDIRECT", "--to-ports", str(LISTEN_PORT),
         )
+    if enable:
+        enableIn(ns, ports)
     return ns
 
 
-def makeGateway(test, family: int) -> tuple[Namespace, Namespace]:
+def enableIn(ns: Namespace, ports: Sequence[int] = (443,), ifindex: int | None = None) -> None:
+    """
+    Have the module record in C{ns}, for C{ports}.
+    """
+    kmod = ns.module()
+    try:
+        kmod.enable(ports, ifindex)
+    finally:
+        kmod.close()
+
+
+def makeGateway(
+    test, family: int, enable: bool = True, nft: str | None = None,
+) -> tuple[Namespace, Namespace]:
     """
     Two namespaces, a client and a gateway, joined by a veth pair; the
     gateway redirects the client's connections to C{REMOTE_NET} port 443 in
-    nat PREROUTING to C{LISTEN_PORT}.
+    nat PREROUTING to C{LISTEN_PORT} (with iptables, or with the nft
+    ruleset C{nft}), with the module enabled there unless C{enable} is
+    false.
     """
     client, gateway = Namespace(), Namespace()
     test.addCleanup(gateway.delete)
@@ -228,10 +273,15 @@ def makeGateway(test, family: int) -> tuple[Namespace, Namespace]:
         gateway.addAddress("gw0", GATEWAY_V6, 64)
         via = GATEWAY_V6
     client.ip("route", "add", REMOTE_NET[family], "via", via, "dev", "cl0")
-    gateway.iptables(
-        family, "-t", "nat", "-A", "PREROUTING", "-i", "gw0", "-p", "tcp",
-        "--dport", "443", "-j", "REDIRECT", "--to-ports", str(LISTEN_PORT),
-    )
+    if nft is None:
+        gateway.iptables(
+            family, "-t", "nat", "-A", "PREROUTING", "-i", "gw0", "-p", "tcp",
+            "--dport", "443", "-j", "REDIRECT", "--to-ports", str(LISTEN_PORT),
+        )
+    else:
+        gateway.nft(nft)
+    if enable:
+        enableIn(gateway)
     return client, gateway
 
 
@@ -418,27 +468,45 @@ class ShifterClient:
         reply.decode()
         return reply
 
-    def get(self, family: int, address: str, port: int) -> tuple[str, int]:
+    def get(
+        self, family: int, address: str, port: int, local: str | None = None,
+        localPort: int = LISTEN_PORT,
+    ) -> tuple[str, int]:
         """
-        The original destination of the connection from C{address}:C{port},
-        or L{NetlinkError} (C{ENOENT} for none).
+        The original destination of the connection accepted from
+        C{address}:C{port} on C{local}:C{localPort} (by default
+        C{LOOPBACK}, where nat OUTPUT redirects), or L{NetlinkError}
+        (C{ENOENT} for none).
         """
+        local = LOOPBACK[family] if local is None else local
         reply = self.request(
             SHIFTER_CMD_GET,
             [
                 ("SHIFTER_A_FAMILY", family),
                 ("SHIFTER_A_SRC_ADDR", socket.inet_pton(family, address)),
                 ("SHIFTER_A_SRC_PORT", port),
+                ("SHIFTER_A_LOCAL_ADDR", socket.inet_pton(family, local)),
+                ("SHIFTER_A_LOCAL_PORT", localPort),
             ],
         )
         assert reply is not None and reply["cmd"] == SHIFTER_CMD_GET
         assert reply.get_attr("SHIFTER_A_FAMILY") == family
         assert reply.get_attr("SHIFTER_A_SRC_ADDR") == socket.inet_pton(family, address)
         assert reply.get_attr("SHIFTER_A_SRC_PORT") == port
+        assert reply.get_attr("SHIFTER_A_LOCAL_ADDR") == socket.inet_pton(family, local)
+        assert reply.get_attr("SHIFTER_A_LOCAL_PORT") == localPort
         return (
             socket.inet_ntop(family, reply.get_attr("SHIFTER_A_DST_ADDR")),
             reply.get_attr("SHIFTER_A_DST_PORT"),
         )
+
+    def getAccepted(self, accepted: socket.socket) -> tuple[str, int]:
+        """
+        The original destination of an accepted socket's connection.
+        """
+        peer, local = accepted.getpeername(), accepted.getsockname()
+        family = accepted.family
+        return self.get(family, peer[0], peer[1], local[0], local[1])
 
     def stats(self) -> dict[str, int]:
         reply = self.request(SHIFTER_CMD_STATS)
@@ -449,11 +517,18 @@ class ShifterClient:
             for name, value in nest["attrs"]
         }
 
-    def getPorts(self) -> list[int]:
-        reply = self.request(SHIFTER_CMD_GET_PORTS)
-        assert reply is not None and reply["cmd"] == SHIFTER_CMD_GET_PORTS
+    def config(self) -> tuple[bool, int, list[int]]:
+        """
+        Whether the namespace records, its interface index, its ports.
+        """
+        reply = self.request(SHIFTER_CMD_GET_CONFIG)
+        assert reply is not None and reply["cmd"] == SHIFTER_CMD_GET_CONFIG
         nest = reply.get_attr("SHIFTER_A_PORTS")
-        return [] if nest is None else nest.get_attrs("SHIFTER_A_PORTS_PORT")
+        ports = [] if nest is None else nest.get_attrs("SHIFTER_A_PORTS_PORT")
+        return bool(reply.get_attr("SHIFTER_A_ENABLED")), reply.get_attr("SHIFTER_A_IFINDEX"), ports
+
+    def getPorts(self) -> list[int]:
+        return self.config()[2]
 
     def setPorts(self, ports: Sequence[int]) -> None:
         reply = self.request(
@@ -461,6 +536,17 @@ class ShifterClient:
             [("SHIFTER_A_PORTS", {"attrs": [("SHIFTER_A_PORTS_PORT", p) for p in ports]})],
         )
         assert reply is None
+
+    def enable(self, ports: Sequence[int] | None = None, ifindex: int | None = None) -> None:
+        attrs: list[tuple[str, object]] = []
+        if ports is not None:
+            attrs.append(("SHIFTER_A_PORTS", {"attrs": [("SHIFTER_A_PORTS_PORT", p) for p in ports]}))
+        if ifindex is not None:
+            attrs.append(("SHIFTER_A_IFINDEX", ifindex))
+        assert self.request(SHIFTER_CMD_ENABLE, attrs) is None
+
+    def disable(self) -> None:
+        assert self.request(SHIFTER_CMD_DISABLE) is None
 
 
 def waitFor(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
