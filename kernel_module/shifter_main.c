@@ -18,7 +18,6 @@
 #include <linux/module.h>
 #include <linux/moduleparam.h>
 #include <linux/mutex.h>
-#include <linux/version.h>
 #include <net/genetlink.h>
 #include <net/net_namespace.h>
 #include <net/netns/generic.h>
@@ -28,11 +27,6 @@
 #include "shifter_netlink.h"
 #include "shifter_ports.h"
 #include "shifter_table.h"
-
-/* GENL_REQ_ATTR_CHECK() and per-command policies as used here. */
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 1, 0)
-#error "shifter needs Linux 6.1 or later"
-#endif
 
 /* A day: long enough for any handshake, short enough for jiffies math. */
 #define SHIFTER_EXPIRY_SECS_MAX	(24 * 60 * 60)

@@ -73,6 +73,7 @@ struct shifter_entry {
 };
 
 struct shifter_bucket {
+	/* Taken by writers of this bucket only; readers use RCU. */
 	spinlock_t lock;
 	unsigned int count;
 	struct hlist_head head;

@@ -110,6 +110,7 @@ enum shifter_cmd {
 	SHIFTER_CMD_DISABLE,
 	__SHIFTER_CMD_MAX
 };
+
 #define SHIFTER_CMD_MAX (__SHIFTER_CMD_MAX - 1)
 
 enum shifter_attr {
@@ -127,6 +128,7 @@ enum shifter_attr {
 	SHIFTER_A_IFINDEX,	/* u32: the one interface recorded, or 0 */
 	__SHIFTER_A_MAX
 };
+
 #define SHIFTER_A_MAX (__SHIFTER_A_MAX - 1)
 
 enum shifter_ports_attr {
@@ -134,6 +136,7 @@ enum shifter_ports_attr {
 	SHIFTER_A_PORTS_PORT,	/* u16, repeated */
 	__SHIFTER_A_PORTS_MAX
 };
+
 #define SHIFTER_A_PORTS_MAX (__SHIFTER_A_PORTS_MAX - 1)
 
 enum shifter_stat {
@@ -149,6 +152,7 @@ enum shifter_stat {
 	SHIFTER_STAT_PAD,
 	__SHIFTER_STAT_MAX
 };
+
 #define SHIFTER_STAT_MAX (__SHIFTER_STAT_MAX - 1)
 
 #endif /* _UAPI_LINUX_SHIFTER_H */
