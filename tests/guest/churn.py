@@ -35,6 +35,7 @@ from tests.guest.support import (
     REMOTE_NET,
     Namespace,
     NetlinkError,
+    _setns,
     connect,
     enableIn,
     ipv4Packet,
@@ -56,7 +57,7 @@ def flood(ns: Namespace) -> int:
         return pid
     try:
         with open(f"/run/netns/{ns.name}") as f:
-            os.setns(f.fileno(), os.CLONE_NEWNET)
+            _setns(f.fileno())
         rng = random.Random(os.getpid())
         raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         deadline = time.monotonic() + 600
