@@ -272,6 +272,8 @@ def boot(kernel: Kernel, module: Path) -> Boot:
             output += f"\n[test_kernel] the guest did not finish in {timeout} s\n".encode()
         text = output.decode("utf-8", "replace")
         _boots[kernel] = result = Boot(returncode, text, time.monotonic() - started)
+        # Also kept whole in trial's directory, for reading after the run.
+        Path(f"guest-{kernel.release}.log").write_text(text)
         sys.stdout.write(
             f"\n===== guest output, {kernel.release} ({result.seconds:.0f} s, exit {returncode}) =====\n"
             f"{text}\n===== end of guest output, {kernel.release} =====\n"
