@@ -253,7 +253,7 @@ def boot(kernel: Kernel, module: Path) -> Boot:
             f"--qemu-opts=-virtfs local,path=/,mount_tag={HOSTFS_TAG},"
             "security_model=none,readonly=on,multidevs=remap",
             "--exec", f"SHIFTER_PYTHON={sys.executable} SHIFTER_MODULE={module}"
-            f" SHIFTER_CHURN_SECONDS={churn}"
+            f" SHIFTER_CHURN_SECONDS={churn} SHIFTER_GUEST_SLOW={8 if kernel.debug else 1}"
             f" SHIFTER_HOSTFS_TAG={HOSTFS_TAG}"
             f" SHIFTER_HOSTFS_DIRS='{' '.join(cached)}' sh {GUEST_SCRIPT}",
         ]

@@ -23,7 +23,8 @@
 # Environment: SHIFTER_PYTHON, the Python with the project's packages
 # (default: the work tree's .venv); SHIFTER_MODULE, the module to load
 # (default: the one built in the work tree); SHIFTER_CHURN_SECONDS, how
-# long the namespace churn test runs (passed on to it).  SHIFTER_HOSTFS_TAG and
+# long the namespace churn test runs, and SHIFTER_GUEST_SLOW, how many
+# times the tests' timeouts are stretched (both passed on to them).  SHIFTER_HOSTFS_TAG and
 # SHIFTER_HOSTFS_DIRS: when the host exports its root a second time as a
 # 9p device with that tag, the script mounts it with caching and binds
 # those directories (the work tree, the Python installation) from it.

@@ -254,7 +254,7 @@ class ResolverTests(TestCase):
     that real REDIRECT rules sent to a listener, through the real module.
     """
 
-    timeout = 120
+    timeout = 120 * support.SLOW
 
     def setUp(self) -> Deferred[None]:
         requireGuest()
@@ -382,7 +382,7 @@ class GatewayResolverTests(TestCase):
     whose nat PREROUTING rule redirects to a listener there.
     """
 
-    timeout = 120
+    timeout = 120 * support.SLOW
 
     @inlineCallbacks
     def setUp(self) -> Iterator[Any]:
@@ -429,7 +429,7 @@ class LookupRateTests(TestCase):
     emulation only the ratio means anything).
     """
 
-    timeout = 300
+    timeout = 300 * support.SLOW
     connections = 64
     seconds = 3.0
 
@@ -514,7 +514,7 @@ class LookupRateTests(TestCase):
 
 # Under qemu without KVM a Python program takes tens of seconds to start;
 # tests.gateway waits 20 s.  These wait longer once that has run out.
-GUEST_START_TIMEOUT = 180.0
+GUEST_START_TIMEOUT = 180.0 * support.SLOW
 
 
 class GuestSquid(Squid):
@@ -574,7 +574,7 @@ class TwistdTests(TestCase):
     runs in this test's reactor meanwhile.
     """
 
-    timeout = 1200
+    timeout = 1200 * support.SLOW
 
     def setUp(self) -> None:
         requireGuest()

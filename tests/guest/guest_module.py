@@ -47,6 +47,7 @@ from tests.guest.support import (
     REMOTE_V4,
     REMOTE_V6,
     ROOT,
+    SLOW,
     TCP_ACK,
     TCP_FIN,
     TCP_RST,
@@ -149,6 +150,8 @@ class GuestTestCase(TestCase):
     A test in the booted kernel, with the module loaded with its defaults.
     """
 
+    timeout = 120 * SLOW
+
     def setUp(self) -> None:
         requireGuest()
         if not moduleLoaded() or moduleParameters() != DEFAULTS:
@@ -181,11 +184,21 @@ def redirectedNamespace(test: TestCase, family: int, enable: bool = True) -> Nam
     """
     A namespace whose local address is C{LOCAL_V4}/C{LOCAL_V6}, where nat
     OUTPUT redirects packets to C{REMOTE_NET} ports 443 and 8443 to
-    C{LISTEN_PORT}, with the module enabled for port 443 only (unless
-    C{enable} is false): hand-made packets sent to C{REMOTE_NET} are
-    redirected like a local program's.
+    C{LISTEN_PORT}, where a listener answers them, with the module
+    enabled for port 443 only (unless C{enable} is false): hand-made
+    packets sent to C{REMOTE_NET} are redirected like a local program's.
+
+    A hand-made SYN gets the listener's SYN-ACK, which the namespace's
+    own stack answers with a reset, leaving the connection closed in
+    conntrack: for 5 minutes here, rather than 10 seconds, so that its
+    entry answers for as long as a slow test needs.  (With no listener
+    the first reply would be a reset, and conntrack would drop the
+    connection, and its entry with it, at once.)
     """
     ns = makeLocalClient(test, family, ports=(443, 8443), enable=False)
+    ns.exec("sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_timeout_close=300")
+    server = listen(ns, socket.AF_INET6)
+    test.addCleanup(server.close)
     if enable:
         enableIn(ns, (443,))
     return ns
@@ -430,15 +443,16 @@ class ExactnessTests(GuestTestCase):
     def test_natChainPriorities(self) -> None:
         """
         With the redirect in an nft nat chain at a lower priority than
-        iptables' (-200), and a source NAT chain on input at a high one
-        (300), the connection is still filed under what the accepting
+        iptables' and than destination NAT's (-150; a version 1 module
+        recorded at -101, after such a chain had rewritten the SYN), and a
+        source NAT chain on input at a high one (300), the connection is still filed under what the accepting
         socket sees (the rewritten source) and answered with its original
         destination.
         """
         nft = (
             "table ip early {\n"
             "  chain prerouting {\n"
-            "    type nat hook prerouting priority -200; policy accept;\n"
+            "    type nat hook prerouting priority -150; policy accept;\n"
             f'    iifname "gw0" tcp dport 443 redirect to :{LISTEN_PORT}\n'
             "  }\n"
             "  chain input {\n"
@@ -803,9 +817,9 @@ class ConfigTests(GuestTestCase):
 
     def test_portZero(self) -> None:
         """
-        Port 0 is refused by the policy, and nothing changes.
+        Port 0 is refused by the policy (ERANGE), and nothing changes.
         """
-        self.assertNetlinkError(errno.EINVAL, self.kmod.setPorts, [80, 0])
+        self.assertNetlinkError(errno.ERANGE, self.kmod.setPorts, [80, 0])
         self.assertEqual(self.kmod.config(), (False, 0, [443]))
 
     def test_missingNest(self) -> None:
@@ -1110,10 +1124,11 @@ class MalformedRequestTests(RecordedEntryTestCase):
 
     def test_portZero(self) -> None:
         """
-        Port 0, as the client's or the local one, is refused by the policy.
+        Port 0, as the client's or the local one, is refused by the policy
+        with ERANGE.
         """
-        self.get(errno.EINVAL, port=nlattr(A_SRC_PORT, struct.pack("=H", 0)))
-        self.get(errno.EINVAL, localPort=nlattr(A_LOCAL_PORT, struct.pack("=H", 0)))
+        self.get(errno.ERANGE, port=nlattr(A_SRC_PORT, struct.pack("=H", 0)))
+        self.get(errno.ERANGE, localPort=nlattr(A_LOCAL_PORT, struct.pack("=H", 0)))
 
     def test_wrongSizedIntegers(self) -> None:
         """
@@ -1264,16 +1279,17 @@ class ModuleParameterTests(GuestTestCase):
         A live connection's entry is found until expiry_secs have passed
         since its SYN, and then no longer, and is counted as expired.
         """
-        self.reload(expiry_secs=3)
+        expiry = int(3 * SLOW)
+        self.reload(expiry_secs=expiry)
         ns = makeLocalClient(self, socket.AF_INET)
         server = self.closing(listen(ns, socket.AF_INET))
         kmod = self.client(ns)
         sent = time.monotonic()
         (accepted,) = self.openConnections(ns, server, 1)
         self.assertEqual(kmod.getAccepted(accepted), ("203.0.113.1", 443))
-        self.assertLess(time.monotonic() - sent, 2.9, "too slow to look before expiry")
+        self.assertLess(time.monotonic() - sent, expiry - 0.1, "too slow to look before expiry")
         self.assertEqual(kmod.stats()["expiries"], 0)
-        self.assertTrue(waitFor(lambda: kmod.stats()["expiries"] == 1, timeout=20))
+        self.assertTrue(waitFor(lambda: kmod.stats()["expiries"] == 1, timeout=20 + expiry))
         self.assertNetlinkError(errno.ENOENT, kmod.getAccepted, accepted)
         self.assertEqual(kmod.stats()["entries"], 0)
 
@@ -1382,7 +1398,7 @@ class ChurnTests(GuestTestCase):
     log, and in the debug kernel kmemleak).
     """
 
-    timeout = 1800
+    timeout = 1800 * SLOW
 
     def test_churn(self) -> None:
         """
@@ -1394,7 +1410,7 @@ class ChurnTests(GuestTestCase):
         seconds = float(os.environ.get("SHIFTER_CHURN_SECONDS", "20"))
         result = subprocess.run(
             [sys.executable, CHURN_SCRIPT, "--seconds", str(seconds), "--parallel", "3"],
-            capture_output=True, text=True, timeout=seconds + 600,
+            capture_output=True, text=True, timeout=seconds + 600 * SLOW,
             env=dict(os.environ, PYTHONPATH=ROOT),
         )
         print(result.stdout.strip())

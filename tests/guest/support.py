@@ -39,6 +39,10 @@ from shifter.kmod import (
 
 GUEST_SKIP = "runs inside the booted test kernel; tests/test_kernel.py boots it"
 
+# How many times slower than Debian's kernel the guest kernel runs (the
+# debug kernel, with KASAN and lockdep, sets it): tests' timeouts scale.
+SLOW = float(os.environ.get("SHIFTER_GUEST_SLOW", "1"))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULE_NAME = "shifter"
 

@@ -46,8 +46,8 @@
  *	Errors:   -ENOENT when there is no entry, or conntrack no longer
  *	          holds the connection it was recorded for; -EINVAL for a
  *	          missing attribute, a family other than AF_INET or AF_INET6,
- *	          an address not 4 (AF_INET) or 16 (AF_INET6) bytes long, or
- *	          a port 0.
+ *	          or an address not 4 (AF_INET) or 16 (AF_INET6) bytes long;
+ *	          -ERANGE for a port 0.
  *
  * SHIFTER_CMD_STATS: this namespace's counters.
  *	Request:  no attributes.
@@ -66,8 +66,8 @@
  *	Request:  SHIFTER_A_PORTS, a nest of 0 to SHIFTER_MAX_PORTS
  *	          SHIFTER_A_PORTS_PORT u16 attributes, none 0.
  *	Reply:    none beyond the netlink ACK.
- *	Errors:   -EINVAL for a missing nest, a port 0 or too many ports;
- *	          -ENOMEM.
+ *	Errors:   -EINVAL for a missing nest or too many ports; -ERANGE
+ *	          for a port 0; -ENOMEM.
  *
  * SHIFTER_CMD_ENABLE: start recording in this namespace (or change its
  *	settings while it records).
@@ -78,7 +78,7 @@
  *	          the loopback device for connections of local programs).
  *	Reply:    none beyond the netlink ACK.
  *	Errors:   -ENODEV for an interface index this namespace does not
- *	          have; -EINVAL as for SET_PORTS; -ENOMEM.
+ *	          have; -EINVAL and -ERANGE as for SET_PORTS; -ENOMEM.
  *
  * SHIFTER_CMD_DISABLE: stop recording in this namespace and drop its
  *	entries; its ports and interface are kept.
