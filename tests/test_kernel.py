@@ -306,6 +306,18 @@ class KernelTestsMixin:
         self.assertEqual(complaints, [], result.output)
         self.assertTrue(result.module.exists(), result.output)
 
+    def test_noAutoload(self) -> None:
+        """
+        The module declares no alias for its generic netlink family, so a
+        look-up of the family, by anyone, never loads it.
+        """
+        result = build(self.kernel())
+        self.assertEqual(result.returncode, 0, result.output)
+        aliases = subprocess.run(
+            ["modinfo", "-F", "alias", str(result.module)], capture_output=True, text=True, check=True,
+        ).stdout.split()
+        self.assertEqual([alias for alias in aliases if "family" in alias], [])
+
     def booted(self) -> tuple[Kernel, Boot]:
         kernel = self.kernel()
         built = build(kernel)
