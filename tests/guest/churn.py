@@ -4,7 +4,8 @@ C{guest_module.ChurnTests}, and for longer by the debug kernel's run):
 
     python tests/guest/churn.py --seconds 20 --parallel 3
 
-Keeps C{--parallel} network namespaces alive at a time.  Each one redirects
+Keeps C{--parallel} network namespaces alive at a time, and makes twice as
+many at least.  Each one redirects
 its local connections to C{REMOTE_NET} port 443 to a listener, enables the
 module, holds a few real connections, and has a forked child flooding it
 with hand-made SYNs from random ports (each one recorded, answered with a
@@ -131,9 +132,15 @@ def main() -> None:
     options = parser.parse_args()
     report = {"namespaces": 0, "syns": 0, "hits": 0, "wrong": 0, "failed": 0}
     slots: list[Slot] = []
-    deadline = time.monotonic() + options.seconds
+    started = time.monotonic()
+    deadline = started + options.seconds
+    # At least twice as many namespaces as run at once, so that some are
+    # destroyed while others are loaded; never more than ten minutes over.
+    least, limit = 2 * options.parallel, deadline + 600
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < limit and (
+            time.monotonic() < deadline or report["namespaces"] < least
+        ):
             if len(slots) == options.parallel:
                 slots.pop(0).destroy(report)
             slots.append(Slot())
