@@ -187,7 +187,7 @@ def moduleAnswer(namespace: str, peer: tuple[str, int], local: tuple[str, int]) 
     from twisted.internet.address import IPv4Address, IPv6Address
     from twisted.internet.defer import Deferred
 
-    from shifter.kmod import ConnectionKey, ShifterClient
+    from shifter.kmod import AcceptedConnection, ShifterClient
 
     def address(host: str, port: int) -> IPv4Address | IPv6Address:
         return IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
@@ -197,7 +197,8 @@ def moduleAnswer(namespace: str, peer: tuple[str, int], local: tuple[str, int]) 
             connecting = ShifterClient.connect(reactor, timeout=30.0)
         client = await connecting
         try:
-            destination = await client.get(ConnectionKey.fromPeer(address(*peer)))
+            destination = await client.get(
+                AcceptedConnection.fromAddresses(address(*peer), address(*local)))
             stats = await client.stats()
         finally:
             client.close()
