@@ -28,8 +28,8 @@ CONNECT.  Checks:
     packets;
   - conntrack: the redirected connections are tracked (no NOTRACK), and
     ctnetlink answers for C{--resolver conntrack};
-  - kmod: the kernel module is loaded and watches the ports, for
-    C{--resolver kmod};
+  - kmod: the kernel module is loaded, records in this namespace and
+    watches the ports, for C{--resolver kmod};
   - descriptors: the open-file limit allows C{--max-connections};
   - quic: UDP to the redirected ports from the LAN is refused, as
     C{python -m shifter.rules} does, so browsers fall back to TCP;
@@ -704,11 +704,16 @@ def checkKernelModule(expected: Expectations, reactor: Any):  # type: ignore[no-
         return [Finding("error", "kmod", f"the kernel module shifter {why} (--resolver kmod): build and load it "
                         "(make -C kernel_module; insmod kernel_module/shifter.ko, or dkms)")]
     try:
-        ports = yield client.getPorts()
+        config = yield client.getConfig()
     except Exception as e:
         return [Finding("error", "kmod", f"the kernel module shifter does not answer: {e} (CAP_NET_ADMIN?)")]
     finally:
         client.close()
+    ports = list(config.ports)
+    if not config.enabled:
+        return [Finding("error", "kmod", "the kernel module shifter does not record in this network namespace: "
+                        "python -m shifter.kmod enable --ports "
+                        f"{','.join(str(p) for p in sorted(set(ports) | set(expected.ports)))}")]
     missing = [port for port in expected.ports if port not in ports]
     if missing:
         watched = " ".join(str(p) for p in ports) or "none"
