@@ -475,14 +475,14 @@ def generateRules(o: RuleOptions) -> str:
     else:
         body = {"nfqueue": _nftQueue, "tproxy": _nftTproxy}.get(o.resolver, _nftRedirect)(o)
     lines += body
-    if o.resolver == "kmod":
-        lines += _kmodEnable(o)
     if o.resolver == "tproxy":
         lines += _policyRouting(o)
     elif not o.excludes:
         lines.append("# The gateway's own connections are not redirected; --proxy-user or "
                      "--mark redirects them too, except the proxy's.")
     lines += _quic(o)
+    if o.resolver == "kmod":
+        lines += _kmodEnable(o)
     return "\n".join(lines) + "\n"
 
 
