@@ -11,7 +11,9 @@ below read that one boot's output; each says what it found when it fails,
 and the whole guest output is printed once after the boot.
 
 C{SHIFTER_KERNELS} (for example C{6.12}) limits the kernels to those
-series.  C{SHIFTER_DEBUG_KERNEL}, set by C{make test-kernel-debug} to a
+series; C{SHIFTER_GUEST_TESTS} names the guest tests to run, for trial
+(by default all of C{tests.guest.guest_module} and
+C{guest_kmod_resolver}).  C{SHIFTER_DEBUG_KERNEL}, set by C{make test-kernel-debug} to a
 kernel tree built with lockdep, PROVE_RCU, KASAN and kmemleak, runs the
 same suite in that kernel too, with a longer namespace churn; elsewhere
 L{DebugKernelTests} skips.
@@ -65,10 +67,10 @@ def _unavailable(reason: str) -> None:
 SERIES = ("6.1", "6.12")
 
 
-def _kernelRelease(series: str) -> str | None:
+def _kernelRelease(series: str | None = None) -> str | None:
     """
-    The newest kernel of C{series} in /boot that has headers to build the
-    module against.
+    The newest kernel of C{series} (or of any series, by default) in /boot
+    that has headers to build the module against.
     """
     def version(release: str) -> tuple[int, ...]:
         return tuple(int(part) for part in re.findall(r"\d+", release))
@@ -76,7 +78,7 @@ def _kernelRelease(series: str) -> str | None:
     releases = sorted(
         (
             path.name[len("vmlinuz-"):] for path in Path("/boot").glob("vmlinuz-*")
-            if re.match(re.escape(series) + r"[.-]", path.name[len("vmlinuz-"):])
+            if series is None or re.match(re.escape(series) + r"[.-]", path.name[len("vmlinuz-"):])
         ),
         key=version, reverse=True,
     )
@@ -132,19 +134,20 @@ def requireBootTools() -> None:
         _unavailable("needs a static busybox (Debian's busybox-static) for virtme-ng")
 
 
-def requireBootableKernel(series: str) -> str:
+def requireBootableKernel(series: str | None = None) -> str:
     """
     Skip (or fail under CI) unless this host can build the module and boot
-    a Debian kernel of C{series} for it; return that kernel's release.
+    a Debian kernel of C{series} (by default, of any) for it; return that
+    kernel's release (the newest one).
     """
-    if series not in _wantedSeries():
+    if series is not None and series not in _wantedSeries():
         raise SkipTest(f"SHIFTER_KERNELS={os.environ.get('SHIFTER_KERNELS')} leaves out {series}")
     requireBootTools()
     release = _kernelRelease(series)
     if release is None:
         _unavailable(
-            f"needs a Debian {series} kernel in /boot (vmlinuz-{series}.*) with its headers "
-            f"installed (make setup installs them)"
+            f"needs a Debian {series or ''} kernel in /boot (vmlinuz-{series or ''}*) with its "
+            f"headers installed (make setup installs them)"
         )
     return release
 
@@ -254,6 +257,7 @@ def boot(kernel: Kernel, module: Path) -> Boot:
             "security_model=none,readonly=on,multidevs=remap",
             "--exec", f"SHIFTER_PYTHON={sys.executable} SHIFTER_MODULE={module}"
             f" SHIFTER_CHURN_SECONDS={churn} SHIFTER_GUEST_SLOW={8 if kernel.debug else 1}"
+            f" SHIFTER_GUEST_TESTS='{os.environ.get('SHIFTER_GUEST_TESTS', '')}'"
             f" SHIFTER_HOSTFS_TAG={HOSTFS_TAG}"
             f" SHIFTER_HOSTFS_DIRS='{' '.join(cached)}' sh {GUEST_SCRIPT}",
         ]

@@ -24,7 +24,8 @@
 # (default: the work tree's .venv); SHIFTER_MODULE, the module to load
 # (default: the one built in the work tree); SHIFTER_CHURN_SECONDS, how
 # long the namespace churn test runs, and SHIFTER_GUEST_SLOW, how many
-# times the tests' timeouts are stretched (both passed on to them).  SHIFTER_HOSTFS_TAG and
+# times the tests' timeouts are stretched (both passed on to them);
+# SHIFTER_GUEST_TESTS, the guest tests to run (default: all).  SHIFTER_HOSTFS_TAG and
 # SHIFTER_HOSTFS_DIRS: when the host exports its root a second time as a
 # 9p device with that tag, the script mounts it with caching and binds
 # those directories (the work tree, the Python installation) from it.
@@ -74,9 +75,10 @@ else
 fi
 
 cd "$root" || exit 1
+# shellcheck disable=SC2086 # the test names are words
 SHIFTER_GUEST=1 SHIFTER_MODULE="$module" PYTHONDONTWRITEBYTECODE=1 \
 	"$python" -m twisted.trial --temp-directory=/tmp/_trial_guest \
-		tests.guest.guest_module tests.guest.guest_kmod_resolver
+		${SHIFTER_GUEST_TESTS:-tests.guest.guest_module tests.guest.guest_kmod_resolver}
 trial=$?
 echo "TRIAL-EXIT $trial"
 [ "$trial" -eq 0 ] || status=1
