@@ -210,13 +210,15 @@ _builds: dict[Kernel, Build] = {}
 _boots: dict[Kernel, Boot] = {}
 
 
-def build(kernel: Kernel) -> Build:
+def build(kernel: Kernel | str) -> Build:
     """
     Build the module, once for the whole test run, from a copy of its
     sources in a directory of its own: a clean build, and one that another
     test run building in the work tree at the same time cannot change under
-    the guest.
+    the guest.  A release names a Debian kernel (as the kmod demo asks).
     """
+    if isinstance(kernel, str):
+        kernel = debianKernel(kernel)
     if kernel not in _builds:
         directory = Path(tempfile.mkdtemp(prefix="shifter-kmod-"))
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
