@@ -98,7 +98,7 @@ test-kernel-debug: setup
 	set -o pipefail; tree=$$(PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
 	    sh kernel_module/tests/debug-kernel.sh $(DEBUG_KERNEL_CACHE) | tail -1) && \
 	SHIFTER_DEBUG_KERNEL="$$tree" $(PY) -m twisted.trial --temp-directory=_trial_temp_debug \
-	    tests.test_kernel.DebugKernelTests
+	    tests.kernel_debug.DebugKernelTests
 
 # API documentation of the public names (shifter.__all__) into apidocs/;
 # any pydoctor warning fails it.

@@ -13,10 +13,8 @@ and the whole guest output is printed once after the boot.
 C{SHIFTER_KERNELS} (for example C{6.12}) limits the kernels to those
 series; C{SHIFTER_GUEST_TESTS} names the guest tests to run, for trial
 (by default all of C{tests.guest.guest_module} and
-C{guest_kmod_resolver}).  C{SHIFTER_DEBUG_KERNEL}, set by C{make test-kernel-debug} to a
-kernel tree built with lockdep, PROVE_RCU, KASAN and kmemleak, runs the
-same suite in that kernel too, with a longer namespace churn; elsewhere
-L{DebugKernelTests} skips.
+C{guest_kmod_resolver}).  The same suite in a debug kernel is
+L{tests.kernel_debug}, which only C{make test-kernel-debug} runs.
 """
 
 from __future__ import annotations
@@ -401,33 +399,3 @@ class Debian612Tests(KernelTestsMixin, SynchronousTestCase):
     """
 
     series = "6.12"
-
-
-class DebugKernelTests(KernelTestsMixin, SynchronousTestCase):
-    """
-    A kernel built from Debian's linux-source with lockdep, PROVE_RCU,
-    KASAN and kmemleak (C{make test-kernel-debug} builds it, caches it and
-    names its tree in C{SHIFTER_DEBUG_KERNEL}): the same suite, a longer
-    namespace churn, and kmemleak asked for leaks.
-    """
-
-    series = "debug"
-
-    def kernel(self) -> Kernel:
-        tree = os.environ.get("SHIFTER_DEBUG_KERNEL")
-        if not tree:
-            raise SkipTest("runs the debug kernel that make test-kernel-debug builds")
-        requireBootTools()
-        release = (Path(tree) / "include" / "config" / "kernel.release").read_text().strip()
-        # virtme-ng boots a built tree given as the tree itself.
-        return Kernel(release, tree, tree, debug=True)
-
-    def test_noLeaks(self) -> None:
-        """
-        kmemleak reports no object leaked through the module.
-        """
-        _, booted = self.booted()
-        counts = booted.marker("KMEMLEAK")
-        self.assertIsNotNone(counts, "no kmemleak report: is kmemleak built in and on?\n" + booted.tail())
-        ours, _ = counts.split()
-        self.assertEqual(ours, "0", booted.section("--- kmemleak ---", "--- end kmemleak ---"))
