@@ -57,20 +57,29 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse
 from shifter.deadlines import Deadlines
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
 from shifter.limits import clientKey
 from shifter.negotiation import (
     CONNECTING,
+    DECIDE_FAILED,
+    DECIDED,
+    DECIDING,
     HANDSHAKING,
+    PROXY_ANSWERED,
+    PROXY_CONNECT_FAILED,
+    PROXY_CONNECTED,
+    PROXY_DATA,
+    PROXY_ENDED,
+    PROXY_EVENTS,
+    PROXY_INVALID,
+    PROXY_LOST,
     ProxyNegotiation,
     canonicalHost,
     destinationCheck,
     formatAddress,
 )
 from shifter.statetable import buildTable
-from shifter.policy import TunnelDecision, TunnelRequest
 from shifter.tunnel import REFUSALS
 from shifter.upstream import ProxyAttempt
 
@@ -79,24 +88,16 @@ DEFAULT_HOLD_TIMEOUT = 10.0
 DEFAULT_REJECT_MARK = 0x20000
 
 # A held SYN's states.
-DECIDING = "deciding"  # the policy deciding; the SYN held
-# CONNECTING (connecting to a proxy) and HANDSHAKING (CONNECT sent), the
-# SYN held: the proxy negotiation's own (shifter.negotiation).
+# DECIDING (the policy deciding), CONNECTING (connecting to a proxy) and
+# HANDSHAKING (CONNECT sent), the SYN held: the proxy negotiation's own
+# (shifter.negotiation).
 ACCEPTED = "accepted"  # the proxy said 2xx and the SYN was accepted: waiting for the client's connection
 DONE = "done"  # refused, taken over by a tunnel, or given up
 
 STATES = (DECIDING, CONNECTING, HANDSHAKING, ACCEPTED, DONE)
 
-# Its events.
-DECIDED = "decided"
-DECIDE_FAILED = "decide-failed"
-PROXY_CONNECTED = "proxy-connected"
-PROXY_CONNECT_FAILED = "proxy-connect-failed"
-PROXY_ANSWERED = "proxy-answered"
-PROXY_INVALID = "proxy-invalid"
-PROXY_DATA = "proxy-data"
-PROXY_ENDED = "proxy-ended"
-PROXY_LOST = "proxy-lost"
+# Its events: the proxy negotiation's (DECIDED, DECIDE_FAILED and the
+# PROXY_EVENTS), and these.
 TIMED_OUT = "timed-out"
 RETRANSMITTED = "retransmitted"  # a copy of the SYN (same initial sequence number)
 SUPERSEDED = "superseded"  # a new SYN from the same source: the client gave up on this one
@@ -201,33 +202,6 @@ class HeldSyn(ProxyNegotiation):
 
     # The events.
 
-    def decided(self, decision: TunnelDecision | None) -> None:
-        self._handle(DECIDED, decision)
-
-    def decideFailed(self, reason: Failure) -> None:
-        self._handle(DECIDE_FAILED, reason)
-
-    def proxyConnected(self, attempt: IProxyAttempt) -> None:
-        self._handleProxy(PROXY_CONNECTED, attempt)
-
-    def proxyConnectFailed(self, attempt: IProxyAttempt, reason: Failure) -> None:
-        self._handleProxy(PROXY_CONNECT_FAILED, attempt, reason)
-
-    def proxyAnswered(self, attempt: IProxyAttempt, response: ConnectResponse) -> None:
-        self._handleProxy(PROXY_ANSWERED, attempt, response)
-
-    def proxyInvalid(self, attempt: IProxyAttempt, reason: str) -> None:
-        self._handleProxy(PROXY_INVALID, attempt, reason)
-
-    def proxyData(self, attempt: IProxyAttempt, data: bytes) -> None:
-        self._handleProxy(PROXY_DATA, attempt, data)
-
-    def proxyEnded(self, attempt: IProxyAttempt) -> None:
-        self._handleProxy(PROXY_ENDED, attempt)
-
-    def proxyLost(self, attempt: IProxyAttempt, reason: Failure) -> None:
-        self._handleProxy(PROXY_LOST, attempt, reason)
-
     def timedOut(self) -> None:
         self._handle(TIMED_OUT)
 
@@ -259,12 +233,6 @@ class HeldSyn(ProxyNegotiation):
             self._internalError(event, Failure())
             return None
 
-    def _handleProxy(self, event: str, attempt: Any, *args: Any) -> None:
-        if attempt is not self.attempt:
-            attempt.abort()  # an attempt given up on
-            return
-        self._handle(event, *args)
-
     def _internalError(self, event: str, failure: Failure) -> None:
         self.log.failure(
             "held SYN {client} -> {destination}: internal error on {event} while {state}",
@@ -276,12 +244,6 @@ class HeldSyn(ProxyNegotiation):
         self._cancelPending()
         self._dropAttempt()
         self._done()
-
-    def _impossible(self, *args: Any) -> None:
-        raise AssertionError("an event this state never expects")
-
-    def _ignore(self, *args: Any) -> None:
-        pass
 
     # The start: checks, then the first proxy.
 
@@ -296,41 +258,7 @@ class HeldSyn(ProxyNegotiation):
             self._fail(*refusal)
             return
         self.candidates = self.pool.candidates(self.clientHost)
-        policy = self.policy
-        if policy is None:
-            self._connectFirst()
-            return
-        self._setDeadline(self.setupDeadline)
-        request = TunnelRequest(self._clientAddress(), self.destination, None, tuple(self.candidates))
-        try:
-            result = policy.decide(request)
-        except Exception:
-            self.decideFailed(Failure())
-            return
-        if isinstance(result, Deferred):
-            self.pending = result
-            result.addCallbacks(self._pendingDecided, self._pendingFailed, callbackArgs=(result,),
-                                errbackArgs=(result,))
-        else:
-            self.decided(result)
-
-    # A decision given up on (cancelled, after a refusal or the timeout)
-    # is no longer the pending one, and what it says is ignored.
-
-    def _pendingDecided(self, decision: TunnelDecision | None, pending: Deferred[Any]) -> None:
-        if self.pending is pending:
-            self.pending = None
-            self.decided(decision)
-
-    def _pendingFailed(self, reason: Failure, pending: Deferred[Any]) -> None:
-        if self.pending is pending:
-            self.pending = None
-            self.decideFailed(reason)
-
-    def _cancelPending(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.cancel()
+        self._askPolicy(None)
 
     def _setupTimedOut(self) -> None:
         self._fail(
@@ -499,8 +427,6 @@ class HeldSyn(ProxyNegotiation):
 
 _HELD = (DECIDING, CONNECTING, HANDSHAKING)
 _REPEATABLE = REFUSALS | {"limit", "client-limit"}
-_PROXY_EVENTS = (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA,
-                 PROXY_ENDED, PROXY_LOST)
 
 # What every event does in every state.  "_impossible" marks a pair that
 # cannot happen; it refuses a SYN still held and ends with an
@@ -510,7 +436,7 @@ TABLE = buildTable(
     # state        event(s)                                            action
     (DECIDING,     DECIDED,                                            "_decided"),
     (DECIDING,     DECIDE_FAILED,                                      "_decideFailed"),
-    (DECIDING,     _PROXY_EVENTS,                                      "_impossible"),
+    (DECIDING,     PROXY_EVENTS,                                      "_impossible"),
     # Late results of a policy given up on (cancelled) change nothing.
     ((CONNECTING, HANDSHAKING, ACCEPTED), (DECIDED, DECIDE_FAILED),   "_ignore"),
     (CONNECTING,   PROXY_CONNECTED,                                    "_proxyConnected"),

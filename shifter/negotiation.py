@@ -10,6 +10,8 @@ on to the next proxy when one fails before the tunnel opens.  The two
 machines that mix it in declare, in their own tables, which of its steps
 each of their events leads to, and give it these hooks:
 
+  - C{_handle(event, *args)}: look C{event} up in their table;
+
   - C{_newAttempt(proxy)}: an unstarted L{shifter.interfaces.IProxyAttempt}
     reporting to them;
   - C{_open(leftover)}: the proxy answered 2xx;
@@ -18,7 +20,7 @@ each of their events leads to, and give it these hooks:
   - C{_setDeadline(when)};
 
 and these attributes: C{state}, C{owner} (for C{proxyAddresses}),
-C{settings}, C{pool}, C{stats}, C{clock}, C{log}, C{retryLine}, C{clientHost},
+C{settings}, C{pool}, C{policy}, C{stats}, C{clock}, C{log}, C{retryLine}, C{pending}, C{clientHost},
 C{clientPort}, C{clientLabel}, C{destination}, C{address}, C{target},
 C{connectHost}, C{named}, C{candidates}, C{proxy}, C{attempt}, C{request},
 C{passClient}, C{authExchange}, C{authProxy}, C{setupDeadline},
@@ -28,20 +30,38 @@ C{connectStarted}.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from shifter.connect import ConnectResponse, formatAuthority, isDottedQuad
 from shifter.destinations import destinationRefusal
+from shifter.interfaces import IProxyAttempt
 from shifter.passclient import refusalHint, tunnelRequest
-from shifter.policy import TunnelDecision
+from shifter.policy import TunnelDecision, TunnelRequest
 
 # The states of this stage, in both machines.
+DECIDING = "deciding"
 CONNECTING = "connecting"
 HANDSHAKING = "handshaking"
+
+# The events of this stage, in both machines: the policy's answer, and what
+# a proxy attempt reports.
+DECIDED = "decided"
+DECIDE_FAILED = "decide-failed"
+PROXY_CONNECTED = "proxy-connected"
+PROXY_CONNECT_FAILED = "proxy-connect-failed"
+PROXY_ANSWERED = "proxy-answered"
+PROXY_INVALID = "proxy-invalid"
+PROXY_DATA = "proxy-data"
+PROXY_ENDED = "proxy-ended"
+PROXY_LOST = "proxy-lost"
+PROXY_EVENTS = (
+    PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA, PROXY_ENDED, PROXY_LOST,
+)
 
 
 def destinationCheck(owner: Any, settings: Any, host: str, port: int) -> tuple[str, str] | None:
@@ -70,8 +90,107 @@ class ProxyNegotiation:
     """
 
     __slots__ = ()
+    pending: Deferred[Any] | None  # what L{_ask} waits for
+
+    # The events this stage receives, each looked up in the machine's table
+    # by its C{_handle(event, *args)}.  One from a proxy attempt the
+    # machine has given up on is not looked up: the attempt is aborted, and
+    # nothing else happens.
+
+    def decided(self: Any, decision: TunnelDecision | None) -> None:
+        self._handle(DECIDED, decision)
+
+    def decideFailed(self: Any, reason: Failure) -> None:
+        self._handle(DECIDE_FAILED, reason)
+
+    def proxyConnected(self: Any, attempt: IProxyAttempt) -> None:
+        self._handleProxy(PROXY_CONNECTED, attempt)
+
+    def proxyConnectFailed(self: Any, attempt: IProxyAttempt, reason: Failure) -> None:
+        self._handleProxy(PROXY_CONNECT_FAILED, attempt, reason)
+
+    def proxyAnswered(self: Any, attempt: IProxyAttempt, response: ConnectResponse) -> None:
+        self._handleProxy(PROXY_ANSWERED, attempt, response)
+
+    def proxyInvalid(self: Any, attempt: IProxyAttempt, reason: str) -> None:
+        """
+        The proxy's answer to CONNECT is not HTTP Shifter accepts.
+        """
+        self._handleProxy(PROXY_INVALID, attempt, reason)
+
+    def proxyData(self: Any, attempt: IProxyAttempt, data: bytes) -> None:
+        self._handleProxy(PROXY_DATA, attempt, data)
+
+    def proxyEnded(self: Any, attempt: IProxyAttempt) -> None:
+        self._handleProxy(PROXY_ENDED, attempt)
+
+    def proxyLost(self: Any, attempt: IProxyAttempt, reason: Failure) -> None:
+        self._handleProxy(PROXY_LOST, attempt, reason)
+
+    def _handleProxy(self: Any, event: str, attempt: Any, *args: Any) -> None:
+        if attempt is not self.attempt:
+            attempt.abort()  # an attempt given up on: nothing else to do
+            return
+        self._handle(event, *args)
+
+    # The actions every table names somewhere.
+
+    def _impossible(self, *args: Any) -> None:
+        raise AssertionError("an event this state never expects")
+
+    def _ignore(self, *args: Any) -> None:
+        pass
+
+    # Asking something that may answer later (a resolver, the policy).
+
+    def _ask(self: Any, call: Callable[[], Any], ok: Callable[[Any], None], failed: Callable[[Failure], None]) -> None:
+        """
+        Call C{call}; its result, at once or from a C{Deferred}, or its
+        failure becomes an event.  An answer that comes after the machine
+        gave up waiting (L{_cancelPending}) is not delivered.
+        """
+        try:
+            result = call()
+        except Exception:
+            failed(Failure())
+            return
+        if not isinstance(result, Deferred):
+            ok(result)
+            return
+        self.pending = result
+
+        def fired(value: Any) -> None:
+            if self.pending is result:
+                self.pending = None
+                ok(value)
+
+        def errored(reason: Failure) -> None:
+            if self.pending is result:
+                self.pending = None
+                failed(reason)
+
+        result.addCallbacks(fired, errored)
+
+    def _cancelPending(self: Any) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()
 
     # Stage: the policy's decision.
+
+    def _askPolicy(self: Any, name: str | None) -> None:
+        """
+        Ask the policy, if there is one, where the tunnel goes (with the
+        sniffed C{name}, if any), then connect.
+        """
+        policy = self.policy
+        if policy is None:
+            self._connectFirst()
+            return
+        self.state = DECIDING
+        self._setDeadline(self.setupDeadline)
+        request = TunnelRequest(self._clientAddress(), self.destination, name, tuple(self.candidates))
+        self._ask(lambda: policy.decide(request), self.decided, self.decideFailed)
 
     def _decided(self: Any, decision: TunnelDecision | None) -> None:
         if decision is not None:
@@ -152,19 +271,15 @@ class ProxyNegotiation:
         self._retryOrFail("proxy-connect", why)
 
     def _connectTimedOut(self: Any) -> None:
-        if self.clock.seconds() >= self.setupDeadline:
-            self._setupTimedOut()
-            return
-        why = f"no connection to proxy within {self.settings.connectTimeout:g} s"
-        self.pool.failed(self.proxy, why)
-        self._dropAttempt()
-        self._retryOrFail("timeout", why)
+        self._proxyTimedOut(f"no connection to proxy within {self.settings.connectTimeout:g} s")
 
     def _handshakeTimedOut(self: Any) -> None:
+        self._proxyTimedOut(f"proxy did not answer CONNECT within {self.settings.handshakeTimeout:g} s")
+
+    def _proxyTimedOut(self: Any, why: str) -> None:
         if self.clock.seconds() >= self.setupDeadline:
             self._setupTimedOut()
             return
-        why = f"proxy did not answer CONNECT within {self.settings.handshakeTimeout:g} s"
         self.pool.failed(self.proxy, why)
         self._dropAttempt()
         self._retryOrFail("timeout", why)

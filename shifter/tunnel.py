@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from zope.interface import Attribute, Interface, implementer
 
@@ -45,17 +45,26 @@ from twisted.internet.error import ConnectionDone, TimeoutError
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse
 from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
 from shifter.negotiation import (
     CONNECTING,
+    DECIDE_FAILED,
+    DECIDED,
+    DECIDING,
     HANDSHAKING,
+    PROXY_ANSWERED,
+    PROXY_CONNECT_FAILED,
+    PROXY_CONNECTED,
+    PROXY_DATA,
+    PROXY_ENDED,
+    PROXY_EVENTS,
+    PROXY_INVALID,
+    PROXY_LOST,
     ProxyNegotiation,
     canonicalHost,
     destinationCheck,
     formatAddress,
 )
-from shifter.policy import TunnelDecision, TunnelRequest
 from shifter.resolver import Destination, ResolverError
 from shifter.statetable import buildTable
 
@@ -63,7 +72,6 @@ from shifter.statetable import buildTable
 ACCEPTED = "accepted"
 RESOLVING = "resolving"
 SNIFFING = "sniffing"
-DECIDING = "deciding"
 RELAYING = "relaying"
 CLIENT_FINISHED = "client-finished"
 PROXY_FINISHED = "proxy-finished"
@@ -83,18 +91,9 @@ OPEN = (RELAYING, CLIENT_FINISHED, PROXY_FINISHED)
 START = "start"
 RESOLVED = "resolved"
 RESOLVE_FAILED = "resolve-failed"
-DECIDED = "decided"
-DECIDE_FAILED = "decide-failed"
 CLIENT_DATA = "client-data"
 CLIENT_ENDED = "client-ended"
 CLIENT_LOST = "client-lost"
-PROXY_CONNECTED = "proxy-connected"
-PROXY_CONNECT_FAILED = "proxy-connect-failed"
-PROXY_ANSWERED = "proxy-answered"
-PROXY_INVALID = "proxy-invalid"
-PROXY_DATA = "proxy-data"
-PROXY_ENDED = "proxy-ended"
-PROXY_LOST = "proxy-lost"
 RELAY_ENDED = "relay-ended"
 TIMED_OUT = "timed-out"
 ABORT = "abort"
@@ -105,15 +104,6 @@ EVENTS = (
     PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID,
     PROXY_DATA, PROXY_ENDED, PROXY_LOST, RELAY_ENDED, TIMED_OUT, ABORT,
 )
-
-# Events that come from one proxy attempt.  One from an attempt the tunnel
-# has given up on is not looked up in the table: the attempt is aborted,
-# and nothing else happens.
-PROXY_EVENTS = frozenset(
-    (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID,
-     PROXY_DATA, PROXY_ENDED, PROXY_LOST)
-)
-
 
 # Failures that are Shifter refusing the client, before any proxy is
 # asked; a client can repeat them at will, so their lines are rate-limited
@@ -347,12 +337,6 @@ class Tunnel(ProxyNegotiation):
     def resolveFailed(self, reason: Failure) -> None:
         self._handle(RESOLVE_FAILED, reason)
 
-    def decided(self, decision: TunnelDecision | None) -> None:
-        self._handle(DECIDED, decision)
-
-    def decideFailed(self, reason: Failure) -> None:
-        self._handle(DECIDE_FAILED, reason)
-
     def clientData(self, data: bytes) -> None:
         self._handle(CLIENT_DATA, data)
 
@@ -367,30 +351,6 @@ class Tunnel(ProxyNegotiation):
         The client connection is gone.
         """
         self._handle(CLIENT_LOST, reason)
-
-    def proxyConnected(self, attempt: IProxyAttempt) -> None:
-        self._handleProxy(PROXY_CONNECTED, attempt)
-
-    def proxyConnectFailed(self, attempt: IProxyAttempt, reason: Failure) -> None:
-        self._handleProxy(PROXY_CONNECT_FAILED, attempt, reason)
-
-    def proxyAnswered(self, attempt: IProxyAttempt, response: ConnectResponse) -> None:
-        self._handleProxy(PROXY_ANSWERED, attempt, response)
-
-    def proxyInvalid(self, attempt: IProxyAttempt, reason: str) -> None:
-        """
-        The proxy's answer to CONNECT is not HTTP Shifter accepts.
-        """
-        self._handleProxy(PROXY_INVALID, attempt, reason)
-
-    def proxyData(self, attempt: IProxyAttempt, data: bytes) -> None:
-        self._handleProxy(PROXY_DATA, attempt, data)
-
-    def proxyEnded(self, attempt: IProxyAttempt) -> None:
-        self._handleProxy(PROXY_ENDED, attempt)
-
-    def proxyLost(self, attempt: IProxyAttempt, reason: Failure) -> None:
-        self._handleProxy(PROXY_LOST, attempt, reason)
 
     def relayEnded(self, how: str) -> None:
         """
@@ -435,12 +395,6 @@ class Tunnel(ProxyNegotiation):
         except Exception:
             self._internalError(event, Failure())
 
-    def _handleProxy(self, event: str, attempt: Any, *args: Any) -> None:
-        if attempt is not self.attempt:
-            attempt.abort()  # an attempt given up on: nothing else to do
-            return
-        self._handle(event, *args)
-
     def _internalError(self, event: str, failure: Failure) -> None:
         """
         A bug: an exception while handling C{event}.  Close the connection
@@ -464,12 +418,6 @@ class Tunnel(ProxyNegotiation):
             self.log.failure("tunnel {client}: closing failed", client=self.clientLabel)
             self._abortAll()
 
-    def _impossible(self, *args: Any) -> None:
-        raise AssertionError("an event this state never expects")
-
-    def _ignore(self, *args: Any) -> None:
-        pass
-
     # Stage 0: accepted.
 
     def _begin(self) -> None:
@@ -481,33 +429,7 @@ class Tunnel(ProxyNegotiation):
                 return
         self.state = RESOLVING
         self._setDeadline(self.setupDeadline)
-        try:
-            result = self.client.resolveDestination()
-        except Exception:
-            self.resolveFailed(Failure())
-            return
-        if isinstance(result, Deferred):
-            self._wait(result, self.resolved, self.resolveFailed)
-        else:
-            self.resolved(result)
-
-    def _wait(self, pending: Deferred[Any], ok: Callable[[Any], None], failed: Callable[[Failure], None]) -> None:
-        """
-        Wait for C{pending}; its result or failure becomes an event.
-        """
-        self.pending = pending
-
-        def fired(result: Any) -> None:
-            if self.pending is pending:
-                self.pending = None
-            ok(result)
-
-        def errored(reason: Failure) -> None:
-            if self.pending is pending:
-                self.pending = None
-            failed(reason)
-
-        pending.addCallbacks(fired, errored)
+        self._ask(self.client.resolveDestination, self.resolved, self.resolveFailed)
 
     # Before the tunnel opens, the client's bytes are kept (up to a limit;
     # past it, reading pauses) and sent first once it opens.
@@ -641,24 +563,7 @@ class Tunnel(ProxyNegotiation):
                 self._takeHeld(held)
                 return
         self.candidates = self.pool.candidates(self.clientHost)
-        policy = self.policy
-        if policy is None:
-            self._connectFirst()
-            return
-        self.state = DECIDING
-        self._setDeadline(self.setupDeadline)
-        client = self._clientAddress()
-        name = self.connectHost if self.connectHost != self.address else None
-        request = TunnelRequest(client, self.destination, name, tuple(self.candidates))  # type: ignore[arg-type]
-        try:
-            result = policy.decide(request)
-        except Exception:
-            self.decideFailed(Failure())
-            return
-        if isinstance(result, Deferred):
-            self._wait(result, self.decided, self.decideFailed)
-        else:
-            self.decided(result)
+        self._askPolicy(self.connectHost if self.connectHost != self.address else None)
 
     def _decideFailed(self, reason: Failure) -> None:
         self._fail("policy", f"policy error: {reason.getErrorMessage()}", failure=reason)
@@ -798,9 +703,7 @@ class Tunnel(ProxyNegotiation):
         if self.how is None:
             self.how = how
         self.state = CLOSING
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.cancel()
+        self._cancelPending()
         relay, self.relay = self.relay, None
         if relay is not None:
             relay.stop()
