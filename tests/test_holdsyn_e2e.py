@@ -16,29 +16,15 @@ Squid, curl and openssl.
 from __future__ import annotations
 
 import errno
-import os
 import re
 import socket
-import subprocess
 import sys
 import time
 
 from twisted.logger import Logger
 
-from tests.gateway import (
-    SERVER_V4,
-    SERVER_V6,
-    SHIFTER_PORT,
-    SQUID_PORT,
-    ShifterProcess,
-    Squid,
-    WebServer,
-    gatewayFor,
-    insideNamespace,
-    waitFor,
-)
-from tests.support import requireHost
-from tests.test_resolvers_e2e import PEER, ResolverGatewayTestCase, printedRules
+from tests.gateway import SERVER_V4, SERVER_V6, SHIFTER_PORT, SQUID_PORT, insideNamespace, waitFor
+from tests.test_resolvers_e2e import PEER, ResolverGatewayTestCase
 
 log = Logger()
 
@@ -77,28 +63,11 @@ class HoldSynGatewayTestCase(ResolverGatewayTestCase):
     # As the printed command line has it.
     listen = f"tcp6:{SHIFTER_PORT}:interface=\\:\\::backlog=1024"
 
-    def setUp(self) -> None:
-        requireHost(
-            root=True,
-            programs=("ip", "iptables", "ip6tables", "nft", "squid", "curl", "openssl", "ss"),
-        )
-        self.net = gatewayFor(self)
-        self.directory = self.net.directory
-        self.rules = printedRules(self.resolver, self.ruleFormat, *self.ruleOptions)
-        self.applyRules(self.rules)
-        self.squid = Squid(self.net.gateway, self.directory / "squid", deny=(DENIED_V4, DENIED_V6))
-        self.squid.start()
-        if self.webServer:
-            self.web = WebServer(self.net.server, self.directory / "web")
-            self.payload = os.urandom(256 * 1024)
-            (self.web.site / "file.bin").write_bytes(self.payload)
-            self.web.start()
-        self.shifter = ShifterProcess(
-            self.net.gateway, self.directory,
-            "--listen", self.listen, "--proxy", f"127.0.0.1:{SQUID_PORT}",
-            "--resolver", "nfqueue", "--hold-syn", "--hold-timeout", f"{self.holdTimeout:g}",
-            *self.shifterOptions,
-        )
+    squidDeny = (DENIED_V4, DENIED_V6)
+
+    def shifterArguments(self) -> tuple[str, ...]:
+        return ("--resolver", "nfqueue", "--hold-syn", "--hold-timeout", f"{self.holdTimeout:g}",
+                *self.shifterOptions)
 
     def connectFromClient(self, host: str, port: int = 443) -> tuple[int, float]:
         """

@@ -34,7 +34,6 @@ from tests.gateway import (
     Squid,
     WebServer,
     gatewayFor,
-    stopProcess,
     waitFor,
 )
 from tests.support import requireHost
@@ -67,6 +66,7 @@ class ResolverGatewayTestCase(SynchronousTestCase):
     shifterOptions: tuple[str, ...] = ()
     listen = f"tcp6:{SHIFTER_PORT}:interface=\\:\\:"
     webServer = True
+    squidDeny: tuple[str, ...] = ()  # destinations Squid refuses
 
     def setUp(self) -> None:
         requireHost(
@@ -77,7 +77,7 @@ class ResolverGatewayTestCase(SynchronousTestCase):
         self.directory = self.net.directory
         self.rules = printedRules(self.resolver, self.ruleFormat, *self.ruleOptions)
         self.applyRules(self.rules)
-        self.squid = Squid(self.net.gateway, self.directory / "squid")
+        self.squid = Squid(self.net.gateway, self.directory / "squid", deny=self.squidDeny)
         self.squid.start()
         if self.webServer:
             self.web = WebServer(self.net.server, self.directory / "web")
@@ -86,9 +86,14 @@ class ResolverGatewayTestCase(SynchronousTestCase):
             self.web.start()
         self.shifter = ShifterProcess(
             self.net.gateway, self.directory,
-            "--listen", self.listen, "--proxy", f"127.0.0.1:{SQUID_PORT}",
-            "--resolver", self.resolver, *self.shifterOptions,
+            "--listen", self.listen, "--proxy", f"127.0.0.1:{SQUID_PORT}", *self.shifterArguments(),
         )
+
+    def shifterArguments(self) -> tuple[str, ...]:
+        """
+        Shifter's options past --listen and --proxy.
+        """
+        return ("--resolver", self.resolver, *self.shifterOptions)
 
     def applyRules(self, script: str) -> None:
         """
