@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -27,20 +26,9 @@ from tests.gateway import (
     gatewayFor,
 )
 from tests.support import requireHost
+from tests.test_resolvers_e2e import LAN, printedRules
 
-LAN = "c1"
 LISTEN = f"tcp6:{SHIFTER_PORT}:interface=\\:\\:"
-
-
-def printedRules(*options: str) -> str:
-    """
-    What C{python -m shifter.rules} prints for the test gateway.
-    """
-    return subprocess.run(
-        [sys.executable, "-m", "shifter.rules", "--lan-interface", LAN, "--ports", "443",
-         "--listen-port", str(SHIFTER_PORT), *options],
-        capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=str(PROJECT)),
-    ).stdout
 
 
 class DoctorTestCase(SynchronousTestCase):
@@ -57,7 +45,7 @@ class DoctorTestCase(SynchronousTestCase):
         requireHost(root=True, programs=("ip", "iptables", "ip6tables", "nft", "squid", "openssl", "ss"))
         self.net = gatewayFor(self)
         self.directory = self.net.directory
-        rules = printedRules("--resolver", self.resolver, "--format", self.ruleFormat)
+        rules = printedRules(self.resolver, self.ruleFormat)
         self.assertIn("udp", rules, "the printed rules refuse QUIC")
         self.gw("sh", "-c", rules)
         self.listen = LISTEN
