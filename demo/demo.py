@@ -56,10 +56,10 @@ from tests.gateway import (  # noqa: E402
     VENV_BIN,
     Gateway,
     Namespace,
+    QuickWebServer,
     ShifterProcess,
     Squid,
     insideNamespace,
-    makeCertificate,
     waitFor,
 )
 
@@ -212,30 +212,6 @@ def packets(count: int, what: str = "packet") -> str:
 # --------------------------------------------------------------------------
 
 
-class WebServer:
-    """
-    An HTTPS server on port 443, IPv4 and IPv6, serving the files of
-    C{directory/site} with a throwaway certificate: OpenSSL's C{s_server},
-    which starts at once even in a kernel under qemu.
-    """
-
-    def __init__(self, namespace: Namespace, directory: Path) -> None:
-        self.namespace = namespace
-        self.site = directory / "site"
-        self.site.mkdir(parents=True, exist_ok=True)
-        self.key, self.cert = makeCertificate(directory)
-        self.log = directory / "s_server.out"
-
-    def start(self) -> None:
-        self.namespace.start(
-            "sh", "-c",
-            f'cd "{self.site}" && exec openssl s_server -quiet -accept 443 '
-            f'-cert "{self.cert}" -key "{self.key}" -WWW',
-            logTo=self.log,
-        )
-        self.namespace.waitListening(443, START_TIMEOUT)
-
-
 class UdpListeners:
     """
     UDP sockets on the server, on [::] (IPv4 and IPv6): what an HTTP/3
@@ -386,7 +362,7 @@ class Demo:
         say()
 
     def startServers(self) -> None:
-        self.web = WebServer(self.net.server, self.directory / "web")
+        self.web = QuickWebServer(self.net.server, self.directory / "web", START_TIMEOUT)
         (self.web.site / PAGE).write_text(f"Hello from {self.server}, through Shifter and Squid.\n")
         self.web.start()
         self.udp = UdpListeners(self.net.server, (443, OTHER_UDP_PORT))

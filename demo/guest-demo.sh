@@ -18,15 +18,8 @@ exec 2>&1
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 
-if [ -n "${SHIFTER_HOSTFS_TAG:-}" ]; then
-	mkdir -p /run/shifter-hostfs
-	if mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=512000 \
-		"$SHIFTER_HOSTFS_TAG" /run/shifter-hostfs; then
-		for dir in ${SHIFTER_HOSTFS_DIRS:-}; do
-			[ -d "$dir" ] && mount --bind "/run/shifter-hostfs$dir" "$dir"
-		done
-	fi
-fi
+. "$root/kernel_module/tests/hostfs.sh"
+mount_hostfs || true
 
 # insmod loads no dependency: load what the module depends on first.
 for dependency in $(modinfo -F depends "$SHIFTER_MODULE" | tr ',' ' '); do

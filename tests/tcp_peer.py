@@ -122,7 +122,10 @@ async def outcomes(timeout: float, targets: list[tuple[str, int, int]]) -> None:
         print(f"error: {error}")
 
 
-def _checksum(data: bytes) -> int:
+def internetChecksum(data: bytes) -> int:
+    """
+    The one's-complement checksum of IP and TCP headers (RFC 1071).
+    """
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -141,7 +144,7 @@ def syns(host: str, port: int, count: int) -> None:
     for sourcePort in ports:
         header = struct.pack("!HHIIBBHHH", sourcePort, port, random.getrandbits(32), 0, 0x50, 0x02, 64240, 0, 0)
         pseudo = socket.inet_aton(source) + socket.inet_aton(host) + struct.pack("!BBH", 0, 6, len(header))
-        header = header[:16] + struct.pack("!H", _checksum(pseudo + header)) + header[18:]
+        header = header[:16] + struct.pack("!H", internetChecksum(pseudo + header)) + header[18:]
         raw.sendto(header, (host, 0))
     raw.close()
     print(f"sent {count}")

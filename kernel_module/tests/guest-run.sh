@@ -41,15 +41,9 @@ status=0
 
 echo "GUEST-KERNEL $(uname -r)"
 
-if [ -n "${SHIFTER_HOSTFS_TAG:-}" ]; then
-	mkdir -p /run/shifter-hostfs
-	if mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=512000 \
-		"$SHIFTER_HOSTFS_TAG" /run/shifter-hostfs; then
-		for dir in ${SHIFTER_HOSTFS_DIRS:-}; do
-			[ -d "$dir" ] && mount --bind "/run/shifter-hostfs$dir" "$dir"
-		done
-		echo "HOSTFS-CACHED $SHIFTER_HOSTFS_DIRS"
-	fi
+. "$root/kernel_module/tests/hostfs.sh"
+if mount_hostfs; then
+	echo "HOSTFS-CACHED $SHIFTER_HOSTFS_DIRS"
 fi
 
 # Only this run's messages count: the boot's are not the module's doing.

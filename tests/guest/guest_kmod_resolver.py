@@ -56,9 +56,9 @@ from tests.gateway import (
     SQUID_PORT,
     Gateway,
     Namespace,
+    QuickWebServer,
     ShifterProcess,
     Squid,
-    makeCertificate,
     waitFor,
 )
 
@@ -525,30 +525,6 @@ class GuestSquid(Squid):
             self.namespace.waitListening(SQUID_PORT, GUEST_START_TIMEOUT)
 
 
-class TLSServer:
-    """
-    A real HTTPS server in a namespace: OpenSSL's C{s_server} serving the
-    files of a directory on port 443, IPv4 and IPv6 (C, so it starts in
-    moments where a Python one takes a minute under qemu).
-    """
-
-    def __init__(self, namespace: Namespace, directory: Path) -> None:
-        self.namespace = namespace
-        self.site = directory / "site"
-        self.site.mkdir(parents=True, exist_ok=True)
-        self.key, self.cert = makeCertificate(directory)
-        self.log = directory / "s_server.out"
-
-    def start(self) -> None:
-        self.namespace.start(
-            "sh", "-c",
-            f'cd "{self.site}" && exec openssl s_server -quiet -accept 443 '
-            f'-cert "{self.cert}" -key "{self.key}" -WWW',
-            logTo=self.log,
-        )
-        self.namespace.waitListening(443, GUEST_START_TIMEOUT)
-
-
 class GuestShifterProcess(ShifterProcess):
     def start(self) -> None:
         try:
@@ -588,7 +564,7 @@ class TwistdTests(TestCase):
         self.squid = GuestSquid(self.gateway.gateway, self.directory / "squid")
         self.squid.start()
         self.addCleanup(self.squid.stop)
-        self.web = TLSServer(self.gateway.server, self.directory)
+        self.web = QuickWebServer(self.gateway.server, self.directory, GUEST_START_TIMEOUT)
         (self.web.site / "hello.txt").write_text("hello through the kernel module\n")
         self.web.start()
         self.shifter = GuestShifterProcess(

@@ -36,6 +36,7 @@ from shifter.kmod import (
     SHIFTER_GENL_VERSION,
     shifter_msg,
 )
+from tests.tcp_peer import internetChecksum
 
 GUEST_SKIP = "runs inside the booted test kernel; tests/test_kernel.py boots it"
 
@@ -571,15 +572,6 @@ TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 IP_MF = 0x2000
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def tcpHeader(
     family: int, src: str, dst: str, sport: int, dport: int, flags: int,
     *, dataOffset: int = 5,
@@ -593,7 +585,7 @@ def tcpHeader(
         + (struct.pack("!HH", 6, len(header)) if family == socket.AF_INET
            else struct.pack("!IxxxB", len(header), 6))
     )
-    checksum = _checksum(pseudo + header)
+    checksum = internetChecksum(pseudo + header)
     return header[:16] + struct.pack("!H", checksum) + header[18:]
 
 
