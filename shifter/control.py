@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
 
 from shifter.config import DEFAULT_GROUP, RulePolicy
 from shifter.service import ShifterService
@@ -42,18 +43,30 @@ COMMANDS = ("tunnels", "proxies", "reload", "drain")
 # The largest request line; requests are a few dozen bytes.
 MAX_REQUEST = 4096
 
+# The longest path a UNIX socket can be bound to: sun_path's 108 bytes,
+# less the terminating NUL.
+MAX_SOCKET_PATH = 107
 
-def controlPath(description: str) -> str:
+
+def controlPath(description: str, suffix: str = "") -> str:
     """
     The socket path that a C{--control} value names.
 
-    @raise ValueError: for anything but C{unix:PATH}.
+    @param suffix: what will be appended to the path (a worker's C{.N}),
+        counted in the length check.
+    @raise ValueError: for anything but C{unix:PATH}, or a path too long
+        to bind.
     """
     if not description.startswith("unix:") or len(description) <= len("unix:"):
         raise ValueError(f"expected unix:PATH, got {description!r}")
     path = description[len("unix:"):]
     if "\0" in path:
         raise ValueError("the path holds a NUL byte")
+    length = len(os.fsencode(path + suffix))
+    if length > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"{path + suffix} is {length} bytes long; a UNIX socket's path holds at most {MAX_SOCKET_PATH}"
+        )
     return path
 
 
@@ -179,6 +192,7 @@ class ControlService(Service):
 
     def __init__(self, description: str, service: ShifterService, reactor: Any) -> None:
         self.path = controlPath(description)
+        self.service = service
         self.factory = ControlFactory(service)
         self.reactor = reactor
         self.port: Optional[IListeningPort] = None
@@ -190,9 +204,8 @@ class ControlService(Service):
         previous = os.umask(0o177)
         try:
             self.port = self.reactor.listenUNIX(self.path, self.factory, mode=0o600, wantPID=True)
-        except Exception as e:
-            self.log.critical("Shifter cannot start: control socket {path}: {reason}", path=self.path, reason=e)
-            self.reactor.callWhenRunning(self.reactor.stop)
+        except Exception:
+            self.service.cannotStart(Failure(), f"control socket {self.path}")
             return
         finally:
             os.umask(previous)

@@ -71,9 +71,12 @@ class ShifterService(Service):
         self._starting: Deferred[None] | None = None
         self.reloader: Callable[[], str] | None = None
         self.draining = False
+        self.failed = False
 
     def startService(self) -> None:
         Service.startService(self)
+        if self.failed:
+            return  # a port it needs beside its own could not be opened
         if self._handleHangup:
             self._restoreHangup = reopenOnHangup(self.factory.reactor, self._reloadOnHangup)
         self._starting = self._start()
@@ -153,11 +156,25 @@ class ShifterService(Service):
     def _cannotStart(self, reason: Failure) -> None:
         if reason.check(CancelledError) and not self.running:
             return  # stopped while starting
+        self.cannotStart(reason)
+
+    def cannotStart(self, reason: Failure, what: str = "") -> None:
+        """
+        Give up: something Shifter needs (its resolver, its port, or
+        C{what}: a port beside it) could not start.  One critical line,
+        then the reactor stops, with a failure status under twistd.
+        """
+        if self.failed:
+            return
+        self.failed = True
         self.log.critical(
-            "Shifter cannot start: {reason}", reason=reason.getErrorMessage()
+            "Shifter cannot start: {what}{reason}",
+            what=f"{what}: " if what else "",
+            reason=reason.getErrorMessage(),
         )
-        self.ready.errback(reason)
-        self.ready.addErrback(lambda _: None)
+        if not self.ready.called:
+            self.ready.errback(reason)
+            self.ready.addErrback(lambda _: None)
         stopWithFailure(self.factory.reactor, self.exitStatusOnFailure)
 
     @inlineCallbacks
@@ -195,6 +212,50 @@ class ShifterService(Service):
         factory.pool.stop()
         factory.deadlines.stop()
         yield factory.resolver.stop()
+
+
+class SidePortService(Service):
+    """
+    A port Shifter serves beside the redirected one (C{--metrics}), opened
+    before it.  One that cannot be opened stops Shifter as any start-up
+    failure does, instead of leaving it running without.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        what: str,
+        description: str,
+        endpoint: IStreamServerEndpoint,
+        factory: Any,
+        shifterService: ShifterService,
+    ) -> None:
+        self.what = what
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.shifterService = shifterService
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        listening = self.endpoint.listen(self.factory)
+        listening.addCallbacks(self._listening, self.shifterService.cannotStart, errbackArgs=(self.what,))
+
+    def _listening(self, port: IListeningPort) -> None:
+        if not self.running:
+            port.stopListening()
+            return
+        self.port = port
+        self.log.info("{what} on {listen}", what=self.what, listen=self.description)
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
 
 
 # The status the process exits with once twistd has finished, if not 0.

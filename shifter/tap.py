@@ -9,7 +9,6 @@ import resource
 import sys
 from dataclasses import dataclass
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
@@ -31,7 +30,7 @@ from shifter.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredent
 from shifter.relay import RELAYS
 from shifter.resolver import RESOLVERS, makeResolver
 from shifter.logs import twistdLogFile, useLogFile
-from shifter.service import ShifterService
+from shifter.service import ShifterService, SidePortService
 from shifter.splice import SPLICE_AVAILABLE
 from shifter.workers import ReusePortEndpoint, WorkersService, becomeWorker, shiftPort, workerReady
 
@@ -526,8 +525,9 @@ class Options(usage.Options):
         if self["control"] is not None:
             from shifter.control import controlPath
 
+            suffix = f".{self['workers'] - 1}" if self["workers"] > 1 else ""
             try:
-                controlPath(self["control"])
+                controlPath(self["control"], suffix)
             except ValueError as e:
                 raise usage.UsageError(f"--control: {e}") from None
         if self["metrics"] is not None:
@@ -564,7 +564,8 @@ class Options(usage.Options):
 
 def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None = None) -> IService:  # type: ignore[no-untyped-def]
     """
-    Build the Shifter service that C{config} describes.
+    Build the Shifter service that C{config} describes: the
+    L{ShifterService} (named C{"shifter"}) and the ports beside it.
 
     @param exitStatusOnFailure: whether a start that fails makes the
         process exit with status 1; by default, when twistd runs Shifter
@@ -613,18 +614,22 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
         exitStatusOnFailure=exitStatusOnFailure,
     )
     service.reloader = Reloader(config, built, service, reactor)
-    service.setServiceParent(top)
-    if worker is not None:
-        service.ready.addCallback(lambda _: workerReady())
+    service.setName("shifter")
+    # The side ports first: once Shifter says it accepts connections,
+    # they are open too.
     if metrics is not None:
         from shifter.metricspage import metricsSite
 
         site = metricsSite(factory.metrics.registry)
-        StreamServerEndpointService(serverFromString(reactor, metrics), site).setServiceParent(top)
+        metricsService = SidePortService("metrics", metrics, serverFromString(reactor, metrics), site, service)
+        metricsService.setServiceParent(top)
     if control is not None:
         from shifter.control import ControlService
 
         ControlService(control, service, reactor).setServiceParent(top)
+    service.setServiceParent(top)
+    if worker is not None:
+        service.ready.addCallback(lambda _: workerReady())
     return top
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 from twisted.trial.unittest import SkipTest
 
@@ -31,3 +33,18 @@ def requireHost(*, root: bool = False, programs: tuple[str, ...] = ()) -> None:
     if os.environ.get("CI"):
         raise AssertionError(f"{reason}, which CI must provide")
     raise SkipTest(reason)
+
+
+def socketDirectory(test) -> Path:  # type: ignore[no-untyped-def]
+    """
+    A new directory for a UNIX socket, removed when C{test} ends.
+
+    It is short, under the system's temporary directory, because a
+    socket's path holds at most 107 bytes and a test's own directory (under
+    the checkout's C{_trial_temp}) may not leave room.  Anyone may enter it,
+    so that only the socket's own mode keeps other users out.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="shifter-sock-"))
+    os.chmod(directory, 0o755)
+    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    return directory

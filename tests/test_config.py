@@ -143,7 +143,7 @@ class OptionTests(ConfigTestCase):
                          [("lab", False, None), (None, True, None), (None, False, "name")])
         self.assertEqual(options.configFile.gateway["lan-interface"], ["lan0"])  # type: ignore[union-attr]
         service = makeService(options, MemoryReactorClock())
-        factory = list(service)[0].factory  # type: ignore[attr-defined]
+        factory = service.getServiceNamed("shifter").factory  # type: ignore[attr-defined]
         self.assertIsInstance(factory.policy, RulePolicy)
         lab = factory.pool.proxies[2]
         self.assertIsNotNone(lab.auth)
@@ -266,7 +266,7 @@ class PolicyTests(ConfigTestCase):
             "[[proxy]]\naddress = '127.0.0.1:3002'\ngroup = 'lab'\n"
             "[[proxy]]\naddress = '127.0.0.1:3003'\ngroup = ['lab', 'other']\n" + rules
         )
-        factory = list(makeService(options, MemoryReactorClock()))[0].factory  # type: ignore[attr-defined]
+        factory = makeService(options, MemoryReactorClock()).getServiceNamed("shifter").factory  # type: ignore[attr-defined]
         self.assertIsInstance(factory.policy, RulePolicy)
         return factory.policy, factory.pool.proxies
 
@@ -352,7 +352,7 @@ class PolicyTests(ConfigTestCase):
         Without rules or groups, Shifter asks no policy at all.
         """
         options = self.parse("proxy = ['127.0.0.1:3128', '127.0.0.1:3129']\n")
-        factory = list(makeService(options, MemoryReactorClock()))[0].factory  # type: ignore[attr-defined]
+        factory = makeService(options, MemoryReactorClock()).getServiceNamed("shifter").factory  # type: ignore[attr-defined]
         self.assertIsNone(factory.policy)
 
 
@@ -366,7 +366,7 @@ class ReloadTests(ConfigTestCase):
         self.path = self.write("idle-timeout = 600\nproxy = ['127.0.0.1:3128']\n")
         options = Options()
         options.parseOptions(["--config", self.path, "--connect-timeout", "4"])
-        self.service: ShifterService = list(makeService(options, MemoryReactorClock()))[0]  # type: ignore[assignment]
+        self.service: ShifterService = makeService(options, MemoryReactorClock()).getServiceNamed("shifter")  # type: ignore[attr-defined]
         self.factory: ShifterFactory = self.service.factory
 
     def rewrite(self, text: str) -> None:

@@ -14,7 +14,6 @@ import os
 import socket
 import stat
 import sys
-import tempfile
 from pathlib import Path
 
 from zope.interface import implementer
@@ -24,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from shifter import ctl
@@ -31,7 +31,7 @@ from shifter.control import ControlFactory, ControlService, controlPath
 from shifter.resolver import IOriginalDestinationResolver
 from shifter.service import ShifterService
 from shifter.tap import Options, makeService
-from tests.support import requireHost
+from tests.support import requireHost, socketDirectory
 
 PROJECT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -58,7 +58,7 @@ class SilentResolver:
 def shifterService(clock, *arguments: str) -> ShifterService:  # type: ignore[no-untyped-def]
     options = Options()
     options.parseOptions(["--proxy", "127.0.0.1:3128", "--proxy", "127.0.0.1:3129", *arguments])
-    service: ShifterService = list(makeService(options, clock))[0]  # type: ignore[assignment]
+    service: ShifterService = makeService(options, clock).getServiceNamed("shifter")  # type: ignore[attr-defined]
     service.factory.resolver = SilentResolver()
     return service
 
@@ -187,6 +187,31 @@ class ProtocolTests(SynchronousTestCase):
         for bad in ["tcp:1234", "unix:", "/run/shifter/control"]:
             self.assertRaises(ValueError, controlPath, bad)
 
+    def test_controlPathLength(self) -> None:
+        """
+        A path a UNIX socket cannot be bound to (more than 107 bytes, a
+        worker's suffix included) is refused with its length.
+        """
+        longest = "/" + "c" * 106
+        self.assertEqual(controlPath(f"unix:{longest}"), longest)
+        error = self.assertRaises(ValueError, controlPath, f"unix:{longest}x")
+        self.assertEqual(str(error), f"{longest}x is 108 bytes long; a UNIX socket's path holds at most 107")
+        self.assertRaises(ValueError, controlPath, f"unix:{longest[:-1]}", ".1")
+
+    def test_optionsRefuseLongPath(self) -> None:
+        """
+        C{--control} with a path too long to bind is a usage error, before
+        anything starts; with C{--workers}, the longest worker's path counts.
+        """
+        options = Options()
+        error = self.assertRaises(
+            UsageError, options.parseOptions, ["--proxy", "127.0.0.1:3128", "--control", "unix:/" + "c" * 107]
+        )
+        self.assertIn("--control: /" + "c" * 107 + " is 108 bytes long", str(error))
+        workers = ["--proxy", "127.0.0.1:3128", "--control", "unix:/" + "c" * 104, "--workers", "11"]
+        error = self.assertRaises(UsageError, Options().parseOptions, workers)
+        self.assertIn(".10 is 108 bytes long", str(error))
+
 
 class FormatTests(SynchronousTestCase):
     def test_sizes(self) -> None:
@@ -265,10 +290,7 @@ class SocketTests(TestCase):
 
     def setUp(self) -> None:
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        directory = Path(tempfile.mkdtemp(prefix="shifter-control-"))
-        os.chmod(directory, 0o755)  # so that only the socket's own mode keeps others out
-        self.addCleanup(lambda: [p.unlink() for p in directory.iterdir()] and None or directory.rmdir())
-        self.path = str(directory / "control")
+        self.path = str(socketDirectory(self) / "control")
         # The tunnels' own clock is a fake one: only the socket is real.
         self.service = shifterService(MemoryReactorClock())
         self.control = ControlService(f"unix:{self.path}", self.service, reactor)

@@ -59,6 +59,27 @@ class ExitStatusTests(SynchronousTestCase):
         self.assertIn("Shifter cannot start", log.read_text())
         self.assertIn("Server Shut Down.", log.read_text())
 
+    def test_sidePortsFail(self) -> None:
+        """
+        A --metrics port already taken, or a --control socket that cannot
+        be made: one critical line naming it, exit status 1, and Shifter
+        never says it accepts connections.
+        """
+        taken = busyPort()
+        self.addCleanup(taken.close)
+        cases = [
+            (("--metrics", f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"),
+             "Shifter cannot start: metrics: Couldn't listen on 127.0.0.1"),
+            (("--control", "unix:/nonexistent-shifter-directory/control"),
+             "Shifter cannot start: control socket /nonexistent-shifter-directory/control: "),
+        ]
+        for arguments, line in cases:
+            log = Path(self.mktemp())
+            result = self.twistd("--proxy", "127.0.0.1:9", "--listen", "tcp:0:interface=127.0.0.1", *arguments, log=log)
+            self.assertEqual(result.returncode, 1, result.stderr)
+            self.assertIn(line, log.read_text())
+            self.assertNotIn("accepting redirected connections", log.read_text())
+
     def test_resolverFails(self) -> None:
         """
         --resolver kmod without the module: exit status 1.

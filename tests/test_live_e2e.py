@@ -19,6 +19,7 @@ import sys
 
 from tests.gateway import PROJECT, SERVER_V4, SHIFTER_PORT, SQUID_PORT, Squid, stopProcess, waitFor
 from tests.test_control import NOBODY, asUser
+from tests.support import socketDirectory
 from tests.test_integration import GatewayTestCase
 
 OTHER_SQUID_PORT = SQUID_PORT + 1
@@ -30,7 +31,7 @@ class LiveTestCase(GatewayTestCase):
         super().setUp()
         self.squid.start()
         self.config = self.directory / "shifter.toml"
-        self.control = self.directory / "control"
+        self.control = socketDirectory(self) / "control"
 
     def writeConfig(self, proxyPort: int = SQUID_PORT, extra: str = "") -> None:
         self.config.write_text(
@@ -186,7 +187,6 @@ class ControlTests(LiveTestCase):
         """
         self.writeConfig()
         self.startShifter()
-        os.chmod(self.directory, 0o755)
         path = str(self.control)
 
         def attempt() -> int:

@@ -194,7 +194,7 @@ class HoldSynOptionTests(SynchronousTestCase):
 
         reactor = MemoryReactorClock()
         service = makeService(parse(*self.base, "--hold-timeout", "4", "--reject-mark", "0x40"), reactor=reactor)
-        factory = list(service)[0].factory  # type: ignore[call-overload]
+        factory = service.getServiceNamed("shifter").factory  # type: ignore[attr-defined]
         self.assertIsInstance(factory.holder, SynHolder)
         self.assertIs(factory.resolver.holder, factory.holder)
         self.assertEqual((factory.holder.timeout, factory.resolver.rejectMark), (4.0, 0x40))
@@ -205,7 +205,7 @@ class HoldSynOptionTests(SynchronousTestCase):
         """
         reactor = MemoryReactorClock()
         service = makeService(parse("--proxy", "127.0.0.1:3128", "--resolver", "nfqueue"), reactor=reactor)
-        factory = list(service)[0].factory  # type: ignore[call-overload]
+        factory = service.getServiceNamed("shifter").factory  # type: ignore[attr-defined]
         self.assertIsNone(factory.holder)
         self.assertIsNone(factory.resolver.holder)
 
@@ -244,6 +244,18 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual((port, interface), (4321, ""))
         self.assertIsInstance(factory.resolver, SocketOptionResolver)
         self.assertTrue(any("accepting redirected connections on tcp:4321" in formatEvent(e) for e in self.events))
+        self.successResultOf(service.stopService())
+
+    def test_sidePortsFirst(self) -> None:
+        """
+        The metrics port opens before the redirected one, so that once
+        Shifter says it accepts connections, its side ports are open too.
+        """
+        service = makeService(
+            parse("--proxy", "127.0.0.1:3128", "--listen", "tcp:4321", "--metrics", "tcp:9100"), reactor=self.reactor
+        )
+        service.startService()
+        self.assertEqual([server[0] for server in self.reactor.tcpServers], [9100, 4321])
         self.successResultOf(service.stopService())
 
     def test_resolverFailureStopsReactor(self) -> None:
@@ -314,7 +326,7 @@ class SlowResolver:
 class AuthOptionTests(SynchronousTestCase):
     def proxyAuth(self, *arguments: str):  # type: ignore[no-untyped-def]
         service = makeService(parse(*arguments), reactor=MemoryReactorClock())
-        [shifter] = [child for child in service if hasattr(child, "factory")]  # type: ignore[attr-defined]
+        shifter = service.getServiceNamed("shifter")  # type: ignore[attr-defined]
         [proxy] = shifter.factory.pool.proxies
         return proxy.auth
 
