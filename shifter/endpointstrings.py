@@ -36,3 +36,38 @@ def splitEndpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
     positional = [name for name, value in parts[1:] if value is None]
     keywords = {name: value for name, value in parts[1:] if value is not None}
     return kind, positional, keywords
+
+
+# The listening endpoint kinds that take a backlog, with their positional
+# arguments in the order their parsers take them (Twisted's tcp and tcp6
+# differ; Shifter's tproxy follows tcp6).
+LISTENING_ARGUMENTS = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "tproxy": ("port", "backlog", "interface"),
+}
+
+
+def listeningArguments(description: str) -> tuple[str, dict[str, str]] | None:
+    """
+    The kind of a C{tcp:}, C{tcp6:} or C{tproxy:} server endpoint string and
+    its arguments by name, positional ones named as their parser names
+    them; C{None} for any other kind, or more positional arguments than it
+    takes.
+    """
+    kind, positional, keywords = splitEndpoint(description)
+    names = LISTENING_ARGUMENTS.get(kind)
+    if names is None or len(positional) > len(names):
+        return None
+    return kind, {**dict(zip(names, positional)), **keywords}
+
+
+def withBacklog(description: str, backlog: int) -> str:
+    """
+    C{description} with C{backlog=}C{backlog} added, if it is a listening
+    endpoint string that takes a backlog and names none; any other as it is.
+    """
+    parsed = listeningArguments(description)
+    if parsed is None or "backlog" in parsed[1]:
+        return description
+    return f"{description}:backlog={backlog}"

@@ -27,9 +27,6 @@ from typing import Any, Optional, Sequence
 from shifter.holdsyn import DEFAULT_REJECT_MARK
 from shifter.nfqueue import DEFAULT_QUEUE_MARK
 
-# The listening queue the printed command gives Shifter with --hold-syn.
-HOLD_SYN_BACKLOG = 1024
-
 RESOLVER_NAMES = ("sockopt", "conntrack", "kmod", "nfqueue", "tproxy")
 FORMATS = ("iptables", "nft")
 QUIC_CHOICES = ("reject", "drop", "pass")
@@ -404,10 +401,6 @@ def _shifterCommand(o: RuleOptions) -> str:
         listen = f"tcp6:{o.listenPort}:interface=\\:\\:"
     else:
         listen = f"tcp:{o.listenPort}"
-    if o.holdSyn:
-        # Accepted SYNs come in bursts, as the proxy answers: a listening
-        # queue of Twisted's default 50 would drop some.
-        listen += f":backlog={HOLD_SYN_BACKLOG}"
     extra = ""
     if o.resolver == "nfqueue":
         extra = f" --queue-num {o.queueNum}"

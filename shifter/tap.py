@@ -23,6 +23,7 @@ from shifter.config import (
     policyFor,
 )
 from shifter.downstream import ShifterFactory, TunnelSettings
+from shifter.endpointstrings import withBacklog
 from shifter.holdsyn import DEFAULT_HOLD_TIMEOUT, DEFAULT_REJECT_MARK, SynHolder
 from shifter.passclient import PASS_CLIENT_MODES
 from shifter.pool import BALANCES, ProxyPool
@@ -35,6 +36,11 @@ from shifter.splice import SPLICE_AVAILABLE
 from shifter.workers import ReusePortEndpoint, WorkersService, becomeWorker, shiftPort, workerReady
 
 CONNECT_TARGETS = ("ip", "sni", "host", "auto")
+
+# The listening queue when --listen names none: new connections come in
+# bursts (a page's worth of them, or accepted held SYNs at once), and
+# Twisted's default of 50 would drop SYNs the kernel could have queued.
+LISTEN_BACKLOG = 1024
 
 # Descriptors kept back from the connection cap for listening sockets,
 # resolver sockets, log files and the like.
@@ -171,7 +177,8 @@ class Options(usage.Options):
             "tcp:12345",
             "Where to accept redirected connections, as a Twisted server "
             "endpoint string. For IPv4 and IPv6 together: "
-            "tcp6:12345:interface=\\:\\:",
+            "tcp6:12345:interface=\\:\\:. A tcp, tcp6 or tproxy endpoint "
+            f"that names no backlog gets backlog={LISTEN_BACKLOG}.",
         ],
         [
             "balance",
@@ -594,13 +601,14 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     if config["hold-syn"]:
         factory.holder = resolver.holder = SynHolder(factory, config["hold-timeout"])  # type: ignore[attr-defined]
     top = MultiService()
-    endpoint = serverFromString(reactor, config["listen"])
+    listen = withBacklog(config["listen"], LISTEN_BACKLOG)
+    endpoint = serverFromString(reactor, listen)
     metrics = config["metrics"]
     control = config["control"]
     worker = config["worker"]
     if worker is not None:
         becomeWorker(worker)
-        endpoint = ReusePortEndpoint.fromString(reactor, config["listen"]) or endpoint
+        endpoint = ReusePortEndpoint.fromString(reactor, listen) or endpoint
         if metrics is not None:
             metrics = shiftPort(metrics, worker) or (metrics if worker == 0 else None)
         if control is not None:

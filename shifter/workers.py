@@ -98,21 +98,18 @@ class ReusePortEndpoint:
         C{backlog=}), read from the string itself; C{None} for any other
         kind.
         """
-        from shifter.endpointstrings import splitEndpoint
+        from shifter.endpointstrings import listeningArguments
 
-        kind, positional, keywords = splitEndpoint(description)
-        if kind == "tcp6":
-            family, wildcard = socket.AF_INET6, "::"
-        elif kind == "tcp":
-            family, wildcard = socket.AF_INET, "0.0.0.0"
-        else:
+        parsed = listeningArguments(description)
+        if parsed is None or parsed[0] not in ("tcp", "tcp6"):
             return None
-        port = keywords.get("port", positional[0] if positional else None)
-        interface = keywords.get("interface", positional[2] if len(positional) > 2 else "")
-        backlog = keywords.get("backlog", positional[1] if len(positional) > 1 else "50")
-        if port is None or not port.isdigit() or not backlog.isdigit():
+        kind, arguments = parsed
+        family, wildcard = (socket.AF_INET6, "::") if kind == "tcp6" else (socket.AF_INET, "0.0.0.0")
+        port = arguments.get("port", "")
+        backlog = arguments.get("backlog", "50")
+        if not port.isdigit() or not backlog.isdigit():
             return None
-        return cls(reactor, family, int(port), interface or wildcard, int(backlog))
+        return cls(reactor, family, int(port), arguments.get("interface") or wildcard, int(backlog))
 
     def listen(self, factory: Any) -> Deferred[IListeningPort]:
         sock = socket.socket(self.family, socket.SOCK_STREAM)

@@ -189,12 +189,11 @@ class HoldSynTests(SynchronousTestCase):
 
     def test_shifterCommand(self) -> None:
         """
-        The matching Shifter command line has --hold-syn, a listening queue
-        for accepted SYNs' bursts, and --reject-mark when it is not the
-        default.
+        The matching Shifter command line has --hold-syn, and --reject-mark
+        when it is not the default.
         """
         text = rules(resolver="nfqueue", holdSyn=True)
-        self.assertIn("--listen 'tcp6:12345:interface=\\:\\::backlog=1024' --queue-num 0 --hold-syn --proxy", text)
+        self.assertIn("--listen 'tcp6:12345:interface=\\:\\:' --queue-num 0 --hold-syn --proxy", text)
         self.assertIn("--hold-syn --reject-mark 0x4 --proxy", rules(resolver="nfqueue", holdSyn=True, rejectMark=4))
 
     def test_refused(self) -> None:

@@ -21,6 +21,7 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from shifter.endpointstrings import withBacklog
 from shifter.proxy import parseProxy
 from shifter.resolver import IOriginalDestinationResolver, ResolverUnavailable
 from shifter.sockopt import SocketOptionResolver
@@ -245,6 +246,34 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsInstance(factory.resolver, SocketOptionResolver)
         self.assertTrue(any("accepting redirected connections on tcp:4321" in formatEvent(e) for e in self.events))
         self.successResultOf(service.stopService())
+
+    def test_listenBacklog(self) -> None:
+        """
+        A --listen endpoint that names no backlog listens with a queue of
+        1024 (not Twisted's 50); one that names its own keeps it.
+        """
+        for listen, expected in [
+            ("tcp:4321", (4321, 1024, "")),
+            ("tcp6:4321:interface=\\:\\:", (4321, 1024, "::")),
+            ("tcp:4321:backlog=10", (4321, 10, "")),
+            ("tcp:4321:127.0.0.1:10", (4321, 10, "127.0.0.1")),
+        ]:
+            reactor = MemoryReactorClock()
+            service = makeService(parse("--proxy", "127.0.0.1:3128", "--listen", listen), reactor=reactor)
+            service.startService()
+            [(port, _, backlog, interface)] = reactor.tcpServers
+            self.assertEqual((port, backlog, interface), expected, listen)
+            self.successResultOf(service.stopService())
+
+    def test_withBacklog(self) -> None:
+        """
+        Only listening strings that take a backlog and name none get one,
+        whichever way (keyword or position) they name it.
+        """
+        self.assertEqual(withBacklog("tcp:1", 9), "tcp:1:backlog=9")
+        self.assertEqual(withBacklog("tproxy:1:interface=0.0.0.0", 9), "tproxy:1:interface=0.0.0.0:backlog=9")
+        for unchanged in ["tcp:1:backlog=5", "tcp:1:127.0.0.1:5", "tcp6:1:5", "unix:/run/s", "systemd:domain=INET:index=0"]:
+            self.assertEqual(withBacklog(unchanged, 9), unchanged)
 
     def test_sidePortsFirst(self) -> None:
         """

@@ -65,12 +65,16 @@ class ReusePortEndpointTests(SynchronousTestCase):
             ("tcp:port=12345:interface=192.0.2.1:backlog=128", (socket.AF_INET, 12345, "192.0.2.1", 128)),
             ("tcp6:12345:interface=\\:\\:", (socket.AF_INET6, 12345, "::", 50)),
             ("tcp6:port=12345", (socket.AF_INET6, 12345, "::", 50)),
+            # Twisted's positional order: tcp has the interface second,
+            # tcp6 the backlog.
+            ("tcp:12345:192.0.2.1:64", (socket.AF_INET, 12345, "192.0.2.1", 64)),
+            ("tcp6:12345:64:2001\\:db8\\:\\:1", (socket.AF_INET6, 12345, "2001:db8::1", 64)),
         ]:
             endpoint = ReusePortEndpoint.fromString(None, description)
             self.assertEqual(
                 (endpoint.family, endpoint.port, endpoint.interface, endpoint.backlog), expected, description
             )
-        for description in ("unix:/run/s.sock", "systemd:domain=INET6:index=0", "tcp:port=x"):
+        for description in ("unix:/run/s.sock", "systemd:domain=INET6:index=0", "tcp:port=x", "tproxy:12345"):
             self.assertIsNone(ReusePortEndpoint.fromString(None, description))
 
 
