@@ -11,12 +11,15 @@ kmod demo also needs what tests/test_kernel.py needs.
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -341,3 +344,55 @@ class KmodDemoTests(DemoTestCase):
         The same over IPv6.
         """
         self.assertModuleAnswered(self.narration("--ipv6"), *V6[:2], ipv6=True)
+
+
+class BootRetryTests(SynchronousTestCase):
+    """
+    The kmod demo's boot, with a stand-in for virtme-ng: a boot that ends
+    before the guest's first words is tried once more, saying so.
+    """
+
+    def setUp(self) -> None:
+        spec = importlib.util.spec_from_file_location("vmdemo", Path(DEMO).parent / "vmdemo.py")
+        assert spec is not None and spec.loader is not None
+        self.vmdemo = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self.vmdemo)
+        import tests.test_kernel
+
+        module = Path(self.mktemp())
+        module.write_bytes(b"")
+        self.patch(self.vmdemo, "_bootable", lambda: ("6.99-test", "vng"))
+        self.patch(tests.test_kernel, "build", lambda release: SimpleNamespace(returncode=0, module=module, output=""))
+        self.boots = Path(self.mktemp()).resolve()
+        self.output = io.StringIO()
+        self.patch(sys, "stdout", self.output)
+
+    def failFirst(self, failures: int) -> None:
+        """
+        Boots up to C{failures} end at once, having said only C{.}; the
+        next runs a demo that narrates one line.
+        """
+        script = (
+            f"n=$(($(cat {self.boots} 2>/dev/null || echo 0) + 1)); echo $n > {self.boots}; "
+            f"if [ $n -le {failures} ]; then echo .; exit 1; fi; "
+            "echo DEMO-BEGIN; echo the narration; echo 'DEMO-EXIT 0'"
+        )
+        self.patch(self.vmdemo, "_bootCommand", lambda *arguments: ["sh", "-c", script])
+
+    def test_secondBootRuns(self) -> None:
+        self.failFirst(1)
+        self.assertEqual(self.vmdemo.runInBootedKernel(SimpleNamespace(ipv6=False, name=None)), 0)
+        self.assertEqual(self.boots.read_text().strip(), "2")
+        output = self.output.getvalue()
+        self.assertIn("The booted kernel did not start the demo (.; (virtme-ng exited with status 1)); "
+                      "booting it once more ...\n", output)
+        self.assertIn("the demo, in the booted kernel:\n\nthe narration\n", output)
+
+    def test_twiceIsAFailure(self) -> None:
+        self.failFirst(2)
+        failure = self.assertRaises(
+            self.vmdemo.BootFailure, self.vmdemo.runInBootedKernel, SimpleNamespace(ipv6=False, name=None)
+        )
+        self.assertEqual(self.boots.read_text().strip(), "2")
+        self.assertEqual(failure.what, "the booted kernel did not run the demo; its last words:\n"
+                                       "    .\n    (virtme-ng exited with status 1)")
