@@ -116,7 +116,10 @@ def main() -> None:
     subprocess.run(["ip", "netns", "add", namespace], check=True)
     try:
         inside(namespace, "ip", "link", "set", "lo", "up")
-        queues = {"50": f"tcp:{PORT}:interface=127.0.0.1:backlog=50", "1024 (default)": f"tcp:{PORT}:interface=127.0.0.1"}
+        queues = {
+            "50": f"tcp:{PORT}:interface=127.0.0.1:backlog=50",
+            "1024 (default)": f"tcp:{PORT}:interface=127.0.0.1",
+        }
         results: dict[str, list[dict]] = {name: [] for name in queues}
         for rep in range(args.reps):
             for name, listen in queues.items():
