@@ -28,15 +28,16 @@ import socket
 import struct
 from typing import Any, Callable, Optional
 
-from twisted.application.service import Service
-from twisted.internet.interfaces import IListeningPort
+from zope.interface import implementer
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
-from twisted.python.failure import Failure
 
 from shifter.config import DEFAULT_GROUP, RulePolicy
-from shifter.service import ShifterService
+from shifter.service import ShifterService, SidePortService
 
 COMMANDS = ("tunnels", "proxies", "reload", "drain")
 
@@ -183,37 +184,36 @@ class ControlFactory(Factory):
         self.peerUid = peerUid
 
 
-class ControlService(Service):
+@implementer(IStreamServerEndpoint)
+class OwnerOnlyUNIXEndpoint:
+    """
+    A UNIX socket that is born owner-only: C{bind()} makes it with the
+    umask, before Twisted's chmod, so the umask is narrowed around it (one
+    thread, so the umask is ours alone).
+    """
+
+    def __init__(self, reactor: Any, path: str) -> None:
+        self.reactor = reactor
+        self.path = path
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        previous = os.umask(0o177)
+        try:
+            return succeed(self.reactor.listenUNIX(self.path, factory, mode=0o600, wantPID=True))
+        except Exception:
+            return fail()
+        finally:
+            os.umask(previous)
+
+
+class ControlService(SidePortService):
     """
     Listens on the control socket while Shifter runs.
     """
 
-    log = Logger()
-
     def __init__(self, description: str, service: ShifterService, reactor: Any) -> None:
         self.path = controlPath(description)
-        self.service = service
-        self.factory = ControlFactory(service)
-        self.reactor = reactor
-        self.port: Optional[IListeningPort] = None
-
-    def startService(self) -> None:
-        Service.startService(self)
-        # The socket is born owner-only: bind() makes it with the umask,
-        # before Twisted's chmod.  One thread, so the umask is ours alone.
-        previous = os.umask(0o177)
-        try:
-            self.port = self.reactor.listenUNIX(self.path, self.factory, mode=0o600, wantPID=True)
-        except Exception:
-            self.service.cannotStart(Failure(), f"control socket {self.path}")
-            return
-        finally:
-            os.umask(previous)
-        self.log.info("control socket on {path} (python -m shifter.ctl --control unix:{path})", path=self.path)
-
-    def stopService(self) -> Any:
-        Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
+        super().__init__(
+            "control socket", self.path, OwnerOnlyUNIXEndpoint(reactor, self.path), ControlFactory(service), service,
+            hint=f"python -m shifter.ctl --control unix:{self.path}",
+        )

@@ -216,9 +216,14 @@ class ShifterService(Service):
 
 class SidePortService(Service):
     """
-    A port Shifter serves beside the redirected one (C{--metrics}), opened
-    before it.  One that cannot be opened stops Shifter as any start-up
-    failure does, instead of leaving it running without.
+    A port Shifter serves beside the redirected one (C{--metrics}, the
+    control socket), opened before it.  One that cannot be opened stops
+    Shifter as any start-up failure does, instead of leaving it running
+    without.
+
+    @ivar what: what the port is, for the log lines.
+    @ivar description: where it listens, for the log lines.
+    @ivar hint: said in parentheses once it listens.
     """
 
     log = Logger()
@@ -230,8 +235,10 @@ class SidePortService(Service):
         endpoint: IStreamServerEndpoint,
         factory: Any,
         shifterService: ShifterService,
+        hint: str = "",
     ) -> None:
         self.what = what
+        self.hint = hint
         self.description = description
         self.endpoint = endpoint
         self.factory = factory
@@ -241,14 +248,19 @@ class SidePortService(Service):
     def startService(self) -> None:
         Service.startService(self)
         listening = self.endpoint.listen(self.factory)
-        listening.addCallbacks(self._listening, self.shifterService.cannotStart, errbackArgs=(self.what,))
+        listening.addCallbacks(
+            self._listening, self.shifterService.cannotStart, errbackArgs=(f"{self.what} {self.description}",)
+        )
 
     def _listening(self, port: IListeningPort) -> None:
         if not self.running:
             port.stopListening()
             return
         self.port = port
-        self.log.info("{what} on {listen}", what=self.what, listen=self.description)
+        self.log.info(
+            "{what} on {listen}{hint}", what=self.what, listen=self.description,
+            hint=f" ({self.hint})" if self.hint else "",
+        )
 
     def stopService(self) -> Any:
         Service.stopService(self)

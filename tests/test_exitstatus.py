@@ -69,7 +69,7 @@ class ExitStatusTests(SynchronousTestCase):
         self.addCleanup(taken.close)
         cases = [
             (("--metrics", f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"),
-             "Shifter cannot start: metrics: Couldn't listen on 127.0.0.1"),
+             f"Shifter cannot start: metrics tcp:{taken.getsockname()[1]}:interface=127.0.0.1: Couldn't listen on 127.0.0.1"),
             (("--control", "unix:/nonexistent-shifter-directory/control"),
              "Shifter cannot start: control socket /nonexistent-shifter-directory/control: "),
         ]
