@@ -67,11 +67,14 @@ class RelayTestsMixin:
         """
         pid = self.shifter.process.pid
         before = pipeDescriptors(pid)
-        # A small receive buffer for the slow client, so that it pushes back
-        # at once and Shifter's reads from the proxy are bulk (what makes a
-        # splice relay take a pipe), however large the kernel would have
-        # grown the buffer.
+        # Small buffers between Shifter and the slow client (its receive
+        # buffer, and Shifter's send buffers on the gateway), so that the
+        # client pushes back at once, Shifter stops reading from the proxy
+        # and its next reads are bulk (what makes a splice relay take a
+        # pipe).  Left to grow, Shifter's send buffer would take the whole
+        # file, and whether reads were bulk would be a matter of timing.
         self.net.client.run("sysctl", "-qw", "net.ipv4.tcp_rmem=4096 16384 65536")
+        self.net.gateway.run("sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 65536")
         process, out = self.slowFetch()
         during = 0
         deadline = time.monotonic() + 30
