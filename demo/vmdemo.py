@@ -121,7 +121,7 @@ def runInBootedKernel(arguments: argparse.Namespace) -> int:
     if not began:
         # Under software emulation a boot now and then ends before the
         # guest's first words, on a busy machine above all: one more.
-        print(f"The booted kernel did not start the demo ({'; '.join(said) or 'no output'}); "
+        print(f"The booted kernel did not start the demo ({'; '.join(said)}); "
               "booting it once more ...", flush=True)
         began, status, said = _runGuest(command, started)
     if not began:

@@ -42,12 +42,7 @@ def attributes(spec: dict[str, Any], setName: str) -> dict[str, tuple[int, dict[
     An attribute set's attributes: C name -> (value, the attribute's spec).
     """
     attrSet = attributeSet(spec, setName)
-    result = {}
-    value = 0
-    for attr in attrSet["attributes"]:
-        value = attr.get("value", value + 1)
-        result[cName(attrSet["name-prefix"], attr["name"])] = (value, attr)
-    return result
+    return _numbered(attrSet["name-prefix"], attrSet["attributes"])
 
 
 def operations(spec: dict[str, Any]) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -55,11 +50,20 @@ def operations(spec: dict[str, Any]) -> dict[str, tuple[int, dict[str, Any]]]:
     The operations: C name -> (command number, the operation's spec).
     """
     ops = spec["operations"]
+    return _numbered(ops["name-prefix"], ops["list"])
+
+
+def _numbered(prefix: str, entries: list[dict[str, Any]]) -> dict[str, tuple[int, dict[str, Any]]]:
+    """
+    Entries numbered as YNL numbers them (each one more than the last
+    unless it gives its own C{value}, the first 1): C name -> (number,
+    the entry's spec).
+    """
     result = {}
     value = 0
-    for op in ops["list"]:
-        value = op.get("value", value + 1)
-        result[cName(ops["name-prefix"], op["name"])] = (value, op)
+    for entry in entries:
+        value = entry.get("value", value + 1)
+        result[cName(prefix, entry["name"])] = (value, entry)
     return result
 
 
