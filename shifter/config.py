@@ -614,11 +614,21 @@ class RulePolicy:
 
     @ivar rules: the rules, in order.
     @ivar groups: each group's proxies.
+    @ivar decidesByAddress: whether a rule judges destinations by address:
+        then a connection is CONNECTed by its address even when a name was
+        read (unless its rule says C{connect-target = "name"}), since only
+        the address is sure to be where the proxy connects.
+    @ivar singleLabelNames: the single-label names (no dot) rules name,
+        which clients may then have CONNECT ask for.
     """
 
     def __init__(self, rules: Sequence[Rule], groups: Mapping[str, Sequence[UpstreamProxy]]) -> None:
         self.rules = list(rules)
         self.groups = {name: frozenset(proxies) for name, proxies in groups.items()}
+        self.decidesByAddress = any(rule.destinations for rule in self.rules)
+        self.singleLabelNames = frozenset(
+            name for rule in self.rules for name in rule.names if "." not in name
+        )
 
     def decide(self, request: TunnelRequest) -> Optional[TunnelDecision]:
         for rule in self.rules:

@@ -1,14 +1,22 @@
 """
 Destinations Shifter refuses to tunnel, whatever the client asked.
 
-Two kinds, both checked before any proxy is asked:
+Three kinds, all checked before any proxy is asked:
 
   - Addresses that mean "this machine" or no one machine:
     L{destinationRefusal} refuses loopback, unspecified, multicast,
-    broadcast and link-local destinations, IPv4 and IPv6 alike, IPv4-mapped
-    IPv6 addresses by the IPv4 address they carry.  Asked for such an
-    address, the proxy would connect to itself or to its own link, never to
-    what the client meant.  A pure function of the address.
+    broadcast and link-local destinations, IPv4 and IPv6 alike, and IPv6
+    addresses that carry such an IPv4 address (IPv4-mapped,
+    IPv4-compatible, NAT64's C{64:ff9b::/96}, 6to4's C{2002::/16}).
+    Asked for such an address, the proxy would connect to itself or to its
+    own link, never to what the client meant.  A pure function of the
+    address.
+
+  - This machine, the gateway: L{ProxyAddresses.gatewayRefusal} refuses
+    every address of this machine, on every port, in any of the forms
+    above.  A client that reaches one through Shifter would reach the
+    gateway's own services from the gateway itself, around every INPUT
+    rule.  Its names are L{GatewayNames}'.
 
   - The upstream proxies themselves: L{ProxyAddresses} knows every address
     of every proxy, and refuses them as destinations, so that a connection
@@ -23,9 +31,9 @@ Two kinds, both checked before any proxy is asked:
     netlink dump (C{RTM_GETADDR}) in the reactor, refreshed likewise.
 
 It fails closed: while Shifter cannot tell whether a destination reaches a
-proxy (a proxy's hostname not resolved yet, or this machine's addresses
-not read yet), a destination on that proxy's port is refused, with a
-reason that says so.  Destinations on other ports are not affected.
+proxy or this machine (a proxy's hostname not resolved yet, this machine's
+addresses not read yet), the destination is refused, with a reason that
+says so.
 """
 
 from __future__ import annotations
@@ -58,6 +66,11 @@ _REFUSED_V6 = [
     (ipaddress.IPv6Network("ff00::/8"), "multicast"),
 ]
 
+# IPv6 prefixes whose addresses carry an IPv4 address that a proxy (or a
+# translator on its way) connects to: NAT64's well-known prefix (RFC 6052)
+# and 6to4 (RFC 3056).
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
 # How often proxy names and this machine's addresses are looked up again.
 REFRESH_INTERVAL = 60.0
 
@@ -73,6 +86,27 @@ def _parse(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def embeddedIPv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
+    """
+    The IPv4 address an IPv6 address stands for, with the form's name, or
+    C{None}: IPv4-mapped (C{::ffff:a.b.c.d}), IPv4-compatible
+    (C{::a.b.c.d}, but not C{::} nor C{::1}), NAT64 (C{64:ff9b::a.b.c.d})
+    and 6to4 (C{2002:AABB:CCDD::/48}).
+    """
+    mapped = address.ipv4_mapped
+    if mapped is not None:
+        return mapped, "IPv4-mapped"
+    value = int(address)
+    if value >> 32 == 0 and value > 1:
+        return ipaddress.IPv4Address(value), "IPv4-compatible"
+    if address in _NAT64:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF), "NAT64"
+    sixtofour = address.sixtofour
+    if sixtofour is not None:
+        return sixtofour, "6to4"
+    return None
 
 
 def destinationRefusal(host: str) -> str | None:
@@ -98,9 +132,20 @@ def destinationRefusal(host: str) -> str | None:
     networks = _REFUSED_V4 if address.version == 4 else _REFUSED_V6
     for network, kind in networks:
         if address in network:
-            article = "an" if kind[0] in "aeiou" else "a"
-            return f"destination {address.compressed} is {article} {kind} address"
+            return f"destination {address.compressed} is {_article(kind)} {kind} address"
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = embeddedIPv4(address)
+        if embedded is not None:
+            inner, form = embedded
+            for network, kind in _REFUSED_V4:
+                if inner in network:
+                    return (f"destination {address.compressed} is {_article(kind)} {kind} address "
+                            f"({inner} in {form} form)")
     return None
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def isRefusedDestination(host: str) -> bool:
@@ -233,7 +278,7 @@ class ProxyAddresses:
         self._waiters.append(waiter)
         if len(self._waiters) > 1:
             return waiter
-        lookups: list[Deferred[Any]] = [self._readLocal().addCallbacks(self._gotLocal, self._noLocal)]
+        lookups: list[Deferred[Any]] = [self.readLocal()]
         lookups += [self._lookUp(target) for target in self._named]
 
         def finished(_: object) -> None:
@@ -243,6 +288,15 @@ class ProxyAddresses:
 
         DeferredList(lookups, consumeErrors=True).addCallback(finished)
         return waiter
+
+    def readLocal(self) -> Deferred[None]:
+        """
+        Read this machine's addresses now (L{refresh} reads them too, with
+        the proxies' names, which may take longer).
+
+        @return: a C{Deferred} that fires when done, never with a failure.
+        """
+        return self._readLocal().addCallbacks(self._gotLocal, self._noLocal)
 
     def _gotLocal(self, addresses: frozenset[str]) -> None:
         self.localAddresses = frozenset(_parse(a).compressed for a in addresses)
@@ -329,6 +383,39 @@ class ProxyAddresses:
         return None
 
 
+    def gatewayRefusal(self, host: str) -> str | None:
+        """
+        Why C{host} must not be tunnelled because it is an address of this
+        machine (in any form that carries one), or C{None}; fails closed
+        while this machine's addresses are not known.
+
+        @param host: the destination's address, as
+            L{shifter.negotiation.canonicalHost} gives it.
+        """
+        local = self.localAddresses
+        if local is None:
+            return "this machine's addresses are not known yet, so a connection to the gateway itself cannot be told"
+        if host in local:
+            return f"destination {host} is an address of this machine"
+        if ":" in host:
+            try:
+                address = ipaddress.IPv6Address(host)
+            except ValueError:
+                return f"destination {host!r} is not an IP address"
+            embedded = embeddedIPv4(address)
+            if embedded is not None and embedded[0].compressed in local:
+                inner, form = embedded
+                return f"destination {host} is an address of this machine ({inner} in {form} form)"
+        return None
+
+    @property
+    def started(self) -> bool:
+        """
+        Whether L{start} was called (and L{stop} not since).
+        """
+        return self._loop is not None
+
+
 def _isLocal(address: str, local: frozenset[str]) -> bool:
     parsed = _parse(address)
     return parsed.is_loopback or parsed.compressed in local
@@ -372,3 +459,95 @@ def alwaysKnown(addresses: Iterable[str]) -> Callable[[], Deferred[frozenset[str
     """
     fixed = frozenset(addresses)
     return lambda: succeed(fixed)
+
+
+# Names that resolvers answer with a loopback address whatever /etc/hosts
+# says (systemd-resolved synthesizes them; RFC 6761 reserves localhost).
+# Names under C{localhost} are refused by the sniffer already.
+_LOOPBACK_NAMES = ("localhost.localdomain", "ip6-localhost", "ip6-loopback")
+
+HOSTS_FILE = "/etc/hosts"
+
+
+class GatewayNames:
+    """
+    The names a client may not have the proxy connect to: the names of
+    this machine, and single-label names.
+
+    This machine's names are its host name, the names resolvers keep for
+    loopback (C{localhost.localdomain}, C{ip6-localhost}), and every name
+    C{/etc/hosts} gives a loopback, unspecified or link-local address or an
+    address of this machine.  The proxy, often on this machine, resolves
+    names the same way: asked for one of them it would connect to the
+    gateway.  The file is read once, at start and at each reload, never
+    per connection.
+
+    A single-label name (no dot) means what the proxy's search domains
+    make of it, which Shifter cannot know; it is refused unless a rule
+    names it (C{name = "intranet"}).
+
+    A refused name is not asked for: the connection goes on to its
+    original address, which passed every address check.
+    """
+
+    def __init__(self, hostNames: Iterable[str], hosts: dict[str, frozenset[str]], singleLabelAllowed: Iterable[str] = ()) -> None:
+        """
+        @param hostNames: this machine's own names.
+        @param hosts: each name of the hosts file and its addresses
+            (canonical forms).
+        @param singleLabelAllowed: the single-label names rules allow.
+        """
+        self.hostNames = frozenset(_normalName(name) for name in hostNames) | frozenset(_LOOPBACK_NAMES)
+        self.hosts = hosts
+        self.singleLabelAllowed = frozenset(_normalName(name) for name in singleLabelAllowed)
+
+    @classmethod
+    def read(cls, path: str = HOSTS_FILE, hostname: str | None = None,
+             singleLabelAllowed: Iterable[str] = ()) -> GatewayNames:
+        """
+        This machine's names, from its host name and the hosts file at
+        C{path} (a file that cannot be read contributes nothing, and is
+        logged).
+        """
+        name = socket.gethostname() if hostname is None else hostname
+        hosts: dict[str, set[str]] = {}
+        try:
+            with open(path, encoding="utf-8", errors="replace") as lines:
+                for line in lines:
+                    fields = line.split("#", 1)[0].split()
+                    if len(fields) < 2:
+                        continue
+                    try:
+                        address = _parse(fields[0]).compressed
+                    except ValueError:
+                        continue
+                    for each in fields[1:]:
+                        hosts.setdefault(_normalName(each), set()).add(address)
+        except OSError as e:
+            ProxyAddresses.log.warn("cannot read {path}: {error}; its names are not refused", path=path, error=e)
+        return cls([name], {key: frozenset(value) for key, value in hosts.items()}, singleLabelAllowed)
+
+    def refusal(self, name: str, localAddresses: frozenset[str] | None, singleLabel: bool = True) -> str | None:
+        """
+        Why the proxy must not be asked for C{name}, or C{None}.
+
+        @param name: a lowercased hostname without a trailing dot, as the
+            sniffer gives it.
+        @param localAddresses: this machine's addresses, if known.
+        @param singleLabel: whether single-label names are refused too (a
+            name a client sent), or not (one the configuration chose).
+        """
+        if name in self.hostNames:
+            return f"{name} is a name of this gateway"
+        addresses = self.hosts.get(name)
+        if addresses is not None:
+            for address in addresses:
+                if destinationRefusal(address) is not None or (localAddresses is not None and address in localAddresses):
+                    return f"{name} is a name of this gateway ({address} in {HOSTS_FILE})"
+        if singleLabel and "." not in name and name not in self.singleLabelAllowed:
+            return f"single-label name {name} is not allowed (a rule with name = \"{name}\" allows it)"
+        return None
+
+
+def _normalName(name: str) -> str:
+    return name.lower().rstrip(".")

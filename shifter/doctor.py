@@ -557,6 +557,74 @@ def checkLoops(expected: Expectations, state: GatewayState) -> list[Finding]:
     return findings
 
 
+def checkGatewayDestination(expected: Expectations, state: GatewayState) -> list[Finding]:
+    """
+    A client's connection to the gateway's own address is not redirected:
+    Shifter refuses it as a destination, so the gateway's own services on
+    those ports would be out of the LAN's reach.
+    """
+    findings: list[Finding] = []
+    for lan in expected.lanInterfaces:
+        for version in (4, 6):
+            client = _clientAddress(state, lan, version)
+            own = [a.ip for a in state.addresses(lan, version) if not a.ip.is_link_local]
+            if client is None or not own:
+                continue
+            for port in expected.ports:
+                packet = Packet(version, "prerouting", "tcp", client, own[0], port, iif=lan,
+                                localAddresses=state.localAddresses)
+                outcome = traverse(state.ruleset, packet, _onQueue(expected))
+                target = _redirectedTo(outcome, packet, state)
+                if (target is not None and _reachesShifter(expected, target)) or outcome.tproxy is not None:
+                    findings.append(Finding(
+                        "warning", "gateway",
+                        f"connections from {lan} to the gateway's own {own[0]} port {port} are redirected to "
+                        f"Shifter, which refuses them: exclude local destinations from the rule "
+                        f"(-m addrtype ! --dst-type LOCAL, nft: fib daddr type != local)",
+                    ))
+                    break
+    return findings
+
+
+# The ACLs Squid must deny before any allow, so that no name a client sends
+# has Squid connect to the gateway itself or its link.
+_SQUID_GUARDS = ("to_localhost", "to_linklocal")
+SQUID_CONF = "/etc/squid/squid.conf"
+
+
+def checkSquidAccess(path: str) -> list[Finding]:
+    """
+    Squid's configuration at C{path} denies CONNECT to this machine and its
+    link (C{http_access deny to_localhost}, C{to_linklocal}) before its
+    first C{http_access allow}: Shifter checks every address it is given,
+    but a name is resolved by Squid, and only Squid can refuse what it
+    resolves to.  (Lines of files it includes are not followed.)
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as conf:
+            words = [line.split("#", 1)[0].split() for line in conf]
+    except OSError:
+        return []
+    denied: set[str] = set()
+    for fields in words:
+        if len(fields) < 3 or fields[0] != "http_access":
+            continue
+        if fields[1] == "allow":
+            break
+        if fields[1] == "deny" and len(fields) == 3 and fields[2] in _SQUID_GUARDS:
+            denied.add(fields[2])
+    missing = [acl for acl in _SQUID_GUARDS if acl not in denied]
+    if not missing:
+        return []
+    lines = " and ".join(f"'http_access deny {acl}'" for acl in missing)
+    return [Finding(
+        "warning", "squid",
+        f"{path} has no {lines} before its first http_access allow: a client whose name resolves to this "
+        f"gateway (or its link) reaches it through Squid; add {'them' if len(missing) > 1 else 'it'} above the "
+        "allow lines",
+    )]
+
+
 def checkReversePath(expected: Expectations, state: GatewayState) -> list[Finding]:
     """
     With strict rp_filter on a LAN interface, the clients' networks must
@@ -678,6 +746,7 @@ def checkRules(expected: Expectations, state: GatewayState) -> tuple[list[Findin
     findings = checkForwarding(expected, state)
     findings += checkRedirect(expected, state)
     findings += checkLoops(expected, state)
+    findings += checkGatewayDestination(expected, state)
     findings += checkReversePath(expected, state)
     findings += checkQuic(expected, state)
     findings += listening
@@ -975,6 +1044,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="Shifter's port, when --listen does not say (systemd socket activation)")
     parser.add_argument("--quic", choices=("reject", "drop", "pass"), default="reject",
                         help="what the rules should do with QUIC (UDP to the ports): pass skips the check")
+    parser.add_argument("--squid-conf", metavar="FILE", default=SQUID_CONF,
+                        help=f"Squid's configuration, checked for 'http_access deny to_localhost' and "
+                        f"'to_linklocal' before its allow lines, if it exists (default: {SQUID_CONF})")
     parser.add_argument("--no-proxy-check", action="store_true", help="do not ask the proxies for a CONNECT")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each proxy")
     parser.add_argument("-v", "--verbose", action="store_true", help="also say what was checked")
@@ -1010,6 +1082,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
     if state is None:
         state = readGateway()
     findings, _ = checkRules(expected, state)
+    findings += checkSquidAccess(arguments.squid_conf)
 
     def asks(reactor: Any) -> Deferred:
         if any(proxy.address is None for proxy in expected.proxies):

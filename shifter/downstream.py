@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shifter.deadlines import Deadlines
-from shifter.destinations import ProxyAddresses
+from shifter.destinations import GatewayNames, ProxyAddresses
 from shifter.limits import ClientLimit
 from shifter.logs import RateLimitedLog
 from shifter.metrics import TunnelStats
@@ -121,16 +121,29 @@ class ShifterFactory(ServerFactory):
         self.holder: Any = None
         self._idleWaiters: list[Deferred[None]] = []
         self.proxyAddresses = ProxyAddresses(pool.proxies, reactor)
+        self.gatewayNames = GatewayNames([], {})
+        self.connectByAddress = False
+        self._readNames()
         self.clientLimit = ClientLimit(settings.maxConnectionsPerClient)
         # Refusals a client can repeat at will are logged one line per
         # reason per interval, with a count of the others.
         self.refusals = RateLimitedLog(self.log, reactor, interval=10.0)
 
+    def _readNames(self) -> None:
+        """
+        Read this machine's names again, and what the policy's rules say
+        of names (at start and at each reload, never per connection).
+        """
+        policy = self.policy
+        self.gatewayNames = GatewayNames.read(singleLabelAllowed=getattr(policy, "singleLabelNames", ()))
+        self.connectByAddress = bool(getattr(policy, "decidesByAddress", False))
+
     def startFactory(self) -> None:
-        # Look up the proxies' names and this machine's addresses once
-        # listening; until then, destinations on the proxies' ports are
-        # refused.
-        self.proxyAddresses.start()
+        # Look up the proxies' names and this machine's addresses (the
+        # service has usually done so before listening); until they are
+        # known, destinations that could be either are refused.
+        if not self.proxyAddresses.started:
+            self.proxyAddresses.start()
 
     def stopFactory(self) -> None:
         self.proxyAddresses.stop()
@@ -248,6 +261,7 @@ class ShifterFactory(ServerFactory):
                 self.proxyAddresses.start()
         if policy is not None:
             self.policy = policy
+        self._readNames()
 
     def whenIdle(self) -> Deferred[None]:
         """

@@ -67,15 +67,17 @@ PROXY_EVENTS = (
 def destinationCheck(owner: Any, settings: Any, host: str, port: int) -> tuple[str, str] | None:
     """
     Why a connection to C{host:port} must not be tunnelled, as (counter,
-    reason), or C{None}: it could reach an upstream proxy, it is an address
-    no proxy should be asked for, or its port is not allowed.
+    reason), or C{None}: it could reach an upstream proxy, it is this
+    machine or an address no proxy should be asked for, or its port is not
+    allowed.
 
     @param host: the destination's address, as L{canonicalHost} gives it.
     """
-    refusal = owner.proxyAddresses.refusal(host, port)
+    addresses = owner.proxyAddresses
+    refusal = addresses.refusal(host, port)
     if refusal is not None:
         return "loop", refusal
-    refusal = destinationRefusal(host)
+    refusal = destinationRefusal(host) or addresses.gatewayRefusal(host)
     if refusal is not None:
         return "destination", refusal
     if settings.allowedPorts and port not in settings.allowedPorts:
@@ -219,16 +221,19 @@ class ProxyNegotiation:
 
     def _targetRefusal(self: Any, target: str, port: int) -> str | None:
         """
-        Why a policy's CONNECT target must not be asked for, when it is an
-        address: the same refusals as for an original destination (an
-        upstream proxy, loopback, link-local, ...).  Names are the proxy's
-        to resolve.
+        Why a policy's CONNECT target must not be asked for: for an
+        address, the same refusals as for an original destination (an
+        upstream proxy, this machine, loopback, link-local, ...); for a
+        name, a name of this machine.  Other names are the proxy's to
+        resolve.
         """
+        addresses = self.owner.proxyAddresses
         try:
             host = canonicalHost(target)
         except ValueError:
-            return None
-        return self.owner.proxyAddresses.refusal(host, port) or destinationRefusal(host)
+            name = target.lower().rstrip(".")
+            return self.owner.gatewayNames.refusal(name, addresses.localAddresses, singleLabel=False)
+        return addresses.refusal(host, port) or destinationRefusal(host) or addresses.gatewayRefusal(host)
 
     # Stage: a connection to a proxy, and its answer to CONNECT; the next
     # proxy is tried when one fails before the tunnel opens.

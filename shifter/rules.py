@@ -150,6 +150,13 @@ def _iptPorts(ports: Sequence[int]) -> str:
     return "-m multiport --dports " + ",".join(str(p) for p in ports)
 
 
+# Connections to the gateway's own addresses are never redirected: through
+# Shifter and the proxy they would reach the gateway's services from the
+# gateway itself, around every INPUT rule.  (Shifter refuses them too.)
+_NOT_LOCAL_IPT = "-m addrtype ! --dst-type LOCAL"
+_NOT_LOCAL_NFT = "fib daddr type != local"
+
+
 def _iptExclusion(o: RuleOptions) -> str:
     if o.proxyUser is not None:
         return f"-m owner ! --uid-owner {o.proxyUser}"
@@ -163,12 +170,12 @@ def _commands(o: RuleOptions) -> list[str]:
 def _iptablesRedirect(o: RuleOptions) -> list[str]:
     ports, lines = _iptPorts(o.ports), []
     for ipt in _commands(o):
-        lines.append(f"{ipt} -t nat -A PREROUTING -i {o.lanInterface} -p tcp {ports} "
+        lines.append(f"{ipt} -t nat -A PREROUTING -i {o.lanInterface} -p tcp {_NOT_LOCAL_IPT} {ports} "
                      f"-j REDIRECT --to-ports {o.listenPort}")
     if o.excludes:
         lines.append(f"# The gateway's own connections too, except the proxy's ({_exclusionText(o)}):")
         for ipt in _commands(o):
-            lines.append(f"{ipt} -t nat -A OUTPUT -p tcp {ports} {_iptExclusion(o)} "
+            lines.append(f"{ipt} -t nat -A OUTPUT -p tcp {_NOT_LOCAL_IPT} {ports} {_iptExclusion(o)} "
                          f"-j REDIRECT --to-ports {o.listenPort}")
     return lines
 
@@ -179,21 +186,21 @@ def _iptablesQueue(o: RuleOptions) -> list[str]:
     marked = f" -m mark --mark {o.queueMark:#x}/{o.queueMark:#x}" if o.queueMark else ""
     lines.append("# Queue each SYN to Shifter before NAT (mangle runs before nat):")
     for ipt in _commands(o):
-        lines.append(f"{ipt} -t mangle -A PREROUTING -i {o.lanInterface} -p tcp --syn {ports} "
+        lines.append(f"{ipt} -t mangle -A PREROUTING -i {o.lanInterface} -p tcp --syn {_NOT_LOCAL_IPT} {ports} "
                      f"-j NFQUEUE --queue-num {o.queueNum}{bypass}")
     if o.excludes:
         for ipt in _commands(o):
-            lines.append(f"{ipt} -t mangle -A OUTPUT -p tcp --syn {ports} {_iptExclusion(o)} "
+            lines.append(f"{ipt} -t mangle -A OUTPUT -p tcp --syn {_NOT_LOCAL_IPT} {ports} {_iptExclusion(o)} "
                          f"-j NFQUEUE --queue-num {o.queueNum}{bypass}")
     lines.append("# Redirect the SYNs Shifter recorded (and marked) to it:" if o.queueMark
                  else "# Redirect the queued connections to Shifter:")
     for ipt in _commands(o):
-        lines.append(f"{ipt} -t nat -A PREROUTING -i {o.lanInterface} -p tcp {ports}{marked} "
+        lines.append(f"{ipt} -t nat -A PREROUTING -i {o.lanInterface} -p tcp {_NOT_LOCAL_IPT} {ports}{marked} "
                      f"-j REDIRECT --to-ports {o.listenPort}")
     if o.excludes:
         for ipt in _commands(o):
             exclusion = "" if o.queueMark else f" {_iptExclusion(o)}"
-            lines.append(f"{ipt} -t nat -A OUTPUT -p tcp {ports}{marked}{exclusion} "
+            lines.append(f"{ipt} -t nat -A OUTPUT -p tcp {_NOT_LOCAL_IPT} {ports}{marked}{exclusion} "
                          f"-j REDIRECT --to-ports {o.listenPort}")
     if o.holdSyn:
         lines += _iptablesReject(o)
@@ -240,7 +247,7 @@ def _iptablesTproxy(o: RuleOptions) -> list[str]:
     ports, lines = _iptPorts(o.ports), []
     mark = f"{o.tproxyMark:#x}"
     for ipt in _commands(o):
-        lines.append(f"{ipt} -t mangle -A PREROUTING -i {o.lanInterface} -p tcp {ports} "
+        lines.append(f"{ipt} -t mangle -A PREROUTING -i {o.lanInterface} -p tcp {_NOT_LOCAL_IPT} {ports} "
                      f"-j TPROXY --on-port {o.listenPort} --tproxy-mark {mark}/{mark}")
     return lines
 
@@ -303,10 +310,10 @@ def _nftQuic(o: RuleOptions) -> list[tuple[str, str, list[str]]]:
 def _nftRedirect(o: RuleOptions) -> list[str]:
     ports = _nftPorts(o.ports)
     chains = [("prerouting", _NAT_PREROUTING,
-               [f'iifname "{o.lanInterface}" {ports} redirect to :{o.listenPort}'])]
+               [f'iifname "{o.lanInterface}" {_NOT_LOCAL_NFT} {ports} redirect to :{o.listenPort}'])]
     if o.excludes:
         chains.append(("output", _NAT_OUTPUT,
-                       [f"{_nftExclusion(o)} {ports} redirect to :{o.listenPort}"]))
+                       [f"{_nftExclusion(o)} {_NOT_LOCAL_NFT} {ports} redirect to :{o.listenPort}"]))
     lines = _nftTable(o, chains + _nftQuic(o))
     if o.excludes:
         lines.insert(0, f"# The output chain redirects the gateway's own connections too, "
@@ -323,11 +330,11 @@ def _nftQueue(o: RuleOptions) -> list[str]:
     ports = _nftPorts(o.ports)
     marked = f" meta mark & {o.queueMark:#x} == {o.queueMark:#x}" if o.queueMark else ""
     chains = [("prerouting", _NAT_PREROUTING,
-               [f'iifname "{o.lanInterface}" {ports}{marked} redirect to :{o.listenPort}'])]
+               [f'iifname "{o.lanInterface}" {_NOT_LOCAL_NFT} {ports}{marked} redirect to :{o.listenPort}'])]
     if o.excludes:
         exclusion = "" if o.queueMark else f" {_nftExclusion(o)}"
         chains.append(("output", _NAT_OUTPUT,
-                       [f"{ports}{marked}{exclusion} redirect to :{o.listenPort}"]))
+                       [f"{_NOT_LOCAL_NFT} {ports}{marked}{exclusion} redirect to :{o.listenPort}"]))
     if o.holdSyn:
         # A base chain of its own: an accept in another table's chain does
         # not stop it, so the reset cannot be bypassed.
@@ -348,7 +355,7 @@ def _nftTproxy(o: RuleOptions) -> list[str]:
     ports, mark = _nftPorts(o.ports), f"{o.tproxyMark:#x}"
     return _nftTable(o, [(
         "prerouting", _MANGLE_PREROUTING,
-        [f'iifname "{o.lanInterface}" {ports} tproxy to :{o.listenPort} '
+        [f'iifname "{o.lanInterface}" {_NOT_LOCAL_NFT} {ports} tproxy to :{o.listenPort} '
          f"meta mark set meta mark | {mark} accept"],
     )] + _nftQuic(o))
 

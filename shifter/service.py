@@ -135,6 +135,9 @@ class ShifterService(Service):
     def _start(self):  # type: ignore[no-untyped-def]
         factory = self.factory
         yield factory.resolver.start()
+        # This machine's addresses before the first client: until they are
+        # known, every destination is refused.
+        yield factory.proxyAddresses.readLocal()
         port = yield self.endpoint.listen(factory)
         if not self.running:
             # Stopped while starting: stopService did not see this port.

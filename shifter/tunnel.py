@@ -206,7 +206,15 @@ class ITunnelOwner(Interface):
         "A L{shifter.logs.RateLimitedLog} for the lines of L{REFUSALS}."
     )
     proxyAddresses = Attribute(
-        "The L{shifter.destinations.ProxyAddresses} of the proxies: destinations that could reach one are refused."
+        "The L{shifter.destinations.ProxyAddresses} of the proxies and of this machine: "
+        "destinations that could reach either are refused."
+    )
+    gatewayNames = Attribute(
+        "The L{shifter.destinations.GatewayNames}: names CONNECT never asks for."
+    )
+    connectByAddress = Attribute(
+        "Whether destination rules are in force, so that CONNECT asks for the address even "
+        "when a name was read (unless a rule chooses the name)."
     )
 
     def isListeningAddress(host: str, port: int) -> Optional[bool]:
@@ -255,7 +263,7 @@ class Tunnel(ProxyNegotiation):
     __slots__ = (
         "state", "owner", "client", "settings", "pool", "policy", "clock", "stats",
         "clientHost", "clientPort", "localHost", "localPort", "clientLabel",
-        "destination", "address", "target", "connectHost", "named", "proxy", "attempt",
+        "destination", "address", "target", "connectHost", "name", "named", "proxy", "attempt",
         "candidates", "request", "early", "earlyBytes", "earlyEnded",
         "pending", "relay", "bytesUp", "bytesDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
@@ -294,6 +302,7 @@ class Tunnel(ProxyNegotiation):
         self.address = ""
         self.target = "(unknown)"
         self.connectHost = ""
+        self.name: str | None = None  # the name read from the client, if any
         self.named = ""
         self.proxy: Any = None
         self.attempt: Any = None
@@ -542,10 +551,21 @@ class Tunnel(ProxyNegotiation):
         name, reason = verdict.name, verdict.reason
         self.sniffer = None
         port = self.destination.port  # type: ignore[union-attr]
+        owner = self.owner
+        if name is not None:
+            refused = owner.gatewayNames.refusal(name, owner.proxyAddresses.localAddresses)
+            if refused is not None:
+                name, reason = None, refused
         if name is None:
             self.named = f" (CONNECT by address: {reason})"
+        elif owner.connectByAddress:
+            # The rules judge destinations by address, and only the address
+            # is known to be where the proxy connects: a name could lead
+            # anywhere.  Rules still see the name, and one may choose it.
+            self.name = name
+            self.named = f" (CONNECT by address: destination rules apply; {name} from {reason})"
         else:
-            self.connectHost = name
+            self.name = self.connectHost = name
             self.named = f" (CONNECT {name}:{port}, from {reason})"
         self._chooseProxies()
 
@@ -563,7 +583,7 @@ class Tunnel(ProxyNegotiation):
                 self._takeHeld(held)
                 return
         self.candidates = self.pool.candidates(self.clientHost)
-        self._askPolicy(self.connectHost if self.connectHost != self.address else None)
+        self._askPolicy(self.name)
 
     def _decideFailed(self, reason: Failure) -> None:
         self._fail("policy", f"policy error: {reason.getErrorMessage()}", failure=reason)

@@ -48,3 +48,17 @@ def socketDirectory(test) -> Path:  # type: ignore[no-untyped-def]
     os.chmod(directory, 0o755)
     test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
     return directory
+
+
+# The addresses tests give "this machine" when they build a factory or an
+# owner by hand (the service reads the real ones before it listens).
+TEST_LOCAL_ADDRESSES = frozenset({"192.0.2.254", "2001:db8:ffff::fe"})
+
+
+def knowLocalAddresses(owner: object, addresses: frozenset[str] = TEST_LOCAL_ADDRESSES) -> None:
+    """
+    Give C{owner}'s destination checks (a factory's, or a test owner's
+    C{proxyAddresses}) this machine's addresses, as the service's first
+    read would.
+    """
+    owner.proxyAddresses.localAddresses = addresses  # type: ignore[attr-defined]

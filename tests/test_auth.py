@@ -29,6 +29,8 @@ from shifter.auth import (
     strongestChallenge,
 )
 from shifter.connect import formatConnectRequest
+
+from tests.support import knowLocalAddresses
 from tests.test_tunnel import PROXY, TunnelTestCase
 
 # RFC 7616 section 3.9.1.
@@ -895,6 +897,7 @@ class TunnelAuthTests(TunnelTestCase):
         proxy = UpstreamProxy("proxy.test:3128", self.endpoint, PROXY, self.auth)
         self.pool = ProxyPool([proxy], self.clock)
         self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        knowLocalAddresses(self.factory)
         return self.factory
 
     def answer(self, status: bytes, *challenges: bytes):  # type: ignore[no-untyped-def]

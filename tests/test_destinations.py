@@ -22,6 +22,7 @@ from twisted.names.error import DomainError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from shifter.destinations import (
+    GatewayNames,
     ProxyAddresses,
     ProxyTarget,
     alwaysKnown,
@@ -31,7 +32,9 @@ from shifter.destinations import (
     readLocalAddresses,
     resolveAll,
 )
+from shifter.negotiation import canonicalHost
 from shifter.proxy import _endpointHostPort, parseProxy
+from shifter.downstream import TunnelSettings
 from tests.test_tunnel import PROXY, TunnelTestCase
 
 LOCAL = ("192.0.2.1", "203.0.113.1", "2001:db8:1::1")
@@ -112,7 +115,39 @@ class DestinationRefusalTests(SynchronousTestCase):
         if address.ipv4_mapped is not None:
             return
         special = address.is_loopback or address.is_multicast or address.is_link_local or address.is_unspecified
+        value = int(address)
+        carried = None
+        if 1 < value < 2**32:
+            carried = ipaddress.IPv4Address(value)  # IPv4-compatible
+        elif value >> 32 == 0x64FF9B << 64:
+            carried = ipaddress.IPv4Address(value & 0xFFFFFFFF)  # NAT64
+        elif value >> 112 == 0x2002:
+            carried = ipaddress.IPv4Address((value >> 80) & 0xFFFFFFFF)  # 6to4
+        if carried is not None:
+            special = special or isSpecialIPv4(carried)
         self.assertEqual(destinationRefusal(str(address)) is not None, special)
+
+    def test_translatedForms(self) -> None:
+        """
+        An IPv6 address that carries a loopback (or other refused) IPv4
+        address is refused, naming the form.
+        """
+        for host, form in [
+            ("::127.0.0.1", "IPv4-compatible"),
+            ("64:ff9b::127.0.0.1", "NAT64"),
+            ("64:ff9b::a9fe:a9fe", "NAT64"),
+            ("2002:7f00:1::1", "6to4"),
+        ]:
+            reason = destinationRefusal(host)
+            self.assertIsNotNone(reason, host)
+            self.assertIn(f"in {form} form", reason)
+        for host in ["64:ff9b::203.0.113.5", "2002:cb00:7105::1", "::203.0.113.5"]:
+            self.assertIsNone(destinationRefusal(host), host)
+
+
+def isSpecialIPv4(address: ipaddress.IPv4Address) -> bool:
+    return (address.is_loopback or address.is_multicast or address.is_link_local
+            or address in ipaddress.IPv4Network("0.0.0.0/8") or str(address) == "255.255.255.255")
 
 
 class IPv4EveryAddressTests(SynchronousTestCase):
@@ -427,14 +462,161 @@ class TunnelRefusalTests(TunnelTestCase):
 
     def test_unknownLocalAddressesFailClosed(self) -> None:
         """
-        Until the factory has read this machine's addresses (it does when
-        it starts listening), another address on the proxy's port is
-        refused; other ports are served.
+        Until the factory has read this machine's addresses (the service
+        does before it listens), every destination is refused, on the
+        proxy's port and any other: none can be told from the gateway.
         """
-        self.resolver.answer = IPv4Address("TCP", "203.0.113.9", PROXY[1])
-        self.connectClient()
-        self.assertIn("this machine's addresses are not known yet", self.failureLines()[0])
+        self.makeFactory()
+        self.factory.proxyAddresses.localAddresses = None
+        for port in (PROXY[1], 443):
+            self.resolver.answer = IPv4Address("TCP", "203.0.113.9", port)
+            self.connectClient()
+        lines = self.failureLines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn("this machine's addresses are not known yet", lines[0])
+        self.assertIn("this machine's addresses are not known yet", lines[1])
         self.factory.proxyAddresses._readLocal = alwaysKnown(LOCAL)
         self.factory.proxyAddresses.refresh()
         self.connectClient()
         self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_gatewayAddressRefused(self) -> None:
+        """
+        A connection to any address of this machine, on any port and in
+        any form that carries it, is refused before any proxy is asked,
+        counted as C{destination}.
+        """
+        self.makeFactory()
+        self.factory.proxyAddresses.localAddresses = frozenset(LOCAL)
+        destinations = [
+            ("192.0.2.1", 22),
+            ("203.0.113.1", 443),
+            ("2001:db8:1::1", 8443),
+            ("::ffff:192.0.2.1", 443),
+            ("::192.0.2.1", 443),
+            ("64:ff9b::c000:201", 443),
+            ("2002:c000:201::1", 443),
+        ]
+        for host, port in destinations:
+            self.resolver.answer = IPv4Address("TCP", host, port)
+            self.lose(*self.connectClient())
+        self.assertEqual(self.endpoint.attempts, [])
+        # One line (refusals are rate-limited), every one counted.
+        self.assertIn("failed: destination 192.0.2.1 is an address of this machine", self.failureLines()[0])
+        self.assertEqual(self.factory.counters["destination"], len(destinations))
+        for host, _ in destinations:
+            self.assertIsNotNone(self.factory.proxyAddresses.gatewayRefusal(canonicalHost(host)), host)
+
+
+class GatewayNamesTests(SynchronousTestCase):
+    HOSTS = (
+        "127.0.0.1\tlocalhost\n"
+        "127.0.1.1\tgw.example.test gw  # Debian's line for the host name\n"
+        "::1 ip6-localhost ip6-loopback\n"
+        "192.0.2.1 lan-side.example.test\n"
+        "198.51.100.20 printer.example.test\n"
+        "0.0.0.0 blocked.example.test\n"
+        "not-an-address nothing.example.test\n"
+    )
+
+    def names(self, allowed: tuple[str, ...] = ()) -> GatewayNames:
+        path = Path(self.mktemp())
+        path.write_text(self.HOSTS)
+        return GatewayNames.read(str(path), hostname="Gateway", singleLabelAllowed=allowed)
+
+    def test_namesOfThisMachine(self) -> None:
+        """
+        The host name, the resolvers' loopback names, and every name the
+        hosts file gives a loopback, unspecified or local address are
+        refused; names of other machines are not.
+        """
+        names = self.names()
+        local = frozenset({"192.0.2.1"})
+        for name in ["gateway", "gw.example.test", "localhost.localdomain", "ip6-localhost",
+                     "lan-side.example.test", "blocked.example.test"]:
+            self.assertIsNotNone(names.refusal(name, local), name)
+        self.assertIn("is a name of this gateway (127.0.1.1 in /etc/hosts)", names.refusal("gw.example.test", local))
+        for name in ["printer.example.test", "www.example.test", "nothing.example.test"]:
+            self.assertIsNone(names.refusal(name, local), name)
+
+    def test_localAddressesKeptCurrent(self) -> None:
+        """
+        A hosts-file name is judged by this machine's addresses at the time
+        of asking: an address the gateway gained makes its names refused.
+        """
+        names = self.names()
+        self.assertIsNone(names.refusal("printer.example.test", frozenset({"192.0.2.1"})))
+        self.assertIsNotNone(names.refusal("printer.example.test", frozenset({"198.51.100.20"})))
+
+    def test_singleLabel(self) -> None:
+        """
+        A single-label name is refused unless a rule names it, and only
+        for names clients send.
+        """
+        self.assertIn("single-label name intranet is not allowed", self.names().refusal("intranet", None))
+        self.assertIsNone(self.names(("intranet",)).refusal("intranet", None))
+        self.assertIsNone(self.names().refusal("intranet", None, singleLabel=False))
+        self.assertIsNotNone(self.names().refusal("gateway", None, singleLabel=False))
+
+    def test_unreadableHostsFile(self) -> None:
+        """
+        A hosts file that cannot be read gives no names (the host name is
+        still refused), and says so.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        names = GatewayNames.read(self.mktemp(), hostname="gw")
+        self.assertIsNotNone(names.refusal("gw", None))
+        self.assertIsNone(names.refusal("anything.example.test", None))
+        self.assertTrue(any("cannot read" in str(e.get("log_format")) for e in events))
+
+
+class GatewayNameTunnelTests(TunnelTestCase):
+    """
+    A name the client sends never has the proxy connect to the gateway,
+    and cannot lead around a destination rule.
+    """
+
+    def sniTunnel(self, name: str, policy: object = None) -> bytes:
+        from tests.test_sniff import realHello
+
+        self.settings = TunnelSettings(connectTarget="sni", sniffTimeout=2, earlyDataLimit=65536)
+        self.makeFactory()
+        self.factory.gatewayNames = GatewayNames(["gw"], {"gw.example.test": frozenset({"127.0.1.1"})})
+        if policy is not None:
+            self.factory.policy = policy  # type: ignore[assignment]
+            self.factory._readNames()
+        client, _ = self.connectClient()
+        client.dataReceived(realHello(name))
+        _, upstreamTransport = self.endpoint.accept()
+        self.named = [tunnel.named for tunnel in self.factory.active]
+        return upstreamTransport.value().split(b"\r\n", 1)[0]
+
+    def test_gatewayNameByAddress(self) -> None:
+        """
+        A server name that is the gateway's own is not asked for: the
+        tunnel goes to the original address, and the line says why.
+        """
+        for name, why in [
+            ("gw", "gw is a name of this gateway"),
+            ("gw.example.test", "gw.example.test is a name of this gateway (127.0.1.1 in /etc/hosts)"),
+            ("localhost.localdomain", "localhost.localdomain is a name of this gateway"),
+            ("intranet", "single-label name intranet is not allowed"),
+        ]:
+            self.assertEqual(self.sniTunnel(name), b"CONNECT 203.0.113.7:443 HTTP/1.1", name)
+            self.assertTrue(self.named[0].startswith(f" (CONNECT by address: {why}"), self.named)
+
+    def test_destinationRulesDecideByAddress(self) -> None:
+        """
+        While a rule judges destinations by address, a named connection is
+        CONNECTed by its address; a rule that chooses the name still can.
+        """
+        from shifter.config import Rule, RulePolicy
+
+        refuse = Rule(line=1, destinations=(ipaddress.ip_network("198.51.100.0/24"),), refuse="no")
+        byName = Rule(line=2, names=("named.example.test",), connectTarget="name")
+        policy = RulePolicy([refuse, byName], {})
+        self.assertEqual(self.sniTunnel("www.example.test", policy), b"CONNECT 203.0.113.7:443 HTTP/1.1")
+        self.assertEqual(self.sniTunnel("named.example.test", policy), b"CONNECT named.example.test:443 HTTP/1.1")
+        withoutDestinations = RulePolicy([byName], {})
+        self.assertEqual(self.sniTunnel("www.example.test", withoutDestinations),
+                         b"CONNECT www.example.test:443 HTTP/1.1")

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shifter import holdsyn as H
 from shifter.auth import Credentials, ProxyAuth
 from shifter.connect import ConnectResponse
-from shifter.destinations import ProxyAddresses
+from shifter.destinations import GatewayNames, ProxyAddresses
 from shifter.downstream import TunnelSettings
 from shifter.limits import ClientLimit
 from shifter.logs import RateLimitedLog
@@ -32,6 +32,8 @@ from shifter.nfqueue import QueuedPacket, parseSegment
 from shifter.policy import TunnelDecision
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
+
+from tests.support import knowLocalAddresses
 from tests.test_nfqueue import ipv4Packet
 
 CONNECT = b"CONNECT 203.0.113.7:443 HTTP/1.1\r\nHost: 203.0.113.7:443\r\n\r\n"
@@ -126,6 +128,9 @@ class Owner:
         self.active: set[Any] = set()
         self.policy: Any = None
         self.proxyAddresses = ProxyAddresses(self.pool.proxies, self.reactor)
+        knowLocalAddresses(self)
+        self.gatewayNames = GatewayNames([], {})
+        self.connectByAddress = False
         self.clientLimit = ClientLimit(self.settings.maxConnectionsPerClient)
         self.refusals = RateLimitedLog(Logger(), self.reactor)
 

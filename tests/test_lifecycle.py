@@ -166,6 +166,7 @@ class LifecycleTestCase(TestCase):
         parsed = [parseProxy(p, reactor, caFile=getattr(self, "proxyCA", None)) for p in proxies]
         self.pool = ProxyPool(parsed, reactor, failureThreshold=settings.pop("failures", 3))
         self.factory = ShifterFactory(FixedResolver(), self.pool, TunnelSettings(**settings), reactor, policy)
+        yield self.factory.proxyAddresses.readLocal()  # as the service does before it listens
         port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(self.factory)
         self.factory.listeningAddress = port.getHost()
 

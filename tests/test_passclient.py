@@ -35,6 +35,8 @@ from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy, parseProxy
 from shifter.proxyprotocol import V1_MAX_LENGTH, V2_SIGNATURE, encodeV1, encodeV2
 from shifter.tap import Options
+
+from tests.support import knowLocalAddresses
 from tests.test_tunnel import OK, PROXY, FakeProxyEndpoint, RecordingPolicy, TunnelTestCase
 
 CLIENT = IPv4Address("TCP", "192.0.2.2", 50000)
@@ -514,6 +516,7 @@ class TunnelWiringTests(TunnelTestCase):
             proxies.append(UpstreamProxy("b.test:3128", self.endpointB, ("198.51.100.4", 3128), passClient=modeB))
         self.pool = ProxyPool(proxies, self.clock)
         self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        knowLocalAddresses(self.factory)
         if policy is not None:
             self.factory.policy = RecordingPolicy(policy)  # type: ignore[assignment]
 

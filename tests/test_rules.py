@@ -46,15 +46,15 @@ class RedirectTests(SynchronousTestCase):
         the LAN interface and ports.
         """
         self.assertEqual(commands(rules(quic="pass")), [
-            "iptables -t nat -A PREROUTING -i lan0 -p tcp -m multiport --dports 443,8443 -j REDIRECT --to-ports 12345",
-            "ip6tables -t nat -A PREROUTING -i lan0 -p tcp -m multiport --dports 443,8443 -j REDIRECT --to-ports 12345",
+            "iptables -t nat -A PREROUTING -i lan0 -p tcp -m addrtype ! --dst-type LOCAL -m multiport --dports 443,8443 -j REDIRECT --to-ports 12345",
+            "ip6tables -t nat -A PREROUTING -i lan0 -p tcp -m addrtype ! --dst-type LOCAL -m multiport --dports 443,8443 -j REDIRECT --to-ports 12345",
         ])
 
     def test_onePort(self) -> None:
         """
         A single port uses --dport, not multiport.
         """
-        self.assertIn("-p tcp --dport 443 -j REDIRECT", rules(ports=(443,)))
+        self.assertIn("-p tcp -m addrtype ! --dst-type LOCAL --dport 443 -j REDIRECT", rules(ports=(443,)))
 
     def test_noIPv6(self) -> None:
         """
@@ -87,9 +87,9 @@ class RedirectTests(SynchronousTestCase):
         --proxy-user adds nat OUTPUT REDIRECTs that skip the proxy's user.
         """
         text = rules(proxyUser="proxy")
-        self.assertIn("iptables -t nat -A OUTPUT -p tcp -m multiport --dports 443,8443 "
+        self.assertIn("iptables -t nat -A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -m multiport --dports 443,8443 "
                       "-m owner ! --uid-owner proxy -j REDIRECT --to-ports 12345", text)
-        self.assertIn('meta skuid != "proxy" tcp dport { 443, 8443 } redirect to :12345',
+        self.assertIn('meta skuid != "proxy" fib daddr type != local tcp dport { 443, 8443 } redirect to :12345',
                       rules(proxyUser="proxy", format="nft"))
 
     def test_markExclusion(self) -> None:
@@ -97,7 +97,7 @@ class RedirectTests(SynchronousTestCase):
         --mark excludes marked connections instead.
         """
         self.assertIn("-m mark ! --mark 0x2 -j REDIRECT", rules(mark=2))
-        self.assertIn("meta mark != 0x2 tcp dport", rules(mark=2, format="nft"))
+        self.assertIn("meta mark != 0x2 fib daddr type != local tcp dport", rules(mark=2, format="nft"))
 
     def test_nft(self) -> None:
         """
@@ -107,7 +107,7 @@ class RedirectTests(SynchronousTestCase):
         text = rules(format="nft")
         self.assertIn("table inet shifter\ndelete table inet shifter\ntable inet shifter {", text)
         self.assertIn("type nat hook prerouting priority dstnat; policy accept;", text)
-        self.assertIn('iifname "lan0" tcp dport { 443, 8443 } redirect to :12345', text)
+        self.assertIn('iifname "lan0" fib daddr type != local tcp dport { 443, 8443 } redirect to :12345', text)
 
 
 class QueueTests(SynchronousTestCase):
@@ -117,9 +117,9 @@ class QueueTests(SynchronousTestCase):
         carrying Shifter's mark.
         """
         lines = commands(rules(resolver="nfqueue", ports=(443,), queueNum=3, queueBypass=True))
-        self.assertIn("iptables -t mangle -A PREROUTING -i lan0 -p tcp --syn --dport 443 "
+        self.assertIn("iptables -t mangle -A PREROUTING -i lan0 -p tcp --syn -m addrtype ! --dst-type LOCAL --dport 443 "
                       "-j NFQUEUE --queue-num 3 --queue-bypass", lines)
-        self.assertIn("ip6tables -t nat -A PREROUTING -i lan0 -p tcp --dport 443 "
+        self.assertIn("ip6tables -t nat -A PREROUTING -i lan0 -p tcp -m addrtype ! --dst-type LOCAL --dport 443 "
                       "-m mark --mark 0x10000/0x10000 -j REDIRECT --to-ports 12345", lines)
 
     def test_noMark(self) -> None:
@@ -225,8 +225,8 @@ class TproxyTests(SynchronousTestCase):
         mark to local delivery, both families.
         """
         self.assertEqual(commands(rules(resolver="tproxy", ports=(443,), quic="pass")), [
-            "iptables -t mangle -A PREROUTING -i lan0 -p tcp --dport 443 -j TPROXY --on-port 12345 --tproxy-mark 0x1/0x1",
-            "ip6tables -t mangle -A PREROUTING -i lan0 -p tcp --dport 443 -j TPROXY --on-port 12345 --tproxy-mark 0x1/0x1",
+            "iptables -t mangle -A PREROUTING -i lan0 -p tcp -m addrtype ! --dst-type LOCAL --dport 443 -j TPROXY --on-port 12345 --tproxy-mark 0x1/0x1",
+            "ip6tables -t mangle -A PREROUTING -i lan0 -p tcp -m addrtype ! --dst-type LOCAL --dport 443 -j TPROXY --on-port 12345 --tproxy-mark 0x1/0x1",
             "ip rule add fwmark 0x1/0x1 lookup 100",
             "ip route add local 0.0.0.0/0 dev lo table 100",
             "ip -6 rule add fwmark 0x1/0x1 lookup 100",

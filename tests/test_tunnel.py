@@ -22,6 +22,8 @@ from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
 from shifter.resolver import DestinationUnknown, IOriginalDestinationResolver
 
+from tests.support import knowLocalAddresses
+
 CLIENT = IPv4Address("TCP", "192.0.2.2", 50000)
 SHIFTER = IPv4Address("TCP", "192.0.2.1", 12345)
 DESTINATION = IPv4Address("TCP", "203.0.113.7", 443)
@@ -110,6 +112,7 @@ class TunnelTestCase(SynchronousTestCase):
         proxy = UpstreamProxy("proxy.test:3128", self.endpoint, PROXY)
         self.pool = ProxyPool([proxy], self.clock)
         self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        knowLocalAddresses(self.factory)
         return self.factory
 
     def connectClient(self, peer=CLIENT, host=SHIFTER):  # type: ignore[no-untyped-def]
@@ -672,6 +675,7 @@ class SeveralProxiesTests(TunnelTestCase):
         self.proxyB = UpstreamProxy("b.test:3128", self.endpointB, ("198.51.100.4", 3128))
         self.pool = ProxyPool([self.proxyA, self.proxyB], self.clock, failureThreshold=2)
         self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        knowLocalAddresses(self.factory)
 
     def test_refusedProxyRetriedOnNext(self) -> None:
         """

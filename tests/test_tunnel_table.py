@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shifter import tunnel as T
 from shifter.connect import ConnectResponse
 from shifter.deadlines import Deadlines
-from shifter.destinations import ProxyAddresses
+from shifter.destinations import GatewayNames, ProxyAddresses
 from shifter.downstream import TunnelSettings
 from shifter.interfaces import IProxyAttempt, IRelay
 from shifter.logs import RateLimitedLog
@@ -34,6 +34,8 @@ from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
 from shifter.resolver import DestinationUnknown
 from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel
+
+from tests.support import knowLocalAddresses
 from tests.test_sniff import realHello
 
 DESTINATION = IPv4Address("TCP", "203.0.113.7", 443)
@@ -137,6 +139,9 @@ class Owner:
         self.reactor = Clock()
         self.pool = ProxyPool([UpstreamProxy("proxy.test:3128", DummyEndpoint(), ("198.51.100.3", 3128))], self.reactor)
         self.proxyAddresses = ProxyAddresses(self.pool.proxies, self.reactor)
+        knowLocalAddresses(self)
+        self.gatewayNames = GatewayNames([], {})
+        self.connectByAddress = False
         self.policy = policy
         self.deadlines = Deadlines(self.reactor)
         self.stats = TunnelStats()
