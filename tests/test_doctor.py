@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+from pathlib import Path
 import json
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -212,7 +213,7 @@ GOOD = """\
 *nat
 :PREROUTING ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
--A PREROUTING -i lan0 -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 12345
+-A PREROUTING -i lan0 -p tcp -m addrtype ! --dst-type LOCAL -m tcp --dport 443 -j REDIRECT --to-ports 12345
 COMMIT
 *filter
 :FORWARD ACCEPT [0:0]
@@ -240,6 +241,30 @@ class CheckTests(SynchronousTestCase):
         Shifter listening has nothing to report.
         """
         self.assertEqual(self.findings(gatewayState(GOOD)), [])
+
+    def test_gatewayDestinationRedirected(self) -> None:
+        """
+        A redirect that does not leave the gateway's own addresses alone
+        is a warning that says how to exclude them.
+        """
+        [line] = self.findings(gatewayState(GOOD.replace("-m addrtype ! --dst-type LOCAL ", "")))
+        self.assertTrue(line.startswith("warning: gateway: connections from lan0 to the gateway's own "), line)
+        self.assertIn("-m addrtype ! --dst-type LOCAL", line)
+
+    def test_squidAccess(self) -> None:
+        """
+        Squid's configuration must deny to_localhost and to_linklocal
+        before its first allow; a deny after it, or in a comment, does not
+        count.
+        """
+        path = Path(self.mktemp())
+        path.write_text("acl SSL_ports port 443\n#http_access deny to_localhost\nhttp_access allow localhost\n"
+                        "http_access deny to_localhost\nhttp_access deny all\n")
+        [finding] = doctor.checkSquidAccess(str(path))
+        self.assertIn("has no 'http_access deny to_localhost' and 'http_access deny to_linklocal' before", str(finding))
+        path.write_text("http_access deny to_localhost\nhttp_access deny to_linklocal\nhttp_access allow localhost\n")
+        self.assertEqual(doctor.checkSquidAccess(str(path)), [])
+        self.assertEqual(doctor.checkSquidAccess(self.mktemp()), [])
 
     def test_forwarding(self) -> None:
         self.assertEqual(
