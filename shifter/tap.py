@@ -5,6 +5,7 @@ C{twistd shifter}: the command-line options and the service they describe.
 from __future__ import annotations
 
 import ipaddress
+import math
 import resource
 import sys
 from dataclasses import dataclass
@@ -47,24 +48,38 @@ LISTEN_BACKLOG = 1024
 _RESERVED_DESCRIPTORS = 32
 
 
-def _seconds(value: str) -> float:
-    seconds = float(value)
-    if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+# The longest any duration option may be (idle, set-up, connect,
+# handshake, sniff, hold, drain, the proxy back-off): one week.  Longer
+# means "never" in practice, and a timer that far (1e308 s) cannot even be
+# set.
+MAX_SECONDS = 604800.0
+
+
+def _duration(value: str, zeroIsOff: bool) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not zeroIsOff):
+        expected = "a number of seconds (0 for off)" if zeroIsOff else "a positive number of seconds"
+        raise ValueError(f"expected {expected}, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"at most {MAX_SECONDS:g} seconds, got {seconds!r}")
     return seconds
 
 
-_seconds.coerceDoc = "Seconds, more than 0."  # type: ignore[attr-defined]
+def _seconds(value: str) -> float:
+    return _duration(value, zeroIsOff=False)
+
+
+_seconds.coerceDoc = f"Seconds, more than 0, at most {MAX_SECONDS:g}."  # type: ignore[attr-defined]
 
 
 def _secondsOrOff(value: str) -> float:
-    seconds = float(value)
-    if not seconds >= 0 or seconds == float("inf"):
-        raise ValueError(f"expected a number of seconds (0 for off), got {value!r}")
-    return seconds
+    return _duration(value, zeroIsOff=True)
 
 
-_secondsOrOff.coerceDoc = "Seconds; 0 turns it off."  # type: ignore[attr-defined]
+_secondsOrOff.coerceDoc = f"Seconds, at most {MAX_SECONDS:g}; 0 turns it off."  # type: ignore[attr-defined]
 
 
 def _mark(value: str) -> int:
@@ -111,6 +126,21 @@ def _countOrOff(value: str) -> int:
 
 
 _countOrOff.coerceDoc = "A number; 0 for no limit."  # type: ignore[attr-defined]
+
+
+class _NamedParameter(usage.CoerceParameter):
+    """
+    An option with a type whose bad value is refused naming the option
+    (C{--idle-timeout: at most 604800 seconds, got 1e+308}), where Twisted
+    would only say C{Parameter type enforcement failed}.
+    """
+
+    def dispatch(self, parameterName: str, value: str) -> None:
+        try:
+            super().dispatch(parameterName, value)
+        except usage.UsageError as e:
+            reason = str(e).removeprefix("Parameter type enforcement failed: ")
+            raise usage.UsageError(f"--{parameterName}: {reason}") from None
 
 
 class Options(usage.Options):
@@ -392,6 +422,9 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        for name, handler in self._dispatch.items():
+            if type(handler) is usage.CoerceParameter:
+                self._dispatch[name] = _NamedParameter(self, handler.coerce)
         self.arguments: list[str] = []
         self["proxy"] = []
         self["allow"] = []

@@ -167,6 +167,23 @@ class ErrorTests(ConfigTestCase):
             3, "idle-timeout", "-5",
         )
 
+    def test_durationPastMaximum(self) -> None:
+        """
+        A duration past the one-week maximum, infinite or not a number is
+        refused with its line, naming the option and the limit.
+        """
+        self.assertLine(
+            self.refused("proxy = ['127.0.0.1:3128']\nidle-timeout = 1e308\n"),
+            2, "idle-timeout: at most 604800 seconds, got 1e+308",
+        )
+        self.assertLine(
+            self.refused("proxy = ['127.0.0.1:3128']\n\nhold-timeout = 604801\n"),
+            3, "hold-timeout: at most 604800 seconds, got 604801.0",
+        )
+        self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\nsetup-timeout = inf\n"), 2, "setup-timeout: at most")
+        self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\ndrain-timeout = nan\n"), 2, "drain-timeout: expected")
+        self.assertEqual(self.parse("proxy = ['127.0.0.1:3128']\nproxy-backoff = 604800\n")["proxy-backoff"], 604800.0)
+
     def test_unknownKey(self) -> None:
         self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\nidle-timout = 5\n"), 2, "did you mean 'idle-timeout'")
 
