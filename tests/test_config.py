@@ -467,6 +467,42 @@ class ReloadTests(ConfigTestCase):
         self.rewrite("idle-timeout = 600\nlisten = 'tcp:2222'\nproxy = ['127.0.0.1:3128']\n")
         self.assertEqual(self.service.reload(), (True, "changed: listen (listen only at restart)"))
 
+    def test_checkedWithRestartOnlyValuesInForce(self) -> None:
+        """
+        A file that drops hold-syn (which stays on until a restart) and
+        brings what hold-syn cannot go with (connect-target sni, a --mark
+        sharing bits with the running reject mark) is refused as a whole:
+        the running configuration stays and one line says why, naming
+        what is in force.  That holds after a reload that dropped hold-syn
+        as well: the running values are the start's, not the last file's.
+        """
+        base = "proxy = ['127.0.0.1:3128']\nresolver = 'nfqueue'\n"
+        self.rewrite(base + "hold-syn = true\n")
+        options = Options()
+        options.parseOptions(["--config", self.path])
+        service: ShifterService = makeService(options, MemoryReactorClock()).getServiceNamed("shifter")  # type: ignore[attr-defined]
+        factory = service.factory
+        self.rewrite(base)
+        self.assertEqual(service.reload("SIGHUP"), (True, "changed: hold-syn (hold-syn only at restart)"))
+        for text, fragment in [
+            (base + "connect-target = 'sni'\n", "--connect-target sni cannot work with it"),
+            (base + "mark = 0x20000\n", "--reject-mark shares bits with --mark"),
+        ]:
+            seen = len(self.lines())
+            settings, pool, policy = factory.settings, factory.pool, factory.policy
+            self.rewrite(text)
+            reloaded, reason = service.reload("SIGHUP")
+            self.assertFalse(reloaded, text)
+            self.assertIn(fragment, reason)
+            self.assertIn("(in force until a restart, whatever the file says: hold-syn on)", reason)
+            self.assertEqual(
+                (factory.settings, factory.pool, factory.policy, factory.settings.connectTarget),
+                (settings, pool, policy, "ip"),
+            )
+            self.assertEqual(self.lines()[seen:], [
+                f"SIGHUP: configuration not reloaded, the running one stays: {reason}"
+            ])
+
     def test_drainTimeout(self) -> None:
         """
         A new drain timeout applies to the next drain.
