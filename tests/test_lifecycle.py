@@ -162,11 +162,13 @@ class LifecycleTestCase(TestCase):
         return factory, f"{scheme}://127.0.0.1:{port.getHost().port}"
 
     @inlineCallbacks
-    def startShifter(self, proxies: list[str], policy: Any = None, **settings: Any):  # type: ignore[no-untyped-def]
+    def startShifter(  # type: ignore[no-untyped-def]
+        self, proxies: list[str], policy: Any = None, listen: str = "tcp:0:interface=127.0.0.1", **settings: Any
+    ):
         parsed = [parseProxy(p, reactor, caFile=getattr(self, "proxyCA", None)) for p in proxies]
         self.pool = ProxyPool(parsed, reactor, failureThreshold=settings.pop("failures", 3))
         self.factory = ShifterFactory(FixedResolver(), self.pool, TunnelSettings(**settings), reactor, policy)
-        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(self.factory)
+        port = yield serverFromString(reactor, listen).listen(self.factory)
         self.factory.listeningAddress = port.getHost()
 
         @inlineCallbacks
