@@ -54,7 +54,7 @@ from typing import Any, Callable, Optional
 from zope.interface import implementer
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from shifter.deadlines import Deadlines
@@ -80,7 +80,7 @@ from shifter.negotiation import (
     formatAddress,
 )
 from shifter.statetable import buildTable
-from shifter.tunnel import REFUSALS
+from shifter.tunnel import RATE_LIMITED
 from shifter.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
@@ -234,9 +234,11 @@ class HeldSyn(ProxyNegotiation):
             return None
 
     def _internalError(self, event: str, failure: Failure) -> None:
-        self.log.failure(
+        # A bug a client's SYN sets off, it can set off again: rate-limited.
+        self.owner.refusals.emit(
+            "internal", LogLevel.error,
             "held SYN {client} -> {destination}: internal error on {event} while {state}",
-            failure, client=self.clientLabel, destination=self.target, event=event, state=self.state,
+            log_failure=failure, client=self.clientLabel, destination=self.target, event=event, state=self.state,
         )
         self.stats.counters["internal"] += 1
         if self.state in _HELD:
@@ -314,7 +316,7 @@ class HeldSyn(ProxyNegotiation):
             failure_kind=kind,
             **fields,
         )
-        if kind in _REPEATABLE:
+        if kind in _RATE_LIMITED:
             # Refusals a client can repeat at will: rate-limited, as the
             # tunnel's are.
             self.holder.owner.refusals.warn(kind, text, **facts)
@@ -426,7 +428,9 @@ class HeldSyn(ProxyNegotiation):
         self.holder.deadlines.set(self, when)
 
 _HELD = (DECIDING, CONNECTING, HANDSHAKING)
-_REPEATABLE = REFUSALS | {"limit", "client-limit"}
+# Every refusal at the SYN a client can cause at will (see the tunnel's
+# RATE_LIMITED), and the connection caps, which downstream limits too.
+_RATE_LIMITED = RATE_LIMITED | {"limit", "client-limit"}
 
 # What every event does in every state.  "_impossible" marks a pair that
 # cannot happen; it refuses a SYN still held and ends with an

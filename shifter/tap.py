@@ -5,6 +5,7 @@ C{twistd shifter}: the command-line options and the service they describe.
 from __future__ import annotations
 
 import ipaddress
+import math
 import resource
 import sys
 from dataclasses import dataclass
@@ -47,24 +48,38 @@ LISTEN_BACKLOG = 1024
 _RESERVED_DESCRIPTORS = 32
 
 
-def _seconds(value: str) -> float:
-    seconds = float(value)
-    if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+# The longest any duration option may be (idle, set-up, connect,
+# handshake, sniff, hold, drain, the proxy back-off): one week.  Longer
+# means "never" in practice, and a timer that far (1e308 s) cannot even be
+# set.
+MAX_SECONDS = 604800.0
+
+
+def _duration(value: str, zeroIsOff: bool) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not zeroIsOff):
+        expected = "a number of seconds (0 for off)" if zeroIsOff else "a positive number of seconds"
+        raise ValueError(f"expected {expected}, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"at most {MAX_SECONDS:g} seconds, got {seconds!r}")
     return seconds
 
 
-_seconds.coerceDoc = "Seconds, more than 0."  # type: ignore[attr-defined]
+def _seconds(value: str) -> float:
+    return _duration(value, zeroIsOff=False)
+
+
+_seconds.coerceDoc = f"Seconds, more than 0, at most {MAX_SECONDS:g}."  # type: ignore[attr-defined]
 
 
 def _secondsOrOff(value: str) -> float:
-    seconds = float(value)
-    if not seconds >= 0 or seconds == float("inf"):
-        raise ValueError(f"expected a number of seconds (0 for off), got {value!r}")
-    return seconds
+    return _duration(value, zeroIsOff=True)
 
 
-_secondsOrOff.coerceDoc = "Seconds; 0 turns it off."  # type: ignore[attr-defined]
+_secondsOrOff.coerceDoc = f"Seconds, at most {MAX_SECONDS:g}; 0 turns it off."  # type: ignore[attr-defined]
 
 
 def _mark(value: str) -> int:
@@ -111,6 +126,21 @@ def _countOrOff(value: str) -> int:
 
 
 _countOrOff.coerceDoc = "A number; 0 for no limit."  # type: ignore[attr-defined]
+
+
+class _NamedParameter(usage.CoerceParameter):
+    """
+    An option with a type whose bad value is refused naming the option
+    (C{--idle-timeout: at most 604800 seconds, got 1e+308}), where Twisted
+    would only say C{Parameter type enforcement failed}.
+    """
+
+    def dispatch(self, parameterName: str, value: str) -> None:
+        try:
+            super().dispatch(parameterName, value)
+        except usage.UsageError as e:
+            reason = str(e).removeprefix("Parameter type enforcement failed: ")
+            raise usage.UsageError(f"--{parameterName}: {reason}") from None
 
 
 class Options(usage.Options):
@@ -392,6 +422,9 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        for name, handler in self._dispatch.items():
+            if type(handler) is usage.CoerceParameter:
+                self._dispatch[name] = _NamedParameter(self, handler.coerce)
         self.arguments: list[str] = []
         self["proxy"] = []
         self["allow"] = []
@@ -497,32 +530,50 @@ class Options(usage.Options):
                 f"--resolver: unknown resolver {self['resolver']!r}; "
                 f"choose one of {', '.join(sorted(RESOLVERS))}"
             )
-        if self["resolver"] == "tproxy" and not self["listen"].startswith("tproxy:"):
-            raise usage.UsageError(
-                "--resolver tproxy needs a transparent listener: "
-                "--listen 'tproxy:PORT:interface=\\:\\:'"
-            )
         if not 0 <= self["queue-num"] <= 65535:
             raise usage.UsageError(f"--queue-num: {self['queue-num']} is not between 0 and 65535")
         if not 0 <= self["queue-mark"] <= 0xFFFFFFFF:
             raise usage.UsageError(f"--queue-mark: {self['queue-mark']:#x} does not fit in 32 bits")
-        if self["hold-syn"]:
-            self._checkHoldSyn()
         if self["relay"] not in RELAYS:
             raise usage.UsageError(
                 f"--relay: expected one of {', '.join(RELAYS)}, got {self['relay']!r}"
             )
         if self["relay"] == "splice" and not SPLICE_AVAILABLE:
             raise usage.UsageError("--relay splice: this Python has no os.splice (3.10+ on Linux)")
+        if self["max-connections"] is None:
+            self["max-connections"] = defaultMaxConnections()
+        if self["max-connections-per-client"] is None:
+            self["max-connections-per-client"] = defaultMaxConnectionsPerClient(self["max-connections"])
+        if self["metrics"] is not None:
+            try:
+                serverFromString(reactor, self["metrics"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"--metrics: invalid endpoint {self['metrics']!r}: {e}") from None
+        self.checkCombinations()
+
+    def checkCombinations(self) -> None:
+        """
+        The checks across options: at the start, and at a reload with the
+        values of the options that change only at restart still in force
+        (L{Reloader}).
+
+        @raise usage.UsageError: for a combination that cannot work.
+        """
+        from twisted.internet import reactor
+
+        if self["resolver"] == "tproxy" and not self["listen"].startswith("tproxy:"):
+            raise usage.UsageError(
+                "--resolver tproxy needs a transparent listener: "
+                "--listen 'tproxy:PORT:interface=\\:\\:'"
+            )
+        if self["hold-syn"]:
+            self._checkHoldSyn()
         if self["workers"] > 1:
             if ReusePortEndpoint.fromString(reactor, self["listen"]) is None:
                 raise usage.UsageError("--workers: the --listen endpoint must be tcp: or tcp6:")
             if self["resolver"] == "nfqueue":
                 raise usage.UsageError("--workers: --resolver nfqueue binds one queue, for one process")
-        if self["max-connections"] is None:
-            self["max-connections"] = defaultMaxConnections()
-        if self["max-connections-per-client"] is None:
-            self["max-connections-per-client"] = defaultMaxConnectionsPerClient(self["max-connections"])
+        configFile = self.configFile
         if configFile is not None:
             groups = {group for spec in self.proxySpecs for group in spec.groups}
             try:
@@ -537,11 +588,6 @@ class Options(usage.Options):
                 controlPath(self["control"], suffix)
             except ValueError as e:
                 raise usage.UsageError(f"--control: {e}") from None
-        if self["metrics"] is not None:
-            try:
-                serverFromString(reactor, self["metrics"])
-            except (ValueError, TypeError, KeyError) as e:
-                raise usage.UsageError(f"--metrics: invalid endpoint {self['metrics']!r}: {e}") from None
 
     def _checkHoldSyn(self) -> None:
         if self["resolver"] != "nfqueue":
@@ -752,6 +798,9 @@ class Reloader:
         self.running = running
         self.service = service
         self.reactor = reactor
+        # What the options that change only at restart are while this
+        # process runs, whatever later files say.
+        self.restartOnly = {name: config[name] for name in RESTART_OPTIONS}
 
     @property
     def path(self) -> str | None:
@@ -773,6 +822,7 @@ class Reloader:
         new = type(self.config)()
         try:
             new.parseOptions(self.config.arguments)
+            self._checkWithRunning(new)
             built = configure(new, self.reactor, self.running)
         except (usage.UsageError, ValueError) as e:
             raise ValueError(str(e).removeprefix("--config: ")) from None
@@ -800,6 +850,41 @@ class Reloader:
         if later:
             summary += f" ({', '.join(later)} only at restart)"
         return summary
+
+    def _checkWithRunning(self, new: Options) -> None:
+        """
+        Check C{new}'s combinations as they would be in force: with the
+        running values of the options that change only at restart, not the
+        file's (a file that drops C{hold-syn} leaves it on until then, so it
+        cannot bring C{connect-target = "sni"} with it).
+
+        @raise usage.UsageError: naming the running values the new ones
+            cannot go with.
+        """
+        running = self.restartOnly
+        waiting = [name for name in RESTART_OPTIONS if _comparable(new[name]) != _comparable(running[name])]
+        if not waiting:
+            return  # new's own checks were these
+        inForce = type(new)()
+        inForce.update(new)
+        inForce.update(running)
+        inForce.configFile = new.configFile
+        inForce.proxySpecs = new.proxySpecs
+        try:
+            inForce.checkCombinations()
+        except usage.UsageError as e:
+            held = ", ".join(_describe(name, running[name]) for name in waiting)
+            path = new.configFile.path if new.configFile is not None else self.path
+            raise usage.UsageError(f"{path}: {e} (in force until a restart, whatever the file says: {held})") from None
+
+
+def _describe(name: str, value: object) -> str:
+    """
+    C{name}'s C{value} in words: C{"hold-syn on"}, C{"resolver nfqueue"}.
+    """
+    if any(flag[0] == name for flag in Options.optFlags):
+        return f"{name} {'on' if value else 'off'}"
+    return f"{name} {'none' if value is None else value}"
 
 
 def _comparable(value: object) -> object:

@@ -106,9 +106,40 @@ EVENTS = (
 )
 
 # Failures that are Shifter refusing the client, before any proxy is
-# asked; a client can repeat them at will, so their lines are rate-limited
-# (one per reason per interval, then a count).
+# asked.
 REFUSALS = frozenset(("client-denied", "port-denied", "loop", "destination"))
+
+# The failures whose lines are rate-limited (the owner's C{refusals}: one
+# line per kind per interval, then a count; the counters still count each
+# connection): every kind a client can cause again and again at will, so
+# that connecting in a loop cannot flood the log.
+RATE_LIMITED = REFUSALS | frozenset((
+    # The client closes or resets before its tunnel opens (connect, reset).
+    "client-gone",
+    # A client that sends nothing while its name is awaited, or names a
+    # destination the proxy is slow to reach.
+    "setup-timeout",
+    # A rule refusing the client's destination or name, or a policy
+    # failing on what the client sent.
+    "policy",
+    # The proxy's answer for the destination the client chose (403, 503).
+    "proxy-status",
+    # No original destination: a connection made to Shifter's port
+    # straight, or gone before the look-up answered.
+    "resolver",
+    # The last proxy failing for the client's destination (one that never
+    # answers holds CONNECT until the handshake timeout, and some proxies
+    # close on what they refuse): every new client repeats the line.
+    "timeout", "proxy-connect", "proxy-garbage", "proxy-closed",
+    # Every proxy down, or wanting credentials Shifter cannot give: a
+    # proxy's problem, but each new client would log it again.
+    "no-proxy", "proxy-auth",
+    # A bug a client's input sets off, it can set off again; the first line
+    # of each interval keeps its traceback.
+    "internal",
+))
+# Not limited: "shutdown", Shifter stopping, which no client causes and
+# which ends each connection once at most.
 
 
 @dataclass(frozen=True)
@@ -203,7 +234,7 @@ class ITunnelOwner(Interface):
     deadlines = Attribute("The L{shifter.deadlines.Deadlines} of every tunnel.")
     stats = Attribute("The L{shifter.metrics.TunnelStats} to count in.")
     refusals = Attribute(
-        "A L{shifter.logs.RateLimitedLog} for the lines of L{REFUSALS}."
+        "A L{shifter.logs.RateLimitedLog} for the lines of L{RATE_LIMITED}."
     )
     proxyAddresses = Attribute(
         "The L{shifter.destinations.ProxyAddresses} of the proxies and of this machine: "
@@ -410,9 +441,10 @@ class Tunnel(ProxyNegotiation):
         with one line and the C{internal} counter; never leave it hanging.
         """
         if self.state in (CLOSING, CLOSED):
-            self.log.failure(
+            self.owner.refusals.emit(
+                "internal", LogLevel.error,
                 "tunnel {client}: internal error on {event} while {state}",
-                failure, client=self.clientLabel, event=event, state=self.state,
+                log_failure=failure, client=self.clientLabel, event=event, state=self.state,
             )
             self.owner.stats.counters["internal"] += 1
             self._abortAll()
@@ -706,12 +738,14 @@ class Tunnel(ProxyNegotiation):
             failure_kind=kind,
             **fields,
         )
+        level = LogLevel.warn
         if failure is not None and not failure.check(ResolverError, CancelledError, TimeoutError):
-            self.log.failure(text, failure, LogLevel.error, **facts)
-        elif kind in REFUSALS:
-            self.owner.refusals.warn(kind, text, **facts)
+            level = LogLevel.error
+            facts["log_failure"] = failure
+        if kind in RATE_LIMITED:
+            self.owner.refusals.emit(kind, level, text, **facts)
         else:
-            self.log.warn(text, **facts)
+            self.log.emit(level, text, **facts)
         self._close(reason)
 
     def _close(self, how: str) -> None:

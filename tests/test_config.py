@@ -167,6 +167,23 @@ class ErrorTests(ConfigTestCase):
             3, "idle-timeout", "-5",
         )
 
+    def test_durationPastMaximum(self) -> None:
+        """
+        A duration past the one-week maximum, infinite or not a number is
+        refused with its line, naming the option and the limit.
+        """
+        self.assertLine(
+            self.refused("proxy = ['127.0.0.1:3128']\nidle-timeout = 1e308\n"),
+            2, "idle-timeout: at most 604800 seconds, got 1e+308",
+        )
+        self.assertLine(
+            self.refused("proxy = ['127.0.0.1:3128']\n\nhold-timeout = 604801\n"),
+            3, "hold-timeout: at most 604800 seconds, got 604801.0",
+        )
+        self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\nsetup-timeout = inf\n"), 2, "setup-timeout: at most")
+        self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\ndrain-timeout = nan\n"), 2, "drain-timeout: expected")
+        self.assertEqual(self.parse("proxy = ['127.0.0.1:3128']\nproxy-backoff = 604800\n")["proxy-backoff"], 604800.0)
+
     def test_unknownKey(self) -> None:
         self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\nidle-timout = 5\n"), 2, "did you mean 'idle-timeout'")
 
@@ -449,6 +466,42 @@ class ReloadTests(ConfigTestCase):
         """
         self.rewrite("idle-timeout = 600\nlisten = 'tcp:2222'\nproxy = ['127.0.0.1:3128']\n")
         self.assertEqual(self.service.reload(), (True, "changed: listen (listen only at restart)"))
+
+    def test_checkedWithRestartOnlyValuesInForce(self) -> None:
+        """
+        A file that drops hold-syn (which stays on until a restart) and
+        brings what hold-syn cannot go with (connect-target sni, a --mark
+        sharing bits with the running reject mark) is refused as a whole:
+        the running configuration stays and one line says why, naming
+        what is in force.  That holds after a reload that dropped hold-syn
+        as well: the running values are the start's, not the last file's.
+        """
+        base = "proxy = ['127.0.0.1:3128']\nresolver = 'nfqueue'\n"
+        self.rewrite(base + "hold-syn = true\n")
+        options = Options()
+        options.parseOptions(["--config", self.path])
+        service: ShifterService = makeService(options, MemoryReactorClock()).getServiceNamed("shifter")  # type: ignore[attr-defined]
+        factory = service.factory
+        self.rewrite(base)
+        self.assertEqual(service.reload("SIGHUP"), (True, "changed: hold-syn (hold-syn only at restart)"))
+        for text, fragment in [
+            (base + "connect-target = 'sni'\n", "--connect-target sni cannot work with it"),
+            (base + "mark = 0x20000\n", "--reject-mark shares bits with --mark"),
+        ]:
+            seen = len(self.lines())
+            settings, pool, policy = factory.settings, factory.pool, factory.policy
+            self.rewrite(text)
+            reloaded, reason = service.reload("SIGHUP")
+            self.assertFalse(reloaded, text)
+            self.assertIn(fragment, reason)
+            self.assertIn("(in force until a restart, whatever the file says: hold-syn on)", reason)
+            self.assertEqual(
+                (factory.settings, factory.pool, factory.policy, factory.settings.connectTarget),
+                (settings, pool, policy, "ip"),
+            )
+            self.assertEqual(self.lines()[seen:], [
+                f"SIGHUP: configuration not reloaded, the running one stays: {reason}"
+            ])
 
     def test_drainTimeout(self) -> None:
         """

@@ -711,6 +711,25 @@ class LimitsTests(HolderTestCase):
         self.clock.advance(10)
         self.assertEqual(len(self.lines("4 more like it not logged")), 1)
 
+    def test_clientCausedFailuresRateLimited(self) -> None:
+        """
+        Failures a client can cause again and again (a destination the
+        proxy refuses, one it never answers for within the hold timeout)
+        are logged once per kind per interval too, each SYN still counted.
+        """
+        self.makeHolder(timeout=1.0)
+        for n in range(5):
+            self.send(syn(n + 1, port=1000 + n))
+            self.answered(self.attempts[-1], ConnectResponse(403, "Forbidden"))
+        for n in range(5):
+            self.send(syn(n + 10, port=2000 + n))
+        self.clock.pump([0.5] * 3)
+        self.assertEqual(self.counters(), {"proxy-status": 5, "setup-timeout": 5})
+        self.assertEqual(len(self.lines("refused at the SYN: proxy answered 403")), 1)
+        self.assertEqual(len(self.lines("refused at the SYN: tunnel not open within --hold-timeout")), 1)
+        self.clock.advance(10)
+        self.assertEqual(len(self.lines("4 more like it not logged")), 2)
+
     def test_overTheLimitPassed(self) -> None:
         """
         Past --max-connections (held SYNs and open tunnels together), a SYN

@@ -162,12 +162,14 @@ class LifecycleTestCase(TestCase):
         return factory, f"{scheme}://127.0.0.1:{port.getHost().port}"
 
     @inlineCallbacks
-    def startShifter(self, proxies: list[str], policy: Any = None, **settings: Any):  # type: ignore[no-untyped-def]
+    def startShifter(  # type: ignore[no-untyped-def]
+        self, proxies: list[str], policy: Any = None, listen: str = "tcp:0:interface=127.0.0.1", **settings: Any
+    ):
         parsed = [parseProxy(p, reactor, caFile=getattr(self, "proxyCA", None)) for p in proxies]
         self.pool = ProxyPool(parsed, reactor, failureThreshold=settings.pop("failures", 3))
         self.factory = ShifterFactory(FixedResolver(), self.pool, TunnelSettings(**settings), reactor, policy)
         yield self.factory.proxyAddresses.readLocal()  # as the service does before it listens
-        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(self.factory)
+        port = yield serverFromString(reactor, listen).listen(self.factory)
         self.factory.listeningAddress = port.getHost()
 
         @inlineCallbacks
@@ -455,3 +457,48 @@ class SilentProxyTests(LifecycleTestCase):
         self.assertEqual(echoFactory.connections, 3)
         self.assertFalse(self.pool.health[self.pool.proxies[0]].up)
         self.assertEqual(len(self.lines("marked down", "did not answer CONNECT within 0.5 s")), 1)
+
+
+class DeadlineOrderTests(LifecycleTestCase):
+    @inlineCallbacks
+    def test_silentClientBesideReArmingIdleCheck(self):  # type: ignore[no-untyped-def]
+        """
+        A silent client's set-up deadline falls just after a busy tunnel's
+        idle check, which re-arms that tunnel's idle deadline an idle
+        timeout later: the silent client is closed at its own deadline,
+        while the busy tunnel still carries bytes (its re-armed deadline,
+        which would close it for idleness, has not come), not held until
+        that far deadline fires.
+        """
+        _, proxy = yield self.startProxy("echo")
+        # With connect-target auto, a client that sends nothing waits for
+        # its first bytes until the set-up deadline (the sniff timeout is
+        # longer); "ping" is no handshake, so the busy client's tunnel opens
+        # at once.
+        yield self.startShifter(
+            [proxy], connectTarget="auto", sniffTimeout=60.0, setupTimeout=0.5, idleTimeout=3.0,
+        )
+        busy = self.client()
+        busy.sendall(b"ping")
+        self.assertEqual((yield self.receive(busy, 4)), b"ping")
+        opened = time.monotonic()
+        # Bytes keep the busy tunnel from idling; its first idle check
+        # comes 3 s after it opened and re-arms for 3 s after the last.
+        while time.monotonic() - opened < 2.6:
+            yield deferLater(reactor, 0.2, lambda: None)
+            busy.sendall(b"ping")
+            self.assertEqual((yield self.receive(busy, 4)), b"ping")
+        # Its set-up deadline half a second from now: after the busy
+        # tunnel's idle check, before its re-armed deadline.
+        silent = self.client()
+        busy.sendall(b"ping")
+        self.assertEqual((yield self.receive(busy, 4)), b"ping")
+        yield self.waitUntil(lambda: self.factory.counters["setup-timeout"] == 1, 10, "the set-up deadline")
+        # The busy tunnel is still open: its idle deadline, the one the
+        # silent client must not wait for, has not fired.
+        busy.sendall(b"pong")
+        self.assertEqual((yield self.receive(busy, 4)), b"pong")
+        self.assertEqual(self.factory.counters["closed"], 0)
+        data, how = drain(silent, 2.0)
+        self.assertEqual((data, how), (b"", "eof"))
+        self.assertEqual(len(self.lines("failed", "not set up within 0.5 s (was sniffing)")), 1)

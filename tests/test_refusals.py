@@ -6,9 +6,14 @@ Tests for what bounds one client's cost: the rate-limited log line
 
 from __future__ import annotations
 
+import socket
+import struct
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
@@ -18,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shifter.limits import ClientLimit, clientKey
 from shifter.logs import RateLimitedLog
 from shifter.tap import Options, defaultMaxConnectionsPerClient
+from tests.test_lifecycle import LifecycleTestCase
 
 
 class RateLimitedLogTests(SynchronousTestCase):
@@ -168,3 +174,37 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(self.parse("--max-connections-per-client", "0")["max-connections-per-client"], 0)
         for bad in ("-1", "many", "1.5"):
             self.assertRaises(UsageError, self.parse, "--max-connections-per-client", bad)
+
+
+class ConnectAndResetTests(LifecycleTestCase):
+    CLIENTS = 200
+
+    @inlineCallbacks
+    def test_boundedLines(self):  # type: ignore[no-untyped-def]
+        """
+        200 clients that connect and reset at once, before their tunnels
+        open: each is counted, and the log has a handful of lines for them
+        (the first, then a count), not one each.
+        """
+        _, proxy = yield self.startProxy("echo")
+        # Waiting for their first bytes (connect-target auto, a long sniff
+        # timeout), none of them is tunnelled before it resets.
+        yield self.startShifter(
+            [proxy], listen="tcp:0:interface=127.0.0.1:backlog=1024", connectTarget="auto", sniffTimeout=60.0,
+        )
+        clients = [self.client() for _ in range(self.CLIENTS)]
+        yield self.waitUntil(lambda: len(self.factory.active) == self.CLIENTS, 20, "every client accepted")
+        for client in clients:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+        yield self.waitUntil(
+            lambda: self.factory.counters["client-gone"] == self.CLIENTS, 20, "every client gone"
+        )
+        lines = self.lines("tunnel 127.0.0.1:")
+        self.assertLessEqual(len(lines), 5, lines[:3])
+        self.assertEqual(len(self.lines("failed: client left before the tunnel opened")), 1)
+        self.factory.refusals.stop()
+        self.assertEqual(
+            self.lines("more like it not logged"),
+            [f"{self.CLIENTS - 1} more like it not logged in the last 10 s (client-gone)"],
+        )

@@ -25,9 +25,15 @@ from shifter.endpointstrings import withBacklog
 from shifter.proxy import parseProxy
 from shifter.resolver import IOriginalDestinationResolver, ResolverUnavailable
 from shifter.sockopt import SocketOptionResolver
-from shifter.tap import Options, defaultMaxConnections, makeService
+from shifter.tap import MAX_SECONDS, Options, defaultMaxConnections, makeService
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+# Every option that is a duration in seconds.
+DURATIONS = (
+    "proxy-backoff", "sniff-timeout", "hold-timeout", "connect-timeout", "handshake-timeout",
+    "setup-timeout", "idle-timeout", "drain-timeout",
+)
 
 
 def parse(*arguments: str) -> Options:
@@ -122,7 +128,7 @@ class OptionsTests(SynchronousTestCase):
             (("--proxy", "127.0.0.1:3128", "--listen", "bogus:1"), "--listen"),
             (("--proxy", "127.0.0.1:3128", "--resolver", "magic"), "unknown resolver 'magic'"),
             (("--proxy", "127.0.0.1:3128", "--connect-timeout", "0"), "positive number"),
-            (("--proxy", "127.0.0.1:3128", "--handshake-timeout", "x"), "could not convert"),
+            (("--proxy", "127.0.0.1:3128", "--handshake-timeout", "x"), "--handshake-timeout: expected a positive number"),
             (("--proxy", "127.0.0.1:3128", "--idle-timeout", "-1"), "0 for off"),
             (("--proxy", "127.0.0.1:3128", "--idle-timeout", "nan"), "0 for off"),
             (("--proxy", "127.0.0.1:3128", "--max-connections", "0"), "positive integer"),
@@ -132,6 +138,37 @@ class OptionsTests(SynchronousTestCase):
                 parse(*arguments)
             self.assertIn(expected, str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
+
+    def test_durationsCapped(self) -> None:
+        """
+        Every duration option refuses NaN, infinities, negative values and
+        anything past the one-week maximum, naming itself and the limit;
+        the maximum itself is taken.
+        """
+        base = ("--proxy", "127.0.0.1:3128")
+        for name in DURATIONS:
+            option = f"--{name}"
+            self.assertEqual(parse(*base, option, "604800")[name], MAX_SECONDS)
+            for value, expected in [
+                ("1e308", f"{option}: at most 604800 seconds, got 1e+308"),
+                ("604800.5", f"{option}: at most 604800 seconds, got 604800.5"),
+                ("inf", f"{option}: at most 604800 seconds, got inf"),
+                ("nan", f"{option}: expected a"),
+                ("-1", f"{option}: expected a"),
+                ("-inf", f"{option}: expected a"),
+            ]:
+                with self.assertRaises(UsageError, msg=f"{option} {value}") as caught:
+                    parse(*base, option, value)
+                self.assertEqual(str(caught.exception)[:len(expected)], expected)
+
+    def test_everyDurationListed(self) -> None:
+        """
+        Every option that takes seconds (a float by default) is one of the
+        capped durations above.
+        """
+        seconds = {p[0] for p in Options.optParameters if isinstance(p[2], float)}
+        self.assertEqual(seconds, set(DURATIONS))
+        self.assertEqual(MAX_SECONDS, 7 * 24 * 3600)
 
     def test_mark(self) -> None:
         """
@@ -411,7 +448,7 @@ class DropinTests(SynchronousTestCase):
         self.assertNotEqual(result.returncode, 0)
         output = result.stdout + result.stderr
         self.assertNotIn("Traceback", output)
-        self.assertIn("shifter: Parameter type enforcement failed", output.strip().splitlines()[-1])
+        self.assertIn("shifter: --idle-timeout: expected a number of seconds", output.strip().splitlines()[-1])
 
     def test_tac(self) -> None:
         """
