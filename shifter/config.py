@@ -44,7 +44,7 @@ _NOT_IN_FILE = frozenset({"config", "worker", "help", "version"})
 _PROXY_KEYS = ("address", "group", "credentials", "ca", "mark", "pass-client")
 _RULE_KEYS = ("client", "destination", "port", "name", "proxy", "connect-target", "refuse")
 _RULE_TARGETS = ("ip", "name")
-GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target")
+GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target", "squid-conf")
 
 
 class ConfigError(ValueError):

@@ -1044,9 +1044,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="Shifter's port, when --listen does not say (systemd socket activation)")
     parser.add_argument("--quic", choices=("reject", "drop", "pass"), default="reject",
                         help="what the rules should do with QUIC (UDP to the ports): pass skips the check")
-    parser.add_argument("--squid-conf", metavar="FILE", default=SQUID_CONF,
+    parser.add_argument("--squid-conf", metavar="FILE",
                         help=f"Squid's configuration, checked for 'http_access deny to_localhost' and "
-                        f"'to_linklocal' before its allow lines, if it exists (default: {SQUID_CONF})")
+                        f"'to_linklocal' before its allow lines, if it exists (default: [gateway] squid-conf, "
+                        f"or {SQUID_CONF})")
     parser.add_argument("--no-proxy-check", action="store_true", help="do not ask the proxies for a CONNECT")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each proxy")
     parser.add_argument("-v", "--verbose", action="store_true", help="also say what was checked")
@@ -1082,7 +1083,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
     if state is None:
         state = readGateway()
     findings, _ = checkRules(expected, state)
-    findings += checkSquidAccess(arguments.squid_conf)
+    gateway = config.configFile.gateway if config.configFile is not None else {}  # type: ignore[attr-defined]
+    findings += checkSquidAccess(arguments.squid_conf or gateway.get("squid-conf") or SQUID_CONF)
 
     def asks(reactor: Any) -> Deferred:
         if any(proxy.address is None for proxy in expected.proxies):

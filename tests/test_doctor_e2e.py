@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -69,6 +70,7 @@ class DoctorTestCase(SynchronousTestCase):
         result = self.net.gateway.run(
             "env", f"PYTHONPATH={PROJECT}", sys.executable, "-m", "shifter.doctor",
             "--lan-interface", LAN, "--ports", "443", "--check-target", f"{SERVER_V4}:443",
+            "--squid-conf", str(self.guardedSquidConf()),
             *(() if proxyCheck else ("--no-proxy-check",)),
             "--listen", self.listen, "--proxy", f"127.0.0.1:{SQUID_PORT}", "--resolver", self.resolver,
             *self.shifterOptions, *options,
@@ -78,6 +80,16 @@ class DoctorTestCase(SynchronousTestCase):
         lines = result.stdout.splitlines()
         (self.directory / "doctor.txt").write_text(result.stdout)
         return result.returncode, lines
+
+    def guardedSquidConf(self) -> Path:
+        """
+        A Squid configuration that denies CONNECT to this machine and its
+        link before it allows anything, as doctor asks.
+        """
+        path = self.directory / "guarded-squid.conf"
+        path.write_text("http_access deny to_localhost\nhttp_access deny to_linklocal\n"
+                        "http_access allow localhost\nhttp_access deny all\n")
+        return path
 
     def assertNamed(self, *expected: str, status: int = 1, **kwargs: object) -> list[str]:
         """
@@ -108,6 +120,19 @@ class GoodGatewayTests(DoctorTestCase):
         self.assertEqual(self.doctor(proxyCheck=True), (0, []))
         squid.waitForLog("TCP_TUNNEL/200", f"CONNECT {SERVER_V4}:443")
 
+    def test_squidWithoutGuards(self) -> None:
+        """
+        A Squid whose configuration allows localhost (as Debian's does)
+        without denying to_localhost and to_linklocal first is a warning.
+        """
+        squid = Squid(self.net.gateway, self.directory / "squid")
+        self.startShifter()
+        code, lines = self.doctor("--squid-conf", str(squid.config))
+        self.assertEqual(code, 0, lines)
+        [line] = lines
+        self.assertTrue(line.startswith(f"warning: squid: {squid.config} has no 'http_access deny to_localhost' and "
+                                        "'http_access deny to_linklocal' before its first http_access allow"), line)
+
     def test_silentWithConfig(self) -> None:
         """
         Doctor takes what it needs from Shifter's configuration file (its
@@ -117,7 +142,7 @@ class GoodGatewayTests(DoctorTestCase):
         config = self.directory / "shifter.toml"
         config.write_text(
             f"listen = '{LISTEN}'\nproxy = ['127.0.0.1:{SQUID_PORT}']\n"
-            f"[gateway]\nlan-interface = '{LAN}'\nports = [443]\n"
+            f"[gateway]\nlan-interface = '{LAN}'\nports = [443]\nsquid-conf = '{self.guardedSquidConf()}'\n"
         )
         result = self.net.gateway.run(
             "env", f"PYTHONPATH={PROJECT}", sys.executable, "-m", "shifter.doctor", "--no-proxy-check",
@@ -238,11 +263,24 @@ class BrokenGatewayTests(DoctorTestCase):
         """
         Mistake: DNAT to 127.0.0.1 without route_localnet.
         """
-        self.gw("iptables", "-t", "nat", "-R", "PREROUTING", "1", "-i", LAN, "-p", "tcp", "--dport", "443",
+        self.gw("iptables", "-t", "nat", "-R", "PREROUTING", "1", "-i", LAN, "-p", "tcp",
+                "-m", "addrtype", "!", "--dst-type", "LOCAL", "--dport", "443",
                 "-j", "DNAT", "--to-destination", f"127.0.0.1:{SHIFTER_PORT}")
         self.startShifter()
         [line] = self.assertNamed("error: route_localnet: TCP port 443 arriving on c1 (IPv4) is DNATed to 127.0.0.1")
         self.assertIn("unless net.ipv4.conf.c1.route_localnet=1", line)
+
+    def test_gatewayDestinationRedirected(self) -> None:
+        """
+        Mistake: a redirect that also takes connections to the gateway's
+        own address (Shifter refuses them).
+        """
+        self.gw("iptables", "-t", "nat", "-R", "PREROUTING", "1", "-i", LAN, "-p", "tcp", "--dport", "443",
+                "-j", "REDIRECT", "--to-ports", str(SHIFTER_PORT))
+        self.startShifter()
+        [line] = self.assertNamed("warning: gateway: connections from c1 to the gateway's own 192.0.2.1 port 443",
+                                  status=0)
+        self.assertIn("-m addrtype ! --dst-type LOCAL", line)
 
     def test_reversePath(self) -> None:
         """
