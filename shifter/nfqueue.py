@@ -963,13 +963,15 @@ class QueueResolver:
             protocol.close()
             self.log.info(
                 "nfqueue {queue}: {received} packets read, {verdicts} verdicts given, "
-                "{inserts} SYNs recorded, {hits} connections found, {misses} not found",
+                "{inserts} SYNs recorded, {hits} connections found, {misses} not found, "
+                "{ambiguous} refused as their source could be another connection's",
                 queue=self.queueNum,
                 received=protocol.received,
                 verdicts=protocol.verdicts,
                 inserts=self.table.counters["inserts"],
                 hits=self.table.counters["hits"],
                 misses=self.table.counters["misses"],
+                ambiguous=self.table.counters["ambiguous"] + self.table.counters["reanswers"],
             )
         return succeed(None)
 
