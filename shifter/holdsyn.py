@@ -34,7 +34,8 @@ the same (the connection goes on, or is reset again in case the first
 reset was lost); it never costs a second CONNECT.  An open tunnel that no
 client connection takes within C{--hold-timeout} of its SYN's acceptance
 (the client never completed its handshake) is closed.  Every queued packet
-gets exactly one verdict.
+gets exactly one verdict; an internal error at any step, the first checks
+included, refuses a held SYN with a reset.
 
 A held SYN costs a proxy connection, so a flood of SYNs could cost many.
 The caps apply at the SYN: with C{--max-connections} tunnels open, or a
@@ -88,16 +89,18 @@ DEFAULT_HOLD_TIMEOUT = 10.0
 DEFAULT_REJECT_MARK = 0x20000
 
 # A held SYN's states.
+HELD = "held"  # held, its checks not yet made (until START)
 # DECIDING (the policy deciding), CONNECTING (connecting to a proxy) and
 # HANDSHAKING (CONNECT sent), the SYN held: the proxy negotiation's own
 # (shifter.negotiation).
 ACCEPTED = "accepted"  # the proxy said 2xx and the SYN was accepted: waiting for the client's connection
 DONE = "done"  # refused, taken over by a tunnel, or given up
 
-STATES = (DECIDING, CONNECTING, HANDSHAKING, ACCEPTED, DONE)
+STATES = (HELD, DECIDING, CONNECTING, HANDSHAKING, ACCEPTED, DONE)
 
 # Its events: the proxy negotiation's (DECIDED, DECIDE_FAILED and the
 # PROXY_EVENTS), and these.
+START = "start"  # the SYN is held: make the checks, ask the policy, connect
 TIMED_OUT = "timed-out"
 RETRANSMITTED = "retransmitted"  # a copy of the SYN (same initial sequence number)
 SUPERSEDED = "superseded"  # a new SYN from the same source: the client gave up on this one
@@ -105,7 +108,7 @@ CLAIMED = "claimed"  # a client connection from the SYN's source was accepted
 STOP = "stop"
 
 EVENTS = (
-    DECIDED, DECIDE_FAILED, PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA,
+    START, DECIDED, DECIDE_FAILED, PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA,
     PROXY_ENDED, PROXY_LOST, TIMED_OUT, RETRANSMITTED, SUPERSEDED, CLAIMED, STOP,
 )
 
@@ -178,7 +181,7 @@ class HeldSyn(ProxyNegotiation):
         self.clientId = ""  # its client key, for --max-connections-per-client
         self.target = formatAddress(self.address, self.destination.port)
         self.policy = owner.policy
-        self.state = DECIDING
+        self.state = HELD
         self.started = self.clock.seconds()
         self.setupDeadline = self.started + holder.timeout
         self.connectStarted = self.started
@@ -201,6 +204,12 @@ class HeldSyn(ProxyNegotiation):
         self.deadlineBucket: int | None = None
 
     # The events.
+
+    def start(self) -> None:
+        """
+        Begin, for a SYN just held.
+        """
+        self._handle(START)
 
     def timedOut(self) -> None:
         self._handle(TIMED_OUT)
@@ -249,12 +258,13 @@ class HeldSyn(ProxyNegotiation):
 
     # The start: checks, then the first proxy.
 
-    def start(self) -> None:
+    def _start(self) -> None:
         """
-        Begin, for a SYN just held: refuse it at once if Shifter would
-        refuse its connection; else ask the policy, if there is one, as the
-        tunnel would (with no name: nothing has been read), then connect.
+        Refuse the SYN at once if Shifter would refuse its connection; else
+        ask the policy, if there is one, as the tunnel would (with no name:
+        nothing has been read), then connect.
         """
+        self.state = DECIDING
         refusal = self._refusal()
         if refusal is not None:
             self._fail(*refusal)
@@ -427,7 +437,7 @@ class HeldSyn(ProxyNegotiation):
     def _setDeadline(self, when: float | None) -> None:
         self.holder.deadlines.set(self, when)
 
-_HELD = (DECIDING, CONNECTING, HANDSHAKING)
+_HELD = (HELD, DECIDING, CONNECTING, HANDSHAKING)
 # Every refusal at the SYN a client can cause at will (see the tunnel's
 # RATE_LIMITED), and the connection caps, which downstream limits too.
 _RATE_LIMITED = RATE_LIMITED | {"limit", "client-limit"}
@@ -438,6 +448,9 @@ _RATE_LIMITED = RATE_LIMITED | {"limit", "client-limit"}
 TABLE = buildTable(
     HeldSyn, STATES, EVENTS,
     # state        event(s)                                            action
+    (HELD,         START,                                              "_start"),
+    (HELD,         (DECIDED, DECIDE_FAILED, TIMED_OUT) + PROXY_EVENTS, "_impossible"),
+    ((DECIDING, CONNECTING, HANDSHAKING, ACCEPTED), START,            "_impossible"),
     (DECIDING,     DECIDED,                                            "_decided"),
     (DECIDING,     DECIDE_FAILED,                                      "_decideFailed"),
     (DECIDING,     PROXY_EVENTS,                                      "_impossible"),

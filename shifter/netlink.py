@@ -495,6 +495,19 @@ class NetlinkPort(FileDescriptor):
             return -1
         return int(self.socket.fileno())
 
+    def sendBufferSize(self) -> Optional[int]:
+        """
+        The socket's send buffer, in bytes (C{SO_SNDBUF}, as the kernel
+        reports it), or C{None} if it cannot be read.  Netlink refuses a
+        datagram longer than this (less a few bytes) with C{EMSGSIZE}.
+        """
+        if self.socket is None:
+            return None
+        try:
+            return int(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        except OSError:
+            return None
+
     def send(self, datagram: bytes) -> None:
         """
         Send one datagram to the kernel.
@@ -637,11 +650,22 @@ class NetlinkProtocol:
     def datagramReceived(self, data: bytes) -> None:
         """
         Deliver each message in a datagram to the request it answers.
-        Malformed bytes and answers to no request are logged and dropped.
+        Malformed bytes and answers to no request are logged and dropped;
+        a message whose handling raises is logged, and the next one is
+        still delivered.
         """
         try:
             for header, message in splitMessages(data):
-                self._messageReceived(header, message)
+                try:
+                    self._messageReceived(header, message)
+                except Exception:
+                    # One message's failure is that message's alone: the
+                    # rest of the datagram still goes where it belongs.
+                    self.log.failure(
+                        "netlink message type {type} (sequence {sequence}) failed",
+                        type=header.type,
+                        sequence=header.sequence,
+                    )
         except MalformedMessage as e:
             self.log.warn("dropped malformed netlink data: {reason}", reason=e)
 

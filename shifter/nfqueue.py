@@ -5,8 +5,9 @@ An C{NFQUEUE} rule in the mangle table hands each SYN to be redirected to
 Shifter over nfnetlink_queue (the modern form of IP Queue) before the nat
 table rewrites it, so Shifter sees where the client was going.  Shifter
 files the destination under the SYN's source (address, port) in a bounded,
-expiring table -- the kernel module's semantics, in user space -- and
-returns the verdict at once: ACCEPT, with a mark that says "Shifter has
+expiring table -- the kernel module's semantics, in user space, except
+that a source that cannot name one connection answers none (L{SynTable})
+-- and returns the verdict at once: ACCEPT, with a mark that says "Shifter has
 recorded this SYN".  The nat rule redirects only marked SYNs, so a SYN
 Shifter never saw (it was not running, and the rule has C{--queue-bypass})
 is not redirected at all: it goes to its destination unproxied, instead of
@@ -19,13 +20,15 @@ L{NetlinkProtocol} in the reactor: configuration commands are requests
 with acknowledgements, packets arrive as messages that answer no request
 (L{NetlinkProtocol.unsolicitedReceived}).  Verdicts for all the packets
 read in one reactor turn go out together, as one C{NFQNL_MSG_VERDICT_BATCH}
-when they can.
+when they can, else in datagrams well under the socket's send buffer;
+those the kernel does not take are sent again.  Every packet gets its
+verdict, even when its handling fails.
 
 With C{--hold-syn} (L{shifter.holdsyn}) a SYN's verdict waits for the
 proxy's answer: the packet is I{held}.  A batch verdict applies to every
 packet queued with an id up to the one it names, so verdicts are batched
 only when no held packet has a lower id; otherwise each packet gets a
-verdict of its own (all of them still in one datagram).
+verdict of its own (many to a datagram).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import socket
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from pyroute2.netlink import NLMSG_ERROR, nla
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_QUEUE, nfgen_msg
@@ -101,6 +104,14 @@ QUEUE_VERDICT_BATCH = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH
 COPY_RANGE = 128
 
 DEFAULT_QUEUE_MARK = 0x10000
+
+# The most bytes of verdicts sent in one datagram.  Netlink refuses a
+# datagram longer than the socket's send buffer (less 32 bytes) with
+# EMSGSIZE: at the usual 208 KiB, about 5,300 verdicts of their own.  A
+# quarter of the send buffer at most, whatever it is.
+MAX_VERDICT_DATAGRAM = 16384
+# The longest wait before verdicts the kernel did not take are sent again.
+MAX_VERDICT_RETRY = 1.0
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
@@ -229,6 +240,10 @@ def encodeVerdict(
     if mark is not None:
         message["attrs"].append(["NFQA_MARK", mark])
     return encodeMessage(message, QUEUE_VERDICT_BATCH if batch else QUEUE_VERDICT, 0x1, 0)
+
+
+# The longest single verdict message (with a mark).
+_VERDICT_SIZE = len(encodeVerdict(0, 0, NF_ACCEPT, 0))
 
 
 @dataclass(frozen=True)
@@ -366,6 +381,27 @@ def decodePacket(message: bytes) -> QueuedPacket:
 # --------------------------------------------------------------------------
 
 
+class SourceAmbiguous(DestinationUnknown):
+    """
+    The table cannot tell which connection from a source an accepted one
+    is, so it answers none: two SYNs from that source to different
+    destinations could both still be waiting to be accepted, or its one
+    record already answered an earlier connection.
+    """
+
+
+@dataclass
+class _Record:
+    stamp: float  # when its SYN (or the SYN's last copy) was queued
+    destination: Destination
+    sequence: Optional[int]  # the SYN's initial sequence number, if known
+    answered: bool = False  # a connection was told this destination
+    # Until then, a SYN from this source to C{other} may still be waiting
+    # for its connection to be accepted.
+    ambiguousUntil: float = 0.0
+    other: Optional[Destination] = None
+
+
 class SynTable:
     """
     Original destinations by connection source, with the kernel module's
@@ -375,8 +411,25 @@ class SynTable:
     closed; past C{maxEntries} the oldest entry is evicted; an entry older
     than C{expiry} seconds is never returned and is dropped.
 
+    A source is all the key there is, so where it cannot name one
+    connection the table answers none (L{SourceAmbiguous}), rather than
+    give one connection another's destination:
+
+      - a SYN to a different destination replaces an entry no connection
+        has been answered from yet: either connection may be the next one
+        accepted from that source (a client reusing its port at once, or a
+        SYN spoofed with another client's address and port), so until the
+        replaced entry would have expired, no look-up is answered;
+      - an entry answers one look-up: another connection from the same
+        source without a SYN of its own (NAT gave a second connection from
+        one address and port this port; or its SYN went around the queue)
+        would otherwise get an earlier connection's destination.  A copy of
+        the SYN (same destination and initial sequence number) does not
+        make the entry answer again.
+
     @ivar counters: C{inserts}, C{lookups}, C{hits}, C{misses},
-        C{evictions}, C{expiries}, as the module counts them.
+        C{evictions}, C{expiries}, as the module counts them, and
+        C{ambiguous} and C{reanswers}: look-ups refused for each reason.
     """
 
     def __init__(self, clock: IReactorTime, maxEntries: int = 65536, expiry: float = 120.0) -> None:
@@ -387,9 +440,9 @@ class SynTable:
         self.clock = clock
         self.maxEntries = maxEntries
         self.expiry = expiry
-        self._entries: OrderedDict[ConnectionKey, tuple[float, Destination]] = OrderedDict()
+        self._entries: OrderedDict[ConnectionKey, _Record] = OrderedDict()
         self.counters = dict.fromkeys(
-            ("inserts", "lookups", "hits", "misses", "evictions", "expiries"), 0
+            ("inserts", "lookups", "hits", "misses", "evictions", "expiries", "ambiguous", "reanswers"), 0
         )
 
     def __len__(self) -> int:
@@ -398,41 +451,77 @@ class SynTable:
     def _expire(self, now: float) -> None:
         entries = self._entries
         while entries:
-            key, (stamp, _) = next(iter(entries.items()))
-            if now - stamp < self.expiry:
+            key, record = next(iter(entries.items()))
+            if now - record.stamp < self.expiry:
                 return
             del entries[key]
             self.counters["expiries"] += 1
 
-    def insert(self, key: ConnectionKey, destination: Destination) -> None:
+    def insert(self, key: ConnectionKey, destination: Destination, sequence: Optional[int] = None) -> None:
         """
         Record that the connection from C{key} was sent to C{destination}.
+
+        @param sequence: the SYN's initial sequence number, which tells a
+            copy of a SYN from a new connection's.
         """
         now = self.clock.seconds()
         self._expire(now)
         entries = self._entries
-        if key in entries:
-            del entries[key]
-        elif len(entries) >= self.maxEntries:
+        old = entries.pop(key, None)
+        if old is None and len(entries) >= self.maxEntries:
             entries.popitem(last=False)
             self.counters["evictions"] += 1
-        entries[key] = (now, destination)
+        record = _Record(now, destination, sequence)
+        if old is not None:
+            record.ambiguousUntil, record.other = old.ambiguousUntil, old.other
+            if old.destination == destination:
+                record.answered = old.answered and sequence is not None and old.sequence == sequence
+            elif not old.answered:
+                record.ambiguousUntil = max(old.ambiguousUntil, old.stamp + self.expiry)
+                record.other = old.destination
+        entries[key] = record
         self.counters["inserts"] += 1
 
     def lookup(self, key: ConnectionKey) -> Optional[Destination]:
         """
         The destination recorded for C{key}, unless there is none or it
         expired.
+
+        @raise SourceAmbiguous: if the record may be another connection's.
         """
         now = self.clock.seconds()
         self._expire(now)
         self.counters["lookups"] += 1
-        entry = self._entries.get(key)
-        if entry is None:
+        record = self._entries.get(key)
+        if record is None:
             self.counters["misses"] += 1
             return None
+        if now < record.ambiguousUntil:
+            self.counters["ambiguous"] += 1
+            raise SourceAmbiguous(
+                f"SYNs from {key} to two destinations ({_show(record.other)}, then "
+                f"{_show(record.destination)}) within {self.expiry:g} s, neither answered yet: "
+                f"cannot tell which this connection is (a client reusing its port, "
+                f"or a spoofed SYN); refused for {record.ambiguousUntil - now:.0f} s more"
+            )
+        if record.answered:
+            self.counters["reanswers"] += 1
+            raise SourceAmbiguous(
+                f"the SYN from {key} (to {_show(record.destination)}) already answered an "
+                f"earlier connection, and this one's SYN was not seen (NAT gave it this "
+                f"port, or it went around the queue)"
+            )
+        record.answered = True
         self.counters["hits"] += 1
-        return entry[1]
+        return record.destination
+
+
+def _show(destination: Optional[Destination]) -> str:
+    if destination is None:
+        return "?"
+    if isinstance(destination, IPv6Address):
+        return f"[{destination.host}]:{destination.port}"
+    return f"{destination.host}:{destination.port}"
 
 
 # --------------------------------------------------------------------------
@@ -457,14 +546,19 @@ class QueueProtocol(NetlinkProtocol):
     all packets read in one turn are answered together: with one
     C{NFQNL_MSG_VERDICT_BATCH} when they are to get the same verdict and
     mark (the usual case) and no held packet would be covered by it, else
-    with one verdict each, sent in one datagram.
+    with one verdict each, as many to a datagram as C{datagramLimit}
+    allows.  Verdicts the kernel does not take stay owed and are sent
+    again (L{flush}); a packet whose handling raises gets one that does not
+    let it around Shifter (L{_failClosed}).
 
     With a C{holder} (C{--hold-syn}), each SYN is handed to it instead: it
     calls L{hold}, then one of L{accept}, L{reject} or L{drop} when it has
     decided.
 
     @ivar received: packets read from the queue.
-    @ivar verdicts: packets given a verdict (by batch or alone).
+    @ivar verdicts: packets given a verdict the kernel took (by batch or
+        alone).
+    @ivar datagramLimit: the most bytes of verdicts sent in one datagram.
     """
 
     log = Logger()
@@ -493,6 +587,12 @@ class QueueProtocol(NetlinkProtocol):
         # The ids of held packets, oldest first.
         self._held: dict[int, None] = {}
         self._flushCall: Any = None
+        # The packet being handled, and whether it has its verdict yet.
+        self._answering: Optional[int] = None
+        self._answered = False
+        self.datagramLimit = MAX_VERDICT_DATAGRAM
+        # Sends the kernel refused in a row, since the first refusal.
+        self._sendFailures = 0
 
     @property
     def held(self) -> int:
@@ -526,6 +626,18 @@ class QueueProtocol(NetlinkProtocol):
                           queue=self.queueNum, reason=e)
             return
         self.received += 1
+        self._answering, self._answered = packet.packetId, False
+        try:
+            self._handlePacket(packet)
+        except Exception:
+            self.log.failure("nfqueue {queue}: internal error on packet {id}",
+                             queue=self.queueNum, id=packet.packetId)
+            if not self._answered:
+                self._failClosed(packet)
+        finally:
+            self._answering = None
+
+    def _handlePacket(self, packet: QueuedPacket) -> None:
         segment = packet.segment
         if segment is None:
             self.unreadable += 1
@@ -533,8 +645,23 @@ class QueueProtocol(NetlinkProtocol):
             if self.holder is not None:
                 self.holder.synReceived(self, packet)  # recorded if accepted
                 return
-            self.table.insert(segment.key(), segment.destinationAddress())
+            self.table.insert(segment.key(), segment.destinationAddress(), segment.sequence)
         self.accept(packet)
+
+    def _failClosed(self, packet: QueuedPacket) -> None:
+        """
+        The verdict for a packet whose handling failed, such that it never
+        reaches its destination around Shifter: a SYN the holder had is
+        refused with a reset, as a held SYN's internal error is; any other
+        packet is accepted with the queue mark, so a SYN among them is
+        redirected to Shifter, which, finding no record of it, refuses the
+        connection (unmarked, it would go to its destination unproxied).
+        """
+        segment = packet.segment
+        if self.holder is not None and segment is not None and segment.isSyn:
+            self.reject(packet)
+        else:
+            self._verdict(packet.packetId, NF_ACCEPT, packet.mark | self.mark if self.mark else None)
 
     # The verdicts.
 
@@ -548,7 +675,7 @@ class QueueProtocol(NetlinkProtocol):
         if self.holder is not None:
             segment = packet.segment
             if segment is not None and segment.isSyn:
-                self.table.insert(segment.key(), segment.destinationAddress())
+                self.table.insert(segment.key(), segment.destinationAddress(), segment.sequence)
         self._verdict(packet.packetId, NF_ACCEPT, packet.mark | self.mark if self.mark else None)
 
     def reject(self, packet: QueuedPacket) -> None:
@@ -574,6 +701,8 @@ class QueueProtocol(NetlinkProtocol):
         self._held[packet.packetId] = None
 
     def _verdict(self, packetId: int, verdict: int, mark: Optional[int]) -> None:
+        if packetId == self._answering:
+            self._answered = True
         self._held.pop(packetId, None)
         self._pendingVerdicts.append((packetId, verdict, mark))
         if self._flushCall is None:
@@ -596,32 +725,90 @@ class QueueProtocol(NetlinkProtocol):
         return max((packetId for packetId, _, _ in pending),
                    key=lambda packetId: (packetId - first + 0x80000000) & 0xFFFFFFFF)
 
+    @property
+    def owed(self) -> int:
+        """
+        Verdicts given but not yet taken by the kernel.
+        """
+        return len(self._pendingVerdicts)
+
+    def makeConnection(self, transport: NetlinkPort) -> None:
+        NetlinkProtocol.makeConnection(self, transport)
+        size = transport.sendBufferSize()
+        if size is not None:
+            self.datagramLimit = max(_VERDICT_SIZE, min(MAX_VERDICT_DATAGRAM, size // 4))
+
+    def _datagrams(self, pending: list[tuple[int, int, Optional[int]]]) -> Iterator[tuple[bytes, int]]:
+        """
+        The datagrams that give the verdicts in C{pending}, each with how
+        many of them it gives, in order: one batch verdict when one can
+        give them all; else one message each, as many to a datagram as fit
+        in C{datagramLimit} bytes (the kernel answers each message on its
+        own: an error for one does not stop the rest).
+        """
+        last = self._batchable(pending)
+        if last is not None:
+            _, verdict, mark = pending[0]
+            yield encodeVerdict(self.queueNum, last, verdict, mark, batch=True), len(pending)
+            return
+        messages: list[bytes] = []
+        size = 0
+        for packetId, verdict, mark in pending:
+            message = encodeVerdict(self.queueNum, packetId, verdict, mark)
+            if messages and size + len(message) > self.datagramLimit:
+                yield b"".join(messages), len(messages)
+                messages, size = [], 0
+            messages.append(message)
+            size += len(message)
+        if messages:
+            yield b"".join(messages), len(messages)
+
     def flush(self) -> None:
         """
-        Send the verdicts owed so far.
+        Send the verdicts owed so far.  Those the kernel does not take (no
+        memory for the datagram, a send buffer too small for it) stay owed
+        and are sent again: on the next reactor turn, then less and less
+        often, up to once every C{MAX_VERDICT_RETRY} seconds.
         """
         if self._flushCall is not None and self._flushCall.active():
             self._flushCall.cancel()
         self._flushCall = None
-        pending, self._pendingVerdicts = self._pendingVerdicts, []
-        if not pending or self.transport is None:
+        if not self._pendingVerdicts or self.transport is None:
             return
-        last = self._batchable(pending)
-        if last is not None:
-            _, verdict, mark = pending[0]
-            datagram = encodeVerdict(self.queueNum, last, verdict, mark, batch=True)
-        else:
-            # Netlink takes several messages in one datagram, and the kernel
-            # answers each on its own (an error for one does not stop the rest).
-            datagram = b"".join(encodeVerdict(self.queueNum, packetId, verdict, mark)
-                                for packetId, verdict, mark in pending)
+        pending = self._pendingVerdicts
         try:
-            self.transport.send(datagram)
+            for datagram, count in list(self._datagrams(pending)):
+                self.transport.send(datagram)
+                del pending[:count]
+                self.verdicts += count
         except OSError as e:
-            self.log.error("nfqueue {queue}: cannot send verdicts: {error}",
-                           queue=self.queueNum, error=e)
+            self._sendFailed(e)
             return
-        self.verdicts += len(pending)
+        if self._sendFailures:
+            self.log.info("nfqueue {queue}: verdicts sent again after {failures} refused sends",
+                          queue=self.queueNum, failures=self._sendFailures)
+            self._sendFailures = 0
+
+    def _sendFailed(self, error: OSError) -> None:
+        """
+        Keep the verdicts the kernel did not take, and send them again
+        later; say so once for each run of refusals.
+        """
+        if error.errno == errno.EMSGSIZE and self.datagramLimit > _VERDICT_SIZE:
+            self.datagramLimit = max(_VERDICT_SIZE, self.datagramLimit // 2)
+        if not self._sendFailures:
+            self.log.warn(
+                "nfqueue {queue}: the kernel did not take {owed} verdicts: {error}; "
+                "sending them again (datagrams of {limit} bytes at most)",
+                queue=self.queueNum, owed=len(self._pendingVerdicts), error=error,
+                limit=self.datagramLimit,
+            )
+        self._sendFailures += 1
+        if self.transport is not None and not self.transport.disconnecting:
+            # The next reactor turn first; then 2 ms, 4 ms, ... up to the most.
+            tries = self._sendFailures
+            delay = 0.0 if tries == 1 else min(MAX_VERDICT_RETRY, 0.001 * 2 ** min(tries - 1, 20))
+            self._flushCall = self.reactor.callLater(delay, self.flush)
 
     def receiveOverrun(self, error: OSError) -> None:
         # The kernel could not deliver some packets: it dropped them (or,
@@ -635,6 +822,14 @@ class QueueProtocol(NetlinkProtocol):
         if self._flushCall is not None and self._flushCall.active():
             self._flushCall.cancel()
         self._flushCall = None
+        if self._pendingVerdicts or self._held:
+            # Unbinding the queue makes the kernel drop every packet still
+            # in it: their clients send their SYNs again.
+            self.log.error(
+                "nfqueue {queue}: closed owing {owed} verdicts the kernel did not take and "
+                "{held} for packets still held; the kernel drops those packets",
+                queue=self.queueNum, owed=len(self._pendingVerdicts), held=len(self._held),
+            )
         NetlinkProtocol.connectionLost(self, reason)
 
 
@@ -757,7 +952,8 @@ class QueueResolver:
         """
         Give the verdicts still owed (held SYNs are dropped: their clients
         send them again), then close the socket, which unbinds the queue:
-        from then on the rule's C{--queue-bypass} decides.
+        from then on the rule's C{--queue-bypass} decides.  Verdicts the
+        kernel would not take by then are counted in a line.
         """
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
@@ -767,13 +963,15 @@ class QueueResolver:
             protocol.close()
             self.log.info(
                 "nfqueue {queue}: {received} packets read, {verdicts} verdicts given, "
-                "{inserts} SYNs recorded, {hits} connections found, {misses} not found",
+                "{inserts} SYNs recorded, {hits} connections found, {misses} not found, "
+                "{ambiguous} refused as their source could be another connection's",
                 queue=self.queueNum,
                 received=protocol.received,
                 verdicts=protocol.verdicts,
                 inserts=self.table.counters["inserts"],
                 hits=self.table.counters["hits"],
                 misses=self.table.counters["misses"],
+                ambiguous=self.table.counters["ambiguous"] + self.table.counters["reanswers"],
             )
         return succeed(None)
 
@@ -785,7 +983,10 @@ class QueueResolver:
             key = ConnectionKey.fromPeer(peer)
         except (ValueError, OSError) as e:
             return fail(ResolverError(f"cannot look up {peer!r}: {e}"))
-        destination = self.table.lookup(key)
+        try:
+            destination = self.table.lookup(key)
+        except SourceAmbiguous as e:
+            return fail(SourceAmbiguous(f"nfqueue {self.queueNum}: {e}"))
         if destination is None:
             return fail(DestinationUnknown(
                 f"no SYN from {key} seen on nfqueue {self.queueNum} "

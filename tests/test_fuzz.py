@@ -398,6 +398,9 @@ class FakePort:
     def send(self, datagram: bytes) -> None:
         self.sent.append(datagram)
 
+    def sendBufferSize(self) -> None:
+        return None  # unknown: the protocol's own limit stands
+
     def loseConnection(self) -> None:
         pass
 

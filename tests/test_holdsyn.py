@@ -669,6 +669,22 @@ class LimitsTests(HolderTestCase):
         attempt.receiver.proxyLost(attempt, Failure(ConnectionDone()))
         self.assertIsNone(self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object()))
 
+    def test_startFailsRefused(self) -> None:
+        """
+        A held SYN whose start raises is refused with a reset, like any
+        other internal error: one line, counted, and nothing left held.
+        """
+        def broken(client: str) -> list[Any]:
+            raise RuntimeError("the pool broke")
+
+        self.patch(self.owner.pool, "candidates", broken)
+        self.send(syn(1))
+        self.assertEqual((self.queue.verdicts, self.queue.held), ([("reject", 1)], set()))
+        self.assertEqual(self.holder.entries, {})
+        self.assertEqual(len(self.lines("internal error on start while deciding")), 1)
+        self.assertEqual(self.counters(), {"internal": 1})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_fullRefused(self) -> None:
         """
         With --max-connections tunnels open, a SYN is refused at once.
@@ -800,9 +816,17 @@ def heldSynIn(test: HolderTestCase, state: str) -> H.HeldSyn:
     """
     if state == H.DECIDING:
         test.owner.policy = PendingPolicy()
-    test.send(syn(1))
+    if state == H.HELD:
+        # Held, and its start not yet come.
+        start, H.HeldSyn.start = H.HeldSyn.start, lambda self: None  # type: ignore[method-assign]
+        try:
+            test.send(syn(1))
+        finally:
+            H.HeldSyn.start = start  # type: ignore[method-assign]
+    else:
+        test.send(syn(1))
     entry = test.holder.entries[("192.0.2.2", 40000, "203.0.113.7", 443)]
-    if state == H.DECIDING:
+    if state in (H.HELD, H.DECIDING):
         assert entry.state == state, (entry.state, state)
         return entry
     attempt = test.attempts[-1]
@@ -828,6 +852,7 @@ class TableTests(HolderTestCase):
         attempt = entry.attempt or RecordingAttempt(None, entry)
         copy = syn(2)
         calls: dict[str, Any] = {
+            H.START: entry.start,
             H.DECIDED: lambda: entry.decided(None),
             H.DECIDE_FAILED: lambda: entry.decideFailed(Failure(RuntimeError("policy broke"))),
             H.PROXY_CONNECTED: lambda: entry.proxyConnected(attempt),
@@ -837,7 +862,8 @@ class TableTests(HolderTestCase):
             H.PROXY_DATA: lambda: entry.proxyData(attempt, b"data"),
             H.PROXY_ENDED: lambda: entry.proxyEnded(attempt),
             H.PROXY_LOST: lambda: entry.proxyLost(attempt, Failure(ConnectionDone())),
-            H.TIMED_OUT: lambda: self.clock.advance(30),
+            # Nothing has set a held SYN's deadline before its start.
+            H.TIMED_OUT: entry.timedOut if entry.state == H.HELD else lambda: self.clock.advance(30),
             H.RETRANSMITTED: lambda: entry.retransmitted(copy),
             H.SUPERSEDED: entry.superseded,
             H.CLAIMED: lambda: entry.claimed(object()),
@@ -856,6 +882,8 @@ class TableTests(HolderTestCase):
             (H.CONNECTING, e) for e in (H.PROXY_ANSWERED, H.PROXY_INVALID, H.PROXY_DATA, H.PROXY_ENDED, H.PROXY_LOST)
         } | {(H.HANDSHAKING, e) for e in (H.PROXY_CONNECTED, H.PROXY_CONNECT_FAILED, H.PROXY_DATA)} | {
             (H.ACCEPTED, e) for e in (H.PROXY_CONNECTED, H.PROXY_CONNECT_FAILED, H.PROXY_ANSWERED, H.PROXY_INVALID)
+        } | {(H.HELD, e) for e in (H.DECIDED, H.DECIDE_FAILED, H.TIMED_OUT)} | {
+            (state, H.START) for state in (H.DECIDING, H.CONNECTING, H.HANDSHAKING, H.ACCEPTED)
         }
         for state in H.STATES:
             for event in H.EVENTS:
@@ -870,7 +898,7 @@ class TableTests(HolderTestCase):
                 if entry.state == H.DONE:
                     self.assertIn(1, given, where)
                     self.assertNotIn(entry, self.holder.entries.values(), where)
-                elif entry.state in (H.DECIDING, H.CONNECTING, H.HANDSHAKING):
+                elif entry.state in (H.HELD, H.DECIDING, H.CONNECTING, H.HANDSHAKING):
                     self.assertEqual(self.queue.held, {1}, where)
                 internal = self.lines("internal error")
                 if (state, event) in impossible:

@@ -140,6 +140,11 @@ def requestedFamily(request: bytes) -> str:
     return str(message.get_attr("CTRL_ATTR_FAMILY_NAME"))
 
 
+# SO_SNDBUF as a netlink socket reports it with net.core.wmem_default at
+# its usual 212992.
+DEFAULT_SEND_BUFFER = 212992
+
+
 class FakeNetlinkSocket:
     """
     Stands in for a netlink socket: records what is sent and set, and
@@ -165,6 +170,11 @@ class FakeNetlinkSocket:
     def setsockopt(self, level: int, option: int, value: int) -> None:
         self.options[(level, option)] = value
 
+    def getsockopt(self, level: int, option: int) -> int:
+        if (level, option) == (socket.SOL_SOCKET, socket.SO_SNDBUF):
+            return self.options.get((level, option), DEFAULT_SEND_BUFFER)
+        return self.options.get((level, option), 0)
+
     def bind(self, address: tuple[int, int]) -> None:
         if self.bindError is not None:
             raise self.bindError
@@ -181,6 +191,9 @@ class FakeNetlinkSocket:
             raise OSError(errno.EBADF, "closed")
         if self.sendError is not None:
             raise self.sendError
+        if len(data) > self.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32:
+            # As netlink_sendmsg refuses a datagram its send buffer cannot hold.
+            raise OSError(errno.EMSGSIZE, "Message too long")
         assert address == (0, 0), address
         self.kernel.received(self, bytes(data))
         return len(data)
@@ -770,6 +783,27 @@ class ProtocolTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.deliver(genericReply(header.sequence))
         self.successResultOf(d)
+
+    def test_failingMessageAlone(self) -> None:
+        """
+        A message whose handling raises is logged, and the messages after it
+        in the same datagram are still delivered: the request they answer
+        gets its reply.
+        """
+        received: list[int] = []
+
+        def unsolicited(header: Header, message: bytes) -> None:
+            received.append(header.sequence)
+            if header.sequence == 1:
+                raise RuntimeError("this message broke")
+
+        self.protocol.unsolicitedReceived = unsolicited  # type: ignore[method-assign]
+        d = self.protocol.request(genericRequest(), 0x20)
+        ((header, _),) = self.kernel.requests
+        self.deliver(genericReply(1) + genericReply(2) + genericReply(header.sequence, cmd=5))
+        self.assertEqual(received, [1, 2])
+        self.assertEqual(self.successResultOf(d)[0]["cmd"], 5)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_error(self) -> None:
         """

@@ -1,22 +1,28 @@
 """
 Tests for the C{nfqueue} resolver: the queue codec on bytes the kernel
-sent, the SYN table with a clock, and the queue protocol against a fake
-kernel.
+sent, the SYN table with a clock, the queue protocol against a fake
+kernel, and the verdicts of a real queue in a namespace.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 import socket
 import struct
+import subprocess
+from typing import Any
 
 from pyroute2.netlink import NLMSG_ERROR
 
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.task import Clock
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.testing import EventLoggingObserver
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from shifter.kmod import ConnectionKey
 from shifter.netlink import NetlinkPort, decodeMessage, splitMessages
@@ -31,7 +37,10 @@ from shifter.nfqueue import (
     QUEUE_PACKET,
     QUEUE_VERDICT,
     QUEUE_VERDICT_BATCH,
+    MAX_VERDICT_DATAGRAM,
+    QueueProtocol,
     QueueResolver,
+    SourceAmbiguous,
     SynTable,
     decodePacket,
     encodeConfig,
@@ -42,7 +51,7 @@ from shifter.nfqueue import (
     _idBefore,
 )
 from shifter.resolver import DestinationUnknown, ResolverUnavailable
-from tests.test_netlink import FakeKernel, errorMessage, netlinkHeader
+from tests.test_netlink import DEFAULT_SEND_BUFFER, FakeKernel, errorMessage, netlinkHeader
 
 # NFQNL_MSG_PACKET messages captured from a 6.x kernel: the SYNs of
 # 127.0.0.1:44842 -> 127.0.0.2:443 (packet id 1) and of
@@ -220,10 +229,12 @@ class SynTableTests(SynchronousTestCase):
 
     def test_newSynReplaces(self) -> None:
         """
-        A new SYN from the same source replaces the destination.
+        A new SYN from the same source replaces the destination once the
+        old one has answered its connection.
         """
-        self.table.insert(KEY_A, DEST_1)
-        self.table.insert(KEY_A, DEST_2)
+        self.table.insert(KEY_A, DEST_1, 1)
+        self.assertEqual(self.table.lookup(KEY_A), DEST_1)
+        self.table.insert(KEY_A, DEST_2, 2)
         self.assertEqual(self.table.lookup(KEY_A), DEST_2)
         self.assertEqual(len(self.table), 1)
 
@@ -231,12 +242,12 @@ class SynTableTests(SynchronousTestCase):
         """
         A replaced entry is the newest: the next eviction takes the other.
         """
-        self.table.insert(KEY_A, DEST_1)
-        self.table.insert(KEY_B, DEST_1)
-        self.table.insert(KEY_A, DEST_2)
-        self.table.insert(KEY_C, DEST_1)
+        self.table.insert(KEY_A, DEST_1, 1)
+        self.table.insert(KEY_B, DEST_1, 1)
+        self.table.insert(KEY_A, DEST_1, 2)
+        self.table.insert(KEY_C, DEST_1, 1)
         self.assertIsNone(self.table.lookup(KEY_B))
-        self.assertEqual(self.table.lookup(KEY_A), DEST_2)
+        self.assertEqual(self.table.lookup(KEY_A), DEST_1)
 
     def test_sizeBoundEvictsOldest(self) -> None:
         """
@@ -262,13 +273,59 @@ class SynTableTests(SynchronousTestCase):
         self.assertIsNone(self.table.lookup(KEY_A))
         self.assertEqual((len(self.table), self.table.counters["expiries"]), (0, 1))
 
-    def test_noDeletionOnLookup(self) -> None:
+    def test_oneAnswerPerSyn(self) -> None:
         """
-        Looking up does not remove: a connection accepted late (its client
-        already closed) and looked up twice still finds it.
+        A record answers one connection: a second look-up from the same
+        source, with no SYN of its own seen (NAT gave a second connection
+        this port), is refused, also after a copy of the first SYN; a new
+        SYN from that source answers again.
         """
-        self.table.insert(KEY_A, DEST_1)
-        self.table.lookup(KEY_A)
+        self.table.insert(KEY_A, DEST_1, 1)
+        self.assertEqual(self.table.lookup(KEY_A), DEST_1)
+        failure = self.assertRaises(SourceAmbiguous, self.table.lookup, KEY_A)
+        self.assertIn("192.0.2.2:1000 (to 203.0.113.7:443) already answered an earlier connection", str(failure))
+        self.table.insert(KEY_A, DEST_1, 1)  # a copy
+        self.assertRaises(SourceAmbiguous, self.table.lookup, KEY_A)
+        self.table.insert(KEY_A, DEST_1, 2)
+        self.assertEqual(self.table.lookup(KEY_A), DEST_1)
+        self.assertEqual((len(self.table), self.table.counters["reanswers"]), (1, 2))
+
+    def test_twoDestinationsAmbiguous(self) -> None:
+        """
+        Two SYNs from one source to different destinations, the first not
+        yet answered (a client reusing its port, or a SYN spoofed with
+        another client's address and port): no look-up is answered until
+        the first record would have expired, then the second answers.
+        """
+        self.table.insert(KEY_A, DEST_1, 1)
+        self.clock.advance(10)
+        self.table.insert(KEY_A, DEST_2, 2)
+        self.clock.advance(109.9)
+        failure = self.assertRaises(SourceAmbiguous, self.table.lookup, KEY_A)
+        self.assertIn("SYNs from 192.0.2.2:1000 to two destinations (203.0.113.7:443, then "
+                      "203.0.113.8:8443) within 120 s, neither answered yet", str(failure))
+        self.clock.advance(0.1)
+        self.assertEqual(self.table.lookup(KEY_A), DEST_2)
+        self.assertEqual(self.table.counters["ambiguous"], 1)
+
+    def test_ambiguityOutlivesCopies(self) -> None:
+        """
+        A later SYN to either destination does not end the doubt: the
+        first connection may still be waiting.
+        """
+        self.table.insert(KEY_A, DEST_1, 1)
+        self.table.insert(KEY_A, DEST_2, 2)
+        self.table.insert(KEY_A, DEST_2, 2)
+        self.table.insert(KEY_A, DEST_1, 3)
+        self.assertRaises(SourceAmbiguous, self.table.lookup, KEY_A)
+
+    def test_sameDestinationNotAmbiguous(self) -> None:
+        """
+        Two SYNs from one source to the same destination answer it: either
+        connection was going there.
+        """
+        self.table.insert(KEY_A, DEST_1, 1)
+        self.table.insert(KEY_A, DEST_1, 2)
         self.assertEqual(self.table.lookup(KEY_A), DEST_1)
 
     def test_badBounds(self) -> None:
@@ -455,6 +512,9 @@ class StubHolder:
         protocol.hold(packet)
         self.packets.append(packet)
 
+    def stop(self) -> None:
+        pass
+
 
 class HeldVerdictTests(QueueHarness, SynchronousTestCase):
     """
@@ -595,3 +655,299 @@ class PacketIdTests(SynchronousTestCase):
         self.assertFalse(_idBefore(2, 2))
         self.assertTrue(_idBefore(0xFFFFFFFF, 1))
         self.assertFalse(_idBefore(1, 0xFFFFFFFF))
+
+
+class VerdictDeliveryTests(QueueHarness, SynchronousTestCase):
+    """
+    Verdicts reach the kernel however many are owed at once, and none is
+    lost when the kernel does not take a datagram.  The fake kernel
+    refuses datagrams longer than the send buffer, as netlink does.
+    """
+
+    def setUp(self) -> None:
+        QueueHarness.setUp(self)
+        self.events = EventLoggingObserver.createWithCleanup(self, QueueProtocol.log.observer)
+
+    def lines(self, fragment: str) -> list[str]:
+        from twisted.logger import formatEvent
+        return [text for text in (formatEvent(e) for e in self.events) if fragment in text]
+
+    def given(self) -> list[int]:
+        return [v.get_attr("NFQA_VERDICT_HDR")["id"] for _, v in self.verdicts()]
+
+    def test_tenThousandOwedAtOnce(self) -> None:
+        """
+        10,000 verdicts owed at once, none batchable (accepts and rejects
+        alternate), are all given: in datagrams the send buffer takes,
+        each packet once.
+        """
+        holder = self.resolver.holder = StubHolder()
+        self.start()
+        count = 10_000
+        for first in range(1, count + 1, 200):
+            self.deliver(*[queuedPacket(i, ipv4Packet("192.0.2.2", "203.0.113.7", 10_000 + i, 443))
+                           for i in range(first, min(first + 200, count + 1))])
+        protocol = self.resolver.protocol
+        self.assertEqual(protocol.held, count)
+        datagrams = self.kernel.datagrams
+        for packet in holder.packets:
+            (protocol.accept if packet.packetId % 2 else protocol.reject)(packet)
+        self.reactor.advance(0)
+        self.assertEqual(sorted(self.given()), list(range(1, count + 1)))
+        self.assertEqual((protocol.owed, protocol.held, protocol.verdicts), (0, 0, count))
+        self.assertGreaterEqual(self.kernel.datagrams - datagrams, count * 40 // MAX_VERDICT_DATAGRAM)
+        self.assertEqual(self.lines("did not take"), [])
+
+    def test_refusedSendRetried(self) -> None:
+        """
+        Verdicts the kernel does not take (ENOBUFS) stay owed and are sent
+        again, with one line for the whole run of refusals and one when
+        they go through.
+        """
+        self.start()
+        sock = self.kernel.sockets[0]
+        sock.sendError = OSError(errno.ENOBUFS, "No buffer space available")
+        self.deliver(*[queuedPacket(i, ipv4Packet("192.0.2.2", "203.0.113.7", 40000 + i, 443))
+                       for i in (1, 2, 3)])
+        protocol = self.resolver.protocol
+        for _ in range(20):
+            self.reactor.advance(0.5)
+        self.assertEqual((self.given(), protocol.owed), ([], 3))
+        (line,) = self.lines("did not take")
+        self.assertIn("the kernel did not take 3 verdicts", line)
+        sock.sendError = None
+        self.reactor.advance(1.0)
+        self.assertEqual((self.given(), protocol.owed, protocol.verdicts), ([3], 0, 3))
+        self.assertEqual(len(self.lines("verdicts sent again after")), 1)
+
+    def test_sendBufferShrunk(self) -> None:
+        """
+        A send buffer smaller than the datagrams (EMSGSIZE) makes them
+        smaller until the kernel takes them; every verdict is given.
+        """
+        self.resolver.holder = holder = StubHolder()
+        self.start()
+        self.deliver(*[queuedPacket(i, ipv4Packet("192.0.2.2", "203.0.113.7", 40000 + i, 443))
+                       for i in range(1, 201)])
+        self.kernel.sockets[0].options[(socket.SOL_SOCKET, socket.SO_SNDBUF)] = 4608
+        protocol = self.resolver.protocol
+        for packet in holder.packets:
+            (protocol.accept if packet.packetId % 2 else protocol.drop)(packet)
+        for _ in range(10):
+            self.reactor.advance(0.1)
+        self.assertEqual(sorted(self.given()), list(range(1, 201)))
+        self.assertLessEqual(protocol.datagramLimit, 4608 - 32)
+        self.assertEqual(protocol.owed, 0)
+
+    def test_datagramLimitFromSendBuffer(self) -> None:
+        """
+        Datagrams are a quarter of the send buffer at most.
+        """
+        self.start()
+        self.assertEqual(self.resolver.protocol.datagramLimit,
+                         min(MAX_VERDICT_DATAGRAM, DEFAULT_SEND_BUFFER // 4))
+
+    def test_owedAtCloseLogged(self) -> None:
+        """
+        Verdicts still owed when the queue closes are counted in one line:
+        the kernel drops those packets.
+        """
+        self.start()
+        self.kernel.sockets[0].sendError = OSError(errno.ENOBUFS, "No buffer space available")
+        self.deliver(queuedPacket(1, ipv4Packet("192.0.2.2", "203.0.113.7", 40000, 443)))
+        self.successResultOf(self.resolver.stop())
+        (line,) = self.lines("closed owing")
+        self.assertIn("closed owing 1 verdicts the kernel did not take", line)
+
+
+class RaisingHolder(StubHolder):
+    """
+    Holds every SYN but the one from port C{failOn}, on which it raises.
+    """
+
+    def __init__(self, failOn: int) -> None:
+        StubHolder.__init__(self)
+        self.failOn = failOn
+
+    def synReceived(self, protocol, packet) -> None:  # type: ignore[no-untyped-def]
+        if packet.segment.sourcePort == self.failOn:
+            raise RuntimeError("the holder broke")
+        StubHolder.synReceived(self, protocol, packet)
+
+
+class PacketFailureTests(QueueHarness, SynchronousTestCase):
+    """
+    A packet whose handling raises still gets a verdict, one that never
+    lets it around Shifter, and the other packets of the same read are
+    handled.
+    """
+
+    def given(self) -> list[tuple[int, int, object]]:
+        return [(v.get_attr("NFQA_VERDICT_HDR")["id"], v.get_attr("NFQA_VERDICT_HDR")["verdict"],
+                 v.get_attr("NFQA_MARK")) for _, v in self.verdicts()]
+
+    def test_heldSynRejected(self) -> None:
+        """
+        With a holder, a SYN it raises on is refused with the reject mark;
+        the SYNs after it in the same datagram reach the holder.
+        """
+        holder = self.resolver.holder = RaisingHolder(failOn=40002)
+        self.start()
+        self.kernel.sockets[0].deliver(b"".join(
+            queuedPacket(i, ipv4Packet("192.0.2.2", "203.0.113.7", 40000 + i, 443)) for i in (1, 2, 3)))
+        self.resolver.protocol.transport.doRead()
+        self.reactor.advance(0)
+        self.assertEqual(self.given(), [(2, NF_ACCEPT, 0x20000)])
+        self.assertEqual([p.packetId for p in holder.packets], [1, 3])
+        self.assertEqual(self.resolver.protocol.held, 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_recordFailsRedirected(self) -> None:
+        """
+        Without a holder, a SYN that cannot be recorded is still accepted
+        with the queue mark (unmarked, it would go around Shifter), so its
+        connection is refused for want of a record; the others are
+        recorded.
+        """
+        self.start()
+        table = self.resolver.table
+        insert = table.insert
+
+        def failing(key, destination, sequence=None):  # type: ignore[no-untyped-def]
+            if key.port == 40002:
+                raise RuntimeError("the table broke")
+            insert(key, destination, sequence)
+
+        self.patch(table, "insert", failing)
+        # Packet 1's other mark bit keeps the verdicts apart (no batch).
+        self.kernel.sockets[0].deliver(b"".join(
+            queuedPacket(i, ipv4Packet("192.0.2.2", "203.0.113.7", 40000 + i, 443), mark=0x4 if i == 1 else 0)
+            for i in (1, 2, 3)))
+        self.resolver.protocol.transport.doRead()
+        self.reactor.advance(0)
+        self.assertEqual(self.given(), [(1, NF_ACCEPT, 0x10004), (2, NF_ACCEPT, 0x10000), (3, NF_ACCEPT, 0x10000)])
+        self.assertEqual(self.resolver.protocol.verdicts, 3)
+        self.assertEqual(len(table), 2)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 40002))
+        self.failureResultOf(self.resolver.resolve(transport), DestinationUnknown)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class AmbiguousSourceTests(QueueHarness, SynchronousTestCase):
+    def test_twoDestinationsRefused(self) -> None:
+        """
+        Two SYNs from one client port to different destinations, neither
+        connection yet accepted (one of them may be spoofed): the accepted
+        connection is refused, naming both destinations, rather than sent
+        to either.
+        """
+        self.start()
+        self.deliver(queuedPacket(1, ipv4Packet("192.0.2.2", "203.0.113.7", 40000, 443, sequence=1)),
+                     queuedPacket(2, ipv4Packet("192.0.2.2", "203.0.113.66", 40000, 80, sequence=2)))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 40000))
+        failure = self.failureResultOf(self.resolver.resolve(transport), DestinationUnknown)
+        self.assertIsInstance(failure.value, SourceAmbiguous)
+        self.assertIn("nfqueue 4: SYNs from 192.0.2.2:40000 to two destinations (203.0.113.7:443, "
+                      "then 203.0.113.66:80)", str(failure.value))
+
+
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+
+class KernelQueueTests(TestCase):
+    """
+    A real queue, bound over a real NETLINK_NETFILTER socket in a network
+    namespace this test makes: 10,000 SYNs queued to it and held, then all
+    released at once, get every verdict from the kernel's own account.
+    Needs root (a namespace, iptables, raw sockets, nfnetlink_queue).
+    """
+
+    count = 10_000
+    # What the test allows for each step; none of them takes a second.
+    patience = 30.0
+
+    def setUp(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("needs root: a network namespace, iptables and a raw socket")
+        if shutil.which("iptables") is None:
+            raise SkipTest("needs iptables")
+        from tests.gateway import Namespace
+
+        try:
+            self.namespace = Namespace(f"shfq{os.getpid()}")
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise SkipTest(f"cannot make a network namespace: {e}")
+        self.addCleanup(self.namespace.destroy)
+        run = self.namespace.run
+        try:
+            run("iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--syn", "-d", "127.0.0.2",
+                "--dport", "9", "-j", "NFQUEUE", "--queue-num", "0")
+            # Count each verdict's packets as they leave the queue, and go no further.
+            for mark in ("0x10000/0x10000", "0x20000/0x20000"):
+                run("iptables", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.2", "--dport", "9",
+                    "-m", "mark", "--mark", mark, "-j", "DROP")
+        except subprocess.CalledProcessError as e:
+            raise SkipTest(f"cannot add the NFQUEUE rules: {e.stderr.strip()}")
+
+    def runIn(self, call: Any) -> Any:
+        from tests.gateway import insideNamespace
+
+        with insideNamespace(self.namespace.name):
+            return call()
+
+    def queueTotal(self, stats: Any) -> int:
+        """
+        Packets the kernel still keeps in queue 0 for a verdict, from
+        C{/proc/net/netfilter/nfnetlink_queue} (queue, port id, waiting, ...).
+        """
+        stats.seek(0)
+        fields = stats.read().split()
+        return int(fields[2]) if fields else -1
+
+    def counted(self) -> list[int]:
+        """
+        Packets that left the queue accepted with the queue mark, and with
+        the reject mark.
+        """
+        out = self.namespace.run("iptables", "-L", "OUTPUT", "-v", "-x", "-n").stdout
+        return [int(line.split()[0]) for line in out.splitlines() if "mark match" in line]
+
+    @inlineCallbacks
+    def waitUntil(self, predicate: Any, what: str) -> Any:
+        deadline = reactor.seconds() + self.patience
+        while not predicate():
+            if reactor.seconds() > deadline:
+                self.fail(f"not within {self.patience:g} s: {what}")
+            yield deferLater(reactor, 0.05, lambda: None)
+
+    @inlineCallbacks
+    def test_tenThousandVerdictsAtOnce(self) -> Any:
+        """
+        10,000 SYNs held at once, then given accepts and rejects in
+        alternation (so none can go by a batch verdict): the kernel's queue
+        empties, and its rules count 5,000 packets with each mark.
+        """
+        holder = StubHolder()
+        resolver = QueueResolver(reactor=reactor, queueNum=0, maxQueueLength=self.count + 100,
+                                 receiveBuffer=64 << 20)
+        resolver.holder = holder
+        yield self.runIn(resolver.start)
+        self.addCleanup(resolver.stop)
+        protocol = resolver.protocol
+        stats = self.runIn(lambda: open("/proc/net/netfilter/nfnetlink_queue"))
+        self.addCleanup(stats.close)
+        raw = self.runIn(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
+        self.addCleanup(raw.close)
+        # A queued packet is charged to the socket that sent it until its
+        # verdict: room for them all, and never a blocking send.
+        raw.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 128 << 20)
+        raw.setblocking(False)
+        for n in range(self.count):
+            raw.sendto(ipv4Packet("127.0.0.1", "127.0.0.2", 10_000 + n, 9, sequence=n), ("127.0.0.2", 0))
+        yield self.waitUntil(lambda: protocol.held == self.count, f"{self.count} SYNs held")
+        self.assertEqual(self.queueTotal(stats), self.count)
+        for packet in holder.packets:
+            (protocol.accept if packet.packetId % 2 else protocol.reject)(packet)
+        yield self.waitUntil(lambda: self.queueTotal(stats) == 0, "the queue to empty")
+        self.assertEqual(self.counted(), [self.count // 2, self.count // 2])
+        self.assertEqual(protocol.verdicts, self.count)
