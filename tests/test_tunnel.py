@@ -752,7 +752,7 @@ class SeveralProxiesTests(TunnelTestCase):
         without any connection attempt.
         """
         for proxy in (self.proxyA, self.proxyB):
-            self.pool.health[proxy].up = False
+            self.pool.markDown(proxy, "down for the test")
         _, clientTransport = self.connectClient()
         self.assertTrue(clientTransport.disconnecting)
         self.assertEqual((self.endpoint.attempts, self.endpointB.attempts), ([], []))
