@@ -537,9 +537,9 @@ class BackOffTests(LifecycleTestCase):
     @inlineCallbacks
     def runClients(self, script: str, downPeriods: int):  # type: ignore[no-untyped-def]
         """
-        Start the two proxies and Shifter, then send clients one at a time,
-        each echoed by the good proxy in the end, until the bad proxy has
-        been marked down C{downPeriods} times.
+        Start the two proxies and Shifter, then send clients three at a
+        time, each echoed by the good proxy in the end, until the bad proxy
+        has been marked down C{downPeriods} times.
 
         @return: the bad proxy's timeline: "client" and "probe" for each
             CONNECT it got, and the seconds of each "marked down" line, in
@@ -560,13 +560,17 @@ class BackOffTests(LifecycleTestCase):
         n = 0
         while sum(isinstance(entry, float) for entry in timeline) < downPeriods:
             self.assertLess(time.monotonic(), deadline, f"not marked down {downPeriods} times: {timeline}")
-            client = self.client()
-            message = b"ping %d" % n
-            client.sendall(message)
-            data = yield self.receive(client, len(message))
-            self.assertEqual(data, message)
-            client.close()
-            n += 1
+            batch = []
+            for _ in range(3):
+                client = self.client()
+                message = b"ping %d" % n
+                client.sendall(message)
+                batch.append((client, message))
+                n += 1
+            for client, message in batch:
+                data = yield self.receive(client, len(message))
+                self.assertEqual(data, message)
+                client.close()
             yield deferLater(reactor, 0.02, lambda: None)
         return timeline
 
@@ -594,7 +598,7 @@ class BackOffTests(LifecycleTestCase):
         downs = [entry for entry in timeline if isinstance(entry, float)]
         self.assertEqual(downs[:4], [0.3, 0.6, 1.2, 2.4])
         self.assertEqual(self.clientsPerBackOff(timeline)[:4], [0, 0, 0, 0], timeline)
-        self.assertEqual(timeline[:3], ["client", "client", 0.3])
+        self.assertEqual(set(timeline[:timeline.index(0.3)]), {"client"}, timeline)
         self.assertGreaterEqual(timeline.count("probe"), 3)
         self.assertTrue(self.lines("probe CONNECT 255.255.255.255:9 failed: no answer to CONNECT within 0.3 s"))
 
