@@ -772,6 +772,7 @@ class CanaryTests(TunnelTestCase):
         self.proxyB = UpstreamProxy("b.test:3128", self.endpointB, ("198.51.100.4", 3128))
         self.pool = ProxyPool([self.proxyA, self.proxyB], self.clock, failureThreshold=2)
         self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        knowLocalAddresses(self.factory)
         self.pool.markDown(self.proxyA, "down for the test")
         self.clock.advance(10)
         probe, _ = self.endpoint.accept()
