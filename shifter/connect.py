@@ -192,6 +192,9 @@ class ConnectResponseParser:
         self._maxBytes = maxBytes
         self._buffer = b""
         self._searchFrom = 0
+        # (status, reason) once a valid status line has arrived, before
+        # the rest of the header block: enough to know the proxy answers.
+        self.statusLine: tuple[int, str] | None = None
 
     def feed(self, data: bytes) -> ConnectResponse | None:
         """
@@ -216,7 +219,8 @@ class ConnectResponseParser:
                 return None
             # The status line is complete: check it now rather than after
             # the whole block, so garbage is refused at once.
-            _parseStatusLine(buffer.split(b"\r\n", 1)[0])
+            if self.statusLine is None:
+                self.statusLine = _parseStatusLine(buffer.split(b"\r\n", 1)[0])
             return None
         if end + 4 > self._maxBytes:
             raise ProxyResponseError(
@@ -224,7 +228,7 @@ class ConnectResponseParser:
             )
         block, leftover = buffer[:end], buffer[end + 4 :]
         lines = block.split(b"\r\n")
-        status, reason = _parseStatusLine(lines[0])
+        status, reason = self.statusLine = _parseStatusLine(lines[0])
         headers = [_parseHeaderLine(line) for line in lines[1:]]
         self._buffer = b""
         return ConnectResponse(status, reason, headers, leftover)

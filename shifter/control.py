@@ -151,6 +151,7 @@ class ControlProtocol(LineOnlyReceiver):
             proxies.append({
                 "proxy": proxy.description,
                 "up": health.up,
+                "state": health.state,
                 "failures": health.failures,
                 "lastError": health.lastError,
                 "groups": groups,

@@ -132,7 +132,7 @@ def formatTunnels(tunnels: Sequence[dict[str, Any]]) -> str:
 def formatProxies(proxies: Sequence[dict[str, Any]]) -> str:
     rows = [
         (
-            p["proxy"], "up" if p["up"] else "down", str(p["failures"]),
+            p["proxy"], p.get("state") or ("up" if p["up"] else "down"), str(p["failures"]),
             ",".join(p.get("groups", ())), p.get("lastError") or "-",
         )
         for p in proxies
@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in [
         ("tunnels", "every connection: client, destination, CONNECT target, proxy, state, bytes, age"),
-        ("proxies", "each proxy: up or down, failures in a row, last error, groups"),
+        ("proxies", "each proxy: up, down, probing or on trial, failures in a row, last error, groups"),
         ("reload", "reload the configuration file (as SIGHUP does)"),
         ("drain", "stop accepting, let open tunnels finish, then stop (as SIGTERM does)"),
     ]:

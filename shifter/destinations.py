@@ -24,7 +24,9 @@ Three kinds, all checked before any proxy is asked:
     through the proxy to the proxy, a loop.  A proxy named by hostname
     (C{squid.lan:3128}) is resolved at start with Twisted's own DNS client
     (C{twisted.names}: in the reactor, no threads) and again every
-    C{refreshInterval} seconds.  When one of a proxy's addresses is an
+    C{refreshInterval} seconds; the addresses found are also where the
+    proxy's connections go (L{shifter.proxy.ProxyName}), so no tunnel
+    looks the name up itself.  When one of a proxy's addresses is an
     address of this machine (the proxy runs on the gateway), the proxy is
     reachable through every address of this machine, so all of them are
     refused on the proxy's port.  This machine's addresses come from a
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -163,11 +165,15 @@ class ProxyTarget:
     @ivar description: the proxy's name in log lines.
     @ivar host: its IP address or hostname.
     @ivar port: its TCP port.
+    @ivar name: for a proxy named by hostname, its
+        L{shifter.proxy.ProxyName}, given each new set of addresses: the
+        proxy's connections go there.
     """
 
     description: str
     host: str
     port: int
+    name: Any = field(default=None, compare=False)
 
 
 def proxyTargets(proxies: Iterable[Any]) -> list[ProxyTarget]:
@@ -183,7 +189,7 @@ def proxyTargets(proxies: Iterable[Any]) -> list[ProxyTarget]:
         if (host is None or port is None) and getattr(proxy, "address", None) is not None:
             host, port = proxy.address
         if host is not None and port is not None:
-            targets.append(ProxyTarget(proxy.description, host, port))
+            targets.append(ProxyTarget(proxy.description, host, port, getattr(proxy, "name", None)))
     return targets
 
 
@@ -327,6 +333,8 @@ class ProxyAddresses:
                     addresses=", ".join(sorted(addresses)),
                 )
             self.addresses[target] = addresses
+            if target.name is not None:
+                target.name.setAddresses(addresses)
 
         def failed(reason: Failure) -> None:
             known = self.addresses.get(target)

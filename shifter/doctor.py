@@ -60,9 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 from shifter.netfilter import Address, Outcome, Packet, Ruleset, loadRuleset, traverse
 
@@ -809,67 +807,16 @@ def checkConntrack(expected: Expectations, reactor: Any):  # type: ignore[no-unt
     return []
 
 
-class _ConnectProbe(Protocol):
-    def __init__(self, request: bytes, done: Deferred) -> None:
-        from shifter.connect import ConnectResponseParser
-
-        self.request = request
-        self.done = done
-        self.parser = ConnectResponseParser()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        try:
-            response = self.parser.feed(data)
-        except Exception as e:
-            self.done.errback(Failure(ValueError(f"answered something that is not HTTP: {e}")))
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        if response is not None:
-            self.done.callback(response)
-            self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if not self.done.called:
-            self.done.errback(Failure(ValueError("closed the connection without answering")))
-
-
-class _ProbeFactory(Factory):
-    noisy = False
-
-    def __init__(self, request: bytes, done: Deferred) -> None:
-        self.request = request
-        self.done = done
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return _ConnectProbe(self.request, self.done)
-
-
 @inlineCallbacks
 def _askProxy(proxy: Any, host: str, port: int, reactor: Any, timeout: float):  # type: ignore[no-untyped-def]
-    from shifter.connect import formatAuthority, formatConnectRequest
+    from shifter.probe import askProxy
 
+    exchange = proxy.auth.exchange() if proxy.auth is not None else None
     for attempt in range(2):
-        headers = proxy.auth.headersFor("CONNECT", formatAuthority(host, port)) if proxy.auth else []
-        done: Deferred = Deferred()
-        done.addTimeout(timeout, reactor)
-        connecting = proxy.endpoint.connect(_ProbeFactory(formatConnectRequest(host, port, headers), done))
-        connecting.addTimeout(timeout, reactor)
-        try:
-            yield connecting
-        except Exception as e:
-            done.cancel()
-            done.addErrback(lambda _: None)
-            reason = str(e).rstrip(".").replace("Connection was refused by other side: 111: ", "")
-            raise ConnectionError(f"cannot connect: {reason}") from None
-        response = yield done
-        if response.status == 407 and proxy.auth is not None and attempt == 0:
+        response = yield askProxy(proxy, host, port, reactor, timeout, timeout, exchange=exchange)
+        if response.status == 407 and exchange is not None and attempt == 0:
             challenges = [v for n, v in response.headers if n.lower() == b"proxy-authenticate"]
-            if proxy.auth.challenged(challenges) is None:
+            if exchange.challenged(challenges) is None:
                 continue
         return response
     return response
@@ -877,17 +824,19 @@ def _askProxy(proxy: Any, host: str, port: int, reactor: Any, timeout: float):  
 
 @inlineCallbacks
 def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+    from shifter.probe import ProbeConnectFailed, ProbeNoAnswer
+
     host, port = expected.checkTarget
     findings = []
     for proxy in expected.proxies:
         target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         try:
             response = yield _askProxy(proxy, host, port, reactor, timeout)
-        except ConnectionError as e:
+        except ProbeConnectFailed as e:
             findings.append(Finding("error", "proxy", f"{proxy.description}: {e}: start the proxy, or fix --proxy"))
             continue
         except Exception as e:
-            reason = "no answer" if type(e).__name__ in ("TimeoutError", "CancelledError") else str(e)
+            reason = "no answer" if isinstance(e, ProbeNoAnswer) else str(e)
             findings.append(Finding("error", "proxy", f"{proxy.description} {reason} to CONNECT {target}"
                                     f"{' within %g s' % timeout if reason == 'no answer' else ''}: is it an HTTP proxy?"))
             continue

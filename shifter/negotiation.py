@@ -200,8 +200,7 @@ class ProxyNegotiation:
                 self._fail("policy", f"refused by policy: {decision.refuse}")
                 return
             if decision.proxies is not None:
-                health = self.pool.health
-                self.candidates = [p for p in decision.proxies if p not in health or health[p].up]
+                self.candidates = [p for p in decision.proxies if self.pool.usable(p)]
             self.passClient = decision.passClient
             if decision.target is not None:
                 port = self.destination.port
@@ -240,13 +239,23 @@ class ProxyNegotiation:
 
     def _connectFirst(self: Any) -> None:
         if not self.candidates:
-            self._fail("no-proxy", "every proxy is down")
+            self._fail("no-proxy", self.pool.unavailable())
             return
         self.connectStarted = self.clock.seconds()
         self._connectNext()
 
     def _connectNext(self: Any) -> None:
-        proxy = self.proxy = self.candidates.pop(0)
+        # A proxy on trial takes one tunnel at a time (its canary), and one
+        # marked down since the candidates were chosen takes none: the
+        # next candidate is tried instead.
+        pool = self.pool
+        proxy = self.candidates.pop(0)
+        while not pool.claim(proxy, self):
+            if not self.candidates:
+                self._fail("no-proxy", pool.unavailable())
+                return
+            proxy = self.candidates.pop(0)
+        self.proxy = proxy
         destination = self.destination
         port = destination.port
         headers: list[tuple[str, str]] = []
@@ -297,7 +306,9 @@ class ProxyNegotiation:
             if self.authExchange is not None and self.authProxy is self.proxy:
                 self.authExchange.succeeded()
             self._open(response.leftover)
-        elif status == 407:
+            return
+        self.pool.answered(self.proxy, status)
+        if status == 407:
             self._challenged(response)
         else:
             reason = f"proxy answered {status} {response.reason}".rstrip()
@@ -343,6 +354,7 @@ class ProxyNegotiation:
         """
         Try the next proxy if one is left and time allows, else fail.
         """
+        self.candidates = [proxy for proxy in self.candidates if self.pool.usable(proxy)]
         if not self.candidates or self.clock.seconds() >= self.setupDeadline:
             self._fail(kind, reason, **fields)
             return
@@ -364,6 +376,10 @@ class ProxyNegotiation:
         attempt, self.attempt = self.attempt, None
         if attempt is not None:
             attempt.abort()
+        if self.proxy is not None:
+            # Given up on before a verdict: its canary place, if it had
+            # one, goes to the next tunnel.
+            self.pool.release(self.proxy, self)
 
     def _clientAddress(self: Any) -> IPv4Address | IPv6Address:
         host = self.clientHost

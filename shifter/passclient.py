@@ -26,7 +26,7 @@ from typing import Optional, Protocol, Sequence, Union
 from twisted.internet.address import IPv4Address, IPv6Address
 
 from shifter.connect import formatConnectRequest
-from shifter.proxyprotocol import encodeV1, encodeV2
+from shifter.proxyprotocol import encodeLocalV1, encodeLocalV2, encodeV1, encodeV2
 
 
 
@@ -140,6 +140,22 @@ def tunnelRequest(
     if mode == "x-forwarded-for":
         headers.append(forwardedFor(client))
     return proxyHeader(mode, client, destination) + formatConnectRequest(connectHost, port, headers)
+
+
+def probeRequest(proxy: _Proxy, host: str, port: int, authHeaders: Sequence[tuple[str, str]] = ()) -> bytes:
+    """
+    Everything Shifter writes on a connection of its own to C{proxy} (a
+    health probe, C{doctor}'s check): the PROXY protocol header that says
+    the connection relays no client (its LOCAL form), if the proxy's mode
+    asks for one, then C{CONNECT host:port} with C{authHeaders}.  No
+    C{X-Forwarded-For}: there is no client to name.
+
+    @raise ValueError: as L{tunnelRequest}.
+    """
+    mode = checkPassClient(proxy.passClient)
+    local = {"proxy-v1": encodeLocalV1, "proxy-v2": encodeLocalV2}.get(mode)
+    header = local() if local is not None else b""
+    return header + formatConnectRequest(host, port, list(authHeaders))
 
 
 def refusalHint(kind: str, status: object, mode: str) -> str:

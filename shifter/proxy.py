@@ -14,14 +14,26 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from OpenSSL.SSL import Error as SSLError
 
+from zope.interface import implementer
+
 from twisted.internet import tcp
+from twisted.internet._resolver import HostResolution
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import DNSLookupError
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     clientFromString,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+    IResolutionReceiver,
+    IStreamClientEndpoint,
+)
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 
 from shifter.connector import SO_MARK, DirectTCP
@@ -55,6 +67,8 @@ class UpstreamProxy:
     @ivar host: the IP address or hostname it is reached at, as configured;
         C{None} for a non-TCP endpoint.
     @ivar port: its TCP port; C{None} for a non-TCP endpoint.
+    @ivar name: for a proxy named by hostname, the addresses that name
+        was resolved to, which its endpoint connects to.
     """
 
     description: str
@@ -65,6 +79,7 @@ class UpstreamProxy:
     direct: DirectTCP | None = None
     host: str | None = None
     port: int | None = None
+    name: ProxyName | None = None
 
 
 def parseProxy(  # type: ignore[no-untyped-def]
@@ -113,8 +128,13 @@ def _parseProxy(value, reactor, credentials, caFile, passClient) -> UpstreamProx
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"invalid proxy endpoint {value!r}: {e}") from None
         host, port = _endpointHostPort(value) or (None, None)
+        name = None
+        if host is not None and _literalAddress(host, port) is None:
+            name = ProxyName(host)
+            endpoint = clientFromString(NameBoundReactor(reactor, name), value)
         return UpstreamProxy(
-            value, endpoint, _literalAddress(host, port), _auth(credentials), passClient, host=host, port=port
+            value, endpoint, _literalAddress(host, port), _auth(credentials), passClient, host=host, port=port,
+            name=name,
         )
     host = match.group("v6") or match.group("host")
     if match.group("v6"):
@@ -177,7 +197,9 @@ def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ig
     else:
         trustRoot = platformTrust()
     tls = wrapClientTLS(optionsForClientTLS(host, trustRoot=trustRoot), plain.endpoint)
-    return UpstreamProxy(f"https://{authority}", tls, plain.address, plain.auth, host=plain.host, port=plain.port)
+    return UpstreamProxy(
+        f"https://{authority}", tls, plain.address, plain.auth, host=plain.host, port=plain.port, name=plain.name
+    )
 
 
 def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  # type: ignore[no-untyped-def]
@@ -190,11 +212,11 @@ def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        # A hostname: TCP4ClientEndpoint resolves it through the reactor's
-        # resolver when connecting.
-        return UpstreamProxy(
-            description, TCP4ClientEndpoint(reactor, host, port), None, _auth(credentials), host=host, port=port
-        )
+        # A hostname: connected to at the addresses it was last resolved
+        # to (see ProxyName), never looked up per connection.
+        name = ProxyName(host)
+        named = TCP4ClientEndpoint(NameBoundReactor(reactor, name), host, port)
+        return UpstreamProxy(description, named, None, _auth(credentials), host=host, port=port, name=name)
     endpoint: IStreamClientEndpoint
     if address.version == 6:
         endpoint = TCP6ClientEndpoint(reactor, address.compressed, port)
@@ -335,3 +357,120 @@ class MarkingReactor:
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self.reactor, name)
+
+
+class ProxyName:
+    """
+    A proxy's hostname and the addresses it was last resolved to.
+
+    L{shifter.destinations.ProxyAddresses} resolves it at start and every
+    minute after, in the reactor, and sets L{addresses}; each connection
+    to the proxy (tunnels and probes alike) goes to one of them through a
+    L{NameBoundReactor}, with no look-up of its own: no read of
+    C{/etc/hosts}, no DNS query per tunnel.  Until the name has been
+    resolved once, connections fail with a reason that says so.
+
+    @ivar name: the hostname, as configured.
+    @ivar addresses: its IP addresses, IPv4 ones first; empty until known.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.addresses: tuple[str, ...] = ()
+
+    def setAddresses(self, addresses: frozenset[str]) -> None:
+        """
+        Use C{addresses} (IPv4 and IPv6) from now on.
+        """
+        self.addresses = tuple(sorted(addresses, key=lambda a: (":" in a, a)))
+
+    def address(self) -> str:
+        """
+        The address the next connection goes to: the first IPv4 one, else
+        the first IPv6 one (a TCP connection takes one address; a proxy
+        whose first address fails is counted down like any other).
+
+        @raise DNSLookupError: while the name has not been resolved.
+        """
+        if not self.addresses:
+            raise DNSLookupError(f"the address of proxy host {self.name} is not known yet (not resolved since start)")
+        return self.addresses[0]
+
+    def names(self, host: str) -> bool:
+        """
+        Whether C{host} is this name (DNS names are not case-sensitive).
+        """
+        return host.lower().rstrip(".") == self.name.lower().rstrip(".")
+
+
+@implementer(IReactorPluggableNameResolver)
+class NameBoundReactor:
+    """
+    The reactor as a hostname proxy's endpoint sees it: a connection to
+    the proxy's name goes to the address its L{ProxyName} holds, one to an
+    IP address goes as asked, one to any other name is refused.  The name
+    resolver that C{tls:} endpoint strings use answers the same way.
+    """
+
+    def __init__(self, reactor, name: ProxyName) -> None:  # type: ignore[no-untyped-def]
+        self.reactor = reactor
+        self.proxyName = name
+        self.nameResolver = _KnownNameResolver(name)
+
+    def _address(self, host: str) -> str:
+        if isIPAddress(host) or isIPv6Address(host):
+            return host
+        if not self.proxyName.names(host):
+            raise DNSLookupError(f"{host} is not the proxy's name ({self.proxyName.name}); not looked up")
+        return self.proxyName.address()
+
+    def connectTCP(self, host, port, factory, timeout=30.0, bindAddress=None):  # type: ignore[no-untyped-def]
+        return self.reactor.connectTCP(self._address(host), port, factory, timeout, bindAddress)
+
+    def connectSSL(self, host, port, factory, contextFactory, timeout=30.0, bindAddress=None):  # type: ignore[no-untyped-def]
+        return self.reactor.connectSSL(self._address(host), port, factory, contextFactory, timeout, bindAddress)
+
+    def resolve(self, name: str, timeout=(1, 3, 11, 45)):  # type: ignore[no-untyped-def]
+        from twisted.internet.defer import fail, succeed
+
+        try:
+            return succeed(self._address(name))
+        except DNSLookupError as e:
+            return fail(e)
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        raise NotImplementedError("a proxy's name resolver is fixed")
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.reactor, name)
+
+
+@implementer(IHostnameResolver)
+class _KnownNameResolver:
+    """
+    Answers for one proxy's name from its L{ProxyName}, and for IP
+    addresses with themselves.
+    """
+
+    def __init__(self, name: ProxyName) -> None:
+        self.proxyName = name
+
+    def resolveHostName(  # type: ignore[no-untyped-def]
+        self, receiver: IResolutionReceiver, hostName: str, portNumber: int = 0,
+        addressTypes=None, transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        resolution = HostResolution(hostName)
+        receiver.resolutionBegan(resolution)
+        if isIPAddress(hostName) or isIPv6Address(hostName):
+            addresses: tuple[str, ...] = (hostName,)
+        elif self.proxyName.names(hostName):
+            addresses = self.proxyName.addresses
+        else:
+            addresses = ()
+        for address in addresses:
+            kind = IPv6Address if ":" in address else IPv4Address
+            if addressTypes is None or kind in addressTypes:
+                receiver.addressResolved(kind("TCP", address, portNumber))
+        receiver.resolutionComplete()
+        return resolution
+

@@ -24,6 +24,8 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 # The thirteenth byte: version 2 in the high nibble, the PROXY command (the
 # connection was made on behalf of another node) in the low one.
 _V2_PROXY_COMMAND = 0x21
+# ... or the LOCAL command (the sender's own connection, a health check).
+_V2_LOCAL_COMMAND = 0x20
 
 # The fourteenth byte: address family in the high nibble, STREAM (TCP) in
 # the low one.
@@ -102,3 +104,20 @@ def encodeV2(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
         + struct.pack("!BBH", _V2_PROXY_COMMAND, _V2_TCP_OVER[sourceAddress.version], len(addresses))
         + addresses
     )
+
+
+def encodeLocalV1() -> bytes:
+    """
+    The version 1 header of a connection the sender makes on its own
+    behalf, such as a health check (section 2.1: C{UNKNOWN}): the receiver
+    takes the connection's real addresses.
+    """
+    return b"PROXY UNKNOWN\r\n"
+
+
+def encodeLocalV2() -> bytes:
+    """
+    The version 2 header of a connection the sender makes on its own
+    behalf (section 2.2: the LOCAL command, family UNSPEC, no addresses).
+    """
+    return V2_SIGNATURE + struct.pack("!BBH", _V2_LOCAL_COMMAND, 0x00, 0)

@@ -14,6 +14,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from shifter.connect import formatAuthority
 from shifter.config import (
     ConfigError,
     ConfigFile,
@@ -28,6 +29,7 @@ from shifter.endpointstrings import withBacklog
 from shifter.holdsyn import DEFAULT_HOLD_TIMEOUT, DEFAULT_REJECT_MARK, SynHolder
 from shifter.passclient import PASS_CLIENT_MODES
 from shifter.pool import BALANCES, ProxyPool
+from shifter.probe import DEFAULT_PROBE_TARGET
 from shifter.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
 from shifter.relay import RELAYS
 from shifter.resolver import RESOLVERS, makeResolver
@@ -90,6 +92,32 @@ def _mark(value: str) -> int:
 
 
 _mark.coerceDoc = "A number, decimal or 0x-hexadecimal."  # type: ignore[attr-defined]
+
+
+def _probeTarget(value: str) -> tuple[str, int]:
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets: [{host}]:{port}")
+    try:
+        formatAuthority(host, int(port))
+    except ValueError as e:
+        raise ValueError(f"{value!r}: {e}") from None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if host.lower().rstrip(".") == "localhost" or host.lower().rstrip(".").endswith(".localhost"):
+            raise ValueError(f"{value!r} would make the proxy connect to itself") from None
+    else:
+        if address.is_loopback or address.is_unspecified:
+            raise ValueError(f"{value!r} would make the proxy connect to itself") from None
+    return host, int(port)
+
+
+_probeTarget.coerceDoc = "HOST:PORT or [IPV6]:PORT."  # type: ignore[attr-defined]
 
 
 def _positiveInt(value: str) -> int:
@@ -228,9 +256,23 @@ class Options(usage.Options):
             "proxy-backoff",
             None,
             10.0,
-            "Seconds a proxy stays marked down before it is probed; doubled "
-            "after each failed probe, up to 30 times this.",
+            "Seconds a proxy stays marked down before it is probed (a CONNECT "
+            "to --probe-target); doubled each time it is marked down again "
+            "before a tunnel through it has opened, up to 30 times this.",
             _seconds,
+        ],
+        [
+            "probe-target",
+            None,
+            None,
+            "What the probe of a proxy whose back-off has ended asks CONNECT "
+            "for; any HTTP status line within --handshake-timeout (a 403 as "
+            "well as a 200) brings the proxy back, on trial: one tunnel at a "
+            "time until one is answered. Default: "
+            f"{DEFAULT_PROBE_TARGET[0]}:{DEFAULT_PROBE_TARGET[1]}, which a "
+            "standard Squid refuses at once by its port ACLs, without DNS "
+            "or a connection out.",
+            _probeTarget,
         ],
         [
             "proxy-credentials",
@@ -640,8 +682,6 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
             exitStatusOnFailure=exitStatusOnFailure,
         )
     built = configure(config, reactor)
-    if any(proxy.address is None for proxy in built.pool.proxies):
-        _resolveHostnamesInReactor(reactor)
     resolver = makeResolver(config["resolver"], reactor, **resolverOptions(config))
     factory = ShifterFactory(resolver, built.pool, built.settings, reactor, policy=built.policy)
     if config["hold-syn"]:
@@ -745,7 +785,8 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
     """
     Build the tunnel settings, proxy pool and policy that C{config}
     describes.  The C{running} pool is kept (with what it knows of each
-    proxy's health) when the proxies and their settings are the same.
+    proxy's health, its probe's settings brought up to date) when the
+    proxies and their settings are the same.
 
     @raise ValueError: if a proxy cannot be built (a credentials file gone).
     """
@@ -775,6 +816,11 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
             maxDownFor=30 * config["proxy-backoff"],
         )
     policy = policyFor(config.configFile, config.proxySpecs, pool.proxies)
+    # The probe's settings follow the options even in a pool kept across a
+    # reload, with what it knows of each proxy's health.
+    pool.probeTarget = config["probe-target"] or DEFAULT_PROBE_TARGET
+    pool.connectTimeout = settings.connectTimeout
+    pool.handshakeTimeout = settings.handshakeTimeout
     return Configured(settings, pool, policy, key)
 
 
@@ -905,12 +951,3 @@ def resolverOptions(config: Options) -> dict[str, object]:
         }
     return {}
 
-
-def _resolveHostnamesInReactor(reactor) -> None:  # type: ignore[no-untyped-def]
-    """
-    Resolve the proxy's hostname with Twisted's own DNS client, which runs
-    in the reactor, rather than the default resolver's thread pool.
-    """
-    from twisted.names.client import createResolver
-
-    reactor.installResolver(createResolver())

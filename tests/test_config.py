@@ -102,6 +102,23 @@ class OptionTests(ConfigTestCase):
         self.assertEqual(options["allow-port"], {443, 8443, 8444})
         self.assertTrue(options["queue-bypass"])
 
+    def test_probeTarget(self) -> None:
+        """
+        probe-target in the file, or --probe-target, is what the pool's
+        probe asks for; without either, the default.
+        """
+        proxies = "proxy = ['127.0.0.1:3128']\n"
+        self.assertEqual(self.parse(f"probe-target = '192.0.2.9:1'\n{proxies}")["probe-target"], ("192.0.2.9", 1))
+        self.assertEqual(
+            self.parse(proxies, "--probe-target", "[2001:db8::9]:9")["probe-target"], ("2001:db8::9", 9)
+        )
+        self.assertEqual(self.parse(f"probe-target = 'squid-check.example:8'\n{proxies}")["probe-target"],
+                         ("squid-check.example", 8))
+        for text, target in [(proxies, ("255.255.255.255", 9)), (f"probe-target = '192.0.2.9:1'\n{proxies}", ("192.0.2.9", 1))]:
+            service = makeService(self.parse(text, "--handshake-timeout", "3"), MemoryReactorClock())
+            pool = service.getServiceNamed("shifter").factory.pool  # type: ignore[attr-defined]
+            self.assertEqual((pool.probeTarget, pool.handshakeTimeout), (target, 3.0))
+
     def test_commandLineOverrides(self) -> None:
         """
         A command-line option overrides the file's; a repeatable one adds
@@ -183,6 +200,22 @@ class ErrorTests(ConfigTestCase):
         self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\nsetup-timeout = inf\n"), 2, "setup-timeout: at most")
         self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\ndrain-timeout = nan\n"), 2, "drain-timeout: expected")
         self.assertEqual(self.parse("proxy = ['127.0.0.1:3128']\nproxy-backoff = 604800\n")["proxy-backoff"], 604800.0)
+
+    def test_badProbeTarget(self) -> None:
+        """
+        A probe target must be HOST:PORT fit for a CONNECT request, and not
+        the proxy itself.
+        """
+        for value, why in [
+            ("squid", "expected HOST:PORT"),
+            ("192.0.2.9:0", "port out of range"),
+            ("2001:db8::9:9", "in brackets"),
+            ("bad name:9", "control character or whitespace"),
+            ("127.0.0.1:9", "connect to itself"),
+            ("localhost:9", "connect to itself"),
+        ]:
+            self.assertLine(self.refused(f"proxy = ['127.0.0.1:3128']\nprobe-target = '{value}'\n"),
+                            2, "probe-target", why)
 
     def test_unknownKey(self) -> None:
         self.assertLine(self.refused("proxy = ['127.0.0.1:3128']\nidle-timout = 5\n"), 2, "did you mean 'idle-timeout'")
@@ -416,6 +449,16 @@ class ReloadTests(ConfigTestCase):
         self.rewrite("idle-timeout = 60\nproxy = ['127.0.0.1:3128']\n")
         self.service.reload()
         self.assertIs(self.factory.pool, pool)
+
+    def test_probeSettingsFollowReload(self) -> None:
+        """
+        A kept pool takes the reloaded probe target and timeouts.
+        """
+        pool = self.factory.pool
+        self.rewrite("probe-target = '192.0.2.9:1'\nhandshake-timeout = 2\nproxy = ['127.0.0.1:3128']\n")
+        self.service.reload()
+        self.assertIs(self.factory.pool, pool)
+        self.assertEqual((pool.probeTarget, pool.connectTimeout, pool.handshakeTimeout), (("192.0.2.9", 1), 4.0, 2.0))
 
     def test_newProxies(self) -> None:
         """

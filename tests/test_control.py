@@ -114,8 +114,9 @@ class ProtocolTests(SynchronousTestCase):
         pool.failed(pool.proxies[1], "cannot connect to proxy: refused")
         [answer] = self.talk(b'{"command": "proxies"}\n')
         self.assertEqual(answer["proxies"], [
-            {"proxy": "127.0.0.1:3128", "up": True, "failures": 0, "lastError": "", "groups": ["default"]},
-            {"proxy": "127.0.0.1:3129", "up": True, "failures": 1,
+            {"proxy": "127.0.0.1:3128", "up": True, "state": "up", "failures": 0, "lastError": "",
+             "groups": ["default"]},
+            {"proxy": "127.0.0.1:3129", "up": True, "state": "up", "failures": 1,
              "lastError": "cannot connect to proxy: refused", "groups": ["default"]},
         ])
 

@@ -430,7 +430,7 @@ class RefusalTests(HolderTestCase):
         """
         With every proxy marked down, the SYN is refused at once.
         """
-        self.owner.pool.health[self.owner.pool.proxies[0]].up = False
+        self.owner.pool.markDown(self.owner.pool.proxies[0], "down for the test")
         self.send(syn(1))
         self.assertEqual(self.attempts, [])
         self.assertRefused("no-proxy", "every proxy is down")

@@ -25,13 +25,15 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IResolverSimple
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
+from shifter.destinations import ProxyAddresses, alwaysKnown
 from shifter.downstream import ShifterFactory, TunnelSettings
 from shifter.policy import ITunnelPolicy
 from shifter.pool import ProxyPool
@@ -64,7 +66,9 @@ class ScriptedProxy(Protocol):
     request's header block is in: C{"flood-reset"} answers 200, sends
     C{floodBytes} and resets; C{"send-end"} answers 200, sends
     C{floodBytes} and finishes sending; C{"407-body"} answers 407 with a body, in two
-    writes; C{"silent"} never answers; C{"echo"} answers 200 and echoes.
+    writes; C{"silent"} never answers; C{"wedged"} answers the health
+    probe's CONNECT with a 403 and never answers the others; C{"echo"}
+    answers 200 and echoes.
     """
 
     def connectionMade(self) -> None:
@@ -96,6 +100,11 @@ class ScriptedProxy(Protocol):
             return
         self.answered = True
         script = self.factory.script
+        isProbe = self.buffer.startswith(b"CONNECT 255.255.255.255:9 ")
+        self.factory.timeline.append("probe" if isProbe else "client")
+        if script == "wedged" and isProbe:
+            # Its access rules still answer; its tunnels hang.
+            self.transport.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
         if script == "flood-reset":
             self.transport.write(OK + b"x" * self.factory.floodBytes)
             reactor.callLater(0.3, self.transport.abortConnection)
@@ -129,6 +138,10 @@ class ScriptedProxyFactory(Factory):
         self.floodBytes = floodBytes
         self.connections = 0
         self.lost: list[Any] = []
+        # What each CONNECT was, in order: "probe" (the health probe's
+        # target) or "client"; a test may share the list with other
+        # records.
+        self.timeline: list[Any] = []
 
 
 def descriptors() -> int:
@@ -166,8 +179,16 @@ class LifecycleTestCase(TestCase):
         self, proxies: list[str], policy: Any = None, listen: str = "tcp:0:interface=127.0.0.1", **settings: Any
     ):
         parsed = [parseProxy(p, reactor, caFile=getattr(self, "proxyCA", None)) for p in proxies]
-        self.pool = ProxyPool(parsed, reactor, failureThreshold=settings.pop("failures", 3))
-        self.factory = ShifterFactory(FixedResolver(), self.pool, TunnelSettings(**settings), reactor, policy)
+        backoff = settings.pop("backoff", 10.0)
+        failures = settings.pop("failures", 3)
+        tunnelSettings = TunnelSettings(**settings)
+        self.pool = ProxyPool(
+            parsed, reactor, failureThreshold=failures, downFor=backoff, maxDownFor=30 * backoff,
+            connectTimeout=tunnelSettings.connectTimeout, handshakeTimeout=tunnelSettings.handshakeTimeout,
+        )
+        self.factory = ShifterFactory(FixedResolver(), self.pool, tunnelSettings, reactor, policy)
+        if hasattr(self, "proxyAddresses"):
+            self.factory.proxyAddresses = self.proxyAddresses(self.pool.proxies)
         yield self.factory.proxyAddresses.readLocal()  # as the service does before it listens
         port = yield serverFromString(reactor, listen).listen(self.factory)
         self.factory.listeningAddress = port.getHost()
@@ -502,3 +523,194 @@ class DeadlineOrderTests(LifecycleTestCase):
         data, how = drain(silent, 2.0)
         self.assertEqual((data, how), (b"", "eof"))
         self.assertEqual(len(self.lines("failed", "not set up within 0.5 s (was sniffing)")), 1)
+
+
+class BackOffTests(LifecycleTestCase):
+    """
+    Proxies [bad, good], failover, a short handshake timeout and back-off:
+    clients one after another while the bad proxy goes down and is probed
+    several times.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def runClients(self, script: str, downPeriods: int):  # type: ignore[no-untyped-def]
+        """
+        Start the two proxies and Shifter, then send clients three at a
+        time, each echoed by the good proxy in the end, until the bad proxy
+        has been marked down C{downPeriods} times.
+
+        @return: the bad proxy's timeline: "client" and "probe" for each
+            CONNECT it got, and the seconds of each "marked down" line, in
+            the order they came.
+        """
+        badFactory, bad = yield self.startProxy(script)
+        _, good = yield self.startProxy("echo")
+        timeline = badFactory.timeline
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_format", "").startswith("proxy {proxy} marked down") and event["proxy"] == bad[7:]:
+                timeline.append(event["seconds"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        yield self.startShifter([bad, good], failures=2, handshakeTimeout=0.3, backoff=0.3)
+        deadline = time.monotonic() + 60
+        n = 0
+        while sum(isinstance(entry, float) for entry in timeline) < downPeriods:
+            self.assertLess(time.monotonic(), deadline, f"not marked down {downPeriods} times: {timeline}")
+            batch = []
+            for _ in range(3):
+                client = self.client()
+                message = b"ping %d" % n
+                client.sendall(message)
+                batch.append((client, message))
+                n += 1
+            for client, message in batch:
+                data = yield self.receive(client, len(message))
+                self.assertEqual(data, message)
+                client.close()
+            yield deferLater(reactor, 0.02, lambda: None)
+        return timeline
+
+    def clientsPerBackOff(self, timeline: list[Any]) -> list[int]:
+        """
+        How many clients the bad proxy got after each time it was marked
+        down, before the next.
+        """
+        counts: list[int] = []
+        for entry in timeline:
+            if isinstance(entry, float):
+                counts.append(0)
+            elif entry == "client" and counts:
+                counts[-1] += 1
+        return counts
+
+    @inlineCallbacks
+    def test_hungProxyStaysDown(self):  # type: ignore[no-untyped-def]
+        """
+        A proxy that accepts connections and never answers fails every
+        probe: after it is marked down no client waits for it again, and
+        each down period is twice the last.
+        """
+        timeline = yield self.runClients("silent", downPeriods=4)
+        downs = [entry for entry in timeline if isinstance(entry, float)]
+        self.assertEqual(downs[:4], [0.3, 0.6, 1.2, 2.4])
+        self.assertEqual(self.clientsPerBackOff(timeline)[:4], [0, 0, 0, 0], timeline)
+        self.assertEqual(set(timeline[:timeline.index(0.3)]), {"client"}, timeline)
+        self.assertGreaterEqual(timeline.count("probe"), 3)
+        self.assertTrue(self.lines("probe CONNECT 255.255.255.255:9 failed: no answer to CONNECT within 0.3 s"))
+
+    @inlineCallbacks
+    def test_wedgedProxyOneCanaryPerBackOff(self):  # type: ignore[no-untyped-def]
+        """
+        A proxy that answers the probe (its access rules refuse the probe
+        target) but never answers a tunnel's CONNECT comes back after each
+        back-off, on trial: one client, its canary, waits for it, the
+        others go to the good proxy, and the canary's failure marks it
+        down again for twice as long.
+        """
+        timeline = yield self.runClients("wedged", downPeriods=4)
+        downs = [entry for entry in timeline if isinstance(entry, float)]
+        self.assertEqual(downs[:4], [0.3, 0.6, 1.2, 2.4])
+        self.assertEqual(self.clientsPerBackOff(timeline)[:3], [1, 1, 1], timeline)
+        self.assertEqual(len(self.lines("marked down", "its canary tunnel failed")), len(downs) - 1)
+
+
+class CountingNames:
+    """
+    A C{twisted.names} resolver for L{ProxyAddresses}: C{proxy.test} is
+    127.0.0.1 (no IPv6 address), each look-up counted; with C{hold}, no
+    look-up ever answers.
+    """
+
+    def __init__(self) -> None:
+        self.lookups: list[tuple[str, str]] = []
+        self.hold = False
+
+    def _answer(self, kind: str, name: str, records: list[Any]) -> Deferred:
+        self.lookups.append((kind, name))
+        if self.hold:
+            return Deferred()
+        return succeed((records, [], []))
+
+    def lookupAddress(self, name: str, timeout: Any = None) -> Deferred:
+        return self._answer("A", name, [dns.RRHeader(name, dns.A, dns.IN, 60, dns.Record_A("127.0.0.1"))])
+
+    def lookupIPV6Address(self, name: str, timeout: Any = None) -> Deferred:
+        return self._answer("AAAA", name, [])
+
+
+@implementer(IResolverSimple)
+class CountingSimpleResolver:
+    """
+    The reactor's own resolver (C{reactor.resolve}, what a TCP connection
+    to a hostname asks), counting every call.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def getHostByName(self, name: str, timeout: Any = None) -> Deferred:
+        self.calls.append(name)
+        return succeed("127.0.0.1")
+
+
+class ProxyNameTests(LifecycleTestCase):
+    """
+    A proxy named by hostname (C{http://proxy.test:PORT}).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.names = CountingNames()
+        self.simple = CountingSimpleResolver()
+        previous = reactor.installResolver(self.simple)
+        self.addCleanup(reactor.installResolver, previous)
+
+    def proxyAddresses(self, proxies: list[Any]) -> ProxyAddresses:
+        return ProxyAddresses(proxies, reactor, self.names, alwaysKnown(["127.0.0.1"]))
+
+    @inlineCallbacks
+    def startNamedProxy(self):  # type: ignore[no-untyped-def]
+        factory, address = yield self.startProxy("echo")
+        yield self.startShifter([address.replace("127.0.0.1", "proxy.test")])
+        return factory
+
+    @inlineCallbacks
+    def test_noLookUpPerTunnel(self):  # type: ignore[no-untyped-def]
+        """
+        Tunnels go to the address the name was resolved to at start: five
+        tunnels, one look-up (A and AAAA), and no call to the reactor's
+        resolver (which, as twisted.names, reads /etc/hosts each time).
+        """
+        proxy = yield self.startNamedProxy()
+        for n in range(5):
+            client = self.client()
+            client.sendall(b"ping %d" % n)
+            data = yield self.receive(client, 6)
+            self.assertEqual(data, b"ping %d" % n)
+            client.close()
+        self.assertEqual(proxy.connections, 5)
+        self.assertEqual(self.simple.calls, [])
+        self.assertEqual(sorted(self.names.lookups), [("A", "proxy.test"), ("AAAA", "proxy.test")])
+
+    @inlineCallbacks
+    def test_failsClosedUntilResolved(self):  # type: ignore[no-untyped-def]
+        """
+        Until the name has been resolved, a tunnel through the proxy fails
+        at once with a reason that says so; nothing looks the name up in
+        its place.
+        """
+        self.names.hold = True
+        proxy = yield self.startNamedProxy()
+        client = self.client()
+        client.sendall(b"ping")
+        reason = "the address of proxy host proxy.test is not known yet"
+        yield self.waitUntil(lambda: self.lines("failed", reason), 10, "the tunnel's failure line")
+        data, how = drain(client)
+        self.assertEqual((data, how), (b"", "eof"))
+        self.assertEqual(proxy.connections, 0)
+        self.assertEqual(self.simple.calls, [])
+        self.assertEqual(len(self.lines("failed", reason)), 1)

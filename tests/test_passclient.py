@@ -25,6 +25,7 @@ from shifter.passclient import (
     PASS_CLIENT_MODES,
     clientEndpoints,
     forwardedFor,
+    probeRequest,
     proxyHeader,
     refusalHint,
     tunnelRequest,
@@ -78,6 +79,24 @@ def readV2(data: bytes) -> tuple[int, int, tuple[str, str, int, int], bytes]:
         dport,
     )
     return command, family, addresses, data[size:]
+
+
+class ProbeRequestTests(SynchronousTestCase):
+    def test_localHeaders(self) -> None:
+        """
+        A probe relays no client: with the PROXY protocol its header says
+        so (v1 UNKNOWN, v2 LOCAL with no addresses), before the CONNECT;
+        with x-forwarded-for it names no one.
+        """
+        request = formatConnectRequest("255.255.255.255", 9)
+        for mode, header in [
+            ("none", b""),
+            ("x-forwarded-for", b""),
+            ("proxy-v1", b"PROXY UNKNOWN\r\n"),
+            ("proxy-v2", V2_SIGNATURE + b"\x20\x00\x00\x00"),
+        ]:
+            proxy = UpstreamProxy("p.test:3128", FakeProxyEndpoint(), passClient=mode)
+            self.assertEqual(probeRequest(proxy, "255.255.255.255", 9), header + request, mode)
 
 
 class ProxyV1Tests(SynchronousTestCase):

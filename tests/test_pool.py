@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.pool import ProxyPool
+from shifter.auth import Credentials, ProxyAuth
+from shifter.pool import DOWN, PROBING, TRIAL, UP, ProxyPool
 from shifter.proxy import UpstreamProxy
 from tests.test_tunnel import FakeProxyEndpoint
 
@@ -31,7 +35,7 @@ class BalanceTests(SynchronousTestCase):
         """
         pool = ProxyPool(self.proxies, self.clock, "failover")
         self.assertEqual(pool.candidates("192.0.2.2"), self.proxies)
-        pool.health[self.proxies[0]].up = False
+        pool.markDown(self.proxies[0], "down for the test")
         self.assertEqual(pool.candidates("192.0.2.2"), self.proxies[1:])
 
     def test_roundRobin(self) -> None:
@@ -57,7 +61,7 @@ class BalanceTests(SynchronousTestCase):
         spread = Counter(before.values())
         self.assertEqual(len(spread), 3)
         self.assertGreater(min(spread.values()), 30)
-        pool.health[self.proxies[1]].up = False
+        pool.markDown(self.proxies[1], "down for the test")
         after = {client: pool.candidates(client)[0] for client in clients}
         moved = {client for client in clients if before[client] != after[client]}
         self.assertEqual(moved, {client for client in clients if before[client] is self.proxies[1]})
@@ -74,8 +78,12 @@ class HealthTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         [self.proxy] = makeProxies(1)
-        self.pool = ProxyPool([self.proxy], self.clock, failureThreshold=3, downFor=10, maxDownFor=35)
+        self.pool = ProxyPool(
+            [self.proxy], self.clock, failureThreshold=3, downFor=10, maxDownFor=35,
+            connectTimeout=5, handshakeTimeout=2,
+        )
         self.health = self.pool.health[self.proxy]
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def test_markedDownAfterThreshold(self) -> None:
         """
@@ -96,19 +104,85 @@ class HealthTests(SynchronousTestCase):
         for _ in range(3):
             self.pool.failed(self.proxy, "refused")
 
-    def test_probedAfterBackOff(self) -> None:
+    def nextWait(self) -> float:
+        [call] = [c for c in self.clock.getDelayedCalls() if c.active()]
+        return call.getTime() - self.clock.seconds()
+
+    def probe(self, answer: bytes | None = b"HTTP/1.1 403 Forbidden\r\n"):  # type: ignore[no-untyped-def]
         """
-        When the back-off ends the proxy is probed with a TCP connection;
-        if it connects, the proxy is up again.
+        Let the back-off run out; the probe connects and gets C{answer}
+        (or nothing, if C{None}).
+        """
+        self.clock.advance(self.nextWait())
+        protocol, transport = self.proxy.endpoint.accept()
+        if answer is not None:
+            protocol.dataReceived(answer)
+        return protocol, transport
+
+    def test_probeAsksConnect(self) -> None:
+        """
+        When the back-off ends the proxy is asked CONNECT to the probe
+        target; a status line, even a refusal, puts it on trial, and the
+        probe's connection is dropped at once, the rest of its answer
+        unread.
         """
         self.markDown()
         self.clock.advance(9.9)
         self.assertEqual(self.proxy.endpoint.attempts, [])
-        self.clock.advance(0.2)
+        self.clock.advance(0.1)
         protocol, transport = self.proxy.endpoint.accept()
+        self.assertTrue(transport.value().startswith(b"CONNECT 255.255.255.255:9 HTTP/1.1\r\n"))
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.health.state, PROBING)
+        protocol.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Len")
         self.assertTrue(transport.disconnecting, "probe connection left open")
-        self.assertTrue(self.health.up)
-        self.assertEqual(self.health.failures, 0)
+        self.assertEqual(self.health.state, TRIAL)
+        self.assertEqual(self.pool.candidates("192.0.2.2"), [self.proxy])
+
+    def test_probeTarget(self) -> None:
+        """
+        The probe asks for the configured target.
+        """
+        self.pool.probeTarget = ("2001:db8::9", 9)
+        self.markDown()
+        _, transport = self.probe(None)
+        self.assertTrue(transport.value().startswith(b"CONNECT [2001:db8::9]:9 HTTP/1.1\r\n"))
+
+    def test_connectedIsNotAnswered(self) -> None:
+        """
+        A proxy that takes the probe's connection and never answers stays
+        down, for twice as long: a connection alone is no sign of health.
+        """
+        self.markDown()
+        _, transport = self.probe(None)
+        self.clock.advance(1.9)
+        self.assertEqual(self.health.state, PROBING)
+        self.clock.advance(0.1)
+        self.assertEqual(self.health.state, DOWN)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.nextWait(), 20)
+        self.assertEqual(
+            self.health.lastError, "probe CONNECT 255.255.255.255:9 failed: no answer to CONNECT within 2 s"
+        )
+
+    def test_garbageIsNotAnswered(self) -> None:
+        """
+        A probe answered with something that is not HTTP fails.
+        """
+        self.markDown()
+        self.probe(b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.assertEqual(self.health.state, DOWN)
+        self.assertIn("not HTTP", self.health.lastError)
+
+    def test_closedIsNotAnswered(self) -> None:
+        """
+        A probe whose connection is closed before a status line fails.
+        """
+        self.markDown()
+        protocol, _ = self.probe(b"HTTP/1.1 40")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.health.state, DOWN)
+        self.assertIn("closed the connection without answering", self.health.lastError)
 
     def test_failedProbeDoublesBackOff(self) -> None:
         """
@@ -118,8 +192,7 @@ class HealthTests(SynchronousTestCase):
         self.markDown()
         waits = []
         for _ in range(3):
-            [call] = self.clock.getDelayedCalls()
-            waits.append(call.getTime() - self.clock.seconds())
+            waits.append(self.nextWait())
             self.clock.advance(waits[-1])
             self.proxy.endpoint.refuse()
             self.assertFalse(self.health.up)
@@ -127,14 +200,112 @@ class HealthTests(SynchronousTestCase):
 
     def test_probeTimeout(self) -> None:
         """
-        A probe that never connects fails after the probe timeout.
+        A probe that never connects fails after the connect timeout.
         """
         self.markDown()
         self.clock.advance(10)
-        self.clock.advance(5)
-        self.assertFalse(self.health.up)
-        [call] = [c for c in self.clock.getDelayedCalls() if c.active()]
-        self.assertAlmostEqual(call.getTime() - self.clock.seconds(), 20)
+        self.clock.advance(4.9)
+        self.assertEqual(self.health.state, PROBING)
+        self.clock.advance(0.1)
+        self.assertEqual(self.health.state, DOWN)
+        self.assertEqual(self.nextWait(), 20)
+        self.assertEqual(self.health.lastError, "probe CONNECT 255.255.255.255:9 failed: no connection within 5 s")
+
+    def test_oneCanaryAtATime(self) -> None:
+        """
+        On trial, the proxy takes one tunnel at a time: while a canary is
+        in flight it is offered to no other, and a canary given up on
+        without a verdict lets the next tunnel be one.
+        """
+        self.markDown()
+        self.probe()
+        first, second = object(), object()
+        self.assertTrue(self.pool.claim(self.proxy, first))
+        self.assertEqual(self.pool.candidates("192.0.2.2"), [])
+        self.assertFalse(self.pool.claim(self.proxy, second))
+        self.assertEqual(self.pool.unavailable(),
+                         "every proxy is down, or on trial with its one canary tunnel in flight")
+        self.pool.release(self.proxy, second)
+        self.assertFalse(self.pool.usable(self.proxy))
+        self.pool.release(self.proxy, first)
+        self.assertEqual(self.pool.candidates("192.0.2.2"), [self.proxy])
+        self.assertTrue(self.pool.claim(self.proxy, second))
+
+    def test_canaryFailureMarksDownDoubled(self) -> None:
+        """
+        A canary that fails marks the proxy down at once, without waiting
+        for C{failureThreshold} failures, for twice the last back-off.
+        """
+        self.markDown()
+        self.probe()
+        self.pool.claim(self.proxy, object())
+        self.pool.failed(self.proxy, "proxy did not answer CONNECT within 2 s")
+        self.assertEqual(self.health.state, DOWN)
+        self.assertEqual(self.nextWait(), 20)
+        [line] = [formatEvent(e) for e in self.events if "canary" in formatEvent(e)]
+        self.assertIn("marked down for 20 s: its canary tunnel failed: proxy did not answer", line)
+
+    def test_backOffsDoubleAcrossComebacks(self) -> None:
+        """
+        A proxy that answers every probe and fails every canary is down
+        for 10, 20, 35 (the maximum), 35 s: it comes back once per back-off.
+        """
+        self.markDown()
+        waits = []
+        for _ in range(4):
+            waits.append(self.nextWait())
+            self.probe()
+            self.assertTrue(self.pool.claim(self.proxy, object()))
+            self.pool.failed(self.proxy, "proxy closed the connection before answering")
+        self.assertEqual(waits, [10, 20, 35, 35])
+
+    def test_onlyATunnelResetsBackOff(self) -> None:
+        """
+        A canary answered with a refusal brings the proxy up, but leaves its
+        back-off where it was: failing again doubles it.  Only a tunnel
+        that opens (a 2xx) sets it back to the first.
+        """
+        self.markDown()
+        self.probe()
+        self.pool.claim(self.proxy, object())
+        self.pool.answered(self.proxy, 403)
+        self.assertEqual(self.health.state, UP)
+        self.markDown()
+        self.assertEqual(self.nextWait(), 20)
+        self.probe()
+        self.pool.claim(self.proxy, object())
+        self.pool.succeeded(self.proxy)
+        self.assertEqual(self.health.state, UP)
+        self.markDown()
+        self.assertEqual(self.nextWait(), 10)
+
+    def test_lateFailureWhileDown(self) -> None:
+        """
+        A tunnel that started before the proxy went down and fails after
+        changes nothing.
+        """
+        self.markDown()
+        self.pool.failed(self.proxy, "refused")
+        self.assertEqual((self.health.state, self.nextWait()), (DOWN, 10))
+
+    def test_probeSendsWhatATunnelSends(self) -> None:
+        """
+        The probe carries the proxy's credentials and, for the PROXY
+        protocol, a header saying it relays no client.
+        """
+        proxy = UpstreamProxy(
+            "auth.test:3128", FakeProxyEndpoint(),
+            auth=ProxyAuth(Credentials("user", "secret"), preemptiveBasic=True), passClient="proxy-v1",
+        )
+        pool = ProxyPool([proxy], self.clock, failureThreshold=1, downFor=1)
+        pool.failed(proxy, "refused")
+        self.clock.advance(1)
+        _, transport = proxy.endpoint.accept()
+        self.assertEqual(
+            transport.value(),
+            b"PROXY UNKNOWN\r\nCONNECT 255.255.255.255:9 HTTP/1.1\r\nHost: 255.255.255.255:9\r\n"
+            b"Proxy-Authorization: Basic dXNlcjpzZWNyZXQ=\r\n\r\n",
+        )
 
     def test_stopCancelsProbes(self) -> None:
         """
@@ -155,6 +326,18 @@ class HealthTests(SynchronousTestCase):
         self.pool.stop()
         self.assertTrue(attempt.called, "the probe's connection attempt was left running")
         self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+
+    def test_stopCancelsProbeWaitingForAnswer(self) -> None:
+        """
+        Stopping the pool while a probe waits for its answer drops the
+        probe's connection and schedules nothing.
+        """
+        self.markDown()
+        _, transport = self.probe(None)
+        self.pool.stop()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+
 
 class LastErrorTests(SynchronousTestCase):
     def test_lastErrorKept(self) -> None:

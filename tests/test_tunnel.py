@@ -752,12 +752,98 @@ class SeveralProxiesTests(TunnelTestCase):
         without any connection attempt.
         """
         for proxy in (self.proxyA, self.proxyB):
-            self.pool.health[proxy].up = False
+            self.pool.markDown(proxy, "down for the test")
         _, clientTransport = self.connectClient()
         self.assertTrue(clientTransport.disconnecting)
         self.assertEqual((self.endpoint.attempts, self.endpointB.attempts), ([], []))
         self.assertIn("every proxy is down", self.failureLines()[0])
         self.assertEqual(self.factory.counters["no-proxy"], 1)
+
+
+class CanaryTests(TunnelTestCase):
+    """
+    Proxies A and B (failover), A back from its probe, on trial; B up.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.endpointB = FakeProxyEndpoint()
+        self.proxyA = UpstreamProxy("a.test:3128", self.endpoint, PROXY)
+        self.proxyB = UpstreamProxy("b.test:3128", self.endpointB, ("198.51.100.4", 3128))
+        self.pool = ProxyPool([self.proxyA, self.proxyB], self.clock, failureThreshold=2)
+        self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        knowLocalAddresses(self.factory)
+        self.pool.markDown(self.proxyA, "down for the test")
+        self.clock.advance(10)
+        probe, _ = self.endpoint.accept()
+        probe.dataReceived(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+        self.assertEqual(self.pool.health[self.proxyA].state, "trial")
+
+    def test_oneCanaryOthersElsewhere(self) -> None:
+        """
+        The first client tries A, its canary; the clients that come while
+        it waits for A's answer go straight to B.
+        """
+        self.connectClient()
+        self.assertEqual(len(self.endpoint.attempts), 1)
+        for _ in range(2):
+            self.connectClient()
+        self.assertEqual(len(self.endpoint.attempts), 1)
+        self.assertEqual(len(self.endpointB.attempts), 2)
+
+    def test_canaryTimesOut(self) -> None:
+        """
+        A canary whose CONNECT goes unanswered marks A down at once (not
+        after C{failureThreshold}), for twice the back-off; its client is
+        carried by B, and the clients after it do not try A.
+        """
+        self.connectClient()
+        upstream, _ = self.endpoint.accept()
+        self.clock.advance(7)
+        self.assertEqual(self.pool.health[self.proxyA].state, "down")
+        self.assertTrue(any("a.test:3128 marked down for 20 s: its canary tunnel failed" in m
+                            for m in self.messages("warn")))
+        self.endpointB.accept()[0].dataReceived(OK)
+        self.assertEqual(self.factory.counters["opened"], 1)
+        self.connectClient()
+        self.assertEqual(self.endpoint.attempts, [])
+
+    def test_canaryOpensTunnel(self) -> None:
+        """
+        A canary that opens its tunnel brings A fully up: clients go to it
+        again, several at once.
+        """
+        self.connectClient()
+        self.endpoint.accept()[0].dataReceived(OK)
+        self.assertTrue(self.pool.health[self.proxyA].up)
+        self.connectClient()
+        self.connectClient()
+        self.assertEqual(len(self.endpoint.attempts), 2)
+
+    def test_canaryClientLeaves(self) -> None:
+        """
+        A canary whose client leaves before A answers is no verdict: the
+        next client is A's canary.
+        """
+        client, _ = self.connectClient()
+        self.endpoint.accept()
+        client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.pool.health[self.proxyA].state, "trial")
+        self.connectClient()
+        self.assertEqual(len(self.endpoint.attempts), 1)
+        self.assertEqual(self.endpointB.attempts, [])
+
+    def test_onlyProxyOnTrial(self) -> None:
+        """
+        With B down and A's canary in flight, a client is closed at once,
+        and the line says why.
+        """
+        self.pool.markDown(self.proxyB, "down for the test")
+        self.connectClient()
+        _, clientTransport = self.connectClient()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertIn("every proxy is down, or on trial with its one canary tunnel in flight",
+                      self.failureLines()[0])
 
 
 class ConnectTargetTests(TunnelTestCase):

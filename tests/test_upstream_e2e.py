@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from tests.gateway import (
+    PROJECT,
     SERVER_V4,
     SHIFTER_PORT,
     SQUID_PORT,
@@ -241,10 +242,68 @@ class SeveralProxiesTests(UpstreamTestCase):
         waitFor(lambda: sum("TCP_TUNNEL/200" in l for l in second.accessLogLines()) == 3, 10, "3 via second")
         self.shifter.waitForLog("proxy 127.0.0.1:3128 marked down")
         first.start()
-        self.shifter.waitForLog("proxy 127.0.0.1:3128 is back up", timeout=20)
+        # The probe's CONNECT is refused by Squid's port rule, with no
+        # look-up and no connection out (HIER_NONE): that answer is enough.
+        self.shifter.waitForLog("proxy 127.0.0.1:3128 answered the probe (403 Forbidden)", timeout=20)
+        first.waitForLog("TCP_DENIED/403", "CONNECT 255.255.255.255:9 ", "HIER_NONE/-")
         before = len(first.accessLogLines())
         self.assertEqual(self.fetch(f"https://{SERVER_V4}/file.bin").returncode, 0)
         waitFor(lambda: len(first.accessLogLines()) > before, 10, "a tunnel via the first again")
+        self.shifter.waitForLog("proxy 127.0.0.1:3128 is back up: a tunnel through it opened")
+
+
+# Probes Squid once, in the gateway's namespace, the way the pool does, and
+# prints the status line it got.
+_PROBE = """\
+import sys
+from twisted.internet import task
+from shifter.probe import DEFAULT_PROBE_TARGET, askProxy
+from shifter.proxy import parseProxy
+
+def main(reactor):
+    proxy = parseProxy(sys.argv[1], reactor)
+    asking = askProxy(proxy, *DEFAULT_PROBE_TARGET, reactor, 2.0, 2.0, statusOnly=True)
+    return asking.addCallback(lambda response: print(response.status, response.reason))
+
+task.react(main)
+"""
+
+
+class ProbeTargetTests(UpstreamTestCase):
+    """
+    The health probe's default target against a real Squid.
+    """
+
+    def probe(self) -> str:
+        result = self.net.gateway.run(
+            "env", f"PYTHONPATH={PROJECT}", str(VENV_BIN / "python"), "-c", _PROBE, SQUID, check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout.strip()
+
+    def test_refusedByPortRules(self) -> None:
+        """
+        Squid's default port rules (Debian's "deny !Safe_ports" first, then
+        "deny CONNECT !SSL_ports") refuse the probe target at once, within
+        the probe's 2 s, without a look-up or a connection out.
+        """
+        squid = self.squidWith(
+            "acl Safe_ports port 80 21 443 70 210 1025-65535 280 488 591 777\n"
+            "http_access deny !Safe_ports\nhttp_access allow localhost\n"
+        )
+        self.assertEqual(self.probe(), "403 Forbidden")
+        squid.waitForLog("TCP_DENIED/403", "CONNECT 255.255.255.255:9 ", "HIER_NONE/-")
+
+    def test_answeredEvenWhenAllowed(self) -> None:
+        """
+        A Squid that allows CONNECT to any port still answers at once: it
+        cannot connect to the broadcast address, so it answers an error
+        without waiting, and nothing leaves the gateway.
+        """
+        squid = self.squidWith("http_access allow localhost\n", extra="http_access allow localhost\n")
+        status = self.probe()
+        self.assertRegex(status, r"^5\d\d ")
+        squid.waitForLog("CONNECT 255.255.255.255:9 ")
 
 
 class TLSProxyTests(UpstreamTestCase):
