@@ -334,12 +334,17 @@ class DownstreamProtocol(Protocol):
     carries out the tunnel's requests on it.
 
     @ivar tunnel: the tunnel, once the connection is made.
+    @ivar ended: whether the client has finished sending.
+    @ivar finishing: whether the connection is being finished (see
+        L{finish}): it closes at the client's end.
     """
 
     # The accepted TCP connection: an ITCPTransport that is also the push
     # producer of its bytes.
     transport: Any
     tunnel: Tunnel
+    ended = False
+    finishing = False
 
     def __init__(self, factory: ShifterFactory) -> None:
         self.factory = factory
@@ -359,7 +364,10 @@ class DownstreamProtocol(Protocol):
         self.tunnel.clientData(data)
 
     def readConnectionLost(self) -> None:
+        self.ended = True
         self.tunnel.clientEnded()
+        if self.finishing:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -381,9 +389,6 @@ class DownstreamProtocol(Protocol):
         relay.start(toProxy, toClient, clientEnded)
         return relay
 
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
     def pauseReading(self) -> None:
         self.transport.pauseProducing()
 
@@ -392,6 +397,18 @@ class DownstreamProtocol(Protocol):
 
     def close(self) -> None:
         self.transport.loseConnection()
+
+    def finish(self) -> None:
+        transport = self.transport
+        if self.ended:
+            transport.loseConnection()  # nothing more to read
+            return
+        self.finishing = True
+        if not getattr(transport, "_writeDisconnected", False):  # the splice relay may have sent it
+            transport.loseWriteConnection()
+        # Reading again (paused by the relay, or stopped by the splice
+        # relay), to throw away what the client still sends until its end.
+        transport.resumeProducing()
 
     def abort(self) -> None:
         self.transport.abortConnection()
