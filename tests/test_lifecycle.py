@@ -68,6 +68,8 @@ class ScriptedProxy(Protocol):
     C{floodBytes} and resets; C{"send-end"} answers 200, sends
     C{floodBytes} and finishes sending; C{"send-close"} answers 200, sends
     C{floodBytes} and closes (over TLS, a clean close: close_notify);
+    C{"send-truncate"}, over TLS, the same but closes TCP without
+    close_notify;
     C{"slow-read"} answers 200, sends C{floodBytes}, and reads slowly,
     counting what it gets in C{factory.received}; C{"407-body"} answers 407 with a body, in
     two writes; C{"silent"} never answers; C{"echo"} answers 200 and
@@ -124,6 +126,11 @@ class ScriptedProxy(Protocol):
         elif script == "send-close":
             self.transport.write(OK + b"y" * self.factory.floodBytes)
             self.transport.loseConnection()
+        elif script == "send-truncate":
+            # Over TLS: a FIN without close_notify (still reading, so
+            # that no unread byte turns it into a reset).
+            self.transport.write(OK + b"y" * self.factory.floodBytes)
+            self.transport.transport.loseWriteConnection()
         elif script == "slow-read":
             # An answer the client may never read, and then slow reading.
             self.transport.write(OK + b"r" * self.factory.floodBytes)
@@ -422,8 +429,8 @@ class LingeringCloseTests(LifecycleTestCase):
         yield self.waitUntil(lambda: proxyFactory.lost, 10, "the proxy connection to end")
         self.assertEqual(proxyFactory.received, size)
         self.assertTrue(proxyFactory.lost[0].check(ConnectionDone), proxyFactory.lost[0])
-        # Counted as delivered, every byte; what was on its way to the
-        # client when it reset is counted as dropped.
+        # Counted as delivered, every byte (what was on its way to the
+        # client when it reset, if anything, is counted as dropped).
         [line] = self.lines("closed (")
         self.assertIn(f"{size} bytes up,", line)
         self.assertNotIn("bytes up dropped", line)
@@ -443,15 +450,17 @@ class LingeringCloseTests(LifecycleTestCase):
         return self.assertUploadDelivered("twisted")
 
     @inlineCallbacks
-    def test_tlsProxyCleanCloseDelivered(self):  # type: ignore[no-untyped-def]
+    def assertDownloadDelivered(self, script: str):  # type: ignore[no-untyped-def]
         """
-        An https:// proxy that sends 8 MiB and closes cleanly (close_notify)
-        while the client reads slowly and, once the proxy is gone, writes a
-        few bytes (a pipelined request): the client gets all 8 MiB, then
-        the end.
+        An https:// proxy sends 8 MiB and ends as C{script} says while the
+        client reads slowly and, once the proxy's end has reached Shifter,
+        writes a few bytes (a pipelined request): the client gets all 8 MiB,
+        then the end.
+
+        @return: the tunnel line.
         """
         size = 8 << 20
-        proxyFactory, proxy = yield self.startProxy("send-close", tls=True)
+        proxyFactory, proxy = yield self.startProxy(script, tls=True)
         proxyFactory.floodBytes = size
         yield self.startShifter([proxy], closeGrace=20.0)
         client = self.client(receiveBuffer=8192)
@@ -489,6 +498,27 @@ class LingeringCloseTests(LifecycleTestCase):
         [line] = self.lines("closed (")
         self.assertIn(f"{size} bytes down,", line)
         self.assertNotIn("dropped", line)
+        return line
+
+    @inlineCallbacks
+    def test_tlsProxyCleanCloseDelivered(self):  # type: ignore[no-untyped-def]
+        """
+        An https:// proxy that sends 8 MiB and closes cleanly (close_notify)
+        while the client writes a few bytes late: the client gets all 8 MiB,
+        and the tunnel ended as the proxy's end, not a loss.
+        """
+        line = yield self.assertDownloadDelivered("send-close")
+        self.assertIn("closed (proxy closed)", line)
+
+    @inlineCallbacks
+    def test_tlsProxyTruncationDelivered(self):  # type: ignore[no-untyped-def]
+        """
+        An https:// proxy whose TCP connection ends without close_notify (a
+        truncation) is a loss, but what it sent before is delivered all the
+        same.
+        """
+        line = yield self.assertDownloadDelivered("send-truncate")
+        self.assertIn("closed (proxy connection lost", line)
 
 
 class RefusalTests(LifecycleTestCase):
