@@ -511,6 +511,23 @@ class LingeringCloseTests(LifecycleTestCase):
         self.assertIn("closed (proxy closed)", line)
 
     @inlineCallbacks
+    def test_tlsCloseAfterClientEnd(self):  # type: ignore[no-untyped-def]
+        """
+        A client that finishes sending, through an https:// proxy that
+        answers and then closes cleanly: the proxy's clean TLS close is its
+        end of the tunnel, so both sides have ended, nothing was lost.
+        """
+        proxyFactory, proxy = yield self.startProxy("echo", tls=True)
+        yield self.startShifter([proxy])
+        client = self.client()
+        client.sendall(b"ping")
+        self.assertEqual((yield self.receive(client, 4)), b"ping")
+        client.shutdown(socket.SHUT_WR)
+        yield self.waitUntil(lambda: not self.factory.active, 10, "the tunnel to end")
+        self.assertEqual(drain(client), (b"", "eof"))
+        self.assertEqual(len(self.lines("closed (both sides closed)")), 1)
+
+    @inlineCallbacks
     def test_tlsProxyTruncationDelivered(self):  # type: ignore[no-untyped-def]
         """
         An https:// proxy whose TCP connection ends without close_notify (a
