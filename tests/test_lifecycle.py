@@ -407,9 +407,16 @@ class LingeringCloseTests(LifecycleTestCase):
         proxyFactory.floodBytes = 8 << 20
         yield self.startShifter([proxy], relay=relay, closeGrace=20.0)
         client = self.client(receiveBuffer=8192)
+        client.sendall(b"u")
+        yield self.waitUntil(lambda: self.factory.counters["opened"], 10, "the tunnel to open")
+        # A small send buffer towards the proxy, so that the client's bytes
+        # wait in Shifter's socket for the client, not in the kernel's
+        # buffers towards the proxy, where nothing can lose them.
+        [tunnel] = self.factory.active
+        tunnel.attempt.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
         client.setblocking(False)
         data = memoryview(b"u" * size)
-        sent = 0
+        sent = 1
         deadline = time.monotonic() + 30
         # Everything sent and acknowledged by the gateway's kernel, while
         # the proxy has read only part of it.
