@@ -254,6 +254,24 @@ class SpliceRelayTests(TestCase):
         self.assertEqual(self.proxy.hash.digest(), hashlib.sha256(data).digest())
 
     @defer.inlineCallbacks
+    def test_countedWhenDelivered(self):  # type: ignore[no-untyped-def]
+        """
+        Bytes are counted once they are in the receiving socket, not when
+        they are read: while the proxy's peer does not read, the count is
+        what the proxy's side of the relay has taken (sent or queued), and
+        not what waits in the pipe.
+        """
+        self.proxy.transport.pauseProducing()
+        self.relay.start()
+        self.client.transport.write(payload(32_000_000, b"counted"))
+        yield waitUntil(lambda: not self.relay.client.reading and self.relay.proxy.writing)
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertGreater(self.relay.up.held(), 0)
+        queued = struct.unpack("i", fcntl.ioctl(self.proxySide.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        waiting = struct.unpack("i", fcntl.ioctl(self.proxy.transport.socket.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        self.assertEqual(self.up, queued + waiting + self.proxy.received)
+
+    @defer.inlineCallbacks
     def test_halfCloseFromClient(self):  # type: ignore[no-untyped-def]
         """
         The client's end of sending reaches the proxy's peer as an end of
