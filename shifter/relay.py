@@ -58,8 +58,9 @@ class _Direction:
     """
     The bytes the Twisted relay hands to one transport, and how many of
     them it has sent: those are reported to the owner as delivered, as
-    they go (checked at each write), and what is left when the transport
-    is gone, as dropped.
+    they go (checked at each write: the count lags by at most what the
+    transport holds), and what is left when the transport is gone, as
+    dropped.
     """
 
     __slots__ = ("transport", "up", "owner", "handed", "counted", "settled")
@@ -77,9 +78,9 @@ class _Direction:
         if self.settled or not transport.connected:
             self.owner.relayDropped(self.up, len(data))
             return
-        self._count(self.handed - unsentBytes(transport))
         self.handed += len(data)
         transport.write(data)
+        self._count(self.handed - unsentBytes(transport))
 
     def _count(self, delivered: int) -> None:
         n = delivered - self.counted
