@@ -48,8 +48,9 @@ class TunnelSettings:
         every proxy tried) take.
     @ivar idleTimeout: seconds without a byte either way before a tunnel is
         closed; 0 for never.
-    @ivar closeGrace: seconds a closing connection has to finish sending
-        before it is dropped.
+    @ivar closeGrace: seconds a closing connection has to finish sending,
+        and its peer to end its side (what it sends meanwhile is read and
+        dropped), before it is dropped.
     @ivar earlyDataLimit: bytes a client may send before its tunnel opens;
         past this, reading from it pauses until the tunnel is open.
     @ivar maxConnections: tunnels open at once; further clients are refused.

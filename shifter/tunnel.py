@@ -864,12 +864,10 @@ class Tunnel(ProxyNegotiation):
         how, up, down = self.how, self.bytesUp, self.bytesDown
         droppedUp, droppedDown = self.droppedUp, self.droppedDown
         dropped = ""
-        if droppedUp or droppedDown:
-            dropped = "".join(
-                f", {n} bytes {direction} dropped"
-                for n, direction in ((droppedUp, "up"), (droppedDown, "down"))
-                if n
-            )
+        if droppedUp:
+            dropped = f", {droppedUp} bytes up dropped"
+        if droppedDown:
+            dropped += f", {droppedDown} bytes down dropped"
         # The line is rendered here, in one f-string, and logged as a single
         # field: Twisted's observers would otherwise run string.Formatter
         # over eight fields for every tunnel.  The facts stay in the event
