@@ -308,7 +308,7 @@ class Tunnel(ProxyNegotiation):
         "candidates", "request", "early", "earlyBytes", "earlyEnded",
         "pending", "relay", "bytesUp", "bytesDown", "droppedUp", "droppedDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
-        "failed", "clientGone", "authExchange", "authProxy", "passClient", "sniffer",
+        "failed", "clientGone", "graceOver", "authExchange", "authProxy", "passClient", "sniffer",
     )
 
     def __init__(
@@ -367,6 +367,7 @@ class Tunnel(ProxyNegotiation):
         self.how: str | None = None
         self.failed = False
         self.clientGone = False
+        self.graceOver = False  # dropped at the end of the closing grace
         # The authentication of this tunnel with the proxy it is trying:
         # an AuthExchange (it bounds the retries a 407 allows), and for
         # which proxy.
@@ -817,10 +818,15 @@ class Tunnel(ProxyNegotiation):
         self._closedIfGone()
 
     def _graceOver(self) -> None:
-        self.log.info(
-            "tunnel {client} -> {destination}: still open {grace:g} s after closing; dropped",
-            client=self.clientLabel, destination=self.target, grace=self.settings.closeGrace,
-        )
+        if self.failed:
+            self.log.info(
+                "tunnel {client} -> {destination}: still open {grace:g} s after closing; dropped",
+                client=self.clientLabel, destination=self.target, grace=self.settings.closeGrace,
+            )
+        else:
+            # A peer that never ends its side (gone without a word) is
+            # common: the tunnel's own line says so.
+            self.graceOver = True
         self._abortAll()
         # Aborted transports close their sockets on the reactor's next
         # turn; the tunnel is finished now.
@@ -868,6 +874,8 @@ class Tunnel(ProxyNegotiation):
             dropped = f", {droppedUp} bytes up dropped"
         if droppedDown:
             dropped += f", {droppedDown} bytes down dropped"
+        if self.graceOver:
+            dropped += f", dropped after the {self.settings.closeGrace:g} s closing grace"
         # The line is rendered here, in one f-string, and logged as a single
         # field: Twisted's observers would otherwise run string.Formatter
         # over eight fields for every tunnel.  The facts stay in the event

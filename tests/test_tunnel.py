@@ -688,6 +688,23 @@ class RelayTests(TunnelTestCase):
         self.assertTrue(any("idle for 30 s" in m for m in self.messages("info")))
         self.assertFalse(self.clock.getDelayedCalls())
 
+    def test_peersThatNeverEnd(self) -> None:
+        """
+        Peers that never end their side once the tunnel is closing (gone
+        without a word) are dropped after the closing grace, and the
+        tunnel's one line says so.
+        """
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        self.clock.advance(30.5)
+        self.assertTrue(clientTransport.writeClosed and upstreamTransport.writeClosed)
+        self.assertFalse(clientTransport.disconnected or upstreamTransport.disconnected)
+        self.clock.advance(5.5)
+        self.assertTrue(clientTransport.disconnected and upstreamTransport.disconnected)
+        lines = [m for m in self.messages("info") if "tunnel" in m]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].endswith(" s, dropped after the 5 s closing grace"), lines[0])
+        self.assertEqual(self.factory.counters["closed"], 1)
+
     def test_idleTimeoutOff(self) -> None:
         """
         With an idle timeout of 0, silent tunnels stay open.
