@@ -48,8 +48,9 @@ class TunnelSettings:
         every proxy tried) take.
     @ivar idleTimeout: seconds without a byte either way before a tunnel is
         closed; 0 for never.
-    @ivar closeGrace: seconds a closing connection has to finish sending
-        before it is dropped.
+    @ivar closeGrace: seconds a closing connection has to finish sending,
+        and its peer to end its side (what it sends meanwhile is read and
+        dropped), before it is dropped.
     @ivar earlyDataLimit: bytes a client may send before its tunnel opens;
         past this, reading from it pauses until the tunnel is open.
     @ivar maxConnections: tunnels open at once; further clients are refused.
@@ -334,12 +335,17 @@ class DownstreamProtocol(Protocol):
     carries out the tunnel's requests on it.
 
     @ivar tunnel: the tunnel, once the connection is made.
+    @ivar ended: whether the client has finished sending.
+    @ivar finishing: whether the connection is being finished (see
+        L{finish}): it closes at the client's end.
     """
 
     # The accepted TCP connection: an ITCPTransport that is also the push
     # producer of its bytes.
     transport: Any
     tunnel: Tunnel
+    ended = False
+    finishing = False
 
     def __init__(self, factory: ShifterFactory) -> None:
         self.factory = factory
@@ -359,7 +365,10 @@ class DownstreamProtocol(Protocol):
         self.tunnel.clientData(data)
 
     def readConnectionLost(self) -> None:
+        self.ended = True
         self.tunnel.clientEnded()
+        if self.finishing:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -381,9 +390,6 @@ class DownstreamProtocol(Protocol):
         relay.start(toProxy, toClient, clientEnded)
         return relay
 
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
     def pauseReading(self) -> None:
         self.transport.pauseProducing()
 
@@ -392,6 +398,18 @@ class DownstreamProtocol(Protocol):
 
     def close(self) -> None:
         self.transport.loseConnection()
+
+    def finish(self) -> None:
+        transport = self.transport
+        if self.ended:
+            transport.loseConnection()  # nothing more to read
+            return
+        self.finishing = True
+        if not getattr(transport, "_writeDisconnected", False):  # the splice relay may have sent it
+            transport.loseWriteConnection()
+        # Reading again (paused by the relay, or stopped by the splice
+        # relay), to throw away what the client still sends until its end.
+        transport.resumeProducing()
 
     def abort(self) -> None:
         self.transport.abortConnection()

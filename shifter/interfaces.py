@@ -42,9 +42,13 @@ class IProxyAttempt(Interface):
         TLS layer, for a TLS proxy).
         """
 
-    def close() -> None:
+    def finish() -> None:
         """
-        Close the connection once what was written is sent.
+        End the connection without losing a byte either way: send what was
+        written, then the end (a FIN, or TLS's close_notify); read and
+        discard what the proxy still sends until its own end; then close.
+        Closing with unread bytes would reset the connection, and a reset
+        makes the kernel throw away what it has not sent yet.
         """
 
     def abort() -> None:
@@ -78,10 +82,33 @@ class IRelay(Interface):
         The proxy has finished sending: pass that on to the client.
         """
 
+    def up(data: bytes) -> None:
+        """
+        Bytes the client sent, for the proxy (a relay whose bytes pass
+        through the tunnel).
+        """
+
+    def down(data: bytes) -> None:
+        """
+        Bytes the proxy sent, for the client.
+        """
+
+    def clientGone() -> None:
+        """
+        The client connection is gone, or about to be dropped: count what
+        it never sent as dropped.
+        """
+
+    def proxyGone() -> None:
+        """
+        The same for the proxy connection.
+        """
+
     def stop() -> None:
         """
         Stop relaying now and let go of both transports (no producer left
-        registered), leaving the caller to close them.
+        registered), leaving the caller to close them.  What the relay
+        holds is dropped (and counted).
         """
 
 

@@ -27,14 +27,17 @@ _OUTCOMES = {"opened", "closed"}
 class TunnelStats:
     """
     What the tunnels of one factory have done, counted as it happens.
-    Every counter only goes up: bytes are counted when they are relayed,
-    a client's early bytes when its tunnel opens.
+    Every counter only goes up: bytes are counted when they are delivered
+    (handed to the receiving socket's kernel), a client's early bytes too.
 
     @ivar counters: how tunnels ended and why they failed, by short name
         (C{"opened"}, C{"closed"}, C{"resolver"}, C{"proxy-status"}, ...).
     @ivar openTunnels: tunnels relaying now.
-    @ivar bytesUp: bytes relayed from clients to proxies.
-    @ivar bytesDown: bytes relayed from proxies to clients.
+    @ivar bytesUp: bytes delivered from clients to proxies.
+    @ivar bytesDown: bytes delivered from proxies to clients.
+    @ivar bytesDroppedUp: bytes read from clients and never delivered (the
+        proxy connection failed, or was dropped).
+    @ivar bytesDroppedDown: the same from proxies to clients.
     @ivar proxyAnswers: the proxies' answers to CONNECT by status class.
     @ivar retries: connection attempts moved on to another proxy.
     @ivar acceptPauses: times accepting paused for lack of descriptors.
@@ -50,6 +53,8 @@ class TunnelStats:
         self.openTunnels = 0
         self.bytesUp = 0
         self.bytesDown = 0
+        self.bytesDroppedUp = 0
+        self.bytesDroppedDown = 0
         self.proxyAnswers: Counter[str] = Counter()
         self.retries = 0
         self.acceptPauses = 0
@@ -118,12 +123,20 @@ class _StatsCollector:
             answers.add_metric([statusClass], count)
         yield answers
         relayed = CounterMetricFamily(
-            "shifter_bytes", "Bytes relayed, up (client to proxy) and down.",
+            "shifter_bytes", "Bytes delivered, up (client to proxy) and down.",
             labels=["direction"],
         )
         relayed.add_metric(["up"], stats.bytesUp)
         relayed.add_metric(["down"], stats.bytesDown)
         yield relayed
+        dropped = CounterMetricFamily(
+            "shifter_bytes_dropped",
+            "Bytes read from one side and never delivered to the other (it failed, or was dropped).",
+            labels=["direction"],
+        )
+        dropped.add_metric(["up"], stats.bytesDroppedUp)
+        dropped.add_metric(["down"], stats.bytesDroppedDown)
+        yield dropped
         proxyUp = GaugeMetricFamily(
             "shifter_proxy_up", "1 while a proxy is up, 0 while it is marked down.",
             labels=["proxy"],

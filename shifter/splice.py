@@ -10,8 +10,15 @@ reading the source and waits until the destination is writable again, so
 at most a pipe's worth of bytes is in flight per direction: the same flow
 control as Twisted's producers and consumers, with the kernel holding the
 bytes.  An end of file is passed on as C{shutdown(SHUT_WR)} once the pipe is
-drained; the relay ends when both directions have ended, or at the first
-error on either socket.
+drained; the relay ends when both directions have ended.
+
+A socket that fails (a reset, an error) can take nothing more, so what is
+on its way to it is dropped; but what it sent before failing was
+acknowledged to its peer, and is delivered: the kernel keeps it readable
+after a reset, so the failed side is read to its end, its bytes pushed on
+through the pipe, and its end passed on like any other.  The owner is told
+of bytes as they are delivered (written into the receiving socket), and of
+bytes dropped.
 
 Everything runs in the reactor: each socket is registered with
 L{IReactorFDSet} under its own descriptor (the Twisted transport that owned
@@ -128,10 +135,15 @@ class _Socket:
 
     def readConnectionLost(self, reason: object) -> None:
         # The reactor saw a hang-up with nothing left to read; it has
-        # already removed us as a reader.
+        # already removed us as a reader.  A reset looks the same, but
+        # leaves its error on the socket.
         self.reading = False
         if not self.relay.stopped:
-            self.outgoing.ended()
+            error = self._error()
+            if error:
+                self.outgoing.sourceFailed(error)
+            else:
+                self.outgoing.ended()
 
     def writeConnectionLost(self, reason: object) -> None:
         # Part of IHalfCloseableDescriptor; the relay shuts down writing
@@ -139,15 +151,17 @@ class _Socket:
         pass
 
     def connectionLost(self, reason: object) -> None:
-        # The reactor saw an error or hang-up while we only wrote; it has
-        # removed us both as reader and writer.
+        # The reactor saw an error or hang-up while we were not reading;
+        # it has removed us both as reader and writer.
         self.reading = self.writing = False
         if not self.relay.stopped:
-            try:
-                error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            except OSError as e:
-                error = e.errno or errno.EIO
-            self.relay.failed(self, error or errno.EPIPE)
+            self.relay.broken(self, self._error() or errno.EPIPE)
+
+    def _error(self) -> int:
+        try:
+            return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as e:
+            return e.errno or errno.EIO
 
 
 class _Flow:
@@ -159,10 +173,14 @@ class _Flow:
         written.
     @ivar inPipe: bytes in the pipe, not yet in the sink.
     @ivar eof: whether the source has ended.
-    @ivar done: whether the end has been passed on to the sink.
+    @ivar done: whether this direction is over: its end passed on to the
+        sink (C{endSent}), or abandoned.
+    @ivar endSent: whether the sink's sending side was shut down.
     """
 
-    __slots__ = ("relay", "source", "sink", "up", "pending", "pipe", "inPipe", "eof", "done", "moved", "sent")
+    __slots__ = (
+        "relay", "source", "sink", "up", "pending", "pipe", "inPipe", "eof", "done", "endSent", "moved", "sent",
+    )
 
     def __init__(self, relay: SpliceRelay, source: _Socket, sink: _Socket, up: bool) -> None:
         self.relay = relay
@@ -174,12 +192,18 @@ class _Flow:
         self.inPipe = 0
         self.eof = False
         self.done = False
+        self.endSent = False
         self.moved = False
         self.sent = 0
         source.outgoing = self
         sink.incoming = self
 
     def start(self, pending: bytes, eof: bool) -> None:
+        if self.done:
+            # The sink failed before the relay started.
+            if pending:
+                self.relay.owner.relayDropped(self.up, len(pending))
+            return
         self.pending = pending
         self.eof = eof
         self.push()
@@ -197,15 +221,24 @@ class _Flow:
         except BlockingIOError:
             return
         except OSError as e:
-            self.relay.failed(self.source, e.errno or errno.EIO)
+            self.sourceFailed(e.errno or errno.EIO)
             return
         if n == 0:
             self.ended()
             return
         self.inPipe += n
         self.moved = True
-        self.relay.owner.relayed(self.up, n)
         self.push()
+
+    def sourceFailed(self, error: int) -> None:
+        """
+        The source failed with C{error}.  A read fails only once the kernel
+        has handed over all the source sent: this direction has ended, and
+        the source can take nothing more.
+        """
+        self.eof = True
+        self.relay.broken(self.source, error)
+        self.ended()
 
     def _copy(self) -> None:
         """
@@ -218,7 +251,7 @@ class _Flow:
         except BlockingIOError:
             return
         except OSError as e:
-            self.relay.failed(self.source, e.errno or errno.EIO)
+            self.sourceFailed(e.errno or errno.EIO)
             return
         if not data:
             self.ended()
@@ -227,7 +260,6 @@ class _Flow:
         self.sent = 0
         if len(data) >= _SPLICE_AFTER:
             self.relay.openPipe(self)
-        self.relay.owner.relayed(self.up, len(data))
         self.push()
 
     def push(self) -> None:
@@ -236,14 +268,17 @@ class _Flow:
         sink cannot take it all, stop reading the source until it can.
         """
         sink = self.sink
+        owner = self.relay.owner
         if self.pending:
             try:
                 n = os.write(sink.fd, memoryview(self.pending)[self.sent :])
             except BlockingIOError:
                 n = 0
             except OSError as e:
-                self.relay.failed(sink, e.errno or errno.EIO)
+                self.relay.broken(sink, e.errno or errno.EIO)
                 return
+            if n:
+                owner.relayed(self.up, n)
             self.sent += n
             if self.sent < len(self.pending):
                 self._blocked()
@@ -256,8 +291,10 @@ class _Flow:
             except BlockingIOError:
                 n = 0
             except OSError as e:
-                self.relay.failed(sink, e.errno or errno.EIO)
+                self.relay.broken(sink, e.errno or errno.EIO)
                 return
+            if n:
+                owner.relayed(self.up, n)
             self.inPipe -= n
             if self.inPipe:
                 # A short write means the sink's buffer is full: waiting
@@ -292,6 +329,31 @@ class _Flow:
             self.sink.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the sink is gone too; its own flow will say how
+        self.endSent = True
+        self.relay.flowDone()
+
+    def held(self) -> int:
+        """
+        Bytes read from the source and not yet written to the sink.
+        """
+        return len(self.pending) - self.sent + self.inPipe
+
+    def abandon(self) -> None:
+        """
+        The sink is gone: what this direction holds can never be delivered
+        (the owner is told how much), and nothing more is read for it.
+        """
+        if self.done:
+            return
+        self.done = self.eof = True
+        dropped = self.held()
+        self.pending = b""
+        self.sent = 0
+        self.relay.closePipe(self)
+        self.source.stopReading()
+        self.sink.stopWriting()
+        if dropped:
+            self.relay.owner.relayDropped(self.up, dropped)
         self.relay.flowDone()
 
 
@@ -454,7 +516,7 @@ class SpliceRelay:
     log = Logger()
     __slots__ = (
         "reactor", "owner", "_pipeSize", "_reaper", "_sizes",
-        "client", "proxy", "up", "down", "stopped", "_done",
+        "client", "proxy", "up", "down", "stopped", "_done", "how",
     )
 
     def __init__(
@@ -467,15 +529,17 @@ class SpliceRelay:
     ) -> None:
         """
         @param owner: told of the relay's progress: C{owner.relayed(up, n)}
-            when C{n} bytes were read from the client (C{up}) or from the
-            proxy, which also says that bytes moved (for idle timeouts);
-            C{owner.relayEnded(how)} once, after the relay has let go of
-            the sockets.  One object rather than four callbacks keeps a
-            tunnel small.
+            when C{n} bytes were delivered to the proxy (C{up}) or to the
+            client, which also says that bytes moved (for idle timeouts);
+            C{owner.relayDropped(up, n)} when C{n} bytes read from one side
+            can no longer be delivered to the other; C{owner.relayEnded(how)}
+            once, after the relay has let go of the sockets.  One object
+            rather than several callbacks keeps a tunnel small.
         @param pipeSize: the pipes' size in bytes; 0 for the system's.
         """
         self.stopped = False
         self._done = 0
+        self.how: str | None = None  # the first failure, if any
         self.reactor = reactor
         self.owner = owner
         self._pipeSize = pipeSize
@@ -539,13 +603,20 @@ class SpliceRelay:
     def flowDone(self) -> None:
         self._done += 1
         if self._done == 2:
-            self._end("both sides closed")
+            self._end(self.how or "both sides closed")
 
-    def failed(self, where: _Socket, error: int) -> None:
+    def broken(self, where: _Socket, error: int) -> None:
         """
-        A call on C{where} failed with C{error}: end the relay.
+        C{where}'s connection failed with C{error}: what is on its way to
+        it is dropped, and what it sent before failing is still read and
+        passed on, up to its end.
         """
-        self._end(f"{where.side} connection lost: {os.strerror(error) if error else 'hang-up'}")
+        if self.how is None:
+            self.how = f"{where.side} connection lost: {os.strerror(error) if error else 'hang-up'}"
+        where.incoming.abandon()
+        outgoing = where.outgoing
+        if not (self.stopped or outgoing.eof or outgoing.held()):
+            where.startReading()
 
     def _end(self, how: str) -> None:
         if self.stopped:
@@ -556,7 +627,8 @@ class SpliceRelay:
     def stop(self) -> None:
         """
         Let go of both sockets now (unregister them from the reactor) and
-        close the pipes, without calling the owner's C{relayEnded}.
+        close the pipes, without calling the owner's C{relayEnded}; the
+        owner is told of the bytes this drops.
         """
         if self.stopped:
             return
@@ -564,5 +636,10 @@ class SpliceRelay:
         for sock in (self.client, self.proxy):
             sock.stopReading()
             sock.stopWriting()
-        self.closePipe(self.up)
-        self.closePipe(self.down)
+        for flow in (self.up, self.down):
+            dropped = flow.held()
+            flow.pending = b""
+            flow.sent = 0
+            self.closePipe(flow)
+            if dropped:
+                self.owner.relayDropped(flow.up, dropped)

@@ -155,8 +155,9 @@ class TunnelInfo:
         until that is decided.
     @ivar proxy: the proxy being tried or in use, or C{""} before one is.
     @ivar state: the tunnel's state (C{"resolving"}, C{"relaying"}, ...).
-    @ivar bytesUp: bytes received from the client so far.
-    @ivar bytesDown: bytes received from the proxy (after its answer) so far.
+    @ivar bytesUp: bytes delivered to the proxy so far (handed to its
+        socket's kernel).
+    @ivar bytesDown: bytes delivered to the client so far.
     @ivar age: seconds since the client connection was accepted.
     """
 
@@ -195,11 +196,6 @@ class ITunnelClient(Interface):
         bytes read before the tunnel opened.
         """
 
-    def write(data: bytes) -> None:
-        """
-        Send C{data} to the client.
-        """
-
     def pauseReading() -> None:
         """
         Stop reading from the client until L{resumeReading}.
@@ -212,7 +208,17 @@ class ITunnelClient(Interface):
 
     def close() -> None:
         """
-        Close the client connection once what was written is sent.
+        Close the client connection now (a tunnel that never opened: the
+        client was sent nothing, so nothing is owed to it).
+        """
+
+    def finish() -> None:
+        """
+        End the client connection without losing a byte either way: send
+        what was written, then the end (a FIN); read and discard what the
+        client still sends until its own end; then close.  Closing with
+        unread bytes would reset the connection, and a reset makes the
+        kernel throw away what the client has not received yet.
         """
 
     def abort() -> None:
@@ -284,8 +290,12 @@ class Tunnel(ProxyNegotiation):
     @ivar destination: the original destination, once resolved.
     @ivar proxy: the proxy being tried or in use.
     @ivar attempt: the current proxy attempt, or C{None}.
-    @ivar bytesUp: bytes received from the client.
-    @ivar bytesDown: bytes received from the proxy after its answer.
+    @ivar relay: the L{IRelay} once open (kept, stopped, while closing: it
+        counts what the connections never sent).
+    @ivar bytesUp: bytes delivered to the proxy.
+    @ivar bytesDown: bytes delivered to the client (after the proxy's answer).
+    @ivar droppedUp: bytes read from the client and never delivered.
+    @ivar droppedDown: bytes read from the proxy and never delivered.
     """
 
     log = Logger()
@@ -296,9 +306,9 @@ class Tunnel(ProxyNegotiation):
         "clientHost", "clientPort", "localHost", "localPort", "clientLabel",
         "destination", "address", "target", "connectHost", "name", "named", "proxy", "attempt",
         "candidates", "request", "early", "earlyBytes", "earlyEnded",
-        "pending", "relay", "bytesUp", "bytesDown", "started", "connectStarted",
+        "pending", "relay", "bytesUp", "bytesDown", "droppedUp", "droppedDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
-        "failed", "clientGone", "authExchange", "authProxy", "passClient", "sniffer",
+        "failed", "clientGone", "graceOver", "authExchange", "authProxy", "passClient", "sniffer",
     )
 
     def __init__(
@@ -346,6 +356,8 @@ class Tunnel(ProxyNegotiation):
         self.relay: Any = None
         self.bytesUp = 0
         self.bytesDown = 0
+        self.droppedUp = 0
+        self.droppedDown = 0
         self.started = self.clock.seconds()
         self.connectStarted = 0.0
         self.setupDeadline = self.started + self.settings.setupTimeout
@@ -355,6 +367,7 @@ class Tunnel(ProxyNegotiation):
         self.how: str | None = None
         self.failed = False
         self.clientGone = False
+        self.graceOver = False  # dropped at the end of the closing grace
         # The authentication of this tunnel with the proxy it is trying:
         # an AuthExchange (it bounds the retries a 407 allows), and for
         # which proxy.
@@ -411,21 +424,33 @@ class Tunnel(ProxyNegotiation):
         """
         self._handle(ABORT, how)
 
-    # What the splice relay reports as bytes move.
+    # What the relay reports as bytes move.
 
     def relayed(self, up: bool, n: int) -> None:
         """
-        The relay read C{n} bytes, from the client if C{up}, else from the
-        proxy: count them, and start the idle period again (only the time
+        The relay delivered C{n} bytes, to the proxy if C{up}, else to the
+        client: count them, and start the idle period again (only the time
         is noted; the deadline, when it comes, looks at it).
         """
         if up:
             self.bytesUp += n
-            self.owner.stats.bytesUp += n
+            self.stats.bytesUp += n
         else:
             self.bytesDown += n
-            self.owner.stats.bytesDown += n
+            self.stats.bytesDown += n
         self.lastMoved = self.clock.seconds()
+
+    def relayDropped(self, up: bool, n: int) -> None:
+        """
+        C{n} bytes read from the client (if C{up}) or from the proxy will
+        never be delivered: the other side is gone, or was dropped.
+        """
+        if up:
+            self.droppedUp += n
+            self.stats.bytesDroppedUp += n
+        else:
+            self.droppedDown += n
+            self.stats.bytesDroppedDown += n
 
     # Dispatch.
 
@@ -476,7 +501,6 @@ class Tunnel(ProxyNegotiation):
     # past it, reading pauses) and sent first once it opens.
 
     def _keepEarly(self, data: bytes) -> None:
-        self.bytesUp += len(data)
         self.early.append(data)
         self.earlyBytes += len(data)
         if self.earlyBytes >= self.settings.earlyDataLimit:
@@ -650,34 +674,23 @@ class Tunnel(ProxyNegotiation):
         stats.counters["opened"] += 1
         stats.openTunnels += 1
         stats.connectSeconds.observe(now - self.connectStarted)
+        # The early bytes and the leftover are counted, as every byte, when
+        # the relay delivers them.
         early, self.early = b"".join(self.early), []
-        # Early bytes count as relayed once they are relayed, so that the
-        # byte counters only ever go up.
-        stats.bytesUp += len(early)
-        self.bytesDown += len(leftover)
-        stats.bytesDown += len(leftover)
         self.state = CLIENT_FINISHED if self.earlyEnded else RELAYING
         self.lastMoved = now
         self._armIdle()
-        relay = self.client.startRelay(self.attempt, early, leftover, self.earlyEnded)
-        if self.state in OPEN:
-            self.relay = relay
-        else:
+        relay = self.relay = self.client.startRelay(self.attempt, early, leftover, self.earlyEnded)
+        if self.state not in OPEN:
             relay.stop()  # it ended (and the tunnel with it) while starting
 
     def _relayUp(self, data: bytes) -> None:
-        n = len(data)
-        self.bytesUp += n
-        self.owner.stats.bytesUp += n
         self.lastMoved = self.clock.seconds()
-        self.attempt.write(data)
+        self.relay.up(data)
 
     def _relayDown(self, data: bytes) -> None:
-        n = len(data)
-        self.bytesDown += n
-        self.owner.stats.bytesDown += n
         self.lastMoved = self.clock.seconds()
-        self.client.write(data)
+        self.relay.down(data)
 
     def _clientFinished(self) -> None:
         self.state = CLIENT_FINISHED
@@ -690,16 +703,22 @@ class Tunnel(ProxyNegotiation):
     def _bothFinished(self) -> None:
         self._close("both sides closed")
 
+    # A side that is gone has delivered all it sent before going (the
+    # Twisted relay read it to its end; the splice relay delivers it before
+    # it ends); the other side is finished in order.
+
     def _clientLostOpen(self, reason: Failure) -> None:
         self.clientGone = True
+        self.relay.clientGone()
         self._close(_howLost("client", reason))
 
     def _proxyLostOpen(self, reason: Failure) -> None:
         self.attempt = None
+        self.relay.proxyGone()
         self._close(_howLost("proxy", reason))
 
     def _relayEnded(self, how: str) -> None:
-        # Closed in order, not dropped: dropping a socket resets it, and
+        # Finished in order, not dropped: dropping a socket resets it, and
         # the kernel would throw away what the relay has handed it and the
         # peer not yet read.
         self._close(how)
@@ -719,8 +738,10 @@ class Tunnel(ProxyNegotiation):
         self._close(how)
         self._abortAll()
 
-    # Closing: both connections asked to close, the client's after what
-    # was written to it is sent; after a grace period, dropped.
+    # Closing: the connections of a tunnel that was open are finished
+    # (what was written is sent, then the end; the peer is read until its
+    # own end, then closed), those of one that never opened closed at
+    # once; after a grace period, whatever is left is dropped.
 
     def _fail(self, kind: str, reason: str, failure: Failure | None = None, **fields: Any) -> None:
         """
@@ -751,35 +772,45 @@ class Tunnel(ProxyNegotiation):
     def _close(self, how: str) -> None:
         """
         Close both connections: a proxy connection that never carried the
-        tunnel is dropped, open ones are closed after what was written to
-        them is sent; after the closing grace, whatever is left is dropped.
+        tunnel is dropped, and the client's closed; the connections of a
+        tunnel that was open are finished in order (L{ITunnelClient.finish},
+        L{IProxyAttempt.finish}).  After the closing grace, whatever is
+        left is dropped.
         """
         if self.how is None:
             self.how = how
         self.state = CLOSING
         self._cancelPending()
-        relay, self.relay = self.relay, None
+        relay = self.relay
         if relay is not None:
             relay.stop()
         # The deadline first: closing a transport may report its loss at
         # once, and that may finish the tunnel.
         self._setDeadline(self.clock.seconds() + self.settings.closeGrace)
-        if self.failed:
+        failed = self.failed
+        if failed:
             self._dropAttempt()
         elif self.attempt is not None:
-            self.attempt.close()
+            self.attempt.finish()
         if not self.clientGone and self.state == CLOSING:
-            self.client.close()
+            if failed:
+                self.client.close()
+            else:
+                self.client.finish()
         self._closedIfGone()
 
     def _clientLostClosing(self, reason: Failure) -> None:
         self.clientGone = True
         if self.how is None:
             self.how = _howLost("client", reason)
+        if self.relay is not None:
+            self.relay.clientGone()
         self._closedIfGone()
 
     def _proxyLostClosing(self, reason: Failure) -> None:
         self.attempt = None
+        if self.relay is not None:
+            self.relay.proxyGone()
         self._closedIfGone()
 
     def _attemptEndedClosing(self, reason: Failure) -> None:
@@ -787,10 +818,15 @@ class Tunnel(ProxyNegotiation):
         self._closedIfGone()
 
     def _graceOver(self) -> None:
-        self.log.info(
-            "tunnel {client} -> {destination}: still open {grace:g} s after closing; dropped",
-            client=self.clientLabel, destination=self.target, grace=self.settings.closeGrace,
-        )
+        if self.failed:
+            self.log.info(
+                "tunnel {client} -> {destination}: still open {grace:g} s after closing; dropped",
+                client=self.clientLabel, destination=self.target, grace=self.settings.closeGrace,
+            )
+        else:
+            # A peer that never ends its side (gone without a word) is
+            # common: the tunnel's own line says so.
+            self.graceOver = True
         self._abortAll()
         # Aborted transports close their sockets on the reactor's next
         # turn; the tunnel is finished now.
@@ -803,9 +839,14 @@ class Tunnel(ProxyNegotiation):
 
     def _abortAll(self) -> None:
         attempt = self.attempt
+        relay = self.relay
         if attempt is not None:
+            if relay is not None:
+                relay.proxyGone()
             attempt.abort()
         if not self.clientGone:
+            if relay is not None:
+                relay.clientGone()
             self.client.abort()
 
     def _closedIfGone(self) -> None:
@@ -827,6 +868,14 @@ class Tunnel(ProxyNegotiation):
         client, destination, named = self.clientLabel, self.target, self.named
         proxy = self.proxy.description
         how, up, down = self.how, self.bytesUp, self.bytesDown
+        droppedUp, droppedDown = self.droppedUp, self.droppedDown
+        dropped = ""
+        if droppedUp:
+            dropped = f", {droppedUp} bytes up dropped"
+        if droppedDown:
+            dropped += f", {droppedDown} bytes down dropped"
+        if self.graceOver:
+            dropped += f", dropped after the {self.settings.closeGrace:g} s closing grace"
         # The line is rendered here, in one f-string, and logged as a single
         # field: Twisted's observers would otherwise run string.Formatter
         # over eight fields for every tunnel.  The facts stay in the event
@@ -834,7 +883,7 @@ class Tunnel(ProxyNegotiation):
         self.log.info(
             "{tunnel_line}",
             tunnel_line=f"tunnel {client} -> {destination}{named} via {proxy} closed ({how}): "
-            f"{up} bytes up, {down} bytes down, {duration:.3f} s",
+            f"{up} bytes up, {down} bytes down, {duration:.3f} s{dropped}",
             client=client,
             destination=destination,
             named=named,
@@ -843,6 +892,8 @@ class Tunnel(ProxyNegotiation):
             how=how,
             bytes_up=up,
             bytes_down=down,
+            bytes_up_dropped=droppedUp,
+            bytes_down_dropped=droppedDown,
             duration=duration,
         )
 

@@ -15,6 +15,7 @@ from typing import Any
 from zope.interface import implementer
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -142,9 +143,9 @@ class ProxyAttempt:
         else:
             transport.loseWriteConnection()
 
-    def close(self) -> None:
+    def finish(self) -> None:
         if self.state == CONNECTED:
-            self.protocol.transport.loseConnection()  # type: ignore[union-attr]
+            self.protocol.finish()  # type: ignore[union-attr]
         else:
             self.abort()
 
@@ -175,10 +176,16 @@ class UpstreamProtocol(Protocol):
 
     The answer to CONNECT goes to the sans-I/O L{ConnectResponseParser};
     only after a 2xx are bytes passed on, as tunnel bytes.
+
+    @ivar ended: whether the proxy has finished sending.
+    @ivar finishing: whether the connection is being finished (see
+        L{finish}): it closes at the proxy's end.
     """
 
     # The connection to the proxy (TCP, or TLS over TCP).
     transport: Any
+    ended = False
+    finishing = False
 
     def __init__(self, attempt: ProxyAttempt) -> None:
         self.attempt = attempt
@@ -212,14 +219,48 @@ class UpstreamProtocol(Protocol):
         self.attempt.receiver.proxyAnswered(self.attempt, response)
 
     def readConnectionLost(self) -> None:
+        self.ended = True
         self.attempt.receiver.proxyEnded(self.attempt)
+        if self.finishing:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._parser = None
+        if (
+            self.state == OPEN
+            and not self.ended
+            and reason.check(ConnectionDone)
+            and isinstance(self.transport, TLSMemoryBIOProtocol)
+        ):
+            # A clean TLS close (the proxy's close_notify, then ours): the
+            # proxy's end of the tunnel, as a FIN is over TCP; TLS has no
+            # half-close, so its connection goes with it.  A truncation (an
+            # end without close_notify, an error) is reported as a loss.
+            self.ended = True
+            self.attempt.receiver.proxyEnded(self.attempt)
         self.attempt.lost(reason)
+
+    def finish(self) -> None:
+        """
+        End the connection in order: see L{IProxyAttempt.finish}.
+        """
+        transport = self.transport
+        # Reading again (paused by the relay, or stopped by the splice
+        # relay), to throw away what the proxy still sends until its end.
+        transport.resumeProducing()
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            # close_notify; the TLS layer reads on until the proxy's own,
+            # then closes.
+            transport.loseConnection()
+        elif self.ended:
+            transport.loseConnection()  # nothing more to read
+        else:
+            self.finishing = True
+            if not getattr(transport, "_writeDisconnected", False):  # the splice relay may have sent it
+                transport.loseWriteConnection()
 
 
 class _AttemptFactory(ClientFactory):

@@ -12,8 +12,11 @@ test is the tunnel's life, not the kernel's redirect.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
+import termios
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -65,8 +68,13 @@ class ScriptedProxy(Protocol):
     A CONNECT proxy that does what its factory's C{script} says once the
     request's header block is in: C{"flood-reset"} answers 200, sends
     C{floodBytes} and resets; C{"send-end"} answers 200, sends
-    C{floodBytes} and finishes sending; C{"407-body"} answers 407 with a body, in two
-    writes; C{"silent"} never answers; C{"wedged"} answers the health
+    C{floodBytes} and finishes sending; C{"send-close"} answers 200, sends
+    C{floodBytes} and closes (over TLS, a clean close: close_notify);
+    C{"send-truncate"}, over TLS, the same but closes TCP without
+    close_notify;
+    C{"slow-read"} answers 200, sends C{floodBytes}, and reads slowly,
+    counting what it gets in C{factory.received}; C{"407-body"} answers 407 with a body, in
+    two writes; C{"silent"} never answers; C{"wedged"} answers the health
     probe's CONNECT with a 403 and never answers the others; C{"echo"}
     answers 200 and echoes.
     """
@@ -94,6 +102,8 @@ class ScriptedProxy(Protocol):
         if self.answered:
             if self.factory.script == "echo":
                 self.transport.write(data)
+            elif self.factory.script == "slow-read":
+                self._readSlowly(len(data))
             return
         self.buffer += data
         if b"\r\n\r\n" not in self.buffer:
@@ -121,6 +131,18 @@ class ScriptedProxy(Protocol):
                 b"Content-Length: " + str(2 * len(body)).encode() + b"\r\n\r\n" + body
             )
             reactor.callLater(0.05, self.transport.write, body)
+        elif script == "send-close":
+            self.transport.write(OK + b"y" * self.factory.floodBytes)
+            self.transport.loseConnection()
+        elif script == "send-truncate":
+            # Over TLS: a FIN without close_notify (still reading, so
+            # that no unread byte turns it into a reset).
+            self.transport.write(OK + b"y" * self.factory.floodBytes)
+            self.transport.transport.loseWriteConnection()
+        elif script == "slow-read":
+            # An answer the client may never read, and then slow reading.
+            self.transport.write(OK + b"r" * self.factory.floodBytes)
+            self._readSlowly(len(self.buffer.split(b"\r\n\r\n", 1)[1]))
         elif script == "answer-at-end":
             self.transport.write(OK)
         elif script == "echo":
@@ -130,6 +152,13 @@ class ScriptedProxy(Protocol):
                 self.transport.write(rest)
 
 
+    def _readSlowly(self, n: int) -> None:
+        # One read, then a pause: the tunnel's bytes pile up in Shifter.
+        self.factory.received += n
+        self.transport.pauseProducing()
+        reactor.callLater(0.005, self.transport.resumeProducing)
+
+
 class ScriptedProxyFactory(Factory):
     protocol = ScriptedProxy
 
@@ -137,6 +166,7 @@ class ScriptedProxyFactory(Factory):
         self.script = script
         self.floodBytes = floodBytes
         self.connections = 0
+        self.received = 0
         self.lost: list[Any] = []
         # What each CONNECT was, in order: "probe" (the health probe's
         # target) or "client"; a test may share the list with other
@@ -161,7 +191,7 @@ class LifecycleTestCase(TestCase):
         self.directory.mkdir(parents=True)
 
     @inlineCallbacks
-    def startProxy(self, script: str, tls: bool = False):  # type: ignore[no-untyped-def]
+    def startProxy(self, script: str, tls: bool = False, receiveBuffer: int = 0):  # type: ignore[no-untyped-def]
         factory = ScriptedProxyFactory(script)
         if tls:
             key, cert = makeCertificate(self.directory, names=("IP:127.0.0.1",))
@@ -171,6 +201,9 @@ class LifecycleTestCase(TestCase):
             description = "tcp:0:interface=127.0.0.1"
         port = yield serverFromString(reactor, description).listen(factory)
         self.addCleanup(port.stopListening)
+        if receiveBuffer:
+            # Accepted connections take the listening socket's buffer size.
+            port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receiveBuffer)
         scheme = "https" if tls else "http"
         return factory, f"{scheme}://127.0.0.1:{port.getHost().port}"
 
@@ -370,6 +403,166 @@ class DeliveryTests(LifecycleTestCase):
         yield deferLater(reactor, 0.1, lambda: None)
         data, how = drain(client)
         self.assertEqual((len(data), how), (64 << 10, "eof"))
+
+
+def unsentBytes(sock: socket.socket) -> int:
+    """
+    Bytes C{sock} has sent that its peer's kernel has not acknowledged yet.
+    """
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+class LingeringCloseTests(LifecycleTestCase):
+    """
+    A tunnel that ends because one side is gone first delivers what
+    Shifter has accepted from that side, and closes the other side only
+    once it has read that side's end: closing a socket with unread bytes
+    resets it, and a reset throws away what the peer has not read yet.
+    """
+
+    @inlineCallbacks
+    def assertUploadDelivered(self, relay: str):  # type: ignore[no-untyped-def]
+        size = 2 << 20
+        proxyFactory, proxy = yield self.startProxy("slow-read", receiveBuffer=16384)
+        proxyFactory.floodBytes = 8 << 20
+        yield self.startShifter([proxy], relay=relay, closeGrace=20.0)
+        client = self.client(receiveBuffer=8192)
+        client.sendall(b"u")
+        yield self.waitUntil(lambda: self.factory.counters["opened"], 10, "the tunnel to open")
+        # A small send buffer towards the proxy, so that the client's bytes
+        # wait in Shifter's socket for the client, not in the kernel's
+        # buffers towards the proxy, where nothing can lose them.
+        [tunnel] = self.factory.active
+        tunnel.attempt.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        client.setblocking(False)
+        data = memoryview(b"u" * size)
+        sent = 1
+        deadline = time.monotonic() + 30
+        # Everything sent and acknowledged by the gateway's kernel, while
+        # the proxy has read only part of it.
+        while sent < size or unsentBytes(client):
+            self.assertLess(time.monotonic(), deadline, "the upload to be acknowledged")
+            if sent < size:
+                try:
+                    sent += client.send(data[sent:])
+                except BlockingIOError:
+                    pass
+            yield deferLater(reactor, 0.001, lambda: None)
+        self.assertLess(proxyFactory.received, size)
+        # Then a reset, as a client that gives up does.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        yield self.waitUntil(lambda: not self.factory.active, 30, "the tunnel to end")
+        yield self.waitUntil(lambda: proxyFactory.lost, 10, "the proxy connection to end")
+        self.assertEqual(proxyFactory.received, size)
+        self.assertTrue(proxyFactory.lost[0].check(ConnectionDone), proxyFactory.lost[0])
+        # Counted as delivered, every byte (what was on its way to the
+        # client when it reset, if anything, is counted as dropped).
+        [line] = self.lines("closed (")
+        self.assertIn(f"{size} bytes up,", line)
+        self.assertNotIn("bytes up dropped", line)
+
+    def test_uploadBeforeResetSplice(self):  # type: ignore[no-untyped-def]
+        """
+        A client that uploads 2 MiB and resets while the proxy reads
+        slowly: every byte the gateway acknowledged reaches the proxy
+        through the splice relay, and the tunnel line counts them.
+        """
+        return self.assertUploadDelivered("splice")
+
+    def test_uploadBeforeResetTwisted(self):  # type: ignore[no-untyped-def]
+        """
+        The same through the Twisted relay.
+        """
+        return self.assertUploadDelivered("twisted")
+
+    @inlineCallbacks
+    def assertDownloadDelivered(self, script: str):  # type: ignore[no-untyped-def]
+        """
+        An https:// proxy sends 8 MiB and ends as C{script} says while the
+        client reads slowly and, once the proxy's end has reached Shifter,
+        writes a few bytes (a pipelined request): the client gets all 8 MiB,
+        then the end.
+
+        @return: the tunnel line.
+        """
+        size = 8 << 20
+        proxyFactory, proxy = yield self.startProxy(script, tls=True)
+        proxyFactory.floodBytes = size
+        yield self.startShifter([proxy], closeGrace=20.0)
+        client = self.client(receiveBuffer=8192)
+        client.sendall(b"hello")
+        client.setblocking(False)
+        received = 0
+        wroteLate = False
+        how = "timeout"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not wroteLate and self.factory.counters["opened"] and not any(
+                t.state == "relaying" for t in self.factory.active
+            ):
+                # The proxy's end has reached Shifter: now a pipelined
+                # request, which Shifter must read to close cleanly.
+                client.send(b"GET /next HTTP/1.1\r\n\r\n")
+                wroteLate = True
+            try:
+                chunk = client.recv(4096)
+            except BlockingIOError:
+                yield deferLater(reactor, 0.001, lambda: None)
+                continue
+            except ConnectionResetError:
+                how = "reset"
+                break
+            if not chunk:
+                how = "eof"
+                break
+            received += len(chunk)
+            yield deferLater(reactor, 0, lambda: None)
+        self.assertTrue(wroteLate)
+        self.assertEqual((received, how), (size, "eof"))
+        client.close()
+        yield self.waitUntil(lambda: not self.factory.active, 10, "the tunnel to end")
+        [line] = self.lines("closed (")
+        self.assertIn(f"{size} bytes down,", line)
+        self.assertNotIn("dropped", line)
+        return line
+
+    @inlineCallbacks
+    def test_tlsProxyCleanCloseDelivered(self):  # type: ignore[no-untyped-def]
+        """
+        An https:// proxy that sends 8 MiB and closes cleanly (close_notify)
+        while the client writes a few bytes late: the client gets all 8 MiB,
+        and the tunnel ended as the proxy's end, not a loss.
+        """
+        line = yield self.assertDownloadDelivered("send-close")
+        self.assertIn("closed (proxy closed)", line)
+
+    @inlineCallbacks
+    def test_tlsCloseAfterClientEnd(self):  # type: ignore[no-untyped-def]
+        """
+        A client that finishes sending, through an https:// proxy that
+        answers and then closes cleanly: the proxy's clean TLS close is its
+        end of the tunnel, so both sides have ended, nothing was lost.
+        """
+        proxyFactory, proxy = yield self.startProxy("echo", tls=True)
+        yield self.startShifter([proxy])
+        client = self.client()
+        client.sendall(b"ping")
+        self.assertEqual((yield self.receive(client, 4)), b"ping")
+        client.shutdown(socket.SHUT_WR)
+        yield self.waitUntil(lambda: not self.factory.active, 10, "the tunnel to end")
+        self.assertEqual(drain(client), (b"", "eof"))
+        self.assertEqual(len(self.lines("closed (both sides closed)")), 1)
+
+    @inlineCallbacks
+    def test_tlsProxyTruncationDelivered(self):  # type: ignore[no-untyped-def]
+        """
+        An https:// proxy whose TCP connection ends without close_notify (a
+        truncation) is a loss, but what it sent before is delivered all the
+        same.
+        """
+        line = yield self.assertDownloadDelivered("send-truncate")
+        self.assertIn("closed (proxy connection lost", line)
 
 
 class RefusalTests(LifecycleTestCase):

@@ -11,10 +11,12 @@ peers are ordinary Twisted protocols.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import socket
 import struct
+import termios
 
 from zope.interface import implementer
 
@@ -135,6 +137,9 @@ class EndsWith:
     def relayed(self, up: bool, n: int) -> None:
         pass
 
+    def relayDropped(self, up: bool, n: int) -> None:
+        pass
+
     def relayEnded(self, how: str) -> None:
         self.how.callback(how)
 
@@ -152,6 +157,8 @@ class SpliceRelayTests(TestCase):
         self.client = adopt(clientPeer)
         self.proxy = adopt(proxyPeer)
         self.up = self.down = self.touched = 0
+        self.dropped = {True: 0, False: 0}
+        self.closeAtEnd = True
         self.how: defer.Deferred[str] = defer.Deferred()
         self.relay = SpliceRelay(reactor, self.clientSide, self.proxySide, self)
         self.addCleanup(self.closeAll)
@@ -165,9 +172,13 @@ class SpliceRelayTests(TestCase):
             self.down += n
         self.touched += 1
 
+    def relayDropped(self, up: bool, n: int) -> None:
+        self.dropped[up] += n
+
     def relayEnded(self, how: str) -> None:
-        self.clientSide.close()
-        self.proxySide.close()
+        if self.closeAtEnd:
+            self.clientSide.close()
+            self.proxySide.close()
         self.how.callback(how)
 
     @defer.inlineCallbacks
@@ -209,7 +220,7 @@ class SpliceRelayTests(TestCase):
     def test_bufferedBytesFirst(self):  # type: ignore[no-untyped-def]
         """
         Bytes already read before the relay started go first, each to its
-        side, and are not counted again.
+        side, and are counted as they are delivered, as every byte is.
         """
         self.relay.start(toProxy=b"early ", toClient=b"leftover ")
         self.client.transport.write(b"later")
@@ -217,7 +228,7 @@ class SpliceRelayTests(TestCase):
         yield waitUntil(lambda: self.proxy.received == 11 and self.client.received == 14)
         self.assertEqual(self.proxy.hash.digest(), hashlib.sha256(b"early later").digest())
         self.assertEqual(self.client.hash.digest(), hashlib.sha256(b"leftover later").digest())
-        self.assertEqual((self.up, self.down), (5, 5))
+        self.assertEqual((self.up, self.down), (11, 14))
 
     @defer.inlineCallbacks
     def test_backpressure(self):  # type: ignore[no-untyped-def]
@@ -241,6 +252,24 @@ class SpliceRelayTests(TestCase):
         self.proxy.transport.resumeProducing()
         yield waitUntil(lambda: self.proxy.received == len(data), timeout=30)
         self.assertEqual(self.proxy.hash.digest(), hashlib.sha256(data).digest())
+
+    @defer.inlineCallbacks
+    def test_countedWhenDelivered(self):  # type: ignore[no-untyped-def]
+        """
+        Bytes are counted once they are in the receiving socket, not when
+        they are read: while the proxy's peer does not read, the count is
+        what the proxy's side of the relay has taken (sent or queued), and
+        not what waits in the pipe.
+        """
+        self.proxy.transport.pauseProducing()
+        self.relay.start()
+        self.client.transport.write(payload(32_000_000, b"counted"))
+        yield waitUntil(lambda: not self.relay.client.reading and self.relay.proxy.writing)
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertGreater(self.relay.up.held(), 0)
+        queued = struct.unpack("i", fcntl.ioctl(self.proxySide.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        waiting = struct.unpack("i", fcntl.ioctl(self.proxy.transport.socket.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        self.assertEqual(self.up, queued + waiting + self.proxy.received)
 
     @defer.inlineCallbacks
     def test_halfCloseFromClient(self):  # type: ignore[no-untyped-def]
@@ -321,6 +350,48 @@ class SpliceRelayTests(TestCase):
         self.client.transport.abortConnection()
         how = yield self.how
         self.assertTrue(how.startswith("client connection lost"), how)
+
+    @defer.inlineCallbacks
+    def test_resetDeliversWhatWasSent(self):  # type: ignore[no-untyped-def]
+        """
+        A client that resets while the relay holds bytes it sent (the proxy
+        not reading) and bytes for it (the client not reading): what the
+        client sent before its reset, every byte its kernel acknowledged,
+        reaches the proxy, then the end; the bytes that were on their way to
+        the client are counted as dropped; the relay says the client was
+        lost.
+        """
+        data = payload(1_000_000, b"before the reset")
+        self.closeAtEnd = False
+        self.client.transport.pauseProducing()
+        self.proxy.transport.pauseProducing()
+        self.relay.start()
+        self.client.transport.write(data)
+        self.proxy.transport.write(payload(16_000_000, b"never read"))
+        clientSocket = self.client.transport.socket
+
+        def acknowledged() -> bool:
+            unsent = struct.unpack("i", fcntl.ioctl(clientSocket.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            return not self.client.transport.dataBuffer and not self.client.transport._tempDataLen and not unsent
+
+        yield waitUntil(acknowledged)
+        # Both ways jammed: the relay writes to the client when it resets.
+        yield waitUntil(lambda: self.relay.down.inPipe or self.relay.down.pending)
+        clientSocket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.client.transport.abortConnection()
+        yield self.client.lost
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.proxy.transport.resumeProducing()
+        how = yield self.how
+        self.assertTrue(how.startswith("client connection lost"), how)
+        yield waitUntil(lambda: self.proxy.ended.called)
+        self.assertEqual(self.proxy.received, len(data))
+        self.assertEqual(self.proxy.hash.digest(), hashlib.sha256(data).digest())
+        self.assertEqual(self.up, len(data))
+        self.assertEqual(self.dropped[True], 0)
+        self.assertGreater(self.dropped[False], 0)
+        self.clientSide.close()
+        self.proxySide.close()
 
     @defer.inlineCallbacks
     def test_resetWhileWriting(self):  # type: ignore[no-untyped-def]

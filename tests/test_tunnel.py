@@ -182,14 +182,17 @@ class HandshakeTests(TunnelTestCase):
 
     def test_producersRegistered(self) -> None:
         """
-        Each transport is registered as the other's streaming producer, so
-        a slow side pauses the fast one.
+        Each transport has a streaming producer that pauses and resumes
+        the other, so a slow side pauses the fast one.
         """
         _, clientTransport, _, upstreamTransport = self.openTunnel()
-        self.assertIs(clientTransport.producer, upstreamTransport)
-        self.assertIs(upstreamTransport.producer, clientTransport)
         self.assertTrue(clientTransport.streaming)
         self.assertTrue(upstreamTransport.streaming)
+        clientTransport.producer.pauseProducing()
+        self.assertEqual((upstreamTransport.producerState, clientTransport.producerState), ("paused", "producing"))
+        clientTransport.producer.resumeProducing()
+        upstreamTransport.producer.pauseProducing()
+        self.assertEqual((upstreamTransport.producerState, clientTransport.producerState), ("producing", "paused"))
 
     def test_leftoverGoesToClient(self) -> None:
         """
@@ -593,14 +596,20 @@ class RelayTests(TunnelTestCase):
 
     def test_clientCloseClosesProxy(self) -> None:
         """
-        When the client connection is lost, the proxy connection is closed,
-        and one line logs the tunnel with its byte counts.
+        When the client connection is lost, the proxy connection is
+        finished: its end sent at once, and closed at the proxy's own end
+        (what it sends until then is read and dropped); one line logs the
+        tunnel with its byte counts.
         """
         client, clientTransport, upstream, upstreamTransport = self.openTunnel()
         client.dataReceived(b"12345")
         upstream.dataReceived(b"1234567890")
         self.clock.advance(2.5)
         self.lose(client, clientTransport, ConnectionLost)
+        self.assertTrue(upstreamTransport.writeClosed)
+        self.assertFalse(upstreamTransport.disconnecting)
+        upstream.dataReceived(b"too late")
+        upstream.readConnectionLost()
         self.assertTrue(upstreamTransport.disconnecting)
         self.lose(upstream, upstreamTransport)
         [line] = [m for m in self.messages("info") if "closed" in m and "tunnel" in m]
@@ -627,13 +636,37 @@ class RelayTests(TunnelTestCase):
 
     def test_proxyCloseClosesClient(self) -> None:
         """
-        When the proxy connection is lost, the client's is closed.
+        When the proxy connection is lost, the client's is finished: its
+        end sent at once, and closed at the client's own end (what it sends
+        until then is read and dropped).
         """
         client, clientTransport, upstream, upstreamTransport = self.openTunnel()
         self.lose(upstream, upstreamTransport, ConnectionLost)
+        self.assertTrue(clientTransport.writeClosed)
+        self.assertFalse(clientTransport.disconnecting)
+        client.dataReceived(b"a pipelined request")
+        self.assertEqual(upstreamTransport.value(), b"CONNECT 203.0.113.7:443 HTTP/1.1\r\nHost: 203.0.113.7:443\r\n\r\n")
+        client.readConnectionLost()
         self.assertTrue(clientTransport.disconnecting)
         self.lose(client, clientTransport)
         self.assertEqual(self.factory.counters["closed"], 1)
+
+    def test_droppedBytesInTheLine(self) -> None:
+        """
+        Bytes that could not be delivered (here, to a proxy connection
+        already gone) are not counted as relayed, and the tunnel line says
+        how many were dropped.
+        """
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        client.dataReceived(b"12345")
+        upstreamTransport.connected = False
+        client.dataReceived(b"lost")
+        self.lose(upstream, upstreamTransport, ConnectionLost)
+        self.lose(client, clientTransport)
+        [event] = [e for e in self.events if "bytes_up" in e]
+        self.assertEqual((event["bytes_up"], event["bytes_up_dropped"], event["bytes_down_dropped"]), (5, 4, 0))
+        self.assertTrue(event["tunnel_line"].endswith(" s, 4 bytes up dropped"), event["tunnel_line"])
+        self.assertEqual((self.factory.bytesUp, self.factory.stats.bytesDroppedUp), (5, 4))
 
     def test_idleTimeout(self) -> None:
         """
@@ -648,12 +681,29 @@ class RelayTests(TunnelTestCase):
         self.clock.advance(29)
         self.assertFalse(clientTransport.disconnecting)
         self.clock.advance(1.5)
-        self.assertTrue(clientTransport.disconnecting)
-        self.assertTrue(upstreamTransport.disconnecting)
+        self.assertTrue(clientTransport.writeClosed)
+        self.assertTrue(upstreamTransport.writeClosed)
         self.lose(client, clientTransport)
         self.lose(upstream, upstreamTransport)
         self.assertTrue(any("idle for 30 s" in m for m in self.messages("info")))
         self.assertFalse(self.clock.getDelayedCalls())
+
+    def test_peersThatNeverEnd(self) -> None:
+        """
+        Peers that never end their side once the tunnel is closing (gone
+        without a word) are dropped after the closing grace, and the
+        tunnel's one line says so.
+        """
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        self.clock.advance(30.5)
+        self.assertTrue(clientTransport.writeClosed and upstreamTransport.writeClosed)
+        self.assertFalse(clientTransport.disconnected or upstreamTransport.disconnected)
+        self.clock.advance(5.5)
+        self.assertTrue(clientTransport.disconnected and upstreamTransport.disconnected)
+        lines = [m for m in self.messages("info") if "tunnel" in m]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].endswith(" s, dropped after the 5 s closing grace"), lines[0])
+        self.assertEqual(self.factory.counters["closed"], 1)
 
     def test_idleTimeoutOff(self) -> None:
         """

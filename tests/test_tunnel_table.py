@@ -59,8 +59,8 @@ class RecordingAttempt:
     def halfClose(self) -> None:
         self.calls.append(("proxy.halfClose",))
 
-    def close(self) -> None:
-        self.calls.append(("proxy.close",))
+    def finish(self) -> None:
+        self.calls.append(("proxy.finish",))
 
     def abort(self) -> None:
         self.calls.append(("proxy.abort",))
@@ -79,6 +79,18 @@ class RecordingRelay:
 
     def proxyFinished(self) -> None:
         self.calls.append(("relay.proxyFinished",))
+
+    def up(self, data: bytes) -> None:
+        self.calls.append(("relay.up", data))
+
+    def down(self, data: bytes) -> None:
+        self.calls.append(("relay.down", data))
+
+    def clientGone(self) -> None:
+        self.calls.append(("relay.clientGone",))
+
+    def proxyGone(self) -> None:
+        self.calls.append(("relay.proxyGone",))
 
     def stop(self) -> None:
         self.calls.append(("relay.stop",))
@@ -104,9 +116,6 @@ class RecordingClient:
         self.calls.append(("startRelay", toProxy, toClient, clientEnded))
         return RecordingRelay(self.calls)
 
-    def write(self, data: bytes) -> None:
-        self.calls.append(("client.write", data))
-
     def pauseReading(self) -> None:
         self.calls.append(("client.pause",))
 
@@ -115,6 +124,9 @@ class RecordingClient:
 
     def close(self) -> None:
         self.calls.append(("client.close",))
+
+    def finish(self) -> None:
+        self.calls.append(("client.finish",))
 
     def abort(self) -> None:
         self.calls.append(("client.abort",))
@@ -288,15 +300,22 @@ def expected(state: str, event: str) -> tuple[Any, Any, Any]:
         return internal
     if event == T.START:
         return internal
+    # Dropping a connection of a tunnel that was open: what it never sent
+    # is counted (by the relay) first.
+    drop = [("relay.proxyGone",), ("proxy.abort",), ("relay.clientGone",), ("client.abort",)]
     if state == T.CLOSING:
+        # (Reached from relaying, by the idle deadline: the stopped relay
+        # still counts what the connections never sent.)
         if event == T.CLIENT_LOST:
-            return T.CLOSING, [], {}  # the proxy connection is still awaited
-        if event in (T.PROXY_LOST, T.PROXY_CONNECT_FAILED):
-            return T.CLOSING, [], {}  # the client connection is still awaited
+            return T.CLOSING, [("relay.clientGone",)], {}  # the proxy connection is still awaited
+        if event == T.PROXY_LOST:
+            return T.CLOSING, [("relay.proxyGone",)], {}  # the client connection is still awaited
+        if event == T.PROXY_CONNECT_FAILED:
+            return T.CLOSING, [], {}
         if event == T.TIMED_OUT:
-            return T.CLOSED, [("proxy.abort",), ("client.abort",)], {"closed": 1}
+            return T.CLOSED, drop, {"closed": 1}
         if event == T.ABORT:
-            return T.CLOSING, [("proxy.abort",), ("client.abort",)], {}
+            return T.CLOSING, drop, {}
         return T.CLOSING, [], {}  # late bytes, answers and results are dropped
     if state in _SETUP:
         failAttempt = [("proxy.abort",)] if state in (T.CONNECTING, T.HANDSHAKING) else []
@@ -355,16 +374,16 @@ def expected(state: str, event: str) -> tuple[Any, Any, Any]:
         if event == T.TIMED_OUT:
             return T.CLOSING, [("proxy.abort",), ("client.close",)], {"timeout": 1}
         return internal
-    # Open.
-    close = [("relay.stop",), ("proxy.close",), ("client.close",)]
+    # Open: the connections are finished in order, never just closed.
+    close = [("relay.stop",), ("proxy.finish",), ("client.finish",)]
     if event == T.CLIENT_DATA:
         if state == T.CLIENT_FINISHED:
             return internal
-        return state, [("proxy.write", b"hello")], {}
+        return state, [("relay.up", b"hello")], {}
     if event == T.PROXY_DATA:
         if state == T.PROXY_FINISHED:
             return internal
-        return state, [("client.write", b"world")], {}
+        return state, [("relay.down", b"world")], {}
     if event == T.CLIENT_ENDED:
         if state == T.RELAYING:
             return T.CLIENT_FINISHED, [("relay.clientFinished",)], {}
@@ -378,15 +397,15 @@ def expected(state: str, event: str) -> tuple[Any, Any, Any]:
             return T.CLOSING, close, {}
         return internal
     if event == T.CLIENT_LOST:
-        return T.CLOSING, [("relay.stop",), ("proxy.close",)], {}
+        return T.CLOSING, [("relay.clientGone",), ("relay.stop",), ("proxy.finish",)], {}
     if event == T.PROXY_LOST:
-        return T.CLOSING, [("relay.stop",), ("client.close",)], {}
+        return T.CLOSING, [("relay.proxyGone",), ("relay.stop",), ("client.finish",)], {}
     if event == T.RELAY_ENDED:
         return T.CLOSING, close, {}
     if event == T.TIMED_OUT:
         return T.CLOSING, close, {}  # idle
     if event == T.ABORT:
-        return T.CLOSING, close + [("proxy.abort",), ("client.abort",)], {}
+        return T.CLOSING, close + drop, {}
     return internal
 
 
@@ -523,7 +542,7 @@ class HeldTunnelTests(SynchronousTestCase):
                          (T.RELAYING, self.attempt, self.proxy))
         self.assertEqual(self.owner.stats.counters["opened"], 1)
         self.tunnel.proxyData(self.attempt, b"more")
-        self.assertEqual(self.calls[-1], ("client.write", b"more"))
+        self.assertEqual(self.calls[-1], ("relay.down", b"more"))
 
     def test_noneHeld(self) -> None:
         """
