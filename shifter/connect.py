@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+
+from shifter.interfaces import ConnectResponse
 
 # Status line, headers and the blank line together may not exceed this.
 MAX_RESPONSE_HEADER_BYTES = 16 * 1024
@@ -33,30 +34,6 @@ class ProxyResponseError(Exception):
 
     The message is the reason given in the log line.
     """
-
-
-@dataclass(frozen=True)
-class ConnectResponse:
-    """
-    A complete answer to CONNECT.
-
-    @ivar status: the three-digit status code.
-    @ivar reason: the reason phrase, decoded leniently for the log.
-    @ivar headers: (name, value) pairs in the order received.
-    @ivar leftover: bytes after the header block; they belong to the tunnel.
-    """
-
-    status: int
-    reason: str
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    leftover: bytes = b""
-
-    @property
-    def opensTunnel(self) -> bool:
-        """
-        Whether this answer opens the tunnel: any 2xx does (RFC 9110 9.3.6).
-        """
-        return 200 <= self.status < 300
 
 
 def isValidHostname(name: str) -> bool:

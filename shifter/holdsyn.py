@@ -85,8 +85,6 @@ from shifter.tunnel import RATE_LIMITED
 from shifter.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
-# The mark bit a refused SYN gets in place of the queue mark.
-DEFAULT_REJECT_MARK = 0x20000
 
 # A held SYN's states.
 HELD = "held"  # held, its checks not yet made (until START)

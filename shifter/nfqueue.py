@@ -50,7 +50,6 @@ from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.holdsyn import DEFAULT_REJECT_MARK
 from shifter.kmod import ConnectionKey
 from shifter.netlink import (
     NETLINK_NETFILTER,
@@ -65,6 +64,7 @@ from shifter.netlink import (
     parseError,
 )
 from shifter.resolver import (
+    DEFAULT_REJECT_MARK,
     Destination,
     DestinationUnknown,
     IOriginalDestinationResolver,

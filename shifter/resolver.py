@@ -92,6 +92,11 @@ RESOLVERS = {
     "auto": "shifter.auto.AutoResolver",
 }
 
+# The mark bit the nfqueue reader gives a SYN refused at the gateway
+# (--hold-syn), in place of the queue mark.  Here, not in shifter.nfqueue,
+# so that the options and the rules name it without loading netlink.
+DEFAULT_REJECT_MARK = 0x20000
+
 
 def makeResolver(name: str, reactor, **options: object) -> IOriginalDestinationResolver:  # type: ignore[no-untyped-def]
     """

@@ -26,13 +26,13 @@ from shifter.config import (
 )
 from shifter.downstream import ShifterFactory, TunnelSettings
 from shifter.endpointstrings import withBacklog
-from shifter.holdsyn import DEFAULT_HOLD_TIMEOUT, DEFAULT_REJECT_MARK, SynHolder
+from shifter.holdsyn import DEFAULT_HOLD_TIMEOUT, SynHolder
 from shifter.passclient import PASS_CLIENT_MODES
 from shifter.pool import BALANCES, ProxyPool
 from shifter.probe import DEFAULT_PROBE_TARGET
 from shifter.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
 from shifter.relay import RELAYS
-from shifter.resolver import RESOLVERS, makeResolver
+from shifter.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
 from shifter.logs import twistdLogFile, useLogFile
 from shifter.service import ShifterService, SidePortService
 from shifter.splice import SPLICE_AVAILABLE
