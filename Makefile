@@ -101,12 +101,14 @@ test-kernel-debug: setup
 	    tests.kernel_debug.DebugKernelTests
 
 # API documentation of the public names (shifter.__all__) into apidocs/;
-# any pydoctor warning fails it.
-INTERNAL_MODULES := $(filter-out __init__,$(basename $(notdir $(wildcard shifter/*.py))))
+# any pydoctor warning fails it.  Every package and module under shifter/
+# is internal: hidden, by its dotted name.
+INTERNAL_MODULES := $(subst /,.,$(patsubst %/__init__.py,%,$(wildcard shifter/*/__init__.py)) \
+	$(basename $(filter-out %/__init__.py,$(wildcard shifter/*.py shifter/*/*.py))))
 docs: venv
 	rm -rf apidocs
 	$(PY) -m pydoctor --project-name=Shifter --html-output=apidocs --docformat=epytext \
-	    $(foreach module,$(INTERNAL_MODULES),--privacy=HIDDEN:shifter.$(module)) -W -q shifter
+	    $(foreach module,$(INTERNAL_MODULES),--privacy=HIDDEN:$(module)) -W -q shifter
 	@echo "API documentation: apidocs/index.html"
 
 # Static types of shifter/, with the zope.interface plugin (mypy.ini).

@@ -21,7 +21,12 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=["shifter", "twisted.plugins"],
+    # Each of shifter's packages by name (README, Layout), and the dropins.
+    packages=[
+        "shifter",
+        "shifter.kernel",
+        "twisted.plugins",
+    ],
     package_data={"twisted.plugins": ["shifter_plugin.py", "shifter_endpoints.py"]},
     # Twisted[tls]: pyOpenSSL, service_identity and idna, which shifter.proxy
     # imports for https:// proxies (and so twistd shifter --help needs).

@@ -38,7 +38,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.netlink import (
+from shifter.kernel.netlink import (
     NETLINK_NETFILTER,
     NetlinkError,
     NetlinkException,

@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shifter.connect import isDottedQuad
-from shifter.localaddresses import readLocalAddresses
+from shifter.kernel.localaddresses import readLocalAddresses
 
 # Every destination in these networks is refused, with the reason's word.
 _REFUSED_V4 = [

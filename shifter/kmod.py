@@ -30,7 +30,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.netlink import (
+from shifter.kernel.netlink import (
     HEADER_SIZE,
     NETLINK_GENERIC,
     FamilyNotFound,

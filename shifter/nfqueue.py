@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shifter.kmod import ConnectionKey
-from shifter.netlink import (
+from shifter.kernel.netlink import (
     NETLINK_NETFILTER,
     Header,
     MalformedMessage,

@@ -21,7 +21,7 @@ from shifter.conntrack import (
     decodeOriginalDestination,
     encodeReplyQuery,
 )
-from shifter.netlink import NetlinkPort, decodeMessage, encodeMessage, splitMessages
+from shifter.kernel.netlink import NetlinkPort, decodeMessage, encodeMessage, splitMessages
 from shifter.resolver import DestinationUnknown, ResolverError, ResolverUnavailable
 from tests.test_netlink import FakeKernel, errorMessage
 

@@ -38,7 +38,7 @@ from shifter.connect import (
 )
 from shifter.conntrack import decodeOriginalDestination
 from shifter.kmod import SHIFTER_CMD_GET, ConnectionKey, decodeGetReply
-from shifter.netlink import (
+from shifter.kernel.netlink import (
     HEADER_SIZE,
     MalformedMessage,
     NetlinkException,

@@ -49,7 +49,7 @@ from shifter.kmod import (
     encodeGet,
     shifter_msg,
 )
-from shifter.netlink import Header, NetlinkPort, decodeMessage, encodeMessage, encodeRequest
+from shifter.kernel.netlink import Header, NetlinkPort, decodeMessage, encodeMessage, encodeRequest
 from shifter.resolver import (
     DestinationUnknown,
     IOriginalDestinationResolver,
@@ -859,7 +859,7 @@ class ClientTests(FakeKernelCase):
         A refused SET_PORTS fails with the kernel's error.
         """
         self.module.errors[SHIFTER_CMD_SET_PORTS] = errno.EINVAL
-        from shifter.netlink import NetlinkError
+        from shifter.kernel.netlink import NetlinkError
 
         d = self.client().setPorts([0])
         self.assertEqual(self.failureResultOf(self.settle(d), NetlinkError).value.errno, errno.EINVAL)

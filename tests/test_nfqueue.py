@@ -25,7 +25,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from shifter.kmod import ConnectionKey
-from shifter.netlink import NetlinkPort, decodeMessage, splitMessages
+from shifter.kernel.netlink import NetlinkPort, decodeMessage, splitMessages
 from shifter.nfqueue import (
     COPY_RANGE,
     NFQA_CFG_F_FAIL_OPEN,
@@ -130,7 +130,7 @@ class CodecTests(SynchronousTestCase):
         message = nfqnl_msg()
         message["attrs"] = [["NFQA_MARK", 1]]
         message.encode()
-        from shifter.netlink import MalformedMessage
+        from shifter.kernel.netlink import MalformedMessage
         self.assertRaises(MalformedMessage, decodePacket, bytes(message.data))
 
     def test_unreadablePayload(self) -> None:

@@ -5,7 +5,7 @@ the links between them, a small blocking client of the C{shifter} generic
 netlink family, and raw TCP packets built by hand.
 
 Only the tests use the blocking client; the service's own client is the
-reactor-driven one in L{shifter.netlink}.
+reactor-driven one in L{shifter.kernel.netlink}.
 """
 
 from __future__ import annotations
