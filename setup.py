@@ -25,6 +25,8 @@ setup(
     packages=[
         "shifter",
         "shifter.kernel",
+        "shifter.kmod",
+        "shifter.resolvers",
         "twisted.plugins",
     ],
     package_data={"twisted.plugins": ["shifter_plugin.py", "shifter_endpoints.py"]},

@@ -494,7 +494,7 @@ class Demo:
             f"{flow.reply[1]}: the destination is the original tuple's, {flow.original[1]}", 5)
 
     def saw_nfqueue(self) -> None:
-        from shifter.nfqueue import DEFAULT_QUEUE_MARK
+        from shifter.resolvers.nfqueue import DEFAULT_QUEUE_MARK
 
         flow = self.flow()
         queue = self.net.gateway.run("cat", "/proc/net/netfilter/nfnetlink_queue").stdout.split()

@@ -759,7 +759,7 @@ def checkRules(expected: Expectations, state: GatewayState) -> tuple[list[Findin
 
 @inlineCallbacks
 def checkKernelModule(expected: Expectations, reactor: Any):  # type: ignore[no-untyped-def]
-    from shifter.kmod import ShifterClient
+    from shifter.resolvers.kmod import ShifterClient
 
     if expected.resolver != "kmod":
         return []
@@ -792,7 +792,7 @@ def checkKernelModule(expected: Expectations, reactor: Any):  # type: ignore[no-
 
 @inlineCallbacks
 def checkConntrack(expected: Expectations, reactor: Any):  # type: ignore[no-untyped-def]
-    from shifter.conntrack import ConntrackResolver
+    from shifter.resolvers.conntrack import ConntrackResolver
 
     if expected.resolver != "conntrack":
         return []

@@ -29,8 +29,8 @@ from shifter.metrics import TunnelStats
 from shifter.policy import ITunnelPolicy
 from shifter.pool import ProxyPool
 from shifter.relay import openRelay
-from shifter.resolver import Destination, IOriginalDestinationResolver
-from shifter.sockopt import unmapAddress
+from shifter.resolvers.resolver import Destination, IOriginalDestinationResolver
+from shifter.resolvers.sockopt import unmapAddress
 from shifter.negotiation import canonicalHost, formatAddress
 from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel, TunnelInfo
 from shifter.upstream import ProxyAttempt

@@ -152,7 +152,7 @@ class HeldSyn(ProxyNegotiation):
     the current state.
 
     @ivar state: one of L{STATES}.
-    @ivar packet: the held L{shifter.nfqueue.QueuedPacket}.
+    @ivar packet: the held L{shifter.resolvers.nfqueue.QueuedPacket}.
     @ivar sequence: the SYN's initial sequence number.
     """
 
@@ -484,7 +484,7 @@ class SynHolder:
     """
     Holds each queued SYN while its tunnel is opened (C{--hold-syn}).
 
-    L{shifter.nfqueue.QueueProtocol} hands it every SYN
+    L{shifter.resolvers.nfqueue.QueueProtocol} hands it every SYN
     (L{synReceived}); the owner's tunnels take open tunnels with L{claim}.
 
     @ivar owner: the L{shifter.downstream.ShifterFactory} (its settings,

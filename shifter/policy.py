@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 
 from shifter.passclient import checkPassClient
 from shifter.proxy import UpstreamProxy
-from shifter.resolver import Destination
+from shifter.resolvers.resolver import Destination
 
 
 @dataclass(frozen=True)

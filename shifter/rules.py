@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from shifter.nfqueue import DEFAULT_QUEUE_MARK
-from shifter.resolver import DEFAULT_REJECT_MARK
+from shifter.resolvers.nfqueue import DEFAULT_QUEUE_MARK
+from shifter.resolvers.resolver import DEFAULT_REJECT_MARK
 
 RESOLVER_NAMES = ("sockopt", "conntrack", "kmod", "nfqueue", "tproxy")
 FORMATS = ("iptables", "nft")

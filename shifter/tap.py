@@ -32,7 +32,7 @@ from shifter.pool import BALANCES, ProxyPool
 from shifter.probe import DEFAULT_PROBE_TARGET
 from shifter.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
 from shifter.relay import RELAYS
-from shifter.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
+from shifter.resolvers.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
 from shifter.logs import twistdLogFile, useLogFile
 from shifter.service import ShifterService, SidePortService
 from shifter.splice import SPLICE_AVAILABLE

@@ -65,7 +65,7 @@ from shifter.negotiation import (
     destinationCheck,
     formatAddress,
 )
-from shifter.resolver import Destination, ResolverError
+from shifter.resolvers.resolver import Destination, ResolverError
 from shifter.statetable import buildTable
 
 # The states.  Plain strings: they are dictionary keys on every event.

@@ -14,7 +14,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.conntrack import (
+from shifter.resolvers.conntrack import (
     CT_GET,
     CT_NEW,
     ConntrackResolver,
@@ -22,7 +22,7 @@ from shifter.conntrack import (
     encodeReplyQuery,
 )
 from shifter.kernel.netlink import NetlinkPort, decodeMessage, encodeMessage, splitMessages
-from shifter.resolver import DestinationUnknown, ResolverError, ResolverUnavailable
+from shifter.resolvers.resolver import DestinationUnknown, ResolverError, ResolverUnavailable
 from tests.test_netlink import FakeKernel, errorMessage
 
 # ctnetlink answers captured from a 6.x kernel for connections REDIRECTed

@@ -28,7 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from shifter import ctl
 from shifter.control import ControlFactory, ControlService, controlPath
-from shifter.resolver import IOriginalDestinationResolver
+from shifter.resolvers.resolver import IOriginalDestinationResolver
 from shifter.service import ShifterService
 from shifter.tap import Options, makeService
 from tests.support import requireHost, socketDirectory

@@ -36,8 +36,8 @@ from shifter.connect import (
     formatAuthority,
     formatConnectRequest,
 )
-from shifter.conntrack import decodeOriginalDestination
-from shifter.kmod import SHIFTER_CMD_GET, ConnectionKey, decodeGetReply
+from shifter.resolvers.conntrack import decodeOriginalDestination
+from shifter.resolvers.kmod import SHIFTER_CMD_GET, ConnectionKey, decodeGetReply
 from shifter.kernel.netlink import (
     HEADER_SIZE,
     MalformedMessage,
@@ -49,7 +49,7 @@ from shifter.kernel.netlink import (
     parseError,
     splitMessages,
 )
-from shifter.nfqueue import (
+from shifter.resolvers.nfqueue import (
     QUEUE_PACKET,
     QUEUE_VERDICT,
     QUEUE_VERDICT_BATCH,

@@ -28,7 +28,7 @@ from shifter.logs import RateLimitedLog
 from shifter.holdsyn import HeldTunnel, SynHolder
 from shifter.interfaces import IProxyAttempt
 from shifter.metrics import TunnelStats
-from shifter.nfqueue import QueuedPacket, parseSegment
+from shifter.resolvers.nfqueue import QueuedPacket, parseSegment
 from shifter.policy import TunnelDecision
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy

@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.kmod}: the module's messages, L{ShifterClient} and
+Tests for L{shifter.resolvers.kmod}: the module's messages, L{ShifterClient} and
 C{--resolver=kmod} against a fake kernel.
 """
 
@@ -22,8 +22,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from shifter import kmod
-from shifter.kmod import (
+from shifter.resolvers import kmod
+from shifter.resolvers.kmod import (
     SHIFTER_A_FAMILY,
     SHIFTER_A_IFINDEX,
     SHIFTER_A_LOCAL_ADDR,
@@ -50,7 +50,7 @@ from shifter.kmod import (
     shifter_msg,
 )
 from shifter.kernel.netlink import Header, NetlinkPort, decodeMessage, encodeMessage, encodeRequest
-from shifter.resolver import (
+from shifter.resolvers.resolver import (
     DestinationUnknown,
     IOriginalDestinationResolver,
     ResolverError,
@@ -1080,7 +1080,7 @@ class AutoTests(FakeKernelCase):
     """
 
     def chosen(self) -> str:
-        from shifter.auto import AutoResolver
+        from shifter.resolvers.auto import AutoResolver
 
         resolver = AutoResolver(reactor=self.reactor)
         self.successResultOf(self.settle(resolver.start()))

@@ -41,7 +41,7 @@ from shifter.downstream import ShifterFactory, TunnelSettings
 from shifter.policy import ITunnelPolicy
 from shifter.pool import ProxyPool
 from shifter.proxy import parseProxy
-from shifter.resolver import IOriginalDestinationResolver
+from shifter.resolvers.resolver import IOriginalDestinationResolver
 from tests.gateway import makeCertificate
 
 DESTINATION = IPv4Address("TCP", "203.0.113.7", 443)

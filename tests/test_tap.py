@@ -23,8 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.endpointstrings import withBacklog
 from shifter.proxy import parseProxy
-from shifter.resolver import IOriginalDestinationResolver, ResolverUnavailable
-from shifter.sockopt import SocketOptionResolver
+from shifter.resolvers.resolver import IOriginalDestinationResolver, ResolverUnavailable
+from shifter.resolvers.sockopt import SocketOptionResolver
 from shifter.tap import MAX_SECONDS, Options, defaultMaxConnections, makeService
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -329,7 +329,7 @@ class ServiceTests(SynchronousTestCase):
         A resolver that cannot start is a critical log line and the reactor
         stops: Shifter does not listen without a way to resolve.
         """
-        from shifter import resolver
+        from shifter.resolvers import resolver
 
         self.patch(resolver, "RESOLVERS", dict(resolver.RESOLVERS, broken=f"{__name__}.BrokenResolver"))
         config = parse("--proxy", "127.0.0.1:3128")
@@ -349,7 +349,7 @@ class ServiceTests(SynchronousTestCase):
         the start (the resolver's start is cancelled), never listens, and
         logs no failure to start.
         """
-        from shifter import resolver
+        from shifter.resolvers import resolver
 
         self.patch(resolver, "RESOLVERS", dict(resolver.RESOLVERS, slow=f"{__name__}.SlowResolver"))
         config = parse("--proxy", "127.0.0.1:3128")

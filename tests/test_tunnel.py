@@ -20,7 +20,7 @@ from shifter.downstream import DownstreamProtocol, ShifterFactory, TunnelSetting
 from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
-from shifter.resolver import DestinationUnknown, IOriginalDestinationResolver
+from shifter.resolvers.resolver import DestinationUnknown, IOriginalDestinationResolver
 
 from tests.support import knowLocalAddresses
 

@@ -32,7 +32,7 @@ from shifter.logs import RateLimitedLog
 from shifter.metrics import TunnelStats
 from shifter.pool import ProxyPool
 from shifter.proxy import UpstreamProxy
-from shifter.resolver import DestinationUnknown
+from shifter.resolvers.resolver import DestinationUnknown
 from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel
 
 from tests.support import knowLocalAddresses

@@ -25,7 +25,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR
 from pyroute2.netlink.generic import CTRL_CMD_GETFAMILY, GENL_ID_CTRL, ctrlmsg
 from twisted.trial.unittest import SkipTest
 
-from shifter.kmod import (
+from shifter.resolvers.kmod import (
     SHIFTER_CMD_DISABLE,
     SHIFTER_CMD_ENABLE,
     SHIFTER_CMD_GET,

@@ -50,7 +50,7 @@ from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.kmod import ConnectionKey
+from shifter.resolvers.kmod import ConnectionKey
 from shifter.kernel.netlink import (
     NETLINK_NETFILTER,
     Header,
@@ -63,7 +63,7 @@ from shifter.kernel.netlink import (
     encodeMessage,
     parseError,
 )
-from shifter.resolver import (
+from shifter.resolvers.resolver import (
     DEFAULT_REJECT_MARK,
     Destination,
     DestinationUnknown,

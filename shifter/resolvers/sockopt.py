@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import ITCPTransport
 
-from shifter.resolver import Destination, DestinationUnknown, IOriginalDestinationResolver
+from shifter.resolvers.resolver import Destination, DestinationUnknown, IOriginalDestinationResolver
 
 # linux/netfilter_ipv4.h and linux/netfilter_ipv6/ip6_tables.h
 SO_ORIGINAL_DST = 80

@@ -84,16 +84,16 @@ class IOriginalDestinationResolver(Interface):
 # are imported only when chosen, so a host pays for none it does not use.
 # Each is a class whose constructor takes the reactor as a keyword argument.
 RESOLVERS = {
-    "sockopt": "shifter.sockopt.SocketOptionResolver",
-    "kmod": "shifter.kmod.KernelModuleResolver",
-    "conntrack": "shifter.conntrack.ConntrackResolver",
-    "nfqueue": "shifter.nfqueue.QueueResolver",
-    "tproxy": "shifter.tproxy.TransparentResolver",
-    "auto": "shifter.auto.AutoResolver",
+    "sockopt": "shifter.resolvers.sockopt.SocketOptionResolver",
+    "kmod": "shifter.resolvers.kmod.KernelModuleResolver",
+    "conntrack": "shifter.resolvers.conntrack.ConntrackResolver",
+    "nfqueue": "shifter.resolvers.nfqueue.QueueResolver",
+    "tproxy": "shifter.resolvers.tproxy.TransparentResolver",
+    "auto": "shifter.resolvers.auto.AutoResolver",
 }
 
 # The mark bit the nfqueue reader gives a SYN refused at the gateway
-# (--hold-syn), in place of the queue mark.  Here, not in shifter.nfqueue,
+# (--hold-syn), in place of the queue mark.  Here, not in shifter.resolvers.nfqueue,
 # so that the options and the rules name it without loading netlink.
 DEFAULT_REJECT_MARK = 0x20000
 

@@ -42,7 +42,7 @@ from shifter.kernel.netlink import (
     encodeAttribute,
     parseAttributes,
 )
-from shifter.resolver import (
+from shifter.resolvers.resolver import (
     Destination,
     DestinationUnknown,
     IOriginalDestinationResolver,

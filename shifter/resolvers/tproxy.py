@@ -32,8 +32,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.plugin import IPlugin
 
-from shifter.resolver import Destination, IOriginalDestinationResolver
-from shifter.sockopt import unmapAddress
+from shifter.resolvers.resolver import Destination, IOriginalDestinationResolver
+from shifter.resolvers.sockopt import unmapAddress
 
 # linux/in.h, linux/in6.h
 IP_TRANSPARENT = 19

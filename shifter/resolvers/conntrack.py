@@ -47,14 +47,14 @@ from shifter.kernel.netlink import (
     NetlinkProtocol,
     NetlinkTimeout,
 )
-from shifter.resolver import (
+from shifter.resolvers.resolver import (
     Destination,
     DestinationUnknown,
     IOriginalDestinationResolver,
     ResolverError,
     ResolverUnavailable,
 )
-from shifter.sockopt import unmapAddress
+from shifter.resolvers.sockopt import unmapAddress
 
 
 # nfnetlink message types are the subsystem in the high byte, the

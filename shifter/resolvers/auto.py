@@ -29,7 +29,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.resolver import (
+from shifter.resolvers.resolver import (
     Destination,
     IOriginalDestinationResolver,
     ResolverUnavailable,
