@@ -27,10 +27,11 @@ setup(
         "shifter.kernel",
         "shifter.kmod",
         "shifter.resolvers",
+        "shifter.upstream",
         "twisted.plugins",
     ],
     package_data={"twisted.plugins": ["shifter_plugin.py", "shifter_endpoints.py"]},
-    # Twisted[tls]: pyOpenSSL, service_identity and idna, which shifter.proxy
+    # Twisted[tls]: pyOpenSSL, service_identity and idna, which shifter.upstream.proxy
     # imports for https:// proxies (and so twistd shifter --help needs).
     install_requires=[
         "Twisted[tls]>=23.8",

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 _PUBLIC = {
     "AutoResolver": "shifter.resolvers.auto",
     "ConntrackResolver": "shifter.resolvers.conntrack",
-    "Credentials": "shifter.auth",
+    "Credentials": "shifter.upstream.auth",
     "DestinationUnknown": "shifter.resolvers.resolver",
     "IOriginalDestinationResolver": "shifter.resolvers.resolver",
     "ITunnelPolicy": "shifter.policy",
     "KernelModuleResolver": "shifter.resolvers.kmod",
     "Options": "shifter.tap",
-    "ProxyPool": "shifter.pool",
+    "ProxyPool": "shifter.upstream.pool",
     "QueueResolver": "shifter.resolvers.nfqueue",
     "ResolverError": "shifter.resolvers.resolver",
     "ResolverUnavailable": "shifter.resolvers.resolver",
@@ -47,9 +47,9 @@ _PUBLIC = {
     "TunnelDecision": "shifter.policy",
     "TunnelRequest": "shifter.policy",
     "TunnelSettings": "shifter.downstream",
-    "UpstreamProxy": "shifter.proxy",
+    "UpstreamProxy": "shifter.upstream.proxy",
     "makeService": "shifter.tap",
-    "parseProxy": "shifter.proxy",
+    "parseProxy": "shifter.upstream.proxy",
 }
 
 __all__ = [
@@ -90,15 +90,15 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # the same names, for type checkers and the API documentation
-    from shifter.auth import Credentials
+    from shifter.upstream.auth import Credentials
     from shifter.resolvers.auto import AutoResolver
     from shifter.resolvers.conntrack import ConntrackResolver
     from shifter.downstream import ShifterFactory, TunnelSettings
     from shifter.resolvers.kmod import KernelModuleResolver
     from shifter.resolvers.nfqueue import QueueResolver
     from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
-    from shifter.pool import ProxyPool
-    from shifter.proxy import UpstreamProxy, parseProxy
+    from shifter.upstream.pool import ProxyPool
+    from shifter.upstream.proxy import UpstreamProxy, parseProxy
     from shifter.resolvers.resolver import (
         DestinationUnknown,
         IOriginalDestinationResolver,

@@ -32,7 +32,7 @@ from zope.interface import implementer
 from twisted.python import usage
 
 from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
-from shifter.proxy import UpstreamProxy
+from shifter.upstream.proxy import UpstreamProxy
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -401,7 +401,7 @@ class _Reader:
                     raise self.fail(where + (key,), f"proxy: {key}: expected a file name")
             passClient = item.get("pass-client")
             if passClient is not None:
-                from shifter.passclient import PASS_CLIENT_MODES
+                from shifter.upstream.passclient import PASS_CLIENT_MODES
 
                 if passClient not in PASS_CLIENT_MODES:
                     raise self.fail(where + ("pass-client",), f"proxy: pass-client: expected one of "

@@ -25,7 +25,7 @@ Three kinds, all checked before any proxy is asked:
     (C{squid.lan:3128}) is resolved at start with Twisted's own DNS client
     (C{twisted.names}: in the reactor, no threads) and again every
     C{refreshInterval} seconds; the addresses found are also where the
-    proxy's connections go (L{shifter.proxy.ProxyName}), so no tunnel
+    proxy's connections go (L{shifter.upstream.proxy.ProxyName}), so no tunnel
     looks the name up itself.  When one of a proxy's addresses is an
     address of this machine (the proxy runs on the gateway), the proxy is
     reachable through every address of this machine, so all of them are
@@ -50,7 +50,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.connect import isDottedQuad
+from shifter.upstream.connect import isDottedQuad
 from shifter.kernel.localaddresses import readLocalAddresses
 
 # Every destination in these networks is refused, with the reason's word.
@@ -166,7 +166,7 @@ class ProxyTarget:
     @ivar host: its IP address or hostname.
     @ivar port: its TCP port.
     @ivar name: for a proxy named by hostname, its
-        L{shifter.proxy.ProxyName}, given each new set of addresses: the
+        L{shifter.upstream.proxy.ProxyName}, given each new set of addresses: the
         proxy's connections go there.
     """
 
@@ -178,7 +178,7 @@ class ProxyTarget:
 
 def proxyTargets(proxies: Iterable[Any]) -> list[ProxyTarget]:
     """
-    The L{ProxyTarget}s of C{proxies} (L{shifter.proxy.UpstreamProxy}s):
+    The L{ProxyTarget}s of C{proxies} (L{shifter.upstream.proxy.UpstreamProxy}s):
     those with a TCP host and port (a proxy reached through a UNIX socket
     has none and cannot be a TCP destination).
     """
@@ -217,7 +217,7 @@ class ProxyAddresses:
         refreshInterval: float = REFRESH_INTERVAL,
     ) -> None:
         """
-        @param proxies: the L{shifter.proxy.UpstreamProxy}s (or anything
+        @param proxies: the L{shifter.upstream.proxy.UpstreamProxy}s (or anything
             with C{description}, C{host} and C{port}).
         @param resolver: a C{twisted.names} resolver (C{IResolver}) for
             proxy hostnames; by default one made from the system's

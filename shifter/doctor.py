@@ -809,7 +809,7 @@ def checkConntrack(expected: Expectations, reactor: Any):  # type: ignore[no-unt
 
 @inlineCallbacks
 def _askProxy(proxy: Any, host: str, port: int, reactor: Any, timeout: float):  # type: ignore[no-untyped-def]
-    from shifter.probe import askProxy
+    from shifter.upstream.probe import askProxy
 
     exchange = proxy.auth.exchange() if proxy.auth is not None else None
     for attempt in range(2):
@@ -824,7 +824,7 @@ def _askProxy(proxy: Any, host: str, port: int, reactor: Any, timeout: float):  
 
 @inlineCallbacks
 def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  # type: ignore[no-untyped-def]
-    from shifter.probe import ProbeConnectFailed, ProbeNoAnswer
+    from shifter.upstream.probe import ProbeConnectFailed, ProbeNoAnswer
 
     host, port = expected.checkTarget
     findings = []

@@ -27,13 +27,13 @@ from shifter.limits import ClientLimit
 from shifter.logs import RateLimitedLog
 from shifter.metrics import TunnelStats
 from shifter.policy import ITunnelPolicy
-from shifter.pool import ProxyPool
+from shifter.upstream.pool import ProxyPool
 from shifter.relay import openRelay
 from shifter.resolvers.resolver import Destination, IOriginalDestinationResolver
 from shifter.resolvers.sockopt import unmapAddress
 from shifter.negotiation import canonicalHost, formatAddress
 from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel, TunnelInfo
-from shifter.upstream import ProxyAttempt
+from shifter.upstream.upstream import ProxyAttempt
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ from shifter.negotiation import (
 )
 from shifter.statetable import buildTable
 from shifter.tunnel import RATE_LIMITED
-from shifter.upstream import ProxyAttempt
+from shifter.upstream.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
 

@@ -16,7 +16,7 @@ from zope.interface import Attribute, Interface
 from twisted.python.failure import Failure
 
 
-# The CONNECT codec (L{shifter.connect}) builds it; it is here because the
+# The CONNECT codec (L{shifter.upstream.connect}) builds it; it is here because the
 # proxy events below carry it, and the relays must not import the upstream side.
 @dataclass(frozen=True)
 class ConnectResponse:
@@ -48,7 +48,7 @@ class IProxyAttempt(Interface):
     made.  It reports to the tunnel with the proxy events, naming itself.
     """
 
-    proxy = Attribute("The L{shifter.proxy.UpstreamProxy} being tried.")
+    proxy = Attribute("The L{shifter.upstream.proxy.UpstreamProxy} being tried.")
     transport = Attribute("The connection's transport once connected, else C{None}.")
 
     def connect() -> None:

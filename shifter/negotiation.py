@@ -37,10 +37,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse, formatAuthority, isDottedQuad
+from shifter.upstream.connect import ConnectResponse, formatAuthority, isDottedQuad
 from shifter.destinations import destinationRefusal
 from shifter.interfaces import IProxyAttempt
-from shifter.passclient import refusalHint, tunnelRequest
+from shifter.upstream.passclient import refusalHint, tunnelRequest
 from shifter.policy import TunnelDecision, TunnelRequest
 
 # The states of this stage, in both machines.

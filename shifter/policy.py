@@ -17,8 +17,8 @@ from zope.interface import Interface
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 
-from shifter.passclient import checkPassClient
-from shifter.proxy import UpstreamProxy
+from shifter.upstream.passclient import checkPassClient
+from shifter.upstream.proxy import UpstreamProxy
 from shifter.resolvers.resolver import Destination
 
 

@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass
 from typing import Generator
 
-from shifter.connect import isValidHostname
+from shifter.upstream.connect import isValidHostname
 
 # The largest ClientHello, record headers included, that Shifter waits for.
 # Hellos with post-quantum key shares are 1.5-2 KiB today; big session

@@ -14,7 +14,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from shifter.connect import formatAuthority
+from shifter.upstream.connect import formatAuthority
 from shifter.config import (
     ConfigError,
     ConfigFile,
@@ -25,12 +25,12 @@ from shifter.config import (
     policyFor,
 )
 from shifter.downstream import ShifterFactory, TunnelSettings
-from shifter.endpointstrings import withBacklog
+from shifter.upstream.endpointstrings import withBacklog
 from shifter.holdsyn import DEFAULT_HOLD_TIMEOUT, SynHolder
-from shifter.passclient import PASS_CLIENT_MODES
-from shifter.pool import BALANCES, ProxyPool
-from shifter.probe import DEFAULT_PROBE_TARGET
-from shifter.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
+from shifter.upstream.passclient import PASS_CLIENT_MODES
+from shifter.upstream.pool import BALANCES, ProxyPool
+from shifter.upstream.probe import DEFAULT_PROBE_TARGET
+from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
 from shifter.relay import RELAYS
 from shifter.resolvers.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
 from shifter.logs import twistdLogFile, useLogFile

@@ -233,7 +233,7 @@ class ITunnelOwner(Interface):
     """
 
     settings = Attribute("The L{shifter.downstream.TunnelSettings}.")
-    pool = Attribute("The L{shifter.pool.ProxyPool}.")
+    pool = Attribute("The L{shifter.upstream.pool.ProxyPool}.")
     policy = Attribute("The L{shifter.policy.ITunnelPolicy}, or C{None}.")
     resolver = Attribute("The original-destination resolver.")
     reactor = Attribute("The reactor, for its clock.")

@@ -98,7 +98,7 @@ class ReusePortEndpoint:
         C{backlog=}), read from the string itself; C{None} for any other
         kind.
         """
-        from shifter.endpointstrings import listeningArguments
+        from shifter.upstream.endpointstrings import listeningArguments
 
         parsed = listeningArguments(description)
         if parsed is None or parsed[0] not in ("tcp", "tcp6"):

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shifter.config import ConfigError, RulePolicy, loadConfig, optionKinds
 from shifter.downstream import ShifterFactory
 from shifter.policy import TunnelRequest
-from shifter.proxy import MarkingReactor, UpstreamProxy
+from shifter.upstream.proxy import MarkingReactor, UpstreamProxy
 from shifter.service import ShifterService
 from shifter.tap import Options, makeService
 

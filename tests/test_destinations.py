@@ -33,7 +33,7 @@ from shifter.destinations import (
     resolveAll,
 )
 from shifter.negotiation import canonicalHost
-from shifter.proxy import _endpointHostPort, parseProxy
+from shifter.upstream.proxy import _endpointHostPort, parseProxy
 from shifter.downstream import TunnelSettings
 from tests.test_tunnel import PROXY, TunnelTestCase
 

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shifter import doctor
 from shifter.doctor import Expectations, GatewayState, checkRules
 from shifter.netfilter import Packet, Ruleset, loadRuleset, parseIptablesSave, parseNftJson, traverse
-from shifter.proxy import parseProxy
+from shifter.upstream.proxy import parseProxy
 
 CLIENT = ipaddress.ip_address("192.0.2.2")
 REMOTE = ipaddress.ip_address("198.51.100.10")

@@ -30,7 +30,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.connect import (
+from shifter.upstream.connect import (
     ConnectResponseParser,
     ProxyResponseError,
     formatAuthority,

@@ -19,8 +19,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from shifter import holdsyn as H
-from shifter.auth import Credentials, ProxyAuth
-from shifter.connect import ConnectResponse
+from shifter.upstream.auth import Credentials, ProxyAuth
+from shifter.upstream.connect import ConnectResponse
 from shifter.destinations import GatewayNames, ProxyAddresses
 from shifter.downstream import TunnelSettings
 from shifter.limits import ClientLimit
@@ -30,8 +30,8 @@ from shifter.interfaces import IProxyAttempt
 from shifter.metrics import TunnelStats
 from shifter.resolvers.nfqueue import QueuedPacket, parseSegment
 from shifter.policy import TunnelDecision
-from shifter.pool import ProxyPool
-from shifter.proxy import UpstreamProxy
+from shifter.upstream.pool import ProxyPool
+from shifter.upstream.proxy import UpstreamProxy
 
 from tests.support import knowLocalAddresses
 from tests.test_nfqueue import ipv4Packet

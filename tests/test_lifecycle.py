@@ -39,8 +39,8 @@ from twisted.trial.unittest import TestCase
 from shifter.destinations import ProxyAddresses, alwaysKnown
 from shifter.downstream import ShifterFactory, TunnelSettings
 from shifter.policy import ITunnelPolicy
-from shifter.pool import ProxyPool
-from shifter.proxy import parseProxy
+from shifter.upstream.pool import ProxyPool
+from shifter.upstream.proxy import parseProxy
 from shifter.resolvers.resolver import IOriginalDestinationResolver
 from tests.gateway import makeCertificate
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.connect import isValidHostname
+from shifter.upstream.connect import isValidHostname
 from shifter.sniff import (
     MAX_CLIENT_HELLO_BYTES,
     MAX_CLIENT_HELLO_RECORDS,

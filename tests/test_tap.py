@@ -1,6 +1,6 @@
 """
 Tests for the command line and the service: L{shifter.tap},
-L{shifter.proxy}, L{shifter.service}, the dropin and the .tac file.
+L{shifter.upstream.proxy}, L{shifter.service}, the dropin and the .tac file.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.endpointstrings import withBacklog
-from shifter.proxy import parseProxy
+from shifter.upstream.endpointstrings import withBacklog
+from shifter.upstream.proxy import parseProxy
 from shifter.resolvers.resolver import IOriginalDestinationResolver, ResolverUnavailable
 from shifter.resolvers.sockopt import SocketOptionResolver
 from shifter.tap import MAX_SECONDS, Options, defaultMaxConnections, makeService

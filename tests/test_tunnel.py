@@ -1,6 +1,6 @@
 """
 Tests for the tunnel, in memory: L{shifter.downstream} and
-L{shifter.upstream} with Twisted's test doubles and a fake clock.
+L{shifter.upstream.upstream} with Twisted's test doubles and a fake clock.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.downstream import DownstreamProtocol, ShifterFactory, TunnelSettings
 from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
-from shifter.pool import ProxyPool
-from shifter.proxy import UpstreamProxy
+from shifter.upstream.pool import ProxyPool
+from shifter.upstream.proxy import UpstreamProxy
 from shifter.resolvers.resolver import DestinationUnknown, IOriginalDestinationResolver
 
 from tests.support import knowLocalAddresses

@@ -23,15 +23,15 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from shifter import tunnel as T
-from shifter.connect import ConnectResponse
+from shifter.upstream.connect import ConnectResponse
 from shifter.deadlines import Deadlines
 from shifter.destinations import GatewayNames, ProxyAddresses
 from shifter.downstream import TunnelSettings
 from shifter.interfaces import IProxyAttempt, IRelay
 from shifter.logs import RateLimitedLog
 from shifter.metrics import TunnelStats
-from shifter.pool import ProxyPool
-from shifter.proxy import UpstreamProxy
+from shifter.upstream.pool import ProxyPool
+from shifter.upstream.proxy import UpstreamProxy
 from shifter.resolvers.resolver import DestinationUnknown
 from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel
 

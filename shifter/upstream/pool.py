@@ -5,7 +5,7 @@ which are down.
 A proxy that refuses connections or times out C{failureThreshold} times in
 a row is marked down for a back-off period.  When that ends it is probed:
 asked CONNECT to the probe target on a connection of Shifter's own
-(L{shifter.probe}), which must bring an HTTP status line, any status, in
+(L{shifter.upstream.probe}), which must bring an HTTP status line, any status, in
 the handshake timeout; a proxy that accepts connections and never answers
 (a wedged Squid, a full helper queue, a TLS certificate Shifter refuses)
 fails it.  A proxy that answers is on trial: one client tunnel at a time
@@ -30,9 +30,9 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse
-from shifter.probe import DEFAULT_PROBE_TARGET, askProxy
-from shifter.proxy import UpstreamProxy
+from shifter.upstream.connect import ConnectResponse
+from shifter.upstream.probe import DEFAULT_PROBE_TARGET, askProxy
+from shifter.upstream.proxy import UpstreamProxy
 
 BALANCES = ("failover", "round-robin", "source-hash")
 

@@ -25,14 +25,14 @@ from typing import Optional, Protocol, Sequence, Union
 
 from twisted.internet.address import IPv4Address, IPv6Address
 
-from shifter.connect import formatConnectRequest
-from shifter.proxyprotocol import encodeLocalV1, encodeLocalV2, encodeV1, encodeV2
+from shifter.upstream.connect import formatConnectRequest
+from shifter.upstream.proxyprotocol import encodeLocalV1, encodeLocalV2, encodeV1, encodeV2
 
 
 
 class _Proxy(Protocol):
     """
-    What L{tunnelRequest} reads of a L{shifter.proxy.UpstreamProxy}.
+    What L{tunnelRequest} reads of a L{shifter.upstream.proxy.UpstreamProxy}.
     """
 
     passClient: str
@@ -131,7 +131,7 @@ def tunnelRequest(
     @param destination: where the client was originally going; the PROXY
         header's destination.
     @param passClient: this connection's mode (a policy's choice); C{None}
-        for the proxy's own, L{shifter.proxy.UpstreamProxy.passClient}.
+        for the proxy's own, L{shifter.upstream.proxy.UpstreamProxy.passClient}.
     @raise ValueError: if the mode is unknown or anything in the request
         cannot be sent safely (see L{formatConnectRequest}).
     """

@@ -36,11 +36,11 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 
-from shifter.connector import SO_MARK, DirectTCP
-from shifter.passclient import checkPassClient
+from shifter.upstream.connector import SO_MARK, DirectTCP
+from shifter.upstream.passclient import checkPassClient
 
 if TYPE_CHECKING:
-    from shifter.auth import Credentials, ProxyAuth
+    from shifter.upstream.auth import Credentials, ProxyAuth
 
 # host:port, or [v6 literal]:port
 _SHORTHAND = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]{1,5})")
@@ -62,7 +62,7 @@ class UpstreamProxy:
     @ivar passClient: what it is told about each client (C{--pass-client}):
         C{"none"}, C{"x-forwarded-for"}, C{"proxy-v1"} or C{"proxy-v2"}.
     @ivar direct: for a plain TCP proxy at a known C{address}, how
-        L{shifter.connector} reaches it, cheaper per connection than the
+        L{shifter.upstream.connector} reaches it, cheaper per connection than the
         endpoint, which stays for everything else.
     @ivar host: the IP address or hostname it is reached at, as configured;
         C{None} for a non-TCP endpoint.
@@ -108,7 +108,7 @@ def parseProxy(  # type: ignore[no-untyped-def]
     """
     proxy = _parseProxy(value, reactor, credentials, caFile, passClient)
     if preemptiveBasic and proxy.auth is not None:
-        from shifter.auth import ProxyAuth
+        from shifter.upstream.auth import ProxyAuth
 
         proxy = replace(proxy, auth=ProxyAuth(proxy.auth.credentials, preemptiveBasic=True))
     return proxy
@@ -181,7 +181,7 @@ def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ig
     if "[" in url.netloc:
         _checkIPv6(host, value)
     if url.username is not None:
-        from shifter.auth import Credentials
+        from shifter.upstream.auth import Credentials
 
         credentials = Credentials(unquote(url.username), unquote(url.password or ""))
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -203,7 +203,7 @@ def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ig
 
 
 def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  # type: ignore[no-untyped-def]
-    from shifter.connect import checkHost
+    from shifter.upstream.connect import checkHost
 
     try:
         checkHost(host)
@@ -249,7 +249,7 @@ def _checkIPv6(host: str, value: str) -> None:
 def _auth(credentials: Credentials | None) -> ProxyAuth | None:
     if credentials is None:
         return None
-    from shifter.auth import ProxyAuth
+    from shifter.upstream.auth import ProxyAuth
 
     return ProxyAuth(credentials)
 
@@ -269,7 +269,7 @@ def readCredentials(path: str) -> Credentials:
     username, colon, password = line.partition(":")
     if not colon or not username:
         raise ValueError(f"{path!r} should hold user:password on its first line")
-    from shifter.auth import Credentials
+    from shifter.upstream.auth import Credentials
 
     return Credentials(username, password)
 
@@ -287,7 +287,7 @@ def _endpointHostPort(description: str) -> tuple[str, int] | None:
     from the string (L{splitEndpoint}); C{None} for other kinds or when the
     string names none.
     """
-    from shifter.endpointstrings import splitEndpoint
+    from shifter.upstream.endpointstrings import splitEndpoint
 
     kind, positional, keywords = splitEndpoint(description)
     if kind not in _TCP_ENDPOINTS:

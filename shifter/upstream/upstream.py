@@ -21,8 +21,8 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponseParser, ProxyResponseError
-from shifter.connector import ProxyConnection, connectNow
+from shifter.upstream.connect import ConnectResponseParser, ProxyResponseError
+from shifter.upstream.connector import ProxyConnection, connectNow
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
 
 
@@ -39,11 +39,11 @@ class ProxyAttempt:
     One try at one proxy for one tunnel.
 
     A plain TCP proxy at a known address is reached with
-    L{shifter.connector}, with no timeout of its own (the tunnel keeps the
+    L{shifter.upstream.connector}, with no timeout of its own (the tunnel keeps the
     deadline); any other (TLS, a hostname, an endpoint string) through its
     endpoint.
 
-    @ivar proxy: the L{shifter.proxy.UpstreamProxy} being tried.
+    @ivar proxy: the L{shifter.upstream.proxy.UpstreamProxy} being tried.
     @ivar protocol: the L{UpstreamProtocol}, once connected.
     """
 

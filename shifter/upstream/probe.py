@@ -1,9 +1,9 @@
 """
 Asking a proxy CONNECT on a connection of Shifter's own, to learn whether
-it answers: the pool's health probe (L{shifter.pool}) and C{doctor}'s
+it answers: the pool's health probe (L{shifter.upstream.pool}) and C{doctor}'s
 check of each proxy share it.
 
-The request is the tunnel's (L{shifter.passclient.probeRequest}: over TLS
+The request is the tunnel's (L{shifter.upstream.passclient.probeRequest}: over TLS
 for an C{https://} proxy, with its authentication headers and, for the
 PROXY protocol, a header saying that no client is relayed), so a proxy
 that answers it would answer a tunnel's.
@@ -18,8 +18,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse, ConnectResponseParser, ProxyResponseError, formatAuthority
-from shifter.passclient import probeRequest
+from shifter.upstream.connect import ConnectResponse, ConnectResponseParser, ProxyResponseError, formatAuthority
+from shifter.upstream.passclient import probeRequest
 
 # What the health probe asks for unless --probe-target says otherwise.
 # The proxy must answer it at once, by itself: no DNS, no connection out,
@@ -136,7 +136,7 @@ def askProxy(
     @param answerTimeout: seconds from the connection to the answer (the
         TLS handshake included).
     @param statusOnly: answer as soon as the status line is in.
-    @param exchange: the L{shifter.auth.AuthExchange} whose headers the
+    @param exchange: the L{shifter.upstream.auth.AuthExchange} whose headers the
         request carries, to answer a 407 with another probe; by default a
         new one, if the proxy has credentials.
     @return: a C{Deferred} firing with the L{ConnectResponse}, whatever
