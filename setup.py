@@ -26,6 +26,7 @@ setup(
         "shifter",
         "shifter.kernel",
         "shifter.kmod",
+        "shifter.relay",
         "shifter.resolvers",
         "shifter.upstream",
         "twisted.plugins",

@@ -28,7 +28,7 @@ from shifter.logs import RateLimitedLog
 from shifter.metrics import TunnelStats
 from shifter.policy import ITunnelPolicy
 from shifter.upstream.pool import ProxyPool
-from shifter.relay import openRelay
+from shifter.relay.relay import openRelay
 from shifter.resolvers.resolver import Destination, IOriginalDestinationResolver
 from shifter.resolvers.sockopt import unmapAddress
 from shifter.negotiation import canonicalHost, formatAddress
@@ -66,7 +66,7 @@ class TunnelSettings:
         looking for a name, before using the address.
     @ivar relay: how open tunnels relay: C{"auto"} or C{"splice"} (zero-copy
         wherever both sides are plain TCP), or C{"twisted"} (Twisted's
-        producers and consumers); see L{shifter.relay}.
+        producers and consumers); see L{shifter.relay.relay}.
     """
 
     connectTimeout: float = 10.0

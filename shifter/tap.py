@@ -31,11 +31,11 @@ from shifter.upstream.passclient import PASS_CLIENT_MODES
 from shifter.upstream.pool import BALANCES, ProxyPool
 from shifter.upstream.probe import DEFAULT_PROBE_TARGET
 from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
-from shifter.relay import RELAYS
+from shifter.relay.relay import RELAYS
 from shifter.resolvers.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
 from shifter.logs import twistdLogFile, useLogFile
 from shifter.service import ShifterService, SidePortService
-from shifter.splice import SPLICE_AVAILABLE
+from shifter.relay.splice import SPLICE_AVAILABLE
 from shifter.workers import ReusePortEndpoint, WorkersService, becomeWorker, shiftPort, workerReady
 
 CONNECT_TARGETS = ("ip", "sni", "host", "auto")

@@ -5,7 +5,7 @@ The relay of an open tunnel, in one of two implementations:
     producer (as in L{twisted.protocols.portforward}); every byte passes
     through the protocols' C{dataReceived}.  Works for any transport, TLS
     to the proxy included.
-  - C{splice}: L{shifter.splice.SpliceRelay}, zero-copy through pipes; for
+  - C{splice}: L{shifter.relay.splice.SpliceRelay}, zero-copy through pipes; for
     plain TCP sockets on both sides, on a reactor with file descriptors.
 
 C{--relay auto} (the default) uses splice wherever it can, else twisted.
@@ -26,7 +26,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IPushProducer, IReactorFDSet
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from shifter.splice import SPLICE_AVAILABLE, SpliceRelay
+from shifter.relay.splice import SPLICE_AVAILABLE, SpliceRelay
 from shifter.interfaces import IProxyAttempt, IRelay
 
 RELAYS = ("auto", "splice", "twisted")
