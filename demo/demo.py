@@ -418,7 +418,7 @@ class Demo:
             )
         for line in self.shifter.logText().splitlines():
             logger = re.search(r"\[(shifter\.[\w.]+)#\w+\] (.*)", line)
-            if logger and not logger.group(1).startswith("shifter.downstream"):
+            if logger and not logger.group(1).startswith("shifter.tunnel.downstream"):
                 say("-> " + logger.group(2), 5)
 
     def startAdvice(self) -> str:

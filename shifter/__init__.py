@@ -34,19 +34,19 @@ _PUBLIC = {
     "Credentials": "shifter.upstream.auth",
     "DestinationUnknown": "shifter.resolvers.resolver",
     "IOriginalDestinationResolver": "shifter.resolvers.resolver",
-    "ITunnelPolicy": "shifter.policy",
+    "ITunnelPolicy": "shifter.tunnel.policy",
     "KernelModuleResolver": "shifter.resolvers.kmod",
     "Options": "shifter.tap",
     "ProxyPool": "shifter.upstream.pool",
     "QueueResolver": "shifter.resolvers.nfqueue",
     "ResolverError": "shifter.resolvers.resolver",
     "ResolverUnavailable": "shifter.resolvers.resolver",
-    "ShifterFactory": "shifter.downstream",
+    "ShifterFactory": "shifter.tunnel.downstream",
     "SocketOptionResolver": "shifter.resolvers.sockopt",
     "TransparentResolver": "shifter.resolvers.tproxy",
-    "TunnelDecision": "shifter.policy",
-    "TunnelRequest": "shifter.policy",
-    "TunnelSettings": "shifter.downstream",
+    "TunnelDecision": "shifter.tunnel.policy",
+    "TunnelRequest": "shifter.tunnel.policy",
+    "TunnelSettings": "shifter.tunnel.downstream",
     "UpstreamProxy": "shifter.upstream.proxy",
     "makeService": "shifter.tap",
     "parseProxy": "shifter.upstream.proxy",
@@ -93,10 +93,10 @@ if TYPE_CHECKING:  # the same names, for type checkers and the API documentation
     from shifter.upstream.auth import Credentials
     from shifter.resolvers.auto import AutoResolver
     from shifter.resolvers.conntrack import ConntrackResolver
-    from shifter.downstream import ShifterFactory, TunnelSettings
+    from shifter.tunnel.downstream import ShifterFactory, TunnelSettings
     from shifter.resolvers.kmod import KernelModuleResolver
     from shifter.resolvers.nfqueue import QueueResolver
-    from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+    from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
     from shifter.upstream.pool import ProxyPool
     from shifter.upstream.proxy import UpstreamProxy, parseProxy
     from shifter.resolvers.resolver import (

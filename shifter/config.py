@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from twisted.python import usage
 
-from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
 from shifter.upstream.proxy import UpstreamProxy
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]

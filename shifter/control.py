@@ -7,7 +7,7 @@ C{{"command": "tunnels"}}, and an answer C{{"ok": true, ...}} or
 C{{"ok": false, "error": "..."}}.  Commands:
 
   - C{tunnels}: every client connection not yet finished
-    (L{shifter.tunnel.TunnelInfo}'s fields);
+    (L{shifter.tunnel.tunnel.TunnelInfo}'s fields);
   - C{proxies}: each proxy, whether it is up, its failures in a row, the
     last error and its groups;
   - C{reload}: reload C{--config}, as SIGHUP does;

@@ -1,7 +1,7 @@
 """
 The interfaces between the tunnel and the layers below it.
 
-The tunnel (L{shifter.tunnel}) drives proxy attempts and relays through
+The tunnel (L{shifter.tunnel.tunnel}) drives proxy attempts and relays through
 these, and they report back through them; neither the upstream side nor
 the relays import the tunnel.  It imports nothing of Shifter: every layer
 may import it.

@@ -18,8 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import shifter
-from shifter.downstream import ShifterFactory
-from shifter.limits import AcceptPauser, pauseOnExhaustion
+from shifter.tunnel.downstream import ShifterFactory
+from shifter.tunnel.limits import AcceptPauser, pauseOnExhaustion
 from shifter.logs import reopenOnHangup
 
 

@@ -24,9 +24,9 @@ from shifter.config import (
     loadConfig,
     policyFor,
 )
-from shifter.downstream import ShifterFactory, TunnelSettings
+from shifter.tunnel.downstream import ShifterFactory, TunnelSettings
 from shifter.upstream.endpointstrings import withBacklog
-from shifter.holdsyn import DEFAULT_HOLD_TIMEOUT, SynHolder
+from shifter.tunnel.holdsyn import DEFAULT_HOLD_TIMEOUT, SynHolder
 from shifter.upstream.passclient import PASS_CLIENT_MODES
 from shifter.upstream.pool import BALANCES, ProxyPool
 from shifter.upstream.probe import DEFAULT_PROBE_TARGET

@@ -889,7 +889,7 @@ class TunnelAuthTests(TunnelTestCase):
     """
 
     def makeFactory(self):  # type: ignore[no-untyped-def]
-        from shifter.downstream import ShifterFactory
+        from shifter.tunnel.downstream import ShifterFactory
         from shifter.upstream.pool import ProxyPool
         from shifter.upstream.proxy import UpstreamProxy
 

@@ -17,8 +17,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.upstream.connect import InvalidAuthority, checkHost, checkPort, formatAuthority, formatConnectRequest
-from shifter.downstream import TunnelSettings
-from shifter.policy import TunnelDecision
+from shifter.tunnel.downstream import TunnelSettings
+from shifter.tunnel.policy import TunnelDecision
 from shifter.tap import Options
 from tests.test_sniff import request, withName
 from tests.test_tunnel import RecordingPolicy, TunnelTestCase

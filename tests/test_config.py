@@ -17,8 +17,8 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.config import ConfigError, RulePolicy, loadConfig, optionKinds
-from shifter.downstream import ShifterFactory
-from shifter.policy import TunnelRequest
+from shifter.tunnel.downstream import ShifterFactory
+from shifter.tunnel.policy import TunnelRequest
 from shifter.upstream.proxy import MarkingReactor, UpstreamProxy
 from shifter.service import ShifterService
 from shifter.tap import Options, makeService

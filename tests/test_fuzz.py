@@ -59,7 +59,7 @@ from shifter.resolvers.nfqueue import (
     nfqnl_msg,
     parseSegment,
 )
-from shifter.sniff import NameSniffer, sniffHost, sniffServerName, sniffTarget
+from shifter.tunnel.sniff import NameSniffer, sniffHost, sniffServerName, sniffTarget
 from tests.test_nfqueue import CAPTURED_SYN_V4, CAPTURED_SYN_V6, ipv4Packet, queuedPacket
 from tests.test_sniff import realHello, withName
 

@@ -36,9 +36,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
-from shifter.destinations import ProxyAddresses, alwaysKnown
-from shifter.downstream import ShifterFactory, TunnelSettings
-from shifter.policy import ITunnelPolicy
+from shifter.tunnel.destinations import ProxyAddresses, alwaysKnown
+from shifter.tunnel.downstream import ShifterFactory, TunnelSettings
+from shifter.tunnel.policy import ITunnelPolicy
 from shifter.upstream.pool import ProxyPool
 from shifter.upstream.proxy import parseProxy
 from shifter.resolvers.resolver import IOriginalDestinationResolver

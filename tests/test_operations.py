@@ -15,8 +15,8 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from shifter.downstream import TunnelSettings
-from shifter.limits import AcceptPauser
+from shifter.tunnel.downstream import TunnelSettings
+from shifter.tunnel.limits import AcceptPauser
 from shifter import logs
 from shifter.metricspage import MetricsPage
 from shifter.service import ShifterService

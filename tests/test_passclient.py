@@ -30,8 +30,8 @@ from shifter.upstream.passclient import (
     refusalHint,
     tunnelRequest,
 )
-from shifter.downstream import ShifterFactory
-from shifter.policy import ITunnelPolicy, TunnelDecision
+from shifter.tunnel.downstream import ShifterFactory
+from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision
 from shifter.upstream.pool import ProxyPool
 from shifter.upstream.proxy import UpstreamProxy, parseProxy
 from shifter.upstream.proxyprotocol import V1_MAX_LENGTH, V2_SIGNATURE, encodeV1, encodeV2

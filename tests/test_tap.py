@@ -228,7 +228,7 @@ class HoldSynOptionTests(SynchronousTestCase):
         The service's factory and its nfqueue resolver share one holder,
         with the hold timeout given; the resolver has the reject mark.
         """
-        from shifter.holdsyn import SynHolder
+        from shifter.tunnel.holdsyn import SynHolder
 
         reactor = MemoryReactorClock()
         service = makeService(parse(*self.base, "--hold-timeout", "4", "--reject-mark", "0x40"), reactor=reactor)

@@ -1,5 +1,5 @@
 """
-Tests for the tunnel, in memory: L{shifter.downstream} and
+Tests for the tunnel, in memory: L{shifter.tunnel.downstream} and
 L{shifter.upstream.upstream} with Twisted's test doubles and a fake clock.
 """
 
@@ -16,8 +16,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.downstream import DownstreamProtocol, ShifterFactory, TunnelSettings
-from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+from shifter.tunnel.downstream import DownstreamProtocol, ShifterFactory, TunnelSettings
+from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
 from shifter.upstream.pool import ProxyPool
 from shifter.upstream.proxy import UpstreamProxy
 from shifter.resolvers.resolver import DestinationUnknown, IOriginalDestinationResolver

@@ -24,7 +24,7 @@ when they can, else in datagrams well under the socket's send buffer;
 those the kernel does not take are sent again.  Every packet gets its
 verdict, even when its handling fails.
 
-With C{--hold-syn} (L{shifter.holdsyn}) a SYN's verdict waits for the
+With C{--hold-syn} (L{shifter.tunnel.holdsyn}) a SYN's verdict waits for the
 proxy's answer: the packet is I{held}.  A batch verdict applies to every
 packet queued with an id up to the one it names, so verdicts are batched
 only when no held packet has a lower id; otherwise each packet gets a
@@ -849,7 +849,7 @@ class QueueResolver:
         C{mark}, on a SYN whose tunnel was refused; a C{REJECT} rule
         answers it with a reset.
 
-    @ivar holder: if set before L{start}, the L{shifter.holdsyn.SynHolder}
+    @ivar holder: if set before L{start}, the L{shifter.tunnel.holdsyn.SynHolder}
         (C{--hold-syn}) that decides each SYN's verdict.
     """
 

@@ -363,7 +363,7 @@ class ProxyName:
     """
     A proxy's hostname and the addresses it was last resolved to.
 
-    L{shifter.destinations.ProxyAddresses} resolves it at start and every
+    L{shifter.tunnel.destinations.ProxyAddresses} resolves it at start and every
     minute after, in the reactor, and sets L{addresses}; each connection
     to the proxy (tunnels and probes alike) goes to one of them through a
     L{NameBoundReactor}, with no look-up of its own: no read of

@@ -2,7 +2,7 @@
 The downstream side: the factory that accepts redirected client
 connections, and the protocol that joins each one to its tunnel.
 
-The life of a tunnel is decided in L{shifter.tunnel}; the protocol here only
+The life of a tunnel is decided in L{shifter.tunnel.tunnel}; the protocol here only
 feeds it the client connection's events and carries out what it asks of
 that connection.
 """
@@ -21,18 +21,18 @@ from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.deadlines import Deadlines
-from shifter.destinations import GatewayNames, ProxyAddresses
-from shifter.limits import ClientLimit
+from shifter.tunnel.deadlines import Deadlines
+from shifter.tunnel.destinations import GatewayNames, ProxyAddresses
+from shifter.tunnel.limits import ClientLimit
 from shifter.logs import RateLimitedLog
-from shifter.metrics import TunnelStats
-from shifter.policy import ITunnelPolicy
+from shifter.tunnel.metrics import TunnelStats
+from shifter.tunnel.policy import ITunnelPolicy
 from shifter.upstream.pool import ProxyPool
 from shifter.relay.relay import openRelay
 from shifter.resolvers.resolver import Destination, IOriginalDestinationResolver
 from shifter.resolvers.sockopt import unmapAddress
-from shifter.negotiation import canonicalHost, formatAddress
-from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel, TunnelInfo
+from shifter.tunnel.negotiation import canonicalHost, formatAddress
+from shifter.tunnel.tunnel import ITunnelClient, ITunnelOwner, Tunnel, TunnelInfo
 from shifter.upstream.upstream import ProxyAttempt
 
 
@@ -94,7 +94,7 @@ class ShifterFactory(ServerFactory):
     @ivar stats: what the tunnels have done (L{TunnelStats}).
     @ivar deadlines: every tunnel's deadline, on one timer.
     @ivar listeningAddress: the listening socket's address, once listening.
-    @ivar holder: with C{--hold-syn}, the L{shifter.holdsyn.SynHolder} whose
+    @ivar holder: with C{--hold-syn}, the L{shifter.tunnel.holdsyn.SynHolder} whose
         open tunnels the client connections take; else C{None}.
     """
 

@@ -10,8 +10,8 @@ SYN's destination, and only then gives the verdict:
   - the proxy opens the tunnel (2xx): the SYN is accepted with the queue
     mark, so the nat rule redirects it to Shifter; the client's connection
     that Shifter then accepts takes the open proxy connection over
-    (L{shifter.tunnel.Tunnel} asks its owner for it, through
-    L{shifter.downstream.ShifterFactory.heldTunnel}) and makes none of its
+    (L{shifter.tunnel.tunnel.Tunnel} asks its owner for it, through
+    L{shifter.tunnel.downstream.ShifterFactory.heldTunnel}) and makes none of its
     own;
   - the tunnel is refused (another status, every proxy down or
     unreachable, garbage, no answer within C{--hold-timeout}): the SYN is
@@ -58,10 +58,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from shifter.deadlines import Deadlines
+from shifter.tunnel.deadlines import Deadlines
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
-from shifter.limits import clientKey
-from shifter.negotiation import (
+from shifter.tunnel.limits import clientKey
+from shifter.tunnel.negotiation import (
     CONNECTING,
     DECIDE_FAILED,
     DECIDED,
@@ -80,8 +80,8 @@ from shifter.negotiation import (
     destinationCheck,
     formatAddress,
 )
-from shifter.statetable import buildTable
-from shifter.tunnel import RATE_LIMITED
+from shifter.tunnel.statetable import buildTable
+from shifter.tunnel.tunnel import RATE_LIMITED
 from shifter.upstream.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
@@ -90,7 +90,7 @@ DEFAULT_HOLD_TIMEOUT = 10.0
 HELD = "held"  # held, its checks not yet made (until START)
 # DECIDING (the policy deciding), CONNECTING (connecting to a proxy) and
 # HANDSHAKING (CONNECT sent), the SYN held: the proxy negotiation's own
-# (shifter.negotiation).
+# (shifter.tunnel.negotiation).
 ACCEPTED = "accepted"  # the proxy said 2xx and the SYN was accepted: waiting for the client's connection
 DONE = "done"  # refused, taken over by a tunnel, or given up
 
@@ -115,7 +115,7 @@ EVENTS = (
 class HeldTunnel:
     """
     A tunnel opened before its client connection was accepted, handed to
-    that connection's L{shifter.tunnel.Tunnel}.
+    that connection's L{shifter.tunnel.tunnel.Tunnel}.
 
     @ivar attempt: the L{IProxyAttempt} whose CONNECT the proxy answered
         with a 2xx; it reports to the receiver given to L{SynHolder.claim}.
@@ -487,7 +487,7 @@ class SynHolder:
     L{shifter.resolvers.nfqueue.QueueProtocol} hands it every SYN
     (L{synReceived}); the owner's tunnels take open tunnels with L{claim}.
 
-    @ivar owner: the L{shifter.downstream.ShifterFactory} (its settings,
+    @ivar owner: the L{shifter.tunnel.downstream.ShifterFactory} (its settings,
         pool, counters and open tunnels at the time of each SYN).
     @ivar timeout: C{--hold-timeout}: the longest a SYN is held, and the
         longest an open tunnel waits for its client's connection.
@@ -627,7 +627,7 @@ class SynHolder:
     def heldFrom(self, clientId: str) -> int:
         """
         The held SYNs and open tunnels not yet taken of one client
-        (L{shifter.limits.clientKey}).
+        (L{shifter.tunnel.limits.clientKey}).
         """
         return self.perClient.get(clientId, 0)
 

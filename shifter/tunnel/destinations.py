@@ -398,7 +398,7 @@ class ProxyAddresses:
         while this machine's addresses are not known.
 
         @param host: the destination's address, as
-            L{shifter.negotiation.canonicalHost} gives it.
+            L{shifter.tunnel.negotiation.canonicalHost} gives it.
         """
         local = self.localAddresses
         if local is None:

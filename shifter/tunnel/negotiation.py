@@ -1,7 +1,7 @@
 """
 Asking a proxy for the tunnel: the part of a tunnel's set-up that a client
-connection (L{shifter.tunnel.Tunnel}) and a SYN held before the
-connection exists (L{shifter.holdsyn.HeldSyn}) go through alike.
+connection (L{shifter.tunnel.tunnel.Tunnel}) and a SYN held before the
+connection exists (L{shifter.tunnel.holdsyn.HeldSyn}) go through alike.
 
 L{ProxyNegotiation} applies a policy's decision, connects to the proxies
 one after another, sends CONNECT (with authentication and
@@ -38,10 +38,10 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from shifter.upstream.connect import ConnectResponse, formatAuthority, isDottedQuad
-from shifter.destinations import destinationRefusal
+from shifter.tunnel.destinations import destinationRefusal
 from shifter.interfaces import IProxyAttempt
 from shifter.upstream.passclient import refusalHint, tunnelRequest
-from shifter.policy import TunnelDecision, TunnelRequest
+from shifter.tunnel.policy import TunnelDecision, TunnelRequest
 
 # The states of this stage, in both machines.
 DECIDING = "deciding"

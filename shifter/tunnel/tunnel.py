@@ -29,7 +29,7 @@ protocols stay thin.
 Deadlines: a tunnel has at most one at a time (the end of its current
 set-up stage or of the whole set-up, whichever is first; the end of its
 idle period; the end of its closing grace), kept by the owner's
-L{shifter.deadlines.Deadlines}, which calls L{Tunnel.timedOut}.
+L{shifter.tunnel.deadlines.Deadlines}, which calls L{Tunnel.timedOut}.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
-from shifter.negotiation import (
+from shifter.tunnel.negotiation import (
     CONNECTING,
     DECIDE_FAILED,
     DECIDED,
@@ -66,7 +66,7 @@ from shifter.negotiation import (
     formatAddress,
 )
 from shifter.resolvers.resolver import Destination, ResolverError
-from shifter.statetable import buildTable
+from shifter.tunnel.statetable import buildTable
 
 # The states.  Plain strings: they are dictionary keys on every event.
 ACCEPTED = "accepted"
@@ -232,22 +232,22 @@ class ITunnelOwner(Interface):
     What a tunnel needs from the factory that accepted it.
     """
 
-    settings = Attribute("The L{shifter.downstream.TunnelSettings}.")
+    settings = Attribute("The L{shifter.tunnel.downstream.TunnelSettings}.")
     pool = Attribute("The L{shifter.upstream.pool.ProxyPool}.")
-    policy = Attribute("The L{shifter.policy.ITunnelPolicy}, or C{None}.")
+    policy = Attribute("The L{shifter.tunnel.policy.ITunnelPolicy}, or C{None}.")
     resolver = Attribute("The original-destination resolver.")
     reactor = Attribute("The reactor, for its clock.")
-    deadlines = Attribute("The L{shifter.deadlines.Deadlines} of every tunnel.")
-    stats = Attribute("The L{shifter.metrics.TunnelStats} to count in.")
+    deadlines = Attribute("The L{shifter.tunnel.deadlines.Deadlines} of every tunnel.")
+    stats = Attribute("The L{shifter.tunnel.metrics.TunnelStats} to count in.")
     refusals = Attribute(
         "A L{shifter.logs.RateLimitedLog} for the lines of L{RATE_LIMITED}."
     )
     proxyAddresses = Attribute(
-        "The L{shifter.destinations.ProxyAddresses} of the proxies and of this machine: "
+        "The L{shifter.tunnel.destinations.ProxyAddresses} of the proxies and of this machine: "
         "destinations that could reach either are refused."
     )
     gatewayNames = Attribute(
-        "The L{shifter.destinations.GatewayNames}: names CONNECT never asks for."
+        "The L{shifter.tunnel.destinations.GatewayNames}: names CONNECT never asks for."
     )
     connectByAddress = Attribute(
         "Whether destination rules are in force, so that CONNECT asks for the address even "
@@ -270,7 +270,7 @@ class ITunnelOwner(Interface):
         The tunnel already opened for the client connection from
         C{clientHost:clientPort} to C{host:port} (its original destination)
         while its SYN was held (C{--hold-syn}, see
-        L{shifter.holdsyn}), now reporting to C{receiver}; or C{None}.  It
+        L{shifter.tunnel.holdsyn}), now reporting to C{receiver}; or C{None}.  It
         has C{attempt} (an L{IProxyAttempt} whose CONNECT the proxy answered
         with a 2xx), C{leftover} (tunnel bytes already read from the proxy),
         C{started} (when its CONNECT began), and the C{connectHost} and
@@ -540,7 +540,7 @@ class Tunnel(ProxyNegotiation):
         if self.settings.connectTarget == "ip":
             self._chooseProxies()
             return
-        from shifter.sniff import NameSniffer
+        from shifter.tunnel.sniff import NameSniffer
 
         self.state = SNIFFING
         self.sniffer = NameSniffer(self.settings.connectTarget)
@@ -630,7 +630,7 @@ class Tunnel(ProxyNegotiation):
     def _chooseProxies(self) -> None:
         # With --hold-syn the tunnel may be open already: the client's SYN
         # was held while the policy, if any, decided and a proxy answered
-        # (shifter.holdsyn).  Not when a name was read for CONNECT: the SYN
+        # (shifter.tunnel.holdsyn).  Not when a name was read for CONNECT: the SYN
         # had none.
         if self.connectHost == self.address:
             port = self.destination.port  # type: ignore[union-attr]
@@ -661,7 +661,7 @@ class Tunnel(ProxyNegotiation):
         self.connectStarted = held.started
         self._open(held.leftover)
 
-    # What the proxy negotiation (shifter.negotiation) asks of a tunnel.
+    # What the proxy negotiation (shifter.tunnel.negotiation) asks of a tunnel.
 
     def _newAttempt(self, proxy: Any) -> IProxyAttempt:
         return self.client.connectProxy(proxy, self)
