@@ -28,6 +28,7 @@ setup(
         "shifter.kmod",
         "shifter.relay",
         "shifter.resolvers",
+        "shifter.service",
         "shifter.tunnel",
         "shifter.upstream",
         "twisted.plugins",

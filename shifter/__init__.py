@@ -36,7 +36,7 @@ _PUBLIC = {
     "IOriginalDestinationResolver": "shifter.resolvers.resolver",
     "ITunnelPolicy": "shifter.tunnel.policy",
     "KernelModuleResolver": "shifter.resolvers.kmod",
-    "Options": "shifter.tap",
+    "Options": "shifter.service.tap",
     "ProxyPool": "shifter.upstream.pool",
     "QueueResolver": "shifter.resolvers.nfqueue",
     "ResolverError": "shifter.resolvers.resolver",
@@ -48,7 +48,7 @@ _PUBLIC = {
     "TunnelRequest": "shifter.tunnel.policy",
     "TunnelSettings": "shifter.tunnel.downstream",
     "UpstreamProxy": "shifter.upstream.proxy",
-    "makeService": "shifter.tap",
+    "makeService": "shifter.service.tap",
     "parseProxy": "shifter.upstream.proxy",
 }
 
@@ -106,5 +106,5 @@ if TYPE_CHECKING:  # the same names, for type checkers and the API documentation
         ResolverUnavailable,
     )
     from shifter.resolvers.sockopt import SocketOptionResolver
-    from shifter.tap import Options, makeService
+    from shifter.service.tap import Options, makeService
     from shifter.resolvers.tproxy import TransparentResolver

@@ -27,7 +27,7 @@ import sys
 import tomllib
 from typing import Any, Optional, Sequence, TextIO
 
-from shifter.control import COMMANDS, controlPath
+from shifter.service.control import COMMANDS, controlPath
 
 DEFAULT_CONTROL = "unix:/run/shifter/control"
 

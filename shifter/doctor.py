@@ -895,7 +895,7 @@ def expectationsFrom(config: usage.Options, arguments: argparse.Namespace) -> Ex
 
     @raise ValueError: when something doctor needs is missing.
     """
-    from shifter.tap import buildProxy
+    from shifter.service.tap import buildProxy
 
     gateway = config.configFile.gateway if config.configFile is not None else {}  # type: ignore[attr-defined]
     lans = arguments.lan_interface or gateway.get("lan-interface")
@@ -1013,7 +1013,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
     """
     from twisted.internet import task
 
-    from shifter.tap import Options
+    from shifter.service.tap import Options
 
     out = out or sys.stdout
     err = err or sys.stderr

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shifter.upstream.connect import InvalidAuthority, checkHost, checkPort, formatAuthority, formatConnectRequest
 from shifter.tunnel.downstream import TunnelSettings
 from shifter.tunnel.policy import TunnelDecision
-from shifter.tap import Options
+from shifter.service.tap import Options
 from tests.test_sniff import request, withName
 from tests.test_tunnel import RecordingPolicy, TunnelTestCase
 

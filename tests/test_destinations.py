@@ -610,7 +610,7 @@ class GatewayNameTunnelTests(TunnelTestCase):
         While a rule judges destinations by address, a named connection is
         CONNECTed by its address; a rule that chooses the name still can.
         """
-        from shifter.config import Rule, RulePolicy
+        from shifter.service.config import Rule, RulePolicy
 
         refuse = Rule(line=1, destinations=(ipaddress.ip_network("198.51.100.0/24"),), refuse="no")
         byName = Rule(line=2, names=("named.example.test",), connectTarget="name")

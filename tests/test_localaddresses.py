@@ -121,7 +121,7 @@ class KernelTests(TestCase):
         code = (
             "import sys\n"
             "from twisted.internet import reactor\n"
-            "from shifter.tap import Options, makeService\n"
+            "from shifter.service.tap import Options, makeService\n"
             "config = Options(); config.parseOptions(['--proxy', '127.0.0.1:3128', '--listen', 'tcp:0'])\n"
             "makeService(config, reactor=reactor)\n"
             "from shifter.kernel.localaddresses import readLocalAddresses\n"

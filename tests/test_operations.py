@@ -18,8 +18,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from shifter.tunnel.downstream import TunnelSettings
 from shifter.tunnel.limits import AcceptPauser
 from shifter import logs
-from shifter.metricspage import MetricsPage
-from shifter.service import ShifterService
+from shifter.service.metricspage import MetricsPage
+from shifter.service.service import ShifterService
 from tests.test_tap import parse
 from tests.test_tunnel import CLIENT, OK, TunnelTestCase
 

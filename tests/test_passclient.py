@@ -35,7 +35,7 @@ from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision
 from shifter.upstream.pool import ProxyPool
 from shifter.upstream.proxy import UpstreamProxy, parseProxy
 from shifter.upstream.proxyprotocol import V1_MAX_LENGTH, V2_SIGNATURE, encodeV1, encodeV2
-from shifter.tap import Options
+from shifter.service.tap import Options
 
 from tests.support import knowLocalAddresses
 from tests.test_tunnel import OK, PROXY, FakeProxyEndpoint, RecordingPolicy, TunnelTestCase

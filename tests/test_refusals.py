@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.tunnel.limits import ClientLimit, clientKey
 from shifter.logs import RateLimitedLog
-from shifter.tap import Options, defaultMaxConnectionsPerClient
+from shifter.service.tap import Options, defaultMaxConnectionsPerClient
 from tests.test_lifecycle import LifecycleTestCase
 
 

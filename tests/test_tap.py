@@ -1,6 +1,6 @@
 """
-Tests for the command line and the service: L{shifter.tap},
-L{shifter.upstream.proxy}, L{shifter.service}, the dropin and the .tac file.
+Tests for the command line and the service: L{shifter.service.tap},
+L{shifter.upstream.proxy}, L{shifter.service.service}, the dropin and the .tac file.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from shifter.upstream.endpointstrings import withBacklog
 from shifter.upstream.proxy import parseProxy
 from shifter.resolvers.resolver import IOriginalDestinationResolver, ResolverUnavailable
 from shifter.resolvers.sockopt import SocketOptionResolver
-from shifter.tap import MAX_SECONDS, Options, defaultMaxConnections, makeService
+from shifter.service.tap import MAX_SECONDS, Options, defaultMaxConnections, makeService
 
 PROJECT = Path(__file__).resolve().parent.parent
 

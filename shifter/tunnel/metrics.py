@@ -5,7 +5,7 @@ Counts that the tunnels keep anyway (tunnels, failures by reason, bytes)
 are plain integers in a L{TunnelStats}, read when scraped, so the relay pays
 an addition per chunk for them.  Latencies are observed into histograms once per connection.
 
-They are served by L{shifter.metricspage}, loaded only with C{--metrics}.
+They are served by L{shifter.service.metricspage}, loaded only with C{--metrics}.
 """
 
 from __future__ import annotations

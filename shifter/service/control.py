@@ -36,8 +36,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-from shifter.config import DEFAULT_GROUP, RulePolicy
-from shifter.service import ShifterService, SidePortService
+from shifter.service.config import DEFAULT_GROUP, RulePolicy
+from shifter.service.service import ShifterService, SidePortService
 
 COMMANDS = ("tunnels", "proxies", "reload", "drain")
 

@@ -312,7 +312,7 @@ class WorkersService(Service):
                 "log_format": "{worker_output}",
                 "worker_output": line.decode("utf-8", "replace"),
                 "log_level": LogLevel.warn,
-                "log_namespace": "shifter.workers",
+                "log_namespace": "shifter.service.workers",
                 "log_time": self.reactor.seconds(),
             }
         if event.get("log_system", "-") == "-":
@@ -344,7 +344,7 @@ class WorkersService(Service):
                 index=index,
                 status=status,
             )
-            from shifter.service import stopWithFailure
+            from shifter.service.service import stopWithFailure
 
             stopWithFailure(self.reactor, self.exitStatusOnFailure)
             return

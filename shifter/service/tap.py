@@ -15,7 +15,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from shifter.upstream.connect import formatAuthority
-from shifter.config import (
+from shifter.service.config import (
     ConfigError,
     ConfigFile,
     ProxySpec,
@@ -34,9 +34,9 @@ from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, parseProxy, re
 from shifter.relay.relay import RELAYS
 from shifter.resolvers.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
 from shifter.logs import twistdLogFile, useLogFile
-from shifter.service import ShifterService, SidePortService
+from shifter.service.service import ShifterService, SidePortService
 from shifter.relay.splice import SPLICE_AVAILABLE
-from shifter.workers import ReusePortEndpoint, WorkersService, becomeWorker, shiftPort, workerReady
+from shifter.service.workers import ReusePortEndpoint, WorkersService, becomeWorker, shiftPort, workerReady
 
 CONNECT_TARGETS = ("ip", "sni", "host", "auto")
 
@@ -623,7 +623,7 @@ class Options(usage.Options):
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
         if self["control"] is not None:
-            from shifter.control import controlPath
+            from shifter.service.control import controlPath
 
             suffix = f".{self['workers'] - 1}" if self["workers"] > 1 else ""
             try:
@@ -712,13 +712,13 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     # The side ports first: once Shifter says it accepts connections,
     # they are open too.
     if metrics is not None:
-        from shifter.metricspage import metricsSite
+        from shifter.service.metricspage import metricsSite
 
         site = metricsSite(factory.metrics.registry)
         metricsService = SidePortService("metrics", metrics, serverFromString(reactor, metrics), site, service)
         metricsService.setServiceParent(top)
     if control is not None:
-        from shifter.control import ControlService
+        from shifter.service.control import ControlService
 
         ControlService(control, service, reactor).setServiceParent(top)
     service.setServiceParent(top)

@@ -3,7 +3,7 @@ C{--config FILE}: Shifter's settings in a TOML file.
 
 Every command-line option of C{twistd shifter} is a key of the same name
 at the top of the file (C{idle-timeout = 600}, C{allow = ["10.0.0.0/8"]});
-the keys are read from the L{shifter.tap.Options} definitions themselves,
+the keys are read from the L{shifter.service.tap.Options} definitions themselves,
 so an option added there is a key here at once.  Besides those:
 
   - C{[[proxy]]} tables: one upstream proxy each, with its own settings
