@@ -24,6 +24,7 @@ setup(
     # Each of shifter's packages by name (README, Layout), and the dropins.
     packages=[
         "shifter",
+        "shifter.admin",
         "shifter.kernel",
         "shifter.kmod",
         "shifter.relay",

@@ -275,7 +275,7 @@ def printedRules(resolver: str) -> str:
     What C{python -m shifter.rules} prints for this gateway (the command
     itself, run in this process).
     """
-    from shifter.rules import main as rulesMain
+    from shifter.admin.rules import main as rulesMain
 
     out = io.StringIO()
     rulesMain(rulesCommand(resolver), out)

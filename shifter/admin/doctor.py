@@ -62,7 +62,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.python import usage
 
-from shifter.netfilter import Address, Outcome, Packet, Ruleset, loadRuleset, traverse
+from shifter.admin.netfilter import Address, Outcome, Packet, Ruleset, loadRuleset, traverse
 
 # Where a client's connection is going, in the simulated packets.
 _REMOTE = {4: ipaddress.ip_address("198.51.100.10"), 6: ipaddress.ip_address("2001:db8:ffff::10")}
