@@ -93,8 +93,9 @@ RESOLVERS = {
 }
 
 # The mark bit the nfqueue reader gives a SYN refused at the gateway
-# (--hold-syn), in place of the queue mark.  Here, not in shifter.resolvers.nfqueue,
-# so that the options and the rules name it without loading netlink.
+# (--hold-syn), in place of the queue mark.  Here, not in
+# shifter.resolvers.nfqueue, so that the options and the rules name it
+# without loading netlink.
 DEFAULT_REJECT_MARK = 0x20000
 
 
