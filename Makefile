@@ -101,12 +101,14 @@ test-kernel-debug: setup
 	    tests.kernel_debug.DebugKernelTests
 
 # API documentation of the public names (shifter.__all__) into apidocs/;
-# any pydoctor warning fails it.
-INTERNAL_MODULES := $(filter-out __init__,$(basename $(notdir $(wildcard shifter/*.py))))
+# any pydoctor warning fails it.  Every package and module under shifter/
+# is internal: hidden, by its dotted name.
+INTERNAL_MODULES := $(subst /,.,$(patsubst %/__init__.py,%,$(wildcard shifter/*/__init__.py)) \
+	$(basename $(filter-out %/__init__.py,$(wildcard shifter/*.py shifter/*/*.py))))
 docs: venv
 	rm -rf apidocs
 	$(PY) -m pydoctor --project-name=Shifter --html-output=apidocs --docformat=epytext \
-	    $(foreach module,$(INTERNAL_MODULES),--privacy=HIDDEN:shifter.$(module)) -W -q shifter
+	    $(foreach module,$(INTERNAL_MODULES),--privacy=HIDDEN:$(module)) -W -q shifter
 	@echo "API documentation: apidocs/index.html"
 
 # Static types of shifter/, with the zope.interface plugin (mypy.ini).
@@ -115,7 +117,7 @@ typecheck: venv
 
 # The in-memory tests alone: seconds, no root.
 unit: venv
-	$(PY) -m twisted.trial tests.test_connect tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations
+	$(PY) -m twisted.trial tests.test_layout tests.test_connect tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations
 
 clean:
 	rm -rf _trial_temp _trial_temp_kernel _trial_temp_debug test.log build *.egg-info

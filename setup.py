@@ -21,9 +21,21 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=["shifter", "twisted.plugins"],
+    # Each of shifter's packages by name (README, Layout), and the dropins.
+    packages=[
+        "shifter",
+        "shifter.admin",
+        "shifter.kernel",
+        "shifter.kmod",
+        "shifter.relay",
+        "shifter.resolvers",
+        "shifter.service",
+        "shifter.tunnel",
+        "shifter.upstream",
+        "twisted.plugins",
+    ],
     package_data={"twisted.plugins": ["shifter_plugin.py", "shifter_endpoints.py"]},
-    # Twisted[tls]: pyOpenSSL, service_identity and idna, which shifter.proxy
+    # Twisted[tls]: pyOpenSSL, service_identity and idna, which shifter.upstream.proxy
     # imports for https:// proxies (and so twistd shifter --help needs).
     install_requires=[
         "Twisted[tls]>=23.8",

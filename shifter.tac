@@ -15,7 +15,7 @@ import os
 
 from twisted.application.service import Application
 
-from shifter.tap import Options, makeService
+from shifter.service.tap import Options, makeService
 
 arguments = []
 for option in Options.optParameters:

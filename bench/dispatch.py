@@ -1,7 +1,7 @@
 """
 What one event costs a state machine: automat's MethodicalMachine (the
 style of txtorcon's _SocksMachine) against a plain table of (state, event)
--> method, as shifter.tunnel uses.  A tunnel handles about ten events, so
+-> method, as shifter.tunnel.tunnel uses.  A tunnel handles about ten events, so
 the difference is paid ten times per connection.
 
     python bench/dispatch.py

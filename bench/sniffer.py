@@ -200,10 +200,13 @@ def sniffOnly(size: int) -> dict[str, float]:
     """
     The CPU time of sniffing the hostile hello fed one record per read, as
     the tunnel of the Shifter found on the path does it: fed each read
-    once (L{shifter.sniff.NameSniffer}), or, in older trees, every byte so
+    once (L{shifter.tunnel.sniff.NameSniffer}), or, in older trees, every byte so
     far parsed again at each read.
     """
-    from shifter import sniff
+    try:
+        from shifter.tunnel import sniff
+    except ImportError:  # a tree from before shifter/ had packages
+        from shifter import sniff  # type: ignore[no-redef]
 
     message = clientHello(HOSTILE_NAME, size)
     records = [b"\x16\x03\x01\x00\x01" + bytes([byte]) for byte in message]

@@ -275,7 +275,7 @@ def printedRules(resolver: str) -> str:
     What C{python -m shifter.rules} prints for this gateway (the command
     itself, run in this process).
     """
-    from shifter.rules import main as rulesMain
+    from shifter.admin.rules import main as rulesMain
 
     out = io.StringIO()
     rulesMain(rulesCommand(resolver), out)
@@ -418,7 +418,7 @@ class Demo:
             )
         for line in self.shifter.logText().splitlines():
             logger = re.search(r"\[(shifter\.[\w.]+)#\w+\] (.*)", line)
-            if logger and not logger.group(1).startswith("shifter.downstream"):
+            if logger and not logger.group(1).startswith("shifter.tunnel.downstream"):
                 say("-> " + logger.group(2), 5)
 
     def startAdvice(self) -> str:
@@ -494,7 +494,7 @@ class Demo:
             f"{flow.reply[1]}: the destination is the original tuple's, {flow.original[1]}", 5)
 
     def saw_nfqueue(self) -> None:
-        from shifter.nfqueue import DEFAULT_QUEUE_MARK
+        from shifter.resolvers.nfqueue import DEFAULT_QUEUE_MARK
 
         flow = self.flow()
         queue = self.net.gateway.run("cat", "/proc/net/netfilter/nfnetlink_queue").stdout.split()

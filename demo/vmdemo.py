@@ -207,7 +207,7 @@ def moduleAnswer(namespace: str, peer: tuple[str, int], local: tuple[str, int]) 
     from twisted.internet.address import IPv4Address, IPv6Address
     from twisted.internet.defer import Deferred
 
-    from shifter.kmod import AcceptedConnection, ShifterClient
+    from shifter.resolvers.kmod import AcceptedConnection, ShifterClient
 
     def address(host: str, port: int) -> IPv4Address | IPv6Address:
         return IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)

@@ -29,27 +29,27 @@ from typing import TYPE_CHECKING, Any
 # that a process pays only for what it uses: C{twistd shifter} with the
 # default resolver never loads netlink (pyroute2) or the other resolvers.
 _PUBLIC = {
-    "AutoResolver": "shifter.auto",
-    "ConntrackResolver": "shifter.conntrack",
-    "Credentials": "shifter.auth",
-    "DestinationUnknown": "shifter.resolver",
-    "IOriginalDestinationResolver": "shifter.resolver",
-    "ITunnelPolicy": "shifter.policy",
-    "KernelModuleResolver": "shifter.kmod",
-    "Options": "shifter.tap",
-    "ProxyPool": "shifter.pool",
-    "QueueResolver": "shifter.nfqueue",
-    "ResolverError": "shifter.resolver",
-    "ResolverUnavailable": "shifter.resolver",
-    "ShifterFactory": "shifter.downstream",
-    "SocketOptionResolver": "shifter.sockopt",
-    "TransparentResolver": "shifter.tproxy",
-    "TunnelDecision": "shifter.policy",
-    "TunnelRequest": "shifter.policy",
-    "TunnelSettings": "shifter.downstream",
-    "UpstreamProxy": "shifter.proxy",
-    "makeService": "shifter.tap",
-    "parseProxy": "shifter.proxy",
+    "AutoResolver": "shifter.resolvers.auto",
+    "ConntrackResolver": "shifter.resolvers.conntrack",
+    "Credentials": "shifter.upstream.auth",
+    "DestinationUnknown": "shifter.resolvers.resolver",
+    "IOriginalDestinationResolver": "shifter.resolvers.resolver",
+    "ITunnelPolicy": "shifter.tunnel.policy",
+    "KernelModuleResolver": "shifter.resolvers.kmod",
+    "Options": "shifter.service.tap",
+    "ProxyPool": "shifter.upstream.pool",
+    "QueueResolver": "shifter.resolvers.nfqueue",
+    "ResolverError": "shifter.resolvers.resolver",
+    "ResolverUnavailable": "shifter.resolvers.resolver",
+    "ShifterFactory": "shifter.tunnel.downstream",
+    "SocketOptionResolver": "shifter.resolvers.sockopt",
+    "TransparentResolver": "shifter.resolvers.tproxy",
+    "TunnelDecision": "shifter.tunnel.policy",
+    "TunnelRequest": "shifter.tunnel.policy",
+    "TunnelSettings": "shifter.tunnel.downstream",
+    "UpstreamProxy": "shifter.upstream.proxy",
+    "makeService": "shifter.service.tap",
+    "parseProxy": "shifter.upstream.proxy",
 }
 
 __all__ = [
@@ -90,21 +90,21 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # the same names, for type checkers and the API documentation
-    from shifter.auth import Credentials
-    from shifter.auto import AutoResolver
-    from shifter.conntrack import ConntrackResolver
-    from shifter.downstream import ShifterFactory, TunnelSettings
-    from shifter.kmod import KernelModuleResolver
-    from shifter.nfqueue import QueueResolver
-    from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
-    from shifter.pool import ProxyPool
-    from shifter.proxy import UpstreamProxy, parseProxy
-    from shifter.resolver import (
+    from shifter.upstream.auth import Credentials
+    from shifter.resolvers.auto import AutoResolver
+    from shifter.resolvers.conntrack import ConntrackResolver
+    from shifter.tunnel.downstream import ShifterFactory, TunnelSettings
+    from shifter.resolvers.kmod import KernelModuleResolver
+    from shifter.resolvers.nfqueue import QueueResolver
+    from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+    from shifter.upstream.pool import ProxyPool
+    from shifter.upstream.proxy import UpstreamProxy, parseProxy
+    from shifter.resolvers.resolver import (
         DestinationUnknown,
         IOriginalDestinationResolver,
         ResolverError,
         ResolverUnavailable,
     )
-    from shifter.sockopt import SocketOptionResolver
-    from shifter.tap import Options, makeService
-    from shifter.tproxy import TransparentResolver
+    from shifter.resolvers.sockopt import SocketOptionResolver
+    from shifter.service.tap import Options, makeService
+    from shifter.resolvers.tproxy import TransparentResolver

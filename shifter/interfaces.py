@@ -1,19 +1,45 @@
 """
 The interfaces between the tunnel and the layers below it.
 
-The tunnel (L{shifter.tunnel}) drives proxy attempts and relays through
+The tunnel (L{shifter.tunnel.tunnel}) drives proxy attempts and relays through
 these, and they report back through them; neither the upstream side nor
-the relays import the tunnel.
+the relays import the tunnel.  It imports nothing of Shifter: every layer
+may import it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
 from zope.interface import Attribute, Interface
 
 from twisted.python.failure import Failure
 
-from shifter.connect import ConnectResponse
+
+# The CONNECT codec (L{shifter.upstream.connect}) builds it; it is here because the
+# proxy events below carry it, and the relays must not import the upstream side.
+@dataclass(frozen=True)
+class ConnectResponse:
+    """
+    A complete answer to CONNECT.
+
+    @ivar status: the three-digit status code.
+    @ivar reason: the reason phrase, decoded leniently for the log.
+    @ivar headers: (name, value) pairs in the order received.
+    @ivar leftover: bytes after the header block; they belong to the tunnel.
+    """
+
+    status: int
+    reason: str
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    leftover: bytes = b""
+
+    @property
+    def opensTunnel(self) -> bool:
+        """
+        Whether this answer opens the tunnel: any 2xx does (RFC 9110 9.3.6).
+        """
+        return 200 <= self.status < 300
 
 
 class IProxyAttempt(Interface):
@@ -22,7 +48,7 @@ class IProxyAttempt(Interface):
     made.  It reports to the tunnel with the proxy events, naming itself.
     """
 
-    proxy = Attribute("The L{shifter.proxy.UpstreamProxy} being tried.")
+    proxy = Attribute("The L{shifter.upstream.proxy.UpstreamProxy} being tried.")
     transport = Attribute("The connection's transport once connected, else C{None}.")
 
     def connect() -> None:

@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.auth}: Basic and Digest answers to a proxy's challenges,
+Tests for L{shifter.upstream.auth}: Basic and Digest answers to a proxy's challenges,
 the challenge parser, and the per-proxy state machine, on plain values.
 """
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.auth import (
+from shifter.upstream.auth import (
     MAX_RENEWALS,
     Challenge,
     Credentials,
@@ -28,7 +28,7 @@ from shifter.auth import (
     parseChallenges,
     strongestChallenge,
 )
-from shifter.connect import formatConnectRequest
+from shifter.upstream.connect import formatConnectRequest
 
 from tests.support import knowLocalAddresses
 from tests.test_tunnel import PROXY, TunnelTestCase
@@ -889,9 +889,9 @@ class TunnelAuthTests(TunnelTestCase):
     """
 
     def makeFactory(self):  # type: ignore[no-untyped-def]
-        from shifter.downstream import ShifterFactory
-        from shifter.pool import ProxyPool
-        from shifter.proxy import UpstreamProxy
+        from shifter.tunnel.downstream import ShifterFactory
+        from shifter.upstream.pool import ProxyPool
+        from shifter.upstream.proxy import UpstreamProxy
 
         self.auth = ProxyAuth(Credentials("user", "secret"), cnonce=lambda: "c")
         proxy = UpstreamProxy("proxy.test:3128", self.endpoint, PROXY, self.auth)

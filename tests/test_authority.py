@@ -1,6 +1,6 @@
 """
 Tests for the one check every CONNECT authority goes through
-(L{shifter.connect.checkHost}, L{checkPort}, L{formatAuthority}), directly
+(L{shifter.upstream.connect.checkHost}, L{checkPort}, L{formatAuthority}), directly
 and through each way a host reaches it: a policy's target, a name sniffed
 from the client's first bytes, and the C{--proxy} option.
 """
@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.connect import InvalidAuthority, checkHost, checkPort, formatAuthority, formatConnectRequest
-from shifter.downstream import TunnelSettings
-from shifter.policy import TunnelDecision
-from shifter.tap import Options
+from shifter.upstream.connect import InvalidAuthority, checkHost, checkPort, formatAuthority, formatConnectRequest
+from shifter.tunnel.downstream import TunnelSettings
+from shifter.tunnel.policy import TunnelDecision
+from shifter.service.tap import Options
 from tests.test_sniff import request, withName
 from tests.test_tunnel import RecordingPolicy, TunnelTestCase
 

@@ -1,7 +1,7 @@
 """
-Tests for C{--config}: L{shifter.config} (the file, its errors, the
-rules as a policy) and reloading it in a running service (L{shifter.tap},
-L{shifter.service}), in memory.
+Tests for C{--config}: L{shifter.service.config} (the file, its errors, the
+rules as a policy) and reloading it in a running service (L{shifter.service.tap},
+L{shifter.service.service}), in memory.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.config import ConfigError, RulePolicy, loadConfig, optionKinds
-from shifter.downstream import ShifterFactory
-from shifter.policy import TunnelRequest
-from shifter.proxy import MarkingReactor, UpstreamProxy
-from shifter.service import ShifterService
-from shifter.tap import Options, makeService
+from shifter.service.config import ConfigError, RulePolicy, loadConfig, optionKinds
+from shifter.tunnel.downstream import ShifterFactory
+from shifter.tunnel.policy import TunnelRequest
+from shifter.upstream.proxy import MarkingReactor, UpstreamProxy
+from shifter.service.service import ShifterService
+from shifter.service.tap import Options, makeService
 
 PROJECT = Path(__file__).resolve().parent.parent
 

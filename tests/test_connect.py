@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.connect}: the CONNECT request and the parser of the
+Tests for L{shifter.upstream.connect}: the CONNECT request and the parser of the
 proxy's answer, on plain bytes.
 """
 
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.connect import (
+from shifter.upstream.connect import (
     MAX_RESPONSE_HEADER_BYTES,
     ConnectResponseParser,
     ProxyResponseError,

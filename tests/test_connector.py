@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.connector}: plain TCP connections to a proxy, on
+Tests for L{shifter.upstream.connector}: plain TCP connections to a proxy, on
 loopback with the real reactor.
 """
 
@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from shifter.connector import SO_MARK, DirectTCP, connectNow
+from shifter.upstream.connector import SO_MARK, DirectTCP, connectNow
 
 
 class Recorder(ClientFactory):

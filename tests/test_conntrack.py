@@ -14,15 +14,15 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.conntrack import (
+from shifter.resolvers.conntrack import (
     CT_GET,
     CT_NEW,
     ConntrackResolver,
     decodeOriginalDestination,
     encodeReplyQuery,
 )
-from shifter.netlink import NetlinkPort, decodeMessage, encodeMessage, splitMessages
-from shifter.resolver import DestinationUnknown, ResolverError, ResolverUnavailable
+from shifter.kernel.netlink import NetlinkPort, decodeMessage, encodeMessage, splitMessages
+from shifter.resolvers.resolver import DestinationUnknown, ResolverError, ResolverUnavailable
 from tests.test_netlink import FakeKernel, errorMessage
 
 # ctnetlink answers captured from a 6.x kernel for connections REDIRECTed

@@ -1,6 +1,6 @@
 """
-Tests for the control socket (L{shifter.control}) and its client
-(L{shifter.ctl}): the protocol in memory, then a real UNIX socket in the
+Tests for the control socket (L{shifter.service.control}) and its client
+(L{shifter.admin.ctl}): the protocol in memory, then a real UNIX socket in the
 reactor, used by C{python -m shifter.ctl} and refused to another user
 (a forked child that changes its uid).
 """
@@ -26,11 +26,11 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from shifter import ctl
-from shifter.control import ControlFactory, ControlService, controlPath
-from shifter.resolver import IOriginalDestinationResolver
-from shifter.service import ShifterService
-from shifter.tap import Options, makeService
+from shifter.admin import ctl
+from shifter.service.control import ControlFactory, ControlService, controlPath
+from shifter.resolvers.resolver import IOriginalDestinationResolver
+from shifter.service.service import ShifterService
+from shifter.service.tap import Options, makeService
 from tests.support import requireHost, socketDirectory
 
 PROJECT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.deadlines.Deadlines}: every deadline fires once, never
+Tests for L{shifter.tunnel.deadlines.Deadlines}: every deadline fires once, never
 early and at most a resolution late, however items re-arm while they fire.
 """
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.deadlines import Deadlines
+from shifter.tunnel.deadlines import Deadlines
 
 # Offsets from now, in 64ths of a second: with resolutions and clock steps
 # that are powers of two too, every sum is exact, so the bounds below hold

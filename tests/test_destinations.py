@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.destinations}: the addresses Shifter never tunnels to,
+Tests for L{shifter.tunnel.destinations}: the addresses Shifter never tunnels to,
 and every address of every upstream proxy, kept current and failing closed.
 """
 
@@ -21,7 +21,7 @@ from twisted.names import hosts
 from twisted.names.error import DomainError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from shifter.destinations import (
+from shifter.tunnel.destinations import (
     GatewayNames,
     ProxyAddresses,
     ProxyTarget,
@@ -32,9 +32,9 @@ from shifter.destinations import (
     readLocalAddresses,
     resolveAll,
 )
-from shifter.negotiation import canonicalHost
-from shifter.proxy import _endpointHostPort, parseProxy
-from shifter.downstream import TunnelSettings
+from shifter.tunnel.negotiation import canonicalHost
+from shifter.upstream.proxy import _endpointHostPort, parseProxy
+from shifter.tunnel.downstream import TunnelSettings
 from tests.test_tunnel import PROXY, TunnelTestCase
 
 LOCAL = ("192.0.2.1", "203.0.113.1", "2001:db8:1::1")
@@ -610,7 +610,7 @@ class GatewayNameTunnelTests(TunnelTestCase):
         While a rule judges destinations by address, a named connection is
         CONNECTed by its address; a rule that chooses the name still can.
         """
-        from shifter.config import Rule, RulePolicy
+        from shifter.service.config import Rule, RulePolicy
 
         refuse = Rule(line=1, destinations=(ipaddress.ip_network("198.51.100.0/24"),), refuse="no")
         byName = Rule(line=2, names=("named.example.test",), connectTarget="name")

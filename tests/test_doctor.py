@@ -1,7 +1,7 @@
 """
 Tests for C{python -m shifter.doctor} in memory: the netfilter model
-(L{shifter.netfilter}) on canned C{iptables-save} and C{nft -j} listings,
-and doctor's checks (L{shifter.doctor}) on a gateway described in data.
+(L{shifter.admin.netfilter}) on canned C{iptables-save} and C{nft -j} listings,
+and doctor's checks (L{shifter.admin.doctor}) on a gateway described in data.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter import doctor
-from shifter.doctor import Expectations, GatewayState, checkRules
-from shifter.netfilter import Packet, Ruleset, loadRuleset, parseIptablesSave, parseNftJson, traverse
-from shifter.proxy import parseProxy
+from shifter.admin import doctor
+from shifter.admin.doctor import Expectations, GatewayState, checkRules
+from shifter.admin.netfilter import Packet, Ruleset, loadRuleset, parseIptablesSave, parseNftJson, traverse
+from shifter.upstream.proxy import parseProxy
 
 CLIENT = ipaddress.ip_address("192.0.2.2")
 REMOTE = ipaddress.ip_address("198.51.100.10")

@@ -30,15 +30,15 @@ from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.connect import (
+from shifter.upstream.connect import (
     ConnectResponseParser,
     ProxyResponseError,
     formatAuthority,
     formatConnectRequest,
 )
-from shifter.conntrack import decodeOriginalDestination
-from shifter.kmod import SHIFTER_CMD_GET, ConnectionKey, decodeGetReply
-from shifter.netlink import (
+from shifter.resolvers.conntrack import decodeOriginalDestination
+from shifter.resolvers.kmod import SHIFTER_CMD_GET, ConnectionKey, decodeGetReply
+from shifter.kernel.netlink import (
     HEADER_SIZE,
     MalformedMessage,
     NetlinkException,
@@ -49,7 +49,7 @@ from shifter.netlink import (
     parseError,
     splitMessages,
 )
-from shifter.nfqueue import (
+from shifter.resolvers.nfqueue import (
     QUEUE_PACKET,
     QUEUE_VERDICT,
     QUEUE_VERDICT_BATCH,
@@ -59,7 +59,7 @@ from shifter.nfqueue import (
     nfqnl_msg,
     parseSegment,
 )
-from shifter.sniff import NameSniffer, sniffHost, sniffServerName, sniffTarget
+from shifter.tunnel.sniff import NameSniffer, sniffHost, sniffServerName, sniffTarget
 from tests.test_nfqueue import CAPTURED_SYN_V4, CAPTURED_SYN_V6, ipv4Packet, queuedPacket
 from tests.test_sniff import realHello, withName
 

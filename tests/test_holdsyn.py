@@ -1,5 +1,5 @@
 """
-Tests for C{--hold-syn} (L{shifter.holdsyn}): the holder and its held SYNs
+Tests for C{--hold-syn} (L{shifter.tunnel.holdsyn}): the holder and its held SYNs
 driven without sockets, with a recording queue, recording proxy attempts
 and a clock; and every (state, event) pair of a held SYN's table.
 """
@@ -18,20 +18,20 @@ from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter import holdsyn as H
-from shifter.auth import Credentials, ProxyAuth
-from shifter.connect import ConnectResponse
-from shifter.destinations import GatewayNames, ProxyAddresses
-from shifter.downstream import TunnelSettings
-from shifter.limits import ClientLimit
+from shifter.tunnel import holdsyn as H
+from shifter.upstream.auth import Credentials, ProxyAuth
+from shifter.upstream.connect import ConnectResponse
+from shifter.tunnel.destinations import GatewayNames, ProxyAddresses
+from shifter.tunnel.downstream import TunnelSettings
+from shifter.tunnel.limits import ClientLimit
 from shifter.logs import RateLimitedLog
-from shifter.holdsyn import HeldTunnel, SynHolder
+from shifter.tunnel.holdsyn import HeldTunnel, SynHolder
 from shifter.interfaces import IProxyAttempt
-from shifter.metrics import TunnelStats
-from shifter.nfqueue import QueuedPacket, parseSegment
-from shifter.policy import TunnelDecision
-from shifter.pool import ProxyPool
-from shifter.proxy import UpstreamProxy
+from shifter.tunnel.metrics import TunnelStats
+from shifter.resolvers.nfqueue import QueuedPacket, parseSegment
+from shifter.tunnel.policy import TunnelDecision
+from shifter.upstream.pool import ProxyPool
+from shifter.upstream.proxy import UpstreamProxy
 
 from tests.support import knowLocalAddresses
 from tests.test_nfqueue import ipv4Packet

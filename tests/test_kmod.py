@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.kmod}: the module's messages, L{ShifterClient} and
+Tests for L{shifter.resolvers.kmod}: the module's messages, L{ShifterClient} and
 C{--resolver=kmod} against a fake kernel.
 """
 
@@ -22,8 +22,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from shifter import kmod
-from shifter.kmod import (
+from shifter.resolvers import kmod
+from shifter.resolvers.kmod import (
     SHIFTER_A_FAMILY,
     SHIFTER_A_IFINDEX,
     SHIFTER_A_LOCAL_ADDR,
@@ -49,8 +49,8 @@ from shifter.kmod import (
     encodeGet,
     shifter_msg,
 )
-from shifter.netlink import Header, NetlinkPort, decodeMessage, encodeMessage, encodeRequest
-from shifter.resolver import (
+from shifter.kernel.netlink import Header, NetlinkPort, decodeMessage, encodeMessage, encodeRequest
+from shifter.resolvers.resolver import (
     DestinationUnknown,
     IOriginalDestinationResolver,
     ResolverError,
@@ -859,7 +859,7 @@ class ClientTests(FakeKernelCase):
         A refused SET_PORTS fails with the kernel's error.
         """
         self.module.errors[SHIFTER_CMD_SET_PORTS] = errno.EINVAL
-        from shifter.netlink import NetlinkError
+        from shifter.kernel.netlink import NetlinkError
 
         d = self.client().setPorts([0])
         self.assertEqual(self.failureResultOf(self.settle(d), NetlinkError).value.errno, errno.EINVAL)
@@ -1080,7 +1080,7 @@ class AutoTests(FakeKernelCase):
     """
 
     def chosen(self) -> str:
-        from shifter.auto import AutoResolver
+        from shifter.resolvers.auto import AutoResolver
 
         resolver = AutoResolver(reactor=self.reactor)
         self.successResultOf(self.settle(resolver.start()))

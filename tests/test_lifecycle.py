@@ -36,12 +36,12 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
-from shifter.destinations import ProxyAddresses, alwaysKnown
-from shifter.downstream import ShifterFactory, TunnelSettings
-from shifter.policy import ITunnelPolicy
-from shifter.pool import ProxyPool
-from shifter.proxy import parseProxy
-from shifter.resolver import IOriginalDestinationResolver
+from shifter.tunnel.destinations import ProxyAddresses, alwaysKnown
+from shifter.tunnel.downstream import ShifterFactory, TunnelSettings
+from shifter.tunnel.policy import ITunnelPolicy
+from shifter.upstream.pool import ProxyPool
+from shifter.upstream.proxy import parseProxy
+from shifter.resolvers.resolver import IOriginalDestinationResolver
 from tests.gateway import makeCertificate
 
 DESTINATION = IPv4Address("TCP", "203.0.113.7", 443)

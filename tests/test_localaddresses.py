@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.localaddresses}: the netlink address dump, on canned
+Tests for L{shifter.kernel.localaddresses}: the netlink address dump, on canned
 bytes and against this machine's kernel.
 """
 
@@ -15,7 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from shifter.localaddresses import (
+from shifter.kernel.localaddresses import (
     IFA_ADDRESS,
     IFA_LOCAL,
     NLMSG_DONE,
@@ -121,10 +121,10 @@ class KernelTests(TestCase):
         code = (
             "import sys\n"
             "from twisted.internet import reactor\n"
-            "from shifter.tap import Options, makeService\n"
+            "from shifter.service.tap import Options, makeService\n"
             "config = Options(); config.parseOptions(['--proxy', '127.0.0.1:3128', '--listen', 'tcp:0'])\n"
             "makeService(config, reactor=reactor)\n"
-            "from shifter.localaddresses import readLocalAddresses\n"
+            "from shifter.kernel.localaddresses import readLocalAddresses\n"
             "readLocalAddresses(reactor)\n"
             "print('pyroute2' in sys.modules)\n"
         )

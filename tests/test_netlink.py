@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.netlink}: the codec on canned bytes, the port and the
+Tests for L{shifter.kernel.netlink}: the codec on canned bytes, the port and the
 protocol against a fake kernel, and family look-ups against the host
 kernel's own generic netlink controller.
 """
@@ -34,7 +34,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from shifter.netlink import (
+from shifter.kernel.netlink import (
     FamilyNotFound,
     Header,
     MalformedMessage,

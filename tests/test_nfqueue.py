@@ -24,9 +24,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.testing import EventLoggingObserver
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from shifter.kmod import ConnectionKey
-from shifter.netlink import NetlinkPort, decodeMessage, splitMessages
-from shifter.nfqueue import (
+from shifter.resolvers.kmod import ConnectionKey
+from shifter.kernel.netlink import NetlinkPort, decodeMessage, splitMessages
+from shifter.resolvers.nfqueue import (
     COPY_RANGE,
     NFQA_CFG_F_FAIL_OPEN,
     NFQNL_CFG_CMD_BIND,
@@ -50,7 +50,7 @@ from shifter.nfqueue import (
     parseSegment,
     _idBefore,
 )
-from shifter.resolver import DestinationUnknown, ResolverUnavailable
+from shifter.resolvers.resolver import DestinationUnknown, ResolverUnavailable
 from tests.test_netlink import DEFAULT_SEND_BUFFER, FakeKernel, errorMessage, netlinkHeader
 
 # NFQNL_MSG_PACKET messages captured from a 6.x kernel: the SYNs of
@@ -130,7 +130,7 @@ class CodecTests(SynchronousTestCase):
         message = nfqnl_msg()
         message["attrs"] = [["NFQA_MARK", 1]]
         message.encode()
-        from shifter.netlink import MalformedMessage
+        from shifter.kernel.netlink import MalformedMessage
         self.assertRaises(MalformedMessage, decodePacket, bytes(message.data))
 
     def test_unreadablePayload(self) -> None:
@@ -493,7 +493,7 @@ class ResolverTests(QueueHarness, SynchronousTestCase):
         """
         An error the kernel sends for a verdict is logged.
         """
-        from shifter.nfqueue import QueueProtocol
+        from shifter.resolvers.nfqueue import QueueProtocol
         events = EventLoggingObserver.createWithCleanup(self, QueueProtocol.log.observer)
         self.start()
         self.deliver(errorMessage(0, -errno.ENOENT))

@@ -15,11 +15,11 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from shifter.downstream import TunnelSettings
-from shifter.limits import AcceptPauser
+from shifter.tunnel.downstream import TunnelSettings
+from shifter.tunnel.limits import AcceptPauser
 from shifter import logs
-from shifter.metricspage import MetricsPage
-from shifter.service import ShifterService
+from shifter.service.metricspage import MetricsPage
+from shifter.service.service import ShifterService
 from tests.test_tap import parse
 from tests.test_tunnel import CLIENT, OK, TunnelTestCase
 

@@ -1,8 +1,8 @@
 """
 Tests for telling the proxy who the client is: the PROXY protocol encoders
-(L{shifter.proxyprotocol}) against the examples and rules of HAProxy's
+(L{shifter.upstream.proxyprotocol}) against the examples and rules of HAProxy's
 C{doc/proxy-protocol.txt}, the bytes written on a proxy connection
-(L{shifter.passclient}), C{--pass-client} and its per-proxy and per-policy
+(L{shifter.upstream.passclient}), C{--pass-client} and its per-proxy and per-policy
 forms.
 """
 
@@ -20,8 +20,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.connect import formatConnectRequest
-from shifter.passclient import (
+from shifter.upstream.connect import formatConnectRequest
+from shifter.upstream.passclient import (
     PASS_CLIENT_MODES,
     clientEndpoints,
     forwardedFor,
@@ -30,12 +30,12 @@ from shifter.passclient import (
     refusalHint,
     tunnelRequest,
 )
-from shifter.downstream import ShifterFactory
-from shifter.policy import ITunnelPolicy, TunnelDecision
-from shifter.pool import ProxyPool
-from shifter.proxy import UpstreamProxy, parseProxy
-from shifter.proxyprotocol import V1_MAX_LENGTH, V2_SIGNATURE, encodeV1, encodeV2
-from shifter.tap import Options
+from shifter.tunnel.downstream import ShifterFactory
+from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision
+from shifter.upstream.pool import ProxyPool
+from shifter.upstream.proxy import UpstreamProxy, parseProxy
+from shifter.upstream.proxyprotocol import V1_MAX_LENGTH, V2_SIGNATURE, encodeV1, encodeV2
+from shifter.service.tap import Options
 
 from tests.support import knowLocalAddresses
 from tests.test_tunnel import OK, PROXY, FakeProxyEndpoint, RecordingPolicy, TunnelTestCase

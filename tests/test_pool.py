@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.pool}: the order proxies are tried in, and their health,
+Tests for L{shifter.upstream.pool}: the order proxies are tried in, and their health,
 with a fake clock and endpoints.
 """
 
@@ -13,9 +13,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.auth import Credentials, ProxyAuth
-from shifter.pool import DOWN, PROBING, TRIAL, UP, ProxyPool
-from shifter.proxy import UpstreamProxy
+from shifter.upstream.auth import Credentials, ProxyAuth
+from shifter.upstream.pool import DOWN, PROBING, TRIAL, UP, ProxyPool
+from shifter.upstream.proxy import UpstreamProxy
 from tests.test_tunnel import FakeProxyEndpoint
 
 

@@ -1,7 +1,7 @@
 """
 Tests for what bounds one client's cost: the rate-limited log line
 (L{shifter.logs.RateLimitedLog}), the per-client connection count
-(L{shifter.limits.ClientLimit}) and its option.
+(L{shifter.tunnel.limits.ClientLimit}) and its option.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.limits import ClientLimit, clientKey
+from shifter.tunnel.limits import ClientLimit, clientKey
 from shifter.logs import RateLimitedLog
-from shifter.tap import Options, defaultMaxConnectionsPerClient
+from shifter.service.tap import Options, defaultMaxConnectionsPerClient
 from tests.test_lifecycle import LifecycleTestCase
 
 

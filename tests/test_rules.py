@@ -15,7 +15,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.rules import RuleOptions, RulesError, generateRules, main
+from shifter.admin.rules import RuleOptions, RulesError, generateRules, main
 from tests.gateway import (
     PROJECT,
     SERVER_V4,

@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.sniff}: the server name from a TLS ClientHello, the host
+Tests for L{shifter.tunnel.sniff}: the server name from a TLS ClientHello, the host
 from an HTTP request, on plain bytes.
 
 The ClientHellos are real ones, written by OpenSSL through the C{ssl} module
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.connect import isValidHostname
-from shifter.sniff import (
+from shifter.upstream.connect import isValidHostname
+from shifter.tunnel.sniff import (
     MAX_CLIENT_HELLO_BYTES,
     MAX_CLIENT_HELLO_RECORDS,
     MAX_REQUEST_HEADER_BYTES,

@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.sockopt}, the SO_ORIGINAL_DST resolver, with sockets
+Tests for L{shifter.resolvers.sockopt}, the SO_ORIGINAL_DST resolver, with sockets
 that answer the option with canned kernel structures.
 """
 
@@ -12,8 +12,8 @@ import struct
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.resolver import DestinationUnknown, IOriginalDestinationResolver
-from shifter.sockopt import SocketOptionResolver, originalDestination, unmapAddress
+from shifter.resolvers.resolver import DestinationUnknown, IOriginalDestinationResolver
+from shifter.resolvers.sockopt import SocketOptionResolver, originalDestination, unmapAddress
 from zope.interface.verify import verifyObject
 
 

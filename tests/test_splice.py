@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.splice}: the zero-copy relay on real loopback TCP
+Tests for L{shifter.relay.splice}: the zero-copy relay on real loopback TCP
 sockets, driven by the real reactor.
 
 Each test builds two TCP connections on 127.0.0.1: the client's (a peer
@@ -28,8 +28,8 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from shifter import splice
-from shifter.splice import SpliceRelay
+from shifter.relay import splice
+from shifter.relay.splice import SpliceRelay
 from tests.support import requireHost
 
 

@@ -1,6 +1,6 @@
 """
-Tests for the command line and the service: L{shifter.tap},
-L{shifter.proxy}, L{shifter.service}, the dropin and the .tac file.
+Tests for the command line and the service: L{shifter.service.tap},
+L{shifter.upstream.proxy}, L{shifter.service.service}, the dropin and the .tac file.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.endpointstrings import withBacklog
-from shifter.proxy import parseProxy
-from shifter.resolver import IOriginalDestinationResolver, ResolverUnavailable
-from shifter.sockopt import SocketOptionResolver
-from shifter.tap import MAX_SECONDS, Options, defaultMaxConnections, makeService
+from shifter.upstream.endpointstrings import withBacklog
+from shifter.upstream.proxy import parseProxy
+from shifter.resolvers.resolver import IOriginalDestinationResolver, ResolverUnavailable
+from shifter.resolvers.sockopt import SocketOptionResolver
+from shifter.service.tap import MAX_SECONDS, Options, defaultMaxConnections, makeService
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -228,7 +228,7 @@ class HoldSynOptionTests(SynchronousTestCase):
         The service's factory and its nfqueue resolver share one holder,
         with the hold timeout given; the resolver has the reject mark.
         """
-        from shifter.holdsyn import SynHolder
+        from shifter.tunnel.holdsyn import SynHolder
 
         reactor = MemoryReactorClock()
         service = makeService(parse(*self.base, "--hold-timeout", "4", "--reject-mark", "0x40"), reactor=reactor)
@@ -329,7 +329,7 @@ class ServiceTests(SynchronousTestCase):
         A resolver that cannot start is a critical log line and the reactor
         stops: Shifter does not listen without a way to resolve.
         """
-        from shifter import resolver
+        from shifter.resolvers import resolver
 
         self.patch(resolver, "RESOLVERS", dict(resolver.RESOLVERS, broken=f"{__name__}.BrokenResolver"))
         config = parse("--proxy", "127.0.0.1:3128")
@@ -349,7 +349,7 @@ class ServiceTests(SynchronousTestCase):
         the start (the resolver's start is cancelled), never listens, and
         logs no failure to start.
         """
-        from shifter import resolver
+        from shifter.resolvers import resolver
 
         self.patch(resolver, "RESOLVERS", dict(resolver.RESOLVERS, slow=f"{__name__}.SlowResolver"))
         config = parse("--proxy", "127.0.0.1:3128")

@@ -18,10 +18,10 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, S
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from shifter import resolver as resolverModule
-from shifter.auto import AutoResolver
-from shifter.resolver import IOriginalDestinationResolver, ResolverUnavailable, makeResolver
-from shifter.tproxy import TransparentPort, TransparentResolver, TransparentServerEndpoint
+from shifter.resolvers import resolver as resolverModule
+from shifter.resolvers.auto import AutoResolver
+from shifter.resolvers.resolver import IOriginalDestinationResolver, ResolverUnavailable, makeResolver
+from shifter.resolvers.tproxy import TransparentPort, TransparentResolver, TransparentServerEndpoint
 from tests.test_tunnel import CLIENT, SHIFTER, TunnelTestCase
 
 
@@ -190,7 +190,7 @@ class AutoTests(SynchronousTestCase):
             self.built[name] = StubResolver(name=name, works=works[name])
             return self.built[name]
 
-        self.patch(__import__("shifter.auto", fromlist=["makeResolver"]), "makeResolver", make)
+        self.patch(__import__("shifter.resolvers.auto", fromlist=["makeResolver"]), "makeResolver", make)
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def test_firstThatStarts(self) -> None:

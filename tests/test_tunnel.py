@@ -1,6 +1,6 @@
 """
-Tests for the tunnel, in memory: L{shifter.downstream} and
-L{shifter.upstream} with Twisted's test doubles and a fake clock.
+Tests for the tunnel, in memory: L{shifter.tunnel.downstream} and
+L{shifter.upstream.upstream} with Twisted's test doubles and a fake clock.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.downstream import DownstreamProtocol, ShifterFactory, TunnelSettings
-from shifter.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
-from shifter.pool import ProxyPool
-from shifter.proxy import UpstreamProxy
-from shifter.resolver import DestinationUnknown, IOriginalDestinationResolver
+from shifter.tunnel.downstream import DownstreamProtocol, ShifterFactory, TunnelSettings
+from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+from shifter.upstream.pool import ProxyPool
+from shifter.upstream.proxy import UpstreamProxy
+from shifter.resolvers.resolver import DestinationUnknown, IOriginalDestinationResolver
 
 from tests.support import knowLocalAddresses
 

@@ -1,6 +1,6 @@
 """
 Every (state, event) pair of the tunnel's state machine, driven without
-sockets: L{shifter.tunnel.Tunnel} with a recording client, proxy attempt
+sockets: L{shifter.tunnel.tunnel.Tunnel} with a recording client, proxy attempt
 and owner.  Each pair is checked against what it should do (written here
 from the tunnel's intended behaviour, not read from its table): what is
 sent, what is closed, which counter moves, and the state it ends in.
@@ -22,18 +22,18 @@ from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter import tunnel as T
-from shifter.connect import ConnectResponse
-from shifter.deadlines import Deadlines
-from shifter.destinations import GatewayNames, ProxyAddresses
-from shifter.downstream import TunnelSettings
+from shifter.tunnel import tunnel as T
+from shifter.upstream.connect import ConnectResponse
+from shifter.tunnel.deadlines import Deadlines
+from shifter.tunnel.destinations import GatewayNames, ProxyAddresses
+from shifter.tunnel.downstream import TunnelSettings
 from shifter.interfaces import IProxyAttempt, IRelay
 from shifter.logs import RateLimitedLog
-from shifter.metrics import TunnelStats
-from shifter.pool import ProxyPool
-from shifter.proxy import UpstreamProxy
-from shifter.resolver import DestinationUnknown
-from shifter.tunnel import ITunnelClient, ITunnelOwner, Tunnel
+from shifter.tunnel.metrics import TunnelStats
+from shifter.upstream.pool import ProxyPool
+from shifter.upstream.proxy import UpstreamProxy
+from shifter.resolvers.resolver import DestinationUnknown
+from shifter.tunnel.tunnel import ITunnelClient, ITunnelOwner, Tunnel
 
 from tests.support import knowLocalAddresses
 from tests.test_sniff import realHello
@@ -524,7 +524,7 @@ class HeldTunnelTests(SynchronousTestCase):
         self.attempt = RecordingAttempt(self.proxy, self.calls)
 
     def hold(self, leftover: bytes = b"", connectHost: str = "203.0.113.7", passClient: Any = None) -> None:
-        from shifter.holdsyn import HeldTunnel
+        from shifter.tunnel.holdsyn import HeldTunnel
 
         self.owner.held = HeldTunnel(self.attempt, leftover, 0.0, connectHost, passClient)
 

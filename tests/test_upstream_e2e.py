@@ -257,8 +257,8 @@ class SeveralProxiesTests(UpstreamTestCase):
 _PROBE = """\
 import sys
 from twisted.internet import task
-from shifter.probe import DEFAULT_PROBE_TARGET, askProxy
-from shifter.proxy import parseProxy
+from shifter.upstream.probe import DEFAULT_PROBE_TARGET, askProxy
+from shifter.upstream.proxy import parseProxy
 
 def main(reactor):
     proxy = parseProxy(sys.argv[1], reactor)

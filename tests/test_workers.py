@@ -1,5 +1,5 @@
 """
-Tests for L{shifter.workers}: the listener read from its string, the
+Tests for L{shifter.service.workers}: the listener read from its string, the
 workers' log events published by the parent, the restart policy, and the
 bootstrap that ties a worker's life to its parent's.
 """
@@ -20,8 +20,8 @@ from twisted.logger import Logger, LogLevel, eventAsJSON, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter import service
-from shifter.workers import _TWISTD, PARENT_PID, ReusePortEndpoint, WorkersService
+from shifter.service import service
+from shifter.service.workers import _TWISTD, PARENT_PID, ReusePortEndpoint, WorkersService
 from tests.gateway import SERVER_V4
 from tests.test_integration import GatewayTestCase
 

@@ -42,9 +42,9 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, suc
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from shifter.kmod import AcceptedConnection, KernelModuleResolver, ShifterClient
-from shifter.resolver import DestinationUnknown
-from shifter.sockopt import SocketOptionResolver
+from shifter.resolvers.kmod import AcceptedConnection, KernelModuleResolver, ShifterClient
+from shifter.resolvers.resolver import DestinationUnknown
+from shifter.resolvers.sockopt import SocketOptionResolver
 from tests.guest import support
 from tests.gateway import (
     PROJECT,

@@ -25,7 +25,7 @@ import time
 
 from twisted.trial.unittest import TestCase
 
-from shifter.kmod import (
+from shifter.resolvers.kmod import (
     SHIFTER_CMD_DISABLE,
     SHIFTER_CMD_GET,
     SHIFTER_CMD_SET_PORTS,

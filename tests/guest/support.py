@@ -5,7 +5,7 @@ the links between them, a small blocking client of the C{shifter} generic
 netlink family, and raw TCP packets built by hand.
 
 Only the tests use the blocking client; the service's own client is the
-reactor-driven one in L{shifter.netlink}.
+reactor-driven one in L{shifter.kernel.netlink}.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR
 from pyroute2.netlink.generic import CTRL_CMD_GETFAMILY, GENL_ID_CTRL, ctrlmsg
 from twisted.trial.unittest import SkipTest
 
-from shifter.kmod import (
+from shifter.resolvers.kmod import (
     SHIFTER_CMD_DISABLE,
     SHIFTER_CMD_ENABLE,
     SHIFTER_CMD_GET,

@@ -6,7 +6,7 @@ from twisted.application.service import ServiceMaker
 
 shifter = ServiceMaker(
     "Shifter",
-    "shifter.tap",
+    "shifter.service.tap",
     "Relay netfilter-redirected connections through an HTTP proxy (CONNECT).",
     "shifter",
 )

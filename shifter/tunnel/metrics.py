@@ -1,0 +1,156 @@
+"""
+Prometheus metrics: what Shifter has done, served over HTTP by C{--metrics}.
+
+Counts that the tunnels keep anyway (tunnels, failures by reason, bytes)
+are plain integers in a L{TunnelStats}, read when scraped, so the relay pays
+an addition per chunk for them.  Latencies are observed into histograms once per connection.
+
+They are served by L{shifter.service.metricspage}, loaded only with C{--metrics}.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+# Counters of TunnelStats.counters that are not failures.
+_OUTCOMES = {"opened", "closed"}
+
+
+class TunnelStats:
+    """
+    What the tunnels of one factory have done, counted as it happens.
+    Every counter only goes up: bytes are counted when they are delivered
+    (handed to the receiving socket's kernel), a client's early bytes too.
+
+    @ivar counters: how tunnels ended and why they failed, by short name
+        (C{"opened"}, C{"closed"}, C{"resolver"}, C{"proxy-status"}, ...).
+    @ivar openTunnels: tunnels relaying now.
+    @ivar bytesUp: bytes delivered from clients to proxies.
+    @ivar bytesDown: bytes delivered from proxies to clients.
+    @ivar bytesDroppedUp: bytes read from clients and never delivered (the
+        proxy connection failed, or was dropped).
+    @ivar bytesDroppedDown: the same from proxies to clients.
+    @ivar proxyAnswers: the proxies' answers to CONNECT by status class.
+    @ivar retries: connection attempts moved on to another proxy.
+    @ivar acceptPauses: times accepting paused for lack of descriptors.
+    @ivar registry: the registry C{--metrics} serves.
+    @ivar resolveSeconds: from accepting a client to knowing its original
+        destination.
+    @ivar connectSeconds: from asking for the proxy connection to the
+        proxy's 2xx answer.
+    """
+
+    def __init__(self) -> None:
+        self.counters: Counter[str] = Counter()
+        self.openTunnels = 0
+        self.bytesUp = 0
+        self.bytesDown = 0
+        self.bytesDroppedUp = 0
+        self.bytesDroppedDown = 0
+        self.proxyAnswers: Counter[str] = Counter()
+        self.retries = 0
+        self.acceptPauses = 0
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.resolveSeconds = Histogram(
+            "shifter_resolve_seconds",
+            "Time to find a connection's original destination.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.connectSeconds = Histogram(
+            "shifter_connect_seconds",
+            "Time from connecting to the proxy to its 2xx answer to CONNECT.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def collectFrom(self, activeCount: Callable[[], int], pool: Callable[[], Any]) -> None:
+        """
+        Serve these counts, with the number of connections that
+        C{activeCount} gives and the health of the proxies of the pool
+        that C{pool} gives, at each scrape.
+        """
+        self.registry.register(_StatsCollector(self, activeCount, pool))
+
+
+class _StatsCollector:
+    """
+    Reads the counts at scrape time.
+    """
+
+    def __init__(self, stats: TunnelStats, activeCount: Callable[[], int], pool: Callable[[], Any]) -> None:
+        self._stats = stats
+        self._activeCount = activeCount
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        counters = stats.counters
+        yield GaugeMetricFamily(
+            "shifter_tunnels_open", "Tunnels relaying now.", value=stats.openTunnels
+        )
+        yield GaugeMetricFamily(
+            "shifter_connections_active",
+            "Client connections accepted and not yet finished (tunnels and handshakes).",
+            value=self._activeCount(),
+        )
+        yield CounterMetricFamily(
+            "shifter_tunnels_opened", "Tunnels opened (the proxy answered 2xx).",
+            value=counters["opened"],
+        )
+        failures = CounterMetricFamily(
+            "shifter_tunnel_failures",
+            "Client connections that did not become a tunnel, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(counters.items()):
+            if reason not in _OUTCOMES:
+                failures.add_metric([reason], count)
+        yield failures
+        answers = CounterMetricFamily(
+            "shifter_proxy_answers", "Proxy answers to CONNECT, by status class.",
+            labels=["status_class"],
+        )
+        for statusClass, count in sorted(stats.proxyAnswers.items()):
+            answers.add_metric([statusClass], count)
+        yield answers
+        relayed = CounterMetricFamily(
+            "shifter_bytes", "Bytes delivered, up (client to proxy) and down.",
+            labels=["direction"],
+        )
+        relayed.add_metric(["up"], stats.bytesUp)
+        relayed.add_metric(["down"], stats.bytesDown)
+        yield relayed
+        dropped = CounterMetricFamily(
+            "shifter_bytes_dropped",
+            "Bytes read from one side and never delivered to the other (it failed, or was dropped).",
+            labels=["direction"],
+        )
+        dropped.add_metric(["up"], stats.bytesDroppedUp)
+        dropped.add_metric(["down"], stats.bytesDroppedDown)
+        yield dropped
+        proxyUp = GaugeMetricFamily(
+            "shifter_proxy_up", "1 while a proxy is up, 0 while it is marked down.",
+            labels=["proxy"],
+        )
+        for proxy, health in self._pool().health.items():
+            proxyUp.add_metric([proxy.description], 1 if health.up else 0)
+        yield proxyUp
+        yield CounterMetricFamily(
+            "shifter_proxy_retries",
+            "Connection attempts moved on to the next proxy after one failed.",
+            value=stats.retries,
+        )
+        yield CounterMetricFamily(
+            "shifter_accept_pauses",
+            "Times accepting paused because descriptors or memory ran out.",
+            value=stats.acceptPauses,
+        )

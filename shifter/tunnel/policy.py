@@ -1,0 +1,85 @@
+"""
+A hook for programs that embed Shifter: per connection, which proxy and
+which CONNECT target to use, or whether to refuse.
+
+The policy is asked once per client connection, after the original
+destination is known (and, with C{--connect-target sni}/C{host}/C{auto},
+after the client's first bytes were read), before any proxy is contacted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from zope.interface import Interface
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+
+from shifter.upstream.passclient import checkPassClient
+from shifter.upstream.proxy import UpstreamProxy
+from shifter.resolvers.resolver import Destination
+
+
+@dataclass(frozen=True)
+class TunnelRequest:
+    """
+    What is known of a connection when the policy is asked.
+
+    @ivar client: the client's address (IPv4-mapped addresses unmapped).
+    @ivar destination: where the client was originally going.
+    @ivar name: the server name read from the client's first bytes, if
+        C{--connect-target} looked for one and found it.
+    @ivar proxies: the proxies Shifter would try, best first (only those
+        that are up).
+    """
+
+    client: Union[IPv4Address, IPv6Address]
+    destination: Destination
+    name: Optional[str]
+    proxies: Sequence[UpstreamProxy]
+
+
+@dataclass(frozen=True)
+class TunnelDecision:
+    """
+    The policy's answer.  Every field left at C{None} keeps Shifter's own
+    choice.
+
+    @ivar refuse: if set, the connection is refused, with this reason in
+        its log line.
+    @ivar proxies: the proxies to try, in order, instead of the pool's.
+    @ivar target: the host name or address to ask CONNECT for; the
+        original port is always kept.
+    @ivar passClient: what the proxy is told about this client, whichever
+        proxy carries the tunnel: C{"none"}, C{"x-forwarded-for"},
+        C{"proxy-v1"} or C{"proxy-v2"} (see C{--pass-client}); C{None}
+        keeps each proxy's own setting.
+    @raise ValueError: if C{passClient} is none of these.
+    """
+
+    refuse: Optional[str] = None
+    proxies: Optional[Sequence[UpstreamProxy]] = None
+    target: Optional[str] = None
+    passClient: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.passClient is not None:
+            checkPassClient(self.passClient)
+
+
+class ITunnelPolicy(Interface):
+    """
+    Decides, per connection, where its tunnel goes.
+    """
+
+    def decide(request: TunnelRequest) -> Union[Optional[TunnelDecision], Deferred]:
+        """
+        Decide for one connection.
+
+        @param request: what is known of the connection.
+        @return: a L{TunnelDecision}, C{None} for Shifter's own choices, or
+            a C{Deferred} firing with either.  A failure refuses the
+            connection.
+        """
