@@ -37,6 +37,7 @@ struct shifter_stats {
 	atomic64_t expiries;
 	atomic64_t gone;
 	atomic64_t full;
+	atomic64_t ambiguous;
 };
 
 struct shifter_net {

@@ -25,6 +25,13 @@
  * answers; a later connection that reuses the key replaces an entry whose
  * connection is gone, and never one whose connection is alive.
  *
+ * Entries are told apart by key and conntrack zone: conntrack keeps reply
+ * tuples unique per zone only (conntrack zones over VRFs with overlapping
+ * addresses), so a second zone's connection with the same reply tuple gets
+ * an entry of its own.  A look-up names no zone (the accepted socket
+ * carries none), so while both connections live it is ambiguous and
+ * answered -ENOTUNIQ: never the other zone's destination.
+ *
  * A delayed work sweeps each table in batches of SHIFTER_GC_BATCH buckets,
  * bucket lock by bucket lock, dropping entries past expiry_secs and
  * entries whose connection conntrack no longer holds; it stops while the
@@ -167,6 +174,20 @@ static bool shifter_entry_live(struct net *net,
 	return live;
 }
 
+/*
+ * Whether @entry is filed under @key in @zone.  Conntrack keeps a reply
+ * tuple unique within a zone only (as seen in the reply direction): two
+ * live connections in two zones may share one, and each gets an entry.
+ */
+static bool shifter_entry_same(const struct shifter_entry *entry,
+			       const struct shifter_key *key,
+			       const struct nf_conntrack_zone *zone)
+{
+	return !memcmp(&entry->key, key, sizeof(*key)) &&
+	       nf_ct_zone_id(&entry->zone, IP_CT_DIR_REPLY) ==
+	       nf_ct_zone_id(zone, IP_CT_DIR_REPLY);
+}
+
 static void shifter_entry_free_rcu(struct rcu_head *head)
 {
 	kmem_cache_free(shifter_entry_cache,
@@ -293,7 +314,7 @@ void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct)
 
 	spin_lock_bh(&bucket->lock);
 	hlist_for_each_entry(old, &bucket->head, node) {
-		if (!memcmp(&old->key, &entry->key, sizeof(entry->key)))
+		if (shifter_entry_same(old, &entry->key, &entry->zone))
 			break;
 	}
 	if (old) {
@@ -350,26 +371,35 @@ full:
 /*
  * Finds the original destination of the connection whose reply tuple is
  * @key, if conntrack still holds the connection recorded under it.
- * Called under rcu_read_lock().
+ *
+ * The accepted socket's two ends, all a redirector can ask with, name no
+ * conntrack zone: when live connections in two zones share the reply
+ * tuple, the key cannot say which one was accepted, and the answer is
+ * -ENOTUNIQ rather than either connection's destination.  Called under
+ * rcu_read_lock().
  */
 int shifter_table_lookup(struct shifter_table *table,
 			 const struct shifter_key *key,
 			 struct shifter_dest *dest)
 {
 	struct shifter_bucket *bucket = shifter_bucket(table, key);
+	unsigned long now = jiffies;
 	struct shifter_entry *entry;
+	bool found = false;
 
 	hlist_for_each_entry_rcu(entry, &bucket->head, node) {
 		if (memcmp(&entry->key, key, sizeof(*key)))
 			continue;
-		if (shifter_entry_expired(entry, jiffies) ||
+		if (shifter_entry_expired(entry, now) ||
 		    !shifter_entry_live(table->sn->net, entry))
-			return -ENOENT;
+			continue;
+		if (found)
+			return -ENOTUNIQ;
+		found = true;
 		dest->addr = entry->orig.dst.u3;
 		dest->port = entry->orig.dst.u.tcp.port;
-		return 0;
 	}
-	return -ENOENT;
+	return found ? 0 : -ENOENT;
 }
 
 unsigned int shifter_table_count(const struct shifter_table *table)

@@ -88,6 +88,7 @@ SHIFTER_STAT_EXPIRIES = 6
 SHIFTER_STAT_GONE = 7
 SHIFTER_STAT_FULL = 8
 SHIFTER_STAT_PAD = 9
+SHIFTER_STAT_AMBIGUOUS = 10
 
 # The oldest family version that answers for exactly the connection
 # accepted (version 1 keyed on the client's address and port alone).
@@ -131,6 +132,7 @@ class shifter_msg(genlmsg):
             ("SHIFTER_STAT_GONE", "uint64"),
             ("SHIFTER_STAT_FULL", "uint64"),
             ("SHIFTER_STAT_PAD", "none"),
+            ("SHIFTER_STAT_AMBIGUOUS", "uint64"),
         )
 
     class ports(nla):

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -82,7 +83,7 @@ A_FAMILY, A_SRC_ADDR, A_SRC_PORT, A_DST_ADDR, A_DST_PORT = 1, 2, 3, 4, 5
 A_STATS, A_PORTS, A_LOCAL_ADDR, A_LOCAL_PORT, A_ENABLED, A_IFINDEX = 6, 7, 8, 9, 10, 11
 A_PORTS_PORT = 1
 
-STATS = ("entries", "inserts", "lookups", "hits", "misses", "expiries", "gone", "full")
+STATS = ("entries", "inserts", "lookups", "hits", "misses", "expiries", "gone", "full", "ambiguous")
 
 TCP_FIN_WAIT2 = 5
 SO_ORIGINAL_DST = 80
@@ -511,6 +512,52 @@ class ExactnessTests(GuestTestCase):
         stats = kmod.stats()
         self.assertEqual((stats["entries"], stats["inserts"]), (2, 2))
 
+    def test_twoZonesShareReplyTuple(self) -> None:
+        """
+        Two connections from one source address and port to two
+        destinations, put in two conntrack zones by destination: conntrack
+        keeps reply tuples unique per zone only, so NAT leaves the second
+        its port and both share one reply tuple.  The second is recorded
+        all the same, and a look-up, which names no zone, is never
+        answered with the other zone's destination: while both live it is
+        refused as ambiguous (ENOTUNIQ, counted), and once the second
+        zone's connection is gone the first is answered again.
+        """
+        ns = redirectedNamespace(self, socket.AF_INET)
+        ns.nft(
+            "table ip zones {\n"
+            "  chain output {\n"
+            "    type filter hook output priority -300; policy accept;\n"
+            "    ip daddr 203.0.113.7 ct zone set 1\n"
+            "    ip daddr 203.0.113.8 ct zone set 2\n"
+            "  }\n"
+            "}\n"
+        )
+        kmod = self.client(ns)
+        sendSegment(ns, socket.AF_INET, 40000, 443, TCP_SYN, dst="203.0.113.7")
+        self.assertEqual(kmod.get(socket.AF_INET, LOCAL_V4, 40000), ("203.0.113.7", 443))
+        sendSegment(ns, socket.AF_INET, 40000, 443, TCP_SYN, dst="203.0.113.8")
+
+        listed = ns.exec("conntrack", "-L", "-p", "tcp", "--sport", "40000").stdout
+        tuple_ = r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)"
+        zones, replies = [], set()
+        for line in listed.splitlines():
+            tuples = re.findall(tuple_, line)
+            zone = re.search(r"\bzone=(\d+)", line)
+            if len(tuples) == 2 and zone:
+                zones.append(zone.group(1))
+                replies.add(tuples[1])
+        self.assertEqual(sorted(zones), ["1", "2"], listed)
+        self.assertEqual(len(replies), 1, f"the two zones' connections do not share a reply tuple:\n{listed}")
+        self.assertEqual(kmod.stats()["entries"], 2)
+
+        for _ in range(3):
+            self.assertNetlinkError(errno.ENOTUNIQ, kmod.get, socket.AF_INET, LOCAL_V4, 40000)
+        self.assertEqual(kmod.stats()["ambiguous"], 3)
+
+        ns.exec("conntrack", "-D", "-p", "tcp", "--orig-dst", "203.0.113.8", "-w", "2")
+        self.assertEqual(kmod.get(socket.AF_INET, LOCAL_V4, 40000), ("203.0.113.7", 443))
+
     def test_retransmittedSyn(self) -> None:
         """
         The same SYN again makes no second entry.
@@ -681,7 +728,7 @@ class StatsTests(GuestTestCase):
         self.assertRaises(NetlinkError, kmod.get, socket.AF_INET, REMOTE_V4, 40000)
         self.assertEqual(kmod.stats(), {
             "entries": 2, "inserts": 2, "lookups": 3, "hits": 1, "misses": 2,
-            "expiries": 0, "gone": 0, "full": 0,
+            "expiries": 0, "gone": 0, "full": 0, "ambiguous": 0,
         })
 
 
