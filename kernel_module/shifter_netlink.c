@@ -221,6 +221,13 @@ static int shifter_genl_stats(struct sk_buff *skb, struct genl_info *info)
 		{ SHIFTER_STAT_GONE, atomic64_read(&stats->gone) },
 		{ SHIFTER_STAT_FULL, atomic64_read(&stats->full) },
 		{ SHIFTER_STAT_AMBIGUOUS, atomic64_read(&stats->ambiguous) },
+		{ SHIFTER_STAT_SKIPPED, atomic64_read(&stats->skipped) },
+		{ SHIFTER_STAT_EVICTED_GONE, atomic64_read(&stats->evicted_gone) },
+		{ SHIFTER_STAT_EVICTED_ANSWERED,
+		  atomic64_read(&stats->evicted_answered) },
+		{ SHIFTER_STAT_EVICTED_EARLY, atomic64_read(&stats->evicted_early) },
+		{ SHIFTER_STAT_EVICTED_OLDEST,
+		  atomic64_read(&stats->evicted_oldest) },
 	};
 	struct nlattr *nest;
 	struct sk_buff *msg;

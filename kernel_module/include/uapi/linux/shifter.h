@@ -152,9 +152,18 @@ enum shifter_stat {
 	SHIFTER_STAT_MISSES,	/* u64: GET requests answered -ENOENT */
 	SHIFTER_STAT_EXPIRIES,	/* u64: entries dropped for age */
 	SHIFTER_STAT_GONE,	/* u64: entries dropped: conntrack let go */
-	SHIFTER_STAT_FULL,	/* u64: connections not recorded: a limit */
+	SHIFTER_STAT_FULL,	/* u64: connections not recorded: no memory,
+				 * or the room of all namespaces was taken
+				 * by others */
 	SHIFTER_STAT_PAD,
 	SHIFTER_STAT_AMBIGUOUS,	/* u64: GET requests answered -ENOTUNIQ */
+	SHIFTER_STAT_SKIPPED,	/* u64: SYNs not recorded: a live entry holds
+				 * their key (conntrack drops them) */
+	SHIFTER_STAT_EVICTED_GONE,	/* u64: entries evicted for room:
+					 * conntrack had let go */
+	SHIFTER_STAT_EVICTED_ANSWERED,	/* u64: ... already answered */
+	SHIFTER_STAT_EVICTED_EARLY,	/* u64: ... not assured, or closing */
+	SHIFTER_STAT_EVICTED_OLDEST,	/* u64: ... the oldest, none of those */
 	__SHIFTER_STAT_MAX
 };
 
