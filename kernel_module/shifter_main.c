@@ -42,6 +42,22 @@ module_param_named(max_entries_total, shifter_max_entries_total, uint, 0444);
 MODULE_PARM_DESC(max_entries_total,
 		 "Most connections remembered in all network namespaces together (default 262144)");
 
+unsigned int shifter_max_entries_userns __read_mostly = 4096;
+module_param_named(max_entries_userns, shifter_max_entries_userns, uint, 0444);
+MODULE_PARM_DESC(max_entries_userns,
+		 "Most connections remembered per network namespace owned by a user namespace other than the initial one (default 4096)");
+
+unsigned int shifter_max_entries_userns_total __read_mostly = 16384;
+module_param_named(max_entries_userns_total, shifter_max_entries_userns_total,
+		   uint, 0444);
+MODULE_PARM_DESC(max_entries_userns_total,
+		 "Most connections remembered in all those namespaces together, apart from max_entries_total (default 16384)");
+
+bool shifter_userns __read_mostly;
+module_param_named(userns, shifter_userns, bool, 0444);
+MODULE_PARM_DESC(userns,
+		 "Let CAP_NET_ADMIN in the user namespace owning a network namespace enable recording there; else only CAP_NET_ADMIN in the initial one may (default N)");
+
 unsigned int shifter_expiry_secs __read_mostly = 120;
 module_param_named(expiry_secs, shifter_expiry_secs, uint, 0444);
 MODULE_PARM_DESC(expiry_secs,
@@ -104,6 +120,18 @@ static int __init shifter_check_params(void)
 		       SHIFTER_MAX_ENTRIES_MAX);
 		return -EINVAL;
 	}
+	if (!shifter_max_entries_userns ||
+	    shifter_max_entries_userns > SHIFTER_MAX_ENTRIES_MAX) {
+		pr_err("max_entries_userns must be between 1 and %lu\n",
+		       SHIFTER_MAX_ENTRIES_MAX);
+		return -EINVAL;
+	}
+	if (!shifter_max_entries_userns_total ||
+	    shifter_max_entries_userns_total > SHIFTER_MAX_ENTRIES_MAX) {
+		pr_err("max_entries_userns_total must be between 1 and %lu\n",
+		       SHIFTER_MAX_ENTRIES_MAX);
+		return -EINVAL;
+	}
 	if (!shifter_expiry_secs ||
 	    shifter_expiry_secs > SHIFTER_EXPIRY_SECS_MAX) {
 		pr_err("expiry_secs must be between 1 and %u\n",
@@ -139,9 +167,11 @@ static int __init shifter_init(void)
 	if (ret)
 		goto err_pernet;
 
-	pr_info("ready: up to %u entries per namespace, %u in all, for %u s\n",
+	pr_info("ready: up to %u entries per namespace, %u in all, for %u s; in user namespaces' %u and %u, enabled by %s\n",
 		shifter_max_entries, shifter_max_entries_total,
-		shifter_expiry_secs);
+		shifter_expiry_secs, shifter_max_entries_userns,
+		shifter_max_entries_userns_total,
+		shifter_userns ? "their own admins" : "initial admins only");
 	return 0;
 
 err_pernet:

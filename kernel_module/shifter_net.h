@@ -22,6 +22,9 @@
 /* Module parameters, read-only once the module is loaded. */
 extern unsigned int shifter_max_entries;
 extern unsigned int shifter_max_entries_total;
+extern unsigned int shifter_max_entries_userns;
+extern unsigned int shifter_max_entries_userns_total;
+extern bool shifter_userns;
 extern unsigned int shifter_expiry_secs;
 extern unsigned short shifter_default_ports[SHIFTER_MAX_PORTS];
 extern unsigned int shifter_default_nports;

@@ -11,7 +11,8 @@
  * (an address as long as its family says) are made below.  Every command
  * needs CAP_NET_ADMIN in the user namespace that owns the network
  * namespace of the requesting socket (GENL_UNS_ADMIN_PERM), and acts on
- * that namespace only.
+ * that namespace only; the commands that enable recording need it in the
+ * initial user namespace too, unless the module parameter userns is set.
  */
 
 #include <linux/err.h>
@@ -320,6 +321,20 @@ static struct shifter_ports *shifter_parse_ports(const struct nlattr *nest,
 }
 
 /*
+ * Whether the requester may enable recording: a table takes room, which
+ * only the initial user namespace's admins hand out unless the module
+ * parameter userns lets each network namespace's own admins do it.
+ */
+static int shifter_may_enable(struct sk_buff *skb, struct genl_info *info)
+{
+	if (shifter_userns || netlink_capable(skb, CAP_NET_ADMIN))
+		return 0;
+	NL_SET_ERR_MSG(info->extack,
+		       "enabling needs CAP_NET_ADMIN in the initial user namespace (module parameter userns)");
+	return -EPERM;
+}
+
+/*
  * Enables @sn if it is not yet, then applies the settings given; on an
  * error nothing has changed.
  */
@@ -348,7 +363,11 @@ static int shifter_genl_set_ports(struct sk_buff *skb, struct genl_info *info)
 {
 	struct shifter_net *sn = shifter_pernet(genl_info_net(info));
 	struct shifter_ports *ports;
+	int ret;
 
+	ret = shifter_may_enable(skb, info);
+	if (ret)
+		return ret;
 	if (GENL_REQ_ATTR_CHECK(info, SHIFTER_A_PORTS))
 		return -EINVAL;
 	ports = shifter_parse_ports(info->attrs[SHIFTER_A_PORTS], info->extack);
@@ -365,7 +384,11 @@ static int shifter_genl_enable(struct sk_buff *skb, struct genl_info *info)
 	const struct nlattr *attr;
 	bool found;
 	int ifindex;
+	int ret;
 
+	ret = shifter_may_enable(skb, info);
+	if (ret)
+		return ret;
 	attr = info->attrs[SHIFTER_A_IFINDEX];
 	if (attr) {
 		ifindex = nla_get_u32(attr);

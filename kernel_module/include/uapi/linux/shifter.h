@@ -24,6 +24,17 @@
  * Every command is checked by the generic netlink core for CAP_NET_ADMIN
  * in the user namespace that owns the network namespace of the requesting
  * socket (GENL_UNS_ADMIN_PERM), and acts on that network namespace only.
+ *
+ * Tenancy: SHIFTER_CMD_ENABLE and SHIFTER_CMD_SET_PORTS also need
+ * CAP_NET_ADMIN in the initial user namespace (-EPERM otherwise), unless
+ * the module parameter "userns" is set.  Network namespaces owned by the
+ * initial user namespace share max_entries_total entries, max_entries
+ * each; those owned by any other user namespace (containers, unprivileged
+ * users' namespaces) share a room of their own, max_entries_userns_total,
+ * max_entries_userns each, so that they can never take the initial
+ * namespace's room.  A namespace whose share is full evicts one of its own
+ * entries for a new connection (see SHIFTER_STAT_EVICTED_*); one that has
+ * none while its room is full records nothing (SHIFTER_STAT_FULL).
  * Every command refuses attributes that are not listed for it below
  * (-EINVAL, with an extended ACK message).
  *
