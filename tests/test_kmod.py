@@ -20,6 +20,7 @@ from zope.interface.verify import verifyObject
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from shifter import kmod
@@ -1079,23 +1080,44 @@ class SpecTests(SynchronousTestCase):
 
 class AutoTests(FakeKernelCase):
     """
-    C{--resolver auto} prefers the module only when it is exact: a module
+    C{--resolver auto} prefers sockopt to the module, and says why; asked
+    to try the module first, it takes it only when it is exact: a module
     of version 2 or later that records in this namespace.
     """
 
-    def chosen(self) -> str:
+    def chosen(self, candidates: tuple[str, ...] | None = None) -> str:
         from shifter.auto import AutoResolver
 
-        resolver = AutoResolver(reactor=self.reactor)
+        if candidates is None:
+            resolver = AutoResolver(reactor=self.reactor)
+        else:
+            resolver = AutoResolver(reactor=self.reactor, candidates=candidates)
         self.successResultOf(self.settle(resolver.start()))
         self.addCleanup(resolver.stop)
         return resolver.name
 
+    def test_sockoptPreferred(self) -> None:
+        """
+        Even with an exact module that records here, sockopt is chosen,
+        and the start-up log says why the module was not tried.
+        """
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.assertEqual(self.chosen(), "auto: sockopt")
+        lines = [formatEvent(event) for event in logged]
+        self.assertTrue(
+            any("resolver auto chose sockopt" in line and "kmod: not tried" in line for line in lines),
+            lines,
+        )
+        self.assertEqual(self.module.requests, [])
+
     def test_exactModule(self) -> None:
         """
-        An exact module that records here is chosen.
+        Asked to try the module first, an exact module that records here
+        is chosen.
         """
-        self.assertEqual(self.chosen(), "auto: kmod")
+        self.assertEqual(self.chosen(("kmod", "sockopt")), "auto: kmod")
 
     def test_oldModule(self) -> None:
         """
@@ -1103,7 +1125,7 @@ class AutoTests(FakeKernelCase):
         over for sockopt.
         """
         self.module.version = 1
-        self.assertEqual(self.chosen(), "auto: sockopt")
+        self.assertEqual(self.chosen(("kmod", "sockopt")), "auto: sockopt")
 
     def test_notEnabled(self) -> None:
         """
@@ -1111,4 +1133,4 @@ class AutoTests(FakeKernelCase):
         sockopt.
         """
         self.module.enabled = False
-        self.assertEqual(self.chosen(), "auto: sockopt")
+        self.assertEqual(self.chosen(("kmod", "sockopt")), "auto: sockopt")
