@@ -60,11 +60,17 @@ struct shifter_net {
 	/* The table, while the namespace records; NULL otherwise. */
 	struct shifter_table __rcu *table;
 
-	/* Record only SYNs that arrived on this interface; 0 for any. */
+	/*
+	 * Record only SYNs that arrived on this interface; 0 for any,
+	 * SHIFTER_IFINDEX_GONE for none once the interface named went away
+	 * (a later interface may reuse its index).
+	 */
 	int ifindex;
 
 	struct shifter_stats stats;
 };
+
+#define SHIFTER_IFINDEX_GONE	(-1)
 
 extern unsigned int shifter_net_id;
 

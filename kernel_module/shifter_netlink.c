@@ -61,9 +61,15 @@ static const struct nla_policy shifter_set_ports_policy[SHIFTER_A_MAX + 1] = {
 	[SHIFTER_A_PORTS]	= NLA_POLICY_NESTED(shifter_ports_policy),
 };
 
+/* An interface index is an int. */
+static struct netlink_range_validation shifter_ifindex_range = {
+	.max	= INT_MAX,
+};
+
 static const struct nla_policy shifter_enable_policy[SHIFTER_A_MAX + 1] = {
 	[SHIFTER_A_PORTS]	= NLA_POLICY_NESTED(shifter_ports_policy),
-	[SHIFTER_A_IFINDEX]	= { .type = NLA_U32 },
+	[SHIFTER_A_IFINDEX]	= NLA_POLICY_FULL_RANGE(NLA_U32,
+							&shifter_ifindex_range),
 };
 
 /* For the commands that take no attribute: each one is refused. */
@@ -391,12 +397,8 @@ static int shifter_genl_enable(struct sk_buff *skb, struct genl_info *info)
 		return ret;
 	attr = info->attrs[SHIFTER_A_IFINDEX];
 	if (attr) {
+		/* The policy keeps it within an int. */
 		ifindex = nla_get_u32(attr);
-		if (ifindex < 0) {
-			NL_SET_ERR_MSG_ATTR(info->extack, attr,
-					    "interface index out of range");
-			return -EINVAL;
-		}
 		rcu_read_lock();
 		found = !ifindex || dev_get_by_index_rcu(net, ifindex);
 		rcu_read_unlock();

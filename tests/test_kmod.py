@@ -907,6 +907,17 @@ class ClientTests(FakeKernelCase):
         self.assertEqual(self.module.ifindex, socket.if_nametoindex("lo"))
         self.assertEqual(output, "enabled; interface lo; ports 443 8443\n")
 
+    def test_statusInterfaceRemoved(self) -> None:
+        """
+        C{status} says so when the interface the namespace named was
+        removed, and it records on none.
+        """
+        self.module.ifindex = 0xFFFFFFFF
+        self.assertEqual(
+            self.command("status"),
+            "enabled; interface none (the interface named was removed); ports 443\n",
+        )
+
     def test_commandDisable(self) -> None:
         """
         C{disable} disables and prints the status.
@@ -1069,6 +1080,20 @@ class SpecTests(SynchronousTestCase):
                     self.assertEqual(attrs, allowed)
                 seen.add(names[cmd])
         self.assertEqual(seen, set(ops))
+
+    def test_versionsInStep(self) -> None:
+        """
+        The module's MODULE_VERSION and dkms.conf's PACKAGE_VERSION are the
+        Python package's version.
+        """
+        import shifter
+
+        moduleDir = HEADER_PATH.parents[3]
+        main = (moduleDir / "shifter_main.c").read_text()
+        dkms = (moduleDir / "dkms.conf").read_text()
+        self.assertEqual(re.findall(r'MODULE_VERSION\("([^"]+)"\)', main), [shifter.__version__])
+        self.assertEqual(re.findall(r'^PACKAGE_VERSION="([^"]+)"', dkms, re.M), [shifter.__version__])
+        self.assertEqual(set(re.findall(r"shifter[-/](\d[\w.]*)", dkms)), {shifter.__version__})
 
     def test_adminOnly(self) -> None:
         """

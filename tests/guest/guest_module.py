@@ -834,6 +834,34 @@ class EnableTests(GuestTestCase):
         self.assertEqual(error.message, "no such interface in this network namespace")
         self.assertEqual(kmod.config(), (False, 0, [443]))
 
+    def test_interfaceIndexRange(self) -> None:
+        """
+        An interface index above INT_MAX is refused by the policy (ERANGE),
+        and the settings stay.
+        """
+        ns = makeLocalClient(self, socket.AF_INET, enable=False)
+        kmod = self.client(ns)
+        self.assertNetlinkError(errno.ERANGE, kmod.enable, ifindex=2**31)
+        self.assertEqual(kmod.config(), (False, 0, [443]))
+
+    def test_interfaceRemoved(self) -> None:
+        """
+        When the interface named goes away, the namespace records on no
+        interface (GET_CONFIG says 0xffffffff), rather than on whatever
+        interface gets its index next, until ENABLE names one again.
+        """
+        clientNs, gateway, server = self.interfaceCase()
+        gateway.ip("link", "add", "gone0", "type", "veth", "peer", "name", "gone1")
+        kmod = self.client(gateway)
+        kmod.enable(ifindex=gateway.ifindex("gone0"))
+        gateway.ip("link", "del", "gone0")
+        self.assertEqual(kmod.config()[1], 0xFFFFFFFF)
+        self.closing(connect(gateway, socket.AF_INET, REMOTE_V4, 443))
+        self.assertNetlinkError(errno.ENOENT, kmod.getAccepted, self.accept(server))
+        kmod.enable(ifindex=gateway.ifindex("lo"))
+        self.closing(connect(gateway, socket.AF_INET, REMOTE_V4, 443))
+        self.assertEqual(kmod.getAccepted(self.accept(server)), (REMOTE_V4, 443))
+
 
 class ConfigTests(GuestTestCase):
     """

@@ -72,7 +72,9 @@
  * SHIFTER_CMD_GET_CONFIG: this namespace's settings.
  *	Request:  no attributes.
  *	Reply:    SHIFTER_CMD_GET_CONFIG with SHIFTER_A_ENABLED (u8, 0 or 1),
- *	          SHIFTER_A_IFINDEX (u32, 0 for every interface) and
+ *	          SHIFTER_A_IFINDEX (u32, 0 for every interface, 0xffffffff
+ *	          for none once the interface named was removed: nothing is
+ *	          recorded until ENABLE names one again) and
  *	          SHIFTER_A_PORTS, a nest of SHIFTER_A_PORTS_PORT u16
  *	          attributes (possibly empty).
  *
@@ -93,7 +95,8 @@
  *	          the loopback device for connections of local programs).
  *	Reply:    none beyond the netlink ACK.
  *	Errors:   -ENODEV for an interface index this namespace does not
- *	          have; -EINVAL and -ERANGE as for SET_PORTS; -ENOMEM.
+ *	          have; -ERANGE for one above INT_MAX; -EINVAL and -ERANGE as
+ *	          for SET_PORTS; -ENOMEM.
  *
  * SHIFTER_CMD_DISABLE: stop recording in this namespace and drop its
  *	entries; its ports and interface are kept.
