@@ -37,6 +37,12 @@ struct shifter_stats {
 	atomic64_t expiries;
 	atomic64_t gone;
 	atomic64_t full;
+	atomic64_t ambiguous;
+	atomic64_t skipped;
+	atomic64_t evicted_gone;
+	atomic64_t evicted_answered;
+	atomic64_t evicted_early;
+	atomic64_t evicted_oldest;
 };
 
 struct shifter_net {

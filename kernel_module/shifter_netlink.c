@@ -148,6 +148,12 @@ static int shifter_genl_get(struct sk_buff *skb, struct genl_info *info)
 	enabled = table;
 	ret = table ? shifter_table_lookup(table, &key, &dest) : -ENOENT;
 	rcu_read_unlock();
+	if (ret == -ENOTUNIQ) {
+		atomic64_inc(&sn->stats.ambiguous);
+		NL_SET_ERR_MSG(info->extack,
+			       "live connections in two conntrack zones share these ends");
+		return ret;
+	}
 	if (ret) {
 		atomic64_inc(&sn->stats.misses);
 		if (enabled)
@@ -214,6 +220,14 @@ static int shifter_genl_stats(struct sk_buff *skb, struct genl_info *info)
 		{ SHIFTER_STAT_EXPIRIES, atomic64_read(&stats->expiries) },
 		{ SHIFTER_STAT_GONE, atomic64_read(&stats->gone) },
 		{ SHIFTER_STAT_FULL, atomic64_read(&stats->full) },
+		{ SHIFTER_STAT_AMBIGUOUS, atomic64_read(&stats->ambiguous) },
+		{ SHIFTER_STAT_SKIPPED, atomic64_read(&stats->skipped) },
+		{ SHIFTER_STAT_EVICTED_GONE, atomic64_read(&stats->evicted_gone) },
+		{ SHIFTER_STAT_EVICTED_ANSWERED,
+		  atomic64_read(&stats->evicted_answered) },
+		{ SHIFTER_STAT_EVICTED_EARLY, atomic64_read(&stats->evicted_early) },
+		{ SHIFTER_STAT_EVICTED_OLDEST,
+		  atomic64_read(&stats->evicted_oldest) },
 	};
 	struct nlattr *nest;
 	struct sk_buff *msg;

@@ -7,15 +7,16 @@
  * process that enabled it.  An entry is filed under the connection's
  * reply tuple, the key the redirector asks with, in a bucket chosen by a
  * siphash keyed afresh for every table, so no one outside can aim at a
- * bucket.  Look-ups walk a bucket under RCU; writers take that bucket's
- * lock only, with bottom halves off (the hook records from softirq), and
- * free entries after a grace period.
+ * bucket.  Look-ups walk a bucket under RCU; writers take the table's
+ * lock, with bottom halves off (the hook records from softirq), and free
+ * entries after a grace period.
  *
- * Memory is bounded three ways: max_entries per namespace, so one cannot
- * crowd another; max_entries_total for the whole module; and
- * SHIFTER_BUCKET_MAX per bucket.  A connection that finds no room is not
- * recorded (and counted as such): an entry is never pushed out to make
- * room, so nothing that arrives can displace a live connection's entry.
+ * Entries are told apart by key and conntrack zone: conntrack keeps reply
+ * tuples unique per zone only (conntrack zones over VRFs with overlapping
+ * addresses), so a second zone's connection with the same reply tuple gets
+ * an entry of its own.  A look-up names no zone (the accepted socket
+ * carries none), so while both connections live it is ambiguous and
+ * answered -ENOTUNIQ: never the other zone's destination.
  *
  * An entry answers only while conntrack still holds the connection it was
  * made for: the look-up asks conntrack for the reply tuple and compares
@@ -23,12 +24,29 @@
  * was dropped after the hook (by a later rule, or by conntrack itself
  * when it could not confirm the connection) leaves an entry that never
  * answers; a later connection that reuses the key replaces an entry whose
- * connection is gone, and never one whose connection is alive.
+ * connection is gone, and never one whose connection is alive (that SYN
+ * is counted as skipped: conntrack will not confirm it).
  *
- * A delayed work sweeps each table in batches of SHIFTER_GC_BATCH buckets,
- * bucket lock by bucket lock, dropping entries past expiry_secs and
- * entries whose connection conntrack no longer holds; it stops while the
- * table is empty.  Nothing ever holds a lock over the whole table.
+ * Memory is bounded: max_entries per namespace, max_entries_total for the
+ * whole module, and SHIFTER_BUCKET_MAX per bucket.  A new connection is
+ * never locked out by full room: one entry is evicted to make room, the
+ * first kind found of, in this order, an entry whose connection conntrack
+ * no longer holds, one already answered (the redirector asks once per
+ * connection), one whose connection is not assured or is closing
+ * (conntrack's own rule for early drop), and else the oldest.  A full
+ * bucket chooses among its own entries; a full table among its
+ * SHIFTER_EVICT_SCAN oldest, so a flood's entries, new and unassured,
+ * go before an older connection that was answered or assured.
+ *
+ * Entries are kept in two lists in the order they were made: new ones,
+ * and those checked once, past SHIFTER_GRACE, to have a connection in
+ * conntrack.  A delayed work, queued only for when the next of them is
+ * due, checks the new ones past their grace (dropping those conntrack
+ * never confirmed) and drops the entries past expiry_secs: its work is
+ * in proportion to the entries it moves or drops, and it is idle while
+ * nothing is due.  An entry whose connection conntrack lets go later is
+ * dropped when a look-up finds it gone, when room is needed, or at
+ * expiry.
  */
 
 #include <linux/bug.h>
@@ -58,25 +76,33 @@
 #define SHIFTER_BUCKET_MAX	16
 #define SHIFTER_BUCKETS_MIN	64U
 #define SHIFTER_BUCKETS_MAX	65536U
-#define SHIFTER_GC_BATCH	256
-#define SHIFTER_GC_INTERVAL	HZ
+/* The most entries one run of the work moves or drops. */
+#define SHIFTER_GC_BATCH	1024
+/* How many of the oldest entries a full table chooses a victim among. */
+#define SHIFTER_EVICT_SCAN	32
 /* How long a new entry's connection may still wait for confirmation. */
 #define SHIFTER_GRACE		HZ
 
 struct shifter_entry {
+	/* In its bucket's chain, read under RCU. */
 	struct hlist_node node;
+	/* In the table's new or checked list, under the table's lock. */
+	struct list_head age;
 	struct shifter_key key;
 	struct nf_conntrack_tuple orig;
 	struct nf_conntrack_zone zone;
 	unsigned long stamp;
+	/* Set by the first look-up answered. */
+	bool answered;
 	struct rcu_head rcu;
 };
 
-struct shifter_bucket {
-	/* Taken by writers of this bucket only; readers use RCU. */
-	spinlock_t lock;
-	unsigned int count;
-	struct hlist_head head;
+/* Kinds of entry, best evicted first. */
+enum shifter_victim {
+	SHIFTER_VICTIM_GONE,
+	SHIFTER_VICTIM_ANSWERED,
+	SHIFTER_VICTIM_EARLY,
+	SHIFTER_VICTIM_OLDEST,
 };
 
 struct shifter_table {
@@ -85,9 +111,18 @@ struct shifter_table {
 	siphash_key_t hash_key;
 	unsigned int mask;
 	atomic_t count;
-	unsigned int gc_next;
+	/* Taken by every writer, with bottom halves off; readers use RCU. */
+	spinlock_t lock;
+	/* Entries not yet checked against conntrack, oldest first. */
+	struct list_head fresh;
+	/* Entries checked once, oldest first. */
+	struct list_head checked;
 	struct delayed_work gc;
-	struct shifter_bucket bucket[];
+	/* Whether, and for when, the work is queued; under the lock. */
+	bool gc_armed;
+	unsigned long gc_due;
+	/* A power of two of chains, allocated on its own. */
+	struct hlist_head *bucket;
 };
 
 static_assert(sizeof(struct shifter_key) % sizeof(u32) == 0);
@@ -128,8 +163,8 @@ static void shifter_key_to_reply(const struct shifter_key *key,
 	reply->dst.dir = IP_CT_DIR_REPLY;
 }
 
-static struct shifter_bucket *shifter_bucket(struct shifter_table *table,
-					     const struct shifter_key *key)
+static struct hlist_head *shifter_bucket(struct shifter_table *table,
+					 const struct shifter_key *key)
 {
 	u64 hash = siphash(key, sizeof(*key), &table->hash_key);
 
@@ -139,32 +174,106 @@ static struct shifter_bucket *shifter_bucket(struct shifter_table *table,
 static bool shifter_entry_expired(const struct shifter_entry *entry,
 				  unsigned long now)
 {
-	return time_after_eq(now, READ_ONCE(entry->stamp) + shifter_expiry);
+	return time_after_eq(now, entry->stamp + shifter_expiry);
+}
+
+static bool shifter_entry_young(const struct shifter_entry *entry,
+				unsigned long now)
+{
+	return time_before(now, entry->stamp + SHIFTER_GRACE);
 }
 
 /*
- * Whether conntrack holds the very connection @entry was recorded for: a
- * connection whose reply tuple is the entry's key and whose original
- * tuple is the one recorded.
+ * Whether @entry is filed under @key in @zone.  Conntrack keeps a reply
+ * tuple unique within a zone only (as seen in the reply direction): two
+ * live connections in two zones may share one, and each gets an entry.
  */
-static bool shifter_entry_live(struct net *net,
-			       const struct shifter_entry *entry)
+static bool shifter_entry_same(const struct shifter_entry *entry,
+			       const struct shifter_key *key,
+			       const struct nf_conntrack_zone *zone)
+{
+	return !memcmp(&entry->key, key, sizeof(*key)) &&
+	       nf_ct_zone_id(&entry->zone, IP_CT_DIR_REPLY) ==
+	       nf_ct_zone_id(zone, IP_CT_DIR_REPLY);
+}
+
+/*
+ * The connection conntrack holds under @entry's key and zone, with a
+ * reference, if it is the very connection @entry was recorded for.
+ */
+static struct nf_conn *shifter_entry_ct(struct net *net,
+					const struct shifter_entry *entry)
 {
 	const struct nf_conntrack_tuple_hash *h;
 	struct nf_conntrack_tuple reply;
 	struct nf_conn *ct;
-	bool live;
 
 	shifter_key_to_reply(&entry->key, &reply);
 	h = nf_conntrack_find_get(net, &entry->zone, &reply);
 	if (!h)
-		return false;
+		return NULL;
 	ct = nf_ct_tuplehash_to_ctrack(h);
-	live = NF_CT_DIRECTION(h) == IP_CT_DIR_REPLY &&
-	       nf_ct_tuple_equal(&entry->orig,
-				 &ct->tuplehash[IP_CT_DIR_ORIGINAL].tuple);
+	if (NF_CT_DIRECTION(h) == IP_CT_DIR_REPLY &&
+	    nf_ct_tuple_equal(&entry->orig,
+			      &ct->tuplehash[IP_CT_DIR_ORIGINAL].tuple))
+		return ct;
 	nf_ct_put(ct);
-	return live;
+	return NULL;
+}
+
+/* Whether conntrack holds the very connection @entry was recorded for. */
+static bool shifter_entry_live(struct net *net,
+			       const struct shifter_entry *entry)
+{
+	struct nf_conn *ct = shifter_entry_ct(net, entry);
+
+	if (!ct)
+		return false;
+	nf_ct_put(ct);
+	return true;
+}
+
+/* Whether conntrack itself would drop @ct early to make room. */
+static bool shifter_ct_early(const struct nf_conn *ct)
+{
+	if (!test_bit(IPS_ASSURED_BIT, &ct->status))
+		return true;
+	switch (READ_ONCE(ct->proto.tcp.state)) {
+	case TCP_CONNTRACK_FIN_WAIT:
+	case TCP_CONNTRACK_CLOSE_WAIT:
+	case TCP_CONNTRACK_LAST_ACK:
+	case TCP_CONNTRACK_TIME_WAIT:
+	case TCP_CONNTRACK_CLOSE:
+		return true;
+	default:
+		return false;
+	}
+}
+
+/*
+ * What kind of victim @entry would make.  A new entry whose connection
+ * conntrack does not hold yet may still be waiting for confirmation: it
+ * counts as unassured, not gone.
+ */
+static enum shifter_victim shifter_entry_victim(struct shifter_table *table,
+						const struct shifter_entry *entry,
+						unsigned long now)
+{
+	enum shifter_victim kind;
+	struct nf_conn *ct;
+
+	ct = shifter_entry_ct(table->sn->net, entry);
+	if (!ct)
+		return shifter_entry_young(entry, now) ?
+		       SHIFTER_VICTIM_EARLY : SHIFTER_VICTIM_GONE;
+	if (READ_ONCE(entry->answered))
+		kind = SHIFTER_VICTIM_ANSWERED;
+	else if (shifter_ct_early(ct))
+		kind = SHIFTER_VICTIM_EARLY;
+	else
+		kind = SHIFTER_VICTIM_OLDEST;
+	nf_ct_put(ct);
+	return kind;
 }
 
 static void shifter_entry_free_rcu(struct rcu_head *head)
@@ -195,72 +304,204 @@ static void shifter_unreserve(struct shifter_table *table)
 	atomic_dec(&table->count);
 }
 
-/* Called with @bucket's lock held. */
+/* Called with the table's lock held. */
 static void shifter_entry_del(struct shifter_table *table,
-			      struct shifter_bucket *bucket,
 			      struct shifter_entry *entry)
 {
-	lockdep_assert_held(&bucket->lock);
+	lockdep_assert_held(&table->lock);
 	hlist_del_rcu(&entry->node);
-	WRITE_ONCE(bucket->count, bucket->count - 1);
+	list_del(&entry->age);
 	shifter_unreserve(table);
 	call_rcu(&entry->rcu, shifter_entry_free_rcu);
 }
 
-/*
- * Drops the bucket's entries that expired, and those past their grace
- * whose connection conntrack no longer holds.  Called with the bucket's
- * lock held.
- */
-static void shifter_bucket_reap(struct shifter_table *table,
-				struct shifter_bucket *bucket)
+static void shifter_count_eviction(struct shifter_stats *stats,
+				   enum shifter_victim kind)
 {
-	struct shifter_stats *stats = &table->sn->stats;
-	struct shifter_entry *entry;
-	struct hlist_node *tmp;
-	unsigned long now = jiffies;
-
-	hlist_for_each_entry_safe(entry, tmp, &bucket->head, node) {
-		if (shifter_entry_expired(entry, now)) {
-			shifter_entry_del(table, bucket, entry);
-			atomic64_inc(&stats->expiries);
-		} else if (time_after_eq(now, entry->stamp + SHIFTER_GRACE) &&
-			   !shifter_entry_live(table->sn->net, entry)) {
-			shifter_entry_del(table, bucket, entry);
-			atomic64_inc(&stats->gone);
-		}
+	switch (kind) {
+	case SHIFTER_VICTIM_GONE:
+		atomic64_inc(&stats->evicted_gone);
+		break;
+	case SHIFTER_VICTIM_ANSWERED:
+		atomic64_inc(&stats->evicted_answered);
+		break;
+	case SHIFTER_VICTIM_EARLY:
+		atomic64_inc(&stats->evicted_early);
+		break;
+	case SHIFTER_VICTIM_OLDEST:
+		atomic64_inc(&stats->evicted_oldest);
+		break;
 	}
 }
 
+/*
+ * Whether @entry, of kind @kind, is a better victim than @best, of kind
+ * @best_kind: a better kind, or the same kind and older.
+ */
+static bool shifter_better_victim(const struct shifter_entry *entry,
+				  enum shifter_victim kind,
+				  const struct shifter_entry *best,
+				  enum shifter_victim best_kind)
+{
+	if (!best || kind != best_kind)
+		return !best || kind < best_kind;
+	return time_before(entry->stamp, best->stamp);
+}
+
+/* Evicts the best victim of @chain.  Called with the table's lock held. */
+static void shifter_evict_chain(struct shifter_table *table,
+				struct hlist_head *chain)
+{
+	enum shifter_victim kind, best_kind = SHIFTER_VICTIM_OLDEST;
+	struct shifter_entry *entry, *best = NULL;
+	unsigned long now = jiffies;
+
+	hlist_for_each_entry(entry, chain, node) {
+		kind = shifter_entry_victim(table, entry, now);
+		if (shifter_better_victim(entry, kind, best, best_kind)) {
+			best = entry;
+			best_kind = kind;
+		}
+	}
+	if (best) {
+		shifter_entry_del(table, best);
+		shifter_count_eviction(&table->sn->stats, best_kind);
+	}
+}
+
+/*
+ * Evicts the best victim among the table's SHIFTER_EVICT_SCAN oldest
+ * entries (the checked ones are older than the new ones); false if the
+ * table is empty.  Called with the table's lock held.
+ */
+static bool shifter_evict_oldest(struct shifter_table *table)
+{
+	enum shifter_victim kind, best_kind = SHIFTER_VICTIM_OLDEST;
+	struct list_head *lists[] = { &table->checked, &table->fresh };
+	struct shifter_entry *entry, *best = NULL;
+	unsigned long now = jiffies;
+	unsigned int i, scanned = 0;
+
+	for (i = 0; i < ARRAY_SIZE(lists); i++) {
+		list_for_each_entry(entry, lists[i], age) {
+			if (scanned++ == SHIFTER_EVICT_SCAN)
+				goto scanned;
+			kind = shifter_entry_victim(table, entry, now);
+			if (shifter_better_victim(entry, kind, best, best_kind)) {
+				best = entry;
+				best_kind = kind;
+				if (kind == SHIFTER_VICTIM_GONE)
+					goto scanned;
+			}
+		}
+	}
+scanned:
+	if (!best)
+		return false;
+	shifter_entry_del(table, best);
+	shifter_count_eviction(&table->sn->stats, best_kind);
+	return true;
+}
+
+/* When a new entry is due to be checked against conntrack. */
+static unsigned long shifter_entry_checked_due(const struct shifter_entry *entry)
+{
+	return entry->stamp + min_t(unsigned long, SHIFTER_GRACE,
+				    shifter_expiry);
+}
+
+/*
+ * Whether the work has anything left to do, and when, in @due.  Called
+ * with the table's lock held.
+ */
+static bool shifter_gc_due(struct shifter_table *table, unsigned long *due)
+{
+	struct shifter_entry *fresh, *checked;
+
+	fresh = list_first_entry_or_null(&table->fresh, struct shifter_entry,
+					 age);
+	checked = list_first_entry_or_null(&table->checked,
+					   struct shifter_entry, age);
+	if (fresh)
+		*due = shifter_entry_checked_due(fresh);
+	if (checked && (!fresh ||
+			time_before(checked->stamp + shifter_expiry, *due)))
+		*due = checked->stamp + shifter_expiry;
+	return fresh || checked;
+}
+
+/*
+ * Notes that the work is wanted at @due, unless it is armed for sooner;
+ * true if it must be (re)queued, by shifter_gc_queue() once the lock is
+ * dropped.  Called with the table's lock held.
+ */
+static bool shifter_gc_arm(struct shifter_table *table, unsigned long due)
+{
+	lockdep_assert_held(&table->lock);
+	if (table->gc_armed && !time_before(due, table->gc_due))
+		return false;
+	table->gc_armed = true;
+	table->gc_due = due;
+	return true;
+}
+
+static void shifter_gc_queue(struct shifter_table *table, unsigned long due)
+{
+	long delay = (long)(due - jiffies);
+
+	mod_delayed_work(system_power_efficient_wq, &table->gc,
+			 max(delay, 1L));
+}
+
+/*
+ * Checks the new entries past their grace and drops the expired ones,
+ * SHIFTER_GC_BATCH at most in one run, then sleeps until the next is due.
+ */
 static void shifter_table_gc(struct work_struct *work)
 {
 	struct shifter_table *table =
 		container_of(to_delayed_work(work), struct shifter_table, gc);
-	unsigned int end = min(table->gc_next + SHIFTER_GC_BATCH,
-			       table->mask + 1);
-	struct shifter_bucket *bucket;
-	unsigned int i;
+	struct shifter_stats *stats = &table->sn->stats;
+	struct shifter_entry *entry, *tmp;
+	unsigned int budget = SHIFTER_GC_BATCH;
+	unsigned long now = jiffies, due = now;
+	bool queue = false;
 
-	for (i = table->gc_next; i < end; i++) {
-		bucket = &table->bucket[i];
-		if (!READ_ONCE(bucket->count))
-			continue;
-		spin_lock_bh(&bucket->lock);
-		shifter_bucket_reap(table, bucket);
-		spin_unlock_bh(&bucket->lock);
+	spin_lock_bh(&table->lock);
+	table->gc_armed = false;
+	list_for_each_entry_safe(entry, tmp, &table->fresh, age) {
+		if (!budget || (shifter_entry_young(entry, now) &&
+				!shifter_entry_expired(entry, now)))
+			break;
+		budget--;
+		if (shifter_entry_expired(entry, now)) {
+			shifter_entry_del(table, entry);
+			atomic64_inc(&stats->expiries);
+		} else if (!shifter_entry_live(table->sn->net, entry)) {
+			shifter_entry_del(table, entry);
+			atomic64_inc(&stats->gone);
+		} else {
+			list_move_tail(&entry->age, &table->checked);
+		}
 	}
+	list_for_each_entry_safe(entry, tmp, &table->checked, age) {
+		if (!budget || !shifter_entry_expired(entry, now))
+			break;
+		budget--;
+		shifter_entry_del(table, entry);
+		atomic64_inc(&stats->expiries);
+	}
+	if (!budget) {
+		/* More to do at once: let other work run in between. */
+		due = now;
+		queue = shifter_gc_arm(table, due);
+	} else if (shifter_gc_due(table, &due)) {
+		queue = shifter_gc_arm(table, due);
+	}
+	spin_unlock_bh(&table->lock);
 
-	if (end <= table->mask) {
-		/* More of this sweep: let other work run in between. */
-		table->gc_next = end;
-		queue_delayed_work(system_power_efficient_wq, &table->gc, 0);
-	} else {
-		table->gc_next = 0;
-		/* An insert re-arms the work once the table is empty. */
-		if (atomic_read(&table->count))
-			queue_delayed_work(system_power_efficient_wq,
-					   &table->gc, SHIFTER_GC_INTERVAL);
-	}
+	if (queue)
+		shifter_gc_queue(table, due);
 }
 
 /*
@@ -270,106 +511,141 @@ static void shifter_table_gc(struct work_struct *work)
 void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct)
 {
 	struct shifter_stats *stats = &table->sn->stats;
-	struct shifter_entry *entry, *old;
-	struct shifter_bucket *bucket;
+	struct shifter_entry *entry, *old, *same = NULL;
 	struct mem_cgroup *old_memcg;
-
-	if (!shifter_reserve(table))
-		goto full;
+	struct hlist_head *chain;
+	unsigned int chained = 0;
+	unsigned long due;
+	bool queue;
 
 	/* Charged to the memory cgroup that enabled this namespace. */
 	old_memcg = set_active_memcg(table->memcg);
 	entry = kmem_cache_alloc(shifter_entry_cache,
 				 GFP_ATOMIC | __GFP_ACCOUNT | __GFP_NOWARN);
 	set_active_memcg(old_memcg);
-	if (!entry)
-		goto err_reserved;
+	if (!entry) {
+		atomic64_inc(&stats->full);
+		return;
+	}
 
 	shifter_key_from_ct(&entry->key, ct);
 	entry->orig = ct->tuplehash[IP_CT_DIR_ORIGINAL].tuple;
 	entry->zone = *nf_ct_zone(ct);
 	entry->stamp = jiffies;
-	bucket = shifter_bucket(table, &entry->key);
+	entry->answered = false;
+	chain = shifter_bucket(table, &entry->key);
 
-	spin_lock_bh(&bucket->lock);
-	hlist_for_each_entry(old, &bucket->head, node) {
-		if (!memcmp(&old->key, &entry->key, sizeof(entry->key)))
-			break;
+	spin_lock_bh(&table->lock);
+	hlist_for_each_entry(old, chain, node) {
+		chained++;
+		if (shifter_entry_same(old, &entry->key, &entry->zone))
+			same = old;
 	}
-	if (old) {
-		if (nf_ct_tuple_equal(&old->orig, &entry->orig)) {
+	if (same) {
+		if (nf_ct_tuple_equal(&same->orig, &entry->orig))
 			/* The same connection's SYN, seen again. */
-			WRITE_ONCE(old->stamp, entry->stamp);
 			goto err_locked;
-		}
 		/*
 		 * Conntrack confirms no second connection with a live one's
-		 * reply tuple: this one's SYN is about to be dropped.
+		 * reply tuple in one zone: this one's SYN is about to be
+		 * dropped.
 		 */
-		if (shifter_entry_live(table->sn->net, old))
+		if (shifter_entry_live(table->sn->net, same)) {
+			atomic64_inc(&stats->skipped);
 			goto err_locked;
-		hlist_replace_rcu(&old->node, &entry->node);
-		spin_unlock_bh(&bucket->lock);
-		shifter_unreserve(table);
-		call_rcu(&old->rcu, shifter_entry_free_rcu);
+		}
+		shifter_entry_del(table, same);
 		atomic64_inc(&stats->gone);
-		goto recorded;
+		chained--;
 	}
-	if (bucket->count >= SHIFTER_BUCKET_MAX) {
-		shifter_bucket_reap(table, bucket);
-		if (bucket->count >= SHIFTER_BUCKET_MAX) {
-			spin_unlock_bh(&bucket->lock);
+	if (chained >= SHIFTER_BUCKET_MAX)
+		shifter_evict_chain(table, chain);
+	while (!shifter_reserve(table)) {
+		if (!shifter_evict_oldest(table)) {
+			/* Others fill the room of all namespaces. */
+			spin_unlock_bh(&table->lock);
 			kmem_cache_free(shifter_entry_cache, entry);
-			shifter_unreserve(table);
-			goto full;
+			atomic64_inc(&stats->full);
+			return;
 		}
 	}
-	hlist_add_head_rcu(&entry->node, &bucket->head);
-	WRITE_ONCE(bucket->count, bucket->count + 1);
-	spin_unlock_bh(&bucket->lock);
+	hlist_add_head_rcu(&entry->node, chain);
+	list_add_tail(&entry->age, &table->fresh);
+	due = shifter_entry_checked_due(entry);
+	queue = shifter_gc_arm(table, due);
+	spin_unlock_bh(&table->lock);
 
-recorded:
 	atomic64_inc(&stats->inserts);
-	if (!delayed_work_pending(&table->gc))
-		queue_delayed_work(system_power_efficient_wq, &table->gc,
-				   SHIFTER_GC_INTERVAL);
+	if (queue)
+		shifter_gc_queue(table, due);
 	return;
 
 err_locked:
-	spin_unlock_bh(&bucket->lock);
+	spin_unlock_bh(&table->lock);
 	kmem_cache_free(shifter_entry_cache, entry);
-	shifter_unreserve(table);
-	return;
+}
 
-err_reserved:
-	shifter_unreserve(table);
-full:
-	atomic64_inc(&stats->full);
+/* Drops the entries under @key whose connection is gone.  Process context. */
+static void shifter_table_forget(struct shifter_table *table,
+				 const struct shifter_key *key)
+{
+	struct hlist_head *chain = shifter_bucket(table, key);
+	struct shifter_entry *entry;
+	struct hlist_node *tmp;
+	unsigned long now = jiffies;
+
+	spin_lock_bh(&table->lock);
+	hlist_for_each_entry_safe(entry, tmp, chain, node) {
+		if (memcmp(&entry->key, key, sizeof(*key)) ||
+		    shifter_entry_young(entry, now) ||
+		    shifter_entry_live(table->sn->net, entry))
+			continue;
+		shifter_entry_del(table, entry);
+		atomic64_inc(&table->sn->stats.gone);
+	}
+	spin_unlock_bh(&table->lock);
 }
 
 /*
  * Finds the original destination of the connection whose reply tuple is
- * @key, if conntrack still holds the connection recorded under it.
- * Called under rcu_read_lock().
+ * @key, if conntrack still holds the connection recorded under it, and
+ * marks its entry answered.  An entry found whose connection is gone is
+ * dropped.
+ *
+ * The accepted socket's two ends, all a redirector can ask with, name no
+ * conntrack zone: when live connections in two zones share the reply
+ * tuple, the key cannot say which one was accepted, and the answer is
+ * -ENOTUNIQ rather than either connection's destination.  Called in
+ * process context under rcu_read_lock().
  */
 int shifter_table_lookup(struct shifter_table *table,
 			 const struct shifter_key *key,
 			 struct shifter_dest *dest)
 {
-	struct shifter_bucket *bucket = shifter_bucket(table, key);
-	struct shifter_entry *entry;
+	struct shifter_entry *entry, *found = NULL;
+	unsigned long now = jiffies;
+	bool stale = false;
 
-	hlist_for_each_entry_rcu(entry, &bucket->head, node) {
-		if (memcmp(&entry->key, key, sizeof(*key)))
+	hlist_for_each_entry_rcu(entry, shifter_bucket(table, key), node) {
+		if (memcmp(&entry->key, key, sizeof(*key)) ||
+		    shifter_entry_expired(entry, now))
 			continue;
-		if (shifter_entry_expired(entry, jiffies) ||
-		    !shifter_entry_live(table->sn->net, entry))
-			return -ENOENT;
-		dest->addr = entry->orig.dst.u3;
-		dest->port = entry->orig.dst.u.tcp.port;
-		return 0;
+		if (!shifter_entry_live(table->sn->net, entry)) {
+			stale = true;
+			continue;
+		}
+		if (found)
+			return -ENOTUNIQ;
+		found = entry;
 	}
-	return -ENOENT;
+	if (stale)
+		shifter_table_forget(table, key);
+	if (!found)
+		return -ENOENT;
+	dest->addr = found->orig.dst.u3;
+	dest->port = found->orig.dst.u.tcp.port;
+	WRITE_ONCE(found->answered, true);
+	return 0;
 }
 
 unsigned int shifter_table_count(const struct shifter_table *table)
@@ -380,22 +656,28 @@ unsigned int shifter_table_count(const struct shifter_table *table)
 /* Called in process context, by the command that enables a namespace. */
 struct shifter_table *shifter_table_new(struct shifter_net *sn)
 {
-	unsigned int buckets, i;
 	struct shifter_table *table;
+	unsigned int buckets, i;
 
-	/* About four entries a bucket when the namespace is full. */
-	buckets = roundup_pow_of_two(max(shifter_max_entries / 4, 1U));
-	buckets = clamp(buckets, SHIFTER_BUCKETS_MIN, SHIFTER_BUCKETS_MAX);
-	table = kvzalloc(struct_size(table, bucket, buckets),
-			 GFP_KERNEL_ACCOUNT);
+	table = kzalloc(sizeof(*table), GFP_KERNEL_ACCOUNT);
 	if (!table)
 		return NULL;
-	for (i = 0; i < buckets; i++) {
-		spin_lock_init(&table->bucket[i].lock);
-		INIT_HLIST_HEAD(&table->bucket[i].head);
+	/* About four entries a chain when the namespace is full. */
+	buckets = roundup_pow_of_two(max(shifter_max_entries / 4, 1U));
+	buckets = clamp(buckets, SHIFTER_BUCKETS_MIN, SHIFTER_BUCKETS_MAX);
+	table->bucket = kvmalloc_array(buckets, sizeof(*table->bucket),
+				       GFP_KERNEL_ACCOUNT);
+	if (!table->bucket) {
+		kfree(table);
+		return NULL;
 	}
+	for (i = 0; i < buckets; i++)
+		INIT_HLIST_HEAD(&table->bucket[i]);
 	table->sn = sn;
 	table->mask = buckets - 1;
+	spin_lock_init(&table->lock);
+	INIT_LIST_HEAD(&table->fresh);
+	INIT_LIST_HEAD(&table->checked);
 	get_random_bytes(&table->hash_key, sizeof(table->hash_key));
 	table->memcg = get_mem_cgroup_from_mm(current->mm);
 	INIT_DELAYED_WORK(&table->gc, shifter_table_gc);
@@ -404,33 +686,29 @@ struct shifter_table *shifter_table_new(struct shifter_net *sn)
 
 /*
  * Empties and frees a table that no hook and no look-up can reach any
- * more (an RCU grace period has passed since it was unpublished), bucket
- * by bucket.
+ * more (an RCU grace period has passed since it was unpublished), entry
+ * by entry.
  */
 void shifter_table_free(struct shifter_table *table)
 {
-	struct shifter_bucket *bucket;
-	struct shifter_entry *entry;
-	struct hlist_node *tmp;
-	unsigned int i;
+	struct list_head *lists[] = { &table->fresh, &table->checked };
+	struct shifter_entry *entry, *tmp;
+	unsigned int i, n = 0;
 
 	cancel_delayed_work_sync(&table->gc);
-	for (i = 0; i <= table->mask; i++) {
-		bucket = &table->bucket[i];
-		spin_lock_bh(&bucket->lock);
-		hlist_for_each_entry_safe(entry, tmp, &bucket->head, node) {
-			hlist_del(&entry->node);
+	for (i = 0; i < ARRAY_SIZE(lists); i++) {
+		list_for_each_entry_safe(entry, tmp, lists[i], age) {
+			list_del(&entry->age);
 			shifter_unreserve(table);
 			kmem_cache_free(shifter_entry_cache, entry);
+			if (!(++n % SHIFTER_GC_BATCH))
+				cond_resched();
 		}
-		bucket->count = 0;
-		spin_unlock_bh(&bucket->lock);
-		if (!(i % SHIFTER_GC_BATCH))
-			cond_resched();
 	}
 	WARN_ON_ONCE(atomic_read(&table->count));
 	mem_cgroup_put(table->memcg);
-	kvfree(table);
+	kvfree(table->bucket);
+	kfree(table);
 }
 
 int __init shifter_table_init(void)

@@ -764,11 +764,15 @@ class ClientTests(FakeKernelCase):
         """
         STATS decodes to every counter by name.
         """
-        self.module.stats.update(entries=3, inserts=10, lookups=7, hits=5, misses=2, expiries=4, gone=1, full=6)
+        self.module.stats.update(entries=3, inserts=10, lookups=7, hits=5, misses=2, expiries=4, gone=1, full=6,
+                                 ambiguous=8, skipped=9, evicted_gone=11, evicted_answered=12,
+                                 evicted_early=13, evicted_oldest=14)
         stats = self.successResultOf(self.settle(self.client().stats()))
         self.assertEqual(stats, dict(self.module.stats))
         self.assertEqual(
-            list(stats), ["entries", "inserts", "lookups", "hits", "misses", "expiries", "gone", "full"]
+            list(stats),
+            ["entries", "inserts", "lookups", "hits", "misses", "expiries", "gone", "full", "ambiguous",
+             "skipped", "evicted_gone", "evicted_answered", "evicted_early", "evicted_oldest"],
         )
 
     def test_version(self) -> None:

@@ -88,6 +88,12 @@ SHIFTER_STAT_EXPIRIES = 6
 SHIFTER_STAT_GONE = 7
 SHIFTER_STAT_FULL = 8
 SHIFTER_STAT_PAD = 9
+SHIFTER_STAT_AMBIGUOUS = 10
+SHIFTER_STAT_SKIPPED = 11
+SHIFTER_STAT_EVICTED_GONE = 12
+SHIFTER_STAT_EVICTED_ANSWERED = 13
+SHIFTER_STAT_EVICTED_EARLY = 14
+SHIFTER_STAT_EVICTED_OLDEST = 15
 
 # The oldest family version that answers for exactly the connection
 # accepted (version 1 keyed on the client's address and port alone).
@@ -131,6 +137,12 @@ class shifter_msg(genlmsg):
             ("SHIFTER_STAT_GONE", "uint64"),
             ("SHIFTER_STAT_FULL", "uint64"),
             ("SHIFTER_STAT_PAD", "none"),
+            ("SHIFTER_STAT_AMBIGUOUS", "uint64"),
+            ("SHIFTER_STAT_SKIPPED", "uint64"),
+            ("SHIFTER_STAT_EVICTED_GONE", "uint64"),
+            ("SHIFTER_STAT_EVICTED_ANSWERED", "uint64"),
+            ("SHIFTER_STAT_EVICTED_EARLY", "uint64"),
+            ("SHIFTER_STAT_EVICTED_OLDEST", "uint64"),
         )
 
     class ports(nla):

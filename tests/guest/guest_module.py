@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -82,13 +83,16 @@ A_FAMILY, A_SRC_ADDR, A_SRC_PORT, A_DST_ADDR, A_DST_PORT = 1, 2, 3, 4, 5
 A_STATS, A_PORTS, A_LOCAL_ADDR, A_LOCAL_PORT, A_ENABLED, A_IFINDEX = 6, 7, 8, 9, 10, 11
 A_PORTS_PORT = 1
 
-STATS = ("entries", "inserts", "lookups", "hits", "misses", "expiries", "gone", "full")
+STATS = ("entries", "inserts", "lookups", "hits", "misses", "expiries", "gone", "full", "ambiguous",
+         "skipped", "evicted_gone", "evicted_answered", "evicted_early", "evicted_oldest")
+EVICTED = ("evicted_gone", "evicted_answered", "evicted_early", "evicted_oldest")
 
 TCP_FIN_WAIT2 = 5
 SO_ORIGINAL_DST = 80
 # How long the module lets a new entry's connection wait for conntrack to
-# confirm it, before a sweep may drop the entry as gone (SHIFTER_GRACE),
-# and a sweep's interval: an unconfirmed entry is gone after both.
+# confirm it before it checks, once, and drops the entry as gone
+# (SHIFTER_GRACE), with room for the work to run: an unconfirmed entry is
+# gone after it.
 GONE_AFTER = 2.5
 
 CAP_NET_ADMIN = 12
@@ -511,6 +515,52 @@ class ExactnessTests(GuestTestCase):
         stats = kmod.stats()
         self.assertEqual((stats["entries"], stats["inserts"]), (2, 2))
 
+    def test_twoZonesShareReplyTuple(self) -> None:
+        """
+        Two connections from one source address and port to two
+        destinations, put in two conntrack zones by destination: conntrack
+        keeps reply tuples unique per zone only, so NAT leaves the second
+        its port and both share one reply tuple.  The second is recorded
+        all the same, and a look-up, which names no zone, is never
+        answered with the other zone's destination: while both live it is
+        refused as ambiguous (ENOTUNIQ, counted), and once the second
+        zone's connection is gone the first is answered again.
+        """
+        ns = redirectedNamespace(self, socket.AF_INET)
+        ns.nft(
+            "table ip zones {\n"
+            "  chain output {\n"
+            "    type filter hook output priority -300; policy accept;\n"
+            "    ip daddr 203.0.113.7 ct zone set 1\n"
+            "    ip daddr 203.0.113.8 ct zone set 2\n"
+            "  }\n"
+            "}\n"
+        )
+        kmod = self.client(ns)
+        sendSegment(ns, socket.AF_INET, 40000, 443, TCP_SYN, dst="203.0.113.7")
+        self.assertEqual(kmod.get(socket.AF_INET, LOCAL_V4, 40000), ("203.0.113.7", 443))
+        sendSegment(ns, socket.AF_INET, 40000, 443, TCP_SYN, dst="203.0.113.8")
+
+        listed = ns.exec("conntrack", "-L", "-p", "tcp", "--sport", "40000").stdout
+        tuple_ = r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)"
+        zones, replies = [], set()
+        for line in listed.splitlines():
+            tuples = re.findall(tuple_, line)
+            zone = re.search(r"\bzone=(\d+)", line)
+            if len(tuples) == 2 and zone:
+                zones.append(zone.group(1))
+                replies.add(tuples[1])
+        self.assertEqual(sorted(zones), ["1", "2"], listed)
+        self.assertEqual(len(replies), 1, f"the two zones' connections do not share a reply tuple:\n{listed}")
+        self.assertEqual(kmod.stats()["entries"], 2)
+
+        for _ in range(3):
+            self.assertNetlinkError(errno.ENOTUNIQ, kmod.get, socket.AF_INET, LOCAL_V4, 40000)
+        self.assertEqual(kmod.stats()["ambiguous"], 3)
+
+        ns.exec("conntrack", "-D", "-p", "tcp", "--orig-dst", "203.0.113.8", "-w", "2")
+        self.assertEqual(kmod.get(socket.AF_INET, LOCAL_V4, 40000), ("203.0.113.7", 443))
+
     def test_retransmittedSyn(self) -> None:
         """
         The same SYN again makes no second entry.
@@ -681,7 +731,8 @@ class StatsTests(GuestTestCase):
         self.assertRaises(NetlinkError, kmod.get, socket.AF_INET, REMOTE_V4, 40000)
         self.assertEqual(kmod.stats(), {
             "entries": 2, "inserts": 2, "lookups": 3, "hits": 1, "misses": 2,
-            "expiries": 0, "gone": 0, "full": 0,
+            "expiries": 0, "gone": 0, "full": 0, "ambiguous": 0, "skipped": 0,
+            "evicted_gone": 0, "evicted_answered": 0, "evicted_early": 0, "evicted_oldest": 0,
         })
 
 
@@ -1324,51 +1375,152 @@ class ModuleParameterTests(GuestTestCase):
 
     def test_sizeBound(self) -> None:
         """
-        A namespace holds at most max_entries entries; a connection past
-        that is not recorded (and counted), and none recorded is pushed
-        out.
+        A namespace holds at most max_entries entries; a new connection is
+        never locked out: past that, with every connection live, assured
+        and not yet answered, the oldest entry makes room (and is counted).
         """
         self.reload(max_entries=4)
         ns = makeLocalClient(self, socket.AF_INET)
         server = self.closing(listen(ns, socket.AF_INET))
         accepted = self.openConnections(ns, server, 6)
         kmod = self.client(ns)
-        for n, sock in enumerate(accepted[:4]):
-            self.assertEqual(kmod.getAccepted(sock), (f"203.0.113.{n + 1}", 443))
-        for sock in accepted[4:]:
+        for sock in accepted[:2]:
             self.assertNetlinkError(errno.ENOENT, kmod.getAccepted, sock)
+        for n, sock in enumerate(accepted[2:], 2):
+            self.assertEqual(kmod.getAccepted(sock), (f"203.0.113.{n + 1}", 443))
         stats = kmod.stats()
-        self.assertEqual((stats["entries"], stats["inserts"], stats["full"]), (4, 4, 2))
+        self.assertEqual((stats["entries"], stats["inserts"], stats["full"]), (4, 6, 0))
+        self.assertEqual({name: stats[name] for name in EVICTED},
+                         dict(dict.fromkeys(EVICTED, 0), evicted_oldest=2))
+
+    def test_answeredEvictedFirst(self) -> None:
+        """
+        When a full namespace needs room, an entry already answered goes
+        before an older one not answered yet: the redirector asks once per
+        connection.
+        """
+        self.reload(max_entries=4)
+        ns = makeLocalClient(self, socket.AF_INET)
+        server = self.closing(listen(ns, socket.AF_INET))
+        accepted = self.openConnections(ns, server, 4)
+        kmod = self.client(ns)
+        self.assertEqual(kmod.getAccepted(accepted[2]), ("203.0.113.3", 443))
+        self.closing(connect(ns, socket.AF_INET, "203.0.113.5", 443))
+        accepted.append(self.accept(server))
+        self.assertNetlinkError(errno.ENOENT, kmod.getAccepted, accepted[2])
+        for n in (0, 1, 3, 4):
+            self.assertEqual(kmod.getAccepted(accepted[n]), (f"203.0.113.{n + 1}", 443))
+        stats = kmod.stats()
+        self.assertEqual({name: stats[name] for name in EVICTED},
+                         dict(dict.fromkeys(EVICTED, 0), evicted_answered=1))
 
     def test_sizeBoundPerNamespace(self) -> None:
         """
-        A full namespace does not stop another from recording.
+        A full namespace makes room from its own entries, and does not stop
+        another from recording.
         """
         self.reload(max_entries=2)
         busy = makeLocalClient(self, socket.AF_INET)
         quiet = makeLocalClient(self, socket.AF_INET)
         busyServer = self.closing(listen(busy, socket.AF_INET))
         quietServer = self.closing(listen(quiet, socket.AF_INET))
-        self.openConnections(busy, busyServer, 5)
+        busyAccepted = self.openConnections(busy, busyServer, 5)
         (accepted,) = self.openConnections(quiet, quietServer, 1)
         self.assertEqual(self.client(quiet).getAccepted(accepted), ("203.0.113.1", 443))
-        self.assertEqual(self.client(busy).stats()["full"], 3)
+        busyModule = self.client(busy)
+        self.assertEqual(busyModule.getAccepted(busyAccepted[4]), ("203.0.113.5", 443))
+        stats = busyModule.stats()
+        self.assertEqual((stats["entries"], stats["full"], stats["evicted_oldest"]), (2, 0, 3))
 
     def test_globalCap(self) -> None:
         """
-        All namespaces together hold at most max_entries_total entries.
+        All namespaces together hold at most max_entries_total entries: a
+        namespace makes room from its own entries, and one with none finds
+        no room (counted as full), and takes none from the others.
         """
         self.reload(max_entries=100, max_entries_total=3)
         one = makeLocalClient(self, socket.AF_INET)
         other = makeLocalClient(self, socket.AF_INET)
         oneServer = self.closing(listen(one, socket.AF_INET))
         otherServer = self.closing(listen(other, socket.AF_INET))
-        self.openConnections(one, oneServer, 2)
-        accepted = self.openConnections(other, otherServer, 2)
+        oneAccepted = self.openConnections(one, oneServer, 3)
+        (otherAccepted,) = self.openConnections(other, otherServer, 1)
         kmod = self.client(other)
-        self.assertEqual(kmod.getAccepted(accepted[0]), ("203.0.113.1", 443))
-        self.assertNetlinkError(errno.ENOENT, kmod.getAccepted, accepted[1])
-        self.assertEqual((kmod.stats()["entries"], kmod.stats()["full"]), (1, 1))
+        self.assertNetlinkError(errno.ENOENT, kmod.getAccepted, otherAccepted)
+        self.assertEqual((kmod.stats()["entries"], kmod.stats()["full"]), (0, 1))
+        oneModule = self.client(one)
+        for n, sock in enumerate(oneAccepted):
+            self.assertEqual(oneModule.getAccepted(sock), (f"203.0.113.{n + 1}", 443))
+        self.closing(connect(one, socket.AF_INET, "203.0.113.4", 443))
+        self.assertEqual(oneModule.getAccepted(self.accept(oneServer)), ("203.0.113.4", 443))
+        stats = oneModule.stats()
+        self.assertEqual((stats["entries"], stats["evicted_answered"], stats["full"]), (3, 1, 0))
+
+    def test_spoofedSynFlood(self) -> None:
+        """
+        A flood of spoofed SYNs from unroutable sources, three times the
+        namespace's room, fills the table with entries whose connections
+        conntrack never assures; a real connection after it is still
+        recorded and answered, the flood's entries evicted to make room.
+        """
+        room = 64
+        self.reload(max_entries=room)
+        clientNs, gateway = makeGateway(self, socket.AF_INET)
+        gateway.exec("sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.gw0.rp_filter=0")
+        server = self.closing(listen(gateway, socket.AF_INET))
+        kmod = self.client(gateway)
+        flood = 3 * room
+        with clientNs.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+            for n in range(flood):
+                source = f"198.18.{n // 250}.{n % 250 + 1}"
+                packet = ipv4Packet(source, REMOTE_V4,
+                                    tcpHeader(socket.AF_INET, source, REMOTE_V4, 40000, 443, TCP_SYN))
+                raw.sendto(packet, (REMOTE_V4, 0))
+        self.assertTrue(waitFor(lambda: kmod.stats()["inserts"] >= flood, timeout=20 * SLOW),
+                        f"the flood was not recorded: {kmod.stats()}")
+        self.closing(connect(clientNs, socket.AF_INET, REMOTE_V4, 443))
+        accepted = self.accept(server)
+        self.assertEqual(kmod.getAccepted(accepted), (REMOTE_V4, 443))
+        stats = kmod.stats()
+        self.assertEqual((stats["entries"], stats["full"]), (room, 0), stats)
+        self.assertGreaterEqual(stats["evicted_early"], flood - room + 1, stats)
+        print(f"spoofed SYN flood: {stats}")
+
+    def test_connectAndCloseChurn(self) -> None:
+        """
+        One client opening and closing connections as fast as it can
+        (550 a second at most) for a few seconds, far more than the
+        namespace's room: their closing connections' entries make room, and
+        a real connection after it is answered.  The rate reached is
+        printed.
+        """
+        room = 64
+        self.reload(max_entries=room)
+        clientNs, gateway = makeGateway(self, socket.AF_INET)
+        server = self.closing(listen(gateway, socket.AF_INET))
+        server.listen(128)
+        kmod = self.client(gateway)
+        seconds, rate = 5.0, 550
+        started = time.monotonic()
+        opened = 0
+        while time.monotonic() - started < seconds:
+            if opened >= rate * (time.monotonic() - started):
+                time.sleep(0.001)
+                continue
+            client = connect(clientNs, socket.AF_INET, f"203.0.113.{opened % 250 + 1}", 443)
+            accepted, _ = server.accept()
+            client.close()
+            accepted.close()
+            opened += 1
+        elapsed = time.monotonic() - started
+        self.assertGreater(opened, 3 * room, f"only {opened} connections in {elapsed:.1f} s")
+        self.closing(connect(clientNs, socket.AF_INET, REMOTE_V4, 443))
+        self.assertEqual(kmod.getAccepted(self.accept(server)), (REMOTE_V4, 443))
+        stats = kmod.stats()
+        self.assertEqual(stats["full"], 0, stats)
+        self.assertGreater(stats["evicted_early"], 0, stats)
+        print(f"connect-and-close: {opened} connections in {elapsed:.1f} s "
+              f"({opened / elapsed:.0f}/s); {stats}")
 
     def test_ports(self) -> None:
         """

@@ -44,7 +44,11 @@
  *	          SHIFTER_A_LOCAL_PORT as asked, SHIFTER_A_DST_ADDR and
  *	          SHIFTER_A_DST_PORT (the original destination).
  *	Errors:   -ENOENT when there is no entry, or conntrack no longer
- *	          holds the connection it was recorded for; -EINVAL for a
+ *	          holds the connection it was recorded for; -ENOTUNIQ when
+ *	          live connections in two conntrack zones share these two
+ *	          ends (conntrack keeps reply tuples unique per zone only, and
+ *	          the accepted socket names no zone), so the question cannot
+ *	          name one connection; -EINVAL for a
  *	          missing attribute, a family other than AF_INET or AF_INET6,
  *	          or an address not 4 (AF_INET) or 16 (AF_INET6) bytes long;
  *	          -ERANGE for a port 0.
@@ -148,8 +152,18 @@ enum shifter_stat {
 	SHIFTER_STAT_MISSES,	/* u64: GET requests answered -ENOENT */
 	SHIFTER_STAT_EXPIRIES,	/* u64: entries dropped for age */
 	SHIFTER_STAT_GONE,	/* u64: entries dropped: conntrack let go */
-	SHIFTER_STAT_FULL,	/* u64: connections not recorded: a limit */
+	SHIFTER_STAT_FULL,	/* u64: connections not recorded: no memory,
+				 * or the room of all namespaces was taken
+				 * by others */
 	SHIFTER_STAT_PAD,
+	SHIFTER_STAT_AMBIGUOUS,	/* u64: GET requests answered -ENOTUNIQ */
+	SHIFTER_STAT_SKIPPED,	/* u64: SYNs not recorded: a live entry holds
+				 * their key (conntrack drops them) */
+	SHIFTER_STAT_EVICTED_GONE,	/* u64: entries evicted for room:
+					 * conntrack had let go */
+	SHIFTER_STAT_EVICTED_ANSWERED,	/* u64: ... already answered */
+	SHIFTER_STAT_EVICTED_EARLY,	/* u64: ... not assured, or closing */
+	SHIFTER_STAT_EVICTED_OLDEST,	/* u64: ... the oldest, none of those */
 	__SHIFTER_STAT_MAX
 };
 
