@@ -18,6 +18,7 @@
 #include <linux/module.h>
 #include <linux/moduleparam.h>
 #include <linux/mutex.h>
+#include <linux/netdevice.h>
 #include <net/genetlink.h>
 #include <net/net_namespace.h>
 #include <net/netns/generic.h>
@@ -41,6 +42,22 @@ unsigned int shifter_max_entries_total __read_mostly = 262144;
 module_param_named(max_entries_total, shifter_max_entries_total, uint, 0444);
 MODULE_PARM_DESC(max_entries_total,
 		 "Most connections remembered in all network namespaces together (default 262144)");
+
+unsigned int shifter_max_entries_userns __read_mostly = 4096;
+module_param_named(max_entries_userns, shifter_max_entries_userns, uint, 0444);
+MODULE_PARM_DESC(max_entries_userns,
+		 "Most connections remembered per network namespace owned by a user namespace other than the initial one (default 4096)");
+
+unsigned int shifter_max_entries_userns_total __read_mostly = 16384;
+module_param_named(max_entries_userns_total, shifter_max_entries_userns_total,
+		   uint, 0444);
+MODULE_PARM_DESC(max_entries_userns_total,
+		 "Most connections remembered in all those namespaces together, apart from max_entries_total (default 16384)");
+
+bool shifter_userns __read_mostly;
+module_param_named(userns, shifter_userns, bool, 0444);
+MODULE_PARM_DESC(userns,
+		 "Let CAP_NET_ADMIN in the user namespace owning a network namespace enable recording there; else only CAP_NET_ADMIN in the initial one may (default N)");
 
 unsigned int shifter_expiry_secs __read_mostly = 120;
 module_param_named(expiry_secs, shifter_expiry_secs, uint, 0444);
@@ -80,6 +97,28 @@ static void __net_exit shifter_net_exit(struct net *net)
 	mutex_destroy(&sn->lock);
 }
 
+/*
+ * An interface a namespace records on going away: record nothing rather
+ * than whatever interface reuses its index.  Under RTNL; lock-free against
+ * ENABLE, which writes the index under sn->lock.
+ */
+static int shifter_netdev_event(struct notifier_block *nb,
+				unsigned long event, void *ptr)
+{
+	struct net_device *dev = netdev_notifier_info_to_dev(ptr);
+	struct shifter_net *sn;
+
+	if (event != NETDEV_UNREGISTER)
+		return NOTIFY_DONE;
+	sn = shifter_pernet(dev_net(dev));
+	cmpxchg(&sn->ifindex, dev->ifindex, SHIFTER_IFINDEX_GONE);
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block shifter_netdev_notifier = {
+	.notifier_call	= shifter_netdev_event,
+};
+
 static struct pernet_operations shifter_net_ops = {
 	.init		= shifter_net_init,
 	.pre_exit	= shifter_net_pre_exit,
@@ -101,6 +140,18 @@ static int __init shifter_check_params(void)
 	if (!shifter_max_entries_total ||
 	    shifter_max_entries_total > SHIFTER_MAX_ENTRIES_MAX) {
 		pr_err("max_entries_total must be between 1 and %lu\n",
+		       SHIFTER_MAX_ENTRIES_MAX);
+		return -EINVAL;
+	}
+	if (!shifter_max_entries_userns ||
+	    shifter_max_entries_userns > SHIFTER_MAX_ENTRIES_MAX) {
+		pr_err("max_entries_userns must be between 1 and %lu\n",
+		       SHIFTER_MAX_ENTRIES_MAX);
+		return -EINVAL;
+	}
+	if (!shifter_max_entries_userns_total ||
+	    shifter_max_entries_userns_total > SHIFTER_MAX_ENTRIES_MAX) {
+		pr_err("max_entries_userns_total must be between 1 and %lu\n",
 		       SHIFTER_MAX_ENTRIES_MAX);
 		return -EINVAL;
 	}
@@ -135,15 +186,23 @@ static int __init shifter_init(void)
 	if (ret)
 		goto err_table;
 
-	ret = shifter_genl_init();
+	ret = register_netdevice_notifier(&shifter_netdev_notifier);
 	if (ret)
 		goto err_pernet;
 
-	pr_info("ready: up to %u entries per namespace, %u in all, for %u s\n",
+	ret = shifter_genl_init();
+	if (ret)
+		goto err_notifier;
+
+	pr_info("ready: up to %u entries per namespace, %u in all, for %u s; in user namespaces' %u and %u, enabled by %s\n",
 		shifter_max_entries, shifter_max_entries_total,
-		shifter_expiry_secs);
+		shifter_expiry_secs, shifter_max_entries_userns,
+		shifter_max_entries_userns_total,
+		shifter_userns ? "their own admins" : "initial admins only");
 	return 0;
 
+err_notifier:
+	unregister_netdevice_notifier(&shifter_netdev_notifier);
 err_pernet:
 	unregister_pernet_subsys(&shifter_net_ops);
 err_table:
@@ -154,6 +213,7 @@ err_table:
 static void __exit shifter_exit(void)
 {
 	shifter_genl_exit();
+	unregister_netdevice_notifier(&shifter_netdev_notifier);
 	/* Each namespace: hooks off, a grace period, its table emptied. */
 	unregister_pernet_subsys(&shifter_net_ops);
 	shifter_table_exit();
@@ -164,3 +224,5 @@ module_exit(shifter_exit);
 MODULE_LICENSE("GPL");
 MODULE_DESCRIPTION("Shifter: original destinations of redirected TCP connections");
 MODULE_AUTHOR("The Shifter authors");
+/* The Python package's version (shifter.__version__), as is dkms.conf's. */
+MODULE_VERSION("0.1.0");

@@ -22,6 +22,9 @@
 /* Module parameters, read-only once the module is loaded. */
 extern unsigned int shifter_max_entries;
 extern unsigned int shifter_max_entries_total;
+extern unsigned int shifter_max_entries_userns;
+extern unsigned int shifter_max_entries_userns_total;
+extern bool shifter_userns;
 extern unsigned int shifter_expiry_secs;
 extern unsigned short shifter_default_ports[SHIFTER_MAX_PORTS];
 extern unsigned int shifter_default_nports;
@@ -57,11 +60,17 @@ struct shifter_net {
 	/* The table, while the namespace records; NULL otherwise. */
 	struct shifter_table __rcu *table;
 
-	/* Record only SYNs that arrived on this interface; 0 for any. */
+	/*
+	 * Record only SYNs that arrived on this interface; 0 for any,
+	 * SHIFTER_IFINDEX_GONE for none once the interface named went away
+	 * (a later interface may reuse its index).
+	 */
 	int ifindex;
 
 	struct shifter_stats stats;
 };
+
+#define SHIFTER_IFINDEX_GONE	(-1)
 
 extern unsigned int shifter_net_id;
 

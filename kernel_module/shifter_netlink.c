@@ -11,7 +11,8 @@
  * (an address as long as its family says) are made below.  Every command
  * needs CAP_NET_ADMIN in the user namespace that owns the network
  * namespace of the requesting socket (GENL_UNS_ADMIN_PERM), and acts on
- * that namespace only.
+ * that namespace only; the commands that enable recording need it in the
+ * initial user namespace too, unless the module parameter userns is set.
  */
 
 #include <linux/err.h>
@@ -60,9 +61,15 @@ static const struct nla_policy shifter_set_ports_policy[SHIFTER_A_MAX + 1] = {
 	[SHIFTER_A_PORTS]	= NLA_POLICY_NESTED(shifter_ports_policy),
 };
 
+/* An interface index is an int. */
+static struct netlink_range_validation shifter_ifindex_range = {
+	.max	= INT_MAX,
+};
+
 static const struct nla_policy shifter_enable_policy[SHIFTER_A_MAX + 1] = {
 	[SHIFTER_A_PORTS]	= NLA_POLICY_NESTED(shifter_ports_policy),
-	[SHIFTER_A_IFINDEX]	= { .type = NLA_U32 },
+	[SHIFTER_A_IFINDEX]	= NLA_POLICY_FULL_RANGE(NLA_U32,
+							&shifter_ifindex_range),
 };
 
 /* For the commands that take no attribute: each one is refused. */
@@ -320,6 +327,20 @@ static struct shifter_ports *shifter_parse_ports(const struct nlattr *nest,
 }
 
 /*
+ * Whether the requester may enable recording: a table takes room, which
+ * only the initial user namespace's admins hand out unless the module
+ * parameter userns lets each network namespace's own admins do it.
+ */
+static int shifter_may_enable(struct sk_buff *skb, struct genl_info *info)
+{
+	if (shifter_userns || netlink_capable(skb, CAP_NET_ADMIN))
+		return 0;
+	NL_SET_ERR_MSG(info->extack,
+		       "enabling needs CAP_NET_ADMIN in the initial user namespace (module parameter userns)");
+	return -EPERM;
+}
+
+/*
  * Enables @sn if it is not yet, then applies the settings given; on an
  * error nothing has changed.
  */
@@ -348,7 +369,11 @@ static int shifter_genl_set_ports(struct sk_buff *skb, struct genl_info *info)
 {
 	struct shifter_net *sn = shifter_pernet(genl_info_net(info));
 	struct shifter_ports *ports;
+	int ret;
 
+	ret = shifter_may_enable(skb, info);
+	if (ret)
+		return ret;
 	if (GENL_REQ_ATTR_CHECK(info, SHIFTER_A_PORTS))
 		return -EINVAL;
 	ports = shifter_parse_ports(info->attrs[SHIFTER_A_PORTS], info->extack);
@@ -365,15 +390,15 @@ static int shifter_genl_enable(struct sk_buff *skb, struct genl_info *info)
 	const struct nlattr *attr;
 	bool found;
 	int ifindex;
+	int ret;
 
+	ret = shifter_may_enable(skb, info);
+	if (ret)
+		return ret;
 	attr = info->attrs[SHIFTER_A_IFINDEX];
 	if (attr) {
+		/* The policy keeps it within an int. */
 		ifindex = nla_get_u32(attr);
-		if (ifindex < 0) {
-			NL_SET_ERR_MSG_ATTR(info->extack, attr,
-					    "interface index out of range");
-			return -EINVAL;
-		}
 		rcu_read_lock();
 		found = !ifindex || dev_get_by_index_rcu(net, ifindex);
 		rcu_read_unlock();

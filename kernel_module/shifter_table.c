@@ -27,8 +27,12 @@
  * connection is gone, and never one whose connection is alive (that SYN
  * is counted as skipped: conntrack will not confirm it).
  *
- * Memory is bounded: max_entries per namespace, max_entries_total for the
- * whole module, and SHIFTER_BUCKET_MAX per bucket.  A new connection is
+ * Memory is bounded: max_entries per namespace, max_entries_total for all
+ * namespaces owned by the initial user namespace, and SHIFTER_BUCKET_MAX
+ * per bucket.  A namespace owned by any other user namespace (a container,
+ * or an unprivileged user's unshare -Urn) has a smaller share,
+ * max_entries_userns, taken from a room of its own, max_entries_userns_total,
+ * so such namespaces together can never take the initial namespace's room.  A new connection is
  * never locked out by full room: one entry is evicted to make room, the
  * first kind found of, in this order, an entry whose connection conntrack
  * no longer holds, one already answered (the redirector asks once per
@@ -64,6 +68,7 @@
 #include <linux/slab.h>
 #include <linux/spinlock.h>
 #include <linux/string.h>
+#include <linux/user_namespace.h>
 #include <linux/workqueue.h>
 #include <net/netfilter/nf_conntrack.h>
 #include <net/netfilter/nf_conntrack_core.h>
@@ -111,6 +116,9 @@ struct shifter_table {
 	siphash_key_t hash_key;
 	unsigned int mask;
 	atomic_t count;
+	/* This table's share, and the room it takes it from. */
+	unsigned int max;
+	struct shifter_room *room;
 	/* Taken by every writer, with bottom halves off; readers use RCU. */
 	spinlock_t lock;
 	/* Entries not yet checked against conntrack, oldest first. */
@@ -127,9 +135,17 @@ struct shifter_table {
 
 static_assert(sizeof(struct shifter_key) % sizeof(u32) == 0);
 
+/* The entries of a kind of namespace, and their limit. */
+struct shifter_room {
+	atomic_t count;
+	unsigned int max;
+};
+
 static struct kmem_cache *shifter_entry_cache __ro_after_init;
 static unsigned long shifter_expiry __ro_after_init;
-static atomic_t shifter_entries_total = ATOMIC_INIT(0);
+/* Namespaces owned by the initial user namespace, and all others. */
+static struct shifter_room shifter_room_init;
+static struct shifter_room shifter_room_userns;
 
 static void shifter_key_from_ct(struct shifter_key *key,
 				const struct nf_conn *ct)
@@ -284,15 +300,14 @@ static void shifter_entry_free_rcu(struct rcu_head *head)
 
 static bool shifter_reserve(struct shifter_table *table)
 {
-	if (atomic_inc_return(&table->count) > shifter_max_entries)
+	if (atomic_inc_return(&table->count) > table->max)
 		goto err_table;
-	if (atomic_inc_return(&shifter_entries_total) >
-	    shifter_max_entries_total)
+	if (atomic_inc_return(&table->room->count) > table->room->max)
 		goto err_total;
 	return true;
 
 err_total:
-	atomic_dec(&shifter_entries_total);
+	atomic_dec(&table->room->count);
 err_table:
 	atomic_dec(&table->count);
 	return false;
@@ -300,7 +315,7 @@ err_table:
 
 static void shifter_unreserve(struct shifter_table *table)
 {
-	atomic_dec(&shifter_entries_total);
+	atomic_dec(&table->room->count);
 	atomic_dec(&table->count);
 }
 
@@ -662,8 +677,15 @@ struct shifter_table *shifter_table_new(struct shifter_net *sn)
 	table = kzalloc(sizeof(*table), GFP_KERNEL_ACCOUNT);
 	if (!table)
 		return NULL;
+	if (sn->net->user_ns == &init_user_ns) {
+		table->max = shifter_max_entries;
+		table->room = &shifter_room_init;
+	} else {
+		table->max = shifter_max_entries_userns;
+		table->room = &shifter_room_userns;
+	}
 	/* About four entries a chain when the namespace is full. */
-	buckets = roundup_pow_of_two(max(shifter_max_entries / 4, 1U));
+	buckets = roundup_pow_of_two(max(table->max / 4, 1U));
 	buckets = clamp(buckets, SHIFTER_BUCKETS_MIN, SHIFTER_BUCKETS_MAX);
 	table->bucket = kvmalloc_array(buckets, sizeof(*table->bucket),
 				       GFP_KERNEL_ACCOUNT);
@@ -717,6 +739,8 @@ int __init shifter_table_init(void)
 	if (!shifter_entry_cache)
 		return -ENOMEM;
 	shifter_expiry = (unsigned long)shifter_expiry_secs * HZ;
+	shifter_room_init.max = shifter_max_entries_total;
+	shifter_room_userns.max = shifter_max_entries_userns_total;
 	return 0;
 }
 
@@ -725,6 +749,7 @@ void shifter_table_exit(void)
 {
 	/* Let the call_rcu() frees finish before the cache goes. */
 	rcu_barrier();
-	WARN_ON_ONCE(atomic_read(&shifter_entries_total));
+	WARN_ON_ONCE(atomic_read(&shifter_room_init.count));
+	WARN_ON_ONCE(atomic_read(&shifter_room_userns.count));
 	kmem_cache_destroy(shifter_entry_cache);
 }

@@ -337,6 +337,19 @@ class KernelTestsMixin:
         ).stdout.split()
         self.assertEqual([alias for alias in aliases if "family" in alias], [])
 
+    def test_version(self) -> None:
+        """
+        The built module's version is the Python package's.
+        """
+        import shifter
+
+        result = build(self.kernel())
+        self.assertEqual(result.returncode, 0, result.output)
+        version = subprocess.run(
+            ["modinfo", "-F", "version", str(result.module)], capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        self.assertEqual(version, shifter.__version__)
+
     def booted(self) -> tuple[Kernel, Boot]:
         kernel = self.kernel()
         built = build(kernel)

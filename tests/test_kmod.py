@@ -20,6 +20,7 @@ from zope.interface.verify import verifyObject
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from shifter.resolvers import kmod
@@ -906,6 +907,17 @@ class ClientTests(FakeKernelCase):
         self.assertEqual(self.module.ifindex, socket.if_nametoindex("lo"))
         self.assertEqual(output, "enabled; interface lo; ports 443 8443\n")
 
+    def test_statusInterfaceRemoved(self) -> None:
+        """
+        C{status} says so when the interface the namespace named was
+        removed, and it records on none.
+        """
+        self.module.ifindex = 0xFFFFFFFF
+        self.assertEqual(
+            self.command("status"),
+            "enabled; interface none (the interface named was removed); ports 443\n",
+        )
+
     def test_commandDisable(self) -> None:
         """
         C{disable} disables and prints the status.
@@ -1069,6 +1081,20 @@ class SpecTests(SynchronousTestCase):
                 seen.add(names[cmd])
         self.assertEqual(seen, set(ops))
 
+    def test_versionsInStep(self) -> None:
+        """
+        The module's MODULE_VERSION and dkms.conf's PACKAGE_VERSION are the
+        Python package's version.
+        """
+        import shifter
+
+        moduleDir = HEADER_PATH.parents[3]
+        main = (moduleDir / "shifter_main.c").read_text()
+        dkms = (moduleDir / "dkms.conf").read_text()
+        self.assertEqual(re.findall(r'MODULE_VERSION\("([^"]+)"\)', main), [shifter.__version__])
+        self.assertEqual(re.findall(r'^PACKAGE_VERSION="([^"]+)"', dkms, re.M), [shifter.__version__])
+        self.assertEqual(set(re.findall(r"shifter[-/](\d[\w.]*)", dkms)), {shifter.__version__})
+
     def test_adminOnly(self) -> None:
         """
         Every operation is for the namespace's admins only.
@@ -1079,23 +1105,44 @@ class SpecTests(SynchronousTestCase):
 
 class AutoTests(FakeKernelCase):
     """
-    C{--resolver auto} prefers the module only when it is exact: a module
+    C{--resolver auto} prefers sockopt to the module, and says why; asked
+    to try the module first, it takes it only when it is exact: a module
     of version 2 or later that records in this namespace.
     """
 
-    def chosen(self) -> str:
+    def chosen(self, candidates: tuple[str, ...] | None = None) -> str:
         from shifter.resolvers.auto import AutoResolver
 
-        resolver = AutoResolver(reactor=self.reactor)
+        if candidates is None:
+            resolver = AutoResolver(reactor=self.reactor)
+        else:
+            resolver = AutoResolver(reactor=self.reactor, candidates=candidates)
         self.successResultOf(self.settle(resolver.start()))
         self.addCleanup(resolver.stop)
         return resolver.name
 
+    def test_sockoptPreferred(self) -> None:
+        """
+        Even with an exact module that records here, sockopt is chosen,
+        and the start-up log says why the module was not tried.
+        """
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.assertEqual(self.chosen(), "auto: sockopt")
+        lines = [formatEvent(event) for event in logged]
+        self.assertTrue(
+            any("resolver auto chose sockopt" in line and "kmod: not tried" in line for line in lines),
+            lines,
+        )
+        self.assertEqual(self.module.requests, [])
+
     def test_exactModule(self) -> None:
         """
-        An exact module that records here is chosen.
+        Asked to try the module first, an exact module that records here
+        is chosen.
         """
-        self.assertEqual(self.chosen(), "auto: kmod")
+        self.assertEqual(self.chosen(("kmod", "sockopt")), "auto: kmod")
 
     def test_oldModule(self) -> None:
         """
@@ -1103,7 +1150,7 @@ class AutoTests(FakeKernelCase):
         over for sockopt.
         """
         self.module.version = 1
-        self.assertEqual(self.chosen(), "auto: sockopt")
+        self.assertEqual(self.chosen(("kmod", "sockopt")), "auto: sockopt")
 
     def test_notEnabled(self) -> None:
         """
@@ -1111,4 +1158,4 @@ class AutoTests(FakeKernelCase):
         sockopt.
         """
         self.module.enabled = False
-        self.assertEqual(self.chosen(), "auto: sockopt")
+        self.assertEqual(self.chosen(("kmod", "sockopt")), "auto: sockopt")

@@ -78,6 +78,10 @@ SHIFTER_A_IFINDEX = 11
 SHIFTER_A_PORTS_UNSPEC = 0
 SHIFTER_A_PORTS_PORT = 1
 
+# SHIFTER_A_IFINDEX once the interface a namespace named was removed: it
+# records on none until enabled again.
+IFINDEX_GONE = 0xFFFFFFFF
+
 SHIFTER_STAT_UNSPEC = 0
 SHIFTER_STAT_ENTRIES = 1
 SHIFTER_STAT_INSERTS = 2
@@ -675,6 +679,8 @@ def _parser() -> argparse.ArgumentParser:
 def _interfaceName(ifindex: int) -> str:
     if not ifindex:
         return "any"
+    if ifindex == IFINDEX_GONE:
+        return "none (the interface named was removed)"
     try:
         return socket.if_indextoname(ifindex)
     except OSError:

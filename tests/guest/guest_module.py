@@ -70,13 +70,15 @@ from tests.guest.support import (
     modulePath,
     nlattr,
     requireGuest,
+    run,
     sendRaw,
     tcpHeader,
     waitFor,
 )
 
 DEFAULTS = {"ports": "443", "max_entries": "65536", "max_entries_total": "262144",
-            "expiry_secs": "120"}
+            "expiry_secs": "120", "max_entries_userns": "4096", "max_entries_userns_total": "16384",
+            "userns": "N"}
 
 # enum shifter_attr, for requests built by hand.
 A_FAMILY, A_SRC_ADDR, A_SRC_PORT, A_DST_ADDR, A_DST_PORT = 1, 2, 3, 4, 5
@@ -832,6 +834,34 @@ class EnableTests(GuestTestCase):
         self.assertEqual(error.message, "no such interface in this network namespace")
         self.assertEqual(kmod.config(), (False, 0, [443]))
 
+    def test_interfaceIndexRange(self) -> None:
+        """
+        An interface index above INT_MAX is refused by the policy (ERANGE),
+        and the settings stay.
+        """
+        ns = makeLocalClient(self, socket.AF_INET, enable=False)
+        kmod = self.client(ns)
+        self.assertNetlinkError(errno.ERANGE, kmod.enable, ifindex=2**31)
+        self.assertEqual(kmod.config(), (False, 0, [443]))
+
+    def test_interfaceRemoved(self) -> None:
+        """
+        When the interface named goes away, the namespace records on no
+        interface (GET_CONFIG says 0xffffffff), rather than on whatever
+        interface gets its index next, until ENABLE names one again.
+        """
+        clientNs, gateway, server = self.interfaceCase()
+        gateway.ip("link", "add", "gone0", "type", "veth", "peer", "name", "gone1")
+        kmod = self.client(gateway)
+        kmod.enable(ifindex=gateway.ifindex("gone0"))
+        gateway.ip("link", "del", "gone0")
+        self.assertEqual(kmod.config()[1], 0xFFFFFFFF)
+        self.closing(connect(gateway, socket.AF_INET, REMOTE_V4, 443))
+        self.assertNetlinkError(errno.ENOENT, kmod.getAccepted, self.accept(server))
+        kmod.enable(ifindex=gateway.ifindex("lo"))
+        self.closing(connect(gateway, socket.AF_INET, REMOTE_V4, 443))
+        self.assertEqual(kmod.getAccepted(self.accept(server)), (REMOTE_V4, 443))
+
 
 class ConfigTests(GuestTestCase):
     """
@@ -1046,11 +1076,89 @@ class PermissionTests(GuestTestCase):
     def test_ownNetworkNamespace(self) -> None:
         """
         A process with every capability in a new user namespace may use
-        every command in a network namespace that its user namespace owns.
+        every command in a network namespace that its user namespace owns,
+        except those that enable recording there, which need the initial
+        user namespace's CAP_NET_ADMIN.
         """
         report = self.child(lambda: unshare(CLONE_NEWUSER), lambda: unshare(CLONE_NEWNET))
         self.assertTrue(report["netAdmin"])
+        self.assertEqual(report["results"], dict(dict.fromkeys(COMMANDS, 0), GET=errno.ENOENT,
+                                                 SET_PORTS=errno.EPERM, ENABLE=errno.EPERM))
+
+    def test_ownNetworkNamespaceAllowed(self) -> None:
+        """
+        With the module parameter userns, such a process may use every
+        command in its own network namespace.
+        """
+        loadModule(userns=1)
+        self.addCleanup(loadModule)
+        report = self.child(lambda: unshare(CLONE_NEWUSER), lambda: unshare(CLONE_NEWNET))
+        self.assertTrue(report["netAdmin"])
         self.assertEqual(report["results"], dict(dict.fromkeys(COMMANDS, 0), GET=errno.ENOENT))
+
+
+TENANT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tenant.py")
+
+
+class TenancyTests(GuestTestCase):
+    """
+    Network namespaces owned by other user namespaces than the initial
+    one never take the initial namespaces' room.
+    """
+
+    def test_userNamespacesCannotCrowdHost(self) -> None:
+        """
+        Four unprivileged users' namespaces (made as uid 65534 with
+        unshare, allowed to enable by the module parameter userns) fill
+        their tables, and their shared room, with loopback connections;
+        a namespace of the initial user namespace, whose room is exactly
+        its own share, still records and answers every connection, with
+        nothing evicted.
+        """
+        share = 8
+        loadModule(userns=1, max_entries=share, max_entries_total=share,
+                   max_entries_userns=share, max_entries_userns_total=2 * share)
+        self.addCleanup(loadModule)
+        # What the tenants' rules need, loaded here: a user namespace may
+        # not load modules.  Debian's switch for unprivileged user
+        # namespaces, where there is one, on.
+        run("modprobe", "-a", "nf_tables", "nft_chain_nat", "nft_redir")
+        if os.path.exists("/proc/sys/kernel/unprivileged_userns_clone"):
+            run("sysctl", "-q", "-w", "kernel.unprivileged_userns_clone=1")
+        tenants, reports = [], []
+        for _ in range(4):
+            tenant = subprocess.Popen(
+                [sys.executable, TENANT_SCRIPT, str(3 * share)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env=dict(os.environ, PYTHONPATH=ROOT),
+            )
+            tenants.append(tenant)
+            self.addCleanup(tenant.wait)
+            self.addCleanup(tenant.stdin.close)
+            line = tenant.stdout.readline()
+            self.assertTrue(line, "a tenant ended without a report")
+            report = json.loads(line)
+            self.assertNotIn("error", report, report)
+            reports.append(report)
+        for report in reports:
+            self.assertEqual(report["uid"], 65534, report)
+            self.assertLessEqual(report["stats"]["entries"], share, report)
+        self.assertEqual(sum(report["stats"]["entries"] for report in reports), 2 * share, reports)
+        self.assertGreater(sum(report["stats"]["full"] for report in reports), 0, reports)
+
+        ns = makeLocalClient(self, socket.AF_INET)
+        server = self.closing(listen(ns, socket.AF_INET))
+        kmod = self.client(ns)
+        accepted = []
+        for n in range(share):
+            self.closing(connect(ns, socket.AF_INET, f"203.0.113.{n + 1}", 443))
+            accepted.append(self.accept(server))
+        for n, sock in enumerate(accepted):
+            self.assertEqual(kmod.getAccepted(sock), (f"203.0.113.{n + 1}", 443))
+        stats = kmod.stats()
+        self.assertEqual((stats["entries"], stats["full"]), (share, 0), stats)
+        self.assertEqual([stats[name] for name in EVICTED], [0] * len(EVICTED), stats)
+        print(f"tenants: {[report['stats'] for report in reports]}")
 
 
 def _setnsTo(ns: Namespace) -> None:

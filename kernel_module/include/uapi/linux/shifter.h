@@ -24,6 +24,17 @@
  * Every command is checked by the generic netlink core for CAP_NET_ADMIN
  * in the user namespace that owns the network namespace of the requesting
  * socket (GENL_UNS_ADMIN_PERM), and acts on that network namespace only.
+ *
+ * Tenancy: SHIFTER_CMD_ENABLE and SHIFTER_CMD_SET_PORTS also need
+ * CAP_NET_ADMIN in the initial user namespace (-EPERM otherwise), unless
+ * the module parameter "userns" is set.  Network namespaces owned by the
+ * initial user namespace share max_entries_total entries, max_entries
+ * each; those owned by any other user namespace (containers, unprivileged
+ * users' namespaces) share a room of their own, max_entries_userns_total,
+ * max_entries_userns each, so that they can never take the initial
+ * namespace's room.  A namespace whose share is full evicts one of its own
+ * entries for a new connection (see SHIFTER_STAT_EVICTED_*); one that has
+ * none while its room is full records nothing (SHIFTER_STAT_FULL).
  * Every command refuses attributes that are not listed for it below
  * (-EINVAL, with an extended ACK message).
  *
@@ -61,7 +72,9 @@
  * SHIFTER_CMD_GET_CONFIG: this namespace's settings.
  *	Request:  no attributes.
  *	Reply:    SHIFTER_CMD_GET_CONFIG with SHIFTER_A_ENABLED (u8, 0 or 1),
- *	          SHIFTER_A_IFINDEX (u32, 0 for every interface) and
+ *	          SHIFTER_A_IFINDEX (u32, 0 for every interface, 0xffffffff
+ *	          for none once the interface named was removed: nothing is
+ *	          recorded until ENABLE names one again) and
  *	          SHIFTER_A_PORTS, a nest of SHIFTER_A_PORTS_PORT u16
  *	          attributes (possibly empty).
  *
@@ -82,7 +95,8 @@
  *	          the loopback device for connections of local programs).
  *	Reply:    none beyond the netlink ACK.
  *	Errors:   -ENODEV for an interface index this namespace does not
- *	          have; -EINVAL and -ERANGE as for SET_PORTS; -ENOMEM.
+ *	          have; -ERANGE for one above INT_MAX; -EINVAL and -ERANGE as
+ *	          for SET_PORTS; -ENOMEM.
  *
  * SHIFTER_CMD_DISABLE: stop recording in this namespace and drop its
  *	entries; its ports and interface are kept.
