@@ -30,6 +30,7 @@ from tests.gateway import (
     SHIFTER_PORT,
     Namespace,
     ShifterProcess,
+    stopProcess,
     waitFor,
 )
 from tests.support import requireHost
@@ -52,6 +53,7 @@ class Dante:
 
     def __init__(
         self, namespace: Namespace, directory: Path, address: str, method: str = "none", refuse: bool = False,
+        debug: int = 0,
     ) -> None:
         self.namespace = namespace
         self.directory = directory
@@ -61,6 +63,7 @@ class Dante:
         verdict = "block" if refuse else "pass"
         self.config.write_text(
             f"""\
+debug: {debug}
 logoutput: {self.log}
 internal: {address} port = {SOCKS_PORT}
 external: {address}
@@ -85,11 +88,15 @@ socks block {{
         )
 
     def start(self) -> None:
-        self.namespace.start(
+        self.process = self.namespace.start(
             "danted", "-f", str(self.config), "-p", str(self.directory / "danted.pid"),
             logTo=self.directory / "danted.out",
         )
         self.namespace.waitListening(SOCKS_PORT)
+
+    def stop(self) -> None:
+        stopProcess(self.process)
+        waitFor(lambda: not self.namespace.isListening(SOCKS_PORT), 10, "Dante to stop")
 
     def logText(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
@@ -143,10 +150,10 @@ class SocksTestCase(ResolverGatewayTestCase):
         self.dante = Dante(self.net.server, self.directory / "dante", SERVER_V4, self.method, self.refuse)
         self.dante.start()
 
-    def startShifter(self, url: str) -> None:
+    def startShifter(self, url: str, *options: str) -> None:
         self.shifter = ShifterProcess(
             self.net.gateway, self.directory,
-            "--listen", self.listen, "--proxy", url, "--resolver", self.resolver,
+            "--listen", self.listen, "--proxy", url, "--resolver", self.resolver, *options,
         )
         self.shifter.start()
 
@@ -170,6 +177,34 @@ class SocksTests(SocksTestCase):
         self.dante.waitForLog("pass", "connect", f"{GATEWAY_UPLINK_V4}.", f"{SERVER_V4}.443")
         self.shifter.waitForLog(f"-> {SERVER_V4}:443 via {url} closed")
         self.assertEqual(self.squid.accessLogLines(), [])
+
+
+    def test_nameSentAsName(self) -> None:
+        """
+        With C{--connect-target sni}, the name the client asked for goes
+        to Dante as a name (address type 3, as Dante's debug log shows the
+        request), which Dante resolves from the server namespace's own
+        hosts file.
+        """
+        hosts = Path("/etc/netns") / self.net.server.name
+        hosts.mkdir(parents=True, exist_ok=True)
+        self.addCleanup(shutil.rmtree, hosts, True)
+        (hosts / "hosts").write_text(f"127.0.0.1 localhost\n{SERVER_V4} www.example.test\n")
+        self.dante.stop()
+        # Debugging on, for its log to show the request as it came.
+        self.dante = Dante(self.net.server, self.directory / "dante-debug", SERVER_V4, debug=2)
+        self.dante.start()  # now reading that hosts file
+        self.startShifter(f"socks5://{SERVER_V4}:{SOCKS_PORT}", "--connect-target", "sni")
+        out = self.directory / "fetched-by-name"
+        result = self.net.client.run(
+            "curl", "-sS", "--max-time", "20", "--cacert", str(self.web.cert),
+            "--connect-to", f"www.example.test:443:{SERVER_V4}:443",
+            "-o", str(out), "https://www.example.test/file.bin", check=False, timeout=30,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(hashlib.sha256(out.read_bytes()).digest(), hashlib.sha256(self.payload).digest())
+        self.dante.waitForLog("request received", "ATYP: 3 address: www.example.test.443")
+        self.shifter.waitForLog("(CONNECT www.example.test:443, from SNI) via socks5://")
 
 
 class SocksRefusedTests(SocksTestCase):
