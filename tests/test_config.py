@@ -339,6 +339,10 @@ class ErrorTests(ConfigTestCase):
         decision = configured.policy.decide(request(port=22, proxies=tuple(configured.pool.proxies)))  # type: ignore[union-attr]
         self.assertEqual(list(decision.proxies), [socks])  # type: ignore[union-attr]
 
+    def test_socksProxyHTTPSettings(self) -> None:
+        message = self.refused("[[proxy]]\naddress = 'socks5://192.0.2.9:1080'\npass-client = 'proxy-v2'\n")
+        self.assertLine(message, 3, "pass-client is for HTTP proxies, not a SOCKS5 server")
+
     def test_unreadable(self) -> None:
         with self.assertRaises(ConfigError) as caught:
             loadConfig("/nonexistent/shifter.toml", Options)

@@ -207,6 +207,28 @@ class SocksTests(SocksTestCase):
         self.shifter.waitForLog("(CONNECT www.example.test:443, from SNI) via socks5://")
 
 
+    def test_probedBackUp(self) -> None:
+        """
+        A SOCKS5 server that stops is marked down; once back, the pool's
+        probe (a SOCKS5 CONNECT to the probe target, which Dante's rules
+        refuse) finds it answering, and tunnels go through it again.
+        """
+        url = f"socks5://{SERVER_V4}:{SOCKS_PORT}"
+        self.startShifter(url, "--proxy-failures", "1", "--proxy-backoff", "1")
+        self.assertFetched()
+        self.dante.stop()
+        self.assertNotEqual(self.fetch(f"https://{SERVER_V4}/file.bin").returncode, 0)
+        self.shifter.waitForLog(f"proxy {url} marked down")
+        self.dante.start()
+        self.shifter.waitForLog(
+            f"proxy {url} answered the probe (SOCKS5 server answered 0x02 (connection not allowed by ruleset))",
+            timeout=20,
+        )
+        self.dante.waitForLog("block", "255.255.255.255.9")
+        self.assertFetched()
+        self.shifter.waitForLog(f"proxy {url} is back up: a tunnel through it opened")
+
+
 class SocksRefusedTests(SocksTestCase):
     refuse = True
 
