@@ -153,17 +153,20 @@ class OptionTests(ConfigTestCase):
         self.assertEqual(options["connect-target"], "auto")
         self.assertEqual(options["idle-timeout"], 900.0)
         self.assertEqual(options["control"], "unix:/run/shifter/control")
-        self.assertEqual([spec.groups for spec in options.proxySpecs], [("default",), ("default",), ("lab",)])
+        self.assertEqual([spec.groups for spec in options.proxySpecs],
+                         [("default",), ("default",), ("lab",), ("socks",)])
         self.assertEqual(options.proxySpecs[2].mark, 2)
         rules = options.configFile.rules  # type: ignore[union-attr]
-        self.assertEqual([(r.group, r.refuse is not None, r.connectTarget) for r in rules],
-                         [("lab", False, None), (None, True, None), (None, False, "name")])
+        self.assertEqual([(r.group, r.refuse is not None, r.connectTarget, r.direct) for r in rules],
+                         [("lab", False, None, False), (None, True, None, False), (None, False, "name", False),
+                          (None, False, None, True), ("socks", False, None, False)])
         self.assertEqual(options.configFile.gateway["lan-interface"], ["lan0"])  # type: ignore[union-attr]
         service = makeService(options, MemoryReactorClock())
         factory = service.getServiceNamed("shifter").factory  # type: ignore[attr-defined]
         self.assertIsInstance(factory.policy, RulePolicy)
         lab = factory.pool.proxies[2]
         self.assertIsNotNone(lab.auth)
+        self.assertEqual(factory.pool.proxies[3].kind, "socks5")
         self.assertIsInstance(lab.endpoint._reactor, MarkingReactor)
 
 
