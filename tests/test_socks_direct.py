@@ -27,7 +27,7 @@ from shifter.upstream.proxy import DIRECT, SOCKS5, UpstreamProxy, directRoute, p
 from shifter.upstream.socks5 import formatConnectRequest, formatPasswordRequest
 
 from tests.support import knowLocalAddresses
-from tests import test_tunnel
+from tests import test_holdsyn, test_tunnel
 from tests.test_tunnel import OK, PROXY, FakeProxyEndpoint, TunnelTestCase
 
 GRANTED = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
@@ -422,3 +422,60 @@ class Socks5ProbeTests(SynchronousTestCase):
         self.assertIsInstance(failure.value, ProbeFailed)
         self.assertIn("not SOCKS5", str(failure.value))
         protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class HeldSynTests(test_holdsyn.HolderTestCase):
+    """
+    With C{--hold-syn}, DIRECT and SOCKS5 are chosen and opened at the SYN
+    like any proxy.
+    """
+
+    def test_directAtTheSyn(self) -> None:
+        """
+        A policy's DIRECT opens the connection to the SYN's own destination
+        while the SYN is held; the open connection accepts it, with no
+        CONNECT written and no proxy answer counted.
+        """
+        route = directRoute(self.clock)
+
+        class Policy:
+            def decide(this, request: Any) -> Any:
+                return TunnelDecision(proxies=[route])
+
+        self.owner.policy = Policy()
+        self.send(test_holdsyn.syn(1))
+        (attempt,) = self.attempts
+        self.assertEqual((attempt.proxy.kind, attempt.proxy.direct.host, attempt.proxy.direct.port),
+                         (DIRECT, "203.0.113.7", 443))
+        attempt.receiver.proxyConnected(attempt)
+        self.assertEqual(attempt.written, [b""])
+        attempt.receiver.proxyAnswered(attempt, ConnectResponse(200, "connected"))
+        self.assertEqual(self.queue.verdicts, [("accept", 1)])
+        self.assertEqual(self.owner.stats.proxyAnswers, {})
+
+    def test_socksAtTheSyn(self) -> None:
+        """
+        A SOCKS5 server in the pool is asked at the SYN with a SOCKS5
+        CONNECT for the SYN's destination; its refusal resets the SYN with
+        the line in SOCKS's words.
+        """
+        socks = UpstreamProxy("socks5://s.test:1080", test_holdsyn.DummyEndpoint(), ("198.51.100.9", 1080),
+                              kind=SOCKS5)
+
+        class Policy:
+            def decide(this, request: Any) -> Any:
+                return TunnelDecision(proxies=[socks])
+
+        self.owner.policy = Policy()
+        self.send(test_holdsyn.syn(1))
+        (attempt,) = self.attempts
+        attempt.receiver.proxyConnected(attempt)
+        self.assertEqual(attempt.written, [formatConnectRequest("203.0.113.7", 443)])
+        from shifter.upstream.socks5 import REPLIES
+
+        text, status = REPLIES[2]
+        attempt.receiver.proxyAnswered(
+            attempt, ConnectResponse(status, text, refusal="SOCKS5 server answered 0x02 (connection not allowed by ruleset)"),
+        )
+        self.assertEqual(self.queue.verdicts, [("reject", 1)])
+        self.assertEqual(len(self.lines("refused at the SYN: SOCKS5 server answered 0x02")), 1)
