@@ -246,6 +246,11 @@ class DirectTests(TunnelTestCase):
         self.assertEqual(self.endpoint.attempts, [])
         self.assertEqual((self.factory.counters["opened"], self.factory.counters["direct"]), (1, 1))
         self.assertEqual(self.factory.proxyAnswers, {})
+        from tests.test_operations import scrape
+
+        samples = scrape(self.factory)
+        self.assertEqual((samples["shifter_tunnels_direct_total"], samples["shifter_tunnels_opened_total"]), (1, 1))
+        self.assertNotIn('shifter_tunnel_failures_total{reason="direct"}', samples)
         self.lose(upstream, transport)
         self.lose(client, clientTransport)
         self.assertTrue(any("tunnel 192.0.2.2:50000 -> 203.0.113.7:443 via DIRECT closed" in m
