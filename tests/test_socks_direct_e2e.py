@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tests.gateway import (
     CLIENT_V4,
+    PROJECT,
     GATEWAY_UPLINK_V4,
     GATEWAY_V4,
     SERVER_V4,
@@ -35,7 +36,7 @@ from tests.gateway import (
 )
 from tests.support import requireHost
 from tests.test_gateway_e2e import _BANNER
-from tests.test_resolvers_e2e import ResolverGatewayTestCase
+from tests.test_resolvers_e2e import LAN, ResolverGatewayTestCase
 
 SOCKS_PORT = 1080
 SOCKS_USER = "shiftersocks"
@@ -246,6 +247,24 @@ class SocksRefusedTests(SocksTestCase):
             "SOCKS5 server answered 0x02 (connection not allowed by ruleset)"
         )
         self.dante.waitForLog("block", f"{SERVER_V4}.443")
+
+
+    def test_doctorNamesTheRefusal(self) -> None:
+        """
+        C{python -m shifter.doctor} asks the SOCKS5 server for its check
+        target in SOCKS5 and reports Dante's refusal in SOCKS's words.
+        """
+        result = self.net.gateway.run(
+            "env", f"PYTHONPATH={PROJECT}", sys.executable, "-m", "shifter.doctor",
+            "--lan-interface", LAN, "--ports", "443", "--check-target", f"{SERVER_V4}:443",
+            "--listen", self.listen, "--proxy", f"socks5://{SERVER_V4}:{SOCKS_PORT}", "--resolver", self.resolver,
+            check=False,
+        )
+        self.assertIn(
+            f"socks5://{SERVER_V4}:{SOCKS_PORT} answered CONNECT {SERVER_V4}:443: SOCKS5 server answered 0x02 "
+            "(connection not allowed by ruleset): its rules refuse CONNECT from this gateway to that destination",
+            result.stdout,
+        )
 
 
 class SocksUsernameTests(SocksTestCase):
