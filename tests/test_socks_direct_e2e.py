@@ -26,8 +26,10 @@ from tests.gateway import (
     CLIENT_V4,
     PROJECT,
     GATEWAY_UPLINK_V4,
+    GATEWAY_UPLINK_V6,
     GATEWAY_V4,
     SERVER_V4,
+    SERVER_V6,
     SHIFTER_PORT,
     Namespace,
     ShifterProcess,
@@ -324,6 +326,20 @@ class DirectTests(ResolverGatewayTestCase):
         waitFor(lambda: f'"::ffff:{GATEWAY_UPLINK_V4}" - - ' in self.web.log.read_text(), 10,
                 "the server to log the gateway as its client")
         self.assertNotIn(f'"::ffff:{CLIENT_V4}"', self.web.log.read_text())
+        self.assertEqual(self.squid.accessLogLines(), [])
+
+    def test_directIPv6(self) -> None:
+        """
+        Over IPv6 too, DIRECT reaches the server from the gateway's own
+        address.
+        """
+        self.shifter.start()
+        result = self.fetch(f"https://[{SERVER_V6}]/file.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(hashlib.sha256(result.body).digest(), hashlib.sha256(self.payload).digest())
+        self.shifter.waitForLog(f"-> [{SERVER_V6}]:443 via DIRECT closed")
+        waitFor(lambda: f'"{GATEWAY_UPLINK_V6}" - - ' in self.web.log.read_text(), 10,
+                "the server to log the gateway as its client")
         self.assertEqual(self.squid.accessLogLines(), [])
 
     def test_gatewayAddressRefused(self) -> None:
