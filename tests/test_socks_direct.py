@@ -305,6 +305,24 @@ class DirectTests(TunnelTestCase):
         self.assertIn("via DIRECT failed: DIRECT refused: destination 203.0.113.7 is an address of this machine",
                       self.failureLines()[0])
 
+    def test_clientOnThisMachine(self) -> None:
+        """
+        A client on this machine (redirected by rules for the gateway's own
+        connections) is not sent DIRECT by an unmarked route, whose
+        connection those rules would bring back to Shifter; with the
+        rules' mark, it is.
+        """
+        local = IPv4Address("TCP", "192.0.2.254", 40000)
+        self.usePolicy(TunnelDecision(proxies=[directRoute(self.clock)]))
+        _, clientTransport = self.connectClient(peer=local)
+        self.assertEqual(self.connections, [])
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertEqual(self.factory.counters["loop"], 1)
+        self.assertIn("DIRECT refused: the client 192.0.2.254 is this machine", self.failureLines()[0])
+        self.usePolicy(TunnelDecision(proxies=[self.direct]))
+        self.connectClient(peer=local)
+        self.assertEqual(len(self.connections), 1)
+
     def test_failoverToProxy(self) -> None:
         """
         DIRECT in a list with proxies is tried in its place: when the
