@@ -26,13 +26,17 @@ class ConnectResponse:
     @ivar status: the three-digit status code.
     @ivar reason: the reason phrase, decoded leniently for the log.
     @ivar headers: (name, value) pairs in the order received.
-    @ivar leftover: bytes after the header block; they belong to the tunnel.
+    @ivar leftover: bytes after the header block; they belong to the tunnel
+        (after a 2xx) or to the answer's body.
+    @ivar version: the HTTP version of the status line, C{"1.0"} or
+        C{"1.1"}.
     """
 
     status: int
     reason: str
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     leftover: bytes = b""
+    version: str = "1.1"
 
     @property
     def opensTunnel(self) -> bool:

@@ -68,6 +68,7 @@ _CANONICAL = {
     "MD5-SESS": "MD5-sess",
 }
 _BASIC_STRENGTH = 1
+_NTLM_STRENGTH = 4
 _MAX_NONCE_COUNT = 0xFFFFFFFF
 # How many nonces to remember, each with its count.
 _KNOWN_NONCES = 32
@@ -331,6 +332,8 @@ def _strength(challenge: Challenge) -> int:
     """
     if challenge.scheme == "basic":
         return _BASIC_STRENGTH
+    if challenge.scheme == "ntlm":
+        return _NTLM_STRENGTH
     if challenge.scheme != "digest":
         return 0
     params = challenge.params
@@ -353,8 +356,8 @@ def _strength(challenge: Challenge) -> int:
 
 def strongestChallenge(challenges: list[Challenge]) -> Challenge | None:
     """
-    The challenge to answer: Digest SHA-256, else Digest MD5, else Basic;
-    the first offered among equals.  C{None} if none can be answered.
+    The challenge to answer: NTLM, else Digest SHA-256, else Digest MD5,
+    else Basic; the first offered among equals.  C{None} if none can be answered.
     """
     best: Challenge | None = None
     for challenge in challenges:
