@@ -66,6 +66,15 @@ class IProxyAttempt(Interface):
         Send C{data} to the proxy (the CONNECT request, then tunnel bytes).
         """
 
+    def again(request: bytes, response: ConnectResponse) -> None:
+        """
+        Send C{request} on this same connection once the body of
+        C{response}, the answer just reported (one that did not open the
+        tunnel), has been read past; the answer to C{request} is reported
+        like the first.  Call it only for an answer that
+        L{shifter.upstream.connect.reuseRefusal} accepts.
+        """
+
     def halfClose() -> None:
         """
         Tell the proxy that the client has finished sending (through the

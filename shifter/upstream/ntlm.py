@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from shifter.upstream.auth import Credentials
+from typing import Any
 
 
 class NTLMError(Exception):
@@ -31,14 +28,14 @@ class NTLMContext:
     One NTLM exchange, for one connection to the proxy: a fresh context
     each time, as every connection gets its own challenge.
 
-    The user name is C{DOMAIN\\user} (or C{user@domain}, or a bare user
-    name for a proxy that needs no domain).
+    @param username: C{DOMAIN\\user} (or C{user@domain}, or a bare user
+        name for a proxy that needs no domain).
     """
 
-    def __init__(self, credentials: Credentials) -> None:
+    def __init__(self, username: str, password: str) -> None:
         import spnego
 
-        self._context: Any = spnego.client(credentials.username, credentials.password, protocol="ntlm")
+        self._context: Any = spnego.client(username, password, protocol="ntlm")
 
     def negotiate(self) -> str:
         """

@@ -116,6 +116,7 @@ def tunnelRequest(
     port: int,
     authHeaders: Sequence[tuple[str, str]] = (),
     passClient: Optional[str] = None,
+    first: bool = True,
 ) -> bytes:
     """
     Everything Shifter writes on a new connection to C{proxy} before the
@@ -132,6 +133,9 @@ def tunnelRequest(
         header's destination.
     @param passClient: this connection's mode (a policy's choice); C{None}
         for the proxy's own, L{shifter.upstream.proxy.UpstreamProxy.passClient}.
+    @param first: C{False} for a request on a connection that already
+        carried one (NTLM's authenticate message): the PROXY header opens a
+        connection, and is not sent again.
     @raise ValueError: if the mode is unknown or anything in the request
         cannot be sent safely (see L{formatConnectRequest}).
     """
@@ -139,7 +143,8 @@ def tunnelRequest(
     headers = list(authHeaders)
     if mode == "x-forwarded-for":
         headers.append(forwardedFor(client))
-    return proxyHeader(mode, client, destination) + formatConnectRequest(connectHost, port, headers)
+    header = proxyHeader(mode, client, destination) if first else b""
+    return header + formatConnectRequest(connectHost, port, headers)
 
 
 def probeRequest(proxy: _Proxy, host: str, port: int, authHeaders: Sequence[tuple[str, str]] = ()) -> bytes:
