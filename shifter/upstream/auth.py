@@ -472,6 +472,7 @@ class ProxyAuth:
         self.basic = preemptiveBasic
         self.digest = False
         self.ntlm = False
+        self._ntlmCredential: object = None
         self.shared: _Nonce | None = None
         self._nonces: OrderedDict[str, _Nonce] = OrderedDict()
 
@@ -488,6 +489,17 @@ class ProxyAuth:
         if self.basic and not self.digest and not self.ntlm:
             return "basic"
         return "none"
+
+    def ntlmContext(self) -> NTLMContext:
+        """
+        A new NTLM context for one connection, from the credentials hashed
+        once for all of them.
+        """
+        from shifter.upstream.ntlm import NTLMContext, ntlmCredential
+
+        if self._ntlmCredential is None:
+            self._ntlmCredential = ntlmCredential(self.credentials.username, self.credentials.password)
+        return NTLMContext(self._ntlmCredential)
 
     def exchange(self) -> AuthExchange:
         """
@@ -556,9 +568,7 @@ class AuthExchange:
             self._sent, self._sentShared = "ntlm-authenticate", False
             return [("Proxy-Authorization", value)]
         if auth.ntlm:
-            from shifter.upstream.ntlm import NTLMContext
-
-            self._ntlm = NTLMContext(auth.credentials.username, auth.credentials.password)
+            self._ntlm = auth.ntlmContext()
             self._sent, self._sentShared = "ntlm-negotiate", False
             return [("Proxy-Authorization", self._ntlm.negotiate())]
         shared = auth.shared

@@ -23,19 +23,37 @@ class NTLMError(Exception):
     """
 
 
+def ntlmCredential(username: str, password: str) -> Any:
+    """
+    The credential every NTLM context of one proxy is made from: the user
+    name with the password's NT hash, computed once, so that a tunnel's
+    context costs no hashing (pyspnego hashes a password given as such for
+    every context, LM hash included, in pure Python: milliseconds).
+
+    @param username: C{DOMAIN\\user} (or C{user@domain}, or a bare user
+        name for a proxy that needs no domain).
+    """
+    import spnego
+
+    try:
+        from spnego._ntlm_raw.crypto import ntowfv1
+    except ImportError:  # a pyspnego that moved its helper: hash per context
+        return spnego.Password(username, password)
+    return spnego.NTLMHash(username, nt_hash=ntowfv1(password).hex())
+
+
 class NTLMContext:
     """
     One NTLM exchange, for one connection to the proxy: a fresh context
     each time, as every connection gets its own challenge.
 
-    @param username: C{DOMAIN\\user} (or C{user@domain}, or a bare user
-        name for a proxy that needs no domain).
+    @param credential: from L{ntlmCredential}.
     """
 
-    def __init__(self, username: str, password: str) -> None:
+    def __init__(self, credential: Any) -> None:
         import spnego
 
-        self._context: Any = spnego.client(username, password, protocol="ntlm")
+        self._context: Any = spnego.client(credential, protocol="ntlm")
 
     def negotiate(self) -> str:
         """
