@@ -304,7 +304,7 @@ def ntlmChallenge(request: bytes) -> ConnectResponse:
     import spnego
 
     negotiate = request.split(b"Proxy-Authorization: NTLM ", 1)[1].split(b"\r\n", 1)[0]
-    with ntlmUsers(Path(tempfile.mkdtemp()), "CORP:alice:s3cret"):
+    with tempfile.TemporaryDirectory() as directory, ntlmUsers(Path(directory), "CORP:alice:s3cret"):
         challenge = spnego.server(protocol="ntlm").step(base64.b64decode(negotiate))
     value = b"NTLM " + base64.b64encode(challenge)
     return ConnectResponse(407, "Proxy Authentication Required", [
