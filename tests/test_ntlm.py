@@ -51,6 +51,9 @@ class ReuseTests(SynchronousTestCase):
         self.assertIsNone(
             reuseRefusal(response((b"Content-Length", b"0"), (b"Connection", b"keep-alive"), version="1.0"))
         )
+        self.assertIsNone(
+            reuseRefusal(response((b"Content-Length", b"0"), (b"Proxy-Connection", b"Keep-Alive"), version="1.0"))
+        )
 
     def test_refusals(self) -> None:
         """
@@ -60,6 +63,7 @@ class ReuseTests(SynchronousTestCase):
         """
         cases = [
             (response((b"Content-Length", b"0"), (b"Connection", b"close")), "Connection: close"),
+            (response((b"Content-Length", b"0"), (b"Proxy-Connection", b"close")), "Connection: close"),
             (response((b"Content-Length", b"0"), version="1.0"), "HTTP/1.0 without keep-alive"),
             (response(), "no Content-Length"),
             (response((b"Content-Length", b"1"), (b"Content-Length", b"2")), "not one number"),
@@ -293,6 +297,7 @@ class NTLMTunnelTests(TunnelTestCase):
     """
 
     password = "s3cret"
+    passClient = "none"
 
     def makeFactory(self):  # type: ignore[no-untyped-def]
         from shifter.tunnel.downstream import ShifterFactory
@@ -300,7 +305,7 @@ class NTLMTunnelTests(TunnelTestCase):
         from shifter.upstream.proxy import UpstreamProxy
 
         self.auth = ProxyAuth(Credentials("CORP\\alice", self.password))
-        proxy = UpstreamProxy("proxy.test:3128", self.endpoint, PROXY, self.auth)
+        proxy = UpstreamProxy("proxy.test:3128", self.endpoint, PROXY, self.auth, passClient=self.passClient)
         self.pool = ProxyPool([proxy], self.clock)
         self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
         knowLocalAddresses(self.factory)
@@ -435,3 +440,21 @@ class NTLMTunnelTests(TunnelTestCase):
         self.assertTrue(clientTransport.disconnecting)
         [line] = self.failureLines()
         self.assertIn(f"NTLM authentication with the proxy failed: the answer's body exceeds {MAX_REFUSAL_BODY_BYTES}", line)
+
+
+class NTLMWithProxyProtocolTests(NTLMTunnelTests):
+    """
+    The same, to a proxy told about each client with the PROXY protocol.
+    """
+
+    passClient = "proxy-v1"
+
+    def test_proxyHeaderOnce(self) -> None:
+        """
+        The PROXY header opens the connection and is not sent again with
+        the authenticate message on it.
+        """
+        _, upstream, transport = self.firstTunnel()
+        self.assertTrue(transport.value().startswith(b"PROXY TCP4 192.0.2.2 203.0.113.7 50000 443\r\n"))
+        self.challengeOn(upstream, transport)
+        self.assertTrue(transport.value().startswith(b"CONNECT 203.0.113.7:443 HTTP/1.1\r\n"), transport.value())

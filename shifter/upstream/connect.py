@@ -264,7 +264,8 @@ def reuseRefusal(response: ConnectResponse, maxBody: int = MAX_REFUSAL_BODY_BYTE
     @return: the reason as the end of a sentence ("the proxy ..."), for
         the log line.
     """
-    connection = _tokens(response, b"connection")
+    # Proxy-Connection: what older proxies (and ISA/TMG) send instead.
+    connection = _tokens(response, b"connection") + _tokens(response, b"proxy-connection")
     if "close" in connection:
         return "it says Connection: close"
     if response.version == "1.0" and "keep-alive" not in connection:
