@@ -6,8 +6,11 @@ verifies the NTLMv2 responses with pyspnego's acceptor (C{ntlmproxy.py}),
 so that a wrong password is refused; a proxy that closes after its
 challenge gives one line and no hang.
 
-These need root (namespaces, iptables), Squid with ntlm_fake_auth, curl
-and openssl.
+The same through --hold-syn, where the login happens before the client's
+SYN is accepted.
+
+These need root (namespaces, iptables, nfnetlink_queue), Squid with
+ntlm_fake_auth, curl and openssl.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.gateway import SERVER_V4, VENV_BIN, makeCertificate, waitFor
+from tests.gateway import SERVER_V4, Squid, makeCertificate, waitFor
 from tests.support import requireHost
+from tests.test_holdsyn_e2e import HoldSynGatewayTestCase
 from tests.test_upstream_e2e import SQUID, UpstreamTestCase
 
 NTLM_PROXY = Path(__file__).resolve().parent / "ntlmproxy.py"
@@ -170,3 +174,39 @@ class VerifyingProxyTests(NTLMTestCase):
         result = self.fetch(URL, timeout=60)
         self.assertNotIn(result.returncode, (0, 28), result.stderr)
         self.shifter.waitForLog("failed: proxy answered 407 with an NTLM challenge, but it says Connection: close")
+
+
+class HoldSynNTLMTests(HoldSynGatewayTestCase):
+    """
+    With --hold-syn, the NTLM login happens while the client's SYN is
+    held: the SYN is accepted once Squid has answered the authenticate
+    message with 200.
+    """
+
+    ruleFormat = "iptables"
+
+    def setUp(self) -> None:
+        super().setUp()
+        if not os.path.exists(FAKE_AUTH):
+            requireHost(programs=(FAKE_AUTH,))
+        self.squid.stop()
+        self.squid = Squid(
+            self.net.gateway, self.directory / "ntlm-squid",
+            access=NTLMTestCase.authed, extra=NTLMTestCase.ntlmSquid,
+        )
+        self.squid.start()
+        credentials = self.directory / "ntlm-credentials"
+        credentials.write_text("CORP\\alice:s3cret\n")
+        self.shifter.options += ("--proxy-credentials", str(credentials))
+
+    def test_loginWhileTheSynIsHeld(self) -> None:
+        """
+        Two fetches: each SYN is held through NTLM's two rounds, accepted,
+        and its connection joined to the tunnel; Squid logs the user.
+        """
+        self.shifter.start()
+        for _ in range(2):
+            self.assertTunnelled(URL, f"{SERVER_V4}:443")
+        stats = self.stoppedStats()
+        self.assertEqual((stats["accepted"], stats["joined"], stats["refused"]), (2, 2, 0), stats)
+        waitFor(lambda: len(tunnelUsers(self.squid.accessLogLines())) == 2, 10, "two authenticated tunnels")
