@@ -93,6 +93,24 @@ class SquidNTLMTests(NTLMTestCase):
         self.assertEqual(sum("/407 " in line for line in squid.accessLogLines()), 4, squid.accessLogLines())
         self.assertNotIn("s3cret", self.shifter.logText())
 
+    def test_ntlmChosenOverBasic(self) -> None:
+        """
+        A Squid that offers NTLM and Basic is answered with NTLM, and the
+        password is never sent with Basic: basic_fake_auth would log the
+        whole user name, ntlm_fake_auth logs C\\a.
+        """
+        squid = self.squidWith(
+            self.authed,
+            extra=self.ntlmSquid + "auth_param basic program /usr/lib/squid/basic_fake_auth\n"
+            "auth_param basic realm shifter-test\n",
+        )
+        self.startShifter("--proxy", SQUID, "--proxy-credentials", self.credentials())
+        for _ in range(2):
+            result = self.fetch(URL)
+            self.assertEqual(result.returncode, 0, result.stderr)
+        waitFor(lambda: len(tunnelUsers(squid.accessLogLines())) == 2, 10, "two authenticated tunnels")
+        self.assertEqual(tunnelUsers(squid.accessLogLines()), ["C\\\\a"] * 2)
+
     def test_squidOverTLS(self) -> None:
         """
         The same NTLM exchange works with a Squid reached over TLS.
