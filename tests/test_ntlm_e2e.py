@@ -7,7 +7,7 @@ so that a wrong password is refused; a proxy that closes after its
 challenge gives one line and no hang.
 
 The same through --hold-syn, where the login happens before the client's
-SYN is accepted.
+SYN is accepted, and doctor's CONNECT to an NTLM proxy.
 
 These need root (namespaces, iptables, nfnetlink_queue), Squid with
 ntlm_fake_auth, curl and openssl.
@@ -20,8 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.gateway import SERVER_V4, Squid, makeCertificate, waitFor
+from tests.gateway import SERVER_V4, Squid, WebServer, makeCertificate, waitFor
 from tests.support import requireHost
+from tests.test_doctor_e2e import DoctorTestCase
 from tests.test_holdsyn_e2e import HoldSynGatewayTestCase
 from tests.test_upstream_e2e import SQUID, UpstreamTestCase
 
@@ -228,3 +229,24 @@ class HoldSynNTLMTests(HoldSynGatewayTestCase):
         stats = self.stoppedStats()
         self.assertEqual((stats["accepted"], stats["joined"], stats["refused"]), (2, 2, 0), stats)
         waitFor(lambda: len(tunnelUsers(self.squid.accessLogLines())) == 2, 10, "two authenticated tunnels")
+
+
+class DoctorNTLMTests(DoctorTestCase):
+    def test_authenticatedConnect(self) -> None:
+        """
+        doctor's CONNECT to a proxy that asks for NTLM goes through both
+        rounds on one connection: no finding, and Squid logs the tunnel
+        with the user.
+        """
+        squid = Squid(
+            self.net.gateway, self.directory / "squid", access=NTLMTestCase.authed, extra=NTLMTestCase.ntlmSquid
+        )
+        squid.start()
+        self.addCleanup(squid.stop)
+        web = WebServer(self.net.server, self.directory / "web")
+        web.start()
+        credentials = self.directory / "ntlm-credentials"
+        credentials.write_text("CORP\\alice:s3cret\n")
+        self.startShifter("--proxy-credentials", str(credentials))
+        self.assertEqual(self.doctor("--proxy-credentials", str(credentials), proxyCheck=True), (0, []))
+        squid.waitForLog("TCP_TUNNEL/200", f"CONNECT {SERVER_V4}:443 C\\\\a ")

@@ -657,6 +657,14 @@ class AuthExchange:
         self._own = nonce
         return None
 
+    @property
+    def awaitsChallenge(self) -> bool:
+        """
+        Whether the last CONNECT carried NTLM's negotiate message: a 407 to
+        it holds the challenge, to be answered on the same connection.
+        """
+        return self._sent == "ntlm-negotiate"
+
     def _ntlmChallenged(self, challenges: list[Challenge]) -> str | None:
         """
         The 407 that answered NTLM's negotiate message: its challenge is

@@ -147,7 +147,9 @@ def tunnelRequest(
     return header + formatConnectRequest(connectHost, port, headers)
 
 
-def probeRequest(proxy: _Proxy, host: str, port: int, authHeaders: Sequence[tuple[str, str]] = ()) -> bytes:
+def probeRequest(
+    proxy: _Proxy, host: str, port: int, authHeaders: Sequence[tuple[str, str]] = (), first: bool = True
+) -> bytes:
     """
     Everything Shifter writes on a connection of its own to C{proxy} (a
     health probe, C{doctor}'s check): the PROXY protocol header that says
@@ -155,11 +157,13 @@ def probeRequest(proxy: _Proxy, host: str, port: int, authHeaders: Sequence[tupl
     asks for one, then C{CONNECT host:port} with C{authHeaders}.  No
     C{X-Forwarded-For}: there is no client to name.
 
+    @param first: C{False} for a request on a connection that already
+        carried one (as for L{tunnelRequest}).
     @raise ValueError: as L{tunnelRequest}.
     """
     mode = checkPassClient(proxy.passClient)
     local = {"proxy-v1": encodeLocalV1, "proxy-v2": encodeLocalV2}.get(mode)
-    header = local() if local is not None else b""
+    header = local() if local is not None and first else b""
     return header + formatConnectRequest(host, port, list(authHeaders))
 
 
