@@ -62,6 +62,7 @@ from shifter.tunnel.deadlines import Deadlines
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
 from shifter.tunnel.limits import clientKey
 from shifter.tunnel.negotiation import (
+    AUTHENTICATING,
     CONNECTING,
     DECIDE_FAILED,
     DECIDED,
@@ -89,12 +90,12 @@ DEFAULT_HOLD_TIMEOUT = 10.0
 # A held SYN's states.
 HELD = "held"  # held, its checks not yet made (until START)
 # DECIDING (the policy deciding), CONNECTING (connecting to a proxy) and
-# HANDSHAKING (CONNECT sent), the SYN held: the proxy negotiation's own
-# (shifter.tunnel.negotiation).
+# HANDSHAKING (CONNECT sent), AUTHENTICATING (NTLM's second CONNECT sent),
+# the SYN held: the proxy negotiation's own (shifter.tunnel.negotiation).
 ACCEPTED = "accepted"  # the proxy said 2xx and the SYN was accepted: waiting for the client's connection
 DONE = "done"  # refused, taken over by a tunnel, or given up
 
-STATES = (HELD, DECIDING, CONNECTING, HANDSHAKING, ACCEPTED, DONE)
+STATES = (HELD, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING, ACCEPTED, DONE)
 
 # Its events: the proxy negotiation's (DECIDED, DECIDE_FAILED and the
 # PROXY_EVENTS), and these.
@@ -435,7 +436,7 @@ class HeldSyn(ProxyNegotiation):
     def _setDeadline(self, when: float | None) -> None:
         self.holder.deadlines.set(self, when)
 
-_HELD = (HELD, DECIDING, CONNECTING, HANDSHAKING)
+_HELD = (HELD, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING)
 # Every refusal at the SYN a client can cause at will (see the tunnel's
 # RATE_LIMITED), and the connection caps, which downstream limits too.
 _RATE_LIMITED = RATE_LIMITED | {"limit", "client-limit"}
@@ -448,12 +449,12 @@ TABLE = buildTable(
     # state        event(s)                                            action
     (HELD,         START,                                              "_start"),
     (HELD,         (DECIDED, DECIDE_FAILED, TIMED_OUT) + PROXY_EVENTS, "_impossible"),
-    ((DECIDING, CONNECTING, HANDSHAKING, ACCEPTED), START,            "_impossible"),
+    ((DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING, ACCEPTED), START, "_impossible"),
     (DECIDING,     DECIDED,                                            "_decided"),
     (DECIDING,     DECIDE_FAILED,                                      "_decideFailed"),
     (DECIDING,     PROXY_EVENTS,                                      "_impossible"),
     # Late results of a policy given up on (cancelled) change nothing.
-    ((CONNECTING, HANDSHAKING, ACCEPTED), (DECIDED, DECIDE_FAILED),   "_ignore"),
+    ((CONNECTING, HANDSHAKING, AUTHENTICATING, ACCEPTED), (DECIDED, DECIDE_FAILED), "_ignore"),
     (CONNECTING,   PROXY_CONNECTED,                                    "_proxyConnected"),
     (CONNECTING,   PROXY_CONNECT_FAILED,                               "_connectFailed"),
     (CONNECTING,   (PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA, PROXY_ENDED, PROXY_LOST), "_impossible"),
@@ -464,6 +465,11 @@ TABLE = buildTable(
     (DECIDING,     TIMED_OUT,                                          "_setupTimedOut"),
     (CONNECTING,   TIMED_OUT,                                          "_connectTimedOut"),
     (HANDSHAKING,  TIMED_OUT,                                          "_handshakeTimedOut"),
+    (AUTHENTICATING, (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_DATA), "_impossible"),
+    (AUTHENTICATING, PROXY_ANSWERED,                                   "_answered"),
+    (AUTHENTICATING, PROXY_INVALID,                                    "_authenticationInvalid"),
+    (AUTHENTICATING, (PROXY_ENDED, PROXY_LOST),                        "_closedWhileAuthenticating"),
+    (AUTHENTICATING, TIMED_OUT,                                        "_handshakeTimedOut"),
     (_HELD,        RETRANSMITTED,                                      "_dropCopy"),
     (_HELD,        (SUPERSEDED, STOP),                                 "_abandon"),
     (_HELD,        CLAIMED,                                            "_notAnswered"),

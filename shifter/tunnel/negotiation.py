@@ -37,7 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from shifter.upstream.connect import ConnectResponse, formatAuthority, isDottedQuad
+from shifter.upstream.connect import ConnectResponse, formatAuthority, isDottedQuad, reuseRefusal
 from shifter.tunnel.destinations import destinationRefusal
 from shifter.interfaces import IProxyAttempt
 from shifter.upstream.passclient import refusalHint, tunnelRequest
@@ -49,6 +49,10 @@ from shifter.tunnel.policy import TunnelDecision, TunnelRequest
 DECIDING = "deciding"
 CONNECTING = "connecting"
 HANDSHAKING = "handshaking"
+# The proxy's 407 held an NTLM challenge: its body is being read past, and
+# the authenticate message sent, on the same connection; the answer to that
+# is awaited.
+AUTHENTICATING = "authenticating"
 
 # The events of this stage, in both machines: the policy's answer, and what
 # a proxy attempt reports.
@@ -365,17 +369,57 @@ class ProxyNegotiation:
 
     def _challenged(self: Any, response: ConnectResponse) -> None:
         exchange = self.authExchange if self.authProxy is self.proxy else None
-        self._dropAttempt()
         if exchange is None:
+            self._dropAttempt()
             self._fail("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
             return
         challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
         cannot = exchange.challenged(challenges)
         if cannot is not None:
+            self._dropAttempt()
             self._fail("proxy-auth", f"proxy answered 407: {cannot}", status=407)
             return
+        if exchange.sameConnection:
+            self._authenticate(exchange, response)
+            return
+        self._dropAttempt()
         self.candidates.insert(0, self.proxy)
         self._connectNext()
+
+    def _authenticate(self: Any, exchange: Any, response: ConnectResponse) -> None:
+        """
+        Answer the NTLM challenge in C{response} on the connection that
+        carried it, once its body has been read past.
+        """
+        why = reuseRefusal(response)
+        if why is not None:
+            self._dropAttempt()
+            self._fail(
+                "proxy-auth",
+                f"proxy answered 407 with an NTLM challenge, but {why}: NTLM needs that connection kept open",
+                status=407,
+            )
+            return
+        port = self.destination.port
+        headers = exchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+        request = tunnelRequest(
+            self.proxy, self._clientAddress(), self.destination, self.connectHost, port, headers, self.passClient,
+            first=False,
+        )
+        self.state = AUTHENTICATING
+        self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
+        self.attempt.again(request, response)
+
+    def _authenticationInvalid(self: Any, reason: str) -> None:
+        self._dropAttempt()
+        self._fail("proxy-auth", f"NTLM authentication with the proxy failed: {reason}")
+
+    def _closedWhileAuthenticating(self: Any, reason: Failure | None = None) -> None:
+        self._dropAttempt()
+        self._fail(
+            "proxy-auth",
+            "proxy closed the connection after its NTLM challenge: NTLM needs that connection kept open",
+        )
 
     def _answerInvalid(self: Any, reason: str) -> None:
         why = f"bad answer from proxy: {reason}"

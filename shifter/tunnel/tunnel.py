@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 
 from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
 from shifter.tunnel.negotiation import (
+    AUTHENTICATING,
     CONNECTING,
     DECIDE_FAILED,
     DECIDED,
@@ -80,12 +81,12 @@ CLOSING = "closing"
 CLOSED = "closed"
 
 STATES = (
-    ACCEPTED, RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING,
+    ACCEPTED, RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING,
     RELAYING, CLIENT_FINISHED, PROXY_FINISHED, CLOSING, CLOSED,
 )
 
 # States before the tunnel opens, and while it is open.
-SETUP = (RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING)
+SETUP = (RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING)
 OPEN = (RELAYING, CLIENT_FINISHED, PROXY_FINISHED)
 
 # The events.
@@ -937,8 +938,8 @@ TABLE = buildTable(
     # Set-up: every stage keeps early bytes, notes an early end, fails on
     # the client's loss, the set-up deadline or shutdown.
     (SETUP,                    START,                             "_impossible"),
-    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING), CLIENT_DATA, "_keepEarly"),
-    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING), CLIENT_ENDED, "_keepEnd"),
+    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING), CLIENT_DATA, "_keepEarly"),
+    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING), CLIENT_ENDED, "_keepEnd"),
     (SETUP,                    CLIENT_LOST,                       "_clientLeftEarly"),
     (SETUP,                    ABORT,                             "_abortEarly"),
     (SETUP,                    RELAY_ENDED,                       "_impossible"),
@@ -955,7 +956,7 @@ TABLE = buildTable(
     (DECIDING,                 DECIDE_FAILED,                     "_decideFailed"),
     (DECIDING,                 (RESOLVED, RESOLVE_FAILED),        "_impossible"),
     (DECIDING,                 TIMED_OUT,                         "_setupTimedOut"),
-    ((CONNECTING, HANDSHAKING), _RESULTS,                         "_impossible"),
+    ((CONNECTING, HANDSHAKING, AUTHENTICATING), _RESULTS,         "_impossible"),
     (CONNECTING,               PROXY_CONNECTED,                   "_proxyConnected"),
     (CONNECTING,               PROXY_CONNECT_FAILED,              "_connectFailed"),
     (CONNECTING,               _ANSWERS,                          "_impossible"),
@@ -965,6 +966,13 @@ TABLE = buildTable(
     (HANDSHAKING,              PROXY_INVALID,                     "_answerInvalid"),
     (HANDSHAKING,              (PROXY_ENDED, PROXY_LOST),         "_closedBeforeAnswer"),
     (HANDSHAKING,              TIMED_OUT,                         "_handshakeTimedOut"),
+    # NTLM's second round, on the same connection: a 407 now is the
+    # credentials refused; an end or garbage is NTLM failing, not the proxy.
+    (AUTHENTICATING,           (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_DATA), "_impossible"),
+    (AUTHENTICATING,           PROXY_ANSWERED,                    "_answered"),
+    (AUTHENTICATING,           PROXY_INVALID,                     "_authenticationInvalid"),
+    (AUTHENTICATING,           (PROXY_ENDED, PROXY_LOST),         "_closedWhileAuthenticating"),
+    (AUTHENTICATING,           TIMED_OUT,                         "_handshakeTimedOut"),
     # Open: bytes flow; a half-close is passed on; a loss, the end of the
     # relay, the idle deadline or shutdown closes.
     (OPEN,                     (START,) + _RESULTS,               "_impossible"),
