@@ -202,7 +202,11 @@ class OpenTests(HolderTestCase):
         attempt.receiver.proxyData(attempt, b" world")
         receiver = object()
         held = self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, receiver)
-        self.assertEqual(held, HeldTunnel(attempt, b"hello world", 3.0, "203.0.113.7", None))
+        self.assertEqual(
+            (held.attempt, held.leftover, held.started, held.connectHost, held.passClient, held.status),
+            (attempt, b"hello world", 3.0, "203.0.113.7", None, 200),
+        )
+        self.assertRegex(held.tunnelId, "^[a-z2-7]{8}-[a-z2-7]+$")
         self.assertIs(attempt.receiver, receiver)
         self.assertFalse(attempt.aborted)
         self.assertEqual(self.holder.entries, {})

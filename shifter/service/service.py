@@ -45,6 +45,9 @@ class ShifterService(Service):
     @ivar reloader: reloads the configuration: returns what changed, in
         words, or raises C{ValueError} with the reason it cannot; C{None}
         when nothing can be reloaded.
+    @ivar accessLogOpener: opens the access log (C{--access-log}) and
+        returns it, for the factory; called before privileges are shed
+        where twistd sheds them.  C{None} for no access log.
     """
 
     log = Logger()
@@ -70,11 +73,26 @@ class ShifterService(Service):
         self.ready: Deferred[IListeningPort] = Deferred()
         self._starting: Deferred[None] | None = None
         self.reloader: Callable[[], str] | None = None
+        self.accessLogOpener: Callable[[], Any] | None = None
         self.draining = False
         self.failed = False
 
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._openAccessLog()
+
+    def _openAccessLog(self) -> None:
+        opener, self.accessLogOpener = self.accessLogOpener, None
+        if opener is None:
+            return
+        try:
+            self.factory.accessLog = opener()
+        except (OSError, ValueError):
+            self.cannotStart(Failure(), "--access-log")
+
     def startService(self) -> None:
         Service.startService(self)
+        self._openAccessLog()
         if self.failed:
             return  # a port it needs beside its own could not be opened
         if self._handleHangup:
@@ -214,6 +232,9 @@ class ShifterService(Service):
                 yield factory.closeAll()
         factory.pool.stop()
         factory.deadlines.stop()
+        accessLog, factory.accessLog = factory.accessLog, None
+        if accessLog is not None:
+            accessLog.close()
         yield factory.resolver.stop()
 
 

@@ -82,6 +82,7 @@ from shifter.tunnel.negotiation import (
 )
 from shifter.tunnel.statetable import buildTable
 from shifter.tunnel.tunnel import RATE_LIMITED
+from shifter.tunnel.tunnelid import newTunnelId
 from shifter.upstream.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
@@ -125,6 +126,9 @@ class HeldTunnel:
         or a policy's target.
     @ivar passClient: a policy's C{--pass-client} choice, or C{None} for
         the proxy's own.
+    @ivar tunnelId: the id its CONNECT carried, which the tunnel keeps.
+    @ivar status: the proxy's answer to CONNECT.
+    @ivar connected: when the connection to the proxy was made.
     """
 
     attempt: Any
@@ -132,6 +136,9 @@ class HeldTunnel:
     started: float
     connectHost: str
     passClient: Optional[str] = None
+    tunnelId: str = ""
+    status: Optional[int] = None
+    connected: Optional[float] = None
 
 
 def newAttempt(proxy: Any, receiver: IProxyReceiver) -> Any:
@@ -187,6 +194,10 @@ class HeldSyn(ProxyNegotiation):
         self.connectHost = self.address
         self.named = ""
         self.passClient: str | None = None  # a policy's --pass-client choice
+        self.tunnelId = newTunnelId()
+        self.targetFrom = "address"
+        self.proxyStatus: int | None = None
+        self.proxyConnectedAt: float | None = None
         self.pending: Deferred[Any] | None = None
         self.proxy: Any = None
         self.attempt: Any = None
@@ -408,7 +419,10 @@ class HeldSyn(ProxyNegotiation):
             attempt.transport.resumeProducing()
         self.holder.counters["joined"] += 1
         self._done()
-        return HeldTunnel(attempt, b"".join(self.received), self.started, self.connectHost, self.passClient)
+        return HeldTunnel(
+            attempt, b"".join(self.received), self.started, self.connectHost, self.passClient,
+            self.tunnelId, self.proxyStatus, self.proxyConnectedAt,
+        )
 
     def _giveUp(self) -> None:
         self._dropAttempt()
