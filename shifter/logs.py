@@ -5,7 +5,7 @@ client can repeat at will.
 
 C{--log-format json} writes every event as one JSON object per line, with
 stable field names (L{eventAsDict}): C{time}, C{level}, C{namespace},
-C{message}, the event's own fields (the per-tunnel lines' C{tunnel},
+C{message}, C{system} (a worker's lines: C{"worker 0#info"}), the event's own fields (the per-tunnel lines' C{tunnel},
 C{client}, C{destination}, C{proxy}, C{how}, C{bytes_up}, C{bytes_down},
 C{duration} among them) and C{traceback} for a failure; nothing of
 Twisted's own bookkeeping.  The same observer serves twistd's C{--logger}::
@@ -34,7 +34,7 @@ from typing import IO, Any, Callable
 
 from zope.interface import implementer
 
-from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, textFileLogObserver
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, jsonFileLogObserver, textFileLogObserver
 
 log = Logger()
 
@@ -77,6 +77,9 @@ def eventAsDict(event: dict[str, Any]) -> dict[str, Any]:
         "namespace": event.get("log_namespace", ""),
         "message": formatEvent(event),
     }
+    system = event.get("log_system")
+    if system is not None and system != "-":
+        out["system"] = str(system)  # a worker's lines: "worker 0#info"
     for key, value in event.items():
         if key.startswith(("log_", "_")) or key in _INTERNAL_KEYS or key in out:
             continue
@@ -109,6 +112,15 @@ def json() -> ILogObserver:
     One JSON object per line on standard output, for twistd's C{--logger}.
     """
     return JsonObserver(sys.stdout)
+
+
+def events() -> ILogObserver:
+    """
+    Every event whole, in Twisted's own JSON, on standard output: how a
+    worker of C{--workers} hands its events to the parent, which logs them
+    in its own format.
+    """
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")
 
 
 _FIELD_NAME = re.compile(r"[^A-Z0-9_]")

@@ -100,7 +100,7 @@ class WorkersServiceTests(SynchronousTestCase):
         self.workers.startService()
         [(_, args, env), _] = self.reactor.spawned
         self.assertEqual(args[1:3], ["-c", _TWISTD])
-        self.assertEqual(args[3:], ["-n", "--pidfile=", "--logger", "shifter.logs.json", "shifter",
+        self.assertEqual(args[3:], ["-n", "--pidfile=", "--logger", "shifter.logs.events", "shifter",
                                     "--proxy", "127.0.0.1:3128", "--worker", "0"])
         self.assertEqual(env[PARENT_PID], str(os.getpid()))
 
@@ -250,4 +250,4 @@ class WorkersLoggingTests(GatewayTestCase):
         tunnels = [e for e in events() if "tunnel_line" in e]
         self.assertEqual(len(tunnels), 4)
         for event in tunnels:
-            self.assertRegex(event["log_system"], r"^worker [01]#info$")
+            self.assertRegex(event["system"], r"^worker [01]#info$")

@@ -743,17 +743,22 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     if twistd is not None:
         logFile = twistdLogFile(twistd)
         useLogFile(logFile)
+    top = MultiService()
+    # --log-format, unless twistd was given a --logger of its own (as
+    # each worker of --workers is).
+    if config["log-format"] != "text" and not (twistd is not None and twistd.get("logger")):
+        top = LoggingService(logObserver(config["log-format"], logFile))
     if config["workers"] > 1 and config["worker"] is None:
-        return WorkersService(
+        WorkersService(
             reactor, config["workers"], config.arguments, config["drain-timeout"], config["listen"],
             exitStatusOnFailure=exitStatusOnFailure,
-        )
+        ).setServiceParent(top)
+        return top
     built = configure(config, reactor)
     resolver = makeResolver(config["resolver"], reactor, **resolverOptions(config))
     factory = ShifterFactory(resolver, built.pool, built.settings, reactor, policy=built.policy)
     if config["hold-syn"]:
         factory.holder = resolver.holder = SynHolder(factory, config["hold-timeout"])  # type: ignore[attr-defined]
-    top = LoggingService(logObserver(config["log-format"], logFile)) if config["log-format"] != "text" else MultiService()
     listen = withBacklog(config["listen"], LISTEN_BACKLOG)
     endpoint = serverFromString(reactor, listen)
     metrics = config["metrics"]

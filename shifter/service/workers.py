@@ -69,7 +69,7 @@ _TWISTD = (
 
 # What twistd is told in each worker: its log events go to the parent as
 # JSON lines.
-_WORKER_TWISTD_OPTIONS = ("-n", "--pidfile=", "--logger", "shifter.logs.json")
+_WORKER_TWISTD_OPTIONS = ("-n", "--pidfile=", "--logger", "shifter.logs.events")
 
 _PR_SET_PDEATHSIG = 1
 

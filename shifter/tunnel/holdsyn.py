@@ -325,8 +325,9 @@ class HeldSyn(ProxyNegotiation):
         """
         self.stats.counters[kind] += 1
         self.holder.counters["refused"] += 1
-        text = "tunnel {client} -> {destination}{named} via {proxy} refused at the SYN: {reason}"
+        text = "tunnel {client} -> {destination}{named} via {proxy} refused at the SYN: {reason} id={tunnel}"
         facts: dict[str, Any] = dict(
+            tunnel=self.tunnelId,
             client=self.clientLabel,
             destination=self.target,
             named=self.named,

@@ -830,7 +830,7 @@ class Tunnel(ProxyNegotiation):
         self.failed = True
         self.failureKind = kind
         self.owner.stats.counters[kind] += 1
-        text = "tunnel {tunnel} {client} -> {destination}{named} via {proxy} failed: {reason}"
+        text = "tunnel {client} -> {destination}{named} via {proxy} failed: {reason} id={tunnel}"
         facts: dict[str, Any] = dict(
             tunnel=self.tunnelId,
             client=self.clientLabel,
@@ -964,8 +964,8 @@ class Tunnel(ProxyNegotiation):
         # as fields.
         self.log.info(
             "{tunnel_line}",
-            tunnel_line=f"tunnel {self.tunnelId} {client} -> {destination}{named} via {proxy} closed ({how}): "
-            f"{up} bytes up, {down} bytes down, {duration:.3f} s{dropped}",
+            tunnel_line=f"tunnel {client} -> {destination}{named} via {proxy} closed ({how}): "
+            f"{up} bytes up, {down} bytes down, {duration:.3f} s{dropped} id={self.tunnelId}",
             tunnel=self.tunnelId,
             client=client,
             destination=destination,
