@@ -6,7 +6,6 @@ L{shifter.service.service}), in memory.
 
 from __future__ import annotations
 
-
 import ipaddress
 import json
 import re

@@ -59,7 +59,7 @@ def _ms(start: float | None, end: float | None) -> str:
     """
     if start is None or end is None or end < start:
         return "-"
-    return str(int((end - start) * 1000))
+    return str(round((end - start) * 1000))
 
 
 def _clean(text: str) -> str:
