@@ -126,12 +126,15 @@ def events() -> ILogObserver:
 _FIELD_NAME = re.compile(r"[^A-Z0-9_]")
 
 
-def journalFields(event: dict[str, Any]) -> bytes:
+def journalFields(event: dict[str, Any], limit: int | None = None) -> bytes:
     """
     C{event} in journald's native protocol: C{MESSAGE}, C{PRIORITY},
     C{SYSLOG_IDENTIFIER=shifter}, C{SHIFTER_NAMESPACE}, and each field of
     L{eventAsDict} as C{SHIFTER_<NAME>} (C{SHIFTER_CLIENT},
     C{SHIFTER_TUNNEL}, C{SHIFTER_TRACEBACK}, ...).
+
+    @param limit: if given, the most characters of any value; a longer
+        one is cut there and ends with C{" [cut short]"}.
     """
     facts = eventAsDict(event)
     level = event.get("log_level") or LogLevel.info
@@ -147,6 +150,8 @@ def journalFields(event: dict[str, Any]) -> bytes:
         fields.append((name, "" if value is None else str(value)))
     out = bytearray()
     for name, value in fields:
+        if limit is not None and len(value) > limit:
+            value = value[:limit] + " [cut short]"
         data = value.encode("utf-8", "replace")
         if b"\n" in data:
             out += name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
@@ -177,10 +182,8 @@ class JournaldObserver:
             self._send(data)
         except OSError as e:
             if e.errno == errno.EMSGSIZE:
-                short = dict(event, log_failure=None, log_format="{shifter_message}",
-                             shifter_message=formatEvent(event)[:8192] + " [cut short]")
                 try:
-                    self._send(journalFields(short))
+                    self._send(journalFields(event, limit=8192))
                     return
                 except OSError:
                     pass
