@@ -20,8 +20,9 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.logs import ownFiles, reopenOnHangup
@@ -34,7 +35,7 @@ from shifter.service.accesslog import (
     BufferedFile,
     openAccessLog,
 )
-from shifter.service.tap import Options
+from shifter.service.tap import Options, makeService
 from shifter.tunnel.tunnel import TunnelRecord
 from shifter.tunnel.tunnelid import TunnelIds
 from tests.test_lifecycle import LifecycleTestCase, drain
@@ -163,6 +164,66 @@ class FormatTests(SynchronousTestCase):
         """
         readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
         self.assertEqual([name for name in FIELDS if f"| `{name}` |" not in readme], [])
+
+
+class OptionTests(SynchronousTestCase):
+    def test_wired(self) -> None:
+        """
+        --access-log opens its file before privileges are shed (twistd's
+        privilegedStartService), for the factory; --tunnel-id-header names
+        the header, none sends none; the default is Shifter-Tunnel.
+        """
+        path = Path(self.mktemp())
+        options = Options()
+        options.parseOptions(["--proxy", "127.0.0.1:3128", "--access-log", str(path), "--tunnel-id-header", "X-Id"])
+        service = makeService(options, reactor=MemoryReactorClock()).getServiceNamed("shifter")
+        factory = service.factory
+        self.assertEqual(factory.settings.tunnelIdHeader, "X-Id")
+        self.assertIsNone(factory.accessLog)
+        service.privilegedStartService()
+        self.addCleanup(lambda: factory.accessLog and factory.accessLog.close())
+        self.assertEqual(factory.accessLog.writer.path, str(path.resolve()))
+        self.assertTrue(path.exists())
+        for header, sent in [(None, "Shifter-Tunnel"), ("none", "")]:
+            options = Options()
+            options.parseOptions(["--proxy", "127.0.0.1:3128"] + (["--tunnel-id-header", header] if header else []))
+            service = makeService(options, reactor=MemoryReactorClock()).getServiceNamed("shifter")
+            self.assertEqual(service.factory.settings.tunnelIdHeader, sent)
+
+    def test_configFile(self) -> None:
+        """
+        The configuration file takes access-log, access-log-format,
+        tunnel-id-header and log-format as keys.
+        """
+        config = Path(self.mktemp())
+        config.write_text(
+            'proxy = ["127.0.0.1:3128"]\n'
+            f'access-log = "{config}.access"\n'
+            'access-log-format = "{id} {client}"\n'
+            'tunnel-id-header = "X-Id"\n'
+            'log-format = "json"\n'
+        )
+        options = Options()
+        options.parseOptions(["--config", str(config)])
+        self.assertEqual(
+            (options["access-log"], options["access-log-format"], options["tunnel-id-header"], options["log-format"]),
+            (f"{config}.access", "{id} {client}", "X-Id", "json"),
+        )
+
+    def test_refusedOptions(self) -> None:
+        """
+        An access log that cannot be opened, and a header name that is not
+        one, are refused with the options, naming them.
+        """
+        for arguments, message in [
+            (["--access-log", "/nonexistent/access.log"], "--access-log: '/nonexistent/access.log': no directory"),
+            (["--access-log", "/"], "--access-log: '/' is a directory"),
+            (["--tunnel-id-header", "Shifter Tunnel"], "--tunnel-id-header: expected a header name"),
+            (["--tunnel-id-header", "X-Id:"], "--tunnel-id-header: expected a header name"),
+        ]:
+            with self.assertRaises(UsageError) as caught:
+                Options().parseOptions(["--proxy", "127.0.0.1:3128", *arguments])
+            self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
 
 
 class BufferedFileTests(SynchronousTestCase):
