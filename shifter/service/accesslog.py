@@ -133,8 +133,8 @@ FIELDS: dict[str, tuple[str, Callable[[TunnelRecord], str]]] = {
 
 class AccessLogFormat:
     """
-    A format of literal text and C{{field}}s (C{{{}} and C{}}} for braces),
-    checked once and rendered by joining.
+    A format of literal text and field names in braces (a brace of the
+    text doubled), checked once and rendered by joining.
     """
 
     def __init__(self, format: str) -> None:
