@@ -304,7 +304,9 @@ class AccessLogTests(LifecycleTestCase):
     """
 
     @inlineCallbacks
-    def startWith(self, status: int | None, format: str = EVERY_FIELD, **settings: Any):  # type: ignore[no-untyped-def]
+    def startWith(  # type: ignore[no-untyped-def]
+        self, status: int | None, format: str = EVERY_FIELD, accessLog: bool = True, **settings: Any
+    ):
         """
         Shifter with an access log in this test's directory, through a
         proxy answering C{status}, or through a dead one if C{None}.
@@ -323,6 +325,8 @@ class AccessLogTests(LifecycleTestCase):
         self.proxyLabel = f"127.0.0.1:{proxyPort}"
         settings.setdefault("tunnelIdHeader", "Shifter-Tunnel")
         yield self.startShifter([self.proxyLabel], **settings)
+        if not accessLog:
+            return
         self.path = self.directory / "access.log"
         self.accessLog = openAccessLog(str(self.path), format, reactor)
         self.factory.accessLog = self.accessLog
@@ -398,8 +402,24 @@ class AccessLogTests(LifecycleTestCase):
         )
         [request] = self.proxy.requests
         self.assertIn(f"\r\nShifter-Tunnel: {line['id']}", request)
+        self.assertEqual(self.lines("closed ("), [])
+
+    @inlineCallbacks
+    def test_tunnelLineWithoutAccessLog(self):  # type: ignore[no-untyped-def]
+        """
+        Without an access log, a tunnel that opened has its line in the
+        service log, ending with its id, the one its CONNECT carried.
+        """
+        yield self.startWith(200, accessLog=False)
+        sock = self.client()
+        sock.sendall(b"hi")
+        self.assertEqual((yield self.receive(sock, 2)), b"hi")
+        sock.shutdown(socket.SHUT_WR)
+        yield self.waitUntil(lambda: self.lines("closed ("), 10, "the tunnel line")
         [closed] = self.lines("closed (")
-        self.assertTrue(closed.endswith(f" id={line['id']}"), closed)
+        [request] = self.proxy.requests
+        tunnelId = re.search(r"\r\nShifter-Tunnel: (\S+)", request).group(1)
+        self.assertTrue(closed.endswith(f" id={tunnelId}"), closed)
 
     @inlineCallbacks
     def test_forbidden(self):  # type: ignore[no-untyped-def]

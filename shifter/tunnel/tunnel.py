@@ -312,6 +312,11 @@ class ITunnelOwner(Interface):
         "Whether destination rules are in force, so that CONNECT asks for the address even "
         "when a name was read (unless a rule chooses the name)."
     )
+    accessLog = Attribute(
+        "The access log each finished connection's L{TunnelRecord} goes to (through "
+        "L{tunnelClosed}), or C{None}.  While there is one, a tunnel that opened and "
+        "ended in order has its line there, not in the service log."
+    )
 
     def isListeningAddress(host: str, port: int) -> Optional[bool]:
         """
@@ -946,6 +951,8 @@ class Tunnel(ProxyNegotiation):
         self.owner.tunnelClosed(self)
         if not wasOpen:
             return  # _fail has logged the one line this connection gets.
+        if getattr(self.owner, "accessLog", None) is not None:
+            return  # the access log has its line; the service log keeps what concerns the service
         duration = self.clock.seconds() - self.started
         client, destination, named = self.clientLabel, self.target, self.named
         proxy = self.proxy.description
