@@ -91,6 +91,39 @@ class WorkersServiceTests(SynchronousTestCase):
     def worker(self, index: int):  # type: ignore[no-untyped-def]
         return self.workers.workers[index]
 
+    def test_user1PassedOn(self) -> None:
+        """
+        SIGUSR1 (reopen the access log) is passed on to every worker, a
+        real process here, and then to the handler before it (twistd's,
+        which rotates its --logfile).
+        """
+        before: list[int] = []
+        # The handlers in place: twistd's for SIGUSR1 first.
+        handlers: dict[int, object] = {signal.SIGUSR1: lambda signum, frame: before.append(signum)}
+
+        def install(signum: int, handler: object) -> object:
+            previous = handlers.get(signum, signal.SIG_DFL)
+            handlers[signum] = handler
+            return previous
+
+        self.patch(signal, "signal", install)
+        self.reactor.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
+        child = subprocess.Popen(
+            [sys.executable, "-c",
+             "import signal, sys\n"
+             "signal.signal(signal.SIGUSR1, lambda n, f: sys.exit(7))\n"
+             "print('ready', flush=True)\n"
+             "signal.pause()\n"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.addCleanup(child.kill)
+        self.assertEqual(child.stdout.readline().strip(), "ready")
+        self.workers.startService()
+        self.workers.pids = {0: child.pid}
+        handlers[signal.SIGUSR1](signal.SIGUSR1, None)  # type: ignore[operator]
+        self.assertEqual(child.wait(30), 7)
+        self.assertEqual(before, [signal.SIGUSR1])
+
     def test_arguments(self) -> None:
         """
         Each worker runs twistd in the foreground, logging JSON events to

@@ -4,8 +4,8 @@ reactor and no threads.
 
 The parent (L{WorkersService}) does no relaying.  It starts N copies of
 C{twistd -n shifter} with the same options plus C{--worker I}, watches
-them, restarts one that dies, and passes SIGTERM (drain, then exit) and
-SIGHUP on to all of them.
+them, restarts one that dies, and passes SIGTERM (drain, then exit),
+SIGHUP and SIGUSR1 (reopen the access log) on to all of them.
 
 Each worker listens on its own socket bound with C{SO_REUSEPORT}
 (L{ReusePortEndpoint}), so the kernel spreads new connections over the
@@ -263,12 +263,19 @@ class WorkersService(Service):
         self._failures: dict[int, int] = {}
         self._restarts: dict[int, Any] = {}
         self._restoreHangup: Callable[[], object] | None = None
+        self._previousUser1: Any = None
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
         Service.startService(self)
         previous = signal.signal(signal.SIGHUP, self._onHangup)
-        self._restoreHangup = lambda: signal.signal(signal.SIGHUP, previous)
+        self._previousUser1 = signal.signal(signal.SIGUSR1, self._onUser1)
+
+        def restore() -> None:
+            signal.signal(signal.SIGHUP, previous)
+            signal.signal(signal.SIGUSR1, self._previousUser1)
+
+        self._restoreHangup = restore
         rememberOpenLogFile()
         for index in range(self.count):
             self._spawn(index)
@@ -362,6 +369,11 @@ class WorkersService(Service):
 
     def _onHangup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self._hangup)
+
+    def _onUser1(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._signalAll, signal.SIGUSR1)
+        if callable(self._previousUser1):
+            self._previousUser1(signum, frame)  # twistd's: it rotates its --logfile
 
     def _hangup(self) -> None:
         self.log.info("SIGHUP: reopened {count} log files", count=reopenLogFiles())
