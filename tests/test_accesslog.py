@@ -33,11 +33,13 @@ from shifter.service.accesslog import (
     FLUSH_SECONDS,
     AccessLogFormat,
     BufferedFile,
+    SyslogWriter,
     openAccessLog,
 )
 from shifter.service.tap import Options, makeService
 from shifter.tunnel.tunnel import TunnelRecord
 from shifter.tunnel.tunnelid import TunnelIds
+from tests.support import socketDirectory
 from tests.test_lifecycle import LifecycleTestCase, drain
 
 # Every field, "|" apart, to check each.
@@ -261,6 +263,29 @@ class BufferedFileTests(SynchronousTestCase):
         clock.advance(FLUSH_SECONDS)
         [event] = events
         self.assertIn("access log /dev/full: No space left on device; lines lost", formatEvent(event))
+
+
+class SyslogWriterTests(SynchronousTestCase):
+    def test_datagrams(self) -> None:
+        """
+        --access-log syslog sends each line as one datagram to the syslog
+        socket (here one of the test's own): facility daemon, severity
+        info, tag shifter with the pid; a socket that cannot take one drops
+        it, counted, and never blocks.
+        """
+        path = str(socketDirectory(self) / "log")
+        syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        syslog.bind(path)
+        self.addCleanup(syslog.close)
+        writer = SyslogWriter(path)
+        self.addCleanup(writer.close)
+        writer.write("k7q2mx4d-1b 192.0.2.2:50000 ok")
+        self.assertEqual(syslog.recv(4096), f"<30>shifter[{os.getpid()}]: k7q2mx4d-1b 192.0.2.2:50000 ok".encode())
+        for _ in range(10000):
+            writer.write("x" * 1000)
+            if writer.dropped:
+                break
+        self.assertEqual(writer.dropped, 1)
 
 
 class TunnelIdTests(SynchronousTestCase):
