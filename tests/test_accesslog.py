@@ -536,6 +536,9 @@ class AccessLogTests(LifecycleTestCase):
         what was written before.
         """
         yield self.startWith(403, format="{id}")
+        # Whatever handlers other tests left behind are not called.
+        for sig in (signal.SIGHUP, signal.SIGUSR1):
+            self.addCleanup(signal.signal, sig, signal.signal(sig, signal.SIG_IGN))
         restore = reopenOnHangup(reactor)
         self.addCleanup(restore)
         self.assertIn(self.accessLog, ownFiles)
