@@ -420,6 +420,26 @@ class RefusalTests(HolderTestCase):
         self.answered(self.attempts[0], ConnectResponse(403, "Forbidden"))
         self.assertRefused("proxy-status", "via proxy1.test:3128 refused at the SYN: proxy answered 403 Forbidden")
 
+    def test_accessLogLine(self) -> None:
+        """
+        A SYN refused has its access-log record, under the id its CONNECT
+        carried: the proxy's status, the reason, no bytes.
+        """
+        records: list[Any] = []
+        self.makeHolder(tunnelIdHeader="Shifter-Tunnel")
+        self.owner.accessLog = type("AccessLog", (), {"tunnelEnded": lambda self, record: records.append(record)})()
+        self.send(syn(1))
+        self.clock.advance(0.25)
+        self.answered(self.attempts[0], ConnectResponse(403, "Forbidden"))
+        [record] = records
+        self.assertIn(f"\r\nShifter-Tunnel: {record.tunnelId}\r\n".encode(), self.attempts[0].written[0])
+        self.assertEqual(
+            (record.client, record.destination, record.connectTarget, record.proxy, record.status, record.result,
+             record.how, record.bytesUp, record.bytesDown, record.ended - record.started),
+            ("192.0.2.2:40000", "203.0.113.7:443", "203.0.113.7:443", "proxy1.test:3128", 403, "proxy-status",
+             "refused at the SYN: proxy answered 403 Forbidden", 0, 0, 0.25),
+        )
+
     def test_proxyDown(self) -> None:
         """
         A proxy that refuses the connection, with none left to try, refuses

@@ -81,7 +81,7 @@ from shifter.tunnel.negotiation import (
     formatAddress,
 )
 from shifter.tunnel.statetable import buildTable
-from shifter.tunnel.tunnel import RATE_LIMITED
+from shifter.tunnel.tunnel import RATE_LIMITED, TunnelRecord
 from shifter.tunnel.tunnelid import newTunnelId
 from shifter.upstream.upstream import ProxyAttempt
 
@@ -342,10 +342,39 @@ class HeldSyn(ProxyNegotiation):
             self.holder.owner.refusals.warn(kind, text, **facts)
         else:
             self.log.warn(text, **facts)
+        accessLog = getattr(self.owner, "accessLog", None)
+        if accessLog is not None:
+            accessLog.tunnelEnded(self._record(kind, reason))
         self._cancelPending()
         self._dropAttempt()
         self._verdict("reject")
         self._done()
+
+    def _record(self, kind: str, reason: str) -> TunnelRecord:
+        """
+        The access-log record of a SYN refused: a client connection that
+        never was, from its SYN to its reset.
+        """
+        port = self.destination.port
+        return TunnelRecord(
+            tunnelId=self.tunnelId,
+            started=self.started,
+            ended=self.clock.seconds(),
+            client=self.clientLabel,
+            destination=self.target,
+            connectTarget=formatAddress(self.connectHost, port) if self.proxy is not None else "",
+            targetFrom=self.targetFrom,
+            name=None,
+            proxy=self.proxy.description if self.proxy is not None else "",
+            status=self.proxyStatus,
+            bytesUp=0,
+            bytesDown=0,
+            result=kind,
+            how=f"refused at the SYN: {reason}",
+            resolved=self.started,
+            connecting=self.connectStarted if self.proxy is not None else None,
+            connected=self.proxyConnectedAt,
+        )
 
     def _dropCopy(self, copy: Any) -> None:
         # The first copy, held, will be answered: this one adds nothing.
