@@ -258,7 +258,7 @@ class SidePortService(Service):
         description: str,
         endpoint: IStreamServerEndpoint,
         factory: Any,
-        shifterService: ShifterService,
+        shifterService: Any,
         hint: str = "",
     ) -> None:
         self.what = what

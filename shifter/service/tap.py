@@ -44,7 +44,7 @@ from shifter.service.accesslog import AccessLogFormat, checkDestination
 from shifter.tunnel.tunnelid import DEFAULT_HEADER as DEFAULT_TUNNEL_ID_HEADER
 from shifter.service.service import ShifterService, SidePortService
 from shifter.relay.splice import SPLICE_AVAILABLE
-from shifter.service.workers import ReusePortEndpoint, WorkersService, becomeWorker, shiftPort, workerReady
+from shifter.service.workers import ReusePortEndpoint, WorkersService, becomeWorker, workerReady
 
 CONNECT_TARGETS = ("ip", "sni", "host", "auto")
 
@@ -442,8 +442,9 @@ class Options(usage.Options):
             1,
             "Processes serving the --listen port (tcp: or tcp6: only), each "
             "with its own socket (SO_REUSEPORT) and reactor, started, watched "
-            "and restarted by this one. With --metrics, worker I serves on the "
-            "metrics port plus I.",
+            "and restarted by this one. With --metrics, this one serves the "
+            "sum of the workers' metrics there, and worker I its own on the "
+            "metrics port plus 1 + I.",
             _positiveInt,
         ],
         [
@@ -749,10 +750,20 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     if config["log-format"] != "text" and not (twistd is not None and twistd.get("logger")):
         top = LoggingService(logObserver(config["log-format"], logFile))
     if config["workers"] > 1 and config["worker"] is None:
-        WorkersService(
+        workers = WorkersService(
             reactor, config["workers"], config.arguments, config["drain-timeout"], config["listen"],
             exitStatusOnFailure=exitStatusOnFailure,
-        ).setServiceParent(top)
+        )
+        if config["metrics"] is not None:
+            from shifter.service.metricsum import summedSite
+
+            summed = summedSite(reactor, config["metrics"], config["workers"])
+            if summed is not None:
+                SidePortService(
+                    "metrics (the sum of the workers')", config["metrics"],
+                    serverFromString(reactor, config["metrics"]), summed, workers,
+                ).setServiceParent(top)
+        workers.setServiceParent(top)
         return top
     built = configure(config, reactor)
     resolver = makeResolver(config["resolver"], reactor, **resolverOptions(config))
@@ -768,7 +779,9 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
         becomeWorker(worker)
         endpoint = ReusePortEndpoint.fromString(reactor, listen) or endpoint
         if metrics is not None:
-            metrics = shiftPort(metrics, worker) or (metrics if worker == 0 else None)
+            from shifter.service.metricsum import workerMetrics
+
+            metrics = workerMetrics(metrics, worker) or (metrics if worker == 0 else None)
         if control is not None:
             control = f"{control}.{worker}"
     service = ShifterService(

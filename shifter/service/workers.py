@@ -17,8 +17,9 @@ Logs: a worker writes its log events, as JSON, to a pipe to the parent,
 which publishes them as its own, tagged C{[worker I#level]}: so they go
 where the parent's go (C{--logfile}, C{--syslog}, a C{--logger}), in the
 format the parent's go in, and rotation and reopening stay the parent's.
-Metrics (C{--metrics}): worker I serves on the given port plus I (scrape
-them all; the counters are per worker).
+Metrics (C{--metrics}): the parent serves the sum of the workers' on the
+given port, worker I its own on that port plus 1 + I
+(L{shifter.service.metricsum}).
 
 A worker arms the parent-death signal before anything else (C{prctl
 PR_SET_PDEATHSIG}) and then checks that its parent is still the process
@@ -366,6 +367,17 @@ class WorkersService(Service):
             delay=delay,
         )
         self._restarts[index] = self.reactor.callLater(delay, self._spawn, index)
+
+    def cannotStart(self, reason: Failure, what: str) -> None:
+        """
+        A port the parent serves beside the workers (the sum of their
+        metrics) cannot be opened: one critical line, then stop, as when a
+        worker cannot start.
+        """
+        self.log.critical("Shifter cannot start: {what}: {reason}", what=what, reason=reason.getErrorMessage())
+        from shifter.service.service import stopWithFailure
+
+        stopWithFailure(self.reactor, self.exitStatusOnFailure)
 
     def _onHangup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self._hangup)
