@@ -6,6 +6,7 @@ version, and every failure reason there before it first happens.
 
 from __future__ import annotations
 
+import json
 import socket
 
 from prometheus_client import generate_latest
@@ -13,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -22,8 +23,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 import shifter
 from shifter.service.metricspage import QuietSite, metricsSite
 from shifter.service.metricsum import SummedPage, scrapeAddress, sumPages, summedSite, workerMetrics
+from shifter.service.tap import Options, makeService
 from shifter.tunnel.metrics import FAILURE_REASONS, TunnelStats
 from shifter.tunnel.tunnel import RATE_LIMITED
+from tests.support import socketDirectory
 from tests.test_operations import scrape
 
 
@@ -49,6 +52,9 @@ class ScrapeFactory(ClientFactory):
 
     def __init__(self) -> None:
         self.done: Deferred[bytes] = Deferred()
+
+    def clientConnectionFailed(self, connector: object, reason: object) -> None:
+        self.done.errback(reason)
 
 
 class Stats:
@@ -222,3 +228,78 @@ class SummedPageTests(TestCase):
         self.assertEqual(summed[("shifter_build_info", (("version", shifter.__version__),))], 1)
         self.assertEqual(summed[("shifter_tunnel_failures_total", (("reason", "loop"),))], 0)
         self.assertEqual([formatEvent(e) for e in events], [])
+
+
+class DrainTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_openWhileDraining(self):  # type: ignore[no-untyped-def]
+        """
+        While Shifter drains (stopping, with a connection still open), its
+        metrics page and its control socket still answer; once the drain
+        has ended they close.
+        """
+        directory = socketDirectory(self)
+        options = Options()
+        options.parseOptions([
+            "--proxy", "127.0.0.1:3128", "--listen", "tcp:0:interface=127.0.0.1",
+            "--metrics", "tcp:0:interface=127.0.0.1", "--control", f"unix:{directory}/control",
+        ])
+        top = makeService(options, reactor=reactor)
+        top.startService()
+        shifterService = top.getServiceNamed("shifter")
+        yield shifterService.ready
+        [metrics] = [s for s in top if getattr(s, "what", "") == "metrics"]
+        metricsPort = metrics.port.getHost().port
+        factory = shifterService.factory
+        lingering = type("Tunnel", (), {"clientHost": "192.0.2.2"})()
+        factory.active.add(lingering)  # a connection the drain waits for
+        stopping = top.stopService()
+        self.assertFalse(stopping.called)
+        scrape = ScrapeFactory()
+        reactor.connectTCP("127.0.0.1", metricsPort, scrape)
+        answer = yield scrape.done
+        self.assertIn(b"shifter_connections_active 1.0", answer)
+        control = ControlClient()
+        yield clientFromString(reactor, f"unix:{directory}/control").connect(control)
+        listed = yield control.ask(b'{"command": "proxies"}\n')
+        self.assertTrue(json.loads(listed)["ok"])
+        control.protocol.transport.loseConnection()
+        yield control.protocol.lost
+        factory.tunnelClosed(lingering)  # the drain ends
+        yield stopping
+        self.assertIsNone(metrics.port)
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", metricsPort), timeout=5).close()
+
+
+class ControlClient(Factory):
+    """
+    One question on the control socket, its one-line answer.
+    """
+
+    noisy = False
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        self.protocol = LineProtocol()
+        return self.protocol
+
+    def ask(self, question: bytes) -> Deferred[bytes]:
+        self.protocol.answer = Deferred()
+        self.protocol.transport.write(question)
+        return self.protocol.answer
+
+
+class LineProtocol(Protocol):
+    answer: Deferred[bytes]
+
+    def __init__(self) -> None:
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: object) -> None:
+        self.lost.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\n" in data and not self.answer.called:
+            self.answer.callback(data.split(b"\n", 1)[0])
