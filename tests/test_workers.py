@@ -92,6 +92,23 @@ class WorkersServiceTests(SynchronousTestCase):
     def worker(self, index: int):  # type: ignore[no-untyped-def]
         return self.workers.workers[index]
 
+    def test_whenStopped(self) -> None:
+        """
+        A stop is over once every worker has ended (their drains included):
+        the ports beside the workers (the sum of their metrics) wait for
+        it.
+        """
+        self.workers.startService()
+        self.successResultOf(self.workers.whenStopped())  # not stopping: at once
+        self.workers.pids = {}  # no real process to signal
+        stopping = self.workers.stopService()
+        waiting = self.workers.whenStopped()
+        self.worker(0).processEnded(Failure(ProcessTerminated(0)))
+        self.assertNoResult(waiting)
+        self.worker(1).processEnded(Failure(ProcessTerminated(0)))
+        self.successResultOf(waiting)
+        self.successResultOf(stopping)
+
     def test_user1PassedOn(self) -> None:
         """
         SIGUSR1 (reopen the access log) is passed on to every worker, a

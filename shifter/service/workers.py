@@ -265,6 +265,7 @@ class WorkersService(Service):
         self._restarts: dict[int, Any] = {}
         self._restoreHangup: Callable[[], object] | None = None
         self._previousUser1: Any = None
+        self._stopWaiters: list[Deferred[None]] | None = None  # while stopping
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
@@ -412,12 +413,28 @@ class WorkersService(Service):
         self._signalAll(signal.SIGTERM)
         killer = self.reactor.callLater(self.drainTimeout + 10, self._signalAll, signal.SIGKILL)
 
+        self._stopWaiters = []
+
         def done(_: object) -> None:
             if killer.active():
                 killer.cancel()
+            waiters, self._stopWaiters = self._stopWaiters or [], None
+            for waiter in waiters:
+                waiter.callback(None)
 
         from twisted.internet.defer import gatherResults
 
         result = gatherResults(ended)
         result.addCallback(done)
         return result
+
+    def whenStopped(self) -> Deferred[None]:
+        """
+        @return: a C{Deferred} that fires once every worker has ended after
+            a stop (their drains included); at once if none is under way.
+        """
+        if self._stopWaiters is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stopWaiters.append(waiter)
+        return waiter
