@@ -1018,9 +1018,13 @@ class Tunnel(ProxyNegotiation):
         What this tunnel was, for its access-log line (once it has ended).
         """
         destination = self.destination
-        connectTarget = ""
+        connectTarget, targetFrom = "", self.targetFrom
         if destination is not None and self.proxy is not None:
-            connectTarget = formatAddress(self.connectHost, destination.port)
+            host = self.connectHost
+            if self.proxy.kind == DIRECT:
+                # DIRECT goes to the original address, whatever was read.
+                host, targetFrom = self.address, "address"
+            connectTarget = formatAddress(host, destination.port)
         return TunnelRecord(
             tunnelId=self.tunnelId,
             started=self.started,
@@ -1028,7 +1032,7 @@ class Tunnel(ProxyNegotiation):
             client=self.clientLabel,
             destination=self.target,
             connectTarget=connectTarget,
-            targetFrom=self.targetFrom,
+            targetFrom=targetFrom,
             name=self.name,
             proxy=self.proxy.description if self.proxy is not None else "",
             status=self.proxyStatus,
