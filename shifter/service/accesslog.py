@@ -106,8 +106,8 @@ FIELDS: dict[str, tuple[str, Callable[[TunnelRecord], str]]] = {
     "target_from": ("how the CONNECT target was chosen: address, sni, host (a name the client sent) or policy",
                     lambda r: r.targetFrom),
     "name": ("the name read from the client (TLS SNI or HTTP Host), or -", lambda r: r.name or "-"),
-    "proxy": ("the last proxy asked, or -", lambda r: r.proxy or "-"),
-    "status": ("that proxy's status code for CONNECT, or - if it gave none",
+    "proxy": ("the last proxy asked (DIRECT for the DIRECT route), or -", lambda r: r.proxy or "-"),
+    "status": ("that proxy's status code for CONNECT (a SOCKS5 server's reply as one), or - if it gave none",
                lambda r: "-" if r.status is None else str(r.status)),
     "bytes_up": ("bytes delivered from the client to the proxy", lambda r: str(r.bytesUp)),
     "bytes_down": ("bytes delivered from the proxy to the client", lambda r: str(r.bytesDown)),
@@ -126,7 +126,7 @@ FIELDS: dict[str, tuple[str, Callable[[TunnelRecord], str]]] = {
                   lambda r: _ms(r.connected, r.opened)),
     "first_byte": ("milliseconds from the opening to the first byte delivered to the client",
                    lambda r: _ms(r.opened, r.firstByte)),
-    "timers": ("resolve/sniff/decide/connect/handshake/first_byte, as HAProxy's Tq/Tw/Tc/Tr",
+    "timers": ("resolve/sniff/decide/connect/handshake/first_byte, slash-separated as HAProxy writes its timers",
                lambda r: "/".join(_timers(r))),
 }
 
