@@ -174,13 +174,13 @@ class BufferedFile:
     @ivar path: the file, or C{None} for standard output.
     """
 
-    def __init__(self, path: str | None, reactor: Any, refusals: RateLimitedLog | None = None) -> None:
+    def __init__(self, path: str | None, reactor: Any, errors: RateLimitedLog | None = None) -> None:
         self.path = os.path.abspath(path) if path is not None else None
         self._reactor = reactor
         self._buffer: list[bytes] = []
         self._size = 0
         self._timer: Any = None
-        self._errors = refusals or RateLimitedLog(log, reactor, interval=60.0)
+        self._errors = errors or RateLimitedLog(log, reactor, interval=60.0)
         self.fd = self._open() if self.path is not None else 1
 
     def _open(self) -> int:
