@@ -263,6 +263,12 @@ class BufferedFileTests(SynchronousTestCase):
         clock.advance(FLUSH_SECONDS)
         [event] = events
         self.assertIn("access log /dev/full: No space left on device; lines lost", formatEvent(event))
+        writer.write("lost too")
+        clock.advance(FLUSH_SECONDS)
+        self.assertEqual(len(events), 1)  # one line per minute
+        writer.close()
+        self.assertEqual(formatEvent(events[-1]), "1 more like it not logged in the last 60 s (access-log)")
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class SyslogWriterTests(SynchronousTestCase):

@@ -231,6 +231,7 @@ class BufferedFile:
 
     def close(self) -> None:
         self.flush()
+        self._errors.stop()
         if self.path is not None and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
