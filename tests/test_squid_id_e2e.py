@@ -1,20 +1,23 @@
 """
-The tunnel id joins Shifter's access log and Squid's, end to end: a real
-Squid whose C{logformat} records the C{Shifter-Tunnel} request header, a
-real C{twistd shifter} with C{--access-log}, and curl from the client
-namespace; and the access log rotated by the shipped logrotate snippet.
+The tunnel id joins Shifter's access log, C{ctl tunnels} and Squid's log,
+end to end: a real Squid whose C{logformat} records the C{Shifter-Tunnel}
+request header, a real C{twistd shifter} with C{--access-log}, and curl
+from the client namespace; and the access log rotated by the shipped
+logrotate snippet.
 
 These need root (namespaces, iptables), Squid, curl, openssl and logrotate.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.gateway import PROJECT, SERVER_V4, waitFor
-from tests.support import requireHost
+from tests.support import requireHost, socketDirectory
 from tests.test_upstream_e2e import SQUID, UpstreamTestCase
 
 ID = r"[a-z2-7]{8}-[a-z2-7]+"
@@ -67,6 +70,35 @@ class TunnelIdJoinTests(UpstreamTestCase):
         # The service log keeps what concerns the service: the tunnel's
         # line is in the access log only.
         self.assertNotIn(" closed (", self.shifter.logText())
+
+    def test_idInCtlTunnels(self) -> None:
+        """
+        While the tunnel is open, python -m shifter.ctl tunnels lists it
+        under the same id that Squid's line and Shifter's access-log line
+        have once it has ended.
+        """
+        control = socketDirectory(self) / "control"
+        self.startBoth("http_access allow localhost\n", "--control", f"unix:{control}")
+        client = self.net.client.connect(SERVER_V4, 443)
+
+        def listed() -> list[dict]:
+            result = self.net.gateway.run(
+                sys.executable, "-m", "shifter.ctl", "--control", f"unix:{control}", "tunnels", "--json",
+                check=False,
+            )
+            return [t for t in json.loads(result.stdout or "{}").get("tunnels", []) if t["state"] == "relaying"]
+
+        [tunnel] = waitFor(listed, 15, "the tunnel listed, relaying")
+        self.assertRegex(tunnel["tunnelId"], f"^{ID}$")
+        table = self.net.gateway.run(sys.executable, "-m", "shifter.ctl", "--control", f"unix:{control}", "tunnels")
+        self.assertEqual(table.stdout.splitlines()[1].split()[-1], tunnel["tunnelId"])
+        client.close()
+        [line] = self.shifterLines(1)
+        self.assertEqual(line.split()[0], tunnel["tunnelId"])
+        squidLine = waitFor(
+            lambda: next((s for s in self.squidLines() if "TCP_TUNNEL/200" in s), None), 10, "Squid's line"
+        )
+        self.assertEqual(squidLine.split()[-1], tunnel["tunnelId"], squidLine)
 
     def test_refusedByProxy(self) -> None:
         """
