@@ -206,7 +206,11 @@ class OpenTests(HolderTestCase):
         attempt.receiver.proxyData(attempt, b" world")
         receiver = object()
         held = self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, receiver)
-        self.assertEqual(held, HeldTunnel(attempt, b"hello world", 3.0, "203.0.113.7", None))
+        self.assertEqual(
+            (held.attempt, held.leftover, held.started, held.connectHost, held.passClient, held.status),
+            (attempt, b"hello world", 3.0, "203.0.113.7", None, 200),
+        )
+        self.assertRegex(held.tunnelId, "^[a-z2-7]{8}-[a-z2-7]+$")
         self.assertIs(attempt.receiver, receiver)
         self.assertFalse(attempt.aborted)
         self.assertEqual(self.holder.entries, {})
@@ -419,6 +423,26 @@ class RefusalTests(HolderTestCase):
         self.send(syn(1))
         self.answered(self.attempts[0], ConnectResponse(403, "Forbidden"))
         self.assertRefused("proxy-status", "via proxy1.test:3128 refused at the SYN: proxy answered 403 Forbidden")
+
+    def test_accessLogLine(self) -> None:
+        """
+        A SYN refused has its access-log record, under the id its CONNECT
+        carried: the proxy's status, the reason, no bytes.
+        """
+        records: list[Any] = []
+        self.makeHolder(tunnelIdHeader="Shifter-Tunnel")
+        self.owner.accessLog = type("AccessLog", (), {"tunnelEnded": lambda self, record: records.append(record)})()
+        self.send(syn(1))
+        self.clock.advance(0.25)
+        self.answered(self.attempts[0], ConnectResponse(403, "Forbidden"))
+        [record] = records
+        self.assertIn(f"\r\nShifter-Tunnel: {record.tunnelId}\r\n".encode(), self.attempts[0].written[0])
+        self.assertEqual(
+            (record.client, record.destination, record.connectTarget, record.proxy, record.status, record.result,
+             record.how, record.bytesUp, record.bytesDown, record.ended - record.started),
+            ("192.0.2.2:40000", "203.0.113.7:443", "203.0.113.7:443", "proxy1.test:3128", 403, "proxy-status",
+             "refused at the SYN: proxy answered 403 Forbidden", 0, 0, 0.25),
+        )
 
     def test_proxyDown(self) -> None:
         """

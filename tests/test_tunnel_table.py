@@ -588,6 +588,20 @@ class HeldTunnelTests(SynchronousTestCase):
         self.tunnel.proxyData(self.attempt, b"more")
         self.assertEqual(self.calls[-1], ("relay.down", b"more"))
 
+    def test_idKept(self) -> None:
+        """
+        The tunnel takes the held tunnel's id (the one its CONNECT carried,
+        at the SYN), its proxy's status and the connection's time, for its
+        access-log record.
+        """
+        from shifter.tunnel.holdsyn import HeldTunnel
+
+        self.owner.held = HeldTunnel(self.attempt, b"", 0.0, "203.0.113.7", None, "k7q2mx4d-1b", 200, 0.5)
+        self.tunnel.start()
+        self.assertEqual(self.tunnel.describe(0.0).tunnelId, "k7q2mx4d-1b")
+        record = self.tunnel.record()
+        self.assertEqual((record.tunnelId, record.status, record.connected), ("k7q2mx4d-1b", 200, 0.5))
+
     def test_noneHeld(self) -> None:
         """
         With nothing held, the tunnel connects to a proxy as ever.

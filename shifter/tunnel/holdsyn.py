@@ -82,7 +82,8 @@ from shifter.tunnel.negotiation import (
     formatAddress,
 )
 from shifter.tunnel.statetable import buildTable
-from shifter.tunnel.tunnel import RATE_LIMITED
+from shifter.tunnel.tunnel import RATE_LIMITED, TunnelRecord
+from shifter.tunnel.tunnelid import newTunnelId
 from shifter.upstream.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
@@ -126,6 +127,9 @@ class HeldTunnel:
         or a policy's target.
     @ivar passClient: a policy's C{--pass-client} choice, or C{None} for
         the proxy's own.
+    @ivar tunnelId: the id its CONNECT carried, which the tunnel keeps.
+    @ivar status: the proxy's answer to CONNECT.
+    @ivar connected: when the connection to the proxy was made.
     """
 
     attempt: Any
@@ -133,6 +137,9 @@ class HeldTunnel:
     started: float
     connectHost: str
     passClient: Optional[str] = None
+    tunnelId: str = ""
+    status: Optional[int] = None
+    connected: Optional[float] = None
 
 
 def newAttempt(proxy: Any, receiver: IProxyReceiver) -> Any:
@@ -188,6 +195,10 @@ class HeldSyn(ProxyNegotiation):
         self.connectHost = self.address
         self.named = ""
         self.passClient: str | None = None  # a policy's --pass-client choice
+        self.tunnelId = newTunnelId()
+        self.targetFrom = "address"
+        self.proxyStatus: int | None = None
+        self.proxyConnectedAt: float | None = None
         self.pending: Deferred[Any] | None = None
         self.proxy: Any = None
         self.attempt: Any = None
@@ -315,8 +326,9 @@ class HeldSyn(ProxyNegotiation):
         """
         self.stats.counters[kind] += 1
         self.holder.counters["refused"] += 1
-        text = "tunnel {client} -> {destination}{named} via {proxy} refused at the SYN: {reason}"
+        text = "tunnel {client} -> {destination}{named} via {proxy} refused at the SYN: {reason} id={tunnel}"
         facts: dict[str, Any] = dict(
+            tunnel=self.tunnelId,
             client=self.clientLabel,
             destination=self.target,
             named=self.named,
@@ -331,10 +343,39 @@ class HeldSyn(ProxyNegotiation):
             self.holder.owner.refusals.warn(kind, text, **facts)
         else:
             self.log.warn(text, **facts)
+        accessLog = getattr(self.owner, "accessLog", None)
+        if accessLog is not None:
+            accessLog.tunnelEnded(self._record(kind, reason))
         self._cancelPending()
         self._dropAttempt()
         self._verdict("reject")
         self._done()
+
+    def _record(self, kind: str, reason: str) -> TunnelRecord:
+        """
+        The access-log record of a SYN refused: a client connection that
+        never was, from its SYN to its reset.
+        """
+        port = self.destination.port
+        return TunnelRecord(
+            tunnelId=self.tunnelId,
+            started=self.started,
+            ended=self.clock.seconds(),
+            client=self.clientLabel,
+            destination=self.target,
+            connectTarget=formatAddress(self.connectHost, port) if self.proxy is not None else "",
+            targetFrom=self.targetFrom,
+            name=None,
+            proxy=self.proxy.description if self.proxy is not None else "",
+            status=self.proxyStatus,
+            bytesUp=0,
+            bytesDown=0,
+            result=kind,
+            how=f"refused at the SYN: {reason}",
+            resolved=self.started,
+            connecting=self.connectStarted if self.proxy is not None else None,
+            connected=self.proxyConnectedAt,
+        )
 
     def _dropCopy(self, copy: Any) -> None:
         # The first copy, held, will be answered: this one adds nothing.
@@ -409,7 +450,10 @@ class HeldSyn(ProxyNegotiation):
             attempt.transport.resumeProducing()
         self.holder.counters["joined"] += 1
         self._done()
-        return HeldTunnel(attempt, b"".join(self.received), self.started, self.connectHost, self.passClient)
+        return HeldTunnel(
+            attempt, b"".join(self.received), self.started, self.connectHost, self.passClient,
+            self.tunnelId, self.proxyStatus, self.proxyConnectedAt,
+        )
 
     def _giveUp(self) -> None:
         self._dropAttempt()

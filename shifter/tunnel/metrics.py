@@ -23,6 +23,16 @@ _LATENCY_BUCKETS = (
 # Counters of TunnelStats.counters that are not failures.
 _OUTCOMES = {"opened", "closed", "direct"}
 
+# Every reason a client connection can fail for (the kinds of
+# L{shifter.tunnel.tunnel.Tunnel._fail}, and the two limits the factory
+# refuses by), each exported from the start, at 0 until it happens, so
+# that a rate or an alert on it works before its first occurrence.
+FAILURE_REASONS = (
+    "client-denied", "client-gone", "client-limit", "destination", "internal", "limit", "loop",
+    "no-proxy", "policy", "port-denied", "proxy-auth", "proxy-closed", "proxy-connect",
+    "proxy-garbage", "proxy-status", "resolver", "setup-timeout", "shutdown", "timeout",
+)
+
 
 class TunnelStats:
     """
@@ -116,9 +126,8 @@ class _StatsCollector:
             "Client connections that did not become a tunnel, by reason.",
             labels=["reason"],
         )
-        for reason, count in sorted(counters.items()):
-            if reason not in _OUTCOMES:
-                failures.add_metric([reason], count)
+        for reason in sorted(set(FAILURE_REASONS).union(counters).difference(_OUTCOMES)):
+            failures.add_metric([reason], counters[reason])
         yield failures
         answers = CounterMetricFamily(
             "shifter_proxy_answers", "Proxy answers to CONNECT, by status class.",

@@ -24,7 +24,8 @@ C{settings}, C{pool}, C{policy}, C{stats}, C{clock}, C{log}, C{retryLine}, C{pen
 C{clientPort}, C{clientLabel}, C{destination}, C{address}, C{target},
 C{connectHost}, C{named}, C{candidates}, C{proxy}, C{attempt}, C{request},
 C{passClient}, C{authExchange}, C{authProxy}, C{setupDeadline},
-C{connectStarted}.
+C{connectStarted}, C{tunnelId} (sent in C{settings.tunnelIdHeader}), and
+C{targetFrom}, C{proxyConnectedAt} and C{proxyStatus}, which it sets.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class ProxyNegotiation:
 
     __slots__ = ()
     pending: Deferred[Any] | None  # what L{_ask} waits for
+    proxyStatus: int | None  # the last proxy's answer to CONNECT
+    proxyConnectedAt: float | None  # when the connection to the last proxy tried was made
 
     # The events this stage receives, each looked up in the machine's table
     # by its C{_handle(event, *args)}.  One from a proxy attempt the
@@ -221,6 +224,7 @@ class ProxyNegotiation:
                     return
                 self.connectHost = decision.target
                 if decision.target != self.address:
+                    self.targetFrom = "policy"
                     self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"
         self._connectFirst()
 
@@ -270,7 +274,10 @@ class ProxyNegotiation:
             if proxy.auth is not None:
                 if self.authProxy is not proxy:
                     self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
-                headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+                headers = list(self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port)))
+            idHeader = self.settings.tunnelIdHeader
+            if idHeader:
+                headers.append((idHeader, self.tunnelId))
             self.request = tunnelRequest(
                 proxy, self._clientAddress(), destination, self.connectHost, port, headers, self.passClient
             )
@@ -309,6 +316,7 @@ class ProxyNegotiation:
         return None
 
     def _proxyConnected(self: Any) -> None:
+        self.proxyConnectedAt = self.clock.seconds()
         self.state = HANDSHAKING
         self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
         request, self.request = self.request, b""
@@ -337,6 +345,7 @@ class ProxyNegotiation:
     def _answered(self: Any, response: ConnectResponse) -> None:
         status = response.status
         if self.proxy.kind != DIRECT:
+            self.proxyStatus = status
             self.stats.proxyAnswers[f"{status // 100}xx"] += 1
         if response.opensTunnel:
             self.pool.succeeded(self.proxy)
