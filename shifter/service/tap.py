@@ -489,6 +489,25 @@ class Options(usage.Options):
             + " (the README says what each holds).",
         ],
         [
+            "warm-connections",
+            None,
+            "8",
+            "Connections kept open to each proxy ahead of demand, so that a "
+            "tunnel's CONNECT goes out without waiting for a connection (and "
+            "a TLS handshake, for https://): at most this many per proxy, as "
+            "many as the recent rate of new tunnels needs, none while idle; "
+            "off for none. Only HTTP proxies without NTLM or Negotiate.",
+        ],
+        [
+            "warm-lifetime",
+            None,
+            60.0,
+            "Seconds a warm connection is kept unused before it is closed "
+            "(and replaced while tunnels still come); keep it below the "
+            "proxy's own idle limit (Squid: request_start_timeout, 5 minutes).",
+            float,
+        ],
+        [
             "tunnel-id-header",
             None,
             DEFAULT_TUNNEL_ID_HEADER,
@@ -650,6 +669,15 @@ class Options(usage.Options):
             AccessLogFormat(self["access-log-format"])
         except ValueError as e:
             raise usage.UsageError(f"--access-log-format: {e}") from None
+        warm = str(self["warm-connections"]).lower()
+        if warm in ("off", "0", "none"):
+            self["warm-connections"] = 0
+        elif not warm.isdigit() or int(warm) > 1024:
+            raise usage.UsageError(f"--warm-connections: expected a number from 0 to 1024, or off, got {warm!r}")
+        else:
+            self["warm-connections"] = int(warm)
+        if not 1.0 <= self["warm-lifetime"] <= 3600.0:
+            raise usage.UsageError("--warm-lifetime: expected seconds from 1 to 3600")
         header = self["tunnel-id-header"]
         if header.lower() != "none" and not _TOKEN.fullmatch(header):
             raise usage.UsageError(
@@ -915,6 +943,8 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
         sniffTimeout=config["sniff-timeout"],
         relay=config["relay"],
         tunnelIdHeader="" if config["tunnel-id-header"].lower() == "none" else config["tunnel-id-header"],
+        warmConnections=config["warm-connections"],
+        warmLifetime=config["warm-lifetime"],
     )
     key = _poolKey(config)
     if running is not None and running.poolKey == key:

@@ -34,6 +34,7 @@ from shifter.resolvers.sockopt import unmapAddress
 from shifter.tunnel.negotiation import canonicalHost, formatAddress
 from shifter.tunnel.tunnel import ITunnelClient, ITunnelOwner, Tunnel, TunnelInfo
 from shifter.upstream.upstream import ProxyAttempt
+from shifter.upstream.warm import WarmConnections
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class TunnelSettings:
     @ivar tunnelIdHeader: the request header CONNECT carries the tunnel's
         id in (L{shifter.tunnel.tunnelid}), such as C{"Shifter-Tunnel"}
         (C{twistd shifter}'s default); C{""} to send none.
+    @ivar warmConnections: warm connections per proxy at most
+        (L{shifter.upstream.warm}), opened ahead of demand; 0 for none.
+    @ivar warmLifetime: seconds a warm connection is kept unused before it
+        is closed (and replaced, while tunnels still come).
     @ivar relay: how open tunnels relay: C{"auto"} or C{"splice"} (zero-copy
         wherever both sides are plain TCP), or C{"twisted"} (Twisted's
         producers and consumers); see L{shifter.relay.relay}.
@@ -86,6 +91,8 @@ class TunnelSettings:
     sniffTimeout: float = 2.0
     relay: str = "auto"
     tunnelIdHeader: str = ""
+    warmConnections: int = 0
+    warmLifetime: float = 60.0
 
 
 @implementer(ITunnelOwner)
@@ -138,6 +145,8 @@ class ShifterFactory(ServerFactory):
         # Refusals a client can repeat at will are logged one line per
         # reason per interval, with a count of the others.
         self.refusals = RateLimitedLog(self.log, reactor, interval=10.0)
+        self.warm: WarmConnections | None = None
+        self._warmUp()
 
     def _readNames(self) -> None:
         """
@@ -158,6 +167,8 @@ class ShifterFactory(ServerFactory):
     def stopFactory(self) -> None:
         self.proxyAddresses.stop()
         self.refusals.stop()
+        if self.warm is not None:
+            self.warm.stop()
 
     # What the tunnels have done, as the factory has always offered it.
 
@@ -272,6 +283,20 @@ class ShifterFactory(ServerFactory):
         if policy is not None:
             self.policy = policy
         self._readNames()
+        if settings is not None or pool is not None:
+            self._warmUp()
+
+    def _warmUp(self) -> None:
+        """
+        Keep warm connections to the pool's proxies as the settings say:
+        those kept so far are closed, and new ones opened as tunnels come.
+        """
+        if self.warm is not None:
+            self.warm.stop()
+            self.warm = None
+        settings = self.settings
+        if settings.warmConnections > 0:
+            self.warm = WarmConnections(self.pool, self.reactor, settings.warmConnections, settings.warmLifetime)
 
     def whenIdle(self) -> Deferred[None]:
         """
@@ -400,7 +425,7 @@ class DownstreamProtocol(Protocol):
         return self.factory.resolver.resolve(self.transport)
 
     def connectProxy(self, proxy: Any, tunnel: Tunnel) -> ProxyAttempt:
-        return ProxyAttempt(proxy, tunnel)
+        return ProxyAttempt(proxy, tunnel, self.factory.warm)
 
     def startRelay(self, attempt: Any, toProxy: bytes, toClient: bytes, clientEnded: bool) -> Any:
         factory = self.factory

@@ -163,6 +163,29 @@ class _StatsCollector:
             "Connection attempts moved on to the next proxy after one failed.",
             value=stats.retries,
         )
+        warm = getattr(self._pool(), "warm", None)
+        if warm is not None:
+            yield GaugeMetricFamily(
+                "shifter_warm_connections_open",
+                "Warm proxy connections open or being made, not yet taken.",
+                value=warm.openCount(),
+            )
+            yield GaugeMetricFamily(
+                "shifter_warm_connections_ready", "Warm proxy connections ready to be taken.",
+                value=warm.readyCount(),
+            )
+            warmEnds = CounterMetricFamily(
+                "shifter_warm_connections",
+                "Warm proxy connections by what became of them: opened (ready), taken by a tunnel, "
+                "expired unused, closed by the proxy unused, failed.",
+                labels=["outcome"],
+            )
+            warmEnds.add_metric(["opened"], warm.opened)
+            warmEnds.add_metric(["taken"], warm.taken)
+            warmEnds.add_metric(["expired"], warm.expiredUnused)
+            warmEnds.add_metric(["proxy-closed"], warm.proxyClosed)
+            warmEnds.add_metric(["failed"], warm.failures)
+            yield warmEnds
         yield CounterMetricFamily(
             "shifter_accept_pauses",
             "Times accepting paused because descriptors or memory ran out.",

@@ -125,6 +125,9 @@ class ProxyPool:
         self.health = {proxy: ProxyHealth() for proxy in self.proxies}
         self._next = 0
         self._stopped = False
+        # The warm connections kept to these proxies (set by
+        # L{shifter.upstream.warm.WarmConnections}), or None.
+        self.warm: Any = None
 
     def usable(self, proxy: UpstreamProxy) -> bool:
         """
@@ -260,6 +263,8 @@ class ProxyPool:
             reason=reason,
         )
         health.probe = self.reactor.callLater(health.downFor, self._probe, proxy)
+        if self.warm is not None:
+            self.warm.proxyDown(proxy)
 
     def _probe(self, proxy: UpstreamProxy) -> None:
         health = self.health[proxy]
@@ -306,6 +311,8 @@ class ProxyPool:
         schedule no more.
         """
         self._stopped = True
+        if self.warm is not None:
+            self.warm.stop()
         for health in self.health.values():
             probe, health.probe = health.probe, None
             if isinstance(probe, Deferred):

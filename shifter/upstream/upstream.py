@@ -25,6 +25,7 @@ from shifter.upstream.connect import BodySkipper, ConnectResponse, ConnectRespon
 from shifter.upstream.connector import ProxyConnection, connectNow
 from shifter.upstream.proxy import DIRECT, SOCKS5
 from shifter.upstream.socks5 import Socks5Error, Socks5Handshake
+from shifter.upstream.warm import WarmConnections
 from shifter.interfaces import ConnectResponse, IProxyAttempt, IProxyReceiver
 
 
@@ -49,11 +50,13 @@ class ProxyAttempt:
     @ivar protocol: the L{UpstreamProtocol}, once connected.
     """
 
-    __slots__ = ("proxy", "receiver", "state", "protocol", "_connector", "_pending", "_written")
+    __slots__ = ("proxy", "receiver", "warm", "state", "protocol", "_connector", "_pending", "_written", "wasWarm")
 
-    def __init__(self, proxy: Any, receiver: IProxyReceiver) -> None:
+    def __init__(self, proxy: Any, receiver: IProxyReceiver, warm: WarmConnections | None = None) -> None:
         self.proxy = proxy
         self.receiver = receiver
+        self.warm = warm
+        self.wasWarm = False
         self.state = CONNECTING
         self.protocol: UpstreamProtocol | None = None
         self._connector: Any = None
@@ -62,10 +65,22 @@ class ProxyAttempt:
 
     def connect(self) -> None:
         """
-        Start connecting.
+        Start connecting: on a warm connection to the proxy if one is
+        ready (the attempt is then connected at once), else anew.
         """
         proxy = self.proxy
         factory = _AttemptFactory(self)
+        if self.warm is not None:
+            transport = self.warm.take(proxy)
+            if transport is not None:
+                self.wasWarm = True
+                protocol = factory.buildProtocol(None)
+                if isinstance(transport, TLSMemoryBIOProtocol):
+                    transport.wrappedProtocol = protocol
+                else:
+                    transport.protocol = protocol
+                protocol.makeConnection(transport)
+                return
         if proxy.direct is not None:
             self._connector = connectNow(proxy.direct, factory)
             return
