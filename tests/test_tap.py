@@ -32,7 +32,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 # Every option that is a duration in seconds.
 DURATIONS = (
     "proxy-backoff", "sniff-timeout", "hold-timeout", "connect-timeout", "handshake-timeout",
-    "setup-timeout", "idle-timeout", "drain-timeout",
+    "setup-timeout", "idle-timeout", "drain-timeout", "warm-lifetime",
 )
 
 
@@ -169,6 +169,19 @@ class OptionsTests(SynchronousTestCase):
         seconds = {p[0] for p in Options.optParameters if isinstance(p[2], float)}
         self.assertEqual(seconds, set(DURATIONS))
         self.assertEqual(MAX_SECONDS, 7 * 24 * 3600)
+
+    def test_warmConnections(self) -> None:
+        """
+        --warm-connections takes a count per proxy, or off (0); a count
+        past its cap, or anything else, is refused.
+        """
+        self.assertEqual(parse("--proxy", "127.0.0.1:3128")["warm-connections"], 8)
+        self.assertEqual(parse("--proxy", "127.0.0.1:3128", "--warm-connections", "3")["warm-connections"], 3)
+        for off in ("off", "0", "none"):
+            self.assertEqual(parse("--proxy", "127.0.0.1:3128", "--warm-connections", off)["warm-connections"], 0)
+        for bad in ("-1", "many", "1025"):
+            self.assertRaises(UsageError, parse, "--proxy", "127.0.0.1:3128", "--warm-connections", bad)
+        self.assertRaises(UsageError, parse, "--proxy", "127.0.0.1:3128", "--warm-lifetime", "0.5")
 
     def test_mark(self) -> None:
         """

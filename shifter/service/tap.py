@@ -505,7 +505,7 @@ class Options(usage.Options):
             "Seconds a warm connection is kept unused before it is closed "
             "(and replaced while tunnels still come); keep it below the "
             "proxy's own idle limit (Squid: request_start_timeout, 5 minutes).",
-            float,
+            _seconds,
         ],
         [
             "tunnel-id-header",
@@ -676,8 +676,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--warm-connections: expected a number from 0 to 1024, or off, got {warm!r}")
         else:
             self["warm-connections"] = int(warm)
-        if not 1.0 <= self["warm-lifetime"] <= 3600.0:
-            raise usage.UsageError("--warm-lifetime: expected seconds from 1 to 3600")
+        if self["warm-lifetime"] < 1.0:
+            raise usage.UsageError("--warm-lifetime: expected at least 1 second")
         header = self["tunnel-id-header"]
         if header.lower() != "none" and not _TOKEN.fullmatch(header):
             raise usage.UsageError(
