@@ -8,6 +8,14 @@ programs under test in them.
       | bs1 -- bs0                        redsocks and Shifter
     server  203.0.113.9                  iperf3 and nginx
 
+With a proxy round trip (C{proxyRtt}), Squid runs in a fourth namespace,
+linked to the gateway, and every packet the gateway itself sends to it
+(the redirectors' connections to the proxy, not the traffic Squid's own
+connections route through the gateway) waits that long in a delay line
+(bench/delayline.py, on NFQUEUE: no netem needed):
+
+    gateway 198.18.0.1 -- bp1 -- bp0 -- proxy 198.18.0.2   Squid
+
 Each redirector has its own destination ports on the server, so one set of
 programs serves all of them: the client picks the path by the port it
 connects to.  DIRECT's ports are not redirected (the gateway only routes);
@@ -33,6 +41,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 CLIENT, GATEWAY, GATEWAY_UPLINK, SERVER = "198.51.100.2", "198.51.100.1", "203.0.113.1", "203.0.113.9"
 SQUID_PORT = 3128
+GATEWAY_TO_PROXY, PROXY = "198.18.0.1", "198.18.0.2"
+DELAY_QUEUE = 9
 # Descriptors for every program that holds tunnels: the client, Squid (two
 # per tunnel), the redirector (two per tunnel) and nginx.  As many as we may:
 # without CAP_SYS_RESOURCE (some containers) the hard limit we inherited is
@@ -227,9 +237,12 @@ class Lab:
     """
 
     def __init__(
-        self, directory: Path, redirectors: tuple[Redirector, ...], twistd: Path, shifterArgs: tuple[str, ...] = ()
+        self, directory: Path, redirectors: tuple[Redirector, ...], twistd: Path, shifterArgs: tuple[str, ...] = (),
+        proxyRtt: float = 0.0,
     ) -> None:
         self.directory = directory
+        self.proxyRtt = proxyRtt
+        self.squidHost = PROXY if proxyRtt else "127.0.0.1"
         self.redirectors = redirectors
         self.twistd = twistd
         self.shifterArgs = shifterArgs
@@ -242,6 +255,7 @@ class Lab:
         self.client = self._namespace(prefix + "-cli")
         self.gateway = self._namespace(prefix + "-gw")
         self.server = self._namespace(prefix + "-srv")
+        self.proxy = self._namespace(prefix + "-prx") if proxyRtt else self.gateway
         self._link()
 
     def _namespace(self, name: str) -> Namespace:
@@ -263,6 +277,22 @@ class Lab:
         ]:
             ns.run("ip", "addr", "add", f"{address}/24", "dev", device)
             ns.run("ip", "link", "set", device, "up")
+        if self.proxyRtt:
+            subprocess.run(
+                ["ip", "link", "add", "bp0", "netns", self.proxy.name, "type", "veth", "peer", "name", "bp1",
+                 "netns", gateway.name],
+                check=True,
+            )
+            for ns, device, address in [(self.proxy, "bp0", PROXY), (gateway, "bp1", GATEWAY_TO_PROXY)]:
+                ns.run("ip", "addr", "add", f"{address}/24", "dev", device)
+                ns.run("ip", "link", "set", device, "up")
+            self.proxy.run("ip", "route", "add", "default", "via", GATEWAY_TO_PROXY)
+            # The gateway's own packets to the proxy, and only those, go
+            # through the delay line.
+            gateway.run(
+                "iptables", "-t", "mangle", "-A", "OUTPUT", "-o", "bp1", "-j", "NFQUEUE",
+                "--queue-num", str(DELAY_QUEUE), "--queue-bypass",
+            )
         client.run("ip", "route", "add", "default", "via", GATEWAY)
         server.run("ip", "route", "add", "default", "via", GATEWAY_UPLINK)
         gateway.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -272,6 +302,15 @@ class Lab:
             ns.run("sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
             ns.run("sysctl", "-qw", "net.core.somaxconn=8192")
             ns.run("sysctl", "-qw", "net.ipv4.tcp_max_syn_backlog=8192")
+            # Long runs must not fill the connection-tracking table ("table
+            # full" stalls connections for seconds): loopback traffic is
+            # not tracked, and finished connections leave it soon.
+            for chain, direction in (("PREROUTING", "-i"), ("OUTPUT", "-o")):
+                ns.run("iptables", "-t", "raw", "-A", chain, direction, "lo", "-j", "NOTRACK")
+            for name, value in (("tcp_timeout_time_wait", 5), ("tcp_timeout_close_wait", 5),
+                                ("tcp_timeout_fin_wait", 5), ("tcp_timeout_close", 2)):
+                subprocess.run(ns.command("sysctl", "-qw", f"net.netfilter.nf_conntrack_{name}={value}"),
+                               capture_output=True)
         for r in self.redirectors:
             if r.listen:
                 gateway.run(
@@ -286,6 +325,8 @@ class Lab:
         self._startServer()
         if any(r.listen for r in self.redirectors):
             self._startSquid()
+            if self.proxyRtt:
+                self._startDelayLine()
         for r in self.redirectors:
             if r is REDSOCKS:
                 self._startRedsocks()
@@ -345,7 +386,7 @@ http {{
         ports = " ".join(str(p) for r in REDIRECTORS for p in (r.iperfPort, r.httpPort))
         (d / "squid.conf").write_text(
             f"""\
-http_port 127.0.0.1:{SQUID_PORT}
+http_port {self.squidHost}:{SQUID_PORT}
 pid_filename {d}/squid.pid
 access_log none
 cache_log {d}/cache.log
@@ -358,13 +399,29 @@ shutdown_lifetime 0 seconds
 client_persistent_connections off
 acl bench_ports port {ports}
 http_access deny CONNECT !bench_ports
+acl gateway src {GATEWAY_TO_PROXY}
 http_access allow localhost
+http_access allow gateway
 http_access deny all
 """
         )
         subprocess.run(["chown", "-R", "proxy:proxy", str(d)], check=True)
-        self.squid = self.gateway.start("squid", "-N", "-f", str(d / "squid.conf"), logTo=d / "squid.out")
-        self.gateway.waitListening(SQUID_PORT, self.squid)
+        self.squid = self.proxy.start("squid", "-N", "-f", str(d / "squid.conf"), logTo=d / "squid.out")
+        self.proxy.waitListening(SQUID_PORT, self.squid)
+
+    def _startDelayLine(self) -> None:
+        # Shifter's Python (next to twistd): the delay line uses its netlink codec.
+        d = self._dir("delayline")
+        env = dict(os.environ, PYTHONPATH=str(PROJECT))
+        process = self.gateway.start(
+            str(self.twistd.parent / "python"), str(PROJECT / "bench" / "delayline.py"), str(DELAY_QUEUE), f"{self.proxyRtt:g}",
+            logTo=d / "delayline.out", env=env,
+        )
+        self.processes["delayline"] = process
+        waitFor(lambda: "delay line:" in (d / "delayline.out").read_text() or process.poll() is not None,
+                10, "the delay line")
+        if process.poll() is not None:
+            raise RuntimeError(f"the delay line exited: {(d / 'delayline.out').read_text()}")
 
     def _startRedsocks(self) -> None:
         d = self._dir("redsocks")
@@ -384,7 +441,7 @@ base {{
 redsocks {{
     local_ip = 0.0.0.0;
     local_port = {REDSOCKS.listen};
-    ip = 127.0.0.1;
+    ip = {self.squidHost};
     port = {SQUID_PORT};
     type = http-connect;
 }}
@@ -400,7 +457,7 @@ redsocks {{
         env = dict(os.environ, PYTHONPATH=str(PROJECT))
         process = self.gateway.start(
             str(self.twistd), "-n", "--pidfile=", f"--logfile={log}",
-            "shifter", "--listen", f"tcp:{SHIFTER.listen}", "--proxy", f"127.0.0.1:{SQUID_PORT}",
+            "shifter", "--listen", f"tcp:{SHIFTER.listen}", "--proxy", f"{self.squidHost}:{SQUID_PORT}",
             # Every connection here comes from the one client host.
             "--max-connections-per-client", "0",
             *self.shifterArgs, logTo=d / "shifter.out", env=env,

@@ -279,6 +279,9 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
                    help="most seconds to wait for a quiet machine before each measurement (15; smoke 0)")
     p.add_argument("--settle-budget", type=float,
                    help="most seconds of such waiting over the whole run (240; smoke 0)")
+    p.add_argument("--proxy-rtt", type=float, default=0.0, metavar="MS",
+                   help="put Squid in a namespace of its own, this many milliseconds from the gateway "
+                        "(a delay line on the gateway-to-proxy hop; 0, the default: Squid on the gateway)")
     p.add_argument("--twistd", type=Path, default=PROJECT / ".venv" / "bin" / "twistd")
     p.add_argument("--shifter-args", default="", metavar="ARGS",
                    help="more options for Shifter, one string: --shifter-args='--workers 2'")
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     lab = None
     try:
-        lab = Lab(directory, args.redirectors, args.twistd, tuple(args.shifter_args.split()))
+        lab = Lab(directory, args.redirectors, args.twistd, tuple(args.shifter_args.split()), args.proxy_rtt)
         lab.start()
         print(f"bench: namespaces {', '.join(ns.name for ns in lab.namespaces)}; files in {directory}",
               file=sys.stderr)
@@ -386,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": time.time() - started,
             "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
-            "smoke": args.smoke, "reps": args.reps, "seconds": args.seconds, "tunnels": args.tunnels,
+            "smoke": args.smoke, "proxy_rtt_ms": args.proxy_rtt,
+            "reps": args.reps, "seconds": args.seconds, "tunnels": args.tunnels,
             "tunnels_wanted": args.tunnelsWanted, "nofile_limit": labModule.NOFILE,
             "latency_count": args.latency_count, "cps_connections": args.cps_connections,
             "threshold_cores": args.threshold, "attempts": args.attempts,
