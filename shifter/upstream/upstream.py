@@ -70,23 +70,24 @@ class ProxyAttempt:
         """
         proxy = self.proxy
         factory = _AttemptFactory(self)
-        if self.warm is not None:
-            transport = self.warm.take(proxy)
-            if transport is not None:
-                self.wasWarm = True
-                protocol = factory.buildProtocol(None)
-                if isinstance(transport, TLSMemoryBIOProtocol):
-                    transport.wrappedProtocol = protocol
-                else:
-                    transport.protocol = protocol
-                protocol.makeConnection(transport)
-                return
-        if proxy.direct is not None:
+        warm = self.warm
+        transport = warm.take(proxy) if warm is not None else None
+        if transport is not None:
+            self.wasWarm = True
+            protocol = factory.buildProtocol(None)
+            if isinstance(transport, TLSMemoryBIOProtocol):
+                transport.wrappedProtocol = protocol
+            else:
+                transport.protocol = protocol
+            protocol.makeConnection(transport)
+        elif proxy.direct is not None:
             self._connector = connectNow(proxy.direct, factory)
-            return
-        pending = proxy.endpoint.connect(factory)
-        self._pending = pending
-        pending.addErrback(self._endpointFailed)
+        else:
+            pending = proxy.endpoint.connect(factory)
+            self._pending = pending
+            pending.addErrback(self._endpointFailed)
+        if warm is not None:
+            warm.refill(proxy)
 
     def _endpointFailed(self, reason: Failure) -> None:
         self._pending = None

@@ -21,7 +21,7 @@ shorter lifetime for it.  A warm connection the proxy has closed (its
 EOF, or a reset, seen by the reactor, or found when it is taken) or that
 the proxy wrote to unasked is dropped, never used.
 
-Only HTTP proxies are kept warm, and only while their authentication
+Only the pool's own HTTP proxies are kept warm, and only while their authentication
 (if any) is per request (Basic, Digest): NTLM and Negotiate authenticate
 a connection through its first CONNECT's exchange, which cannot happen
 before a tunnel has a destination, so those proxies stay cold.
@@ -367,9 +367,13 @@ class WarmConnections:
         A tunnel is about to connect to C{proxy}: the transport of a ready
         warm connection to it, now the tunnel's alone, or C{None} (then
         the tunnel connects as it would without).  Either way the demand
-        is counted, and connections are opened to keep up with it.
+        is counted; the tunnel then calls L{refill}, once its own
+        connection is on its way, so that no warm connection gets ahead
+        of it at the proxy.
         """
-        if self._stopped or not warmable(proxy):
+        if self._stopped or proxy not in self.pool.health or not warmable(proxy):
+            # Stopped, or a route of its own per destination (DIRECT) or
+            # per policy decision: nothing to keep warm.
             return None
         now = self.clock.seconds()
         demand = self._demand.setdefault(proxy, deque(maxlen=4096))
@@ -382,7 +386,6 @@ class WarmConnections:
             if transport is not None:
                 self.taken += 1
                 break
-        self.refill(proxy)
         return transport
 
     def target(self, proxy: Any) -> int:
@@ -414,7 +417,7 @@ class WarmConnections:
         """
         Open warm connections to C{proxy} up to its L{target}.
         """
-        if self.clock.seconds() < self._heldUntil.get(proxy, 0.0):
+        if proxy not in self._demand or self.clock.seconds() < self._heldUntil.get(proxy, 0.0):
             return
         held = self.connections.setdefault(proxy, set())
         missing = self.target(proxy) - len(held)
