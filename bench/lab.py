@@ -41,6 +41,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 CLIENT, GATEWAY, GATEWAY_UPLINK, SERVER = "198.51.100.2", "198.51.100.1", "203.0.113.1", "203.0.113.9"
 SQUID_PORT = 3128
+SQUID_TLS_PORT = 3443
 GATEWAY_TO_PROXY, PROXY = "198.18.0.1", "198.18.0.2"
 DELAY_QUEUE = 9
 # Descriptors for every program that holds tunnels: the client, Squid (two
@@ -238,10 +239,11 @@ class Lab:
 
     def __init__(
         self, directory: Path, redirectors: tuple[Redirector, ...], twistd: Path, shifterArgs: tuple[str, ...] = (),
-        proxyRtt: float = 0.0,
+        proxyRtt: float = 0.0, proxyTls: bool = False,
     ) -> None:
         self.directory = directory
         self.proxyRtt = proxyRtt
+        self.proxyTls = proxyTls
         self.squidHost = PROXY if proxyRtt else "127.0.0.1"
         self.redirectors = redirectors
         self.twistd = twistd
@@ -384,10 +386,20 @@ http {{
     def _startSquid(self) -> None:
         d = self._dir("squid")
         ports = " ".join(str(p) for r in REDIRECTORS for p in (r.iperfPort, r.httpPort))
+        tls = ""
+        if self.proxyTls:
+            # Shifter reaches Squid over TLS too (redsocks cannot).
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", str(d / "squid.key"), "-out", str(d / "squid.pem"), "-days", "2",
+                 "-subj", "/CN=shifter-bench-proxy", "-addext", f"subjectAltName=IP:{self.squidHost}"],
+                check=True, capture_output=True,
+            )
+            tls = f"https_port {self.squidHost}:{SQUID_TLS_PORT} tls-cert={d}/squid.pem tls-key={d}/squid.key\n"
         (d / "squid.conf").write_text(
             f"""\
 http_port {self.squidHost}:{SQUID_PORT}
-pid_filename {d}/squid.pid
+{tls}pid_filename {d}/squid.pid
 access_log none
 cache_log {d}/cache.log
 cache_store_log none
@@ -451,13 +463,19 @@ redsocks {{
         self.processes[REDSOCKS.key] = process
         self.gateway.waitListening(REDSOCKS.listen, process)
 
+    def _shifterProxy(self) -> tuple[str, ...]:
+        if self.proxyTls:
+            ca = self.directory / "squid" / "squid.pem"
+            return ("--proxy", f"https://{self.squidHost}:{SQUID_TLS_PORT}", "--proxy-ca", str(ca))
+        return ("--proxy", f"{self.squidHost}:{SQUID_PORT}")
+
     def _startShifter(self) -> None:
         d = self._dir("shifter")
         log = d / "shifter.log"
         env = dict(os.environ, PYTHONPATH=str(PROJECT))
         process = self.gateway.start(
             str(self.twistd), "-n", "--pidfile=", f"--logfile={log}",
-            "shifter", "--listen", f"tcp:{SHIFTER.listen}", "--proxy", f"{self.squidHost}:{SQUID_PORT}",
+            "shifter", "--listen", f"tcp:{SHIFTER.listen}", *self._shifterProxy(),
             # Every connection here comes from the one client host.
             "--max-connections-per-client", "0",
             *self.shifterArgs, logTo=d / "shifter.out", env=env,
