@@ -15,6 +15,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
 
 from shifter.upstream.warm import READY
 from tests.gateway import makeCertificate
@@ -236,3 +237,17 @@ class WarmTestCase(LifecycleTestCase):
         yield deferLater(reactor, 0.5, lambda: None)
         self.assertIsNone(self.factory.warm)
         self.assertEqual(len(proxy.accepted), 1)
+
+
+class WarmTableTests(TestCase):
+    def test_everyStateEventDecided(self) -> None:
+        """
+        The warm connection's table names an action for every state and
+        every event.
+        """
+        from shifter.upstream import warm
+
+        states = (warm.CONNECTING, warm.HANDSHAKING, warm.READY, warm.TAKEN, warm.CLOSED)
+        events = (warm.CONNECTED, warm.HANDSHAKEN, warm.FAILED, warm.DATA, warm.LOST, warm.EXPIRED, warm.TAKE,
+                  warm.DROP)
+        self.assertEqual(set(warm._TABLE), {(s, e) for s in states for e in events})
