@@ -48,6 +48,10 @@ class RecordingProxy(Protocol):
             request, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
             self.requests += 1
             self.factory.requests.append(self)
+            if self.factory.refuse:
+                self.transport.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                self.transport.loseConnection()
+                return
             self.transport.write(OK)
 
     def connectionLost(self, reason: Any) -> None:
@@ -60,6 +64,7 @@ class RecordingProxyFactory(Factory):
     def __init__(self) -> None:
         self.accepted: list[RecordingProxy] = []
         self.requests: list[RecordingProxy] = []
+        self.refuse = False
 
     def idle(self) -> list[RecordingProxy]:
         return [p for p in self.accepted if p.open and not p.requests]
@@ -224,6 +229,23 @@ class WarmTestCase(LifecycleTestCase):
         yield deferLater(reactor, 0.5, lambda: None)
         self.assertEqual(len(proxy.accepted), accepted)
         self.assertEqual(warm.openCount(), 0)
+
+    @inlineCallbacks
+    def test_noneBeforeATunnelOpens(self):  # type: ignore[no-untyped-def]
+        """
+        A proxy through which no tunnel has opened (it refuses them all)
+        gets no warm connection: one connection per tunnel, no more.
+        """
+        proxy, url = yield self.startRecordingProxy()
+        proxy.refuse = True
+        yield self.startShifter([url], warmConnections=4)
+        for count in range(1, 4):
+            sock = self.client()
+            yield self.waitUntil(lambda: len(proxy.requests) == count, 10, "the proxy's refusal")
+            sock.close()
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(len(proxy.accepted), 3)
+        self.assertEqual(self.factory.warm.openCount(), 0)
 
     @inlineCallbacks
     def test_offByDefaultInSettings(self):  # type: ignore[no-untyped-def]

@@ -200,6 +200,8 @@ class ProxyPool:
         health = self.health.get(proxy)
         if health is None:
             return
+        if self.warm is not None:
+            self.warm.tunnelOpened(proxy)
         health.failures = 0
         health.proven = True
         if health.state == TRIAL:

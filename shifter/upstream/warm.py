@@ -5,7 +5,7 @@ tunnel's CONNECT goes out the moment its destination is known, without
 waiting a round trip for the TCP connection (three, with TLS).
 
 How many each proxy gets follows the recent rate of new tunnels to it:
-none until a tunnel asks for that proxy, then enough to cover the tunnels
+none until a tunnel through that proxy has opened, then enough to cover the tunnels
 that come while one is being made, at most C{limit} per proxy (their own
 cap on descriptors: C{limit} times the number of proxies), and none for a
 proxy the pool has marked down.  When no tunnel has asked for a proxy for
@@ -345,6 +345,7 @@ class WarmConnections:
         self._heldUntil: dict[Any, float] = {}
         self._turnaround: dict[Any, float] = {}
         self._holdTimers: dict[Any, Any] = {}
+        self._proven: set[Any] = set()
         self._stopped = False
         pool.warm = self
 
@@ -391,13 +392,13 @@ class WarmConnections:
     def target(self, proxy: Any) -> int:
         """
         How many warm connections C{proxy} should have now: none if no
-        tunnel asked for it within a lifetime, or if the pool says it is
-        not up; else enough for the tunnels that come while one is made
+        tunnel through it has opened yet, if no tunnel asked for it within
+        a lifetime, or if the pool says it is not up; else enough for the tunnels that come while one is made
         (the recent rate times the time one takes, and one more), at most
         L{limit}.
         """
         demand = self._demand.get(proxy)
-        if not demand or self._stopped:
+        if not demand or self._stopped or proxy not in self._proven:
             return 0
         now = self.clock.seconds()
         if now - demand[-1] > self.lifetime:
@@ -480,6 +481,17 @@ class WarmConnections:
         self.refill(connection.proxy)
 
     # The pool's news.
+
+    def tunnelOpened(self, proxy: Any) -> None:
+        """
+        A tunnel through C{proxy} opened: it may have warm connections
+        from now on.  Until then it has none, so that a proxy that refuses
+        every tunnel, or a gateway rule that sends Shifter's connections
+        to it somewhere else, is not sent more connections than tunnels.
+        """
+        if proxy not in self._proven:
+            self._proven.add(proxy)
+            self.refill(proxy)
 
     def proxyDown(self, proxy: Any) -> None:
         """
