@@ -109,6 +109,10 @@ class ShifterFaultTestCase(GatewayTestCase):
             "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
             "--idle-timeout", str(IDLE_TIMEOUT),
             "--metrics", f"tcp:{METRICS_PORT}:interface=127.0.0.1",
+            # These tests count descriptors against a baseline and each
+            # connection to the fault proxy: no warm connections (which
+            # come and go on their own) among them.
+            "--warm-connections", "off",
             *self.extraOptions,
         )
         self.shifter.start()
