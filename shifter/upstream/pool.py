@@ -300,12 +300,26 @@ class ProxyPool:
         self.health[proxy].lastError = reason
         self.markDown(proxy, reason)
 
+    def start(self) -> None:
+        """
+        Start what the proxies' logins need before the first tunnel (the
+        Kerberos tickets of those that may ask for Negotiate).
+        """
+        if self._stopped:
+            return
+        for proxy in self.proxies:
+            if proxy.auth is not None:
+                proxy.auth.start()
+
     def stop(self) -> None:
         """
         Cancel pending probes, those waiting and those connecting, and
-        schedule no more.
+        schedule no more; stop the proxies' ticket keepers.
         """
         self._stopped = True
+        for proxy in self.proxies:
+            if proxy.auth is not None:
+                proxy.auth.stop()
         for health in self.health.values():
             probe, health.probe = health.probe, None
             if isinstance(probe, Deferred):

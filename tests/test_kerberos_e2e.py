@@ -1,0 +1,182 @@
+"""
+Negotiate (Kerberos) to a real Squid, end to end: a real MIT KDC in the
+gateway's namespace, Squid asking Negotiate through
+C{negotiate_kerberos_auth} with the proxy's C{HTTP/} keytab, and Shifter
+logging in with the gateway's own keytab.
+
+These need root (namespaces, iptables), Squid with its Kerberos helper,
+the MIT KDC and admin programs (Debian's krb5-kdc, krb5-admin-server),
+curl and openssl.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.gateway import SERVER_V4, waitFor
+from tests.kerberos import REALM, Realm
+from tests.support import requireHost
+from tests.test_upstream_e2e import ECHO_PORT, NAME, TCP_PEER, UpstreamTestCase
+
+NEGOTIATE_HELPER = "/usr/lib/squid/negotiate_kerberos_auth"
+PROXY_NAME = "proxy.shifter.test"
+GATEWAY_PRINCIPAL = f"host/gw.shifter.test@{REALM}"
+PROXY = f"{PROXY_NAME}:3128"
+
+
+class NegotiateTestCase(UpstreamTestCase):
+    """
+    A realm with the gateway's and the proxy's principals, the gateway's
+    keytab, and a Squid that asks for Negotiate only.
+    """
+
+    maxLife = "10h"
+
+    def setUp(self) -> None:
+        requireHost(root=True, programs=("krb5kdc", "kdb5_util", "kadmin.local"))
+        if not os.access(NEGOTIATE_HELPER, os.X_OK):
+            self.skipTest(f"needs Squid's {NEGOTIATE_HELPER}")
+        super().setUp()
+        # The gateway namespace's own hosts file names the proxy.
+        hostsDirectory = Path("/etc/netns") / self.net.gateway.name
+        hostsDirectory.mkdir(parents=True, exist_ok=True)
+        self.addCleanup(shutil.rmtree, hostsDirectory, True)
+        (hostsDirectory / "hosts").write_text(
+            f"127.0.0.1 localhost {PROXY_NAME}\n::1 localhost\n{SERVER_V4} {NAME}\n"
+        )
+        self.realm = Realm(self.net.gateway, self.directory / "realm", maxLife=self.maxLife)
+        self.realm.addPrincipal(GATEWAY_PRINCIPAL)
+        self.realm.addPrincipal(f"HTTP/{PROXY_NAME}@{REALM}")
+        self.keytab = self.realm.keytab(self.directory / "gateway.keytab", GATEWAY_PRINCIPAL)
+        httpKeytab = self.realm.keytab(self.directory / "http.keytab", f"HTTP/{PROXY_NAME}@{REALM}")
+        subprocess.run(["chown", "proxy", str(httpKeytab)], check=True)
+        self.realm.start()
+        self.addCleanup(self.realm.stop)
+        # Shifter (started from this environment) finds the realm here.
+        previous = os.environ.get("KRB5_CONFIG")
+        os.environ["KRB5_CONFIG"] = str(self.realm.krb5conf)
+        self.addCleanup(self._restoreEnvironment, previous)
+        self.squid = self.squidWith(
+            "acl authed proxy_auth REQUIRED\nhttp_access allow localhost authed\n",
+            extra=(
+                f"auth_param negotiate program /usr/bin/env KRB5_KTNAME={httpKeytab} "
+                f"KRB5_CONFIG={self.realm.krb5conf} {NEGOTIATE_HELPER} -s HTTP/{PROXY_NAME}@{REALM}\n"
+                "auth_param negotiate children 20 startup=5\n"
+                "auth_param negotiate keep_alive on\n"
+                f"acl SSL_ports port {ECHO_PORT}\n"
+            ),
+        )
+
+    @staticmethod
+    def _restoreEnvironment(previous: str | None) -> None:
+        if previous is None:
+            os.environ.pop("KRB5_CONFIG", None)
+        else:
+            os.environ["KRB5_CONFIG"] = previous
+
+    def startNegotiating(self, keytab: Path | None = None) -> None:
+        self.startShifter("--proxy", PROXY, "--proxy-keytab", str(keytab or self.keytab))
+
+    def assertRefusedWith(self, *fragments: str) -> str:
+        """
+        A fetch fails at once (curl's own error, not its time limit), and
+        Shifter's log holds one failure line with C{fragments}.
+        """
+        result = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotEqual(result.returncode, 28, "curl timed out: the connection hung")
+        line = self.shifter.waitForLog("failed: proxy answered 407: Negotiate", *fragments)
+        failures = [l for l in self.shifter.logText().splitlines() if "failed: proxy answered 407" in l]
+        self.assertEqual(len(failures), 1, failures)
+        return line
+
+
+class NegotiateTests(NegotiateTestCase):
+    def test_tunnelOpens(self) -> None:
+        """
+        A tunnel opens through Squid with Negotiate, and Squid's access log
+        names the gateway's principal; the next tunnel sends its token with
+        its first CONNECT (no second 407).
+        """
+        self.startNegotiating()
+        self.shifter.waitForLog("Kerberos: logged in as", GATEWAY_PRINCIPAL)
+        for _ in range(2):
+            result = self.fetch(f"https://{SERVER_V4}/file.bin")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(result.body, self.payload)
+        waitFor(
+            lambda: sum("TCP_TUNNEL/200" in l and GATEWAY_PRINCIPAL in l for l in self.squid.accessLogLines()) == 2,
+            10, "two tunnels logged with the gateway's principal",
+        )
+        self.assertEqual(sum("/407 " in l for l in self.squid.accessLogLines()), 1)
+
+    def test_hundredAtOnce(self) -> None:
+        """
+        A hundred tunnels opened at once all open, each with a token of its
+        own (Squid's replay cache refuses one seen before).
+        """
+        self.net.redirect(ECHO_PORT)
+        self.net.server.start(sys.executable, str(TCP_PEER), "echo", str(ECHO_PORT), logTo=self.directory / "echo.log")
+        self.net.server.waitListening(ECHO_PORT)
+        self.startNegotiating()
+        self.shifter.waitForLog("Kerberos: logged in as")
+        for count in (1, 100):
+            result = self.net.client.run(
+                sys.executable, str(TCP_PEER), "burst", SERVER_V4, str(ECHO_PORT), str(count), "60", timeout=120
+            )
+            self.assertEqual(result.stdout.splitlines()[0], f"ok {count} failed 0", result.stdout)
+        waitFor(
+            lambda: sum("TCP_TUNNEL/200" in l and GATEWAY_PRINCIPAL in l for l in self.squid.accessLogLines()) == 101,
+            30, "a hundred and one tunnels logged with the gateway's principal",
+        )
+        self.assertNotIn("proxy answered 407", self.shifter.logText())
+
+    def test_kdcStopped(self) -> None:
+        """
+        With the KDC stopped, a client is refused at once with one line
+        naming Negotiate and the Kerberos library's reason.
+        """
+        self.realm.stop()
+        self.startNegotiating()
+        self.shifter.waitForLog("Kerberos: no ticket for the proxy", timeout=30)
+        line = self.assertRefusedWith(f"Cannot contact any KDC for realm '{REALM}'")
+        self.assertIn("no Kerberos ticket for HTTP/proxy.shifter.test", line)
+
+    def test_wrongKeytab(self) -> None:
+        """
+        A keytab whose key the KDC no longer has (the principal's key was
+        changed after it was written) gives one clear line.
+        """
+        stale = self.directory / "stale.keytab"
+        shutil.copy(self.keytab, stale)
+        self.realm.keytab(self.directory / "fresh.keytab", GATEWAY_PRINCIPAL)  # a new key
+        self.startNegotiating(stale)
+        self.shifter.waitForLog("Kerberos: no ticket for the proxy", timeout=30)
+        self.assertRefusedWith("cannot log in as the keytab's principal")
+
+
+class RenewalTests(NegotiateTestCase):
+    maxLife = "1m"
+
+    def test_renewed(self) -> None:
+        """
+        With tickets that last one minute, the helper logs in again before
+        they expire, and tunnels still open after the first minute.
+        """
+        self.startNegotiating()
+        self.shifter.waitForLog("Kerberos: logged in as", GATEWAY_PRINCIPAL)
+        self.assertEqual(self.fetch(f"https://{SERVER_V4}/file.bin").returncode, 0)
+        kdcLog = self.realm.directory / "kdc.log"
+        asks = lambda: kdcLog.read_text().count(f"AS_REQ") if kdcLog.exists() else 0  # noqa: E731
+        first = asks()
+        waitFor(lambda: asks() > first, 70, "the helper to log in again")
+        # Past the first tickets' lifetime.
+        time.sleep(20)
+        result = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("proxy answered 407", self.shifter.logText())
