@@ -144,7 +144,7 @@ class NegotiateTests(NegotiateTestCase):
         self.realm.stop()
         self.startNegotiating()
         self.shifter.waitForLog("Kerberos: no ticket for the proxy", timeout=30)
-        line = self.assertRefusedWith(f"Cannot contact any KDC for realm '{REALM}'")
+        line = self.assertRefusedWith(f"(cannot log in: Cannot contact any KDC for realm '{REALM}')")
         self.assertIn("no Kerberos ticket for HTTP/proxy.shifter.test", line)
 
     def test_wrongKeytab(self) -> None:
@@ -157,7 +157,7 @@ class NegotiateTests(NegotiateTestCase):
         self.realm.keytab(self.directory / "fresh.keytab", GATEWAY_PRINCIPAL)  # a new key
         self.startNegotiating(stale)
         self.shifter.waitForLog("Kerberos: no ticket for the proxy", timeout=30)
-        self.assertRefusedWith("cannot log in as the keytab's principal")
+        self.assertRefusedWith("(cannot log in: Decrypt integrity check failed)")
 
 
 class RenewalTests(NegotiateTestCase):

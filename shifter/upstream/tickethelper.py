@@ -66,15 +66,15 @@ def obtain(keytab: str, principal: str | None, ccache: str, service: str) -> dic
         pass
     store: dict[bytes | str, bytes | str] = {"client_keytab": keytab, "ccache": "FILE:" + fresh}
     name = gssapi.Name(principal, gssapi.NameType.kerberos_principal) if principal else None
-    who = principal or "the keytab's principal"
-    step = f"cannot log in as {who}"
+    login = f"cannot log in as {principal}" if principal else "cannot log in"
+    step = login
     try:
         if name is not None:
             # The keytab must hold a key for the principal: asked as an
             # acceptor, the library says so in plain words, with no KDC.
             step = f"cannot find {principal} in the keytab {keytab}"
             gssapi.Credentials(name=name, usage="accept", store={"keytab": keytab})
-            step = f"cannot log in as {who}"
+            step = login
         creds = gssapi.Credentials(name=name, usage="initiate", store=store, mechs=[gssapi.MechType.kerberos])
         # Asking for the lifetime makes the library fetch the ticket-granting
         # ticket from the keytab now.
