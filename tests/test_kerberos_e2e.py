@@ -11,6 +11,7 @@ curl and openssl.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.gateway import SERVER_V4, waitFor
+from tests.gateway import PROJECT, SERVER_V4, waitFor
 from tests.kerberos import REALM, Realm
 from tests.support import requireHost
 from tests.test_upstream_e2e import ECHO_PORT, NAME, TCP_PEER, UpstreamTestCase
@@ -80,7 +81,18 @@ class NegotiateTestCase(UpstreamTestCase):
             os.environ["KRB5_CONFIG"] = previous
 
     def startNegotiating(self, keytab: Path | None = None) -> None:
-        self.startShifter("--proxy", PROXY, "--proxy-keytab", str(keytab or self.keytab))
+        self.control = self.directory / "control"
+        self.startShifter(
+            "--proxy", PROXY, "--proxy-keytab", str(keytab or self.keytab), "--control", f"unix:{self.control}"
+        )
+
+    def ctl(self, *arguments: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "shifter.ctl", "--control", f"unix:{self.control}", *arguments],
+            env=dict(os.environ, PYTHONPATH=str(PROJECT)), capture_output=True, text=True, timeout=30,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
 
     def assertRefusedWith(self, *fragments: str) -> str:
         """
@@ -114,6 +126,12 @@ class NegotiateTests(NegotiateTestCase):
             10, "two tunnels logged with the gateway's principal",
         )
         self.assertEqual(sum("/407 " in l for l in self.squid.accessLogLines()), 1)
+        [proxy] = json.loads(self.ctl("proxies", "--json"))["proxies"]
+        self.assertEqual(proxy["scheme"], "negotiate")
+        self.assertEqual(proxy["kerberos"]["principal"], GATEWAY_PRINCIPAL)
+        self.assertEqual(proxy["kerberos"]["service"], f"HTTP/{PROXY_NAME}@{REALM}")
+        self.assertGreater(proxy["kerberos"]["expiresIn"], 0)
+        self.assertIn("negotiate (ticket 9h", self.ctl("proxies"))
 
     def test_hundredAtOnce(self) -> None:
         """
