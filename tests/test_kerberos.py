@@ -14,6 +14,9 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.python.usage import UsageError
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -21,6 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from shifter.upstream.auth import Challenge, Credentials, ProxyAuth, strongestChallenge
 from shifter.upstream.kerberos import FETCHING, IDLE, NegotiateError, TicketKeeper
+from shifter.upstream.proxy import parseProxy
+from shifter.service.tap import Options
 
 
 class FakeKeeper:
@@ -169,6 +174,51 @@ class NegotiateExchangeTests(SynchronousTestCase):
         exchange = auth.exchange()
         self.assertIsNone(exchange.challenged([b"Negotiate"]))
         self.assertEqual(authorization(exchange), "Negotiate token1")
+
+
+class ProxyOptionTests(SynchronousTestCase):
+    def keytab(self) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"\x05\x02")
+        return path
+
+    def test_serviceFromHostName(self) -> None:
+        """
+        A proxy named by host name is answered as C{HTTP/<host name>},
+        with the keytab and principal given.
+        """
+        keytab = self.keytab()
+        proxy = parseProxy(
+            "http://Proxy.Example.Test:3128", MemoryReactorClock(), keytab=keytab, principal="host/gw"
+        )
+        keeper = proxy.auth.negotiateLogin.keeper  # type: ignore[union-attr]
+        self.assertEqual((keeper.keytab, keeper.principal, keeper.service),
+                         (keytab, "host/gw", "HTTP/proxy.example.test"))
+        self.assertEqual(proxy.auth.schemes, frozenset({"negotiate"}))  # type: ignore[union-attr]
+
+    def test_namedByAddress(self) -> None:
+        """
+        A proxy named by address cannot be answered with Kerberos: one
+        line says so, and the proxy has no Negotiate login.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        proxy = parseProxy("10.0.0.5:3128", MemoryReactorClock(), keytab=self.keytab())
+        self.assertIsNone(proxy.auth)
+        lines = [e["log_format"].format(**e) for e in events if "log_format" in e]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("proxy 10.0.0.5:3128 is named by address: Kerberos needs its host name", lines[0])
+
+    def test_keytabUnreadable(self) -> None:
+        """
+        A keytab that cannot be read stops Shifter at start, with the
+        reason.
+        """
+        with self.assertRaises(UsageError) as caught:
+            Options().parseOptions(["--proxy", "proxy.example.test:3128", "--proxy-keytab", "/nonexistent/keytab"])
+        self.assertIn("cannot read the keytab '/nonexistent/keytab': No such file or directory", str(caught.exception))
 
 
 # A stand-in for the ticket helper: waits for a file to exist (when

@@ -113,7 +113,8 @@ def parseProxy(  # type: ignore[no-untyped-def]
         C{principal} (the keytab's first if C{None}) for the service
         C{HTTP/<host>}; a proxy named by address cannot be, and one line
         says so.
-    @raise ValueError: with a one-line reason if the value is none of these.
+    @raise ValueError: with a one-line reason if the value is none of these,
+        or the keytab cannot be read.
     """
     proxy = _parseProxy(value, reactor, credentials, caFile, passClient)
     negotiate = None
@@ -140,6 +141,11 @@ def _negotiateLogin(proxy: UpstreamProxy, reactor, keytab: str, principal: str |
     """
     from shifter.upstream.kerberos import NegotiateLogin, TicketKeeper
 
+    try:
+        with open(keytab, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read the keytab {keytab!r}: {e.strerror}") from None
     if proxy.host is None or _literalAddress(proxy.host, 0) is not None:
         _log.warn(
             "proxy {proxy} is named by address: Kerberos needs its host name (the service is HTTP/<host name>), "
