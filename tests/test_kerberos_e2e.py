@@ -178,6 +178,45 @@ class NegotiateTests(NegotiateTestCase):
         self.assertRefusedWith("(cannot log in: Decrypt integrity check failed)")
 
 
+class DoctorTests(NegotiateTestCase):
+    def doctor(self, keytab: Path) -> list[str]:
+        """
+        Run doctor in the gateway namespace with Shifter's proxy options;
+        its kerberos and proxy findings.
+        """
+        result = self.net.gateway.run(
+            "env", f"PYTHONPATH={PROJECT}", f"KRB5_CONFIG={self.realm.krb5conf}", sys.executable, "-m",
+            "shifter.doctor", "--lan-interface", "c1", "--ports", "443", "--check-target", f"{SERVER_V4}:443",
+            "--proxy", PROXY, "--proxy-keytab", str(keytab), check=False, timeout=120,
+        )
+        self.assertEqual(result.stderr, "")
+        return [line for line in result.stdout.splitlines() if line.startswith(("error: kerberos", "error: proxy"))]
+
+    def test_goodKeytab(self) -> None:
+        """
+        With a good keytab doctor logs in and its CONNECT through the
+        Negotiate-only Squid opens: no kerberos or proxy finding, and
+        Squid logs the gateway's principal.
+        """
+        self.assertEqual(self.doctor(self.keytab), [])
+        self.squid.waitForLog("TCP_TUNNEL/200", f"CONNECT {SERVER_V4}:443 {GATEWAY_PRINCIPAL} ")
+
+    def test_staleKeytab(self) -> None:
+        """
+        A stale keytab is named, with the library's reason, and so is the
+        CONNECT it could not log in for.
+        """
+        stale = self.directory / "stale.keytab"
+        shutil.copy(self.keytab, stale)
+        self.realm.keytab(self.directory / "fresh.keytab", GATEWAY_PRINCIPAL)
+        findings = self.doctor(stale)
+        self.assertEqual(len(findings), 2, findings)
+        self.assertTrue(findings[0].startswith(
+            f"error: kerberos: {PROXY}: cannot log in: Decrypt integrity check failed: check the keytab"
+        ), findings)
+        self.assertIn("with 407 Proxy Authentication Required: Negotiate: no Kerberos ticket", findings[1])
+
+
 class RenewalTests(NegotiateTestCase):
     maxLife = "1m"
 

@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -149,6 +150,7 @@ class TicketKeeper:
         self._retry = self.retryFirst
         self._started = False
         self._killed = False
+        self._waiting: list[Deferred[None]] = []
 
     @property
     def ccache(self) -> str:
@@ -189,6 +191,7 @@ class TicketKeeper:
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._limit = None
+        self._settle()
         process, self._process = self._process, None
         if process is not None:
             try:
@@ -198,6 +201,22 @@ class TicketKeeper:
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = None
+
+    def settled(self) -> Deferred[None]:
+        """
+        Fires once the helper's current run has ended (at once if none is
+        running): for C{doctor}, which waits for the first login.
+        """
+        if self.state != FETCHING:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    def _settle(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
 
     def _run(self) -> None:
         self._timer = None
@@ -259,6 +278,7 @@ class TicketKeeper:
                 "Kerberos: logged in as {principal} for {target}; tickets valid for {left:.0f} s, renewed before",
                 principal=ticket.principal, target=ticket.target, left=left,
             )
+        self._settle()
 
     def _failed(self, why: str) -> None:
         repeated = why == self.lastError
@@ -271,6 +291,7 @@ class TicketKeeper:
             self.log.error(
                 "Kerberos: no ticket for the proxy: {reason}; trying again in {pause:g} s", reason=why, pause=pause
             )
+        self._settle()
 
     def credentials(self) -> tuple[str, str]:
         """
