@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tests.gateway import PROJECT, SERVER_V4, waitFor
 from tests.kerberos import REALM, Realm
-from tests.support import requireHost
+from tests.support import requireHost, socketDirectory
 from tests.test_upstream_e2e import ECHO_PORT, NAME, TCP_PEER, UpstreamTestCase
 
 NEGOTIATE_HELPER = "/usr/lib/squid/negotiate_kerberos_auth"
@@ -81,7 +81,7 @@ class NegotiateTestCase(UpstreamTestCase):
             os.environ["KRB5_CONFIG"] = previous
 
     def startNegotiating(self, keytab: Path | None = None) -> None:
-        self.control = self.directory / "control"
+        self.control = socketDirectory(self) / "control"
         self.startShifter(
             "--proxy", PROXY, "--proxy-keytab", str(keytab or self.keytab), "--control", f"unix:{self.control}"
         )

@@ -163,6 +163,15 @@ class TicketKeeper:
         return os.path.join(self._directory, "ccache")
 
     @property
+    def noKeytab(self) -> str:
+        """
+        A client keytab that does not exist, named to the library in the
+        reactor: so that it never logs in by itself there, as it would
+        from the default client keytab when a cache's tickets run out.
+        """
+        return "FILE:" + os.path.join(os.path.dirname(self.ccache), "no-client-keytab")
+
+    @property
     def who(self) -> str:
         """
         The gateway's principal, as known so far.
@@ -359,7 +368,9 @@ class NegotiateLogin:
 
         ccache, target = self.keeper.credentials()
         try:
-            creds = gssapi.Credentials(usage="initiate", store={"ccache": ccache})
+            creds = gssapi.Credentials(
+                usage="initiate", store={"ccache": ccache, "client_keytab": self.keeper.noKeytab}
+            )
             context = gssapi.SecurityContext(
                 name=gssapi.Name(target, gssapi.NameType.kerberos_principal),
                 creds=creds,
