@@ -27,6 +27,9 @@ from shifter.upstream.kerberos import FETCHING, IDLE, NegotiateError, TicketKeep
 from shifter.upstream.proxy import parseProxy
 from shifter.service.tap import Options
 
+from tests.support import knowLocalAddresses
+from tests.test_tunnel import PROXY, TunnelTestCase
+
 
 class FakeKeeper:
     who = "host/gw.example.test@EXAMPLE.TEST"
@@ -379,3 +382,81 @@ class TicketKeeperTests(TestCase):
 class _Echo(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
+
+
+class TunnelNegotiateTests(TunnelTestCase):
+    """
+    A tunnel to a proxy that asks for Negotiate, in memory.
+    """
+
+    def makeFactory(self):  # type: ignore[no-untyped-def]
+        from shifter.tunnel.downstream import ShifterFactory
+        from shifter.upstream.pool import ProxyPool
+        from shifter.upstream.proxy import UpstreamProxy
+
+        self.login = FakeLogin()
+        self.auth = ProxyAuth(None, negotiate=self.login)  # type: ignore[arg-type]
+        proxy = UpstreamProxy("proxy.test:3128", self.endpoint, PROXY, self.auth)
+        self.pool = ProxyPool([proxy], self.clock)
+        self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        knowLocalAddresses(self.factory)
+        return self.factory
+
+    def answer(self, status: bytes, *challenges: bytes) -> bytes:
+        """
+        Accept the pending proxy connection and answer its CONNECT; the
+        request it was sent.
+        """
+        upstream, transport = self.endpoint.accept()
+        sent = transport.value()
+        headers = b"".join(b"Proxy-Authenticate: " + c + b"\r\n" for c in challenges)
+        upstream.dataReceived(b"HTTP/1.1 " + status + b"\r\n" + headers + b"\r\n")
+        return sent
+
+    def test_opensWithToken(self) -> None:
+        """
+        The first CONNECT goes without credentials; the 407 is answered on
+        a new connection with a token; the next tunnel sends a new token
+        with its first CONNECT.
+        """
+        self.connectClient()
+        first = self.answer(b"407 Proxy Authentication Required", b"Negotiate", b'Basic realm="r"')
+        self.assertNotIn(b"Proxy-Authorization", first)
+        second = self.answer(b"200 Connection established")
+        self.assertIn(b"\r\nProxy-Authorization: Negotiate token1\r\n", second)
+        self.connectClient()
+        third = self.answer(b"200 Connection established")
+        self.assertIn(b"\r\nProxy-Authorization: Negotiate token2\r\n", third)
+        self.assertEqual(self.factory.counters["opened"], 2)
+
+    def test_noTicketOneLine(self) -> None:
+        """
+        With no ticket, the 407 ends the client connection at once with
+        one line naming Negotiate and the reason, counted under
+        C{proxy-auth}; no second CONNECT is sent.
+        """
+        _, clientTransport = self.connectClient()
+        self.login.error = "no Kerberos ticket for HTTP/proxy.test as host/gw (Cannot contact any KDC)"
+        self.answer(b"407 Proxy Authentication Required", b"Negotiate")
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertTrue(clientTransport.disconnecting)
+        [line] = self.failureLines()
+        self.assertIn(
+            "proxy answered 407: Negotiate: no Kerberos ticket for HTTP/proxy.test as host/gw "
+            "(Cannot contact any KDC)", line,
+        )
+        self.assertEqual(self.factory.counters["proxy-auth"], 1)
+
+    def test_refusedTokenOneLine(self) -> None:
+        """
+        A token the proxy refuses ends the tunnel with one line, counted
+        under C{proxy-auth}: no retry loop.
+        """
+        _, clientTransport = self.connectClient()
+        self.answer(b"407 Proxy Authentication Required", b"Negotiate")
+        self.answer(b"407 Proxy Authentication Required", b"Negotiate")
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertTrue(clientTransport.disconnecting)
+        [line] = self.failureLines()
+        self.assertIn("Negotiate: proxy refused the Kerberos login of host/gw.example.test@EXAMPLE.TEST", line)
+        self.assertEqual(self.factory.counters["proxy-auth"], 1)
