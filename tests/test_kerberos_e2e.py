@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.gateway import PROJECT, SERVER_V4, waitFor
+from tests.gateway import PROJECT, SERVER_V4, makeCertificate, waitFor
 from tests.kerberos import REALM, Realm
 from tests.support import requireHost, socketDirectory
 from tests.test_upstream_e2e import ECHO_PORT, NAME, TCP_PEER, UpstreamTestCase
@@ -64,7 +64,7 @@ class NegotiateTestCase(UpstreamTestCase):
         self.addCleanup(self._restoreEnvironment, previous)
         self.squid = self.squidWith(
             "acl authed proxy_auth REQUIRED\nhttp_access allow localhost authed\n",
-            extra=(
+            extra=self.squidExtra() + (
                 f"auth_param negotiate program /usr/bin/env KRB5_KTNAME={httpKeytab} "
                 f"KRB5_CONFIG={self.realm.krb5conf} {NEGOTIATE_HELPER} -s HTTP/{PROXY_NAME}@{REALM}\n"
                 "auth_param negotiate children 20 startup=5\n"
@@ -73,6 +73,12 @@ class NegotiateTestCase(UpstreamTestCase):
             ),
         )
 
+    def squidExtra(self) -> str:
+        """
+        More lines for Squid's configuration.
+        """
+        return ""
+
     @staticmethod
     def _restoreEnvironment(previous: str | None) -> None:
         if previous is None:
@@ -80,10 +86,11 @@ class NegotiateTestCase(UpstreamTestCase):
         else:
             os.environ["KRB5_CONFIG"] = previous
 
-    def startNegotiating(self, keytab: Path | None = None) -> None:
+    def startNegotiating(self, keytab: Path | None = None, *options: str) -> None:
         self.control = socketDirectory(self) / "control"
         self.startShifter(
-            "--proxy", PROXY, "--proxy-keytab", str(keytab or self.keytab), "--control", f"unix:{self.control}"
+            "--proxy-keytab", str(keytab or self.keytab), "--control", f"unix:{self.control}",
+            *(options or ("--proxy", PROXY)),
         )
 
     def ctl(self, *arguments: str) -> str:
@@ -176,6 +183,29 @@ class NegotiateTests(NegotiateTestCase):
         self.startNegotiating(stale)
         self.shifter.waitForLog("Kerberos: no ticket for the proxy", timeout=30)
         self.assertRefusedWith("(cannot log in: Decrypt integrity check failed)")
+
+
+class HttpsProxyTests(NegotiateTestCase):
+    def squidExtra(self) -> str:
+        tls = self.directory / "proxy-tls"
+        tls.mkdir()
+        key, self.cert = makeCertificate(tls, names=(f"DNS:{PROXY_NAME}",))
+        subprocess.run(["chown", "-R", "proxy", str(tls)], check=True)
+        return f"https_port 127.0.0.1:3443 tls-cert={self.cert} tls-key={key}\n"
+
+    def test_overTLS(self) -> None:
+        """
+        Negotiate works the same to a proxy reached over TLS: the tunnel
+        opens and Squid logs the gateway's principal.
+        """
+        self.net.gateway.waitListening(3443)
+        self.startNegotiating(None, "--proxy", f"https://{PROXY_NAME}:3443", "--proxy-ca", str(self.cert))
+        self.shifter.waitForLog("Kerberos: logged in as")
+        result = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.body, self.payload)
+        self.squid.waitForLog("TCP_TUNNEL/200", f"CONNECT {SERVER_V4}:443 {GATEWAY_PRINCIPAL} ")
+        self.shifter.waitForLog(f"via https://{PROXY_NAME}:3443 closed")
 
 
 class DoctorTests(NegotiateTestCase):
