@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from tests.gateway import PROJECT, SERVER_V4, makeCertificate, waitFor
+from tests.gateway import PROJECT, SERVER_V4, Namespace, Squid, makeCertificate, waitFor
 from tests.kerberos import REALM, Realm
 from tests.support import requireHost, socketDirectory
+from tests.test_holdsyn_e2e import HoldSynGatewayTestCase
 from tests.test_upstream_e2e import ECHO_PORT, NAME, TCP_PEER, UpstreamTestCase
 
 NEGOTIATE_HELPER = "/usr/lib/squid/negotiate_kerberos_auth"
@@ -30,54 +31,49 @@ GATEWAY_PRINCIPAL = f"host/gw.shifter.test@{REALM}"
 PROXY = f"{PROXY_NAME}:3128"
 
 
-class NegotiateTestCase(UpstreamTestCase):
+class RealmMixin:
     """
-    A realm with the gateway's and the proxy's principals, the gateway's
-    keytab, and a Squid that asks for Negotiate only.
+    A realm in the gateway's namespace with the gateway's and the proxy's
+    principals, the gateway's keytab (C{self.keytab}), the proxy's name in
+    the namespace's hosts file, and C{KRB5_CONFIG} pointing at the realm
+    while the test runs.
     """
 
     maxLife = "10h"
 
-    def setUp(self) -> None:
+    def setUpRealm(self, namespace: Namespace, directory: Path) -> str:
+        """
+        @return: Squid's configuration lines asking for Negotiate.
+        """
         requireHost(root=True, programs=("krb5kdc", "kdb5_util", "kadmin.local"))
         if not os.access(NEGOTIATE_HELPER, os.X_OK):
-            self.skipTest(f"needs Squid's {NEGOTIATE_HELPER}")
-        super().setUp()
+            self.skipTest(f"needs Squid's {NEGOTIATE_HELPER}")  # type: ignore[attr-defined]
+        cleanup = self.addCleanup  # type: ignore[attr-defined]
         # The gateway namespace's own hosts file names the proxy.
-        hostsDirectory = Path("/etc/netns") / self.net.gateway.name
+        hostsDirectory = Path("/etc/netns") / namespace.name
         hostsDirectory.mkdir(parents=True, exist_ok=True)
-        self.addCleanup(shutil.rmtree, hostsDirectory, True)
+        cleanup(shutil.rmtree, hostsDirectory, True)
         (hostsDirectory / "hosts").write_text(
             f"127.0.0.1 localhost {PROXY_NAME}\n::1 localhost\n{SERVER_V4} {NAME}\n"
         )
-        self.realm = Realm(self.net.gateway, self.directory / "realm", maxLife=self.maxLife)
+        self.realm = Realm(namespace, directory / "realm", maxLife=self.maxLife)
         self.realm.addPrincipal(GATEWAY_PRINCIPAL)
         self.realm.addPrincipal(f"HTTP/{PROXY_NAME}@{REALM}")
-        self.keytab = self.realm.keytab(self.directory / "gateway.keytab", GATEWAY_PRINCIPAL)
-        httpKeytab = self.realm.keytab(self.directory / "http.keytab", f"HTTP/{PROXY_NAME}@{REALM}")
+        self.keytab = self.realm.keytab(directory / "gateway.keytab", GATEWAY_PRINCIPAL)
+        httpKeytab = self.realm.keytab(directory / "http.keytab", f"HTTP/{PROXY_NAME}@{REALM}")
         subprocess.run(["chown", "proxy", str(httpKeytab)], check=True)
         self.realm.start()
-        self.addCleanup(self.realm.stop)
+        cleanup(self.realm.stop)
         # Shifter (started from this environment) finds the realm here.
         previous = os.environ.get("KRB5_CONFIG")
         os.environ["KRB5_CONFIG"] = str(self.realm.krb5conf)
-        self.addCleanup(self._restoreEnvironment, previous)
-        self.squid = self.squidWith(
-            "acl authed proxy_auth REQUIRED\nhttp_access allow localhost authed\n",
-            extra=self.squidExtra() + (
-                f"auth_param negotiate program /usr/bin/env KRB5_KTNAME={httpKeytab} "
-                f"KRB5_CONFIG={self.realm.krb5conf} {NEGOTIATE_HELPER} -s HTTP/{PROXY_NAME}@{REALM}\n"
-                "auth_param negotiate children 20 startup=5\n"
-                "auth_param negotiate keep_alive on\n"
-                f"acl SSL_ports port {ECHO_PORT}\n"
-            ),
+        cleanup(self._restoreEnvironment, previous)
+        return (
+            f"auth_param negotiate program /usr/bin/env KRB5_KTNAME={httpKeytab} "
+            f"KRB5_CONFIG={self.realm.krb5conf} {NEGOTIATE_HELPER} -s HTTP/{PROXY_NAME}@{REALM}\n"
+            "auth_param negotiate children 20 startup=5\n"
+            "auth_param negotiate keep_alive on\n"
         )
-
-    def squidExtra(self) -> str:
-        """
-        More lines for Squid's configuration.
-        """
-        return ""
 
     @staticmethod
     def _restoreEnvironment(previous: str | None) -> None:
@@ -85,6 +81,28 @@ class NegotiateTestCase(UpstreamTestCase):
             os.environ.pop("KRB5_CONFIG", None)
         else:
             os.environ["KRB5_CONFIG"] = previous
+
+
+AUTHENTICATED = "acl authed proxy_auth REQUIRED\nhttp_access allow localhost authed\n"
+
+
+class NegotiateTestCase(RealmMixin, UpstreamTestCase):
+    """
+    A realm, and a Squid that asks for Negotiate only.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        negotiate = self.setUpRealm(self.net.gateway, self.directory)
+        self.squid = self.squidWith(
+            AUTHENTICATED, extra=self.squidExtra() + negotiate + f"acl SSL_ports port {ECHO_PORT}\n"
+        )
+
+    def squidExtra(self) -> str:
+        """
+        More lines for Squid's configuration.
+        """
+        return ""
 
     def startNegotiating(self, keytab: Path | None = None, *options: str) -> None:
         self.control = socketDirectory(self) / "control"
@@ -267,3 +285,36 @@ class RenewalTests(NegotiateTestCase):
         result = self.fetch(f"https://{SERVER_V4}/file.bin")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertNotIn("proxy answered 407", self.shifter.logText())
+
+
+class HoldSynNegotiateTests(RealmMixin, HoldSynGatewayTestCase):
+    """
+    With --hold-syn the login happens while the SYN is held: the client's
+    connection is accepted once Squid has opened the tunnel for the
+    gateway's principal.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        negotiate = self.setUpRealm(self.net.gateway, self.directory)
+        self.squid.stop()
+        self.squid = Squid(self.net.gateway, self.directory / "negotiate-squid", access=AUTHENTICATED, extra=negotiate)
+        self.squid.start()
+        self.addCleanup(self.squid.stop)
+        self.shifter.options = (
+            "--listen", self.listen, "--proxy", PROXY, "--proxy-keytab", str(self.keytab), *self.shifterArguments(),
+        )
+
+    def test_heldThenAccepted(self) -> None:
+        """
+        A fetch through a held SYN opens, and Squid logs the principal.
+        """
+        self.shifter.start()
+        self.shifter.waitForLog("Kerberos: logged in as")
+        result = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.body, self.payload)
+        self.squid.waitForLog("TCP_TUNNEL/200", f"CONNECT {SERVER_V4}:443 {GATEWAY_PRINCIPAL} ")
+        self.shifter.waitForLog(f"-> {SERVER_V4}:443 via {PROXY} closed")
+        stats = self.stoppedStats()
+        self.assertEqual((stats["accepted"], stats["refused"]), (1, 0), stats)
