@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import quote
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
     from shifter.upstream.kerberos import NegotiateLogin
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -530,12 +532,16 @@ class ProxyAuth:
             schemes.add("negotiate")
         return frozenset(schemes)
 
-    def start(self) -> None:
+    def start(self) -> Deferred[None] | None:
         """
         Start what logging in needs beforehand (the Kerberos tickets).
+
+        @return: C{None}, or a C{Deferred} that fires once the first
+            login has succeeded or failed.
         """
         if self.negotiateLogin is not None:
-            self.negotiateLogin.start()
+            return self.negotiateLogin.start()
+        return None
 
     def stop(self) -> None:
         if self.negotiateLogin is not None:

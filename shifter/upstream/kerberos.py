@@ -200,6 +200,8 @@ class TicketKeeper:
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._limit = None
+        self.ticket = None
+        self.lastError = "Shifter is stopping, or its proxies were reconfigured"
         self._settle()
         process, self._process = self._process, None
         if process is not None:
@@ -349,8 +351,13 @@ class NegotiateLogin:
     def __init__(self, keeper: TicketKeeper) -> None:
         self.keeper = keeper
 
-    def start(self) -> None:
+    def start(self) -> Deferred[None]:
+        """
+        Start keeping the tickets; fires once the first login has
+        succeeded or failed.
+        """
         self.keeper.start()
+        return self.keeper.settled()
 
     def stop(self) -> None:
         self.keeper.stop()

@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -300,16 +300,22 @@ class ProxyPool:
         self.health[proxy].lastError = reason
         self.markDown(proxy, reason)
 
-    def start(self) -> None:
+    def start(self) -> Deferred[Any]:
         """
         Start what the proxies' logins need before the first tunnel (the
         Kerberos tickets of those that may ask for Negotiate).
+
+        @return: a C{Deferred} that fires, never with a failure, once each
+            first login has succeeded or failed.
         """
-        if self._stopped:
-            return
-        for proxy in self.proxies:
-            if proxy.auth is not None:
-                proxy.auth.start()
+        logins = []
+        if not self._stopped:
+            for proxy in self.proxies:
+                if proxy.auth is not None:
+                    login = proxy.auth.start()
+                    if login is not None:
+                        logins.append(login)
+        return DeferredList(logins, consumeErrors=True)
 
     def stop(self) -> None:
         """
