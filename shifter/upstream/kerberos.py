@@ -350,6 +350,10 @@ class NegotiateLogin:
 
     def __init__(self, keeper: TicketKeeper) -> None:
         self.keeper = keeper
+        # The library's handles on the cache and the service's name, made
+        # once for each login the keeper reports (the cache is read by
+        # name at each use, so a renewed one is seen).
+        self._handles: tuple[Ticket | None, Any, Any] | None = None
 
     def start(self) -> Deferred[None]:
         """
@@ -375,11 +379,16 @@ class NegotiateLogin:
 
         ccache, target = self.keeper.credentials()
         try:
-            creds = gssapi.Credentials(
-                usage="initiate", store={"ccache": ccache, "client_keytab": self.keeper.noKeytab}
-            )
+            handles = self._handles
+            if handles is None or handles[0] is not self.keeper.ticket:
+                creds = gssapi.Credentials(
+                    usage="initiate", store={"ccache": ccache, "client_keytab": self.keeper.noKeytab}
+                )
+                name = gssapi.Name(target, gssapi.NameType.kerberos_principal)
+                handles = self._handles = (self.keeper.ticket, creds, name)
+            _, creds, name = handles
             context = gssapi.SecurityContext(
-                name=gssapi.Name(target, gssapi.NameType.kerberos_principal),
+                name=name,
                 creds=creds,
                 usage="initiate",
                 mech=gssapi.OID.from_int_seq(_SPNEGO_OID),
