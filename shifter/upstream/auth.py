@@ -80,7 +80,7 @@ _CANONICAL = {
     "MD5-SESS": "MD5-sess",
 }
 _BASIC_STRENGTH = 1
-# The connection-oriented schemes, strongest first, above every Digest.
+# Negotiate and NTLM, strongest first, both above every Digest.
 _SCHEME_STRENGTH = {"negotiate": 5, "ntlm": 4}
 # Schemes after which Basic is never sent to the proxy.
 _NO_BASIC_AFTER = frozenset({"negotiate", "ntlm"})
@@ -509,8 +509,9 @@ class ProxyAuth:
     @property
     def scheme(self) -> str:
         """
-        What a new tunnel sends up front: C{"digest"} (a shared nonce is
-        known), C{"basic"}, or C{"none"}.
+        What a new tunnel sends up front: C{"negotiate"} (the proxy asked
+        for it), C{"digest"} (a shared nonce is known), C{"basic"}, or
+        C{"none"}.
         """
         if self.negotiate:
             return "negotiate"
@@ -597,8 +598,9 @@ class AuthExchange:
 
         @param method: the request method, C{"CONNECT"}.
         @param target: the request-target, the C{host:port} of the CONNECT.
-        @return: a C{Proxy-Authorization} header, or none: Digest with this
-            tunnel's own nonce if a 407 gave it one, else with the shared
+        @return: a C{Proxy-Authorization} header, or none: a Negotiate
+            token of its own if the proxy asked for Negotiate, else Digest
+            with this tunnel's own nonce if a 407 gave it one, else with the shared
             nonce if there is one, else Basic if the proxy asked for it (or
             C{preemptiveBasic}), else nothing.
         """
@@ -651,13 +653,15 @@ class AuthExchange:
         Learn from a 407 and say whether the tunnel may send its CONNECT
         again.
 
-        The strongest supported challenge is taken: Digest SHA-256, Digest
-        MD5, then Basic.
+        The strongest challenge Shifter can answer for this proxy is taken:
+        Negotiate, NTLM, Digest SHA-256, Digest MD5, then Basic (never
+        Basic if Negotiate or NTLM is offered).
 
         @param headerValues: the 407's C{Proxy-Authenticate} values.
         @return: C{None} if a new CONNECT can answer (send it once more),
             else why not, as one line for the log: no supported scheme,
-            the credentials refused, or Basic asked for after Digest.
+            the credentials refused, Basic asked for after Digest or beside
+            Negotiate or NTLM, or no Negotiate token (and why).
         """
         auth = self._auth
         challenges = parseChallenges(headerValues)
