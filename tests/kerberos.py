@@ -25,8 +25,13 @@ class Realm:
     @ivar krb5conf: the client configuration (C{KRB5_CONFIG}).
     """
 
-    def __init__(self, namespace: Namespace, directory: Path, maxLife: str = "10h") -> None:
+    def __init__(self, namespace: Namespace, directory: Path, maxLife: str = "10h", kdcPort: int = KDC_PORT) -> None:
+        """
+        @param kdcPort: the port the KDC listens on (the clients' is always
+            L{KDC_PORT}: another port is for something put in between).
+        """
         self.namespace = namespace
+        self.kdcPort = kdcPort
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.krb5conf = directory / "krb5.conf"
@@ -51,8 +56,8 @@ class Realm:
         self.kdcconf.write_text(
             f"""\
 [kdcdefaults]
-    kdc_ports = {KDC_PORT}
-    kdc_tcp_ports = {KDC_PORT}
+    kdc_ports = {kdcPort}
+    kdc_tcp_ports = {kdcPort}
 [realms]
     {REALM} = {{
         database_name = {directory}/principal
@@ -103,7 +108,7 @@ class Realm:
             "/usr/bin/env", f"KRB5_CONFIG={self.krb5conf}", f"KRB5_KDC_PROFILE={self.kdcconf}",
             "krb5kdc", "-n", "-r", REALM, logTo=self.directory / "krb5kdc.out",
         )
-        self.namespace.waitListening(KDC_PORT)
+        self.namespace.waitListening(self.kdcPort)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 
 from tests.gateway import PROJECT, SERVER_V4, Namespace, Squid, makeCertificate, waitFor
-from tests.kerberos import REALM, Realm
+from tests.kerberos import KDC_PORT, REALM, Realm
 from tests.support import requireHost, socketDirectory
 from tests.test_holdsyn_e2e import HoldSynGatewayTestCase
 from tests.test_upstream_e2e import ECHO_PORT, NAME, TCP_PEER, UpstreamTestCase
 
 NEGOTIATE_HELPER = "/usr/lib/squid/negotiate_kerberos_auth"
+SLOW_KDC = Path(__file__).resolve().parent / "slowkdc.py"
 PROXY_NAME = "proxy.shifter.test"
 GATEWAY_PRINCIPAL = f"host/gw.shifter.test@{REALM}"
 PROXY = f"{PROXY_NAME}:3128"
@@ -40,6 +41,8 @@ class RealmMixin:
     """
 
     maxLife = "10h"
+    # Seconds the KDC's answers are held back (by tests/slowkdc.py), if any.
+    kdcDelay = 0.0
 
     def setUpRealm(self, namespace: Namespace, directory: Path) -> str:
         """
@@ -56,7 +59,9 @@ class RealmMixin:
         (hostsDirectory / "hosts").write_text(
             f"127.0.0.1 localhost {PROXY_NAME}\n::1 localhost\n{SERVER_V4} {NAME}\n"
         )
-        self.realm = Realm(namespace, directory / "realm", maxLife=self.maxLife)
+        self.realm = Realm(
+            namespace, directory / "realm", maxLife=self.maxLife, kdcPort=KDC_PORT + 1000 if self.kdcDelay else KDC_PORT
+        )
         self.realm.addPrincipal(GATEWAY_PRINCIPAL)
         self.realm.addPrincipal(f"HTTP/{PROXY_NAME}@{REALM}")
         self.keytab = self.realm.keytab(directory / "gateway.keytab", GATEWAY_PRINCIPAL)
@@ -64,6 +69,13 @@ class RealmMixin:
         subprocess.run(["chown", "proxy", str(httpKeytab)], check=True)
         self.realm.start()
         cleanup(self.realm.stop)
+        if self.kdcDelay:
+            self.kdcLog = directory / "slowkdc.log"
+            namespace.start(
+                sys.executable, str(SLOW_KDC), str(KDC_PORT), str(self.realm.kdcPort), str(self.kdcDelay),
+                logTo=self.kdcLog,
+            )
+            waitFor(lambda: "listening" in self.kdcLog.read_text(), 20, "the slow KDC relay")
         # Shifter (started from this environment) finds the realm here.
         previous = os.environ.get("KRB5_CONFIG")
         os.environ["KRB5_CONFIG"] = str(self.realm.krb5conf)
@@ -289,6 +301,54 @@ class RenewalTests(NegotiateTestCase):
         time.sleep(max(0.0, firstExpire + 2 - time.time()))
         result = self.fetch(f"https://{SERVER_V4}/file.bin")
         self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("proxy answered 407", self.shifter.logText())
+
+
+class SlowKdcTests(NegotiateTestCase):
+    """
+    A KDC whose every answer comes 2 s late, and tickets that last one
+    minute.
+    """
+
+    maxLife = "1m"
+    kdcDelay = 2.0
+
+    def kdcEvents(self, what: str) -> list[float]:
+        """
+        When the late KDC's relay saw requests (C{"asked"}) or sent
+        answers (C{"answered"}).
+        """
+        lines = self.kdcLog.read_text().splitlines()
+        return [float(line.split()[1]) for line in lines if line.startswith(what + " ")]
+
+    def test_tunnelsWhileRenewing(self) -> None:
+        """
+        While the helper renews the tickets and waits on the late KDC,
+        tunnels opened meanwhile by other clients all open: some of them
+        began and ended while it was waiting.
+        """
+        self.net.redirect(ECHO_PORT)
+        self.net.server.start(sys.executable, str(TCP_PEER), "echo", str(ECHO_PORT), logTo=self.directory / "echo.log")
+        self.net.server.waitListening(ECHO_PORT)
+        self.startNegotiating()
+        self.assertIn("Kerberos: logged in as", self.shifter.logText())
+        started = time.time()
+        bursts = []
+        deadline = time.monotonic() + 90
+        # Tunnels, ten at a time, until the tickets have been renewed.
+        while "Kerberos: tickets renewed" not in self.shifter.logText() and time.monotonic() < deadline:
+            began = time.time()
+            result = self.net.client.run(
+                sys.executable, str(TCP_PEER), "burst", SERVER_V4, str(ECHO_PORT), "10", "30", timeout=60
+            )
+            bursts.append((began, time.time(), result.stdout.splitlines()[0]))
+        self.shifter.waitForLog("Kerberos: tickets renewed")
+        self.assertEqual({outcome for _, _, outcome in bursts}, {"ok 10 failed 0"})
+        # The renewal's talk with the KDC: from its first request to its
+        # last answer.
+        renewing = ([t for t in self.kdcEvents("asked") if t >= started][0], self.kdcEvents("answered")[-1])
+        inside = [b for b in bursts if renewing[0] <= b[0] and b[1] <= renewing[1]]
+        self.assertTrue(inside, (renewing, [b[:2] for b in bursts]))
         self.assertNotIn("proxy answered 407", self.shifter.logText())
 
 

@@ -289,6 +289,8 @@ class TicketKeeper:
                 "Kerberos: logged in as {principal} for {target}; tickets valid for {left:.0f} s, renewed before",
                 principal=ticket.principal, target=ticket.target, left=left,
             )
+        else:
+            self.log.info("Kerberos: tickets renewed, valid for {left:.0f} s", left=left)
         self._settle()
 
     def _failed(self, why: str) -> None:
