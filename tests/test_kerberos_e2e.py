@@ -348,7 +348,8 @@ class SlowKdcTests(NegotiateTestCase):
         # last answer.
         renewing = ([t for t in self.kdcEvents("asked") if t >= started][0], self.kdcEvents("answered")[-1])
         inside = [b for b in bursts if renewing[0] <= b[0] and b[1] <= renewing[1]]
-        self.assertTrue(inside, (renewing, [b[:2] for b in bursts]))
+        last = [b[:2] for b in bursts if b[1] >= renewing[0]][:3]
+        self.assertTrue(inside, f"no burst began and ended while the KDC was asked {renewing}; the first after: {last}")
         self.assertNotIn("proxy answered 407", self.shifter.logText())
 
 
