@@ -149,13 +149,18 @@ class OptionTests(ConfigTestCase):
         """
         credentials = Path(self.mktemp())
         credentials.write_text("lab:secret\n")
+        keytab = Path(self.mktemp())
+        keytab.write_bytes(b"\x05\x02")
         text = readmeExample().replace("/etc/shifter/lab-proxy.credentials", str(credentials))
+        text = text.replace("/etc/shifter/gateway.keytab", str(keytab))
         options = self.parse(text)
         self.assertEqual(options["connect-target"], "auto")
         self.assertEqual(options["idle-timeout"], 900.0)
         self.assertEqual(options["control"], "unix:/run/shifter/control")
-        self.assertEqual([spec.groups for spec in options.proxySpecs],
-                         [("default",), ("default",), ("lab",), ("socks",)])
+        self.assertEqual(
+            [spec.groups for spec in options.proxySpecs],
+            [("default",), ("default",), ("lab",), ("corp",), ("socks",)],
+        )
         self.assertEqual(options.proxySpecs[2].mark, 2)
         rules = options.configFile.rules  # type: ignore[union-attr]
         self.assertEqual([(r.group, r.refuse is not None, r.connectTarget, r.direct) for r in rules],
@@ -167,8 +172,13 @@ class OptionTests(ConfigTestCase):
         self.assertIsInstance(factory.policy, RulePolicy)
         lab = factory.pool.proxies[2]
         self.assertIsNotNone(lab.auth)
-        self.assertEqual(factory.pool.proxies[3].kind, "socks5")
+        self.assertEqual(factory.pool.proxies[4].kind, "socks5")
         self.assertIsInstance(lab.endpoint._reactor, MarkingReactor)
+        keeper = factory.pool.proxies[3].auth.negotiateLogin.keeper
+        self.assertEqual(
+            (keeper.keytab, keeper.principal, keeper.service),
+            (str(keytab), "host/gw.corp.example.com", "HTTP/proxy.corp.example.com"),
+        )
 
 
 class ErrorTests(ConfigTestCase):

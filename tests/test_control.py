@@ -118,9 +118,9 @@ class ProtocolTests(SynchronousTestCase):
         [answer] = self.talk(b'{"command": "proxies"}\n')
         self.assertEqual(answer["proxies"], [
             {"proxy": "127.0.0.1:3128", "up": True, "state": "up", "failures": 0, "lastError": "",
-             "groups": ["default"]},
+             "groups": ["default"], "scheme": "none"},
             {"proxy": "127.0.0.1:3129", "up": True, "state": "up", "failures": 1,
-             "lastError": "cannot connect to proxy: refused", "groups": ["default"]},
+             "lastError": "cannot connect to proxy: refused", "groups": ["default"], "scheme": "none"},
         ])
 
     def test_reloadWithoutFile(self) -> None:

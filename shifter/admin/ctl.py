@@ -134,11 +134,25 @@ def formatProxies(proxies: Sequence[dict[str, Any]]) -> str:
     rows = [
         (
             p["proxy"], p.get("state") or ("up" if p["up"] else "down"), str(p["failures"]),
-            ",".join(p.get("groups", ())), p.get("lastError") or "-",
+            ",".join(p.get("groups", ())), formatAuth(p), p.get("lastError") or "-",
         )
         for p in proxies
     ]
-    return table(("PROXY", "STATE", "FAILURES", "GROUPS", "LAST ERROR"), rows)
+    return table(("PROXY", "STATE", "FAILURES", "GROUPS", "AUTH", "LAST ERROR"), rows)
+
+
+def formatAuth(proxy: dict[str, Any]) -> str:
+    """
+    The scheme a proxy asked for and, with a keytab, how long the
+    gateway's Kerberos ticket has left: C{"negotiate (ticket 9h58m)"},
+    C{"none (no ticket)"}.
+    """
+    scheme = proxy.get("scheme") or "none"
+    kerberos = proxy.get("kerberos")
+    if kerberos is None:
+        return scheme
+    left = kerberos.get("expiresIn")
+    return f"{scheme} (ticket {formatAge(left)})" if left else f"{scheme} (no ticket)"
 
 
 def _socketPath(arguments: argparse.Namespace) -> str:

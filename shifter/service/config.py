@@ -7,7 +7,8 @@ the keys are read from the L{shifter.service.tap.Options} definitions themselves
 so an option added there is a key here at once.  Besides those:
 
   - C{[[proxy]]} tables: one upstream proxy each, with its own settings
-    (C{address}, C{group}, C{credentials}, C{ca}, C{mark});
+    (C{address}, C{group}, C{credentials}, C{ca}, C{mark}, C{keytab},
+    C{principal});
   - C{[[rule]]} tables: per-connection policy without Python, matched in
     order, the first that matches deciding (L{RulePolicy}): a proxy group,
     a CONNECT target, C{direct = true} (Shifter connects to the original
@@ -43,7 +44,7 @@ DEFAULT_GROUP = "default"
 # Options that have no place in a file: internal, or about the file itself.
 _NOT_IN_FILE = frozenset({"config", "worker", "help", "version"})
 
-_PROXY_KEYS = ("address", "group", "credentials", "ca", "mark", "pass-client")
+_PROXY_KEYS = ("address", "group", "credentials", "ca", "mark", "pass-client", "keytab", "principal")
 _RULE_KEYS = ("client", "destination", "port", "name", "proxy", "connect-target", "refuse", "direct")
 _RULE_TARGETS = ("ip", "name")
 GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target", "squid-conf")
@@ -113,6 +114,10 @@ class ProxySpec:
     @ivar passClient: what this proxy is told of each client, if not
         C{--pass-client}.
     @ivar line: where the file defines it (C{None}: the command line).
+    @ivar keytab: the gateway's keytab for Negotiate to this proxy, if
+        not C{--proxy-keytab}.
+    @ivar principal: the gateway's principal in it, if not
+        C{--proxy-principal}.
     """
 
     address: str
@@ -122,6 +127,8 @@ class ProxySpec:
     mark: Optional[int] = None
     line: Optional[int] = None
     passClient: Optional[str] = None
+    keytab: Optional[str] = None
+    principal: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -401,11 +408,13 @@ class _Reader:
                         mark = None
                 if isinstance(mark, bool) or not isinstance(mark, int) or not 0 < mark < 2**32:
                     raise self.fail(where + ("mark",), f"proxy: mark: expected a number from 1 to 0xffffffff, got {item['mark']!r}")
-            for key in ("credentials", "ca"):
+            for key in ("credentials", "ca", "keytab"):
                 if key in item and not (isinstance(item[key], str) and item[key]):
                     raise self.fail(where + (key,), f"proxy: {key}: expected a file name")
+            if "principal" in item and not (isinstance(item["principal"], str) and item["principal"]):
+                raise self.fail(where + ("principal",), "proxy: principal: expected a Kerberos principal name")
             if address.startswith("socks5://"):
-                for key in ("pass-client", "ca"):
+                for key in ("pass-client", "ca", "keytab", "principal"):
                     if key in item:
                         raise self.fail(where + (key,), f"proxy: {key} is for HTTP proxies, not a SOCKS5 server")
             passClient = item.get("pass-client")
@@ -416,7 +425,8 @@ class _Reader:
                     raise self.fail(where + ("pass-client",), f"proxy: pass-client: expected one of "
                                     f"{', '.join(PASS_CLIENT_MODES)}, got {passClient!r}")
             self.result.proxies.append(ProxySpec(
-                address, tuple(groups), item.get("credentials"), item.get("ca"), mark, self.lineOf(where), passClient
+                address, tuple(groups), item.get("credentials"), item.get("ca"), mark, self.lineOf(where), passClient,
+                item.get("keytab"), item.get("principal"),
             ))
 
     def lineOf(self, where: tuple[Any, ...]) -> Optional[int]:

@@ -9,7 +9,8 @@ C{{"ok": false, "error": "..."}}.  Commands:
   - C{tunnels}: every client connection not yet finished
     (L{shifter.tunnel.tunnel.TunnelInfo}'s fields);
   - C{proxies}: each proxy, whether it is up, its failures in a row, the
-    last error and its groups;
+    last error, its groups, the authentication scheme it asked for and,
+    for Negotiate, the gateway's Kerberos ticket;
   - C{reload}: reload C{--config}, as SIGHUP does;
   - C{drain}: stop accepting and let open tunnels finish, then stop, as
     SIGTERM does.
@@ -155,6 +156,7 @@ class ControlProtocol(LineOnlyReceiver):
                 "failures": health.failures,
                 "lastError": health.lastError,
                 "groups": groups,
+                **_authState(proxy, factory.reactor.seconds()),
             })
         return {"ok": True, "proxies": proxies}
 
@@ -218,3 +220,23 @@ class ControlService(SidePortService):
             "control socket", self.path, OwnerOnlyUNIXEndpoint(reactor, self.path), ControlFactory(service), service,
             hint=f"python -m shifter.ctl --control unix:{self.path}",
         )
+
+
+def _authState(proxy: Any, now: float) -> dict[str, Any]:
+    """
+    How Shifter logs in to C{proxy}: the scheme the proxy asked for
+    (C{"none"} until it has), and, with a keytab, the Kerberos ticket:
+    the gateway's principal, the service, the seconds it has left and the
+    last error in getting it.
+    """
+    auth = proxy.auth
+    if auth is None:
+        return {"scheme": "none"}
+    state: dict[str, Any] = {"scheme": auth.scheme}
+    login = auth.negotiateLogin
+    if login is not None:
+        kerberos = login.keeper.describe()
+        expires = kerberos.pop("expires")
+        kerberos["expiresIn"] = None if expires is None else max(0.0, round(expires - now, 1))
+        state["kerberos"] = kerberos
+    return state

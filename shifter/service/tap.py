@@ -293,6 +293,22 @@ class Options(usage.Options):
             "--proxy names no credentials (keeps the password out of ps).",
         ],
         [
+            "proxy-keytab",
+            None,
+            None,
+            "The gateway's keytab, for proxies that ask for Negotiate "
+            "(Kerberos): Shifter logs in as the gateway and asks for "
+            "HTTP/<the proxy's host name>, so name the proxy by its host "
+            "name. Tickets are kept fresh by a helper process.",
+        ],
+        [
+            "proxy-principal",
+            None,
+            None,
+            "The gateway's principal in --proxy-keytab, when it holds "
+            "several. Default: its first.",
+        ],
+        [
             "proxy-ca",
             None,
             None,
@@ -835,6 +851,8 @@ def buildProxy(spec: ProxySpec, config: Options, reactor) -> UpstreamProxy:  # t
         spec.address, proxyReactor, credentials, spec.ca or config["proxy-ca"],
         spec.passClient or config["pass-client"],
         preemptiveBasic=bool(config["proxy-preemptive-basic"]),
+        keytab=spec.keytab or config["proxy-keytab"],
+        principal=spec.principal or config["proxy-principal"],
     )
 
 
@@ -886,6 +904,8 @@ def _poolKey(config: Options) -> tuple[object, ...]:
             spec.ca or config["proxy-ca"],
             spec.mark if spec.mark is not None else config["mark"],
             spec.passClient or config["pass-client"],
+            spec.keytab or config["proxy-keytab"],
+            spec.principal or config["proxy-principal"],
         ))
     return (
         tuple(proxies), config["balance"], config["proxy-failures"], config["proxy-backoff"],
