@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.upstream.connect import isValidHostname
 from shifter.tunnel.sniff import (
+    ECH_UNKNOWN as UNREAD,
     MAX_CLIENT_HELLO_BYTES,
     MAX_CLIENT_HELLO_RECORDS,
     MAX_REQUEST_HEADER_BYTES,
@@ -380,7 +381,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         for what, hello in cases.items():
             self.assertEqual(
                 sniffServerName(frame(hello.encode())),
-                Sniffed(None, f"malformed ClientHello: {what}"),
+                Sniffed(None, f"malformed ClientHello: {what}", UNREAD),
                 what,
             )
 
@@ -392,7 +393,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         message[1:4] = (len(message) - 4).to_bytes(3, "big")
         self.assertEqual(
             sniffServerName(frame(bytes(message))),
-            Sniffed(None, "malformed ClientHello: bytes after the extensions"),
+            Sniffed(None, "malformed ClientHello: bytes after the extensions", UNREAD),
         )
 
     @settings(max_examples=500)
@@ -424,7 +425,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         message = Hello(sessionId=bytes(length), extensions=(serverName((0, b"a.test")),)).encode()
         self.assertEqual(
             sniffServerName(frame(message)),
-            Sniffed(None, f"malformed ClientHello: session id of {length} bytes"),
+            Sniffed(None, f"malformed ClientHello: session id of {length} bytes", UNREAD),
         )
 
     def test_everyPrefix(self) -> None:
@@ -487,7 +488,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         hello = frame(bigHello("huge.example.test", 40000))
         self.assertEqual(
             sniffServerName(hello[:9]),
-            Sniffed(None, f"ClientHello over {MAX_CLIENT_HELLO_BYTES} bytes"),
+            Sniffed(None, f"ClientHello over {MAX_CLIENT_HELLO_BYTES} bytes", UNREAD),
         )
         self.assertIsNone(sniffServerName(hello[:8]))
 
@@ -501,7 +502,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         )
         self.assertEqual(
             sniffServerName(hello, limit=len(hello) - 1),
-            Sniffed(None, f"ClientHello over {len(hello) - 1} bytes"),
+            Sniffed(None, f"ClientHello over {len(hello) - 1} bytes", UNREAD),
         )
 
     def test_tinyRecordsOverLimit(self) -> None:
@@ -518,7 +519,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         )
         self.assertEqual(
             sniffServerName(hello, limit=4 * len(message), maxRecords=many),
-            Sniffed(None, f"ClientHello over {4 * len(message)} bytes"),
+            Sniffed(None, f"ClientHello over {4 * len(message)} bytes", UNREAD),
         )
         self.assertEqual(
             sniffServerName(hello, limit=6 * len(message), maxRecords=many),
@@ -538,11 +539,11 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         self.assertEqual(len(fragments(exact)), cap)
         self.assertEqual(sniffServerName(exact), Sniffed("count.example.test", "SNI"))
         over = frame(message, sizes + [1])
-        refused = Sniffed(None, f"ClientHello in more than {cap} records")
+        refused = Sniffed(None, f"ClientHello in more than {cap} records", UNREAD)
         pastCap = 6 * cap
         self.assertEqual(sniffServerName(over[: pastCap + 5]), refused)
         self.assertIsNone(sniffServerName(over[: pastCap + 4]))
-        self.assertEqual(sniffServerName(over, maxRecords=3), Sniffed(None, "ClientHello in more than 3 records"))
+        self.assertEqual(sniffServerName(over, maxRecords=3), Sniffed(None, "ClientHello in more than 3 records", UNREAD))
 
     @given(st.integers(0, 255).filter(lambda b: b != 0x16))
     def test_notTLSAtOnce(self, first: int) -> None:
@@ -567,11 +568,11 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         """
         self.assertEqual(
             sniffServerName(b"\x16\x03\x01\x00\x00"),
-            Sniffed(None, "malformed ClientHello: record length 0"),
+            Sniffed(None, "malformed ClientHello: record length 0", UNREAD),
         )
         self.assertEqual(
             sniffServerName(b"\x16\x03\x01\x40\x01"),
-            Sniffed(None, "malformed ClientHello: record length 16385"),
+            Sniffed(None, "malformed ClientHello: record length 16385", UNREAD),
         )
 
     def test_notClientHello(self) -> None:
@@ -581,7 +582,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         """
         self.assertEqual(
             sniffServerName(b"\x16\x03\x01\x00\x30\x02"),
-            Sniffed(None, "malformed ClientHello: handshake type 2, not a ClientHello"),
+            Sniffed(None, "malformed ClientHello: handshake type 2, not a ClientHello", UNREAD),
         )
 
     def test_otherRecordInside(self) -> None:
@@ -595,7 +596,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
             corrupted = hello[:second] + bytes([kind]) + hello[second + 1 :]
             self.assertEqual(
                 sniffServerName(corrupted[: second + 1]),
-                Sniffed(None, f"malformed ClientHello: record of type {kind} inside it"),
+                Sniffed(None, f"malformed ClientHello: record of type {kind} inside it", UNREAD),
             )
 
     @settings(max_examples=3000)
@@ -662,7 +663,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         expected = (
             Sniffed("size.example.test", "SNI")
             if len(hello) <= limit
-            else Sniffed(None, f"ClientHello over {limit} bytes")
+            else Sniffed(None, f"ClientHello over {limit} bytes", UNREAD)
         )
         self.assertEqual(sniffServerName(hello, limit=limit), expected)
 
@@ -763,8 +764,8 @@ class IncrementalTests(SafeNameMixin, SynchronousTestCase):
         hello = realHello("finish.example.test")
         sniffer = NameSniffer("sni")
         sniffer.feed(hello[:10])
-        self.assertEqual(sniffer.finish("timed out"), Sniffed(None, "timed out"))
-        self.assertEqual(sniffer.feed(hello[10:]), Sniffed(None, "timed out"))
+        self.assertEqual(sniffer.finish("timed out"), Sniffed(None, "timed out", UNREAD))
+        self.assertEqual(sniffer.feed(hello[10:]), Sniffed(None, "timed out", UNREAD))
         done = NameSniffer("auto")
         done.feed(hello)
         self.assertEqual(done.finish("timed out"), Sniffed("finish.example.test", "SNI"))
