@@ -100,10 +100,21 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual([t["client"] for t in answer["tunnels"]], ["192.0.2.2:50001", "192.0.2.2:50002"])
         first = answer["tunnels"][0]
         self.assertEqual(
-            set(first), {"client", "destination", "connectTarget", "proxy", "state", "bytesUp", "bytesDown", "age"}
+            set(first),
+            {"client", "destination", "connectTarget", "proxy", "state", "bytesUp", "bytesDown", "age", "ech"},
         )
         self.assertEqual(first["state"], "resolving")
         self.assertEqual(first["age"], 3.0)
+        self.assertEqual(first["ech"], "")
+
+    def test_tunnelsECHCounts(self) -> None:
+        """
+        C{tunnels} also gives the connections read since start by what
+        they showed of ECH.
+        """
+        self.service.factory.stats.ech.update({"none": 3, "ech": 2, "grease": 1})
+        [answer] = self.talk(b'{"command": "tunnels"}\n')
+        self.assertEqual(answer["ech"], {"none": 3, "ech": 2, "grease": 1})
 
     def test_proxies(self) -> None:
         """
@@ -236,11 +247,35 @@ class FormatTests(SynchronousTestCase):
              "proxy": "", "state": "resolving", "bytesUp": 0, "bytesDown": 0, "age": 0.01},
         ])
         lines = text.splitlines()
-        self.assertEqual(lines[0].split(), ["CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE"])
+        self.assertEqual(lines[0].split(),
+                         ["CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE", "ECH"])
         self.assertEqual(lines[1].split(), ["192.0.2.2:41522", "203.0.113.7:443", "www.example.test:443",
-                                            "127.0.0.1:3128", "relaying", "1.2", "KiB", "12.0", "MiB", "3.2s"])
+                                            "127.0.0.1:3128", "relaying", "1.2", "KiB", "12.0", "MiB", "3.2s", "-"])
         self.assertEqual(lines[0].index("STATE"), lines[2].index("resolving"))
         self.assertEqual(lines[-1], "2 connections")
+
+    def test_tunnelTableECH(self) -> None:
+        """
+        A tunnel whose ClientHello offered ECH says so in the ECH column.
+        """
+        text = ctl.formatTunnels([
+            {"client": "192.0.2.2:41522", "destination": "203.0.113.7:443", "connectTarget": "cover.example.test:443",
+             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 0, "bytesDown": 0, "age": 1.0, "ech": "ech"},
+        ])
+        lines = text.splitlines()
+        self.assertEqual(lines[1].split()[-1], "ech")
+        self.assertEqual(lines[0].index("ECH"), lines[1].rindex("ech"))
+
+    def test_echShare(self) -> None:
+        """
+        The share of ECH since start counts the outer and inner types among
+        every connection read, and names GREASE and unread hellos apart.
+        """
+        self.assertEqual(
+            ctl.formatECHShare({"none": 6, "ech": 3, "inner": 1, "grease": 2, "unknown": 0}),
+            "ECH since start: 4 of 12 connections read (33.3 %); 2 grease",
+        )
+        self.assertEqual(ctl.formatECHShare({}), "ECH: no client's first bytes read since start")
 
 
 def childExit(pid: int, timeout: float = 20.0) -> Deferred[int]:
@@ -320,7 +355,8 @@ class SocketTests(TestCase):
         lines = out.decode().splitlines()
         self.assertEqual(lines[0].split()[:2], ["CLIENT", "DESTINATION"])
         self.assertEqual(lines[1].split()[:2], ["192.0.2.2:50001", "(unknown)"])
-        self.assertEqual(lines[-1], "1 connection")
+        self.assertEqual(lines[-2], "1 connection")
+        self.assertEqual(lines[-1], "ECH: no client's first bytes read since start")
         out, err, code = await getProcessOutputAndValue(
             sys.executable, ["-m", "shifter.ctl", "--control", f"unix:{self.path}", "proxies", "--json"], env=env
         )
