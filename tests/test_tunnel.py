@@ -1203,3 +1203,21 @@ class EncryptedClientHelloTests(TunnelTestCase):
         client, _ = self.connectClient()
         client.dataReceived(self.echHello())
         self.assertEqual([(r.name, r.ech) for r in asked], [("cover.example.test", "ech")])
+
+    def test_metric(self) -> None:
+        """
+        C{shifter_tunnels_ech_total} counts the connections read by what
+        their hello showed of ECH.
+        """
+        from tests.test_operations import scrape
+        from tests.test_sniff import echHello, echOuter, frame, realHello
+
+        self.settings = TunnelSettings(connectTarget="sni", sniffTimeout=2, earlyDataLimit=65536, maxConnections=10)
+        hellos = [self.echHello(), self.echHello(), frame(echHello(echOuter(enc=b""))), realHello("a.example.test")]
+        for port, hello in enumerate(hellos):
+            client, _ = self.connectClient(peer=IPv4Address("TCP", "192.0.2.2", 50000 + port))
+            client.dataReceived(hello)
+        samples = scrape(self.factory)
+        self.assertEqual(samples['shifter_tunnels_ech_total{ech="ech"}'], 2)
+        self.assertEqual(samples['shifter_tunnels_ech_total{ech="grease"}'], 1)
+        self.assertEqual(samples['shifter_tunnels_ech_total{ech="none"}'], 1)
