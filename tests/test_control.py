@@ -266,6 +266,21 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(lines[1].split()[-1], "ech")
         self.assertEqual(lines[0].index("ECH"), lines[1].rindex("ech"))
 
+    def test_doctorECHUnreachable(self) -> None:
+        """
+        Doctor says, as a warning, when the control socket cannot be asked
+        for the share of ECH; with workers it asks each worker's socket.
+        """
+        from shifter.admin.doctor import echShare
+
+        missing = str(Path(self.mktemp()).absolute())
+        share, finding = echShare(f"unix:{missing}", 1, 1.0)
+        self.assertIsNone(share)
+        self.assertEqual(str(finding), f"warning: ech: cannot reach Shifter at {missing}: "
+                         "No such file or directory: the share of ECH is not known")
+        share, finding = echShare(f"unix:{missing}", 3, 1.0)
+        self.assertIn(f"{missing}.0:", str(finding))
+
     def test_echShare(self) -> None:
         """
         The share of ECH since start counts the outer and inner types among
@@ -357,11 +372,33 @@ class SocketTests(TestCase):
         self.assertEqual(lines[1].split()[:2], ["192.0.2.2:50001", "(unknown)"])
         self.assertEqual(lines[-2], "1 connection")
         self.assertEqual(lines[-1], "ECH: no client's first bytes read since start")
+        self.service.factory.stats.ech.update({"none": 3, "ech": 1})
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "shifter.ctl", "--control", f"unix:{self.path}", "tunnels"], env=env
+        )
+        self.assertEqual(out.decode().splitlines()[-1], "ECH since start: 1 of 4 connections read (25.0 %)")
         out, err, code = await getProcessOutputAndValue(
             sys.executable, ["-m", "shifter.ctl", "--control", f"unix:{self.path}", "proxies", "--json"], env=env
         )
         self.assertEqual(code, 0)
         self.assertEqual([p["proxy"] for p in json.loads(out)["proxies"]], ["127.0.0.1:3128", "127.0.0.1:3129"])
+
+    async def test_doctorECHShare(self) -> None:
+        """
+        Doctor, given the control socket, reports the share of ECH since
+        start that the running Shifter counted.
+        """
+        self.service.factory.stats.ech.update({"none": 6, "ech": 2})
+        env = dict(os.environ, PYTHONPATH=str(PROJECT))
+        script = (
+            "import sys; from shifter.admin.doctor import echShare; "
+            "print(echShare(sys.argv[1], 1, 10.0))"
+        )
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-c", script, f"unix:{self.path}"], env=env
+        )
+        self.assertEqual((code, err), (0, b""))
+        self.assertEqual(out.decode().strip(), "('ECH since start: 2 of 8 connections read (25.0 %)', None)")
 
     async def test_otherUserCannotConnect(self) -> None:
         """
