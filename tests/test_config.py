@@ -7,6 +7,7 @@ L{shifter.service.service}), in memory.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class OptionTests(ConfigTestCase):
         for name, short, default, *_ in Options.optParameters:
             if default is None or name == "worker":
                 continue
-            value = f'"{default}"' if isinstance(default, str) else repr(default)
+            value = json.dumps(default) if isinstance(default, str) else repr(default)
             fromFile = self.parse(f"{name} = {value}\nproxy = ['127.0.0.1:3128']\n")
             fromLine = Options()
             fromLine.parseOptions([f"--{name}={default}", "--proxy", "127.0.0.1:3128"])

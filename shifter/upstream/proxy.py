@@ -6,10 +6,11 @@ reaches it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from OpenSSL.SSL import Error as SSLError
@@ -326,13 +327,29 @@ def _auth(credentials: Credentials | None) -> ProxyAuth | None:
     return ProxyAuth(credentials)
 
 
-def readCredentials(path: str) -> Credentials:
+def credentialsPath(path: str, environ: Mapping[str, str] = os.environ) -> str:
+    """
+    Where the credentials C{path} names are: under systemd's
+    C{$CREDENTIALS_DIRECTORY} (C{LoadCredential=}) when that is set and
+    C{path} is a bare name, a credential's name; else C{path} itself.
+    """
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory and "/" not in path:
+        return os.path.join(directory, path)
+    return path
+
+
+def readCredentials(path: str, environ: Mapping[str, str] = os.environ) -> Credentials:
     """
     Read C{user:password} from the first line of the file at C{path}, so
-    that the password stays out of the process list.
+    that the password stays out of the process list.  The user name may
+    name a domain, C{DOMAIN\\user}, as NTLM needs.  A bare name is a
+    systemd credential when C{$CREDENTIALS_DIRECTORY} is set
+    (L{credentialsPath}).
 
     @raise ValueError: if the file cannot be read or has no C{user:password}.
     """
+    path = credentialsPath(path, environ)
     try:
         with open(path) as f:
             line = f.readline().rstrip("\r\n")
