@@ -116,16 +116,31 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def formatECHShare(counts: dict[str, int]) -> str:
+    """
+    The share of connections whose ClientHello offered Encrypted Client
+    Hello (C{ech}, which may be GREASE, and C{inner}) among those whose
+    first bytes were read since start, for people.
+    """
+    read = sum(counts.values())
+    if not read:
+        return "ECH: no client's first bytes read since start"
+    offered = counts.get("ech", 0) + counts.get("inner", 0)
+    others = ", ".join(f"{counts[k]} {k}" for k in ("grease", "unknown") if counts.get(k))
+    return (f"ECH since start: {offered} of {read} connections read ({100 * offered / read:.1f} %)"
+            + (f"; {others}" if others else ""))
+
+
 def formatTunnels(tunnels: Sequence[dict[str, Any]]) -> str:
     rows = [
         (
             t["client"], t["destination"], t["connectTarget"] or "-", t["proxy"] or "-", t["state"],
-            formatSize(t["bytesUp"]), formatSize(t["bytesDown"]), formatAge(t["age"]),
+            formatSize(t["bytesUp"]), formatSize(t["bytesDown"]), formatAge(t["age"]), t.get("ech") or "-",
             t.get("tunnelId") or "-",
         )
         for t in tunnels
     ]
-    headers = ("CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE", "ID")
+    headers = ("CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE", "ECH", "ID")
     count = f"{len(tunnels)} connection{'' if len(tunnels) == 1 else 's'}"
     return (table(headers, rows) + "\n" + count) if rows else "no connections"
 
@@ -187,7 +202,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in [
-        ("tunnels", "every connection: client, destination, CONNECT target, proxy, state, bytes, age, id"),
+        ("tunnels", "every connection: client, destination, CONNECT target, proxy, state, bytes, age, ECH, id; "
+                    "and the share of ECH since start"),
         ("proxies", "each proxy: up, down, probing or on trial, failures in a row, last error, groups"),
         ("reload", "reload the configuration file (as SIGHUP does)"),
         ("drain", "stop accepting, let open tunnels finish, then stop (as SIGTERM does)"),
@@ -220,6 +236,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None, err
         return 1
     if arguments.command == "tunnels":
         print(formatTunnels(answer["tunnels"]), file=out)
+        if "ech" in answer:
+            print(formatECHShare(answer["ech"]), file=out)
     elif arguments.command == "proxies":
         print(formatProxies(answer["proxies"]), file=out)
     elif arguments.command == "reload":

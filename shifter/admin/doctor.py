@@ -40,6 +40,11 @@ CONNECT.  Checks:
   - proxy: each proxy answers a CONNECT with 2xx (logged in, where it
     asks for it).
 
+With a control socket (C{--control}, or the file's C{control}), it also
+reports the share of the connections read since start whose ClientHello
+offered Encrypted Client Hello (a line C{note: ech: ...}): a rule on
+names does not see the names those hide.
+
 Each finding is one line, C{error: CHECK: what is wrong; what to change}
 or C{warning: ...}; a good gateway prints nothing.  Exit status: 1 if
 there is an error, 0 otherwise, 2 for bad options.
@@ -1125,8 +1130,15 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
     except SystemExit as e:
         if e.code not in (0, None):
             raise
+    share = None
+    if config["control"] is not None:
+        share, problem = echShare(config["control"], config["workers"], arguments.timeout)
+        if problem is not None:
+            findings.append(problem)
     for finding in findings:
         print(finding, file=out)
+    if share is not None:
+        print(f"note: ech: {share}", file=out)
     if arguments.verbose:
         unknown = sorted({text for text in _unknownRules(expected, state)})
         for text in unknown:
@@ -1135,6 +1147,32 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
               f"Shifter on port {expected.listenPort}, resolver {expected.resolver}, "
               f"{len(expected.proxies)} proxies: {len(findings)} findings", file=out)
     return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def echShare(control: str, workers: int, timeout: float) -> tuple[Optional[str], Optional[Finding]]:
+    """
+    The share of ECH since start, from the running Shifter's control
+    socket (each worker's, with C{--workers}), as a line for people; or
+    the finding that says why it could not be asked.
+    """
+    from shifter.admin.ctl import ControlError, ask, formatECHShare
+    from shifter.service.control import controlPath
+
+    try:
+        path = controlPath(control)
+    except ValueError as e:
+        return None, Finding("warning", "ech", f"--control: {e}")
+    paths = [f"{path}.{worker}" for worker in range(workers)] if workers > 1 else [path]
+    counts: dict[str, int] = {}
+    for each in paths:
+        try:
+            answer = ask(each, "tunnels", timeout)
+        except ControlError as e:
+            return None, Finding("warning", "ech", f"{e}: the share of ECH is not known")
+        for kind, count in (answer.get("ech") or {}).items():
+            if isinstance(count, int):
+                counts[kind] = counts.get(kind, 0) + count
+    return formatECHShare(counts), None
 
 
 def _unknownRules(expected: Expectations, state: GatewayState) -> Iterable[str]:

@@ -35,6 +35,7 @@ from zope.interface import implementer
 from twisted.python import usage
 
 from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+from shifter.tunnel.sniff import ECH_MAY_HIDE
 from shifter.upstream.proxy import UpstreamProxy
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -45,7 +46,7 @@ DEFAULT_GROUP = "default"
 _NOT_IN_FILE = frozenset({"config", "worker", "help", "version"})
 
 _PROXY_KEYS = ("address", "group", "credentials", "ca", "mark", "pass-client", "keytab", "principal")
-_RULE_KEYS = ("client", "destination", "port", "name", "proxy", "connect-target", "refuse", "direct")
+_RULE_KEYS = ("client", "destination", "port", "name", "ech", "proxy", "connect-target", "refuse", "direct")
 _RULE_TARGETS = ("ip", "name")
 GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target", "squid-conf")
 
@@ -151,6 +152,11 @@ class Rule:
     @ivar names: suffixes of the name read from the client's first bytes
         (C{example.com} matches it and its subdomains, C{.example.com}
         only subdomains); a connection with no name never matches.
+    @ivar ech: if set, whether the client's ClientHello must offer
+        Encrypted Client Hello (C{True}) or not (C{False}).  A hello that
+        may hide its name offers it: one with the ECH extension that is not
+        known to be GREASE, and one not read through (malformed, cut
+        short), which might.  See L{shifter.tunnel.sniff.ECH_MAY_HIDE}.
     @ivar group: the proxy group to use.
     @ivar connectTarget: C{"ip"} (CONNECT to the address even if a name was
         read) or C{"name"} (to the name read, if any).
@@ -165,6 +171,7 @@ class Rule:
     destinations: tuple[Network, ...] = ()
     ports: tuple[PortRange, ...] = ()
     names: tuple[str, ...] = ()
+    ech: Optional[bool] = None
     group: Optional[str] = None
     connectTarget: Optional[str] = None
     refuse: Optional[str] = None
@@ -181,6 +188,8 @@ class Rule:
             name = (request.name or "").lower().rstrip(".")
             if not name or not any(_nameMatches(name, suffix) for suffix in self.names):
                 return False
+        if self.ech is not None and (request.ech in ECH_MAY_HIDE) != self.ech:
+            return False
         return True
 
     @property
@@ -259,6 +268,12 @@ class ConfigFile:
                     self.path, rule.line,
                     "rule: names are read from the client's first bytes only with "
                     "connect-target sni, host or auto, not ip",
+                )
+            if rule.ech is not None and connectTarget not in ("sni", "auto"):
+                raise ConfigError(
+                    self.path, rule.line,
+                    f"rule: ech: the ClientHello is read only with connect-target sni or auto, "
+                    f"not {connectTarget}",
                 )
 
 
@@ -479,6 +494,9 @@ class _Reader:
             if not re.fullmatch(r"\.?[a-z0-9_-]+(\.[a-z0-9_-]+)*", bare):
                 raise self.fail(where + ("name",), f"rule: name: expected a domain name or .suffix, got {name!r}")
             names.append(bare)
+        ech = item.get("ech")
+        if ech is not None and not isinstance(ech, bool):
+            raise self.fail(where + ("ech",), f"rule: ech: expected true or false, got {ech!r}")
         group = item.get("proxy")
         if group is not None and not isinstance(group, str):
             raise self.fail(where + ("proxy",), "rule: proxy: expected the name of a proxy group")
@@ -509,6 +527,7 @@ class _Reader:
             destinations=networks("destination"),
             ports=tuple(ports),
             names=tuple(names),
+            ech=ech,
             group=group,
             connectTarget=target,
             refuse=refuse,

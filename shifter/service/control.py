@@ -7,7 +7,9 @@ C{{"command": "tunnels"}}, and an answer C{{"ok": true, ...}} or
 C{{"ok": false, "error": "..."}}.  Commands:
 
   - C{tunnels}: every client connection not yet finished
-    (L{shifter.tunnel.tunnel.TunnelInfo}'s fields);
+    (L{shifter.tunnel.tunnel.TunnelInfo}'s fields), and C{ech}: the
+    connections whose first bytes were read since start, by what they
+    showed of Encrypted Client Hello (L{shifter.tunnel.metrics.TunnelStats.ech});
   - C{proxies}: each proxy, whether it is up, its failures in a row, the
     last error, its groups, the authentication scheme it asked for and,
     for Negotiate, the gateway's Kerberos ticket;
@@ -136,8 +138,13 @@ class ControlProtocol(LineOnlyReceiver):
         self.sendLine(json.dumps(answer, separators=(",", ":")).encode())
 
     def command_tunnels(self) -> dict[str, Any]:
-        tunnels = sorted(self.factory.service.factory.tunnels(), key=lambda t: -t.age)
-        return {"ok": True, "tunnels": [dataclasses.asdict(tunnel) for tunnel in tunnels]}
+        factory = self.factory.service.factory
+        tunnels = sorted(factory.tunnels(), key=lambda t: -t.age)
+        return {
+            "ok": True,
+            "tunnels": [dataclasses.asdict(tunnel) for tunnel in tunnels],
+            "ech": dict(factory.stats.ech),
+        }
 
     def command_proxies(self) -> dict[str, Any]:
         factory = self.factory.service.factory

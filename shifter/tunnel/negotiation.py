@@ -189,10 +189,10 @@ class ProxyNegotiation:
 
     # Stage: the policy's decision.
 
-    def _askPolicy(self: Any, name: str | None) -> None:
+    def _askPolicy(self: Any, name: str | None, ech: str | None = None) -> None:
         """
         Ask the policy, if there is one, where the tunnel goes (with the
-        sniffed C{name}, if any), then connect.
+        sniffed C{name} and C{ech}, if any), then connect.
         """
         policy = self.policy
         if policy is None:
@@ -200,7 +200,7 @@ class ProxyNegotiation:
             return
         self.state = DECIDING
         self._setDeadline(self.setupDeadline)
-        request = TunnelRequest(self._clientAddress(), self.destination, name, tuple(self.candidates))
+        request = TunnelRequest(self._clientAddress(), self.destination, name, tuple(self.candidates), ech)
         self._ask(lambda: policy.decide(request), self.decided, self.decideFailed)
 
     def _decided(self: Any, decision: TunnelDecision | None) -> None:

@@ -33,12 +33,17 @@ class TunnelRequest:
         C{--connect-target} looked for one and found it.
     @ivar proxies: the proxies Shifter would try, best first (only those
         that are up).
+    @ivar ech: what the client's ClientHello showed of Encrypted Client
+        Hello (L{shifter.tunnel.sniff.Sniffed.ech}): C{None} for none (or
+        nothing read), else C{"ech"} (then C{name} is the outer, cover
+        name), C{"grease"}, C{"inner"} or C{"unknown"}.
     """
 
     client: Union[IPv4Address, IPv6Address]
     destination: Destination
     name: Optional[str]
     proxies: Sequence[UpstreamProxy]
+    ech: Optional[str] = None
 
 
 @dataclass(frozen=True)
