@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 from tests.gateway import PROJECT, SERVER_V4, Namespace, Squid, makeCertificate, waitFor
@@ -26,6 +27,7 @@ from tests.test_holdsyn_e2e import HoldSynGatewayTestCase
 from tests.test_upstream_e2e import ECHO_PORT, NAME, TCP_PEER, UpstreamTestCase
 
 NEGOTIATE_HELPER = "/usr/lib/squid/negotiate_kerberos_auth"
+NTLM_FAKE_AUTH = "/usr/lib/squid/ntlm_fake_auth"
 SLOW_KDC = Path(__file__).resolve().parent / "slowkdc.py"
 PROXY_NAME = "proxy.shifter.test"
 GATEWAY_PRINCIPAL = f"host/gw.shifter.test@{REALM}"
@@ -384,3 +386,102 @@ class HoldSynNegotiateTests(RealmMixin, HoldSynGatewayTestCase):
         self.shifter.waitForLog(f"-> {SERVER_V4}:443 via {PROXY} closed")
         stats = self.stoppedStats()
         self.assertEqual((stats["accepted"], stats["refused"]), (1, 0), stats)
+
+
+# A Basic helper for Squid that writes down every user and password it is
+# asked about, and accepts them all.
+RECORDING_BASIC = """\
+#!/bin/sh
+while read -r line; do
+    echo "$line" >> {record}
+    echo OK
+done
+"""
+
+
+class SchemeChoiceTests(NegotiateTestCase):
+    """
+    A Squid that offers Basic, NTLM and Negotiate at once, in that order
+    (its C{auth_param} lines'): Shifter answers with the strongest scheme
+    it can, and never with Basic.  Squid's Basic helper writes down every
+    request it is asked to check, so a Basic answer would be seen there.
+    """
+
+    def squidExtra(self) -> str:
+        helperDirectory = self.directory / "basic-helper"
+        helperDirectory.mkdir()
+        self.basicRecord = helperDirectory / "asked"
+        helper = helperDirectory / "basic-recording"
+        helper.write_text(RECORDING_BASIC.format(record=self.basicRecord))
+        helper.chmod(0o755)
+        subprocess.run(["chown", "-R", "proxy", str(helperDirectory)], check=True)
+        return (
+            f"auth_param basic program {helper}\nauth_param basic realm shifter-test\n"
+            f"auth_param ntlm program {NTLM_FAKE_AUTH}\nauth_param ntlm children 5\n"
+        )
+
+    def credentials(self) -> str:
+        path = self.directory / "ntlm-credentials"
+        path.write_text("CORP\\alice:s3cret\n")
+        return str(path)
+
+    def tunnelUsers(self, count: int) -> list[str]:
+        """
+        Fetch C{count} times; the users Squid's access log names for the
+        tunnels.
+        """
+        for _ in range(count):
+            result = self.fetch(f"https://{SERVER_V4}/file.bin")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(result.body, self.payload)
+
+        def users() -> list[str]:
+            return [l.split()[7] for l in self.squid.accessLogLines() if "TCP_TUNNEL/200" in l]
+
+        waitFor(lambda: len(users()) == count, 10, f"{count} tunnels logged")
+        return users()
+
+    def assertNoBasic(self) -> None:
+        """
+        Squid offered Basic, and its Basic helper was never asked.
+        """
+        self.assertEqual(self.offered(), ["Basic", "NTLM", "Negotiate"])
+        self.assertFalse(self.basicRecord.exists(), "Squid's Basic helper was asked")
+        self.assertNotIn("s3cret", self.shifter.logText())
+
+    def offered(self) -> list[str]:
+        """
+        The schemes of the C{Proxy-Authenticate} headers of Squid's 407 to
+        a CONNECT without credentials, in order.
+        """
+        with closing(self.net.gateway.connect("127.0.0.1", 3128)) as s:
+            s.sendall(f"CONNECT {SERVER_V4}:443 HTTP/1.1\r\nHost: {SERVER_V4}:443\r\n\r\n".encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                data = s.recv(65536)
+                if not data:
+                    break
+                answer += data
+        head = answer.decode("latin-1").split("\r\n\r\n")[0].splitlines()
+        return [l.split(":", 1)[1].split()[0] for l in head if l.lower().startswith("proxy-authenticate:")]
+
+    def test_keytabAndCredentials(self) -> None:
+        """
+        With the gateway's keytab and a password, Shifter answers with
+        Negotiate: Squid logs the gateway's principal for every tunnel.
+        """
+        self.startNegotiating(None, "--proxy", PROXY, "--proxy-credentials", self.credentials())
+        self.shifter.waitForLog("Kerberos: logged in as")
+        self.assertEqual(self.tunnelUsers(2), [GATEWAY_PRINCIPAL] * 2)
+        self.assertNoBasic()
+
+    def test_credentialsOnly(self) -> None:
+        """
+        With a password and no keytab, Shifter answers with NTLM, not
+        Basic: Squid logs ntlm_fake_auth's C\\a (the first letters of
+        CORP\\alice; Basic would log the whole name).
+        """
+        self.control = socketDirectory(self) / "control"
+        self.startShifter("--proxy", PROXY, "--proxy-credentials", self.credentials())
+        self.assertEqual(self.tunnelUsers(2), ["C\\\\a"] * 2)
+        self.assertNoBasic()
