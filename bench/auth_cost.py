@@ -2,7 +2,10 @@
 What logging in to the upstream proxy costs Shifter, per tunnel: plain
 (Squid asks for nothing), Negotiate (a real MIT KDC and Squid's
 C{negotiate_kerberos_auth}, as in tests/test_kerberos_e2e.py) and NTLM
-(Squid's C{ntlm_fake_auth}), measured in one run.
+(Squid's C{ntlm_fake_auth}), measured in one run.  Shifter names the proxy
+by its host name in all three, as Negotiate needs it (C{proxy.shifter.test}
+in the gateway namespace's hosts file); C{address}, plain to the proxy
+named by its address, shows what the name itself costs.
 
 For each mode, a fresh gateway in network namespaces (tests/gateway.py)
 with the REDIRECT rules, a real Squid, C{twistd shifter} and an echo
@@ -40,7 +43,7 @@ PROXY_NAME = "proxy.shifter.test"
 GATEWAY_PRINCIPAL = f"host/gw.shifter.test@{REALM}"
 SERVICE = f"HTTP/{PROXY_NAME}@{REALM}"
 AUTHED = "acl authed proxy_auth REQUIRED\n"
-MODES = ("plain", "negotiate", "ntlm")
+MODES = ("plain", "negotiate", "ntlm", "address")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -55,13 +58,10 @@ def cpuSeconds(pid: int) -> float:
 
 def negotiateSetup(net: Gateway, directory: Path) -> tuple[str, tuple[str, ...]]:
     """
-    A realm in the gateway namespace, the proxy's name in its hosts file
-    and C{KRB5_CONFIG} pointing at the realm (for Shifter, started from
-    this environment); Squid's lines and Shifter's options.
+    A realm in the gateway namespace and C{KRB5_CONFIG} pointing at the
+    realm (for Shifter, started from this environment); Squid's lines and
+    Shifter's options.
     """
-    hosts = Path("/etc/netns") / net.gateway.name
-    hosts.mkdir(parents=True, exist_ok=True)
-    (hosts / "hosts").write_text(f"127.0.0.1 localhost {PROXY_NAME}\n::1 localhost\n")
     realm = Realm(net.gateway, directory / "realm")
     realm.addPrincipal(GATEWAY_PRINCIPAL)
     realm.addPrincipal(SERVICE)
@@ -75,7 +75,7 @@ def negotiateSetup(net: Gateway, directory: Path) -> tuple[str, tuple[str, ...]]
         f"KRB5_CONFIG={realm.krb5conf} /usr/lib/squid/negotiate_kerberos_auth -s {SERVICE}\n"
         "auth_param negotiate children 20 startup=5\nauth_param negotiate keep_alive on\n" + AUTHED
     )
-    return squid, ("--proxy", f"{PROXY_NAME}:{SQUID_PORT}", "--proxy-keytab", str(keytab))
+    return squid, ("--proxy-keytab", str(keytab))
 
 
 def measure(mode: str, count: int, directory: Path) -> tuple[list[float], float]:
@@ -90,17 +90,25 @@ def measure(mode: str, count: int, directory: Path) -> tuple[list[float], float]
     previous = os.environ.get("KRB5_CONFIG")
     try:
         net.redirect(443)
+        # The gateway namespace's own hosts file names the proxy.
+        hosts = Path("/etc/netns") / net.gateway.name
+        hosts.mkdir(parents=True, exist_ok=True)
+        (hosts / "hosts").write_text(f"127.0.0.1 localhost {PROXY_NAME}\n::1 localhost\n")
         access = "http_access allow localhost\n"
         extra = ""
-        options: tuple[str, ...] = ("--proxy", f"127.0.0.1:{SQUID_PORT}")
+        # Named as Negotiate needs it named, in every mode but address.
+        options: tuple[str, ...] = ("--proxy", f"{PROXY_NAME}:{SQUID_PORT}")
+        if mode == "address":
+            options = ("--proxy", f"127.0.0.1:{SQUID_PORT}")
         if mode == "negotiate":
-            extra, options = negotiateSetup(net, directory)
+            extra, keytab = negotiateSetup(net, directory)
+            options += keytab
         elif mode == "ntlm":
             extra = "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth\nauth_param ntlm children 5\n" + AUTHED
             credentials = directory / "credentials"
             credentials.write_text("CORP\\alice:s3cret\n")
             options += ("--proxy-credentials", str(credentials))
-        if mode != "plain":
+        if mode in ("negotiate", "ntlm"):
             access = "http_access allow localhost authed\n"
         squid = Squid(net.gateway, directory / "squid", access=access, extra=extra)
         squid.start()
@@ -113,7 +121,7 @@ def measure(mode: str, count: int, directory: Path) -> tuple[list[float], float]
         before = cpuSeconds(shifter.process.pid)
         out = net.client.run(sys.executable, PEER, "latency", SERVER_V4, "443", str(count), timeout=600)
         cpu = cpuSeconds(shifter.process.pid) - before
-        if mode != "plain":
+        if mode in ("negotiate", "ntlm"):
             # Every tunnel logged in: none was let through unauthenticated.
             tunnels = [l for l in squid.accessLogLines() if "TCP_TUNNEL/200" in l]
             assert all(l.split()[7] != "-" for l in tunnels), "a tunnel without a login"
@@ -151,8 +159,10 @@ def main() -> None:
         medians = {name: statistics.median(values) for name, values in firsts.items()}
         print()
         for name in modes:
-            ratio = (f" ({perThousand[name] / perThousand['plain']:.2f}x plain)"
-                     if "plain" in modes and perThousand["plain"] else "")
+            ratio = ""
+            if "plain" in modes and all(cpus["plain"]):
+                rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(cpus[name], cpus["plain"]))
+                ratio = f" ({perThousand[name] / perThousand['plain']:.2f}x plain; by round {rounds})"
             added = f" ({(medians[name] - medians['plain']) * 1e3:+.3f} ms)" if "plain" in modes else ""
             print(f"{name:9} CPU {perThousand[name]:6.3f} s per 1,000 tunnels{ratio}; "
                   f"first byte median {medians[name] * 1e3:.3f} ms{added}; "
