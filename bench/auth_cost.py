@@ -12,8 +12,8 @@ with the REDIRECT rules, a real Squid, C{twistd shifter} and an echo
 server behind it.  After a warm-up (which takes Negotiate's first 407: from
 then on each CONNECT carries a token of its own), a client makes COUNT
 connections one after another, each timed from the start of connect() to
-the first byte echoed back, while the Shifter process's user + system CPU
-(C{/proc/PID/stat}) is read before and after.  Printed: CPU per 1,000
+the first byte echoed back, while the Shifter process's CPU time (user and
+system, C{/proc/PID/task/*/schedstat}) is read before and after.  Printed: CPU per 1,000
 tunnels and its ratio to plain's, and the first-byte median and its
 difference to plain's.  The ticket helper, a child process that runs at
 start and before the tickets expire, is not counted: it does not run per
@@ -44,16 +44,16 @@ GATEWAY_PRINCIPAL = f"host/gw.shifter.test@{REALM}"
 SERVICE = f"HTTP/{PROXY_NAME}@{REALM}"
 AUTHED = "acl authed proxy_auth REQUIRED\n"
 MODES = ("plain", "negotiate", "ntlm", "address")
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpuSeconds(pid: int) -> float:
     """
-    The user + system CPU seconds process C{pid} has used so far.
+    The CPU seconds (user and system) process C{pid}'s threads have used
+    so far, to the nanosecond: the scheduler's own count
+    (C{/proc/PID/task/*/schedstat}), where C{/proc/PID/stat} counts whole
+    clock ticks.
     """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # utime and stime: fields 14 and 15 of proc(5), 12 and 13 after ")".
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    return sum(int(path.read_text().split()[0]) for path in Path(f"/proc/{pid}/task").glob("*/schedstat")) / 1e9
 
 
 def negotiateSetup(net: Gateway, directory: Path) -> tuple[str, tuple[str, ...]]:
