@@ -14,8 +14,10 @@ then on each CONNECT carries a token of its own), a client makes COUNT
 connections one after another, each timed from the start of connect() to
 the first byte echoed back, while the Shifter process's CPU time (user and
 system, C{/proc/PID/task/*/schedstat}) is read before and after.  Printed: CPU per 1,000
-tunnels and its ratio to plain's, and the first-byte median and its
-difference to plain's.  The ticket helper, a child process that runs at
+tunnels and its ratio to plain's, the first-byte median and its
+difference to plain's, and the 407s Squid logged per tunnel (NTLM's extra
+round trip is one 407 per tunnel; Negotiate's token goes with the first
+CONNECT from the second tunnel on).  The ticket helper, a child process that runs at
 start and before the tickets expire, is not counted: it does not run per
 tunnel.  Reports, never asserts.
 
@@ -78,10 +80,11 @@ def negotiateSetup(net: Gateway, directory: Path) -> tuple[str, tuple[str, ...]]
     return squid, ("--proxy-keytab", str(keytab))
 
 
-def measure(mode: str, count: int, directory: Path) -> tuple[list[float], float]:
+def measure(mode: str, count: int, directory: Path) -> tuple[list[float], float, float]:
     """
-    The first-byte times, in seconds, of C{count} sequential tunnels, and
-    Shifter's CPU seconds for them.
+    The first-byte times, in seconds, of C{count} sequential tunnels,
+    Shifter's CPU seconds for them, and Squid's 407 answers per tunnel
+    (warm-up included).
     """
     directory.mkdir(parents=True)
     for parent in [directory, *directory.parents]:
@@ -121,11 +124,13 @@ def measure(mode: str, count: int, directory: Path) -> tuple[list[float], float]
         before = cpuSeconds(shifter.process.pid)
         out = net.client.run(sys.executable, PEER, "latency", SERVER_V4, "443", str(count), timeout=600)
         cpu = cpuSeconds(shifter.process.pid) - before
+        lines = squid.accessLogLines()
+        tunnels = [l for l in lines if "TCP_TUNNEL/200" in l]
         if mode in ("negotiate", "ntlm"):
             # Every tunnel logged in: none was let through unauthenticated.
-            tunnels = [l for l in squid.accessLogLines() if "TCP_TUNNEL/200" in l]
             assert all(l.split()[7] != "-" for l in tunnels), "a tunnel without a login"
-        return [float(value) for value in out.stdout.split()], cpu
+        refusals = sum("/407 " in l for l in lines) / max(1, len(tunnels))
+        return [float(value) for value in out.stdout.split()], cpu, refusals
     finally:
         if previous is None:
             os.environ.pop("KRB5_CONFIG", None)
@@ -146,11 +151,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shifter-auth-cost-") as tmp:
         firsts: dict[str, list[float]] = {name: [] for name in modes}
         cpus: dict[str, list[float]] = {name: [] for name in modes}
+        refusals: dict[str, list[float]] = {name: [] for name in modes}
         # Rounds, each mode once per round on a fresh gateway, so that a
         # slow spell of the machine does not land on one mode alone.
         for round in range(max(1, arguments.rounds)):
             for name in modes:
-                times, cpu = measure(name, count, Path(tmp) / f"{name}-{round}")
+                times, cpu, perTunnel = measure(name, count, Path(tmp) / f"{name}-{round}")
+                refusals[name].append(perTunnel)
                 firsts[name] += times
                 cpus[name].append(cpu * 1000 / count)
                 print(f"round {round} {name:9} CPU {cpu * 1000 / count:6.3f} s per 1,000 tunnels, "
@@ -166,6 +173,7 @@ def main() -> None:
             added = f" ({(medians[name] - medians['plain']) * 1e3:+.3f} ms)" if "plain" in modes else ""
             print(f"{name:9} CPU {perThousand[name]:6.3f} s per 1,000 tunnels{ratio}; "
                   f"first byte median {medians[name] * 1e3:.3f} ms{added}; "
+                  f"407s per tunnel {statistics.mean(refusals[name]):.3f}; "
                   f"{len(firsts[name])} tunnels")
 
 
