@@ -213,6 +213,9 @@ class TunnelRecord:
     @ivar connected: when the connection to the last proxy tried was made.
     @ivar opened: when that proxy's answer opened the tunnel.
     @ivar firstByte: when the first byte from the proxy reached the client.
+    @ivar ech: what the ClientHello showed of Encrypted Client Hello
+        (C{"ech"}, C{"grease"}, C{"inner"}, C{"unknown"}), or C{None} if
+        nothing (no extension, not TLS, or not read).
     """
 
     tunnelId: str
@@ -235,6 +238,7 @@ class TunnelRecord:
     connected: Optional[float] = None
     opened: Optional[float] = None
     firstByte: Optional[float] = None
+    ech: Optional[str] = None
 
 
 class ITunnelClient(Interface):
@@ -1081,6 +1085,7 @@ class Tunnel(ProxyNegotiation):
             connected=self.proxyConnectedAt,
             opened=self.openedAt,
             firstByte=self.firstByteAt,
+            ech=self.ech,
         )
 
 _CLIENT_SIDE = (CLIENT_DATA, CLIENT_ENDED, CLIENT_LOST)
