@@ -48,7 +48,7 @@ _NOT_IN_FILE = frozenset({"config", "worker", "help", "version"})
 _PROXY_KEYS = ("address", "group", "credentials", "ca", "mark", "pass-client", "keytab", "principal")
 _RULE_KEYS = ("client", "destination", "port", "name", "ech", "proxy", "connect-target", "refuse", "direct")
 _RULE_TARGETS = ("ip", "name")
-GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target", "squid-conf")
+GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target", "squid-conf", "proxy-access-log")
 
 
 class ConfigError(ValueError):
