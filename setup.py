@@ -31,6 +31,7 @@ setup(
         "shifter.resolvers",
         "shifter.service",
         "shifter.tunnel",
+        "shifter.pac",
         "shifter.upstream",
         "twisted.plugins",
     ],
@@ -42,6 +43,8 @@ setup(
         "pyroute2>=0.7",
         "zope.interface>=5",
         "prometheus_client>=0.17",
+        # The PAC helper's JavaScript engine (QuickJS inside), see shifter.pac.child.
+        "dukpy>=0.6",
     ],
     extras_require={"test": ["hypothesis", "virtme-ng"]},
 )
