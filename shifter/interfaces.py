@@ -27,12 +27,17 @@ class ConnectResponse:
     @ivar reason: the reason phrase, decoded leniently for the log.
     @ivar headers: (name, value) pairs in the order received.
     @ivar leftover: bytes after the header block; they belong to the tunnel.
+    @ivar refusal: for an answer in another protocol than HTTP (a SOCKS5
+        server's), how its refusal reads in the log line; its C{status}
+        then says only what the tunnel does next (a 407 counts as the
+        proxy wanting authentication, a 5xx tries the next proxy).
     """
 
     status: int
     reason: str
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     leftover: bytes = b""
+    refusal: str = ""
 
     @property
     def opensTunnel(self) -> bool:

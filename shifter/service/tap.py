@@ -30,7 +30,7 @@ from shifter.tunnel.holdsyn import DEFAULT_HOLD_TIMEOUT, SynHolder
 from shifter.upstream.passclient import PASS_CLIENT_MODES
 from shifter.upstream.pool import BALANCES, ProxyPool
 from shifter.upstream.probe import DEFAULT_PROBE_TARGET
-from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
+from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, directRoute, parseProxy, readCredentials
 from shifter.relay.relay import RELAYS
 from shifter.resolvers.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
 from shifter.logs import twistdLogFile, useLogFile
@@ -493,11 +493,12 @@ class Options(usage.Options):
 
     def opt_proxy(self, proxy: str) -> None:
         """
-        An upstream HTTP proxy (at least one): HOST:PORT, [IPV6]:PORT,
+        An upstream proxy (at least one): HOST:PORT, [IPV6]:PORT,
         http://[USER:PASSWORD@]HOST:PORT, https://[USER:PASSWORD@]HOST:PORT
-        (TLS to the proxy), or a Twisted client endpoint string such as
-        tcp:host=10.0.0.5:port=3128. Repeatable; see --balance. A URL may
-        end with ?pass-client=MODE, this proxy's own --pass-client.
+        (TLS to the proxy), socks5://[USER:PASSWORD@]HOST:PORT (a SOCKS5
+        server), or a Twisted client endpoint string such as
+        tcp:host=10.0.0.5:port=3128. Repeatable; see --balance. An HTTP
+        URL may end with ?pass-client=MODE, this proxy's own --pass-client.
         """
         self["proxy"].append(proxy)
 
@@ -754,12 +755,15 @@ class Configured:
 
     @ivar poolKey: what the pool was built from, to tell whether a reload
         changes it.
+    @ivar direct: the DIRECT route, which a policy may choose in place of
+        a proxy.
     """
 
     settings: TunnelSettings
     pool: ProxyPool
     policy: RulePolicy | None
     poolKey: tuple[object, ...]
+    direct: UpstreamProxy | None = None
 
 
 def _poolKey(config: Options) -> tuple[object, ...]:
@@ -815,13 +819,14 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
             downFor=config["proxy-backoff"],
             maxDownFor=30 * config["proxy-backoff"],
         )
-    policy = policyFor(config.configFile, config.proxySpecs, pool.proxies)
+    direct = directRoute(reactor, config["mark"] or 0)
+    policy = policyFor(config.configFile, config.proxySpecs, pool.proxies, direct)
     # The probe's settings follow the options even in a pool kept across a
     # reload, with what it knows of each proxy's health.
     pool.probeTarget = config["probe-target"] or DEFAULT_PROBE_TARGET
     pool.connectTimeout = settings.connectTimeout
     pool.handshakeTimeout = settings.handshakeTimeout
-    return Configured(settings, pool, policy, key)
+    return Configured(settings, pool, policy, key, direct)
 
 
 # Options that the running service cannot change: a reload that changes

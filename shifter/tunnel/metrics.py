@@ -21,7 +21,7 @@ _LATENCY_BUCKETS = (
 )
 
 # Counters of TunnelStats.counters that are not failures.
-_OUTCOMES = {"opened", "closed"}
+_OUTCOMES = {"opened", "closed", "direct"}
 
 
 class TunnelStats:
@@ -31,7 +31,8 @@ class TunnelStats:
     (handed to the receiving socket's kernel), a client's early bytes too.
 
     @ivar counters: how tunnels ended and why they failed, by short name
-        (C{"opened"}, C{"closed"}, C{"resolver"}, C{"proxy-status"}, ...).
+        (C{"opened"}, C{"closed"}, C{"resolver"}, C{"proxy-status"}, ...);
+        C{"direct"} counts the tunnels opened DIRECT (among C{"opened"}).
     @ivar openTunnels: tunnels relaying now.
     @ivar bytesUp: bytes delivered from clients to proxies.
     @ivar bytesDown: bytes delivered from proxies to clients.
@@ -105,6 +106,10 @@ class _StatsCollector:
         yield CounterMetricFamily(
             "shifter_tunnels_opened", "Tunnels opened (the proxy answered 2xx).",
             value=counters["opened"],
+        )
+        yield CounterMetricFamily(
+            "shifter_tunnels_direct", "Tunnels opened DIRECT: to the destination itself, through no proxy.",
+            value=counters["direct"],
         )
         failures = CounterMetricFamily(
             "shifter_tunnel_failures",

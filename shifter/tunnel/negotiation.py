@@ -41,6 +41,8 @@ from shifter.upstream.connect import ConnectResponse, formatAuthority, isDottedQ
 from shifter.tunnel.destinations import destinationRefusal
 from shifter.interfaces import IProxyAttempt
 from shifter.upstream.passclient import refusalHint, tunnelRequest
+from shifter.upstream.proxy import DIRECT, HTTP, SOCKS5
+from shifter.upstream.socks5 import formatConnectRequest as socks5Request
 from shifter.tunnel.policy import TunnelDecision, TunnelRequest
 
 # The states of this stage, in both machines.
@@ -258,14 +260,27 @@ class ProxyNegotiation:
         self.proxy = proxy
         destination = self.destination
         port = destination.port
-        headers: list[tuple[str, str]] = []
-        if proxy.auth is not None:
-            if self.authProxy is not proxy:
-                self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
-            headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
-        self.request = tunnelRequest(
-            proxy, self._clientAddress(), destination, self.connectHost, port, headers, self.passClient
-        )
+        kind = proxy.kind
+        if kind == HTTP:
+            headers: list[tuple[str, str]] = []
+            if proxy.auth is not None:
+                if self.authProxy is not proxy:
+                    self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
+                headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+            self.request = tunnelRequest(
+                proxy, self._clientAddress(), destination, self.connectHost, port, headers, self.passClient
+            )
+        elif kind == SOCKS5:
+            self.request = socks5Request(self.connectHost, port)
+        else:
+            # DIRECT: to the original destination's address, never to a
+            # name (which could lead anywhere), under the same checks.
+            refusal = destinationCheck(self.owner, self.settings, self.address, port)
+            if refusal is not None:
+                self._fail(refusal[0], f"DIRECT refused: {refusal[1]}")
+                return
+            self.proxy = proxy = proxy.toDestination(self.address, port)
+            self.request = b""
         self.state = CONNECTING
         self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.setupDeadline))
         # The current attempt before it starts: it may fail at once.
@@ -300,7 +315,8 @@ class ProxyNegotiation:
 
     def _answered(self: Any, response: ConnectResponse) -> None:
         status = response.status
-        self.stats.proxyAnswers[f"{status // 100}xx"] += 1
+        if self.proxy.kind != DIRECT:
+            self.stats.proxyAnswers[f"{status // 100}xx"] += 1
         if response.opensTunnel:
             self.pool.succeeded(self.proxy)
             if self.authExchange is not None and self.authProxy is self.proxy:
@@ -308,7 +324,17 @@ class ProxyNegotiation:
             self._open(response.leftover)
             return
         self.pool.answered(self.proxy, status)
-        if status == 407:
+        if response.refusal:
+            # A SOCKS5 server's refusal, in its own words; its status says
+            # what follows.
+            self._dropAttempt()
+            if status == 407:
+                self._fail("proxy-auth", response.refusal, status=status)
+            elif status >= 500:
+                self._retryOrFail("proxy-status", response.refusal, status=status)
+            else:
+                self._fail("proxy-status", response.refusal, status=status)
+        elif status == 407:
             self._challenged(response)
         else:
             reason = f"proxy answered {status} {response.reason}".rstrip()
@@ -345,7 +371,8 @@ class ProxyNegotiation:
             why = "proxy closed the connection before answering"
         else:
             why = f"proxy connection lost before answering: {reason.getErrorMessage()}"
-        why += refusalHint("proxy-closed", None, self._passClientMode())
+        if self.proxy.kind == HTTP:
+            why += refusalHint("proxy-closed", None, self._passClientMode())
         self.pool.failed(self.proxy, why)
         self._dropAttempt()
         self._retryOrFail("proxy-closed", why)

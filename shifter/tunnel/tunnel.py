@@ -66,6 +66,7 @@ from shifter.tunnel.negotiation import (
     formatAddress,
 )
 from shifter.resolvers.resolver import Destination, ResolverError
+from shifter.upstream.proxy import DIRECT
 from shifter.tunnel.statetable import buildTable
 
 # The states.  Plain strings: they are dictionary keys on every event.
@@ -672,6 +673,11 @@ class Tunnel(ProxyNegotiation):
         stats = self.owner.stats
         now = self.clock.seconds()
         stats.counters["opened"] += 1
+        if self.proxy.kind == DIRECT:
+            # Straight to the destination's address: no CONNECT target to name.
+            stats.counters["direct"] += 1
+            self.connectHost = self.address
+            self.named = ""
         stats.openTunnels += 1
         stats.connectSeconds.observe(now - self.connectStarted)
         # The early bytes and the leftover are counted, as every byte, when

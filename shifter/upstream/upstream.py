@@ -23,7 +23,9 @@ from twisted.python.failure import Failure
 
 from shifter.upstream.connect import ConnectResponseParser, ProxyResponseError
 from shifter.upstream.connector import ProxyConnection, connectNow
-from shifter.interfaces import IProxyAttempt, IProxyReceiver
+from shifter.upstream.proxy import DIRECT, SOCKS5
+from shifter.upstream.socks5 import Socks5Error, Socks5Handshake
+from shifter.interfaces import ConnectResponse, IProxyAttempt, IProxyReceiver
 
 
 # The attempt's states.
@@ -112,9 +114,13 @@ class ProxyAttempt:
     def write(self, data: bytes) -> None:
         if self.state != CONNECTED:
             return
-        transport = self.protocol.transport  # type: ignore[union-attr]
+        protocol = self.protocol
+        transport = protocol.transport  # type: ignore[union-attr]
         if not self._written:
             self._written = True
+            data = protocol.firstBytes(data)  # type: ignore[union-attr]
+            if not data:
+                return
             if isinstance(transport, ProxyConnection):
                 # The first bytes on a connection just made (the CONNECT
                 # request) go out now: nothing can be queued before them,
@@ -195,6 +201,13 @@ class UpstreamProtocol(Protocol):
     def connectionMade(self) -> None:
         self.attempt.connected(self)
 
+    def firstBytes(self, request: bytes) -> bytes:
+        """
+        What to send first, given the tunnel's request (the bytes before
+        the proxy answers): for an HTTP proxy, the request itself.
+        """
+        return request
+
     def dataReceived(self, data: bytes) -> None:
         state = self.state
         if state == OPEN:
@@ -263,6 +276,71 @@ class UpstreamProtocol(Protocol):
                 transport.loseWriteConnection()
 
 
+class Socks5Protocol(UpstreamProtocol):
+    """
+    Shifter's connection to a SOCKS5 server for one tunnel: the greeting
+    goes first, the tunnel's request (a SOCKS5 CONNECT) once the server has
+    chosen a method and, with username/password, accepted the credentials;
+    the sans-I/O L{Socks5Handshake} reads every answer.  The server's
+    reply is reported as an answer to CONNECT (see L{shifter.upstream.socks5}).
+    """
+
+    _handshake: Socks5Handshake | None = None
+
+    def firstBytes(self, request: bytes) -> bytes:
+        handshake = self._handshake = Socks5Handshake(request, self.attempt.proxy.login)
+        return handshake.greeting()
+
+    def _answer(self, data: bytes) -> None:
+        handshake = self._handshake
+        try:
+            if handshake is None:
+                raise Socks5Error("SOCKS5 server spoke before the greeting")
+            send, response = handshake.feed(data)
+        except Socks5Error as e:
+            self.state = REFUSED
+            self._handshake = None
+            self.attempt.receiver.proxyInvalid(self.attempt, str(e))
+            return
+        if send:
+            self.transport.write(send)
+        if response is None:
+            return
+        self._handshake = None
+        self.state = OPEN if response.opensTunnel else REFUSED
+        self.attempt.receiver.proxyAnswered(self.attempt, response)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._handshake = None
+        super().connectionLost(reason)
+
+
+# What a DIRECT connection "answers": it is open once made.
+_DIRECT_OPEN = ConnectResponse(200, "connected")
+
+
+class DirectProtocol(UpstreamProtocol):
+    """
+    Shifter's connection straight to a tunnel's destination (the L{DIRECT}
+    route): there is no handshake, and the tunnel is open as soon as the
+    connection is made.
+    """
+
+    def connectionMade(self) -> None:
+        attempt = self.attempt
+        attempt.connected(self)
+        if self.state == ANSWERING and attempt.state == CONNECTED:
+            self.state = OPEN
+            self._parser = None
+            attempt.receiver.proxyAnswered(attempt, _DIRECT_OPEN)
+
+    def firstBytes(self, request: bytes) -> bytes:
+        return b""
+
+
+_PROTOCOLS = {SOCKS5: Socks5Protocol, DIRECT: DirectProtocol}
+
+
 class _AttemptFactory(ClientFactory):
     """
     Builds the one L{UpstreamProtocol} of an attempt, and tells the attempt
@@ -275,7 +353,7 @@ class _AttemptFactory(ClientFactory):
         self.attempt = attempt
 
     def buildProtocol(self, addr: object) -> UpstreamProtocol:
-        return UpstreamProtocol(self.attempt)
+        return _PROTOCOLS.get(self.attempt.proxy.kind, UpstreamProtocol)(self.attempt)
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         self.attempt.connectFailed(reason)
