@@ -153,7 +153,7 @@ class _Helper(ProcessProtocol):
         elif reason.check(ProcessDone):
             why = "the PAC helper exited"
         elif reason.check(ProcessTerminated):
-            value = reason.value
+            value: Any = reason.value
             if value.signal is not None:
                 why = f"the PAC helper was killed by signal {value.signal}"
             else:

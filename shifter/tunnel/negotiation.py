@@ -198,6 +198,8 @@ class ProxyNegotiation:
 
     def _decided(self: Any, decision: TunnelDecision | None) -> None:
         if decision is not None:
+            if decision.label:
+                self.decidedBy = f" ({decision.label})"
             if decision.refuse is not None:
                 self._fail("policy", f"refused by policy: {decision.refuse}")
                 return

@@ -56,6 +56,8 @@ class TunnelDecision:
         proxy carries the tunnel: C{"none"}, C{"x-forwarded-for"},
         C{"proxy-v1"} or C{"proxy-v2"} (see C{--pass-client}); C{None}
         keeps each proxy's own setting.
+    @ivar label: what decided (C{"rule at line 12"}, C{"PAC: PROXY a:3128;
+        DIRECT"}), named in the tunnel's log lines and by C{ctl tunnels}.
     @raise ValueError: if C{passClient} is none of these.
     """
 
@@ -63,6 +65,7 @@ class TunnelDecision:
     proxies: Optional[Sequence[UpstreamProxy]] = None
     target: Optional[str] = None
     passClient: Optional[str] = None
+    label: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.passClient is not None:

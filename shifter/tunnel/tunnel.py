@@ -160,6 +160,8 @@ class TunnelInfo:
         socket's kernel).
     @ivar bytesDown: bytes delivered to the client so far.
     @ivar age: seconds since the client connection was accepted.
+    @ivar decision: what decided where it goes (a rule, a PAC answer), when
+        the policy names it; C{""} otherwise.
     """
 
     client: str
@@ -170,6 +172,7 @@ class TunnelInfo:
     bytesUp: int
     bytesDown: int
     age: float
+    decision: str = ""
 
 
 class ITunnelClient(Interface):
@@ -310,6 +313,7 @@ class Tunnel(ProxyNegotiation):
         "pending", "relay", "bytesUp", "bytesDown", "droppedUp", "droppedDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
         "failed", "clientGone", "graceOver", "authExchange", "authProxy", "passClient", "sniffer",
+        "decidedBy",
     )
 
     def __init__(
@@ -376,6 +380,7 @@ class Tunnel(ProxyNegotiation):
         self.authProxy: Any = None
         self.passClient: str | None = None  # a policy's --pass-client choice
         self.sniffer: Any = None  # the name sniffer, fed each read once, while sniffing
+        self.decidedBy = ""  # " (what decided)", when the policy names it
 
     # The events.
 
@@ -755,12 +760,13 @@ class Tunnel(ProxyNegotiation):
         """
         self.failed = True
         self.owner.stats.counters[kind] += 1
-        text = "tunnel {client} -> {destination}{named} via {proxy} failed: {reason}"
+        text = "tunnel {client} -> {destination}{named} via {proxy}{decided_by} failed: {reason}"
         facts: dict[str, Any] = dict(
             client=self.clientLabel,
             destination=self.target,
             named=self.named,
             proxy=self.proxy.description if self.proxy is not None else "(none)",
+            decided_by=self.decidedBy,
             reason=reason,
             failure_kind=kind,
             **fields,
@@ -873,6 +879,7 @@ class Tunnel(ProxyNegotiation):
         duration = self.clock.seconds() - self.started
         client, destination, named = self.clientLabel, self.target, self.named
         proxy = self.proxy.description
+        decidedBy = self.decidedBy
         how, up, down = self.how, self.bytesUp, self.bytesDown
         droppedUp, droppedDown = self.droppedUp, self.droppedDown
         dropped = ""
@@ -888,13 +895,14 @@ class Tunnel(ProxyNegotiation):
         # as fields.
         self.log.info(
             "{tunnel_line}",
-            tunnel_line=f"tunnel {client} -> {destination}{named} via {proxy} closed ({how}): "
+            tunnel_line=f"tunnel {client} -> {destination}{named} via {proxy}{decidedBy} closed ({how}): "
             f"{up} bytes up, {down} bytes down, {duration:.3f} s{dropped}",
             client=client,
             destination=destination,
             named=named,
             connect_target=formatAddress(self.connectHost, self.destination.port),  # type: ignore[union-attr]
             proxy=proxy,
+            decided_by=decidedBy,
             how=how,
             bytes_up=up,
             bytes_down=down,
@@ -920,6 +928,7 @@ class Tunnel(ProxyNegotiation):
             bytesUp=self.bytesUp,
             bytesDown=self.bytesDown,
             age=now - self.started,
+            decision=self.decidedBy.strip()[1:-1] if self.decidedBy else "",
         )
 
 _CLIENT_SIDE = (CLIENT_DATA, CLIENT_ENDED, CLIENT_LOST)
