@@ -102,6 +102,7 @@ class _Helper(ProcessProtocol):
         self.call: Optional[_Call] = None
         self.loaded = False
         self.ended = False
+        self.ended_: Deferred[None] = Deferred()
         self.killedBecause: Optional[str] = None
 
     def send(self, call: _Call) -> None:
@@ -161,6 +162,7 @@ class _Helper(ProcessProtocol):
         else:
             why = f"the PAC helper ended: {reason.getErrorMessage()}"
         self.owner._helperEnded(self, why)
+        self.ended_.callback(None)
 
 
 class PacEvaluator:
@@ -207,6 +209,7 @@ class PacEvaluator:
         self._candidate: Optional[tuple[str, list[_Helper], Deferred[None]]] = None
         self._deaths = 0
         self._pending: list[Any] = []
+        self._dying: list[_Helper] = []  # every helper not ended yet
         self._stopped = False
 
     # The script.
@@ -274,6 +277,7 @@ class PacEvaluator:
         path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
         self.reactor.spawnProcess(helper, self.command[0], self.command, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        self._dying.append(helper)
         return helper
 
     def _startHelper(self) -> None:
@@ -327,7 +331,8 @@ class PacEvaluator:
         call.timer = None
         if not call.deferred.called:
             call.deferred.callback(answer)
-        if helper.loaded and helper in self._helpers and helper.killedBecause is None:
+        free = helper.call is None and helper not in self._idle
+        if free and helper.loaded and helper in self._helpers and helper.killedBecause is None:
             self._idle.append(helper)
             self._next()
 
@@ -339,6 +344,8 @@ class PacEvaluator:
             call.deferred.errback(Failure(PacError(why)))
 
     def _helperEnded(self, helper: _Helper, why: str) -> None:
+        if helper in self._dying:
+            self._dying.remove(helper)
         call, helper.call = helper.call, None
         if call is not None:
             self._callFailed(call, why)
@@ -467,18 +474,18 @@ class PacEvaluator:
             return None
         return entry[1]
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """
         Kill every helper and start no more.
+
+        @return: a C{Deferred} that fires once every helper has ended.
         """
         self._stopped = True
         for pending in self._pending:
             if pending.active():
                 pending.cancel()
         self._pending = []
-        helpers = list(self._helpers)
-        if self._candidate is not None:
-            helpers += self._candidate[1]
+        helpers = list(self._dying)
         for helper in helpers:
             helper.kill("Shifter is stopping")
         for call in list(self._queue):
@@ -489,3 +496,7 @@ class PacEvaluator:
             self._candidate = None
             waiting.errback(Failure(PacError("Shifter is stopping")))
             waiting.addErrback(lambda _: None)
+        ends = [helper.ended_ for helper in helpers if not helper.ended]
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults(ends).addCallback(lambda _: None)

@@ -1,0 +1,256 @@
+"""
+The PAC script: its answers read (sans I/O), the standard functions, and
+the helper processes that run it under a time and memory limit, restarted
+when they die, with a bounded cache; then the policy that puts the rules,
+the answer and the fallback together.  The helpers are real processes
+driven by the real reactor.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from shifter.pac.answer import DIRECT, HTTPS, PROXY, SOCKS5, AnswerError, PacChoice, parseAnswer
+from shifter.pac.child import Script
+from shifter.pac.evaluator import PacError, PacEvaluator
+from shifter.pac.fetch import PacSource
+
+ORDINARY = """
+function FindProxyForURL(url, host) {
+  if (host == "loop.test") { while (true) {} }
+  if (host == "alloc.test") { var a = []; while (true) { a.push(new Array(1000000).fill(a.length)); } }
+  if (host == "throw.test") { throw new Error("no such luck"); }
+  if (host == "garbage.test") { return "TELEPORT somewhere"; }
+  if (host == "number.test") { return 42; }
+  // Names are not looked up here: the tests send no DNS query.
+  if (/^[0-9.]+$/.test(host) && isInNet(host, "10.0.0.0", "255.0.0.0")) return "DIRECT";
+  return "PROXY 192.0.2.10:3128; HTTPS 192.0.2.11:443; DIRECT";
+}
+"""
+
+
+class AnswerTests(SynchronousTestCase):
+    def test_choicesInOrder(self) -> None:
+        """
+        Each entry becomes a typed choice, in the answer's order; C{HTTP}
+        is C{PROXY}, C{SOCKS} is C{SOCKS5}, keywords in any case.
+        """
+        self.assertEqual(
+            parseAnswer("PROXY a.example:3128; https b.example:443;SOCKS [2001:db8::1]:1080; HTTP c:80; DIRECT"),
+            (PacChoice(PROXY, "a.example", 3128), PacChoice(HTTPS, "b.example", 443),
+             PacChoice(SOCKS5, "2001:db8::1", 1080), PacChoice(PROXY, "c", 80), PacChoice(DIRECT)),
+        )
+
+    def test_unknownEntriesSkipped(self) -> None:
+        """
+        Entries Shifter cannot read are skipped, as browsers skip them.
+        """
+        self.assertEqual(parseAnswer("QUIC x:1; PROXY a:99999; PROXY a; DIRECT"), (PacChoice(DIRECT),))
+
+    def test_garbageRefused(self) -> None:
+        """
+        An answer with no usable entry, one that is not a string, or one
+        too long is refused with the reason.
+        """
+        for answer in ("", "TELEPORT now", 42, None, "PROXY a:1;" * 1000):
+            self.assertRaises(AnswerError, parseAnswer, answer)
+
+
+class FunctionTests(SynchronousTestCase):
+    """
+    The standard PAC functions, run by the helper's engine in this process.
+    """
+
+    def call(self, expression: str) -> Any:
+        script = Script("function FindProxyForURL(url, host) { return eval(host); }", "192.0.2.1")
+        return script.find("https://x/", expression)
+
+    def test_names(self) -> None:
+        self.assertEqual(self.call('isPlainHostName("www")'), True)
+        self.assertEqual(self.call('isPlainHostName("www.example.com")'), False)
+        self.assertEqual(self.call('dnsDomainIs("www.example.com", ".example.com")'), True)
+        self.assertEqual(self.call('dnsDomainIs("www.example.org", ".example.com")'), False)
+        self.assertEqual(self.call('localHostOrDomainIs("www", "www.example.com")'), True)
+        self.assertEqual(self.call('localHostOrDomainIs("www.example.org", "www.example.com")'), False)
+        self.assertEqual(self.call('dnsDomainLevels("a.b.c")'), 2)
+        self.assertEqual(self.call('shExpMatch("http://x.example.com/a", "*.example.com/*")'), True)
+        self.assertEqual(self.call('shExpMatch("www.example.com", "w?w.*")'), True)
+        self.assertEqual(self.call('shExpMatch("www.example.com", "*.org")'), False)
+
+    def test_addresses(self) -> None:
+        self.assertEqual(self.call('isInNet("10.1.2.3", "10.0.0.0", "255.0.0.0")'), True)
+        self.assertEqual(self.call('isInNet("11.1.2.3", "10.0.0.0", "255.0.0.0")'), False)
+        self.assertEqual(self.call('isInNet("192.168.1.200", "192.168.1.128", "255.255.255.128")'), True)
+        self.assertEqual(self.call('isInNetEx("2001:db8::5", "2001:db8::/32")'), True)
+        self.assertEqual(self.call('isInNetEx("10.0.0.1", "10.0.0.0/8")'), True)
+        self.assertEqual(self.call('isInNetEx("11.0.0.1", "10.0.0.0/8")'), False)
+        self.assertEqual(self.call('sortIpAddressList("10.0.0.2;2001:db8::1;10.0.0.1")'), "2001:db8::1;10.0.0.1;10.0.0.2")
+        self.assertEqual(self.call("myIpAddress()"), "192.0.2.1")
+        self.assertEqual(self.call("myIpAddressEx()"), "192.0.2.1")
+        self.assertEqual(self.call('dnsResolve("127.0.0.1")'), "127.0.0.1")
+        self.assertEqual(self.call('isResolvable("127.0.0.1")'), True)
+
+    def test_times(self) -> None:
+        self.assertEqual(self.call('weekdayRange("SUN", "SAT")'), True)
+        self.assertEqual(self.call('dateRange("JAN", "DEC")'), True)
+        self.assertEqual(self.call("timeRange(0, 0, 0, 23, 59, 59)"), True)
+        self.assertEqual(self.call('dateRange(1, 31, "GMT")'), True)
+        self.assertEqual(self.call("dateRange(1800, 1900)"), False)
+
+
+class EvaluatorTests(TestCase):
+    """
+    The helpers, real processes, driven by the real reactor.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def waitFor(self, condition: Any, seconds: float = 20.0) -> Any:
+        for _ in range(int(seconds * 20)):
+            if condition():
+                return
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail("condition never held")
+
+    def evaluator(self, **options: Any) -> PacEvaluator:
+        options.setdefault("timeout", 2.0)
+        evaluator = PacEvaluator(reactor, **options)
+        self.addCleanup(evaluator.stop)
+        return evaluator
+
+    @inlineCallbacks
+    def test_answerThenCached(self) -> Any:
+        """
+        The script's answer comes back read, and the next call for the same
+        host and port is answered from the cache.
+        """
+        evaluator = self.evaluator()
+        yield evaluator.load(ORDINARY)
+        first = yield evaluator.find("https://www.example/", "www.example", 443)
+        self.assertEqual(first.answer, "PROXY 192.0.2.10:3128; HTTPS 192.0.2.11:443; DIRECT")
+        self.assertFalse(first.cached)
+        second = yield evaluator.find("https://www.example/", "www.example", 443)
+        self.assertTrue(second.cached)
+        self.assertEqual(second.choices, first.choices)
+
+    @inlineCallbacks
+    def assertFailsThenWorks(self, host: str, reason: str, restarted: bool) -> Any:
+        evaluator = self.evaluator(timeout=1.0)
+        yield evaluator.load(ORDINARY)
+        try:
+            yield evaluator.find(f"https://{host}/", host, 443)
+        except PacError as e:
+            self.assertIn(reason, str(e))
+        else:
+            self.fail(f"{host} was answered")
+        if restarted:
+            yield self.waitFor(lambda: evaluator.restarts == 1)
+        for i in range(4):
+            result = yield evaluator.find(f"https://ok{i}.example/", f"ok{i}.example", 443)
+            self.assertEqual(result.choices[0], PacChoice(PROXY, "192.0.2.10", 3128))
+
+    def test_loop(self) -> Any:
+        """
+        A script that never returns is killed at the time limit, its helper
+        replaced; the next calls are answered.
+        """
+        return self.assertFailsThenWorks("loop.test", "did not answer within 1 s", restarted=True)
+
+    def test_allocation(self) -> Any:
+        """
+        A script that allocates without end hits the helper's memory limit.
+        """
+        return self.assertFailsThenWorks("alloc.test", "memory", restarted=False)
+
+    def test_throw(self) -> Any:
+        """
+        A script that throws gives the exception's message.
+        """
+        return self.assertFailsThenWorks("throw.test", "no such luck", restarted=False)
+
+    def test_garbage(self) -> Any:
+        """
+        An answer with nothing usable, or not a string, is refused.
+        """
+        return self.assertFailsThenWorks("garbage.test", "no usable entry", restarted=False)
+
+    @inlineCallbacks
+    def test_failureCached(self) -> Any:
+        """
+        A failure is cached too: the next connection to the same host gets
+        it at once, without a helper killed again.
+        """
+        evaluator = self.evaluator(timeout=1.0)
+        yield evaluator.load(ORDINARY)
+        yield self.assertFailure(evaluator.find("https://loop.test/", "loop.test", 443), PacError)
+        error = yield self.assertFailure(evaluator.find("https://loop.test/", "loop.test", 443), PacError)
+        self.assertIn("(cached)", str(error))
+        yield self.waitFor(lambda: evaluator.restarts == 1)
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(evaluator.restarts, 1)
+
+    @inlineCallbacks
+    def test_badScriptKeepsRunning(self) -> Any:
+        """
+        A new script that does not compile, or loops while loading, leaves
+        the one in force.
+        """
+        evaluator = self.evaluator(timeout=1.0)
+        yield evaluator.load(ORDINARY)
+        yield self.assertFailure(evaluator.load("function FindProxyForURL( {"), PacError)
+        yield self.assertFailure(evaluator.load("while (true) {}"), PacError)
+        yield self.assertFailure(evaluator.load("var x = 1;"), PacError)
+        self.assertEqual(evaluator.script, ORDINARY)
+        result = yield evaluator.find("https://10.1.1.1/", "10.1.1.1", 443)
+        self.assertEqual(result.choices, (PacChoice(DIRECT),))
+
+    @inlineCallbacks
+    def test_cacheBound(self) -> Any:
+        """
+        Many distinct hosts keep the cache within its bound, the latest
+        ones kept.
+        """
+        evaluator = self.evaluator(cacheSize=50)
+        yield evaluator.load(ORDINARY)
+        for i in range(300):
+            yield evaluator.find(f"https://h{i}.example/", f"h{i}.example", 443)
+            self.assertLessEqual(len(evaluator.cache), 50)
+        self.assertEqual(len(evaluator.cache), 50)
+        self.assertIsNotNone(evaluator.cached("h299.example", 443))
+        self.assertIsNone(evaluator.cached("h0.example", 443))
+
+    @inlineCallbacks
+    def test_noScript(self) -> Any:
+        """
+        Before a script has loaded, every call fails at once.
+        """
+        evaluator = self.evaluator()
+        error = yield self.assertFailure(evaluator.find("https://x/", "x", 443), PacError)
+        self.assertIn("no PAC script", str(error))
+
+    @inlineCallbacks
+    def test_fileSource(self) -> Any:
+        """
+        A PAC file is loaded at start; one larger than the limit is refused
+        and the script in force stays.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(ORDINARY)
+        evaluator = self.evaluator()
+        source = PacSource(path, evaluator, reactor, refresh=3600, maxSize=4096)
+        self.addCleanup(source.stop)
+        yield source.start()
+        self.assertEqual(evaluator.script, ORDINARY)
+        with open(path, "w") as f:
+            f.write("function FindProxyForURL(u, h) { return 'DIRECT'; }\n" + "//" * 4096)
+        yield source.update()
+        self.assertEqual(evaluator.script, ORDINARY)
