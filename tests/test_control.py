@@ -100,7 +100,8 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual([t["client"] for t in answer["tunnels"]], ["192.0.2.2:50001", "192.0.2.2:50002"])
         first = answer["tunnels"][0]
         self.assertEqual(
-            set(first), {"client", "destination", "connectTarget", "proxy", "state", "bytesUp", "bytesDown", "age"}
+            set(first),
+            {"client", "destination", "connectTarget", "proxy", "state", "bytesUp", "bytesDown", "age", "decision"},
         )
         self.assertEqual(first["state"], "resolving")
         self.assertEqual(first["age"], 3.0)
