@@ -20,7 +20,9 @@ from urllib.parse import urlsplit
 from zope.interface import implementer
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorPluggableNameResolver
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -80,17 +82,43 @@ class _NamesReactor:
     """
 
     def __init__(self, reactor: Any) -> None:
-        from twisted.internet._resolver import SimpleResolverComplexifier
-        from twisted.names.client import createResolver
-
         self._reactor = reactor
-        self.nameResolver = SimpleResolverComplexifier(createResolver())
+        self.nameResolver = _NamesResolver()
 
     def installNameResolver(self, resolver: Any) -> Any:
         raise NotImplementedError("fixed")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
+
+
+@implementer(IHostnameResolver)
+class _NamesResolver:
+    """
+    An address for itself; a name through C{twisted.names}, made when
+    first needed.
+    """
+
+    def __init__(self) -> None:
+        self._names: Any = None
+
+    def resolveHostName(  # type: ignore[no-untyped-def]
+        self, receiver: Any, hostName: str, portNumber: int = 0, addressTypes=None, transportSemantics: str = "TCP",
+    ) -> Any:
+        from twisted.internet._resolver import HostResolution, SimpleResolverComplexifier
+
+        if isIPAddress(hostName) or isIPv6Address(hostName):
+            resolution = HostResolution(hostName)
+            receiver.resolutionBegan(resolution)
+            kind = IPv6Address if ":" in hostName else IPv4Address
+            receiver.addressResolved(kind("TCP", hostName, portNumber))
+            receiver.resolutionComplete()
+            return resolution
+        if self._names is None:
+            from twisted.names.client import createResolver
+
+            self._names = SimpleResolverComplexifier(createResolver())
+        return self._names.resolveHostName(receiver, hostName, portNumber, addressTypes, transportSemantics)
 
 
 class PacSource:
