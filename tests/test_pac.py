@@ -143,7 +143,8 @@ class EvaluatorTests(TestCase):
 
     @inlineCallbacks
     def assertFailsThenWorks(self, host: str, reason: str, restarted: bool) -> Any:
-        evaluator = self.evaluator(timeout=1.0)
+        # One helper: the calls after a kill need its replacement.
+        evaluator = self.evaluator(timeout=1.0, helpers=1)
         yield evaluator.load(ORDINARY)
         try:
             yield evaluator.find(f"https://{host}/", host, 443)
@@ -153,6 +154,7 @@ class EvaluatorTests(TestCase):
             self.fail(f"{host} was answered")
         if restarted:
             yield self.waitFor(lambda: evaluator.restarts == 1)
+            yield self.waitFor(lambda: evaluator.ready == 1)
         for i in range(4):
             result = yield evaluator.find(f"https://ok{i}.example/", f"ok{i}.example", 443)
             self.assertEqual(result.choices[0], PacChoice(PROXY, "192.0.2.10", 3128))

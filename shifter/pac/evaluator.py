@@ -377,6 +377,13 @@ class PacEvaluator:
                 continue
             self._start(self._idle.popleft(), call)
 
+    @property
+    def ready(self) -> int:
+        """
+        How many helpers have the script in force loaded and are alive.
+        """
+        return sum(1 for h in self._helpers if h.loaded and not h.ended and h.killedBecause is None)
+
     # Answers.
 
     def find(self, url: str, host: str, port: int) -> Deferred[PacResult]:
