@@ -16,6 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 
 from shifter.pac.answer import DIRECT, HTTPS, PROXY, SOCKS5, AnswerError, PacChoice, parseAnswer
 from shifter.pac.child import Script
@@ -256,3 +257,72 @@ class EvaluatorTests(TestCase):
             f.write("function FindProxyForURL(u, h) { return 'DIRECT'; }\n" + "//" * 4096)
         yield source.update()
         self.assertEqual(evaluator.script, ORDINARY)
+
+
+class _PacResource(Resource):
+    """
+    A PAC script with an ETag, answering a conditional GET with 304, and
+    counting what it was asked.
+    """
+
+    isLeaf = True
+
+    def __init__(self, script: str) -> None:
+        super().__init__()
+        self.script = script
+        self.requests: list[Any] = []
+
+    def render_GET(self, request: Any) -> bytes:
+        etag = b'"%d"' % (hash(self.script) & 0xFFFFFFFF)
+        self.requests.append(request.getHeader(b"if-none-match"))
+        request.setHeader(b"etag", etag)
+        if request.getHeader(b"if-none-match") == etag:
+            request.setResponseCode(304)
+            return b""
+        return self.script.encode()
+
+
+class HTTPSourceTests(TestCase):
+    """
+    A PAC served over HTTP by a Twisted web server on the loopback.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_conditionalRefresh(self) -> Any:
+        """
+        The script is fetched and loaded; a refresh asks with the ETag and
+        a 304 changes nothing; a changed script is loaded; a server that is
+        gone keeps the script in force.
+        """
+        from twisted.web.server import Site
+
+        resource = _PacResource(ORDINARY)
+        port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+        stopped = False
+
+        def stop() -> Any:
+            return None if stopped else port.stopListening()
+
+        self.addCleanup(stop)
+        evaluator = PacEvaluator(reactor, timeout=2.0)
+        self.addCleanup(evaluator.stop)
+        source = PacSource(f"http://127.0.0.1:{port.getHost().port}/proxy.pac", evaluator, reactor, refresh=3600)
+        self.addCleanup(source.stop)
+        yield source.start()
+        self.assertEqual(evaluator.script, ORDINARY)
+        self.assertEqual(resource.requests, [None])
+        yield source.update()
+        self.assertIsNotNone(resource.requests[1])
+        self.assertEqual(evaluator.script, ORDINARY)
+        changed = "function FindProxyForURL(url, host) { return 'PROXY 192.0.2.99:8080'; }"
+        resource.script = changed
+        yield source.update()
+        self.assertEqual(evaluator.script, changed)
+        result = yield evaluator.find("https://a.example/", "a.example", 443)
+        self.assertEqual(result.choices, (PacChoice(PROXY, "192.0.2.99", 8080),))
+        yield port.stopListening()
+        stopped = True
+        yield source.update()
+        self.assertEqual(evaluator.script, changed)
