@@ -18,7 +18,11 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
-from shifter.pac.answer import DIRECT, HTTPS, PROXY, SOCKS5, AnswerError, PacChoice, parseAnswer
+from shifter.pac.answer import PAC_DIRECT as DIRECT
+from shifter.pac.answer import PAC_HTTPS as HTTPS
+from shifter.pac.answer import PAC_PROXY as PROXY
+from shifter.pac.answer import PAC_SOCKS5 as SOCKS5
+from shifter.pac.answer import AnswerError, PacChoice, parseAnswer
 from shifter.pac.child import Script
 from shifter.pac.evaluator import PacError, PacEvaluator
 from shifter.pac.fetch import PacSource

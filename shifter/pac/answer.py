@@ -19,15 +19,18 @@ from typing import Optional
 MAX_ANSWER = 4096
 MAX_CHOICES = 16
 
-PROXY = "PROXY"
-HTTPS = "HTTPS"
-SOCKS4 = "SOCKS4"
-SOCKS5 = "SOCKS5"
-DIRECT = "DIRECT"
+PAC_PROXY = "PROXY"
+PAC_HTTPS = "HTTPS"
+PAC_SOCKS4 = "SOCKS4"
+PAC_SOCKS5 = "SOCKS5"
+PAC_DIRECT = "DIRECT"
 
 # What each keyword means: HTTP is Firefox's name for PROXY, and a bare
 # SOCKS is SOCKS5 here (Shifter speaks no SOCKS4).
-_KINDS = {"PROXY": PROXY, "HTTP": PROXY, "HTTPS": HTTPS, "SOCKS": SOCKS5, "SOCKS5": SOCKS5, "SOCKS4": SOCKS4}
+_KINDS = {
+    "PROXY": PAC_PROXY, "HTTP": PAC_PROXY, "HTTPS": PAC_HTTPS, "SOCKS": PAC_SOCKS5, "SOCKS5": PAC_SOCKS5,
+    "SOCKS4": PAC_SOCKS4,
+}
 
 _HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>[0-9]{1,5})")
 
@@ -43,7 +46,8 @@ class PacChoice:
     """
     One entry of a PAC answer.
 
-    @ivar kind: L{PROXY}, L{HTTPS}, L{SOCKS4}, L{SOCKS5} or L{DIRECT}.
+    @ivar kind: L{PAC_PROXY}, L{PAC_HTTPS}, L{PAC_SOCKS4}, L{PAC_SOCKS5} or
+        L{PAC_DIRECT}.
     @ivar host: the proxy's host name or address; C{""} for DIRECT.
     @ivar port: the proxy's port; 0 for DIRECT.
     """
@@ -53,8 +57,8 @@ class PacChoice:
     port: int = 0
 
     def __str__(self) -> str:
-        if self.kind == DIRECT:
-            return DIRECT
+        if self.kind == PAC_DIRECT:
+            return PAC_DIRECT
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.kind} {host}:{self.port}"
 
@@ -88,8 +92,8 @@ def parseAnswer(answer: object) -> tuple[PacChoice, ...]:
         if not words:
             continue
         keyword = words[0].upper()
-        if keyword == DIRECT and len(words) == 1:
-            choice: Optional[PacChoice] = PacChoice(DIRECT)
+        if keyword == PAC_DIRECT and len(words) == 1:
+            choice: Optional[PacChoice] = PacChoice(PAC_DIRECT)
         elif keyword in _KINDS and len(words) == 2:
             choice = _proxyChoice(_KINDS[keyword], words[1])
         else:

@@ -191,7 +191,7 @@ def answerFor(script: Script, url: str, host: str) -> dict[str, Any]:
     """
     Run C{FindProxyForURL}, and look up the proxy names its answer holds.
     """
-    from shifter.pac.answer import AnswerError, DIRECT, parseAnswer
+    from shifter.pac.answer import PAC_DIRECT, AnswerError, parseAnswer
 
     try:
         answer = script.find(url, host)
@@ -203,7 +203,7 @@ def answerFor(script: Script, url: str, host: str) -> dict[str, Any]:
         return {"ok": False, "error": str(e)}
     addresses: dict[str, list[str]] = {}
     for choice in choices:
-        if choice.kind != DIRECT and not choice.isAddress and choice.host not in addresses:
+        if choice.kind != PAC_DIRECT and not choice.isAddress and choice.host not in addresses:
             if len(addresses) >= MAX_NAMES:
                 break
             addresses[choice.host] = resolve(choice.host)

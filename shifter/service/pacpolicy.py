@@ -34,11 +34,7 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succ
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shifter.pac.answer import DIRECT as PAC_DIRECT
-from shifter.pac.answer import HTTPS as PAC_HTTPS
-from shifter.pac.answer import PROXY as PAC_PROXY
-from shifter.pac.answer import SOCKS5 as PAC_SOCKS5
-from shifter.pac.answer import PacChoice, formatChoices
+from shifter.pac.answer import PAC_DIRECT, PAC_HTTPS, PAC_PROXY, PAC_SOCKS5, PacChoice, formatChoices
 from shifter.pac.evaluator import PacError, PacEvaluator, PacResult
 from shifter.pac.fetch import PacSource
 from shifter.service.config import Rule, RulePolicy
