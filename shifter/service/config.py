@@ -404,6 +404,10 @@ class _Reader:
             for key in ("credentials", "ca"):
                 if key in item and not (isinstance(item[key], str) and item[key]):
                     raise self.fail(where + (key,), f"proxy: {key}: expected a file name")
+            if address.startswith("socks5://"):
+                for key in ("pass-client", "ca"):
+                    if key in item:
+                        raise self.fail(where + (key,), f"proxy: {key} is for HTTP proxies, not a SOCKS5 server")
             passClient = item.get("pass-client")
             if passClient is not None:
                 from shifter.upstream.passclient import PASS_CLIENT_MODES

@@ -277,7 +277,7 @@ class ProxyNegotiation:
         else:
             # DIRECT: to the original destination's address, never to a
             # name (which could lead anywhere), under the same checks.
-            refusal = destinationCheck(self.owner, self.settings, self.address, port)
+            refusal = destinationCheck(self.owner, self.settings, self.address, port) or self._directLoop(proxy)
             if refusal is not None:
                 self._fail(refusal[0], f"DIRECT refused: {refusal[1]}")
                 return
@@ -288,6 +288,23 @@ class ProxyNegotiation:
         # The current attempt before it starts: it may fail at once.
         attempt = self.attempt = self._newAttempt(proxy)
         attempt.connect()
+
+    def _directLoop(self: Any, route: Any) -> tuple[str, str] | None:
+        """
+        Why a DIRECT connection for this client would come back to Shifter,
+        or C{None}.  A client on this machine reaches Shifter only through
+        rules that redirect the gateway's own connections; Shifter's DIRECT
+        connection would be one of them, unless it carries the mark those
+        rules leave alone (C{--mark}).
+        """
+        if route.direct.mark:
+            return None
+        host = self.clientHost
+        local = self.owner.proxyAddresses.localAddresses
+        if local is None or host in local or ipaddress.ip_address(host).is_loopback:
+            return "loop", (f"the client {host} is this machine, whose own connections are redirected to Shifter, "
+                            "and so would this one be: give Shifter the rules' --mark")
+        return None
 
     def _proxyConnected(self: Any) -> None:
         self.state = HANDSHAKING

@@ -1,7 +1,8 @@
 """
 Asking a proxy CONNECT on a connection of Shifter's own, to learn whether
 it answers: the pool's health probe (L{shifter.upstream.pool}) and C{doctor}'s
-check of each proxy share it.
+check of each proxy share it.  A SOCKS5 server is asked the same in SOCKS5
+(L{Socks5Probe}): any complete answer counts, as any HTTP status does.
 
 The request is the tunnel's (L{shifter.upstream.passclient.probeRequest}: over TLS
 for an C{https://} proxy, with its authentication headers and, for the
@@ -20,6 +21,9 @@ from twisted.python.failure import Failure
 
 from shifter.upstream.connect import ConnectResponse, ConnectResponseParser, ProxyResponseError, formatAuthority
 from shifter.upstream.passclient import probeRequest
+from shifter.upstream.proxy import HTTP, SOCKS5
+from shifter.upstream.socks5 import Socks5Error, Socks5Handshake
+from shifter.upstream.socks5 import formatConnectRequest as socks5Request
 
 # What the health probe asks for unless --probe-target says otherwise.
 # The proxy must answer it at once, by itself: no DNS, no connection out,
@@ -103,17 +107,55 @@ class ConnectProbe(Protocol):
         self.done.errback(Failure(ProbeFailed(why)))
 
 
+class Socks5Probe(ConnectProbe):
+    """
+    The probe of a SOCKS5 server: the greeting, the credentials if it asks
+    for them, then its CONNECT; any complete answer, a refusal included
+    (of the credentials, of every method, of the CONNECT), is an answer.
+    """
+
+    def __init__(
+        self, request: bytes, done: Deferred[ConnectResponse], statusOnly: bool,
+        login: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        super().__init__(request, done, statusOnly)
+        self.handshake = Socks5Handshake(request, login)
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.handshake.greeting())  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        try:
+            send, response = self.handshake.feed(data)
+        except Socks5Error as e:
+            self._finish(Failure(ProbeFailed(f"answered something that is not SOCKS5: {e}")))
+            return
+        if send:
+            self.transport.write(send)  # type: ignore[union-attr]
+        if response is not None:
+            self._finish(response)
+
+
 class _ProbeFactory(Factory):
     noisy = False
 
-    def __init__(self, request: bytes, done: Deferred[ConnectResponse], statusOnly: bool) -> None:
+    def __init__(
+        self, request: bytes, done: Deferred[ConnectResponse], statusOnly: bool, proxy: Any = None,
+    ) -> None:
         self.request = request
         self.done = done
         self.statusOnly = statusOnly
+        self.proxy = proxy
         self.protocol_: ConnectProbe | None = None
 
     def buildProtocol(self, addr: Any) -> ConnectProbe:
-        self.protocol_ = ConnectProbe(self.request, self.done, self.statusOnly)
+        proxy = self.proxy
+        if proxy is not None and proxy.kind == SOCKS5:
+            self.protocol_ = Socks5Probe(self.request, self.done, self.statusOnly, proxy.login)
+        else:
+            self.protocol_ = ConnectProbe(self.request, self.done, self.statusOnly)
         return self.protocol_
 
 
@@ -144,10 +186,13 @@ def askProxy(
         cancellation drops the connection.
     @raise ValueError: if C{host:port} cannot go into a request.
     """
-    if exchange is None and proxy.auth is not None:
-        exchange = proxy.auth.exchange()
-    headers = exchange.headersFor("CONNECT", formatAuthority(host, port)) if exchange is not None else []
-    request = probeRequest(proxy, host, port, headers)
+    if getattr(proxy, "kind", HTTP) == SOCKS5:
+        request = socks5Request(host, port)
+    else:
+        if exchange is None and proxy.auth is not None:
+            exchange = proxy.auth.exchange()
+        headers = exchange.headersFor("CONNECT", formatAuthority(host, port)) if exchange is not None else []
+        request = probeRequest(proxy, host, port, headers)
 
     def dropConnection(_: Deferred[ConnectResponse]) -> None:
         protocol = factory.protocol_
@@ -155,7 +200,7 @@ def askProxy(
             protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
     answer: Deferred[ConnectResponse] = Deferred(dropConnection)
-    factory = _ProbeFactory(request, answer, statusOnly)
+    factory = _ProbeFactory(request, answer, statusOnly, proxy)
     connecting = proxy.endpoint.connect(factory)
     connecting.addTimeout(connectTimeout, reactor)
 
