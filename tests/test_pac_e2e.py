@@ -28,6 +28,7 @@ from pathlib import Path
 from tests.gateway import (
     CLIENT_V4, GATEWAY_V4, PROJECT, SERVER_V4, SHIFTER_PORT, SQUID_PORT, ShifterProcess, waitFor,
 )
+from tests.support import requireHost
 from tests.test_resolvers_e2e import ResolverGatewayTestCase
 
 PAC_PORT = 8080
@@ -258,3 +259,51 @@ class ExplainTests(PacGatewayTestCase):
         self.assertEqual(refused.returncode, 0, refused.stderr)
         self.assertIn(f"refused:    destination {GATEWAY_V4} is an address of this machine", refused.stdout)
         self.assertIn("decided by: destination checks", refused.stdout)
+
+
+class PacDirectAndSocksTests(PacGatewayTestCase):
+    """
+    PAC answers that name no HTTP proxy: DIRECT, and a SOCKS5 server (a
+    real Dante in the server's namespace).
+    """
+
+    def test_direct(self) -> None:
+        """
+        C{DIRECT}: Shifter connects to the original destination itself; the
+        file arrives, Squid never sees the connection, and the tunnel's
+        line names the answer.
+        """
+        self.startShifter("--pac", self.pacFile("function FindProxyForURL(url, host) { return 'DIRECT'; }"))
+        self.shifter.waitForLog("PAC", "loaded")
+        result = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.body, self.payload)
+        self.shifter.waitForLog(f"-> {SERVER_V4}:443 via DIRECT (PAC: DIRECT) closed")
+        self.assertEqual(self.squid.accessLogLines(), [])
+
+    def test_socks5(self) -> None:
+        """
+        C{SOCKS5 host:port} (after a SOCKS4 entry, which is skipped): the
+        tunnel goes through the SOCKS5 server, and Squid never sees it.
+        """
+        from tests.test_socks_direct_e2e import SOCKS_PORT, Dante
+
+        requireHost(root=True, programs=("danted",))
+        dante = Dante(self.net.server, self.directory / "dante", SERVER_V4)
+        dante.start()
+        self.addCleanup(dante.stop)
+        self.startShifter("--pac", self.pacFile(
+            "function FindProxyForURL(url, host) {\n"
+            f"  return 'SOCKS4 {SERVER_V4}:{SOCKS_PORT}; SOCKS5 {SERVER_V4}:{SOCKS_PORT}';\n"
+            "}\n"
+        ))
+        self.shifter.waitForLog("PAC", "loaded")
+        result = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.body, self.payload)
+        self.shifter.waitForLog(
+            f"via socks5://{SERVER_V4}:{SOCKS_PORT} (PAC: SOCKS4 {SERVER_V4}:{SOCKS_PORT}; "
+            f"SOCKS5 {SERVER_V4}:{SOCKS_PORT}) closed"
+        )
+        dante.waitForLog("pass", "tcp/connect", f"{SERVER_V4}.443")
+        self.assertEqual(self.squid.accessLogLines(), [])
