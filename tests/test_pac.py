@@ -330,3 +330,76 @@ class HTTPSourceTests(TestCase):
         stopped = True
         yield source.update()
         self.assertEqual(evaluator.script, changed)
+
+
+class PacOptionsTests(SynchronousTestCase):
+    """
+    C{--pac} and its options, on the command line and in the file.
+    """
+
+    def parse(self, *arguments: str) -> Any:
+        from shifter.service.tap import Options
+
+        options = Options()
+        options.parseOptions(list(arguments))
+        return options
+
+    def test_alone(self) -> None:
+        """
+        --pac may stand without --proxy; without either, --proxy is asked for.
+        """
+        from twisted.python.usage import UsageError
+
+        self.assertEqual(self.parse("--pac", "/etc/shifter/proxy.pac")["pac"], "/etc/shifter/proxy.pac")
+        self.assertEqual(self.parse("--pac", "http://192.0.2.5/wpad.dat")["pac-fallback"], "refuse")
+        error = self.assertRaises(UsageError, self.parse)
+        self.assertIn("unless --pac is given", str(error))
+
+    def test_refused(self) -> None:
+        """
+        WPAD, a URL of another scheme, and a fallback group no proxy is in
+        are refused with the reason.
+        """
+        from twisted.python.usage import UsageError
+
+        for arguments, reason in [
+            (("--pac", "wpad"), "WPAD"),
+            (("--pac", "ftp://192.0.2.5/proxy.pac"), "expected an http://"),
+            (("--pac", "x.pac", "--pac-fallback", "office"), "groups: none"),
+            (("--pac", "x.pac", "--proxy", "127.0.0.1:3128", "--pac-fallback", "office"), "groups: default"),
+        ]:
+            error = self.assertRaises(UsageError, self.parse, *arguments)
+            self.assertIn(reason, str(error))
+        self.assertEqual(
+            self.parse("--pac", "x.pac", "--proxy", "127.0.0.1:3128", "--pac-fallback", "default")["pac-fallback"],
+            "default",
+        )
+
+    def test_inFile(self) -> None:
+        """
+        C{pac = ...} in the configuration file is --pac.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('pac = "http://192.0.2.5/wpad.dat"\npac-fallback = "direct"\n')
+        options = self.parse("--config", path)
+        self.assertEqual((options["pac"], options["pac-fallback"]), ("http://192.0.2.5/wpad.dat", "direct"))
+
+    def test_keptAcrossReload(self) -> None:
+        """
+        A reload that reads the same PAC keeps its policy (its helpers and
+        cache) with the new rules; another PAC gets a policy of its own.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from shifter.service.tap import configure
+
+        clock = MemoryReactorClock()
+        first = configure(self.parse("--pac", "a.pac", "--proxy", "127.0.0.1:3128"), clock)
+        again = configure(self.parse("--pac", "a.pac", "--proxy", "127.0.0.1:3128", "--pac-timeout", "3"),
+                          clock, first)
+        self.assertIs(again.pac, first.pac)
+        self.assertEqual(again.pac.evaluator.timeout, 3.0)  # type: ignore[union-attr]
+        other = configure(self.parse("--pac", "b.pac", "--proxy", "127.0.0.1:3128"), clock, again)
+        self.assertIsNot(other.pac, first.pac)
+        self.assertIs(other.policy, other.pac)
