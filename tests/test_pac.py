@@ -403,3 +403,95 @@ class PacOptionsTests(SynchronousTestCase):
         other = configure(self.parse("--pac", "b.pac", "--proxy", "127.0.0.1:3128"), clock, again)
         self.assertIsNot(other.pac, first.pac)
         self.assertIs(other.policy, other.pac)
+
+
+class PacPolicyTests(TestCase):
+    """
+    The rules, then the PAC answer, then the fallback; the proxies an
+    answer names.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def policy(self, script: str, fallback: str = "refuse", rules: Any = ()) -> Any:
+        from shifter.service.config import RulePolicy
+        from shifter.service.pacpolicy import PacPolicy
+        from shifter.upstream.pool import ProxyPool
+        from shifter.upstream.proxy import directRoute, parseProxy
+
+        self.configured = parseProxy("127.0.0.1:3128", reactor)
+        self.pool = ProxyPool([self.configured], reactor)
+        self.addCleanup(self.pool.stop)
+        evaluator = PacEvaluator(reactor, timeout=2.0)
+        self.addCleanup(evaluator.stop)
+        source = PacSource("unused", evaluator, reactor)
+        source.firstAttempt.callback(None)
+        if script:
+            yield evaluator.load(script)
+        groups = {"default": [self.configured]}
+        self.direct = directRoute(reactor)
+        return PacPolicy(evaluator, source, RulePolicy(list(rules), groups, self.direct) if rules else None,
+                         groups, self.pool, self.direct, lambda url: parseProxy(url, reactor), fallback)
+
+    def request(self, destination: str = "203.0.113.7", name: Any = None) -> Any:
+        from shifter.tunnel.policy import TunnelRequest
+
+        return TunnelRequest(IPv4Address("TCP", "192.0.2.2", 0), IPv4Address("TCP", destination, 443), name,
+                             (self.configured,))
+
+    @inlineCallbacks
+    def test_answerMapped(self) -> Any:
+        """
+        Each entry becomes a proxy in the answer's order: the configured one
+        where it is the same, others built once and kept with their health
+        in the pool, DIRECT the DIRECT route; the decision names the answer.
+        """
+        policy = yield self.policy(
+            "function FindProxyForURL(u, h) { return 'PROXY 192.0.2.50:8080; PROXY 127.0.0.1:3128; "
+            "HTTPS 192.0.2.51:443; SOCKS 192.0.2.52:1080; DIRECT'; }"
+        )
+        decision = yield policy.decide(self.request())
+        proxies = list(decision.proxies)
+        self.assertEqual([p.description for p in proxies],
+                         ["192.0.2.50:8080", "127.0.0.1:3128", "https://192.0.2.51:443", "socks5://192.0.2.52:1080",
+                          "DIRECT"])
+        self.assertIs(proxies[1], self.configured)
+        self.assertIs(proxies[4], self.direct)
+        self.assertIn(proxies[0], self.pool.health)
+        self.assertNotIn(proxies[0], self.pool.proxies)
+        self.assertEqual(decision.label, "PAC: PROXY 192.0.2.50:8080; PROXY 127.0.0.1:3128; HTTPS 192.0.2.51:443; "
+                                         "SOCKS5 192.0.2.52:1080; DIRECT")
+        again = yield policy.decide(self.request("203.0.113.8"))
+        self.assertIs(again.proxies[0], proxies[0])
+
+    @inlineCallbacks
+    def test_ruleFirst(self) -> Any:
+        """
+        A rule that matches decides, and the PAC script is not asked.
+        """
+        from shifter.service.config import Rule
+
+        rule = Rule(line=7, destinations=(ipaddress.ip_network("198.51.100.0/24"),), refuse="not there")
+        policy = yield self.policy("function FindProxyForURL(u, h) { return 'DIRECT'; }", rules=[rule])
+        decision = yield policy.decide(self.request("198.51.100.9"))
+        self.assertEqual(decision.refuse, "not there (rule at line 7)")
+        self.assertEqual(decision.label, "rule at line 7")
+        self.assertEqual(len(policy.evaluator.cache), 0)
+
+    @inlineCallbacks
+    def test_fallbacks(self) -> Any:
+        """
+        With no script, or a failing one, the fallback decides: a refusal,
+        DIRECT, or a proxy group.
+        """
+        policy = yield self.policy("")
+        decision = yield policy.decide(self.request())
+        self.assertIn("no PAC script is loaded", decision.refuse)
+        policy.fallback = "direct"
+        decision = yield policy.decide(self.request())
+        self.assertEqual(list(decision.proxies), [self.direct])
+        policy = yield self.policy("function FindProxyForURL(u, h) { throw 1; }", fallback="default")
+        decision = yield policy.decide(self.request())
+        self.assertEqual(list(decision.proxies), [self.configured])
+        self.assertIn("PAC fallback group default", decision.label)
