@@ -14,7 +14,7 @@ APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack 
 	curl openssl procps util-linux systemd kmod make gcc build-essential \
 	linux-headers-amd64 linux-image-amd64 \
 	linux-headers-6.12-amd64 linux-image-6.12-amd64 qemu-system-x86 \
-	iperf3 wrk nginx-light redsocks busybox-static dante-server
+	iperf3 wrk nginx-light redsocks busybox-static dante-server publicsuffix dnsmasq-base
 
 # What building the debug kernel needs besides (make test-kernel-debug).
 DEBUG_APT_PACKAGES := linux-source-6.12 flex bison bc libelf-dev libssl-dev

@@ -357,13 +357,12 @@ class PacOptionsTests(SynchronousTestCase):
 
     def test_refused(self) -> None:
         """
-        WPAD, a URL of another scheme, and a fallback group no proxy is in
-        are refused with the reason.
+        A URL of another scheme, and a fallback group no proxy is in are
+        refused with the reason.
         """
         from twisted.python.usage import UsageError
 
         for arguments, reason in [
-            (("--pac", "wpad"), "WPAD"),
             (("--pac", "ftp://192.0.2.5/proxy.pac"), "expected an http://"),
             (("--pac", "x.pac", "--pac-fallback", "office"), "groups: none"),
             (("--pac", "x.pac", "--proxy", "127.0.0.1:3128", "--pac-fallback", "office"), "groups: default"),
@@ -495,3 +494,71 @@ class PacPolicyTests(TestCase):
         decision = yield policy.decide(self.request())
         self.assertEqual(list(decision.proxies), [self.configured])
         self.assertIn("PAC fallback group default", decision.label)
+
+
+class WpadTests(SynchronousTestCase):
+    """
+    WPAD's DNS devolution: the search domain and its parents, down to the
+    registrable domain and never above it.
+    """
+
+    def suffixes(self) -> Any:
+        from shifter.pac.wpad import PublicSuffixes
+
+        return PublicSuffixes(["// a comment", "com", "uk", "co.uk", "*.ck", "!www.ck", ""])
+
+    def test_devolution(self) -> None:
+        """
+        From the search domain down to the registrable domain, in order.
+        """
+        from shifter.pac.wpad import candidates
+
+        self.assertEqual(candidates("a.b.corp.example.com", self.suffixes()), [
+            "http://wpad.a.b.corp.example.com/wpad.dat", "http://wpad.b.corp.example.com/wpad.dat",
+            "http://wpad.corp.example.com/wpad.dat", "http://wpad.example.com/wpad.dat",
+        ])
+        self.assertEqual(candidates("corp.example.co.uk", self.suffixes()), [
+            "http://wpad.corp.example.co.uk/wpad.dat", "http://wpad.example.co.uk/wpad.dat",
+        ])
+
+    def test_neverAboveRegistrable(self) -> None:
+        """
+        No candidate is ever wpad.<public suffix>: not wpad.com, wpad.co.uk,
+        wpad.b.ck (a wildcard suffix), nor wpad.test for an unlisted top
+        level; a public suffix as the search domain gives none.
+        """
+        from shifter.pac.wpad import candidates
+
+        suffixes = self.suffixes()
+        for domain, lowest in [("example.com", "wpad.example.com"), ("example.co.uk", "wpad.example.co.uk"),
+                               ("a.b.ck", "wpad.a.b.ck"), ("x.www.ck", "wpad.www.ck"),
+                               ("a.b.example.test", "wpad.example.test")]:
+            self.assertEqual(candidates(domain, suffixes)[-1], f"http://{lowest}/wpad.dat", domain)
+        for domain in ("com", "co.uk", "b.ck", "test"):
+            self.assertEqual(candidates(domain, suffixes), [], domain)
+
+    def test_realList(self) -> None:
+        """
+        With the system's Public Suffix List, the same holds.
+        """
+        import os
+
+        from shifter.pac.wpad import PUBLIC_SUFFIX_LIST, PublicSuffixes, candidates
+
+        if not os.path.exists(PUBLIC_SUFFIX_LIST):
+            self.skipTest(f"no {PUBLIC_SUFFIX_LIST} (Debian's publicsuffix package)")
+        suffixes = PublicSuffixes.load()
+        self.assertEqual(candidates("corp.example.co.uk", suffixes)[-1], "http://wpad.example.co.uk/wpad.dat")
+        self.assertEqual(candidates("co.uk", suffixes), [])
+
+    def test_searchDomain(self) -> None:
+        """
+        The search domain is the first of the last search or domain line.
+        """
+        from shifter.pac.wpad import searchDomain
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("nameserver 192.0.2.53\ndomain old.example\nsearch corp.example.com other.example\n")
+        self.assertEqual(searchDomain(path), "corp.example.com")
+        self.assertIsNone(searchDomain(self.mktemp()))

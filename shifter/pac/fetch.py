@@ -164,10 +164,37 @@ class PacSource:
         # The validators and time of what was fetched, kept once it loads.
         self._pendingValidators: tuple[Optional[bytes], Optional[bytes]] = (None, None)
         self._pendingMtime: Optional[float] = None
+        # WPAD: the URLs to try, the one that answered, and the search
+        # domain they come from.
+        self.wpadUrls: list[str] = []
+        self.domain: Optional[str] = None
+        self.found: Optional[str] = None
+        self._pendingFound: Optional[str] = None
+        self._wpadError: Optional[str] = None
+        if self.isWpad:
+            from shifter.pac.wpad import WpadError, wpadCandidates
+
+            try:
+                self.domain, self.wpadUrls = wpadCandidates()
+            except WpadError as e:
+                self._wpadError = str(e)
 
     @property
     def isURL(self) -> bool:
-        return self.location.startswith(("http://", "https://"))
+        return self.isWpad or self.location.startswith(("http://", "https://"))
+
+    @property
+    def isWpad(self) -> bool:
+        return self.location == "wpad"
+
+    @property
+    def shown(self) -> str:
+        """
+        Where the script comes from, for log lines.
+        """
+        if self.isWpad:
+            return f"wpad ({self.found})" if self.found else "wpad"
+        return self.location
 
     def start(self) -> Deferred[None]:
         """
@@ -220,6 +247,8 @@ class PacSource:
         return fetching
 
     def _fetch(self) -> Deferred[Optional[bytes]]:
+        if self.isWpad:
+            return self._discover()
         if self.isURL:
             return self._fetchURL()
         path = self.location[len("file://"):] if self.location.startswith("file://") else self.location
@@ -238,19 +267,58 @@ class PacSource:
         self._pendingMtime = status.st_mtime
         return succeed(body)
 
-    def _fetchURL(self) -> Deferred[Optional[bytes]]:
+    def _discover(self) -> Deferred[Optional[bytes]]:
+        """
+        WPAD: the script at the URL found before, else at the first
+        candidate that gives one.
+        """
+        if self._wpadError is not None:
+            raise FetchError(self._wpadError)
+        urls = [self.found] if self.found else list(self.wpadUrls)
+        result: Deferred[Optional[bytes]] = Deferred()
+        tried: list[str] = []
+
+        def attempt(index: int) -> None:
+            if index >= len(urls):
+                self.found = None
+                result.errback(Failure(FetchError(
+                    f"WPAD found no script (search domain {self.domain}): " + "; ".join(tried)
+                )))
+                return
+            url = urls[index]
+
+            def got(body: Optional[bytes]) -> None:
+                self._pendingFound = url
+                result.callback(body)
+
+            def failed(reason: Failure) -> None:
+                tried.append(f"{url}: {reason.getErrorMessage()}")
+                attempt(index + 1)
+
+            try:
+                fetching = self._fetchURL(url)
+            except Exception:
+                failed(Failure())
+                return
+            fetching.addCallbacks(got, failed)
+
+        attempt(0)
+        return result
+
+    def _fetchURL(self, url: Optional[str] = None) -> Deferred[Optional[bytes]]:
         from twisted.web.client import Agent
         from twisted.web.http_headers import Headers
 
         if self._agent is None:
             self._agent = Agent(_NamesReactor(self.reactor), connectTimeout=self.timeout)
+        url = url or self.location
         headers = Headers({b"User-Agent": [b"Shifter PAC"]})
-        if self.loadedAt is not None:
+        if self.loadedAt is not None and (not self.isWpad or url == self.found):
             if self._etag is not None:
                 headers.addRawHeader(b"If-None-Match", self._etag)
             if self._modified is not None:
                 headers.addRawHeader(b"If-Modified-Since", self._modified)
-        request = self._agent.request(b"GET", self.location.encode(), headers)
+        request = self._agent.request(b"GET", url.encode(), headers)
         request.addTimeout(self.timeout, self.reactor)
 
         def answered(response: Any) -> Deferred[Optional[bytes]]:
@@ -292,6 +360,12 @@ class PacSource:
         return self.evaluator.load(script).addCallback(loaded)
 
     def _commit(self) -> None:
+        if self.isWpad and self._pendingFound != self.found:
+            self.found = self._pendingFound
+            self.log.info(
+                "PAC wpad: found {url} (search domain {domain}, looked for down to {last})",
+                url=self.found, domain=self.domain, last=self.wpadUrls[-1],
+            )
         if self.isURL:
             self._etag, self._modified = self._pendingValidators
         else:
@@ -304,7 +378,7 @@ class PacSource:
         self.loadedAt = self.reactor.seconds()
         self.log.info(
             "PAC {location} {what} ({size} bytes)",
-            location=self.location,
+            location=self.shown,
             what="loaded" if first else "changed: the new script is in force, answers cached before are dropped",
             size=len((self.evaluator.script or "").encode()),
         )
@@ -316,9 +390,9 @@ class PacSource:
         elif not reason.check(FetchError):
             why = f"cannot fetch it: {why}"
         if self.loadedAt is not None:
-            self.log.warn("PAC {location}: {why}; keeping the script in force", location=self.location, why=why)
+            self.log.warn("PAC {location}: {why}; keeping the script in force", location=self.shown, why=why)
         else:
             self.log.warn(
                 "PAC {location}: {why}; no PAC script, so {fallback} until one loads",
-                location=self.location, why=why, fallback=self.withoutScript or "the fallback decides",
+                location=self.shown, why=why, fallback=self.withoutScript or "the fallback decides",
             )

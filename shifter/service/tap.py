@@ -457,7 +457,9 @@ class Options(usage.Options):
             None,
             None,
             "The site's proxy auto-config script, an http://, https:// or file "
-            "URL or a file name: for each connection no rule decides, its "
+            "URL, a file name, or wpad (http://wpad.DOMAIN/wpad.dat, DOMAIN the "
+            "search domain and its parents down to the registrable domain, never "
+            "above): for each connection no rule decides, its "
             "FindProxyForURL(url, host) answer (PROXY, HTTPS, SOCKS5, DIRECT, "
             "in order) chooses the way out, run in helper processes with a "
             "time and memory limit, answers cached per host and port. Fetched "
@@ -673,8 +675,8 @@ class Options(usage.Options):
     def _checkPac(self) -> None:
         pac = self["pac"]
         if pac == "wpad":
-            raise usage.UsageError("--pac wpad: discovery by WPAD is not available; give the PAC script's URL or file")
-        if pac.startswith(("http://", "https://")):
+            pass
+        elif pac.startswith(("http://", "https://")):
             from urllib.parse import urlsplit
 
             if not urlsplit(pac).hostname:
