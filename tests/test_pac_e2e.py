@@ -307,3 +307,82 @@ class PacDirectAndSocksTests(PacGatewayTestCase):
         )
         dante.waitForLog("pass", "tcp/connect", f"{SERVER_V4}.443")
         self.assertEqual(self.squid.accessLogLines(), [])
+
+
+class WpadTests(PacGatewayTestCase):
+    """
+    C{--pac wpad} through a real DNS server (dnsmasq, in the server's
+    namespace) that the gateway's resolv.conf names, with the gateway's
+    search domain; the script served over HTTP on port 80.
+    """
+
+    def setUp(self) -> None:
+        requireHost(root=True, programs=("dnsmasq",))
+        super().setUp()
+        self.etc = Path("/etc/netns") / self.net.gateway.name
+        self.etc.mkdir(parents=True, exist_ok=True)
+        self.addCleanup(shutil.rmtree, self.etc, True)
+        (self.pacDirectory / "wpad.dat").write_text(
+            f"function FindProxyForURL(url, host) {{ return 'PROXY 127.0.0.1:{SQUID_PORT}'; }}\n"
+        )
+        self.net.server.start(
+            sys.executable, "-m", "http.server", "80", "--bind", SERVER_V4,
+            "--directory", str(self.pacDirectory), logTo=self.directory / "wpad-server.log",
+        )
+        self.net.server.waitListening(80)
+        self.dnsLog = self.directory / "dnsmasq.log"
+
+    def startDns(self, searchDomain: str, *names: str) -> None:
+        """
+        dnsmasq answering C{names} (and nothing else) with the server's
+        address, and the gateway searching C{searchDomain}.
+        """
+        (self.etc / "resolv.conf").write_text(f"search {searchDomain}\nnameserver {SERVER_V4}\n")
+        self.net.server.start(
+            "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--user=root",
+            f"--listen-address={SERVER_V4}", "--bind-interfaces", "--log-queries",
+            f"--log-facility={self.dnsLog}", f"--pid-file={self.directory / 'dnsmasq.pid'}",
+            *(f"--address=/{name}/{SERVER_V4}" for name in names),
+            logTo=self.directory / "dnsmasq.out",
+        )
+        waitFor(lambda: self.dnsLog.exists() and "started" in self.dnsLog.read_text(), 20, "dnsmasq")
+
+    def queried(self) -> list[str]:
+        text = self.dnsLog.read_text() if self.dnsLog.exists() else ""
+        return [line.split()[-3] for line in text.splitlines() if "query[" in line]
+
+    def test_found(self) -> None:
+        """
+        From the search domain a.b.example.test down, the first name that
+        gives a script is used, and says so; connections follow it.
+        """
+        self.startDns("a.b.example.test", "wpad.example.test", "wpad.test")
+        self.startShifter("--pac", "wpad")
+        self.shifter.waitForLog(
+            "PAC wpad: found http://wpad.example.test/wpad.dat (search domain a.b.example.test, "
+            "looked for down to http://wpad.example.test/wpad.dat)"
+        )
+        self.shifter.waitForLog("PAC wpad (http://wpad.example.test/wpad.dat) loaded")
+        result = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.body, self.payload)
+        self.squid.waitForLog("TCP_TUNNEL/200", f"CONNECT {SERVER_V4}:443 ")
+        queried = self.queried()
+        self.assertIn("wpad.a.b.example.test", queried)
+        self.assertIn("wpad.b.example.test", queried)
+        self.assertNotIn("wpad.test", queried)
+
+    def test_neverAboveRegistrable(self) -> None:
+        """
+        With only wpad.test answered (a name above the registrable domain,
+        where anyone could publish one), nothing is found, wpad.test is
+        never asked for, and the fallback refuses.
+        """
+        self.startDns("b.example.test", "wpad.test")
+        self.startShifter("--pac", "wpad")
+        line = self.shifter.waitForLog("PAC wpad: WPAD found no script (search domain b.example.test)")
+        self.assertIn("no PAC script, so connections are refused (--pac-fallback refuse)", line)
+        self.assertIn("wpad.example.test", self.queried())
+        self.assertNotIn("wpad.test", self.queried())
+        result = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertNotEqual(result.returncode, 0)
