@@ -111,11 +111,16 @@ def localAddress(toward: Optional[str]) -> str:
     source the kernel would choose, read from a UDP socket connected there
     (which sends nothing).
     """
-    if toward:
+    # With no proxy address to go by, the address of the default route
+    # (toward a documentation address: connect() only asks the routing
+    # table).
+    for address in (toward, "192.0.2.1"):
+        if not address:
+            continue
         try:
-            family = socket.AF_INET6 if ":" in toward else socket.AF_INET
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
             with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                probe.connect((toward, 9))
+                probe.connect((address, 9))
                 return str(probe.getsockname()[0])
         except OSError:
             pass
