@@ -562,3 +562,34 @@ class WpadTests(SynchronousTestCase):
             f.write("nameserver 192.0.2.53\ndomain old.example\nsearch corp.example.com other.example\n")
         self.assertEqual(searchDomain(path), "corp.example.com")
         self.assertIsNone(searchDomain(self.mktemp()))
+
+
+class QuestionTests(SynchronousTestCase):
+    """
+    The URL and host C{FindProxyForURL} is asked.
+    """
+
+    def test_urls(self) -> None:
+        from shifter.service.pacpolicy import pacQuestion
+
+        self.assertEqual(pacQuestion("www.example", "203.0.113.7", 443, "https"), ("https://www.example/", "www.example"))
+        self.assertEqual(pacQuestion("www.example", "203.0.113.7", 8443, "https"),
+                         ("https://www.example:8443/", "www.example"))
+        self.assertEqual(pacQuestion("www.example", "203.0.113.7", 80, "http", "/a/b?c=d"),
+                         ("http://www.example/a/b?c=d", "www.example"))
+        self.assertEqual(pacQuestion(None, "203.0.113.7", 80), ("http://203.0.113.7/", "203.0.113.7"))
+        self.assertEqual(pacQuestion(None, "2001:db8::7", 443), ("https://[2001:db8::7]/", "2001:db8::7"))
+
+    def test_pathFromHostSniffer(self) -> None:
+        """
+        The Host sniffer keeps a plain request's path; not an absolute
+        target, nor one past the limit.
+        """
+        from shifter.tunnel.sniff import MAX_PATH, sniffHost
+
+        request = b"GET /a/b?c=d HTTP/1.1\r\nHost: www.example\r\n\r\n"
+        self.assertEqual(sniffHost(request).path, "/a/b?c=d")  # type: ignore[union-attr]
+        absolute = b"GET http://x/ HTTP/1.1\r\nHost: www.example\r\n\r\n"
+        self.assertIsNone(sniffHost(absolute).path)  # type: ignore[union-attr]
+        long = b"GET /" + b"a" * MAX_PATH + b" HTTP/1.1\r\nHost: www.example\r\n\r\n"
+        self.assertIsNone(sniffHost(long).path)  # type: ignore[union-attr]

@@ -4,9 +4,11 @@ C{[[rule]]} decides.
 
 For such a connection Shifter asks C{FindProxyForURL(url, host)}, with
 C{host} the name read from the client (SNI, Host) or else its original
-destination's address, and C{url} C{https://host/} (C{https://host:port/}
-off port 443), or C{http://host/} for port 80, where Shifter has no path
-to give.  The answer is the order tried: C{PROXY} and C{HTTPS} entries
+destination's address, and C{url} C{https://host/} for a name from a TLS
+ClientHello, C{http://host/path} for one from a plain request's C{Host}
+header, and by the port without a name (C{http://} on 80, C{https://}
+elsewhere; the port in the URL when it is not the scheme's own).  The
+answer is the order tried: C{PROXY} and C{HTTPS} entries
 are HTTP proxies (C{http://}, C{https://}), C{SOCKS}/C{SOCKS5} SOCKS5
 servers, C{DIRECT} Shifter's own connection to the original destination
 address; C{SOCKS4} entries are skipped.  A proxy the answer names that is
@@ -53,18 +55,25 @@ MAX_PAC_PROXIES = 64
 _SCHEMES = {PAC_PROXY: "http", PAC_HTTPS: "https", PAC_SOCKS5: "socks5"}
 
 
-def pacQuestion(name: Optional[str], address: str, port: int) -> tuple[str, str]:
+def pacQuestion(
+    name: Optional[str], address: str, port: int, scheme: Optional[str] = None, path: Optional[str] = None,
+) -> tuple[str, str]:
     """
     The (url, host) that C{FindProxyForURL} is asked for a connection to
-    C{address:port}, with C{name} read from the client, if any.
+    C{address:port}, with C{name} read from the client, if any: from a TLS
+    ClientHello (C{scheme} C{"https"}: C{https://name/}) or from a plain
+    request's C{Host} (C{"http"}: C{http://name/path}).  Without a name,
+    C{http://} on port 80 and C{https://} elsewhere.
     """
     host = name or address
     shown = f"[{host}]" if ":" in host else host
-    if port == 80:
-        return f"http://{shown}/", host
-    if port == 443:
-        return f"https://{shown}/", host
-    return f"https://{shown}:{port}/", host
+    if name is None or scheme is None:
+        scheme = "http" if port == 80 else "https"
+    default = 80 if scheme == "http" else 443
+    authority = shown if port == default else f"{shown}:{port}"
+    if scheme == "http" and name is not None and path:
+        return f"http://{authority}{path}", host
+    return f"{scheme}://{authority}/", host
 
 
 @implementer(ITunnelPolicy)
@@ -134,7 +143,7 @@ class PacPolicy:
                 decision = _labelled(decision, label)
             return succeed((decision, {"rule": rule.line, "pac": None, "fallback": False}))
         port = request.destination.port
-        url, host = pacQuestion(request.name, request.destination.host, port)
+        url, host = pacQuestion(request.name, request.destination.host, port, request.scheme, request.path)
         details: dict[str, Any] = {"rule": None, "fallback": False,
                                    "pac": {"url": url, "host": host, "answer": None, "cached": False, "error": None}}
         if self.evaluator.script is None and not self.source.firstAttempt.called:

@@ -24,7 +24,7 @@ C{settings}, C{pool}, C{policy}, C{stats}, C{clock}, C{log}, C{retryLine}, C{pen
 C{clientPort}, C{clientLabel}, C{destination}, C{address}, C{target},
 C{connectHost}, C{named}, C{candidates}, C{proxy}, C{attempt}, C{request},
 C{passClient}, C{authExchange}, C{authProxy}, C{setupDeadline},
-C{connectStarted}.
+C{connectStarted}, C{sniffedScheme}, C{sniffedPath}.
 """
 
 from __future__ import annotations
@@ -193,7 +193,9 @@ class ProxyNegotiation:
             return
         self.state = DECIDING
         self._setDeadline(self.setupDeadline)
-        request = TunnelRequest(self._clientAddress(), self.destination, name, tuple(self.candidates))
+        request = TunnelRequest(
+            self._clientAddress(), self.destination, name, tuple(self.candidates), self.sniffedScheme, self.sniffedPath,
+        )
         self._ask(lambda: policy.decide(request), self.decided, self.decideFailed)
 
     def _decided(self: Any, decision: TunnelDecision | None) -> None:

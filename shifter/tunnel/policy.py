@@ -33,12 +33,18 @@ class TunnelRequest:
         C{--connect-target} looked for one and found it.
     @ivar proxies: the proxies Shifter would try, best first (only those
         that are up).
+    @ivar scheme: where C{name} came from: C{"https"} (the TLS
+        ClientHello's SNI) or C{"http"} (a plain request's C{Host}
+        header); C{None} without a name.
+    @ivar path: for C{"http"}, the request's path when it was read.
     """
 
     client: Union[IPv4Address, IPv6Address]
     destination: Destination
     name: Optional[str]
     proxies: Sequence[UpstreamProxy]
+    scheme: Optional[str] = None
+    path: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -313,7 +313,7 @@ class Tunnel(ProxyNegotiation):
         "pending", "relay", "bytesUp", "bytesDown", "droppedUp", "droppedDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
         "failed", "clientGone", "graceOver", "authExchange", "authProxy", "passClient", "sniffer",
-        "decidedBy",
+        "decidedBy", "sniffedScheme", "sniffedPath",
     )
 
     def __init__(
@@ -381,6 +381,10 @@ class Tunnel(ProxyNegotiation):
         self.passClient: str | None = None  # a policy's --pass-client choice
         self.sniffer: Any = None  # the name sniffer, fed each read once, while sniffing
         self.decidedBy = ""  # " (what decided)", when the policy names it
+        # Where the name read came from ("https": SNI, "http": Host), and
+        # the plain request's path, for the policy.
+        self.sniffedScheme: str | None = None
+        self.sniffedPath: str | None = None
 
     # The events.
 
@@ -611,6 +615,9 @@ class Tunnel(ProxyNegotiation):
                 reason = f"client sent no complete hello within {settings.sniffTimeout:g} s"
             verdict = self.sniffer.finish(reason)
         name, reason = verdict.name, verdict.reason
+        if name is not None:
+            self.sniffedScheme = "https" if reason == "SNI" else "http"
+            self.sniffedPath = verdict.path
         self.sniffer = None
         port = self.destination.port  # type: ignore[union-attr]
         owner = self.owner
