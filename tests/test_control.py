@@ -243,6 +243,24 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(lines[0].index("STATE"), lines[2].index("resolving"))
         self.assertEqual(lines[-1], "2 connections")
 
+    def test_tunnelTableDecision(self) -> None:
+        """
+        Where a policy named what decided (a rule, a PAC answer), the table
+        says so in a last column.
+        """
+        text = ctl.formatTunnels([
+            {"client": "192.0.2.2:41522", "destination": "203.0.113.7:443", "connectTarget": "203.0.113.7:443",
+             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 0, "bytesDown": 0, "age": 1.0,
+             "decision": "PAC: PROXY 127.0.0.1:3128"},
+            {"client": "192.0.2.2:41523", "destination": "203.0.113.7:443", "connectTarget": "203.0.113.7:443",
+             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 0, "bytesDown": 0, "age": 1.0,
+             "decision": ""},
+        ])
+        lines = text.splitlines()
+        self.assertTrue(lines[0].endswith("DECIDED BY"))
+        self.assertTrue(lines[1].endswith("PAC: PROXY 127.0.0.1:3128"))
+        self.assertTrue(lines[2].endswith("-"))
+
 
 def childExit(pid: int, timeout: float = 20.0) -> Deferred[int]:
     """

@@ -119,14 +119,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def formatTunnels(tunnels: Sequence[dict[str, Any]]) -> str:
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             t["client"], t["destination"], t["connectTarget"] or "-", t["proxy"] or "-", t["state"],
             formatSize(t["bytesUp"]), formatSize(t["bytesDown"]), formatAge(t["age"]),
         )
         for t in tunnels
     ]
-    headers = ("CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE")
+    headers: tuple[str, ...] = ("CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE")
+    if any(t.get("decision") for t in tunnels):
+        # What decided (a rule, a PAC answer), where a policy named it.
+        headers += ("DECIDED BY",)
+        rows = [row + (t.get("decision") or "-",) for row, t in zip(rows, tunnels)]
     count = f"{len(tunnels)} connection{'' if len(tunnels) == 1 else 's'}"
     return (table(headers, rows) + "\n" + count) if rows else "no connections"
 
