@@ -430,8 +430,10 @@ class PacPolicyTests(TestCase):
             yield evaluator.load(script)
         groups = {"default": [self.configured]}
         self.direct = directRoute(reactor)
-        return PacPolicy(evaluator, source, RulePolicy(list(rules), groups, self.direct) if rules else None,
-                         groups, self.pool, self.direct, lambda url: parseProxy(url, reactor), fallback)
+        policy = PacPolicy(evaluator, source, RulePolicy(list(rules), groups, self.direct) if rules else None,
+                           groups, self.pool, self.direct, lambda url: parseProxy(url, reactor), fallback)
+        self.addCleanup(policy.lines.stop)
+        return policy
 
     def request(self, destination: str = "203.0.113.7", name: Any = None) -> Any:
         from shifter.tunnel.policy import TunnelRequest

@@ -33,9 +33,10 @@ from zope.interface import implementer
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from shifter.logs import RateLimitedLog
 from shifter.pac.answer import PAC_DIRECT, PAC_HTTPS, PAC_PROXY, PAC_SOCKS5, PacChoice, formatChoices
 from shifter.pac.evaluator import PacError, PacEvaluator, PacResult
 from shifter.pac.fetch import PacSource
@@ -109,6 +110,10 @@ class PacPolicy:
         self.decidesByAddress = rules.decidesByAddress if rules is not None else False
         self.singleLabelNames = rules.singleLabelNames if rules is not None else frozenset()
         self.built: OrderedDict[tuple[str, str, int], UpstreamProxy] = OrderedDict()
+        # One line per host and reason (failures are cached per host, so
+        # that is once per host and period), at most 64 of them per 10 s:
+        # a script that fails for every host cannot flood the log.
+        self.lines = RateLimitedLog(self.log, evaluator.reactor, interval=10.0, maxKeys=64)
 
     def fallbackWords(self) -> str:
         """
@@ -182,7 +187,8 @@ class PacPolicy:
             cached = why.endswith("(cached)")
             details["pac"]["cached"] = cached
             if not cached:
-                self.log.warn(
+                self.lines.emit(
+                    f"{host} {why}", LogLevel.warn,
                     "PAC for {url}: {why}; {fallback}", url=url, why=why, fallback=self.fallbackWords(),
                 )
             return self._fallbackDecision(request, why), details
@@ -246,9 +252,15 @@ class PacPolicy:
             proxy.name.setAddresses(frozenset(addresses))
         return proxy
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
+        """
+        Stop fetching, and end the helpers.
+
+        @return: a C{Deferred} that fires once every helper has ended.
+        """
         self.source.stop()
-        self.evaluator.stop()
+        self.lines.stop()
+        return self.evaluator.stop()
 
 
 def _same(proxy: UpstreamProxy, choice: PacChoice) -> bool:

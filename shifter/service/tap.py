@@ -9,6 +9,7 @@ import math
 import resource
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
@@ -1051,11 +1052,12 @@ class PacService(Service):
         if pac is not None:
             pac.source.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Any:
         Service.stopService(self)
         pac = self.reloader.running.pac
         if pac is not None:
-            pac.stop()
+            return pac.stop()
+        return None
 
 
 def _describe(name: str, value: object) -> str:
