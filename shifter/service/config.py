@@ -666,8 +666,8 @@ class RulePolicy:
     def _decision(self, request: TunnelRequest, rule: Optional[Rule]) -> Optional[TunnelDecision]:
         if rule is not None and rule.refuse is not None:
             return TunnelDecision(refuse=f"{rule.refuse} (rule at line {rule.line})")
-        if rule is not None and rule.direct:
-            return TunnelDecision(proxies=(self.direct,))  # type: ignore[arg-type]
+        if rule is not None and rule.direct and self.direct is not None:  # (a route is given with such rules)
+            return TunnelDecision(proxies=(self.direct,))
         group = rule.group if rule is not None and rule.group is not None else DEFAULT_GROUP
         members = self.groups.get(group)
         proxies = None
