@@ -595,3 +595,56 @@ class QuestionTests(SynchronousTestCase):
         self.assertIsNone(sniffHost(absolute).path)  # type: ignore[union-attr]
         long = b"GET /" + b"a" * MAX_PATH + b" HTTP/1.1\r\nHost: www.example\r\n\r\n"
         self.assertIsNone(sniffHost(long).path)  # type: ignore[union-attr]
+
+
+class OrphanTests(SynchronousTestCase):
+    def test_diesWithParent(self) -> None:
+        """
+        A helper looping in a script is killed when the process that
+        started it is killed outright (it never reads the end of its
+        input).
+        """
+        import os
+        import signal
+        import subprocess
+        import sys
+        import time
+        from pathlib import Path
+
+        project = str(Path(__file__).resolve().parent.parent)
+        parent = subprocess.Popen(
+            [sys.executable, "-c", _ORPHAN_PARENT], stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=project),
+        )
+        try:
+            line = parent.stdout.readline()  # type: ignore[union-attr]
+            child = int(line)
+        finally:
+            parent.kill()
+            parent.wait(10)
+        for _ in range(200):
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                break
+            if state == "Z":
+                break  # dead, waiting for init to reap it
+            time.sleep(0.05)
+        else:
+            os.kill(child, signal.SIGKILL)
+            self.fail("the helper outlived the process that started it")
+
+
+# A process that starts a PAC helper, has it loop in a script, prints the
+# helper's process id, and waits to be killed.
+_ORPHAN_PARENT = """\
+import json, struct, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-m", "shifter.pac.child", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+body = json.dumps({"op": "load", "script": "while (true) {}"}).encode()
+child.stdin.write(struct.pack(">I", len(body)) + body)
+child.stdin.flush()
+time.sleep(0.5)
+print(child.pid, flush=True)
+time.sleep(60)
+"""

@@ -215,6 +215,23 @@ def answerFor(script: Script, url: str, host: str) -> dict[str, Any]:
     return {"ok": True, "answer": answer, "addresses": addresses}
 
 
+def dieWithParent() -> None:
+    """
+    Be killed when Shifter ends, however it ends (PR_SET_PDEATHSIG): a
+    script looping when Shifter is killed never reads the end of its input.
+    """
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:
+        os._exit(1)  # the parent ended before the request took effect
+
+
 def serve(memory: int, stdin: BinaryIO, stdout: BinaryIO) -> int:
     import dukpy  # noqa: F401  (loaded before the memory limit)
 
@@ -249,6 +266,7 @@ def serve(memory: int, stdin: BinaryIO, stdout: BinaryIO) -> int:
 
 def main() -> int:
     memory = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    dieWithParent()
     # The parent reads frames from stdout: nothing else may write there.
     stdout = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
