@@ -386,3 +386,29 @@ class WpadTests(PacGatewayTestCase):
         self.assertNotIn("wpad.test", self.queried())
         result = self.fetch(f"https://{SERVER_V4}/file.bin")
         self.assertNotEqual(result.returncode, 0)
+
+
+class PacReloadTests(PacGatewayTestCase):
+    def test_reloadRefreshes(self) -> None:
+        """
+        C{pac = FILE} in the configuration file; a reload fetches the
+        script again, and a changed one is in force for the next
+        connections (answers cached before are dropped).
+        """
+        pac = self.pacFile(f"function FindProxyForURL(url, host) {{ return 'PROXY 127.0.0.1:{SQUID_PORT}'; }}\n")
+        config = self.directory / "shifter.toml"
+        config.write_text(f'pac = "{pac}"\n')
+        self.startShifter("--config", str(config))
+        self.shifter.waitForLog("PAC", "loaded")
+        first = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertEqual(first.returncode, 0, first.stderr)
+        self.squid.waitForLog("TCP_TUNNEL/200", f"CONNECT {SERVER_V4}:443 ")
+        Path(pac).write_text("function FindProxyForURL(url, host) { return 'DIRECT'; }\n")
+        reloaded = self.ctl("reload")
+        self.assertEqual(reloaded.returncode, 0, reloaded.stderr)
+        self.shifter.waitForLog("changed: the new script is in force")
+        second = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertEqual(second.returncode, 0, second.stderr)
+        self.assertEqual(second.body, self.payload)
+        self.shifter.waitForLog(f"-> {SERVER_V4}:443 via DIRECT (PAC: DIRECT) closed")
+        self.assertEqual(len(self.squid.accessLogLines()), 1)
