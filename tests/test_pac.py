@@ -220,6 +220,24 @@ class EvaluatorTests(TestCase):
         self.assertEqual(result.choices, (PacChoice(DIRECT),))
 
     @inlineCallbacks
+    def test_newScriptLetsCallsFinish(self) -> Any:
+        """
+        A call under way when a new script comes into force is answered by
+        the old one, not failed; the next calls get the new script.
+        """
+        evaluator = self.evaluator(timeout=5.0, helpers=1)
+        yield evaluator.load(
+            "function FindProxyForURL(u, h) { var t = Date.now(); while (Date.now() - t < 1000) {} return 'PROXY 192.0.2.1:1'; }"
+        )
+        slow = evaluator.find("https://slow.example/", "slow.example", 443)
+        yield evaluator.load("function FindProxyForURL(u, h) { return 'PROXY 192.0.2.2:2'; }")
+        old = yield slow
+        self.assertEqual(old.choices, (PacChoice(PROXY, "192.0.2.1", 1),))
+        new = yield evaluator.find("https://fast.example/", "fast.example", 443)
+        self.assertEqual(new.choices, (PacChoice(PROXY, "192.0.2.2", 2),))
+        self.assertIsNone(evaluator.cached("slow.example", 443))
+
+    @inlineCallbacks
     def test_cacheBound(self) -> Any:
         """
         Many distinct hosts keep the cache within its bound, the latest

@@ -17,8 +17,9 @@ cached too, for C{errorTtl}: a hostile script costs one helper per host
 and period, not one per connection.
 
 A new script is loaded into new helpers; only once one of them has
-compiled it do they replace the old ones (which finish nothing: their
-calls fail and are asked again by nobody, the cache is emptied).  A
+compiled it do they replace the old ones (one answering a call finishes
+it first, so a reload costs no connection its answer) and the cache is
+emptied.  A
 script that does not compile, or does not finish loading in time, leaves
 the running one in place.
 """
@@ -250,7 +251,10 @@ class PacEvaluator:
         self._helpers = [helper]
         self._idle = deque()
         for each in old:
-            each.kill("replaced by a newer script")
+            # One answering a call finishes it (under its time limit), then
+            # goes; the others go now.
+            if each.call is None:
+                each.kill("replaced by a newer script")
         self.script = script
         self.cache.clear()
         self._deaths = 0
@@ -331,6 +335,9 @@ class PacEvaluator:
         call.timer = None
         if not call.deferred.called:
             call.deferred.callback(answer)
+        if helper.generation != self._generation and helper not in self._helpers:
+            helper.kill("replaced by a newer script")
+            return
         free = helper.call is None and helper not in self._idle
         if free and helper.loaded and helper in self._helpers and helper.killedBecause is None:
             self._idle.append(helper)
