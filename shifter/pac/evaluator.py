@@ -103,7 +103,7 @@ class _Helper(ProcessProtocol):
         self.call: Optional[_Call] = None
         self.loaded = False
         self.ended = False
-        self.ended_: Deferred[None] = Deferred()
+        self.whenEnded: Deferred[None] = Deferred()
         self.killedBecause: Optional[str] = None
 
     def send(self, call: _Call) -> None:
@@ -163,7 +163,7 @@ class _Helper(ProcessProtocol):
         else:
             why = f"the PAC helper ended: {reason.getErrorMessage()}"
         self.owner._helperEnded(self, why)
-        self.ended_.callback(None)
+        self.whenEnded.callback(None)
 
 
 class PacEvaluator:
@@ -210,7 +210,7 @@ class PacEvaluator:
         self._candidate: Optional[tuple[str, list[_Helper], Deferred[None]]] = None
         self._deaths = 0
         self._pending: list[Any] = []
-        self._dying: list[_Helper] = []  # every helper not ended yet
+        self._alive: list[_Helper] = []  # every helper not ended yet
         self._stopped = False
 
     # The script.
@@ -281,7 +281,7 @@ class PacEvaluator:
         path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
         self.reactor.spawnProcess(helper, self.command[0], self.command, env=env, childFDs={0: "w", 1: "r", 2: "r"})
-        self._dying.append(helper)
+        self._alive.append(helper)
         return helper
 
     def _startHelper(self) -> None:
@@ -333,6 +333,8 @@ class PacEvaluator:
         if call.timer is not None and call.timer.active():
             call.timer.cancel()
         call.timer = None
+        if answer.get("ok") and helper.loaded:
+            self._deaths = 0  # helpers answer again: the next restart is at once
         if not call.deferred.called:
             call.deferred.callback(answer)
         if helper.generation != self._generation and helper not in self._helpers:
@@ -351,8 +353,8 @@ class PacEvaluator:
             call.deferred.errback(Failure(PacError(why)))
 
     def _helperEnded(self, helper: _Helper, why: str) -> None:
-        if helper in self._dying:
-            self._dying.remove(helper)
+        if helper in self._alive:
+            self._alive.remove(helper)
         call, helper.call = helper.call, None
         if call is not None:
             self._callFailed(call, why)
@@ -499,7 +501,7 @@ class PacEvaluator:
             if pending.active():
                 pending.cancel()
         self._pending = []
-        helpers = list(self._dying)
+        helpers = list(self._alive)
         for helper in helpers:
             helper.kill("Shifter is stopping")
         for call in list(self._queue):
@@ -510,7 +512,7 @@ class PacEvaluator:
             self._candidate = None
             waiting.errback(Failure(PacError("Shifter is stopping")))
             waiting.addErrback(lambda _: None)
-        ends = [helper.ended_ for helper in helpers if not helper.ended]
+        ends = [helper.whenEnded for helper in helpers if not helper.ended]
         from twisted.internet.defer import gatherResults
 
         return gatherResults(ends).addCallback(lambda _: None)
