@@ -154,6 +154,32 @@ class ProtocolTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertFalse(self.clock.running)
 
+    def test_explain(self) -> None:
+        """
+        C{explain} without a PAC script: the default proxies in order with
+        their health, and the CONNECT target; a destination Shifter refuses
+        says so; bad fields are an error, not a traceback.
+        """
+        from tests.support import knowLocalAddresses
+
+        knowLocalAddresses(self.service.factory)
+        [answer] = self.talk(b'{"command": "explain", "client": "192.0.2.2", "destination": "203.0.113.7", '
+                             b'"port": 443, "name": null}\n')
+        self.assertTrue(answer["ok"], answer)
+        explained = answer["explain"]
+        self.assertEqual([p["proxy"] for p in explained["proxies"]], ["127.0.0.1:3128", "127.0.0.1:3129"])
+        self.assertEqual(explained["proxies"][0]["state"], "up")
+        self.assertEqual(explained["connectTarget"], "203.0.113.7:443")
+        self.assertIsNone(explained["refused"])
+        [refused] = self.talk(b'{"command": "explain", "client": "192.0.2.2", "destination": "127.0.0.1", '
+                              b'"port": 443}\n')
+        self.assertIn("loopback", refused["explain"]["refused"])
+        for bad in (b'{"command": "explain"}\n', b'{"command": "explain", "client": "x", "destination": "y", "port": 1}\n',
+                    b'{"command": "explain", "client": "192.0.2.2", "destination": "203.0.113.7", "port": 0}\n'):
+            [error] = self.talk(bad)
+            self.assertFalse(error["ok"])
+            self.assertIsInstance(error["error"], str)
+
     def test_badRequests(self) -> None:
         """
         Unknown commands and requests that are not JSON objects are
