@@ -43,6 +43,11 @@ setup(
         "pyroute2>=0.7",
         "zope.interface>=5",
         "prometheus_client>=0.17",
+        # NTLM to the proxy.
+        "pyspnego>=0.10",
+        # Negotiate (Kerberos) to the proxy, over the system's MIT Kerberos
+        # (Debian: libkrb5-dev to build gssapi).
+        "gssapi>=1.8",
         # The PAC helper's JavaScript engine (QuickJS inside), see shifter.pac.child.
         "dukpy>=0.6",
     ],

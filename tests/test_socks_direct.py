@@ -79,6 +79,27 @@ class SocksTunnelTests(SocksPoolTestCase):
         self.lose(client, clientTransport)
         self.assertTrue(any("-> 203.0.113.7:443 via socks5://s.test:1080 closed" in m for m in self.messages("info")))
 
+    def test_accessLogRecord(self) -> None:
+        """
+        A SOCKS5 tunnel's access-log record has the server's grant as its
+        status; no header could carry the id (SOCKS5 has none), so none
+        was sent even with a tunnel-id header set.
+        """
+        records: list[Any] = []
+        self.settings = TunnelSettings(tunnelIdHeader="Shifter-Tunnel")
+        self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        knowLocalAddresses(self.factory)
+        self.factory.accessLog = type("AccessLog", (), {"tunnelEnded": lambda _, record: records.append(record)})()
+        client, clientTransport = self.connectClient()
+        upstream, transport = self.endpoint.accept()
+        upstream.dataReceived(b"\x05\x00")
+        self.assertEqual(transport.value(), b"\x05\x01\x00" + formatConnectRequest("203.0.113.7", 443))
+        upstream.dataReceived(GRANTED)
+        self.lose(upstream, transport)
+        self.lose(client, clientTransport)
+        [record] = records
+        self.assertEqual((record.proxy, record.status, record.result), ("socks5://s.test:1080", 200, "ok"))
+
     def test_sniNameSentAsName(self) -> None:
         """
         With C{--connect-target sni}, the name read from the client goes to
@@ -153,7 +174,7 @@ class SocksTunnelTests(SocksPoolTestCase):
         upstream.dataReceived(b"\x05\x00" + GRANTED[:5])
         self.lose(upstream, transport)
         [line] = self.failureLines()
-        self.assertTrue(line.endswith("failed: proxy closed the connection before answering"), line)
+        self.assertRegex(line, r"failed: proxy closed the connection before answering id=[a-z2-7]{8}-[a-z2-7]+$")
         self.assertEqual(self.factory.counters["proxy-closed"], 1)
 
     def test_noAcceptableMethod(self) -> None:
@@ -269,6 +290,29 @@ class DirectTests(TunnelTestCase):
         client.dataReceived(realHello("www.example.test"))
         [(target, _)] = self.connections
         self.assertEqual(target.host, "203.0.113.7")
+
+    def test_accessLogRecord(self) -> None:
+        """
+        A DIRECT tunnel's access-log record: the route as its proxy, no
+        status (no proxy answered), the original address as its target
+        even when a name was read.
+        """
+        from tests.test_sniff import realHello
+
+        records: list[Any] = []
+        self.settings = TunnelSettings(connectTarget="sni", sniffTimeout=2, earlyDataLimit=65536)
+        self.usePolicy(TunnelDecision(proxies=[self.direct]))
+        self.factory.accessLog = type("AccessLog", (), {"tunnelEnded": lambda _, record: records.append(record)})()
+        client, clientTransport = self.connectClient()
+        client.dataReceived(realHello("www.example.test"))
+        upstream, transport = self.connected()
+        self.lose(upstream, transport)
+        self.lose(client, clientTransport)
+        [record] = records
+        self.assertEqual(
+            (record.proxy, record.status, record.connectTarget, record.targetFrom, record.name, record.result),
+            ("DIRECT", None, "203.0.113.7:443", "address", "www.example.test", "ok"),
+        )
 
     def test_loopbackAndGatewayRefused(self) -> None:
         """

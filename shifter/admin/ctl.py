@@ -118,15 +118,31 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def formatECHShare(counts: dict[str, int]) -> str:
+    """
+    The share of connections whose ClientHello offered Encrypted Client
+    Hello (C{ech}, which may be GREASE, and C{inner}) among those whose
+    first bytes were read since start, for people.
+    """
+    read = sum(counts.values())
+    if not read:
+        return "ECH: no client's first bytes read since start"
+    offered = counts.get("ech", 0) + counts.get("inner", 0)
+    others = ", ".join(f"{counts[k]} {k}" for k in ("grease", "unknown") if counts.get(k))
+    return (f"ECH since start: {offered} of {read} connections read ({100 * offered / read:.1f} %)"
+            + (f"; {others}" if others else ""))
+
+
 def formatTunnels(tunnels: Sequence[dict[str, Any]]) -> str:
     rows: list[tuple[str, ...]] = [
         (
             t["client"], t["destination"], t["connectTarget"] or "-", t["proxy"] or "-", t["state"],
-            formatSize(t["bytesUp"]), formatSize(t["bytesDown"]), formatAge(t["age"]),
+            formatSize(t["bytesUp"]), formatSize(t["bytesDown"]), formatAge(t["age"]), t.get("ech") or "-",
+            t.get("tunnelId") or "-",
         )
         for t in tunnels
     ]
-    headers: tuple[str, ...] = ("CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE")
+    headers: tuple[str, ...] = ("CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE", "ECH", "ID")
     if any(t.get("decision") for t in tunnels):
         # What decided (a rule, a PAC answer), where a policy named it.
         headers += ("DECIDED BY",)
@@ -139,11 +155,25 @@ def formatProxies(proxies: Sequence[dict[str, Any]]) -> str:
     rows = [
         (
             p["proxy"], p.get("state") or ("up" if p["up"] else "down"), str(p["failures"]),
-            ",".join(p.get("groups", ())), p.get("lastError") or "-",
+            ",".join(p.get("groups", ())), formatAuth(p), p.get("lastError") or "-",
         )
         for p in proxies
     ]
-    return table(("PROXY", "STATE", "FAILURES", "GROUPS", "LAST ERROR"), rows)
+    return table(("PROXY", "STATE", "FAILURES", "GROUPS", "AUTH", "LAST ERROR"), rows)
+
+
+def formatAuth(proxy: dict[str, Any]) -> str:
+    """
+    The scheme a proxy asked for and, with a keytab, how long the
+    gateway's Kerberos ticket has left: C{"negotiate (ticket 9h58m)"},
+    C{"none (no ticket)"}.
+    """
+    scheme = proxy.get("scheme") or "none"
+    kerberos = proxy.get("kerberos")
+    if kerberos is None:
+        return scheme
+    left = kerberos.get("expiresIn")
+    return f"{scheme} (ticket {formatAge(left)})" if left else f"{scheme} (no ticket)"
 
 
 def formatExplain(explained: dict[str, Any]) -> str:
@@ -219,7 +249,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in [
-        ("tunnels", "every connection: client, destination, CONNECT target, proxy, state, bytes, age"),
+        ("tunnels", "every connection: client, destination, CONNECT target, proxy, state, bytes, age, ECH, id; "
+                    "and the share of ECH since start"),
         ("proxies", "each proxy: up, down, probing or on trial, failures in a row, last error, groups"),
         ("explain", "what Shifter would do with a connection: the rule or PAC answer, the proxies in order "
                     "with their health, the CONNECT target"),
@@ -260,6 +291,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None, err
         return 1
     if arguments.command == "tunnels":
         print(formatTunnels(answer["tunnels"]), file=out)
+        if "ech" in answer:
+            print(formatECHShare(answer["ech"]), file=out)
     elif arguments.command == "proxies":
         print(formatProxies(answer["proxies"]), file=out)
     elif arguments.command == "explain":

@@ -34,7 +34,16 @@ CONNECT.  Checks:
   - quic: UDP to the redirected ports from the LAN is refused, as
     C{python -m shifter.rules} does, so browsers fall back to TCP;
   - listening: something listens on Shifter's port;
-  - proxy: each proxy answers a CONNECT with 2xx.
+  - kerberos: with a keytab, the gateway logs in to the KDC and gets a
+    ticket for each proxy's C{HTTP/} service (the keytab readable and
+    holding the principal, the KDC reachable, the clocks in step);
+  - proxy: each proxy answers a CONNECT with 2xx (logged in, where it
+    asks for it).
+
+With a control socket (C{--control}, or the file's C{control}), it also
+reports the share of the connections read since start whose ClientHello
+offered Encrypted Client Hello (a line C{note: ech: ...}): a rule on
+names does not see the names those hide.
 
 Each finding is one line, C{error: CHECK: what is wrong; what to change}
 or C{warning: ...}; a good gateway prints nothing.  Exit status: 1 if
@@ -812,14 +821,40 @@ def _askProxy(proxy: Any, host: str, port: int, reactor: Any, timeout: float):  
     from shifter.upstream.probe import askProxy
 
     exchange = proxy.auth.exchange() if proxy.auth is not None else None
+    refusal = None
     for attempt in range(2):
         response = yield askProxy(proxy, host, port, reactor, timeout, timeout, exchange=exchange)
         if response.status == 407 and exchange is not None and attempt == 0:
             challenges = [v for n, v in response.headers if n.lower() == b"proxy-authenticate"]
-            if exchange.challenged(challenges) is None:
+            refusal = exchange.challenged(challenges)
+            if refusal is None:
                 continue
-        return response
-    return response
+        return response, refusal
+    return response, refusal
+
+
+@inlineCallbacks
+def checkKerberos(expected: Expectations):  # type: ignore[no-untyped-def]
+    """
+    Log in with the keytab of each proxy that has one, as Shifter does
+    (through the ticket helper), and say why not where it fails.  The
+    tickets stay cached for the proxy check that follows.
+    """
+    findings = []
+    for proxy in expected.proxies:
+        login = proxy.auth.negotiateLogin if proxy.auth is not None else None
+        if login is None:
+            continue
+        keeper = login.keeper
+        keeper.start()
+        yield keeper.settled()
+        if keeper.ticket is None:
+            findings.append(Finding(
+                "error", "kerberos",
+                f"{proxy.description}: {keeper.lastError}: check the keytab (klist -k), --proxy-principal, "
+                f"the realm's KDC in krb5.conf and the clock",
+            ))
+    return findings
 
 
 @inlineCallbacks
@@ -831,8 +866,18 @@ def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  #
     for proxy in expected.proxies:
         socks = getattr(proxy, "kind", None) == "socks5"
         target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        if proxy.name is not None and not proxy.name.addresses:
+            # A proxy named by host name: looked up as Shifter does at start.
+            from twisted.names.client import createResolver
+
+            from shifter.tunnel.destinations import resolveAll
+
+            try:
+                proxy.name.setAddresses((yield resolveAll(createResolver(), proxy.name.name)))
+            except Exception:
+                pass  # the connection then fails, saying the name is not known
         try:
-            response = yield _askProxy(proxy, host, port, reactor, timeout)
+            response, refusal = yield _askProxy(proxy, host, port, reactor, timeout)
         except ProbeConnectFailed as e:
             findings.append(Finding("error", "proxy", f"{proxy.description}: {e}: start the proxy, or fix --proxy"))
             continue
@@ -858,7 +903,7 @@ def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  #
             continue
         if response.status == 407:
             advice = ("give it credentials (--proxy http://user:password@..., --proxy-credentials, or the proxy's "
-                      "credentials in the file)") if proxy.auth is None else "its credentials were refused"
+                      "credentials in the file)") if proxy.auth is None else (refusal or "its credentials were refused")
         elif response.status == 403:
             advice = "its ACLs refuse CONNECT from this gateway to that port (Squid: http_access, SSL_ports)"
         elif response.status >= 500:
@@ -1056,7 +1101,20 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
             reactor.installResolver(createResolver())
         checks = [checkKernelModule(expected, reactor), checkConntrack(expected, reactor)]
         if not arguments.no_proxy_check:
-            checks.append(checkProxies(expected, reactor, arguments.timeout))
+
+            @inlineCallbacks
+            def loggedIn():  # type: ignore[no-untyped-def]
+                # The proxy is asked once the Kerberos tickets are known.
+                try:
+                    found = yield checkKerberos(expected)
+                    found += yield checkProxies(expected, reactor, arguments.timeout)
+                finally:
+                    for proxy in expected.proxies:
+                        if proxy.auth is not None:
+                            proxy.auth.stop()
+                return found
+
+            checks.append(loggedIn())
 
         def gather(results: list[tuple[bool, Any]]) -> None:
             for ok, result in results:
@@ -1072,8 +1130,15 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
     except SystemExit as e:
         if e.code not in (0, None):
             raise
+    share = None
+    if config["control"] is not None:
+        share, problem = echShare(config["control"], config["workers"], arguments.timeout)
+        if problem is not None:
+            findings.append(problem)
     for finding in findings:
         print(finding, file=out)
+    if share is not None:
+        print(f"note: ech: {share}", file=out)
     if arguments.verbose:
         unknown = sorted({text for text in _unknownRules(expected, state)})
         for text in unknown:
@@ -1082,6 +1147,32 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
               f"Shifter on port {expected.listenPort}, resolver {expected.resolver}, "
               f"{len(expected.proxies)} proxies: {len(findings)} findings", file=out)
     return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def echShare(control: str, workers: int, timeout: float) -> tuple[Optional[str], Optional[Finding]]:
+    """
+    The share of ECH since start, from the running Shifter's control
+    socket (each worker's, with C{--workers}), as a line for people; or
+    the finding that says why it could not be asked.
+    """
+    from shifter.admin.ctl import ControlError, ask, formatECHShare
+    from shifter.service.control import controlPath
+
+    try:
+        path = controlPath(control)
+    except ValueError as e:
+        return None, Finding("warning", "ech", f"--control: {e}")
+    paths = [f"{path}.{worker}" for worker in range(workers)] if workers > 1 else [path]
+    counts: dict[str, int] = {}
+    for each in paths:
+        try:
+            answer = ask(each, "tunnels", timeout)
+        except ControlError as e:
+            return None, Finding("warning", "ech", f"{e}: the share of ECH is not known")
+        for kind, count in (answer.get("ech") or {}).items():
+            if isinstance(count, int):
+                counts[kind] = counts.get(kind, 0) + count
+    return formatECHShare(counts), None
 
 
 def _unknownRules(expected: Expectations, state: GatewayState) -> Iterable[str]:

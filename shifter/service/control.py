@@ -7,9 +7,12 @@ C{{"command": "tunnels"}}, and an answer C{{"ok": true, ...}} or
 C{{"ok": false, "error": "..."}}.  Commands:
 
   - C{tunnels}: every client connection not yet finished
-    (L{shifter.tunnel.tunnel.TunnelInfo}'s fields);
+    (L{shifter.tunnel.tunnel.TunnelInfo}'s fields), and C{ech}: the
+    connections whose first bytes were read since start, by what they
+    showed of Encrypted Client Hello (L{shifter.tunnel.metrics.TunnelStats.ech});
   - C{proxies}: each proxy, whether it is up, its failures in a row, the
-    last error and its groups;
+    last error, its groups, the authentication scheme it asked for and,
+    for Negotiate, the gateway's Kerberos ticket;
   - C{explain}, with C{client}, C{destination}, C{port} and optionally
     C{name}: what Shifter would do with such a connection now (the
     checks, the rule or PAC answer, the proxies in order with their
@@ -141,8 +144,13 @@ class ControlProtocol(LineOnlyReceiver):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def command_tunnels(self) -> dict[str, Any]:
-        tunnels = sorted(self.factory.service.factory.tunnels(), key=lambda t: -t.age)
-        return {"ok": True, "tunnels": [dataclasses.asdict(tunnel) for tunnel in tunnels]}
+        factory = self.factory.service.factory
+        tunnels = sorted(factory.tunnels(), key=lambda t: -t.age)
+        return {
+            "ok": True,
+            "tunnels": [dataclasses.asdict(tunnel) for tunnel in tunnels],
+            "ech": dict(factory.stats.ech),
+        }
 
     def command_proxies(self) -> dict[str, Any]:
         factory = self.factory.service.factory
@@ -161,6 +169,7 @@ class ControlProtocol(LineOnlyReceiver):
                 "failures": health.failures,
                 "lastError": health.lastError,
                 "groups": groups,
+                **_authState(proxy, factory.reactor.seconds()),
             })
         return {"ok": True, "proxies": proxies}
 
@@ -242,3 +251,23 @@ class ControlService(SidePortService):
             "control socket", self.path, OwnerOnlyUNIXEndpoint(reactor, self.path), ControlFactory(service), service,
             hint=f"python -m shifter.ctl --control unix:{self.path}",
         )
+
+
+def _authState(proxy: Any, now: float) -> dict[str, Any]:
+    """
+    How Shifter logs in to C{proxy}: the scheme the proxy asked for
+    (C{"none"} until it has), and, with a keytab, the Kerberos ticket:
+    the gateway's principal, the service, the seconds it has left and the
+    last error in getting it.
+    """
+    auth = proxy.auth
+    if auth is None:
+        return {"scheme": "none"}
+    state: dict[str, Any] = {"scheme": auth.scheme}
+    login = auth.negotiateLogin
+    if login is not None:
+        kerberos = login.keeper.describe()
+        expires = kerberos.pop("expires")
+        kerberos["expiresIn"] = None if expires is None else max(0.0, round(expires - now, 1))
+        state["kerberos"] = kerberos
+    return state

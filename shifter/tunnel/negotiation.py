@@ -24,7 +24,8 @@ C{settings}, C{pool}, C{policy}, C{stats}, C{clock}, C{log}, C{retryLine}, C{pen
 C{clientPort}, C{clientLabel}, C{destination}, C{address}, C{target},
 C{connectHost}, C{named}, C{candidates}, C{proxy}, C{attempt}, C{request},
 C{passClient}, C{authExchange}, C{authProxy}, C{setupDeadline},
-C{connectStarted}, C{sniffedScheme}, C{sniffedPath}.
+C{connectStarted}, C{tunnelId} (sent in C{settings.tunnelIdHeader}), C{sniffedScheme},
+C{sniffedPath}, and C{targetFrom}, C{proxyConnectedAt} and C{proxyStatus}, which it sets.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from shifter.upstream.connect import ConnectResponse, formatAuthority, isDottedQuad
+from shifter.upstream.connect import ConnectResponse, formatAuthority, isDottedQuad, reuseRefusal
 from shifter.tunnel.destinations import destinationRefusal
 from shifter.interfaces import IProxyAttempt
 from shifter.upstream.passclient import refusalHint, tunnelRequest
@@ -49,6 +50,10 @@ from shifter.tunnel.policy import TunnelDecision, TunnelRequest
 DECIDING = "deciding"
 CONNECTING = "connecting"
 HANDSHAKING = "handshaking"
+# The proxy's 407 held an NTLM challenge: its body is being read past, and
+# the authenticate message sent, on the same connection; the answer to that
+# is awaited.
+AUTHENTICATING = "authenticating"
 
 # The events of this stage, in both machines: the policy's answer, and what
 # a proxy attempt reports.
@@ -95,6 +100,8 @@ class ProxyNegotiation:
 
     __slots__ = ()
     pending: Deferred[Any] | None  # what L{_ask} waits for
+    proxyStatus: int | None  # the last proxy's answer to CONNECT
+    proxyConnectedAt: float | None  # when the connection to the last proxy tried was made
 
     # The events this stage receives, each looked up in the machine's table
     # by its C{_handle(event, *args)}.  One from a proxy attempt the
@@ -182,10 +189,10 @@ class ProxyNegotiation:
 
     # Stage: the policy's decision.
 
-    def _askPolicy(self: Any, name: str | None) -> None:
+    def _askPolicy(self: Any, name: str | None, ech: str | None = None) -> None:
         """
         Ask the policy, if there is one, where the tunnel goes (with the
-        sniffed C{name}, if any), then connect.
+        sniffed C{name} and C{ech}, if any), then connect.
         """
         policy = self.policy
         if policy is None:
@@ -194,7 +201,8 @@ class ProxyNegotiation:
         self.state = DECIDING
         self._setDeadline(self.setupDeadline)
         request = TunnelRequest(
-            self._clientAddress(), self.destination, name, tuple(self.candidates), self.sniffedScheme, self.sniffedPath,
+            self._clientAddress(), self.destination, name, tuple(self.candidates), ech,
+            scheme=self.sniffedScheme, path=self.sniffedPath,
         )
         self._ask(lambda: policy.decide(request), self.decided, self.decideFailed)
 
@@ -221,6 +229,7 @@ class ProxyNegotiation:
                     return
                 self.connectHost = decision.target
                 if decision.target != self.address:
+                    self.targetFrom = "policy"
                     self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"
         self._connectFirst()
 
@@ -270,7 +279,10 @@ class ProxyNegotiation:
             if proxy.auth is not None:
                 if self.authProxy is not proxy:
                     self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
-                headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+                headers = list(self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port)))
+            idHeader = self.settings.tunnelIdHeader
+            if idHeader:
+                headers.append((idHeader, self.tunnelId))
             self.request = tunnelRequest(
                 proxy, self._clientAddress(), destination, self.connectHost, port, headers, self.passClient
             )
@@ -309,6 +321,7 @@ class ProxyNegotiation:
         return None
 
     def _proxyConnected(self: Any) -> None:
+        self.proxyConnectedAt = self.clock.seconds()
         self.state = HANDSHAKING
         self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
         request, self.request = self.request, b""
@@ -337,6 +350,7 @@ class ProxyNegotiation:
     def _answered(self: Any, response: ConnectResponse) -> None:
         status = response.status
         if self.proxy.kind != DIRECT:
+            self.proxyStatus = status
             self.stats.proxyAnswers[f"{status // 100}xx"] += 1
         if response.opensTunnel:
             self.pool.succeeded(self.proxy)
@@ -369,17 +383,57 @@ class ProxyNegotiation:
 
     def _challenged(self: Any, response: ConnectResponse) -> None:
         exchange = self.authExchange if self.authProxy is self.proxy else None
-        self._dropAttempt()
         if exchange is None:
+            self._dropAttempt()
             self._fail("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
             return
         challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
         cannot = exchange.challenged(challenges)
         if cannot is not None:
+            self._dropAttempt()
             self._fail("proxy-auth", f"proxy answered 407: {cannot}", status=407)
             return
+        if exchange.sameConnection:
+            self._authenticate(exchange, response)
+            return
+        self._dropAttempt()
         self.candidates.insert(0, self.proxy)
         self._connectNext()
+
+    def _authenticate(self: Any, exchange: Any, response: ConnectResponse) -> None:
+        """
+        Answer the NTLM challenge in C{response} on the connection that
+        carried it, once its body has been read past.
+        """
+        why = reuseRefusal(response)
+        if why is not None:
+            self._dropAttempt()
+            self._fail(
+                "proxy-auth",
+                f"proxy answered 407 with an NTLM challenge, but {why}: NTLM needs that connection kept open",
+                status=407,
+            )
+            return
+        port = self.destination.port
+        headers = exchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+        request = tunnelRequest(
+            self.proxy, self._clientAddress(), self.destination, self.connectHost, port, headers, self.passClient,
+            first=False,
+        )
+        self.state = AUTHENTICATING
+        self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
+        self.attempt.again(request, response)
+
+    def _authenticationInvalid(self: Any, reason: str) -> None:
+        self._dropAttempt()
+        self._fail("proxy-auth", f"NTLM authentication with the proxy failed: {reason}")
+
+    def _closedWhileAuthenticating(self: Any, reason: Failure | None = None) -> None:
+        self._dropAttempt()
+        self._fail(
+            "proxy-auth",
+            "proxy closed the connection after its NTLM challenge: NTLM needs that connection kept open",
+        )
 
     def _answerInvalid(self: Any, reason: str) -> None:
         why = f"bad answer from proxy: {reason}"

@@ -33,6 +33,10 @@ class TunnelRequest:
         C{--connect-target} looked for one and found it.
     @ivar proxies: the proxies Shifter would try, best first (only those
         that are up).
+    @ivar ech: what the client's ClientHello showed of Encrypted Client
+        Hello (L{shifter.tunnel.sniff.Sniffed.ech}): C{None} for none (or
+        nothing read), else C{"ech"} (then C{name} is the outer, cover
+        name), C{"grease"}, C{"inner"} or C{"unknown"}.
     @ivar scheme: where C{name} came from: C{"https"} (the TLS
         ClientHello's SNI) or C{"http"} (a plain request's C{Host}
         header); C{None} without a name.
@@ -43,6 +47,7 @@ class TunnelRequest:
     destination: Destination
     name: Optional[str]
     proxies: Sequence[UpstreamProxy]
+    ech: Optional[str] = None
     scheme: Optional[str] = None
     path: Optional[str] = None
 

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 
 from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
 from shifter.tunnel.negotiation import (
+    AUTHENTICATING,
     CONNECTING,
     DECIDE_FAILED,
     DECIDED,
@@ -67,7 +68,9 @@ from shifter.tunnel.negotiation import (
 )
 from shifter.resolvers.resolver import Destination, ResolverError
 from shifter.upstream.proxy import DIRECT
+from shifter.tunnel.sniff import ECH, ECH_INNER
 from shifter.tunnel.statetable import buildTable
+from shifter.tunnel.tunnelid import newTunnelId
 
 # The states.  Plain strings: they are dictionary keys on every event.
 ACCEPTED = "accepted"
@@ -80,12 +83,12 @@ CLOSING = "closing"
 CLOSED = "closed"
 
 STATES = (
-    ACCEPTED, RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING,
+    ACCEPTED, RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING,
     RELAYING, CLIENT_FINISHED, PROXY_FINISHED, CLOSING, CLOSED,
 )
 
 # States before the tunnel opens, and while it is open.
-SETUP = (RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING)
+SETUP = (RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING)
 OPEN = (RELAYING, CLIENT_FINISHED, PROXY_FINISHED)
 
 # The events.
@@ -160,6 +163,10 @@ class TunnelInfo:
         socket's kernel).
     @ivar bytesDown: bytes delivered to the client so far.
     @ivar age: seconds since the client connection was accepted.
+    @ivar ech: what the client's ClientHello showed of Encrypted Client
+        Hello (L{shifter.tunnel.sniff.Sniffed.ech}), or C{""}: none, or
+        nothing read (yet).
+    @ivar tunnelId: the tunnel's id (L{shifter.tunnel.tunnelid}).
     @ivar decision: what decided where it goes (a rule, a PAC answer), when
         the policy names it; C{""} otherwise.
     """
@@ -172,7 +179,65 @@ class TunnelInfo:
     bytesUp: int
     bytesDown: int
     age: float
+    ech: str = ""
+    tunnelId: str = ""
     decision: str = ""
+
+
+@dataclass(frozen=True)
+class TunnelRecord:
+    """
+    What one tunnel was, once it has ended: the facts of its access-log
+    line.  Times are the reactor's (seconds since the epoch); a stage the
+    tunnel never reached has C{None}.
+
+    @ivar tunnelId: the tunnel's id, sent to the proxy on CONNECT.
+    @ivar started: when the client connection was accepted.
+    @ivar ended: when both its connections were gone.
+    @ivar client: the client's C{address:port}.
+    @ivar destination: the original destination, or C{"(unknown)"}.
+    @ivar connectTarget: what CONNECT asked for (C{host:port}), or C{""}
+        if nothing was asked.
+    @ivar targetFrom: how the CONNECT target was chosen: C{"address"} (the
+        original address), C{"sni"}, C{"host"} (a name the client sent) or
+        C{"policy"} (a rule's target).
+    @ivar name: the name read from the client (SNI or Host), or C{None}.
+    @ivar proxy: the last proxy tried, or C{""} if none was.
+    @ivar status: that proxy's answer to CONNECT, or C{None}.
+    @ivar bytesUp: bytes delivered to the proxy.
+    @ivar bytesDown: bytes delivered to the client.
+    @ivar result: C{"ok"} for a tunnel that opened, else the failure's kind
+        (C{"proxy-status"}, C{"proxy-connect"}, C{"client-denied"}, ...:
+        the C{shifter_tunnel_failures_total} reasons).
+    @ivar how: how it ended, in words.
+    @ivar resolved: when its original destination was known.
+    @ivar sniffed: when the sniffer was done with the client's first bytes.
+    @ivar connecting: when the first connection to a proxy began.
+    @ivar connected: when the connection to the last proxy tried was made.
+    @ivar opened: when that proxy's answer opened the tunnel.
+    @ivar firstByte: when the first byte from the proxy reached the client.
+    """
+
+    tunnelId: str
+    started: float
+    ended: float
+    client: str
+    destination: str
+    connectTarget: str
+    targetFrom: str
+    name: Optional[str]
+    proxy: str
+    status: Optional[int]
+    bytesUp: int
+    bytesDown: int
+    result: str
+    how: str
+    resolved: Optional[float] = None
+    sniffed: Optional[float] = None
+    connecting: Optional[float] = None
+    connected: Optional[float] = None
+    opened: Optional[float] = None
+    firstByte: Optional[float] = None
 
 
 class ITunnelClient(Interface):
@@ -257,6 +322,11 @@ class ITunnelOwner(Interface):
         "Whether destination rules are in force, so that CONNECT asks for the address even "
         "when a name was read (unless a rule chooses the name)."
     )
+    accessLog = Attribute(
+        "The access log each finished connection's L{TunnelRecord} goes to (through "
+        "L{tunnelClosed}), or C{None}.  While there is one, a tunnel that opened and "
+        "ended in order has its line there, not in the service log."
+    )
 
     def isListeningAddress(host: str, port: int) -> Optional[bool]:
         """
@@ -313,6 +383,9 @@ class Tunnel(ProxyNegotiation):
         "pending", "relay", "bytesUp", "bytesDown", "droppedUp", "droppedDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
         "failed", "clientGone", "graceOver", "authExchange", "authProxy", "passClient", "sniffer",
+        "ech", "echNote",
+        "tunnelId", "proxyStatus", "targetFrom", "failureKind",
+        "resolvedAt", "sniffedAt", "proxyConnectedAt", "openedAt", "firstByteAt",
         "decidedBy", "sniffedScheme", "sniffedPath",
     )
 
@@ -380,6 +453,18 @@ class Tunnel(ProxyNegotiation):
         self.authProxy: Any = None
         self.passClient: str | None = None  # a policy's --pass-client choice
         self.sniffer: Any = None  # the name sniffer, fed each read once, while sniffing
+        self.ech: str | None = None  # what the ClientHello showed of ECH (Sniffed.ech)
+        self.echNote = ""  # " [ech=...]" in the tunnel's lines, once sniffed
+        self.tunnelId = newTunnelId()
+        self.proxyStatus: int | None = None  # the last proxy's answer to CONNECT
+        self.targetFrom = "address"
+        self.failureKind: str | None = None
+        # When each stage ended, for the access log's timers.
+        self.resolvedAt: float | None = None
+        self.sniffedAt: float | None = None
+        self.proxyConnectedAt: float | None = None
+        self.openedAt: float | None = None
+        self.firstByteAt: float | None = None
         self.decidedBy = ""  # " (what decided)", when the policy names it
         # Where the name read came from ("https": SNI, "http": Host), and
         # the plain request's path, for the policy.
@@ -446,6 +531,8 @@ class Tunnel(ProxyNegotiation):
             self.bytesUp += n
             self.stats.bytesUp += n
         else:
+            if self.firstByteAt is None:
+                self.firstByteAt = self.clock.seconds()
             self.bytesDown += n
             self.stats.bytesDown += n
         self.lastMoved = self.clock.seconds()
@@ -537,7 +624,8 @@ class Tunnel(ProxyNegotiation):
 
     def _resolved(self, destination: Destination) -> None:
         owner = self.owner
-        owner.stats.resolveSeconds.observe(self.clock.seconds() - self.started)
+        self.resolvedAt = now = self.clock.seconds()
+        owner.stats.resolveSeconds.observe(now - self.started)
         host = canonicalHost(destination.host)
         port = destination.port
         self.destination = destination
@@ -619,8 +707,12 @@ class Tunnel(ProxyNegotiation):
             self.sniffedScheme = "https" if reason == "SNI" else "http"
             self.sniffedPath = verdict.path
         self.sniffer = None
+        self.sniffedAt = self.clock.seconds()
         port = self.destination.port  # type: ignore[union-attr]
         owner = self.owner
+        self._noteECH(verdict)
+        if verdict.coverName:
+            reason += ", the ECH outer name"
         if name is not None:
             refused = owner.gatewayNames.refusal(name, owner.proxyAddresses.localAddresses)
             if refused is not None:
@@ -636,7 +728,27 @@ class Tunnel(ProxyNegotiation):
         else:
             self.name = self.connectHost = name
             self.named = f" (CONNECT {name}:{port}, from {reason})"
+            self.targetFrom = "host" if reason.startswith("Host") else "sni"
         self._chooseProxies()
+
+    def _noteECH(self, verdict: Any) -> None:
+        """
+        Keep, count and (once per interval) log what the ClientHello
+        showed of Encrypted Client Hello.
+        """
+        ech = self.ech = verdict.ech
+        self.stats.ech[ech or "none"] += 1
+        if ech is None:
+            return
+        self.echNote = f" [ech={ech}]"
+        if ech in (ECH, ECH_INNER):
+            what = "may be GREASE" if ech == ECH else "the inner type, on the wire"
+            shown = f"; the name it shows, {verdict.name}, is its outer (cover) name" if verdict.coverName else ""
+            self.owner.refusals.emit(
+                "ech", LogLevel.info,
+                "tunnel {client} -> {destination}: the ClientHello offers Encrypted Client Hello ({what}){shown}",
+                client=self.clientLabel, destination=self.target, what=what, shown=shown, ech=ech,
+            )
 
     # Stage 2: the policy, if any.
 
@@ -652,7 +764,7 @@ class Tunnel(ProxyNegotiation):
                 self._takeHeld(held)
                 return
         self.candidates = self.pool.candidates(self.clientHost)
-        self._askPolicy(self.name)
+        self._askPolicy(self.name, self.ech)
 
     def _decideFailed(self, reason: Failure) -> None:
         self._fail("policy", f"policy error: {reason.getErrorMessage()}", failure=reason)
@@ -668,7 +780,11 @@ class Tunnel(ProxyNegotiation):
         attempt = self.attempt = held.attempt
         self.proxy = attempt.proxy
         self.passClient = held.passClient
+        self.tunnelId = held.tunnelId or self.tunnelId
+        self.proxyStatus = held.status
+        self.proxyConnectedAt = held.connected
         if held.connectHost != self.address:
+            self.targetFrom = "policy"
             self.connectHost = held.connectHost
             self.named = f" (CONNECT {formatAddress(held.connectHost, self.destination.port)}, from policy)"  # type: ignore[union-attr]
         self.connectStarted = held.started
@@ -683,7 +799,7 @@ class Tunnel(ProxyNegotiation):
 
     def _open(self, leftover: bytes) -> None:
         stats = self.owner.stats
-        now = self.clock.seconds()
+        now = self.openedAt = self.clock.seconds()
         stats.counters["opened"] += 1
         if self.proxy.kind == DIRECT:
             # Straight to the destination's address: no CONNECT target to name.
@@ -766,12 +882,16 @@ class Tunnel(ProxyNegotiation):
         End the tunnel before it opened, with one log line saying why.
         """
         self.failed = True
+        self.failureKind = kind
         self.owner.stats.counters[kind] += 1
-        text = "tunnel {client} -> {destination}{named} via {proxy}{decided_by} failed: {reason}"
+        text = "tunnel {client} -> {destination}{named}{ech_note} via {proxy}{decided_by} failed: {reason} id={tunnel}"
         facts: dict[str, Any] = dict(
+            tunnel=self.tunnelId,
             client=self.clientLabel,
             destination=self.target,
             named=self.named,
+            ech_note=self.echNote,
+            ech=self.ech,
             proxy=self.proxy.description if self.proxy is not None else "(none)",
             decided_by=self.decidedBy,
             reason=reason,
@@ -883,6 +1003,8 @@ class Tunnel(ProxyNegotiation):
         self.owner.tunnelClosed(self)
         if not wasOpen:
             return  # _fail has logged the one line this connection gets.
+        if getattr(self.owner, "accessLog", None) is not None:
+            return  # the access log has its line; the service log keeps what concerns the service
         duration = self.clock.seconds() - self.started
         client, destination, named = self.clientLabel, self.target, self.named
         proxy = self.proxy.description
@@ -902,11 +1024,13 @@ class Tunnel(ProxyNegotiation):
         # as fields.
         self.log.info(
             "{tunnel_line}",
-            tunnel_line=f"tunnel {client} -> {destination}{named} via {proxy}{decidedBy} closed ({how}): "
-            f"{up} bytes up, {down} bytes down, {duration:.3f} s{dropped}",
+            tunnel_line=f"tunnel {client} -> {destination}{named}{self.echNote} via {proxy}{decidedBy} closed ({how}): "
+            f"{up} bytes up, {down} bytes down, {duration:.3f} s{dropped} id={self.tunnelId}",
+            tunnel=self.tunnelId,
             client=client,
             destination=destination,
             named=named,
+            ech=self.ech,
             connect_target=formatAddress(self.connectHost, self.destination.port),  # type: ignore[union-attr]
             proxy=proxy,
             decided_by=decidedBy,
@@ -936,6 +1060,43 @@ class Tunnel(ProxyNegotiation):
             bytesDown=self.bytesDown,
             age=now - self.started,
             decision=self.decidedBy.strip()[1:-1] if self.decidedBy else "",
+            ech=self.ech or "",
+            tunnelId=self.tunnelId,
+        )
+
+    def record(self) -> TunnelRecord:
+        """
+        What this tunnel was, for its access-log line (once it has ended).
+        """
+        destination = self.destination
+        connectTarget, targetFrom = "", self.targetFrom
+        if destination is not None and self.proxy is not None:
+            host = self.connectHost
+            if self.proxy.kind == DIRECT:
+                # DIRECT goes to the original address, whatever was read.
+                host, targetFrom = self.address, "address"
+            connectTarget = formatAddress(host, destination.port)
+        return TunnelRecord(
+            tunnelId=self.tunnelId,
+            started=self.started,
+            ended=self.clock.seconds(),
+            client=self.clientLabel,
+            destination=self.target,
+            connectTarget=connectTarget,
+            targetFrom=targetFrom,
+            name=self.name,
+            proxy=self.proxy.description if self.proxy is not None else "",
+            status=self.proxyStatus,
+            bytesUp=self.bytesUp,
+            bytesDown=self.bytesDown,
+            result=self.failureKind or "ok",
+            how=self.how or "",
+            resolved=self.resolvedAt,
+            sniffed=self.sniffedAt,
+            connecting=self.connectStarted or None,
+            connected=self.proxyConnectedAt,
+            opened=self.openedAt,
+            firstByte=self.firstByteAt,
         )
 
 _CLIENT_SIDE = (CLIENT_DATA, CLIENT_ENDED, CLIENT_LOST)
@@ -953,8 +1114,8 @@ TABLE = buildTable(
     # Set-up: every stage keeps early bytes, notes an early end, fails on
     # the client's loss, the set-up deadline or shutdown.
     (SETUP,                    START,                             "_impossible"),
-    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING), CLIENT_DATA, "_keepEarly"),
-    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING), CLIENT_ENDED, "_keepEnd"),
+    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING), CLIENT_DATA, "_keepEarly"),
+    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING), CLIENT_ENDED, "_keepEnd"),
     (SETUP,                    CLIENT_LOST,                       "_clientLeftEarly"),
     (SETUP,                    ABORT,                             "_abortEarly"),
     (SETUP,                    RELAY_ENDED,                       "_impossible"),
@@ -971,7 +1132,7 @@ TABLE = buildTable(
     (DECIDING,                 DECIDE_FAILED,                     "_decideFailed"),
     (DECIDING,                 (RESOLVED, RESOLVE_FAILED),        "_impossible"),
     (DECIDING,                 TIMED_OUT,                         "_setupTimedOut"),
-    ((CONNECTING, HANDSHAKING), _RESULTS,                         "_impossible"),
+    ((CONNECTING, HANDSHAKING, AUTHENTICATING), _RESULTS,         "_impossible"),
     (CONNECTING,               PROXY_CONNECTED,                   "_proxyConnected"),
     (CONNECTING,               PROXY_CONNECT_FAILED,              "_connectFailed"),
     (CONNECTING,               _ANSWERS,                          "_impossible"),
@@ -981,6 +1142,13 @@ TABLE = buildTable(
     (HANDSHAKING,              PROXY_INVALID,                     "_answerInvalid"),
     (HANDSHAKING,              (PROXY_ENDED, PROXY_LOST),         "_closedBeforeAnswer"),
     (HANDSHAKING,              TIMED_OUT,                         "_handshakeTimedOut"),
+    # NTLM's second round, on the same connection: a 407 now is the
+    # credentials refused; an end or garbage is NTLM failing, not the proxy.
+    (AUTHENTICATING,           (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_DATA), "_impossible"),
+    (AUTHENTICATING,           PROXY_ANSWERED,                    "_answered"),
+    (AUTHENTICATING,           PROXY_INVALID,                     "_authenticationInvalid"),
+    (AUTHENTICATING,           (PROXY_ENDED, PROXY_LOST),         "_closedWhileAuthenticating"),
+    (AUTHENTICATING,           TIMED_OUT,                         "_handshakeTimedOut"),
     # Open: bytes flow; a half-close is passed on; a loss, the end of the
     # relay, the idle deadline or shutdown closes.
     (OPEN,                     (START,) + _RESULTS,               "_impossible"),

@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -322,12 +322,32 @@ class ProxyPool:
         self.health[proxy].lastError = reason
         self.markDown(proxy, reason)
 
+    def start(self) -> Deferred[Any]:
+        """
+        Start what the proxies' logins need before the first tunnel (the
+        Kerberos tickets of those that may ask for Negotiate).
+
+        @return: a C{Deferred} that fires, never with a failure, once each
+            first login has succeeded or failed.
+        """
+        logins = []
+        if not self._stopped:
+            for proxy in self.proxies:
+                if proxy.auth is not None:
+                    login = proxy.auth.start()
+                    if login is not None:
+                        logins.append(login)
+        return DeferredList(logins, consumeErrors=True)
+
     def stop(self) -> None:
         """
         Cancel pending probes, those waiting and those connecting, and
-        schedule no more.
+        schedule no more; stop the proxies' ticket keepers.
         """
         self._stopped = True
+        for proxy in self.proxies:
+            if proxy.auth is not None:
+                proxy.auth.stop()
         for health in self.health.values():
             probe, health.probe = health.probe, None
             if isinstance(probe, Deferred):

@@ -6,10 +6,11 @@ reaches it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from OpenSSL.SSL import Error as SSLError
@@ -35,12 +36,15 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.logger import Logger
 
 from shifter.upstream.connector import SO_MARK, DirectTCP
 from shifter.upstream.passclient import checkPassClient
 
 if TYPE_CHECKING:
     from shifter.upstream.auth import Credentials, ProxyAuth
+
+_log = Logger()
 
 # The kinds of upstream: an HTTP proxy (CONNECT, over TCP or TLS), a SOCKS5
 # server, or none (DIRECT: Shifter connects to the destination itself).
@@ -130,6 +134,8 @@ def parseProxy(  # type: ignore[no-untyped-def]
     caFile: str | None = None,
     passClient: str = "none",
     preemptiveBasic: bool = False,
+    keytab: str | None = None,
+    principal: str | None = None,
 ) -> UpstreamProxy:
     """
     Parse a C{--proxy} value: C{host:port}, C{[v6]:port},
@@ -147,14 +153,51 @@ def parseProxy(  # type: ignore[no-untyped-def]
     @param preemptiveBasic: send the credentials with Basic from the first
         CONNECT, before the proxy asks (by default they are sent only once
         the proxy has challenged, in the scheme it asks for).
-    @raise ValueError: with a one-line reason if the value is none of these.
+    @param keytab: the gateway's keytab, to answer Negotiate (Kerberos) as
+        C{principal} (the keytab's first if C{None}) for the service
+        C{HTTP/<host>}; a proxy named by address cannot be, and one line
+        says so.
+    @raise ValueError: with a one-line reason if the value is none of these,
+        or the keytab cannot be read.
     """
     proxy = _parseProxy(value, reactor, credentials, caFile, passClient)
-    if preemptiveBasic and proxy.auth is not None:
+    negotiate = None
+    if keytab is not None and proxy.kind == HTTP:  # a SOCKS5 server is not asked Negotiate
+        negotiate = _negotiateLogin(proxy, reactor, keytab, principal)
+    if (preemptiveBasic and proxy.auth is not None) or negotiate is not None:
         from shifter.upstream.auth import ProxyAuth
 
-        proxy = replace(proxy, auth=ProxyAuth(proxy.auth.credentials, preemptiveBasic=True))
+        proxy = replace(
+            proxy,
+            auth=ProxyAuth(
+                proxy.auth.credentials if proxy.auth is not None else None,
+                preemptiveBasic=preemptiveBasic,
+                negotiate=negotiate,
+            ),
+        )
     return proxy
+
+
+def _negotiateLogin(proxy: UpstreamProxy, reactor, keytab: str, principal: str | None):  # type: ignore[no-untyped-def]
+    """
+    The Negotiate login to C{proxy} with the gateway's keytab, or C{None}
+    (with one log line) if the proxy is named by address.
+    """
+    from shifter.upstream.kerberos import NegotiateLogin, TicketKeeper
+
+    try:
+        with open(keytab, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read the keytab {keytab!r}: {e.strerror}") from None
+    if proxy.host is None or _literalAddress(proxy.host, 0) is not None:
+        _log.warn(
+            "proxy {proxy} is named by address: Kerberos needs its host name (the service is HTTP/<host name>), "
+            "so Shifter cannot answer it with Negotiate; name it by its host name",
+            proxy=proxy.description,
+        )
+        return None
+    return NegotiateLogin(TicketKeeper(keytab, principal, f"HTTP/{proxy.host.lower().rstrip('.')}", reactor))
 
 
 def _parseProxy(value, reactor, credentials, caFile, passClient) -> UpstreamProxy:  # type: ignore[no-untyped-def]
@@ -326,13 +369,29 @@ def _auth(credentials: Credentials | None) -> ProxyAuth | None:
     return ProxyAuth(credentials)
 
 
-def readCredentials(path: str) -> Credentials:
+def credentialsPath(path: str, environ: Mapping[str, str] = os.environ) -> str:
+    """
+    Where the credentials C{path} names are: under systemd's
+    C{$CREDENTIALS_DIRECTORY} (C{LoadCredential=}) when that is set and
+    C{path} is a bare name, a credential's name; else C{path} itself.
+    """
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory and "/" not in path:
+        return os.path.join(directory, path)
+    return path
+
+
+def readCredentials(path: str, environ: Mapping[str, str] = os.environ) -> Credentials:
     """
     Read C{user:password} from the first line of the file at C{path}, so
-    that the password stays out of the process list.
+    that the password stays out of the process list.  The user name may
+    name a domain, C{DOMAIN\\user}, as NTLM needs.  A bare name is a
+    systemd credential when C{$CREDENTIALS_DIRECTORY} is set
+    (L{credentialsPath}).
 
     @raise ValueError: if the file cannot be read or has no C{user:password}.
     """
+    path = credentialsPath(path, environ)
     try:
         with open(path) as f:
             line = f.readline().rstrip("\r\n")

@@ -21,7 +21,7 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from shifter.upstream.connect import ConnectResponseParser, ProxyResponseError
+from shifter.upstream.connect import BodySkipper, ConnectResponse, ConnectResponseParser, ProxyResponseError
 from shifter.upstream.connector import ProxyConnection, connectNow
 from shifter.upstream.proxy import DIRECT, SOCKS5
 from shifter.upstream.socks5 import Socks5Error, Socks5Handshake
@@ -136,6 +136,11 @@ class ProxyAttempt:
                     return
         transport.write(data)
 
+    def again(self, request: bytes, response: ConnectResponse) -> None:
+        if self.state != CONNECTED:
+            return
+        self.protocol.again(request, response)  # type: ignore[union-attr]
+
     def halfClose(self) -> None:
         if self.state != CONNECTED:
             return
@@ -173,6 +178,7 @@ class ProxyAttempt:
 ANSWERING = "answering"  # CONNECT sent, the answer not yet complete
 OPEN = "open"  # a 2xx came: bytes belong to the tunnel
 REFUSED = "refused"  # any other answer, or garbage: bytes are dropped
+SKIPPING = "skipping"  # reading past a refusal's body, to ask again (NTLM)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -181,7 +187,10 @@ class UpstreamProtocol(Protocol):
     Shifter's connection to an upstream proxy for one tunnel.
 
     The answer to CONNECT goes to the sans-I/O L{ConnectResponseParser};
-    only after a 2xx are bytes passed on, as tunnel bytes.
+    only after a 2xx are bytes passed on, as tunnel bytes.  After any other
+    answer they are dropped, unless the tunnel asks again on the same
+    connection (L{again}): then the answer's body is read past with a
+    L{BodySkipper} and the next request sent.
 
     @ivar ended: whether the proxy has finished sending.
     @ivar finishing: whether the connection is being finished (see
@@ -197,6 +206,8 @@ class UpstreamProtocol(Protocol):
         self.attempt = attempt
         self.state = ANSWERING
         self._parser: ConnectResponseParser | None = ConnectResponseParser()
+        self._skipper: BodySkipper | None = None
+        self._next = b""
 
     def connectionMade(self) -> None:
         self.attempt.connected(self)
@@ -214,6 +225,8 @@ class UpstreamProtocol(Protocol):
             self.attempt.receiver.proxyData(self.attempt, data)
         elif state == ANSWERING:
             self._answer(data)
+        elif state == SKIPPING:
+            self._skip(data)
         # REFUSED: the tunnel was refused; whatever follows (the body of a
         # 403 or 407 page) is not the client's business.
 
@@ -221,15 +234,47 @@ class UpstreamProtocol(Protocol):
         try:
             response = self._parser.feed(data)  # type: ignore[union-attr]
         except ProxyResponseError as e:
-            self.state = REFUSED
-            self._parser = None
-            self.attempt.receiver.proxyInvalid(self.attempt, str(e))
+            self._refuse(str(e))
             return
         if response is None:
             return
         self._parser = None
         self.state = OPEN if response.opensTunnel else REFUSED
         self.attempt.receiver.proxyAnswered(self.attempt, response)
+
+    def again(self, request: bytes, response: ConnectResponse) -> None:
+        """
+        See L{ProxyAttempt.again}.
+        """
+        if self.state != REFUSED:
+            return
+        self.state = SKIPPING
+        self._skipper = BodySkipper(response)
+        self._next = request
+        self._skip(response.leftover)
+
+    def _skip(self, data: bytes) -> None:
+        try:
+            after = self._skipper.feed(data)  # type: ignore[union-attr]
+        except ProxyResponseError as e:
+            self._refuse(str(e))
+            return
+        if after is None:
+            return
+        if after:
+            # A proxy that speaks before it is asked.
+            self._refuse("the proxy sent bytes after its answer's body, before the next request")
+            return
+        self._skipper = None
+        self.state = ANSWERING
+        self._parser = ConnectResponseParser()
+        request, self._next = self._next, b""
+        self.attempt.write(request)
+
+    def _refuse(self, reason: str) -> None:
+        self.state = REFUSED
+        self._parser = self._skipper = None
+        self.attempt.receiver.proxyInvalid(self.attempt, reason)
 
     def readConnectionLost(self) -> None:
         self.ended = True
@@ -241,7 +286,7 @@ class UpstreamProtocol(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._parser = None
+        self._parser = self._skipper = None
         if (
             self.state == OPEN
             and not self.ended
