@@ -15,7 +15,7 @@ APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack 
 	linux-headers-amd64 linux-image-amd64 \
 	linux-headers-6.12-amd64 linux-image-6.12-amd64 qemu-system-x86 \
 	iperf3 wrk nginx-light redsocks busybox-static linux-source-6.12 dante-server logrotate \
-	krb5-kdc krb5-admin-server krb5-user libkrb5-dev
+	krb5-kdc krb5-admin-server krb5-user libkrb5-dev publicsuffix dnsmasq-base
 
 # What building the debug kernel needs besides (make test-kernel-debug).
 DEBUG_APT_PACKAGES := flex bison bc libelf-dev libssl-dev
@@ -118,7 +118,7 @@ typecheck: venv
 
 # The in-memory tests alone: seconds, no root.
 unit: venv
-	$(PY) -m twisted.trial tests.test_layout tests.test_connect tests.test_socks5 tests.test_socks_direct tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations tests.test_logformat
+	$(PY) -m twisted.trial tests.test_layout tests.test_connect tests.test_socks5 tests.test_socks_direct tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations tests.test_logformat tests.test_pac
 
 clean:
 	rm -rf _trial_temp _trial_temp_kernel _trial_temp_debug test.log build *.egg-info

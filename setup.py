@@ -31,6 +31,7 @@ setup(
         "shifter.resolvers",
         "shifter.service",
         "shifter.tunnel",
+        "shifter.pac",
         "shifter.upstream",
         "twisted.plugins",
     ],
@@ -47,6 +48,8 @@ setup(
         # Negotiate (Kerberos) to the proxy, over the system's MIT Kerberos
         # (Debian: libkrb5-dev to build gssapi).
         "gssapi>=1.8",
+        # The PAC helper's JavaScript engine (QuickJS inside), see shifter.pac.child.
+        "dukpy>=0.6",
     ],
     extras_require={"test": ["hypothesis", "virtme-ng"]},
 )

@@ -27,6 +27,7 @@ RANKS = {
     "shifter.resolvers": 2,
     "shifter.upstream": 2,
     "shifter.relay": 2,
+    "shifter.pac": 2,
     "shifter.tunnel": 3,
     "shifter.service": 4,
     "shifter.admin": 5,

@@ -32,7 +32,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 # Every option that is a duration in seconds.
 DURATIONS = (
     "proxy-backoff", "sniff-timeout", "hold-timeout", "connect-timeout", "handshake-timeout",
-    "setup-timeout", "idle-timeout", "drain-timeout",
+    "setup-timeout", "idle-timeout", "drain-timeout", "pac-refresh", "pac-timeout",
 )
 
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver
 from twisted.python import usage
@@ -42,6 +42,7 @@ from shifter.service.accesslog import DEFAULT_FORMAT as DEFAULT_ACCESS_LOG_FORMA
 from shifter.service.accesslog import FIELDS as ACCESS_LOG_FIELDS
 from shifter.service.accesslog import AccessLogFormat, checkDestination
 from shifter.tunnel.tunnelid import DEFAULT_HEADER as DEFAULT_TUNNEL_ID_HEADER
+from shifter.service.pacpolicy import PacPolicy
 from shifter.service.service import ShifterService, SidePortService
 from shifter.relay.splice import SPLICE_AVAILABLE
 from shifter.service.workers import ReusePortEndpoint, WorkersService, becomeWorker, workerReady
@@ -480,6 +481,43 @@ class Options(usage.Options):
             "consumers), or auto (splice wherever it works).",
         ],
         [
+            "pac",
+            None,
+            None,
+            "The site's proxy auto-config script, an http://, https:// or file "
+            "URL, a file name, or wpad (http://wpad.DOMAIN/wpad.dat, DOMAIN the "
+            "search domain and its parents down to the registrable domain, never "
+            "above): for each connection no rule decides, its "
+            "FindProxyForURL(url, host) answer (PROXY, HTTPS, SOCKS5, DIRECT, "
+            "in order) chooses the way out, run in helper processes with a "
+            "time and memory limit, answers cached per host and port. Fetched "
+            "at start, every --pac-refresh seconds and on reload. With --pac, "
+            "--proxy may be left out.",
+        ],
+        [
+            "pac-fallback",
+            None,
+            "refuse",
+            "What decides when the PAC script gives no answer (none loaded, a "
+            "failure, a time-out, garbage): refuse, direct, or the name of a "
+            "proxy group (default for the --proxy ones).",
+        ],
+        [
+            "pac-refresh",
+            None,
+            300.0,
+            "Seconds between fetches of the --pac script (a conditional GET).",
+            _seconds,
+        ],
+        [
+            "pac-timeout",
+            None,
+            2.0,
+            "Seconds one FindProxyForURL call may take (DNS look-ups included) "
+            "before its helper process is killed and the fallback decides.",
+            _seconds,
+        ],
+        [
             "mark",
             None,
             None,
@@ -592,8 +630,10 @@ class Options(usage.Options):
         self.proxySpecs = (configFile.proxies if configFile is not None else []) + [
             ProxySpec(proxy) for proxy in self["proxy"]
         ]
-        if not self.proxySpecs:
-            raise usage.UsageError("--proxy is required (for example --proxy 127.0.0.1:3128)")
+        if not self.proxySpecs and not self["pac"]:
+            raise usage.UsageError("--proxy is required (for example --proxy 127.0.0.1:3128), unless --pac is given")
+        if self["pac"] is not None:
+            self._checkPac()
         if self["proxy-credentials"] is not None:
             try:
                 self["proxy-credentials"] = readCredentials(self["proxy-credentials"])
@@ -714,6 +754,25 @@ class Options(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"--control: {e}") from None
 
+    def _checkPac(self) -> None:
+        pac = self["pac"]
+        if pac == "wpad":
+            pass
+        elif pac.startswith(("http://", "https://")):
+            from urllib.parse import urlsplit
+
+            if not urlsplit(pac).hostname:
+                raise usage.UsageError(f"--pac: no host in {pac!r}")
+        elif "://" in pac and not pac.startswith("file://"):
+            raise usage.UsageError(f"--pac: expected an http://, https:// or file:// URL or a file name, got {pac!r}")
+        fallback = self["pac-fallback"]
+        groups = {group for spec in self.proxySpecs for group in spec.groups}
+        if fallback not in ("refuse", "direct") and fallback not in groups:
+            known = ", ".join(sorted(groups)) or "none: no proxy is configured"
+            raise usage.UsageError(
+                f"--pac-fallback: expected refuse, direct or a proxy group, got {fallback!r} (groups: {known})"
+            )
+
     def _checkHoldSyn(self) -> None:
         if self["resolver"] != "nfqueue":
             raise usage.UsageError(
@@ -809,7 +868,7 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
         handleHangup=True,
         exitStatusOnFailure=exitStatusOnFailure,
     )
-    service.reloader = Reloader(config, built, service, reactor)
+    reloader = service.reloader = Reloader(config, built, service, reactor)
     accessLog = config["access-log"]
     if accessLog is not None:
         from shifter.service.accesslog import openAccessLog
@@ -817,6 +876,8 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
         accessLogFormat = config["access-log-format"]
         service.accessLogOpener = lambda: openAccessLog(accessLog, accessLogFormat, reactor)
     service.setName("shifter")
+    if built.pac is not None:
+        PacService(reloader).setServiceParent(top)
     # The side ports first: once Shifter says it accepts connections,
     # they are open too.
     if metrics is not None:
@@ -887,9 +948,10 @@ class Configured:
 
     settings: TunnelSettings
     pool: ProxyPool
-    policy: RulePolicy | None
+    policy: RulePolicy | PacPolicy | None
     poolKey: tuple[object, ...]
     direct: UpstreamProxy | None = None
+    pac: PacPolicy | None = None
 
 
 def _poolKey(config: Options) -> tuple[object, ...]:
@@ -949,13 +1011,51 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
             maxDownFor=30 * config["proxy-backoff"],
         )
     direct = directRoute(reactor, config["mark"] or 0)
-    policy = policyFor(config.configFile, config.proxySpecs, pool.proxies, direct)
+    rules = policyFor(config.configFile, config.proxySpecs, pool.proxies, direct)
+    policy: RulePolicy | PacPolicy | None = rules
+    pac = None
+    if config["pac"] is not None:
+        pac = policy = _pacPolicy(config, reactor, pool, rules, direct, running)
     # The probe's settings follow the options even in a pool kept across a
     # reload, with what it knows of each proxy's health.
     pool.probeTarget = config["probe-target"] or DEFAULT_PROBE_TARGET
     pool.connectTimeout = settings.connectTimeout
     pool.handshakeTimeout = settings.handshakeTimeout
-    return Configured(settings, pool, policy, key, direct)
+    return Configured(settings, pool, policy, key, direct, pac)
+
+
+def _pacPolicy(config: Options, reactor, pool: ProxyPool, rules: RulePolicy | None,  # type: ignore[no-untyped-def]
+               direct: UpstreamProxy, running: Configured | None) -> PacPolicy:
+    """
+    The PAC policy C{config} describes: the running one, brought up to
+    date, when it reads the same script from the same place; else a new
+    one (started by the caller).
+    """
+    from shifter.pac.evaluator import PacEvaluator
+    from shifter.pac.fetch import PacSource
+    from shifter.service.config import groupsOf
+
+    groups = groupsOf(config.proxySpecs, pool.proxies)
+    old = running.pac if running is not None else None
+    if old is not None and old.source.location == config["pac"]:
+        if old.pool is not pool:
+            for proxy in old.built.values():
+                old.pool.forget(proxy)
+            old.built.clear()
+        old.rules, old.groups, old.pool, old.direct = rules, {k: list(v) for k, v in groups.items()}, pool, direct
+        old.fallback = config["pac-fallback"]
+        old.evaluator.timeout = config["pac-timeout"]
+        old.source.refresh = config["pac-refresh"]
+        return old
+    hint = next((proxy.address[0] for proxy in pool.proxies if proxy.address is not None), None)
+    evaluator = PacEvaluator(reactor, timeout=config["pac-timeout"], myIp=hint)
+    source = PacSource(config["pac"], evaluator, reactor, refresh=config["pac-refresh"])
+    policy = PacPolicy(
+        evaluator, source, rules, groups, pool, direct,
+        lambda url: buildProxy(ProxySpec(url), config, reactor), config["pac-fallback"],
+    )
+    source.withoutScript = policy.fallbackWords()
+    return policy
 
 
 # Options that the running service cannot change: a reload that changes
@@ -1008,6 +1108,13 @@ class Reloader:
             raise ValueError(str(e).removeprefix("--config: ")) from None
         old, self.config = self.config, new
         previous, self.running = self.running, built
+        if previous.pac is not None and previous.pac is not built.pac:
+            previous.pac.stop()
+        if built.pac is not None:
+            if built.pac is previous.pac:
+                built.pac.source.update()
+            else:
+                built.pac.source.start()
         factory = self.service.factory
         factory.reconfigure(
             settings=built.settings,
@@ -1056,6 +1163,29 @@ class Reloader:
             held = ", ".join(_describe(name, running[name]) for name in waiting)
             path = new.configFile.path if new.configFile is not None else self.path
             raise usage.UsageError(f"{path}: {e} (in force until a restart, whatever the file says: {held})") from None
+
+
+class PacService(Service):
+    """
+    Fetches the C{--pac} script while Shifter runs (the one in force after
+    each reload), and stops its helper processes at the end.
+    """
+
+    def __init__(self, reloader: Reloader) -> None:
+        self.reloader = reloader
+
+    def startService(self) -> None:
+        Service.startService(self)
+        pac = self.reloader.running.pac
+        if pac is not None:
+            pac.source.start()
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        pac = self.reloader.running.pac
+        if pac is not None:
+            return pac.stop()
+        return None
 
 
 def _describe(name: str, value: object) -> str:
