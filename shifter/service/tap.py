@@ -11,7 +11,7 @@ import re
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, TextIO
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
@@ -201,17 +201,17 @@ def credentialFile(path: str, environ: Mapping[str, str] = os.environ) -> str:
     return path
 
 
-def usageFailure(command: str, error: Exception) -> int:
+def usageFailure(command: str, error: Exception, err: TextIO | None = None) -> int:
     """
-    Say on standard error why the command line cannot be used, in one line
-    with one hint after it, and give the exit status for it.
+    Say on standard error (or C{err}) why the command line cannot be used,
+    in one line with one hint after it, and give the exit status for it.
     """
-    sys.stderr.write(f"{command}: {error}\nTry '{command} --help' for the options.\n")
+    (sys.stderr if err is None else err).write(f"{command}: {error}\nTry '{command} --help' for the options.\n")
     return 1
 
 
 class Options(usage.Options):
-    synopsis = "--proxy HOST:PORT [options]"
+    synopsis = "[--config FILE] [--proxy HOST:PORT] [options]"
 
     # How the command that parses these options is run, for its errors:
     # twistd shifter, or shifter run.
@@ -530,6 +530,11 @@ class Options(usage.Options):
             self._parseOptions(options)
         except usage.UsageError as e:
             raise SystemExit(usageFailure(self.command, e)) from None
+
+    def getSynopsis(self) -> str:
+        if self.command == "twistd shifter":
+            return super().getSynopsis()
+        return f"Usage: {self.command} {self.synopsis}"
 
     def opt_version(self) -> None:
         """
