@@ -19,6 +19,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 # How often the status line is looked at (it is sent when it changes).
 STATUS_INTERVAL = 5.0
@@ -90,11 +91,21 @@ class SystemdNotifier(Service):
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         self.reactor = reactor
-        self.readyDeferred = ready
         self.status = status
         self.environ = dict(environ)
         self.lastStatus: str | None = None
         self.loops: list[LoopingCall] = []
+        self.isReady = False
+        # Seen from the start, before anyone handles a failure: a failed
+        # start is never taken for a ready one.
+        ready.addBoth(self._settled)
+
+    def _settled(self, result: object) -> object:
+        if not isinstance(result, Failure):
+            self.isReady = True
+            if self.running:
+                self._ready()
+        return result
 
     def startService(self) -> None:
         Service.startService(self)
@@ -103,7 +114,8 @@ class SystemdNotifier(Service):
         interval = watchdogInterval(self.environ)
         if interval is not None:
             self._loop(lambda: notify("WATCHDOG=1", self.environ), interval)
-        self.readyDeferred.addCallbacks(self._ready, lambda _: None)
+        if self.isReady:
+            self._ready()
 
     def _loop(self, call: Callable[[], object], interval: float) -> None:
         loop = LoopingCall(call)
@@ -111,8 +123,8 @@ class SystemdNotifier(Service):
         loop.start(interval, now=True)
         self.loops.append(loop)
 
-    def _ready(self, _: object) -> None:
-        if not self.running:
+    def _ready(self) -> None:
+        if notifyAddress(self.environ) is None:
             return
         status = self.status()
         self.lastStatus = status

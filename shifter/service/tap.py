@@ -188,14 +188,14 @@ class _NamedParameter(usage.CoerceParameter):
             raise usage.UsageError(f"--{parameterName}: {reason}") from None
 
 
-def credentialFile(path: str, environ: Mapping[str, str] = os.environ) -> str:
+def credentialFile(path: str, environ: Mapping[str, str] | None = None) -> str:
     """
     Where the credentials (or CA) file named C{path} is: a bare name
     (C{proxy-password}) is read from C{$CREDENTIALS_DIRECTORY} when systemd
     set one (C{LoadCredential=}), so that a C{DynamicUser} service gets its
     secrets without a readable file of its own; any other path is itself.
     """
-    directory = environ.get("CREDENTIALS_DIRECTORY")
+    directory = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
     if directory and path and "/" not in path:
         return os.path.join(directory, path)
     return path
