@@ -132,7 +132,7 @@ def check(arguments: Sequence[str], out: TextIO | None = None, err: TextIO | Non
     """
     from twisted.internet import reactor
 
-    from shifter.service.tap import Options, buildProxy, usageFailure
+    from shifter.service.tap import Options, buildProxy, printable, usageFailure
 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -146,7 +146,7 @@ def check(arguments: Sequence[str], out: TextIO | None = None, err: TextIO | Non
     configFile = options.configFile
     rules = len(configFile.rules) if configFile is not None else 0
     out.write(
-        f"shifter check: {configFile.path if configFile is not None else 'the command line'} is good: "
+        f"shifter check: {printable(configFile.path) if configFile is not None else 'the command line'} is good: "
         f"listen {options['listen']}, resolver {options['resolver']}, "
         f"{len(proxies)} {'proxy' if len(proxies) == 1 else 'proxies'} ({', '.join(proxies)}), "
         f"{rules} {'rule' if rules == 1 else 'rules'}\n"

@@ -201,12 +201,21 @@ def credentialFile(path: str, environ: Mapping[str, str] | None = None) -> str:
     return path
 
 
+def printable(text: str) -> str:
+    """
+    C{text} with every character that is not printable (a line break, a
+    terminal's control sequence) written as its Python escape: what was
+    typed is shown, on one line.
+    """
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def usageFailure(command: str, error: Exception, err: TextIO | None = None) -> int:
     """
     Say on standard error (or C{err}) why the command line cannot be used,
     in one line with one hint after it, and give the exit status for it.
     """
-    (sys.stderr if err is None else err).write(f"{command}: {error}\nTry '{command} --help' for the options.\n")
+    (sys.stderr if err is None else err).write(f"{command}: {printable(str(error))}\nTry '{command} --help' for the options.\n")
     return 1
 
 
