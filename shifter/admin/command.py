@@ -108,7 +108,7 @@ def run(arguments: Sequence[str]) -> int:
     from twisted.scripts.twistd import ServerOptions, runApp
 
     class RunOptions(ServerOptions):  # type: ignore[misc]
-        _getPlugins = staticmethod(lambda interface, package=None: [_ShifterMaker()])
+        _getPlugins = staticmethod(lambda interface, package=None: [_ShifterMaker()])  # type: ignore[assignment]
 
     config = RunOptions()
     try:
