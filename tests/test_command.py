@@ -327,26 +327,60 @@ class ExampleConfigTests(SynchronousTestCase):
             self.assertEqual(parsed[name], default, name)
 
 
-# What the fuzz draws from: the options' names and values they take,
-# among random ones.
+# What the fuzz draws from: for each option, values it takes and values
+# it refuses, so that most command lines get past the first checks to the
+# later ones; random names and values besides.
+_ENDPOINTS = ["tcp:0", "tcp:0:interface=127.0.0.1", "tcp6:0:interface=\\:\\:", "systemd:domain=INET:name=x",
+              "systemd:domain=INET:index=7", "unix:/nonexistent/s", "tproxy:0", "nonsense:1", "tcp:", "tcp:x"]
+_NUMBERS = ["1", "2", "10", "30.5", "0x10", "0x20000", "0", "-1", "1e308", "nan", "65536", "4294967296", "x"]
+_POOLS: dict[str, list[str]] = {
+    "listen": _ENDPOINTS,
+    "metrics": _ENDPOINTS,
+    "control": ["unix:/nonexistent/control", "unix:", "unix:" + "x" * 200, "tcp:1", "unix:/a\x00b"],
+    "resolver": ["sockopt", "kmod", "conntrack", "nfqueue", "tproxy", "auto", "x"],
+    "proxy": ["127.0.0.1:3128", "https://10.0.0.5:3128", "http://u:p@[::1]:3128", "tcp:host=a:port=1",
+              "https://proxy.example:1?pass-client=proxy-v2", "http://a:99999", "[::1]:x", "x"],
+    "connect-target": ["ip", "sni", "host", "auto", "x"],
+    "balance": ["failover", "round-robin", "source-hash", "x"],
+    "pass-client": ["none", "x-forwarded-for", "proxy-v1", "proxy-v2", "x"],
+    "relay": ["auto", "splice", "twisted", "x"],
+    "proxy-ca": ["/dev/null", "/nonexistent", "/etc/ssl/certs/ca-certificates.crt", "/etc/hostname"],
+    "proxy-credentials": ["/dev/null", "/etc/hostname", "/nonexistent"],
+    "config": ["/dev/null", "/nonexistent", "/etc/hostname"],
+    "probe-target": ["example.com:443", "[::1]:80", "localhost:1", "[2001:db8::1]:443", "x"],
+    "allow": ["10.0.0.0/8", "::/0", "10.0.0.1/33", "x"],
+    "allow-port": ["80,443", "0", "65535", "x"],
+}
 _NAMES = sorted(optionKinds(Options)) + ["config", "help", "version", "bogus"]
-_VALUES = ["127.0.0.1:3128", "https://10.0.0.5:3128", "tcp:0", "unix:/nonexistent/x", "systemd:domain=INET:name=x",
-           "0", "1", "-1", "0x10", "1e308", "nan", "", "sockopt", "nfqueue", "tproxy:0", "auto", "sni", "10.0.0.0/8",
-           "80,443", "/nonexistent", "/dev/null", "proxy-v2", "round-robin", "[::1]:80", "tcp6:0:interface=\\:\\:"]
+_VALUES = sorted({value for pool in _POOLS.values() for value in pool} | set(_NUMBERS))
+
+
+@st.composite
+def optionValue(draw: st.DrawFn, name: str) -> str:
+    pool = _POOLS.get(name, _NUMBERS)
+    return draw(st.one_of(*[st.sampled_from(pool)] * 5, st.text(max_size=20)))
 
 
 @st.composite
 def arguments(draw: st.DrawFn) -> list[str]:
-    argv: list[str] = []
-    for _ in range(draw(st.integers(0, 8))):
-        name = draw(st.sampled_from(_NAMES) | st.text(min_size=1, max_size=12))
-        value = draw(st.sampled_from(_VALUES) | st.text(max_size=20))
-        form = draw(st.integers(0, 3))
-        if form == 0:
+    # Mostly with a proxy, so that the checks after the first get their
+    # turn.
+    argv: list[str] = ["--proxy", draw(st.sampled_from(_POOLS["proxy"][:3]))] if draw(st.integers(0, 7)) else []
+    names = st.one_of(*[st.sampled_from(sorted(_POOLS))] * 3, *[st.sampled_from(_NAMES)] * 2,
+                      st.text(min_size=1, max_size=12))
+    # Options that mean something, each with a value from its pool...
+    for name in draw(st.lists(st.sampled_from(sorted(_POOLS)), unique=True, max_size=4)):
+        argv += [f"--{name}", draw(st.sampled_from(_POOLS[name]))]
+    # ...and anything at all.
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(names)
+        value = draw(optionValue(name))
+        form = draw(st.integers(0, 19))
+        if form < 9:
             argv.append(f"--{name}={value}")
-        elif form == 1:
+        elif form < 18:
             argv += [f"--{name}", value]
-        elif form == 2:
+        elif form == 18:
             argv.append(f"--{name}")
         else:
             argv.append(value)
@@ -384,12 +418,34 @@ def _toml(value: Any) -> str:
     return "{" + ", ".join(f"{_toml(str(key))} = {_toml(item)}" for key, item in value.items()) + "}"
 
 
+_TABLE_VALUES = st.sampled_from([
+    "x", "", "0x10", "0", 5, 0, -1, 2**32, True, False, 1.5, "default", ["a", "b"], [], "/nonexistent", "/dev/null",
+    "10.0.0.0/8", "::/0", "10.0.0.1/33", 443, "8000-8100", "9-1", "example.com", ".example.org", "ip", "name",
+    "proxy-v2", "lan0", [80, 443], [0], "https://10.0.0.5:3128", "127.0.0.1:3128", {"a": 1},
+])
+
+
+@st.composite
+def tables(draw: st.DrawFn, keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: draw(_TABLE_VALUES) for key in draw(st.lists(st.sampled_from(keys), unique=True, max_size=5))}
+
+
 @st.composite
 def documents(draw: st.DrawFn) -> str:
     kind = draw(st.integers(0, 4))
     if kind == 0:
         return draw(st.text(max_size=200))
     table = draw(st.dictionaries(_KEYS, _values, max_size=6))
+    for name in draw(st.lists(st.sampled_from(sorted(optionKinds(Options))), max_size=4)):
+        table[name] = draw(optionValue(name) | st.integers(-2, 70000) | st.lists(optionValue(name), max_size=3))
+    # Tables that mean something, with values that may.
+    if draw(st.booleans()):
+        table["proxy"] = [{"address": draw(st.sampled_from(_POOLS["proxy"])), **draw(tables(_PROXY_KEYS))}
+                          for _ in range(draw(st.integers(1, 2)))]
+    if draw(st.booleans()):
+        table["rule"] = [draw(tables(_RULE_KEYS)) for _ in range(draw(st.integers(1, 2)))]
+    if draw(st.booleans()):
+        table["gateway"] = draw(tables(GATEWAY_KEYS))
     text = "".join(f"{_toml(key)} = {_toml(value)}\n" for key, value in table.items())
     if kind == 1 and text:
         cut = draw(st.integers(0, len(text)))
@@ -417,7 +473,7 @@ class CheckFuzzTests(SynchronousTestCase):
         self.assertEqual(text.count("\n"), 2 if status else 1, f"{argv!r}: {text!r}")
         self.assertTrue(all(line.isprintable() for line in text.splitlines()), f"{argv!r}: {text!r}")
 
-    @fuzz(300)
+    @fuzz(1000)
     @given(arguments())
     def test_arguments(self, argv: list[str]) -> None:
         """
@@ -425,7 +481,7 @@ class CheckFuzzTests(SynchronousTestCase):
         """
         self.checked(argv)
 
-    @fuzz(300)
+    @fuzz(600)
     @given(documents(), arguments())
     def test_files(self, text: str, argv: list[str]) -> None:
         """
