@@ -668,6 +668,11 @@ class Options(usage.Options):
         if self["metrics"] is not None:
             try:
                 serverFromString(reactor, self["metrics"])
+            except IndexError:
+                raise usage.UsageError(
+                    f"--metrics: {self['metrics']!r}: no such descriptor was passed "
+                    "(LISTEN_FDS and LISTEN_FDNAMES, set by systemd socket activation)"
+                ) from None
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--metrics: invalid endpoint {self['metrics']!r}: {e}") from None
         self.checkCombinations()
