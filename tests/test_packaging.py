@@ -80,6 +80,26 @@ class WheelTests(SynchronousTestCase):
         self.assertNotIn("hypothesis", run(str(venv / "bin" / "python"), "-m", "pip", "list", cwd=outside).stdout)
 
 
+    def test_command(self) -> None:
+        """
+        The installation has the shifter command (a console script): its
+        version, and shifter check of a file with no option beside; the
+        licence is in the package's metadata.
+        """
+        venv = Installed.venv()
+        outside = Path(self.mktemp()).resolve()
+        outside.mkdir()
+        version = run(str(venv / "bin" / "shifter"), "--version", cwd=outside)
+        self.assertTrue(version.stdout.startswith("Shifter "), version.stdout)
+        config = outside / "shifter.toml"
+        config.write_text('[[proxy]]\naddress = "10.0.0.5:3128"\n')
+        checked = run(str(venv / "bin" / "shifter"), "check", "--config", str(config), cwd=outside)
+        self.assertIn("is good", checked.stdout)
+        licence = run(str(venv / "bin" / "python"), "-c",
+                      "import importlib.metadata as m; print(m.metadata('shifter')['License'])", cwd=outside)
+        self.assertEqual(licence.stdout.strip(), "MIT")
+
+
 class InstalledTunnelTests(GatewayTestCase):
     def test_tunnel(self) -> None:
         """
