@@ -12,6 +12,7 @@ package index, as C{pip install .} does.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,10 @@ class Installed:
 
 
 def run(*command: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=str(cwd), capture_output=True, text=True, timeout=900)
+    # The installation alone: not this tree, even when the tests are run
+    # with it on PYTHONPATH.
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    result = subprocess.run(command, cwd=str(cwd), capture_output=True, text=True, timeout=900, env=environment)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
