@@ -288,6 +288,21 @@ class ShifterProcessTests(SynchronousTestCase):
         # as a clean exit.
         self.assertIn(process.wait(60), (0, -signal.SIGTERM), self.output())
 
+    def test_workers(self) -> None:
+        """
+        With C{--workers 2}: C{READY=1} from the parent once both workers
+        accept connections, and only then.
+        """
+        port = freePort()
+        process, receiver = self.start("--listen", f"tcp:{port}:interface=127.0.0.1", "--proxy", "127.0.0.1:9",
+                                       "--workers", "2")
+        ready, before = receiver.waitFor("READY=1", 120)
+        self.assertIn("STATUS=2 of 2 workers serving", ready.split("\n"))
+        self.assertEqual(before, [])
+        process.send_signal(signal.SIGTERM)
+        receiver.waitFor("STOPPING=1", 60)
+        self.assertIn(process.wait(60), (0, -signal.SIGTERM), self.output())
+
     def test_noReadyWhenStartFails(self) -> None:
         """
         A port that cannot be opened: no C{READY=1}, exit status 1.
