@@ -407,16 +407,18 @@ class UnitFileTests(SynchronousTestCase):
             (root / program).chmod(0o755)
         return root
 
-    def verify(self, unit: str) -> subprocess.CompletedProcess:
+    def verify(self, unit: str, name: str = "shifter.service") -> subprocess.CompletedProcess:
         root = self.root(unit)
-        return systemdAnalyze("verify", f"--root={root}", str(root / "etc/systemd/system/shifter.service"))
+        return systemdAnalyze("verify", f"--root={root}", str(root / "etc/systemd/system" / name))
 
     def test_verify(self) -> None:
         """
-        C{systemd-analyze verify} finds nothing to say.
+        C{systemd-analyze verify} finds nothing to say of the service, nor
+        of the socket beside it.
         """
-        result = self.verify(UNIT.read_text())
-        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+        for name in ("shifter.service", "shifter.socket"):
+            result = self.verify(UNIT.read_text(), name)
+            self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""), name)
 
     def test_verifySeesMistakes(self) -> None:
         """
