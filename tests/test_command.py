@@ -132,6 +132,7 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual((result.returncode, result.stderr), (0, ""))
         self.assertEqual(len(result.stdout.splitlines()), 1)
         self.assertIn("2 proxies (10.0.0.5:3128, 10.0.0.6:3128)", result.stdout)
+        self.assertIn("resolver sockopt", result.stdout)
         self.assertNotIn("secret", result.stdout)
         self.assertFalse(os.path.exists(control))
 

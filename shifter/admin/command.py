@@ -132,7 +132,8 @@ def check(arguments: Sequence[str], out: TextIO | None = None, err: TextIO | Non
     """
     from twisted.internet import reactor
 
-    from shifter.service.tap import Options, buildProxy, printable, usageFailure
+    from shifter.resolvers.resolver import makeResolver
+    from shifter.service.tap import Options, buildProxy, printable, resolverOptions, usageFailure
 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -141,6 +142,8 @@ def check(arguments: Sequence[str], out: TextIO | None = None, err: TextIO | Non
     try:
         options.parseOptions(list(arguments))
         proxies = [buildProxy(spec, options, reactor).description for spec in options.proxySpecs]
+        # Built as the start builds it, not started: nothing is opened.
+        makeResolver(options["resolver"], reactor, **resolverOptions(options))
     except (usage.UsageError, ValueError) as e:
         return usageFailure("shifter check", e, err)
     configFile = options.configFile

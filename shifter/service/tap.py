@@ -655,6 +655,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--queue-num: {self['queue-num']} is not between 0 and 65535")
         if not 0 <= self["queue-mark"] <= 0xFFFFFFFF:
             raise usage.UsageError(f"--queue-mark: {self['queue-mark']:#x} does not fit in 32 bits")
+        if not 0 <= self["reject-mark"] <= 0xFFFFFFFF:
+            raise usage.UsageError(f"--reject-mark: {self['reject-mark']:#x} does not fit in 32 bits")
         if self["relay"] not in RELAYS:
             raise usage.UsageError(
                 f"--relay: expected one of {', '.join(RELAYS)}, got {self['relay']!r}"
