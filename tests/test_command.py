@@ -212,6 +212,17 @@ class OptionErrorTests(SynchronousTestCase):
             self.assertNotIn("\n", message)
             self.assertIn(value if name == "config" else f"--{name}", message)
 
+    def test_resolverSettings(self) -> None:
+        """
+        The resolver's own settings are checked whichever options come
+        with them: C{shifter check} builds the resolver as the start does.
+        """
+        err = io.StringIO()
+        status = check(["--proxy", "127.0.0.1:3128", "--resolver", "nfqueue", "--reject-mark", "0x100000000"],
+                       io.StringIO(), err)
+        self.assertEqual((status, err.getvalue().splitlines()[0]),
+                         (1, "shifter check: --reject-mark: 0x100000000 does not fit in 32 bits"))
+
     def test_proxyCANotPEM(self) -> None:
         """
         C{--proxy-ca} a file that is not PEM: one line saying so.
@@ -351,6 +362,9 @@ _POOLS: dict[str, list[str]] = {
     "probe-target": ["example.com:443", "[::1]:80", "localhost:1", "[2001:db8::1]:443", "x"],
     "allow": ["10.0.0.0/8", "::/0", "10.0.0.1/33", "x"],
     "allow-port": ["80,443", "0", "65535", "x"],
+    "queue-num": ["0", "65535", "65536"],
+    "queue-mark": ["0", "0x10000", "0x100000000"],
+    "reject-mark": ["0x20000", "0", "0x100000000", "0x10000"],
 }
 _NAMES = sorted(optionKinds(Options)) + ["config", "help", "version", "bogus"]
 _VALUES = sorted({value for pool in _POOLS.values() for value in pool} | set(_NUMBERS))
