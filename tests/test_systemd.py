@@ -444,7 +444,8 @@ class UnitFileTests(SynchronousTestCase):
     def test_security(self) -> None:
         """
         C{systemd-analyze security --offline=true} rates the unit's exposure
-        OK or better (below 4.0 of 10).
+        below 2.5 of 10 (1.7 with Debian 12's systemd 252; without its
+        system call filter it would be 3.0, without its sandboxing 9.4).
         """
         result = systemdAnalyze("security", "--offline=true", "--no-pager", str(UNIT))
         if "--offline" in result.stderr and result.returncode != 0:
@@ -452,4 +453,4 @@ class UnitFileTests(SynchronousTestCase):
         last = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
         self.assertEqual(len(last), 1, result.stdout + result.stderr)
         exposure = float(last[0].split(":")[1].split()[0])
-        self.assertLess(exposure, 4.0, last[0])
+        self.assertLess(exposure, 2.5, last[0])
