@@ -91,6 +91,7 @@ class CommandTests(SynchronousTestCase):
             result = shifterCommand(tool, "--help")
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertIn(option, result.stdout, tool)
+            self.assertTrue(result.stdout.startswith(f"usage: shifter {tool} "), result.stdout)
 
     def test_wrongOption(self) -> None:
         """

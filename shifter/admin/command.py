@@ -69,8 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command == "check":
         return check(rest)
     if command in TOOLS:
-        tool: Callable[[list[str]], Any] = importlib.import_module(TOOLS[command]).main
-        status = tool(rest)
+        tool: Callable[..., Any] = importlib.import_module(TOOLS[command]).main
+        status = tool(rest, prog=f"shifter {command}")
         return status if isinstance(status, int) else 0
     sys.stderr.write(f"shifter: unknown command {command!r}\nTry 'shifter --help' for the commands.\n")
     return 1
