@@ -14,10 +14,10 @@ APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack 
 	curl openssl procps util-linux systemd kmod make gcc build-essential \
 	linux-headers-amd64 linux-image-amd64 \
 	linux-headers-6.12-amd64 linux-image-6.12-amd64 qemu-system-x86 \
-	iperf3 wrk nginx-light redsocks busybox-static
+	iperf3 wrk nginx-light redsocks busybox-static linux-source-6.12 dante-server logrotate
 
 # What building the debug kernel needs besides (make test-kernel-debug).
-DEBUG_APT_PACKAGES := linux-source-6.12 flex bison bc libelf-dev libssl-dev
+DEBUG_APT_PACKAGES := flex bison bc libelf-dev libssl-dev
 DEBUG_KERNEL_CACHE ?= /var/cache/shifter-debug-kernel
 
 PROXY ?= 127.0.0.1:3128
@@ -117,7 +117,7 @@ typecheck: venv
 
 # The in-memory tests alone: seconds, no root.
 unit: venv
-	$(PY) -m twisted.trial tests.test_layout tests.test_connect tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations
+	$(PY) -m twisted.trial tests.test_layout tests.test_connect tests.test_socks5 tests.test_socks_direct tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations tests.test_logformat
 
 clean:
 	rm -rf _trial_temp _trial_temp_kernel _trial_temp_debug test.log build *.egg-info

@@ -43,6 +43,7 @@ setup(
         "pyroute2>=0.7",
         "zope.interface>=5",
         "prometheus_client>=0.17",
+        "pyspnego>=0.10",
     ],
     extras_require={"test": ["hypothesis", "virtme-ng"]},
 )

@@ -26,13 +26,22 @@ class ConnectResponse:
     @ivar status: the three-digit status code.
     @ivar reason: the reason phrase, decoded leniently for the log.
     @ivar headers: (name, value) pairs in the order received.
-    @ivar leftover: bytes after the header block; they belong to the tunnel.
+    @ivar leftover: bytes after the header block; they belong to the tunnel
+        (after a 2xx) or to the answer's body.
+    @ivar version: the HTTP version of the status line, C{"1.0"} or
+        C{"1.1"}.
+    @ivar refusal: for an answer in another protocol than HTTP (a SOCKS5
+        server's), how its refusal reads in the log line; its C{status}
+        then says only what the tunnel does next (a 407 counts as the
+        proxy wanting authentication, a 5xx tries the next proxy).
     """
 
     status: int
     reason: str
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     leftover: bytes = b""
+    version: str = "1.1"
+    refusal: str = ""
 
     @property
     def opensTunnel(self) -> bool:
@@ -60,6 +69,15 @@ class IProxyAttempt(Interface):
     def write(data: bytes) -> None:
         """
         Send C{data} to the proxy (the CONNECT request, then tunnel bytes).
+        """
+
+    def again(request: bytes, response: ConnectResponse) -> None:
+        """
+        Send C{request} on this same connection once the body of
+        C{response}, the answer just reported (one that did not open the
+        tunnel), has been read past; the answer to C{request} is reported
+        like the first.  Call it only for an answer that
+        L{shifter.upstream.connect.reuseRefusal} accepts.
         """
 
     def halfClose() -> None:

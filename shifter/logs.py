@@ -1,33 +1,217 @@
 """
-Logging helpers: a JSON observer for twistd's C{--logger} option,
-reopening twistd's log file on SIGHUP, and log lines limited in rate for
-what a client can repeat at will::
+Logging helpers: the service log's forms (C{--log-format text|json|journald}),
+reopening log files on SIGHUP, and log lines limited in rate for what a
+client can repeat at will.
+
+C{--log-format json} writes every event as one JSON object per line, with
+stable field names (L{eventAsDict}): C{time}, C{level}, C{namespace},
+C{message}, C{system} (a worker's lines: C{"worker 0#info"}), the event's own fields (the per-tunnel lines' C{tunnel},
+C{client}, C{destination}, C{proxy}, C{how}, C{bytes_up}, C{bytes_down},
+C{duration} among them) and C{traceback} for a failure; nothing of
+Twisted's own bookkeeping.  The same observer serves twistd's C{--logger}::
 
     twistd --logger shifter.logs.json -n shifter --proxy ...
 
-writes every event, the per-tunnel lines with their fields (client,
-destination, proxy, how, bytes_up, bytes_down, duration) among them, as one
-JSON object per line on standard output, for journald or a log shipper.
+C{--log-format journald} sends each event to journald in its native
+protocol (L{JournaldObserver}): C{PRIORITY} from the level, so
+C{journalctl -p warning} shows the warnings, and the fields as
+C{SHIFTER_CLIENT}, C{SHIFTER_TUNNEL}, ...
 """
 
 from __future__ import annotations
 
+import errno
+import json as _json
 import os
+import re
 import signal
+import socket
 import stat
+import struct
 import sys
-from typing import Any, Callable
+import time
+from typing import IO, Any, Callable
 
-from twisted.logger import ILogObserver, Logger, LogLevel, jsonFileLogObserver
+from zope.interface import implementer
+
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, jsonFileLogObserver, textFileLogObserver
 
 log = Logger()
+
+LOG_FORMATS = ("text", "json", "journald")
+
+# Where journald listens for its native protocol.
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+# Keys of an event that are Twisted's bookkeeping, or its legacy log's,
+# not facts of the event.
+_INTERNAL_KEYS = frozenset((
+    "format", "message", "isError", "system", "time", "why", "failure", "printed",
+))
+
+# The syslog priority of each level (journald's PRIORITY).
+_PRIORITIES = {
+    LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3, LogLevel.critical: 2,
+}
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def eventAsDict(event: dict[str, Any]) -> dict[str, Any]:
+    """
+    An event as plain, stable fields: C{time} (ISO 8601, UTC, with
+    milliseconds), C{level} (C{debug}, C{info}, C{warn}, C{error},
+    C{critical}), C{namespace}, C{message} (the line as text), the event's
+    own fields as strings, numbers, booleans or null, and C{traceback} when
+    it carries a failure.
+    """
+    when = event.get("log_time") or time.time()
+    level = event.get("log_level") or LogLevel.info
+    out: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z",
+        "level": level.name,
+        "namespace": event.get("log_namespace", ""),
+        "message": formatEvent(event),
+    }
+    system = event.get("log_system")
+    if system is not None and system != "-":
+        out["system"] = str(system)  # a worker's lines: "worker 0#info"
+    for key, value in event.items():
+        if key.startswith(("log_", "_")) or key in _INTERNAL_KEYS or key in out:
+            continue
+        out[key] = _plain(value)
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            out["traceback"] = failure.getTraceback()
+        except Exception:
+            out["traceback"] = repr(failure)
+    return out
+
+
+@implementer(ILogObserver)
+class JsonObserver:
+    """
+    One JSON object per line (L{eventAsDict}) on C{stream}.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.stream.write(_json.dumps(eventAsDict(event), ensure_ascii=False) + "\n")
+        self.stream.flush()
 
 
 def json() -> ILogObserver:
     """
-    One JSON object per line on standard output.
+    One JSON object per line on standard output, for twistd's C{--logger}.
+    """
+    return JsonObserver(sys.stdout)
+
+
+def events() -> ILogObserver:
+    """
+    Every event whole, in Twisted's own JSON, on standard output: how a
+    worker of C{--workers} hands its events to the parent, which logs them
+    in its own format.
     """
     return jsonFileLogObserver(sys.stdout, recordSeparator="")
+
+
+_FIELD_NAME = re.compile(r"[^A-Z0-9_]")
+
+
+def journalFields(event: dict[str, Any], limit: int | None = None) -> bytes:
+    """
+    C{event} in journald's native protocol: C{MESSAGE}, C{PRIORITY},
+    C{SYSLOG_IDENTIFIER=shifter}, C{SHIFTER_NAMESPACE}, and each field of
+    L{eventAsDict} as C{SHIFTER_<NAME>} (C{SHIFTER_CLIENT},
+    C{SHIFTER_TUNNEL}, C{SHIFTER_TRACEBACK}, ...).
+
+    @param limit: if given, the most characters of any value; a longer
+        one is cut there and ends with C{" [cut short]"}.
+    """
+    facts = eventAsDict(event)
+    level = event.get("log_level") or LogLevel.info
+    fields: list[tuple[str, str]] = [
+        ("MESSAGE", facts.pop("message")),
+        ("PRIORITY", str(_PRIORITIES.get(level, 6))),
+        ("SYSLOG_IDENTIFIER", "shifter"),
+    ]
+    facts.pop("time")
+    facts.pop("level")
+    for key, value in facts.items():
+        name = "SHIFTER_" + _FIELD_NAME.sub("_", key.upper())
+        fields.append((name, "" if value is None else str(value)))
+    out = bytearray()
+    for name, value in fields:
+        if limit is not None and len(value) > limit:
+            value = value[:limit] + " [cut short]"
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += name.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+@implementer(ILogObserver)
+class JournaldObserver:
+    """
+    Each event as one datagram to journald's native socket, never
+    blocking: an event the socket cannot take now is dropped and counted.
+    An event too big for a datagram is sent with its message and traceback
+    cut short.
+
+    @ivar dropped: events dropped.
+    """
+
+    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+        self.path = path
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self.dropped = 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        data = journalFields(event)
+        try:
+            self._send(data)
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                try:
+                    self._send(journalFields(event, limit=8192))
+                    return
+                except OSError:
+                    pass
+            self.dropped += 1
+
+    def _send(self, data: bytes) -> None:
+        self.socket.sendto(data, self.path)
+
+
+def logObserver(format: str, path: str | None, journalSocket: str = JOURNAL_SOCKET) -> ILogObserver:
+    """
+    The observer for C{--log-format}: C{json} or C{text} to the file at
+    C{path} (twistd's C{--logfile}), or to standard output; C{journald} to
+    C{journalSocket}, or text, with one line saying so, where it does not
+    exist.
+    """
+    if format == "journald":
+        if os.path.exists(journalSocket):
+            return JournaldObserver(journalSocket)
+        log.warn(
+            "--log-format journald: no journal socket at {path}; logging as text",
+            path=journalSocket,
+        )
+        format = "text"
+    stream: IO[str] = sys.stdout if path is None else open(path, "a", encoding="utf-8")
+    if format == "json":
+        return JsonObserver(stream)
+    return textFileLogObserver(stream)
 
 
 class LogFileReopener:
@@ -105,6 +289,10 @@ def _descriptorOf(identity: tuple[int, int] | None) -> int | None:
 # The log files this process writes through twistd, as Shifter was told.
 logFiles: list[LogFileReopener] = []
 
+# The files Shifter writes itself (the access log): each has a C{reopen()}
+# that returns whether it reopened a file.
+ownFiles: list[Any] = []
+
 
 def twistdLogFile(options: Any) -> str | None:
     """
@@ -149,19 +337,22 @@ def reopenLogFiles() -> int:
     @return: how many files were reopened.
     """
     reopened = 0
-    for logFile in logFiles:
+    for logFile in [*logFiles, *ownFiles]:
         try:
             if logFile.reopen():
                 reopened += 1
         except OSError as e:
-            log.warn("cannot reopen {path}: {error}", path=logFile.path, error=e.strerror or e)
+            path = getattr(logFile, "path", None) or getattr(getattr(logFile, "writer", None), "path", "?")
+            log.warn("cannot reopen {path}: {error}", path=path, error=e.strerror or e)
     return reopened
 
 
 def reopenOnHangup(reactor: Any, then: Callable[[], object] | None = None) -> Callable[[], None]:
     """
     Reopen log files on SIGHUP, in the reactor, then call C{then} (such as
-    reloading the configuration), if given.
+    reloading the configuration), if given; reopen the files Shifter
+    writes itself (L{ownFiles}) on SIGUSR1 too, before the handler twistd
+    has for it (which rotates its C{--logfile}).
 
     @return: a function that puts the previous SIGHUP handler back.
     """
@@ -174,11 +365,27 @@ def reopenOnHangup(reactor: Any, then: Callable[[], object] | None = None) -> Ca
     def onHangup(signum: int, frame: object) -> None:
         reactor.callFromThread(reopen)
 
+    def onUser1(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reopenOwn)
+        if callable(previousUser1):
+            previousUser1(signum, frame)  # twistd's: it rotates its --logfile
+
+    def reopenOwn() -> None:
+        reopened = 0
+        for own in ownFiles:
+            try:
+                reopened += bool(own.reopen())
+            except OSError as e:
+                log.warn("cannot reopen {path}: {error}", path=own.writer.path, error=e.strerror or e)
+        log.info("SIGUSR1: reopened {count} log files", count=reopened)
+
     rememberOpenLogFile()
     previous = signal.signal(signal.SIGHUP, onHangup)
+    previousUser1 = signal.signal(signal.SIGUSR1, onUser1)
 
     def restore() -> None:
         signal.signal(signal.SIGHUP, previous)
+        signal.signal(signal.SIGUSR1, previousUser1)
 
     return restore
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from twisted.trial.unittest import SkipTest
 
@@ -62,3 +64,24 @@ def knowLocalAddresses(owner: object, addresses: frozenset[str] = TEST_LOCAL_ADD
     read would.
     """
     owner.proxyAddresses.localAddresses = addresses  # type: ignore[attr-defined]
+
+
+@contextmanager
+def ntlmUsers(directory: Path, *users: str) -> Iterator[None]:
+    """
+    While in the block, pyspnego's NTLM acceptor checks responses against
+    C{users} (C{DOMAIN:user:password} lines), in a file in C{directory}:
+    it reads the file named by C{NTLM_USER_FILE} when it is built and
+    again for each authenticate message.
+    """
+    userFile = directory / "ntlm-users"
+    userFile.write_text("".join(user + "\n" for user in users))
+    before = os.environ.get("NTLM_USER_FILE")
+    os.environ["NTLM_USER_FILE"] = str(userFile)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["NTLM_USER_FILE"]
+        else:
+            os.environ["NTLM_USER_FILE"] = before

@@ -705,8 +705,8 @@ class ProxyAuthTests(SynchronousTestCase):
         """
         exchange = self.auth.exchange()
         self.assertEqual(
-            exchange.challenged([b"Negotiate", b"NTLM"]),
-            "proxy offers no supported authentication scheme (offered: negotiate, ntlm)",
+            exchange.challenged([b"Negotiate", b'Bearer realm="p"']),
+            "proxy offers no supported authentication scheme (offered: bearer, negotiate)",
         )
         self.assertEqual(
             exchange.challenged([]), "proxy offers no supported authentication scheme (offered: none)"

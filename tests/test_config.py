@@ -7,6 +7,7 @@ L{shifter.service.service}), in memory.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class OptionTests(ConfigTestCase):
         for name, short, default, *_ in Options.optParameters:
             if default is None or name == "worker":
                 continue
-            value = f'"{default}"' if isinstance(default, str) else repr(default)
+            value = json.dumps(default) if isinstance(default, str) else repr(default)
             fromFile = self.parse(f"{name} = {value}\nproxy = ['127.0.0.1:3128']\n")
             fromLine = Options()
             fromLine.parseOptions([f"--{name}={default}", "--proxy", "127.0.0.1:3128"])
@@ -153,17 +154,20 @@ class OptionTests(ConfigTestCase):
         self.assertEqual(options["connect-target"], "auto")
         self.assertEqual(options["idle-timeout"], 900.0)
         self.assertEqual(options["control"], "unix:/run/shifter/control")
-        self.assertEqual([spec.groups for spec in options.proxySpecs], [("default",), ("default",), ("lab",)])
+        self.assertEqual([spec.groups for spec in options.proxySpecs],
+                         [("default",), ("default",), ("lab",), ("socks",)])
         self.assertEqual(options.proxySpecs[2].mark, 2)
         rules = options.configFile.rules  # type: ignore[union-attr]
-        self.assertEqual([(r.group, r.refuse is not None, r.connectTarget) for r in rules],
-                         [("lab", False, None), (None, True, None), (None, False, "name")])
+        self.assertEqual([(r.group, r.refuse is not None, r.connectTarget, r.direct) for r in rules],
+                         [("lab", False, None, False), (None, True, None, False), (None, False, "name", False),
+                          (None, False, None, True), ("socks", False, None, False)])
         self.assertEqual(options.configFile.gateway["lan-interface"], ["lan0"])  # type: ignore[union-attr]
         service = makeService(options, MemoryReactorClock())
         factory = service.getServiceNamed("shifter").factory  # type: ignore[attr-defined]
         self.assertIsInstance(factory.policy, RulePolicy)
         lab = factory.pool.proxies[2]
         self.assertIsNotNone(lab.auth)
+        self.assertEqual(factory.pool.proxies[3].kind, "socks5")
         self.assertIsInstance(lab.endpoint._reactor, MarkingReactor)
 
 
@@ -286,6 +290,62 @@ class ErrorTests(ConfigTestCase):
     def test_ruleRefuseAlone(self) -> None:
         message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\nrefuse = true\nproxy = 'default'\n")
         self.assertLine(message, 2, "refuse goes alone")
+
+    def test_ruleDirect(self) -> None:
+        """
+        C{direct = true} makes a rule that sends its connections DIRECT,
+        and the service's policy gives the DIRECT route for them.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from shifter.service.tap import configure
+        from shifter.upstream.proxy import DIRECT
+
+        options = self.parse("proxy = ['127.0.0.1:3128']\n[[rule]]\ndestination = '10.0.0.0/8'\ndirect = true\n")
+        [rule] = options.configFile.rules  # type: ignore[union-attr]
+        self.assertTrue(rule.direct)
+        configured = configure(options, MemoryReactorClock())
+        decision = configured.policy.decide(request(destination="10.1.2.3"))  # type: ignore[union-attr]
+        [route] = decision.proxies  # type: ignore[union-attr, misc]
+        self.assertIs(route, configured.direct)
+        self.assertEqual(route.kind, DIRECT)
+        self.assertIsNone(configured.policy.decide(request()))  # type: ignore[union-attr]
+
+    def test_ruleDirectAlone(self) -> None:
+        message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\ndirect = true\nproxy = 'default'\n")
+        self.assertLine(message, 2, "direct goes alone")
+        message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\ndirect = true\nrefuse = true\n")
+        self.assertLine(message, 2, "refuse goes alone")
+
+    def test_ruleDirectNotAFlag(self) -> None:
+        message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\ndirect = 'yes'\n")
+        self.assertLine(message, 3, "direct: expected true or false")
+
+    def test_socksProxyInFile(self) -> None:
+        """
+        A C{[[proxy]]} may be a SOCKS5 server, with its own credentials
+        file, in a group like any other.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from shifter.service.tap import configure
+        from shifter.upstream.proxy import SOCKS5
+
+        credentials = self.write("alice:s3cret\n")
+        options = self.parse(
+            f"[[proxy]]\naddress = 'socks5://192.0.2.9:1080'\ncredentials = '{credentials}'\ngroup = 'socks'\n"
+            "[[proxy]]\naddress = '127.0.0.1:3128'\n"
+            "[[rule]]\nport = 22\nproxy = 'socks'\n"
+        )
+        configured = configure(options, MemoryReactorClock())
+        socks = configured.pool.proxies[0]
+        self.assertEqual((socks.kind, socks.login), (SOCKS5, (b"alice", b"s3cret")))
+        decision = configured.policy.decide(request(port=22, proxies=tuple(configured.pool.proxies)))  # type: ignore[union-attr]
+        self.assertEqual(list(decision.proxies), [socks])  # type: ignore[union-attr]
+
+    def test_socksProxyHTTPSettings(self) -> None:
+        message = self.refused("[[proxy]]\naddress = 'socks5://192.0.2.9:1080'\npass-client = 'proxy-v2'\n")
+        self.assertLine(message, 3, "pass-client is for HTTP proxies, not a SOCKS5 server")
 
     def test_unreadable(self) -> None:
         with self.assertRaises(ConfigError) as caught:

@@ -131,3 +131,33 @@ class ConnectorTests(TestCase):
         self.assertEqual(protocol.transport.fileno(), fd)
         self.assertEqual(protocol.transport.getHost().host, "127.0.0.1")
         protocol.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_readingStoppedInConnectionMade(self):  # type: ignore[no-untyped-def]
+        """
+        A protocol may stop its transport's reading from C{connectionMade}
+        (a DIRECT connection is open at once, and the splice relay then
+        takes its socket): it stays stopped, as with Twisted's own clients.
+        """
+        port = self.listening()
+        recorder = Recorder()
+        original = recorder.buildProtocol
+
+        def build(addr: object) -> Protocol:
+            protocol = original(addr)
+            made = protocol.connectionMade
+
+            def stopThenReport() -> None:
+                protocol.transport.stopReading()  # type: ignore[attr-defined]
+                made()
+
+            protocol.connectionMade = stopThenReport  # type: ignore[method-assign]
+            return protocol
+
+        recorder.buildProtocol = build  # type: ignore[method-assign]
+        connectNow(DirectTCP(reactor, "127.0.0.1", port), recorder)
+        outcome, protocol = yield recorder.done
+        yield deferLater(reactor, 0, lambda: None)  # the connection's set-up is over
+        self.assertEqual(outcome, "connected")
+        self.assertNotIn(protocol.transport, reactor.getReaders())
+        protocol.transport.loseConnection()

@@ -100,8 +100,11 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual([t["client"] for t in answer["tunnels"]], ["192.0.2.2:50001", "192.0.2.2:50002"])
         first = answer["tunnels"][0]
         self.assertEqual(
-            set(first), {"client", "destination", "connectTarget", "proxy", "state", "bytesUp", "bytesDown", "age"}
+            set(first),
+            {"tunnelId", "client", "destination", "connectTarget", "proxy", "state", "bytesUp", "bytesDown", "age"},
         )
+        self.assertRegex(first["tunnelId"], "^[a-z2-7]{8}-[a-z2-7]+$")
+        self.assertNotEqual(first["tunnelId"], answer["tunnels"][1]["tunnelId"])
         self.assertEqual(first["state"], "resolving")
         self.assertEqual(first["age"], 3.0)
 
@@ -231,14 +234,15 @@ class FormatTests(SynchronousTestCase):
         """
         text = ctl.formatTunnels([
             {"client": "192.0.2.2:41522", "destination": "203.0.113.7:443", "connectTarget": "www.example.test:443",
-             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 1200, "bytesDown": 12 * 1024 * 1024, "age": 3.25},
+             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 1200, "bytesDown": 12 * 1024 * 1024, "age": 3.25,
+             "tunnelId": "k7q2mx4d-1b"},
             {"client": "[2001:db8:1::2]:41600", "destination": "(unknown)", "connectTarget": "",
              "proxy": "", "state": "resolving", "bytesUp": 0, "bytesDown": 0, "age": 0.01},
         ])
         lines = text.splitlines()
-        self.assertEqual(lines[0].split(), ["CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE"])
+        self.assertEqual(lines[0].split(), ["CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE", "ID"])
         self.assertEqual(lines[1].split(), ["192.0.2.2:41522", "203.0.113.7:443", "www.example.test:443",
-                                            "127.0.0.1:3128", "relaying", "1.2", "KiB", "12.0", "MiB", "3.2s"])
+                                            "127.0.0.1:3128", "relaying", "1.2", "KiB", "12.0", "MiB", "3.2s", "k7q2mx4d-1b"])
         self.assertEqual(lines[0].index("STATE"), lines[2].index("resolving"))
         self.assertEqual(lines[-1], "2 connections")
 

@@ -34,6 +34,7 @@ from shifter.upstream.pool import ProxyPool
 from shifter.upstream.proxy import UpstreamProxy
 
 from tests.support import knowLocalAddresses
+from tests.test_tunnel_table import ntlmChallenge
 from tests.test_nfqueue import ipv4Packet
 
 CONNECT = b"CONNECT 203.0.113.7:443 HTTP/1.1\r\nHost: 203.0.113.7:443\r\n\r\n"
@@ -100,6 +101,9 @@ class RecordingAttempt:
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
+    def again(self, request: bytes, response: Any) -> None:
+        self.written.append(request)
+
     def halfClose(self) -> None:
         pass
 
@@ -116,11 +120,11 @@ class DummyEndpoint:
 
 
 class Owner:
-    def __init__(self, proxies: int = 1, **settings: Any) -> None:
+    def __init__(self, proxies: int = 1, auth: Any = None, **settings: Any) -> None:
         self.reactor = Clock()
         self.settings = TunnelSettings(**settings)
         self.pool = ProxyPool(
-            [UpstreamProxy(f"proxy{i}.test:3128", DummyEndpoint(), (f"198.51.100.{i}", 3128))
+            [UpstreamProxy(f"proxy{i}.test:3128", DummyEndpoint(), (f"198.51.100.{i}", 3128), auth=auth)
              for i in range(1, proxies + 1)],
             self.reactor,
         )
@@ -139,10 +143,10 @@ class HolderTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.makeHolder()
 
-    def makeHolder(self, proxies: int = 1, timeout: float = 5.0, **settings: Any) -> None:
+    def makeHolder(self, proxies: int = 1, timeout: float = 5.0, auth: Any = None, **settings: Any) -> None:
         settings.setdefault("connectTimeout", 2.0)
         settings.setdefault("handshakeTimeout", 2.0)
-        self.owner = Owner(proxies, **settings)
+        self.owner = Owner(proxies, auth, **settings)
         self.clock = self.owner.reactor
         self.attempts: list[RecordingAttempt] = []
 
@@ -202,7 +206,11 @@ class OpenTests(HolderTestCase):
         attempt.receiver.proxyData(attempt, b" world")
         receiver = object()
         held = self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, receiver)
-        self.assertEqual(held, HeldTunnel(attempt, b"hello world", 3.0, "203.0.113.7", None))
+        self.assertEqual(
+            (held.attempt, held.leftover, held.started, held.connectHost, held.passClient, held.status),
+            (attempt, b"hello world", 3.0, "203.0.113.7", None, 200),
+        )
+        self.assertRegex(held.tunnelId, "^[a-z2-7]{8}-[a-z2-7]+$")
         self.assertIs(attempt.receiver, receiver)
         self.assertFalse(attempt.aborted)
         self.assertEqual(self.holder.entries, {})
@@ -415,6 +423,26 @@ class RefusalTests(HolderTestCase):
         self.send(syn(1))
         self.answered(self.attempts[0], ConnectResponse(403, "Forbidden"))
         self.assertRefused("proxy-status", "via proxy1.test:3128 refused at the SYN: proxy answered 403 Forbidden")
+
+    def test_accessLogLine(self) -> None:
+        """
+        A SYN refused has its access-log record, under the id its CONNECT
+        carried: the proxy's status, the reason, no bytes.
+        """
+        records: list[Any] = []
+        self.makeHolder(tunnelIdHeader="Shifter-Tunnel")
+        self.owner.accessLog = type("AccessLog", (), {"tunnelEnded": lambda self, record: records.append(record)})()
+        self.send(syn(1))
+        self.clock.advance(0.25)
+        self.answered(self.attempts[0], ConnectResponse(403, "Forbidden"))
+        [record] = records
+        self.assertIn(f"\r\nShifter-Tunnel: {record.tunnelId}\r\n".encode(), self.attempts[0].written[0])
+        self.assertEqual(
+            (record.client, record.destination, record.connectTarget, record.proxy, record.status, record.result,
+             record.how, record.bytesUp, record.bytesDown, record.ended - record.started),
+            ("192.0.2.2:40000", "203.0.113.7:443", "203.0.113.7:443", "proxy1.test:3128", 403, "proxy-status",
+             "refused at the SYN: proxy answered 403 Forbidden", 0, 0, 0.25),
+        )
 
     def test_proxyDown(self) -> None:
         """
@@ -816,6 +844,10 @@ def heldSynIn(test: HolderTestCase, state: str) -> H.HeldSyn:
     """
     if state == H.DECIDING:
         test.owner.policy = PendingPolicy()
+    if state == H.AUTHENTICATING:
+        auth = ProxyAuth(Credentials("CORP\\alice", "s3cret"))
+        auth.ntlm = True
+        test.makeHolder(auth=auth)
     if state == H.HELD:
         # Held, and its start not yet come.
         start, H.HeldSyn.start = H.HeldSyn.start, lambda self: None  # type: ignore[method-assign]
@@ -832,6 +864,10 @@ def heldSynIn(test: HolderTestCase, state: str) -> H.HeldSyn:
     attempt = test.attempts[-1]
     if state == H.HANDSHAKING:
         attempt.receiver.proxyConnected(attempt)
+    elif state == H.AUTHENTICATING:
+        # The proxy was known to ask for NTLM: its 407 holds the challenge.
+        attempt.receiver.proxyConnected(attempt)
+        attempt.receiver.proxyAnswered(attempt, ntlmChallenge(attempt.written[-1]))
     elif state == H.ACCEPTED:
         test.answered(attempt)
     elif state == H.DONE:
@@ -880,10 +916,13 @@ class TableTests(HolderTestCase):
         """
         impossible = {
             (H.CONNECTING, e) for e in (H.PROXY_ANSWERED, H.PROXY_INVALID, H.PROXY_DATA, H.PROXY_ENDED, H.PROXY_LOST)
-        } | {(H.HANDSHAKING, e) for e in (H.PROXY_CONNECTED, H.PROXY_CONNECT_FAILED, H.PROXY_DATA)} | {
+        } | {
+            (state, e) for state in (H.HANDSHAKING, H.AUTHENTICATING)
+            for e in (H.PROXY_CONNECTED, H.PROXY_CONNECT_FAILED, H.PROXY_DATA)
+        } | {
             (H.ACCEPTED, e) for e in (H.PROXY_CONNECTED, H.PROXY_CONNECT_FAILED, H.PROXY_ANSWERED, H.PROXY_INVALID)
         } | {(H.HELD, e) for e in (H.DECIDED, H.DECIDE_FAILED, H.TIMED_OUT)} | {
-            (state, H.START) for state in (H.DECIDING, H.CONNECTING, H.HANDSHAKING, H.ACCEPTED)
+            (state, H.START) for state in (H.DECIDING, H.CONNECTING, H.HANDSHAKING, H.AUTHENTICATING, H.ACCEPTED)
         }
         for state in H.STATES:
             for event in H.EVENTS:
@@ -898,7 +937,7 @@ class TableTests(HolderTestCase):
                 if entry.state == H.DONE:
                     self.assertIn(1, given, where)
                     self.assertNotIn(entry, self.holder.entries.values(), where)
-                elif entry.state in (H.HELD, H.DECIDING, H.CONNECTING, H.HANDSHAKING):
+                elif entry.state in (H.HELD, H.DECIDING, H.CONNECTING, H.HANDSHAKING, H.AUTHENTICATING):
                     self.assertEqual(self.queue.held, {1}, where)
                 internal = self.lines("internal error")
                 if (state, event) in impossible:

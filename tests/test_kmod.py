@@ -13,6 +13,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pyroute2.netlink import GENL_ID_CTRL, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.generic import ctrlmsg
 from zope.interface.verify import verifyObject
@@ -1094,6 +1096,69 @@ class SpecTests(SynchronousTestCase):
         self.assertEqual(re.findall(r'MODULE_VERSION\("([^"]+)"\)', main), [shifter.__version__])
         self.assertEqual(re.findall(r'^PACKAGE_VERSION="([^"]+)"', dkms, re.M), [shifter.__version__])
         self.assertEqual(set(re.findall(r"shifter[-/](\d[\w.]*)", dkms)), {shifter.__version__})
+
+    def test_kernelSchema(self) -> None:
+        """
+        The spec passes the kernel's own schema for its protocol
+        (C{genetlink-legacy}, the one that can state a version and the
+        C{uns-admin-perm} flag), read by the kernel's own YNL spec reader,
+        and that reader numbers operations and attributes as the header and
+        the codec do.
+        """
+        from jsonschema.exceptions import ValidationError
+
+        from tests import kernelsource
+
+        self.assertEqual(self.spec["protocol"], "genetlink-legacy")
+        nlspec = kernelsource.nlspec()
+        try:
+            family = nlspec.SpecFamily(ynl.SPEC_PATH, kernelsource.schemaPath(self.spec["protocol"]))
+        except ValidationError as e:
+            self.fail(f"the spec fails the kernel's schema: {e.message} at {list(e.absolute_path)}")
+        opPrefix = self.spec["operations"]["name-prefix"]
+        self.assertEqual(
+            {ynl.cName(opPrefix, name): op.req_value for name, op in family.ops.items()},
+            {name: value for name, (value, _) in ynl.operations(self.spec).items()},
+        )
+        for setName in ("shifter", "ports", "stats"):
+            prefix = ynl.attributeSet(self.spec, setName)["name-prefix"]
+            self.assertEqual(
+                {ynl.cName(prefix, name): attr.value
+                 for name, attr in family.attr_sets[setName].attrs.items()},
+                {name: value for name, (value, _) in ynl.attributes(self.spec, setName).items()},
+            )
+
+    def test_kernelSchemaRefusesOldForm(self) -> None:
+        """
+        The kernel's schema is strict enough to matter: the spec in the
+        plain C{genetlink} form (which has no C{uns-admin-perm} nor a
+        version) fails it.
+        """
+        from jsonschema.exceptions import ValidationError
+
+        from tests import kernelsource
+
+        spec = dict(self.spec, protocol="genetlink")
+        for key in ("c-family-name", "c-version-name", "version", "kernel-policy"):
+            spec.pop(key)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(open(ynl.SPEC_PATH).readline())  # the SPDX line the reader requires
+            yaml.safe_dump(spec, f)
+        nlspec = kernelsource.nlspec()
+        self.assertRaises(ValidationError, nlspec.SpecFamily, path, kernelsource.schemaPath("genetlink"))
+
+    def test_versionDefines(self) -> None:
+        """
+        The spec names the header's family-name and version defines, and
+        its version is the header's and the codec's.
+        """
+        header = HEADER_PATH.read_text()
+        self.assertIn(f"#define {ynl.cName('', self.spec['c-family-name'])}\t\"{self.spec['name']}\"",
+                      header)
+        self.assertIn(f"#define {ynl.cName('', self.spec['c-version-name'])}\t{self.spec['version']}",
+                      header)
+        self.assertEqual(self.spec["version"], kmod.SHIFTER_GENL_VERSION)
 
     def test_adminOnly(self) -> None:
         """

@@ -262,3 +262,32 @@ class OperationsTests(GatewayTestCase):
         self.assertEqual(event["destination"], f"{SERVER_V4}:443")
         self.assertEqual(event["client"].split(":")[0], "192.0.2.2")
         self.assertGreater(event["bytes_down"], len(self.payload))
+        self.assertEqual(event["level"], "info")
+        self.assertRegex(event["tunnel"], r"^[a-z2-7]{8}-[a-z2-7]+$")
+        self.assertTrue(event["message"].endswith(f" id={event['tunnel']}"))
+        for line in out.read_text().splitlines():
+            if line.startswith("{"):
+                self.assertEqual([k for k in json.loads(line) if k.startswith(("log_", "__"))], [], line)
+
+    def test_jsonLogFormat(self) -> None:
+        """
+        With --log-format json, every line of twistd's --logfile is a JSON
+        object with the stable fields, from the first to the last.
+        """
+        env = dict(os.environ, PYTHONPATH=str(PROJECT))
+        logFile = self.directory / "shifter-json.log"
+        process = self.net.gateway.start(
+            str(VENV_BIN / "twistd"), "-n", "--pidfile=", f"--logfile={logFile}",
+            "shifter", *LISTEN, *PROXY, "--log-format", "json",
+            logTo=self.directory / "shifter-json.out", env=env,
+        )
+        self.net.gateway.waitListening(SHIFTER_PORT)
+        self.assertEqual(self.fetch(f"https://{SERVER_V4}/file.bin").returncode, 0)
+        waitFor(lambda: '"bytes_down"' in logFile.read_text(), 10, "the tunnel's JSON line")
+        stopProcess(process)
+        lines = logFile.read_text().splitlines()
+        events = [json.loads(line) for line in lines]
+        self.assertTrue(any("accepting redirected connections" in e["message"] for e in events))
+        for event in events:
+            self.assertLessEqual({"time", "level", "namespace", "message"}, set(event))
+            self.assertEqual([k for k in event if k.startswith(("log_", "__"))], [])

@@ -665,7 +665,7 @@ class RelayTests(TunnelTestCase):
         self.lose(client, clientTransport)
         [event] = [e for e in self.events if "bytes_up" in e]
         self.assertEqual((event["bytes_up"], event["bytes_up_dropped"], event["bytes_down_dropped"]), (5, 4, 0))
-        self.assertTrue(event["tunnel_line"].endswith(" s, 4 bytes up dropped"), event["tunnel_line"])
+        self.assertRegex(event["tunnel_line"], r" s, 4 bytes up dropped id=[a-z2-7]{8}-[a-z2-7]+$")
         self.assertEqual((self.factory.bytesUp, self.factory.stats.bytesDroppedUp), (5, 4))
 
     def test_idleTimeout(self) -> None:
@@ -702,7 +702,7 @@ class RelayTests(TunnelTestCase):
         self.assertTrue(clientTransport.disconnected and upstreamTransport.disconnected)
         lines = [m for m in self.messages("info") if "tunnel" in m]
         self.assertEqual(len(lines), 1, lines)
-        self.assertTrue(lines[0].endswith(" s, dropped after the 5 s closing grace"), lines[0])
+        self.assertRegex(lines[0], r" s, dropped after the 5 s closing grace id=[a-z2-7]{8}-[a-z2-7]+$")
         self.assertEqual(self.factory.counters["closed"], 1)
 
     def test_idleTimeoutOff(self) -> None:

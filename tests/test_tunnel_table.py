@@ -8,7 +8,10 @@ sent, what is closed, which counter moves, and the state it ends in.
 
 from __future__ import annotations
 
+import base64
+import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from zope.interface import implementer
@@ -31,11 +34,12 @@ from shifter.interfaces import IProxyAttempt, IRelay
 from shifter.logs import RateLimitedLog
 from shifter.tunnel.metrics import TunnelStats
 from shifter.upstream.pool import ProxyPool
+from shifter.upstream.auth import Credentials, ProxyAuth
 from shifter.upstream.proxy import UpstreamProxy
 from shifter.resolvers.resolver import DestinationUnknown
 from shifter.tunnel.tunnel import ITunnelClient, ITunnelOwner, Tunnel
 
-from tests.support import knowLocalAddresses
+from tests.support import knowLocalAddresses, ntlmUsers
 from tests.test_sniff import realHello
 
 DESTINATION = IPv4Address("TCP", "203.0.113.7", 443)
@@ -55,6 +59,9 @@ class RecordingAttempt:
 
     def write(self, data: bytes) -> None:
         self.calls.append(("proxy.write", data))
+
+    def again(self, request: bytes, response: Any) -> None:
+        self.calls.append(("proxy.again",))
 
     def halfClose(self) -> None:
         self.calls.append(("proxy.halfClose",))
@@ -146,10 +153,11 @@ class DummyEndpoint:
 class Owner:
     resolver = object()
 
-    def __init__(self, settings: TunnelSettings, policy: Any = None) -> None:
+    def __init__(self, settings: TunnelSettings, policy: Any = None, auth: Any = None) -> None:
         self.settings = settings
         self.reactor = Clock()
-        self.pool = ProxyPool([UpstreamProxy("proxy.test:3128", DummyEndpoint(), ("198.51.100.3", 3128))], self.reactor)
+        proxy = UpstreamProxy("proxy.test:3128", DummyEndpoint(), ("198.51.100.3", 3128), auth=auth)
+        self.pool = ProxyPool([proxy], self.reactor)
         self.proxyAddresses = ProxyAddresses(self.pool.proxies, self.reactor)
         knowLocalAddresses(self)
         self.gatewayNames = GatewayNames([], {})
@@ -184,7 +192,13 @@ class Harness:
             connectTarget="sni" if state == T.SNIFFING else "ip",
             idleTimeout=30, setupTimeout=60, closeGrace=5,
         )
-        self.owner = Owner(settings, PendingPolicy() if state == T.DECIDING else None)
+        auth = None
+        if state == T.AUTHENTICATING:
+            # A proxy known to ask for NTLM: the first CONNECT carries the
+            # negotiate message, and its 407 the challenge.
+            auth = ProxyAuth(Credentials("CORP\\alice", "s3cret"))
+            auth.ntlm = True
+        self.owner = Owner(settings, PendingPolicy() if state == T.DECIDING else None, auth)
         self.calls: list = []
         self.client = RecordingClient(self.calls)
         if state == T.RESOLVING:
@@ -204,6 +218,10 @@ class Harness:
         attempt = self.client.attempts[-1]
         tunnel.proxyConnected(attempt)
         if state == T.HANDSHAKING:
+            return
+        if state == T.AUTHENTICATING:
+            tunnel.proxyAnswered(attempt, ntlmChallenge(self.calls[-1][1]))
+            assert tunnel.state == state, (tunnel.state, state)
             return
         tunnel.proxyAnswered(attempt, OK)
         if state == T.CLIENT_FINISHED:
@@ -275,7 +293,23 @@ class Harness:
 
 # The expected outcome of each pair: (state after, calls made, counters
 # moved).  Calls and counters are checked exactly.
-_SETUP = (T.RESOLVING, T.SNIFFING, T.DECIDING, T.CONNECTING, T.HANDSHAKING)
+_SETUP = (T.RESOLVING, T.SNIFFING, T.DECIDING, T.CONNECTING, T.HANDSHAKING, T.AUTHENTICATING)
+
+
+def ntlmChallenge(request: bytes) -> ConnectResponse:
+    """
+    The 407 a proxy gives the NTLM negotiate message in C{request}: a
+    challenge from pyspnego's own acceptor, with an empty body.
+    """
+    import spnego
+
+    negotiate = request.split(b"Proxy-Authorization: NTLM ", 1)[1].split(b"\r\n", 1)[0]
+    with tempfile.TemporaryDirectory() as directory, ntlmUsers(Path(directory), "CORP:alice:s3cret"):
+        challenge = spnego.server(protocol="ntlm").step(base64.b64decode(negotiate))
+    value = b"NTLM " + base64.b64encode(challenge)
+    return ConnectResponse(407, "Proxy Authentication Required", [
+        (b"Proxy-Authenticate", value), (b"Content-Length", b"0"),
+    ])
 _OPEN = (T.RELAYING, T.CLIENT_FINISHED, T.PROXY_FINISHED)
 
 
@@ -318,7 +352,7 @@ def expected(state: str, event: str) -> tuple[Any, Any, Any]:
             return T.CLOSING, drop, {}
         return T.CLOSING, [], {}  # late bytes, answers and results are dropped
     if state in _SETUP:
-        failAttempt = [("proxy.abort",)] if state in (T.CONNECTING, T.HANDSHAKING) else []
+        failAttempt = [("proxy.abort",)] if state in (T.CONNECTING, T.HANDSHAKING, T.AUTHENTICATING) else []
         if event == T.CLIENT_LOST:
             return T.CLOSED, failAttempt, {"client-gone": 1}
         if event == T.ABORT:
@@ -371,6 +405,16 @@ def expected(state: str, event: str) -> tuple[Any, Any, Any]:
             return T.CLOSING, [("proxy.abort",), ("client.close",)], {"proxy-garbage": 1}
         if event in (T.PROXY_ENDED, T.PROXY_LOST):
             return T.CLOSING, [("proxy.abort",), ("client.close",)], {"proxy-closed": 1}
+        if event == T.TIMED_OUT:
+            return T.CLOSING, [("proxy.abort",), ("client.close",)], {"timeout": 1}
+        return internal
+    if state == T.AUTHENTICATING:
+        # NTLM's second round, on the same connection: its failures are
+        # the authentication's.
+        if event == T.PROXY_ANSWERED:
+            return T.RELAYING, [("startRelay", b"", b"", False)], {"opened": 1}
+        if event in (T.PROXY_INVALID, T.PROXY_ENDED, T.PROXY_LOST):
+            return T.CLOSING, [("proxy.abort",), ("client.close",)], {"proxy-auth": 1}
         if event == T.TIMED_OUT:
             return T.CLOSING, [("proxy.abort",), ("client.close",)], {"timeout": 1}
         return internal
@@ -543,6 +587,20 @@ class HeldTunnelTests(SynchronousTestCase):
         self.assertEqual(self.owner.stats.counters["opened"], 1)
         self.tunnel.proxyData(self.attempt, b"more")
         self.assertEqual(self.calls[-1], ("relay.down", b"more"))
+
+    def test_idKept(self) -> None:
+        """
+        The tunnel takes the held tunnel's id (the one its CONNECT carried,
+        at the SYN), its proxy's status and the connection's time, for its
+        access-log record.
+        """
+        from shifter.tunnel.holdsyn import HeldTunnel
+
+        self.owner.held = HeldTunnel(self.attempt, b"", 0.0, "203.0.113.7", None, "k7q2mx4d-1b", 200, 0.5)
+        self.tunnel.start()
+        self.assertEqual(self.tunnel.describe(0.0).tunnelId, "k7q2mx4d-1b")
+        record = self.tunnel.record()
+        self.assertEqual((record.tunnelId, record.status, record.connected), ("k7q2mx4d-1b", 200, 0.5))
 
     def test_noneHeld(self) -> None:
         """

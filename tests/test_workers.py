@@ -20,6 +20,7 @@ from twisted.logger import Logger, LogLevel, eventAsJSON, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+import shifter
 from shifter.service import service
 from shifter.service.workers import _TWISTD, PARENT_PID, ReusePortEndpoint, WorkersService
 from tests.gateway import SERVER_V4
@@ -91,6 +92,56 @@ class WorkersServiceTests(SynchronousTestCase):
     def worker(self, index: int):  # type: ignore[no-untyped-def]
         return self.workers.workers[index]
 
+    def test_whenStopped(self) -> None:
+        """
+        A stop is over once every worker has ended (their drains included):
+        the ports beside the workers (the sum of their metrics) wait for
+        it.
+        """
+        self.workers.startService()
+        self.successResultOf(self.workers.whenStopped())  # not stopping: at once
+        self.workers.pids = {}  # no real process to signal
+        stopping = self.workers.stopService()
+        waiting = self.workers.whenStopped()
+        self.worker(0).processEnded(Failure(ProcessTerminated(0)))
+        self.assertNoResult(waiting)
+        self.worker(1).processEnded(Failure(ProcessTerminated(0)))
+        self.successResultOf(waiting)
+        self.successResultOf(stopping)
+
+    def test_user1PassedOn(self) -> None:
+        """
+        SIGUSR1 (reopen the access log) is passed on to every worker, a
+        real process here, and then to the handler before it (twistd's,
+        which rotates its --logfile).
+        """
+        before: list[int] = []
+        # The handlers in place: twistd's for SIGUSR1 first.
+        handlers: dict[int, object] = {signal.SIGUSR1: lambda signum, frame: before.append(signum)}
+
+        def install(signum: int, handler: object) -> object:
+            previous = handlers.get(signum, signal.SIG_DFL)
+            handlers[signum] = handler
+            return previous
+
+        self.patch(signal, "signal", install)
+        self.reactor.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
+        child = subprocess.Popen(
+            [sys.executable, "-c",
+             "import signal, sys\n"
+             "signal.signal(signal.SIGUSR1, lambda n, f: sys.exit(7))\n"
+             "print('ready', flush=True)\n"
+             "signal.pause()\n"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.addCleanup(child.kill)
+        self.assertEqual(child.stdout.readline().strip(), "ready")
+        self.workers.startService()
+        self.workers.pids = {0: child.pid}
+        handlers[signal.SIGUSR1](signal.SIGUSR1, None)  # type: ignore[operator]
+        self.assertEqual(child.wait(30), 7)
+        self.assertEqual(before, [signal.SIGUSR1])
+
     def test_arguments(self) -> None:
         """
         Each worker runs twistd in the foreground, logging JSON events to
@@ -100,7 +151,7 @@ class WorkersServiceTests(SynchronousTestCase):
         self.workers.startService()
         [(_, args, env), _] = self.reactor.spawned
         self.assertEqual(args[1:3], ["-c", _TWISTD])
-        self.assertEqual(args[3:], ["-n", "--pidfile=", "--logger", "shifter.logs.json", "shifter",
+        self.assertEqual(args[3:], ["-n", "--pidfile=", "--logger", "shifter.logs.events", "shifter",
                                     "--proxy", "127.0.0.1:3128", "--worker", "0"])
         self.assertEqual(env[PARENT_PID], str(os.getpid()))
 
@@ -250,4 +301,57 @@ class WorkersLoggingTests(GatewayTestCase):
         tunnels = [e for e in events() if "tunnel_line" in e]
         self.assertEqual(len(tunnels), 4)
         for event in tunnels:
-            self.assertRegex(event["log_system"], r"^worker [01]#info$")
+            self.assertRegex(event["system"], r"^worker [01]#info$")
+
+
+class WorkersMetricsTests(GatewayTestCase):
+    """
+    End to end: with C{--workers 2 --metrics}, Prometheus scrapes one
+    endpoint, the parent's, which serves the sum of both workers'.
+    """
+
+    def scrape(self, port: int) -> dict[str, float]:
+        result = self.net.gateway.run("curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/metrics")
+        samples = {}
+        for line in result.stdout.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+    def test_summed(self) -> None:
+        """
+        Tunnels spread over both workers are all counted on the parent's
+        port, which is the sum of the workers' own (ports 9101 and 9102);
+        scrapes add no line to the log.
+        """
+        from tests.gateway import SHIFTER_PORT, SQUID_PORT, VENV_BIN, PROJECT, stopProcess, waitFor
+
+        self.squid.start()
+        log = self.directory / "shifter-workers.log"
+        process = self.net.gateway.start(
+            str(VENV_BIN / "twistd"), "-n", "--pidfile=", f"--logfile={log}", "shifter",
+            "--listen", f"tcp6:{SHIFTER_PORT}:interface=\\:\\:", "--proxy", f"127.0.0.1:{SQUID_PORT}",
+            "--workers", "2", "--metrics", "tcp:9100:interface=127.0.0.1",
+            logTo=self.directory / "shifter-workers.out", env=dict(os.environ, PYTHONPATH=str(PROJECT)),
+        )
+        self.addCleanup(stopProcess, process)
+        text = lambda: log.read_text() if log.exists() else ""  # noqa: E731
+        waitFor(lambda: "workers accepting on" in text() or process.poll() is not None, 30, "two workers")
+        self.assertIsNone(process.poll(), text())
+        for _ in range(6):
+            self.assertEqual(self.fetch(f"https://{SERVER_V4}/file.bin").returncode, 0)
+        waitFor(lambda: self.scrape(9100).get("shifter_tunnels_opened_total") == 6, 15, "six tunnels in the sum")
+        lines = text().count("\n")
+        for _ in range(5):
+            summed = self.scrape(9100)
+        workers = [self.scrape(9101), self.scrape(9102)]
+        self.assertEqual(summed["shifter_workers_scraped"], 2)
+        self.assertEqual(sum(w["shifter_tunnels_opened_total"] for w in workers), 6)
+        self.assertEqual(
+            summed['shifter_bytes_total{direction="down"}'],
+            sum(w['shifter_bytes_total{direction="down"}'] for w in workers),
+        )
+        self.assertEqual(summed['shifter_tunnel_failures_total{reason="proxy-status"}'], 0)
+        self.assertEqual(summed[f'shifter_build_info{{version="{shifter.__version__}"}}'], 1)
+        self.assertEqual(text().count("\n"), lines, text().splitlines()[lines:])

@@ -121,10 +121,11 @@ def formatTunnels(tunnels: Sequence[dict[str, Any]]) -> str:
         (
             t["client"], t["destination"], t["connectTarget"] or "-", t["proxy"] or "-", t["state"],
             formatSize(t["bytesUp"]), formatSize(t["bytesDown"]), formatAge(t["age"]),
+            t.get("tunnelId") or "-",
         )
         for t in tunnels
     ]
-    headers = ("CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE")
+    headers = ("CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE", "ID")
     count = f"{len(tunnels)} connection{'' if len(tunnels) == 1 else 's'}"
     return (table(headers, rows) + "\n" + count) if rows else "no connections"
 
@@ -172,7 +173,7 @@ def _parser(prog: str = "python -m shifter.ctl") -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in [
-        ("tunnels", "every connection: client, destination, CONNECT target, proxy, state, bytes, age"),
+        ("tunnels", "every connection: client, destination, CONNECT target, proxy, state, bytes, age, id"),
         ("proxies", "each proxy: up, down, probing or on trial, failures in a row, last error, groups"),
         ("reload", "reload the configuration file (as SIGHUP does)"),
         ("drain", "stop accepting, let open tunnels finish, then stop (as SIGTERM does)"),

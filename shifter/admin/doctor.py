@@ -829,6 +829,7 @@ def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  #
     host, port = expected.checkTarget
     findings = []
     for proxy in expected.proxies:
+        socks = getattr(proxy, "kind", None) == "socks5"
         target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         try:
             response = yield _askProxy(proxy, host, port, reactor, timeout)
@@ -838,10 +839,22 @@ def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  #
         except Exception as e:
             reason = "no answer" if isinstance(e, ProbeNoAnswer) else str(e)
             findings.append(Finding("error", "proxy", f"{proxy.description} {reason} to CONNECT {target}"
-                                    f"{' within %g s' % timeout if reason == 'no answer' else ''}: is it an HTTP proxy?"))
+                                    f"{' within %g s' % timeout if reason == 'no answer' else ''}: "
+                                    f"is it {'a SOCKS5 server' if socks else 'an HTTP proxy'}?"))
             continue
         status = f"{response.status} {response.reason}".strip()
         if 200 <= response.status < 300:
+            continue
+        if socks:
+            if response.status == 407:
+                advice = ("give it a username and password (socks5://user:password@...)" if proxy.login is None
+                          else "its username and password were refused")
+            elif response.status == 403:
+                advice = "its rules refuse CONNECT from this gateway to that destination"
+            else:
+                advice = "it cannot reach the destination (DNS, routing, its own firewall); try --check-target"
+            findings.append(Finding("error", "proxy", f"{proxy.description} answered CONNECT {target}: "
+                                    f"{response.refusal}: {advice}"))
             continue
         if response.status == 407:
             advice = ("give it credentials (--proxy http://user:password@..., --proxy-credentials, or the proxy's "

@@ -9,7 +9,9 @@ so an option added there is a key here at once.  Besides those:
   - C{[[proxy]]} tables: one upstream proxy each, with its own settings
     (C{address}, C{group}, C{credentials}, C{ca}, C{mark});
   - C{[[rule]]} tables: per-connection policy without Python, matched in
-    order, the first that matches deciding (L{RulePolicy});
+    order, the first that matches deciding (L{RulePolicy}): a proxy group,
+    a CONNECT target, C{direct = true} (Shifter connects to the original
+    destination itself) or a refusal;
   - a C{[gateway]} table that Shifter itself ignores and that
     C{python -m shifter.doctor} reads (the LAN interfaces and ports).
 
@@ -42,7 +44,7 @@ DEFAULT_GROUP = "default"
 _NOT_IN_FILE = frozenset({"config", "worker", "help", "version"})
 
 _PROXY_KEYS = ("address", "group", "credentials", "ca", "mark", "pass-client")
-_RULE_KEYS = ("client", "destination", "port", "name", "proxy", "connect-target", "refuse")
+_RULE_KEYS = ("client", "destination", "port", "name", "proxy", "connect-target", "refuse", "direct")
 _RULE_TARGETS = ("ip", "name")
 GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target", "squid-conf")
 
@@ -146,6 +148,8 @@ class Rule:
     @ivar connectTarget: C{"ip"} (CONNECT to the address even if a name was
         read) or C{"name"} (to the name read, if any).
     @ivar refuse: if set, refuse the connection, with this reason.
+    @ivar direct: whether Shifter connects to the original destination
+        itself (DIRECT), through no proxy.
     @ivar line: where the rule starts in the file.
     """
 
@@ -157,6 +161,7 @@ class Rule:
     group: Optional[str] = None
     connectTarget: Optional[str] = None
     refuse: Optional[str] = None
+    direct: bool = False
 
     def matches(self, request: TunnelRequest) -> bool:
         if self.clients and not _inAny(request.client.host, self.clients):
@@ -399,6 +404,10 @@ class _Reader:
             for key in ("credentials", "ca"):
                 if key in item and not (isinstance(item[key], str) and item[key]):
                     raise self.fail(where + (key,), f"proxy: {key}: expected a file name")
+            if address.startswith("socks5://"):
+                for key in ("pass-client", "ca"):
+                    if key in item:
+                        raise self.fail(where + (key,), f"proxy: {key} is for HTTP proxies, not a SOCKS5 server")
             passClient = item.get("pass-client")
             if passClient is not None:
                 from shifter.upstream.passclient import PASS_CLIENT_MODES
@@ -474,10 +483,16 @@ class _Reader:
                 refuse = None
             elif not isinstance(refuse, str) or not refuse or "\n" in refuse:
                 raise self.fail(where + ("refuse",), "rule: refuse: expected true or a one-line reason")
-        if refuse is not None and (group is not None or target is not None):
-            raise self.fail(where, "rule: refuse goes alone, without proxy or connect-target")
-        if refuse is None and group is None and target is None:
-            raise self.fail(where, "rule: says nothing to do: give proxy, connect-target or refuse")
+        direct = item.get("direct", False)
+        if not isinstance(direct, bool):
+            raise self.fail(where + ("direct",), f"rule: direct: expected true or false, got {direct!r}")
+        if refuse is not None and (group is not None or target is not None or direct):
+            raise self.fail(where, "rule: refuse goes alone, without proxy, connect-target or direct")
+        if direct and (group is not None or target is not None):
+            raise self.fail(where, "rule: direct goes alone, without proxy or connect-target: "
+                            "it connects to the destination's address itself")
+        if refuse is None and group is None and target is None and not direct:
+            raise self.fail(where, "rule: says nothing to do: give proxy, connect-target, direct or refuse")
         return Rule(
             line=self.lineOf(where) or 1,
             clients=networks("client"),
@@ -487,6 +502,7 @@ class _Reader:
             group=group,
             connectTarget=target,
             refuse=refuse,
+            direct=direct,
         )
 
     def portRange(self, where: tuple[Any, ...], port: Any) -> PortRange:
@@ -622,7 +638,18 @@ class RulePolicy:
         which clients may then have CONNECT ask for.
     """
 
-    def __init__(self, rules: Sequence[Rule], groups: Mapping[str, Sequence[UpstreamProxy]]) -> None:
+    def __init__(
+        self, rules: Sequence[Rule], groups: Mapping[str, Sequence[UpstreamProxy]],
+        direct: Optional[UpstreamProxy] = None,
+    ) -> None:
+        """
+        @param direct: the DIRECT route (L{shifter.upstream.proxy.directRoute})
+            that rules with C{direct = true} choose.
+        @raise ValueError: if a rule says C{direct} and there is no route.
+        """
+        if direct is None and any(rule.direct for rule in rules):
+            raise ValueError("a rule says direct, and no DIRECT route was given")
+        self.direct = direct
         self.rules = list(rules)
         self.groups = {name: frozenset(proxies) for name, proxies in groups.items()}
         self.decidesByAddress = any(rule.destinations for rule in self.rules)
@@ -639,6 +666,8 @@ class RulePolicy:
     def _decision(self, request: TunnelRequest, rule: Optional[Rule]) -> Optional[TunnelDecision]:
         if rule is not None and rule.refuse is not None:
             return TunnelDecision(refuse=f"{rule.refuse} (rule at line {rule.line})")
+        if rule is not None and rule.direct and self.direct is not None:  # (a route is given with such rules)
+            return TunnelDecision(proxies=(self.direct,))
         group = rule.group if rule is not None and rule.group is not None else DEFAULT_GROUP
         members = self.groups.get(group)
         proxies = None
@@ -668,14 +697,19 @@ def groupsOf(specs: Sequence[ProxySpec], proxies: Sequence[UpstreamProxy]) -> di
     return groups
 
 
-def policyFor(config: Optional[ConfigFile], specs: Sequence[ProxySpec], proxies: Sequence[UpstreamProxy]) -> Optional[RulePolicy]:
+def policyFor(
+    config: Optional[ConfigFile], specs: Sequence[ProxySpec], proxies: Sequence[UpstreamProxy],
+    direct: Optional[UpstreamProxy] = None,
+) -> Optional[RulePolicy]:
     """
     The policy that the file's rules and proxy groups describe, or C{None}
     when there is nothing to decide (no rules, every proxy in the default
     group).
+
+    @param direct: the DIRECT route, for rules that choose it.
     """
     groups = groupsOf(specs, proxies)
     rules = config.rules if config is not None else []
     if not rules and set(groups) == {DEFAULT_GROUP}:
         return None
-    return RulePolicy(rules, groups)
+    return RulePolicy(rules, groups, direct)

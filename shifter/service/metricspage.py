@@ -9,10 +9,15 @@ module (and twisted.web with it) is loaded only when C{--metrics} is given.
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import InfoMetricFamily, Metric
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+import shifter
 
 
 class MetricsPage(Resource):
@@ -31,10 +36,31 @@ class MetricsPage(Resource):
         return generate_latest(self._registry)
 
 
+class QuietSite(Site):
+    """
+    A site that writes no line per request: a scrape every 15 s would be
+    thousands of lines a day in Shifter's log, saying nothing.
+    """
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class _BuildInfo:
+    """
+    C{shifter_build_info{version}}, always 1: which Shifter runs.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        yield InfoMetricFamily("shifter_build", "The Shifter that runs.", value={"version": shifter.__version__})
+
+
 def metricsSite(registry: CollectorRegistry) -> Site:
     """
-    The web site that serves C{registry} at every path.
+    The web site that serves C{registry}, and C{shifter_build_info}, at
+    every path.
     """
-    site = Site(MetricsPage(registry))
-    site.noisy = False
-    return site
+    registry.register(_BuildInfo())
+    return QuietSite(MetricsPage(registry))

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,6 +45,9 @@ class ShifterService(Service):
     @ivar reloader: reloads the configuration: returns what changed, in
         words, or raises C{ValueError} with the reason it cannot; C{None}
         when nothing can be reloaded.
+    @ivar accessLogOpener: opens the access log (C{--access-log}) and
+        returns it, for the factory; called before privileges are shed
+        where twistd sheds them.  C{None} for no access log.
     """
 
     log = Logger()
@@ -70,11 +73,27 @@ class ShifterService(Service):
         self.ready: Deferred[IListeningPort] = Deferred()
         self._starting: Deferred[None] | None = None
         self.reloader: Callable[[], str] | None = None
+        self.accessLogOpener: Callable[[], Any] | None = None
+        self._stopWaiters: list[Deferred[None]] | None = None  # while stopping
         self.draining = False
         self.failed = False
 
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._openAccessLog()
+
+    def _openAccessLog(self) -> None:
+        opener, self.accessLogOpener = self.accessLogOpener, None
+        if opener is None:
+            return
+        try:
+            self.factory.accessLog = opener()
+        except (OSError, ValueError):
+            self.cannotStart(Failure(), "--access-log")
+
     def startService(self) -> None:
         Service.startService(self)
+        self._openAccessLog()
         if self.failed:
             return  # a port it needs beside its own could not be opened
         if self._handleHangup:
@@ -180,8 +199,32 @@ class ShifterService(Service):
             self.ready.addErrback(lambda _: None)
         stopWithFailure(self.factory.reactor, self.exitStatusOnFailure)
 
+    def stopService(self) -> Deferred[None]:
+        self._stopWaiters = []
+        stopping = self._stop()
+
+        def stopped(result: object) -> object:
+            waiters, self._stopWaiters = self._stopWaiters or [], None
+            for waiter in waiters:
+                waiter.callback(None)
+            return result
+
+        return stopping.addBoth(stopped)
+
+    def whenStopped(self) -> Deferred[None]:
+        """
+        @return: a C{Deferred} that fires once a stop under way (its drain
+            included) has ended; at once if none is.
+        """
+        waiters = self._stopWaiters
+        if waiters is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        waiters.append(waiter)
+        return waiter
+
     @inlineCallbacks
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def _stop(self):  # type: ignore[no-untyped-def]
         Service.stopService(self)
         factory = self.factory
         starting, self._starting = self._starting, None
@@ -214,15 +257,18 @@ class ShifterService(Service):
                 yield factory.closeAll()
         factory.pool.stop()
         factory.deadlines.stop()
+        accessLog, factory.accessLog = factory.accessLog, None
+        if accessLog is not None:
+            accessLog.close()
         yield factory.resolver.stop()
 
 
 class SidePortService(Service):
     """
     A port Shifter serves beside the redirected one (C{--metrics}, the
-    control socket), opened before it.  One that cannot be opened stops
-    Shifter as any start-up failure does, instead of leaving it running
-    without.
+    control socket), opened before it and closed after it has stopped, its
+    drain included.  One that cannot be opened stops Shifter as any
+    start-up failure does, instead of leaving it running without.
 
     @ivar what: what the port is, for the log lines.
     @ivar description: where it listens, for the log lines.
@@ -237,7 +283,7 @@ class SidePortService(Service):
         description: str,
         endpoint: IStreamServerEndpoint,
         factory: Any,
-        shifterService: ShifterService,
+        shifterService: Any,
         hint: str = "",
     ) -> None:
         self.what = what
@@ -266,11 +312,21 @@ class SidePortService(Service):
         )
 
     def stopService(self) -> Any:
+        """
+        Close the port once Shifter has stopped, its drain included, so
+        that the drain can be watched (C{ctl tunnels}, the metrics).
+        """
         Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
+        whenStopped = getattr(self.shifterService, "whenStopped", None)
+        waiting = whenStopped() if whenStopped is not None else succeed(None)
+
+        def close(_: object) -> Any:
+            if self.port is not None:
+                port, self.port = self.port, None
+                return port.stopListening()
+            return None
+
+        return waiting.addCallback(close)
 
 
 # The status the process exits with once twistd has finished, if not 0.

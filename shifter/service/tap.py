@@ -11,11 +11,13 @@ import re
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Mapping, TextIO
+from typing import Any, Mapping, TextIO
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from shifter.upstream.connect import formatAuthority
 from shifter.service.config import (
@@ -33,16 +35,23 @@ from shifter.tunnel.holdsyn import DEFAULT_HOLD_TIMEOUT, SynHolder
 from shifter.upstream.passclient import PASS_CLIENT_MODES
 from shifter.upstream.pool import BALANCES, ProxyPool
 from shifter.upstream.probe import DEFAULT_PROBE_TARGET
-from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials, readTrustRoot
+from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, directRoute, parseProxy, readCredentials, readTrustRoot
 from shifter.relay.relay import RELAYS
 from shifter.resolvers.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
-from shifter.logs import twistdLogFile, useLogFile
+from shifter.logs import LOG_FORMATS, logObserver, twistdLogFile, useLogFile
+from shifter.service.accesslog import DEFAULT_FORMAT as DEFAULT_ACCESS_LOG_FORMAT
+from shifter.service.accesslog import FIELDS as ACCESS_LOG_FIELDS
+from shifter.service.accesslog import AccessLogFormat, checkDestination
+from shifter.tunnel.tunnelid import DEFAULT_HEADER as DEFAULT_TUNNEL_ID_HEADER
 from shifter.service.notify import SystemdNotifier
 from shifter.service.service import ShifterService, SidePortService
 from shifter.relay.splice import SPLICE_AVAILABLE
-from shifter.service.workers import ReusePortEndpoint, WorkersService, becomeWorker, shiftPort, workerReady
+from shifter.service.workers import ReusePortEndpoint, WorkersService, becomeWorker, workerReady
 
 CONNECT_TARGETS = ("ip", "sni", "host", "auto")
+
+# A header name Shifter may send: an HTTP token.
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 # The listening queue when --listen names none: new connections come in
 # bursts (a page's worth of them, or accepted held SYNs at once), and
@@ -483,8 +492,9 @@ class Options(usage.Options):
             1,
             "Processes serving the --listen port (tcp: or tcp6: only), each "
             "with its own socket (SO_REUSEPORT) and reactor, started, watched "
-            "and restarted by this one. With --metrics, worker I serves on the "
-            "metrics port plus I.",
+            "and restarted by this one. With --metrics, this one serves the "
+            "sum of the workers' metrics there, and worker I its own on the "
+            "metrics port plus 1 + I.",
             _positiveInt,
         ],
         [
@@ -511,6 +521,39 @@ class Options(usage.Options):
             "firewall rules can keep them out of the redirect. Needs "
             "CAP_NET_ADMIN. Default: no mark",
             _mark,
+        ],
+        [
+            "access-log",
+            None,
+            None,
+            "Write one line per client connection, once it has ended, to this "
+            "file (reopened on SIGHUP and SIGUSR1, for logrotate), to - "
+            "(standard output) or to syslog (facility daemon). Default: none.",
+        ],
+        [
+            "access-log-format",
+            None,
+            DEFAULT_ACCESS_LOG_FORMAT,
+            "The access log's line, of {field} names and text: "
+            + ", ".join(ACCESS_LOG_FIELDS)
+            + " (the README says what each holds).",
+        ],
+        [
+            "tunnel-id-header",
+            None,
+            DEFAULT_TUNNEL_ID_HEADER,
+            "The request header in which every CONNECT carries the tunnel's "
+            "id (the id of the access log, the tunnel line and ctl tunnels), "
+            "for the proxy's own log; none to send nothing.",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "The service log's form: text (twistd's lines), json (one object "
+            "per line, with stable field names) or journald (straight to "
+            "journald, with its priority and SHIFTER_* fields; text where no "
+            "journal socket is found). json and text go to twistd's --logfile.",
         ],
     ]
 
@@ -571,11 +614,12 @@ class Options(usage.Options):
 
     def opt_proxy(self, proxy: str) -> None:
         """
-        An upstream HTTP proxy (at least one): HOST:PORT, [IPV6]:PORT,
+        An upstream proxy (at least one): HOST:PORT, [IPV6]:PORT,
         http://[USER:PASSWORD@]HOST:PORT, https://[USER:PASSWORD@]HOST:PORT
-        (TLS to the proxy), or a Twisted client endpoint string such as
-        tcp:host=10.0.0.5:port=3128. Repeatable; see --balance. A URL may
-        end with ?pass-client=MODE, this proxy's own --pass-client.
+        (TLS to the proxy), socks5://[USER:PASSWORD@]HOST:PORT (a SOCKS5
+        server), or a Twisted client endpoint string such as
+        tcp:host=10.0.0.5:port=3128. Repeatable; see --balance. An HTTP
+        URL may end with ?pass-client=MODE, this proxy's own --pass-client.
         """
         self["proxy"].append(proxy)
 
@@ -677,6 +721,7 @@ class Options(usage.Options):
                 ) from None
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--metrics: invalid endpoint {self['metrics']!r}: {e}") from None
+        self._checkLogging()
         self.checkCombinations()
 
     def _checkCertificateAuthorities(self) -> None:
@@ -702,6 +747,26 @@ class Options(usage.Options):
             readTrustRoot(credentialFile(ca))
         except ValueError as e:
             raise usage.UsageError(f"--proxy-ca: {e}") from None
+
+    def _checkLogging(self) -> None:
+        if self["access-log"] is not None:
+            try:
+                checkDestination(self["access-log"])
+            except ValueError as e:
+                raise usage.UsageError(f"--access-log: {e}") from None
+        try:
+            AccessLogFormat(self["access-log-format"])
+        except ValueError as e:
+            raise usage.UsageError(f"--access-log-format: {e}") from None
+        header = self["tunnel-id-header"]
+        if header.lower() != "none" and not _TOKEN.fullmatch(header):
+            raise usage.UsageError(
+                f"--tunnel-id-header: expected a header name (letters, digits, -) or none, got {header!r}"
+            )
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(
+                f"--log-format: expected one of {', '.join(LOG_FORMATS)}, got {self['log-format']!r}"
+            )
 
     def checkCombinations(self) -> None:
         """
@@ -784,24 +849,38 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     twistd = getattr(config, "parent", None)
     if exitStatusOnFailure is None:
         exitStatusOnFailure = twistd is not None
+    logFile = None
     if twistd is not None:
-        useLogFile(twistdLogFile(twistd))
+        logFile = twistdLogFile(twistd)
+        useLogFile(logFile)
+    top = MultiService()
+    # --log-format, unless twistd was given a --logger of its own (as
+    # each worker of --workers is).
+    if config["log-format"] != "text" and not (twistd is not None and twistd.get("logger")):
+        top = LoggingService(logObserver(config["log-format"], logFile))
     if config["workers"] > 1 and config["worker"] is None:
         workers = WorkersService(
             reactor, config["workers"], config.arguments, config["drain-timeout"], config["listen"],
             exitStatusOnFailure=exitStatusOnFailure,
         )
-        parent = MultiService()
-        workers.setServiceParent(parent)
+        if config["metrics"] is not None:
+            from shifter.service.metricsum import summedSite
+
+            summed = summedSite(reactor, config["metrics"], config["workers"])
+            if summed is not None:
+                SidePortService(
+                    "metrics (the sum of the workers')", config["metrics"],
+                    serverFromString(reactor, config["metrics"]), summed, workers,
+                ).setServiceParent(top)
+        workers.setServiceParent(top)
         serving = lambda: f"{sum(w.ready for w in workers.workers.values())} of {config['workers']} workers serving"  # noqa: E731
-        SystemdNotifier(reactor, workers.ready, serving).setServiceParent(parent)
-        return parent
+        SystemdNotifier(reactor, workers.ready, serving).setServiceParent(top)
+        return top
     built = configure(config, reactor)
     resolver = makeResolver(config["resolver"], reactor, **resolverOptions(config))
     factory = ShifterFactory(resolver, built.pool, built.settings, reactor, policy=built.policy)
     if config["hold-syn"]:
         factory.holder = resolver.holder = SynHolder(factory, config["hold-timeout"])  # type: ignore[attr-defined]
-    top = MultiService()
     listen = withBacklog(config["listen"], LISTEN_BACKLOG)
     endpoint = serverFromString(reactor, listen)
     metrics = config["metrics"]
@@ -811,7 +890,9 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
         becomeWorker(worker)
         endpoint = ReusePortEndpoint.fromString(reactor, listen) or endpoint
         if metrics is not None:
-            metrics = shiftPort(metrics, worker) or (metrics if worker == 0 else None)
+            from shifter.service.metricsum import workerMetrics
+
+            metrics = workerMetrics(metrics, worker) or (metrics if worker == 0 else None)
         if control is not None:
             control = f"{control}.{worker}"
     service = ShifterService(
@@ -823,6 +904,12 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
         exitStatusOnFailure=exitStatusOnFailure,
     )
     service.reloader = Reloader(config, built, service, reactor)
+    accessLog = config["access-log"]
+    if accessLog is not None:
+        from shifter.service.accesslog import openAccessLog
+
+        accessLogFormat = config["access-log-format"]
+        service.accessLogOpener = lambda: openAccessLog(accessLog, accessLogFormat, reactor)
     service.setName("shifter")
     # The side ports first: once Shifter says it accepts connections,
     # they are open too.
@@ -865,6 +952,23 @@ def buildProxy(spec: ProxySpec, config: Options, reactor) -> UpstreamProxy:  # t
     )
 
 
+class LoggingService(MultiService):
+    """
+    Shifter's services, which also tell the twistd application they join
+    which log observer to use (C{--log-format}): twistd logs through it,
+    unless its own C{--logger} is given.
+    """
+
+    def __init__(self, observer: Any) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, self.observer)
+        return super().setServiceParent(parent)
+
+
 @dataclass
 class Configured:
     """
@@ -873,12 +977,15 @@ class Configured:
 
     @ivar poolKey: what the pool was built from, to tell whether a reload
         changes it.
+    @ivar direct: the DIRECT route, which a policy may choose in place of
+        a proxy.
     """
 
     settings: TunnelSettings
     pool: ProxyPool
     policy: RulePolicy | None
     poolKey: tuple[object, ...]
+    direct: UpstreamProxy | None = None
 
 
 def _poolKey(config: Options) -> tuple[object, ...]:
@@ -921,6 +1028,7 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
         connectTarget=config["connect-target"],
         sniffTimeout=config["sniff-timeout"],
         relay=config["relay"],
+        tunnelIdHeader="" if config["tunnel-id-header"].lower() == "none" else config["tunnel-id-header"],
     )
     key = _poolKey(config)
     if running is not None and running.poolKey == key:
@@ -934,20 +1042,21 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
             downFor=config["proxy-backoff"],
             maxDownFor=30 * config["proxy-backoff"],
         )
-    policy = policyFor(config.configFile, config.proxySpecs, pool.proxies)
+    direct = directRoute(reactor, config["mark"] or 0)
+    policy = policyFor(config.configFile, config.proxySpecs, pool.proxies, direct)
     # The probe's settings follow the options even in a pool kept across a
     # reload, with what it knows of each proxy's health.
     pool.probeTarget = config["probe-target"] or DEFAULT_PROBE_TARGET
     pool.connectTimeout = settings.connectTimeout
     pool.handshakeTimeout = settings.handshakeTimeout
-    return Configured(settings, pool, policy, key)
+    return Configured(settings, pool, policy, key, direct)
 
 
 # Options that the running service cannot change: a reload that changes
 # them says so, and they take effect at the next start.
 RESTART_OPTIONS = (
     "listen", "resolver", "queue-num", "queue-bypass", "queue-mark", "workers", "metrics", "control",
-    "hold-syn", "hold-timeout", "reject-mark",
+    "hold-syn", "hold-timeout", "reject-mark", "access-log", "access-log-format", "log-format",
 )
 
 

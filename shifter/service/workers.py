@@ -4,8 +4,8 @@ reactor and no threads.
 
 The parent (L{WorkersService}) does no relaying.  It starts N copies of
 C{twistd -n shifter} with the same options plus C{--worker I}, watches
-them, restarts one that dies, and passes SIGTERM (drain, then exit) and
-SIGHUP on to all of them.
+them, restarts one that dies, and passes SIGTERM (drain, then exit),
+SIGHUP and SIGUSR1 (reopen the access log) on to all of them.
 
 Each worker listens on its own socket bound with C{SO_REUSEPORT}
 (L{ReusePortEndpoint}), so the kernel spreads new connections over the
@@ -17,8 +17,9 @@ Logs: a worker writes its log events, as JSON, to a pipe to the parent,
 which publishes them as its own, tagged C{[worker I#level]}: so they go
 where the parent's go (C{--logfile}, C{--syslog}, a C{--logger}), in the
 format the parent's go in, and rotation and reopening stay the parent's.
-Metrics (C{--metrics}): worker I serves on the given port plus I (scrape
-them all; the counters are per worker).
+Metrics (C{--metrics}): the parent serves the sum of the workers' on the
+given port, worker I its own on that port plus 1 + I
+(L{shifter.service.metricsum}).
 
 A worker arms the parent-death signal before anything else (C{prctl
 PR_SET_PDEATHSIG}) and then checks that its parent is still the process
@@ -69,7 +70,7 @@ _TWISTD = (
 
 # What twistd is told in each worker: its log events go to the parent as
 # JSON lines.
-_WORKER_TWISTD_OPTIONS = ("-n", "--pidfile=", "--logger", "shifter.logs.json")
+_WORKER_TWISTD_OPTIONS = ("-n", "--pidfile=", "--logger", "shifter.logs.events")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -263,12 +264,20 @@ class WorkersService(Service):
         self._failures: dict[int, int] = {}
         self._restarts: dict[int, Any] = {}
         self._restoreHangup: Callable[[], object] | None = None
+        self._previousUser1: Any = None
+        self._stopWaiters: list[Deferred[None]] | None = None  # while stopping
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
         Service.startService(self)
         previous = signal.signal(signal.SIGHUP, self._onHangup)
-        self._restoreHangup = lambda: signal.signal(signal.SIGHUP, previous)
+        self._previousUser1 = signal.signal(signal.SIGUSR1, self._onUser1)
+
+        def restore() -> None:
+            signal.signal(signal.SIGHUP, previous)
+            signal.signal(signal.SIGUSR1, self._previousUser1)
+
+        self._restoreHangup = restore
         rememberOpenLogFile()
         for index in range(self.count):
             self._spawn(index)
@@ -360,8 +369,24 @@ class WorkersService(Service):
         )
         self._restarts[index] = self.reactor.callLater(delay, self._spawn, index)
 
+    def cannotStart(self, reason: Failure, what: str) -> None:
+        """
+        A port the parent serves beside the workers (the sum of their
+        metrics) cannot be opened: one critical line, then stop, as when a
+        worker cannot start.
+        """
+        self.log.critical("Shifter cannot start: {what}: {reason}", what=what, reason=reason.getErrorMessage())
+        from shifter.service.service import stopWithFailure
+
+        stopWithFailure(self.reactor, self.exitStatusOnFailure)
+
     def _onHangup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self._hangup)
+
+    def _onUser1(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._signalAll, signal.SIGUSR1)
+        if callable(self._previousUser1):
+            self._previousUser1(signum, frame)  # twistd's: it rotates its --logfile
 
     def _hangup(self) -> None:
         self.log.info("SIGHUP: reopened {count} log files", count=reopenLogFiles())
@@ -388,12 +413,28 @@ class WorkersService(Service):
         self._signalAll(signal.SIGTERM)
         killer = self.reactor.callLater(self.drainTimeout + 10, self._signalAll, signal.SIGKILL)
 
+        self._stopWaiters = []
+
         def done(_: object) -> None:
             if killer.active():
                 killer.cancel()
+            waiters, self._stopWaiters = self._stopWaiters or [], None
+            for waiter in waiters:
+                waiter.callback(None)
 
         from twisted.internet.defer import gatherResults
 
         result = gatherResults(ended)
         result.addCallback(done)
         return result
+
+    def whenStopped(self) -> Deferred[None]:
+        """
+        @return: a C{Deferred} that fires once every worker has ended after
+            a stop (their drains included); at once if none is under way.
+        """
+        if self._stopWaiters is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stopWaiters.append(waiter)
+        return waiter

@@ -18,7 +18,7 @@ from zope.interface import implementer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from shifter.tunnel.deadlines import Deadlines
@@ -64,6 +64,9 @@ class TunnelSettings:
         the client's first bytes hold.  The original port is always kept.
     @ivar sniffTimeout: seconds to wait for the client's first bytes when
         looking for a name, before using the address.
+    @ivar tunnelIdHeader: the request header CONNECT carries the tunnel's
+        id in (L{shifter.tunnel.tunnelid}), such as C{"Shifter-Tunnel"}
+        (C{twistd shifter}'s default); C{""} to send none.
     @ivar relay: how open tunnels relay: C{"auto"} or C{"splice"} (zero-copy
         wherever both sides are plain TCP), or C{"twisted"} (Twisted's
         producers and consumers); see L{shifter.relay.relay}.
@@ -82,6 +85,7 @@ class TunnelSettings:
     connectTarget: str = "ip"
     sniffTimeout: float = 2.0
     relay: str = "auto"
+    tunnelIdHeader: str = ""
 
 
 @implementer(ITunnelOwner)
@@ -96,6 +100,10 @@ class ShifterFactory(ServerFactory):
     @ivar listeningAddress: the listening socket's address, once listening.
     @ivar holder: with C{--hold-syn}, the L{shifter.tunnel.holdsyn.SynHolder} whose
         open tunnels the client connections take; else C{None}.
+    @ivar accessLog: what each client connection's
+        L{shifter.tunnel.tunnel.TunnelRecord} is given to once it has ended
+        (its C{tunnelEnded(record)}), such as
+        L{shifter.service.accesslog.AccessLog}; or C{None}.
     """
 
     log = Logger()
@@ -120,6 +128,7 @@ class ShifterFactory(ServerFactory):
         self.deadlines = Deadlines(reactor)
         self.listeningAddress: Destination | None = None
         self.holder: Any = None
+        self.accessLog: Any = None
         self._idleWaiters: list[Deferred[None]] = []
         self.proxyAddresses = ProxyAddresses(pool.proxies, reactor)
         self.gatewayNames = GatewayNames([], {})
@@ -287,6 +296,15 @@ class ShifterFactory(ServerFactory):
         return done
 
     def tunnelClosed(self, tunnel: Tunnel) -> None:
+        accessLog = self.accessLog
+        if accessLog is not None:
+            try:
+                accessLog.tunnelEnded(tunnel.record())
+            except Exception:
+                self.refusals.emit(
+                    "internal", LogLevel.error, "access log: cannot write the line of tunnel {tunnel}",
+                    log_failure=Failure(), tunnel=tunnel.tunnelId,
+                )
         self.active.discard(tunnel)
         self.clientLimit.release(tunnel.clientHost)
         if not self.active and self._idleWaiters:

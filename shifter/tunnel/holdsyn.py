@@ -62,6 +62,7 @@ from shifter.tunnel.deadlines import Deadlines
 from shifter.interfaces import IProxyAttempt, IProxyReceiver
 from shifter.tunnel.limits import clientKey
 from shifter.tunnel.negotiation import (
+    AUTHENTICATING,
     CONNECTING,
     DECIDE_FAILED,
     DECIDED,
@@ -81,7 +82,8 @@ from shifter.tunnel.negotiation import (
     formatAddress,
 )
 from shifter.tunnel.statetable import buildTable
-from shifter.tunnel.tunnel import RATE_LIMITED
+from shifter.tunnel.tunnel import RATE_LIMITED, TunnelRecord
+from shifter.tunnel.tunnelid import newTunnelId
 from shifter.upstream.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
@@ -89,12 +91,12 @@ DEFAULT_HOLD_TIMEOUT = 10.0
 # A held SYN's states.
 HELD = "held"  # held, its checks not yet made (until START)
 # DECIDING (the policy deciding), CONNECTING (connecting to a proxy) and
-# HANDSHAKING (CONNECT sent), the SYN held: the proxy negotiation's own
-# (shifter.tunnel.negotiation).
+# HANDSHAKING (CONNECT sent), AUTHENTICATING (NTLM's second CONNECT sent),
+# the SYN held: the proxy negotiation's own (shifter.tunnel.negotiation).
 ACCEPTED = "accepted"  # the proxy said 2xx and the SYN was accepted: waiting for the client's connection
 DONE = "done"  # refused, taken over by a tunnel, or given up
 
-STATES = (HELD, DECIDING, CONNECTING, HANDSHAKING, ACCEPTED, DONE)
+STATES = (HELD, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING, ACCEPTED, DONE)
 
 # Its events: the proxy negotiation's (DECIDED, DECIDE_FAILED and the
 # PROXY_EVENTS), and these.
@@ -125,6 +127,9 @@ class HeldTunnel:
         or a policy's target.
     @ivar passClient: a policy's C{--pass-client} choice, or C{None} for
         the proxy's own.
+    @ivar tunnelId: the id its CONNECT carried, which the tunnel keeps.
+    @ivar status: the proxy's answer to CONNECT.
+    @ivar connected: when the connection to the proxy was made.
     """
 
     attempt: Any
@@ -132,6 +137,9 @@ class HeldTunnel:
     started: float
     connectHost: str
     passClient: Optional[str] = None
+    tunnelId: str = ""
+    status: Optional[int] = None
+    connected: Optional[float] = None
 
 
 def newAttempt(proxy: Any, receiver: IProxyReceiver) -> Any:
@@ -187,6 +195,10 @@ class HeldSyn(ProxyNegotiation):
         self.connectHost = self.address
         self.named = ""
         self.passClient: str | None = None  # a policy's --pass-client choice
+        self.tunnelId = newTunnelId()
+        self.targetFrom = "address"
+        self.proxyStatus: int | None = None
+        self.proxyConnectedAt: float | None = None
         self.pending: Deferred[Any] | None = None
         self.proxy: Any = None
         self.attempt: Any = None
@@ -314,8 +326,9 @@ class HeldSyn(ProxyNegotiation):
         """
         self.stats.counters[kind] += 1
         self.holder.counters["refused"] += 1
-        text = "tunnel {client} -> {destination}{named} via {proxy} refused at the SYN: {reason}"
+        text = "tunnel {client} -> {destination}{named} via {proxy} refused at the SYN: {reason} id={tunnel}"
         facts: dict[str, Any] = dict(
+            tunnel=self.tunnelId,
             client=self.clientLabel,
             destination=self.target,
             named=self.named,
@@ -330,10 +343,39 @@ class HeldSyn(ProxyNegotiation):
             self.holder.owner.refusals.warn(kind, text, **facts)
         else:
             self.log.warn(text, **facts)
+        accessLog = getattr(self.owner, "accessLog", None)
+        if accessLog is not None:
+            accessLog.tunnelEnded(self._record(kind, reason))
         self._cancelPending()
         self._dropAttempt()
         self._verdict("reject")
         self._done()
+
+    def _record(self, kind: str, reason: str) -> TunnelRecord:
+        """
+        The access-log record of a SYN refused: a client connection that
+        never was, from its SYN to its reset.
+        """
+        port = self.destination.port
+        return TunnelRecord(
+            tunnelId=self.tunnelId,
+            started=self.started,
+            ended=self.clock.seconds(),
+            client=self.clientLabel,
+            destination=self.target,
+            connectTarget=formatAddress(self.connectHost, port) if self.proxy is not None else "",
+            targetFrom=self.targetFrom,
+            name=None,
+            proxy=self.proxy.description if self.proxy is not None else "",
+            status=self.proxyStatus,
+            bytesUp=0,
+            bytesDown=0,
+            result=kind,
+            how=f"refused at the SYN: {reason}",
+            resolved=self.started,
+            connecting=self.connectStarted if self.proxy is not None else None,
+            connected=self.proxyConnectedAt,
+        )
 
     def _dropCopy(self, copy: Any) -> None:
         # The first copy, held, will be answered: this one adds nothing.
@@ -408,7 +450,10 @@ class HeldSyn(ProxyNegotiation):
             attempt.transport.resumeProducing()
         self.holder.counters["joined"] += 1
         self._done()
-        return HeldTunnel(attempt, b"".join(self.received), self.started, self.connectHost, self.passClient)
+        return HeldTunnel(
+            attempt, b"".join(self.received), self.started, self.connectHost, self.passClient,
+            self.tunnelId, self.proxyStatus, self.proxyConnectedAt,
+        )
 
     def _giveUp(self) -> None:
         self._dropAttempt()
@@ -435,7 +480,7 @@ class HeldSyn(ProxyNegotiation):
     def _setDeadline(self, when: float | None) -> None:
         self.holder.deadlines.set(self, when)
 
-_HELD = (HELD, DECIDING, CONNECTING, HANDSHAKING)
+_HELD = (HELD, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING)
 # Every refusal at the SYN a client can cause at will (see the tunnel's
 # RATE_LIMITED), and the connection caps, which downstream limits too.
 _RATE_LIMITED = RATE_LIMITED | {"limit", "client-limit"}
@@ -448,12 +493,12 @@ TABLE = buildTable(
     # state        event(s)                                            action
     (HELD,         START,                                              "_start"),
     (HELD,         (DECIDED, DECIDE_FAILED, TIMED_OUT) + PROXY_EVENTS, "_impossible"),
-    ((DECIDING, CONNECTING, HANDSHAKING, ACCEPTED), START,            "_impossible"),
+    ((DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING, ACCEPTED), START, "_impossible"),
     (DECIDING,     DECIDED,                                            "_decided"),
     (DECIDING,     DECIDE_FAILED,                                      "_decideFailed"),
     (DECIDING,     PROXY_EVENTS,                                      "_impossible"),
     # Late results of a policy given up on (cancelled) change nothing.
-    ((CONNECTING, HANDSHAKING, ACCEPTED), (DECIDED, DECIDE_FAILED),   "_ignore"),
+    ((CONNECTING, HANDSHAKING, AUTHENTICATING, ACCEPTED), (DECIDED, DECIDE_FAILED), "_ignore"),
     (CONNECTING,   PROXY_CONNECTED,                                    "_proxyConnected"),
     (CONNECTING,   PROXY_CONNECT_FAILED,                               "_connectFailed"),
     (CONNECTING,   (PROXY_ANSWERED, PROXY_INVALID, PROXY_DATA, PROXY_ENDED, PROXY_LOST), "_impossible"),
@@ -464,6 +509,11 @@ TABLE = buildTable(
     (DECIDING,     TIMED_OUT,                                          "_setupTimedOut"),
     (CONNECTING,   TIMED_OUT,                                          "_connectTimedOut"),
     (HANDSHAKING,  TIMED_OUT,                                          "_handshakeTimedOut"),
+    (AUTHENTICATING, (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_DATA), "_impossible"),
+    (AUTHENTICATING, PROXY_ANSWERED,                                   "_answered"),
+    (AUTHENTICATING, PROXY_INVALID,                                    "_authenticationInvalid"),
+    (AUTHENTICATING, (PROXY_ENDED, PROXY_LOST),                        "_closedWhileAuthenticating"),
+    (AUTHENTICATING, TIMED_OUT,                                        "_handshakeTimedOut"),
     (_HELD,        RETRANSMITTED,                                      "_dropCopy"),
     (_HELD,        (SUPERSEDED, STOP),                                 "_abandon"),
     (_HELD,        CLAIMED,                                            "_notAnswered"),

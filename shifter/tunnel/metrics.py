@@ -21,7 +21,17 @@ _LATENCY_BUCKETS = (
 )
 
 # Counters of TunnelStats.counters that are not failures.
-_OUTCOMES = {"opened", "closed"}
+_OUTCOMES = {"opened", "closed", "direct"}
+
+# Every reason a client connection can fail for (the kinds of
+# L{shifter.tunnel.tunnel.Tunnel._fail}, and the two limits the factory
+# refuses by), each exported from the start, at 0 until it happens, so
+# that a rate or an alert on it works before its first occurrence.
+FAILURE_REASONS = (
+    "client-denied", "client-gone", "client-limit", "destination", "internal", "limit", "loop",
+    "no-proxy", "policy", "port-denied", "proxy-auth", "proxy-closed", "proxy-connect",
+    "proxy-garbage", "proxy-status", "resolver", "setup-timeout", "shutdown", "timeout",
+)
 
 
 class TunnelStats:
@@ -31,7 +41,8 @@ class TunnelStats:
     (handed to the receiving socket's kernel), a client's early bytes too.
 
     @ivar counters: how tunnels ended and why they failed, by short name
-        (C{"opened"}, C{"closed"}, C{"resolver"}, C{"proxy-status"}, ...).
+        (C{"opened"}, C{"closed"}, C{"resolver"}, C{"proxy-status"}, ...);
+        C{"direct"} counts the tunnels opened DIRECT (among C{"opened"}).
     @ivar openTunnels: tunnels relaying now.
     @ivar bytesUp: bytes delivered from clients to proxies.
     @ivar bytesDown: bytes delivered from proxies to clients.
@@ -106,14 +117,17 @@ class _StatsCollector:
             "shifter_tunnels_opened", "Tunnels opened (the proxy answered 2xx).",
             value=counters["opened"],
         )
+        yield CounterMetricFamily(
+            "shifter_tunnels_direct", "Tunnels opened DIRECT: to the destination itself, through no proxy.",
+            value=counters["direct"],
+        )
         failures = CounterMetricFamily(
             "shifter_tunnel_failures",
             "Client connections that did not become a tunnel, by reason.",
             labels=["reason"],
         )
-        for reason, count in sorted(counters.items()):
-            if reason not in _OUTCOMES:
-                failures.add_metric([reason], count)
+        for reason in sorted(set(FAILURE_REASONS).union(counters).difference(_OUTCOMES)):
+            failures.add_metric([reason], counters[reason])
         yield failures
         answers = CounterMetricFamily(
             "shifter_proxy_answers", "Proxy answers to CONNECT, by status class.",

@@ -24,7 +24,8 @@ C{settings}, C{pool}, C{policy}, C{stats}, C{clock}, C{log}, C{retryLine}, C{pen
 C{clientPort}, C{clientLabel}, C{destination}, C{address}, C{target},
 C{connectHost}, C{named}, C{candidates}, C{proxy}, C{attempt}, C{request},
 C{passClient}, C{authExchange}, C{authProxy}, C{setupDeadline},
-C{connectStarted}.
+C{connectStarted}, C{tunnelId} (sent in C{settings.tunnelIdHeader}), and
+C{targetFrom}, C{proxyConnectedAt} and C{proxyStatus}, which it sets.
 """
 
 from __future__ import annotations
@@ -37,16 +38,22 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from shifter.upstream.connect import ConnectResponse, formatAuthority, isDottedQuad
+from shifter.upstream.connect import ConnectResponse, formatAuthority, isDottedQuad, reuseRefusal
 from shifter.tunnel.destinations import destinationRefusal
 from shifter.interfaces import IProxyAttempt
 from shifter.upstream.passclient import refusalHint, tunnelRequest
+from shifter.upstream.proxy import DIRECT, HTTP, SOCKS5
+from shifter.upstream.socks5 import formatConnectRequest as socks5Request
 from shifter.tunnel.policy import TunnelDecision, TunnelRequest
 
 # The states of this stage, in both machines.
 DECIDING = "deciding"
 CONNECTING = "connecting"
 HANDSHAKING = "handshaking"
+# The proxy's 407 held an NTLM challenge: its body is being read past, and
+# the authenticate message sent, on the same connection; the answer to that
+# is awaited.
+AUTHENTICATING = "authenticating"
 
 # The events of this stage, in both machines: the policy's answer, and what
 # a proxy attempt reports.
@@ -93,6 +100,8 @@ class ProxyNegotiation:
 
     __slots__ = ()
     pending: Deferred[Any] | None  # what L{_ask} waits for
+    proxyStatus: int | None  # the last proxy's answer to CONNECT
+    proxyConnectedAt: float | None  # when the connection to the last proxy tried was made
 
     # The events this stage receives, each looked up in the machine's table
     # by its C{_handle(event, *args)}.  One from a proxy attempt the
@@ -215,6 +224,7 @@ class ProxyNegotiation:
                     return
                 self.connectHost = decision.target
                 if decision.target != self.address:
+                    self.targetFrom = "policy"
                     self.named = f" (CONNECT {formatAddress(decision.target, port)}, from policy)"
         self._connectFirst()
 
@@ -258,21 +268,55 @@ class ProxyNegotiation:
         self.proxy = proxy
         destination = self.destination
         port = destination.port
-        headers: list[tuple[str, str]] = []
-        if proxy.auth is not None:
-            if self.authProxy is not proxy:
-                self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
-            headers = self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
-        self.request = tunnelRequest(
-            proxy, self._clientAddress(), destination, self.connectHost, port, headers, self.passClient
-        )
+        kind = proxy.kind
+        if kind == HTTP:
+            headers: list[tuple[str, str]] = []
+            if proxy.auth is not None:
+                if self.authProxy is not proxy:
+                    self.authExchange, self.authProxy = proxy.auth.exchange(), proxy
+                headers = list(self.authExchange.headersFor("CONNECT", formatAuthority(self.connectHost, port)))
+            idHeader = self.settings.tunnelIdHeader
+            if idHeader:
+                headers.append((idHeader, self.tunnelId))
+            self.request = tunnelRequest(
+                proxy, self._clientAddress(), destination, self.connectHost, port, headers, self.passClient
+            )
+        elif kind == SOCKS5:
+            self.request = socks5Request(self.connectHost, port)
+        else:
+            # DIRECT: to the original destination's address, never to a
+            # name (which could lead anywhere), under the same checks.
+            refusal = destinationCheck(self.owner, self.settings, self.address, port) or self._directLoop(proxy)
+            if refusal is not None:
+                self._fail(refusal[0], f"DIRECT refused: {refusal[1]}")
+                return
+            self.proxy = proxy = proxy.toDestination(self.address, port)
+            self.request = b""
         self.state = CONNECTING
         self._setDeadline(min(self.clock.seconds() + self.settings.connectTimeout, self.setupDeadline))
         # The current attempt before it starts: it may fail at once.
         attempt = self.attempt = self._newAttempt(proxy)
         attempt.connect()
 
+    def _directLoop(self: Any, route: Any) -> tuple[str, str] | None:
+        """
+        Why a DIRECT connection for this client would come back to Shifter,
+        or C{None}.  A client on this machine reaches Shifter only through
+        rules that redirect the gateway's own connections; Shifter's DIRECT
+        connection would be one of them, unless it carries the mark those
+        rules leave alone (C{--mark}).
+        """
+        if route.direct.mark:
+            return None
+        host = self.clientHost
+        local = self.owner.proxyAddresses.localAddresses
+        if local is None or host in local or ipaddress.ip_address(host).is_loopback:
+            return "loop", (f"the client {host} is this machine, whose own connections are redirected to Shifter, "
+                            "and so would this one be: give Shifter the rules' --mark")
+        return None
+
     def _proxyConnected(self: Any) -> None:
+        self.proxyConnectedAt = self.clock.seconds()
         self.state = HANDSHAKING
         self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
         request, self.request = self.request, b""
@@ -300,7 +344,9 @@ class ProxyNegotiation:
 
     def _answered(self: Any, response: ConnectResponse) -> None:
         status = response.status
-        self.stats.proxyAnswers[f"{status // 100}xx"] += 1
+        if self.proxy.kind != DIRECT:
+            self.proxyStatus = status
+            self.stats.proxyAnswers[f"{status // 100}xx"] += 1
         if response.opensTunnel:
             self.pool.succeeded(self.proxy)
             if self.authExchange is not None and self.authProxy is self.proxy:
@@ -308,7 +354,17 @@ class ProxyNegotiation:
             self._open(response.leftover)
             return
         self.pool.answered(self.proxy, status)
-        if status == 407:
+        if response.refusal:
+            # A SOCKS5 server's refusal, in its own words; its status says
+            # what follows.
+            self._dropAttempt()
+            if status == 407:
+                self._fail("proxy-auth", response.refusal, status=status)
+            elif status >= 500:
+                self._retryOrFail("proxy-status", response.refusal, status=status)
+            else:
+                self._fail("proxy-status", response.refusal, status=status)
+        elif status == 407:
             self._challenged(response)
         else:
             reason = f"proxy answered {status} {response.reason}".rstrip()
@@ -322,17 +378,57 @@ class ProxyNegotiation:
 
     def _challenged(self: Any, response: ConnectResponse) -> None:
         exchange = self.authExchange if self.authProxy is self.proxy else None
-        self._dropAttempt()
         if exchange is None:
+            self._dropAttempt()
             self._fail("proxy-auth", "proxy answered 407: it needs credentials and none are configured", status=407)
             return
         challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
         cannot = exchange.challenged(challenges)
         if cannot is not None:
+            self._dropAttempt()
             self._fail("proxy-auth", f"proxy answered 407: {cannot}", status=407)
             return
+        if exchange.sameConnection:
+            self._authenticate(exchange, response)
+            return
+        self._dropAttempt()
         self.candidates.insert(0, self.proxy)
         self._connectNext()
+
+    def _authenticate(self: Any, exchange: Any, response: ConnectResponse) -> None:
+        """
+        Answer the NTLM challenge in C{response} on the connection that
+        carried it, once its body has been read past.
+        """
+        why = reuseRefusal(response)
+        if why is not None:
+            self._dropAttempt()
+            self._fail(
+                "proxy-auth",
+                f"proxy answered 407 with an NTLM challenge, but {why}: NTLM needs that connection kept open",
+                status=407,
+            )
+            return
+        port = self.destination.port
+        headers = exchange.headersFor("CONNECT", formatAuthority(self.connectHost, port))
+        request = tunnelRequest(
+            self.proxy, self._clientAddress(), self.destination, self.connectHost, port, headers, self.passClient,
+            first=False,
+        )
+        self.state = AUTHENTICATING
+        self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
+        self.attempt.again(request, response)
+
+    def _authenticationInvalid(self: Any, reason: str) -> None:
+        self._dropAttempt()
+        self._fail("proxy-auth", f"NTLM authentication with the proxy failed: {reason}")
+
+    def _closedWhileAuthenticating(self: Any, reason: Failure | None = None) -> None:
+        self._dropAttempt()
+        self._fail(
+            "proxy-auth",
+            "proxy closed the connection after its NTLM challenge: NTLM needs that connection kept open",
+        )
 
     def _answerInvalid(self: Any, reason: str) -> None:
         why = f"bad answer from proxy: {reason}"
@@ -345,7 +441,8 @@ class ProxyNegotiation:
             why = "proxy closed the connection before answering"
         else:
             why = f"proxy connection lost before answering: {reason.getErrorMessage()}"
-        why += refusalHint("proxy-closed", None, self._passClientMode())
+        if self.proxy.kind == HTTP:
+            why += refusalHint("proxy-closed", None, self._passClientMode())
         self.pool.failed(self.proxy, why)
         self._dropAttempt()
         self._retryOrFail("proxy-closed", why)

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 
 from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
 from shifter.tunnel.negotiation import (
+    AUTHENTICATING,
     CONNECTING,
     DECIDE_FAILED,
     DECIDED,
@@ -66,7 +67,9 @@ from shifter.tunnel.negotiation import (
     formatAddress,
 )
 from shifter.resolvers.resolver import Destination, ResolverError
+from shifter.upstream.proxy import DIRECT
 from shifter.tunnel.statetable import buildTable
+from shifter.tunnel.tunnelid import newTunnelId
 
 # The states.  Plain strings: they are dictionary keys on every event.
 ACCEPTED = "accepted"
@@ -79,12 +82,12 @@ CLOSING = "closing"
 CLOSED = "closed"
 
 STATES = (
-    ACCEPTED, RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING,
+    ACCEPTED, RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING,
     RELAYING, CLIENT_FINISHED, PROXY_FINISHED, CLOSING, CLOSED,
 )
 
 # States before the tunnel opens, and while it is open.
-SETUP = (RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING)
+SETUP = (RESOLVING, SNIFFING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING)
 OPEN = (RELAYING, CLIENT_FINISHED, PROXY_FINISHED)
 
 # The events.
@@ -159,6 +162,7 @@ class TunnelInfo:
         socket's kernel).
     @ivar bytesDown: bytes delivered to the client so far.
     @ivar age: seconds since the client connection was accepted.
+    @ivar tunnelId: the tunnel's id (L{shifter.tunnel.tunnelid}).
     """
 
     client: str
@@ -169,6 +173,63 @@ class TunnelInfo:
     bytesUp: int
     bytesDown: int
     age: float
+    tunnelId: str = ""
+
+
+@dataclass(frozen=True)
+class TunnelRecord:
+    """
+    What one tunnel was, once it has ended: the facts of its access-log
+    line.  Times are the reactor's (seconds since the epoch); a stage the
+    tunnel never reached has C{None}.
+
+    @ivar tunnelId: the tunnel's id, sent to the proxy on CONNECT.
+    @ivar started: when the client connection was accepted.
+    @ivar ended: when both its connections were gone.
+    @ivar client: the client's C{address:port}.
+    @ivar destination: the original destination, or C{"(unknown)"}.
+    @ivar connectTarget: what CONNECT asked for (C{host:port}), or C{""}
+        if nothing was asked.
+    @ivar targetFrom: how the CONNECT target was chosen: C{"address"} (the
+        original address), C{"sni"}, C{"host"} (a name the client sent) or
+        C{"policy"} (a rule's target).
+    @ivar name: the name read from the client (SNI or Host), or C{None}.
+    @ivar proxy: the last proxy tried, or C{""} if none was.
+    @ivar status: that proxy's answer to CONNECT, or C{None}.
+    @ivar bytesUp: bytes delivered to the proxy.
+    @ivar bytesDown: bytes delivered to the client.
+    @ivar result: C{"ok"} for a tunnel that opened, else the failure's kind
+        (C{"proxy-status"}, C{"proxy-connect"}, C{"client-denied"}, ...:
+        the C{shifter_tunnel_failures_total} reasons).
+    @ivar how: how it ended, in words.
+    @ivar resolved: when its original destination was known.
+    @ivar sniffed: when the sniffer was done with the client's first bytes.
+    @ivar connecting: when the first connection to a proxy began.
+    @ivar connected: when the connection to the last proxy tried was made.
+    @ivar opened: when that proxy's answer opened the tunnel.
+    @ivar firstByte: when the first byte from the proxy reached the client.
+    """
+
+    tunnelId: str
+    started: float
+    ended: float
+    client: str
+    destination: str
+    connectTarget: str
+    targetFrom: str
+    name: Optional[str]
+    proxy: str
+    status: Optional[int]
+    bytesUp: int
+    bytesDown: int
+    result: str
+    how: str
+    resolved: Optional[float] = None
+    sniffed: Optional[float] = None
+    connecting: Optional[float] = None
+    connected: Optional[float] = None
+    opened: Optional[float] = None
+    firstByte: Optional[float] = None
 
 
 class ITunnelClient(Interface):
@@ -253,6 +314,11 @@ class ITunnelOwner(Interface):
         "Whether destination rules are in force, so that CONNECT asks for the address even "
         "when a name was read (unless a rule chooses the name)."
     )
+    accessLog = Attribute(
+        "The access log each finished connection's L{TunnelRecord} goes to (through "
+        "L{tunnelClosed}), or C{None}.  While there is one, a tunnel that opened and "
+        "ended in order has its line there, not in the service log."
+    )
 
     def isListeningAddress(host: str, port: int) -> Optional[bool]:
         """
@@ -309,6 +375,8 @@ class Tunnel(ProxyNegotiation):
         "pending", "relay", "bytesUp", "bytesDown", "droppedUp", "droppedDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
         "failed", "clientGone", "graceOver", "authExchange", "authProxy", "passClient", "sniffer",
+        "tunnelId", "proxyStatus", "targetFrom", "failureKind",
+        "resolvedAt", "sniffedAt", "proxyConnectedAt", "openedAt", "firstByteAt",
     )
 
     def __init__(
@@ -375,6 +443,16 @@ class Tunnel(ProxyNegotiation):
         self.authProxy: Any = None
         self.passClient: str | None = None  # a policy's --pass-client choice
         self.sniffer: Any = None  # the name sniffer, fed each read once, while sniffing
+        self.tunnelId = newTunnelId()
+        self.proxyStatus: int | None = None  # the last proxy's answer to CONNECT
+        self.targetFrom = "address"
+        self.failureKind: str | None = None
+        # When each stage ended, for the access log's timers.
+        self.resolvedAt: float | None = None
+        self.sniffedAt: float | None = None
+        self.proxyConnectedAt: float | None = None
+        self.openedAt: float | None = None
+        self.firstByteAt: float | None = None
 
     # The events.
 
@@ -436,6 +514,8 @@ class Tunnel(ProxyNegotiation):
             self.bytesUp += n
             self.stats.bytesUp += n
         else:
+            if self.firstByteAt is None:
+                self.firstByteAt = self.clock.seconds()
             self.bytesDown += n
             self.stats.bytesDown += n
         self.lastMoved = self.clock.seconds()
@@ -527,7 +607,8 @@ class Tunnel(ProxyNegotiation):
 
     def _resolved(self, destination: Destination) -> None:
         owner = self.owner
-        owner.stats.resolveSeconds.observe(self.clock.seconds() - self.started)
+        self.resolvedAt = now = self.clock.seconds()
+        owner.stats.resolveSeconds.observe(now - self.started)
         host = canonicalHost(destination.host)
         port = destination.port
         self.destination = destination
@@ -606,6 +687,7 @@ class Tunnel(ProxyNegotiation):
             verdict = self.sniffer.finish(reason)
         name, reason = verdict.name, verdict.reason
         self.sniffer = None
+        self.sniffedAt = self.clock.seconds()
         port = self.destination.port  # type: ignore[union-attr]
         owner = self.owner
         if name is not None:
@@ -623,6 +705,7 @@ class Tunnel(ProxyNegotiation):
         else:
             self.name = self.connectHost = name
             self.named = f" (CONNECT {name}:{port}, from {reason})"
+            self.targetFrom = "host" if reason.startswith("Host") else "sni"
         self._chooseProxies()
 
     # Stage 2: the policy, if any.
@@ -655,7 +738,11 @@ class Tunnel(ProxyNegotiation):
         attempt = self.attempt = held.attempt
         self.proxy = attempt.proxy
         self.passClient = held.passClient
+        self.tunnelId = held.tunnelId or self.tunnelId
+        self.proxyStatus = held.status
+        self.proxyConnectedAt = held.connected
         if held.connectHost != self.address:
+            self.targetFrom = "policy"
             self.connectHost = held.connectHost
             self.named = f" (CONNECT {formatAddress(held.connectHost, self.destination.port)}, from policy)"  # type: ignore[union-attr]
         self.connectStarted = held.started
@@ -670,8 +757,13 @@ class Tunnel(ProxyNegotiation):
 
     def _open(self, leftover: bytes) -> None:
         stats = self.owner.stats
-        now = self.clock.seconds()
+        now = self.openedAt = self.clock.seconds()
         stats.counters["opened"] += 1
+        if self.proxy.kind == DIRECT:
+            # Straight to the destination's address: no CONNECT target to name.
+            stats.counters["direct"] += 1
+            self.connectHost = self.address
+            self.named = ""
         stats.openTunnels += 1
         stats.connectSeconds.observe(now - self.connectStarted)
         # The early bytes and the leftover are counted, as every byte, when
@@ -748,9 +840,11 @@ class Tunnel(ProxyNegotiation):
         End the tunnel before it opened, with one log line saying why.
         """
         self.failed = True
+        self.failureKind = kind
         self.owner.stats.counters[kind] += 1
-        text = "tunnel {client} -> {destination}{named} via {proxy} failed: {reason}"
+        text = "tunnel {client} -> {destination}{named} via {proxy} failed: {reason} id={tunnel}"
         facts: dict[str, Any] = dict(
+            tunnel=self.tunnelId,
             client=self.clientLabel,
             destination=self.target,
             named=self.named,
@@ -864,6 +958,8 @@ class Tunnel(ProxyNegotiation):
         self.owner.tunnelClosed(self)
         if not wasOpen:
             return  # _fail has logged the one line this connection gets.
+        if getattr(self.owner, "accessLog", None) is not None:
+            return  # the access log has its line; the service log keeps what concerns the service
         duration = self.clock.seconds() - self.started
         client, destination, named = self.clientLabel, self.target, self.named
         proxy = self.proxy.description
@@ -883,7 +979,8 @@ class Tunnel(ProxyNegotiation):
         self.log.info(
             "{tunnel_line}",
             tunnel_line=f"tunnel {client} -> {destination}{named} via {proxy} closed ({how}): "
-            f"{up} bytes up, {down} bytes down, {duration:.3f} s{dropped}",
+            f"{up} bytes up, {down} bytes down, {duration:.3f} s{dropped} id={self.tunnelId}",
+            tunnel=self.tunnelId,
             client=client,
             destination=destination,
             named=named,
@@ -914,6 +1011,42 @@ class Tunnel(ProxyNegotiation):
             bytesUp=self.bytesUp,
             bytesDown=self.bytesDown,
             age=now - self.started,
+            tunnelId=self.tunnelId,
+        )
+
+    def record(self) -> TunnelRecord:
+        """
+        What this tunnel was, for its access-log line (once it has ended).
+        """
+        destination = self.destination
+        connectTarget, targetFrom = "", self.targetFrom
+        if destination is not None and self.proxy is not None:
+            host = self.connectHost
+            if self.proxy.kind == DIRECT:
+                # DIRECT goes to the original address, whatever was read.
+                host, targetFrom = self.address, "address"
+            connectTarget = formatAddress(host, destination.port)
+        return TunnelRecord(
+            tunnelId=self.tunnelId,
+            started=self.started,
+            ended=self.clock.seconds(),
+            client=self.clientLabel,
+            destination=self.target,
+            connectTarget=connectTarget,
+            targetFrom=targetFrom,
+            name=self.name,
+            proxy=self.proxy.description if self.proxy is not None else "",
+            status=self.proxyStatus,
+            bytesUp=self.bytesUp,
+            bytesDown=self.bytesDown,
+            result=self.failureKind or "ok",
+            how=self.how or "",
+            resolved=self.resolvedAt,
+            sniffed=self.sniffedAt,
+            connecting=self.connectStarted or None,
+            connected=self.proxyConnectedAt,
+            opened=self.openedAt,
+            firstByte=self.firstByteAt,
         )
 
 _CLIENT_SIDE = (CLIENT_DATA, CLIENT_ENDED, CLIENT_LOST)
@@ -931,8 +1064,8 @@ TABLE = buildTable(
     # Set-up: every stage keeps early bytes, notes an early end, fails on
     # the client's loss, the set-up deadline or shutdown.
     (SETUP,                    START,                             "_impossible"),
-    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING), CLIENT_DATA, "_keepEarly"),
-    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING), CLIENT_ENDED, "_keepEnd"),
+    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING), CLIENT_DATA, "_keepEarly"),
+    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING), CLIENT_ENDED, "_keepEnd"),
     (SETUP,                    CLIENT_LOST,                       "_clientLeftEarly"),
     (SETUP,                    ABORT,                             "_abortEarly"),
     (SETUP,                    RELAY_ENDED,                       "_impossible"),
@@ -949,7 +1082,7 @@ TABLE = buildTable(
     (DECIDING,                 DECIDE_FAILED,                     "_decideFailed"),
     (DECIDING,                 (RESOLVED, RESOLVE_FAILED),        "_impossible"),
     (DECIDING,                 TIMED_OUT,                         "_setupTimedOut"),
-    ((CONNECTING, HANDSHAKING), _RESULTS,                         "_impossible"),
+    ((CONNECTING, HANDSHAKING, AUTHENTICATING), _RESULTS,         "_impossible"),
     (CONNECTING,               PROXY_CONNECTED,                   "_proxyConnected"),
     (CONNECTING,               PROXY_CONNECT_FAILED,              "_connectFailed"),
     (CONNECTING,               _ANSWERS,                          "_impossible"),
@@ -959,6 +1092,13 @@ TABLE = buildTable(
     (HANDSHAKING,              PROXY_INVALID,                     "_answerInvalid"),
     (HANDSHAKING,              (PROXY_ENDED, PROXY_LOST),         "_closedBeforeAnswer"),
     (HANDSHAKING,              TIMED_OUT,                         "_handshakeTimedOut"),
+    # NTLM's second round, on the same connection: a 407 now is the
+    # credentials refused; an end or garbage is NTLM failing, not the proxy.
+    (AUTHENTICATING,           (PROXY_CONNECTED, PROXY_CONNECT_FAILED, PROXY_DATA), "_impossible"),
+    (AUTHENTICATING,           PROXY_ANSWERED,                    "_answered"),
+    (AUTHENTICATING,           PROXY_INVALID,                     "_authenticationInvalid"),
+    (AUTHENTICATING,           (PROXY_ENDED, PROXY_LOST),         "_closedWhileAuthenticating"),
+    (AUTHENTICATING,           TIMED_OUT,                         "_handshakeTimedOut"),
     # Open: bytes flow; a half-close is passed on; a loss, the end of the
     # relay, the idle deadline or shutdown closes.
     (OPEN,                     (START,) + _RESULTS,               "_impossible"),

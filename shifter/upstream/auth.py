@@ -23,6 +23,14 @@ nonce, without spending its one retry (at most L{MAX_RENEWALS} times).  A
 challenge that cannot be answered gives a one-line reason instead of
 another attempt, so a wrong password is a log line, not a retry loop.
 
+NTLM (L{shifter.upstream.ntlm}) authenticates a connection, not a request:
+once a proxy has asked for it, each tunnel's first CONNECT carries a
+negotiate message of a context of its own, and the 407 that answers it
+holds the challenge; the authenticate message goes with the next CONNECT
+on that same connection (L{AuthExchange.sameConnection}).  A 407 to the
+authenticate message means the credentials were refused.  Basic is never
+sent to a proxy that asked for NTLM.
+
 The per-tunnel side of this is an L{AuthExchange} (L{ProxyAuth.exchange}).
 
 Every header value built here is printable ASCII: nothing from a challenge
@@ -37,8 +45,11 @@ import re
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from shifter.upstream.ntlm import NTLMContext
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED_STRING = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x20-\x7e\x80-\xff])*"'
@@ -68,6 +79,7 @@ _CANONICAL = {
     "MD5-SESS": "MD5-sess",
 }
 _BASIC_STRENGTH = 1
+_NTLM_STRENGTH = 4
 _MAX_NONCE_COUNT = 0xFFFFFFFF
 # How many nonces to remember, each with its count.
 _KNOWN_NONCES = 32
@@ -331,6 +343,8 @@ def _strength(challenge: Challenge) -> int:
     """
     if challenge.scheme == "basic":
         return _BASIC_STRENGTH
+    if challenge.scheme == "ntlm":
+        return _NTLM_STRENGTH
     if challenge.scheme != "digest":
         return 0
     params = challenge.params
@@ -353,8 +367,8 @@ def _strength(challenge: Challenge) -> int:
 
 def strongestChallenge(challenges: list[Challenge]) -> Challenge | None:
     """
-    The challenge to answer: Digest SHA-256, else Digest MD5, else Basic;
-    the first offered among equals.  C{None} if none can be answered.
+    The challenge to answer: NTLM, else Digest SHA-256, else Digest MD5,
+    else Basic; the first offered among equals.  C{None} if none can be answered.
     """
     best: Challenge | None = None
     for challenge in challenges:
@@ -457,20 +471,35 @@ class ProxyAuth:
         self.preemptiveBasic = preemptiveBasic
         self.basic = preemptiveBasic
         self.digest = False
+        self.ntlm = False
+        self._ntlmCredential: object = None
         self.shared: _Nonce | None = None
         self._nonces: OrderedDict[str, _Nonce] = OrderedDict()
 
     @property
     def scheme(self) -> str:
         """
-        What a new tunnel sends up front: C{"digest"} (a shared nonce is
-        known), C{"basic"}, or C{"none"}.
+        What a new tunnel sends up front: C{"ntlm"} (a negotiate message),
+        C{"digest"} (a shared nonce is known), C{"basic"}, or C{"none"}.
         """
+        if self.ntlm:
+            return "ntlm"
         if self.shared is not None and not self.shared.spent:
             return "digest"
-        if self.basic and not self.digest:
+        if self.basic and not self.digest and not self.ntlm:
             return "basic"
         return "none"
+
+    def ntlmContext(self) -> NTLMContext:
+        """
+        A new NTLM context for one connection, from the credentials hashed
+        once for all of them.
+        """
+        from shifter.upstream.ntlm import NTLMContext, ntlmCredential
+
+        if self._ntlmCredential is None:
+            self._ntlmCredential = ntlmCredential(self.credentials.username, self.credentials.password)
+        return NTLMContext(self._ntlmCredential)
 
     def exchange(self) -> AuthExchange:
         """
@@ -505,6 +534,10 @@ class AuthExchange:
     L{headersFor} again), else it ends with the reason.  On a 2xx it calls
     L{succeeded}.  The exchange bounds the retries: one to answer a
     challenge, and up to L{MAX_RENEWALS} for spent nonces.
+
+    @ivar sameConnection: set by L{challenged}: the next CONNECT (NTLM's
+        authenticate message) must go on the connection that carried the
+        407, not on a new one.
     """
 
     def __init__(self, auth: ProxyAuth) -> None:
@@ -514,6 +547,9 @@ class AuthExchange:
         self._own: _Nonce | None = None  # from this tunnel's own 407
         self._answered = False
         self.renewals = 0
+        self._ntlm: NTLMContext | None = None
+        self._ntlmAnswer: str | None = None  # the authenticate message to send
+        self.sameConnection = False
 
     def headersFor(self, method: str, target: str) -> list[tuple[str, str]]:
         """
@@ -527,6 +563,14 @@ class AuthExchange:
             C{preemptiveBasic}), else nothing.
         """
         auth = self._auth
+        if self._ntlmAnswer is not None:
+            value, self._ntlmAnswer = self._ntlmAnswer, None
+            self._sent, self._sentShared = "ntlm-authenticate", False
+            return [("Proxy-Authorization", value)]
+        if auth.ntlm:
+            self._ntlm = auth.ntlmContext()
+            self._sent, self._sentShared = "ntlm-negotiate", False
+            return [("Proxy-Authorization", self._ntlm.negotiate())]
         shared = auth.shared
         for nonce, isShared in ((self._own, False), (shared, True)):
             if nonce is None or (isShared and nonce.spent):
@@ -540,7 +584,7 @@ class AuthExchange:
                 auth.credentials, nonce.challenge, method, target, count, nonce.cnonce
             )
             return [("Proxy-Authorization", value)]
-        if auth.basic and not auth.digest:
+        if auth.basic and not auth.digest and not auth.ntlm:
             self._sent, self._sentShared = "basic", False
             return [("Proxy-Authorization", basicAuthorization(auth.credentials))]
         self._sent, self._sentShared = None, False
@@ -551,16 +595,23 @@ class AuthExchange:
         Learn from a 407 and say whether the tunnel may send its CONNECT
         again.
 
-        The strongest supported challenge is taken: Digest SHA-256, Digest
-        MD5, then Basic.
+        The strongest supported challenge is taken: NTLM, Digest SHA-256,
+        Digest MD5, then Basic.  After NTLM's negotiate message, the 407
+        holds the challenge: if it can be answered, L{sameConnection} is
+        set.
 
         @param headerValues: the 407's C{Proxy-Authenticate} values.
         @return: C{None} if a new CONNECT can answer (send it once more),
             else why not, as one line for the log: no supported scheme,
-            the credentials refused, or Basic asked for after Digest.
+            the credentials refused, or Basic asked for after Digest or NTLM.
         """
         auth = self._auth
+        self.sameConnection = False
         challenges = parseChallenges(headerValues)
+        if self._sent == "ntlm-negotiate":
+            return self._ntlmChallenged(challenges)
+        if self._sent == "ntlm-authenticate":
+            return "proxy refused the credentials (NTLM)"
         best = strongestChallenge(challenges)
         sent, sentShared = self._sent, self._sentShared
         if isinstance(sent, _Nonce):
@@ -570,7 +621,15 @@ class AuthExchange:
         if best is None:
             offered = ", ".join(sorted({c.scheme for c in challenges})) or "none"
             return f"proxy offers no supported authentication scheme (offered: {offered})"
+        if best.scheme == "ntlm":
+            if self._answered:
+                return "proxy refused the credentials"
+            self._answered = True
+            auth.ntlm = True
+            return None
         if best.scheme == "basic":
+            if auth.ntlm:
+                return "proxy asks for Basic after NTLM; not sending the password in clear"
             if auth.digest:
                 return "proxy asks for Basic after Digest; not sending the password in clear"
             if sent == "basic":
@@ -596,6 +655,31 @@ class AuthExchange:
             # The proxy named a nonce already spent; it still counts on.
             nonce.spent = False
         self._own = nonce
+        return None
+
+    @property
+    def awaitsChallenge(self) -> bool:
+        """
+        Whether the last CONNECT carried NTLM's negotiate message: a 407 to
+        it holds the challenge, to be answered on the same connection.
+        """
+        return self._sent == "ntlm-negotiate"
+
+    def _ntlmChallenged(self, challenges: list[Challenge]) -> str | None:
+        """
+        The 407 that answered NTLM's negotiate message: its challenge is
+        answered on the same connection.
+        """
+        tokens = [c.token68 for c in challenges if c.scheme == "ntlm" and c.token68 is not None]
+        if not tokens or self._ntlm is None:
+            return "proxy refused the NTLM negotiate message (its 407 holds no NTLM challenge)"
+        from shifter.upstream.ntlm import NTLMError
+
+        try:
+            self._ntlmAnswer = self._ntlm.authenticate(tokens[0])
+        except NTLMError as e:
+            return f"NTLM: {e}"
+        self.sameConnection = True
         return None
 
     def succeeded(self) -> None:

@@ -15,7 +15,7 @@ from shifter.interfaces import ConnectResponse
 # Status line, headers and the blank line together may not exceed this.
 MAX_RESPONSE_HEADER_BYTES = 16 * 1024
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9]{2})(?: ([\t \x21-\x7e\x80-\xff]*))?")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([\t \x21-\x7e\x80-\xff]*))?")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
@@ -208,15 +208,16 @@ class ConnectResponseParser:
         status, reason = self.statusLine = _parseStatusLine(lines[0])
         headers = [_parseHeaderLine(line) for line in lines[1:]]
         self._buffer = b""
-        return ConnectResponse(status, reason, headers, leftover)
+        version = "1.0" if lines[0].startswith(b"HTTP/1.0") else "1.1"
+        return ConnectResponse(status, reason, headers, leftover, version)
 
 
 def _parseStatusLine(line: bytes) -> tuple[int, str]:
     match = _STATUS_LINE.fullmatch(line)
     if match is None:
         raise ProxyResponseError(f"malformed status line: {_excerpt(line)}")
-    reason = (match.group(2) or b"").decode("latin-1")
-    return int(match.group(1)), reason
+    reason = (match.group(3) or b"").decode("latin-1")
+    return int(match.group(2)), reason
 
 
 def _parseHeaderLine(line: bytes) -> tuple[bytes, bytes]:
@@ -235,3 +236,134 @@ def _excerpt(data: bytes, limit: int = 40) -> str:
     """
     text = repr(data[:limit])
     return text + ("..." if len(data) > limit else "")
+
+
+# The body of a refused answer that is read so that the same connection can
+# carry the next request (an NTLM challenge's 407 page) may not exceed
+# this, framing included.
+MAX_REFUSAL_BODY_BYTES = 64 * 1024
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})[\t ]*(?:;[\t \x21-\x7e\x80-\xff]*)?")
+
+
+def _tokens(response: ConnectResponse, name: bytes) -> list[str]:
+    """
+    The comma-separated elements of every C{name} header of C{response},
+    lowercased.
+    """
+    values = [value for key, value in response.headers if key.lower() == name]
+    return [t.strip().lower() for value in values for t in value.decode("latin-1").split(",") if t.strip()]
+
+
+def reuseRefusal(response: ConnectResponse, maxBody: int = MAX_REFUSAL_BODY_BYTES) -> str | None:
+    """
+    Why the connection that carried C{response}, an answer that did not
+    open the tunnel, cannot carry another request, or C{None} if it can:
+    the proxy keeps it open and the body's end can be found (by its
+    C{Content-Length}, or chunked) within C{maxBody} bytes.
+
+    @return: the reason as the end of a sentence ("the proxy ..."), for
+        the log line.
+    """
+    # Proxy-Connection: what older proxies (and ISA/TMG) send instead.
+    connection = _tokens(response, b"connection") + _tokens(response, b"proxy-connection")
+    if "close" in connection:
+        return "it says Connection: close"
+    if response.version == "1.0" and "keep-alive" not in connection:
+        return "it answers HTTP/1.0 without keep-alive"
+    codings = _tokens(response, b"transfer-encoding")
+    lengths = {value.strip() for name, value in response.headers if name.lower() == b"content-length"}
+    if codings:
+        if lengths:
+            return "its answer has both Content-Length and Transfer-Encoding"
+        if codings != ["chunked"]:
+            return "its answer's body ends only when the connection closes (Transfer-Encoding: " + ", ".join(codings) + ")"
+        return None
+    if not lengths:
+        return "its answer has no Content-Length (the body ends only when the connection closes)"
+    if len(lengths) > 1 or not lengths.pop().isdigit():
+        return "its answer's Content-Length is not one number"
+    length = int(_header(response, b"content-length"))
+    if length > maxBody:
+        return f"its answer's body of {length} bytes exceeds {maxBody}"
+    return None
+
+
+def _header(response: ConnectResponse, name: bytes) -> bytes:
+    for key, value in response.headers:
+        if key.lower() == name:
+            return value.strip()
+    raise KeyError(name)
+
+
+# The states of a chunked body being read.
+_SIZE, _DATA, _DATA_END, _TRAILER = "size", "data", "data-end", "trailer"
+
+
+class BodySkipper:
+    """
+    Reads past the body of an answer that did not open the tunnel, so that
+    its connection can carry the next request: by C{Content-Length}, or
+    chunk by chunk (RFC 9112 7.1), in at most L{MAX_REFUSAL_BODY_BYTES}.
+    The body itself is thrown away.
+
+    Build it only for an answer that L{reuseRefusal} accepts.
+    """
+
+    def __init__(self, response: ConnectResponse, maxBytes: int = MAX_REFUSAL_BODY_BYTES) -> None:
+        self._maxBytes = maxBytes
+        self._seen = 0
+        self._buffer = b""
+        self._chunked = bool(_tokens(response, b"transfer-encoding"))
+        self._state = _SIZE
+        self._remaining = 0 if self._chunked else int(_header(response, b"content-length"))
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        Add bytes received after the answer's header block.
+
+        @return: C{None} while the body goes on; once it has ended, the
+            bytes that followed it (usually none).
+        @raise ProxyResponseError: if the body is malformed or too long.
+        """
+        if not self._chunked:
+            used = min(len(data), self._remaining)
+            self._remaining -= used
+            return data[used:] if self._remaining == 0 else None
+        data = self._buffer + data
+        self._buffer = b""
+        pos = 0
+        while True:
+            if self._state == _DATA:
+                used = min(len(data) - pos, self._remaining)
+                self._count(used)
+                pos += used
+                self._remaining -= used
+                if self._remaining:
+                    return None
+                self._state = _DATA_END
+                continue
+            end = data.find(b"\r\n", pos)
+            if end == -1:
+                self._buffer = data[pos:]
+                self._count(0)
+                return None
+            line = data[pos:end]
+            self._count(end + 2 - pos)
+            pos = end + 2
+            if self._state == _DATA_END:
+                if line:
+                    raise ProxyResponseError(f"malformed chunked body: {_excerpt(line)} after a chunk")
+                self._state = _SIZE
+            elif self._state == _SIZE:
+                match = _CHUNK_SIZE.fullmatch(line)
+                if match is None:
+                    raise ProxyResponseError(f"malformed chunk size line: {_excerpt(line)}")
+                self._remaining = int(match.group(1), 16)
+                self._state = _DATA if self._remaining else _TRAILER
+            elif not line:  # the empty line that ends the trailer section
+                return data[pos:]
+
+    def _count(self, n: int) -> None:
+        self._seen += n
+        if self._seen + len(self._buffer) > self._maxBytes:
+            raise ProxyResponseError(f"the answer's body exceeds {self._maxBytes} bytes")

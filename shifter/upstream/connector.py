@@ -133,8 +133,10 @@ class PendingConnection:
             sock.close()
             return
         transport = ProxyConnection(sock, protocol, target.reactor, peer)
-        protocol.makeConnection(transport)
+        # Reading first, as Twisted's own clients do: the protocol may hand
+        # the socket over (to the splice relay) from connectionMade.
         transport.startReading()
+        protocol.makeConnection(transport)
 
     def doRead(self) -> None:
         pass

@@ -116,6 +116,7 @@ def tunnelRequest(
     port: int,
     authHeaders: Sequence[tuple[str, str]] = (),
     passClient: Optional[str] = None,
+    first: bool = True,
 ) -> bytes:
     """
     Everything Shifter writes on a new connection to C{proxy} before the
@@ -132,6 +133,9 @@ def tunnelRequest(
         header's destination.
     @param passClient: this connection's mode (a policy's choice); C{None}
         for the proxy's own, L{shifter.upstream.proxy.UpstreamProxy.passClient}.
+    @param first: C{False} for a request on a connection that already
+        carried one (NTLM's authenticate message): the PROXY header opens a
+        connection, and is not sent again.
     @raise ValueError: if the mode is unknown or anything in the request
         cannot be sent safely (see L{formatConnectRequest}).
     """
@@ -139,10 +143,13 @@ def tunnelRequest(
     headers = list(authHeaders)
     if mode == "x-forwarded-for":
         headers.append(forwardedFor(client))
-    return proxyHeader(mode, client, destination) + formatConnectRequest(connectHost, port, headers)
+    header = proxyHeader(mode, client, destination) if first else b""
+    return header + formatConnectRequest(connectHost, port, headers)
 
 
-def probeRequest(proxy: _Proxy, host: str, port: int, authHeaders: Sequence[tuple[str, str]] = ()) -> bytes:
+def probeRequest(
+    proxy: _Proxy, host: str, port: int, authHeaders: Sequence[tuple[str, str]] = (), first: bool = True
+) -> bytes:
     """
     Everything Shifter writes on a connection of its own to C{proxy} (a
     health probe, C{doctor}'s check): the PROXY protocol header that says
@@ -150,11 +157,13 @@ def probeRequest(proxy: _Proxy, host: str, port: int, authHeaders: Sequence[tupl
     asks for one, then C{CONNECT host:port} with C{authHeaders}.  No
     C{X-Forwarded-For}: there is no client to name.
 
+    @param first: C{False} for a request on a connection that already
+        carried one (as for L{tunnelRequest}).
     @raise ValueError: as L{tunnelRequest}.
     """
     mode = checkPassClient(proxy.passClient)
     local = {"proxy-v1": encodeLocalV1, "proxy-v2": encodeLocalV2}.get(mode)
-    header = local() if local is not None else b""
+    header = local() if local is not None and first else b""
     return header + formatConnectRequest(host, port, list(authHeaders))
 
 

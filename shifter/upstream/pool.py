@@ -282,7 +282,7 @@ class ProxyPool:
             self.log.info(
                 "proxy {proxy} answered the probe ({status}): on trial, one tunnel at a time until one is answered",
                 proxy=proxy.description,
-                status=f"{response.status} {response.reason}".rstrip(),
+                status=response.refusal or f"{response.status} {response.reason}".rstrip(),
             )
 
         def failed(failure: Failure) -> None:

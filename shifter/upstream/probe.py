@@ -1,7 +1,8 @@
 """
 Asking a proxy CONNECT on a connection of Shifter's own, to learn whether
 it answers: the pool's health probe (L{shifter.upstream.pool}) and C{doctor}'s
-check of each proxy share it.
+check of each proxy share it.  A SOCKS5 server is asked the same in SOCKS5
+(L{Socks5Probe}): any complete answer counts, as any HTTP status does.
 
 The request is the tunnel's (L{shifter.upstream.passclient.probeRequest}: over TLS
 for an C{https://} proxy, with its authentication headers and, for the
@@ -11,15 +12,25 @@ that answers it would answer a tunnel's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from shifter.upstream.connect import ConnectResponse, ConnectResponseParser, ProxyResponseError, formatAuthority
+from shifter.upstream.connect import (
+    BodySkipper,
+    ConnectResponse,
+    ConnectResponseParser,
+    ProxyResponseError,
+    formatAuthority,
+    reuseRefusal,
+)
 from shifter.upstream.passclient import probeRequest
+from shifter.upstream.proxy import HTTP, SOCKS5
+from shifter.upstream.socks5 import Socks5Error, Socks5Handshake
+from shifter.upstream.socks5 import formatConnectRequest as socks5Request
 
 # What the health probe asks for unless --probe-target says otherwise.
 # The proxy must answer it at once, by itself: no DNS, no connection out,
@@ -62,13 +73,26 @@ class ConnectProbe(Protocol):
     the whole header block, or with C{statusOnly} the status line alone
     (a L{ConnectResponse} without headers); then drops the connection,
     ignoring whatever else the proxy sends.
+
+    With C{followUp}, an answer that did not open the tunnel is first
+    passed to it: if it gives a request (NTLM's authenticate message), the
+    answer's body is read past and that request sent on this connection,
+    and the answer to it is the one reported.
     """
 
-    def __init__(self, request: bytes, done: Deferred[ConnectResponse], statusOnly: bool) -> None:
+    def __init__(
+        self,
+        request: bytes,
+        done: Deferred[ConnectResponse],
+        statusOnly: bool,
+        followUp: Callable[[ConnectResponse], bytes | None] | None = None,
+    ) -> None:
         self.request = request
         self.done = done
         self.statusOnly = statusOnly
+        self.followUp = followUp
         self.parser = ConnectResponseParser()
+        self.skipper: BodySkipper | None = None
 
     def connectionMade(self) -> None:
         self.transport.write(self.request)  # type: ignore[union-attr]
@@ -77,14 +101,30 @@ class ConnectProbe(Protocol):
         if self.done.called:
             return
         try:
+            if self.skipper is not None:
+                after = self.skipper.feed(data)
+                if after is None:
+                    return
+                self.skipper = None
+                self.parser = ConnectResponseParser()
+                self.transport.write(self.request)  # type: ignore[union-attr]
+                data = after
             response = self.parser.feed(data)
         except ProxyResponseError as e:
             self._finish(Failure(ProbeFailed(f"answered something that is not HTTP: {e}")))
             return
         if response is None and self.statusOnly and self.parser.statusLine is not None:
             response = ConnectResponse(*self.parser.statusLine)
-        if response is not None:
-            self._finish(response)
+        if response is None:
+            return
+        if self.followUp is not None and not response.opensTunnel:
+            request, self.followUp = self.followUp(response), None
+            if request is not None:
+                self.request = request
+                self.skipper = BodySkipper(response)
+                self.dataReceived(response.leftover)
+                return
+        self._finish(response)
 
     def _finish(self, result: Any) -> None:
         if isinstance(result, Failure):
@@ -103,17 +143,61 @@ class ConnectProbe(Protocol):
         self.done.errback(Failure(ProbeFailed(why)))
 
 
+class Socks5Probe(ConnectProbe):
+    """
+    The probe of a SOCKS5 server: the greeting, the credentials if it asks
+    for them, then its CONNECT; any complete answer, a refusal included
+    (of the credentials, of every method, of the CONNECT), is an answer.
+    """
+
+    def __init__(
+        self, request: bytes, done: Deferred[ConnectResponse], statusOnly: bool,
+        login: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        super().__init__(request, done, statusOnly)
+        self.handshake = Socks5Handshake(request, login)
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.handshake.greeting())  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        try:
+            send, response = self.handshake.feed(data)
+        except Socks5Error as e:
+            self._finish(Failure(ProbeFailed(f"answered something that is not SOCKS5: {e}")))
+            return
+        if send:
+            self.transport.write(send)  # type: ignore[union-attr]
+        if response is not None:
+            self._finish(response)
+
+
 class _ProbeFactory(Factory):
     noisy = False
 
-    def __init__(self, request: bytes, done: Deferred[ConnectResponse], statusOnly: bool) -> None:
+    def __init__(
+        self,
+        request: bytes,
+        done: Deferred[ConnectResponse],
+        statusOnly: bool,
+        proxy: Any = None,
+        followUp: Callable[[ConnectResponse], bytes | None] | None = None,
+    ) -> None:
         self.request = request
         self.done = done
         self.statusOnly = statusOnly
+        self.proxy = proxy
+        self.followUp = followUp
         self.protocol_: ConnectProbe | None = None
 
     def buildProtocol(self, addr: Any) -> ConnectProbe:
-        self.protocol_ = ConnectProbe(self.request, self.done, self.statusOnly)
+        proxy = self.proxy
+        if proxy is not None and proxy.kind == SOCKS5:
+            self.protocol_ = Socks5Probe(self.request, self.done, self.statusOnly, proxy.login)
+        else:
+            self.protocol_ = ConnectProbe(self.request, self.done, self.statusOnly, self.followUp)
         return self.protocol_
 
 
@@ -138,24 +222,41 @@ def askProxy(
     @param statusOnly: answer as soon as the status line is in.
     @param exchange: the L{shifter.upstream.auth.AuthExchange} whose headers the
         request carries, to answer a 407 with another probe; by default a
-        new one, if the proxy has credentials.
+        new one, if the proxy has credentials.  A 407 to NTLM's negotiate
+        message is answered on the same connection, and the answer to that
+        is the one given.
     @return: a C{Deferred} firing with the L{ConnectResponse}, whatever
         its status, or failing with a L{ProbeFailed} that says why; its
         cancellation drops the connection.
     @raise ValueError: if C{host:port} cannot go into a request.
     """
-    if exchange is None and proxy.auth is not None:
-        exchange = proxy.auth.exchange()
-    headers = exchange.headersFor("CONNECT", formatAuthority(host, port)) if exchange is not None else []
-    request = probeRequest(proxy, host, port, headers)
+    if getattr(proxy, "kind", HTTP) == SOCKS5:
+        request = socks5Request(host, port)
+    else:
+        if exchange is None and proxy.auth is not None:
+            exchange = proxy.auth.exchange()
+        headers = exchange.headersFor("CONNECT", formatAuthority(host, port)) if exchange is not None else []
+        request = probeRequest(proxy, host, port, headers)
 
     def dropConnection(_: Deferred[ConnectResponse]) -> None:
         protocol = factory.protocol_
         if protocol is not None and protocol.transport is not None:
             protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
+    def ntlmFollowUp(response: ConnectResponse) -> bytes | None:
+        if response.status != 407 or exchange is None or not exchange.awaitsChallenge:
+            return None
+        challenges = [value for name, value in response.headers if name.lower() == b"proxy-authenticate"]
+        if exchange.challenged(challenges) is not None or not exchange.sameConnection:
+            return None
+        if reuseRefusal(response) is not None:
+            return None
+        headers = exchange.headersFor("CONNECT", formatAuthority(host, port))
+        return probeRequest(proxy, host, port, headers, first=False)
+
     answer: Deferred[ConnectResponse] = Deferred(dropConnection)
-    factory = _ProbeFactory(request, answer, statusOnly)
+    followUp = ntlmFollowUp if exchange is not None and not statusOnly else None
+    factory = _ProbeFactory(request, answer, statusOnly, proxy, followUp)
     connecting = proxy.endpoint.connect(factory)
     connecting.addTimeout(connectTimeout, reactor)
 

@@ -6,10 +6,11 @@ reaches it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from OpenSSL.SSL import Error as SSLError
@@ -43,6 +44,12 @@ from shifter.upstream.passclient import checkPassClient
 if TYPE_CHECKING:
     from shifter.upstream.auth import Credentials, ProxyAuth
 
+# The kinds of upstream: an HTTP proxy (CONNECT, over TCP or TLS), a SOCKS5
+# server, or none (DIRECT: Shifter connects to the destination itself).
+HTTP = "http"
+SOCKS5 = "socks5"
+DIRECT = "direct"
+
 # host:port, or [v6 literal]:port
 _SHORTHAND = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]{1,5})")
 
@@ -70,6 +77,9 @@ class UpstreamProxy:
     @ivar port: its TCP port; C{None} for a non-TCP endpoint.
     @ivar name: for a proxy named by hostname, the addresses that name
         was resolved to, which its endpoint connects to.
+    @ivar kind: L{HTTP}, L{SOCKS5} or L{DIRECT}.
+    @ivar login: a SOCKS5 server's username and password (RFC 1929), as
+        sent; C{None} for other kinds, or when none are configured.
     """
 
     description: str
@@ -81,6 +91,38 @@ class UpstreamProxy:
     host: str | None = None
     port: int | None = None
     name: ProxyName | None = None
+    kind: str = HTTP
+    login: tuple[bytes, bytes] | None = None
+
+    def toDestination(self, host: str, port: int) -> UpstreamProxy:
+        """
+        For the L{DIRECT} route: the route to one connection's destination,
+        C{host} (an IP address) and C{port}.
+        """
+        assert self.kind == DIRECT and self.direct is not None
+        return replace(self, direct=replace(self.direct, host=host, port=port))
+
+
+@implementer(IStreamClientEndpoint)
+class _NoEndpoint:
+    """
+    The endpoint of the L{DIRECT} route, which has no address of its own:
+    each connection goes to its own destination (L{UpstreamProxy.toDestination}).
+    """
+
+    def connect(self, factory):  # type: ignore[no-untyped-def]
+        from twisted.internet.defer import fail
+
+        return fail(ValueError("DIRECT connects to each connection's own destination"))
+
+
+def directRoute(reactor, mark: int = 0) -> UpstreamProxy:  # type: ignore[no-untyped-def]
+    """
+    The L{DIRECT} route: in a policy's list of proxies, it has Shifter
+    connect to the connection's original destination address itself (never
+    to a name read from the client), with the socket mark C{mark} if not 0.
+    """
+    return UpstreamProxy("DIRECT", _NoEndpoint(), direct=DirectTCP(reactor, "", 0, mark), kind=DIRECT)
 
 
 def parseProxy(  # type: ignore[no-untyped-def]
@@ -95,9 +137,11 @@ def parseProxy(  # type: ignore[no-untyped-def]
     Parse a C{--proxy} value: C{host:port}, C{[v6]:port},
     C{http://[user:password@]host:port}, C{https://[user:password@]host:port}
     (TLS to the proxy, its certificate verified against C{caFile} or the
-    system's trust store), or a Twisted client endpoint string such as
-    C{tcp:host=10.0.0.5:port=3128}.  A URL may end with
-    C{?pass-client=MODE}, this proxy's own C{--pass-client}.
+    system's trust store), C{socks5://[user:password@]host:port} (a SOCKS5
+    server, RFC 1928, with RFC 1929 username/password), or a Twisted
+    client endpoint string such as C{tcp:host=10.0.0.5:port=3128}.  An
+    HTTP URL may end with C{?pass-client=MODE}, this proxy's own
+    C{--pass-client}; a SOCKS5 server is told nothing of the client.
 
     @param credentials: used when C{value} names none.
     @param passClient: what the proxy is told about each client, unless
@@ -117,6 +161,8 @@ def parseProxy(  # type: ignore[no-untyped-def]
 
 def _parseProxy(value, reactor, credentials, caFile, passClient) -> UpstreamProxy:  # type: ignore[no-untyped-def]
     checkPassClient(passClient)
+    if value.startswith("socks5://"):
+        return _parseSocks(value, reactor, credentials)
     if value.startswith(("http://", "https://")):
         proxy = _parseURL(value, reactor, credentials, caFile)
         return replace(proxy, passClient=_urlPassClient(value, passClient))
@@ -166,12 +212,29 @@ def _urlPassClient(value: str, default: str) -> str:
         raise ValueError(f"pass-client in {value!r}: {e}") from None
 
 
-def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ignore[no-untyped-def]
+def _parseSocks(value, reactor, credentials) -> UpstreamProxy:  # type: ignore[no-untyped-def]
+    from shifter.upstream.socks5 import checkCredentials
+
     url = urlsplit(value)
-    if url.path not in ("", "/") or url.fragment:
-        raise ValueError(
-            f"a proxy URL has only a scheme, credentials, host, port and ?pass-client=: {value!r}"
-        )
+    if url.path not in ("", "/") or url.fragment or url.query or value.endswith("?"):
+        raise ValueError(f"a SOCKS5 proxy URL has only a scheme, credentials, host and port: {value!r}")
+    host, port, credentials = _urlParts(url, value, credentials)
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    login = None
+    if credentials is not None:
+        try:
+            login = checkCredentials(credentials.username, credentials.password)
+        except ValueError as e:
+            raise ValueError(f"credentials for {value.split('@')[-1]!r}: {e}") from None
+    plain = _tcpProxy(authority, reactor, host, port, None)
+    return replace(plain, description=f"socks5://{authority}", kind=SOCKS5, login=login)
+
+
+def _urlParts(url, value, credentials):  # type: ignore[no-untyped-def]
+    """
+    The host, port and credentials a proxy URL names (its credentials, if
+    any, else C{credentials}).
+    """
     try:
         port = url.port
     except ValueError:
@@ -185,6 +248,16 @@ def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ig
         from shifter.upstream.auth import Credentials
 
         credentials = Credentials(unquote(url.username), unquote(url.password or ""))
+    return host, port, credentials
+
+
+def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ignore[no-untyped-def]
+    url = urlsplit(value)
+    if url.path not in ("", "/") or url.fragment:
+        raise ValueError(
+            f"a proxy URL has only a scheme, credentials, host, port and ?pass-client=: {value!r}"
+        )
+    host, port, credentials = _urlParts(url, value, credentials)
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if url.scheme == "http":
         return _tcpProxy(authority, reactor, host, port, credentials)
@@ -281,13 +354,29 @@ def _auth(credentials: Credentials | None) -> ProxyAuth | None:
     return ProxyAuth(credentials)
 
 
-def readCredentials(path: str) -> Credentials:
+def credentialsPath(path: str, environ: Mapping[str, str] = os.environ) -> str:
+    """
+    Where the credentials C{path} names are: under systemd's
+    C{$CREDENTIALS_DIRECTORY} (C{LoadCredential=}) when that is set and
+    C{path} is a bare name, a credential's name; else C{path} itself.
+    """
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory and "/" not in path:
+        return os.path.join(directory, path)
+    return path
+
+
+def readCredentials(path: str, environ: Mapping[str, str] = os.environ) -> Credentials:
     """
     Read C{user:password} from the first line of the file at C{path}, so
-    that the password stays out of the process list.
+    that the password stays out of the process list.  The user name may
+    name a domain, C{DOMAIN\\user}, as NTLM needs.  A bare name is a
+    systemd credential when C{$CREDENTIALS_DIRECTORY} is set
+    (L{credentialsPath}).
 
     @raise ValueError: if the file cannot be read or has no C{user:password}.
     """
+    path = credentialsPath(path, environ)
     try:
         with open(path) as f:
             line = f.readline().rstrip("\r\n")

@@ -21,9 +21,11 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from shifter.upstream.connect import ConnectResponseParser, ProxyResponseError
+from shifter.upstream.connect import BodySkipper, ConnectResponse, ConnectResponseParser, ProxyResponseError
 from shifter.upstream.connector import ProxyConnection, connectNow
-from shifter.interfaces import IProxyAttempt, IProxyReceiver
+from shifter.upstream.proxy import DIRECT, SOCKS5
+from shifter.upstream.socks5 import Socks5Error, Socks5Handshake
+from shifter.interfaces import ConnectResponse, IProxyAttempt, IProxyReceiver
 
 
 # The attempt's states.
@@ -112,9 +114,13 @@ class ProxyAttempt:
     def write(self, data: bytes) -> None:
         if self.state != CONNECTED:
             return
-        transport = self.protocol.transport  # type: ignore[union-attr]
+        protocol = self.protocol
+        transport = protocol.transport  # type: ignore[union-attr]
         if not self._written:
             self._written = True
+            data = protocol.firstBytes(data)  # type: ignore[union-attr]
+            if not data:
+                return
             if isinstance(transport, ProxyConnection):
                 # The first bytes on a connection just made (the CONNECT
                 # request) go out now: nothing can be queued before them,
@@ -129,6 +135,11 @@ class ProxyAttempt:
                 if not data:
                     return
         transport.write(data)
+
+    def again(self, request: bytes, response: ConnectResponse) -> None:
+        if self.state != CONNECTED:
+            return
+        self.protocol.again(request, response)  # type: ignore[union-attr]
 
     def halfClose(self) -> None:
         if self.state != CONNECTED:
@@ -167,6 +178,7 @@ class ProxyAttempt:
 ANSWERING = "answering"  # CONNECT sent, the answer not yet complete
 OPEN = "open"  # a 2xx came: bytes belong to the tunnel
 REFUSED = "refused"  # any other answer, or garbage: bytes are dropped
+SKIPPING = "skipping"  # reading past a refusal's body, to ask again (NTLM)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -175,7 +187,10 @@ class UpstreamProtocol(Protocol):
     Shifter's connection to an upstream proxy for one tunnel.
 
     The answer to CONNECT goes to the sans-I/O L{ConnectResponseParser};
-    only after a 2xx are bytes passed on, as tunnel bytes.
+    only after a 2xx are bytes passed on, as tunnel bytes.  After any other
+    answer they are dropped, unless the tunnel asks again on the same
+    connection (L{again}): then the answer's body is read past with a
+    L{BodySkipper} and the next request sent.
 
     @ivar ended: whether the proxy has finished sending.
     @ivar finishing: whether the connection is being finished (see
@@ -191,9 +206,18 @@ class UpstreamProtocol(Protocol):
         self.attempt = attempt
         self.state = ANSWERING
         self._parser: ConnectResponseParser | None = ConnectResponseParser()
+        self._skipper: BodySkipper | None = None
+        self._next = b""
 
     def connectionMade(self) -> None:
         self.attempt.connected(self)
+
+    def firstBytes(self, request: bytes) -> bytes:
+        """
+        What to send first, given the tunnel's request (the bytes before
+        the proxy answers): for an HTTP proxy, the request itself.
+        """
+        return request
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
@@ -201,6 +225,8 @@ class UpstreamProtocol(Protocol):
             self.attempt.receiver.proxyData(self.attempt, data)
         elif state == ANSWERING:
             self._answer(data)
+        elif state == SKIPPING:
+            self._skip(data)
         # REFUSED: the tunnel was refused; whatever follows (the body of a
         # 403 or 407 page) is not the client's business.
 
@@ -208,15 +234,47 @@ class UpstreamProtocol(Protocol):
         try:
             response = self._parser.feed(data)  # type: ignore[union-attr]
         except ProxyResponseError as e:
-            self.state = REFUSED
-            self._parser = None
-            self.attempt.receiver.proxyInvalid(self.attempt, str(e))
+            self._refuse(str(e))
             return
         if response is None:
             return
         self._parser = None
         self.state = OPEN if response.opensTunnel else REFUSED
         self.attempt.receiver.proxyAnswered(self.attempt, response)
+
+    def again(self, request: bytes, response: ConnectResponse) -> None:
+        """
+        See L{ProxyAttempt.again}.
+        """
+        if self.state != REFUSED:
+            return
+        self.state = SKIPPING
+        self._skipper = BodySkipper(response)
+        self._next = request
+        self._skip(response.leftover)
+
+    def _skip(self, data: bytes) -> None:
+        try:
+            after = self._skipper.feed(data)  # type: ignore[union-attr]
+        except ProxyResponseError as e:
+            self._refuse(str(e))
+            return
+        if after is None:
+            return
+        if after:
+            # A proxy that speaks before it is asked.
+            self._refuse("the proxy sent bytes after its answer's body, before the next request")
+            return
+        self._skipper = None
+        self.state = ANSWERING
+        self._parser = ConnectResponseParser()
+        request, self._next = self._next, b""
+        self.attempt.write(request)
+
+    def _refuse(self, reason: str) -> None:
+        self.state = REFUSED
+        self._parser = self._skipper = None
+        self.attempt.receiver.proxyInvalid(self.attempt, reason)
 
     def readConnectionLost(self) -> None:
         self.ended = True
@@ -228,7 +286,7 @@ class UpstreamProtocol(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._parser = None
+        self._parser = self._skipper = None
         if (
             self.state == OPEN
             and not self.ended
@@ -263,6 +321,71 @@ class UpstreamProtocol(Protocol):
                 transport.loseWriteConnection()
 
 
+class Socks5Protocol(UpstreamProtocol):
+    """
+    Shifter's connection to a SOCKS5 server for one tunnel: the greeting
+    goes first, the tunnel's request (a SOCKS5 CONNECT) once the server has
+    chosen a method and, with username/password, accepted the credentials;
+    the sans-I/O L{Socks5Handshake} reads every answer.  The server's
+    reply is reported as an answer to CONNECT (see L{shifter.upstream.socks5}).
+    """
+
+    _handshake: Socks5Handshake | None = None
+
+    def firstBytes(self, request: bytes) -> bytes:
+        handshake = self._handshake = Socks5Handshake(request, self.attempt.proxy.login)
+        return handshake.greeting()
+
+    def _answer(self, data: bytes) -> None:
+        handshake = self._handshake
+        try:
+            if handshake is None:
+                raise Socks5Error("SOCKS5 server spoke before the greeting")
+            send, response = handshake.feed(data)
+        except Socks5Error as e:
+            self.state = REFUSED
+            self._handshake = None
+            self.attempt.receiver.proxyInvalid(self.attempt, str(e))
+            return
+        if send:
+            self.transport.write(send)
+        if response is None:
+            return
+        self._handshake = None
+        self.state = OPEN if response.opensTunnel else REFUSED
+        self.attempt.receiver.proxyAnswered(self.attempt, response)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._handshake = None
+        super().connectionLost(reason)
+
+
+# What a DIRECT connection "answers": it is open once made.
+_DIRECT_OPEN = ConnectResponse(200, "connected")
+
+
+class DirectProtocol(UpstreamProtocol):
+    """
+    Shifter's connection straight to a tunnel's destination (the L{DIRECT}
+    route): there is no handshake, and the tunnel is open as soon as the
+    connection is made.
+    """
+
+    def connectionMade(self) -> None:
+        attempt = self.attempt
+        attempt.connected(self)
+        if self.state == ANSWERING and attempt.state == CONNECTED:
+            self.state = OPEN
+            self._parser = None
+            attempt.receiver.proxyAnswered(attempt, _DIRECT_OPEN)
+
+    def firstBytes(self, request: bytes) -> bytes:
+        return b""
+
+
+_PROTOCOLS = {SOCKS5: Socks5Protocol, DIRECT: DirectProtocol}
+
+
 class _AttemptFactory(ClientFactory):
     """
     Builds the one L{UpstreamProtocol} of an attempt, and tells the attempt
@@ -275,7 +398,7 @@ class _AttemptFactory(ClientFactory):
         self.attempt = attempt
 
     def buildProtocol(self, addr: object) -> UpstreamProtocol:
-        return UpstreamProtocol(self.attempt)
+        return _PROTOCOLS.get(self.attempt.proxy.kind, UpstreamProtocol)(self.attempt)
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         self.attempt.connectFailed(reason)

@@ -1,0 +1,270 @@
+"""
+The service log's forms (C{--log-format}, L{shifter.logs}): JSON with
+stable field names and none of Twisted's bookkeeping, journald's native
+protocol sent to a datagram socket of the test's own, the fall back to
+text without a journal, and the observer handed to twistd's application.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+
+from twisted.application.service import Application
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher, jsonFileLogObserver
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent
+from twisted.python import log as legacyLog
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from shifter.logs import JournaldObserver, JsonObserver, eventAsDict, journalFields, logObserver
+from shifter.service.tap import LoggingService, Options, makeService
+from tests.support import socketDirectory
+
+# What Twisted's own JSON writes that says nothing about the event.
+TWISTED_INTERNALS = ("log_flattened", "__class_uuid__", "unpersistable", "log_logger", "log_source", "log_format")
+
+
+def tunnelEvent(level: LogLevel = LogLevel.warn, **more: object) -> dict:
+    """
+    A tunnel's failure line as the tunnel emits it, with a logger and a
+    source that Twisted's JSON would flatten.
+    """
+    events: list[dict] = []
+
+    class Tunnel:
+        log = Logger(observer=events.append)
+
+    facts: dict[str, object] = dict(
+        client="192.0.2.2:50000", destination="203.0.113.7:443", proxy="127.0.0.1:3128",
+        reason="proxy answered 403 Forbidden", tunnel="k7q2mx4d-1b", failure_kind="proxy-status", status=403,
+    )
+    facts.update(more)
+    Tunnel().log.emit(level, "tunnel {client} -> {destination} via {proxy} failed: {reason} id={tunnel}", **facts)
+    return events[0]
+
+
+def parseJournal(data: bytes) -> dict[str, str]:
+    """
+    journald's native protocol: C{KEY=value} lines, or C{KEY}, a newline,
+    a 64-bit little-endian length and that many bytes, then a newline.
+    """
+    fields = {}
+    at = 0
+    while at < len(data):
+        end = data.index(b"\n", at)
+        line = data[at:end]
+        if b"=" in line:
+            key, value = line.split(b"=", 1)
+            at = end + 1
+        else:
+            key = line
+            (size,) = struct.unpack("<Q", data[end + 1:end + 9])
+            value = data[end + 9:end + 9 + size]
+            assert data[end + 9 + size:end + 10 + size] == b"\n"
+            at = end + 10 + size
+        fields[key.decode()] = value.decode()
+    return fields
+
+
+class JsonTests(SynchronousTestCase):
+    def test_stableFields(self) -> None:
+        """
+        A tunnel's line is an object with time, level, namespace and
+        message, and the line's own facts under their names; nothing of
+        Twisted's (which its own JSON observer writes for the same event).
+        """
+        event = tunnelEvent()
+        facts = eventAsDict(event)
+        self.assertRegex(facts.pop("time"), r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertEqual(facts, {
+            "level": "warn",
+            "namespace": "tests.test_logformat.Tunnel",
+            "message": "tunnel 192.0.2.2:50000 -> 203.0.113.7:443 via 127.0.0.1:3128 failed: "
+                       "proxy answered 403 Forbidden id=k7q2mx4d-1b",
+            "client": "192.0.2.2:50000",
+            "destination": "203.0.113.7:443",
+            "proxy": "127.0.0.1:3128",
+            "reason": "proxy answered 403 Forbidden",
+            "tunnel": "k7q2mx4d-1b",
+            "failure_kind": "proxy-status",
+            "status": 403,
+        })
+        # The same event through Twisted's own JSON has its internals.
+        twisted = io.StringIO()
+        jsonFileLogObserver(twisted, recordSeparator="")(event)
+        self.assertTrue(any(name in twisted.getvalue() for name in TWISTED_INTERNALS))
+
+    def test_oneObjectPerLine(self) -> None:
+        """
+        The observer writes one JSON object per line, without Twisted's
+        internals, whatever the fields hold (an object becomes its text).
+        """
+        stream = io.StringIO()
+        observer = JsonObserver(stream)
+        observer(tunnelEvent(source=object(), address=("192.0.2.2", 5)))
+        observer(tunnelEvent())
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        for line in lines:
+            facts = json.loads(line)
+            self.assertEqual(facts["tunnel"], "k7q2mx4d-1b")
+            for name in TWISTED_INTERNALS:
+                self.assertNotIn(name, line)
+        self.assertIsInstance(json.loads(lines[0])["source"], str)
+
+    def test_failureAsTraceback(self) -> None:
+        """
+        An error's failure is its traceback, as text.
+        """
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            event = tunnelEvent(log_failure=Failure())
+        facts = eventAsDict(event)
+        self.assertIn("ZeroDivisionError", facts["traceback"])
+        self.assertNotIn("log_failure", facts)
+
+    def test_legacyEvent(self) -> None:
+        """
+        An event from Twisted's legacy log (much of Twisted still logs
+        so) has the same fields, none of the legacy ones.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        legacyLog.msg("legacy line", system="-")
+        [event] = events
+        facts = eventAsDict(event)
+        self.assertEqual(facts["message"], "legacy line")
+        self.assertEqual(set(facts), {"time", "level", "namespace", "message"})
+
+
+class JournaldTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = str(socketDirectory(self) / "journal")
+        self.journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.journal.bind(self.path)
+        self.journal.settimeout(5)
+        self.addCleanup(self.journal.close)
+
+    def receive(self) -> dict[str, str]:
+        return parseJournal(self.journal.recv(1 << 20))
+
+    def test_nativeProtocol(self) -> None:
+        """
+        Each event is one datagram in journald's native protocol: the
+        message, PRIORITY from the level (warning: 4), the identifier, and
+        the fields as SHIFTER_*.
+        """
+        observer = JournaldObserver(self.path)
+        self.addCleanup(observer.socket.close)
+        observer(tunnelEvent())
+        fields = self.receive()
+        self.assertEqual(fields["MESSAGE"], "tunnel 192.0.2.2:50000 -> 203.0.113.7:443 via 127.0.0.1:3128 "
+                                            "failed: proxy answered 403 Forbidden id=k7q2mx4d-1b")
+        self.assertEqual(fields["PRIORITY"], "4")
+        self.assertEqual(fields["SYSLOG_IDENTIFIER"], "shifter")
+        self.assertEqual(fields["SHIFTER_CLIENT"], "192.0.2.2:50000")
+        self.assertEqual(fields["SHIFTER_TUNNEL"], "k7q2mx4d-1b")
+        self.assertEqual(fields["SHIFTER_FAILURE_KIND"], "proxy-status")
+        self.assertEqual(fields["SHIFTER_STATUS"], "403")
+        self.assertEqual(fields["SHIFTER_NAMESPACE"], "tests.test_logformat.Tunnel")
+        for name in fields:
+            self.assertRegex(name, r"^[A-Z][A-Z0-9_]*$")
+
+    def test_priorities(self) -> None:
+        """
+        Each level has its syslog priority, so journalctl -p filters by it.
+        """
+        observer = JournaldObserver(self.path)
+        self.addCleanup(observer.socket.close)
+        log = Logger(observer=observer)
+        for emit, priority in [
+            (log.debug, "7"), (log.info, "6"), (log.warn, "4"), (log.error, "3"), (log.critical, "2"),
+        ]:
+            emit("a line")
+            self.assertEqual(self.receive()["PRIORITY"], priority)
+
+    def test_multilineValue(self) -> None:
+        """
+        A value with line breaks (a traceback) is sent in the binary form.
+        """
+        observer = JournaldObserver(self.path)
+        self.addCleanup(observer.socket.close)
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            observer(tunnelEvent(LogLevel.error, log_failure=Failure()))
+        fields = self.receive()
+        self.assertEqual(fields["PRIORITY"], "3")
+        self.assertIn("\n", fields["SHIFTER_TRACEBACK"])
+        self.assertIn("ZeroDivisionError", fields["SHIFTER_TRACEBACK"])
+
+    def test_tooBig(self) -> None:
+        """
+        An event too big for one datagram is sent cut short, not lost.
+        """
+        observer = JournaldObserver(self.path)
+        self.addCleanup(observer.socket.close)
+        observer(tunnelEvent(reason="x" * (4 << 20)))
+        fields = self.receive()
+        self.assertTrue(fields["MESSAGE"].endswith(" [cut short]"))
+        self.assertEqual(observer.dropped, 0)
+
+    def test_encoding(self) -> None:
+        """
+        The whole datagram parses back to the fields sent.
+        """
+        data = journalFields(tunnelEvent(reason="line one\nline two"))
+        fields = parseJournal(data)
+        self.assertEqual(fields["SHIFTER_REASON"], "line one\nline two")
+
+    def test_noJournal(self) -> None:
+        """
+        Without a journal socket, the log is text, and one line says so.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        observer = logObserver("journald", self.mktemp(), journalSocket=self.path + ".absent")
+        self.assertNotIsInstance(observer, JournaldObserver)
+        [event] = events
+        self.assertEqual(
+            formatEvent(event), f"--log-format journald: no journal socket at {self.path}.absent; logging as text"
+        )
+
+    def test_journalFound(self) -> None:
+        """
+        With the socket there, the observer is journald's.
+        """
+        observer = logObserver("journald", None, journalSocket=self.path)
+        self.assertIsInstance(observer, JournaldObserver)
+        observer.socket.close()  # type: ignore[attr-defined]
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_applicationLogsThroughIt(self) -> None:
+        """
+        The service of --log-format json hands twistd's application its
+        observer, which twistd then logs through; text leaves twistd's own.
+        """
+        options = Options()
+        options.parseOptions(["--proxy", "127.0.0.1:3128", "--log-format", "json"])
+        top = makeService(options)
+        self.assertIsInstance(top, LoggingService)
+        application = Application("shifter")
+        top.setServiceParent(application)
+        self.assertIsInstance(ILogObserver(application), JsonObserver)
+        options = Options()
+        options.parseOptions(["--proxy", "127.0.0.1:3128"])
+        application = Application("shifter")
+        makeService(options).setServiceParent(application)
+        self.assertIsNone(application.getComponent(ILogObserver))
+
+    def test_refused(self) -> None:
+        """
+        An unknown form is refused, naming the option.
+        """
+        with self.assertRaises(Exception) as caught:
+            Options().parseOptions(["--proxy", "127.0.0.1:3128", "--log-format", "xml"])
+        self.assertEqual(str(caught.exception), "--log-format: expected one of text, json, journald, got 'xml'")
