@@ -190,6 +190,10 @@ class OptionErrorTests(SynchronousTestCase):
         "proxy": "nonsense",
         "allow": "10.0.0.0/33",
         "allow-port": "0",
+        "access-log": "/nonexistent/access.log",
+        "access-log-format": "{nonsense}",
+        "tunnel-id-header": "a b",
+        "log-format": "xml",
     }
 
     def test_everyOption(self) -> None:
@@ -316,7 +320,7 @@ class ExampleConfigTests(SynchronousTestCase):
         for key in _RULE_KEYS:
             self.assertRegex(ruleTables, rf"(?m)^{re.escape(key)} = ", f"[[rule]] {key}")
         self.assertEqual(set(GATEWAY_KEYS) - set(config.gateway), set())
-        self.assertEqual(len(config.rules), 2)
+        self.assertEqual(len(config.rules), 3)
 
     def test_defaults(self) -> None:
         """

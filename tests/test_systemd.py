@@ -149,6 +149,7 @@ class NotifierTests(SynchronousTestCase):
         self.receiver = NotifySocket(path)
         self.addCleanup(self.receiver.close)
         self.clock = MemoryReactorClock()
+        self.clock.running = True
         self.ready: Deferred[None] = Deferred()
         self.tunnels = 0
         self.environ = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "10000000"}
@@ -166,6 +167,20 @@ class NotifierTests(SynchronousTestCase):
         self.notifier()
         self.assertEqual(self.receiver.receive(0.2), [])
         self.ready.callback(None)
+        self.assertEqual(self.receiver.receive(0.5), ["READY=1\nSTATUS=0 tunnels open"])
+
+    def test_readyOnceRunning(self) -> None:
+        """
+        Shifter ready while the reactor is still starting (its signal
+        handlers not yet in place): C{READY=1} once it runs, so that a
+        SIGTERM right after it drains and stops instead of killing.
+        """
+        del self.environ["WATCHDOG_USEC"]
+        self.clock.running = False
+        self.notifier()
+        self.ready.callback(None)
+        self.assertEqual(self.receiver.receive(0.2), [])
+        self.clock.run()
         self.assertEqual(self.receiver.receive(0.5), ["READY=1\nSTATUS=0 tunnels open"])
 
     def test_statusWhenChanged(self) -> None:

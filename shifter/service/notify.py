@@ -124,7 +124,12 @@ class SystemdNotifier(Service):
         self.loops.append(loop)
 
     def _ready(self) -> None:
-        if notifyAddress(self.environ) is None:
+        # Once the reactor runs, so that its signal handlers are in place:
+        # a SIGTERM right after READY=1 then drains and stops as it should.
+        self.reactor.callWhenRunning(self._announce)
+
+    def _announce(self) -> None:
+        if not self.running or notifyAddress(self.environ) is None:
             return
         status = self.status()
         self.lastStatus = status
