@@ -38,7 +38,7 @@ apt:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py requirements-test.txt
+$(VENV)/.installed: setup.py pyproject.toml requirements-test.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
@@ -69,7 +69,7 @@ serve: setup
 	@ss -Htln 'sport = :3128' | grep -q . || { echo "starting Squid on 127.0.0.1:3128"; squid; sleep 2; }
 	@echo "Shifter on $(LISTEN), proxy $(PROXY). Redirect clients to it with, for example:"
 	@echo "  iptables -t nat -A PREROUTING -i <lan interface> -p tcp --dport 443 -j REDIRECT --to-ports 12345"
-	$(VENV)/bin/twistd -n --pidfile= shifter --listen $(LISTEN) --proxy $(PROXY)
+	$(VENV)/bin/shifter run --listen $(LISTEN) --proxy $(PROXY)
 
 # Every test: the API documentation and the types checked, then unit, end
 # to end in namespaces, and the kernel module in a booted kernel.  The last

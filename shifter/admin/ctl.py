@@ -237,9 +237,9 @@ def _socketPath(arguments: argparse.Namespace) -> str:
         raise ControlError(f"--control: {e}") from None
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m shifter.ctl") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m shifter.ctl",
+        prog=prog,
         description="Ask a running Shifter through its control socket.",
     )
     where = parser.add_mutually_exclusive_group()
@@ -268,7 +268,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None, err: Optional[TextIO] = None,
+         prog: str = "python -m shifter.ctl") -> int:
     """
     The C{python -m shifter.ctl} command.
 
@@ -276,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None, err
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    arguments = _parser().parse_args(argv)
+    arguments = _parser(prog).parse_args(argv)
     try:
         fields = _explainFields(arguments) if arguments.command == "explain" else {}
         answer = ask(_socketPath(arguments), arguments.command, arguments.timeout, **fields)

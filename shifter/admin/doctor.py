@@ -1079,9 +1079,9 @@ def _ports(value: str) -> list[int]:
     return ports
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m shifter.doctor") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m shifter.doctor",
+        prog=prog,
         allow_abbrev=False,
         description="Check this gateway for the mistakes that make Shifter fail silently. Give Shifter's own "
         "options (or --config FILE) as well; each finding is one line with what to change.",
@@ -1118,7 +1118,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[GatewayState] = None,
-         err: Any = None) -> int:
+         err: Any = None, prog: str = "python -m shifter.doctor") -> int:
     """
     The C{python -m shifter.doctor} command.
 
@@ -1131,7 +1131,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
 
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = _parser()
+    parser = _parser(prog)
     arguments, shifterArguments = parser.parse_known_args(argv)
     arguments.shifter = shifterArguments
     if arguments.listen_port is not None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, TextIO
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
@@ -34,7 +35,15 @@ from shifter.tunnel.holdsyn import DEFAULT_HOLD_TIMEOUT, SynHolder
 from shifter.upstream.passclient import PASS_CLIENT_MODES
 from shifter.upstream.pool import BALANCES, ProxyPool
 from shifter.upstream.probe import DEFAULT_PROBE_TARGET
-from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, directRoute, parseProxy, readCredentials
+from shifter.upstream.proxy import (
+    MarkingReactor,
+    UpstreamProxy,
+    credentialsPath,
+    directRoute,
+    parseProxy,
+    readCredentials,
+    readTrustRoot,
+)
 from shifter.relay.relay import RELAYS
 from shifter.resolvers.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
 from shifter.logs import LOG_FORMATS, logObserver, twistdLogFile, useLogFile
@@ -42,6 +51,7 @@ from shifter.service.accesslog import DEFAULT_FORMAT as DEFAULT_ACCESS_LOG_FORMA
 from shifter.service.accesslog import FIELDS as ACCESS_LOG_FIELDS
 from shifter.service.accesslog import AccessLogFormat, checkDestination
 from shifter.tunnel.tunnelid import DEFAULT_HEADER as DEFAULT_TUNNEL_ID_HEADER
+from shifter.service.notify import SystemdNotifier
 from shifter.service.pacpolicy import PacPolicy
 from shifter.service.service import ShifterService, SidePortService
 from shifter.relay.splice import SPLICE_AVAILABLE
@@ -139,6 +149,18 @@ def _positiveInt(value: str) -> int:
     return number
 
 
+def versionLine() -> str:
+    """
+    What C{--version} says: Shifter's version, and Twisted's and Python's.
+    """
+    import platform
+
+    import shifter
+    from twisted import version as twistedVersion
+
+    return f"Shifter {shifter.__version__} (Twisted {twistedVersion.short()}, Python {platform.python_version()})"
+
+
 def defaultMaxConnections() -> int:
     """
     The connection cap that the descriptor limit allows: each tunnel holds
@@ -180,11 +202,34 @@ class _NamedParameter(usage.CoerceParameter):
             super().dispatch(parameterName, value)
         except usage.UsageError as e:
             reason = str(e).removeprefix("Parameter type enforcement failed: ")
+            reason = re.sub(r"^invalid literal for int\(\) with base \d+: (.*)$", r"expected a whole number, got \1", reason)
             raise usage.UsageError(f"--{parameterName}: {reason}") from None
 
 
+def printable(text: str) -> str:
+    """
+    C{text} with every character that is not printable (a line break, a
+    terminal's control sequence) written as its Python escape: what was
+    typed is shown, on one line.
+    """
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def usageFailure(command: str, error: Exception, err: TextIO | None = None) -> int:
+    """
+    Say on standard error (or C{err}) why the command line cannot be used,
+    in one line with one hint after it, and give the exit status for it.
+    """
+    (sys.stderr if err is None else err).write(f"{command}: {printable(str(error))}\nTry '{command} --help' for the options.\n")
+    return 1
+
+
 class Options(usage.Options):
-    synopsis = "--proxy HOST:PORT [options]"
+    synopsis = "[--config FILE] [--proxy HOST:PORT] [options]"
+
+    # How the command that parses these options is run, for its errors:
+    # twistd shifter, or shifter run.
+    command = "twistd shifter"
     longdesc = (
         "Relay TCP connections that netfilter redirected to Shifter through an "
         "upstream HTTP proxy. For each connection Shifter finds the destination "
@@ -574,6 +619,32 @@ class Options(usage.Options):
         self.proxySpecs: list[ProxySpec] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse C{options}; under twistd (which would print the whole
+        C{--help} for any mistake), an error is one line on standard error
+        and the exit status 1.
+        """
+        if getattr(self, "parent", None) is None:
+            self._parseOptions(options)
+            return
+        try:
+            self._parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(usageFailure(self.command, e)) from None
+
+    def getSynopsis(self) -> str:
+        if self.command == "twistd shifter":
+            return super().getSynopsis()
+        return f"Usage: {self.command} {self.synopsis}"
+
+    def opt_version(self) -> None:
+        """
+        Display Shifter's version and exit.
+        """
+        print(versionLine())
+        sys.exit(0)
+
+    def _parseOptions(self, options: list[str] | None) -> None:
         # Kept for --workers, whose workers are started with the same ones,
         # and for reloading --config.
         self.arguments = list(sys.argv[1:] if options is None else options)
@@ -639,6 +710,7 @@ class Options(usage.Options):
                 self["proxy-credentials"] = readCredentials(self["proxy-credentials"])
             except ValueError as e:
                 raise usage.UsageError(f"--proxy-credentials: {e}") from None
+        self._checkCertificateAuthorities()
         if self["pass-client"] not in PASS_CLIENT_MODES:
             raise usage.UsageError(
                 f"--pass-client: expected one of {', '.join(PASS_CLIENT_MODES)}, "
@@ -678,6 +750,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--queue-num: {self['queue-num']} is not between 0 and 65535")
         if not 0 <= self["queue-mark"] <= 0xFFFFFFFF:
             raise usage.UsageError(f"--queue-mark: {self['queue-mark']:#x} does not fit in 32 bits")
+        if not 0 <= self["reject-mark"] <= 0xFFFFFFFF:
+            raise usage.UsageError(f"--reject-mark: {self['reject-mark']:#x} does not fit in 32 bits")
         if self["relay"] not in RELAYS:
             raise usage.UsageError(
                 f"--relay: expected one of {', '.join(RELAYS)}, got {self['relay']!r}"
@@ -691,10 +765,39 @@ class Options(usage.Options):
         if self["metrics"] is not None:
             try:
                 serverFromString(reactor, self["metrics"])
+            except IndexError:
+                raise usage.UsageError(
+                    f"--metrics: {self['metrics']!r}: no such descriptor was passed "
+                    "(LISTEN_FDS and LISTEN_FDNAMES, set by systemd socket activation)"
+                ) from None
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--metrics: invalid endpoint {self['metrics']!r}: {e}") from None
         self._checkLogging()
         self.checkCombinations()
+
+    def _checkCertificateAuthorities(self) -> None:
+        """
+        A CA file is for C{https://} proxies: given where none would use it
+        (a typing mistake, or a proxy meant to be https://), it is refused.
+        """
+        configFile = self.configFile
+        for spec in self.proxySpecs:
+            if spec.ca is not None and not spec.address.startswith("https://"):
+                raise usage.UsageError(
+                    f"{configFile.path} line {spec.line}: proxy: ca applies only to an https:// proxy, "  # type: ignore[union-attr]
+                    f"not {spec.address!r}"
+                )
+        ca = self["proxy-ca"]
+        if ca is None:
+            return
+        if not any(spec.address.startswith("https://") and spec.ca is None for spec in self.proxySpecs):
+            raise usage.UsageError(
+                "--proxy-ca: applies only to https:// proxies (without a ca of their own), and none is configured"
+            )
+        try:
+            readTrustRoot(credentialsPath(ca))
+        except ValueError as e:
+            raise usage.UsageError(f"--proxy-ca: {e}") from None
 
     def _checkLogging(self) -> None:
         if self["access-log"] is not None:
@@ -840,6 +943,8 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
                     serverFromString(reactor, config["metrics"]), summed, workers,
                 ).setServiceParent(top)
         workers.setServiceParent(top)
+        serving = lambda: f"{sum(w.ready for w in workers.workers.values())} of {config['workers']} workers serving"  # noqa: E731
+        SystemdNotifier(reactor, workers.ready, serving).setServiceParent(top)
         return top
     built = configure(config, reactor)
     resolver = makeResolver(config["resolver"], reactor, **resolverOptions(config))
@@ -893,6 +998,9 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     service.setServiceParent(top)
     if worker is not None:
         service.ready.addCallback(lambda _: workerReady())
+    else:
+        # Last, so that it is the first told of a shutdown.
+        SystemdNotifier(reactor, service.ready, lambda: f"{len(factory.active)} tunnels open").setServiceParent(top)
     return top
 
 
@@ -908,11 +1016,13 @@ def buildProxy(spec: ProxySpec, config: Options, reactor) -> UpstreamProxy:  # t
     credentials = config["proxy-credentials"]
     if spec.credentials is not None:
         credentials = readCredentials(spec.credentials)
+    ca = spec.ca or config["proxy-ca"]
+    keytab = spec.keytab or config["proxy-keytab"]
     return parseProxy(
-        spec.address, proxyReactor, credentials, spec.ca or config["proxy-ca"],
+        spec.address, proxyReactor, credentials, credentialsPath(ca) if ca is not None else None,
         spec.passClient or config["pass-client"],
         preemptiveBasic=bool(config["proxy-preemptive-basic"]),
-        keytab=spec.keytab or config["proxy-keytab"],
+        keytab=credentialsPath(keytab) if keytab is not None else None,
         principal=spec.principal or config["proxy-principal"],
     )
 
