@@ -194,6 +194,12 @@ class OptionErrorTests(SynchronousTestCase):
         "access-log-format": "{nonsense}",
         "tunnel-id-header": "a b",
         "log-format": "xml",
+        "proxy-keytab": "/nonexistent/gateway.keytab",
+        "proxy-principal": " ",
+        "pac": "ftp://wpad.example/wpad.dat",
+        "pac-fallback": "somewhere",
+        "pac-refresh": "-1",
+        "pac-timeout": "xyz",
     }
 
     def test_everyOption(self) -> None:

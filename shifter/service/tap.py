@@ -705,6 +705,9 @@ class Options(usage.Options):
             raise usage.UsageError("--proxy is required (for example --proxy 127.0.0.1:3128), unless --pac is given")
         if self["pac"] is not None:
             self._checkPac()
+        elif self["pac-fallback"] != "refuse":
+            raise usage.UsageError("--pac-fallback: applies only with --pac")
+        self._checkKeytab()
         if self["proxy-credentials"] is not None:
             try:
                 self["proxy-credentials"] = readCredentials(self["proxy-credentials"])
@@ -856,6 +859,21 @@ class Options(usage.Options):
                 controlPath(self["control"], suffix)
             except ValueError as e:
                 raise usage.UsageError(f"--control: {e}") from None
+
+    def _checkKeytab(self) -> None:
+        keytab = self["proxy-keytab"]
+        if keytab is not None:
+            try:
+                with open(credentialsPath(keytab), "rb"):
+                    pass
+            except OSError as e:
+                raise usage.UsageError(f"--proxy-keytab: cannot read {keytab!r}: {e.strerror}") from None
+        principal = self["proxy-principal"]
+        if principal is not None:
+            if not principal.strip() or any(not char.isprintable() for char in principal):
+                raise usage.UsageError(f"--proxy-principal: expected a Kerberos principal name, got {principal!r}")
+            if keytab is None and not any(spec.keytab for spec in self.proxySpecs):
+                raise usage.UsageError("--proxy-principal: applies only with --proxy-keytab (or a [[proxy]] keytab)")
 
     def _checkPac(self) -> None:
         pac = self["pac"]
