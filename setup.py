@@ -34,6 +34,7 @@ setup(
         "shifter.upstream",
         "twisted.plugins",
     ],
+    # The shifter command is declared in pyproject.toml ([project.scripts]).
     package_data={"twisted.plugins": ["shifter_plugin.py", "shifter_endpoints.py"]},
     # Twisted[tls]: pyOpenSSL, service_identity and idna, which shifter.upstream.proxy
     # imports for https:// proxies (and so twistd shifter --help needs).

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
+import re
 import resource
 import sys
 from dataclasses import dataclass
+from typing import Mapping, TextIO
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
@@ -30,10 +33,11 @@ from shifter.tunnel.holdsyn import DEFAULT_HOLD_TIMEOUT, SynHolder
 from shifter.upstream.passclient import PASS_CLIENT_MODES
 from shifter.upstream.pool import BALANCES, ProxyPool
 from shifter.upstream.probe import DEFAULT_PROBE_TARGET
-from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials
+from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, parseProxy, readCredentials, readTrustRoot
 from shifter.relay.relay import RELAYS
 from shifter.resolvers.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
 from shifter.logs import twistdLogFile, useLogFile
+from shifter.service.notify import SystemdNotifier
 from shifter.service.service import ShifterService, SidePortService
 from shifter.relay.splice import SPLICE_AVAILABLE
 from shifter.service.workers import ReusePortEndpoint, WorkersService, becomeWorker, shiftPort, workerReady
@@ -127,6 +131,18 @@ def _positiveInt(value: str) -> int:
     return number
 
 
+def versionLine() -> str:
+    """
+    What C{--version} says: Shifter's version, and Twisted's and Python's.
+    """
+    import platform
+
+    import shifter
+    from twisted import version as twistedVersion
+
+    return f"Shifter {shifter.__version__} (Twisted {twistedVersion.short()}, Python {platform.python_version()})"
+
+
 def defaultMaxConnections() -> int:
     """
     The connection cap that the descriptor limit allows: each tunnel holds
@@ -168,11 +184,38 @@ class _NamedParameter(usage.CoerceParameter):
             super().dispatch(parameterName, value)
         except usage.UsageError as e:
             reason = str(e).removeprefix("Parameter type enforcement failed: ")
+            reason = re.sub(r"^invalid literal for int\(\) with base \d+: (.*)$", r"expected a whole number, got \1", reason)
             raise usage.UsageError(f"--{parameterName}: {reason}") from None
 
 
+def credentialFile(path: str, environ: Mapping[str, str] | None = None) -> str:
+    """
+    Where the credentials (or CA) file named C{path} is: a bare name
+    (C{proxy-password}) is read from C{$CREDENTIALS_DIRECTORY} when systemd
+    set one (C{LoadCredential=}), so that a C{DynamicUser} service gets its
+    secrets without a readable file of its own; any other path is itself.
+    """
+    directory = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+    if directory and path and "/" not in path:
+        return os.path.join(directory, path)
+    return path
+
+
+def usageFailure(command: str, error: Exception, err: TextIO | None = None) -> int:
+    """
+    Say on standard error (or C{err}) why the command line cannot be used,
+    in one line with one hint after it, and give the exit status for it.
+    """
+    (sys.stderr if err is None else err).write(f"{command}: {error}\nTry '{command} --help' for the options.\n")
+    return 1
+
+
 class Options(usage.Options):
-    synopsis = "--proxy HOST:PORT [options]"
+    synopsis = "[--config FILE] [--proxy HOST:PORT] [options]"
+
+    # How the command that parses these options is run, for its errors:
+    # twistd shifter, or shifter run.
+    command = "twistd shifter"
     longdesc = (
         "Relay TCP connections that netfilter redirected to Shifter through an "
         "upstream HTTP proxy. For each connection Shifter finds the destination "
@@ -475,6 +518,32 @@ class Options(usage.Options):
         self.proxySpecs: list[ProxySpec] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse C{options}; under twistd (which would print the whole
+        C{--help} for any mistake), an error is one line on standard error
+        and the exit status 1.
+        """
+        if getattr(self, "parent", None) is None:
+            self._parseOptions(options)
+            return
+        try:
+            self._parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(usageFailure(self.command, e)) from None
+
+    def getSynopsis(self) -> str:
+        if self.command == "twistd shifter":
+            return super().getSynopsis()
+        return f"Usage: {self.command} {self.synopsis}"
+
+    def opt_version(self) -> None:
+        """
+        Display Shifter's version and exit.
+        """
+        print(versionLine())
+        sys.exit(0)
+
+    def _parseOptions(self, options: list[str] | None) -> None:
         # Kept for --workers, whose workers are started with the same ones,
         # and for reloading --config.
         self.arguments = list(sys.argv[1:] if options is None else options)
@@ -534,9 +603,10 @@ class Options(usage.Options):
             raise usage.UsageError("--proxy is required (for example --proxy 127.0.0.1:3128)")
         if self["proxy-credentials"] is not None:
             try:
-                self["proxy-credentials"] = readCredentials(self["proxy-credentials"])
+                self["proxy-credentials"] = readCredentials(credentialFile(self["proxy-credentials"]))
             except ValueError as e:
                 raise usage.UsageError(f"--proxy-credentials: {e}") from None
+        self._checkCertificateAuthorities()
         if self["pass-client"] not in PASS_CLIENT_MODES:
             raise usage.UsageError(
                 f"--pass-client: expected one of {', '.join(PASS_CLIENT_MODES)}, "
@@ -592,6 +662,30 @@ class Options(usage.Options):
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--metrics: invalid endpoint {self['metrics']!r}: {e}") from None
         self.checkCombinations()
+
+    def _checkCertificateAuthorities(self) -> None:
+        """
+        A CA file is for C{https://} proxies: given where none would use it
+        (a typing mistake, or a proxy meant to be https://), it is refused.
+        """
+        configFile = self.configFile
+        for spec in self.proxySpecs:
+            if spec.ca is not None and not spec.address.startswith("https://"):
+                raise usage.UsageError(
+                    f"{configFile.path} line {spec.line}: proxy: ca applies only to an https:// proxy, "  # type: ignore[union-attr]
+                    f"not {spec.address!r}"
+                )
+        ca = self["proxy-ca"]
+        if ca is None:
+            return
+        if not any(spec.address.startswith("https://") and spec.ca is None for spec in self.proxySpecs):
+            raise usage.UsageError(
+                "--proxy-ca: applies only to https:// proxies (without a ca of their own), and none is configured"
+            )
+        try:
+            readTrustRoot(credentialFile(ca))
+        except ValueError as e:
+            raise usage.UsageError(f"--proxy-ca: {e}") from None
 
     def checkCombinations(self) -> None:
         """
@@ -677,10 +771,15 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     if twistd is not None:
         useLogFile(twistdLogFile(twistd))
     if config["workers"] > 1 and config["worker"] is None:
-        return WorkersService(
+        workers = WorkersService(
             reactor, config["workers"], config.arguments, config["drain-timeout"], config["listen"],
             exitStatusOnFailure=exitStatusOnFailure,
         )
+        parent = MultiService()
+        workers.setServiceParent(parent)
+        serving = lambda: f"{sum(w.ready for w in workers.workers.values())} of {config['workers']} workers serving"  # noqa: E731
+        SystemdNotifier(reactor, workers.ready, serving).setServiceParent(parent)
+        return parent
     built = configure(config, reactor)
     resolver = makeResolver(config["resolver"], reactor, **resolverOptions(config))
     factory = ShifterFactory(resolver, built.pool, built.settings, reactor, policy=built.policy)
@@ -724,6 +823,9 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     service.setServiceParent(top)
     if worker is not None:
         service.ready.addCallback(lambda _: workerReady())
+    else:
+        # Last, so that it is the first told of a shutdown.
+        SystemdNotifier(reactor, service.ready, lambda: f"{len(factory.active)} tunnels open").setServiceParent(top)
     return top
 
 
@@ -738,9 +840,10 @@ def buildProxy(spec: ProxySpec, config: Options, reactor) -> UpstreamProxy:  # t
     proxyReactor = MarkingReactor(reactor, mark) if mark else reactor
     credentials = config["proxy-credentials"]
     if spec.credentials is not None:
-        credentials = readCredentials(spec.credentials)
+        credentials = readCredentials(credentialFile(spec.credentials))
+    ca = spec.ca or config["proxy-ca"]
     return parseProxy(
-        spec.address, proxyReactor, credentials, spec.ca or config["proxy-ca"],
+        spec.address, proxyReactor, credentials, credentialFile(ca) if ca is not None else None,
         spec.passClient or config["pass-client"],
         preemptiveBasic=bool(config["proxy-preemptive-basic"]),
     )
@@ -767,7 +870,7 @@ def _poolKey(config: Options) -> tuple[object, ...]:
     for spec in config.proxySpecs:
         credentials = config["proxy-credentials"]
         if spec.credentials is not None:
-            credentials = readCredentials(spec.credentials)
+            credentials = readCredentials(credentialFile(spec.credentials))
         proxies.append((
             spec.address,
             credentials,
