@@ -78,21 +78,21 @@ def installedSize(stage: str) -> int:
     return (total + 1023) // 1024
 
 
-def relocate(venv: str, staged: str) -> None:
+def relocate(venv: str) -> None:
     """
-    Point every text file of the environment that names where it was built
-    (the scripts' first lines, the activate scripts) at C{PREFIX}.
+    Point every file of the environment that names where it was built (the
+    scripts' first lines, the activate scripts, pyvenv.cfg) at C{PREFIX}.
     """
-    for top, _, files in os.walk(os.path.join(venv, "bin")):
-        for name in files:
-            path = os.path.join(top, name)
-            if os.path.islink(path):
-                continue
-            with open(path, "rb") as f:
-                data = f.read()
-            if staged.encode() in data:
-                with open(path, "wb") as f:
-                    f.write(data.replace(staged.encode(), PREFIX.encode()))
+    binDir = os.path.join(venv, "bin")
+    paths = [os.path.join(binDir, name) for name in os.listdir(binDir)]
+    for path in [os.path.join(venv, "pyvenv.cfg"), *paths]:
+        if os.path.islink(path) or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        if venv.encode() in data:
+            with open(path, "wb") as f:
+                f.write(data.replace(venv.encode(), PREFIX.encode()))
 
 
 def pruneCaches(tree: str) -> None:
@@ -178,7 +178,7 @@ def buildShifter(out: str, python: str, work: str) -> str:
     pip = os.path.join(venv, "bin", "pip")
     run(pip, "install", "-q", "--no-compile", "--upgrade", "pip")
     run(pip, "install", "-q", "--no-compile", ROOT)
-    relocate(venv, venv)
+    relocate(venv)
     pruneCaches(venv)
     if not os.path.exists(os.path.join(venv, "bin", "shifter")):
         raise SystemExit("the shifter console script was not installed (setup.py entry points)")
