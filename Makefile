@@ -15,7 +15,8 @@ APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack 
 	linux-headers-amd64 linux-image-amd64 \
 	linux-headers-6.12-amd64 linux-image-6.12-amd64 qemu-system-x86 \
 	iperf3 wrk nginx-light redsocks busybox-static linux-source-6.12 dante-server logrotate \
-	krb5-kdc krb5-admin-server krb5-user libkrb5-dev publicsuffix dnsmasq-base
+	krb5-kdc krb5-admin-server krb5-user libkrb5-dev publicsuffix dnsmasq-base \
+	mmdebstrap systemd-container
 
 # What building the debug kernel needs besides (make test-kernel-debug).
 DEBUG_APT_PACKAGES := flex bison bc libelf-dev libssl-dev
@@ -24,7 +25,7 @@ DEBUG_KERNEL_CACHE ?= /var/cache/shifter-debug-kernel
 PROXY ?= 127.0.0.1:3128
 LISTEN ?= tcp:12345
 
-.PHONY: setup apt venv run demo demo-down serve test unit docs typecheck clean \
+.PHONY: setup apt venv run demo demo-down serve test unit docs typecheck clean deb \
 	test-kernel test-kernel-all test-kernel-debug
 
 setup: apt venv
@@ -78,6 +79,10 @@ test: setup docs typecheck
 	@set -o pipefail; rm -rf _trial_temp; \
 	$(PY) -m twisted.trial --temp-directory=_trial_temp tests 2>&1 | tee test.log; \
 	status=$$?; $(PY) tests/summary.py < test.log && exit $$status
+
+# Shifter's Debian packages, into dist/ (README, The Debian packages).
+deb: apt
+	python3 contrib/deb/build.py --out dist
 
 # The kernel module alone: built for Debian's 6.1 and 6.12 kernels and its
 # guest suite run in each, booted under qemu (what make test runs of it).
