@@ -102,7 +102,7 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(
             set(first),
             {"tunnelId", "client", "destination", "connectTarget", "proxy", "state", "bytesUp", "bytesDown", "age",
-             "ech"},
+             "ech", "decision"},
         )
         self.assertRegex(first["tunnelId"], "^[a-z2-7]{8}-[a-z2-7]+$")
         self.assertNotEqual(first["tunnelId"], answer["tunnels"][1]["tunnelId"])
@@ -166,6 +166,32 @@ class ProtocolTests(SynchronousTestCase):
         self.clock.running = True
         self.clock.advance(0)
         self.assertFalse(self.clock.running)
+
+    def test_explain(self) -> None:
+        """
+        C{explain} without a PAC script: the default proxies in order with
+        their health, and the CONNECT target; a destination Shifter refuses
+        says so; bad fields are an error, not a traceback.
+        """
+        from tests.support import knowLocalAddresses
+
+        knowLocalAddresses(self.service.factory)
+        [answer] = self.talk(b'{"command": "explain", "client": "192.0.2.2", "destination": "203.0.113.7", '
+                             b'"port": 443, "name": null}\n')
+        self.assertTrue(answer["ok"], answer)
+        explained = answer["explain"]
+        self.assertEqual([p["proxy"] for p in explained["proxies"]], ["127.0.0.1:3128", "127.0.0.1:3129"])
+        self.assertEqual(explained["proxies"][0]["state"], "up")
+        self.assertEqual(explained["connectTarget"], "203.0.113.7:443")
+        self.assertIsNone(explained["refused"])
+        [refused] = self.talk(b'{"command": "explain", "client": "192.0.2.2", "destination": "127.0.0.1", '
+                              b'"port": 443}\n')
+        self.assertIn("loopback", refused["explain"]["refused"])
+        for bad in (b'{"command": "explain"}\n', b'{"command": "explain", "client": "x", "destination": "y", "port": 1}\n',
+                    b'{"command": "explain", "client": "192.0.2.2", "destination": "203.0.113.7", "port": 0}\n'):
+            [error] = self.talk(bad)
+            self.assertFalse(error["ok"])
+            self.assertIsInstance(error["error"], str)
 
     def test_badRequests(self) -> None:
         """
@@ -258,6 +284,24 @@ class FormatTests(SynchronousTestCase):
                                             "k7q2mx4d-1b"])
         self.assertEqual(lines[0].index("STATE"), lines[2].index("resolving"))
         self.assertEqual(lines[-1], "2 connections")
+
+    def test_tunnelTableDecision(self) -> None:
+        """
+        Where a policy named what decided (a rule, a PAC answer), the table
+        says so in a last column.
+        """
+        text = ctl.formatTunnels([
+            {"client": "192.0.2.2:41522", "destination": "203.0.113.7:443", "connectTarget": "203.0.113.7:443",
+             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 0, "bytesDown": 0, "age": 1.0,
+             "decision": "PAC: PROXY 127.0.0.1:3128"},
+            {"client": "192.0.2.2:41523", "destination": "203.0.113.7:443", "connectTarget": "203.0.113.7:443",
+             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 0, "bytesDown": 0, "age": 1.0,
+             "decision": ""},
+        ])
+        lines = text.splitlines()
+        self.assertTrue(lines[0].endswith("DECIDED BY"))
+        self.assertTrue(lines[1].endswith("PAC: PROXY 127.0.0.1:3128"))
+        self.assertTrue(lines[2].endswith("-"))
 
     def test_tunnelTableECH(self) -> None:
         """

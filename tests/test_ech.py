@@ -80,6 +80,26 @@ class ECHRuleTests(LifecycleTestCase):
         self.assertEqual(self.factory.stats.ech, {"ech": 1})
 
     @inlineCallbacks
+    def test_accessLog(self):  # type: ignore[no-untyped-def]
+        """
+        The access log's record of a tunnel says what its hello showed of
+        ECH, beside the (outer) name; a plain hello's says nothing.
+        """
+        proxyFactory, proxy = yield self.startProxy("echo")
+        yield self.startWithRules([], {"default": [0]}, [proxy])
+        records: list[Any] = []
+        self.factory.accessLog = type("Recorder", (), {"tunnelEnded": staticmethod(records.append)})()
+        for hello in (ECH_HELLO, PLAIN_HELLO):
+            client = self.send(hello)
+            yield self.receive(client, len(hello))
+            client.close()
+        yield self.waitUntil(lambda: len(records) == 2, 10, "both tunnels to end")
+        self.assertEqual(
+            sorted((r.name, r.ech) for r in records),
+            [("cover.example.test", "ech"), ("plain.example.test", None)],
+        )
+
+    @inlineCallbacks
     def test_proxyGroup(self):  # type: ignore[no-untyped-def]
         """
         With C{ech = true} and a proxy group, ECH hellos go through that

@@ -947,6 +947,26 @@ class ConnectTargetTests(TunnelTestCase):
         _, upstreamTransport = self.endpoint.accept()
         self.assertTrue(self.request(upstreamTransport).startswith(b"CONNECT www.example.test:80 "))
 
+    def test_policyToldWhereTheNameCameFrom(self) -> None:
+        """
+        The policy is told whether the name came from SNI (https) or from a
+        Host header (http, with the request's path).
+        """
+        from tests.test_sniff import realHello
+
+        self.useTarget("auto")
+        policy = RecordingPolicy(None)
+        self.makeFactory()
+        self.factory.policy = policy
+        client, _ = self.connectClient()
+        client.dataReceived(realHello("www.example.test"))
+        self.resolver.answer = IPv4Address("TCP", "203.0.113.7", 80)
+        client, _ = self.connectClient()
+        client.dataReceived(b"GET /a?b=c HTTP/1.1\r\nHost: www.example.test\r\n\r\n")
+        tls, plain = policy.requests
+        self.assertEqual((tls.name, tls.scheme, tls.path), ("www.example.test", "https", None))
+        self.assertEqual((plain.name, plain.scheme, plain.path), ("www.example.test", "http", "/a?b=c"))
+
     def test_noNameFallsBackToAddress(self) -> None:
         """
         A hello without a server name is tunnelled by address, and the log

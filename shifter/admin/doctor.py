@@ -62,6 +62,7 @@ import os
 import pwd
 import re
 import resource
+import secrets
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.python import usage
 
 from shifter.admin.netfilter import Address, Outcome, Packet, Ruleset, loadRuleset, traverse
@@ -817,13 +819,15 @@ def checkConntrack(expected: Expectations, reactor: Any):  # type: ignore[no-unt
 
 
 @inlineCallbacks
-def _askProxy(proxy: Any, host: str, port: int, reactor: Any, timeout: float):  # type: ignore[no-untyped-def]
+def _askProxy(proxy: Any, host: str, port: int, reactor: Any, timeout: float,  # type: ignore[no-untyped-def]
+              extraHeaders: Sequence[tuple[str, str]] = ()):
     from shifter.upstream.probe import askProxy
 
     exchange = proxy.auth.exchange() if proxy.auth is not None else None
     refusal = None
     for attempt in range(2):
-        response = yield askProxy(proxy, host, port, reactor, timeout, timeout, exchange=exchange)
+        response = yield askProxy(proxy, host, port, reactor, timeout, timeout, exchange=exchange,
+                                  extraHeaders=extraHeaders)
         if response.status == 407 and exchange is not None and attempt == 0:
             challenges = [v for n, v in response.headers if n.lower() == b"proxy-authenticate"]
             refusal = exchange.challenged(challenges)
@@ -858,12 +862,21 @@ def checkKerberos(expected: Expectations):  # type: ignore[no-untyped-def]
 
 
 @inlineCallbacks
-def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0,  # type: ignore[no-untyped-def]
+                 idHeader: str = "", sentIds: Optional[list[str]] = None):
+    """
+    Ask each proxy for one CONNECT to the check target, as Shifter would.
+
+    @param idHeader: the tunnel id header Shifter sends (C{""}: none); an
+        HTTP proxy's CONNECT carries it with an id of doctor's own, added
+        to C{sentIds}, for L{checkTunnelIdJoin}.
+    """
     from shifter.upstream.probe import ProbeConnectFailed, ProbeNoAnswer
 
     host, port = expected.checkTarget
     findings = []
-    for proxy in expected.proxies:
+    prefix = f"doctor-{secrets.token_hex(4)}"
+    for number, proxy in enumerate(expected.proxies):
         socks = getattr(proxy, "kind", None) == "socks5"
         target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         if proxy.name is not None and not proxy.name.addresses:
@@ -876,8 +889,13 @@ def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  #
                 proxy.name.setAddresses((yield resolveAll(createResolver(), proxy.name.name)))
             except Exception:
                 pass  # the connection then fails, saying the name is not known
+        extraHeaders: list[tuple[str, str]] = []
+        if idHeader and not socks:
+            extraHeaders.append((idHeader, f"{prefix}-{number}"))
+            if sentIds is not None:
+                sentIds.append(f"{prefix}-{number}")
         try:
-            response, refusal = yield _askProxy(proxy, host, port, reactor, timeout)
+            response, refusal = yield _askProxy(proxy, host, port, reactor, timeout, extraHeaders)
         except ProbeConnectFailed as e:
             findings.append(Finding("error", "proxy", f"{proxy.description}: {e}: start the proxy, or fix --proxy"))
             continue
@@ -913,6 +931,41 @@ def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  #
         findings.append(Finding("error", "proxy", f"{proxy.description} answered CONNECT {target} with {status}: "
                                 f"{advice}"))
     return findings
+
+
+@inlineCallbacks
+def checkTunnelIdJoin(path: str, ids: list[str], idHeader: str, reactor: Any,  # type: ignore[no-untyped-def]
+                      wait: float = 3.0):
+    """
+    Look for the tunnel ids doctor's CONNECTs carried in the proxy's
+    access log (C{[gateway] proxy-access-log}), so that one grep joins
+    Shifter's lines and the proxy's; say how to log them where they are
+    missing.
+    """
+    if not idHeader:
+        return [Finding("warning", "tunnel-id",
+                        f"{path} is named as the proxy's access log, but --tunnel-id-header none sends no id "
+                        f"for it to log: leave --tunnel-id-header at Shifter-Tunnel")]
+    if not ids:
+        return []
+    deadline = reactor.seconds() + wait
+    while True:
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+        except OSError as e:
+            return [Finding("warning", "tunnel-id", f"cannot read the proxy's access log {path}: {e.strerror}")]
+        if any(tunnelId in text for tunnelId in ids):
+            return []
+        if reactor.seconds() >= deadline:
+            break
+        yield deferLater(reactor, 0.2, lambda: None)
+    return [Finding(
+        "warning", "tunnel-id",
+        f"the tunnel id doctor sent the proxy ({ids[0]}) is not in {path}: to log it, add the header to "
+        f"Squid's log format, as in: logformat shifter %ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru "
+        f"%{{{idHeader}}}>h, then access_log {path} shifter",
+    )]
 
 
 # --------------------------------------------------------------------------
@@ -1026,9 +1079,9 @@ def _ports(value: str) -> list[int]:
     return ports
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m shifter.doctor") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m shifter.doctor",
+        prog=prog,
         allow_abbrev=False,
         description="Check this gateway for the mistakes that make Shifter fail silently. Give Shifter's own "
         "options (or --config FILE) as well; each finding is one line with what to change.",
@@ -1055,6 +1108,9 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"Squid's configuration, checked for 'http_access deny to_localhost' and "
                         f"'to_linklocal' before its allow lines, if it exists (default: [gateway] squid-conf, "
                         f"or {SQUID_CONF})")
+    parser.add_argument("--proxy-access-log", metavar="FILE",
+                        help="the proxy's access log: doctor's CONNECT carries a tunnel id, which must appear "
+                        "there (default: [gateway] proxy-access-log; not checked without one)")
     parser.add_argument("--no-proxy-check", action="store_true", help="do not ask the proxies for a CONNECT")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each proxy")
     parser.add_argument("-v", "--verbose", action="store_true", help="also say what was checked")
@@ -1062,7 +1118,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[GatewayState] = None,
-         err: Any = None) -> int:
+         err: Any = None, prog: str = "python -m shifter.doctor") -> int:
     """
     The C{python -m shifter.doctor} command.
 
@@ -1075,7 +1131,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
 
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = _parser()
+    parser = _parser(prog)
     arguments, shifterArguments = parser.parse_known_args(argv)
     arguments.shifter = shifterArguments
     if arguments.listen_port is not None:
@@ -1092,6 +1148,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
     findings, _ = checkRules(expected, state)
     gateway = config.configFile.gateway if config.configFile is not None else {}  # type: ignore[attr-defined]
     findings += checkSquidAccess(arguments.squid_conf or gateway.get("squid-conf") or SQUID_CONF)
+    proxyLog = arguments.proxy_access_log or gateway.get("proxy-access-log")
+    idHeader = "" if config["tunnel-id-header"].lower() == "none" else config["tunnel-id-header"]
 
     def asks(reactor: Any) -> Deferred:
         if any(proxy.address is None for proxy in expected.proxies):
@@ -1107,7 +1165,10 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
                 # The proxy is asked once the Kerberos tickets are known.
                 try:
                     found = yield checkKerberos(expected)
-                    found += yield checkProxies(expected, reactor, arguments.timeout)
+                    sentIds: list[str] = []
+                    found += yield checkProxies(expected, reactor, arguments.timeout, idHeader, sentIds)
+                    if proxyLog:
+                        found += yield checkTunnelIdJoin(proxyLog, sentIds, idHeader, reactor)
                 finally:
                     for proxy in expected.proxies:
                         if proxy.auth is not None:

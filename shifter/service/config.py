@@ -48,7 +48,7 @@ _NOT_IN_FILE = frozenset({"config", "worker", "help", "version"})
 _PROXY_KEYS = ("address", "group", "credentials", "ca", "mark", "pass-client", "keytab", "principal")
 _RULE_KEYS = ("client", "destination", "port", "name", "ech", "proxy", "connect-target", "refuse", "direct")
 _RULE_TARGETS = ("ip", "name")
-GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target", "squid-conf")
+GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target", "squid-conf", "proxy-access-log")
 
 
 class ConfigError(ValueError):
@@ -412,7 +412,7 @@ class _Reader:
             groups = item.get("group", DEFAULT_GROUP)
             if isinstance(groups, str):
                 groups = [groups]
-            if not groups or not all(isinstance(g, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", g) for g in groups):
+            if not isinstance(groups, list) or not groups or not all(isinstance(g, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", g) for g in groups):
                 raise self.fail(where + ("group",), f"proxy: a group is a name (letters, digits, - _ .), got {item['group']!r}")
             mark = item.get("mark")
             if mark is not None:

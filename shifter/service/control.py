@@ -13,6 +13,10 @@ C{{"ok": false, "error": "..."}}.  Commands:
   - C{proxies}: each proxy, whether it is up, its failures in a row, the
     last error, its groups, the authentication scheme it asked for and,
     for Negotiate, the gateway's Kerberos ticket;
+  - C{explain}, with C{client}, C{destination}, C{port} and optionally
+    C{name}: what Shifter would do with such a connection now (the
+    checks, the rule or PAC answer, the proxies in order with their
+    health, the CONNECT target; L{shifter.service.pacpolicy.explain});
   - C{reload}: reload C{--config}, as SIGHUP does;
   - C{drain}: stop accepting and let open tunnels finish, then stop, as
     SIGTERM does.
@@ -42,7 +46,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from shifter.service.config import DEFAULT_GROUP, RulePolicy
 from shifter.service.service import ShifterService, SidePortService
 
-COMMANDS = ("tunnels", "proxies", "reload", "drain")
+COMMANDS = ("tunnels", "proxies", "explain", "reload", "drain")
 
 # The largest request line; requests are a few dozen bytes.
 MAX_REQUEST = 4096
@@ -124,18 +128,20 @@ class ControlProtocol(LineOnlyReceiver):
             self.answer({"ok": False, "error": f"bad request: {e}"})
             return
         command = request["command"]
-        handler: Optional[Callable[[], dict[str, Any]]] = getattr(self, "command_" + command, None)
+        handler: Optional[Callable[..., Any]] = getattr(self, "command_" + command, None)
         if command not in COMMANDS or handler is None:
             self.answer({"ok": False, "error": f"unknown command {command!r}; commands: {', '.join(COMMANDS)}"})
+            return
+        if command == "explain":
+            answering = handler(request)
+            answering.addErrback(lambda f: {"ok": False, "error": f.getErrorMessage()})
+            answering.addCallback(self.answer)
             return
         self.answer(handler())
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.answer({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
         self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def answer(self, answer: dict[str, Any]) -> None:
-        self.sendLine(json.dumps(answer, separators=(",", ":")).encode())
 
     def command_tunnels(self) -> dict[str, Any]:
         factory = self.factory.service.factory
@@ -166,6 +172,24 @@ class ControlProtocol(LineOnlyReceiver):
                 **_authState(proxy, factory.reactor.seconds()),
             })
         return {"ok": True, "proxies": proxies}
+
+    def command_explain(self, request: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        from shifter.service.pacpolicy import explain
+
+        client, destination, port, name = (request.get(k) for k in ("client", "destination", "port", "name"))
+        if not isinstance(client, str) or not isinstance(destination, str) or not isinstance(port, int) \
+                or isinstance(port, bool) or not (name is None or isinstance(name, str)):
+            return succeed({"ok": False, "error": "explain needs client, destination (addresses), port and an optional name"})
+        try:
+            explaining = explain(self.factory.service.factory, client, destination, port, name or None)
+        except ValueError as e:
+            return succeed({"ok": False, "error": str(e)})
+        return explaining.addCallback(lambda out: {"ok": True, "explain": out})
+
+    def answer(self, answer: dict[str, Any]) -> None:
+        if self.transport is None or not self.connected:
+            return
+        self.sendLine(json.dumps(answer, separators=(",", ":")).encode())
 
     def command_reload(self) -> dict[str, Any]:
         reloaded, message = self.factory.service.reload("control socket")

@@ -175,7 +175,7 @@ class ShifterService(Service):
             version=shifter.__version__,
             listen=self.description,
             resolver=factory.resolver.name,
-            proxy=", ".join(proxy.description for proxy in factory.pool.proxies),
+            proxy=", ".join(proxy.description for proxy in factory.pool.proxies) or "none but the PAC script's",
         )
         self.ready.callback(self.port)
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generator
 
 from shifter.upstream.connect import isValidHostname
@@ -110,6 +110,10 @@ _HEX = re.compile(r"0x[0-9a-f]*")
 _SP, _CR = 0x20, 0x0D
 
 
+# The longest request path kept (for a PAC script's URL).
+MAX_PATH = 2048
+
+
 @dataclass(frozen=True)
 class Sniffed:
     """
@@ -129,11 +133,15 @@ class Sniffed:
         belongs on the wire; C{"unknown"}, a TLS handshake whose
         ClientHello was not read through (malformed, too big, cut short)
         before any such extension was seen.
+    @ivar path: for a name from a C{Host} header, the request's target when
+        it is a path (origin form, at most L{MAX_PATH} bytes); else C{None}.
+        Not compared: two verdicts for the same name are the same verdict.
     """
 
     name: str | None
     reason: str
     ech: str | None = None
+    path: str | None = field(default=None, compare=False)
 
     @property
     def coverName(self) -> bool:
@@ -538,6 +546,7 @@ class HostSniffer:
         self._partial = bytearray()  # what follows the last CRLF
         self._lines = 0
         self._host: bytes | None = None
+        self._path: str | None = None
         # The request line as far as it has been checked: which part
         # (method, target, version), that part's length, the version's
         # bytes, and whether a CR ended it.
@@ -582,11 +591,19 @@ class HostSniffer:
         """
         self._lines += 1
         if self._lines == 1:
-            return None if _requestLine(line) else Sniffed(None, "not an HTTP request")
+            if not _requestLine(line):
+                return Sniffed(None, "not an HTTP request")
+            target = line.split(b" ")[1]
+            if target.startswith(b"/") and len(target) <= MAX_PATH:
+                self._path = target.decode("ascii")
+            return None
         if not line:
             if self._host is None:
                 return Sniffed(None, "no Host header")
-            return _checkHostValue(self._host)
+            sniffed = _checkHostValue(self._host)
+            if sniffed.name is not None and self._path is not None:
+                sniffed = Sniffed(sniffed.name, sniffed.reason, ech=sniffed.ech, path=self._path)
+            return sniffed
         name, colon, value = line.partition(b":")
         if not colon or not name or not set(name) <= _TCHAR:
             return Sniffed(None, f"malformed header line: {_excerpt(line)}")

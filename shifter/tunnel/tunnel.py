@@ -167,6 +167,8 @@ class TunnelInfo:
         Hello (L{shifter.tunnel.sniff.Sniffed.ech}), or C{""}: none, or
         nothing read (yet).
     @ivar tunnelId: the tunnel's id (L{shifter.tunnel.tunnelid}).
+    @ivar decision: what decided where it goes (a rule, a PAC answer), when
+        the policy names it; C{""} otherwise.
     """
 
     client: str
@@ -179,6 +181,7 @@ class TunnelInfo:
     age: float
     ech: str = ""
     tunnelId: str = ""
+    decision: str = ""
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,9 @@ class TunnelRecord:
     @ivar connected: when the connection to the last proxy tried was made.
     @ivar opened: when that proxy's answer opened the tunnel.
     @ivar firstByte: when the first byte from the proxy reached the client.
+    @ivar ech: what the ClientHello showed of Encrypted Client Hello
+        (C{"ech"}, C{"grease"}, C{"inner"}, C{"unknown"}), or C{None} if
+        nothing (no extension, not TLS, or not read).
     """
 
     tunnelId: str
@@ -235,6 +241,7 @@ class TunnelRecord:
     connected: Optional[float] = None
     opened: Optional[float] = None
     firstByte: Optional[float] = None
+    ech: Optional[str] = None
 
 
 class ITunnelClient(Interface):
@@ -383,6 +390,7 @@ class Tunnel(ProxyNegotiation):
         "ech", "echNote",
         "tunnelId", "proxyStatus", "targetFrom", "failureKind",
         "resolvedAt", "sniffedAt", "proxyConnectedAt", "openedAt", "firstByteAt",
+        "decidedBy", "sniffedScheme", "sniffedPath",
     )
 
     def __init__(
@@ -461,6 +469,11 @@ class Tunnel(ProxyNegotiation):
         self.proxyConnectedAt: float | None = None
         self.openedAt: float | None = None
         self.firstByteAt: float | None = None
+        self.decidedBy = ""  # " (what decided)", when the policy names it
+        # Where the name read came from ("https": SNI, "http": Host), and
+        # the plain request's path, for the policy.
+        self.sniffedScheme: str | None = None
+        self.sniffedPath: str | None = None
 
     # The events.
 
@@ -694,6 +707,9 @@ class Tunnel(ProxyNegotiation):
                 reason = f"client sent no complete hello within {settings.sniffTimeout:g} s"
             verdict = self.sniffer.finish(reason)
         name, reason = verdict.name, verdict.reason
+        if name is not None:
+            self.sniffedScheme = "https" if reason == "SNI" else "http"
+            self.sniffedPath = verdict.path
         self.sniffer = None
         self.sniffedAt = self.clock.seconds()
         port = self.destination.port  # type: ignore[union-attr]
@@ -872,7 +888,7 @@ class Tunnel(ProxyNegotiation):
         self.failed = True
         self.failureKind = kind
         self.owner.stats.counters[kind] += 1
-        text = "tunnel {client} -> {destination}{named}{ech_note} via {proxy} failed: {reason} id={tunnel}"
+        text = "tunnel {client} -> {destination}{named}{ech_note} via {proxy}{decided_by} failed: {reason} id={tunnel}"
         facts: dict[str, Any] = dict(
             tunnel=self.tunnelId,
             client=self.clientLabel,
@@ -881,6 +897,7 @@ class Tunnel(ProxyNegotiation):
             ech_note=self.echNote,
             ech=self.ech,
             proxy=self.proxy.description if self.proxy is not None else "(none)",
+            decided_by=self.decidedBy,
             reason=reason,
             failure_kind=kind,
             **fields,
@@ -995,6 +1012,7 @@ class Tunnel(ProxyNegotiation):
         duration = self.clock.seconds() - self.started
         client, destination, named = self.clientLabel, self.target, self.named
         proxy = self.proxy.description
+        decidedBy = self.decidedBy
         how, up, down = self.how, self.bytesUp, self.bytesDown
         droppedUp, droppedDown = self.droppedUp, self.droppedDown
         dropped = ""
@@ -1010,7 +1028,7 @@ class Tunnel(ProxyNegotiation):
         # as fields.
         self.log.info(
             "{tunnel_line}",
-            tunnel_line=f"tunnel {client} -> {destination}{named}{self.echNote} via {proxy} closed ({how}): "
+            tunnel_line=f"tunnel {client} -> {destination}{named}{self.echNote} via {proxy}{decidedBy} closed ({how}): "
             f"{up} bytes up, {down} bytes down, {duration:.3f} s{dropped} id={self.tunnelId}",
             tunnel=self.tunnelId,
             client=client,
@@ -1019,6 +1037,7 @@ class Tunnel(ProxyNegotiation):
             ech=self.ech,
             connect_target=formatAddress(self.connectHost, self.destination.port),  # type: ignore[union-attr]
             proxy=proxy,
+            decided_by=decidedBy,
             how=how,
             bytes_up=up,
             bytes_down=down,
@@ -1044,6 +1063,7 @@ class Tunnel(ProxyNegotiation):
             bytesUp=self.bytesUp,
             bytesDown=self.bytesDown,
             age=now - self.started,
+            decision=self.decidedBy.strip()[1:-1] if self.decidedBy else "",
             ech=self.ech or "",
             tunnelId=self.tunnelId,
         )
@@ -1081,6 +1101,7 @@ class Tunnel(ProxyNegotiation):
             connected=self.proxyConnectedAt,
             opened=self.openedAt,
             firstByte=self.firstByteAt,
+            ech=self.ech,
         )
 
 _CLIENT_SIDE = (CLIENT_DATA, CLIENT_ENDED, CLIENT_LOST)

@@ -109,8 +109,6 @@ class ProxyPool:
         connectTimeout: float = 10.0,
         handshakeTimeout: float = 10.0,
     ) -> None:
-        if not proxies:
-            raise ValueError("at least one proxy is needed")
         if balance not in BALANCES:
             raise ValueError(f"unknown balance {balance!r}")
         self.proxies = list(proxies)
@@ -153,10 +151,34 @@ class ProxyPool:
         key = clientHost.encode()
         return sorted(up, key=lambda proxy: -zlib.crc32(key + b"|" + proxy.description.encode()))
 
+    def track(self, proxy: UpstreamProxy) -> None:
+        """
+        Keep the health of C{proxy}, one that is not among the configured
+        proxies (a proxy a PAC answer named), from now on: it is marked
+        down, probed and brought back like them, and never offered by
+        L{candidates}.
+        """
+        if proxy not in self.health:
+            self.health[proxy] = ProxyHealth()
+
+    def forget(self, proxy: UpstreamProxy) -> None:
+        """
+        Stop keeping the health of C{proxy}, one L{track}ed before.
+        """
+        if proxy in self.proxies:
+            return
+        health = self.health.pop(proxy, None)
+        if health is not None and health.probe is not None:
+            probe, health.probe = health.probe, None
+            if isinstance(probe, Deferred) or probe.active():
+                probe.cancel()
+
     def unavailable(self) -> str:
         """
         Why no proxy can take a tunnel now, for its log line.
         """
+        if not self.proxies:
+            return "no proxy is configured for connections the rules and the PAC script leave undecided"
         if any(health.state == TRIAL for health in self.health.values()):
             return "every proxy is down, or on trial with its one canary tunnel in flight"
         return "every proxy is down"

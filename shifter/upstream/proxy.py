@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from OpenSSL.SSL import Error as SSLError
+from OpenSSL.crypto import Error as CryptoError
 
 from zope.interface import implementer
 
@@ -35,7 +36,7 @@ from twisted.internet.interfaces import (
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.logger import Logger
 
 from shifter.upstream.connector import SO_MARK, DirectTCP
@@ -303,18 +304,44 @@ def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ig
     if url.scheme == "http":
         return _tcpProxy(authority, reactor, host, port, credentials)
     plain = _tcpProxy(authority, reactor, host, port, credentials)
-    if caFile is not None:
-        try:
-            with open(caFile, "rb") as f:
-                trustRoot = Certificate.loadPEM(f.read())
-        except (OSError, ValueError, SSLError) as e:
-            raise ValueError(f"cannot read the proxy CA certificate {caFile!r}: {e}") from None
-    else:
-        trustRoot = platformTrust()
+    trustRoot = readTrustRoot(caFile) if caFile is not None else platformTrust()
     tls = wrapClientTLS(optionsForClientTLS(host, trustRoot=trustRoot), plain.endpoint)
     return UpstreamProxy(
         f"https://{authority}", tls, plain.address, plain.auth, host=plain.host, port=plain.port, name=plain.name
     )
+
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL)
+
+# The largest CA file read: the system's whole bundle is about 200 KiB.
+_MAX_CA_FILE = 16 << 20
+
+
+def readTrustRoot(caFile: str):  # type: ignore[no-untyped-def]
+    """
+    The trust root of every certificate in the PEM file C{caFile}: one CA,
+    or a bundle of them (each is trusted, as in the system's store).
+
+    @raise ValueError: with a one-line reason, if the file cannot be read
+        or holds no certificate that can be loaded.
+    """
+    try:
+        with open(caFile, "rb") as f:
+            data = f.read(_MAX_CA_FILE + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read the proxy CA file {caFile!r}: {e.strerror}") from None
+    if len(data) > _MAX_CA_FILE:
+        raise ValueError(f"the proxy CA file {caFile!r} is larger than {_MAX_CA_FILE >> 20} MiB")
+    blocks = _PEM_CERTIFICATE.findall(data)
+    if not blocks:
+        raise ValueError(f"the proxy CA file {caFile!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    certificates = []
+    for number, block in enumerate(blocks, 1):
+        try:
+            certificates.append(Certificate.loadPEM(block))
+        except (ValueError, SSLError, CryptoError):
+            raise ValueError(f"the proxy CA file {caFile!r}: certificate {number} cannot be loaded") from None
+    return trustRootFromCertificates(certificates)
 
 
 def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  # type: ignore[no-untyped-def]
@@ -369,19 +396,19 @@ def _auth(credentials: Credentials | None) -> ProxyAuth | None:
     return ProxyAuth(credentials)
 
 
-def credentialsPath(path: str, environ: Mapping[str, str] = os.environ) -> str:
+def credentialsPath(path: str, environ: Mapping[str, str] | None = None) -> str:
     """
     Where the credentials C{path} names are: under systemd's
     C{$CREDENTIALS_DIRECTORY} (C{LoadCredential=}) when that is set and
     C{path} is a bare name, a credential's name; else C{path} itself.
     """
-    directory = environ.get("CREDENTIALS_DIRECTORY")
-    if directory and "/" not in path:
+    directory = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+    if directory and path and "/" not in path:
         return os.path.join(directory, path)
     return path
 
 
-def readCredentials(path: str, environ: Mapping[str, str] = os.environ) -> Credentials:
+def readCredentials(path: str, environ: Mapping[str, str] | None = None) -> Credentials:
     """
     Read C{user:password} from the first line of the file at C{path}, so
     that the password stays out of the process list.  The user name may
