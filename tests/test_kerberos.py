@@ -224,7 +224,7 @@ class ProxyOptionTests(SynchronousTestCase):
         """
         with self.assertRaises(UsageError) as caught:
             Options().parseOptions(["--proxy", "proxy.example.test:3128", "--proxy-keytab", "/nonexistent/keytab"])
-        self.assertIn("cannot read the keytab '/nonexistent/keytab': No such file or directory", str(caught.exception))
+        self.assertIn("--proxy-keytab: cannot read '/nonexistent/keytab': No such file or directory", str(caught.exception))
 
 
 # A stand-in for the ticket helper: waits for a file to exist (when
