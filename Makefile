@@ -14,7 +14,9 @@ APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack 
 	curl openssl procps util-linux systemd kmod make gcc build-essential \
 	linux-headers-amd64 linux-image-amd64 \
 	linux-headers-6.12-amd64 linux-image-6.12-amd64 qemu-system-x86 \
-	iperf3 wrk nginx-light redsocks busybox-static linux-source-6.12 dante-server logrotate
+	iperf3 wrk nginx-light redsocks busybox-static linux-source-6.12 dante-server logrotate \
+	krb5-kdc krb5-admin-server krb5-user libkrb5-dev publicsuffix dnsmasq-base \
+	mmdebstrap systemd-container
 
 # What building the debug kernel needs besides (make test-kernel-debug).
 DEBUG_APT_PACKAGES := flex bison bc libelf-dev libssl-dev
@@ -23,7 +25,7 @@ DEBUG_KERNEL_CACHE ?= /var/cache/shifter-debug-kernel
 PROXY ?= 127.0.0.1:3128
 LISTEN ?= tcp:12345
 
-.PHONY: setup apt venv run demo demo-down serve test unit docs typecheck clean \
+.PHONY: setup apt venv run demo demo-down serve test unit docs typecheck clean deb \
 	test-kernel test-kernel-all test-kernel-debug
 
 setup: apt venv
@@ -37,7 +39,7 @@ apt:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py requirements-test.txt
+$(VENV)/.installed: setup.py pyproject.toml requirements-test.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
@@ -68,7 +70,7 @@ serve: setup
 	@ss -Htln 'sport = :3128' | grep -q . || { echo "starting Squid on 127.0.0.1:3128"; squid; sleep 2; }
 	@echo "Shifter on $(LISTEN), proxy $(PROXY). Redirect clients to it with, for example:"
 	@echo "  iptables -t nat -A PREROUTING -i <lan interface> -p tcp --dport 443 -j REDIRECT --to-ports 12345"
-	$(VENV)/bin/twistd -n --pidfile= shifter --listen $(LISTEN) --proxy $(PROXY)
+	$(VENV)/bin/shifter run --listen $(LISTEN) --proxy $(PROXY)
 
 # Every test: the API documentation and the types checked, then unit, end
 # to end in namespaces, and the kernel module in a booted kernel.  The last
@@ -77,6 +79,10 @@ test: setup docs typecheck
 	@set -o pipefail; rm -rf _trial_temp; \
 	$(PY) -m twisted.trial --temp-directory=_trial_temp tests 2>&1 | tee test.log; \
 	status=$$?; $(PY) tests/summary.py < test.log && exit $$status
+
+# Shifter's Debian packages, into dist/ (README, The Debian packages).
+deb: apt
+	python3 contrib/deb/build.py --out dist
 
 # The kernel module alone: built for Debian's 6.1 and 6.12 kernels and its
 # guest suite run in each, booted under qemu (what make test runs of it).
@@ -117,7 +123,7 @@ typecheck: venv
 
 # The in-memory tests alone: seconds, no root.
 unit: venv
-	$(PY) -m twisted.trial tests.test_layout tests.test_connect tests.test_socks5 tests.test_socks_direct tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations tests.test_logformat
+	$(PY) -m twisted.trial tests.test_layout tests.test_connect tests.test_socks5 tests.test_socks_direct tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations tests.test_logformat tests.test_pac
 
 clean:
 	rm -rf _trial_temp _trial_temp_kernel _trial_temp_debug test.log build *.egg-info

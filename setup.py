@@ -31,9 +31,11 @@ setup(
         "shifter.resolvers",
         "shifter.service",
         "shifter.tunnel",
+        "shifter.pac",
         "shifter.upstream",
         "twisted.plugins",
     ],
+    # The shifter command is declared in pyproject.toml ([project.scripts]).
     package_data={"twisted.plugins": ["shifter_plugin.py", "shifter_endpoints.py"]},
     # Twisted[tls]: pyOpenSSL, service_identity and idna, which shifter.upstream.proxy
     # imports for https:// proxies (and so twistd shifter --help needs).
@@ -42,7 +44,13 @@ setup(
         "pyroute2>=0.7",
         "zope.interface>=5",
         "prometheus_client>=0.17",
+        # NTLM to the proxy.
         "pyspnego>=0.10",
+        # Negotiate (Kerberos) to the proxy, over the system's MIT Kerberos
+        # (Debian: libkrb5-dev to build gssapi).
+        "gssapi>=1.8",
+        # The PAC helper's JavaScript engine (QuickJS inside), see shifter.pac.child.
+        "dukpy>=0.6",
     ],
     extras_require={"test": ["hypothesis", "virtme-ng"]},
 )

@@ -103,6 +103,14 @@ def record(**changes: Any) -> TunnelRecord:
 
 
 class FormatTests(SynchronousTestCase):
+    def test_ech(self) -> None:
+        """
+        The ech field says what the hello showed of ECH, or -.
+        """
+        form = AccessLogFormat("{ech} {name}")
+        self.assertEqual(form.render(record(ech="ech", name="cover.example.test")), "ech cover.example.test")
+        self.assertEqual(form.render(record()), "- www.example.test")
+
     def test_default(self) -> None:
         """
         The default line: start, duration, client, result/status, bytes,
@@ -420,6 +428,7 @@ class AccessLogTests(LifecycleTestCase):
         self.assertEqual(line["connect_target"], "203.0.113.7:443")
         self.assertEqual(line["target_from"], "address")
         self.assertEqual(line["name"], "-")
+        self.assertEqual(line["ech"], "-")
         self.assertEqual(line["proxy"], self.proxyLabel)
         self.assertEqual(line["status"], "200")
         self.assertEqual((line["bytes_up"], line["bytes_down"]), ("5", "5"))

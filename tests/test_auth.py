@@ -706,7 +706,8 @@ class ProxyAuthTests(SynchronousTestCase):
         exchange = self.auth.exchange()
         self.assertEqual(
             exchange.challenged([b"Negotiate", b'Bearer realm="p"']),
-            "proxy offers no supported authentication scheme (offered: bearer, negotiate)",
+            "proxy offers no supported authentication scheme (offered: bearer, negotiate); "
+            "Negotiate needs the gateway's keytab (--proxy-keytab) and the proxy's host name",
         )
         self.assertEqual(
             exchange.challenged([]), "proxy offers no supported authentication scheme (offered: none)"

@@ -149,13 +149,18 @@ class OptionTests(ConfigTestCase):
         """
         credentials = Path(self.mktemp())
         credentials.write_text("lab:secret\n")
+        keytab = Path(self.mktemp())
+        keytab.write_bytes(b"\x05\x02")
         text = readmeExample().replace("/etc/shifter/lab-proxy.credentials", str(credentials))
+        text = text.replace("/etc/shifter/gateway.keytab", str(keytab))
         options = self.parse(text)
         self.assertEqual(options["connect-target"], "auto")
         self.assertEqual(options["idle-timeout"], 900.0)
         self.assertEqual(options["control"], "unix:/run/shifter/control")
-        self.assertEqual([spec.groups for spec in options.proxySpecs],
-                         [("default",), ("default",), ("lab",), ("socks",)])
+        self.assertEqual(
+            [spec.groups for spec in options.proxySpecs],
+            [("default",), ("default",), ("lab",), ("corp",), ("socks",)],
+        )
         self.assertEqual(options.proxySpecs[2].mark, 2)
         rules = options.configFile.rules  # type: ignore[union-attr]
         self.assertEqual([(r.group, r.refuse is not None, r.connectTarget, r.direct) for r in rules],
@@ -167,8 +172,13 @@ class OptionTests(ConfigTestCase):
         self.assertIsInstance(factory.policy, RulePolicy)
         lab = factory.pool.proxies[2]
         self.assertIsNotNone(lab.auth)
-        self.assertEqual(factory.pool.proxies[3].kind, "socks5")
+        self.assertEqual(factory.pool.proxies[4].kind, "socks5")
         self.assertIsInstance(lab.endpoint._reactor, MarkingReactor)
+        keeper = factory.pool.proxies[3].auth.negotiateLogin.keeper
+        self.assertEqual(
+            (keeper.keytab, keeper.principal, keeper.service),
+            (str(keytab), "host/gw.corp.example.com", "HTTP/proxy.corp.example.com"),
+        )
 
 
 class ErrorTests(ConfigTestCase):
@@ -317,6 +327,22 @@ class ErrorTests(ConfigTestCase):
         message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\ndirect = true\nrefuse = true\n")
         self.assertLine(message, 2, "refuse goes alone")
 
+    def test_ruleECHNeedsTheHello(self) -> None:
+        """
+        A rule on ECH needs the ClientHello read: connect-target sni or
+        auto, not ip or host.
+        """
+        rule = "proxy = ['127.0.0.1:3128']\n[[rule]]\nech = true\nrefuse = true\n"
+        self.assertLine(self.refused(rule), 2, "ech: the ClientHello is read only with connect-target sni or auto, not ip")
+        self.assertLine(self.refused("connect-target = 'host'\n" + rule), 3, "not host")
+        for target in ("sni", "auto"):
+            [parsed] = self.parse(f"connect-target = '{target}'\n" + rule).configFile.rules  # type: ignore[union-attr]
+            self.assertIs(parsed.ech, True)
+
+    def test_ruleECHNotAFlag(self) -> None:
+        message = self.refused("connect-target = 'sni'\nproxy = ['127.0.0.1:3128']\n[[rule]]\nech = 'yes'\nrefuse = true\n")
+        self.assertLine(message, 4, "ech: expected true or false")
+
     def test_ruleDirectNotAFlag(self) -> None:
         message = self.refused("proxy = ['127.0.0.1:3128']\n[[rule]]\ndirect = 'yes'\n")
         self.assertLine(message, 3, "direct: expected true or false")
@@ -358,10 +384,10 @@ class ErrorTests(ConfigTestCase):
 
 
 def request(client: str = "192.0.2.2", destination: str = "203.0.113.7", port: int = 443,
-            name: str | None = None, proxies: tuple[UpstreamProxy, ...] = ()) -> TunnelRequest:
+            name: str | None = None, proxies: tuple[UpstreamProxy, ...] = (), ech: str | None = None) -> TunnelRequest:
     address = (IPv6Address if ":" in client else IPv4Address)("TCP", client, 50000)
     original = (IPv6Address if ":" in destination else IPv4Address)("TCP", destination, port)
-    return TunnelRequest(address, original, name, proxies)
+    return TunnelRequest(address, original, name, proxies, ech)
 
 
 class PolicyTests(ConfigTestCase):
@@ -428,6 +454,38 @@ class PolicyTests(ConfigTestCase):
                               ("example.org", False), ("a.example.org", True), (None, False)]:
             decision = policy.decide(request(name=name, proxies=tuple(proxies)))
             self.assertEqual(decision is not None and decision.refuse is not None, refused, name)
+
+    def test_ech(self) -> None:
+        """
+        C{ech = true} matches a hello that may hide its name: the outer ECH
+        extension (which may be GREASE), the inner type, and a hello not
+        read through; not one known to be GREASE, nor none.  C{ech =
+        false} matches the others.
+        """
+        policy, proxies = self.policy("[[rule]]\nech = true\nrefuse = 'ECH'\n")
+        opposite, _ = self.policy("[[rule]]\nech = false\nrefuse = 'no ECH'\n")
+        for ech, matches in [("ech", True), ("inner", True), ("unknown", True), ("grease", False), (None, False)]:
+            decision = policy.decide(request(name="cover.example.com", ech=ech, proxies=tuple(proxies)))
+            self.assertEqual(decision is not None and decision.refuse is not None, matches, ech)
+            decision = opposite.decide(request(name="cover.example.com", ech=ech, proxies=tuple(proxies)))
+            self.assertEqual(decision is not None and decision.refuse is not None, not matches, ech)
+
+    def test_echActions(self) -> None:
+        """
+        An ECH rule takes any action: a proxy group, connect-target (CONNECT
+        by address rather than the cover name), direct.
+        """
+        policy, proxies = self.policy(
+            "[[rule]]\nech = true\nport = 443\nproxy = 'other'\n"
+            "[[rule]]\nech = true\nport = 8443\nconnect-target = 'ip'\n"
+            "[[rule]]\nech = true\nport = 9443\ndirect = true\n"
+        )
+        ech = dict(name="cover.example.com", ech="ech", proxies=tuple(proxies))
+        self.assertEqual(policy.decide(request(**ech)).proxies, [proxies[2]])  # type: ignore[arg-type]
+        self.assertEqual(policy.decide(request(name="cover.example.com", proxies=tuple(proxies))).proxies, proxies[:1])
+        self.assertEqual(policy.decide(request(port=8443, **ech)).target, "203.0.113.7")  # type: ignore[arg-type]
+        [route] = policy.decide(request(port=9443, **ech)).proxies  # type: ignore[arg-type, union-attr, misc]
+        self.assertEqual(route.kind, "direct")
 
     def test_refuseReason(self) -> None:
         """

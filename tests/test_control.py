@@ -101,12 +101,23 @@ class ProtocolTests(SynchronousTestCase):
         first = answer["tunnels"][0]
         self.assertEqual(
             set(first),
-            {"tunnelId", "client", "destination", "connectTarget", "proxy", "state", "bytesUp", "bytesDown", "age"},
+            {"tunnelId", "client", "destination", "connectTarget", "proxy", "state", "bytesUp", "bytesDown", "age",
+             "ech", "decision"},
         )
         self.assertRegex(first["tunnelId"], "^[a-z2-7]{8}-[a-z2-7]+$")
         self.assertNotEqual(first["tunnelId"], answer["tunnels"][1]["tunnelId"])
         self.assertEqual(first["state"], "resolving")
         self.assertEqual(first["age"], 3.0)
+        self.assertEqual(first["ech"], "")
+
+    def test_tunnelsECHCounts(self) -> None:
+        """
+        C{tunnels} also gives the connections read since start by what
+        they showed of ECH.
+        """
+        self.service.factory.stats.ech.update({"none": 3, "ech": 2, "grease": 1})
+        [answer] = self.talk(b'{"command": "tunnels"}\n')
+        self.assertEqual(answer["ech"], {"none": 3, "ech": 2, "grease": 1})
 
     def test_proxies(self) -> None:
         """
@@ -118,9 +129,9 @@ class ProtocolTests(SynchronousTestCase):
         [answer] = self.talk(b'{"command": "proxies"}\n')
         self.assertEqual(answer["proxies"], [
             {"proxy": "127.0.0.1:3128", "up": True, "state": "up", "failures": 0, "lastError": "",
-             "groups": ["default"]},
+             "groups": ["default"], "scheme": "none"},
             {"proxy": "127.0.0.1:3129", "up": True, "state": "up", "failures": 1,
-             "lastError": "cannot connect to proxy: refused", "groups": ["default"]},
+             "lastError": "cannot connect to proxy: refused", "groups": ["default"], "scheme": "none"},
         ])
 
     def test_reloadWithoutFile(self) -> None:
@@ -155,6 +166,32 @@ class ProtocolTests(SynchronousTestCase):
         self.clock.running = True
         self.clock.advance(0)
         self.assertFalse(self.clock.running)
+
+    def test_explain(self) -> None:
+        """
+        C{explain} without a PAC script: the default proxies in order with
+        their health, and the CONNECT target; a destination Shifter refuses
+        says so; bad fields are an error, not a traceback.
+        """
+        from tests.support import knowLocalAddresses
+
+        knowLocalAddresses(self.service.factory)
+        [answer] = self.talk(b'{"command": "explain", "client": "192.0.2.2", "destination": "203.0.113.7", '
+                             b'"port": 443, "name": null}\n')
+        self.assertTrue(answer["ok"], answer)
+        explained = answer["explain"]
+        self.assertEqual([p["proxy"] for p in explained["proxies"]], ["127.0.0.1:3128", "127.0.0.1:3129"])
+        self.assertEqual(explained["proxies"][0]["state"], "up")
+        self.assertEqual(explained["connectTarget"], "203.0.113.7:443")
+        self.assertIsNone(explained["refused"])
+        [refused] = self.talk(b'{"command": "explain", "client": "192.0.2.2", "destination": "127.0.0.1", '
+                              b'"port": 443}\n')
+        self.assertIn("loopback", refused["explain"]["refused"])
+        for bad in (b'{"command": "explain"}\n', b'{"command": "explain", "client": "x", "destination": "y", "port": 1}\n',
+                    b'{"command": "explain", "client": "192.0.2.2", "destination": "203.0.113.7", "port": 0}\n'):
+            [error] = self.talk(bad)
+            self.assertFalse(error["ok"])
+            self.assertIsInstance(error["error"], str)
 
     def test_badRequests(self) -> None:
         """
@@ -240,11 +277,69 @@ class FormatTests(SynchronousTestCase):
              "proxy": "", "state": "resolving", "bytesUp": 0, "bytesDown": 0, "age": 0.01},
         ])
         lines = text.splitlines()
-        self.assertEqual(lines[0].split(), ["CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE", "ID"])
+        self.assertEqual(lines[0].split(),
+                         ["CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE", "ECH", "ID"])
         self.assertEqual(lines[1].split(), ["192.0.2.2:41522", "203.0.113.7:443", "www.example.test:443",
-                                            "127.0.0.1:3128", "relaying", "1.2", "KiB", "12.0", "MiB", "3.2s", "k7q2mx4d-1b"])
+                                            "127.0.0.1:3128", "relaying", "1.2", "KiB", "12.0", "MiB", "3.2s", "-",
+                                            "k7q2mx4d-1b"])
         self.assertEqual(lines[0].index("STATE"), lines[2].index("resolving"))
         self.assertEqual(lines[-1], "2 connections")
+
+    def test_tunnelTableDecision(self) -> None:
+        """
+        Where a policy named what decided (a rule, a PAC answer), the table
+        says so in a last column.
+        """
+        text = ctl.formatTunnels([
+            {"client": "192.0.2.2:41522", "destination": "203.0.113.7:443", "connectTarget": "203.0.113.7:443",
+             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 0, "bytesDown": 0, "age": 1.0,
+             "decision": "PAC: PROXY 127.0.0.1:3128"},
+            {"client": "192.0.2.2:41523", "destination": "203.0.113.7:443", "connectTarget": "203.0.113.7:443",
+             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 0, "bytesDown": 0, "age": 1.0,
+             "decision": ""},
+        ])
+        lines = text.splitlines()
+        self.assertTrue(lines[0].endswith("DECIDED BY"))
+        self.assertTrue(lines[1].endswith("PAC: PROXY 127.0.0.1:3128"))
+        self.assertTrue(lines[2].endswith("-"))
+
+    def test_tunnelTableECH(self) -> None:
+        """
+        A tunnel whose ClientHello offered ECH says so in the ECH column.
+        """
+        text = ctl.formatTunnels([
+            {"client": "192.0.2.2:41522", "destination": "203.0.113.7:443", "connectTarget": "cover.example.test:443",
+             "proxy": "127.0.0.1:3128", "state": "relaying", "bytesUp": 0, "bytesDown": 0, "age": 1.0, "ech": "ech"},
+        ])
+        lines = text.splitlines()
+        self.assertEqual(lines[1].split()[-2:], ["ech", "-"])
+        self.assertEqual(lines[0].index("ECH"), lines[1].rindex("ech"))
+
+    def test_doctorECHUnreachable(self) -> None:
+        """
+        Doctor says, as a warning, when the control socket cannot be asked
+        for the share of ECH; with workers it asks each worker's socket.
+        """
+        from shifter.admin.doctor import echShare
+
+        missing = str(Path(self.mktemp()).absolute())
+        share, finding = echShare(f"unix:{missing}", 1, 1.0)
+        self.assertIsNone(share)
+        self.assertEqual(str(finding), f"warning: ech: cannot reach Shifter at {missing}: "
+                         "No such file or directory: the share of ECH is not known")
+        share, finding = echShare(f"unix:{missing}", 3, 1.0)
+        self.assertIn(f"{missing}.0:", str(finding))
+
+    def test_echShare(self) -> None:
+        """
+        The share of ECH since start counts the outer and inner types among
+        every connection read, and names GREASE and unread hellos apart.
+        """
+        self.assertEqual(
+            ctl.formatECHShare({"none": 6, "ech": 3, "inner": 1, "grease": 2, "unknown": 0}),
+            "ECH since start: 4 of 12 connections read (33.3 %); 2 grease",
+        )
+        self.assertEqual(ctl.formatECHShare({}), "ECH: no client's first bytes read since start")
 
 
 def childExit(pid: int, timeout: float = 20.0) -> Deferred[int]:
@@ -324,12 +419,35 @@ class SocketTests(TestCase):
         lines = out.decode().splitlines()
         self.assertEqual(lines[0].split()[:2], ["CLIENT", "DESTINATION"])
         self.assertEqual(lines[1].split()[:2], ["192.0.2.2:50001", "(unknown)"])
-        self.assertEqual(lines[-1], "1 connection")
+        self.assertEqual(lines[-2], "1 connection")
+        self.assertEqual(lines[-1], "ECH: no client's first bytes read since start")
+        self.service.factory.stats.ech.update({"none": 3, "ech": 1})
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "shifter.ctl", "--control", f"unix:{self.path}", "tunnels"], env=env
+        )
+        self.assertEqual(out.decode().splitlines()[-1], "ECH since start: 1 of 4 connections read (25.0 %)")
         out, err, code = await getProcessOutputAndValue(
             sys.executable, ["-m", "shifter.ctl", "--control", f"unix:{self.path}", "proxies", "--json"], env=env
         )
         self.assertEqual(code, 0)
         self.assertEqual([p["proxy"] for p in json.loads(out)["proxies"]], ["127.0.0.1:3128", "127.0.0.1:3129"])
+
+    async def test_doctorECHShare(self) -> None:
+        """
+        Doctor, given the control socket, reports the share of ECH since
+        start that the running Shifter counted.
+        """
+        self.service.factory.stats.ech.update({"none": 6, "ech": 2})
+        env = dict(os.environ, PYTHONPATH=str(PROJECT))
+        script = (
+            "import sys; from shifter.admin.doctor import echShare; "
+            "print(echShare(sys.argv[1], 1, 10.0))"
+        )
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-c", script, f"unix:{self.path}"], env=env
+        )
+        self.assertEqual((code, err), (0, b""))
+        self.assertEqual(out.decode().strip(), "('ECH since start: 2 of 8 connections read (25.0 %)', None)")
 
     async def test_otherUserCannotConnect(self) -> None:
         """

@@ -27,15 +27,17 @@ RANKS = {
     "shifter.resolvers": 2,
     "shifter.upstream": 2,
     "shifter.relay": 2,
+    "shifter.pac": 2,
     "shifter.tunnel": 3,
     "shifter.service": 4,
     "shifter.admin": 5,
 }
 
 # The doors in from outside: the public names (shifter/__init__.py, which
-# loads them lazily) and the commands run as python -m shifter.X.  They
-# may import anything, and nothing in shifter/ imports them.
-ENTRIES = ("shifter", "shifter.rules", "shifter.ctl", "shifter.doctor", "shifter.kmod")
+# loads them lazily) and the commands run as python -m shifter.X (and
+# python -m shifter).  They may import anything, and nothing in shifter/
+# imports them.
+ENTRIES = ("shifter", "shifter.__main__", "shifter.rules", "shifter.ctl", "shifter.doctor", "shifter.kmod")
 
 
 def modules(source: Path) -> dict[str, Path]:

@@ -12,6 +12,7 @@ package index, as C{pip install .} does.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,10 @@ class Installed:
 
 
 def run(*command: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=str(cwd), capture_output=True, text=True, timeout=900)
+    # The installation alone: not this tree, even when the tests are run
+    # with it on PYTHONPATH.
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    result = subprocess.run(command, cwd=str(cwd), capture_output=True, text=True, timeout=900, env=environment)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -78,6 +82,26 @@ class WheelTests(SynchronousTestCase):
         where = run(str(venv / "bin" / "python"), "-c", "import shifter; print(shifter.__file__)", cwd=outside)
         self.assertTrue(where.stdout.strip().startswith(str(venv)), where.stdout)
         self.assertNotIn("hypothesis", run(str(venv / "bin" / "python"), "-m", "pip", "list", cwd=outside).stdout)
+
+
+    def test_command(self) -> None:
+        """
+        The installation has the shifter command (a console script): its
+        version, and shifter check of a file with no option beside; the
+        licence is in the package's metadata.
+        """
+        venv = Installed.venv()
+        outside = Path(self.mktemp()).resolve()
+        outside.mkdir()
+        version = run(str(venv / "bin" / "shifter"), "--version", cwd=outside)
+        self.assertTrue(version.stdout.startswith("Shifter "), version.stdout)
+        config = outside / "shifter.toml"
+        config.write_text('[[proxy]]\naddress = "10.0.0.5:3128"\n')
+        checked = run(str(venv / "bin" / "shifter"), "check", "--config", str(config), cwd=outside)
+        self.assertIn("is good", checked.stdout)
+        licence = run(str(venv / "bin" / "python"), "-c",
+                      "import importlib.metadata as m; print(m.metadata('shifter')['License'])", cwd=outside)
+        self.assertEqual(licence.stdout.strip(), "MIT")
 
 
 class InstalledTunnelTests(GatewayTestCase):

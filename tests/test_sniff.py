@@ -21,6 +21,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.upstream.connect import isValidHostname
 from shifter.tunnel.sniff import (
+    ECH,
+    ECH_GREASE,
+    ECH_INNER,
+    ECH_UNKNOWN as UNREAD,
     MAX_CLIENT_HELLO_BYTES,
     MAX_CLIENT_HELLO_RECORDS,
     MAX_REQUEST_HEADER_BYTES,
@@ -380,7 +384,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         for what, hello in cases.items():
             self.assertEqual(
                 sniffServerName(frame(hello.encode())),
-                Sniffed(None, f"malformed ClientHello: {what}"),
+                Sniffed(None, f"malformed ClientHello: {what}", UNREAD),
                 what,
             )
 
@@ -392,7 +396,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         message[1:4] = (len(message) - 4).to_bytes(3, "big")
         self.assertEqual(
             sniffServerName(frame(bytes(message))),
-            Sniffed(None, "malformed ClientHello: bytes after the extensions"),
+            Sniffed(None, "malformed ClientHello: bytes after the extensions", UNREAD),
         )
 
     @settings(max_examples=500)
@@ -424,7 +428,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         message = Hello(sessionId=bytes(length), extensions=(serverName((0, b"a.test")),)).encode()
         self.assertEqual(
             sniffServerName(frame(message)),
-            Sniffed(None, f"malformed ClientHello: session id of {length} bytes"),
+            Sniffed(None, f"malformed ClientHello: session id of {length} bytes", UNREAD),
         )
 
     def test_everyPrefix(self) -> None:
@@ -487,7 +491,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         hello = frame(bigHello("huge.example.test", 40000))
         self.assertEqual(
             sniffServerName(hello[:9]),
-            Sniffed(None, f"ClientHello over {MAX_CLIENT_HELLO_BYTES} bytes"),
+            Sniffed(None, f"ClientHello over {MAX_CLIENT_HELLO_BYTES} bytes", UNREAD),
         )
         self.assertIsNone(sniffServerName(hello[:8]))
 
@@ -501,7 +505,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         )
         self.assertEqual(
             sniffServerName(hello, limit=len(hello) - 1),
-            Sniffed(None, f"ClientHello over {len(hello) - 1} bytes"),
+            Sniffed(None, f"ClientHello over {len(hello) - 1} bytes", UNREAD),
         )
 
     def test_tinyRecordsOverLimit(self) -> None:
@@ -518,7 +522,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         )
         self.assertEqual(
             sniffServerName(hello, limit=4 * len(message), maxRecords=many),
-            Sniffed(None, f"ClientHello over {4 * len(message)} bytes"),
+            Sniffed(None, f"ClientHello over {4 * len(message)} bytes", UNREAD),
         )
         self.assertEqual(
             sniffServerName(hello, limit=6 * len(message), maxRecords=many),
@@ -538,11 +542,11 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         self.assertEqual(len(fragments(exact)), cap)
         self.assertEqual(sniffServerName(exact), Sniffed("count.example.test", "SNI"))
         over = frame(message, sizes + [1])
-        refused = Sniffed(None, f"ClientHello in more than {cap} records")
+        refused = Sniffed(None, f"ClientHello in more than {cap} records", UNREAD)
         pastCap = 6 * cap
         self.assertEqual(sniffServerName(over[: pastCap + 5]), refused)
         self.assertIsNone(sniffServerName(over[: pastCap + 4]))
-        self.assertEqual(sniffServerName(over, maxRecords=3), Sniffed(None, "ClientHello in more than 3 records"))
+        self.assertEqual(sniffServerName(over, maxRecords=3), Sniffed(None, "ClientHello in more than 3 records", UNREAD))
 
     @given(st.integers(0, 255).filter(lambda b: b != 0x16))
     def test_notTLSAtOnce(self, first: int) -> None:
@@ -567,11 +571,11 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         """
         self.assertEqual(
             sniffServerName(b"\x16\x03\x01\x00\x00"),
-            Sniffed(None, "malformed ClientHello: record length 0"),
+            Sniffed(None, "malformed ClientHello: record length 0", UNREAD),
         )
         self.assertEqual(
             sniffServerName(b"\x16\x03\x01\x40\x01"),
-            Sniffed(None, "malformed ClientHello: record length 16385"),
+            Sniffed(None, "malformed ClientHello: record length 16385", UNREAD),
         )
 
     def test_notClientHello(self) -> None:
@@ -581,7 +585,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         """
         self.assertEqual(
             sniffServerName(b"\x16\x03\x01\x00\x30\x02"),
-            Sniffed(None, "malformed ClientHello: handshake type 2, not a ClientHello"),
+            Sniffed(None, "malformed ClientHello: handshake type 2, not a ClientHello", UNREAD),
         )
 
     def test_otherRecordInside(self) -> None:
@@ -595,7 +599,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
             corrupted = hello[:second] + bytes([kind]) + hello[second + 1 :]
             self.assertEqual(
                 sniffServerName(corrupted[: second + 1]),
-                Sniffed(None, f"malformed ClientHello: record of type {kind} inside it"),
+                Sniffed(None, f"malformed ClientHello: record of type {kind} inside it", UNREAD),
             )
 
     @settings(max_examples=3000)
@@ -662,7 +666,7 @@ class ServerNameTests(SafeNameMixin, SynchronousTestCase):
         expected = (
             Sniffed("size.example.test", "SNI")
             if len(hello) <= limit
-            else Sniffed(None, f"ClientHello over {limit} bytes")
+            else Sniffed(None, f"ClientHello over {limit} bytes", UNREAD)
         )
         self.assertEqual(sniffServerName(hello, limit=limit), expected)
 
@@ -763,8 +767,8 @@ class IncrementalTests(SafeNameMixin, SynchronousTestCase):
         hello = realHello("finish.example.test")
         sniffer = NameSniffer("sni")
         sniffer.feed(hello[:10])
-        self.assertEqual(sniffer.finish("timed out"), Sniffed(None, "timed out"))
-        self.assertEqual(sniffer.feed(hello[10:]), Sniffed(None, "timed out"))
+        self.assertEqual(sniffer.finish("timed out"), Sniffed(None, "timed out", UNREAD))
+        self.assertEqual(sniffer.feed(hello[10:]), Sniffed(None, "timed out", UNREAD))
         done = NameSniffer("auto")
         done.feed(hello)
         self.assertEqual(done.finish("timed out"), Sniffed("finish.example.test", "SNI"))
@@ -781,6 +785,229 @@ class IncrementalTests(SafeNameMixin, SynchronousTestCase):
             sniffer.feed(CountingBytes(head + b"x" * 10000)), Sniffed("www.example.test", "Host header")
         )
         self.assertEqual(CountingBytes.sliced, len(head))
+
+
+# The encrypted_client_hello extension (draft-ietf-tls-esni, section 5).
+_ECH_EXTENSION = 0xFE0D
+# HPKE: HKDF-SHA256, AES-128-GCM, as Chrome and Firefox offer; an X25519 enc.
+_ECH_SUITE = b"\x00\x01\x00\x01"
+_X25519_ENC = 32
+_AEAD_TAG = 16
+
+
+def echOuter(
+    configId: int = 0x2A, enc: bytes = b"e" * _X25519_ENC, payload: bytes = b"p" * (32 * 5 + _AEAD_TAG),
+    suite: bytes = _ECH_SUITE,
+) -> tuple[int, bytes]:
+    """
+    An encrypted_client_hello extension of the outer type.  Its defaults
+    have the shape of a real offer and of GREASE ECH alike (section 6.2:
+    a config_id, a cipher suite the client supports, an enc of the KEM's
+    size, a payload padded to a multiple of 32 plus the AEAD's tag, as
+    BoringSSL pads its GREASE).
+    """
+    return (
+        _ECH_EXTENSION,
+        b"\x00" + suite + bytes([configId])
+        + len(enc).to_bytes(2, "big") + enc + len(payload).to_bytes(2, "big") + payload,
+    )
+
+
+ECH_INNER_EXTENSION = (_ECH_EXTENSION, b"\x01")
+
+# Extensions a hello carries beside these, to put the ECH one among.
+_OTHERS = [
+    (_GREASE_EXTENSION, b""),
+    (10, b"\x00\x04\x00\x1d\x00\x17"),  # supported_groups
+    (43, b"\x04\x03\x04\x03\x03"),  # supported_versions
+    (51, b"\x00\x26\x00\x1d\x00\x20" + bytes(32)),  # key_share
+    (16, b"\x00\x03\x02h2"),  # ALPN
+    (_PADDING_EXTENSION, bytes(100)),
+]
+
+
+def echHello(ech: tuple[int, bytes] | None, name: bytes = b"cover.example.test", at: int = 1,
+             others: list[tuple[int, bytes]] = _OTHERS) -> bytes:
+    """
+    A ClientHello message (not framed) for C{name} with the ECH extension
+    C{ech} at position C{at} among the others.
+    """
+    extensions = [serverName((0, name)), *others]
+    if ech is not None:
+        extensions.insert(at, ech)
+    return Hello(cipherSuites=b"\x13\x01\x13\x02", extensions=tuple(extensions)).encode()
+
+
+class EncryptedClientHelloTests(SynchronousTestCase):
+    """
+    The encrypted_client_hello extension in ClientHellos built by the test:
+    the verdict's C{ech}, and the name read marked as the outer (cover)
+    name.
+    """
+
+    def test_noExtension(self) -> None:
+        """
+        A hello without the extension, OpenSSL's or built, says no ECH, and
+        its name is no cover name.
+        """
+        for hello in (realHello("plain.example.test"), frame(echHello(None))):
+            verdict = sniffServerName(hello)
+            self.assertIsNone(verdict.ech)
+            self.assertIsNotNone(verdict.name)
+            self.assertFalse(verdict.coverName)
+
+    def test_outer(self) -> None:
+        """
+        The outer type with a real offer's shape is C{ech}; the name read is
+        the outer name, marked as a cover.
+        """
+        verdict = sniffServerName(frame(echHello(echOuter())))
+        self.assertEqual(verdict, Sniffed("cover.example.test", "SNI", ECH))
+        self.assertTrue(verdict.coverName)
+
+    @given(
+        st.integers(0, 255),
+        st.sampled_from([b"\x00\x01\x00\x01", b"\x00\x01\x00\x03", b"\x00\x02\x00\x02"]),
+        st.sampled_from([32, 65, 97, 1120]),
+        st.integers(128 // 32, 224 // 32),
+        st.binary(min_size=32, max_size=32),
+    )
+    def test_greaseLooksReal(self, configId: int, suite: bytes, encSize: int, blocks: int, noise: bytes) -> None:
+        """
+        GREASE ECH as section 6.2 and BoringSSL build it (a random
+        config_id, a supported cipher suite, a random enc of a KEM's size,
+        a random payload of 32 * (4..7) bytes plus the tag) is C{ech}: the
+        bytes cannot tell it from a real offer, only the server can.
+        """
+        enc = (noise * 40)[:encSize]
+        payload = (noise * 8)[: 32 * blocks] + noise[:_AEAD_TAG]
+        verdict = sniffServerName(frame(echHello(echOuter(configId, enc, payload, suite))))
+        self.assertEqual(verdict.ech, ECH)
+        self.assertTrue(verdict.coverName)
+
+    def test_greaseByShape(self) -> None:
+        """
+        An outer extension that cannot be a real offer is C{grease}, and
+        the name is then not marked as a cover: an empty enc (only a hello
+        after a HelloRetryRequest leaves it empty), or a payload too short
+        for any encrypted ClientHelloInner (under 71 bytes).  A payload of
+        71 bytes can be real.
+        """
+        for extension, expected in [
+            (echOuter(enc=b""), ECH_GREASE),
+            (echOuter(payload=b"p"), ECH_GREASE),
+            (echOuter(payload=b"p" * 70), ECH_GREASE),
+            (echOuter(payload=b"p" * 71), ECH),
+        ]:
+            verdict = sniffServerName(frame(echHello(extension)))
+            self.assertEqual(verdict.ech, expected, extension)
+            self.assertEqual(verdict.name, "cover.example.test")
+            self.assertEqual(verdict.coverName, expected == ECH)
+
+    def test_inner(self) -> None:
+        """
+        The inner type on the wire is C{inner}: it belongs inside the
+        encryption, and the name beside it is the real one, not a cover.
+        """
+        verdict = sniffServerName(frame(echHello(ECH_INNER_EXTENSION)))
+        self.assertEqual(verdict, Sniffed("cover.example.test", "SNI", ECH_INNER))
+        self.assertFalse(verdict.coverName)
+
+    def test_malformedStillECH(self) -> None:
+        """
+        A malformed ECH extension makes the hello malformed (no name), and
+        the verdict still says C{ech}, so that rules about ECH still apply.
+        """
+        good = echOuter()[1]
+        for content, why in [
+            (b"\x02" + good[1:], "ECH type 2"),
+            (b"\x01\x00", "bytes after the inner ECH type"),
+            (good + b"x", "bytes after the ECH payload"),
+            (good[:-20], "ECH payload length 176 runs past its enclosing structure"),
+            (b"\x00" + _ECH_SUITE + b"\x2a\x00\x00\x00\x00", "empty ECH payload"),
+            (b"", "ECH type runs past its enclosing structure"),
+        ]:
+            verdict = sniffServerName(frame(echHello((_ECH_EXTENSION, content))))
+            self.assertEqual(verdict, Sniffed(None, f"malformed ClientHello: {why}", ECH), why)
+
+    def test_malformedAfterECH(self) -> None:
+        """
+        A hello malformed after its ECH extension still says C{ech}, as
+        does one cut short once the extension's type was read; one
+        malformed or cut short before it says C{unknown}: the rest might
+        have held one.
+        """
+        broken = (_PADDING_EXTENSION, bytes(10))
+        after = sniffServerName(frame(echHello(echOuter(), others=[broken, broken])))
+        self.assertEqual(after, Sniffed(None, "malformed ClientHello: extension 21 twice", ECH))
+        before = sniffServerName(frame(echHello(echOuter(), at=3, others=[broken, broken])))
+        self.assertEqual(before, Sniffed(None, "malformed ClientHello: extension 21 twice", UNREAD))
+        last = frame(echHello(echOuter(), at=len(_OTHERS) + 1))
+        extensionSize = 4 + len(echOuter()[1])
+        for cut, expected in [(extensionSize + 1, UNREAD), (extensionSize - 4, ECH), (20, ECH)]:
+            sniffer = NameSniffer("auto")
+            self.assertIsNone(sniffer.feed(last[:-cut]))
+            self.assertEqual(sniffer.finish("timed out"), Sniffed(None, "timed out", expected), cut)
+
+    def test_notTLS(self) -> None:
+        """
+        What is not a TLS handshake says no ECH, not C{unknown}: an HTTP
+        request, other bytes, nothing at all.
+        """
+        self.assertIsNone(sniffTarget("auto", request()).ech)
+        self.assertIsNone(sniffTarget("auto", b"SSH-2.0-OpenSSH_9.2\r\n").ech)
+        self.assertIsNone(sniffServerName(b"\x16\x02").ech)
+        self.assertIsNone(NameSniffer("sni").finish("nothing").ech)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.sampled_from([echOuter(), echOuter(enc=b""), ECH_INNER_EXTENSION, (_ECH_EXTENSION, b"\x07"), None]),
+        st.permutations(_OTHERS),
+        st.data(),
+    )
+    def test_anyPositionAnySplit(self, ech, others, data: st.DataObject) -> None:  # type: ignore[no-untyped-def]
+        """
+        With the extension at any position among the others, the hello cut
+        into records of any sizes and the records into reads anywhere, the
+        sniffer never fails and gives the verdict it gives for the whole
+        hello at once, which is the one the extension calls for.
+        """
+        at = data.draw(st.integers(0, len(others) + 1))
+        message = echHello(ech, others=list(others), at=at)
+        sizes = data.draw(st.lists(st.integers(1, 400), max_size=MAX_CLIENT_HELLO_RECORDS - 2))
+        whole = frame(message, sizes)
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(whole)), max_size=12)))
+        pieces = [whole[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)])]
+        atOnce = sniffServerName(whole)
+        for sniffer in (ServerNameSniffer(), NameSniffer("sni"), NameSniffer("auto")):
+            verdicts = [sniffer.feed(piece) for piece in pieces]
+            self.assertEqual(verdicts[-1], atOnce)
+        if ech is None:
+            self.assertEqual(atOnce, Sniffed("cover.example.test", "SNI"))
+        elif ech == echOuter():
+            self.assertEqual(atOnce, Sniffed("cover.example.test", "SNI", ECH))
+        elif ech == echOuter(enc=b""):
+            self.assertEqual(atOnce, Sniffed("cover.example.test", "SNI", ECH_GREASE))
+        elif ech == ECH_INNER_EXTENSION:
+            self.assertEqual(atOnce, Sniffed("cover.example.test", "SNI", ECH_INNER))
+        else:
+            self.assertEqual(atOnce, Sniffed(None, "malformed ClientHello: ECH type 7", ECH))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(min_size=0, max_size=300), st.integers(0, len(_OTHERS) + 1), st.data())
+    def test_arbitraryContent(self, content: bytes, at: int, data: st.DataObject) -> None:
+        """
+        Any bytes as the extension's content, split anywhere, never crash
+        the sniffer; the verdict is the same however split and always says
+        ECH in some form.
+        """
+        whole = frame(echHello((_ECH_EXTENSION, content), at=at))
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(whole)), max_size=8)))
+        pieces = [whole[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)])]
+        atOnce = sniffServerName(whole)
+        sniffer = ServerNameSniffer()
+        self.assertEqual([sniffer.feed(piece) for piece in pieces][-1], atOnce)
+        self.assertIn(atOnce.ech, (ECH, ECH_GREASE, ECH_INNER))
 
 
 class LocalhostTests(SynchronousTestCase):

@@ -115,6 +115,40 @@ class TunnelIdJoinTests(UpstreamTestCase):
         )
         self.assertEqual(squidLine.split()[-1], tunnelId, squidLine)
 
+    def doctorIdLines(self, proxyLog: Path) -> list[str]:
+        """
+        Run doctor in the gateway with the proxy's access log named; its
+        tunnel-id findings.
+        """
+        result = self.net.gateway.run(
+            "env", f"PYTHONPATH={PROJECT}", sys.executable, "-m", "shifter.doctor",
+            "--lan-interface", "c1", "--ports", "443", "--check-target", f"{SERVER_V4}:443",
+            "--proxy-access-log", str(proxyLog), "--proxy", SQUID, check=False, timeout=60,
+        )
+        self.assertEqual(result.stderr, "")
+        return [line for line in result.stdout.splitlines() if "tunnel-id" in line]
+
+    def test_doctorFindsTheId(self) -> None:
+        """
+        Doctor's CONNECT carries a tunnel id of its own; with Squid's log
+        recording the header, doctor finds it there and says nothing.
+        """
+        self.startBoth()
+        self.assertEqual(self.doctorIdLines(self.ids), [])
+        self.assertTrue([line for line in self.squidLines() if re.search(r" doctor-[0-9a-f]{8}-0$", line)],
+                        self.squidLines())
+
+    def test_doctorSaysHowToLogIt(self) -> None:
+        """
+        With a log whose format leaves the header out (Squid's own
+        format), doctor says the id is missing and gives the logformat.
+        """
+        self.startBoth()
+        [line] = self.doctorIdLines(self.squid.accessLog)
+        self.assertTrue(line.startswith("warning: tunnel-id: the tunnel id doctor sent the proxy (doctor-"), line)
+        self.assertIn("%{Shifter-Tunnel}>h", line)
+        self.assertIn(f"access_log {self.squid.accessLog} shifter", line)
+
     def test_noHeader(self) -> None:
         """
         With --tunnel-id-header none, Squid receives no such header (it

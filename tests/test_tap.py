@@ -32,7 +32,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 # Every option that is a duration in seconds.
 DURATIONS = (
     "proxy-backoff", "sniff-timeout", "hold-timeout", "connect-timeout", "handshake-timeout",
-    "setup-timeout", "idle-timeout", "drain-timeout", "warm-lifetime",
+    "setup-timeout", "idle-timeout", "drain-timeout", "pac-refresh", "pac-timeout", "warm-lifetime",
 )
 
 
@@ -455,13 +455,15 @@ class DropinTests(SynchronousTestCase):
 
     def test_badOptionIsOneLine(self) -> None:
         """
-        An invalid value ends twistd with a one-line error, not a traceback.
+        An invalid value ends twistd with a one-line error on standard
+        error (and one hint after it), not a traceback nor the whole help.
         """
         result = self.twistd("shifter", "--proxy", "127.0.0.1:3128", "--idle-timeout", "soon")
-        self.assertNotEqual(result.returncode, 0)
-        output = result.stdout + result.stderr
-        self.assertNotIn("Traceback", output)
-        self.assertIn("shifter: --idle-timeout: expected a number of seconds", output.strip().splitlines()[-1])
+        self.assertEqual((result.returncode, result.stdout), (1, ""))
+        self.assertEqual(result.stderr.splitlines(), [
+            "twistd shifter: --idle-timeout: expected a number of seconds (0 for off), got 'soon'",
+            "Try 'twistd shifter --help' for the options.",
+        ])
 
     def test_tac(self) -> None:
         """

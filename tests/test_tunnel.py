@@ -947,6 +947,26 @@ class ConnectTargetTests(TunnelTestCase):
         _, upstreamTransport = self.endpoint.accept()
         self.assertTrue(self.request(upstreamTransport).startswith(b"CONNECT www.example.test:80 "))
 
+    def test_policyToldWhereTheNameCameFrom(self) -> None:
+        """
+        The policy is told whether the name came from SNI (https) or from a
+        Host header (http, with the request's path).
+        """
+        from tests.test_sniff import realHello
+
+        self.useTarget("auto")
+        policy = RecordingPolicy(None)
+        self.makeFactory()
+        self.factory.policy = policy
+        client, _ = self.connectClient()
+        client.dataReceived(realHello("www.example.test"))
+        self.resolver.answer = IPv4Address("TCP", "203.0.113.7", 80)
+        client, _ = self.connectClient()
+        client.dataReceived(b"GET /a?b=c HTTP/1.1\r\nHost: www.example.test\r\n\r\n")
+        tls, plain = policy.requests
+        self.assertEqual((tls.name, tls.scheme, tls.path), ("www.example.test", "https", None))
+        self.assertEqual((plain.name, plain.scheme, plain.path), ("www.example.test", "http", "/a?b=c"))
+
     def test_noNameFallsBackToAddress(self) -> None:
         """
         A hello without a server name is tunnelled by address, and the log
@@ -1110,3 +1130,116 @@ class PolicyTests(TunnelTestCase):
         _, clientTransport = self.connectClient()
         self.assertTrue(clientTransport.disconnecting)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class EncryptedClientHelloTests(TunnelTestCase):
+    """
+    A ClientHello that offers Encrypted Client Hello: passed by default,
+    counted, logged once per interval, and said in the tunnel's line.
+    """
+
+    useTarget = ConnectTargetTests.useTarget
+    request = ConnectTargetTests.request
+
+    def echHello(self, name: bytes = b"cover.example.test") -> bytes:
+        from tests.test_sniff import echHello, echOuter, frame
+
+        return frame(echHello(echOuter(), name))
+
+    def test_passedCountedAndMarked(self) -> None:
+        """
+        By default an ECH hello is tunnelled to the name it shows, which
+        the tunnel line marks as the ECH outer name and with C{[ech=ech]};
+        the counter counts it by kind.
+        """
+        self.useTarget("sni")
+        client, clientTransport = self.connectClient()
+        hello = self.echHello()
+        client.dataReceived(hello)
+        upstream, upstreamTransport = self.endpoint.accept()
+        self.assertTrue(self.request(upstreamTransport).startswith(b"CONNECT cover.example.test:443 "))
+        upstream.dataReceived(OK)
+        self.assertTrue(upstreamTransport.value().endswith(hello))
+        self.assertEqual(self.factory.tunnels()[0].ech, "ech")
+        self.lose(upstream, upstreamTransport)
+        self.lose(client, clientTransport)
+        lines = [m for m in self.messages("info") if "closed" in m]
+        self.assertEqual(len(lines), 1)
+        self.assertIn(
+            "-> 203.0.113.7:443 (CONNECT cover.example.test:443, from SNI, the ECH outer name) [ech=ech] via",
+            lines[0],
+        )
+        self.assertEqual(self.factory.stats.ech, {"ech": 1})
+
+    def test_noECHNoMark(self) -> None:
+        """
+        A hello without ECH is counted as C{none} and its line has no mark.
+        """
+        from tests.test_sniff import realHello
+
+        self.useTarget("sni")
+        client, clientTransport = self.connectClient()
+        client.dataReceived(realHello("plain.example.test"))
+        upstream, upstreamTransport = self.endpoint.accept()
+        upstream.dataReceived(OK)
+        self.assertEqual(self.factory.tunnels()[0].ech, "")
+        self.lose(upstream, upstreamTransport)
+        self.lose(client, clientTransport)
+        self.assertFalse(any("ech" in m.lower() for m in self.messages("info")))
+        self.assertEqual(self.factory.stats.ech, {"none": 1})
+
+    def test_loggedOncePerInterval(self) -> None:
+        """
+        Each ECH hello is counted, but the line saying ECH was offered is
+        logged once per interval, then how many more were left out.
+        """
+        self.useTarget("sni")
+        self.settings = TunnelSettings(connectTarget="sni", sniffTimeout=2, earlyDataLimit=65536, maxConnections=10)
+        for port in range(5):
+            client, _ = self.connectClient(peer=IPv4Address("TCP", "192.0.2.2", 50000 + port))
+            client.dataReceived(self.echHello())
+        offered = [m for m in self.messages("info") if "offers Encrypted Client Hello" in m]
+        self.assertEqual(offered, [
+            "tunnel 192.0.2.2:50000 -> 203.0.113.7:443: the ClientHello offers Encrypted Client Hello "
+            "(may be GREASE); the name it shows, cover.example.test, is its outer (cover) name"
+        ])
+        self.assertEqual(self.factory.stats.ech["ech"], 5)
+        self.clock.advance(self.factory.refusals.interval)
+        self.assertIn("4 more like it not logged in the last 10 s (ech)", self.messages("info"))
+
+    def test_policySeesECH(self) -> None:
+        """
+        The policy is asked with what the hello showed of ECH.
+        """
+        asked: list[TunnelRequest] = []
+
+        class Policy:
+            def decide(self, request: TunnelRequest) -> None:
+                asked.append(request)
+
+        self.useTarget("sni")
+        self.makeFactory()
+        self.factory.policy = Policy()
+        client, _ = self.connectClient()
+        client.dataReceived(self.echHello())
+        self.assertEqual([(r.name, r.ech) for r in asked], [("cover.example.test", "ech")])
+
+    def test_metric(self) -> None:
+        """
+        C{shifter_tunnels_ech_total} counts the connections read by what
+        their hello showed of ECH.
+        """
+        from tests.test_operations import scrape
+        from tests.test_sniff import echHello, echOuter, frame, realHello
+
+        self.settings = TunnelSettings(connectTarget="sni", sniffTimeout=2, earlyDataLimit=65536, maxConnections=10)
+        hellos = [self.echHello(), self.echHello(), frame(echHello(echOuter(enc=b""))), realHello("a.example.test")]
+        for port, hello in enumerate(hellos):
+            client, _ = self.connectClient(peer=IPv4Address("TCP", "192.0.2.2", 50000 + port))
+            client.dataReceived(hello)
+        samples = scrape(self.factory)
+        self.assertEqual(samples['shifter_tunnels_ech_total{ech="ech"}'], 2)
+        self.assertEqual(samples['shifter_tunnels_ech_total{ech="grease"}'], 1)
+        self.assertEqual(samples['shifter_tunnels_ech_total{ech="none"}'], 1)
+        self.assertEqual(samples['shifter_tunnels_ech_total{ech="inner"}'], 0)
+        self.assertEqual(samples['shifter_tunnels_ech_total{ech="unknown"}'], 0)

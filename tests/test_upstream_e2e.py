@@ -328,6 +328,27 @@ class TLSProxyTests(UpstreamTestCase):
         squid.waitForLog("TCP_TUNNEL/200", f"CONNECT {SERVER_V4}:443 ")
         self.shifter.waitForLog("via https://127.0.0.1:3443 closed")
 
+    def test_bundle(self) -> None:
+        """
+        A --proxy-ca bundle is trusted whole: the proxy's certificate,
+        second in the file after another CA, is verified.
+        """
+        tlsDirectory = self.directory / "proxy-tls"
+        tlsDirectory.mkdir()
+        key, cert = makeCertificate(tlsDirectory, names=("IP:127.0.0.1",))
+        subprocess.run(["chown", "-R", "proxy", str(tlsDirectory)], check=True)
+        squid = self.squidWith(
+            "http_access allow localhost\n",
+            extra=f"https_port 127.0.0.1:3443 tls-cert={cert} tls-key={key}\n",
+        )
+        self.net.gateway.waitListening(3443)
+        bundle = self.directory / "bundle.pem"
+        bundle.write_bytes(Path(self.web.cert).read_bytes() + Path(cert).read_bytes())
+        self.startShifter("--proxy", "https://127.0.0.1:3443", "--proxy-ca", str(bundle))
+        result = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        squid.waitForLog("TCP_TUNNEL/200", f"CONNECT {SERVER_V4}:443 ")
+
     def test_untrustedProxyCertificate(self) -> None:
         """
         A proxy whose certificate the CA file does not vouch for is not

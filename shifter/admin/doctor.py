@@ -34,7 +34,16 @@ CONNECT.  Checks:
   - quic: UDP to the redirected ports from the LAN is refused, as
     C{python -m shifter.rules} does, so browsers fall back to TCP;
   - listening: something listens on Shifter's port;
-  - proxy: each proxy answers a CONNECT with 2xx.
+  - kerberos: with a keytab, the gateway logs in to the KDC and gets a
+    ticket for each proxy's C{HTTP/} service (the keytab readable and
+    holding the principal, the KDC reachable, the clocks in step);
+  - proxy: each proxy answers a CONNECT with 2xx (logged in, where it
+    asks for it).
+
+With a control socket (C{--control}, or the file's C{control}), it also
+reports the share of the connections read since start whose ClientHello
+offered Encrypted Client Hello (a line C{note: ech: ...}): a rule on
+names does not see the names those hide.
 
 Each finding is one line, C{error: CHECK: what is wrong; what to change}
 or C{warning: ...}; a good gateway prints nothing.  Exit status: 1 if
@@ -53,6 +62,7 @@ import os
 import pwd
 import re
 import resource
+import secrets
 import shutil
 import subprocess
 import sys
@@ -60,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.python import usage
 
 from shifter.admin.netfilter import Address, Outcome, Packet, Ruleset, loadRuleset, traverse
@@ -808,31 +819,83 @@ def checkConntrack(expected: Expectations, reactor: Any):  # type: ignore[no-unt
 
 
 @inlineCallbacks
-def _askProxy(proxy: Any, host: str, port: int, reactor: Any, timeout: float):  # type: ignore[no-untyped-def]
+def _askProxy(proxy: Any, host: str, port: int, reactor: Any, timeout: float,  # type: ignore[no-untyped-def]
+              extraHeaders: Sequence[tuple[str, str]] = ()):
     from shifter.upstream.probe import askProxy
 
     exchange = proxy.auth.exchange() if proxy.auth is not None else None
+    refusal = None
     for attempt in range(2):
-        response = yield askProxy(proxy, host, port, reactor, timeout, timeout, exchange=exchange)
+        response = yield askProxy(proxy, host, port, reactor, timeout, timeout, exchange=exchange,
+                                  extraHeaders=extraHeaders)
         if response.status == 407 and exchange is not None and attempt == 0:
             challenges = [v for n, v in response.headers if n.lower() == b"proxy-authenticate"]
-            if exchange.challenged(challenges) is None:
+            refusal = exchange.challenged(challenges)
+            if refusal is None:
                 continue
-        return response
-    return response
+        return response, refusal
+    return response, refusal
 
 
 @inlineCallbacks
-def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+def checkKerberos(expected: Expectations):  # type: ignore[no-untyped-def]
+    """
+    Log in with the keytab of each proxy that has one, as Shifter does
+    (through the ticket helper), and say why not where it fails.  The
+    tickets stay cached for the proxy check that follows.
+    """
+    findings = []
+    for proxy in expected.proxies:
+        login = proxy.auth.negotiateLogin if proxy.auth is not None else None
+        if login is None:
+            continue
+        keeper = login.keeper
+        keeper.start()
+        yield keeper.settled()
+        if keeper.ticket is None:
+            findings.append(Finding(
+                "error", "kerberos",
+                f"{proxy.description}: {keeper.lastError}: check the keytab (klist -k), --proxy-principal, "
+                f"the realm's KDC in krb5.conf and the clock",
+            ))
+    return findings
+
+
+@inlineCallbacks
+def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0,  # type: ignore[no-untyped-def]
+                 idHeader: str = "", sentIds: Optional[list[str]] = None):
+    """
+    Ask each proxy for one CONNECT to the check target, as Shifter would.
+
+    @param idHeader: the tunnel id header Shifter sends (C{""}: none); an
+        HTTP proxy's CONNECT carries it with an id of doctor's own, added
+        to C{sentIds}, for L{checkTunnelIdJoin}.
+    """
     from shifter.upstream.probe import ProbeConnectFailed, ProbeNoAnswer
 
     host, port = expected.checkTarget
     findings = []
-    for proxy in expected.proxies:
+    prefix = f"doctor-{secrets.token_hex(4)}"
+    for number, proxy in enumerate(expected.proxies):
         socks = getattr(proxy, "kind", None) == "socks5"
         target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        if proxy.name is not None and not proxy.name.addresses:
+            # A proxy named by host name: looked up as Shifter does at start.
+            from twisted.names.client import createResolver
+
+            from shifter.tunnel.destinations import resolveAll
+
+            try:
+                proxy.name.setAddresses((yield resolveAll(createResolver(), proxy.name.name)))
+            except Exception:
+                pass  # the connection then fails, saying the name is not known
+        extraHeaders: list[tuple[str, str]] = []
+        if idHeader and not socks:
+            extraHeaders.append((idHeader, f"{prefix}-{number}"))
+            if sentIds is not None:
+                sentIds.append(f"{prefix}-{number}")
         try:
-            response = yield _askProxy(proxy, host, port, reactor, timeout)
+            response, refusal = yield _askProxy(proxy, host, port, reactor, timeout, extraHeaders)
         except ProbeConnectFailed as e:
             findings.append(Finding("error", "proxy", f"{proxy.description}: {e}: start the proxy, or fix --proxy"))
             continue
@@ -858,7 +921,7 @@ def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  #
             continue
         if response.status == 407:
             advice = ("give it credentials (--proxy http://user:password@..., --proxy-credentials, or the proxy's "
-                      "credentials in the file)") if proxy.auth is None else "its credentials were refused"
+                      "credentials in the file)") if proxy.auth is None else (refusal or "its credentials were refused")
         elif response.status == 403:
             advice = "its ACLs refuse CONNECT from this gateway to that port (Squid: http_access, SSL_ports)"
         elif response.status >= 500:
@@ -868,6 +931,41 @@ def checkProxies(expected: Expectations, reactor: Any, timeout: float = 5.0):  #
         findings.append(Finding("error", "proxy", f"{proxy.description} answered CONNECT {target} with {status}: "
                                 f"{advice}"))
     return findings
+
+
+@inlineCallbacks
+def checkTunnelIdJoin(path: str, ids: list[str], idHeader: str, reactor: Any,  # type: ignore[no-untyped-def]
+                      wait: float = 3.0):
+    """
+    Look for the tunnel ids doctor's CONNECTs carried in the proxy's
+    access log (C{[gateway] proxy-access-log}), so that one grep joins
+    Shifter's lines and the proxy's; say how to log them where they are
+    missing.
+    """
+    if not idHeader:
+        return [Finding("warning", "tunnel-id",
+                        f"{path} is named as the proxy's access log, but --tunnel-id-header none sends no id "
+                        f"for it to log: leave --tunnel-id-header at Shifter-Tunnel")]
+    if not ids:
+        return []
+    deadline = reactor.seconds() + wait
+    while True:
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+        except OSError as e:
+            return [Finding("warning", "tunnel-id", f"cannot read the proxy's access log {path}: {e.strerror}")]
+        if any(tunnelId in text for tunnelId in ids):
+            return []
+        if reactor.seconds() >= deadline:
+            break
+        yield deferLater(reactor, 0.2, lambda: None)
+    return [Finding(
+        "warning", "tunnel-id",
+        f"the tunnel id doctor sent the proxy ({ids[0]}) is not in {path}: to log it, add the header to "
+        f"Squid's log format, as in: logformat shifter %ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru "
+        f"%{{{idHeader}}}>h, then access_log {path} shifter",
+    )]
 
 
 # --------------------------------------------------------------------------
@@ -981,9 +1079,9 @@ def _ports(value: str) -> list[int]:
     return ports
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m shifter.doctor") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m shifter.doctor",
+        prog=prog,
         allow_abbrev=False,
         description="Check this gateway for the mistakes that make Shifter fail silently. Give Shifter's own "
         "options (or --config FILE) as well; each finding is one line with what to change.",
@@ -1010,6 +1108,9 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"Squid's configuration, checked for 'http_access deny to_localhost' and "
                         f"'to_linklocal' before its allow lines, if it exists (default: [gateway] squid-conf, "
                         f"or {SQUID_CONF})")
+    parser.add_argument("--proxy-access-log", metavar="FILE",
+                        help="the proxy's access log: doctor's CONNECT carries a tunnel id, which must appear "
+                        "there (default: [gateway] proxy-access-log; not checked without one)")
     parser.add_argument("--no-proxy-check", action="store_true", help="do not ask the proxies for a CONNECT")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each proxy")
     parser.add_argument("-v", "--verbose", action="store_true", help="also say what was checked")
@@ -1017,7 +1118,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[GatewayState] = None,
-         err: Any = None) -> int:
+         err: Any = None, prog: str = "python -m shifter.doctor") -> int:
     """
     The C{python -m shifter.doctor} command.
 
@@ -1030,7 +1131,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
 
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = _parser()
+    parser = _parser(prog)
     arguments, shifterArguments = parser.parse_known_args(argv)
     arguments.shifter = shifterArguments
     if arguments.listen_port is not None:
@@ -1047,6 +1148,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
     findings, _ = checkRules(expected, state)
     gateway = config.configFile.gateway if config.configFile is not None else {}  # type: ignore[attr-defined]
     findings += checkSquidAccess(arguments.squid_conf or gateway.get("squid-conf") or SQUID_CONF)
+    proxyLog = arguments.proxy_access_log or gateway.get("proxy-access-log")
+    idHeader = "" if config["tunnel-id-header"].lower() == "none" else config["tunnel-id-header"]
 
     def asks(reactor: Any) -> Deferred:
         if any(proxy.address is None for proxy in expected.proxies):
@@ -1056,7 +1159,23 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
             reactor.installResolver(createResolver())
         checks = [checkKernelModule(expected, reactor), checkConntrack(expected, reactor)]
         if not arguments.no_proxy_check:
-            checks.append(checkProxies(expected, reactor, arguments.timeout))
+
+            @inlineCallbacks
+            def loggedIn():  # type: ignore[no-untyped-def]
+                # The proxy is asked once the Kerberos tickets are known.
+                try:
+                    found = yield checkKerberos(expected)
+                    sentIds: list[str] = []
+                    found += yield checkProxies(expected, reactor, arguments.timeout, idHeader, sentIds)
+                    if proxyLog:
+                        found += yield checkTunnelIdJoin(proxyLog, sentIds, idHeader, reactor)
+                finally:
+                    for proxy in expected.proxies:
+                        if proxy.auth is not None:
+                            proxy.auth.stop()
+                return found
+
+            checks.append(loggedIn())
 
         def gather(results: list[tuple[bool, Any]]) -> None:
             for ok, result in results:
@@ -1072,8 +1191,15 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
     except SystemExit as e:
         if e.code not in (0, None):
             raise
+    share = None
+    if config["control"] is not None:
+        share, problem = echShare(config["control"], config["workers"], arguments.timeout)
+        if problem is not None:
+            findings.append(problem)
     for finding in findings:
         print(finding, file=out)
+    if share is not None:
+        print(f"note: ech: {share}", file=out)
     if arguments.verbose:
         unknown = sorted({text for text in _unknownRules(expected, state)})
         for text in unknown:
@@ -1082,6 +1208,32 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
               f"Shifter on port {expected.listenPort}, resolver {expected.resolver}, "
               f"{len(expected.proxies)} proxies: {len(findings)} findings", file=out)
     return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def echShare(control: str, workers: int, timeout: float) -> tuple[Optional[str], Optional[Finding]]:
+    """
+    The share of ECH since start, from the running Shifter's control
+    socket (each worker's, with C{--workers}), as a line for people; or
+    the finding that says why it could not be asked.
+    """
+    from shifter.admin.ctl import ControlError, ask, formatECHShare
+    from shifter.service.control import controlPath
+
+    try:
+        path = controlPath(control)
+    except ValueError as e:
+        return None, Finding("warning", "ech", f"--control: {e}")
+    paths = [f"{path}.{worker}" for worker in range(workers)] if workers > 1 else [path]
+    counts: dict[str, int] = {}
+    for each in paths:
+        try:
+            answer = ask(each, "tunnels", timeout)
+        except ControlError as e:
+            return None, Finding("warning", "ech", f"{e}: the share of ECH is not known")
+        for kind, count in (answer.get("ech") or {}).items():
+            if isinstance(count, int):
+                counts[kind] = counts.get(kind, 0) + count
+    return formatECHShare(counts), None
 
 
 def _unknownRules(expected: Expectations, state: GatewayState) -> Iterable[str]:

@@ -503,9 +503,9 @@ def _number(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number (decimal or 0x...), got {value!r}") from None
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m shifter.rules") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m shifter.rules",
+        prog=prog,
         description="Print (never apply) the netfilter rules that send a LAN's "
         "connections to Shifter, for the chosen resolver, as a shell script.",
     )
@@ -550,12 +550,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> None:
+def main(argv: Optional[Sequence[str]] = None, out: Any = None, prog: str = "python -m shifter.rules") -> None:
     """
     The C{python -m shifter.rules} command; exits 2 with the reason for
     options that make no working rules.
     """
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     options = RuleOptions(
         resolver=args.resolver, format=args.format, lanInterface=args.lan_interface,

@@ -649,9 +649,9 @@ def _portList(value: str) -> list[int]:
     return ports
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m shifter.kmod") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m shifter.kmod",
+        prog=prog,
         description="Drive the Shifter kernel module in this network namespace.",
     )
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per request")
@@ -722,14 +722,14 @@ async def _run(reactor: Any, options: argparse.Namespace, out: Any) -> None:
         client.close()
 
 
-def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> None:
+def main(argv: Optional[Sequence[str]] = None, out: Any = None, prog: str = "python -m shifter.kmod") -> None:
     """
     The C{python -m shifter.kmod} command; exits 1 with the reason on
     failure.
     """
     from twisted.internet import task
 
-    options = _parser().parse_args(argv)
+    options = _parser(prog).parse_args(argv)
     out = sys.stdout if out is None else out
 
     def run(reactor: Any) -> Deferred[None]:

@@ -106,6 +106,8 @@ FIELDS: dict[str, tuple[str, Callable[[TunnelRecord], str]]] = {
     "target_from": ("how the CONNECT target was chosen: address, sni, host (a name the client sent) or policy",
                     lambda r: r.targetFrom),
     "name": ("the name read from the client (TLS SNI or HTTP Host), or -", lambda r: r.name or "-"),
+    "ech": ("what the ClientHello showed of Encrypted Client Hello: ech, grease, inner, unknown, "
+            "or -; when not -, name is the ECH outer (cover) name", lambda r: r.ech or "-"),
     "proxy": ("the last proxy asked (DIRECT for the DIRECT route), or -", lambda r: r.proxy or "-"),
     "status": ("that proxy's status code for CONNECT (a SOCKS5 server's reply as one), or - if it gave none",
                lambda r: "-" if r.status is None else str(r.status)),

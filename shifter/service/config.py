@@ -7,7 +7,8 @@ the keys are read from the L{shifter.service.tap.Options} definitions themselves
 so an option added there is a key here at once.  Besides those:
 
   - C{[[proxy]]} tables: one upstream proxy each, with its own settings
-    (C{address}, C{group}, C{credentials}, C{ca}, C{mark});
+    (C{address}, C{group}, C{credentials}, C{ca}, C{mark}, C{keytab},
+    C{principal});
   - C{[[rule]]} tables: per-connection policy without Python, matched in
     order, the first that matches deciding (L{RulePolicy}): a proxy group,
     a CONNECT target, C{direct = true} (Shifter connects to the original
@@ -34,6 +35,7 @@ from zope.interface import implementer
 from twisted.python import usage
 
 from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+from shifter.tunnel.sniff import ECH_MAY_HIDE
 from shifter.upstream.proxy import UpstreamProxy
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -43,10 +45,10 @@ DEFAULT_GROUP = "default"
 # Options that have no place in a file: internal, or about the file itself.
 _NOT_IN_FILE = frozenset({"config", "worker", "help", "version"})
 
-_PROXY_KEYS = ("address", "group", "credentials", "ca", "mark", "pass-client")
-_RULE_KEYS = ("client", "destination", "port", "name", "proxy", "connect-target", "refuse", "direct")
+_PROXY_KEYS = ("address", "group", "credentials", "ca", "mark", "pass-client", "keytab", "principal")
+_RULE_KEYS = ("client", "destination", "port", "name", "ech", "proxy", "connect-target", "refuse", "direct")
 _RULE_TARGETS = ("ip", "name")
-GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target", "squid-conf")
+GATEWAY_KEYS = ("lan-interface", "ports", "proxy-user", "check-target", "squid-conf", "proxy-access-log")
 
 
 class ConfigError(ValueError):
@@ -113,6 +115,10 @@ class ProxySpec:
     @ivar passClient: what this proxy is told of each client, if not
         C{--pass-client}.
     @ivar line: where the file defines it (C{None}: the command line).
+    @ivar keytab: the gateway's keytab for Negotiate to this proxy, if
+        not C{--proxy-keytab}.
+    @ivar principal: the gateway's principal in it, if not
+        C{--proxy-principal}.
     """
 
     address: str
@@ -122,6 +128,8 @@ class ProxySpec:
     mark: Optional[int] = None
     line: Optional[int] = None
     passClient: Optional[str] = None
+    keytab: Optional[str] = None
+    principal: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,11 @@ class Rule:
     @ivar names: suffixes of the name read from the client's first bytes
         (C{example.com} matches it and its subdomains, C{.example.com}
         only subdomains); a connection with no name never matches.
+    @ivar ech: if set, whether the client's ClientHello must offer
+        Encrypted Client Hello (C{True}) or not (C{False}).  A hello that
+        may hide its name offers it: one with the ECH extension that is not
+        known to be GREASE, and one not read through (malformed, cut
+        short), which might.  See L{shifter.tunnel.sniff.ECH_MAY_HIDE}.
     @ivar group: the proxy group to use.
     @ivar connectTarget: C{"ip"} (CONNECT to the address even if a name was
         read) or C{"name"} (to the name read, if any).
@@ -158,6 +171,7 @@ class Rule:
     destinations: tuple[Network, ...] = ()
     ports: tuple[PortRange, ...] = ()
     names: tuple[str, ...] = ()
+    ech: Optional[bool] = None
     group: Optional[str] = None
     connectTarget: Optional[str] = None
     refuse: Optional[str] = None
@@ -174,6 +188,8 @@ class Rule:
             name = (request.name or "").lower().rstrip(".")
             if not name or not any(_nameMatches(name, suffix) for suffix in self.names):
                 return False
+        if self.ech is not None and (request.ech in ECH_MAY_HIDE) != self.ech:
+            return False
         return True
 
     @property
@@ -252,6 +268,12 @@ class ConfigFile:
                     self.path, rule.line,
                     "rule: names are read from the client's first bytes only with "
                     "connect-target sni, host or auto, not ip",
+                )
+            if rule.ech is not None and connectTarget not in ("sni", "auto"):
+                raise ConfigError(
+                    self.path, rule.line,
+                    f"rule: ech: the ClientHello is read only with connect-target sni or auto, "
+                    f"not {connectTarget}",
                 )
 
 
@@ -390,7 +412,7 @@ class _Reader:
             groups = item.get("group", DEFAULT_GROUP)
             if isinstance(groups, str):
                 groups = [groups]
-            if not groups or not all(isinstance(g, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", g) for g in groups):
+            if not isinstance(groups, list) or not groups or not all(isinstance(g, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", g) for g in groups):
                 raise self.fail(where + ("group",), f"proxy: a group is a name (letters, digits, - _ .), got {item['group']!r}")
             mark = item.get("mark")
             if mark is not None:
@@ -401,11 +423,13 @@ class _Reader:
                         mark = None
                 if isinstance(mark, bool) or not isinstance(mark, int) or not 0 < mark < 2**32:
                     raise self.fail(where + ("mark",), f"proxy: mark: expected a number from 1 to 0xffffffff, got {item['mark']!r}")
-            for key in ("credentials", "ca"):
+            for key in ("credentials", "ca", "keytab"):
                 if key in item and not (isinstance(item[key], str) and item[key]):
                     raise self.fail(where + (key,), f"proxy: {key}: expected a file name")
+            if "principal" in item and not (isinstance(item["principal"], str) and item["principal"]):
+                raise self.fail(where + ("principal",), "proxy: principal: expected a Kerberos principal name")
             if address.startswith("socks5://"):
-                for key in ("pass-client", "ca"):
+                for key in ("pass-client", "ca", "keytab", "principal"):
                     if key in item:
                         raise self.fail(where + (key,), f"proxy: {key} is for HTTP proxies, not a SOCKS5 server")
             passClient = item.get("pass-client")
@@ -416,7 +440,8 @@ class _Reader:
                     raise self.fail(where + ("pass-client",), f"proxy: pass-client: expected one of "
                                     f"{', '.join(PASS_CLIENT_MODES)}, got {passClient!r}")
             self.result.proxies.append(ProxySpec(
-                address, tuple(groups), item.get("credentials"), item.get("ca"), mark, self.lineOf(where), passClient
+                address, tuple(groups), item.get("credentials"), item.get("ca"), mark, self.lineOf(where), passClient,
+                item.get("keytab"), item.get("principal"),
             ))
 
     def lineOf(self, where: tuple[Any, ...]) -> Optional[int]:
@@ -469,6 +494,9 @@ class _Reader:
             if not re.fullmatch(r"\.?[a-z0-9_-]+(\.[a-z0-9_-]+)*", bare):
                 raise self.fail(where + ("name",), f"rule: name: expected a domain name or .suffix, got {name!r}")
             names.append(bare)
+        ech = item.get("ech")
+        if ech is not None and not isinstance(ech, bool):
+            raise self.fail(where + ("ech",), f"rule: ech: expected true or false, got {ech!r}")
         group = item.get("proxy")
         if group is not None and not isinstance(group, str):
             raise self.fail(where + ("proxy",), "rule: proxy: expected the name of a proxy group")
@@ -499,6 +527,7 @@ class _Reader:
             destinations=networks("destination"),
             ports=tuple(ports),
             names=tuple(names),
+            ech=ech,
             group=group,
             connectTarget=target,
             refuse=refuse,

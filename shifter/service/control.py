@@ -7,9 +7,16 @@ C{{"command": "tunnels"}}, and an answer C{{"ok": true, ...}} or
 C{{"ok": false, "error": "..."}}.  Commands:
 
   - C{tunnels}: every client connection not yet finished
-    (L{shifter.tunnel.tunnel.TunnelInfo}'s fields);
+    (L{shifter.tunnel.tunnel.TunnelInfo}'s fields), and C{ech}: the
+    connections whose first bytes were read since start, by what they
+    showed of Encrypted Client Hello (L{shifter.tunnel.metrics.TunnelStats.ech});
   - C{proxies}: each proxy, whether it is up, its failures in a row, the
-    last error and its groups;
+    last error, its groups, the authentication scheme it asked for and,
+    for Negotiate, the gateway's Kerberos ticket;
+  - C{explain}, with C{client}, C{destination}, C{port} and optionally
+    C{name}: what Shifter would do with such a connection now (the
+    checks, the rule or PAC answer, the proxies in order with their
+    health, the CONNECT target; L{shifter.service.pacpolicy.explain});
   - C{reload}: reload C{--config}, as SIGHUP does;
   - C{drain}: stop accepting and let open tunnels finish, then stop, as
     SIGTERM does.
@@ -39,7 +46,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from shifter.service.config import DEFAULT_GROUP, RulePolicy
 from shifter.service.service import ShifterService, SidePortService
 
-COMMANDS = ("tunnels", "proxies", "reload", "drain")
+COMMANDS = ("tunnels", "proxies", "explain", "reload", "drain")
 
 # The largest request line; requests are a few dozen bytes.
 MAX_REQUEST = 4096
@@ -121,9 +128,14 @@ class ControlProtocol(LineOnlyReceiver):
             self.answer({"ok": False, "error": f"bad request: {e}"})
             return
         command = request["command"]
-        handler: Optional[Callable[[], dict[str, Any]]] = getattr(self, "command_" + command, None)
+        handler: Optional[Callable[..., Any]] = getattr(self, "command_" + command, None)
         if command not in COMMANDS or handler is None:
             self.answer({"ok": False, "error": f"unknown command {command!r}; commands: {', '.join(COMMANDS)}"})
+            return
+        if command == "explain":
+            answering = handler(request)
+            answering.addErrback(lambda f: {"ok": False, "error": f.getErrorMessage()})
+            answering.addCallback(self.answer)
             return
         self.answer(handler())
 
@@ -131,12 +143,14 @@ class ControlProtocol(LineOnlyReceiver):
         self.answer({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
         self.transport.loseConnection()  # type: ignore[union-attr]
 
-    def answer(self, answer: dict[str, Any]) -> None:
-        self.sendLine(json.dumps(answer, separators=(",", ":")).encode())
-
     def command_tunnels(self) -> dict[str, Any]:
-        tunnels = sorted(self.factory.service.factory.tunnels(), key=lambda t: -t.age)
-        return {"ok": True, "tunnels": [dataclasses.asdict(tunnel) for tunnel in tunnels]}
+        factory = self.factory.service.factory
+        tunnels = sorted(factory.tunnels(), key=lambda t: -t.age)
+        return {
+            "ok": True,
+            "tunnels": [dataclasses.asdict(tunnel) for tunnel in tunnels],
+            "ech": dict(factory.stats.ech),
+        }
 
     def command_proxies(self) -> dict[str, Any]:
         factory = self.factory.service.factory
@@ -155,8 +169,27 @@ class ControlProtocol(LineOnlyReceiver):
                 "failures": health.failures,
                 "lastError": health.lastError,
                 "groups": groups,
+                **_authState(proxy, factory.reactor.seconds()),
             })
         return {"ok": True, "proxies": proxies}
+
+    def command_explain(self, request: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        from shifter.service.pacpolicy import explain
+
+        client, destination, port, name = (request.get(k) for k in ("client", "destination", "port", "name"))
+        if not isinstance(client, str) or not isinstance(destination, str) or not isinstance(port, int) \
+                or isinstance(port, bool) or not (name is None or isinstance(name, str)):
+            return succeed({"ok": False, "error": "explain needs client, destination (addresses), port and an optional name"})
+        try:
+            explaining = explain(self.factory.service.factory, client, destination, port, name or None)
+        except ValueError as e:
+            return succeed({"ok": False, "error": str(e)})
+        return explaining.addCallback(lambda out: {"ok": True, "explain": out})
+
+    def answer(self, answer: dict[str, Any]) -> None:
+        if self.transport is None or not self.connected:
+            return
+        self.sendLine(json.dumps(answer, separators=(",", ":")).encode())
 
     def command_reload(self) -> dict[str, Any]:
         reloaded, message = self.factory.service.reload("control socket")
@@ -218,3 +251,23 @@ class ControlService(SidePortService):
             "control socket", self.path, OwnerOnlyUNIXEndpoint(reactor, self.path), ControlFactory(service), service,
             hint=f"python -m shifter.ctl --control unix:{self.path}",
         )
+
+
+def _authState(proxy: Any, now: float) -> dict[str, Any]:
+    """
+    How Shifter logs in to C{proxy}: the scheme the proxy asked for
+    (C{"none"} until it has), and, with a keytab, the Kerberos ticket:
+    the gateway's principal, the service, the seconds it has left and the
+    last error in getting it.
+    """
+    auth = proxy.auth
+    if auth is None:
+        return {"scheme": "none"}
+    state: dict[str, Any] = {"scheme": auth.scheme}
+    login = auth.negotiateLogin
+    if login is not None:
+        kerberos = login.keeper.describe()
+        expires = kerberos.pop("expires")
+        kerberos["expiresIn"] = None if expires is None else max(0.0, round(expires - now, 1))
+        state["kerberos"] = kerberos
+    return state

@@ -157,6 +157,10 @@ class ShifterService(Service):
         # This machine's addresses before the first client: until they are
         # known, every destination is refused.
         yield factory.proxyAddresses.readLocal()
+        # The gateway's Kerberos tickets before the first client, where a
+        # proxy may ask for Negotiate: logged in, or the reason why not
+        # logged (within the ticket helper's time limit).
+        yield factory.pool.start()
         port = yield self.endpoint.listen(factory)
         if not self.running:
             # Stopped while starting: stopService did not see this port.
@@ -171,7 +175,7 @@ class ShifterService(Service):
             version=shifter.__version__,
             listen=self.description,
             resolver=factory.resolver.name,
-            proxy=", ".join(proxy.description for proxy in factory.pool.proxies),
+            proxy=", ".join(proxy.description for proxy in factory.pool.proxies) or "none but the PAC script's",
         )
         self.ready.callback(self.port)
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, TextIO
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver
 from twisted.python import usage
@@ -34,7 +35,15 @@ from shifter.tunnel.holdsyn import DEFAULT_HOLD_TIMEOUT, SynHolder
 from shifter.upstream.passclient import PASS_CLIENT_MODES
 from shifter.upstream.pool import BALANCES, ProxyPool
 from shifter.upstream.probe import DEFAULT_PROBE_TARGET
-from shifter.upstream.proxy import MarkingReactor, UpstreamProxy, directRoute, parseProxy, readCredentials
+from shifter.upstream.proxy import (
+    MarkingReactor,
+    UpstreamProxy,
+    credentialsPath,
+    directRoute,
+    parseProxy,
+    readCredentials,
+    readTrustRoot,
+)
 from shifter.relay.relay import RELAYS
 from shifter.resolvers.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
 from shifter.logs import LOG_FORMATS, logObserver, twistdLogFile, useLogFile
@@ -42,6 +51,8 @@ from shifter.service.accesslog import DEFAULT_FORMAT as DEFAULT_ACCESS_LOG_FORMA
 from shifter.service.accesslog import FIELDS as ACCESS_LOG_FIELDS
 from shifter.service.accesslog import AccessLogFormat, checkDestination
 from shifter.tunnel.tunnelid import DEFAULT_HEADER as DEFAULT_TUNNEL_ID_HEADER
+from shifter.service.notify import SystemdNotifier
+from shifter.service.pacpolicy import PacPolicy
 from shifter.service.service import ShifterService, SidePortService
 from shifter.relay.splice import SPLICE_AVAILABLE
 from shifter.service.workers import ReusePortEndpoint, WorkersService, becomeWorker, workerReady
@@ -138,6 +149,18 @@ def _positiveInt(value: str) -> int:
     return number
 
 
+def versionLine() -> str:
+    """
+    What C{--version} says: Shifter's version, and Twisted's and Python's.
+    """
+    import platform
+
+    import shifter
+    from twisted import version as twistedVersion
+
+    return f"Shifter {shifter.__version__} (Twisted {twistedVersion.short()}, Python {platform.python_version()})"
+
+
 def defaultMaxConnections() -> int:
     """
     The connection cap that the descriptor limit allows: each tunnel holds
@@ -179,11 +202,34 @@ class _NamedParameter(usage.CoerceParameter):
             super().dispatch(parameterName, value)
         except usage.UsageError as e:
             reason = str(e).removeprefix("Parameter type enforcement failed: ")
+            reason = re.sub(r"^invalid literal for int\(\) with base \d+: (.*)$", r"expected a whole number, got \1", reason)
             raise usage.UsageError(f"--{parameterName}: {reason}") from None
 
 
+def printable(text: str) -> str:
+    """
+    C{text} with every character that is not printable (a line break, a
+    terminal's control sequence) written as its Python escape: what was
+    typed is shown, on one line.
+    """
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def usageFailure(command: str, error: Exception, err: TextIO | None = None) -> int:
+    """
+    Say on standard error (or C{err}) why the command line cannot be used,
+    in one line with one hint after it, and give the exit status for it.
+    """
+    (sys.stderr if err is None else err).write(f"{command}: {printable(str(error))}\nTry '{command} --help' for the options.\n")
+    return 1
+
+
 class Options(usage.Options):
-    synopsis = "--proxy HOST:PORT [options]"
+    synopsis = "[--config FILE] [--proxy HOST:PORT] [options]"
+
+    # How the command that parses these options is run, for its errors:
+    # twistd shifter, or shifter run.
+    command = "twistd shifter"
     longdesc = (
         "Relay TCP connections that netfilter redirected to Shifter through an "
         "upstream HTTP proxy. For each connection Shifter finds the destination "
@@ -291,6 +337,22 @@ class Options(usage.Options):
             None,
             "A file whose first line is user:password, for proxies whose "
             "--proxy names no credentials (keeps the password out of ps).",
+        ],
+        [
+            "proxy-keytab",
+            None,
+            None,
+            "The gateway's keytab, for proxies that ask for Negotiate "
+            "(Kerberos): Shifter logs in as the gateway and asks for "
+            "HTTP/<the proxy's host name>, so name the proxy by its host "
+            "name. Tickets are kept fresh by a helper process.",
+        ],
+        [
+            "proxy-principal",
+            None,
+            None,
+            "The gateway's principal in --proxy-keytab, when it holds "
+            "several. Default: its first.",
         ],
         [
             "proxy-ca",
@@ -464,6 +526,43 @@ class Options(usage.Options):
             "consumers), or auto (splice wherever it works).",
         ],
         [
+            "pac",
+            None,
+            None,
+            "The site's proxy auto-config script, an http://, https:// or file "
+            "URL, a file name, or wpad (http://wpad.DOMAIN/wpad.dat, DOMAIN the "
+            "search domain and its parents down to the registrable domain, never "
+            "above): for each connection no rule decides, its "
+            "FindProxyForURL(url, host) answer (PROXY, HTTPS, SOCKS5, DIRECT, "
+            "in order) chooses the way out, run in helper processes with a "
+            "time and memory limit, answers cached per host and port. Fetched "
+            "at start, every --pac-refresh seconds and on reload. With --pac, "
+            "--proxy may be left out.",
+        ],
+        [
+            "pac-fallback",
+            None,
+            "refuse",
+            "What decides when the PAC script gives no answer (none loaded, a "
+            "failure, a time-out, garbage): refuse, direct, or the name of a "
+            "proxy group (default for the --proxy ones).",
+        ],
+        [
+            "pac-refresh",
+            None,
+            300.0,
+            "Seconds between fetches of the --pac script (a conditional GET).",
+            _seconds,
+        ],
+        [
+            "pac-timeout",
+            None,
+            2.0,
+            "Seconds one FindProxyForURL call may take (DNS look-ups included) "
+            "before its helper process is killed and the fallback decides.",
+            _seconds,
+        ],
+        [
             "mark",
             None,
             None,
@@ -539,6 +638,32 @@ class Options(usage.Options):
         self.proxySpecs: list[ProxySpec] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse C{options}; under twistd (which would print the whole
+        C{--help} for any mistake), an error is one line on standard error
+        and the exit status 1.
+        """
+        if getattr(self, "parent", None) is None:
+            self._parseOptions(options)
+            return
+        try:
+            self._parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(usageFailure(self.command, e)) from None
+
+    def getSynopsis(self) -> str:
+        if self.command == "twistd shifter":
+            return super().getSynopsis()
+        return f"Usage: {self.command} {self.synopsis}"
+
+    def opt_version(self) -> None:
+        """
+        Display Shifter's version and exit.
+        """
+        print(versionLine())
+        sys.exit(0)
+
+    def _parseOptions(self, options: list[str] | None) -> None:
         # Kept for --workers, whose workers are started with the same ones,
         # and for reloading --config.
         self.arguments = list(sys.argv[1:] if options is None else options)
@@ -595,13 +720,19 @@ class Options(usage.Options):
         self.proxySpecs = (configFile.proxies if configFile is not None else []) + [
             ProxySpec(proxy) for proxy in self["proxy"]
         ]
-        if not self.proxySpecs:
-            raise usage.UsageError("--proxy is required (for example --proxy 127.0.0.1:3128)")
+        if not self.proxySpecs and not self["pac"]:
+            raise usage.UsageError("--proxy is required (for example --proxy 127.0.0.1:3128), unless --pac is given")
+        if self["pac"] is not None:
+            self._checkPac()
+        elif self["pac-fallback"] != "refuse":
+            raise usage.UsageError("--pac-fallback: applies only with --pac")
+        self._checkKeytab()
         if self["proxy-credentials"] is not None:
             try:
                 self["proxy-credentials"] = readCredentials(self["proxy-credentials"])
             except ValueError as e:
                 raise usage.UsageError(f"--proxy-credentials: {e}") from None
+        self._checkCertificateAuthorities()
         if self["pass-client"] not in PASS_CLIENT_MODES:
             raise usage.UsageError(
                 f"--pass-client: expected one of {', '.join(PASS_CLIENT_MODES)}, "
@@ -641,6 +772,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--queue-num: {self['queue-num']} is not between 0 and 65535")
         if not 0 <= self["queue-mark"] <= 0xFFFFFFFF:
             raise usage.UsageError(f"--queue-mark: {self['queue-mark']:#x} does not fit in 32 bits")
+        if not 0 <= self["reject-mark"] <= 0xFFFFFFFF:
+            raise usage.UsageError(f"--reject-mark: {self['reject-mark']:#x} does not fit in 32 bits")
         if self["relay"] not in RELAYS:
             raise usage.UsageError(
                 f"--relay: expected one of {', '.join(RELAYS)}, got {self['relay']!r}"
@@ -654,10 +787,39 @@ class Options(usage.Options):
         if self["metrics"] is not None:
             try:
                 serverFromString(reactor, self["metrics"])
+            except IndexError:
+                raise usage.UsageError(
+                    f"--metrics: {self['metrics']!r}: no such descriptor was passed "
+                    "(LISTEN_FDS and LISTEN_FDNAMES, set by systemd socket activation)"
+                ) from None
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--metrics: invalid endpoint {self['metrics']!r}: {e}") from None
         self._checkLogging()
         self.checkCombinations()
+
+    def _checkCertificateAuthorities(self) -> None:
+        """
+        A CA file is for C{https://} proxies: given where none would use it
+        (a typing mistake, or a proxy meant to be https://), it is refused.
+        """
+        configFile = self.configFile
+        for spec in self.proxySpecs:
+            if spec.ca is not None and not spec.address.startswith("https://"):
+                raise usage.UsageError(
+                    f"{configFile.path} line {spec.line}: proxy: ca applies only to an https:// proxy, "  # type: ignore[union-attr]
+                    f"not {spec.address!r}"
+                )
+        ca = self["proxy-ca"]
+        if ca is None:
+            return
+        if not any(spec.address.startswith("https://") and spec.ca is None for spec in self.proxySpecs):
+            raise usage.UsageError(
+                "--proxy-ca: applies only to https:// proxies (without a ca of their own), and none is configured"
+            )
+        try:
+            readTrustRoot(credentialsPath(ca))
+        except ValueError as e:
+            raise usage.UsageError(f"--proxy-ca: {e}") from None
 
     def _checkLogging(self) -> None:
         if self["access-log"] is not None:
@@ -726,6 +888,40 @@ class Options(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"--control: {e}") from None
 
+    def _checkKeytab(self) -> None:
+        keytab = self["proxy-keytab"]
+        if keytab is not None:
+            try:
+                with open(credentialsPath(keytab), "rb"):
+                    pass
+            except OSError as e:
+                raise usage.UsageError(f"--proxy-keytab: cannot read {keytab!r}: {e.strerror}") from None
+        principal = self["proxy-principal"]
+        if principal is not None:
+            if not principal.strip() or any(not char.isprintable() for char in principal):
+                raise usage.UsageError(f"--proxy-principal: expected a Kerberos principal name, got {principal!r}")
+            if keytab is None and not any(spec.keytab for spec in self.proxySpecs):
+                raise usage.UsageError("--proxy-principal: applies only with --proxy-keytab (or a [[proxy]] keytab)")
+
+    def _checkPac(self) -> None:
+        pac = self["pac"]
+        if pac == "wpad":
+            pass
+        elif pac.startswith(("http://", "https://")):
+            from urllib.parse import urlsplit
+
+            if not urlsplit(pac).hostname:
+                raise usage.UsageError(f"--pac: no host in {pac!r}")
+        elif "://" in pac and not pac.startswith("file://"):
+            raise usage.UsageError(f"--pac: expected an http://, https:// or file:// URL or a file name, got {pac!r}")
+        fallback = self["pac-fallback"]
+        groups = {group for spec in self.proxySpecs for group in spec.groups}
+        if fallback not in ("refuse", "direct") and fallback not in groups:
+            known = ", ".join(sorted(groups)) or "none: no proxy is configured"
+            raise usage.UsageError(
+                f"--pac-fallback: expected refuse, direct or a proxy group, got {fallback!r} (groups: {known})"
+            )
+
     def _checkHoldSyn(self) -> None:
         if self["resolver"] != "nfqueue":
             raise usage.UsageError(
@@ -793,6 +989,8 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
                     serverFromString(reactor, config["metrics"]), summed, workers,
                 ).setServiceParent(top)
         workers.setServiceParent(top)
+        serving = lambda: f"{sum(w.ready for w in workers.workers.values())} of {config['workers']} workers serving"  # noqa: E731
+        SystemdNotifier(reactor, workers.ready, serving).setServiceParent(top)
         return top
     built = configure(config, reactor)
     resolver = makeResolver(config["resolver"], reactor, **resolverOptions(config))
@@ -821,7 +1019,7 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
         handleHangup=True,
         exitStatusOnFailure=exitStatusOnFailure,
     )
-    service.reloader = Reloader(config, built, service, reactor)
+    reloader = service.reloader = Reloader(config, built, service, reactor)
     accessLog = config["access-log"]
     if accessLog is not None:
         from shifter.service.accesslog import openAccessLog
@@ -829,6 +1027,8 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
         accessLogFormat = config["access-log-format"]
         service.accessLogOpener = lambda: openAccessLog(accessLog, accessLogFormat, reactor)
     service.setName("shifter")
+    if built.pac is not None:
+        PacService(reloader).setServiceParent(top)
     # The side ports first: once Shifter says it accepts connections,
     # they are open too.
     if metrics is not None:
@@ -844,6 +1044,9 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     service.setServiceParent(top)
     if worker is not None:
         service.ready.addCallback(lambda _: workerReady())
+    else:
+        # Last, so that it is the first told of a shutdown.
+        SystemdNotifier(reactor, service.ready, lambda: f"{len(factory.active)} tunnels open").setServiceParent(top)
     return top
 
 
@@ -859,10 +1062,14 @@ def buildProxy(spec: ProxySpec, config: Options, reactor) -> UpstreamProxy:  # t
     credentials = config["proxy-credentials"]
     if spec.credentials is not None:
         credentials = readCredentials(spec.credentials)
+    ca = spec.ca or config["proxy-ca"]
+    keytab = spec.keytab or config["proxy-keytab"]
     return parseProxy(
-        spec.address, proxyReactor, credentials, spec.ca or config["proxy-ca"],
+        spec.address, proxyReactor, credentials, credentialsPath(ca) if ca is not None else None,
         spec.passClient or config["pass-client"],
         preemptiveBasic=bool(config["proxy-preemptive-basic"]),
+        keytab=credentialsPath(keytab) if keytab is not None else None,
+        principal=spec.principal or config["proxy-principal"],
     )
 
 
@@ -897,9 +1104,10 @@ class Configured:
 
     settings: TunnelSettings
     pool: ProxyPool
-    policy: RulePolicy | None
+    policy: RulePolicy | PacPolicy | None
     poolKey: tuple[object, ...]
     direct: UpstreamProxy | None = None
+    pac: PacPolicy | None = None
 
 
 def _poolKey(config: Options) -> tuple[object, ...]:
@@ -914,6 +1122,8 @@ def _poolKey(config: Options) -> tuple[object, ...]:
             spec.ca or config["proxy-ca"],
             spec.mark if spec.mark is not None else config["mark"],
             spec.passClient or config["pass-client"],
+            spec.keytab or config["proxy-keytab"],
+            spec.principal or config["proxy-principal"],
         ))
     return (
         tuple(proxies), config["balance"], config["proxy-failures"], config["proxy-backoff"],
@@ -959,13 +1169,51 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
             maxDownFor=30 * config["proxy-backoff"],
         )
     direct = directRoute(reactor, config["mark"] or 0)
-    policy = policyFor(config.configFile, config.proxySpecs, pool.proxies, direct)
+    rules = policyFor(config.configFile, config.proxySpecs, pool.proxies, direct)
+    policy: RulePolicy | PacPolicy | None = rules
+    pac = None
+    if config["pac"] is not None:
+        pac = policy = _pacPolicy(config, reactor, pool, rules, direct, running)
     # The probe's settings follow the options even in a pool kept across a
     # reload, with what it knows of each proxy's health.
     pool.probeTarget = config["probe-target"] or DEFAULT_PROBE_TARGET
     pool.connectTimeout = settings.connectTimeout
     pool.handshakeTimeout = settings.handshakeTimeout
-    return Configured(settings, pool, policy, key, direct)
+    return Configured(settings, pool, policy, key, direct, pac)
+
+
+def _pacPolicy(config: Options, reactor, pool: ProxyPool, rules: RulePolicy | None,  # type: ignore[no-untyped-def]
+               direct: UpstreamProxy, running: Configured | None) -> PacPolicy:
+    """
+    The PAC policy C{config} describes: the running one, brought up to
+    date, when it reads the same script from the same place; else a new
+    one (started by the caller).
+    """
+    from shifter.pac.evaluator import PacEvaluator
+    from shifter.pac.fetch import PacSource
+    from shifter.service.config import groupsOf
+
+    groups = groupsOf(config.proxySpecs, pool.proxies)
+    old = running.pac if running is not None else None
+    if old is not None and old.source.location == config["pac"]:
+        if old.pool is not pool:
+            for proxy in old.built.values():
+                old.pool.forget(proxy)
+            old.built.clear()
+        old.rules, old.groups, old.pool, old.direct = rules, {k: list(v) for k, v in groups.items()}, pool, direct
+        old.fallback = config["pac-fallback"]
+        old.evaluator.timeout = config["pac-timeout"]
+        old.source.refresh = config["pac-refresh"]
+        return old
+    hint = next((proxy.address[0] for proxy in pool.proxies if proxy.address is not None), None)
+    evaluator = PacEvaluator(reactor, timeout=config["pac-timeout"], myIp=hint)
+    source = PacSource(config["pac"], evaluator, reactor, refresh=config["pac-refresh"])
+    policy = PacPolicy(
+        evaluator, source, rules, groups, pool, direct,
+        lambda url: buildProxy(ProxySpec(url), config, reactor), config["pac-fallback"],
+    )
+    source.withoutScript = policy.fallbackWords()
+    return policy
 
 
 # Options that the running service cannot change: a reload that changes
@@ -1018,6 +1266,13 @@ class Reloader:
             raise ValueError(str(e).removeprefix("--config: ")) from None
         old, self.config = self.config, new
         previous, self.running = self.running, built
+        if previous.pac is not None and previous.pac is not built.pac:
+            previous.pac.stop()
+        if built.pac is not None:
+            if built.pac is previous.pac:
+                built.pac.source.update()
+            else:
+                built.pac.source.start()
         factory = self.service.factory
         factory.reconfigure(
             settings=built.settings,
@@ -1066,6 +1321,29 @@ class Reloader:
             held = ", ".join(_describe(name, running[name]) for name in waiting)
             path = new.configFile.path if new.configFile is not None else self.path
             raise usage.UsageError(f"{path}: {e} (in force until a restart, whatever the file says: {held})") from None
+
+
+class PacService(Service):
+    """
+    Fetches the C{--pac} script while Shifter runs (the one in force after
+    each reload), and stops its helper processes at the end.
+    """
+
+    def __init__(self, reloader: Reloader) -> None:
+        self.reloader = reloader
+
+    def startService(self) -> None:
+        Service.startService(self)
+        pac = self.reloader.running.pac
+        if pac is not None:
+            pac.source.start()
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        pac = self.reloader.running.pac
+        if pac is not None:
+            return pac.stop()
+        return None
 
 
 def _describe(name: str, value: object) -> str:

@@ -163,6 +163,7 @@ class ShifterFactory(ServerFactory):
         # known, destinations that could be either are refused.
         if not self.proxyAddresses.started:
             self.proxyAddresses.start()
+        self.pool.start()
 
     def stopFactory(self) -> None:
         self.proxyAddresses.stop()
@@ -280,6 +281,7 @@ class ShifterFactory(ServerFactory):
             self.proxyAddresses = ProxyAddresses(pool.proxies, self.reactor)
             if self.numPorts:
                 self.proxyAddresses.start()
+                pool.start()
         if policy is not None:
             self.policy = policy
         self._readNames()

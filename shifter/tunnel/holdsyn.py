@@ -166,6 +166,9 @@ class HeldSyn(ProxyNegotiation):
 
     log = Logger()
     retryLine = "held SYN {client} -> {destination} via {proxy}: {reason}; trying {next}"
+    # A held SYN has no bytes, so no name read from them.
+    sniffedScheme: str | None = None
+    sniffedPath: str | None = None
 
     def __init__(self, holder: SynHolder, protocol: Any, packet: Any, clientHost: str, clientPort: int) -> None:
         owner = self.owner = holder.owner

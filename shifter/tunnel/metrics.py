@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from shifter.tunnel.sniff import ECH_VERDICTS
+
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
@@ -50,6 +52,11 @@ class TunnelStats:
         proxy connection failed, or was dropped).
     @ivar bytesDroppedDown: the same from proxies to clients.
     @ivar proxyAnswers: the proxies' answers to CONNECT by status class.
+    @ivar ech: connections whose first bytes were read (C{--connect-target}
+        sni, host or auto), by what they showed of Encrypted Client Hello:
+        C{"none"}, C{"ech"} (may be GREASE), C{"grease"}, C{"inner"},
+        C{"unknown"} (a ClientHello not read through), as
+        L{shifter.tunnel.sniff.Sniffed.ech} says.
     @ivar retries: connection attempts moved on to another proxy.
     @ivar acceptPauses: times accepting paused for lack of descriptors.
     @ivar registry: the registry C{--metrics} serves.
@@ -67,6 +74,7 @@ class TunnelStats:
         self.bytesDroppedUp = 0
         self.bytesDroppedDown = 0
         self.proxyAnswers: Counter[str] = Counter()
+        self.ech: Counter[str] = Counter()
         self.retries = 0
         self.acceptPauses = 0
         self.registry = CollectorRegistry(auto_describe=True)
@@ -121,6 +129,15 @@ class _StatsCollector:
             "shifter_tunnels_direct", "Tunnels opened DIRECT: to the destination itself, through no proxy.",
             value=counters["direct"],
         )
+        ech = CounterMetricFamily(
+            "shifter_tunnels_ech",
+            "Client connections whose first bytes were read, by what their ClientHello showed of "
+            "Encrypted Client Hello: none, ech (may be GREASE), grease, inner, unknown (not read through).",
+            labels=["ech"],
+        )
+        for kind in ("none", *ECH_VERDICTS):  # each from 0, as the failures
+            ech.add_metric([kind], stats.ech[kind])
+        yield ech
         failures = CounterMetricFamily(
             "shifter_tunnel_failures",
             "Client connections that did not become a tunnel, by reason.",

@@ -24,8 +24,8 @@ C{settings}, C{pool}, C{policy}, C{stats}, C{clock}, C{log}, C{retryLine}, C{pen
 C{clientPort}, C{clientLabel}, C{destination}, C{address}, C{target},
 C{connectHost}, C{named}, C{candidates}, C{proxy}, C{attempt}, C{request},
 C{passClient}, C{authExchange}, C{authProxy}, C{setupDeadline},
-C{connectStarted}, C{tunnelId} (sent in C{settings.tunnelIdHeader}), and
-C{targetFrom}, C{proxyConnectedAt} and C{proxyStatus}, which it sets.
+C{connectStarted}, C{tunnelId} (sent in C{settings.tunnelIdHeader}), C{sniffedScheme},
+C{sniffedPath}, and C{targetFrom}, C{proxyConnectedAt} and C{proxyStatus}, which it sets.
 """
 
 from __future__ import annotations
@@ -189,10 +189,10 @@ class ProxyNegotiation:
 
     # Stage: the policy's decision.
 
-    def _askPolicy(self: Any, name: str | None) -> None:
+    def _askPolicy(self: Any, name: str | None, ech: str | None = None) -> None:
         """
         Ask the policy, if there is one, where the tunnel goes (with the
-        sniffed C{name}, if any), then connect.
+        sniffed C{name} and C{ech}, if any), then connect.
         """
         policy = self.policy
         if policy is None:
@@ -200,11 +200,16 @@ class ProxyNegotiation:
             return
         self.state = DECIDING
         self._setDeadline(self.setupDeadline)
-        request = TunnelRequest(self._clientAddress(), self.destination, name, tuple(self.candidates))
+        request = TunnelRequest(
+            self._clientAddress(), self.destination, name, tuple(self.candidates), ech,
+            scheme=self.sniffedScheme, path=self.sniffedPath,
+        )
         self._ask(lambda: policy.decide(request), self.decided, self.decideFailed)
 
     def _decided(self: Any, decision: TunnelDecision | None) -> None:
         if decision is not None:
+            if decision.label:
+                self.decidedBy = f" ({decision.label})"
             if decision.refuse is not None:
                 self._fail("policy", f"refused by policy: {decision.refuse}")
                 return

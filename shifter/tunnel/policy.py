@@ -33,12 +33,23 @@ class TunnelRequest:
         C{--connect-target} looked for one and found it.
     @ivar proxies: the proxies Shifter would try, best first (only those
         that are up).
+    @ivar ech: what the client's ClientHello showed of Encrypted Client
+        Hello (L{shifter.tunnel.sniff.Sniffed.ech}): C{None} for none (or
+        nothing read), else C{"ech"} (then C{name} is the outer, cover
+        name), C{"grease"}, C{"inner"} or C{"unknown"}.
+    @ivar scheme: where C{name} came from: C{"https"} (the TLS
+        ClientHello's SNI) or C{"http"} (a plain request's C{Host}
+        header); C{None} without a name.
+    @ivar path: for C{"http"}, the request's path when it was read.
     """
 
     client: Union[IPv4Address, IPv6Address]
     destination: Destination
     name: Optional[str]
     proxies: Sequence[UpstreamProxy]
+    ech: Optional[str] = None
+    scheme: Optional[str] = None
+    path: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,8 @@ class TunnelDecision:
         proxy carries the tunnel: C{"none"}, C{"x-forwarded-for"},
         C{"proxy-v1"} or C{"proxy-v2"} (see C{--pass-client}); C{None}
         keeps each proxy's own setting.
+    @ivar label: what decided (C{"rule at line 12"}, C{"PAC: PROXY a:3128;
+        DIRECT"}), named in the tunnel's log lines and by C{ctl tunnels}.
     @raise ValueError: if C{passClient} is none of these.
     """
 
@@ -63,6 +76,7 @@ class TunnelDecision:
     proxies: Optional[Sequence[UpstreamProxy]] = None
     target: Optional[str] = None
     passClient: Optional[str] = None
+    label: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.passClient is not None:

@@ -31,6 +31,13 @@ into the CONNECT request nor send the proxy to itself.  On any other
 outcome the caller connects to the original address, which is always a
 safe choice.
 
+A ClientHello is also read for Encrypted Client Hello (ECH, the TLS
+C{encrypted_client_hello} extension, 0xfe0d): with ECH the name the client
+really wants travels encrypted, and the server_name read is a cover name
+(the ECH configuration's C{public_name}, such as C{cloudflare-ech.com}).
+The verdict's C{ech} says what was seen: see L{ECH_VERDICTS} and
+L{_parseEncryptedClientHello} for what the bytes can and cannot tell.
+
 The functions L{sniffServerName}, L{sniffHost} and L{sniffTarget} give the
 verdict for a whole byte string at once.
 """
@@ -39,7 +46,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generator
 
 from shifter.upstream.connect import isValidHostname
@@ -64,6 +71,27 @@ MODES = ("sni", "host", "auto")
 _CONTENT_TYPE_HANDSHAKE = 22
 _HANDSHAKE_CLIENT_HELLO = 1
 _EXTENSION_SERVER_NAME = 0
+_EXTENSION_ENCRYPTED_CLIENT_HELLO = 0xFE0D
+_ECH_OUTER = 0
+_ECH_INNER = 1
+# The smallest payload a real ECH offer can have: the AEAD's tag (16 bytes
+# for every HPKE AEAD that encrypts) over the smallest
+# EncodedClientHelloInner, which must hold a version, a random, an empty
+# session id, one cipher suite, the null compression method, and the
+# extensions a TLS 1.3 inner hello cannot do without: the
+# encrypted_client_hello of the inner type (5 bytes) and supported_versions
+# offering TLS 1.3 (7 bytes).
+_ECH_MIN_PAYLOAD = 16 + (2 + 32 + 1 + 4 + 2 + 2 + 5 + 7)
+
+# What a verdict's C{ech} may be.
+ECH = "ech"  # the outer ECH extension: a real offer or GREASE, the bytes cannot tell
+ECH_GREASE = "grease"  # the outer extension, and it cannot be a real offer
+ECH_INNER = "inner"  # the inner type, which belongs inside the encryption, not on the wire
+ECH_UNKNOWN = "unknown"  # a TLS handshake whose ClientHello was not read through
+ECH_VERDICTS = (ECH, ECH_GREASE, ECH_INNER, ECH_UNKNOWN)
+# The verdicts under which the name read may be a cover name, or no one
+# can say that it is not: what a rule's C{ech = true} matches.
+ECH_MAY_HIDE = frozenset((ECH, ECH_INNER, ECH_UNKNOWN))
 _NAME_TYPE_HOST_NAME = 0
 _RECORD_HEADER = 5
 _MAX_RECORD = 2**14  # RFC 8446 5.1, RFC 5246 6.2.1
@@ -82,6 +110,10 @@ _HEX = re.compile(r"0x[0-9a-f]*")
 _SP, _CR = 0x20, 0x0D
 
 
+# The longest request path kept (for a PAC script's URL).
+MAX_PATH = 2048
+
+
 @dataclass(frozen=True)
 class Sniffed:
     """
@@ -92,15 +124,44 @@ class Sniffed:
         connect to the original IP address.
     @ivar reason: why, for the log line: C{"SNI"}, C{"Host header"}, or what
         was wrong.
+    @ivar ech: C{None} when the bytes hold no C{encrypted_client_hello}
+        extension (a ClientHello without it, an HTTP request, not TLS at
+        all); else one of L{ECH_VERDICTS}: C{"ech"}, the outer extension
+        (a real offer, and C{name} is the cover name, or GREASE: only the
+        server can tell); C{"grease"}, the outer extension shaped so that
+        it cannot be a real offer; C{"inner"}, the inner type, which never
+        belongs on the wire; C{"unknown"}, a TLS handshake whose
+        ClientHello was not read through (malformed, too big, cut short)
+        before any such extension was seen.
+    @ivar path: for a name from a C{Host} header, the request's target when
+        it is a path (origin form, at most L{MAX_PATH} bytes); else C{None}.
+        Not compared: two verdicts for the same name are the same verdict.
     """
 
     name: str | None
     reason: str
+    ech: str | None = None
+    path: str | None = field(default=None, compare=False)
+
+    @property
+    def coverName(self) -> bool:
+        """
+        Whether the name read is ECH's outer name: a cover for a name
+        that travels encrypted (or GREASE's real name: no one but the
+        server can tell).
+        """
+        return self.name is not None and self.ech == ECH
 
 
 class _Malformed(Exception):
     """
     A structure does not fit its enclosing one; the message says which.
+    """
+
+
+class _NotTLS(_Malformed):
+    """
+    The first bytes are not those of a TLS handshake record.
     """
 
 
@@ -180,6 +241,7 @@ class ServerNameSniffer:
         self._needed: int | None = None  # the message's full length, once known
         self._parser: Generator[None, None, Sniffed] | None = None
         self._parsed: Sniffed | None = None  # the parse's verdict, kept until the message ends
+        self._seen = _Seen()  # what the parse has seen so far of ECH
 
     def feed(self, data: bytes) -> Sniffed | None:
         """
@@ -192,9 +254,26 @@ class ServerNameSniffer:
         if self.verdict is None:
             try:
                 self._feed(data)
+            except _NotTLS as e:
+                self.verdict = Sniffed(None, str(e))
+                return self.verdict
             except _Malformed as e:
                 self.verdict = Sniffed(None, str(e))
+            if self.verdict is not None and self.verdict is not self._parsed:
+                self.verdict = self.unfinished(self.verdict.reason)
         return self.verdict
+
+    def unfinished(self, reason: str) -> Sniffed:
+        """
+        The verdict when the ClientHello is not read through, for
+        C{reason}: no name, and as much as is known of ECH.  A TLS
+        handshake cut short before an C{encrypted_client_hello} extension
+        was seen is C{"unknown"}: the rest might have held one.
+        """
+        ech = self._seen.ech
+        if ech is None and self._consumed:
+            ech = ECH_UNKNOWN
+        return Sniffed(None, reason, ech)
 
     def _feed(self, data: bytes) -> None:
         at, size = 0, len(data)
@@ -245,7 +324,7 @@ class ServerNameSniffer:
             if self._needed + _RECORD_HEADER > self._limit:
                 self.verdict = self._overLimit()
                 return at + take
-            self._parser = _parseClientHello(_Reader(message, _HANDSHAKE_HEADER, self._needed))
+            self._parser = _parseClientHello(_Reader(message, _HANDSHAKE_HEADER, self._needed), self._seen)
         if self._parser is not None:
             self._advance()
         if self.verdict is None and len(message) == self._needed:
@@ -279,11 +358,11 @@ def _checkRecordHeader(header: bytes | bytearray, first: bool) -> Sniffed | None
     """
     if header[:1] not in (b"", bytes([_CONTENT_TYPE_HANDSHAKE])):
         if first:
-            raise _Malformed("not a TLS handshake")
+            raise _NotTLS("not a TLS handshake")
         return Sniffed(None, f"malformed ClientHello: record of type {header[0]} inside it")
     if header[1:2] not in (b"", b"\x03"):
         if first:
-            raise _Malformed("not a TLS handshake")
+            raise _NotTLS("not a TLS handshake")
         return Sniffed(None, f"malformed ClientHello: record version {header[1]}.x")
     if len(header) == _RECORD_HEADER:
         length = int.from_bytes(header[3:5], "big")
@@ -292,13 +371,28 @@ def _checkRecordHeader(header: bytes | bytearray, first: bool) -> Sniffed | None
     return None
 
 
-def _parseClientHello(body: _Reader) -> Generator[None, None, Sniffed]:
+class _Seen:
     """
-    Walk a ClientHello body (RFC 8446 4.1.2, RFC 5246 7.4.1.2) to its
-    server_name extension, checking every length on the way.
+    What a ClientHello's parse has seen of ECH so far, kept apart from the
+    parse so that a hello found malformed later still says it.
 
+    @ivar ech: C{None}, or one of L{ECH}, L{ECH_GREASE}, L{ECH_INNER}.
+    """
+
+    ech: str | None = None
+
+
+def _parseClientHello(body: _Reader, echSeen: _Seen | None = None) -> Generator[None, None, Sniffed]:
+    """
+    Walk a ClientHello body (RFC 8446 4.1.2, RFC 5246 7.4.1.2) through its
+    extensions, reading its server_name and encrypted_client_hello,
+    checking every length on the way.
+
+    @param echSeen: where to note ECH as soon as it is seen.
     @raise _Malformed: if a length does not fit.
     """
+    if echSeen is None:
+        echSeen = _Seen()
     version = yield from body.take(2, "client version")
     if version[0] != 3:
         raise _Malformed(f"client version {version.hex()}")
@@ -331,11 +425,74 @@ def _parseClientHello(body: _Reader) -> Generator[None, None, Sniffed]:
         if extensionType == _EXTENSION_SERVER_NAME:
             sawServerName = True
             hostName = yield from _parseServerName(extension)
+        elif extensionType == _EXTENSION_ENCRYPTED_CLIENT_HELLO:
+            # Noted before its content is checked: a malformed one is
+            # still an ECH extension to the rules.
+            echSeen.ech = ECH
+            echSeen.ech = yield from _parseEncryptedClientHello(extension)
+    ech = echSeen.ech
     if not sawServerName:
-        return Sniffed(None, "no SNI extension")
+        return Sniffed(None, "no SNI extension", ech)
     if hostName is None:
-        return Sniffed(None, "no host_name in the SNI extension")
-    return _checkName(hostName, "SNI", "server name")
+        return Sniffed(None, "no host_name in the SNI extension", ech)
+    verdict = _checkName(hostName, "SNI", "server name")
+    return Sniffed(verdict.name, verdict.reason, ech)
+
+
+def _parseEncryptedClientHello(extension: _Reader) -> Generator[None, None, str]:
+    """
+    Read an C{encrypted_client_hello} extension (draft-ietf-tls-esni,
+    section 5)::
+
+        enum { outer(0), inner(1) } ECHClientHelloType;
+        struct {
+            ECHClientHelloType type;
+            select (type) {
+                case outer: HpkeSymmetricCipherSuite cipher_suite;  (2 + 2 bytes)
+                            uint8 config_id;
+                            opaque enc<0..2^16-1>;
+                            opaque payload<1..2^16-1>;
+                case inner: Empty;
+            };
+        } ECHClientHello;
+
+    A real offer and GREASE ECH (section 6.2: a random config_id, a cipher
+    suite the client supports, a random enc of the KEM's size, a random
+    payload as long as a real one would be) are built to look the same:
+    which one it is depends on whether the config_id and the key belong
+    to the server's ECH configuration (from its HTTPS DNS record), which
+    only the server knows.  So the outer type is C{"ech"}, unless its
+    shape rules a real offer out: an empty enc (only the hello after a
+    HelloRetryRequest may leave it empty, and a connection's first hello
+    is the one read here) or a payload too short to hold any encrypted
+    ClientHelloInner; then C{"grease"}.
+
+    The inner type is sent only inside the encrypted payload (and by a
+    client-facing server to its back end): on a client's connection it
+    hides nothing, since the hello it is in is the real one, and a server
+    should refuse it; it is C{"inner"}, which rules treat as ECH.
+
+    @raise _Malformed: for an unknown type or a length that does not fit.
+    """
+    kind = yield from extension.integer(1, "ECH type")
+    if kind == _ECH_INNER:
+        if not extension.done():
+            raise _Malformed("bytes after the inner ECH type")
+        return ECH_INNER
+    if kind != _ECH_OUTER:
+        raise _Malformed(f"ECH type {kind}")
+    yield from extension.take(4, "ECH cipher suite")
+    yield from extension.take(1, "ECH config id")
+    enc = yield from extension.vector(2, "ECH enc")
+    payload = yield from extension.vector(2, "ECH payload")
+    if not extension.done():
+        raise _Malformed("bytes after the ECH payload")
+    payloadLength = payload.end - payload.pos
+    if payloadLength == 0:
+        raise _Malformed("empty ECH payload")
+    if enc.end == enc.pos or payloadLength < _ECH_MIN_PAYLOAD:
+        return ECH_GREASE
+    return ECH
 
 
 def _parseServerName(extension: _Reader) -> Generator[None, None, bytes | None]:
@@ -389,6 +546,7 @@ class HostSniffer:
         self._partial = bytearray()  # what follows the last CRLF
         self._lines = 0
         self._host: bytes | None = None
+        self._path: str | None = None
         # The request line as far as it has been checked: which part
         # (method, target, version), that part's length, the version's
         # bytes, and whether a CR ended it.
@@ -433,11 +591,19 @@ class HostSniffer:
         """
         self._lines += 1
         if self._lines == 1:
-            return None if _requestLine(line) else Sniffed(None, "not an HTTP request")
+            if not _requestLine(line):
+                return Sniffed(None, "not an HTTP request")
+            target = line.split(b" ")[1]
+            if target.startswith(b"/") and len(target) <= MAX_PATH:
+                self._path = target.decode("ascii")
+            return None
         if not line:
             if self._host is None:
                 return Sniffed(None, "no Host header")
-            return _checkHostValue(self._host)
+            sniffed = _checkHostValue(self._host)
+            if sniffed.name is not None and self._path is not None:
+                sniffed = Sniffed(sniffed.name, sniffed.reason, ech=sniffed.ech, path=self._path)
+            return sniffed
         name, colon, value = line.partition(b":")
         if not colon or not name or not set(name) <= _TCHAR:
             return Sniffed(None, f"malformed header line: {_excerpt(line)}")
@@ -636,7 +802,11 @@ class NameSniffer:
         """
         verdict = self.verdict
         if verdict is None:
-            verdict = self._verdict = Sniffed(None, reason)
+            if isinstance(self._inner, ServerNameSniffer):
+                verdict = self._inner.unfinished(reason)
+            else:
+                verdict = Sniffed(None, reason)
+            self._verdict = verdict
         return verdict
 
 

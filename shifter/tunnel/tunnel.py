@@ -68,6 +68,7 @@ from shifter.tunnel.negotiation import (
 )
 from shifter.resolvers.resolver import Destination, ResolverError
 from shifter.upstream.proxy import DIRECT
+from shifter.tunnel.sniff import ECH, ECH_INNER
 from shifter.tunnel.statetable import buildTable
 from shifter.tunnel.tunnelid import newTunnelId
 
@@ -162,7 +163,12 @@ class TunnelInfo:
         socket's kernel).
     @ivar bytesDown: bytes delivered to the client so far.
     @ivar age: seconds since the client connection was accepted.
+    @ivar ech: what the client's ClientHello showed of Encrypted Client
+        Hello (L{shifter.tunnel.sniff.Sniffed.ech}), or C{""}: none, or
+        nothing read (yet).
     @ivar tunnelId: the tunnel's id (L{shifter.tunnel.tunnelid}).
+    @ivar decision: what decided where it goes (a rule, a PAC answer), when
+        the policy names it; C{""} otherwise.
     """
 
     client: str
@@ -173,7 +179,9 @@ class TunnelInfo:
     bytesUp: int
     bytesDown: int
     age: float
+    ech: str = ""
     tunnelId: str = ""
+    decision: str = ""
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,9 @@ class TunnelRecord:
     @ivar connected: when the connection to the last proxy tried was made.
     @ivar opened: when that proxy's answer opened the tunnel.
     @ivar firstByte: when the first byte from the proxy reached the client.
+    @ivar ech: what the ClientHello showed of Encrypted Client Hello
+        (C{"ech"}, C{"grease"}, C{"inner"}, C{"unknown"}), or C{None} if
+        nothing (no extension, not TLS, or not read).
     """
 
     tunnelId: str
@@ -230,6 +241,7 @@ class TunnelRecord:
     connected: Optional[float] = None
     opened: Optional[float] = None
     firstByte: Optional[float] = None
+    ech: Optional[str] = None
 
 
 class ITunnelClient(Interface):
@@ -375,8 +387,10 @@ class Tunnel(ProxyNegotiation):
         "pending", "relay", "bytesUp", "bytesDown", "droppedUp", "droppedDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
         "failed", "clientGone", "graceOver", "authExchange", "authProxy", "passClient", "sniffer",
+        "ech", "echNote",
         "tunnelId", "proxyStatus", "targetFrom", "failureKind",
         "resolvedAt", "sniffedAt", "proxyConnectedAt", "openedAt", "firstByteAt",
+        "decidedBy", "sniffedScheme", "sniffedPath",
     )
 
     def __init__(
@@ -443,6 +457,8 @@ class Tunnel(ProxyNegotiation):
         self.authProxy: Any = None
         self.passClient: str | None = None  # a policy's --pass-client choice
         self.sniffer: Any = None  # the name sniffer, fed each read once, while sniffing
+        self.ech: str | None = None  # what the ClientHello showed of ECH (Sniffed.ech)
+        self.echNote = ""  # " [ech=...]" in the tunnel's lines, once sniffed
         self.tunnelId = newTunnelId()
         self.proxyStatus: int | None = None  # the last proxy's answer to CONNECT
         self.targetFrom = "address"
@@ -453,6 +469,11 @@ class Tunnel(ProxyNegotiation):
         self.proxyConnectedAt: float | None = None
         self.openedAt: float | None = None
         self.firstByteAt: float | None = None
+        self.decidedBy = ""  # " (what decided)", when the policy names it
+        # Where the name read came from ("https": SNI, "http": Host), and
+        # the plain request's path, for the policy.
+        self.sniffedScheme: str | None = None
+        self.sniffedPath: str | None = None
 
     # The events.
 
@@ -686,10 +707,16 @@ class Tunnel(ProxyNegotiation):
                 reason = f"client sent no complete hello within {settings.sniffTimeout:g} s"
             verdict = self.sniffer.finish(reason)
         name, reason = verdict.name, verdict.reason
+        if name is not None:
+            self.sniffedScheme = "https" if reason == "SNI" else "http"
+            self.sniffedPath = verdict.path
         self.sniffer = None
         self.sniffedAt = self.clock.seconds()
         port = self.destination.port  # type: ignore[union-attr]
         owner = self.owner
+        self._noteECH(verdict)
+        if verdict.coverName:
+            reason += ", the ECH outer name"
         if name is not None:
             refused = owner.gatewayNames.refusal(name, owner.proxyAddresses.localAddresses)
             if refused is not None:
@@ -708,6 +735,25 @@ class Tunnel(ProxyNegotiation):
             self.targetFrom = "host" if reason.startswith("Host") else "sni"
         self._chooseProxies()
 
+    def _noteECH(self, verdict: Any) -> None:
+        """
+        Keep, count and (once per interval) log what the ClientHello
+        showed of Encrypted Client Hello.
+        """
+        ech = self.ech = verdict.ech
+        self.stats.ech[ech or "none"] += 1
+        if ech is None:
+            return
+        self.echNote = f" [ech={ech}]"
+        if ech in (ECH, ECH_INNER):
+            what = "may be GREASE" if ech == ECH else "the inner type, on the wire"
+            shown = f"; the name it shows, {verdict.name}, is its outer (cover) name" if verdict.coverName else ""
+            self.owner.refusals.emit(
+                "ech", LogLevel.info,
+                "tunnel {client} -> {destination}: the ClientHello offers Encrypted Client Hello ({what}){shown}",
+                client=self.clientLabel, destination=self.target, what=what, shown=shown, ech=ech,
+            )
+
     # Stage 2: the policy, if any.
 
     def _chooseProxies(self) -> None:
@@ -722,7 +768,7 @@ class Tunnel(ProxyNegotiation):
                 self._takeHeld(held)
                 return
         self.candidates = self.pool.candidates(self.clientHost)
-        self._askPolicy(self.name)
+        self._askPolicy(self.name, self.ech)
 
     def _decideFailed(self, reason: Failure) -> None:
         self._fail("policy", f"policy error: {reason.getErrorMessage()}", failure=reason)
@@ -842,13 +888,16 @@ class Tunnel(ProxyNegotiation):
         self.failed = True
         self.failureKind = kind
         self.owner.stats.counters[kind] += 1
-        text = "tunnel {client} -> {destination}{named} via {proxy} failed: {reason} id={tunnel}"
+        text = "tunnel {client} -> {destination}{named}{ech_note} via {proxy}{decided_by} failed: {reason} id={tunnel}"
         facts: dict[str, Any] = dict(
             tunnel=self.tunnelId,
             client=self.clientLabel,
             destination=self.target,
             named=self.named,
+            ech_note=self.echNote,
+            ech=self.ech,
             proxy=self.proxy.description if self.proxy is not None else "(none)",
+            decided_by=self.decidedBy,
             reason=reason,
             failure_kind=kind,
             **fields,
@@ -963,6 +1012,7 @@ class Tunnel(ProxyNegotiation):
         duration = self.clock.seconds() - self.started
         client, destination, named = self.clientLabel, self.target, self.named
         proxy = self.proxy.description
+        decidedBy = self.decidedBy
         how, up, down = self.how, self.bytesUp, self.bytesDown
         droppedUp, droppedDown = self.droppedUp, self.droppedDown
         dropped = ""
@@ -978,14 +1028,16 @@ class Tunnel(ProxyNegotiation):
         # as fields.
         self.log.info(
             "{tunnel_line}",
-            tunnel_line=f"tunnel {client} -> {destination}{named} via {proxy} closed ({how}): "
+            tunnel_line=f"tunnel {client} -> {destination}{named}{self.echNote} via {proxy}{decidedBy} closed ({how}): "
             f"{up} bytes up, {down} bytes down, {duration:.3f} s{dropped} id={self.tunnelId}",
             tunnel=self.tunnelId,
             client=client,
             destination=destination,
             named=named,
+            ech=self.ech,
             connect_target=formatAddress(self.connectHost, self.destination.port),  # type: ignore[union-attr]
             proxy=proxy,
+            decided_by=decidedBy,
             how=how,
             bytes_up=up,
             bytes_down=down,
@@ -1011,6 +1063,8 @@ class Tunnel(ProxyNegotiation):
             bytesUp=self.bytesUp,
             bytesDown=self.bytesDown,
             age=now - self.started,
+            decision=self.decidedBy.strip()[1:-1] if self.decidedBy else "",
+            ech=self.ech or "",
             tunnelId=self.tunnelId,
         )
 
@@ -1047,6 +1101,7 @@ class Tunnel(ProxyNegotiation):
             connected=self.proxyConnectedAt,
             opened=self.openedAt,
             firstByte=self.firstByteAt,
+            ech=self.ech,
         )
 
 _CLIENT_SIDE = (CLIENT_DATA, CLIENT_ENDED, CLIENT_LOST)

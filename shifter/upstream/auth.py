@@ -33,6 +33,13 @@ sent to a proxy that asked for NTLM.
 
 The per-tunnel side of this is an L{AuthExchange} (L{ProxyAuth.exchange}).
 
+Of the schemes a 407 offers, the strongest Shifter can answer for that
+proxy is taken: Negotiate (Kerberos, L{shifter.upstream.kerberos}), then
+NTLM, then Digest, then Basic.  A proxy that offers Negotiate or NTLM is
+never sent Basic, whatever else it offers: it is a site that keeps
+passwords off the wire.  Once a proxy has asked for Negotiate, each new
+tunnel sends it a token of its own with its first CONNECT.
+
 Every header value built here is printable ASCII: nothing from a challenge
 or from the credentials can add a line to the CONNECT request.
 """
@@ -45,10 +52,13 @@ import re
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import quote
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from shifter.upstream.kerberos import NegotiateLogin
     from shifter.upstream.ntlm import NTLMContext
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -79,7 +89,12 @@ _CANONICAL = {
     "MD5-SESS": "MD5-sess",
 }
 _BASIC_STRENGTH = 1
-_NTLM_STRENGTH = 4
+# Negotiate and NTLM, strongest first, both above every Digest.
+_SCHEME_STRENGTH = {"negotiate": 5, "ntlm": 4}
+# Schemes after which Basic is never sent to the proxy.
+_NO_BASIC_AFTER = frozenset({"negotiate", "ntlm"})
+# What credentials alone can answer.
+PASSWORD_SCHEMES = frozenset({"basic", "digest", "ntlm"})
 _MAX_NONCE_COUNT = 0xFFFFFFFF
 # How many nonces to remember, each with its count.
 _KNOWN_NONCES = 32
@@ -343,8 +358,8 @@ def _strength(challenge: Challenge) -> int:
     """
     if challenge.scheme == "basic":
         return _BASIC_STRENGTH
-    if challenge.scheme == "ntlm":
-        return _NTLM_STRENGTH
+    if challenge.scheme in _SCHEME_STRENGTH:
+        return _SCHEME_STRENGTH[challenge.scheme]
     if challenge.scheme != "digest":
         return 0
     params = challenge.params
@@ -365,13 +380,20 @@ def _strength(challenge: Challenge) -> int:
     return _ALGORITHMS.get(algorithm, 0)
 
 
-def strongestChallenge(challenges: list[Challenge]) -> Challenge | None:
+def strongestChallenge(
+    challenges: list[Challenge], schemes: Iterable[str] = PASSWORD_SCHEMES
+) -> Challenge | None:
     """
-    The challenge to answer: NTLM, else Digest SHA-256, else Digest MD5,
-    else Basic; the first offered among equals.  C{None} if none can be answered.
+    The challenge to answer: Negotiate, else NTLM, else Digest SHA-256,
+    else Digest MD5, else Basic, of those whose scheme is in C{schemes}
+    (what Shifter can answer for this proxy); the first offered among
+    equals.  C{None} if none can be answered.
     """
+    schemes = frozenset(schemes)
     best: Challenge | None = None
     for challenge in challenges:
+        if challenge.scheme not in schemes:
+            continue
         if _strength(challenge) > (_strength(best) if best is not None else 0):
             best = challenge
     return best
@@ -420,6 +442,16 @@ def digestAuthorization(
     return "Digest " + ", ".join(fields)
 
 
+def _missing(offered: set[str]) -> str:
+    """
+    What would let Shifter answer a scheme offered that it cannot, as a
+    hint for the log line.
+    """
+    if "negotiate" in offered:
+        return "; Negotiate needs the gateway's keytab (--proxy-keytab) and the proxy's host name"
+    return ""
+
+
 def _randomCnonce() -> str:
     return secrets.token_hex(16)
 
@@ -456,37 +488,49 @@ class ProxyAuth:
 
     def __init__(
         self,
-        credentials: Credentials,
+        credentials: Credentials | None,
         cnonce: Callable[[], str] = _randomCnonce,
         preemptiveBasic: bool = False,
+        negotiate: NegotiateLogin | None = None,
     ) -> None:
         """
-        @param credentials: the user name and password for this proxy.
+        @param credentials: the user name and password for this proxy, if
+            any (Basic, Digest).
         @param cnonce: makes a client nonce; a test passes a fixed one.
         @param preemptiveBasic: send Basic with the first CONNECT, before
             any challenge.
+        @param negotiate: the gateway's Kerberos login for this proxy, if
+            it has one (Negotiate).
         """
         self.credentials = credentials
         self.newCnonce = cnonce
-        self.preemptiveBasic = preemptiveBasic
-        self.basic = preemptiveBasic
+        self.preemptiveBasic = preemptiveBasic and credentials is not None
+        self.basic = self.preemptiveBasic
         self.digest = False
         self.ntlm = False
         self._ntlmCredential: object = None
+        self.negotiateLogin = negotiate
+        # The proxy asked for Negotiate: each tunnel sends a token up front.
+        self.negotiate = False
+        # The proxy offered a scheme after which Basic is never sent.
+        self.noBasic = False
         self.shared: _Nonce | None = None
         self._nonces: OrderedDict[str, _Nonce] = OrderedDict()
 
     @property
     def scheme(self) -> str:
         """
-        What a new tunnel sends up front: C{"ntlm"} (a negotiate message),
-        C{"digest"} (a shared nonce is known), C{"basic"}, or C{"none"}.
+        What a new tunnel sends up front: C{"negotiate"} (the proxy asked
+        for it), C{"ntlm"} (a negotiate message), C{"digest"} (a shared
+        nonce is known), C{"basic"}, or C{"none"}.
         """
+        if self.negotiate:
+            return "negotiate"
         if self.ntlm:
             return "ntlm"
         if self.shared is not None and not self.shared.spent:
             return "digest"
-        if self.basic and not self.digest and not self.ntlm:
+        if self.basic and not self.digest and not self.noBasic:
             return "basic"
         return "none"
 
@@ -497,9 +541,37 @@ class ProxyAuth:
         """
         from shifter.upstream.ntlm import NTLMContext, ntlmCredential
 
+        assert self.credentials is not None  # NTLM was chosen for them
         if self._ntlmCredential is None:
             self._ntlmCredential = ntlmCredential(self.credentials.username, self.credentials.password)
         return NTLMContext(self._ntlmCredential)
+
+    @property
+    def schemes(self) -> frozenset[str]:
+        """
+        The schemes Shifter can answer for this proxy.
+        """
+        schemes: set[str] = set()
+        if self.credentials is not None:
+            schemes |= PASSWORD_SCHEMES
+        if self.negotiateLogin is not None:
+            schemes.add("negotiate")
+        return frozenset(schemes)
+
+    def start(self) -> Deferred[None] | None:
+        """
+        Start what logging in needs beforehand (the Kerberos tickets).
+
+        @return: C{None}, or a C{Deferred} that fires once the first
+            login has succeeded or failed.
+        """
+        if self.negotiateLogin is not None:
+            return self.negotiateLogin.start()
+        return None
+
+    def stop(self) -> None:
+        if self.negotiateLogin is not None:
+            self.negotiateLogin.stop()
 
     def exchange(self) -> AuthExchange:
         """
@@ -546,6 +618,7 @@ class AuthExchange:
         self._sentShared = False
         self._own: _Nonce | None = None  # from this tunnel's own 407
         self._answered = False
+        self._token: str | None = None  # a Negotiate answer made on a 407
         self.renewals = 0
         self._ntlm: NTLMContext | None = None
         self._ntlmAnswer: str | None = None  # the authenticate message to send
@@ -557,8 +630,9 @@ class AuthExchange:
 
         @param method: the request method, C{"CONNECT"}.
         @param target: the request-target, the C{host:port} of the CONNECT.
-        @return: a C{Proxy-Authorization} header, or none: Digest with this
-            tunnel's own nonce if a 407 gave it one, else with the shared
+        @return: a C{Proxy-Authorization} header, or none: a Negotiate
+            token of its own if the proxy asked for Negotiate, else Digest
+            with this tunnel's own nonce if a 407 gave it one, else with the shared
             nonce if there is one, else Basic if the proxy asked for it (or
             C{preemptiveBasic}), else nothing.
         """
@@ -567,6 +641,8 @@ class AuthExchange:
             value, self._ntlmAnswer = self._ntlmAnswer, None
             self._sent, self._sentShared = "ntlm-authenticate", False
             return [("Proxy-Authorization", value)]
+        if auth.negotiate:
+            return self._negotiateHeaders()
         if auth.ntlm:
             self._ntlm = auth.ntlmContext()
             self._sent, self._sentShared = "ntlm-negotiate", False
@@ -580,30 +656,54 @@ class AuthExchange:
                 nonce.spent = True
                 continue
             self._sent, self._sentShared = nonce, isShared
+            assert auth.credentials is not None  # Digest was chosen for them
             value = digestAuthorization(
                 auth.credentials, nonce.challenge, method, target, count, nonce.cnonce
             )
             return [("Proxy-Authorization", value)]
-        if auth.basic and not auth.digest and not auth.ntlm:
+        if auth.basic and not auth.digest and not auth.noBasic and auth.credentials is not None:
             self._sent, self._sentShared = "basic", False
             return [("Proxy-Authorization", basicAuthorization(auth.credentials))]
         self._sent, self._sentShared = None, False
         return []
+
+    def _negotiateHeaders(self) -> list[tuple[str, str]]:
+        """
+        A Negotiate token of this CONNECT's own: the one made when the 407
+        came, else a new one.  If none can be made now, nothing is sent,
+        and the proxy's 407 brings the reason (L{challenged}).
+        """
+        token, self._token = self._token, None
+        login = self._auth.negotiateLogin
+        if token is None and login is not None:
+            from shifter.upstream.kerberos import NegotiateError
+
+            try:
+                token = login.authorization()
+            except NegotiateError:
+                token = None
+        if token is None:
+            self._sent, self._sentShared = None, False
+            return []
+        self._sent, self._sentShared = "negotiate", False
+        return [("Proxy-Authorization", token)]
 
     def challenged(self, headerValues: list[bytes]) -> str | None:
         """
         Learn from a 407 and say whether the tunnel may send its CONNECT
         again.
 
-        The strongest supported challenge is taken: NTLM, Digest SHA-256,
-        Digest MD5, then Basic.  After NTLM's negotiate message, the 407
-        holds the challenge: if it can be answered, L{sameConnection} is
-        set.
+        The strongest challenge Shifter can answer for this proxy is taken:
+        Negotiate, NTLM, Digest SHA-256, Digest MD5, then Basic (never
+        Basic if Negotiate or NTLM is offered).  After NTLM's negotiate
+        message, the 407 holds the challenge: if it can be answered,
+        L{sameConnection} is set.
 
         @param headerValues: the 407's C{Proxy-Authenticate} values.
         @return: C{None} if a new CONNECT can answer (send it once more),
             else why not, as one line for the log: no supported scheme,
-            the credentials refused, or Basic asked for after Digest or NTLM.
+            the credentials refused, Basic asked for after Digest or beside
+            Negotiate or NTLM, or no Negotiate token (and why).
         """
         auth = self._auth
         self.sameConnection = False
@@ -612,15 +712,23 @@ class AuthExchange:
             return self._ntlmChallenged(challenges)
         if self._sent == "ntlm-authenticate":
             return "proxy refused the credentials (NTLM)"
-        best = strongestChallenge(challenges)
+        offered = {c.scheme for c in challenges}
+        best = strongestChallenge(challenges, auth.schemes)
         sent, sentShared = self._sent, self._sentShared
         if isinstance(sent, _Nonce):
             # Whatever the reason, this nonce is not to be handed out again.
             sent.spent = True
             self._own = None
-        if best is None:
-            offered = ", ".join(sorted({c.scheme for c in challenges})) or "none"
-            return f"proxy offers no supported authentication scheme (offered: {offered})"
+        if offered & _NO_BASIC_AFTER:
+            auth.noBasic = True
+        if best is None or (best.scheme == "basic" and auth.noBasic):
+            names = ", ".join(sorted(offered)) or "none"
+            if best is not None:
+                return (f"proxy offers {names}: Basic is never sent to a proxy that offers Negotiate or NTLM"
+                        f"{_missing(offered)}")
+            return f"proxy offers no supported authentication scheme (offered: {names}){_missing(offered)}"
+        if best.scheme == "negotiate":
+            return self._negotiateChallenged(sent)
         if best.scheme == "ntlm":
             if self._answered:
                 return "proxy refused the credentials"
@@ -680,6 +788,28 @@ class AuthExchange:
         except NTLMError as e:
             return f"NTLM: {e}"
         self.sameConnection = True
+        return None
+
+    def _negotiateChallenged(self, sent: _Nonce | str | None) -> str | None:
+        """
+        The proxy asks for Negotiate: answer once with a new token, unless
+        the one just sent was refused or none can be made.
+        """
+        auth = self._auth
+        login = auth.negotiateLogin
+        assert login is not None  # Negotiate was chosen for it
+        auth.negotiate = True
+        if sent == "negotiate":
+            return f"Negotiate: proxy refused the Kerberos login of {login.keeper.who}"
+        if self._answered:
+            return "proxy refused the credentials"
+        from shifter.upstream.kerberos import NegotiateError
+
+        try:
+            self._token = login.authorization()
+        except NegotiateError as e:
+            return f"Negotiate: {e}"
+        self._answered = True
         return None
 
     def succeeded(self) -> None:

@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -109,8 +109,6 @@ class ProxyPool:
         connectTimeout: float = 10.0,
         handshakeTimeout: float = 10.0,
     ) -> None:
-        if not proxies:
-            raise ValueError("at least one proxy is needed")
         if balance not in BALANCES:
             raise ValueError(f"unknown balance {balance!r}")
         self.proxies = list(proxies)
@@ -156,10 +154,34 @@ class ProxyPool:
         key = clientHost.encode()
         return sorted(up, key=lambda proxy: -zlib.crc32(key + b"|" + proxy.description.encode()))
 
+    def track(self, proxy: UpstreamProxy) -> None:
+        """
+        Keep the health of C{proxy}, one that is not among the configured
+        proxies (a proxy a PAC answer named), from now on: it is marked
+        down, probed and brought back like them, and never offered by
+        L{candidates}.
+        """
+        if proxy not in self.health:
+            self.health[proxy] = ProxyHealth()
+
+    def forget(self, proxy: UpstreamProxy) -> None:
+        """
+        Stop keeping the health of C{proxy}, one L{track}ed before.
+        """
+        if proxy in self.proxies:
+            return
+        health = self.health.pop(proxy, None)
+        if health is not None and health.probe is not None:
+            probe, health.probe = health.probe, None
+            if isinstance(probe, Deferred) or probe.active():
+                probe.cancel()
+
     def unavailable(self) -> str:
         """
         Why no proxy can take a tunnel now, for its log line.
         """
+        if not self.proxies:
+            return "no proxy is configured for connections the rules and the PAC script leave undecided"
         if any(health.state == TRIAL for health in self.health.values()):
             return "every proxy is down, or on trial with its one canary tunnel in flight"
         return "every proxy is down"
@@ -307,14 +329,34 @@ class ProxyPool:
         self.health[proxy].lastError = reason
         self.markDown(proxy, reason)
 
+    def start(self) -> Deferred[Any]:
+        """
+        Start what the proxies' logins need before the first tunnel (the
+        Kerberos tickets of those that may ask for Negotiate).
+
+        @return: a C{Deferred} that fires, never with a failure, once each
+            first login has succeeded or failed.
+        """
+        logins = []
+        if not self._stopped:
+            for proxy in self.proxies:
+                if proxy.auth is not None:
+                    login = proxy.auth.start()
+                    if login is not None:
+                        logins.append(login)
+        return DeferredList(logins, consumeErrors=True)
+
     def stop(self) -> None:
         """
         Cancel pending probes, those waiting and those connecting, and
-        schedule no more.
+        schedule no more; stop the proxies' ticket keepers.
         """
         self._stopped = True
         if self.warm is not None:
             self.warm.stop()
+        for proxy in self.proxies:
+            if proxy.auth is not None:
+                proxy.auth.stop()
         for health in self.health.values():
             probe, health.probe = health.probe, None
             if isinstance(probe, Deferred):

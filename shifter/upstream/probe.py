@@ -12,7 +12,7 @@ that answers it would answer a tunnel's.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectionDone
@@ -210,6 +210,7 @@ def askProxy(
     answerTimeout: float,
     statusOnly: bool = False,
     exchange: Any = None,
+    extraHeaders: Sequence[tuple[str, str]] = (),
 ) -> Deferred[ConnectResponse]:
     """
     Connect to C{proxy} (its endpoint: TLS for an C{https://} proxy, the
@@ -225,6 +226,8 @@ def askProxy(
         new one, if the proxy has credentials.  A 407 to NTLM's negotiate
         message is answered on the same connection, and the answer to that
         is the one given.
+    @param extraHeaders: more headers for an HTTP proxy's CONNECT (doctor's
+        tunnel id).
     @return: a C{Deferred} firing with the L{ConnectResponse}, whatever
         its status, or failing with a L{ProbeFailed} that says why; its
         cancellation drops the connection.
@@ -236,7 +239,7 @@ def askProxy(
         if exchange is None and proxy.auth is not None:
             exchange = proxy.auth.exchange()
         headers = exchange.headersFor("CONNECT", formatAuthority(host, port)) if exchange is not None else []
-        request = probeRequest(proxy, host, port, headers)
+        request = probeRequest(proxy, host, port, [*headers, *extraHeaders])
 
     def dropConnection(_: Deferred[ConnectResponse]) -> None:
         protocol = factory.protocol_
@@ -252,7 +255,7 @@ def askProxy(
         if reuseRefusal(response) is not None:
             return None
         headers = exchange.headersFor("CONNECT", formatAuthority(host, port))
-        return probeRequest(proxy, host, port, headers, first=False)
+        return probeRequest(proxy, host, port, [*headers, *extraHeaders], first=False)
 
     answer: Deferred[ConnectResponse] = Deferred(dropConnection)
     followUp = ntlmFollowUp if exchange is not None and not statusOnly else None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from OpenSSL.SSL import Error as SSLError
+from OpenSSL.crypto import Error as CryptoError
 
 from zope.interface import implementer
 
@@ -35,13 +36,16 @@ from twisted.internet.interfaces import (
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
+from twisted.logger import Logger
 
 from shifter.upstream.connector import SO_MARK, DirectTCP
 from shifter.upstream.passclient import checkPassClient
 
 if TYPE_CHECKING:
     from shifter.upstream.auth import Credentials, ProxyAuth
+
+_log = Logger()
 
 # The kinds of upstream: an HTTP proxy (CONNECT, over TCP or TLS), a SOCKS5
 # server, or none (DIRECT: Shifter connects to the destination itself).
@@ -131,6 +135,8 @@ def parseProxy(  # type: ignore[no-untyped-def]
     caFile: str | None = None,
     passClient: str = "none",
     preemptiveBasic: bool = False,
+    keytab: str | None = None,
+    principal: str | None = None,
 ) -> UpstreamProxy:
     """
     Parse a C{--proxy} value: C{host:port}, C{[v6]:port},
@@ -148,14 +154,51 @@ def parseProxy(  # type: ignore[no-untyped-def]
     @param preemptiveBasic: send the credentials with Basic from the first
         CONNECT, before the proxy asks (by default they are sent only once
         the proxy has challenged, in the scheme it asks for).
-    @raise ValueError: with a one-line reason if the value is none of these.
+    @param keytab: the gateway's keytab, to answer Negotiate (Kerberos) as
+        C{principal} (the keytab's first if C{None}) for the service
+        C{HTTP/<host>}; a proxy named by address cannot be, and one line
+        says so.
+    @raise ValueError: with a one-line reason if the value is none of these,
+        or the keytab cannot be read.
     """
     proxy = _parseProxy(value, reactor, credentials, caFile, passClient)
-    if preemptiveBasic and proxy.auth is not None:
+    negotiate = None
+    if keytab is not None and proxy.kind == HTTP:  # a SOCKS5 server is not asked Negotiate
+        negotiate = _negotiateLogin(proxy, reactor, keytab, principal)
+    if (preemptiveBasic and proxy.auth is not None) or negotiate is not None:
         from shifter.upstream.auth import ProxyAuth
 
-        proxy = replace(proxy, auth=ProxyAuth(proxy.auth.credentials, preemptiveBasic=True))
+        proxy = replace(
+            proxy,
+            auth=ProxyAuth(
+                proxy.auth.credentials if proxy.auth is not None else None,
+                preemptiveBasic=preemptiveBasic,
+                negotiate=negotiate,
+            ),
+        )
     return proxy
+
+
+def _negotiateLogin(proxy: UpstreamProxy, reactor, keytab: str, principal: str | None):  # type: ignore[no-untyped-def]
+    """
+    The Negotiate login to C{proxy} with the gateway's keytab, or C{None}
+    (with one log line) if the proxy is named by address.
+    """
+    from shifter.upstream.kerberos import NegotiateLogin, TicketKeeper
+
+    try:
+        with open(keytab, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read the keytab {keytab!r}: {e.strerror}") from None
+    if proxy.host is None or _literalAddress(proxy.host, 0) is not None:
+        _log.warn(
+            "proxy {proxy} is named by address: Kerberos needs its host name (the service is HTTP/<host name>), "
+            "so Shifter cannot answer it with Negotiate; name it by its host name",
+            proxy=proxy.description,
+        )
+        return None
+    return NegotiateLogin(TicketKeeper(keytab, principal, f"HTTP/{proxy.host.lower().rstrip('.')}", reactor))
 
 
 def _parseProxy(value, reactor, credentials, caFile, passClient) -> UpstreamProxy:  # type: ignore[no-untyped-def]
@@ -261,18 +304,44 @@ def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ig
     if url.scheme == "http":
         return _tcpProxy(authority, reactor, host, port, credentials)
     plain = _tcpProxy(authority, reactor, host, port, credentials)
-    if caFile is not None:
-        try:
-            with open(caFile, "rb") as f:
-                trustRoot = Certificate.loadPEM(f.read())
-        except (OSError, ValueError, SSLError) as e:
-            raise ValueError(f"cannot read the proxy CA certificate {caFile!r}: {e}") from None
-    else:
-        trustRoot = platformTrust()
+    trustRoot = readTrustRoot(caFile) if caFile is not None else platformTrust()
     tls = wrapClientTLS(optionsForClientTLS(host, trustRoot=trustRoot), plain.endpoint)
     return UpstreamProxy(
         f"https://{authority}", tls, plain.address, plain.auth, host=plain.host, port=plain.port, name=plain.name
     )
+
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL)
+
+# The largest CA file read: the system's whole bundle is about 200 KiB.
+_MAX_CA_FILE = 16 << 20
+
+
+def readTrustRoot(caFile: str):  # type: ignore[no-untyped-def]
+    """
+    The trust root of every certificate in the PEM file C{caFile}: one CA,
+    or a bundle of them (each is trusted, as in the system's store).
+
+    @raise ValueError: with a one-line reason, if the file cannot be read
+        or holds no certificate that can be loaded.
+    """
+    try:
+        with open(caFile, "rb") as f:
+            data = f.read(_MAX_CA_FILE + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read the proxy CA file {caFile!r}: {e.strerror}") from None
+    if len(data) > _MAX_CA_FILE:
+        raise ValueError(f"the proxy CA file {caFile!r} is larger than {_MAX_CA_FILE >> 20} MiB")
+    blocks = _PEM_CERTIFICATE.findall(data)
+    if not blocks:
+        raise ValueError(f"the proxy CA file {caFile!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    certificates = []
+    for number, block in enumerate(blocks, 1):
+        try:
+            certificates.append(Certificate.loadPEM(block))
+        except (ValueError, SSLError, CryptoError):
+            raise ValueError(f"the proxy CA file {caFile!r}: certificate {number} cannot be loaded") from None
+    return trustRootFromCertificates(certificates)
 
 
 def _tcpProxy(description, reactor, host, port, credentials) -> UpstreamProxy:  # type: ignore[no-untyped-def]
@@ -327,19 +396,19 @@ def _auth(credentials: Credentials | None) -> ProxyAuth | None:
     return ProxyAuth(credentials)
 
 
-def credentialsPath(path: str, environ: Mapping[str, str] = os.environ) -> str:
+def credentialsPath(path: str, environ: Mapping[str, str] | None = None) -> str:
     """
     Where the credentials C{path} names are: under systemd's
     C{$CREDENTIALS_DIRECTORY} (C{LoadCredential=}) when that is set and
     C{path} is a bare name, a credential's name; else C{path} itself.
     """
-    directory = environ.get("CREDENTIALS_DIRECTORY")
-    if directory and "/" not in path:
+    directory = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+    if directory and path and "/" not in path:
         return os.path.join(directory, path)
     return path
 
 
-def readCredentials(path: str, environ: Mapping[str, str] = os.environ) -> Credentials:
+def readCredentials(path: str, environ: Mapping[str, str] | None = None) -> Credentials:
     """
     Read C{user:password} from the first line of the file at C{path}, so
     that the password stays out of the process list.  The user name may
