@@ -163,7 +163,7 @@ class ControlTests(LiveTestCase):
         self.assertEqual(listed.returncode, 0, listed.stderr)
         (self.directory / "ctl-tunnels.txt").write_text(listed.stdout)
         lines = listed.stdout.splitlines()
-        self.assertEqual(lines[0].split(), ["CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE", "ID"])
+        self.assertEqual(lines[0].split(), ["CLIENT", "DESTINATION", "CONNECT", "PROXY", "STATE", "UP", "DOWN", "AGE", "ECH", "ID"])
         self.assertEqual(lines[-1], "3 connections")
         for row in lines[1:-1]:
             cells = row.split()

@@ -292,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None, err
         return 1
     if arguments.command == "tunnels":
         print(formatTunnels(answer["tunnels"]), file=out)
-        if "ech" in answer:
+        if sum(answer.get("ech", {}).values()):  # said only once a client's first bytes were read
             print(formatECHShare(answer["ech"]), file=out)
     elif arguments.command == "proxies":
         print(formatProxies(answer["proxies"]), file=out)
