@@ -42,6 +42,15 @@
  * SHIFTER_EVICT_SCAN oldest, so a flood's entries, new and unassured,
  * go before an older connection that was answered or assured.
  *
+ * A table starts with SHIFTER_BUCKETS_MIN chains (512 bytes), less than a
+ * bare network namespace costs, and grows by SHIFTER_GROW_FACTOR when it
+ * holds SHIFTER_GROW_LOAD entries a chain, up to max_entries / 4 chains,
+ * in a work item: each entry has two chain nodes, so the new array is
+ * linked through the other node while look-ups still walk the old one,
+ * freed after a grace period.  While it is still growing a chain may hold
+ * SHIFTER_BUCKET_MAX_GROWING entries, so a burst faster than the work
+ * does not evict.
+ *
  * Entries are kept in two lists in the order they were made: new ones,
  * and those checked once, past SHIFTER_GRACE, to have a connection in
  * conntrack.  A delayed work, queued only for when the next of them is
@@ -79,8 +88,14 @@
 #include "shifter_table.h"
 
 #define SHIFTER_BUCKET_MAX	16
+/* The longest chain while the table is still growing. */
+#define SHIFTER_BUCKET_MAX_GROWING	64
 #define SHIFTER_BUCKETS_MIN	64U
 #define SHIFTER_BUCKETS_MAX	65536U
+/* A growing table grows when it holds this many entries a chain, ... */
+#define SHIFTER_GROW_LOAD	2
+/* ... to this many times as many chains. */
+#define SHIFTER_GROW_FACTOR	4
 /* The most entries one run of the work moves or drops. */
 #define SHIFTER_GC_BATCH	1024
 /* How many of the oldest entries a full table chooses a victim among. */
@@ -89,8 +104,11 @@
 #define SHIFTER_GRACE		HZ
 
 struct shifter_entry {
-	/* In its bucket's chain, read under RCU. */
-	struct hlist_node node;
+	/*
+	 * In its chain of the table's array, by the array's node (read under
+	 * RCU), and while the table grows in the next array's too.
+	 */
+	struct hlist_node node[2];
 	/* In the table's new or checked list, under the table's lock. */
 	struct list_head age;
 	struct shifter_key key;
@@ -129,9 +147,52 @@ struct shifter_table {
 	/* Whether, and for when, the work is queued; under the lock. */
 	bool gc_armed;
 	unsigned long gc_due;
-	/* A power of two of chains, allocated on its own. */
-	struct hlist_head *bucket;
+	/* The chains, read under RCU, replaced by a larger array as it grows. */
+	struct shifter_buckets __rcu *buckets;
+	/* How many chains the table grows to, and whether it is growing. */
+	unsigned int buckets_max;
+	bool growing;
+	struct work_struct grow;
 };
+
+/*
+ * A power of two of chains, allocated on their own (an exact power of two
+ * of bytes), and which of an entry's nodes links them.
+ */
+struct shifter_buckets {
+	unsigned int mask;
+	unsigned int node;
+	struct hlist_head *chain;
+};
+
+/* The entry whose node @node (of @which) is, or NULL. */
+static struct shifter_entry *shifter_node_entry(struct hlist_node *node,
+						unsigned int which)
+{
+	return node ? container_of(node - which, struct shifter_entry, node[0]) :
+		      NULL;
+}
+
+/* Each entry of a chain of @b, under the table's lock. */
+#define shifter_chain_for_each(entry, b, chain)				\
+	for (entry = shifter_node_entry((chain)->first, (b)->node); entry; \
+	     entry = shifter_node_entry(entry->node[(b)->node].next, (b)->node))
+
+/* The same, safe against the removal of @entry, using @next. */
+#define shifter_chain_for_each_safe(entry, next, b, chain)		\
+	for (entry = shifter_node_entry((chain)->first, (b)->node);	\
+	     entry && ({ next = shifter_node_entry(entry->node[(b)->node].next, \
+						   (b)->node); 1; });	\
+	     entry = next)
+
+/* Each entry of a chain of @b, under RCU. */
+#define shifter_chain_for_each_rcu(entry, b, chain)			\
+	for (entry = shifter_node_entry(rcu_dereference(hlist_first_rcu(chain)), \
+					(b)->node);			\
+	     entry;							\
+	     entry = shifter_node_entry(					\
+		rcu_dereference(hlist_next_rcu(&entry->node[(b)->node])), \
+		(b)->node))
 
 static_assert(sizeof(struct shifter_key) % sizeof(u32) == 0);
 
@@ -180,11 +241,19 @@ static void shifter_key_to_reply(const struct shifter_key *key,
 }
 
 static struct hlist_head *shifter_bucket(struct shifter_table *table,
+					 struct shifter_buckets *b,
 					 const struct shifter_key *key)
 {
 	u64 hash = siphash(key, sizeof(*key), &table->hash_key);
 
-	return &table->bucket[hash & table->mask];
+	return &b->chain[hash & b->mask];
+}
+
+/* The table's chains, under its lock. */
+static struct shifter_buckets *shifter_locked_buckets(struct shifter_table *table)
+{
+	return rcu_dereference_protected(table->buckets,
+					 lockdep_is_held(&table->lock));
 }
 
 static bool shifter_entry_expired(const struct shifter_entry *entry,
@@ -324,7 +393,7 @@ static void shifter_entry_del(struct shifter_table *table,
 			      struct shifter_entry *entry)
 {
 	lockdep_assert_held(&table->lock);
-	hlist_del_rcu(&entry->node);
+	hlist_del_rcu(&entry->node[shifter_locked_buckets(table)->node]);
 	list_del(&entry->age);
 	shifter_unreserve(table);
 	call_rcu(&entry->rcu, shifter_entry_free_rcu);
@@ -367,11 +436,12 @@ static bool shifter_better_victim(const struct shifter_entry *entry,
 static void shifter_evict_chain(struct shifter_table *table,
 				struct hlist_head *chain)
 {
+	struct shifter_buckets *b = shifter_locked_buckets(table);
 	enum shifter_victim kind, best_kind = SHIFTER_VICTIM_OLDEST;
 	struct shifter_entry *entry, *best = NULL;
 	unsigned long now = jiffies;
 
-	hlist_for_each_entry(entry, chain, node) {
+	shifter_chain_for_each(entry, b, chain) {
 		kind = shifter_entry_victim(table, entry, now);
 		if (shifter_better_victim(entry, kind, best, best_kind)) {
 			best = entry;
@@ -528,10 +598,11 @@ void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct)
 	struct shifter_stats *stats = &table->sn->stats;
 	struct shifter_entry *entry, *old, *same = NULL;
 	struct mem_cgroup *old_memcg;
+	struct shifter_buckets *b;
 	struct hlist_head *chain;
-	unsigned int chained = 0;
+	unsigned int chained = 0, chains;
 	unsigned long due;
-	bool queue;
+	bool queue, grow = false;
 
 	/* Charged to the memory cgroup that enabled this namespace. */
 	old_memcg = set_active_memcg(table->memcg);
@@ -548,10 +619,12 @@ void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct)
 	entry->zone = *nf_ct_zone(ct);
 	entry->stamp = jiffies;
 	entry->answered = false;
-	chain = shifter_bucket(table, &entry->key);
 
 	spin_lock_bh(&table->lock);
-	hlist_for_each_entry(old, chain, node) {
+	b = shifter_locked_buckets(table);
+	chains = b->mask + 1;
+	chain = shifter_bucket(table, b, &entry->key);
+	shifter_chain_for_each(old, b, chain) {
 		chained++;
 		if (shifter_entry_same(old, &entry->key, &entry->zone))
 			same = old;
@@ -573,7 +646,8 @@ void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct)
 		atomic64_inc(&stats->gone);
 		chained--;
 	}
-	if (chained >= SHIFTER_BUCKET_MAX)
+	if (chained >= (chains < table->buckets_max ?
+			SHIFTER_BUCKET_MAX_GROWING : SHIFTER_BUCKET_MAX))
 		shifter_evict_chain(table, chain);
 	while (!shifter_reserve(table)) {
 		if (!shifter_evict_oldest(table)) {
@@ -584,15 +658,22 @@ void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct)
 			return;
 		}
 	}
-	hlist_add_head_rcu(&entry->node, chain);
+	hlist_add_head_rcu(&entry->node[b->node], chain);
 	list_add_tail(&entry->age, &table->fresh);
 	due = shifter_entry_checked_due(entry);
 	queue = shifter_gc_arm(table, due);
+	if (!table->growing && chains < table->buckets_max &&
+	    atomic_read(&table->count) > SHIFTER_GROW_LOAD * chains) {
+		table->growing = true;
+		grow = true;
+	}
 	spin_unlock_bh(&table->lock);
 
 	atomic64_inc(&stats->inserts);
 	if (queue)
 		shifter_gc_queue(table, due);
+	if (grow)
+		queue_work(system_power_efficient_wq, &table->grow);
 	return;
 
 err_locked:
@@ -604,13 +685,15 @@ err_locked:
 static void shifter_table_forget(struct shifter_table *table,
 				 const struct shifter_key *key)
 {
-	struct hlist_head *chain = shifter_bucket(table, key);
-	struct shifter_entry *entry;
-	struct hlist_node *tmp;
+	struct shifter_entry *entry, *next;
+	struct shifter_buckets *b;
+	struct hlist_head *chain;
 	unsigned long now = jiffies;
 
 	spin_lock_bh(&table->lock);
-	hlist_for_each_entry_safe(entry, tmp, chain, node) {
+	b = shifter_locked_buckets(table);
+	chain = shifter_bucket(table, b, key);
+	shifter_chain_for_each_safe(entry, next, b, chain) {
 		if (memcmp(&entry->key, key, sizeof(*key)) ||
 		    shifter_entry_young(entry, now) ||
 		    shifter_entry_live(table->sn->net, entry))
@@ -637,11 +720,12 @@ int shifter_table_lookup(struct shifter_table *table,
 			 const struct shifter_key *key,
 			 struct shifter_dest *dest)
 {
+	struct shifter_buckets *b = rcu_dereference(table->buckets);
 	struct shifter_entry *entry, *found = NULL;
 	unsigned long now = jiffies;
 	bool stale = false;
 
-	hlist_for_each_entry_rcu(entry, shifter_bucket(table, key), node) {
+	shifter_chain_for_each_rcu(entry, b, shifter_bucket(table, b, key)) {
 		if (memcmp(&entry->key, key, sizeof(*key)) ||
 		    shifter_entry_expired(entry, now))
 			continue;
@@ -668,11 +752,82 @@ unsigned int shifter_table_count(const struct shifter_table *table)
 	return max(atomic_read(&table->count), 0);
 }
 
+/* An array of @chains empty chains, linked by entries' node @node. */
+static struct shifter_buckets *shifter_buckets_new(unsigned int chains,
+						   unsigned int node)
+{
+	struct shifter_buckets *b;
+	unsigned int i;
+
+	b = kmalloc(sizeof(*b), GFP_KERNEL_ACCOUNT);
+	if (!b)
+		return NULL;
+	b->chain = kvmalloc_array(chains, sizeof(*b->chain), GFP_KERNEL_ACCOUNT);
+	if (!b->chain) {
+		kfree(b);
+		return NULL;
+	}
+	b->mask = chains - 1;
+	b->node = node;
+	for (i = 0; i < chains; i++)
+		INIT_HLIST_HEAD(&b->chain[i]);
+	return b;
+}
+
+static void shifter_buckets_free(struct shifter_buckets *b)
+{
+	kvfree(b->chain);
+	kfree(b);
+}
+
+/*
+ * Moves the table's entries to an array of SHIFTER_GROW_FACTOR times as
+ * many chains (or buckets_max).  Each entry is linked into the new array
+ * by its other node, so look-ups that still walk the old array find every
+ * entry there; the old array is freed once they are done.  This work is
+ * the only writer of table->buckets, and never runs twice at once.
+ */
+static void shifter_table_grow(struct work_struct *work)
+{
+	struct shifter_table *table =
+		container_of(work, struct shifter_table, grow);
+	struct list_head *lists[] = { &table->fresh, &table->checked };
+	struct shifter_buckets *old, *new;
+	struct shifter_entry *entry;
+	struct mem_cgroup *old_memcg;
+	unsigned int chains, i;
+
+	old = rcu_dereference_protected(table->buckets, true);
+	chains = min((old->mask + 1) * SHIFTER_GROW_FACTOR, table->buckets_max);
+	/* Charged, like the table, to the memory cgroup that enabled it. */
+	old_memcg = set_active_memcg(table->memcg);
+	new = shifter_buckets_new(chains, !old->node);
+	set_active_memcg(old_memcg);
+
+	spin_lock_bh(&table->lock);
+	table->growing = false;
+	if (!new) {
+		/* Stays as it is; the next insert tries again. */
+		spin_unlock_bh(&table->lock);
+		return;
+	}
+	for (i = 0; i < ARRAY_SIZE(lists); i++)
+		list_for_each_entry(entry, lists[i], age)
+			hlist_add_head_rcu(&entry->node[new->node],
+					   shifter_bucket(table, new, &entry->key));
+	rcu_assign_pointer(table->buckets, new);
+	spin_unlock_bh(&table->lock);
+
+	synchronize_rcu();
+	shifter_buckets_free(old);
+}
+
 /* Called in process context, by the command that enables a namespace. */
 struct shifter_table *shifter_table_new(struct shifter_net *sn)
 {
+	struct shifter_buckets *b;
 	struct shifter_table *table;
-	unsigned int buckets, i;
+	unsigned int buckets;
 
 	table = kzalloc(sizeof(*table), GFP_KERNEL_ACCOUNT);
 	if (!table)
@@ -684,19 +839,21 @@ struct shifter_table *shifter_table_new(struct shifter_net *sn)
 		table->max = shifter_max_entries_userns;
 		table->room = &shifter_room_userns;
 	}
-	/* About four entries a chain when the namespace is full. */
+	/*
+	 * About four entries a chain when the namespace is full; it starts
+	 * with the fewest chains and grows as it fills.
+	 */
 	buckets = roundup_pow_of_two(max(table->max / 4, 1U));
-	buckets = clamp(buckets, SHIFTER_BUCKETS_MIN, SHIFTER_BUCKETS_MAX);
-	table->bucket = kvmalloc_array(buckets, sizeof(*table->bucket),
-				       GFP_KERNEL_ACCOUNT);
-	if (!table->bucket) {
+	table->buckets_max = clamp(buckets, SHIFTER_BUCKETS_MIN,
+				   SHIFTER_BUCKETS_MAX);
+	b = shifter_buckets_new(min(SHIFTER_BUCKETS_MIN, table->buckets_max), 0);
+	if (!b) {
 		kfree(table);
 		return NULL;
 	}
-	for (i = 0; i < buckets; i++)
-		INIT_HLIST_HEAD(&table->bucket[i]);
+	RCU_INIT_POINTER(table->buckets, b);
+	INIT_WORK(&table->grow, shifter_table_grow);
 	table->sn = sn;
-	table->mask = buckets - 1;
 	spin_lock_init(&table->lock);
 	INIT_LIST_HEAD(&table->fresh);
 	INIT_LIST_HEAD(&table->checked);
@@ -718,6 +875,7 @@ void shifter_table_free(struct shifter_table *table)
 	unsigned int i, n = 0;
 
 	cancel_delayed_work_sync(&table->gc);
+	cancel_work_sync(&table->grow);
 	for (i = 0; i < ARRAY_SIZE(lists); i++) {
 		list_for_each_entry_safe(entry, tmp, lists[i], age) {
 			list_del(&entry->age);
@@ -729,7 +887,7 @@ void shifter_table_free(struct shifter_table *table)
 	}
 	WARN_ON_ONCE(atomic_read(&table->count));
 	mem_cgroup_put(table->memcg);
-	kvfree(table->bucket);
+	shifter_buckets_free(rcu_dereference_protected(table->buckets, true));
 	kfree(table);
 }
 

@@ -1161,6 +1161,177 @@ class TenancyTests(GuestTestCase):
         print(f"tenants: {[report['stats'] for report in reports]}")
 
 
+MEMORY_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory.py")
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+class MemoryTests(GuestTestCase):
+    """
+    What enabling the module costs a network namespace.
+    """
+
+    def memoryCgroup(self) -> str:
+        """
+        A memory cgroup of its own (cgroup2 mounted, and its memory
+        controller enabled, where the guest had not).
+        """
+        if not os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
+            run("mount", "-t", "cgroup2", "cgroup2", CGROUP_ROOT)
+        with open(os.path.join(CGROUP_ROOT, "cgroup.subtree_control"), "w") as f:
+            f.write("+memory")
+        path = os.path.join(CGROUP_ROOT, f"shifter-memory-{os.getpid()}")
+        os.mkdir(path)
+        self.addCleanup(os.rmdir, path)
+        return path
+
+    def test_enabledCostsLessThanBare(self) -> None:
+        """
+        Enabling the module in a network namespace (its table, empty, and
+        its hooks) costs no more kernel memory than the bare namespace
+        itself, counted both in the memory cgroup charged and in the whole
+        machine.  The figures are printed, per namespace.
+        """
+        count = 64
+        result = subprocess.run(
+            [sys.executable, MEMORY_SCRIPT, self.memoryCgroup(), str(count)],
+            capture_output=True, text=True, timeout=300 * SLOW,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        figures = {
+            where: ((report["bare"][where] - report["before"][where]) / count,
+                    (report["enabled"][where] - report["bare"][where]) / count)
+            for where in ("cgroup", "machine")
+        }
+        print("memory per namespace: " + "; ".join(
+            f"{where}: bare {bare / 1024:.1f} KiB, enabling {enabled / 1024:.1f} KiB"
+            for where, (bare, enabled) in figures.items()) + f"; {report}")
+        for bare, enabled in figures.values():
+            self.assertGreater(bare, 0, report)
+            self.assertLessEqual(enabled, bare, report)
+
+
+TRACING = "/sys/kernel/tracing"
+WORK_EVENT = os.path.join(TRACING, "events", "workqueue", "workqueue_execute_start", "enable")
+
+
+def _traceWrite(name: str, text: str) -> None:
+    with open(os.path.join(TRACING, name), "w") as f:
+        f.write(text)
+
+
+def countWork(seconds: float, function: str = "shifter_table_gc", during=None) -> int:
+    """
+    How many times a work item running C{function} starts in the next
+    C{seconds} (after calling C{during}, if given), from the kernel's
+    workqueue_execute_start trace events.
+    """
+    if not os.path.exists(os.path.join(TRACING, "trace")):
+        run("mount", "-t", "tracefs", "tracefs", TRACING)
+    _traceWrite("tracing_on", "0")
+    _traceWrite("trace", "")
+    with open(WORK_EVENT, "w") as f:
+        f.write("1")
+    try:
+        _traceWrite("tracing_on", "1")
+        if during is not None:
+            during()
+        time.sleep(seconds)
+        _traceWrite("tracing_on", "0")
+        trace = open(os.path.join(TRACING, "trace")).read()
+    finally:
+        with open(WORK_EVENT, "w") as f:
+            f.write("0")
+    return sum(1 for line in trace.splitlines() if f"function {function}" in line)
+
+
+class IdleTests(GuestTestCase):
+    """
+    The module's work runs only when entries are due to be checked or to
+    expire: an idle table, with entries or without, costs no work, and
+    expiry runs in proportion to what expires, not to the table.  The
+    counts are printed.
+    """
+
+    def test_idleWithEntriesAndWithout(self) -> None:
+        """
+        New entries are checked once, past their grace, by the work; then,
+        while they wait for expiry, the work does not run at all; once the
+        last entry expired, it never runs again.  Expiring runs it at most
+        once per entry expired, never once a second.
+        """
+        expiry = int(15 * SLOW)
+        loadModule(expiry_secs=expiry)
+        self.addCleanup(loadModule)
+        ns = makeLocalClient(self, socket.AF_INET)
+        server = self.closing(listen(ns, socket.AF_INET))
+        kmod = self.client(ns)
+        count = 20
+
+        def openConnections() -> None:
+            for n in range(count):
+                self.closing(connect(ns, socket.AF_INET, f"203.0.113.{n + 1}", 443))
+                self.accept(server)
+
+        started = time.monotonic()
+        checking = countWork(3.0, during=openConnections)
+        self.assertGreaterEqual(checking, 1, "the work that checks new entries was not seen")
+        self.assertEqual(kmod.stats()["entries"], count)
+        idleFor = expiry - (time.monotonic() - started) - 3
+        self.assertGreater(idleFor, 3, "too slow to watch the table idle before expiry")
+        idle = countWork(idleFor)
+        self.assertEqual(kmod.stats()["entries"], count)
+        expiring = countWork(7.0)
+        stats = kmod.stats()
+        self.assertEqual((stats["entries"], stats["expiries"]), (0, count), stats)
+        empty = countWork(5.0)
+        print(f"work runs: {checking} checking {count} new entries; {idle} in {idleFor:.1f} s idle "
+              f"with {count} entries; {expiring} expiring them; {empty} in 5 s with none")
+        self.assertEqual(idle, 0)
+        self.assertGreaterEqual(expiring, 1)
+        self.assertLessEqual(expiring, count)
+        self.assertEqual(empty, 0)
+
+
+class GrowthTests(GuestTestCase):
+    """
+    A namespace's table starts with few chains and grows as it fills.
+    """
+
+    def test_growsWhileAnswering(self) -> None:
+        """
+        700 connections, each looked up as soon as it is accepted (while
+        the table grows under the look-ups) and then closed: every one is
+        answered right, none is evicted or refused, and the table grew
+        twice (64 chains to 256, at 129 entries, and to 1,024, at 513).
+        """
+        count = 700
+        ns = makeLocalClient(self, socket.AF_INET)
+        server = self.closing(listen(ns, socket.AF_INET))
+        kmod = self.client(ns)
+        wrong = []
+
+        def openConnections() -> None:
+            for n in range(count):
+                destination = f"203.0.113.{n % 250 + 1}"
+                client = connect(ns, socket.AF_INET, destination, 443)
+                accepted, _ = server.accept()
+                answer = kmod.getAccepted(accepted)
+                if answer != (destination, 443):
+                    wrong.append((n, answer))
+                client.close()
+                accepted.close()
+
+        grown = countWork(2.0, function="shifter_table_grow", during=openConnections)
+        stats = kmod.stats()
+        print(f"growth: {grown} runs of the growing work for {count} entries; {stats}")
+        self.assertEqual(wrong, [])
+        self.assertEqual((stats["entries"], stats["hits"], stats["full"]), (count, count, 0), stats)
+        self.assertEqual([stats[name] for name in EVICTED], [0] * len(EVICTED), stats)
+        self.assertEqual(grown, 2)
+
+
 def _setnsTo(ns: Namespace) -> None:
     with open(f"/run/netns/{ns.name}") as f:
         _check(_libc.setns(f.fileno(), CLONE_NEWNET))
