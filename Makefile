@@ -16,7 +16,7 @@ APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack 
 	linux-headers-6.12-amd64 linux-image-6.12-amd64 qemu-system-x86 \
 	iperf3 wrk nginx-light redsocks busybox-static linux-source-6.12 dante-server logrotate \
 	krb5-kdc krb5-admin-server krb5-user libkrb5-dev publicsuffix dnsmasq-base \
-	mmdebstrap systemd-container
+	mmdebstrap systemd-container groff-base man-db
 
 # What building the debug kernel needs besides (make test-kernel-debug).
 DEBUG_APT_PACKAGES := flex bison bc libelf-dev libssl-dev
@@ -25,7 +25,7 @@ DEBUG_KERNEL_CACHE ?= /var/cache/shifter-debug-kernel
 PROXY ?= 127.0.0.1:3128
 LISTEN ?= tcp:12345
 
-.PHONY: setup apt venv run demo demo-down serve test unit docs typecheck clean deb \
+.PHONY: setup apt venv run demo demo-down serve test unit docs man typecheck clean deb \
 	test-kernel test-kernel-all test-kernel-debug
 
 setup: apt venv
@@ -116,6 +116,12 @@ docs: venv
 	$(PY) -m pydoctor --project-name=Shifter --html-output=apidocs --docformat=epytext \
 	    $(foreach module,$(INTERNAL_MODULES),--privacy=HIDDEN:$(module)) -W -q shifter
 	@echo "API documentation: apidocs/index.html"
+
+# The man pages shifter(8) and shifter.toml(5) (docs/man/) and
+# docs/reference.md, regenerated from the option definitions; commit them
+# (tests/test_manpage.py fails when they differ from what this writes).
+man: venv
+	$(PY) -m shifter.admin.manpage docs
 
 # Static types of shifter/, with the zope.interface plugin (mypy.ini).
 typecheck: venv
