@@ -5,9 +5,8 @@ L{shifter.service.tap.Options} (their help and defaults), the keys of the
 configuration file (L{shifter.service.config}), the access log's fields
 (L{shifter.service.accesslog.FIELDS}), the metrics and the commands of
 C{shifter}.  An option added there is documented here at once, so the
-pages cannot drift from the program.
-
-    python -m shifter.admin.manpage docs      (what make man runs)
+pages cannot drift from the program.  C{make man} runs
+C{python -m shifter.admin.manpage docs}.
 """
 
 from __future__ import annotations
