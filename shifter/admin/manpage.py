@@ -17,6 +17,7 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import shifter
 from shifter.admin.command import USAGE
+from shifter.admin.doctor import _parser as doctorParser
 from shifter.service.accesslog import FIELDS
 from shifter.service.config import _PROXY_KEYS, _RULE_KEYS, GATEWAY_KEYS, optionKinds
 from shifter.service.tap import Options
@@ -48,14 +49,6 @@ RULE_KEY_HELP = {
     "connect-target": "ip (CONNECT to the original address) or name (to the name read, if any).",
     "refuse": "Refuse the connection, with this reason (logged and in the access log).",
     "direct": "true: Shifter connects to the original destination itself, through no proxy.",
-}
-GATEWAY_KEY_HELP = {
-    "lan-interface": "The LAN interface (or a list of them) whose clients are redirected; for shifter doctor.",
-    "ports": "The redirected destination ports, a list of numbers; for shifter doctor.",
-    "proxy-user": "The user the local proxy runs as (its own connections are not redirected); for shifter doctor.",
-    "check-target": "The host:port shifter doctor asks each proxy to CONNECT to.",
-    "squid-conf": "The local Squid's configuration file, which shifter doctor reads.",
-    "proxy-access-log": "The proxy's access log, where shifter doctor looks for the tunnel ids.",
 }
 
 
@@ -154,6 +147,15 @@ def metrics() -> list[Metric]:
         labels.update(label for sample in family.samples for label in sample.labels if label != "le")
         found.append(Metric(family.name + suffix, family.type, family.documentation, tuple(sorted(labels))))
     return found
+
+
+def gatewayKeyHelp() -> dict[str, str]:
+    """
+    What each C{[gateway]} key means: the help of C{shifter doctor}'s
+    option of the same name, which the key gives the default of.
+    """
+    helps = {action.dest.replace("_", "-"): action.help or "" for action in doctorParser()._actions}
+    return {key: f"shifter doctor --{key}: {_line(helps[key])}." for key in GATEWAY_KEYS if helps.get(key)}
 
 
 def _described(keys: Sequence[str], help: dict[str, str], table: str) -> list[tuple[str, str]]:
@@ -275,7 +277,8 @@ def shifterToml5() -> str:
             "A TOML file, given with --config, holding Shifter's options by their long names "
             "(idle-timeout = 600, allow = [\"10.0.0.0/8\"]), [[proxy]] tables (one upstream proxy each), "
             "[[rule]] tables (per-connection policy, matched in order, the first that matches deciding) "
-            "and a [gateway] table that Shifter ignores and shifter doctor reads. Options given on the "
+            "and a [gateway] table that Shifter ignores and shifter doctor reads: each of its keys is the "
+            "default of the doctor's option of the same name. Options given on the "
             "command line override the file's; --proxy, --allow and --allow-port add to it. SIGHUP reloads "
             "the file; a file with an error is refused with a log line while the running settings stay. "
             "shifter check --config FILE checks it as the start does."
@@ -294,7 +297,7 @@ def shifterToml5() -> str:
     out += [".SH TABLES"]
     out += _roffKeys("[[proxy]]", _described(_PROXY_KEYS, PROXY_KEY_HELP, "[[proxy]]"))
     out += _roffKeys("[[rule]]", _described(_RULE_KEYS, RULE_KEY_HELP, "[[rule]]"))
-    out += _roffKeys("[gateway]", _described(GATEWAY_KEYS, GATEWAY_KEY_HELP, "[gateway]"))
+    out += _roffKeys("[gateway]", _described(GATEWAY_KEYS, gatewayKeyHelp(), "[gateway]"))
     out += [".SH ACCESS LOG FIELDS", roffText("The names access-log-format takes, each written {name}:")]
     for name, (text, _) in FIELDS.items():
         out += [".TP", f"\\fB{roffText(name)}\\fR", roffText(text)]
@@ -361,7 +364,7 @@ def reference() -> str:
     for title, keys, help in (
         ("[[proxy]]", _PROXY_KEYS, PROXY_KEY_HELP),
         ("[[rule]]", _RULE_KEYS, RULE_KEY_HELP),
-        ("[gateway]", GATEWAY_KEYS, GATEWAY_KEY_HELP),
+        ("[gateway]", GATEWAY_KEYS, gatewayKeyHelp()),
     ):
         out += [f"### `{title}`", "", "| Key | Meaning |", "|---|---|"]
         out += [f"| `{key}` | {_cell(text)} |" for key, text in _described(keys, help, title)]
