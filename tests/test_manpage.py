@@ -6,6 +6,7 @@ program), and C{groff} renders the pages without a warning.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from shifter.admin import manpage
+from shifter.admin.command import check
 from shifter.service.tap import Options
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -51,6 +53,19 @@ class GeneratedTests(SynchronousTestCase):
         page = manpage.shifter8()
         for command in ("run", "check", "rules", "ctl", "doctor", "kmod"):
             self.assertIn(f".TP\n\\fB{command}\\fR\n", page)
+
+    def test_exampleChecks(self) -> None:
+        """
+        shifter.toml(5)'s example is a file shifter check accepts, and is
+        in the page.
+        """
+        path = Path(self.mktemp())
+        path.write_text(manpage.EXAMPLE)
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(check(["--config", str(path)], out, err), 0, err.getvalue())
+        self.assertIn("1 proxy", out.getvalue())
+        self.assertIn("1 rule", out.getvalue())
+        self.assertIn(manpage.roffText(manpage.EXAMPLE.rstrip("\n")), manpage.shifterToml5())
 
     def test_undescribedKey(self) -> None:
         """

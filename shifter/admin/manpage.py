@@ -27,6 +27,18 @@ from shifter.tunnel.metrics import TunnelStats
 # answered by the command itself.
 _HIDDEN = frozenset({"worker", "help", "version"})
 
+# The page's example of a file (tests/test_manpage.py checks it as
+# shifter check does).
+EXAMPLE = """\
+proxy = ["127.0.0.1:3128"]
+connect-target = "sni"
+idle-timeout = 600
+
+[[rule]]
+name = ".example.com"
+refuse = "not from here"
+"""
+
 # What each key of the file's tables means.  A key added to config.py and
 # not described here stops the generator (and so the no-drift test).
 PROXY_KEY_HELP = {
@@ -304,7 +316,7 @@ def shifterToml5() -> str:
     out += [
         ".SH EXAMPLE",
         ".nf",
-        roffText('proxy = ["127.0.0.1:3128"]\nlisten = "tcp:12345"\nidle-timeout = 600\n\n[[rule]]\nname = ".example.com"\nrefuse = "not from here"'),
+        roffText(EXAMPLE.rstrip("\n")),
         ".fi",
         ".SH SEE ALSO",
         "\\fBshifter\\fR(8)",
