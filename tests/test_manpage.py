@@ -74,6 +74,15 @@ class GeneratedTests(SynchronousTestCase):
         self.patch(manpage, "_RULE_KEYS", manpage._RULE_KEYS + ("colour",))
         self.assertRaises(KeyError, manpage.reference)
 
+    def test_noStaleDescription(self) -> None:
+        """
+        Every key described is a key the file reader knows, and every
+        [gateway] key has the doctor's option to describe it.
+        """
+        self.assertEqual(set(manpage.PROXY_KEY_HELP), set(manpage._PROXY_KEYS))
+        self.assertEqual(set(manpage.RULE_KEY_HELP), set(manpage._RULE_KEYS))
+        self.assertEqual(set(manpage.gatewayKeyHelp()), set(manpage.GATEWAY_KEYS))
+
     def test_escape(self) -> None:
         """
         Backslashes, hyphens and a leading dot or quote cannot be taken
