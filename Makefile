@@ -16,7 +16,7 @@ APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack 
 	linux-headers-6.12-amd64 linux-image-6.12-amd64 qemu-system-x86 \
 	iperf3 wrk nginx-light redsocks busybox-static linux-source-6.12 dante-server logrotate \
 	krb5-kdc krb5-admin-server krb5-user libkrb5-dev publicsuffix dnsmasq-base \
-	mmdebstrap systemd-container
+	mmdebstrap systemd-container groff-base man-db
 
 # What building the debug kernel needs besides (make test-kernel-debug).
 DEBUG_APT_PACKAGES := flex bison bc libelf-dev libssl-dev
@@ -25,7 +25,7 @@ DEBUG_KERNEL_CACHE ?= /var/cache/shifter-debug-kernel
 PROXY ?= 127.0.0.1:3128
 LISTEN ?= tcp:12345
 
-.PHONY: setup apt venv run demo demo-down serve test unit docs typecheck clean deb \
+.PHONY: setup apt venv run demo demo-down serve test unit docs man typecheck clean deb \
 	test-kernel test-kernel-all test-kernel-debug
 
 setup: apt venv
@@ -117,13 +117,20 @@ docs: venv
 	    $(foreach module,$(INTERNAL_MODULES),--privacy=HIDDEN:$(module)) -W -q shifter
 	@echo "API documentation: apidocs/index.html"
 
+# The man pages shifter(8) and shifter.toml(5) (docs/man/) and
+# docs/reference.md, regenerated from the option definitions; commit them
+# (tests/test_manpage.py fails when they differ from what this writes).
+man: venv
+	$(PY) -m shifter.admin.manpage docs
+
 # Static types of shifter/, with the zope.interface plugin (mypy.ini).
 typecheck: venv
 	$(VENV)/bin/mypy
 
 # The in-memory tests alone: seconds, no root.
 unit: venv
-	$(PY) -m twisted.trial tests.test_layout tests.test_connect tests.test_socks5 tests.test_socks_direct tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations tests.test_logformat tests.test_pac
+	$(PY) -m twisted.trial tests.test_layout tests.test_connect tests.test_socks5 tests.test_socks_direct tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_sniff tests.test_authority tests.test_destinations tests.test_logformat tests.test_pac \
+	    tests.test_manpage tests.test_docs
 
 clean:
 	rm -rf _trial_temp _trial_temp_kernel _trial_temp_debug test.log build *.egg-info

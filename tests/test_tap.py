@@ -472,8 +472,66 @@ class DropinTests(SynchronousTestCase):
         namespace: dict = {}
         environment = {"SHIFTER_PROXY": "127.0.0.1:3128", "SHIFTER_LISTEN": "tcp:4322",
                        "SHIFTER_IDLE_TIMEOUT": "5"}
-        self.patch(os, "environ", dict(os.environ, **environment))
+        self.patch(os, "environ", dict(self.cleanEnvironment(), **environment, SHIFTER_HOLD_SYN="no"))
         exec(compile((PROJECT / "shifter.tac").read_text(), "shifter.tac", "exec"), namespace)
         self.assertEqual(namespace["config"]["listen"], "tcp:4322")
         self.assertEqual(namespace["config"]["idle-timeout"], 5.0)
+        self.assertFalse(namespace["config"]["hold-syn"])
         self.assertTrue(IService(namespace["application"]))
+
+    def cleanEnvironment(self) -> dict[str, str]:
+        return {name: value for name, value in os.environ.items() if not name.startswith("SHIFTER_")}
+
+    def test_tacFlag(self) -> None:
+        """
+        A flag's variable set to 1, true or yes sets the flag.
+        """
+        namespace: dict = {}
+        environment = {"SHIFTER_PROXY": "127.0.0.1:3128", "SHIFTER_PROXY_PREEMPTIVE_BASIC": "true"}
+        self.patch(os, "environ", dict(self.cleanEnvironment(), **environment))
+        exec(compile((PROJECT / "shifter.tac").read_text(), "shifter.tac", "exec"), namespace)
+        self.assertTrue(namespace["config"]["proxy-preemptive-basic"])
+
+    def runTac(self, environment: dict[str, str]) -> subprocess.CompletedProcess:
+        """
+        twistd -ny shifter.tac, in a directory of the test's own, with only
+        these SHIFTER_ variables.
+        """
+        twistd = Path(sys.executable).parent / "twistd"
+        directory = self.mktemp()
+        os.mkdir(directory)
+        return subprocess.run(
+            [str(twistd), "--pidfile=", "-ny", str(PROJECT / "shifter.tac")],
+            env=dict(self.cleanEnvironment(), PYTHONPATH=str(PROJECT), **environment),
+            cwd=directory,
+            capture_output=True, text=True, timeout=60,
+        )
+
+    def test_tacUnknownVariable(self) -> None:
+        """
+        A SHIFTER_ variable that names no option is refused in one line
+        naming it and the known ones, exit status 1, nothing started.
+        """
+        # Were it ignored, Shifter would start: on a port of loopback's
+        # that nothing else uses, until the timeout.
+        environment = {"SHIFTER_PROXY": "127.0.0.1:3128", "SHIFTER_LISTEN": "tcp:0:interface=127.0.0.1"}
+        result = self.runTac(dict(environment, SHIFTER_LISTN="tcp:4323"))
+        self.assertEqual(result.returncode, 1)
+        lines = result.stderr.splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertTrue(lines[0].startswith("shifter.tac: unknown variable SHIFTER_LISTN; the known ones are: "), lines[0])
+        self.assertIn("SHIFTER_LISTEN, ", lines[0])
+        self.assertIn("SHIFTER_ALLOW_PORT", lines[0])
+        self.assertNotIn("SHIFTER_WORKER,", lines[0])
+
+    def test_tacBadValue(self) -> None:
+        """
+        A bad value, or a flag's that is not a yes or a no, is one line
+        naming what is wrong, with no traceback.
+        """
+        result = self.runTac({"SHIFTER_PROXY": "127.0.0.1:3128", "SHIFTER_IDLE_TIMEOUT": "xyz"})
+        self.assertEqual((result.returncode, result.stderr.count("\n")), (1, 1), result.stderr)
+        self.assertIn("--idle-timeout", result.stderr)
+        result = self.runTac({"SHIFTER_PROXY": "127.0.0.1:3128", "SHIFTER_HOLD_SYN": "maybe"})
+        self.assertEqual((result.returncode, result.stderr.count("\n")), (1, 1), result.stderr)
+        self.assertIn("SHIFTER_HOLD_SYN", result.stderr)
