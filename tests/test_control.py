@@ -419,8 +419,8 @@ class SocketTests(TestCase):
         lines = out.decode().splitlines()
         self.assertEqual(lines[0].split()[:2], ["CLIENT", "DESTINATION"])
         self.assertEqual(lines[1].split()[:2], ["192.0.2.2:50001", "(unknown)"])
-        self.assertEqual(lines[-2], "1 connection")
-        self.assertEqual(lines[-1], "ECH: no client's first bytes read since start")
+        # No ECH line until some client's first bytes were read.
+        self.assertEqual(lines[-1], "1 connection")
         self.service.factory.stats.ech.update({"none": 3, "ech": 1})
         out, err, code = await getProcessOutputAndValue(
             sys.executable, ["-m", "shifter.ctl", "--control", f"unix:{self.path}", "tunnels"], env=env
@@ -485,7 +485,9 @@ class SocketTests(TestCase):
                 connection.sendall(b'{"command": "tunnels"}\n')
                 return 0 if connection.recv(100) == b"" else 1
             except OSError as e:
-                return 0 if e.errno == errno.ECONNRESET else 2
+                # Closed before the request was written (EPIPE) or read
+                # (ECONNRESET): closed without an answer all the same.
+                return 0 if e.errno in (errno.ECONNRESET, errno.EPIPE) else 2
 
         self.assertEqual(await asUser(NOBODY, attempt), 0)
         self.assertTrue(any(

@@ -176,7 +176,7 @@ class ControlTests(LiveTestCase):
             self.assertGreater(tunnel["bytesUp"], 0)
             self.assertGreater(tunnel["age"], 0)
         proxies = self.ctl("proxies")
-        self.assertEqual(proxies.stdout.splitlines()[1].split(), [f"127.0.0.1:{SQUID_PORT}", "up", "0", "default", "-"])
+        self.assertEqual(proxies.stdout.splitlines()[1].split(), [f"127.0.0.1:{SQUID_PORT}", "up", "0", "default", "none", "-"])
         for process, _ in downloads:
             process.kill()
 
