@@ -133,7 +133,8 @@ class DebianPackageTests(SynchronousTestCase):
         self.assertIn("-> /opt/shifter/bin/shifter", paths["/usr/bin/shifter"])
         for path in ("/opt/shifter/bin/python3", "/lib/systemd/system/shifter.service",
                      "/lib/systemd/system/shifter.socket", "/etc/shifter/shifter.toml",
-                     "/usr/share/doc/shifter/copyright"):
+                     "/usr/share/doc/shifter/copyright", "/usr/share/man/man8/shifter.8.gz",
+                     "/usr/share/man/man5/shifter.toml.5.gz"):
             self.assertIn(path, paths)
         self.assertIn("-> /usr/bin/python3", paths["/opt/shifter/bin/python3"])
         conffiles = subprocess.run(["dpkg-deb", "--info", str(self.shifterDeb), "conffiles"],

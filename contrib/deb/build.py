@@ -27,6 +27,7 @@ Standard library only: this runs before any venv exists.
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import re
 import shutil
@@ -195,11 +196,16 @@ def buildShifter(out: str, python: str, work: str) -> str:
     doc = _mkdir(stage + "/usr/share/doc/shifter")
     shutil.copy(os.path.join(ROOT, "README.md"), doc)
     shutil.copy(os.path.join(ROOT, "LICENSE"), doc + "/copyright")
+    # The man pages, compressed as Debian's policy asks (no name or time
+    # in the gzip header, so the package builds the same twice).
     man = os.path.join(ROOT, "docs", "man")
-    if os.path.isdir(man):
-        for name in os.listdir(man):
-            section = name.rsplit(".", 1)[-1]
-            shutil.copy(os.path.join(man, name), _mkdir(stage + f"/usr/share/man/man{section}"))
+    for name in sorted(os.listdir(man)):
+        section = name.rsplit(".", 1)[-1]
+        with open(os.path.join(man, name), "rb") as source:
+            page = source.read()
+        target = os.path.join(_mkdir(stage + f"/usr/share/man/man{section}"), name + ".gz")
+        with open(target, "wb") as f:
+            f.write(gzip.compress(page, 9, mtime=0))
     pyver = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
                            check=True, capture_output=True, text=True).stdout.strip()
     major, minor = pyver.split(".")
