@@ -408,8 +408,6 @@ class DirectQueue(RecordingQueue):
     A queue that gives DIRECT at the SYN (a direct mark is set).
     """
 
-    directMark = 0x40000
-
     def direct(self, packet: QueuedPacket) -> None:
         self._give("direct", packet)
 
@@ -423,6 +421,7 @@ class DirectAtSynTests(PolicyTests):
     def setUp(self) -> None:
         PolicyTests.setUp(self)
         self.queue = DirectQueue()
+        self.holder.direct = True
         self.direct = directRoute(self.clock)
 
     def test_directAtTheSyn(self) -> None:
@@ -477,7 +476,7 @@ class DirectAtSynTests(PolicyTests):
         """
         With a direct mark of 0, DIRECT goes through Shifter as before.
         """
-        self.queue.directMark = 0
+        self.holder.direct = False
         self.decideWith(TunnelDecision(proxies=[self.direct]))
         self.send(syn(1))
         self.assertEqual((len(self.attempts), self.queue.verdicts), (1, []))

@@ -987,7 +987,8 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     resolver = makeResolver(config["resolver"], reactor, **resolverOptions(config))
     factory = ShifterFactory(resolver, built.pool, built.settings, reactor, policy=built.policy)
     if config["hold-syn"]:
-        factory.holder = resolver.holder = SynHolder(factory, config["hold-timeout"])  # type: ignore[attr-defined]
+        holder = SynHolder(factory, config["hold-timeout"], direct=bool(config["direct-mark"]))
+        factory.holder = resolver.holder = holder  # type: ignore[attr-defined]
     listen = withBacklog(config["listen"], LISTEN_BACKLOG)
     endpoint = serverFromString(reactor, listen)
     metrics = config["metrics"]

@@ -153,6 +153,24 @@ class HeldTunnel:
     connected: Optional[float] = None
 
 
+def directAtSyn(decision: Any, address: str, usable: Callable[[Any], bool]) -> bool:
+    """
+    Whether a policy's C{decision}, for a connection to C{address}, can be
+    given at its SYN as DIRECT: it sends the connection DIRECT first (of
+    the routes C{usable} says may be tried), to its own address.
+    """
+    if decision is None or decision.refuse is not None or not decision.proxies:
+        return False
+    if decision.target is not None:
+        try:
+            if canonicalHost(decision.target) != address:
+                return False
+        except ValueError:
+            return False  # a name: only a tunnel can connect to it
+    first = next((p for p in decision.proxies if usable(p)), None)
+    return first is not None and first.kind == DIRECT
+
+
 def newAttempt(proxy: Any, receiver: IProxyReceiver) -> Any:
     """
     An attempt at C{proxy} that reports to C{receiver}, not yet connecting
@@ -320,21 +338,9 @@ class HeldSyn(ProxyNegotiation):
 
     def _directAtSyn(self, decision: Any) -> bool:
         """
-        Whether C{decision} sends this connection DIRECT first, to its own
-        address and port, and the queue can say so at the SYN.
+        Whether C{decision} sends this connection DIRECT at the SYN.
         """
-        if decision is None or decision.refuse is not None or not decision.proxies:
-            return False
-        if not getattr(self.protocol, "directMark", 0):
-            return False
-        if decision.target is not None:
-            try:
-                if canonicalHost(decision.target) != self.address:
-                    return False
-            except ValueError:
-                return False  # a name: only a tunnel can connect to it
-        usable = [p for p in decision.proxies if self.pool.usable(p)]
-        return bool(usable) and usable[0].kind == DIRECT
+        return self.holder.direct and directAtSyn(decision, self.address, self.pool.usable)
 
     def _direct(self, label: Optional[str]) -> None:
         """
@@ -626,10 +632,13 @@ class SynHolder:
         owner: Any,
         timeout: float = DEFAULT_HOLD_TIMEOUT,
         newAttempt: Callable[[Any, IProxyReceiver], Any] = newAttempt,
+        direct: bool = False,
     ) -> None:
         """
         @param newAttempt: makes an attempt at a proxy (a test passes its
             own).
+        @param direct: give DIRECT decisions at the SYN (the queue has a
+            direct mark, C{--direct-mark}).
         """
         if not timeout > 0:
             raise ValueError("the hold timeout must be more than 0 seconds")
@@ -637,6 +646,7 @@ class SynHolder:
         self.timeout = timeout
         self.clock = owner.reactor
         self.newAttempt = newAttempt
+        self.direct = direct
         self.deadlines = Deadlines(self.clock)
         self.entries: dict[tuple[str, int, str, int], HeldSyn] = {}
         # (sequence number, verdict, until when) of SYNs done lately, by
