@@ -175,6 +175,7 @@ class OptionErrorTests(SynchronousTestCase):
         "queue-mark": "xyz",
         "hold-timeout": "0",
         "reject-mark": "xyz",
+        "direct-mark": "xyz",
         "connect-timeout": "1e308",
         "handshake-timeout": "nan",
         "setup-timeout": "",
