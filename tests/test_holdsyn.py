@@ -442,6 +442,23 @@ class DirectAtSynTests(PolicyTests):
         self.assertEqual(self.queue.verdicts, [("direct", 1), ("direct", 2)])
         self.assertIsNone(self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object()))
 
+    def test_accessLogLine(self) -> None:
+        """
+        A SYN sent DIRECT at the SYN has its access-log record: DIRECT, no
+        CONNECT target, no bytes, and how.
+        """
+        records: list[Any] = []
+        self.owner.accessLog = type("AccessLog", (), {"tunnelEnded": lambda self, record: records.append(record)})()
+        self.decideWith(TunnelDecision(proxies=[self.direct], label="PAC: DIRECT"))
+        self.send(syn(1))
+        [record] = records
+        self.assertEqual(
+            (record.client, record.destination, record.connectTarget, record.proxy, record.status, record.result,
+             record.how, record.bytesUp, record.bytesDown),
+            ("192.0.2.2:40000", "203.0.113.7:443", "", "DIRECT", None, "direct",
+             "DIRECT at the SYN (not through Shifter) (PAC: DIRECT)", 0, 0),
+        )
+
     def test_proxyFirst(self) -> None:
         """
         DIRECT after a proxy (PAC's "PROXY a; DIRECT") is not given at the
