@@ -553,8 +553,8 @@ class QueueProtocol(NetlinkProtocol):
     let it around Shifter (L{_failClosed}).
 
     With a C{holder} (C{--hold-syn}), each SYN is handed to it instead: it
-    calls L{hold}, then one of L{accept}, L{reject} or L{drop} when it has
-    decided.
+    calls L{hold}, then one of L{accept}, L{reject}, L{direct} or L{drop}
+    when it has decided.
 
     @ivar received: packets read from the queue.
     @ivar verdicts: packets given a verdict the kernel took (by batch or
@@ -707,8 +707,8 @@ class QueueProtocol(NetlinkProtocol):
 
     def hold(self, packet: QueuedPacket) -> None:
         """
-        Give C{packet} no verdict until L{accept}, L{reject} or L{drop} is
-        called for it; until then, no batch verdict covers it.
+        Give C{packet} no verdict until L{accept}, L{reject}, L{direct} or
+        L{drop} is called for it; until then, no batch verdict covers it.
         """
         self._held[packet.packetId] = None
 
