@@ -248,6 +248,9 @@ class DirectAtSynIptablesTests(HoldSynGatewayTestCase):
             self.assertGreater(self.skippedByConnmark(command), 0)
         self.shifter.waitForLog(f"-> {SERVER_V4}:443 DIRECT at the SYN (not through Shifter)")
         self.shifter.waitForLog(f"-> [{SERVER_V6}]:443 DIRECT at the SYN (not through Shifter)")
+        # The kernel's count: two packets ever queued (the last id), none waiting.
+        queue = self.net.gateway.run("cat", "/proc/net/netfilter/nfnetlink_queue").stdout.split()
+        self.assertEqual((queue[2], queue[7]), ("0", "2"), queue)
         stats = self.stoppedStats()
         self.assertEqual((stats["held"], stats["direct"], stats["accepted"], stats["joined"], stats["refused"]),
                          (2, 2, 0, 0, 0), stats)
