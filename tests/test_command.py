@@ -175,6 +175,7 @@ class OptionErrorTests(SynchronousTestCase):
         "queue-mark": "xyz",
         "hold-timeout": "0",
         "reject-mark": "xyz",
+        "direct-mark": "xyz",
         "connect-timeout": "1e308",
         "handshake-timeout": "nan",
         "setup-timeout": "",
@@ -376,6 +377,7 @@ _POOLS: dict[str, list[str]] = {
     "queue-num": ["0", "65535", "65536"],
     "queue-mark": ["0", "0x10000", "0x100000000"],
     "reject-mark": ["0x20000", "0", "0x100000000", "0x10000"],
+    "direct-mark": ["0x40000", "0", "0x100000000", "0x20000"],
 }
 _NAMES = sorted(optionKinds(Options)) + ["config", "help", "version", "bogus"]
 _VALUES = sorted({value for pool in _POOLS.values() for value in pool} | set(_NUMBERS))

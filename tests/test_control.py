@@ -193,6 +193,31 @@ class ProtocolTests(SynchronousTestCase):
             self.assertFalse(error["ok"])
             self.assertIsInstance(error["error"], str)
 
+    def test_explainDirectAtSyn(self) -> None:
+        """
+        With --hold-syn, C{explain} asked with no name says that a rule's
+        DIRECT is given at the SYN, and C{ctl} words it; asked with a name,
+        or with --direct-mark 0, it is not.
+        """
+        from tests.support import knowLocalAddresses
+
+        path = Path(self.mktemp())
+        path.write_text("proxy = ['127.0.0.1:3128']\n[[rule]]\ndestination = '203.0.113.0/24'\ndirect = true\n")
+        request = (b'{"command": "explain", "client": "192.0.2.2", "destination": "203.0.113.7", '
+                   b'"port": 443, "name": null}\n')
+        for options, expected in ((("--direct-mark", "0x40000"), True), (("--direct-mark", "0"), False)):
+            self.service = shifterService(self.clock, "--config", str(path), "--resolver", "nfqueue",
+                                          "--hold-syn", *options)
+            knowLocalAddresses(self.service.factory)
+            [answer] = self.talk(request)
+            self.assertIs(answer["explain"]["directAtSyn"], expected, answer)
+            if expected:
+                self.assertIn("connect:    DIRECT at the SYN (not through Shifter): forwarded to 203.0.113.7:443",
+                              ctl.formatExplain(answer["explain"]))
+                [named] = self.talk(request.replace(b'"name": null', b'"name": "www.example.test"'))
+                self.assertIs(named["explain"]["directAtSyn"], False)
+                self.assertIn("connect:    directly to", ctl.formatExplain(named["explain"]))
+
     def test_badRequests(self) -> None:
         """
         Unknown commands and requests that are not JSON objects are

@@ -31,7 +31,7 @@ from shifter.tunnel.metrics import TunnelStats
 from shifter.resolvers.nfqueue import QueuedPacket, parseSegment
 from shifter.tunnel.policy import TunnelDecision
 from shifter.upstream.pool import ProxyPool
-from shifter.upstream.proxy import UpstreamProxy
+from shifter.upstream.proxy import UpstreamProxy, directRoute
 
 from tests.support import knowLocalAddresses
 from tests.test_tunnel_table import ntlmChallenge
@@ -401,6 +401,102 @@ class PolicyTests(HolderTestCase):
         self.send(syn(1))
         self.assertEqual(self.queue.verdicts, [("reject", 1)])
         self.assertEqual(len(self.lines("refused at the SYN: policy error: policy broke")), 1)
+
+
+class DirectQueue(RecordingQueue):
+    """
+    A queue that gives DIRECT at the SYN (a direct mark is set).
+    """
+
+    def direct(self, packet: QueuedPacket) -> None:
+        self._give("direct", packet)
+
+
+class DirectAtSynTests(PolicyTests):
+    """
+    A policy's DIRECT answer, first, to the SYN's own destination, is given
+    at the SYN: the direct verdict, no attempt, no tunnel.
+    """
+
+    def setUp(self) -> None:
+        PolicyTests.setUp(self)
+        self.queue = DirectQueue()
+        self.holder.direct = True
+        self.direct = directRoute(self.clock)
+
+    def test_directAtTheSyn(self) -> None:
+        """
+        DIRECT first: the SYN gets the direct verdict, no proxy is asked,
+        one line says so, and the holder counts it; a copy of the SYN gets
+        the same verdict.
+        """
+        self.decideWith(TunnelDecision(proxies=[self.direct], label="rule at line 3"))
+        self.send(syn(1))
+        self.assertEqual((self.attempts, self.queue.verdicts, self.queue.held), ([], [("direct", 1)], set()))
+        self.assertEqual(self.holder.counters["direct"], 1)
+        self.assertEqual(self.holder.entries, {})
+        self.assertEqual(len(self.lines("192.0.2.2:40000 -> 203.0.113.7:443 DIRECT at the SYN "
+                                        "(not through Shifter) (rule at line 3)")), 1)
+        self.assertEqual(self.counters(), {})
+        self.send(syn(2))
+        self.assertEqual(self.queue.verdicts, [("direct", 1), ("direct", 2)])
+        self.assertIsNone(self.holder.claim("192.0.2.2", 40000, "203.0.113.7", 443, object()))
+
+    def test_accessLogLine(self) -> None:
+        """
+        A SYN sent DIRECT at the SYN has its access-log record: DIRECT, no
+        CONNECT target, no bytes, and how.
+        """
+        records: list[Any] = []
+        self.owner.accessLog = type("AccessLog", (), {"tunnelEnded": lambda self, record: records.append(record)})()
+        self.decideWith(TunnelDecision(proxies=[self.direct], label="PAC: DIRECT"))
+        self.send(syn(1))
+        [record] = records
+        self.assertEqual(
+            (record.client, record.destination, record.connectTarget, record.proxy, record.status, record.result,
+             record.how, record.bytesUp, record.bytesDown),
+            ("192.0.2.2:40000", "203.0.113.7:443", "", "DIRECT", None, "direct",
+             "DIRECT at the SYN (not through Shifter) (PAC: DIRECT)", 0, 0),
+        )
+
+    def test_proxyFirst(self) -> None:
+        """
+        DIRECT after a proxy (PAC's "PROXY a; DIRECT") is not given at the
+        SYN: the proxy is asked.
+        """
+        self.decideWith(TunnelDecision(proxies=[self.owner.pool.proxies[0], self.direct]))
+        self.send(syn(1))
+        self.assertEqual((len(self.attempts), self.queue.verdicts), (1, []))
+        self.assertEqual(self.holder.counters["direct"], 0)
+
+    def test_otherTarget(self) -> None:
+        """
+        DIRECT with a target of the policy's (another address) cannot be
+        given at the SYN: the tunnel's way.
+        """
+        self.decideWith(TunnelDecision(proxies=[self.direct], target="203.0.113.99"))
+        self.send(syn(1))
+        self.assertEqual(self.queue.verdicts, [])
+        self.assertEqual(self.holder.counters["direct"], 0)
+
+    def test_gatewayRefused(self) -> None:
+        """
+        The destination checks come first: a SYN to loopback is refused at
+        the SYN, whatever the policy would say.
+        """
+        self.decideWith(TunnelDecision(proxies=[self.direct]))
+        self.send(syn(1, destination="127.0.0.1"))
+        self.assertEqual(self.queue.verdicts, [("reject", 1)])
+        self.assertEqual(self.holder.counters["direct"], 0)
+
+    def test_noDirectMark(self) -> None:
+        """
+        With a direct mark of 0, DIRECT goes through Shifter as before.
+        """
+        self.holder.direct = False
+        self.decideWith(TunnelDecision(proxies=[self.direct]))
+        self.send(syn(1))
+        self.assertEqual((len(self.attempts), self.queue.verdicts), (1, []))
 
 
 class RefusalTests(HolderTestCase):

@@ -23,7 +23,16 @@ import time
 
 from twisted.logger import Logger
 
-from tests.gateway import SERVER_V4, SERVER_V6, SHIFTER_PORT, SQUID_PORT, insideNamespace, waitFor
+from tests.gateway import (
+    CLIENT_V4,
+    CLIENT_V6,
+    SERVER_V4,
+    SERVER_V6,
+    SHIFTER_PORT,
+    SQUID_PORT,
+    insideNamespace,
+    waitFor,
+)
 from tests.test_resolvers_e2e import PEER, ResolverGatewayTestCase
 
 log = Logger()
@@ -43,7 +52,7 @@ def holdStats(line: str) -> dict[str, int]:
     """
     names = {"SYNs held": "held", "accepted": "accepted", "refused": "refused",
              "joined to their connection": "joined", "never taken": "unclaimed",
-             "copies recognised": "copies", "passed unheld": "passed"}
+             "copies recognised": "copies", "passed unheld": "passed", "direct at the SYN": "direct"}
     line = line.split("hold-syn:", 1)[1]
     found = {names[name]: int(n) for n, name in re.findall(r"(\d+) ([a-zA-Z ]+?)(?:,|;)", line) if name in names}
     found["longest"] = float(re.search(r"longest hold ([\d.]+) s", line).group(1))  # type: ignore[union-attr]
@@ -185,6 +194,73 @@ class HoldSynIptablesTests(AllowedAndRefusedMixin, HoldSynGatewayTestCase):
 
 
 class HoldSynNftTests(AllowedAndRefusedMixin, HoldSynGatewayTestCase):
+    ruleFormat = "nft"
+
+
+class DirectAtSynIptablesTests(HoldSynGatewayTestCase):
+    """
+    DIRECT at the SYN: a --config rule sends the server's network DIRECT;
+    the held SYN gets the direct mark and its connection is forwarded by
+    the gateway, never through Shifter nor Squid.
+    """
+
+    ruleFormat = "iptables"
+
+    def queueCounts(self) -> tuple[int, int]:
+        """
+        Shifter's nfqueue counts at stop: packets read and verdicts given.
+        """
+        line = self.shifter.waitForLog("nfqueue 0:", "packets read")
+        received, verdicts = map(int, re.findall(r"(\d+) (?:packets read|verdicts given)", line))
+        return received, verdicts
+
+    def skippedByConnmark(self, command: str) -> int:
+        """
+        Packets the mangle rule skipping the direct connmark matched: the
+        connection's packets after its SYN, kept out of the queue.
+        """
+        listing = self.net.gateway.run(command, "-t", "mangle", "-nvxL", "PREROUTING").stdout
+        (line,) = [line for line in listing.splitlines() if "connmark match" in line]
+        return int(line.split()[0])
+
+    def test_directByDestination(self) -> None:
+        """
+        A fetch from the client to the server, whose network a rule sends
+        DIRECT, works end to end, over IPv4 and IPv6; the server sees the
+        client's own address (routed, not proxied); Shifter read nothing
+        of it but each SYN (the queue's count and its own), opened no
+        tunnel, said DIRECT at the SYN once for each; Squid logged nothing;
+        the rest of each connection skipped the queue by its connmark.
+        """
+        config = self.directory / "shifter.toml"
+        config.write_text(f'[[rule]]\ndestination = "{SERVER_V4}/24"\ndirect = true\n'
+                          f'[[rule]]\ndestination = "{SERVER_V6}/64"\ndirect = true\n')
+        self.shifter.options += ("--config", str(config))
+        self.shifter.start()
+        for url, client, command in ((f"https://{SERVER_V4}/file.bin", CLIENT_V4, "iptables"),
+                                     (f"https://[{SERVER_V6}]/file.bin", CLIENT_V6, "ip6tables")):
+            result = self.fetch(url)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(result.body, self.payload)
+            # (an IPv4 client may be logged IPv4-mapped: the server listens on ::)
+            waitFor(lambda: f'{client}" - - ' in self.web.log.read_text(), 10,
+                    f"the server to log the fetch from {client}")
+            self.assertGreater(self.skippedByConnmark(command), 0)
+        self.shifter.waitForLog(f"-> {SERVER_V4}:443 DIRECT at the SYN (not through Shifter)")
+        self.shifter.waitForLog(f"-> [{SERVER_V6}]:443 DIRECT at the SYN (not through Shifter)")
+        # The kernel's count: two packets ever queued (the last id), none waiting.
+        queue = self.net.gateway.run("cat", "/proc/net/netfilter/nfnetlink_queue").stdout.split()
+        self.assertEqual((queue[2], queue[7]), ("0", "2"), queue)
+        stats = self.stoppedStats()
+        self.assertEqual((stats["held"], stats["direct"], stats["accepted"], stats["joined"], stats["refused"]),
+                         (2, 2, 0, 0, 0), stats)
+        self.assertEqual(self.queueCounts(), (2, 2))
+        self.assertNotIn("closed", "".join(line for line in self.shifter.logText().splitlines()
+                                           if " via " in line))
+        self.assertEqual(self.squid.accessLogLines(), [])
+
+
+class DirectAtSynNftTests(DirectAtSynIptablesTests):
     ruleFormat = "nft"
 
 

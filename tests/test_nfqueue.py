@@ -586,6 +586,18 @@ class HeldVerdictTests(QueueHarness, SynchronousTestCase):
         self.reactor.advance(0)
         self.assertEqual(self.given(), [(QUEUE_VERDICT_BATCH, 1, NF_ACCEPT, 0x20004)])
 
+    def test_directWithDirectMark(self) -> None:
+        """
+        A SYN sent DIRECT at the SYN gets ACCEPT with the direct mark in
+        place of the queue mark (so the nat rule does not redirect it),
+        keeping its other bits.
+        """
+        self.start()
+        self.deliver(self.syn(1, 40000, mark=0x10004))
+        self.resolver.protocol.direct(self.holder.packets[0])
+        self.reactor.advance(0)
+        self.assertEqual(self.given(), [(QUEUE_VERDICT_BATCH, 1, NF_ACCEPT, 0x40004)])
+
     def test_dropped(self) -> None:
         """
         A dropped packet gets NF_DROP and no mark.

@@ -155,16 +155,55 @@ class QueueTests(SynchronousTestCase):
 class HoldSynTests(SynchronousTestCase):
     def test_iptables(self) -> None:
         """
-        nfqueue --hold-syn: the nfqueue rules, then a REJECT with a TCP reset
-        of SYNs carrying the reject mark, inserted first in FORWARD and
-        INPUT, both families.
+        nfqueue --hold-syn: the nfqueue rules, after a mangle rule that
+        keeps the connections with the direct connmark out of the queue and
+        with a nat rule before the redirect that saves the direct mark to
+        the connection; then a REJECT with a TCP reset of SYNs carrying the
+        reject mark, inserted first in FORWARD and INPUT, both families.
         """
         lines = commands(rules(resolver="nfqueue", ports=(443,), holdSyn=True, quic="pass"))
-        self.assertEqual(lines[:4], commands(rules(resolver="nfqueue", ports=(443,), quic="pass")))
-        self.assertEqual(lines[4:], [
-            f"{ipt} -t filter -I {chain} -p tcp --syn -m mark --mark 0x20000/0x20000 -j REJECT --reject-with tcp-reset"
-            for ipt in ("iptables", "ip6tables") for chain in ("FORWARD", "INPUT")
+        plain = commands(rules(resolver="nfqueue", ports=(443,), quic="pass"))
+        families = ("iptables", "ip6tables")
+        self.assertEqual(lines[:2], [
+            f"{ipt} -t mangle -A PREROUTING -i lan0 -p tcp -m connmark --mark 0x40000/0x40000 -j RETURN"
+            for ipt in families
         ])
+        self.assertEqual(lines[2:4], plain[:2])
+        self.assertEqual(lines[4:6], [
+            f"{ipt} -t nat -A PREROUTING -i lan0 -p tcp -m mark --mark 0x40000/0x40000 "
+            "-j CONNMARK --set-mark 0x40000/0x40000"
+            for ipt in families
+        ])
+        self.assertEqual(lines[6:8], plain[2:4])
+        self.assertEqual(lines[8:], [
+            f"{ipt} -t filter -I {chain} -p tcp --syn -m mark --mark 0x20000/0x20000 -j REJECT --reject-with tcp-reset"
+            for ipt in families for chain in ("FORWARD", "INPUT")
+        ])
+
+    def test_noDirectMark(self) -> None:
+        """
+        With a direct mark of 0, no direct rules.
+        """
+        text = rules(resolver="nfqueue", holdSyn=True, directMark=0)
+        self.assertNotIn("connmark", text.lower())
+        self.assertNotIn("ct mark set", rules(resolver="nfqueue", holdSyn=True, directMark=0, format="nft"))
+
+    def test_directNft(self) -> None:
+        """
+        In nft form: the same mangle rules (iptables-nft), and in the nat
+        chains, first, the direct mark saved to the connection (ct mark)
+        and the SYN accepted unredirected.
+        """
+        text = rules(resolver="nfqueue", format="nft", holdSyn=True, directMark=0x80, proxyUser="proxy")
+        direct = "meta l4proto tcp meta mark & 0x80 == 0x80 ct mark set ct mark | 0x80 accept"
+        self.assertIn("        type nat hook prerouting priority dstnat; policy accept;\n"
+                      f'        iifname "lan0" {direct}\n'
+                      '        iifname "lan0" fib daddr type != local', text)
+        self.assertIn(f"        type nat hook output priority -100; policy accept;\n        {direct}\n", text)
+        for line in ("iptables -t mangle -A PREROUTING -i lan0 -p tcp -m connmark --mark 0x80/0x80 -j RETURN",
+                     "ip6tables -t mangle -A OUTPUT -p tcp -m connmark --mark 0x80/0x80 -j RETURN"):
+            self.assertIn(line + "\n", text)
+        self.assertLess(text.index("-m connmark --mark 0x80/0x80 -j RETURN"), text.index("-j NFQUEUE"))
 
     def test_nft(self) -> None:
         """
@@ -195,6 +234,7 @@ class HoldSynTests(SynchronousTestCase):
         text = rules(resolver="nfqueue", holdSyn=True)
         self.assertIn("--listen 'tcp6:12345:interface=\\:\\:' --queue-num 0 --hold-syn --proxy", text)
         self.assertIn("--hold-syn --reject-mark 0x4 --proxy", rules(resolver="nfqueue", holdSyn=True, rejectMark=4))
+        self.assertIn("--hold-syn --direct-mark 0x8 --proxy", rules(resolver="nfqueue", holdSyn=True, directMark=8))
 
     def test_refused(self) -> None:
         """
@@ -203,19 +243,20 @@ class HoldSynTests(SynchronousTestCase):
         refused.
         """
         for bad in [dict(resolver="sockopt"), dict(queueMark=0), dict(rejectMark=0x10000),
-                    dict(rejectMark=0), dict(mark=0x20000)]:
+                    dict(rejectMark=0), dict(mark=0x20000), dict(directMark=0x10000),
+                    dict(directMark=0x20000), dict(mark=0x40000), dict(directMark=0x100000000)]:
             options = dict(resolver="nfqueue", holdSyn=True)
             options.update(bad)
             self.assertRaises(RulesError, rules, **options)
 
     def test_command(self) -> None:
         """
-        The command takes --hold-syn and --reject-mark.
+        The command takes --hold-syn, --reject-mark and --direct-mark.
         """
         out = io.StringIO()
-        main(["--resolver", "nfqueue", "--hold-syn", "--reject-mark", "0x8", "--lan-interface", "lan0",
-              "--ports", "443,8443"], out)
-        self.assertEqual(out.getvalue(), rules(resolver="nfqueue", holdSyn=True, rejectMark=8))
+        main(["--resolver", "nfqueue", "--hold-syn", "--reject-mark", "0x8", "--direct-mark", "0x4",
+              "--lan-interface", "lan0", "--ports", "443,8443"], out)
+        self.assertEqual(out.getvalue(), rules(resolver="nfqueue", holdSyn=True, rejectMark=8, directMark=4))
 
 
 class TproxyTests(SynchronousTestCase):

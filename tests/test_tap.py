@@ -211,8 +211,8 @@ class HoldSynOptionTests(SynchronousTestCase):
         --hold-syn holds for 10 s at most, and refused SYNs get mark 0x20000.
         """
         options = parse(*self.base)
-        self.assertEqual((options["hold-syn"], options["hold-timeout"], options["reject-mark"]),
-                         (1, 10.0, 0x20000))
+        self.assertEqual((options["hold-syn"], options["hold-timeout"], options["reject-mark"],
+                          options["direct-mark"]), (1, 10.0, 0x20000, 0x40000))
 
     def test_refusedCombinations(self) -> None:
         """
@@ -229,6 +229,10 @@ class HoldSynOptionTests(SynchronousTestCase):
             (self.base + ("--reject-mark", "0"), "--reject-mark: expected a mark"),
             (self.base + ("--mark", "0x20001"), "--reject-mark shares bits with --mark"),
             (self.base + ("--hold-timeout", "0"), "positive number"),
+            (self.base + ("--direct-mark", "0x10000"), "--direct-mark shares bits with --queue-mark"),
+            (self.base + ("--direct-mark", "0x20000"), "--direct-mark shares bits with --reject-mark"),
+            (self.base + ("--mark", "0x40000"), "--direct-mark shares bits with --mark"),
+            (self.base + ("--direct-mark", "0x100000000"), "--direct-mark: 0x100000000 does not fit in 32 bits"),
         ]
         for arguments, expected in cases:
             with self.assertRaises(UsageError, msg=str(arguments)) as caught:
@@ -249,6 +253,10 @@ class HoldSynOptionTests(SynchronousTestCase):
         self.assertIsInstance(factory.holder, SynHolder)
         self.assertIs(factory.resolver.holder, factory.holder)
         self.assertEqual((factory.holder.timeout, factory.resolver.rejectMark), (4.0, 0x40))
+        self.assertEqual((factory.holder.direct, factory.resolver.directMark), (True, 0x40000))
+        service = makeService(parse(*self.base, "--direct-mark", "0"), reactor=reactor)
+        factory = service.getServiceNamed("shifter").factory  # type: ignore[attr-defined]
+        self.assertEqual((factory.holder.direct, factory.resolver.directMark), (False, 0))
 
     def test_noHolderByDefault(self) -> None:
         """

@@ -203,7 +203,9 @@ def formatExplain(explained: dict[str, Any]) -> str:
         lines.append(f"refused:    {e['refused']}")
     elif e.get("connectTarget"):
         first = next((p for p in e["proxies"] if p["usable"]), None)
-        if first is not None and first["state"] == "direct":
+        if e.get("directAtSyn"):
+            lines.append(f"connect:    DIRECT at the SYN (not through Shifter): forwarded to {e['destination']}")
+        elif first is not None and first["state"] == "direct":
             lines.append(f"connect:    directly to {e['destination']}")
         else:
             lines.append(f"CONNECT:    {e['connectTarget']}")

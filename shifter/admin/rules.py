@@ -7,7 +7,8 @@ kernel module record in this namespace); TPROXY and policy routing for
 C{tproxy}; an
 C{NFQUEUE} rule in the mangle table and a REDIRECT of the SYNs Shifter
 marked for C{nfqueue} (with C{--hold-syn}, also a C{REJECT} of the SYNs it
-marked as refused).  This command prints them as a shell script, for
+marked as refused, and the rules that keep the connections it sent DIRECT
+at the SYN out of the queue and the redirect).  This command prints them as a shell script, for
 iptables (ip6tables) or nftables, IPv4 and IPv6, for the LAN interface,
 ports and listening port given, with the exclusion that keeps the proxy's
 own connections out of the redirect when the gateway's own traffic is
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from shifter.resolvers.nfqueue import DEFAULT_QUEUE_MARK
-from shifter.resolvers.resolver import DEFAULT_REJECT_MARK
+from shifter.resolvers.resolver import DEFAULT_DIRECT_MARK, DEFAULT_REJECT_MARK
 
 RESOLVER_NAMES = ("sockopt", "conntrack", "kmod", "nfqueue", "tproxy")
 FORMATS = ("iptables", "nft")
@@ -59,6 +60,10 @@ class RuleOptions:
         answers (its C{--hold-syn}), and the SYNs it refuses are reset.
     @ivar rejectMark: with C{holdSyn}, the mark Shifter sets on the SYNs it
         refuses (its C{--reject-mark}).
+    @ivar directMark: with C{holdSyn}, the mark Shifter sets on the SYNs it
+        sends DIRECT at the SYN (its C{--direct-mark}): the rules save it to
+        the connection, and neither queue nor redirect a connection that
+        carries it; 0 for none.
     """
 
     resolver: str
@@ -77,6 +82,7 @@ class RuleOptions:
     quic: str = "reject"
     holdSyn: bool = False
     rejectMark: int = DEFAULT_REJECT_MARK
+    directMark: int = DEFAULT_DIRECT_MARK
 
     def check(self) -> None:
         """
@@ -129,6 +135,12 @@ class RuleOptions:
                 raise RulesError("the reject mark shares bits with the queue mark")
             if self.mark is not None and self.mark & self.rejectMark:
                 raise RulesError("--mark shares bits with the reject mark: the proxy's connections would be reset")
+            if not 0 <= self.directMark <= 0xFFFFFFFF:
+                raise RulesError(f"direct mark {self.directMark:#x} does not fit in 32 bits")
+            if self.directMark & (self.queueMark | self.rejectMark):
+                raise RulesError("the direct mark shares bits with the queue mark or the reject mark")
+            if self.mark is not None and self.mark & self.directMark:
+                raise RulesError("--mark shares bits with the direct mark")
         if self.resolver == "tproxy" and not self.tproxyMark:
             raise RulesError("the TPROXY mark must not be 0")
         if not 0 < self.routeTable < 0xFFFFFFFF or self.routeTable in (253, 254, 255):
@@ -185,6 +197,10 @@ def _iptablesQueue(o: RuleOptions) -> list[str]:
     bypass = " --queue-bypass" if o.queueBypass else ""
     marked = f" -m mark --mark {o.queueMark:#x}/{o.queueMark:#x}" if o.queueMark else ""
     lines.append("# Queue each SYN to Shifter before NAT (mangle runs before nat):")
+    direct = o.holdSyn and o.directMark
+    if direct:
+        lines.append("# (except a connection Shifter sent DIRECT at the SYN: its copies of the SYN too)")
+        lines += _iptablesDirectSkip(o)
     for ipt in _commands(o):
         lines.append(f"{ipt} -t mangle -A PREROUTING -i {o.lanInterface} -p tcp --syn {_NOT_LOCAL_IPT} {ports} "
                      f"-j NFQUEUE --queue-num {o.queueNum}{bypass}")
@@ -192,6 +208,8 @@ def _iptablesQueue(o: RuleOptions) -> list[str]:
         for ipt in _commands(o):
             lines.append(f"{ipt} -t mangle -A OUTPUT -p tcp --syn {_NOT_LOCAL_IPT} {ports} {_iptExclusion(o)} "
                          f"-j NFQUEUE --queue-num {o.queueNum}{bypass}")
+    if direct:
+        lines += _iptablesDirectSave(o)
     lines.append("# Redirect the SYNs Shifter recorded (and marked) to it:" if o.queueMark
                  else "# Redirect the queued connections to Shifter:")
     for ipt in _commands(o):
@@ -204,6 +222,31 @@ def _iptablesQueue(o: RuleOptions) -> list[str]:
                          f"-j REDIRECT --to-ports {o.listenPort}")
     if o.holdSyn:
         lines += _iptablesReject(o)
+    return lines
+
+
+def _iptablesDirectSkip(o: RuleOptions) -> list[str]:
+    mark, lines = f"{o.directMark:#x}", []
+    for ipt in _commands(o):
+        lines.append(f"{ipt} -t mangle -A PREROUTING -i {o.lanInterface} -p tcp -m connmark --mark {mark}/{mark} "
+                     "-j RETURN")
+    if o.excludes:
+        for ipt in _commands(o):
+            lines.append(f"{ipt} -t mangle -A OUTPUT -p tcp -m connmark --mark {mark}/{mark} -j RETURN")
+    return lines
+
+
+def _iptablesDirectSave(o: RuleOptions) -> list[str]:
+    mark = f"{o.directMark:#x}"
+    lines = ["# A SYN Shifter sent DIRECT at the SYN (direct mark, not the queue mark) is not",
+             "# redirected: the gateway forwards it. Its mark is saved to its connection:"]
+    for ipt in _commands(o):
+        lines.append(f"{ipt} -t nat -A PREROUTING -i {o.lanInterface} -p tcp -m mark --mark {mark}/{mark} "
+                     f"-j CONNMARK --set-mark {mark}/{mark}")
+    if o.excludes:
+        for ipt in _commands(o):
+            lines.append(f"{ipt} -t nat -A OUTPUT -p tcp -m mark --mark {mark}/{mark} "
+                         f"-j CONNMARK --set-mark {mark}/{mark}")
     return lines
 
 
@@ -329,12 +372,18 @@ def _nftQueue(o: RuleOptions) -> list[str]:
     lines.extend(line for line in _iptablesQueue(o) if "-t mangle" in line)
     ports = _nftPorts(o.ports)
     marked = f" meta mark & {o.queueMark:#x} == {o.queueMark:#x}" if o.queueMark else ""
+    # A SYN sent DIRECT at the SYN: its mark saved to its connection, and
+    # not redirected.
+    direct = (f"meta l4proto tcp meta mark & {o.directMark:#x} == {o.directMark:#x} "
+              f"ct mark set ct mark | {o.directMark:#x} accept")
+    first = [direct] if o.holdSyn and o.directMark else []
     chains = [("prerouting", _NAT_PREROUTING,
-               [f'iifname "{o.lanInterface}" {_NOT_LOCAL_NFT} {ports}{marked} redirect to :{o.listenPort}'])]
+               [f'iifname "{o.lanInterface}" {direct}' for direct in first]
+               + [f'iifname "{o.lanInterface}" {_NOT_LOCAL_NFT} {ports}{marked} redirect to :{o.listenPort}'])]
     if o.excludes:
         exclusion = "" if o.queueMark else f" {_nftExclusion(o)}"
         chains.append(("output", _NAT_OUTPUT,
-                       [f"{_NOT_LOCAL_NFT} {ports}{marked}{exclusion} redirect to :{o.listenPort}"]))
+                       first + [f"{_NOT_LOCAL_NFT} {ports}{marked}{exclusion} redirect to :{o.listenPort}"]))
     if o.holdSyn:
         # A base chain of its own: an accept in another table's chain does
         # not stop it, so the reset cannot be bypassed.
@@ -347,6 +396,9 @@ def _nftQueue(o: RuleOptions) -> list[str]:
     if o.holdSyn:
         lines[-1] = ("# Redirect the SYNs Shifter accepted (queue mark) to it; reset those it "
                      "refused (reject mark), in chains of their own, whatever other tables accept:")
+        if o.directMark:
+            lines.append("# a SYN it sent DIRECT at the SYN (direct mark) is not redirected but forwarded, "
+                         "its mark saved to its connection (ct mark), which the queue rules skip:")
     lines.extend(_nftTable(o, chains + _nftQuic(o)))
     return lines
 
@@ -419,6 +471,8 @@ def _shifterCommand(o: RuleOptions) -> str:
             extra += " --hold-syn"
             if o.rejectMark != DEFAULT_REJECT_MARK:
                 extra += f" --reject-mark {o.rejectMark:#x}"
+            if o.directMark != DEFAULT_DIRECT_MARK:
+                extra += f" --direct-mark {o.directMark:#x}"
     if o.mark is not None:
         extra += f" --mark {o.mark:#x}"
     return f"twistd shifter --resolver {o.resolver} --listen '{listen}'{extra} --proxy HOST:PORT"
@@ -539,6 +593,10 @@ def _parser(prog: str = "python -m shifter.rules") -> argparse.ArgumentParser:
     parser.add_argument("--reject-mark", type=_number, default=DEFAULT_REJECT_MARK, metavar="MARK",
                         help=f"nfqueue --hold-syn: the mark Shifter sets on refused SYNs "
                         f"(default: {DEFAULT_REJECT_MARK:#x})")
+    parser.add_argument("--direct-mark", type=_number, default=DEFAULT_DIRECT_MARK, metavar="MARK",
+                        help=f"nfqueue --hold-syn: the mark Shifter sets on SYNs it sends DIRECT at the SYN; "
+                        f"their connections are neither queued nor redirected, 0 for none "
+                        f"(default: {DEFAULT_DIRECT_MARK:#x})")
     parser.add_argument("--tproxy-mark", type=_number, default=0x1, metavar="MARK",
                         help="tproxy: the mark that routes packets to the local socket (default: 0x1)")
     parser.add_argument("--route-table", type=int, default=100, metavar="TABLE",
@@ -563,7 +621,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, prog: str = "pyt
         proxyUser=args.proxy_user, mark=args.mark, queueNum=args.queue_num,
         queueBypass=args.queue_bypass, queueMark=args.queue_mark,
         tproxyMark=args.tproxy_mark, routeTable=args.route_table, quic=args.quic,
-        holdSyn=args.hold_syn, rejectMark=args.reject_mark,
+        holdSyn=args.hold_syn, rejectMark=args.reject_mark, directMark=args.direct_mark,
     )
     try:
         text = generateRules(options)

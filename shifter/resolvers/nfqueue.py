@@ -64,6 +64,7 @@ from shifter.kernel.netlink import (
     parseError,
 )
 from shifter.resolvers.resolver import (
+    DEFAULT_DIRECT_MARK,
     DEFAULT_REJECT_MARK,
     Destination,
     DestinationUnknown,
@@ -552,8 +553,8 @@ class QueueProtocol(NetlinkProtocol):
     let it around Shifter (L{_failClosed}).
 
     With a C{holder} (C{--hold-syn}), each SYN is handed to it instead: it
-    calls L{hold}, then one of L{accept}, L{reject} or L{drop} when it has
-    decided.
+    calls L{hold}, then one of L{accept}, L{reject}, L{direct} or L{drop}
+    when it has decided.
 
     @ivar received: packets read from the queue.
     @ivar verdicts: packets given a verdict the kernel took (by batch or
@@ -572,12 +573,14 @@ class QueueProtocol(NetlinkProtocol):
         timeout: float = 2.0,
         rejectMark: int = DEFAULT_REJECT_MARK,
         holder: Any = None,
+        directMark: int = DEFAULT_DIRECT_MARK,
     ) -> None:
         NetlinkProtocol.__init__(self, reactor, timeout=timeout)
         self.queueNum = queueNum
         self.table = table
         self.mark = mark
         self.rejectMark = rejectMark
+        self.directMark = directMark
         self.holder = holder
         self.received = 0
         self.verdicts = 0
@@ -686,6 +689,15 @@ class QueueProtocol(NetlinkProtocol):
         """
         self._verdict(packet.packetId, NF_ACCEPT, (packet.mark & ~self.mark & 0xFFFFFFFF) | self.rejectMark)
 
+    def direct(self, packet: QueuedPacket) -> None:
+        """
+        Accept C{packet} with the direct mark and without the queue mark: it
+        is not redirected, the printed rules save the mark to its connection
+        so that no later packet of it is queued, and the gateway forwards
+        it to its destination like any routed traffic.
+        """
+        self._verdict(packet.packetId, NF_ACCEPT, (packet.mark & ~self.mark & 0xFFFFFFFF) | self.directMark)
+
     def drop(self, packet: QueuedPacket) -> None:
         """
         Drop C{packet} (a copy of a SYN already held, or a held SYN when
@@ -695,8 +707,8 @@ class QueueProtocol(NetlinkProtocol):
 
     def hold(self, packet: QueuedPacket) -> None:
         """
-        Give C{packet} no verdict until L{accept}, L{reject} or L{drop} is
-        called for it; until then, no batch verdict covers it.
+        Give C{packet} no verdict until L{accept}, L{reject}, L{direct} or
+        L{drop} is called for it; until then, no batch verdict covers it.
         """
         self._held[packet.packetId] = None
 
@@ -848,6 +860,10 @@ class QueueResolver:
     @param rejectMark: with a L{holder}, the mark bit set, in place of
         C{mark}, on a SYN whose tunnel was refused; a C{REJECT} rule
         answers it with a reset.
+    @param directMark: with a L{holder}, the mark bit set, in place of
+        C{mark}, on a SYN decided DIRECT at the SYN; the printed rules
+        save it to the connection and never redirect nor queue it.  0: no
+        decision is given at the SYN, DIRECT tunnels go through Shifter.
 
     @ivar holder: if set before L{start}, the L{shifter.tunnel.holdsyn.SynHolder}
         (C{--hold-syn}) that decides each SYN's verdict.
@@ -868,6 +884,7 @@ class QueueResolver:
         receiveBuffer: int = 4 << 20,
         timeout: float = 2.0,
         rejectMark: int = DEFAULT_REJECT_MARK,
+        directMark: int = DEFAULT_DIRECT_MARK,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -882,8 +899,11 @@ class QueueResolver:
         self.queueBypass = queueBypass
         if not 0 <= rejectMark <= 0xFFFFFFFF:
             raise ValueError(f"reject mark {rejectMark:#x} does not fit in 32 bits")
+        if not 0 <= directMark <= 0xFFFFFFFF:
+            raise ValueError(f"direct mark {directMark:#x} does not fit in 32 bits")
         self.mark = mark
         self.rejectMark = rejectMark
+        self.directMark = directMark
         self.holder: Any = None
         self.maxQueueLength = maxQueueLength
         self.receiveBuffer = receiveBuffer
@@ -900,7 +920,7 @@ class QueueResolver:
             it, no nfnetlink_queue in the kernel).
         """
         protocol = QueueProtocol(self.reactor, self.queueNum, self.table, self.mark, self.timeout,
-                                 self.rejectMark, self.holder)
+                                 self.rejectMark, self.holder, self.directMark)
         port = NetlinkPort(NETLINK_NETFILTER, protocol, reactor=self.reactor,
                            receiveBuffer=self.receiveBuffer)
         try:

@@ -98,6 +98,11 @@ RESOLVERS = {
 # without loading netlink.
 DEFAULT_REJECT_MARK = 0x20000
 
+# The mark bit it gives a SYN decided DIRECT at the SYN (--hold-syn), in
+# place of the queue mark: the connection goes to its destination,
+# forwarded by the gateway, and never through Shifter.
+DEFAULT_DIRECT_MARK = 0x40000
+
 
 def makeResolver(name: str, reactor, **options: object) -> IOriginalDestinationResolver:  # type: ignore[no-untyped-def]
     """

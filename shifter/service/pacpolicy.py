@@ -41,6 +41,7 @@ from shifter.pac.answer import PAC_DIRECT, PAC_HTTPS, PAC_PROXY, PAC_SOCKS5, Pac
 from shifter.pac.evaluator import PacError, PacEvaluator, PacResult
 from shifter.pac.fetch import PacSource
 from shifter.service.config import Rule, RulePolicy
+from shifter.tunnel.holdsyn import directAtSyn
 from shifter.tunnel.negotiation import destinationCheck, formatAddress
 from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
 from shifter.upstream.pool import ProxyPool
@@ -287,8 +288,9 @@ def explain(factory: Any, client: str, destination: str, port: int, name: Option
     What Shifter would do now with a connection from C{client} to
     C{destination:port} (with C{name} read from its first bytes, if any):
     the checks, the rule or PAC answer, the proxies in order with their
-    health, the CONNECT target.  A PAC answer not cached yet is asked for
-    (and then cached).
+    health, the CONNECT target, and whether (with C{--hold-syn}, asked
+    with no name) a DIRECT answer is given at the SYN.  A PAC answer not
+    cached yet is asked for (and then cached).
 
     @param factory: the L{shifter.tunnel.downstream.ShifterFactory}.
     @raise ValueError: if C{client} or C{destination} is not an IP address.
@@ -304,7 +306,7 @@ def explain(factory: Any, client: str, destination: str, port: int, name: Option
     out: dict[str, Any] = {
         "client": clientIP.compressed, "destination": formatAddress(host, port), "name": name,
         "rule": None, "pac": None, "fallback": False, "refused": None, "proxies": [], "connectTarget": None,
-        "decidedBy": "default proxies",
+        "decidedBy": "default proxies", "directAtSyn": False,
     }
     refusal = destinationCheck(factory, settings, host, port)
     if settings.allowedClients and not any(clientIP in network for network in settings.allowedClients):
@@ -358,6 +360,11 @@ def explain(factory: Any, client: str, destination: str, port: int, name: Option
         out["connectTarget"] = formatAddress(target, port)
         if not any(p["usable"] for p in out["proxies"]):
             out["refused"] = pool.unavailable() if out["proxies"] else "no proxy to try"
+        # With --hold-syn, the SYN's policy is asked with no name: a DIRECT
+        # answer then is given at the SYN.
+        holder = getattr(factory, "holder", None)
+        if name is None and holder is not None and holder.direct and directAtSyn(decision, host, pool.usable):
+            out["directAtSyn"] = True
         return out
 
     return deciding.addCallback(decided)

@@ -45,7 +45,7 @@ from shifter.upstream.proxy import (
     readTrustRoot,
 )
 from shifter.relay.relay import RELAYS
-from shifter.resolvers.resolver import DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
+from shifter.resolvers.resolver import DEFAULT_DIRECT_MARK, DEFAULT_REJECT_MARK, RESOLVERS, makeResolver
 from shifter.logs import LOG_FORMATS, logObserver, twistdLogFile, useLogFile
 from shifter.service.accesslog import DEFAULT_FORMAT as DEFAULT_ACCESS_LOG_FORMAT
 from shifter.service.accesslog import FIELDS as ACCESS_LOG_FIELDS
@@ -437,6 +437,16 @@ class Options(usage.Options):
             lambda value: int(value, 0),
         ],
         [
+            "direct-mark",
+            None,
+            DEFAULT_DIRECT_MARK,
+            "With --hold-syn: the mark bit Shifter sets, in place of --queue-mark, "
+            "on a SYN its rules or PAC send DIRECT: the connection is not "
+            "redirected but forwarded, and its bytes never reach Shifter.  0: "
+            "DIRECT connections go through Shifter.",
+            lambda value: int(value, 0),
+        ],
+        [
             "connect-timeout",
             None,
             10.0,
@@ -774,6 +784,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--queue-mark: {self['queue-mark']:#x} does not fit in 32 bits")
         if not 0 <= self["reject-mark"] <= 0xFFFFFFFF:
             raise usage.UsageError(f"--reject-mark: {self['reject-mark']:#x} does not fit in 32 bits")
+        if not 0 <= self["direct-mark"] <= 0xFFFFFFFF:
+            raise usage.UsageError(f"--direct-mark: {self['direct-mark']:#x} does not fit in 32 bits")
         if self["relay"] not in RELAYS:
             raise usage.UsageError(
                 f"--relay: expected one of {', '.join(RELAYS)}, got {self['relay']!r}"
@@ -946,6 +958,13 @@ class Options(usage.Options):
             raise usage.UsageError("--reject-mark shares bits with --queue-mark")
         if self["mark"] is not None and reject & self["mark"]:
             raise usage.UsageError("--reject-mark shares bits with --mark: Shifter's own connections would be reset")
+        direct = self["direct-mark"]
+        if direct & self["queue-mark"]:
+            raise usage.UsageError("--direct-mark shares bits with --queue-mark")
+        if direct & reject:
+            raise usage.UsageError("--direct-mark shares bits with --reject-mark")
+        if self["mark"] is not None and direct & self["mark"]:
+            raise usage.UsageError("--direct-mark shares bits with --mark")
 
 
 def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None = None) -> IService:  # type: ignore[no-untyped-def]
@@ -996,7 +1015,8 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     resolver = makeResolver(config["resolver"], reactor, **resolverOptions(config))
     factory = ShifterFactory(resolver, built.pool, built.settings, reactor, policy=built.policy)
     if config["hold-syn"]:
-        factory.holder = resolver.holder = SynHolder(factory, config["hold-timeout"])  # type: ignore[attr-defined]
+        holder = SynHolder(factory, config["hold-timeout"], direct=bool(config["direct-mark"]))
+        factory.holder = resolver.holder = holder  # type: ignore[attr-defined]
     listen = withBacklog(config["listen"], LISTEN_BACKLOG)
     endpoint = serverFromString(reactor, listen)
     metrics = config["metrics"]
@@ -1220,7 +1240,7 @@ def _pacPolicy(config: Options, reactor, pool: ProxyPool, rules: RulePolicy | No
 # them says so, and they take effect at the next start.
 RESTART_OPTIONS = (
     "listen", "resolver", "queue-num", "queue-bypass", "queue-mark", "workers", "metrics", "control",
-    "hold-syn", "hold-timeout", "reject-mark", "access-log", "access-log-format", "log-format",
+    "hold-syn", "hold-timeout", "reject-mark", "direct-mark", "access-log", "access-log-format", "log-format",
 )
 
 
@@ -1370,6 +1390,7 @@ def resolverOptions(config: Options) -> dict[str, object]:
             "queueBypass": bool(config["queue-bypass"]),
             "mark": config["queue-mark"],
             "rejectMark": config["reject-mark"],
+            "directMark": config["direct-mark"] if config["hold-syn"] else 0,
         }
     return {}
 

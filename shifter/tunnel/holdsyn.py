@@ -42,6 +42,16 @@ The caps apply at the SYN: with C{--max-connections} tunnels open, or a
 client's C{--max-connections-per-client} open or held, its SYN is refused;
 SYNs past C{--max-connections} counting held ones are not held but
 accepted at once, to be tunnelled the ordinary way after their handshake.
+
+DIRECT at the SYN: when the policy's answer (asked with no name, as every
+held SYN's is) sends the connection DIRECT first, to its own destination,
+the SYN is accepted with the direct mark (C{--direct-mark}) instead of the
+queue mark.  The printed rules never redirect it and save the mark to the
+connection, so no later packet of it is queued: the gateway forwards it
+like any routed traffic, and its bytes never enter Shifter.  The checks
+still apply first (never the gateway itself, never loopback: refused at
+the SYN).  With a direct mark of 0, a DIRECT answer goes through Shifter
+as before.
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from zope.interface import implementer
@@ -84,6 +94,7 @@ from shifter.tunnel.negotiation import (
 from shifter.tunnel.statetable import buildTable
 from shifter.tunnel.tunnel import RATE_LIMITED, TunnelRecord
 from shifter.tunnel.tunnelid import newTunnelId
+from shifter.upstream.proxy import DIRECT
 from shifter.upstream.upstream import ProxyAttempt
 
 DEFAULT_HOLD_TIMEOUT = 10.0
@@ -140,6 +151,24 @@ class HeldTunnel:
     tunnelId: str = ""
     status: Optional[int] = None
     connected: Optional[float] = None
+
+
+def directAtSyn(decision: Any, address: str, usable: Callable[[Any], bool]) -> bool:
+    """
+    Whether a policy's C{decision}, for a connection to C{address}, can be
+    given at its SYN as DIRECT: it sends the connection DIRECT first (of
+    the routes C{usable} says may be tried), to its own address.
+    """
+    if decision is None or decision.refuse is not None or not decision.proxies:
+        return False
+    if decision.target is not None:
+        try:
+            if canonicalHost(decision.target) != address:
+                return False
+        except ValueError:
+            return False  # a name: only a tunnel can connect to it
+    first = next((p for p in decision.proxies if usable(p)), None)
+    return first is not None and first.kind == DIRECT
 
 
 def newAttempt(proxy: Any, receiver: IProxyReceiver) -> Any:
@@ -296,6 +325,42 @@ class HeldSyn(ProxyNegotiation):
 
     def _decideFailed(self, reason: Failure) -> None:
         self._fail("policy", f"policy error: {reason.getErrorMessage()}")
+
+    def _decided(self, decision: Any) -> None:
+        """
+        The policy's answer: DIRECT at the SYN if it sends the connection
+        straight to its own destination, else the tunnel's way.
+        """
+        if self._directAtSyn(decision):
+            self._direct(decision.label)
+            return
+        ProxyNegotiation._decided(self, decision)
+
+    def _directAtSyn(self, decision: Any) -> bool:
+        """
+        Whether C{decision} sends this connection DIRECT at the SYN.
+        """
+        return self.holder.direct and directAtSyn(decision, self.address, self.pool.usable)
+
+    def _direct(self, label: Optional[str]) -> None:
+        """
+        Accept the SYN with the direct mark: its connection goes to its
+        destination past Shifter.  One line says so.
+        """
+        self.holder.counters["direct"] += 1
+        decidedBy = f" ({label})" if label else ""
+        self.log.info(
+            "tunnel {client} -> {destination} DIRECT at the SYN (not through Shifter){decidedBy} id={tunnel}",
+            client=self.clientLabel, destination=self.target, decidedBy=decidedBy, tunnel=self.tunnelId,
+        )
+        accessLog = getattr(self.owner, "accessLog", None)
+        if accessLog is not None:
+            record = self._record("direct", "DIRECT at the SYN (not through Shifter)")
+            accessLog.tunnelEnded(replace(record, how=f"DIRECT at the SYN (not through Shifter){decidedBy}",
+                                          proxy="DIRECT"))
+        self._cancelPending()
+        self._verdict("direct")
+        self._done()
 
     def _refusal(self) -> tuple[str, str] | None:
         """
@@ -469,7 +534,8 @@ class HeldSyn(ProxyNegotiation):
 
     def _verdict(self, kind: str) -> None:
         """
-        Give the held SYN its verdict: C{"accept"}, C{"reject"} or C{"drop"}.
+        Give the held SYN its verdict: C{"accept"}, C{"reject"},
+        C{"direct"} or C{"drop"}.
         """
         self.verdict = kind
         getattr(self.protocol, kind)(self.packet)
@@ -484,6 +550,8 @@ class HeldSyn(ProxyNegotiation):
         self.holder.deadlines.set(self, when)
 
 _HELD = (HELD, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING)
+# The verdicts a copy of the SYN gets too, while remembered.
+_REMEMBERED = ("accept", "reject", "direct")
 # Every refusal at the SYN a client can cause at will (see the tunnel's
 # RATE_LIMITED), and the connection caps, which downstream limits too.
 _RATE_LIMITED = RATE_LIMITED | {"limit", "client-limit"}
@@ -551,7 +619,8 @@ class SynHolder:
     @ivar recent: the SYNs whose verdict was given in the last C{timeout}
         seconds (at most C{maxRecent}), so that copies of them still get
         the same verdict.
-    @ivar counters: C{held}, C{accepted}, C{refused}, C{joined},
+    @ivar counters: C{held}, C{accepted}, C{refused}, C{direct} (DIRECT
+        at the SYN), C{joined},
         C{retransmits}, C{unclaimed}, C{passed} (not held: too many).
     @ivar longestHold: the longest a SYN waited for its verdict, in seconds.
     """
@@ -563,10 +632,13 @@ class SynHolder:
         owner: Any,
         timeout: float = DEFAULT_HOLD_TIMEOUT,
         newAttempt: Callable[[Any, IProxyReceiver], Any] = newAttempt,
+        direct: bool = False,
     ) -> None:
         """
         @param newAttempt: makes an attempt at a proxy (a test passes its
             own).
+        @param direct: give DIRECT decisions at the SYN (the queue has a
+            direct mark, C{--direct-mark}).
         """
         if not timeout > 0:
             raise ValueError("the hold timeout must be more than 0 seconds")
@@ -574,6 +646,7 @@ class SynHolder:
         self.timeout = timeout
         self.clock = owner.reactor
         self.newAttempt = newAttempt
+        self.direct = direct
         self.deadlines = Deadlines(self.clock)
         self.entries: dict[tuple[str, int, str, int], HeldSyn] = {}
         # (sequence number, verdict, until when) of SYNs done lately, by
@@ -642,7 +715,7 @@ class SynHolder:
                 self.perClient[clientId] = left
             else:
                 del self.perClient[clientId]
-        if entry.verdict in ("accept", "reject"):
+        if entry.verdict in _REMEMBERED:
             recent = self.recent
             recent.pop(key, None)
             recent[key] = (entry.sequence, entry.verdict, self.clock.seconds() + self.timeout)
@@ -675,7 +748,7 @@ class SynHolder:
         a SYN dropped, acceptance as an ordinary SYN.
         """
         self.counters["retransmits"] += 1
-        getattr(protocol, entry.verdict if entry.verdict in ("accept", "reject") else "accept")(packet)
+        getattr(protocol, entry.verdict if entry.verdict in _REMEMBERED else "accept")(packet)
 
     def heldFrom(self, clientId: str) -> int:
         """
@@ -699,9 +772,10 @@ class SynHolder:
         counters = self.counters
         self.log.info(
             "hold-syn: {held} SYNs held, {accepted} accepted, {refused} refused, "
-            "{joined} joined to their connection, {unclaimed} never taken, "
+            "{direct} direct at the SYN, {joined} joined to their connection, {unclaimed} never taken, "
             "{retransmits} copies recognised, {passed} passed unheld; longest hold {longest:.3f} s",
             held=counters["held"], accepted=counters["accepted"], refused=counters["refused"],
+            direct=counters["direct"],
             joined=counters["joined"], unclaimed=counters["unclaimed"],
             retransmits=counters["retransmits"], passed=counters["passed"],
             longest=self.longestHold,
