@@ -16,7 +16,7 @@ APT_PACKAGES := python3 python3-venv squid iptables nftables iproute2 conntrack 
 	linux-headers-6.12-amd64 linux-image-6.12-amd64 qemu-system-x86 \
 	iperf3 wrk nginx-light redsocks busybox-static linux-source-6.12 dante-server logrotate \
 	krb5-kdc krb5-admin-server krb5-user libkrb5-dev publicsuffix dnsmasq-base \
-	mmdebstrap systemd-container groff-base man-db
+	mmdebstrap systemd-container isc-dhcp-client groff-base man-db
 
 # What building the debug kernel needs besides (make test-kernel-debug).
 DEBUG_APT_PACKAGES := flex bison bc libelf-dev libssl-dev

@@ -9,6 +9,8 @@ driven by the real reactor.
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -667,3 +669,88 @@ time.sleep(0.5)
 print(child.pid, flush=True)
 time.sleep(60)
 """
+
+
+DHCLIENT_LEASES = """\
+lease {
+  interface "eth0";
+  fixed-address 192.0.2.51;
+  option subnet-mask 255.255.255.0;
+  option wpad "http://old.example.test/proxy.pac";
+  renew 1 2026/12/07 14:00:00;
+}
+lease {
+  interface "eth0";
+  fixed-address 192.0.2.51;
+  option subnet-mask 255.255.255.0;
+  option wpad "http://wpad.example.test/proxy.pac";
+  renew 1 2026/12/07 15:00:00;
+}
+"""
+
+
+class DhcpWpadTests(SynchronousTestCase):
+    """
+    WPAD from the gateway's DHCP lease (option 252), before DNS.
+    """
+
+    def test_dhclient(self) -> None:
+        """
+        dhclient's leases: the last lease's option, named (quoted) or
+        unknown-252 (quoted or hex); a last lease without it gives none.
+        """
+        from shifter.pac.wpad import leaseWpadURL
+
+        self.assertEqual(leaseWpadURL(DHCLIENT_LEASES), "http://wpad.example.test/proxy.pac")
+        hexURL = ":".join(f"{b:02x}" for b in b"http://hex.example.test/wpad.dat\x00")
+        self.assertEqual(leaseWpadURL(f"lease {{\n  option unknown-252 {hexURL};\n}}\n"),
+                         "http://hex.example.test/wpad.dat")
+        self.assertEqual(leaseWpadURL('lease {\n  option unknown-252 "https://q.example.test/p.pac";\n}\n'),
+                         "https://q.example.test/p.pac")
+        self.assertIsNone(leaseWpadURL(DHCLIENT_LEASES + "lease {\n  fixed-address 192.0.2.52;\n}\n"))
+
+    def test_networkd(self) -> None:
+        """
+        systemd-networkd's lease: OPTION_252 in hex.
+        """
+        from shifter.pac.wpad import leaseWpadURL
+
+        text = "ADDRESS=192.0.2.51\nOPTION_252=" + b"http://nd.example.test/wpad.dat".hex() + "\n"
+        self.assertEqual(leaseWpadURL(text), "http://nd.example.test/wpad.dat")
+
+    def test_refused(self) -> None:
+        """
+        What is not an http(s) URL of printable characters, within 2048
+        bytes, is not taken.
+        """
+        from shifter.pac.wpad import leaseWpadURL
+
+        for value in ('"file:///etc/shadow"', '"http://a b/"', '"javascript:1"', '"http://x/\\012"',
+                      '"http://' + "a" * 2050 + '/"', "zz:zz"):
+            self.assertIsNone(leaseWpadURL(f"lease {{\n  option wpad {value};\n}}\n"), value)
+
+    def test_newestLeaseFirst(self) -> None:
+        """
+        Of several lease files, the newest with a URL gives it; then
+        wpadCandidates takes it before the search domain.
+        """
+        from shifter.pac.wpad import dhcpWpadURL, wpadCandidates
+
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        old, new, none = directory / "old.leases", directory / "new.leases", directory / "none.leases"
+        old.write_text('lease {\n  option wpad "http://old.example.test/a.pac";\n}\n')
+        new.write_text('lease {\n  option wpad "http://new.example.test/b.pac";\n}\n')
+        none.write_text("lease {\n  fixed-address 192.0.2.9;\n}\n")
+        os.utime(old, (1000, 1000))
+        os.utime(new, (2000, 2000))
+        os.utime(none, (3000, 3000))
+        pattern = str(directory / "*.leases")
+        self.assertEqual(dhcpWpadURL([pattern]), ("http://new.example.test/b.pac", str(new)))
+        resolv = directory / "resolv.conf"
+        resolv.write_text("search a.example.com\n")
+        self.assertEqual(wpadCandidates(str(resolv), leases=[pattern]),
+                         (f"DHCP option 252 in {new}", ["http://new.example.test/b.pac"]))
+        origin, urls = wpadCandidates(str(resolv), leases=[str(directory / "nothing-*")])
+        self.assertEqual(origin, "search domain a.example.com, looked for down to http://wpad.example.com/wpad.dat")
+        self.assertEqual(urls[0], "http://wpad.a.example.com/wpad.dat")

@@ -25,8 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from twisted.trial.unittest import SynchronousTestCase
+
 from tests.gateway import (
-    CLIENT_V4, GATEWAY_V4, PROJECT, SERVER_V4, SHIFTER_PORT, SQUID_PORT, ShifterProcess, waitFor,
+    CLIENT_V4, GATEWAY_V4, PROJECT, SERVER_V4, SHIFTER_PORT, SQUID_PORT, ShifterProcess, gatewayFor, waitFor,
 )
 from tests.support import requireHost
 from tests.test_resolvers_e2e import ResolverGatewayTestCase
@@ -380,7 +382,10 @@ class WpadTests(PacGatewayTestCase):
         """
         self.startDns("b.example.test", "wpad.test")
         self.startShifter("--pac", "wpad")
-        line = self.shifter.waitForLog("PAC wpad: WPAD found no script (search domain b.example.test)")
+        line = self.shifter.waitForLog(
+            "PAC wpad: WPAD found no script (search domain b.example.test, "
+            "looked for down to http://wpad.example.test/wpad.dat)"
+        )
         self.assertIn("no PAC script, so connections are refused (--pac-fallback refuse)", line)
         self.assertIn("wpad.example.test", self.queried())
         self.assertNotIn("wpad.test", self.queried())
@@ -414,3 +419,45 @@ class PacReloadTests(PacGatewayTestCase):
         # One CONNECT through Squid (its other lines, if any, are warm
         # connections closed unused: transaction-end-before-headers).
         self.assertEqual(len([line for line in self.squid.accessLogLines() if " CONNECT " in line]), 1)
+
+
+class DhcpLeaseTests(SynchronousTestCase):
+    """
+    The PAC URL of DHCP's option 252, from a real exchange: dnsmasq serving
+    DHCP on the gateway's LAN side with option 252, ISC dhclient on the
+    client side asking for it and writing its lease file, which Shifter's
+    WPAD reads.
+    """
+
+    def test_option252(self) -> None:
+        """
+        The URL the DHCP server gave is the one WPAD takes, before DNS.
+        """
+        requireHost(root=True, programs=("dnsmasq", "dhclient"))
+        from shifter.pac.wpad import dhcpWpadURL, wpadCandidates
+
+        net = gatewayFor(self)
+        url = "http://wpad.corp.example.test/proxy.pac"
+        net.gateway.start(
+            "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--port=0", "--user=root",
+            "--interface=c1", "--bind-interfaces", "--dhcp-authoritative",
+            f"--dhcp-range={CLIENT_V4.rsplit('.', 1)[0]}.50,{CLIENT_V4.rsplit('.', 1)[0]}.60,1h",
+            f"--dhcp-option=252,{url}", f"--dhcp-leasefile={net.directory / 'dnsmasq.leases'}",
+            f"--pid-file={net.directory / 'dnsmasq.pid'}",
+            logTo=net.directory / "dnsmasq.out",
+        )
+        config = net.directory / "dhclient.conf"
+        config.write_text("option wpad code 252 = text;\nrequest subnet-mask, routers, wpad;\n")
+        leases = net.directory / "dhclient.c0.leases"
+        net.client.start(
+            "dhclient", "-d", "-1", "-v", "-cf", str(config), "-lf", str(leases),
+            "-pf", str(net.directory / "dhclient.pid"), "-sf", "/bin/true", "c0",
+            logTo=net.directory / "dhclient.out",
+        )
+        waitFor(lambda: leases.exists() and "lease {" in leases.read_text(), 60, "dhclient's lease")
+        self.assertIn(f'option wpad "{url}";', leases.read_text())
+        self.assertEqual(dhcpWpadURL([str(leases)]), (url, str(leases)))
+        resolv = net.directory / "resolv.conf"
+        resolv.write_text("search elsewhere.example.com\n")
+        self.assertEqual(wpadCandidates(str(resolv), leases=[str(leases)]),
+                         (f"DHCP option 252 in {leases}", [url]))

@@ -164,10 +164,10 @@ class PacSource:
         # The validators and time of what was fetched, kept once it loads.
         self._pendingValidators: tuple[Optional[bytes], Optional[bytes]] = (None, None)
         self._pendingMtime: Optional[float] = None
-        # WPAD: the URLs to try, the one that answered, and the search
-        # domain they come from.
+        # WPAD: the URLs to try, the one that answered, and where they
+        # come from (a DHCP lease, or the search domain), in words.
         self.wpadUrls: list[str] = []
-        self.domain: Optional[str] = None
+        self.origin: Optional[str] = None
         self.found: Optional[str] = None
         self._pendingFound: Optional[str] = None
         self._wpadError: Optional[str] = None
@@ -175,7 +175,7 @@ class PacSource:
             from shifter.pac.wpad import WpadError, wpadCandidates
 
             try:
-                self.domain, self.wpadUrls = wpadCandidates()
+                self.origin, self.wpadUrls = wpadCandidates()
             except WpadError as e:
                 self._wpadError = str(e)
 
@@ -282,7 +282,7 @@ class PacSource:
             if index >= len(urls):
                 self.found = None
                 result.errback(Failure(FetchError(
-                    f"WPAD found no script (search domain {self.domain}): " + "; ".join(tried)
+                    f"WPAD found no script ({self.origin}): " + "; ".join(tried)
                 )))
                 return
             url = urls[index]
@@ -363,8 +363,8 @@ class PacSource:
         if self.isWpad and self._pendingFound != self.found:
             self.found = self._pendingFound
             self.log.info(
-                "PAC wpad: found {url} (search domain {domain}, looked for down to {last})",
-                url=self.found, domain=self.domain, last=self.wpadUrls[-1],
+                "PAC wpad: found {url} ({origin})",
+                url=self.found, origin=self.origin,
             )
         if self.isURL:
             self._etag, self._modified = self._pendingValidators

@@ -1,6 +1,7 @@
 """
-C{--pac wpad}: where the site's PAC script is, found by the DNS devolution
-of the gateway's search domain, never above the registrable domain.
+C{--pac wpad}: where the site's PAC script is, from the gateway's DHCP
+lease (option 252), else found by the DNS devolution of the gateway's
+search domain, never above the registrable domain.
 
 For the search domain C{a.b.corp.example.com} Shifter tries, in order,
 C{http://wpad.a.b.corp.example.com/wpad.dat}, C{wpad.b.corp...},
@@ -13,15 +14,38 @@ candidate at all.
 
 The list is Debian's C{publicsuffix} package
 (C{/usr/share/publicsuffix/public_suffix_list.dat}); without it WPAD is
-refused rather than guessed.  DHCP's option 252 is not read.
+refused rather than guessed.
+
+Before DNS, the gateway's DHCP lease is read: where the site's DHCP
+server gave the PAC URL in option 252 (as Windows clients ask for it), that
+URL is the one, as browsers take it.  The leases read are ISC dhclient's
+(C{/var/lib/dhcp/dhclient*.leases}: C{option wpad "URL";} when
+dhclient.conf names the option, else C{option unknown-252 ...}, as text
+or hex) and systemd-networkd's (C{/run/systemd/netif/leases/*}:
+C{OPTION_252=} in hex), the newest file first and the last lease in it.
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import re
 from typing import Iterable, Optional
 
 PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"
 RESOLV_CONF = "/etc/resolv.conf"
+DHCP_LEASES = (
+    "/var/lib/dhcp/dhclient*.leases",
+    "/var/lib/dhclient/*.leases",
+    "/run/systemd/netif/leases/*",
+)
+# The longest URL taken from a lease.
+MAX_URL = 2048
+
+_DHCLIENT_OPTION = re.compile(
+    r'^\s*option\s+(?:wpad|wpad-url|unknown-252)\s+("(?:[^"\\]|\\.)*"|[0-9a-fA-F:]+)\s*;', re.M
+)
+_NETWORKD_OPTION = re.compile(r"^OPTION_252=([0-9a-fA-F]+)\s*$", re.M)
 
 
 class WpadError(ValueError):
@@ -118,16 +142,91 @@ def candidates(domain: str, suffixes: PublicSuffixes) -> list[str]:
     return [f"http://wpad.{'.'.join(labels[i:])}/wpad.dat" for i in range(0, len(labels) - stop + 1)]
 
 
-def wpadCandidates(resolvConf: str = RESOLV_CONF, publicSuffixes: str = PUBLIC_SUFFIX_LIST) -> tuple[str, list[str]]:
+def _leaseValue(raw: str) -> Optional[str]:
     """
-    The search domain and its WPAD URLs.
+    An option's value as a lease writes it: a quoted string (with
+    backslash and octal escapes), or hex octets with or without colons.
+    """
+    if raw.startswith('"'):
+        # dhclient writes what is not printable as octal escapes.
+        value = re.sub(r"\\([0-7]{3}|.)",
+                       lambda m: chr(int(m.group(1), 8)) if len(m.group(1)) == 3 else m.group(1), raw[1:-1])
+    else:
+        try:
+            value = bytes.fromhex(raw.replace(":", "")).decode("utf-8")
+        except ValueError:
+            return None
+    return value.rstrip("\x00")
 
-    @raise WpadError: with no search domain, no list, or no candidate.
+
+def _usableURL(value: Optional[str]) -> Optional[str]:
+    if (value and len(value) <= MAX_URL and value.isprintable() and " " not in value
+            and value.lower().startswith(("http://", "https://"))):
+        return value
+    return None
+
+
+def leaseWpadURL(text: str) -> Optional[str]:
     """
+    The option 252 URL of the last lease in a lease file's C{text}, or
+    C{None}.
+    """
+    found = [m.group(1) for m in _DHCLIENT_OPTION.finditer(text)]
+    if not found:
+        found = [m.group(1) for m in _NETWORKD_OPTION.finditer(text)]
+    if not found:
+        return None
+    if "lease {" in text:
+        # dhclient appends leases: only the last one's options count.
+        last = text.rsplit("lease {", 1)[1]
+        found = [m.group(1) for m in _DHCLIENT_OPTION.finditer(last)]
+        if not found:
+            return None
+    return _usableURL(_leaseValue(found[-1]))
+
+
+def dhcpWpadURL(patterns: Iterable[str] = DHCP_LEASES) -> Optional[tuple[str, str]]:
+    """
+    The PAC URL the gateway's DHCP lease gives (option 252), with the
+    lease file it came from: the newest lease file that has one.
+    """
+    paths = sorted(
+        {path for pattern in patterns for path in glob.glob(pattern)},
+        key=lambda path: os.stat(path).st_mtime if os.path.exists(path) else 0.0,
+        reverse=True,
+    )
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read(1 << 20)
+        except OSError:
+            continue
+        url = leaseWpadURL(text)
+        if url is not None:
+            return url, path
+    return None
+
+
+def wpadCandidates(
+    resolvConf: str = RESOLV_CONF,
+    publicSuffixes: str = PUBLIC_SUFFIX_LIST,
+    leases: Iterable[str] = DHCP_LEASES,
+) -> tuple[str, list[str]]:
+    """
+    Where the WPAD URLs come from, in words, and the URLs: the one a DHCP
+    lease gives, else the search domain's.
+
+    @raise WpadError: with no DHCP URL and no search domain, no list, or no
+        candidate.
+    """
+    fromDhcp = dhcpWpadURL(leases)
+    if fromDhcp is not None:
+        url, path = fromDhcp
+        return f"DHCP option 252 in {path}", [url]
     domain = searchDomain(resolvConf)
     if domain is None:
         raise WpadError(f"no search domain in {resolvConf} to look for wpad.<domain> in")
     urls = candidates(domain, PublicSuffixes.load(publicSuffixes))
     if not urls:
         raise WpadError(f"the search domain {domain} is a public suffix: no wpad name under it is the site's")
-    return domain, urls
+    return f"search domain {domain}, looked for down to {urls[-1]}", urls

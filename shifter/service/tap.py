@@ -540,7 +540,8 @@ class Options(usage.Options):
             None,
             None,
             "The site's proxy auto-config script, an http://, https:// or file "
-            "URL, a file name, or wpad (http://wpad.DOMAIN/wpad.dat, DOMAIN the "
+            "URL, a file name, or wpad (the URL of DHCP option 252 in the "
+            "gateway's lease, else http://wpad.DOMAIN/wpad.dat, DOMAIN the "
             "search domain and its parents down to the registrable domain, never "
             "above): for each connection no rule decides, its "
             "FindProxyForURL(url, host) answer (PROXY, HTTPS, SOCKS5, DIRECT, "
