@@ -201,6 +201,8 @@ class OptionErrorTests(SynchronousTestCase):
         "pac-fallback": "somewhere",
         "pac-refresh": "-1",
         "pac-timeout": "xyz",
+        "warm-connections": "lots",
+        "warm-lifetime": "-1",
     }
 
     def test_everyOption(self) -> None:
@@ -266,6 +268,20 @@ class OptionErrorTests(SynchronousTestCase):
         config.write_text('[[proxy]]\naddress = "10.0.0.5:3128"\nca = "/nonexistent"\n')
         error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", str(config)])
         self.assertIn("line 1: proxy: ca applies only to an https:// proxy", str(error))
+
+    def test_proxyCAForPac(self) -> None:
+        """
+        With C{--pac}, C{--proxy-ca} applies to the HTTPS proxies the script
+        names, so it is taken (and read) without any https:// proxy given.
+        """
+        path = Path(self.mktemp())
+        path.write_bytes(certificatePEM("PAC CA"))
+        options = Options()
+        options.parseOptions(["--pac", "http://192.0.2.5/proxy.pac", "--proxy-ca", str(path)])
+        self.assertEqual(options["proxy-ca"], str(path))
+        error = self.assertRaises(usage.UsageError, Options().parseOptions,
+                                  ["--pac", "http://192.0.2.5/proxy.pac", "--proxy-ca", "/nonexistent"])
+        self.assertIn("--proxy-ca:", str(error))
 
     def test_bundle(self) -> None:
         """

@@ -311,6 +311,36 @@ class PacDirectAndSocksTests(PacGatewayTestCase):
         self.assertEqual(self.squid.accessLogLines(), [])
 
 
+class PacHttpsTests(PacGatewayTestCase):
+    def test_https(self) -> None:
+        """
+        C{HTTPS host:port}: an https:// proxy (a Squid's https_port), its
+        certificate checked against --proxy-ca, which applies to the
+        proxies the script names.
+        """
+        from tests.gateway import Squid, makeCertificate
+
+        tlsDirectory = self.directory / "proxy-tls"
+        tlsDirectory.mkdir()
+        key, cert = makeCertificate(tlsDirectory, names=("IP:127.0.0.1",))
+        subprocess.run(["chown", "-R", "proxy", str(tlsDirectory)], check=True)
+        tlsSquid = Squid(self.net.gateway, self.directory / "squid-tls", port=3129,
+                         extra=f"https_port 127.0.0.1:3443 tls-cert={cert} tls-key={key}\n")
+        tlsSquid.start()
+        self.addCleanup(tlsSquid.stop)
+        self.net.gateway.waitListening(3443)
+        self.startShifter("--proxy-ca", str(cert), "--pac", self.pacFile(
+            "function FindProxyForURL(url, host) { return 'HTTPS 127.0.0.1:3443'; }"
+        ))
+        self.shifter.waitForLog("PAC", "loaded")
+        result = self.fetch(f"https://{SERVER_V4}/file.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.body, self.payload)
+        tlsSquid.waitForLog("TCP_TUNNEL/200", f"CONNECT {SERVER_V4}:443 ")
+        self.shifter.waitForLog("via https://127.0.0.1:3443 (PAC: HTTPS 127.0.0.1:3443) closed")
+        self.assertEqual(self.squid.accessLogLines(), [])
+
+
 class WpadTests(PacGatewayTestCase):
     """
     C{--pac wpad} through a real DNS server (dnsmasq, in the server's

@@ -825,9 +825,11 @@ class Options(usage.Options):
         ca = self["proxy-ca"]
         if ca is None:
             return
-        if not any(spec.address.startswith("https://") and spec.ca is None for spec in self.proxySpecs):
+        named = any(spec.address.startswith("https://") and spec.ca is None for spec in self.proxySpecs)
+        if not named and self["pac"] is None:  # a PAC script's HTTPS answers use it too
             raise usage.UsageError(
-                "--proxy-ca: applies only to https:// proxies (without a ca of their own), and none is configured"
+                "--proxy-ca: applies only to https:// proxies (without a ca of their own) and to those a --pac "
+                "script names, and there are none"
             )
         try:
             readTrustRoot(credentialsPath(ca))
