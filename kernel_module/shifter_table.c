@@ -516,26 +516,23 @@ static bool shifter_gc_due(struct shifter_table *table, unsigned long *due)
 }
 
 /*
- * Notes that the work is wanted at @due, unless it is armed for sooner;
- * true if it must be (re)queued, by shifter_gc_queue() once the lock is
- * dropped.  Called with the table's lock held.
+ * Wants the work at @due, unless it is already queued for sooner.  The
+ * timer is set under the table's lock, with gc_due, so that two callers
+ * (a record and the work re-arming itself) cannot leave it set for the
+ * later of their times while gc_due says the sooner.  Called with the
+ * table's lock held.
  */
-static bool shifter_gc_arm(struct shifter_table *table, unsigned long due)
+static void shifter_gc_want(struct shifter_table *table, unsigned long due)
 {
+	long delay;
+
 	lockdep_assert_held(&table->lock);
 	if (table->gc_armed && !time_before(due, table->gc_due))
-		return false;
+		return;
 	table->gc_armed = true;
 	table->gc_due = due;
-	return true;
-}
-
-static void shifter_gc_queue(struct shifter_table *table, unsigned long due)
-{
-	long delay = (long)(due - jiffies);
-
-	mod_delayed_work(system_power_efficient_wq, &table->gc,
-			 max(delay, 1L));
+	delay = (long)(due - jiffies);
+	mod_delayed_work(system_power_efficient_wq, &table->gc, max(delay, 1L));
 }
 
 /*
@@ -550,7 +547,6 @@ static void shifter_table_gc(struct work_struct *work)
 	struct shifter_entry *entry, *tmp;
 	unsigned int budget = SHIFTER_GC_BATCH;
 	unsigned long now = jiffies, due = now;
-	bool queue = false;
 
 	spin_lock_bh(&table->lock);
 	table->gc_armed = false;
@@ -578,15 +574,11 @@ static void shifter_table_gc(struct work_struct *work)
 	}
 	if (!budget) {
 		/* More to do at once: let other work run in between. */
-		due = now;
-		queue = shifter_gc_arm(table, due);
+		shifter_gc_want(table, now);
 	} else if (shifter_gc_due(table, &due)) {
-		queue = shifter_gc_arm(table, due);
+		shifter_gc_want(table, due);
 	}
 	spin_unlock_bh(&table->lock);
-
-	if (queue)
-		shifter_gc_queue(table, due);
 }
 
 /*
@@ -601,8 +593,7 @@ void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct)
 	struct shifter_buckets *b;
 	struct hlist_head *chain;
 	unsigned int chained = 0, chains;
-	unsigned long due;
-	bool queue, grow = false;
+	bool grow = false;
 
 	/* Charged to the memory cgroup that enabled this namespace. */
 	old_memcg = set_active_memcg(table->memcg);
@@ -660,8 +651,7 @@ void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct)
 	}
 	hlist_add_head_rcu(&entry->node[b->node], chain);
 	list_add_tail(&entry->age, &table->fresh);
-	due = shifter_entry_checked_due(entry);
-	queue = shifter_gc_arm(table, due);
+	shifter_gc_want(table, shifter_entry_checked_due(entry));
 	if (!table->growing && chains < table->buckets_max &&
 	    atomic_read(&table->count) > SHIFTER_GROW_LOAD * chains) {
 		table->growing = true;
@@ -670,8 +660,6 @@ void shifter_table_record(struct shifter_table *table, const struct nf_conn *ct)
 	spin_unlock_bh(&table->lock);
 
 	atomic64_inc(&stats->inserts);
-	if (queue)
-		shifter_gc_queue(table, due);
 	if (grow)
 		queue_work(system_power_efficient_wq, &table->grow);
 	return;
