@@ -260,8 +260,7 @@ def _parseSocks(value, reactor, credentials) -> UpstreamProxy:  # type: ignore[n
     url = urlsplit(value)
     if url.path not in ("", "/") or url.fragment or url.query or value.endswith("?"):
         raise ValueError(f"a SOCKS5 proxy URL has only a scheme, credentials, host and port: {value!r}")
-    host, port, credentials = _urlParts(url, value, credentials)
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    host, port, authority, credentials = _urlParts(url, value, credentials)
     login = None
     if credentials is not None:
         try:
@@ -274,8 +273,8 @@ def _parseSocks(value, reactor, credentials) -> UpstreamProxy:  # type: ignore[n
 
 def _urlParts(url, value, credentials):  # type: ignore[no-untyped-def]
     """
-    The host, port and credentials a proxy URL names (its credentials, if
-    any, else C{credentials}).
+    The host, port, C{host:port} (an IPv6 host in brackets) and credentials
+    a proxy URL names (its credentials, if any, else C{credentials}).
     """
     try:
         port = url.port
@@ -290,7 +289,8 @@ def _urlParts(url, value, credentials):  # type: ignore[no-untyped-def]
         from shifter.upstream.auth import Credentials
 
         credentials = Credentials(unquote(url.username), unquote(url.password or ""))
-    return host, port, credentials
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host, port, authority, credentials
 
 
 def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ignore[no-untyped-def]
@@ -299,8 +299,7 @@ def _parseURL(value, reactor, credentials, caFile) -> UpstreamProxy:  # type: ig
         raise ValueError(
             f"a proxy URL has only a scheme, credentials, host, port and ?pass-client=: {value!r}"
         )
-    host, port, credentials = _urlParts(url, value, credentials)
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    host, port, authority, credentials = _urlParts(url, value, credentials)
     if url.scheme == "http":
         return _tcpProxy(authority, reactor, host, port, credentials)
     plain = _tcpProxy(authority, reactor, host, port, credentials)
