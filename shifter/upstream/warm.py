@@ -379,6 +379,7 @@ class WarmConnections:
         now = self.clock.seconds()
         demand = self._demand.setdefault(proxy, deque(maxlen=4096))
         demand.append(now)
+        self._forgetOldDemand(demand, now)
         transport = None
         for connection in sorted(self.connections.get(proxy, ()), key=lambda c: c.startedAt):
             if connection.state != READY:
@@ -388,6 +389,16 @@ class WarmConnections:
                 self.taken += 1
                 break
         return transport
+
+    @staticmethod
+    def _forgetOldDemand(demand: deque[float], now: float) -> None:
+        """
+        Keep in C{demand} only the times within L{RATE_WINDOW} of C{now}
+        (and always the latest), so that counting the recent rate costs
+        nothing per tunnel however high the rate.
+        """
+        while len(demand) > 1 and now - demand[0] > RATE_WINDOW:
+            demand.popleft()
 
     def target(self, proxy: Any) -> int:
         """
@@ -406,11 +417,8 @@ class WarmConnections:
         health = self.pool.health.get(proxy)
         if health is not None and not health.up:
             return 0
-        recent = 0
-        for when in reversed(demand):
-            if now - when > RATE_WINDOW:
-                break
-            recent += 1
+        self._forgetOldDemand(demand, now)
+        recent = len(demand) - (now - demand[0] > RATE_WINDOW)
         turnaround = self._turnaround.get(proxy, 0.05)
         return min(self.limit, 1 + math.ceil(recent / RATE_WINDOW * turnaround * 2))
 
