@@ -34,7 +34,7 @@ from typing import IO, Any, Callable
 
 from zope.interface import implementer
 
-from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, jsonFileLogObserver, textFileLogObserver
+from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText, formatEvent, formatTime, jsonFileLogObserver
 
 log = Logger()
 
@@ -105,6 +105,90 @@ class JsonObserver:
     def __call__(self, event: dict[str, Any]) -> None:
         self.stream.write(_json.dumps(eventAsDict(event), ensure_ascii=False) + "\n")
         self.stream.flush()
+
+
+# How long a line of the text log may wait in the buffer: until the
+# reactor's next turn, when it has handled every event that was ready.
+# Lines come in bursts of tunnels ending, and one write per burst costs
+# less than one per line, while a reader of the file waits for nothing.
+TEXT_FLUSH_DELAY = 0.0
+
+# A format that is one field alone (C{"{tunnel_line}"}): a line rendered
+# by the code that logs it.
+_ONE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@implementer(ILogObserver)
+class TextObserver:
+    """
+    Twisted's text form (C{time [system] message}, as twistd writes it),
+    written cheaply enough for a line per tunnel: the time stamp rendered
+    once a second, a line logged pre-rendered as a single field
+    (C{log.info("{tunnel_line}", tunnel_line=...)}) used as it is, and lines
+    buffered until the reactor's next turn (L{TEXT_FLUSH_DELAY}; a warning
+    or worse is flushed at once).  Every other event is rendered by Twisted as twistd would.
+
+    @param clock: the reactor, to flush later; without one, or while it is
+        not running (starting, stopped), every line is flushed as it is
+        written.
+    """
+
+    def __init__(self, stream: IO[str], clock: Any = None) -> None:
+        self.stream = stream
+        self.clock = clock
+        self._second = -1
+        self._stamp = ""
+        self._flushCall: Any = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = self.render(event)
+        if not text:
+            return
+        self.stream.write(text)
+        level = event.get("log_level")
+        if (self.clock is None or not getattr(self.clock, "running", True)
+                or (level is not None and level >= LogLevel.warn)):
+            self.flush()  # no reactor turning to flush later, or a line that must not wait
+        elif self._flushCall is None:
+            self._flushCall = self.clock.callLater(TEXT_FLUSH_DELAY, self.flush)
+
+    def render(self, event: dict[str, Any]) -> str:
+        """
+        C{event} as its line (or lines, continued with a tab), ending in a
+        newline; empty if it has no text.
+        """
+        message = None
+        if "log_failure" not in event:
+            match = _ONE_FIELD.fullmatch(event.get("log_format") or "")
+            if match is not None and isinstance(event.get(match.group(1)), str):
+                message = event[match.group(1)]
+        if message is None:
+            message = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        if not message:
+            return ""
+        when = event.get("log_time")
+        if when is None:
+            stamp = "-"
+        else:
+            second = int(when)
+            if second != self._second:
+                self._second, self._stamp = second, formatTime(second)
+            stamp = self._stamp
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
+        return f"{stamp} [{system}] {message}".replace("\n", "\n\t") + "\n"
+
+    def flush(self) -> None:
+        if self._flushCall is not None:
+            if self._flushCall.active():
+                self._flushCall.cancel()
+            self._flushCall = None
+        try:
+            self.stream.flush()
+        except OSError:
+            pass  # a full disk: the lines wait for the next flush
 
 
 def json() -> ILogObserver:
@@ -193,12 +277,14 @@ class JournaldObserver:
         self.socket.sendto(data, self.path)
 
 
-def logObserver(format: str, path: str | None, journalSocket: str = JOURNAL_SOCKET) -> ILogObserver:
+def logObserver(
+    format: str, path: str | None, journalSocket: str = JOURNAL_SOCKET, clock: Any = None,
+) -> ILogObserver:
     """
-    The observer for C{--log-format}: C{json} or C{text} to the file at
-    C{path} (twistd's C{--logfile}), or to standard output; C{journald} to
-    C{journalSocket}, or text, with one line saying so, where it does not
-    exist.
+    The observer for C{--log-format}: C{json} or C{text} (L{TextObserver},
+    buffered with C{clock}) to the file at C{path} (twistd's
+    C{--logfile}), or to standard output; C{journald} to C{journalSocket},
+    or text, with one line saying so, where it does not exist.
     """
     if format == "journald":
         if os.path.exists(journalSocket):
@@ -211,7 +297,7 @@ def logObserver(format: str, path: str | None, journalSocket: str = JOURNAL_SOCK
     stream: IO[str] = sys.stdout if path is None else open(path, "a", encoding="utf-8")
     if format == "json":
         return JsonObserver(stream)
-    return textFileLogObserver(stream)
+    return TextObserver(stream, clock)
 
 
 class LogFileReopener:

@@ -20,7 +20,19 @@ from twisted.python import log as legacyLog
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shifter.logs import JournaldObserver, JsonObserver, eventAsDict, journalFields, logObserver
+from twisted.internet.task import Clock
+from twisted.logger import textFileLogObserver
+
+from shifter import logs
+from shifter.logs import (
+    TEXT_FLUSH_DELAY,
+    JournaldObserver,
+    JsonObserver,
+    TextObserver,
+    eventAsDict,
+    journalFields,
+    logObserver,
+)
 from shifter.service.tap import LoggingService, Options, makeService
 from tests.support import socketDirectory
 
@@ -242,11 +254,120 @@ class JournaldTests(SynchronousTestCase):
         observer.socket.close()  # type: ignore[attr-defined]
 
 
+class CountingStream(io.StringIO):
+    """
+    A text stream that counts its flushes and keeps what was flushed apart
+    from what waits.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+        self.flushed = ""
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.flushed = self.getvalue()
+
+
+class TextObserverTests(SynchronousTestCase):
+    """
+    L{TextObserver} writes what twistd's text observer writes, with the
+    pre-rendered tunnel line used as it is and lines buffered briefly.
+    """
+
+    def events(self) -> list[dict]:
+        events: list[dict] = []
+        logger = Logger(namespace="shifter.tunnel.tunnel.Tunnel", observer=events.append)
+        logger.info("{tunnel_line}", tunnel_line="tunnel 192.0.2.2:50000 -> 203.0.113.7:443 via 127.0.0.1:3128 closed "
+                    "(client): 10 bytes up, 20 bytes down, 0.004 s id=k7q2mx4d-1b", tunnel="k7q2mx4d-1b")
+        logger.warn("proxy {proxy} down: {why}", proxy="127.0.0.1:3128", why="refused")
+        logger.info("two lines:\nthe second")
+        logger.info("{count} tunnels", count=3)
+        logger.info("{tunnel_line}", tunnel_line=7)  # not text: Twisted renders it
+        logger.emit(LogLevel.info, "from a worker", log_system="worker 0#info")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            logger.failure("tunnel {tunnel} failed", Failure(), tunnel="k7q2mx4d-1c")
+        return events
+
+    def test_sameAsTwistd(self) -> None:
+        """
+        Every event is the line twistd's own text observer writes: time
+        stamp, system, message, continuation lines and traceback alike.
+        """
+        ours, theirs = io.StringIO(), io.StringIO()
+        observer, twistds = TextObserver(ours), textFileLogObserver(theirs)
+        for event in self.events():
+            observer(event)
+            twistds(event)
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        self.assertIn("] tunnel 192.0.2.2:50000 -> 203.0.113.7:443 via", ours.getvalue())
+        self.assertIn("ZeroDivisionError", ours.getvalue())
+
+    def test_preRenderedLineNotFormatted(self) -> None:
+        """
+        A line logged as one text field is written as it is, without
+        Twisted's formatter; any other event goes through it.
+        """
+        calls: list[dict] = []
+
+        def formatter(event: dict, **kwargs: object) -> str:
+            calls.append(event)
+            return "formatted"
+
+        self.patch(logs, "eventAsText", formatter)
+        stream = io.StringIO()
+        observer = TextObserver(stream)
+        observer({"log_format": "{tunnel_line}", "tunnel_line": "a {brace} stays", "log_time": 0.0,
+                  "log_namespace": "n", "log_level": LogLevel.info})
+        self.assertEqual(calls, [])
+        self.assertTrue(stream.getvalue().endswith(" [n#info] a {brace} stays\n"), stream.getvalue())
+        observer({"log_format": "{count} tunnels", "count": 3, "log_time": 0.0,
+                  "log_namespace": "n", "log_level": LogLevel.info})
+        self.assertEqual(len(calls), 1)
+        self.assertTrue(stream.getvalue().endswith(" [n#info] formatted\n"), stream.getvalue())
+
+    def test_buffered(self) -> None:
+        """
+        With a reactor, info lines wait for its next turn (L{TEXT_FLUSH_DELAY})
+        and are flushed together; a warning is flushed at once.
+        """
+        stream, clock = CountingStream(), Clock()
+        observer = TextObserver(stream, clock)
+        info, warning = self.events()[0], self.events()[1]
+        observer(info)
+        observer(info)
+        self.assertEqual((stream.flushes, stream.flushed), (0, ""))
+        clock.advance(TEXT_FLUSH_DELAY)
+        self.assertEqual(stream.flushes, 1)
+        self.assertEqual(stream.flushed.count("\n"), 2)
+        observer(info)
+        observer(warning)
+        self.assertEqual(stream.flushes, 2)
+        self.assertEqual(stream.flushed.count("\n"), 4)
+        clock.advance(TEXT_FLUSH_DELAY)
+        self.assertEqual(stream.flushes, 2, "the timer of the flushed line was cancelled")
+
+    def test_unbufferedWhenNotRunning(self) -> None:
+        """
+        While the reactor is not running (before it starts, after it
+        stops), each line is flushed as it comes: no later turn would.
+        """
+        stream, clock = CountingStream(), Clock()
+        clock.running = False  # type: ignore[attr-defined]
+        TextObserver(stream, clock)(self.events()[0])
+        self.assertEqual(stream.flushes, 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class ServiceTests(SynchronousTestCase):
     def test_applicationLogsThroughIt(self) -> None:
         """
         The service of --log-format json hands twistd's application its
-        observer, which twistd then logs through; text leaves twistd's own.
+        observer, which twistd then logs through; text, when not run by
+        twistd, leaves the observer alone.
         """
         options = Options()
         options.parseOptions(["--proxy", "127.0.0.1:3128", "--log-format", "json"])
@@ -260,6 +381,30 @@ class ServiceTests(SynchronousTestCase):
         application = Application("shifter")
         makeService(options).setServiceParent(application)
         self.assertIsNone(application.getComponent(ILogObserver))
+
+    def test_textUnderTwistd(self) -> None:
+        """
+        Run by twistd, text too is Shifter's own observer, on the file
+        twistd was told; with twistd's --syslog or --logger, twistd's own.
+        """
+        path = self.mktemp()
+        for twistd, expected in [
+            ({"logfile": path, "nodaemon": True}, TextObserver),
+            ({"logfile": path, "nodaemon": True, "syslog": True}, None),
+            ({"logfile": path, "nodaemon": True, "logger": "x.y"}, None),
+        ]:
+            options = Options()
+            options.parseOptions(["--proxy", "127.0.0.1:3128"])
+            options.parent = twistd  # type: ignore[attr-defined]
+            application = Application("shifter")
+            makeService(options).setServiceParent(application)
+            observer = application.getComponent(ILogObserver)
+            if expected is None:
+                self.assertIsNone(observer, twistd)
+            else:
+                self.assertIsInstance(observer, expected)
+                self.assertEqual(observer.stream.name, path)
+                observer.stream.close()
 
     def test_refused(self) -> None:
         """
