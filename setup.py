@@ -36,7 +36,7 @@ setup(
         "twisted.plugins",
     ],
     # The shifter command is declared in pyproject.toml ([project.scripts]).
-    package_data={"twisted.plugins": ["shifter_plugin.py", "shifter_endpoints.py"]},
+    package_data={"twisted.plugins": ["shifter_plugin.py", "shifter_endpoints.py", "shifter_reactor.py"]},
     # Twisted[tls]: pyOpenSSL, service_identity and idna, which shifter.upstream.proxy
     # imports for https:// proxies (and so twistd shifter --help needs).
     install_requires=[

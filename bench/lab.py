@@ -474,7 +474,7 @@ redsocks {{
         log = d / "shifter.log"
         env = dict(os.environ, PYTHONPATH=str(PROJECT))
         process = self.gateway.start(
-            str(self.twistd), "-n", "--pidfile=", f"--logfile={log}",
+            str(self.twistd), "-n", "--pidfile=", f"--logfile={log}", "--reactor=shifter",
             "shifter", "--listen", f"tcp:{SHIFTER.listen}", *self._shifterProxy(),
             # Every connection here comes from the one client host.
             "--max-connections-per-client", "0",

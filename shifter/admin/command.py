@@ -101,8 +101,9 @@ class _ShifterMaker:
 
 def run(arguments: Sequence[str]) -> int:
     """
-    C{shifter run OPTIONS}: C{twistd --nodaemon --pidfile= shifter OPTIONS},
-    logging to standard output (the journal, under systemd).  A start that
+    C{shifter run OPTIONS}: C{twistd --nodaemon --pidfile= --reactor
+    shifter shifter OPTIONS} (L{shifter.service.reactor}), logging to
+    standard output (the journal, under systemd).  A start that
     fails ends the process with status 1 (L{shifter.service.service}).
     """
     from twisted.scripts.twistd import ServerOptions, runApp
@@ -110,6 +111,10 @@ def run(arguments: Sequence[str]) -> int:
     class RunOptions(ServerOptions):  # type: ignore[misc]
         _getPlugins = staticmethod(lambda interface, package=None: [_ShifterMaker()])  # type: ignore[assignment]
 
+    if "twisted.internet.reactor" not in sys.modules:
+        from shifter.service.reactor import install
+
+        install()
     config = RunOptions()
     try:
         config.parseOptions(["--nodaemon", "--pidfile=", "shifter", *arguments])
