@@ -67,6 +67,12 @@ class Stats:
         self.metrics.collectFrom(lambda: 0, lambda: type("Pool", (), {"health": {}})())
 
 
+def series_names(stats: Stats) -> set[str]:
+    text = generate_latest(stats.metrics.registry).decode()
+    return {f"{sample.name}{sorted(sample.labels.items())}"
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 class MetricsPageTests(SynchronousTestCase):
     def test_everyReasonFromTheStart(self) -> None:
         """
@@ -87,6 +93,40 @@ class MetricsPageTests(SynchronousTestCase):
         text = generate_latest(stats.metrics.registry).decode()
         self.assertEqual(text.count('shifter_tunnel_failures_total{reason="proxy-status"}'), 1)
         self.assertIn('shifter_tunnel_failures_total{reason="proxy-status"} 2.0', text)
+
+    def test_latencyHistograms(self) -> None:
+        """
+        The latency histograms, kept as plain integers, are served as
+        prometheus_client's own histogram serves the same observations:
+        every bucket (a value on a bound counts in it), the count and the
+        sum.
+        """
+        from prometheus_client import CollectorRegistry, Histogram
+
+        from shifter.tunnel.metrics import _LATENCY_BUCKETS
+
+        observations = [0.0, 0.0004, 0.0005, 0.0007, 0.01, 0.3, 2.5, 9.9, 10.0, 11.0, 1e6]
+        stats = Stats()
+        reference = CollectorRegistry()
+        histogram = Histogram("shifter_connect_seconds", "", buckets=_LATENCY_BUCKETS, registry=reference)
+        for seconds in observations:
+            stats.metrics.connectSeconds.observe(seconds)
+            histogram.observe(seconds)
+
+        def series(registry: CollectorRegistry) -> dict[str, float]:
+            text = generate_latest(registry).decode()
+            return {
+                f"{sample.name}{sorted(sample.labels.items())}": sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name.startswith("shifter_connect_seconds") and not sample.name.endswith("_created")
+            }
+
+        ours, theirs = series(stats.metrics.registry), series(reference)
+        self.assertEqual(ours, theirs)
+        self.assertEqual(ours["shifter_connect_seconds_count[]"], len(observations))
+        self.assertEqual(ours["shifter_connect_seconds_bucket[('le', '0.0005')]"], 3)
+        self.assertIn("shifter_resolve_seconds_count[]", series_names(stats))
 
     def test_buildInfo(self) -> None:
         """

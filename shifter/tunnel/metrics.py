@@ -3,18 +3,22 @@ Prometheus metrics: what Shifter has done, served over HTTP by C{--metrics}.
 
 Counts that the tunnels keep anyway (tunnels, failures by reason, bytes)
 are plain integers in a L{TunnelStats}, read when scraped, so the relay pays
-an addition per chunk for them.  Latencies are observed into histograms once per connection.
+an addition per chunk for them.  Latencies are observed once per connection
+into L{LatencyHistogram}s, plain integers too.
 
 They are served by L{shifter.service.metricspage}, loaded only with C{--metrics}.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
+from math import inf
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from shifter.tunnel.sniff import ECH_VERDICTS
 
@@ -34,6 +38,39 @@ FAILURE_REASONS = (
     "no-proxy", "policy", "port-denied", "proxy-auth", "proxy-closed", "proxy-connect",
     "proxy-garbage", "proxy-status", "resolver", "setup-timeout", "shutdown", "timeout",
 )
+
+
+class LatencyHistogram:
+    """
+    A Prometheus histogram of seconds kept as plain integers and read when
+    scraped: an observation is a search among the bounds and two additions
+    (a C{prometheus_client} histogram takes a lock and a call per bucket
+    and sum, twice per tunnel).
+
+    @ivar counts: observations per bucket, the last one above every bound
+        (not cumulative: L{metric} sums them).
+    """
+
+    __slots__ = ("name", "documentation", "bounds", "counts", "sum")
+
+    def __init__(self, name: str, documentation: str, bounds: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1  # the first bound at or above it
+        self.sum += seconds
+
+    def metric(self) -> HistogramMetricFamily:
+        buckets = []
+        total = 0
+        for bound, count in zip((*self.bounds, inf), self.counts):
+            total += count
+            buckets.append((floatToGoString(bound), total))
+        return HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
 
 
 class TunnelStats:
@@ -78,17 +115,11 @@ class TunnelStats:
         self.retries = 0
         self.acceptPauses = 0
         self.registry = CollectorRegistry(auto_describe=True)
-        self.resolveSeconds = Histogram(
-            "shifter_resolve_seconds",
-            "Time to find a connection's original destination.",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self.resolveSeconds = LatencyHistogram(
+            "shifter_resolve_seconds", "Time to find a connection's original destination.",
         )
-        self.connectSeconds = Histogram(
-            "shifter_connect_seconds",
-            "Time from connecting to the proxy to its 2xx answer to CONNECT.",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self.connectSeconds = LatencyHistogram(
+            "shifter_connect_seconds", "Time from connecting to the proxy to its 2xx answer to CONNECT.",
         )
 
     def collectFrom(self, activeCount: Callable[[], int], pool: Callable[[], Any]) -> None:
@@ -208,3 +239,5 @@ class _StatsCollector:
             "Times accepting paused because descriptors or memory ran out.",
             value=stats.acceptPauses,
         )
+        yield stats.resolveSeconds.metric()
+        yield stats.connectSeconds.metric()
