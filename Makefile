@@ -77,7 +77,7 @@ serve: setup
 # line is the plain verdict.
 test: setup docs typecheck
 	@set -o pipefail; rm -rf _trial_temp; \
-	$(PY) -m twisted.trial --temp-directory=_trial_temp tests 2>&1 | tee test.log; \
+	$(PY) -m twisted.trial --reactor=shifter --temp-directory=_trial_temp tests 2>&1 | tee test.log; \
 	status=$$?; $(PY) tests/summary.py < test.log && exit $$status
 
 # Shifter's Debian packages, into dist/ (README, The Debian packages).

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+from unittest import SkipTest
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -110,3 +113,146 @@ class ShifterReactorTests(SynchronousTestCase):
         result = subprocess.run([str(Path(sys.executable).parent / "twistd"), "--help-reactors"], env=ENV,
                                 capture_output=True, text=True, timeout=60, cwd=str(PROJECT))
         self.assertRegex(result.stdout, r"(?m)^\s*shifter\s+epoll, dispatching without a log context")
+
+
+class Reader:
+    """
+    A descriptor the reactor can be told to read: a socket and a count of
+    its reads.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reads = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "reader"
+
+    def doRead(self) -> None:
+        self.reads += 1
+
+    def doWrite(self) -> None:
+        pass
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    # What the splice relay asks of a transport it takes the socket of.
+    def getHandle(self) -> socket.socket:
+        return self.sock
+
+    def stopWriting(self) -> None:
+        pass
+
+    def stopReading(self) -> None:
+        self.reactor.removeReader(self)
+
+
+class CountingPoller:
+    """
+    An epoll object that counts the calls that change registrations.
+    """
+
+    def __init__(self, poller: Any) -> None:
+        self.poller = poller
+        self.changes: list[str] = []
+
+    def register(self, *args: Any) -> None:
+        self.changes.append("register")
+        self.poller.register(*args)
+
+    def unregister(self, *args: Any) -> None:
+        self.changes.append("unregister")
+        self.poller.unregister(*args)
+
+    def modify(self, *args: Any) -> None:
+        self.changes.append("modify")
+        self.poller.modify(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.poller, name)
+
+
+class ReplaceReaderTests(SynchronousTestCase):
+    """
+    L{ShifterReactor.replaceReader}, on a reactor of the test's own that
+    never runs.
+    """
+
+    def setUp(self) -> None:
+        from shifter.service.reactor import ShifterReactor
+
+        self.reactor = ShifterReactor()
+        self.addCleanup(self.reactor._poller.close)
+        self.poller = CountingPoller(self.reactor._poller)
+        self.reactor._poller = self.poller
+        self.pairs = [socket.socketpair() for _ in range(2)]
+        for pair in self.pairs:
+            for s in pair:
+                self.addCleanup(s.close)
+
+    def reader(self, sock: socket.socket) -> Reader:
+        reader = Reader(sock)
+        reader.reactor = self.reactor  # type: ignore[attr-defined]
+        return reader
+
+    def test_takesTheRegistration(self) -> None:
+        """
+        The new reader gets the old one's events, with no epoll_ctl; it
+        can then be removed as any reader.
+        """
+        old, new = self.reader(self.pairs[0][0]), self.reader(self.pairs[0][0])
+        self.reactor.addReader(old)
+        self.poller.changes.clear()
+        self.assertTrue(self.reactor.replaceReader(old, new))
+        self.assertEqual(self.poller.changes, [])
+        self.pairs[0][1].send(b"x")
+        self.reactor.doPoll(1)
+        self.assertEqual((old.reads, new.reads), (0, 1))
+        self.reactor.removeReader(new)
+        self.assertEqual(self.poller.changes, ["unregister"])
+        self.assertNotIn(new, self.reactor.getReaders())
+
+    def test_refused(self) -> None:
+        """
+        Nothing changes when the old reader does not read that descriptor,
+        when the new one has another, or when the descriptor is
+        registered for writing too.
+        """
+        old, other = self.reader(self.pairs[0][0]), self.reader(self.pairs[1][0])
+        self.assertFalse(self.reactor.replaceReader(old, self.reader(self.pairs[0][0])))
+        self.reactor.addReader(old)
+        self.assertFalse(self.reactor.replaceReader(old, other))
+        self.reactor.addWriter(old)
+        self.assertFalse(self.reactor.replaceReader(old, self.reader(self.pairs[0][0])))
+        self.assertEqual([r for r in self.reactor.getReaders() if r is not self.reactor.waker], [old])
+
+    def test_spliceRelayTakesOver(self) -> None:
+        """
+        The splice relay, started on two reading transports, reads through
+        their registrations: no epoll_ctl for either socket.
+        """
+        from shifter.relay.relay import _SpliceTunnel
+        from shifter.relay.splice import SPLICE_AVAILABLE
+
+        if not SPLICE_AVAILABLE:
+            raise SkipTest("os.splice is not available (Python 3.10 or later on Linux)")
+        client, proxy = self.reader(self.pairs[0][0]), self.reader(self.pairs[1][0])
+        self.reactor.addReader(client)
+        self.reactor.addReader(proxy)
+        self.poller.changes.clear()
+
+        class Owner:
+            def relayed(self, up: bool, n: int) -> None:
+                pass
+
+        tunnel = _SpliceTunnel(self.reactor, client, proxy, Owner())
+        tunnel.start(b"", b"", False)
+        self.assertEqual(self.poller.changes, [])
+        self.assertEqual(
+            sorted(type(r).__name__ for r in self.reactor.getReaders() if r is not self.reactor.waker),
+            ["_Socket", "_Socket"],
+        )

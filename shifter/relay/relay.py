@@ -224,19 +224,33 @@ class _SpliceTunnel:
     """
 
     name = "splice"
-    __slots__ = ("transports", "relay")
+    __slots__ = ("transports", "relay", "reactor")
 
     def __init__(self, reactor: Any, clientTransport: Any, proxyTransport: Any, owner: Any) -> None:
+        self.reactor = reactor
         self.transports = (clientTransport, proxyTransport)
         self.relay = SpliceRelay(
             reactor, clientTransport.getHandle(), proxyTransport.getHandle(), owner, pipeSize=_PIPE_SIZE
         )
 
     def start(self, toProxy: bytes, toClient: bytes, clientEnded: bool) -> None:
-        for transport in self.transports:
-            transport.stopReading()
+        """
+        Start the splice relay.  On Shifter's reactor (its
+        C{replaceReader}), a relay socket that is to read takes over its
+        transport's registration for reading: two fewer calls to
+        epoll_ctl per socket.  Elsewhere the transports stop reading, and
+        the relay's sockets register anew.
+        """
+        relay = self.relay
+        replaceReader = getattr(self.reactor, "replaceReader", None)
+        client, proxy = self.transports
+        for transport, relaySocket, reads in ((client, relay.client, not clientEnded), (proxy, relay.proxy, True)):
             transport.stopWriting()
-        self.relay.start(toProxy, toClient, clientEnded)
+            if reads and replaceReader is not None and replaceReader(transport, relaySocket):
+                relaySocket.reading = True
+            else:
+                transport.stopReading()
+        relay.start(toProxy, toClient, clientEnded)
 
     def clientFinished(self) -> None:
         pass  # the transports do not read while the splice relay runs

@@ -9,6 +9,10 @@ the reactor's own time at a few thousand new connections a second.
 Shifter logs through L{twisted.logger}, which reads no such context; an
 exception a handler lets escape is still logged, and the loop goes on.
 
+It also lets a reader take over another's registration
+(L{ShifterReactor.replaceReader}), which the splice relay uses to take a
+transport's socket without two calls to epoll_ctl.
+
 C{shifter run} installs it; with twistd, C{twistd --reactor shifter
 shifter ...}.
 """
@@ -47,6 +51,23 @@ class ShifterReactor(EPollReactor):
                 self._dispatchLog.failure("while dispatching an event of {selectable!r}", selectable=selectable)
 
     doIteration = doPoll
+
+    def replaceReader(self, old: Any, new: Any) -> bool:
+        """
+        Make C{new} the reader of the descriptor C{old} reads from, in its
+        place, keeping the descriptor's registration: no call to the
+        kernel (the splice relay taking over a transport's socket).
+
+        @return: whether it was done; nothing changed if C{old} is not the
+            descriptor's reader, if C{new} has another descriptor, or if the
+            descriptor is registered for writing too.
+        """
+        fd = old.fileno()
+        if (fd < 0 or new.fileno() != fd or self._selectables.get(fd) is not old
+                or fd not in self._reads or fd in self._writes):
+            return False
+        self._selectables[fd] = new
+        return True
 
 
 def install() -> Any:

@@ -71,6 +71,9 @@ class Deadlines:
         Give C{item} the deadline C{when} (replacing any it had), or none.
         """
         key = None if when is None else math.ceil(when / self.resolution)
+        if key is not None and key == item.deadlineBucket:
+            item.deadline = when  # the same bucket: the next stage of a set-up often ends with it
+            return
         self._remove(item)
         item.deadline = when
         if key is None:
