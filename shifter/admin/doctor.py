@@ -470,8 +470,8 @@ def _directOutcomes(expected: Expectations, state: GatewayState) -> Iterable[tup
             for port in expected.ports:
                 packet = _lanPacket(state, lan, version, client, port)
                 outcome = traverse(state.ruleset, packet, onQueue)
-                if outcome.queue is None:
-                    continue  # not queued: checkRedirect says so
+                if outcome.queue is None or outcome.by == outcome.queue[1] + " (nothing reads the queue)":
+                    continue  # not queued to Shifter: checkRedirect says so
                 what = f"TCP port {port} arriving on {lan} ({_family(version)})"
                 yield what, _ruleHint(expected, lan, port), packet, outcome
 
