@@ -151,9 +151,11 @@ class DirectorTests(DirectorTestCase):
         """
         With --connect-target sni, the tunnel asks with the name it reads: a
         rule by name before the DIRECT rule could decide otherwise, so the
-        SYN is accepted as usual; with the rule by name after it, or with
-        --connect-target ip, the SYN goes DIRECT.  A policy that cannot
-        say whether a name changes its answer is not asked at the SYN.
+        SYN is accepted as usual; with the rule by name after it, the SYN
+        goes DIRECT.  A rule on ECH reads the hello too.  A policy that
+        cannot say whether a name changes its answer is not asked at the
+        SYN.  With --connect-target ip nothing is read: the rules decide as
+        the tunnel's question would.
         """
         self.makeDirector(connectTarget="sni")
         self.rules(BY_NAME, DIRECT_NETWORK)
@@ -162,8 +164,14 @@ class DirectorTests(DirectorTestCase):
         self.send(syn(2))
         asked = self.answer(TunnelDecision(proxies=[self.direct]))
         self.send(syn(3))
-        self.assertEqual(self.queue.verdicts, [("accept", 1), ("direct", 2), ("accept", 3)])
+        self.rules(Rule(line=1, ech=False, refuse="hello read through"), DIRECT_NETWORK)
+        self.send(syn(4))
+        self.assertEqual(self.queue.verdicts, [("accept", 1), ("direct", 2), ("accept", 3), ("accept", 4)])
         self.assertEqual(asked, [])
+        self.makeDirector(connectTarget="ip")
+        self.rules(Rule(line=1, ech=False, refuse="hello read through"), DIRECT_NETWORK)
+        self.send(syn(5))
+        self.assertEqual(self.queue.verdicts, [("accept", 5)])  # no hello is read: the ECH rule matches
 
     def test_policyError(self) -> None:
         """

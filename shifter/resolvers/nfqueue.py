@@ -24,8 +24,10 @@ when they can, else in datagrams well under the socket's send buffer;
 those the kernel does not take are sent again.  Every packet gets its
 verdict, even when its handling fails.
 
-With C{--hold-syn} (L{shifter.tunnel.holdsyn}) a SYN's verdict waits for the
-proxy's answer: the packet is I{held}.  A batch verdict applies to every
+Without C{--hold-syn}, a SYN whose connection the policy sends DIRECT at
+once gets the direct mark instead (L{shifter.tunnel.directsyn}): it is not
+redirected but forwarded.  With C{--hold-syn} (L{shifter.tunnel.holdsyn})
+a SYN's verdict waits for the proxy's answer: the packet is I{held}.  A batch verdict applies to every
 packet queued with an id up to the one it names, so verdicts are batched
 only when no held packet has a lower id; otherwise each packet gets a
 verdict of its own (many to a datagram).

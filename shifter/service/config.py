@@ -698,23 +698,22 @@ class RulePolicy:
         when a name is read, a rule that looks at what was read (a name,
         ECH) at or before the one that matches could decide otherwise.
         """
-        rule = self.firstByAddress(request, nameRead)
-        if rule is False:
-            return False, None
-        return True, self._decision(request, rule)
+        known, rule = self.ruleAtSyn(request, nameRead)
+        return (True, self._decision(request, rule)) if known else (False, None)
 
-    def firstByAddress(self, request: TunnelRequest, nameRead: bool) -> Any:
+    def ruleAtSyn(self, request: TunnelRequest, nameRead: bool) -> tuple[bool, Optional[Rule]]:
         """
-        The first rule that matches C{request} (C{None} for none), or
-        C{False} if, with C{nameRead}, what is read from the client could
-        make another rule decide.
+        The rule that decides C{request} (asked with no name) whatever is
+        read from the client later: C{(True, rule)}, or C{(True, None)} when
+        none matches; C{(False, None)} when, with C{nameRead}, what is read
+        could make another rule decide.
         """
         for rule in self.rules:
             if nameRead and (rule.needsName or rule.ech is not None):
-                return False
+                return False, None
             if rule.matches(request):
-                return rule
-        return None
+                return True, rule
+        return True, None
 
     def _decision(self, request: TunnelRequest, rule: Optional[Rule]) -> Optional[TunnelDecision]:
         if rule is not None and rule.refuse is not None:

@@ -203,8 +203,8 @@ class PacPolicy:
         for the address (or the fallback, with no script).  Nothing is
         evaluated: an answer not cached waits for the tunnel's question.
         """
-        rule = self.rules.firstByAddress(request, nameRead) if self.rules is not None else None
-        if rule is False:
+        known, rule = self.rules.ruleAtSyn(request, nameRead) if self.rules is not None else (True, None)
+        if not known:
             return False, None
         if rule is None:
             if nameRead:
