@@ -218,6 +218,35 @@ class ProtocolTests(SynchronousTestCase):
                 self.assertIs(named["explain"]["directAtSyn"], False)
                 self.assertIn("connect:    directly to", ctl.formatExplain(named["explain"]))
 
+    def test_explainDirectAtSynNfqueue(self) -> None:
+        """
+        With --resolver nfqueue alone, C{explain} says that a rule's DIRECT
+        by address is given at the SYN, and C{ctl} words it; with a rule by
+        name before it and --connect-target sni it is not (the name read
+        could decide otherwise), nor with --direct-mark 0.
+        """
+        from tests.support import knowLocalAddresses
+
+        direct = "[[rule]]\ndestination = '203.0.113.0/24'\ndirect = true\n"
+        byName = "[[rule]]\nname = 'example.test'\nrefuse = 'no'\n"
+        request = (b'{"command": "explain", "client": "192.0.2.2", "destination": "203.0.113.7", '
+                   b'"port": 443, "name": null}\n')
+        for rules, options, expected in (
+            (direct, (), True),
+            (direct, ("--direct-mark", "0"), False),
+            (byName + direct, ("--connect-target", "sni"), False),
+            (direct + byName, ("--connect-target", "sni"), True),
+        ):
+            path = Path(self.mktemp())
+            path.write_text("proxy = ['127.0.0.1:3128']\n" + rules)
+            self.service = shifterService(self.clock, "--config", str(path), "--resolver", "nfqueue", *options)
+            knowLocalAddresses(self.service.factory)
+            [answer] = self.talk(request)
+            self.assertIs(answer["explain"]["directAtSyn"], expected, (rules, options, answer))
+            if expected:
+                self.assertIn("connect:    DIRECT at the SYN (not through Shifter): forwarded to 203.0.113.7:443",
+                              ctl.formatExplain(answer["explain"]))
+
     def test_badRequests(self) -> None:
         """
         Unknown commands and requests that are not JSON objects are

@@ -10,6 +10,7 @@ import io
 import ipaddress
 from pathlib import Path
 import json
+from dataclasses import replace
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -152,6 +153,75 @@ class IptablesTests(SynchronousTestCase):
         self.assertEqual(traverse(self.ruleset, lanPacket(443, hook="forward")).verdict, "accept")
 
 
+class ConnmarkTests(SynchronousTestCase):
+    """
+    The connection's mark: C{-m connmark}, C{CONNMARK} and nft C{ct mark},
+    on the rules C{python -m shifter.rules --hold-syn} prints.
+    """
+
+    def test_iptables(self) -> None:
+        """
+        A packet whose connection has the direct mark skips the queue; a new
+        connection's SYN is queued, and, given the direct mark, has it saved
+        to its connection and is not redirected; given the queue mark, it
+        is redirected and its connection's mark is left alone.
+        """
+        ruleset = loadRuleset(HOLD_SYN_IPTABLES, "", "")
+        self.assertIsNone(traverse(ruleset, replace(lanPacket(443), connmark=0x40000), lambda n: 0x10000).queue)
+        direct = traverse(ruleset, lanPacket(443), lambda n: 0x40000)
+        self.assertEqual((direct.queue[0], direct.nat, direct.connmark, direct.unknown),  # type: ignore[index]
+                         (0, None, 0x40000, []))
+        self.assertEqual(direct.connmarkBy, "iptables -t nat -A PREROUTING -i lan0 -p tcp -m mark --mark "
+                                            "0x40000/0x40000 -j CONNMARK --set-xmark 0x40000/0x40000")
+        queued = traverse(ruleset, lanPacket(443), lambda n: 0x10000)
+        self.assertEqual((queued.nat[0], queued.connmark, queued.unknown), ("redirect", 0, []))  # type: ignore[index]
+
+    def test_nft(self) -> None:
+        """
+        The same with the nft form: C{ct mark set ct mark | N} sets the
+        connection's bits, keeping the others.
+        """
+        ruleset = loadRuleset(HOLD_SYN_NFT_IPTABLES, "", json.dumps(HOLD_SYN_NFT), HOLD_SYN_NFT_TEXT)
+        self.assertIsNone(traverse(ruleset, replace(lanPacket(443), connmark=0x40000), lambda n: 0x10000).queue)
+        direct = traverse(ruleset, replace(lanPacket(443), connmark=0x1), lambda n: 0x40000)
+        self.assertEqual((direct.nat, direct.connmark, direct.unknown), (None, 0x40001, []))
+        queued = traverse(ruleset, lanPacket(443), lambda n: 0x10000)
+        self.assertEqual((queued.nat[0], queued.connmark, queued.unknown), ("redirect", 0, []))  # type: ignore[index]
+
+    def test_targets(self) -> None:
+        """
+        CONNMARK's other forms: --set-mark (clears the mask's bits, sets
+        the value's), --or-mark, --and-mark, --save-mark and --restore-mark
+        with a mask; nft's C{ct mark set meta mark} and C{meta mark set ct
+        mark}; and a negated connmark match.
+        """
+        def connmark(target: str, mark: int = 0x5, connmark: int = 0xF0) -> tuple[int, int]:
+            rules = f"*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j CONNMARK {target}\nCOMMIT\n"
+            outcome = traverse(loadRuleset(rules, "", ""), replace(lanPacket(443, mark=mark), connmark=connmark))
+            return outcome.connmark, outcome.mark
+
+        self.assertEqual(connmark("--set-mark 0x2/0x30"), (0xC2, 0x5))
+        self.assertEqual(connmark("--or-mark 0x3"), (0xF3, 0x5))
+        self.assertEqual(connmark("--and-mark 0x30"), (0x30, 0x5))
+        self.assertEqual(connmark("--save-mark --nfmask 0xf --ctmask 0xf"), (0xF5, 0x5))
+        self.assertEqual(connmark("--restore-mark --nfmask 0xff --ctmask 0xff"), (0xF0, 0xF0))
+        negated = "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m connmark ! --mark 0x4/0x4 -j DROP\nCOMMIT\n"
+        self.assertEqual(traverse(loadRuleset(negated, "", ""), lanPacket(443)).verdict, "drop")
+        self.assertEqual(traverse(loadRuleset(negated, "", ""), replace(lanPacket(443), connmark=4)).verdict, "accept")
+        chain = {"chain": {"family": "ip", "table": "t", "name": "c", "handle": 1, "type": "filter",
+                           "hook": "prerouting", "prio": -150, "policy": "accept"}}
+        for key, value, expected in ((_CT, _META, (0x5, 0x5)), (_META, _CT, (0xF0, 0xF0))):
+            rule = {"rule": {"family": "ip", "table": "t", "chain": "c", "handle": 2,
+                             "expr": [{"mangle": {"key": key, "value": value}}]}}
+            outcome = traverse(loadRuleset("", "", json.dumps({"nftables": [chain, rule]})),
+                               replace(lanPacket(443, mark=0x5), connmark=0xF0))
+            self.assertEqual((outcome.connmark, outcome.mark), expected)
+
+
+_CT = {"ct": {"key": "mark"}}
+_META = {"meta": {"key": "mark"}}
+
+
 class NftTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.ruleset = loadRuleset("", "", json.dumps(NFT), NFT_TEXT)
@@ -219,6 +289,102 @@ COMMIT
 :FORWARD ACCEPT [0:0]
 -A FORWARD -i lan0 -p udp -m udp --dport 443 -j REJECT --reject-with icmp-port-unreachable
 COMMIT
+"""
+
+
+# What iptables-save (nf_tables back end) and nft list for the IPv4 rules
+# that `python -m shifter.rules --resolver nfqueue --hold-syn
+# --lan-interface lan0 --no-ipv6` prints, applied as printed: --format
+# iptables, then --format nft (its mangle rules in iptables-nft form, the
+# rest in the shifter table).
+HOLD_SYN_IPTABLES = """\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -i lan0 -p tcp -m connmark --mark 0x40000/0x40000 -j RETURN
+-A PREROUTING -i lan0 -p tcp -m tcp --dport 443 --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype ! --dst-type LOCAL -j NFQUEUE --queue-num 0
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark --mark 0x20000/0x20000 -j REJECT --reject-with tcp-reset
+-A FORWARD -i lan0 -p udp -m udp --dport 443 -j REJECT --reject-with icmp-port-unreachable
+-A FORWARD -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark --mark 0x20000/0x20000 -j REJECT --reject-with tcp-reset
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -i lan0 -p tcp -m mark --mark 0x40000/0x40000 -j CONNMARK --set-xmark 0x40000/0x40000
+-A PREROUTING -i lan0 -p tcp -m addrtype ! --dst-type LOCAL -m tcp --dport 443 -m mark --mark 0x10000/0x10000 -j REDIRECT --to-ports 12345
+COMMIT
+"""
+
+HOLD_SYN_NFT_IPTABLES = """\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -i lan0 -p tcp -m connmark --mark 0x40000/0x40000 -j RETURN
+-A PREROUTING -i lan0 -p tcp -m tcp --dport 443 --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype ! --dst-type LOCAL -j NFQUEUE --queue-num 0
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+COMMIT
+"""
+
+HOLD_SYN_NFT = json.loads(r"""{"nftables": [
+    {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+    {"table": {"family": "ip", "name": "shifter", "handle": 5}},
+    {"chain": {"family": "ip", "table": "shifter", "name": "prerouting", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
+    {"chain": {"family": "ip", "table": "shifter", "name": "refused-forward", "handle": 2, "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}},
+    {"chain": {"family": "ip", "table": "shifter", "name": "refused-input", "handle": 3, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}},
+    {"chain": {"family": "ip", "table": "shifter", "name": "forward", "handle": 4, "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}},
+    {"rule": {"family": "ip", "table": "shifter", "chain": "prerouting", "handle": 5, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "lan0"}}, {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}, {"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 262144]}, "right": 262144}}, {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, 262144]}}}, {"accept": null}]}},
+    {"rule": {"family": "ip", "table": "shifter", "chain": "prerouting", "handle": 6, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "lan0"}}, {"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 443}}, {"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 65536]}, "right": 65536}}, {"redirect": {"port": 12345}}]}},
+    {"rule": {"family": "ip", "table": "shifter", "chain": "refused-forward", "handle": 7, "expr": [{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 131072]}, "right": 131072}}, {"reject": {"type": "tcp reset"}}]}},
+    {"rule": {"family": "ip", "table": "shifter", "chain": "refused-input", "handle": 8, "expr": [{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 131072]}, "right": 131072}}, {"reject": {"type": "tcp reset"}}]}},
+    {"rule": {"family": "ip", "table": "shifter", "chain": "forward", "handle": 9, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "lan0"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 443}}, {"reject": {"type": "icmp", "expr": "port-unreachable"}}]}}
+]}""")
+
+HOLD_SYN_NFT_TEXT = """\
+table ip shifter { # handle 5
+\tchain prerouting { # handle 1
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tiifname "lan0" meta l4proto tcp meta mark & 0x00040000 == 0x00040000 ct mark set ct mark | 0x00040000 accept # handle 5
+\t\tiifname "lan0" fib daddr type != local tcp dport 443 meta mark & 0x00010000 == 0x00010000 redirect to :12345 # handle 6
+\t}
+
+\tchain refused-forward { # handle 2
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tmeta mark & 0x00020000 == 0x00020000 reject with tcp reset # handle 7
+\t}
+
+\tchain refused-input { # handle 3
+\t\ttype filter hook input priority filter; policy accept;
+\t\tmeta mark & 0x00020000 == 0x00020000 reject with tcp reset # handle 8
+\t}
+
+\tchain forward { # handle 4
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tiifname "lan0" udp dport 443 reject # handle 9
+\t}
+}
 """
 
 
@@ -332,6 +498,74 @@ class CheckTests(SynchronousTestCase):
         err = io.StringIO()
         self.assertEqual(doctor.main(["--proxy", "127.0.0.1:3128"], io.StringIO(), gatewayState(GOOD), err), 2)
         self.assertIn("which interface do the clients' connections arrive on? --lan-interface", err.getvalue())
+
+    def directGateway(self, fmt: str, rules: str | None = None) -> GatewayState:
+        """
+        The gateway with the --hold-syn rules printed in format C{fmt}, as
+        listed once applied (C{rules}: the iptables-save listing instead).
+        """
+        if fmt == "iptables":
+            return gatewayState(HOLD_SYN_IPTABLES if rules is None else rules)
+        state = gatewayState(HOLD_SYN_NFT_IPTABLES if rules is None else rules, json.dumps(HOLD_SYN_NFT))
+        state.ruleset = loadRuleset(HOLD_SYN_NFT_IPTABLES if rules is None else rules, "", json.dumps(HOLD_SYN_NFT),
+                                    HOLD_SYN_NFT_TEXT)
+        return state
+
+    def test_directAtSynRules(self) -> None:
+        """
+        The rules printed for --resolver nfqueue --hold-syn, in either
+        format, are understood whole (the connmark match, CONNMARK, ct
+        mark): nothing to report, no rule doctor could not follow; and
+        doctor can say that a connection with the direct mark bypasses
+        Shifter, by the rule that saves the mark.
+        """
+        expected = expectations(resolver="nfqueue", directMark=0x40000)
+        for fmt, saver in (
+            ("iptables", "iptables -t nat -A PREROUTING -i lan0 -p tcp -m mark --mark 0x40000/0x40000 "
+                         "-j CONNMARK --set-xmark 0x40000/0x40000"),
+            ("nft", 'nft ip shifter prerouting: iifname "lan0" meta l4proto tcp meta mark & 0x00040000 == '
+                    "0x00040000 ct mark set ct mark | 0x00040000 accept"),
+        ):
+            state = self.directGateway(fmt)
+            self.assertEqual([str(f) for f in checkRules(expected, state)[0]], [], fmt)
+            self.assertEqual(list(doctor._unknownRules(expected, state)), [], fmt)
+            self.assertEqual(doctor.directNotes(expected, state), [
+                "connections marked 0x40000 (sent DIRECT at the SYN) bypass Shifter: forwarded, not queued again, "
+                f"their mark saved to the connection by {saver}"
+            ], fmt)
+            self.assertEqual(doctor.directNotes(expectations(resolver="nfqueue"), state), [], fmt)
+
+    def test_directMarkNotSaved(self) -> None:
+        """
+        Without the rule that saves the direct mark to the connection, a
+        warning says so; without the one that keeps such connections out
+        of the queue, another.
+        """
+        expected = expectations(resolver="nfqueue", directMark=0x40000)
+        unsaved = "\n".join(line for line in HOLD_SYN_IPTABLES.splitlines() if "CONNMARK" not in line) + "\n"
+        [line] = [str(f) for f in checkRules(expected, self.directGateway("iptables", unsaved))[0]]
+        self.assertTrue(line.startswith(
+            "warning: direct: a SYN of TCP port 443 arriving on lan0 (IPv4) that Shifter sends DIRECT at the SYN "
+            "(direct mark 0x40000) is forwarded, but its mark is not saved to its connection"), line)
+        self.assertEqual(doctor.directNotes(expected, self.directGateway("iptables", unsaved)), [])
+        unskipped = "\n".join(line for line in HOLD_SYN_NFT_IPTABLES.splitlines() if "connmark" not in line) + "\n"
+        [line] = [str(f) for f in checkRules(expected, self.directGateway("nft", unskipped))[0]]
+        self.assertIn("is forwarded and its mark saved to its connection (nft ip shifter prerouting: ", line)
+        self.assertTrue(line.endswith("but that connection's packets are still queued: python -m shifter.rules "
+                                      "--resolver nfqueue --lan-interface lan0 --ports 443 --listen-port 12345 "
+                                      "prints the rule that skips them"), line)
+
+    def test_directRedirected(self) -> None:
+        """
+        Rules that redirect every queued SYN, the direct ones too: an error,
+        since Shifter has no record of such a connection and refuses it.
+        """
+        expected = expectations(resolver="nfqueue", directMark=0x40000)
+        everything = HOLD_SYN_IPTABLES.replace(" -m mark --mark 0x10000/0x10000 -j REDIRECT", " -j REDIRECT")
+        [line] = [str(f) for f in checkRules(expected, self.directGateway("iptables", everything))[0]]
+        self.assertTrue(line.startswith(
+            "error: direct: a SYN of TCP port 443 arriving on lan0 (IPv4) that Shifter sends DIRECT at the SYN "
+            "(direct mark 0x40000) is redirected to Shifter anyway (iptables -t nat -A PREROUTING -i lan0"), line)
 
     def test_rulesUnreadable(self) -> None:
         """

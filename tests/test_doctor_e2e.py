@@ -40,13 +40,14 @@ class DoctorTestCase(SynchronousTestCase):
 
     resolver = "sockopt"
     ruleFormat = "iptables"
+    ruleOptions: tuple[str, ...] = ()
     shifterOptions: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         requireHost(root=True, programs=("ip", "iptables", "ip6tables", "nft", "squid", "openssl", "ss"))
         self.net = gatewayFor(self)
         self.directory = self.net.directory
-        rules = printedRules(self.resolver, self.ruleFormat)
+        rules = printedRules(self.resolver, self.ruleFormat, *self.ruleOptions)
         self.assertIn("udp", rules, "the printed rules refuse QUIC")
         self.gw("sh", "-c", rules)
         self.listen = LISTEN
@@ -177,6 +178,76 @@ class GoodNfqueueGatewayTests(DoctorTestCase):
         for line in lines:
             self.assertTrue(line.endswith("--queue-num 0), but Shifter reads queue 1: make them the same "
                                           "(--queue-num)"), line)
+
+
+class DirectAtSynGatewayTests(DoctorTestCase):
+    """
+    The rules printed for --resolver nfqueue --hold-syn, with their direct
+    mark rules (-m connmark, CONNMARK; ct mark in the nft form).
+    """
+
+    resolver = "nfqueue"
+    ruleOptions: tuple[str, ...] = ("--hold-syn",)
+    shifterOptions: tuple[str, ...] = ("--hold-syn",)
+
+    def test_understood(self) -> None:
+        """
+        Doctor follows every rule (none it treated as not matching), finds
+        nothing wrong, and says that connections with the direct mark
+        bypass Shifter, by the rule that saves the mark.
+        """
+        self.startShifter()
+        code, lines = self.doctor("-v")
+        self.assertEqual(code, 0, lines)
+        self.assertEqual([line for line in lines if not line.startswith(("note:", "checked:"))], [])
+        self.assertEqual([line for line in lines if "could not follow" in line], [])
+        notes = [line for line in lines if line.startswith("note: direct: ")]
+        self.assertTrue(notes, lines)
+        for line in notes:
+            self.assertIn("note: direct: connections marked 0x40000 (sent DIRECT at the SYN) bypass Shifter: "
+                          "forwarded, not queued again, their mark saved to the connection by ", line)
+            self.assertIn("ct mark set ct mark | 0x00040000" if self.ruleFormat == "nft"
+                          else "-j CONNMARK --set-xmark 0x40000/0x40000", line)
+
+    def test_markNotSaved(self) -> None:
+        """
+        Mistake: the rule that saves the direct mark to the connection is
+        gone.
+        """
+        if self.ruleFormat == "nft":
+            self.gw("nft", "flush", "chain", "inet", "shifter", "prerouting")
+            self.gw("nft", "add", "rule", "inet", "shifter", "prerouting", "iifname", LAN, "tcp", "dport", "443",
+                    "meta", "mark", "&", "0x10000", "==", "0x10000", "redirect", "to", f":{SHIFTER_PORT}")
+        else:
+            for command in ("iptables", "ip6tables"):
+                self.gw(command, "-t", "nat", "-D", "PREROUTING", "-i", LAN, "-p", "tcp", "-m", "mark", "--mark",
+                        "0x40000/0x40000", "-j", "CONNMARK", "--set-mark", "0x40000/0x40000")
+        self.startShifter()
+        lines = self.assertNamed(
+            "warning: direct: a SYN of TCP port 443 arriving on c1 (IPv4) that Shifter sends DIRECT at the SYN",
+            "warning: direct: a SYN of TCP port 443 arriving on c1 (IPv6) that Shifter sends DIRECT at the SYN",
+            status=0,
+        )
+        for line in lines:
+            self.assertIn("is forwarded, but its mark is not saved to its connection", line)
+
+
+class DirectAtSynNftGatewayTests(DirectAtSynGatewayTests):
+    ruleFormat = "nft"
+
+
+class DirectAtSynNfqueueGatewayTests(DirectAtSynGatewayTests):
+    """
+    The same with the rules printed for --resolver nfqueue alone, whose
+    direct mark rules are the same.
+    """
+
+    ruleOptions = ()
+    shifterOptions = ()
+
+
+class DirectAtSynNfqueueNftGatewayTests(DirectAtSynNfqueueGatewayTests):
+    ruleFormat = "nft"
 
 
 class TproxyGatewayTests(DoctorTestCase):

@@ -20,6 +20,7 @@ import re
 import socket
 import sys
 import time
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -197,14 +198,45 @@ class HoldSynNftTests(AllowedAndRefusedMixin, HoldSynGatewayTestCase):
     ruleFormat = "nft"
 
 
-class DirectAtSynIptablesTests(HoldSynGatewayTestCase):
+class DirectAtSynMixin:
     """
-    DIRECT at the SYN: a --config rule sends the server's network DIRECT;
-    the held SYN gets the direct mark and its connection is forwarded by
-    the gateway, never through Shifter nor Squid.
+    What the DIRECT at the SYN tests read of the gateway and of Shifter.
     """
 
-    ruleFormat = "iptables"
+    net: Any
+    shifter: Any
+
+    def directByDestination(self) -> None:
+        """
+        Have a --config rule send the server's networks DIRECT, and start
+        Shifter.
+        """
+        config = self.directory / "shifter.toml"  # type: ignore[attr-defined]
+        config.write_text(f'[[rule]]\ndestination = "{SERVER_V4}/24"\ndirect = true\n'
+                          f'[[rule]]\ndestination = "{SERVER_V6}/64"\ndirect = true\n')
+        self.shifter.options += ("--config", str(config))
+        self.shifter.start()
+
+    def fetchDirect(self) -> None:
+        """
+        Fetch the file from the server over IPv4 and IPv6: it arrives, the
+        server logs the client's own address (routed, not proxied), and
+        the rest of each connection skipped the queue by its connmark.
+        """
+        for url, client, command in ((f"https://{SERVER_V4}/file.bin", CLIENT_V4, "iptables"),
+                                     (f"https://[{SERVER_V6}]/file.bin", CLIENT_V6, "ip6tables")):
+            result = self.fetch(url)  # type: ignore[attr-defined]
+            self.assertEqual(result.returncode, 0, result.stderr)  # type: ignore[attr-defined]
+            self.assertEqual(result.body, self.payload)  # type: ignore[attr-defined]
+            # (an IPv4 client may be logged IPv4-mapped: the server listens on ::)
+            waitFor(lambda: f'{client}" - - ' in self.web.log.read_text(), 10,  # type: ignore[attr-defined]
+                    f"the server to log the fetch from {client}")
+            self.assertGreater(self.skippedByConnmark(command), 0)  # type: ignore[attr-defined]
+        self.shifter.waitForLog(f"-> {SERVER_V4}:443 DIRECT at the SYN (not through Shifter)")
+        self.shifter.waitForLog(f"-> [{SERVER_V6}]:443 DIRECT at the SYN (not through Shifter)")
+        # The kernel's count: two packets ever queued (the last id), none waiting.
+        queue = self.net.gateway.run("cat", "/proc/net/netfilter/nfnetlink_queue").stdout.split()
+        self.assertEqual((queue[2], queue[7]), ("0", "2"), queue)  # type: ignore[attr-defined]
 
     def queueCounts(self) -> tuple[int, int]:
         """
@@ -223,6 +255,16 @@ class DirectAtSynIptablesTests(HoldSynGatewayTestCase):
         (line,) = [line for line in listing.splitlines() if "connmark match" in line]
         return int(line.split()[0])
 
+
+class DirectAtSynIptablesTests(DirectAtSynMixin, HoldSynGatewayTestCase):
+    """
+    DIRECT at the SYN: a --config rule sends the server's network DIRECT;
+    the held SYN gets the direct mark and its connection is forwarded by
+    the gateway, never through Shifter nor Squid.
+    """
+
+    ruleFormat = "iptables"
+
     def test_directByDestination(self) -> None:
         """
         A fetch from the client to the server, whose network a rule sends
@@ -232,25 +274,8 @@ class DirectAtSynIptablesTests(HoldSynGatewayTestCase):
         tunnel, said DIRECT at the SYN once for each; Squid logged nothing;
         the rest of each connection skipped the queue by its connmark.
         """
-        config = self.directory / "shifter.toml"
-        config.write_text(f'[[rule]]\ndestination = "{SERVER_V4}/24"\ndirect = true\n'
-                          f'[[rule]]\ndestination = "{SERVER_V6}/64"\ndirect = true\n')
-        self.shifter.options += ("--config", str(config))
-        self.shifter.start()
-        for url, client, command in ((f"https://{SERVER_V4}/file.bin", CLIENT_V4, "iptables"),
-                                     (f"https://[{SERVER_V6}]/file.bin", CLIENT_V6, "ip6tables")):
-            result = self.fetch(url)
-            self.assertEqual(result.returncode, 0, result.stderr)
-            self.assertEqual(result.body, self.payload)
-            # (an IPv4 client may be logged IPv4-mapped: the server listens on ::)
-            waitFor(lambda: f'{client}" - - ' in self.web.log.read_text(), 10,
-                    f"the server to log the fetch from {client}")
-            self.assertGreater(self.skippedByConnmark(command), 0)
-        self.shifter.waitForLog(f"-> {SERVER_V4}:443 DIRECT at the SYN (not through Shifter)")
-        self.shifter.waitForLog(f"-> [{SERVER_V6}]:443 DIRECT at the SYN (not through Shifter)")
-        # The kernel's count: two packets ever queued (the last id), none waiting.
-        queue = self.net.gateway.run("cat", "/proc/net/netfilter/nfnetlink_queue").stdout.split()
-        self.assertEqual((queue[2], queue[7]), ("0", "2"), queue)
+        self.directByDestination()
+        self.fetchDirect()
         stats = self.stoppedStats()
         self.assertEqual((stats["held"], stats["direct"], stats["accepted"], stats["joined"], stats["refused"]),
                          (2, 2, 0, 0, 0), stats)
@@ -261,6 +286,44 @@ class DirectAtSynIptablesTests(HoldSynGatewayTestCase):
 
 
 class DirectAtSynNftTests(DirectAtSynIptablesTests):
+    ruleFormat = "nft"
+
+
+class DirectAtSynNfqueueIptablesTests(DirectAtSynMixin, ResolverGatewayTestCase):
+    """
+    DIRECT at the SYN without --hold-syn: with --resolver nfqueue alone and
+    the rules printed for it, a --config rule sends the server's network
+    DIRECT; the queued SYN gets the direct mark at once and its connection
+    is forwarded by the gateway, never through Shifter nor Squid.
+    """
+
+    resolver = "nfqueue"
+    ruleFormat = "iptables"
+    # As the printed command line has it.
+    listen = f"tcp6:{SHIFTER_PORT}:interface=\\:\\::backlog=1024"
+
+    def test_directByDestination(self) -> None:
+        """
+        A fetch from the client to the server, whose network a rule sends
+        DIRECT, works end to end, over IPv4 and IPv6; the server sees the
+        client's own address; Shifter read nothing of it but each SYN (the
+        queue's count and its own), recorded none, accepted no connection
+        (no tunnel line), said DIRECT at the SYN once for each; Squid
+        logged nothing; the rest of each connection skipped the queue by
+        its connmark.
+        """
+        self.directByDestination()
+        self.fetchDirect()
+        self.shifter.stop()
+        line = self.shifter.waitForLog("direct at the SYN:", "SYNs seen")
+        self.assertIn("direct at the SYN: 2 SYNs seen, 2 sent DIRECT at the SYN, 0 errors", line)
+        self.assertEqual(self.queueCounts(), (2, 2))
+        self.assertIn(" 0 SYNs recorded, 0 connections found", self.shifter.waitForLog("nfqueue 0:", "packets read"))
+        self.assertEqual([line for line in self.shifter.logText().splitlines() if " via " in line], [])
+        self.assertEqual(self.squid.accessLogLines(), [])
+
+
+class DirectAtSynNfqueueNftTests(DirectAtSynNfqueueIptablesTests):
     ruleFormat = "nft"
 
 

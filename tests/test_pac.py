@@ -519,6 +519,44 @@ class PacPolicyTests(TestCase):
         self.assertIn("PAC fallback group default", decision.label)
 
 
+    @inlineCallbacks
+    def test_decideAtSynCached(self) -> Any:
+        """
+        At the SYN, with no name read, the PAC answers only from its cache:
+        nothing is evaluated for an answer not cached (no answer); once the
+        tunnel's question has cached it, the same decision as C{decide}'s.
+        """
+        policy = yield self.policy("function FindProxyForURL(u, h) { return 'DIRECT'; }")
+        self.assertEqual(policy.decideAtSyn(self.request(), False), (False, None))
+        self.assertEqual(len(policy.evaluator.cache), 0)
+        decided = yield policy.decide(self.request())
+        known, atSyn = policy.decideAtSyn(self.request(), False)
+        self.assertTrue(known)
+        self.assertEqual((list(atSyn.proxies), atSyn.label), ([self.direct], "PAC: DIRECT"))
+        self.assertEqual(atSyn, decided)
+
+    @inlineCallbacks
+    def test_decideAtSynNameRead(self) -> Any:
+        """
+        When the tunnel reads a name, the PAC is asked with it: no answer at
+        the SYN, cached or not; a rule by address before any rule by name
+        answers, one after a rule by name does not.
+        """
+        from shifter.service.config import Rule
+
+        byAddress = Rule(line=3, destinations=(ipaddress.ip_network("198.51.100.0/24"),), direct=True)
+        byName = Rule(line=5, names=("example.test",), refuse="no")
+        policy = yield self.policy("function FindProxyForURL(u, h) { return 'DIRECT'; }", rules=[byAddress, byName])
+        yield policy.decide(self.request())
+        self.assertEqual(policy.decideAtSyn(self.request(), True), (False, None))
+        known, decision = policy.decideAtSyn(self.request("198.51.100.9"), True)
+        self.assertEqual((known, list(decision.proxies), decision.label), (True, [self.direct], "rule at line 3"))
+        policy = yield self.policy("", rules=[byName, byAddress])
+        self.assertEqual(policy.decideAtSyn(self.request("198.51.100.9"), True), (False, None))
+        known, decision = policy.decideAtSyn(self.request("198.51.100.9"), False)
+        self.assertEqual((known, decision.label), (True, "rule at line 3"))
+
+
 class WpadTests(SynchronousTestCase):
     """
     WPAD's DNS devolution: the search domain and its parents, down to the

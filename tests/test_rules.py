@@ -151,6 +151,99 @@ class QueueTests(SynchronousTestCase):
         """
         self.assertRaises(RulesError, rules, resolver="nfqueue", mark=0x10000)
 
+    def test_directIptables(self) -> None:
+        """
+        Without --hold-syn too, Shifter sends connections DIRECT at the
+        SYN: a mangle rule keeps those with the direct connmark out of the
+        queue, and a nat rule before the redirect saves a SYN's direct mark
+        to its connection; the gateway's own connections likewise when
+        they are queued.
+        """
+        self.assertEqual(commands(rules(resolver="nfqueue", ports=(443,), quic="pass", mark=0x1)), [
+            "iptables -t mangle -A PREROUTING -i lan0 -p tcp -m connmark --mark 0x40000/0x40000 -j RETURN",
+            "ip6tables -t mangle -A PREROUTING -i lan0 -p tcp -m connmark --mark 0x40000/0x40000 -j RETURN",
+            "iptables -t mangle -A OUTPUT -p tcp -m connmark --mark 0x40000/0x40000 -j RETURN",
+            "ip6tables -t mangle -A OUTPUT -p tcp -m connmark --mark 0x40000/0x40000 -j RETURN",
+            "iptables -t mangle -A PREROUTING -i lan0 -p tcp --syn -m addrtype ! --dst-type LOCAL --dport 443 "
+            "-j NFQUEUE --queue-num 0",
+            "ip6tables -t mangle -A PREROUTING -i lan0 -p tcp --syn -m addrtype ! --dst-type LOCAL --dport 443 "
+            "-j NFQUEUE --queue-num 0",
+            "iptables -t mangle -A OUTPUT -p tcp --syn -m addrtype ! --dst-type LOCAL --dport 443 -m mark ! --mark 0x1 "
+            "-j NFQUEUE --queue-num 0",
+            "ip6tables -t mangle -A OUTPUT -p tcp --syn -m addrtype ! --dst-type LOCAL --dport 443 -m mark ! --mark 0x1 "
+            "-j NFQUEUE --queue-num 0",
+            "iptables -t nat -A PREROUTING -i lan0 -p tcp -m mark --mark 0x40000/0x40000 "
+            "-j CONNMARK --set-mark 0x40000/0x40000",
+            "ip6tables -t nat -A PREROUTING -i lan0 -p tcp -m mark --mark 0x40000/0x40000 "
+            "-j CONNMARK --set-mark 0x40000/0x40000",
+            "iptables -t nat -A OUTPUT -p tcp -m mark --mark 0x40000/0x40000 -j CONNMARK --set-mark 0x40000/0x40000",
+            "ip6tables -t nat -A OUTPUT -p tcp -m mark --mark 0x40000/0x40000 -j CONNMARK --set-mark 0x40000/0x40000",
+            "iptables -t nat -A PREROUTING -i lan0 -p tcp -m addrtype ! --dst-type LOCAL --dport 443 "
+            "-m mark --mark 0x10000/0x10000 -j REDIRECT --to-ports 12345",
+            "ip6tables -t nat -A PREROUTING -i lan0 -p tcp -m addrtype ! --dst-type LOCAL --dport 443 "
+            "-m mark --mark 0x10000/0x10000 -j REDIRECT --to-ports 12345",
+            "iptables -t nat -A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL --dport 443 "
+            "-m mark --mark 0x10000/0x10000 -j REDIRECT --to-ports 12345",
+            "ip6tables -t nat -A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL --dport 443 "
+            "-m mark --mark 0x10000/0x10000 -j REDIRECT --to-ports 12345",
+        ])
+
+    def test_directNft(self) -> None:
+        """
+        In nft form, without --hold-syn: the same mangle rules
+        (iptables-nft), and the nat table whose chains first save a SYN's
+        direct mark to its connection and accept it unredirected.
+        """
+        text = rules(resolver="nfqueue", format="nft", ports=(443,), quic="pass", ipv6=False)
+        self.assertEqual(commands(text), [
+            "iptables -t mangle -A PREROUTING -i lan0 -p tcp -m connmark --mark 0x40000/0x40000 -j RETURN",
+            "iptables -t mangle -A PREROUTING -i lan0 -p tcp --syn -m addrtype ! --dst-type LOCAL --dport 443 "
+            "-j NFQUEUE --queue-num 0",
+            "nft -f - <<'EOF'",
+            "table ip shifter",
+            "delete table ip shifter",
+            "table ip shifter {",
+            "    chain prerouting {",
+            "        type nat hook prerouting priority dstnat; policy accept;",
+            '        iifname "lan0" meta l4proto tcp meta mark & 0x40000 == 0x40000 '
+            "ct mark set ct mark | 0x40000 accept",
+            '        iifname "lan0" fib daddr type != local tcp dport 443 meta mark & 0x10000 == 0x10000 '
+            "redirect to :12345",
+            "    }",
+            "}",
+            "EOF",
+        ])
+        self.assertIn("# Redirect the SYNs Shifter recorded (and marked) to it;\n"
+                      "# a SYN it sent DIRECT at the SYN (direct mark) is not redirected but forwarded, "
+                      "its mark saved to its connection (ct mark), which the NFQUEUE rules skip:\n", text)
+
+    def test_noDirectRules(self) -> None:
+        """
+        With a direct mark of 0, or no queue mark (the nat rule then
+        redirects every SYN, so Shifter sends none DIRECT), no direct rules.
+        """
+        for options in (dict(directMark=0), dict(queueMark=0)):
+            for format in ("iptables", "nft"):
+                text = rules(resolver="nfqueue", format=format, **options)
+                self.assertNotIn("connmark", text.lower())
+                self.assertNotIn("ct mark", text)
+
+    def test_directMarkRefused(self) -> None:
+        """
+        A direct mark sharing bits with the queue mark or the exclusion
+        mark, or too wide, is refused without --hold-syn too.
+        """
+        for bad in [dict(directMark=0x10000), dict(mark=0x40000), dict(directMark=0x100000000)]:
+            self.assertRaises(RulesError, rules, resolver="nfqueue", **bad)
+
+    def test_directMarkCommand(self) -> None:
+        """
+        The matching Shifter command line has --direct-mark when it is not
+        the default.
+        """
+        self.assertIn("--queue-num 0 --direct-mark 0x8 --proxy", rules(resolver="nfqueue", directMark=8))
+        self.assertIn("--queue-num 0 --proxy", rules(resolver="nfqueue"))
+
 
 class HoldSynTests(SynchronousTestCase):
     def test_iptables(self) -> None:
@@ -162,7 +255,7 @@ class HoldSynTests(SynchronousTestCase):
         reject mark, inserted first in FORWARD and INPUT, both families.
         """
         lines = commands(rules(resolver="nfqueue", ports=(443,), holdSyn=True, quic="pass"))
-        plain = commands(rules(resolver="nfqueue", ports=(443,), quic="pass"))
+        plain = commands(rules(resolver="nfqueue", ports=(443,), quic="pass", directMark=0))
         families = ("iptables", "ip6tables")
         self.assertEqual(lines[:2], [
             f"{ipt} -t mangle -A PREROUTING -i lan0 -p tcp -m connmark --mark 0x40000/0x40000 -j RETURN"

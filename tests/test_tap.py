@@ -260,13 +260,40 @@ class HoldSynOptionTests(SynchronousTestCase):
 
     def test_noHolderByDefault(self) -> None:
         """
-        Without --hold-syn, nothing is held.
+        Without --hold-syn, nothing is held: the nfqueue resolver's SYNs go
+        to the director that sends them DIRECT at the SYN, with the direct
+        mark; with --direct-mark 0, or --queue-mark 0 (the nat rule then
+        redirects every SYN), there is none.
         """
+        from shifter.tunnel.directsyn import SynDirector
+
         reactor = MemoryReactorClock()
-        service = makeService(parse("--proxy", "127.0.0.1:3128", "--resolver", "nfqueue"), reactor=reactor)
+        base = ("--proxy", "127.0.0.1:3128", "--resolver", "nfqueue")
+        service = makeService(parse(*base), reactor=reactor)
         factory = service.getServiceNamed("shifter").factory  # type: ignore[attr-defined]
         self.assertIsNone(factory.holder)
-        self.assertIsNone(factory.resolver.holder)
+        self.assertIsInstance(factory.director, SynDirector)
+        self.assertIs(factory.resolver.holder, factory.director)
+        self.assertEqual(factory.resolver.directMark, 0x40000)
+        for options in (("--direct-mark", "0"), ("--queue-mark", "0")):
+            service = makeService(parse(*base, *options), reactor=reactor)
+            factory = service.getServiceNamed("shifter").factory  # type: ignore[attr-defined]
+            self.assertEqual((factory.director, factory.resolver.holder, factory.resolver.directMark),
+                             (None, None, 0), options)
+
+    def test_directMarkWithoutHoldSyn(self) -> None:
+        """
+        Without --hold-syn too, a direct mark that shares bits with the
+        queue mark or --mark is refused; one sharing bits with the reject
+        mark, unused then, is not.
+        """
+        base = ("--proxy", "127.0.0.1:3128", "--resolver", "nfqueue")
+        for options, expected in ((("--direct-mark", "0x10000"), "--direct-mark shares bits with --queue-mark"),
+                                  (("--mark", "0x40000"), "--direct-mark shares bits with --mark")):
+            with self.assertRaises(UsageError) as caught:
+                parse(*base, *options)
+            self.assertIn(expected, str(caught.exception))
+        parse(*base, "--direct-mark", "0x20000")
 
 
 @implementer(IOriginalDestinationResolver)

@@ -66,7 +66,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -113,6 +113,7 @@ class Expectations:
     resolver: str = "sockopt"
     queueNum: int = 0
     queueMark: int = 0x10000
+    directMark: int = 0
     proxies: list[Any] = field(default_factory=list)
     proxyMarks: list[Optional[int]] = field(default_factory=list)
     proxyUser: Optional[str] = None
@@ -446,6 +447,81 @@ def _checkOne(expected: Expectations, state: GatewayState, lan: str, version: in
     return None
 
 
+def _directOutcomes(expected: Expectations, state: GatewayState) -> Iterable[tuple[str, str, Packet, Outcome]]:
+    """
+    With a direct mark: for each LAN interface, family and port, what
+    befalls a SYN that Shifter sends DIRECT at the SYN (it reads it from
+    the queue and gives it the direct mark), as (what, rules hint, SYN,
+    outcome).
+    """
+    if expected.resolver != "nfqueue" or not expected.directMark:
+        return
+
+    def onQueue(number: int) -> Optional[int]:
+        return expected.directMark if number == expected.queueNum else None
+
+    for lan in expected.lanInterfaces:
+        if lan not in state.interfaces:
+            continue
+        for version in (4, 6):
+            client = _clientAddress(state, lan, version)
+            if client is None or (version == 6 and not _hasGlobal(state, lan, 6)):
+                continue
+            for port in expected.ports:
+                packet = _lanPacket(state, lan, version, client, port)
+                outcome = traverse(state.ruleset, packet, onQueue)
+                if outcome.queue is None or outcome.by == outcome.queue[1] + " (nothing reads the queue)":
+                    continue  # not queued to Shifter: checkRedirect says so
+                what = f"TCP port {port} arriving on {lan} ({_family(version)})"
+                yield what, _ruleHint(expected, lan, port), packet, outcome
+
+
+def checkDirect(expected: Expectations, state: GatewayState) -> list[Finding]:
+    """
+    With a direct mark (C{--direct-mark}, C{--resolver nfqueue}): a SYN
+    Shifter sends DIRECT at the SYN is not redirected to Shifter, its mark
+    is saved to its connection, and that connection's packets are not
+    queued again.
+    """
+    findings = []
+    mark = f"{expected.directMark:#x}"
+    for what, hint, packet, outcome in _directOutcomes(expected, state):
+        sent = f"a SYN of {what} that Shifter sends DIRECT at the SYN (direct mark {mark})"
+        if outcome.verdict in ("drop", "reject"):
+            verdict = "dropped" if outcome.verdict == "drop" else "rejected"
+            findings.append(Finding("error", "direct", f"{sent} is {verdict} by {outcome.by}: "
+                                    f"{hint} prints rules that forward it, or give --direct-mark 0"))
+        elif _redirectedTo(outcome, packet, state) is not None:
+            rule = outcome.nat[3] if outcome.nat else ""
+            findings.append(Finding("error", "direct", f"{sent} is redirected to Shifter anyway ({rule}), which "
+                                    f"has no record of it and refuses it: {hint} prints rules that forward it, "
+                                    "or give --direct-mark 0"))
+        elif outcome.connmark & expected.directMark != expected.directMark:
+            findings.append(Finding("warning", "direct", f"{sent} is forwarded, but its mark is not saved to its "
+                                    f"connection (CONNMARK, ct mark), so copies of its SYN are queued again: "
+                                    f"{hint} prints the rule"))
+        elif traverse(state.ruleset, replace(packet, connmark=outcome.connmark),
+                      lambda number: expected.directMark).queue is not None:
+            findings.append(Finding("warning", "direct", f"{sent} is forwarded and its mark saved to its connection "
+                                    f"({outcome.connmarkBy}), but that connection's packets are still queued: "
+                                    f"{hint} prints the rule that skips them"))
+    return findings
+
+
+def directNotes(expected: Expectations, state: GatewayState) -> list[str]:
+    """
+    How the connections Shifter sends DIRECT at the SYN bypass it, when
+    the rules do what L{checkDirect} checks: one line for each rule that
+    saves the direct mark.
+    """
+    if checkDirect(expected, state):
+        return []
+    savedBy = sorted({outcome.connmarkBy for _, _, _, outcome in _directOutcomes(expected, state)
+                      if outcome.connmarkBy is not None})
+    return [f"connections marked {expected.directMark:#x} (sent DIRECT at the SYN) bypass Shifter: forwarded, "
+            f"not queued again, their mark saved to the connection by {rule}" for rule in savedBy]
+
+
 def _anyRedirect(expected: Expectations, state: GatewayState, version: int) -> bool:
     return any(
         _reachesShifterFrom(expected, state, lan, version, port)
@@ -754,6 +830,7 @@ def checkRules(expected: Expectations, state: GatewayState) -> tuple[list[Findin
             expected.shifterUid = uid
     findings = checkForwarding(expected, state)
     findings += checkRedirect(expected, state)
+    findings += checkDirect(expected, state)
     findings += checkLoops(expected, state)
     findings += checkGatewayDestination(expected, state)
     findings += checkReversePath(expected, state)
@@ -1006,7 +1083,7 @@ def expectationsFrom(config: usage.Options, arguments: argparse.Namespace) -> Ex
 
     @raise ValueError: when something doctor needs is missing.
     """
-    from shifter.service.tap import buildProxy
+    from shifter.service.tap import buildProxy, directMarkOf
 
     gateway = config.configFile.gateway if config.configFile is not None else {}  # type: ignore[attr-defined]
     lans = arguments.lan_interface or gateway.get("lan-interface")
@@ -1056,6 +1133,7 @@ def expectationsFrom(config: usage.Options, arguments: argparse.Namespace) -> Ex
         resolver=config["resolver"],
         queueNum=config["queue-num"],
         queueMark=config["queue-mark"],
+        directMark=directMarkOf(config),  # type: ignore[arg-type]
         proxies=proxies,
         proxyMarks=marks,
         proxyUser=proxyUser,
@@ -1204,6 +1282,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None, state: Optional[
         unknown = sorted({text for text in _unknownRules(expected, state)})
         for text in unknown:
             print(f"note: doctor could not follow this rule, and treated it as not matching: {text}", file=out)
+        for line in directNotes(expected, state):
+            print(f"note: direct: {line}", file=out)
         print(f"checked: LAN {', '.join(expected.lanInterfaces)}, ports {','.join(map(str, expected.ports))}, "
               f"Shifter on port {expected.listenPort}, resolver {expected.resolver}, "
               f"{len(expected.proxies)} proxies: {len(findings)} findings", file=out)

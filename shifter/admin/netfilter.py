@@ -11,7 +11,8 @@ following jumps, and says what befell it: dropped or rejected, NATed (and
 to where), handed to TPROXY or NFQUEUE, left untracked, or let through.
 
 Only what decides the fate of such packets is modelled: interfaces,
-protocols, addresses, ports, marks, the socket's user, conntrack state and
+protocols, addresses, ports, marks, the connection's mark (C{-m connmark},
+C{CONNMARK}, nft C{ct mark}), the socket's user, conntrack state and
 address types.  A match the model does not know never matches, and is
 remembered (L{Outcome.unknown}) so that a conclusion resting on it can say
 so.
@@ -54,6 +55,7 @@ class Packet:
     The first packet of a connection, as netfilter sees it at C{hook}.
 
     @ivar uid: the sending socket's user, for locally made packets.
+    @ivar connmark: its connection's mark (0 for a new connection's).
     @ivar localAddresses: this host's addresses (for C{addrtype} and
         C{fib daddr type local}).
     """
@@ -70,6 +72,7 @@ class Packet:
     mark: int = 0
     sport: int = 40000
     localAddresses: frozenset[Address] = frozenset()
+    connmark: int = 0
 
 
 # A match answers True, False, or None when it cannot tell.
@@ -80,8 +83,11 @@ Match = Callable[[Packet], Optional[bool]]
 class Target:
     """
     What a rule does: C{kind} is one of accept, drop, reject, return,
-    jump, goto, redirect, dnat, tproxy, queue, notrack, mark, or other (a
-    target that changes nothing this model follows).
+    jump, goto, redirect, dnat, tproxy, queue, notrack, mark, connmark
+    (the connection's mark set: cleared in C{markMask}, then xored with
+    C{markValue}), savemark (the packet's mark, in C{markMask}, to the
+    connection's), restoremark (the other way), or other (a target that
+    changes nothing this model follows).
     """
 
     kind: str
@@ -166,6 +172,9 @@ class Outcome:
     @ivar tproxy: (port, mark after, rule text).
     @ivar queue: (queue number, rule text).
     @ivar notrack: the rule text that took it out of conntrack.
+    @ivar mark: its mark on the way out.
+    @ivar connmark: its connection's mark on the way out.
+    @ivar connmarkBy: the last rule that changed the connection's mark.
     @ivar unknown: matches and targets not understood on its way.
     """
 
@@ -176,6 +185,8 @@ class Outcome:
     queue: Optional[tuple[int, str]] = None
     notrack: Optional[str] = None
     mark: int = 0
+    connmark: int = 0
+    connmarkBy: Optional[str] = None
     unknown: list[str] = field(default_factory=list)
 
 
@@ -197,11 +208,11 @@ def traverse(
         the mark it sets when it accepts it, or C{None} if it drops it (no
         reader).
     """
-    outcome = Outcome(mark=packet.mark)
+    outcome = Outcome(mark=packet.mark, connmark=packet.connmark)
     for chain in ruleset.baseChains(packet.family, packet.hook):
         if chain.kind == "nat" and (outcome.nat is not None or outcome.notrack is not None):
             continue
-        current = replace(packet, mark=outcome.mark)
+        current = replace(packet, mark=outcome.mark, connmark=outcome.connmark)
         try:
             result = _run(ruleset, chain, current, outcome, depth=0, base=chain)
         except _Verdict as verdict:
@@ -235,7 +246,7 @@ def _run(ruleset: Ruleset, chain: Chain, packet: Packet, outcome: Outcome, depth
     if depth > 32:
         return None
     for rule in chain.rules:
-        packet = replace(packet, mark=outcome.mark)
+        packet = replace(packet, mark=outcome.mark, connmark=outcome.connmark)
         results = [match(packet) for match in rule.matches]
         if False in results:
             continue
@@ -271,6 +282,14 @@ def _statement(
         return _CONTINUE
     if kind == "notrack":
         outcome.notrack = outcome.notrack or rule.text
+        return _CONTINUE
+    if kind in ("connmark", "savemark"):
+        value = target.markValue if kind == "connmark" else outcome.mark & target.markMask
+        outcome.connmark = (outcome.connmark & ~target.markMask & 0xFFFFFFFF) ^ value
+        outcome.connmarkBy = rule.text
+        return _CONTINUE
+    if kind == "restoremark":
+        outcome.mark = (outcome.mark & ~target.markMask & 0xFFFFFFFF) ^ (outcome.connmark & target.markMask)
         return _CONTINUE
     if kind == "other":
         return _NEXT_RULE if target.terminal else _CONTINUE
@@ -364,6 +383,10 @@ def _ports(ranges: Sequence[tuple[int, int]], destination: bool) -> Match:
 
 def _mark(value: int, mask: int) -> Match:
     return lambda packet: packet.mark & mask == value & mask
+
+
+def _connmark(value: int, mask: int) -> Match:
+    return lambda packet: packet.connmark & mask == value & mask
 
 
 def _uid(low: int, high: int) -> Match:
@@ -490,11 +513,8 @@ def _iptablesRule(words: list[str], line: str, chain: Chain) -> Rule:
             matches.append(_negate(_always if isSyn else _never, negated))
         elif word == "--mark" and module in ("mark", "connmark") and i + 1 < len(words):
             markValue, _, markMask = take().partition("/")
-            if module == "mark":
-                matches.append(_negate(_mark(int(markValue, 0), int(markMask, 0) if markMask else 0xFFFFFFFF), negated))
-            else:
-                matches.append(_unknown)
-                unknown.append(f"-m connmark in: {text}")
+            kind = _mark if module == "mark" else _connmark
+            matches.append(_negate(kind(int(markValue, 0), int(markMask, 0) if markMask else 0xFFFFFFFF), negated))
         elif word == "--uid-owner":
             low, _, high = take().partition("-")
             if not low.isdigit():
@@ -573,11 +593,46 @@ def _iptablesTarget(words: list[str], goto: bool) -> Target:
                 return Target("mark", markValue=int(mark, 0), markMask=int(mask, 0) if mask else 0xFFFFFFFF,
                               terminal=False)
         return Target("other", terminal=False)
-    if name in ("LOG", "NFLOG", "CONNMARK", "CT", "TRACE", "CLASSIFY", "DSCP", "TOS", "TCPMSS", "TTL", "HL"):
+    if name == "CONNMARK":
+        return _connmarkTarget(rest)
+    if name in ("LOG", "NFLOG", "CT", "TRACE", "CLASSIFY", "DSCP", "TOS", "TCPMSS", "TTL", "HL"):
         return Target("other", terminal=False)
     if name in ("MASQUERADE", "SNAT", "NETMAP"):
         return Target("other", terminal=True)
     return Target("goto" if goto else "jump", chain=name)
+
+
+def _connmarkTarget(words: list[str]) -> Target:
+    """
+    C{CONNMARK}: C{--set-xmark}, C{--set-mark}, C{--and-mark},
+    C{--or-mark}, C{--xor-mark}, C{--save-mark} and C{--restore-mark}
+    (with C{--mask}, or C{--nfmask} and C{--ctmask} alike, as one mask).
+    """
+    def number(text: str) -> int:
+        return int(text, 0)
+
+    for option in ("--set-xmark", "--set-mark"):
+        given = _option(words, option)
+        if given is not None:
+            markText, _, maskText = given.partition("/")
+            value = number(markText)
+            # --set-mark V/M clears M and sets V: as --set-xmark V/(V|M).
+            bits = number(maskText) if maskText else 0xFFFFFFFF
+            return Target("connmark", markValue=value, markMask=bits | value if option == "--set-mark" else bits,
+                          terminal=False)
+    for option, make in (("--and-mark", lambda v: (0, ~v & 0xFFFFFFFF)), ("--or-mark", lambda v: (v, v)),
+                         ("--xor-mark", lambda v: (v, 0))):
+        given = _option(words, option)
+        if given is not None:
+            value, mask = make(number(given))
+            return Target("connmark", markValue=value, markMask=mask, terminal=False)
+    masks = [_option(words, option) for option in ("--mask", "--nfmask", "--ctmask")]
+    mask = next((number(m) for m in masks if m is not None), 0xFFFFFFFF)
+    if "--save-mark" in words:
+        return Target("savemark", markMask=mask, terminal=False)
+    if "--restore-mark" in words:
+        return Target("restoremark", markMask=mask, terminal=False)
+    return Target("other", terminal=False)
 
 
 def _splitHostPort(text: str) -> tuple[Optional[str], Optional[int]]:
@@ -693,12 +748,12 @@ def _nftRule(expressions: list[dict[str, Any]], chain: Chain, written: Optional[
             statements.append(Target("queue", queueNum=number if isinstance(number, int) else 0))
         elif kind == "notrack":
             statements.append(Target("notrack", terminal=False))
-        elif kind == "mangle" and body.get("key") == {"meta": {"key": "mark"}}:
-            markSet = _nftMarkSet(body.get("value"))
-            if markSet is None:
+        elif kind == "mangle" and body.get("key") in (_META_MARK, _CT_MARK):
+            statement = _nftMarkSet(body["key"], body.get("value"))
+            if statement is None:
                 unknown.append(text)
             else:
-                statements.append(Target("mark", markValue=markSet[0], markMask=markSet[1], terminal=False))
+                statements.append(statement)
         elif kind in ("masquerade", "snat"):
             statements.append(Target("other", terminal=True))
         elif kind == "xt":
@@ -709,17 +764,26 @@ def _nftRule(expressions: list[dict[str, Any]], chain: Chain, written: Optional[
     return Rule(matches, statements, text, unknown)
 
 
-def _nftMarkSet(value: Any) -> Optional[tuple[int, int]]:
+_META_MARK = {"meta": {"key": "mark"}}
+_CT_MARK = {"ct": {"key": "mark"}}
+
+
+def _nftMarkSet(key: Any, value: Any) -> Optional[Target]:
     """
-    C{meta mark set N} or C{meta mark set meta mark | N} as (value, mask).
+    C{meta mark set N}, C{meta mark set meta mark | N}, and the same of
+    C{ct mark}; C{ct mark set meta mark} (the mark saved to the
+    connection) and C{meta mark set ct mark} (restored from it).
     """
+    kind = "mark" if key == _META_MARK else "connmark"
     if isinstance(value, int):
-        return value, 0xFFFFFFFF
+        return Target(kind, markValue=value, markMask=0xFFFFFFFF, terminal=False)
     if isinstance(value, dict) and "|" in value:
         left, right = value["|"]
-        if left == {"meta": {"key": "mark"}} and isinstance(right, int):
+        if left == key and isinstance(right, int):
             # mark | N: bits N set, the others kept.
-            return right, right
+            return Target(kind, markValue=right, markMask=right, terminal=False)
+    if value in (_META_MARK, _CT_MARK) and value != key:
+        return Target("savemark" if key == _CT_MARK else "restoremark", markMask=0xFFFFFFFF, terminal=False)
     return None
 
 
@@ -865,6 +929,8 @@ def _nftGetter(left: Any) -> Optional[Callable[[Packet], Any]]:
         }.get(field)
     if "ct" in left and left["ct"].get("key") == "state":
         return lambda p: "new"
+    if left == _CT_MARK:
+        return lambda p: p.connmark
     if "fib" in left:
         fib = left["fib"]
         if fib.get("result") == "type" and fib.get("flags") in (["daddr"], "daddr"):

@@ -7,8 +7,8 @@ kernel module record in this namespace); TPROXY and policy routing for
 C{tproxy}; an
 C{NFQUEUE} rule in the mangle table and a REDIRECT of the SYNs Shifter
 marked for C{nfqueue} (with C{--hold-syn}, also a C{REJECT} of the SYNs it
-marked as refused, and the rules that keep the connections it sent DIRECT
-at the SYN out of the queue and the redirect).  This command prints them as a shell script, for
+marked as refused), and the rules that keep the connections it sent DIRECT
+at the SYN out of the queue and the redirect.  This command prints them as a shell script, for
 iptables (ip6tables) or nftables, IPv4 and IPv6, for the LAN interface,
 ports and listening port given, with the exclusion that keeps the proxy's
 own connections out of the redirect when the gateway's own traffic is
@@ -60,10 +60,10 @@ class RuleOptions:
         answers (its C{--hold-syn}), and the SYNs it refuses are reset.
     @ivar rejectMark: with C{holdSyn}, the mark Shifter sets on the SYNs it
         refuses (its C{--reject-mark}).
-    @ivar directMark: with C{holdSyn}, the mark Shifter sets on the SYNs it
-        sends DIRECT at the SYN (its C{--direct-mark}): the rules save it to
-        the connection, and neither queue nor redirect a connection that
-        carries it; 0 for none.
+    @ivar directMark: with C{nfqueue} and a queue mark, the mark Shifter
+        sets on the SYNs it sends DIRECT at the SYN (its C{--direct-mark}):
+        the rules save it to the connection, and neither queue nor redirect
+        a connection that carries it; 0 for none.
     """
 
     resolver: str
@@ -124,6 +124,12 @@ class RuleOptions:
                 raise RulesError(f"queue number {self.queueNum} is not between 0 and 65535")
             if self.mark is not None and self.mark & self.queueMark:
                 raise RulesError("--mark shares bits with the queue mark")
+            if not 0 <= self.directMark <= 0xFFFFFFFF:
+                raise RulesError(f"direct mark {self.directMark:#x} does not fit in 32 bits")
+            if self.directMark & self.queueMark:
+                raise RulesError("the direct mark shares bits with the queue mark")
+            if self.mark is not None and self.mark & self.directMark:
+                raise RulesError("--mark shares bits with the direct mark")
         if self.holdSyn:
             if self.resolver != "nfqueue":
                 raise RulesError("--hold-syn needs --resolver nfqueue: only there does Shifter see the SYN first")
@@ -135,12 +141,8 @@ class RuleOptions:
                 raise RulesError("the reject mark shares bits with the queue mark")
             if self.mark is not None and self.mark & self.rejectMark:
                 raise RulesError("--mark shares bits with the reject mark: the proxy's connections would be reset")
-            if not 0 <= self.directMark <= 0xFFFFFFFF:
-                raise RulesError(f"direct mark {self.directMark:#x} does not fit in 32 bits")
-            if self.directMark & (self.queueMark | self.rejectMark):
-                raise RulesError("the direct mark shares bits with the queue mark or the reject mark")
-            if self.mark is not None and self.mark & self.directMark:
-                raise RulesError("--mark shares bits with the direct mark")
+            if self.directMark & self.rejectMark:
+                raise RulesError("the direct mark shares bits with the reject mark")
         if self.resolver == "tproxy" and not self.tproxyMark:
             raise RulesError("the TPROXY mark must not be 0")
         if not 0 < self.routeTable < 0xFFFFFFFF or self.routeTable in (253, 254, 255):
@@ -149,6 +151,15 @@ class RuleOptions:
     @property
     def excludes(self) -> bool:
         return self.proxyUser is not None or self.mark is not None
+
+    @property
+    def directAtSyn(self) -> bool:
+        """
+        Whether Shifter sends connections DIRECT at the SYN: with
+        C{nfqueue}, a direct mark and a queue mark (without one, the nat
+        rule redirects every SYN, whatever else it carries).
+        """
+        return self.resolver == "nfqueue" and bool(self.directMark) and bool(self.queueMark)
 
 
 # --------------------------------------------------------------------------
@@ -197,7 +208,7 @@ def _iptablesQueue(o: RuleOptions) -> list[str]:
     bypass = " --queue-bypass" if o.queueBypass else ""
     marked = f" -m mark --mark {o.queueMark:#x}/{o.queueMark:#x}" if o.queueMark else ""
     lines.append("# Queue each SYN to Shifter before NAT (mangle runs before nat):")
-    direct = o.holdSyn and o.directMark
+    direct = o.directAtSyn
     if direct:
         lines.append("# (except a connection Shifter sent DIRECT at the SYN: its copies of the SYN too)")
         lines += _iptablesDirectSkip(o)
@@ -376,7 +387,7 @@ def _nftQueue(o: RuleOptions) -> list[str]:
     # not redirected.
     direct = (f"meta l4proto tcp meta mark & {o.directMark:#x} == {o.directMark:#x} "
               f"ct mark set ct mark | {o.directMark:#x} accept")
-    first = [direct] if o.holdSyn and o.directMark else []
+    first = [direct] if o.directAtSyn else []
     chains = [("prerouting", _NAT_PREROUTING,
                [f'iifname "{o.lanInterface}" {direct}' for direct in first]
                + [f'iifname "{o.lanInterface}" {_NOT_LOCAL_NFT} {ports}{marked} redirect to :{o.listenPort}'])]
@@ -396,9 +407,11 @@ def _nftQueue(o: RuleOptions) -> list[str]:
     if o.holdSyn:
         lines[-1] = ("# Redirect the SYNs Shifter accepted (queue mark) to it; reset those it "
                      "refused (reject mark), in chains of their own, whatever other tables accept:")
-        if o.directMark:
-            lines.append("# a SYN it sent DIRECT at the SYN (direct mark) is not redirected but forwarded, "
-                         "its mark saved to its connection (ct mark), which the queue rules skip:")
+    if o.directAtSyn:
+        if not o.holdSyn:
+            lines[-1] = lines[-1][:-1] + ";"
+        lines.append("# a SYN it sent DIRECT at the SYN (direct mark) is not redirected but forwarded, "
+                     "its mark saved to its connection (ct mark), which the NFQUEUE rules skip:")
     lines.extend(_nftTable(o, chains + _nftQuic(o)))
     return lines
 
@@ -471,8 +484,8 @@ def _shifterCommand(o: RuleOptions) -> str:
             extra += " --hold-syn"
             if o.rejectMark != DEFAULT_REJECT_MARK:
                 extra += f" --reject-mark {o.rejectMark:#x}"
-            if o.directMark != DEFAULT_DIRECT_MARK:
-                extra += f" --direct-mark {o.directMark:#x}"
+        if o.directMark != DEFAULT_DIRECT_MARK:
+            extra += f" --direct-mark {o.directMark:#x}"
     if o.mark is not None:
         extra += f" --mark {o.mark:#x}"
     return f"twistd shifter --resolver {o.resolver} --listen '{listen}'{extra} --proxy HOST:PORT"
@@ -594,7 +607,7 @@ def _parser(prog: str = "python -m shifter.rules") -> argparse.ArgumentParser:
                         help=f"nfqueue --hold-syn: the mark Shifter sets on refused SYNs "
                         f"(default: {DEFAULT_REJECT_MARK:#x})")
     parser.add_argument("--direct-mark", type=_number, default=DEFAULT_DIRECT_MARK, metavar="MARK",
-                        help=f"nfqueue --hold-syn: the mark Shifter sets on SYNs it sends DIRECT at the SYN; "
+                        help=f"nfqueue: the mark Shifter sets on SYNs it sends DIRECT at the SYN; "
                         f"their connections are neither queued nor redirected, 0 for none "
                         f"(default: {DEFAULT_DIRECT_MARK:#x})")
     parser.add_argument("--tproxy-mark", type=_number, default=0x1, metavar="MARK",

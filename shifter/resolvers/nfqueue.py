@@ -24,8 +24,10 @@ when they can, else in datagrams well under the socket's send buffer;
 those the kernel does not take are sent again.  Every packet gets its
 verdict, even when its handling fails.
 
-With C{--hold-syn} (L{shifter.tunnel.holdsyn}) a SYN's verdict waits for the
-proxy's answer: the packet is I{held}.  A batch verdict applies to every
+Without C{--hold-syn}, a SYN whose connection the policy sends DIRECT at
+once gets the direct mark instead (L{shifter.tunnel.directsyn}): it is not
+redirected but forwarded.  With C{--hold-syn} (L{shifter.tunnel.holdsyn})
+a SYN's verdict waits for the proxy's answer: the packet is I{held}.  A batch verdict applies to every
 packet queued with an id up to the one it names, so verdicts are batched
 only when no held packet has a lower id; otherwise each packet gets a
 verdict of its own (many to a datagram).
@@ -552,9 +554,11 @@ class QueueProtocol(NetlinkProtocol):
     again (L{flush}); a packet whose handling raises gets one that does not
     let it around Shifter (L{_failClosed}).
 
-    With a C{holder} (C{--hold-syn}), each SYN is handed to it instead: it
-    calls L{hold}, then one of L{accept}, L{reject}, L{direct} or L{drop}
-    when it has decided.
+    With a C{holder}, each SYN is handed to it instead.  A
+    L{shifter.tunnel.holdsyn.SynHolder} (C{--hold-syn}) calls L{hold}, then
+    one of L{accept}, L{reject}, L{direct} or L{drop} when it has decided;
+    a L{shifter.tunnel.directsyn.SynDirector} calls L{accept} or L{direct}
+    at once.
 
     @ivar received: packets read from the queue.
     @ivar verdicts: packets given a verdict the kernel took (by batch or
@@ -860,13 +864,15 @@ class QueueResolver:
     @param rejectMark: with a L{holder}, the mark bit set, in place of
         C{mark}, on a SYN whose tunnel was refused; a C{REJECT} rule
         answers it with a reset.
-    @param directMark: with a L{holder}, the mark bit set, in place of
-        C{mark}, on a SYN decided DIRECT at the SYN; the printed rules
-        save it to the connection and never redirect nor queue it.  0: no
-        decision is given at the SYN, DIRECT tunnels go through Shifter.
+    @param directMark: the mark bit set, in place of C{mark}, on a SYN
+        its L{holder} decides DIRECT at the SYN; the printed rules save it
+        to the connection and never redirect nor queue it.  0: no decision
+        is given at the SYN, DIRECT tunnels go through Shifter.
 
-    @ivar holder: if set before L{start}, the L{shifter.tunnel.holdsyn.SynHolder}
-        (C{--hold-syn}) that decides each SYN's verdict.
+    @ivar holder: if set before L{start}, what decides each SYN's verdict:
+        the L{shifter.tunnel.holdsyn.SynHolder} (C{--hold-syn}), or,
+        without it, the L{shifter.tunnel.directsyn.SynDirector} that gives
+        DIRECT at the SYN.
     """
 
     name = "nfqueue"

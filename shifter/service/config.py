@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from twisted.python import usage
 
-from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+from shifter.tunnel.policy import ISynPolicy, TunnelDecision, TunnelRequest
 from shifter.tunnel.sniff import ECH_MAY_HIDE
 from shifter.upstream.proxy import UpstreamProxy
 
@@ -649,7 +649,7 @@ def _inlineItems(rest: list[str], name: str, first: int, lines: dict[tuple[Any, 
                     return
 
 
-@implementer(ITunnelPolicy)
+@implementer(ISynPolicy)
 class RulePolicy:
     """
     The C{[[rule]]}s of a configuration file as an L{ITunnelPolicy}: the
@@ -691,6 +691,29 @@ class RulePolicy:
             if rule.matches(request):
                 return self._decision(request, rule)
         return self._decision(request, None)
+
+    def decideAtSyn(self, request: TunnelRequest, nameRead: bool) -> tuple[bool, Optional[TunnelDecision]]:
+        """
+        See L{ISynPolicy.decideAtSyn}: the rules always answer at once, but
+        when a name is read, a rule that looks at what was read (a name,
+        ECH) at or before the one that matches could decide otherwise.
+        """
+        known, rule = self.ruleAtSyn(request, nameRead)
+        return (True, self._decision(request, rule)) if known else (False, None)
+
+    def ruleAtSyn(self, request: TunnelRequest, nameRead: bool) -> tuple[bool, Optional[Rule]]:
+        """
+        The rule that decides C{request} (asked with no name) whatever is
+        read from the client later: C{(True, rule)}, or C{(True, None)} when
+        none matches; C{(False, None)} when, with C{nameRead}, what is read
+        could make another rule decide.
+        """
+        for rule in self.rules:
+            if nameRead and (rule.needsName or rule.ech is not None):
+                return False, None
+            if rule.matches(request):
+                return True, rule
+        return True, None
 
     def _decision(self, request: TunnelRequest, rule: Optional[Rule]) -> Optional[TunnelDecision]:
         if rule is not None and rule.refuse is not None:

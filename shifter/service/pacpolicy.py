@@ -43,7 +43,7 @@ from shifter.pac.fetch import PacSource
 from shifter.service.config import Rule, RulePolicy
 from shifter.tunnel.holdsyn import directAtSyn
 from shifter.tunnel.negotiation import destinationCheck, formatAddress
-from shifter.tunnel.policy import ITunnelPolicy, TunnelDecision, TunnelRequest
+from shifter.tunnel.policy import ISynPolicy, TunnelDecision, TunnelRequest, decidedNow
 from shifter.upstream.pool import ProxyPool
 from shifter.upstream.proxy import DIRECT, HTTP, SOCKS5, UpstreamProxy
 
@@ -78,7 +78,7 @@ def pacQuestion(
     return f"{scheme}://{authority}/", host
 
 
-@implementer(ITunnelPolicy)
+@implementer(ISynPolicy)
 class PacPolicy:
     """
     The rules first, then the PAC script, then the fallback.
@@ -196,6 +196,30 @@ class PacPolicy:
 
         return asking.addCallbacks(answered, failed)
 
+    def decideAtSyn(self, request: TunnelRequest, nameRead: bool) -> tuple[bool, Optional[TunnelDecision]]:
+        """
+        See L{ISynPolicy.decideAtSyn}: a rule that needs nothing read from
+        the client, or, when no name is read, a PAC answer already cached
+        for the address (or the fallback, with no script).  Nothing is
+        evaluated: an answer not cached waits for the tunnel's question.
+        """
+        known, rule = self.rules.ruleAtSyn(request, nameRead) if self.rules is not None else (True, None)
+        if not known:
+            return False, None
+        if rule is None:
+            if nameRead:
+                return False, None  # the script is asked with the name read
+            if self.evaluator.script is None:
+                if not self.source.firstAttempt.called:
+                    return False, None
+            else:
+                port = request.destination.port
+                _, host = pacQuestion(None, request.destination.host, port)
+                if self.evaluator.cached(host, port) is None:
+                    return False, None
+        known, pair = decidedNow(self.explained(request))
+        return (True, pair[0]) if known else (False, None)
+
     def _rule(self, request: TunnelRequest) -> Optional[Rule]:
         if self.rules is None:
             return None
@@ -288,8 +312,9 @@ def explain(factory: Any, client: str, destination: str, port: int, name: Option
     What Shifter would do now with a connection from C{client} to
     C{destination:port} (with C{name} read from its first bytes, if any):
     the checks, the rule or PAC answer, the proxies in order with their
-    health, the CONNECT target, and whether (with C{--hold-syn}, asked
-    with no name) a DIRECT answer is given at the SYN.  A PAC answer not
+    health, the CONNECT target, and whether a DIRECT answer is given at
+    the SYN (with C{--hold-syn}, asked with no name; with the nfqueue
+    resolver alone, when the policy has it at once whatever the name).  A PAC answer not
     cached yet is asked for (and then cached).
 
     @param factory: the L{shifter.tunnel.downstream.ShifterFactory}.
@@ -361,9 +386,15 @@ def explain(factory: Any, client: str, destination: str, port: int, name: Option
         if not any(p["usable"] for p in out["proxies"]):
             out["refused"] = pool.unavailable() if out["proxies"] else "no proxy to try"
         # With --hold-syn, the SYN's policy is asked with no name: a DIRECT
-        # answer then is given at the SYN.
+        # answer then is given at the SYN.  Without it, the nfqueue
+        # resolver's director gives one at the SYN when the policy has it
+        # at once and no name read could change it (the answer just asked
+        # for is cached now).
         holder = getattr(factory, "holder", None)
+        director = getattr(factory, "director", None)
         if name is None and holder is not None and holder.direct and directAtSyn(decision, host, pool.usable):
+            out["directAtSyn"] = True
+        elif director is not None and director.directDecision(clientIP.compressed, 0, host, port) is not None:
             out["directAtSyn"] = True
         return out
 

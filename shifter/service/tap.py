@@ -31,6 +31,7 @@ from shifter.service.config import (
 )
 from shifter.tunnel.downstream import ShifterFactory, TunnelSettings
 from shifter.upstream.endpointstrings import withBacklog
+from shifter.tunnel.directsyn import SynDirector
 from shifter.tunnel.holdsyn import DEFAULT_HOLD_TIMEOUT, SynHolder
 from shifter.upstream.passclient import PASS_CLIENT_MODES
 from shifter.upstream.pool import BALANCES, ProxyPool
@@ -440,10 +441,11 @@ class Options(usage.Options):
             "direct-mark",
             None,
             DEFAULT_DIRECT_MARK,
-            "With --hold-syn: the mark bit Shifter sets, in place of --queue-mark, "
-            "on a SYN its rules or PAC send DIRECT: the connection is not "
-            "redirected but forwarded, and its bytes never reach Shifter.  0: "
-            "DIRECT connections go through Shifter.",
+            "With --resolver nfqueue: the mark bit Shifter sets, in place of "
+            "--queue-mark, on a SYN its rules or PAC send DIRECT (without "
+            "--hold-syn, only when they can say so at once, with no name read): "
+            "the connection is not redirected but forwarded, and its bytes never "
+            "reach Shifter.  0: DIRECT connections go through Shifter.",
             lambda value: int(value, 0),
         ],
         [
@@ -882,6 +884,8 @@ class Options(usage.Options):
             )
         if self["hold-syn"]:
             self._checkHoldSyn()
+        if self["resolver"] == "nfqueue" and self["direct-mark"]:
+            self._checkDirectMark()
         if self["workers"] > 1:
             if ReusePortEndpoint.fromString(reactor, self["listen"]) is None:
                 raise usage.UsageError("--workers: the --listen endpoint must be tcp: or tcp6:")
@@ -961,11 +965,13 @@ class Options(usage.Options):
             raise usage.UsageError("--reject-mark shares bits with --queue-mark")
         if self["mark"] is not None and reject & self["mark"]:
             raise usage.UsageError("--reject-mark shares bits with --mark: Shifter's own connections would be reset")
+        if self["direct-mark"] & reject:
+            raise usage.UsageError("--direct-mark shares bits with --reject-mark")
+
+    def _checkDirectMark(self) -> None:
         direct = self["direct-mark"]
         if direct & self["queue-mark"]:
             raise usage.UsageError("--direct-mark shares bits with --queue-mark")
-        if direct & reject:
-            raise usage.UsageError("--direct-mark shares bits with --reject-mark")
         if self["mark"] is not None and direct & self["mark"]:
             raise usage.UsageError("--direct-mark shares bits with --mark")
 
@@ -1026,6 +1032,9 @@ def makeService(config: Options, reactor=None, exitStatusOnFailure: bool | None 
     if config["hold-syn"]:
         holder = SynHolder(factory, config["hold-timeout"], direct=bool(config["direct-mark"]))
         factory.holder = resolver.holder = holder  # type: ignore[attr-defined]
+    elif directMarkOf(config):
+        director = SynDirector(factory)
+        factory.director = resolver.holder = director  # type: ignore[attr-defined]
     listen = withBacklog(config["listen"], LISTEN_BACKLOG)
     endpoint = serverFromString(reactor, listen)
     metrics = config["metrics"]
@@ -1399,7 +1408,18 @@ def resolverOptions(config: Options) -> dict[str, object]:
             "queueBypass": bool(config["queue-bypass"]),
             "mark": config["queue-mark"],
             "rejectMark": config["reject-mark"],
-            "directMark": config["direct-mark"] if config["hold-syn"] else 0,
+            "directMark": directMarkOf(config),
         }
     return {}
+
+
+def directMarkOf(config: Options) -> int:
+    """
+    The direct mark the C{nfqueue} resolver gives the SYNs it sends DIRECT
+    at the SYN, or 0 for none: none without a C{--queue-mark}, since the
+    nat rule then redirects every SYN, whatever its mark.
+    """
+    if config["resolver"] != "nfqueue" or not config["queue-mark"]:
+        return 0
+    return config["direct-mark"]  # type: ignore[no-any-return]
 

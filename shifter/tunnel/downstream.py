@@ -107,6 +107,9 @@ class ShifterFactory(ServerFactory):
     @ivar listeningAddress: the listening socket's address, once listening.
     @ivar holder: with C{--hold-syn}, the L{shifter.tunnel.holdsyn.SynHolder} whose
         open tunnels the client connections take; else C{None}.
+    @ivar director: with C{--resolver nfqueue} and a direct mark, without
+        C{--hold-syn}, the L{shifter.tunnel.directsyn.SynDirector} that sends
+        SYNs DIRECT at the SYN; else C{None}.
     @ivar accessLog: what each client connection's
         L{shifter.tunnel.tunnel.TunnelRecord} is given to once it has ended
         (its C{tunnelEnded(record)}), such as
@@ -135,6 +138,7 @@ class ShifterFactory(ServerFactory):
         self.deadlines = Deadlines(reactor)
         self.listeningAddress: Destination | None = None
         self.holder: Any = None
+        self.director: Any = None
         self.accessLog: Any = None
         self._idleWaiters: list[Deferred[None]] = []
         self.proxyAddresses = ProxyAddresses(pool.proxies, reactor)

@@ -59,7 +59,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from zope.interface import implementer
@@ -169,6 +169,57 @@ def directAtSyn(decision: Any, address: str, usable: Callable[[Any], bool]) -> b
             return False  # a name: only a tunnel can connect to it
     first = next((p for p in decision.proxies if usable(p)), None)
     return first is not None and first.kind == DIRECT
+
+
+def refusalAtSyn(owner: Any, clientHost: str, address: str, port: int, held: int = 0) -> tuple[str, str] | None:
+    """
+    Why Shifter would refuse a connection whose SYN it sees, from
+    C{clientHost} to C{address:port}, as (counter, reason), or C{None}: the
+    connection caps, C{--allow}, and the destination checks.
+
+    @param owner: the L{shifter.tunnel.downstream.ShifterFactory}.
+    @param held: the client's other SYNs held (C{--hold-syn}), which count
+        against C{--max-connections-per-client} like open tunnels.
+    """
+    settings = owner.settings
+    if len(owner.active) >= settings.maxConnections:
+        return "limit", f"{settings.maxConnections} tunnels already open (--max-connections)"
+    perClient = settings.maxConnectionsPerClient
+    if perClient:
+        others = held + owner.clientLimit.counts.get(clientKey(clientHost), 0)
+        if others >= perClient:
+            return "client-limit", (f"{perClient} connections from this client already open or "
+                                    "held (--max-connections-per-client)")
+    allowed = settings.allowedClients
+    if allowed:
+        client = ipaddress.ip_address(clientHost)
+        if not any(client in network for network in allowed):
+            return "client-denied", f"client {clientHost} is not in an --allow network"
+    return destinationCheck(owner, settings, address, port)
+
+
+def announceDirect(
+    owner: Any, log: Logger, client: str, destination: str, label: Optional[str], tunnelId: str, started: float,
+) -> None:
+    """
+    Say that the connection from C{client} to C{destination} (both
+    C{address:port}) goes DIRECT at its SYN, as C{label} decided: one log
+    line, and its access-log record (no proxy, no bytes), if there is an
+    access log.
+    """
+    decidedBy = f" ({label})" if label else ""
+    log.info(
+        "tunnel {client} -> {destination} DIRECT at the SYN (not through Shifter){decidedBy} id={tunnel}",
+        client=client, destination=destination, decidedBy=decidedBy, tunnel=tunnelId,
+    )
+    accessLog = getattr(owner, "accessLog", None)
+    if accessLog is not None:
+        accessLog.tunnelEnded(TunnelRecord(
+            tunnelId=tunnelId, started=started, ended=owner.reactor.seconds(), client=client,
+            destination=destination, connectTarget="", targetFrom="address", name=None, proxy="DIRECT",
+            status=None, bytesUp=0, bytesDown=0, result="direct",
+            how=f"DIRECT at the SYN (not through Shifter){decidedBy}", resolved=started,
+        ))
 
 
 def newAttempt(proxy: Any, receiver: IProxyReceiver) -> Any:
@@ -348,16 +399,7 @@ class HeldSyn(ProxyNegotiation):
         destination past Shifter.  One line says so.
         """
         self.holder.counters["direct"] += 1
-        decidedBy = f" ({label})" if label else ""
-        self.log.info(
-            "tunnel {client} -> {destination} DIRECT at the SYN (not through Shifter){decidedBy} id={tunnel}",
-            client=self.clientLabel, destination=self.target, decidedBy=decidedBy, tunnel=self.tunnelId,
-        )
-        accessLog = getattr(self.owner, "accessLog", None)
-        if accessLog is not None:
-            record = self._record("direct", "DIRECT at the SYN (not through Shifter)")
-            accessLog.tunnelEnded(replace(record, how=f"DIRECT at the SYN (not through Shifter){decidedBy}",
-                                          proxy="DIRECT"))
+        announceDirect(self.owner, self.log, self.clientLabel, self.target, label, self.tunnelId, self.started)
         self._cancelPending()
         self._verdict("direct")
         self._done()
@@ -367,23 +409,8 @@ class HeldSyn(ProxyNegotiation):
         Why the tunnel would refuse this connection, as (counter, reason),
         or C{None}: the same checks, before any proxy is asked.
         """
-        settings = self.settings
-        owner = self.holder.owner
-        if len(owner.active) >= settings.maxConnections:
-            return "limit", f"{settings.maxConnections} tunnels already open (--max-connections)"
-        perClient = settings.maxConnectionsPerClient
-        if perClient:
-            key = clientKey(self.clientHost)
-            others = self.holder.heldFrom(key) - 1 + owner.clientLimit.counts.get(key, 0)
-            if others >= perClient:
-                return "client-limit", (f"{perClient} connections from this client already open or "
-                                        "held (--max-connections-per-client)")
-        allowed = settings.allowedClients
-        if allowed:
-            client = ipaddress.ip_address(self.clientHost)
-            if not any(client in network for network in allowed):
-                return "client-denied", f"client {self.clientHost} is not in an --allow network"
-        return destinationCheck(owner, settings, self.address, self.destination.port)
+        held = self.holder.heldFrom(clientKey(self.clientHost)) - 1
+        return refusalAtSyn(self.holder.owner, self.clientHost, self.address, self.destination.port, held)
 
     # Connecting and handshaking, the SYN held.
 

@@ -10,12 +10,13 @@ after the client's first bytes were read), before any proxy is contacted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from zope.interface import Interface
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from shifter.upstream.passclient import checkPassClient
 from shifter.upstream.proxy import UpstreamProxy
@@ -97,3 +98,42 @@ class ITunnelPolicy(Interface):
             a C{Deferred} firing with either.  A failure refuses the
             connection.
         """
+
+
+class ISynPolicy(ITunnelPolicy):
+    """
+    A policy that can say at a connection's SYN, before anything is read
+    from the client, what it will decide for it.
+    """
+
+    def decideAtSyn(request: TunnelRequest, nameRead: bool) -> tuple[bool, Optional[TunnelDecision]]:
+        """
+        The decision for C{request} (asked with no name), if it is known now
+        without waiting or starting anything that takes time (a rule, a
+        cached answer), and would be the same whatever name is read from
+        the client later.
+
+        @param nameRead: whether the tunnel reads a name from the client
+            (C{--connect-target sni}, C{host}, C{auto}) and asks with it.
+        @return: C{(True, decision)}, or C{(False, None)} when the decision
+            has to wait for the tunnel.
+        """
+
+
+def decidedNow(result: Any) -> tuple[bool, Any]:
+    """
+    A policy's C{decide} result if it is there already: C{(True, value)}
+    for a value or a C{Deferred} that has fired with one, else C{(False,
+    None)}.  A C{Deferred} still waiting is cancelled; one that failed
+    counts as no answer (its failure is consumed).
+    """
+    if not isinstance(result, Deferred):
+        return True, result
+    box: list[Any] = []
+    result.addBoth(box.append)
+    if not box:
+        result.cancel()
+        return False, None
+    if isinstance(box[0], Failure):
+        return False, None
+    return True, box[0]
