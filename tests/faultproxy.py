@@ -24,6 +24,11 @@ connected to, which the gateway redirected to Shifter):
           must all arrive)
     7010  200 at once, then the same as 7009
     7011  200, then echoes
+    7012  waits 0.5 s, then 200 and early=N, N the bytes that came behind
+          the request before the answer (--early-data send), then closes
+
+Bytes that come behind the request in the same reads are the tunnel's
+first bytes, as a real proxy keeps them (Squid's pre-read client data).
 
 One line per connection on standard output says what it did.
 """
@@ -40,17 +45,36 @@ import time
 LARGE_CHUNK = os.urandom(64 * 1024)
 
 
-def readRequest(conn: socket.socket) -> tuple[str, int] | None:
+def readRequest(conn: socket.socket) -> tuple[str, int, bytes] | None:
+    """
+    The CONNECT request's host and port, and the bytes read behind it.
+    """
     request = b""
     while b"\r\n\r\n" not in request:
         chunk = conn.recv(4096)
         if not chunk or len(request) > 16384:
             return None
         request += chunk
-    line = request.split(b"\r\n", 1)[0].decode("ascii", "replace")
+    head, leftover = request.split(b"\r\n\r\n", 1)
+    line = head.split(b"\r\n", 1)[0].decode("ascii", "replace")
     method, authority, _ = line.split(" ", 2)
     host, port = authority.rsplit(":", 1)
-    return host.strip("[]"), int(port)
+    return host.strip("[]"), int(port), leftover
+
+
+def waiting(conn: socket.socket) -> bytes:
+    """
+    What the peer has sent that can be read now, without waiting.
+    """
+    data = b""
+    while True:
+        try:
+            chunk = conn.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
 
 
 def relay(source: socket.socket, sink: socket.socket) -> None:
@@ -70,8 +94,8 @@ def drain(conn: socket.socket) -> None:
         pass
 
 
-def sinkDigest(conn: socket.socket) -> None:
-    digest = hashlib.sha256()
+def sinkDigest(conn: socket.socket, first: bytes = b"") -> None:
+    digest = hashlib.sha256(first)
     while chunk := conn.recv(65536):
         digest.update(chunk)
     conn.sendall(digest.hexdigest().encode())
@@ -87,11 +111,12 @@ def handle(conn: socket.socket) -> None:
         if target is None:
             what = "no request"
             return
-        host, port = target
+        host, port, leftover = target
         what = f"CONNECT {host}:{port}"
         if port == 443:
             upstream = socket.create_connection((host, port), timeout=10)
             upstream.settimeout(None)
+            upstream.sendall(leftover)
             conn.sendall(OK)
             back = threading.Thread(target=relay, args=(upstream, conn), daemon=True)
             back.start()
@@ -125,13 +150,18 @@ def handle(conn: socket.socket) -> None:
         elif port == 7009:
             time.sleep(2)
             conn.sendall(OK)
-            sinkDigest(conn)
+            sinkDigest(conn, leftover)
         elif port == 7010:
             conn.sendall(OK)
-            sinkDigest(conn)
+            sinkDigest(conn, leftover)
         elif port == 7011:
-            conn.sendall(OK)
+            conn.sendall(OK + leftover)
             relay(conn, conn)
+        elif port == 7012:
+            time.sleep(0.5)
+            early = leftover + waiting(conn)
+            what += f" early={len(early)}"
+            conn.sendall(OK + f"early={len(early)}".encode())
         else:
             conn.sendall(b"HTTP/1.1 403 Forbidden\r\n\r\n")
     except OSError as e:

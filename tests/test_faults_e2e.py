@@ -42,7 +42,7 @@ from tests.test_resolvers_e2e import ResolverGatewayTestCase
 
 FAULT_PROXY = str(Path(__file__).resolve().parent / "faultproxy.py")
 FAULT_PROXY_PORT = 3130
-FAULT_PORTS = range(7001, 7012)
+FAULT_PORTS = range(7001, 7013)
 METRICS_PORT = 9100
 HANDSHAKE_TIMEOUT = 4
 IDLE_TIMEOUT = 4
@@ -405,6 +405,36 @@ class ClientFaultTests(ShifterFaultTestCase):
         self.assertEqual(after["shifter_tunnels_open"], 0)
         self.assertEqual(after["shifter_tunnels_opened_total"] - before["shifter_tunnels_opened_total"], 1)
         self.assertRecovered()
+
+
+class EarlyDataTests(ShifterFaultTestCase):
+    """
+    C{--early-data send} (the default): what the client sends before the
+    proxy answers reaches the proxy before its answer, over real sockets.
+    """
+
+    def test_beforeTheAnswer(self) -> None:
+        """
+        The proxy, which answers half a second after the CONNECT, has the
+        client's bytes by then.
+        """
+        sock = self.connect(7012)
+        sock.sendall(b"hello")
+        self.assertEqual(receiveAll(sock), b"early=5")
+        self.assertIn(f"CONNECT {SERVER_V4}:7012 early=5", self.faultLog.read_text())
+
+
+class EarlyDataWaitTests(ShifterFaultTestCase):
+    """
+    C{--early-data wait}: nothing but the CONNECT before the proxy's 2xx.
+    """
+
+    extraOptions = ("--early-data", "wait")
+
+    def test_afterTheAnswer(self) -> None:
+        sock = self.connect(7012)
+        sock.sendall(b"hello")
+        self.assertEqual(receiveAll(sock), b"early=0")
 
 
 class ResolverFaultTests(ShifterFaultTestCase):

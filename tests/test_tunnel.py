@@ -245,6 +245,107 @@ class HandshakeTests(TunnelTestCase):
         self.assertEqual(clientTransport.value(), b"data")
 
 
+REQUEST = b"CONNECT 203.0.113.7:443 HTTP/1.1\r\nHost: 203.0.113.7:443\r\n\r\n"
+
+
+class EarlyDataTests(TunnelTestCase):
+    """
+    C{--early-data send}: the client's bytes go to an HTTP proxy behind the
+    CONNECT request, before its answer, and are neither sent twice nor
+    counted twice.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.settings = TunnelSettings(
+            connectTimeout=5, handshakeTimeout=7, idleTimeout=30, earlyDataLimit=100, maxConnections=3,
+            sendEarly=True,
+        )
+
+    def test_sentBehindTheRequest(self) -> None:
+        """
+        Bytes read while connecting go in the request's write; bytes read
+        while the proxy has yet to answer follow at once; after the 2xx,
+        the relay sends only what comes next, and each byte is counted
+        once.
+        """
+        client, clientTransport = self.connectClient()
+        client.dataReceived(b"hello ")
+        upstream, upstreamTransport = self.endpoint.accept()
+        self.assertEqual(upstreamTransport.value(), REQUEST + b"hello ")
+        client.dataReceived(b"again ")
+        self.assertEqual(upstreamTransport.value(), REQUEST + b"hello again ")
+        upstream.dataReceived(OK + b"answer")
+        client.dataReceived(b"later")
+        self.assertEqual(upstreamTransport.value(), REQUEST + b"hello again later")
+        self.assertEqual(clientTransport.value(), b"answer")
+        tunnel = next(iter(self.factory.active))
+        self.assertEqual(tunnel.bytesUp, len(b"hello again later"))
+
+    def test_waitKeepsThemUntilTheAnswer(self) -> None:
+        """
+        With C{--early-data wait}, nothing but the request reaches the
+        proxy before its answer.
+        """
+        self.settings = TunnelSettings(earlyDataLimit=100, sendEarly=False)
+        client, _ = self.connectClient()
+        client.dataReceived(b"hello ")
+        upstream, upstreamTransport = self.endpoint.accept()
+        client.dataReceived(b"again")
+        self.assertEqual(upstreamTransport.value(), REQUEST)
+        upstream.dataReceived(OK)
+        self.assertEqual(upstreamTransport.value(), REQUEST + b"hello again")
+
+    def test_notWithNTLM(self) -> None:
+        """
+        To a proxy that asked for NTLM (whose login goes on on the
+        connection after a 407), nothing goes before the answer.
+        """
+        from shifter.upstream.auth import Credentials, ProxyAuth
+
+        auth = ProxyAuth(Credentials("CORP\\alice", "secret"))
+        auth.ntlm = True
+        proxy = UpstreamProxy("proxy.test:3128", self.endpoint, PROXY, auth=auth)
+        self.pool = ProxyPool([proxy], self.clock)
+        self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        knowLocalAddresses(self.factory)
+        client, _ = self.connectClient()
+        client.dataReceived(b"hello")
+        _, upstreamTransport = self.endpoint.accept()
+        self.assertNotIn(b"hello", upstreamTransport.value())
+
+
+class EarlyDataFailoverTests(TunnelTestCase):
+    """
+    Early bytes sent to a proxy that then fails are sent again, whole, to
+    the next one.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.settings = TunnelSettings(earlyDataLimit=100, sendEarly=True)
+        self.endpointB = FakeProxyEndpoint()
+        proxyA = UpstreamProxy("a.test:3128", self.endpoint, PROXY)
+        proxyB = UpstreamProxy("b.test:3128", self.endpointB, ("198.51.100.4", 3128))
+        self.pool = ProxyPool([proxyA, proxyB], self.clock, failureThreshold=2)
+        self.factory = ShifterFactory(self.resolver, self.pool, self.settings, self.clock)
+        knowLocalAddresses(self.factory)
+
+    def test_sentAgainToTheNextProxy(self) -> None:
+        client, clientTransport = self.connectClient()
+        upstreamA, transportA = self.endpoint.accept()
+        client.dataReceived(b"hello")
+        self.assertEqual(transportA.value(), REQUEST + b"hello")
+        upstreamA.dataReceived(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")
+        upstreamB, transportB = self.endpointB.accept()
+        self.assertEqual(transportB.value(), REQUEST + b"hello")
+        client.dataReceived(b" again")
+        upstreamB.dataReceived(OK)
+        self.assertEqual(transportB.value(), REQUEST + b"hello again")
+        tunnel = next(iter(self.factory.active))
+        self.assertEqual(tunnel.bytesUp, len(b"hello again"))
+
+
 class FailureTests(TunnelTestCase):
     def assertBothClosed(self, clientTransport, upstreamTransport=None) -> None:  # type: ignore[no-untyped-def]
         self.assertTrue(clientTransport.disconnecting, "client connection left open")

@@ -286,11 +286,17 @@ def _spliceable(transport: object) -> bool:
     C{tcp.Connection} is always a stream socket) whose socket a splice
     relay can take over.
 
-    Shifter itself makes sure that Twisted holds no unsent bytes for it:
-    nothing is written to the client before the tunnel opens, and the only
-    bytes written to the proxy, the CONNECT request, have been answered.
+    Nothing is written to the client before the tunnel opens; to the
+    proxy, the CONNECT request has been answered, but the client's bytes
+    sent behind it (C{--early-data send}) may still wait in Twisted's
+    buffer: then the Twisted relay, which sends them first, carries the
+    tunnel.
     """
-    return bool(isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting)
+    unsent = getattr(transport, "unsent", None)
+    return bool(
+        isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting
+        and not (unsent is not None and unsent())
+    )
 
 
 def openRelay(

@@ -60,6 +60,9 @@ from shifter.service.workers import ReusePortEndpoint, WorkersService, becomeWor
 
 CONNECT_TARGETS = ("ip", "sni", "host", "auto")
 
+# --early-data: what becomes of the client's bytes before its tunnel opens.
+EARLY_DATA = ("send", "wait")
+
 # A header name Shifter may send: an HTTP token.
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
@@ -538,6 +541,15 @@ class Options(usage.Options):
             "consumers), or auto (splice wherever it works).",
         ],
         [
+            "early-data",
+            None,
+            "send",
+            "What the client sends before its tunnel opens: send (to an HTTP "
+            "proxy right behind the CONNECT request, a round trip sooner; "
+            "never to SOCKS5, nor with NTLM or Negotiate) or wait (until the "
+            "proxy has answered 2xx).",
+        ],
+        [
             "pac",
             None,
             None,
@@ -792,6 +804,10 @@ class Options(usage.Options):
         if self["relay"] not in RELAYS:
             raise usage.UsageError(
                 f"--relay: expected one of {', '.join(RELAYS)}, got {self['relay']!r}"
+            )
+        if self["early-data"] not in EARLY_DATA:
+            raise usage.UsageError(
+                f"--early-data: expected one of {', '.join(EARLY_DATA)}, got {self['early-data']!r}"
             )
         if self["relay"] == "splice" and not SPLICE_AVAILABLE:
             raise usage.UsageError("--relay splice: this Python has no os.splice (3.10+ on Linux)")
@@ -1193,6 +1209,7 @@ def configure(config: Options, reactor, running: Configured | None = None) -> Co
         tunnelIdHeader="" if config["tunnel-id-header"].lower() == "none" else config["tunnel-id-header"],
         warmConnections=config["warm-connections"],
         warmLifetime=config["warm-lifetime"],
+        sendEarly=config["early-data"] == "send",
     )
     key = _poolKey(config)
     if running is not None and running.poolKey == key:

@@ -72,6 +72,11 @@ class TunnelSettings:
         (L{shifter.upstream.warm}), opened ahead of demand; 0 for none.
     @ivar warmLifetime: seconds a warm connection is kept unused before it
         is closed (and replaced, while tunnels still come).
+    @ivar sendEarly: whether the client's bytes that come before the
+        tunnel opens go to an HTTP proxy right behind the CONNECT request
+        (saving the round trip of waiting for its 2xx), rather than once it
+        has answered; never to a SOCKS5 server, nor to a proxy whose login
+        (NTLM, Negotiate) may go on on the same connection.
     @ivar relay: how open tunnels relay: C{"auto"} or C{"splice"} (zero-copy
         wherever both sides are plain TCP), or C{"twisted"} (Twisted's
         producers and consumers); see L{shifter.relay.relay}.
@@ -93,6 +98,7 @@ class TunnelSettings:
     tunnelIdHeader: str = ""
     warmConnections: int = 0
     warmLifetime: float = 60.0
+    sendEarly: bool = False
 
 
 @implementer(ITunnelOwner)

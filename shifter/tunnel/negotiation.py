@@ -325,7 +325,28 @@ class ProxyNegotiation:
         self.state = HANDSHAKING
         self._setDeadline(min(self.clock.seconds() + self.settings.handshakeTimeout, self.setupDeadline))
         request, self.request = self.request, b""
-        self.attempt.write(request)
+        self.attempt.write(request + self._earlyWithRequest())
+
+    def _earlyWithRequest(self: Any) -> bytes:
+        """
+        The client's bytes to send behind the CONNECT request: none here (a
+        held SYN's connection has sent nothing yet); a tunnel's, with
+        C{--early-data send} (L{shifter.tunnel.tunnel.Tunnel}).
+        """
+        return b""
+
+    def _mayWriteEarly(self: Any) -> bool:
+        """
+        Whether the client's bytes may go to this proxy before it has
+        answered CONNECT: with C{--early-data send}, to an HTTP proxy whose
+        login never goes on on the connection after a 407 (NTLM's does,
+        Negotiate's may), where they would be read as the next request.
+        """
+        proxy = self.proxy
+        if not self.settings.sendEarly or proxy.kind != HTTP:
+            return False
+        auth = proxy.auth
+        return auth is None or not (auth.ntlm or auth.negotiate)
 
     def _connectFailed(self: Any, reason: Failure) -> None:
         why = f"cannot connect to proxy: {reason.getErrorMessage()}"

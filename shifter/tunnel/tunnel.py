@@ -383,7 +383,7 @@ class Tunnel(ProxyNegotiation):
         "state", "owner", "client", "settings", "pool", "policy", "clock", "stats",
         "clientHost", "clientPort", "localHost", "localPort", "clientLabel",
         "destination", "address", "target", "connectHost", "name", "named", "proxy", "attempt",
-        "candidates", "request", "early", "earlyBytes", "earlyEnded",
+        "candidates", "request", "early", "earlyBytes", "earlyEnded", "earlySent", "sendingEarly",
         "pending", "relay", "bytesUp", "bytesDown", "droppedUp", "droppedDown", "started", "connectStarted",
         "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
         "failed", "clientGone", "graceOver", "authExchange", "authProxy", "passClient", "sniffer",
@@ -434,6 +434,8 @@ class Tunnel(ProxyNegotiation):
         self.early: list[bytes] = []
         self.earlyBytes = 0
         self.earlyEnded = False
+        self.earlySent = 0  # of the early bytes, those written to the current attempt
+        self.sendingEarly = False  # whether the current attempt is sent the early bytes as they come
         self.pending: Deferred[Any] | None = None
         self.relay: Any = None
         self.bytesUp = 0
@@ -606,6 +608,33 @@ class Tunnel(ProxyNegotiation):
         self.earlyBytes += len(data)
         if self.earlyBytes >= self.settings.earlyDataLimit:
             self.client.pauseReading()
+
+    def _earlyWithRequest(self) -> bytes:
+        """
+        The client's bytes so far, to go with the CONNECT request in one
+        write, if they may go before the answer (L{_mayWriteEarly}); those
+        that come before the answer then follow as they come.  A new
+        proxy connection starts from none sent.
+        """
+        self.sendingEarly = self._mayWriteEarly()
+        if not self.sendingEarly:
+            self.earlySent = 0
+            return b""
+        early = b"".join(self.early)
+        self.early = [early] if early else []
+        self.earlySent = len(early)
+        return early
+
+    def _keepAndSendEarly(self, data: bytes) -> None:
+        """
+        The client's bytes while the proxy has yet to answer CONNECT: kept
+        (another proxy may be tried) and, with C{--early-data send}, written
+        behind the request (L{ProxyNegotiation._proxyConnected}).
+        """
+        self._keepEarly(data)
+        if self.sendingEarly:
+            self.attempt.write(data)
+            self.earlySent += len(data)
 
     def _keepEnd(self) -> None:
         self.earlyEnded = True
@@ -813,8 +842,12 @@ class Tunnel(ProxyNegotiation):
         stats.openTunnels += 1
         stats.connectSeconds.observe(now - self.connectStarted)
         # The early bytes and the leftover are counted, as every byte, when
-        # the relay delivers them.
+        # they are delivered: those sent behind the CONNECT request now.
         early, self.early = b"".join(self.early), []
+        sent, self.earlySent, self.sendingEarly = self.earlySent, 0, False
+        if sent:
+            self.relayed(True, sent)
+            early = early[sent:]
         self.state = CLIENT_FINISHED if self.earlyEnded else RELAYING
         self.lastMoved = now
         self._armIdle()
@@ -1119,7 +1152,8 @@ TABLE = buildTable(
     # Set-up: every stage keeps early bytes, notes an early end, fails on
     # the client's loss, the set-up deadline or shutdown.
     (SETUP,                    START,                             "_impossible"),
-    ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING), CLIENT_DATA, "_keepEarly"),
+    ((RESOLVING, DECIDING, CONNECTING, AUTHENTICATING), CLIENT_DATA, "_keepEarly"),
+    (HANDSHAKING,              CLIENT_DATA,                       "_keepAndSendEarly"),
     ((RESOLVING, DECIDING, CONNECTING, HANDSHAKING, AUTHENTICATING), CLIENT_ENDED, "_keepEnd"),
     (SETUP,                    CLIENT_LOST,                       "_clientLeftEarly"),
     (SETUP,                    ABORT,                             "_abortEarly"),

@@ -167,6 +167,12 @@ class ProxyConnection(tcp.Connection):
     def getPeer(self) -> IPv4Address | IPv6Address:
         return self.peer
 
+    def unsent(self) -> int:
+        """
+        Bytes written to this transport that Twisted has yet to send.
+        """
+        return len(self.dataBuffer) - self.offset + self._tempDataLen
+
     def getHost(self) -> IPv4Address | IPv6Address:
         host, port = self.socket.getsockname()[:2]
         return (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)

@@ -137,19 +137,18 @@ class ProxyAttempt:
             data = protocol.firstBytes(data)  # type: ignore[union-attr]
             if not data:
                 return
-            if isinstance(transport, ProxyConnection):
-                # The first bytes on a connection just made (the CONNECT
-                # request) go out now: nothing can be queued before them,
-                # and the socket has room.  Waiting for the reactor to say
-                # it is writable would cost a turn before the proxy hears
-                # anything.
-                try:
-                    sent = transport.getHandle().send(data)
-                except OSError:
-                    sent = 0  # the transport will meet the error itself
-                data = data[sent:]
-                if not data:
-                    return
+        if isinstance(transport, ProxyConnection) and not transport.unsent() and not transport.disconnecting:
+            # Bytes with nothing queued before them (the CONNECT request,
+            # the client's early bytes behind it) go out now: waiting for
+            # the reactor to say the socket is writable would cost a turn
+            # before the proxy hears anything.
+            try:
+                sent = transport.getHandle().send(data)
+            except OSError:
+                sent = 0  # the transport will meet the error itself
+            data = data[sent:]
+            if not data:
+                return
         transport.write(data)
 
     def again(self, request: bytes, response: ConnectResponse) -> None:
