@@ -16,6 +16,11 @@ connections route through the gateway) waits that long in a delay line
 
     gateway 198.18.0.1 -- bp1 -- bp0 -- proxy 198.18.0.2   Squid
 
+With a server round trip (C{serverRtt}), every packet the gateway sends
+toward the server (forwarded, as Squid's and DIRECT's, or its own) waits
+that long in a second delay line: the server is somewhere else for every
+path alike.
+
 Each redirector has its own destination ports on the server, so one set of
 programs serves all of them: the client picks the path by the port it
 connects to.  DIRECT's ports are not redirected (the gateway only routes);
@@ -44,6 +49,7 @@ SQUID_PORT = 3128
 SQUID_TLS_PORT = 3443
 GATEWAY_TO_PROXY, PROXY = "198.18.0.1", "198.18.0.2"
 DELAY_QUEUE = 9
+SERVER_DELAY_QUEUE = 10
 # Descriptors for every program that holds tunnels: the client, Squid (two
 # per tunnel), the redirector (two per tunnel) and nginx.  As many as we may:
 # without CAP_SYS_RESOURCE (some containers) the hard limit we inherited is
@@ -239,10 +245,11 @@ class Lab:
 
     def __init__(
         self, directory: Path, redirectors: tuple[Redirector, ...], twistd: Path, shifterArgs: tuple[str, ...] = (),
-        proxyRtt: float = 0.0, proxyTls: bool = False,
+        proxyRtt: float = 0.0, proxyTls: bool = False, serverRtt: float = 0.0,
     ) -> None:
         self.directory = directory
         self.proxyRtt = proxyRtt
+        self.serverRtt = serverRtt
         self.proxyTls = proxyTls
         self.squidHost = PROXY if proxyRtt else "127.0.0.1"
         self.redirectors = redirectors
@@ -295,6 +302,12 @@ class Lab:
                 "iptables", "-t", "mangle", "-A", "OUTPUT", "-o", "bp1", "-j", "NFQUEUE",
                 "--queue-num", str(DELAY_QUEUE), "--queue-bypass",
             )
+        if self.serverRtt:
+            for chain in ("FORWARD", "OUTPUT"):
+                gateway.run(
+                    "iptables", "-t", "mangle", "-A", chain, "-o", "bs1", "-j", "NFQUEUE",
+                    "--queue-num", str(SERVER_DELAY_QUEUE), "--queue-bypass",
+                )
         client.run("ip", "route", "add", "default", "via", GATEWAY)
         server.run("ip", "route", "add", "default", "via", GATEWAY_UPLINK)
         gateway.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -328,7 +341,9 @@ class Lab:
         if any(r.listen for r in self.redirectors):
             self._startSquid()
             if self.proxyRtt:
-                self._startDelayLine()
+                self._startDelayLine("delayline", DELAY_QUEUE, self.proxyRtt)
+        if self.serverRtt:
+            self._startDelayLine("serverdelay", SERVER_DELAY_QUEUE, self.serverRtt)
         for r in self.redirectors:
             if r is REDSOCKS:
                 self._startRedsocks()
@@ -421,17 +436,17 @@ http_access deny all
         self.squid = self.proxy.start("squid", "-N", "-f", str(d / "squid.conf"), logTo=d / "squid.out")
         self.proxy.waitListening(SQUID_PORT, self.squid)
 
-    def _startDelayLine(self) -> None:
+    def _startDelayLine(self, name: str, queue: int, ms: float) -> None:
         # Shifter's Python (next to twistd): the delay line uses its netlink codec.
-        d = self._dir("delayline")
+        d = self._dir(name)
         env = dict(os.environ, PYTHONPATH=str(PROJECT))
         process = self.gateway.start(
-            str(self.twistd.parent / "python"), str(PROJECT / "bench" / "delayline.py"), str(DELAY_QUEUE), f"{self.proxyRtt:g}",
+            str(self.twistd.parent / "python"), str(PROJECT / "bench" / "delayline.py"), str(queue), f"{ms:g}",
             logTo=d / "delayline.out", env=env,
         )
-        self.processes["delayline"] = process
+        self.processes[name] = process
         waitFor(lambda: "delay line:" in (d / "delayline.out").read_text() or process.poll() is not None,
-                10, "the delay line")
+                10, f"the {name} delay line")
         if process.poll() is not None:
             raise RuntimeError(f"the delay line exited: {(d / 'delayline.out').read_text()}")
 

@@ -282,6 +282,9 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--proxy-rtt", type=float, default=0.0, metavar="MS",
                    help="put Squid in a namespace of its own, this many milliseconds from the gateway "
                         "(a delay line on the gateway-to-proxy hop; 0, the default: Squid on the gateway)")
+    p.add_argument("--server-rtt", type=float, default=0.0, metavar="MS",
+                   help="put the server this many milliseconds away from the gateway, for every path "
+                        "(a delay line on what the gateway sends toward it; 0, the default)")
     p.add_argument("--proxy-tls", action="store_true",
                    help="Shifter reaches Squid at its https_port (redsocks stays on the plain port)")
     p.add_argument("--twistd", type=Path, default=PROJECT / ".venv" / "bin" / "twistd")
@@ -353,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     lab = None
     try:
         lab = Lab(directory, args.redirectors, args.twistd, tuple(args.shifter_args.split()), args.proxy_rtt,
-                  args.proxy_tls)
+                  args.proxy_tls, args.server_rtt)
         lab.start()
         print(f"bench: namespaces {', '.join(ns.name for ns in lab.namespaces)}; files in {directory}",
               file=sys.stderr)
@@ -393,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": time.time() - started,
             "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
             "smoke": args.smoke, "proxy_rtt_ms": args.proxy_rtt, "proxy_tls": args.proxy_tls,
+            "server_rtt_ms": args.server_rtt,
             "reps": args.reps, "seconds": args.seconds, "tunnels": args.tunnels,
             "tunnels_wanted": args.tunnelsWanted, "nofile_limit": labModule.NOFILE,
             "latency_count": args.latency_count, "cps_connections": args.cps_connections,

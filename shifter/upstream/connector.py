@@ -78,6 +78,10 @@ class PendingConnection:
             return
         sock.setblocking(False)
         try:
+            # Without Nagle: the client's early bytes go right behind the
+            # CONNECT request, not a round trip later (when the proxy has
+            # acknowledged it), and so does each chunk relayed after.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if target.mark:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, target.mark)
             result = sock.connect_ex((target.host, target.port))
@@ -179,6 +183,22 @@ class ProxyConnection(tcp.Connection):
 
     def __repr__(self) -> str:
         return f"<ProxyConnection to {self.peer.host}:{self.peer.port}>"
+
+
+def noDelay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off on the TCP connection under C{transport}
+    (a TLS transport passes it on), as L{PendingConnection} does for the
+    sockets it makes itself.
+    """
+    if isinstance(transport, ProxyConnection):
+        return  # made without it
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass  # not TCP after all, or already gone
 
 
 def connectNow(target: DirectTCP, factory: ClientFactory) -> PendingConnection:

@@ -22,7 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from shifter.upstream.connect import BodySkipper, ConnectResponse, ConnectResponseParser, ProxyResponseError
-from shifter.upstream.connector import ProxyConnection, connectNow
+from shifter.upstream.connector import ProxyConnection, connectNow, noDelay
 from shifter.upstream.proxy import DIRECT, SOCKS5
 from shifter.upstream.socks5 import Socks5Error, Socks5Handshake
 from shifter.upstream.warm import WarmConnections
@@ -225,6 +225,7 @@ class UpstreamProtocol(Protocol):
         self._next = b""
 
     def connectionMade(self) -> None:
+        noDelay(self.transport)
         self.attempt.connected(self)
 
     def firstBytes(self, request: bytes) -> bytes:

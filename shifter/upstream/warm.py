@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from shifter.upstream.connector import connectNow
+from shifter.upstream.connector import connectNow, noDelay
 from shifter.upstream.proxy import HTTP
 
 # A warm connection's states.
@@ -93,6 +93,7 @@ class _WarmProtocol(Protocol):
         self.warm = warm
 
     def connectionMade(self) -> None:
+        noDelay(self.transport)
         self.warm.handle(CONNECTED, self)
 
     def handshakeCompleted(self) -> None:
