@@ -228,6 +228,7 @@ class ProxyAddresses:
         """
         self.reactor = reactor
         self.targets = proxyTargets(proxies)
+        self.ports = frozenset(target.port for target in self.targets)  # the ports the proxies listen on
         self._resolver = resolver
         self._readLocal = localAddresses or (lambda: readLocalAddresses(reactor))
         self.refreshInterval = refreshInterval
@@ -242,13 +243,6 @@ class ProxyAddresses:
                 self.addresses[target] = frozenset([literal.compressed])
             except ValueError:
                 self._named.append(target)  # a hostname: looked up by refresh()
-
-    @property
-    def ports(self) -> frozenset[int]:
-        """
-        The ports the proxies listen on.
-        """
-        return frozenset(target.port for target in self.targets)
 
     def start(self) -> Deferred[None]:
         """
