@@ -111,6 +111,25 @@ class ConnectResponseParserTests(SynchronousTestCase):
         response = ConnectResponseParser().feed(OK + b"\x16\x03\x01server hello")
         self.assertEqual(response.leftover, b"\x16\x03\x01server hello")
 
+    def test_commonAnswerAsParsed(self) -> None:
+        """
+        Squid's usual answer, whole in one read (known without parsing),
+        gives what parsing it gives: status, reason, no headers, the
+        version, and the tunnel bytes behind it.
+        """
+        from shifter.upstream import connect
+
+        for version in (b"1.1", b"1.0"):
+            answer = b"HTTP/" + version + b" 200 Connection established\r\n\r\n"
+            fast = ConnectResponseParser().feed(answer + b"\x16\x03")
+            common, connect._COMMON_ANSWERS = connect._COMMON_ANSWERS, ()
+            try:
+                parsed = ConnectResponseParser().feed(answer + b"\x16\x03")
+            finally:
+                connect._COMMON_ANSWERS = common
+            self.assertEqual(fast, parsed)
+            self.assertEqual((fast.status, fast.version, fast.leftover), (200, version.decode(), b"\x16\x03"))
+
     def test_http10(self) -> None:
         """
         An HTTP/1.0 answer is accepted, and the reason phrase may be empty.

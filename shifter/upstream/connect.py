@@ -155,6 +155,13 @@ def formatConnectRequest(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
+# Squid's answer to CONNECT (and most proxies'), as HTTP/1.1 and 1.0.
+_COMMON_ANSWERS = (
+    (b"HTTP/1.1 200 Connection established\r\n\r\n", "1.1"),
+    (b"HTTP/1.0 200 Connection established\r\n\r\n", "1.0"),
+)
+
+
 class ConnectResponseParser:
     """
     Reads a proxy's answer to CONNECT from bytes fed in any pieces.
@@ -181,6 +188,13 @@ class ConnectResponseParser:
             ended, else C{None} while more bytes are needed.
         @raise ProxyResponseError: if the bytes cannot be a valid answer.
         """
+        if not self._buffer:
+            for answer, version in _COMMON_ANSWERS:
+                if data.startswith(answer):
+                    # The answer nearly every tunnel gets, whole in one
+                    # read: known without parsing it.
+                    self.statusLine = (200, "Connection established")
+                    return ConnectResponse(200, "Connection established", [], data[len(answer):], version)
         self._buffer += data
         buffer = self._buffer
         if not buffer.startswith(_PREFIX[: len(buffer)]):
