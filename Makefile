@@ -129,8 +129,8 @@ typecheck: venv
 
 # The in-memory tests alone: seconds, no root.
 unit: venv
-	$(PY) -m twisted.trial tests.test_layout tests.test_connect tests.test_socks5 tests.test_socks_direct tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_directsyn tests.test_sniff tests.test_authority tests.test_destinations tests.test_logformat tests.test_pac \
-	    tests.test_manpage tests.test_docs
+	$(PY) -m twisted.trial --reactor=shifter tests.test_layout tests.test_connect tests.test_socks5 tests.test_socks_direct tests.test_tunnel tests.test_tunnel_table tests.test_sockopt tests.test_tap tests.test_passclient tests.test_holdsyn tests.test_directsyn tests.test_sniff tests.test_authority tests.test_destinations tests.test_logformat tests.test_pac \
+	    tests.test_manpage tests.test_docs tests.test_reactor tests.test_metricspage
 
 clean:
 	rm -rf _trial_temp _trial_temp_kernel _trial_temp_debug test.log build *.egg-info
