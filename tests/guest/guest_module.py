@@ -1122,7 +1122,9 @@ class TenancyTests(GuestTestCase):
         # What the tenants' rules need, loaded here: a user namespace may
         # not load modules.  Debian's switch for unprivileged user
         # namespaces, where there is one, on.
-        run("modprobe", "-a", "nf_tables", "nft_chain_nat", "nft_redir")
+        if subprocess.run(["modprobe", "-a", "nf_tables", "nft_chain_nat", "nft_redir"],
+                          capture_output=True).returncode != 0:
+            run("nft", "list", "tables")  # built in (the debug kernel): no module to load
         if os.path.exists("/proc/sys/kernel/unprivileged_userns_clone"):
             run("sysctl", "-q", "-w", "kernel.unprivileged_userns_clone=1")
         tenants, reports = [], []
@@ -1327,7 +1329,10 @@ class GrowthTests(GuestTestCase):
         stats = kmod.stats()
         print(f"growth: {grown} runs of the growing work for {count} entries; {stats}")
         self.assertEqual(wrong, [])
-        self.assertEqual((stats["entries"], stats["hits"], stats["full"]), (count, count, 0), stats)
+        # Every connection was recorded: in the table still, or forgotten
+        # with its conntrack entry (a closed connection's can end while
+        # the loop runs, on a slow guest).
+        self.assertEqual((stats["entries"] + stats["gone"], stats["hits"], stats["full"]), (count, count, 0), stats)
         self.assertEqual([stats[name] for name in EVICTED], [0] * len(EVICTED), stats)
         self.assertEqual(grown, 2)
 
@@ -1779,10 +1784,13 @@ class ModuleParameterTests(GuestTestCase):
         server = self.closing(listen(gateway, socket.AF_INET))
         server.listen(128)
         kmod = self.client(gateway)
+        # A few seconds, and on a slow guest (the debug kernel) as long as
+        # it takes to open several times the room, within a bound.
         seconds, rate = 5.0, 550
         started = time.monotonic()
         opened = 0
-        while time.monotonic() - started < seconds:
+        while (time.monotonic() - started < seconds
+               or (opened <= 3 * room and time.monotonic() - started < seconds * SLOW * 4)):
             if opened >= rate * (time.monotonic() - started):
                 time.sleep(0.001)
                 continue
