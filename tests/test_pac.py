@@ -488,6 +488,27 @@ class PacPolicyTests(TestCase):
         self.assertIs(again.proxies[0], proxies[0])
 
     @inlineCallbacks
+    def test_decisionKeptPerAnswer(self) -> Any:
+        """
+        The same answer is the same decision, built once; a proxy built for
+        another answer, or a reload's new proxies, forget what was built.
+        """
+        policy = yield self.policy(
+            "function FindProxyForURL(u, h) { return h == 'other.test' ? 'PROXY 192.0.2.60:8080' "
+            ": 'PROXY 192.0.2.50:8080; DIRECT'; }"
+        )
+        first = yield policy.decide(self.request())
+        again = yield policy.decide(self.request("203.0.113.8"))
+        self.assertIs(again, first)
+        self.assertEqual(len(policy.decisions), 1)
+        other = yield policy.decide(self.request(name="other.test"))
+        self.assertEqual([p.description for p in other.proxies], ["192.0.2.60:8080"])
+        self.assertEqual(len(policy.decisions), 1, "building 192.0.2.60:8080 forgot the decisions kept before")
+        rebuilt = yield policy.decide(self.request())
+        self.assertIsNot(rebuilt, first)
+        self.assertEqual(rebuilt, first)
+
+    @inlineCallbacks
     def test_ruleFirst(self) -> Any:
         """
         A rule that matches decides, and the PAC script is not asked.

@@ -54,6 +54,11 @@ FALLBACK_DIRECT = "direct"
 # least recently named go first).
 MAX_PAC_PROXIES = 64
 
+# Decisions kept, built from PAC answers: most connections get a cached
+# answer, and the same answer is the same decision (until the proxies
+# change, which forgets them all).
+MAX_DECISIONS = 1024
+
 _SCHEMES = {PAC_PROXY: "http", PAC_HTTPS: "https", PAC_SOCKS5: "socks5"}
 
 
@@ -111,6 +116,7 @@ class PacPolicy:
         self.decidesByAddress = rules.decidesByAddress if rules is not None else False
         self.singleLabelNames = rules.singleLabelNames if rules is not None else frozenset()
         self.built: OrderedDict[tuple[str, str, int], UpstreamProxy] = OrderedDict()
+        self.decisions: dict[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], TunnelDecision] = {}
         # One line per host and reason (failures are cached per host, so
         # that is once per host and period), at most 64 of them per 10 s:
         # a script that fails for every host cannot flood the log.
@@ -237,6 +243,21 @@ class PacPolicy:
         return TunnelDecision(proxies=tuple(members), label=f"PAC fallback group {self.fallback}: {why}")
 
     def _fromAnswer(self, request: TunnelRequest, result: PacResult) -> Optional[TunnelDecision]:
+        """
+        The decision a PAC answer makes, built once per answer and the
+        addresses of the proxy names it holds (L{decisions}).
+        """
+        key = (result.answer, tuple(sorted(result.addresses.items())))
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = self._buildDecision(result)
+            if decision is not None:
+                if len(self.decisions) >= MAX_DECISIONS:
+                    self.decisions.clear()
+                self.decisions[key] = decision
+        return decision
+
+    def _buildDecision(self, result: PacResult) -> Optional[TunnelDecision]:
         proxies: list[UpstreamProxy] = []
         for choice in result.choices:
             if choice.kind == PAC_DIRECT:
@@ -267,6 +288,7 @@ class PacPolicy:
                 self.log.warn("PAC named proxy {entry}, which cannot be used: {why}", entry=str(choice), why=str(e))
                 return None
             self.built[key] = proxy
+            self.decisions.clear()  # the proxies PAC names are others now
             self.pool.track(proxy)
             while len(self.built) > MAX_PAC_PROXIES:
                 _, old = self.built.popitem(last=False)

@@ -1256,6 +1256,7 @@ def _pacPolicy(config: Options, reactor, pool: ProxyPool, rules: RulePolicy | No
                 old.pool.forget(proxy)
             old.built.clear()
         old.rules, old.groups, old.pool, old.direct = rules, {k: list(v) for k, v in groups.items()}, pool, direct
+        old.decisions.clear()  # built from the proxies that were
         old.fallback = config["pac-fallback"]
         old.evaluator.timeout = config["pac-timeout"]
         old.source.refresh = config["pac-refresh"]
