@@ -264,6 +264,18 @@ def _family(version: int) -> str:
     return "IPv4" if version == 4 else "IPv6"
 
 
+def _lanClients(state: GatewayState, lan: str) -> Iterable[tuple[int, Address]]:
+    """
+    For each family a client on C{lan} can use (IPv6 only where C{lan} has
+    a global address), that family and such a client's address.
+    """
+    for version in (4, 6):
+        client = _clientAddress(state, lan, version)
+        if client is None or (version == 6 and not _hasGlobal(state, lan, 6)):
+            continue
+        yield version, client
+
+
 def _clientAddress(state: GatewayState, interface: str, version: int) -> Optional[Address]:
     """
     An address a client on C{interface} could have: one of its network's,
@@ -358,10 +370,7 @@ def checkRedirect(expected: Expectations, state: GatewayState) -> list[Finding]:
                 f"{', '.join(sorted(n for n in state.interfaces if n != 'lo'))}): give the LAN interface",
             ))
             continue
-        for version in (4, 6):
-            client = _clientAddress(state, lan, version)
-            if client is None or (version == 6 and not _hasGlobal(state, lan, 6)):
-                continue
+        for version, client in _lanClients(state, lan):
             for port in expected.ports:
                 finding = _checkOne(expected, state, lan, version, client, port)
                 if finding is not None:
@@ -463,10 +472,7 @@ def _directOutcomes(expected: Expectations, state: GatewayState) -> Iterable[tup
     for lan in expected.lanInterfaces:
         if lan not in state.interfaces:
             continue
-        for version in (4, 6):
-            client = _clientAddress(state, lan, version)
-            if client is None or (version == 6 and not _hasGlobal(state, lan, 6)):
-                continue
+        for version, client in _lanClients(state, lan):
             for port in expected.ports:
                 packet = _lanPacket(state, lan, version, client, port)
                 outcome = traverse(state.ruleset, packet, onQueue)
@@ -756,9 +762,8 @@ def checkQuic(expected: Expectations, state: GatewayState) -> list[Finding]:
         return []
     findings = []
     for lan in expected.lanInterfaces:
-        for version in (4, 6):
-            client = _clientAddress(state, lan, version)
-            if client is None or not _forwarding(state, version) or (version == 6 and not _hasGlobal(state, lan, 6)):
+        for version, client in _lanClients(state, lan):
+            if not _forwarding(state, version):
                 continue
             for port in expected.ports:
                 before = traverse(state.ruleset, _lanPacket(state, lan, version, client, port, "udp"))
