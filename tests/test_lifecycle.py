@@ -405,6 +405,37 @@ class DeliveryTests(LifecycleTestCase):
         self.assertEqual((len(data), how), (64 << 10, "eof"))
 
 
+    @inlineCallbacks
+    def test_endedBothWaysClosesAtOnce(self):  # type: ignore[no-untyped-def]
+        """
+        Once the splice relay has passed on both ends, each connection is
+        closed then and there: neither Twisted transport registers with the
+        reactor again (to read an end the relay has already read, or to
+        find it has nothing to write), and the client's close is orderly,
+        with everything delivered.
+        """
+        proxyFactory, proxy = yield self.startProxy("answer-at-end")
+        proxyFactory.floodBytes = 1000
+        yield self.startShifter([proxy], relay="splice")
+        client = self.client()
+        client.sendall(b"hello")
+        yield self.waitUntil(lambda: self.factory.openTunnels == 1, 10, "the tunnel to open")
+        (tunnel,) = self.factory.active
+        transports = (tunnel.client.transport, tunnel.attempt.transport)
+        registered: list[Any] = []
+        for name in ("addReader", "addWriter"):
+            def record(selectable: Any, original: Any = getattr(reactor, name)) -> None:
+                registered.append(selectable)
+                original(selectable)
+            self.patch(reactor, name, record)
+        client.shutdown(socket.SHUT_WR)
+        yield self.waitUntil(lambda: self.factory.counters["closed"] == 1, 10, "the tunnel to close")
+        self.assertEqual([t for t in registered if t in transports], [])
+        data, how = drain(client)
+        self.assertEqual((data, how), (b"z" * 1000, "eof"))
+        self.assertEqual([bool(t.disconnected) for t in transports], [True, True])
+
+
 def unsentBytes(sock: socket.socket) -> int:
     """
     Bytes C{sock} has sent that its peer's kernel has not acknowledged yet.

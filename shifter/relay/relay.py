@@ -220,7 +220,13 @@ class _SpliceTunnel:
     it has ended, as ever.  Half-closes are seen and passed on by the
     splice relay itself; once it has stopped, a transport whose socket it
     shut down for sending knows it, as if it had done so itself (Twisted
-    would otherwise send to it once more, and fail).
+    would otherwise send to it once more, and fail), and a protocol whose
+    peer's end it read knows that too (its C{ended}).  A connection ended
+    both ways is then closed at once (Twisted's C{loseConnection} of a
+    transport that has shut down sending), rather than read again to find
+    the end the relay has already seen, and written once more to find it
+    has nothing to send: four calls to epoll_ctl and two reactor turns
+    fewer per socket.
     """
 
     name = "splice"
@@ -274,10 +280,23 @@ class _SpliceTunnel:
         relay = self.relay
         relay.stop()
         client, proxy = self.transports
+        # A flow whose end was sent had read its source's end first.
         if relay.down.endSent:
             client._writeDisconnected = True
+            _peerEnded(proxy)
         if relay.up.endSent:
             proxy._writeDisconnected = True
+            _peerEnded(client)
+
+
+def _peerEnded(transport: Any) -> None:
+    """
+    Tell C{transport}'s protocol that its peer has finished sending (the
+    splice relay read that end in its place), if it keeps track.
+    """
+    protocol = getattr(transport, "protocol", None)
+    if protocol is not None and hasattr(protocol, "ended"):
+        protocol.ended = True
 
 
 def _spliceable(transport: object) -> bool:

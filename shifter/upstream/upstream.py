@@ -322,12 +322,10 @@ class UpstreamProtocol(Protocol):
         End the connection in order: see L{IProxyAttempt.finish}.
         """
         transport = self.transport
-        # Reading again (paused by the relay, or stopped by the splice
-        # relay), to throw away what the proxy still sends until its end.
-        transport.resumeProducing()
         if isinstance(transport, TLSMemoryBIOProtocol):
             # close_notify; the TLS layer reads on until the proxy's own,
             # then closes.
+            transport.resumeProducing()
             transport.loseConnection()
         elif self.ended:
             transport.loseConnection()  # nothing more to read
@@ -335,6 +333,9 @@ class UpstreamProtocol(Protocol):
             self.finishing = True
             if not getattr(transport, "_writeDisconnected", False):  # the splice relay may have sent it
                 transport.loseWriteConnection()
+            # Reading again (paused by the relay, or stopped by the splice
+            # relay), to throw away what the proxy still sends until its end.
+            transport.resumeProducing()
 
 
 class Socks5Protocol(UpstreamProtocol):
