@@ -411,8 +411,8 @@ class DeliveryTests(LifecycleTestCase):
         Once the splice relay has passed on both ends, each connection is
         closed then and there: neither Twisted transport registers with the
         reactor again (to read an end the relay has already read, or to
-        find it has nothing to write), and the client's close is orderly,
-        with everything delivered.
+        find it has nothing to write), the tunnel finishes without a closing
+        grace, and the client's close is orderly, with everything delivered.
         """
         proxyFactory, proxy = yield self.startProxy("answer-at-end")
         proxyFactory.floodBytes = 1000
@@ -428,9 +428,14 @@ class DeliveryTests(LifecycleTestCase):
                 registered.append(selectable)
                 original(selectable)
             self.patch(reactor, name, record)
+        deadlines: list[float | None] = []
+        setDeadline = self.factory.deadlines.set
+        self.patch(self.factory.deadlines, "set", lambda item, when: (deadlines.append(when), setDeadline(item, when)))
         client.shutdown(socket.SHUT_WR)
         yield self.waitUntil(lambda: self.factory.counters["closed"] == 1, 10, "the tunnel to close")
         self.assertEqual([t for t in registered if t in transports], [])
+        # Finished while closing: no closing grace to wait for.
+        self.assertEqual(deadlines, [None])
         data, how = drain(client)
         self.assertEqual((data, how), (b"z" * 1000, "eof"))
         self.assertEqual([bool(t.disconnected) for t in transports], [True, True])

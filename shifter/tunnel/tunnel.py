@@ -960,9 +960,6 @@ class Tunnel(ProxyNegotiation):
         relay = self.relay
         if relay is not None:
             relay.stop()
-        # The deadline first: closing a transport may report its loss at
-        # once, and that may finish the tunnel.
-        self._setDeadline(self.clock.seconds() + self.settings.closeGrace)
         failed = self.failed
         if failed:
             self._dropAttempt()
@@ -974,6 +971,11 @@ class Tunnel(ProxyNegotiation):
             else:
                 self.client.finish()
         self._closedIfGone()
+        # Closing a transport may report its loss at once (a connection
+        # the splice relay ended both ways always does), and that may have
+        # finished the tunnel: only one still closing needs the grace.
+        if self.state == CLOSING:
+            self._setDeadline(self.clock.seconds() + self.settings.closeGrace)
 
     def _clientLostClosing(self, reason: Failure) -> None:
         self.clientGone = True
