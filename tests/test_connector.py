@@ -15,7 +15,7 @@ from twisted.internet.error import ConnectionRefusedError, UserError
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from shifter.upstream.connector import SO_MARK, DirectTCP, connectNow
 
@@ -160,4 +160,44 @@ class ConnectorTests(TestCase):
         yield deferLater(reactor, 0, lambda: None)  # the connection's set-up is over
         self.assertEqual(outcome, "connected")
         self.assertNotIn(protocol.transport, reactor.getReaders())
+        protocol.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_transportTakesTheRegistration(self):  # type: ignore[no-untyped-def]
+        """
+        On Shifter's reactor the connected socket goes from being watched
+        for writing (connecting) to being read by its transport with one
+        epoll_ctl, a modification, where removing and adding take two.
+        """
+        if not hasattr(reactor, "writerBecomesReader"):
+            raise SkipTest("needs Shifter's reactor (trial --reactor=shifter, as make test runs it)")
+        port = self.listening()
+        changes: list[tuple[str, int]] = []
+        poller = reactor._poller  # type: ignore[attr-defined]
+
+        class Recording:
+            def register(self, fd: int, *args: Any) -> None:
+                changes.append(("register", fd))
+                poller.register(fd, *args)
+
+            def unregister(self, fd: int) -> None:
+                changes.append(("unregister", fd))
+                poller.unregister(fd)
+
+            def modify(self, fd: int, *args: Any) -> None:
+                changes.append(("modify", fd))
+                poller.modify(fd, *args)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(poller, name)
+
+        self.patch(reactor, "_poller", Recording())
+        recorder = Recorder()
+        pending = connectNow(DirectTCP(reactor, "127.0.0.1", port), recorder)
+        fd = pending.fileno()
+        outcome, protocol = yield recorder.done
+        self.assertEqual(outcome, "connected")
+        self.assertEqual([name for name, changed in changes if changed == fd], ["register", "modify"])
+        self.assertIn(protocol.transport, reactor.getReaders())
+        self.assertNotIn(pending, reactor.getWriters())
         protocol.transport.loseConnection()

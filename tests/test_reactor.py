@@ -176,10 +176,10 @@ class CountingPoller:
         return getattr(self.poller, name)
 
 
-class ReplaceReaderTests(SynchronousTestCase):
+class OwnReactorTestCase(SynchronousTestCase):
     """
-    L{ShifterReactor.replaceReader}, on a reactor of the test's own that
-    never runs.
+    A L{ShifterReactor} of the test's own that never runs, whose epoll
+    object counts the changes to registrations, and two socket pairs.
     """
 
     def setUp(self) -> None:
@@ -198,6 +198,11 @@ class ReplaceReaderTests(SynchronousTestCase):
         reader = Reader(sock)
         reader.reactor = self.reactor  # type: ignore[attr-defined]
         return reader
+
+class ReplaceReaderTests(OwnReactorTestCase):
+    """
+    L{ShifterReactor.replaceReader}.
+    """
 
     def test_takesTheRegistration(self) -> None:
         """
@@ -256,3 +261,44 @@ class ReplaceReaderTests(SynchronousTestCase):
             sorted(type(r).__name__ for r in self.reactor.getReaders() if r is not self.reactor.waker),
             ["_Socket", "_Socket"],
         )
+
+
+class WriterBecomesReaderTests(OwnReactorTestCase):
+    """
+    L{ShifterReactor.writerBecomesReader}.
+    """
+
+    def test_takesTheRegistration(self) -> None:
+        """
+        The new reader gets the descriptor's read events through one
+        epoll_ctl, and the old writer none; the new one can then be removed
+        as any reader.
+        """
+        old, new = self.reader(self.pairs[0][0]), self.reader(self.pairs[0][0])
+        old.writes = 0  # type: ignore[attr-defined]
+        old.doWrite = lambda: setattr(old, "writes", old.writes + 1)  # type: ignore[attr-defined]
+        self.reactor.addWriter(old)
+        self.poller.changes.clear()
+        self.assertTrue(self.reactor.writerBecomesReader(old, new))
+        self.assertEqual(self.poller.changes, ["modify"])
+        self.assertEqual((self.reactor.getWriters(), [r for r in self.reactor.getReaders() if r is not self.reactor.waker]),
+                         ([], [new]))
+        self.pairs[0][1].send(b"x")
+        self.reactor.doPoll(1)
+        self.assertEqual((old.reads, old.writes, new.reads), (0, 0, 1))  # type: ignore[attr-defined]
+        self.reactor.removeReader(new)
+        self.assertEqual(self.poller.changes, ["modify", "unregister"])
+
+    def test_refused(self) -> None:
+        """
+        Nothing changes when the old one does not write to that
+        descriptor, when the new one has another, or when the descriptor
+        is registered for reading too.
+        """
+        old, other = self.reader(self.pairs[0][0]), self.reader(self.pairs[1][0])
+        self.assertFalse(self.reactor.writerBecomesReader(old, self.reader(self.pairs[0][0])))
+        self.reactor.addWriter(old)
+        self.assertFalse(self.reactor.writerBecomesReader(old, other))
+        self.reactor.addReader(old)
+        self.assertFalse(self.reactor.writerBecomesReader(old, self.reader(self.pairs[0][0])))
+        self.assertEqual(self.reactor.getWriters(), [old])

@@ -11,7 +11,10 @@ exception a handler lets escape is still logged, and the loop goes on.
 
 It also lets a reader take over another's registration
 (L{ShifterReactor.replaceReader}), which the splice relay uses to take a
-transport's socket without two calls to epoll_ctl.
+transport's socket without two calls to epoll_ctl, and a connecting
+socket's writer hand its registration to the transport that reads the
+connected socket (L{ShifterReactor.writerBecomesReader}): one call where
+removing and adding take two.
 
 C{shifter run} installs it; with twistd, C{twistd --reactor shifter
 shifter ...}.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.epollreactor import EPOLLIN, EPollReactor
 from twisted.logger import Logger
 
 
@@ -66,6 +69,27 @@ class ShifterReactor(EPollReactor):
         if (fd < 0 or new.fileno() != fd or self._selectables.get(fd) is not old
                 or fd not in self._reads or fd in self._writes):
             return False
+        self._selectables[fd] = new
+        return True
+
+
+    def writerBecomesReader(self, old: Any, new: Any) -> bool:
+        """
+        Make C{new} the reader of the descriptor C{old} writes to, and stop
+        watching it for writing: one epoll_ctl (a connected socket going
+        from its connector, which waited for writability, to its transport).
+
+        @return: whether it was done; nothing changed if C{old} is not the
+            descriptor's writer, if C{new} has another descriptor, or if the
+            descriptor is registered for reading too.
+        """
+        fd = old.fileno()
+        if (fd < 0 or new.fileno() != fd or self._selectables.get(fd) is not old
+                or fd not in self._writes or fd in self._reads):
+            return False
+        self._poller.modify(fd, EPOLLIN)
+        self._writes.discard(fd)
+        self._reads.add(fd)
         self._selectables[fd] = new
         return True
 

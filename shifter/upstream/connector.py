@@ -129,14 +129,19 @@ class PendingConnection:
             self._failed(error.getConnectError((code, os.strerror(code))))
             return
         target = self.target
-        target.reactor.removeWriter(self)
-        self.socket = None
+        reactor = target.reactor
         peer = (IPv6Address if target.family == socket.AF_INET6 else IPv4Address)("TCP", target.host, target.port)
         protocol = self.factory.buildProtocol(peer)
         if protocol is None:
-            sock.close()
+            self._close()
             return
-        transport = ProxyConnection(sock, protocol, target.reactor, peer)
+        transport = ProxyConnection(sock, protocol, reactor, peer)
+        # On Shifter's reactor the transport takes this registration over
+        # (its startReading below then has nothing to do).
+        becomesReader = getattr(reactor, "writerBecomesReader", None)
+        if becomesReader is None or not becomesReader(self, transport):
+            reactor.removeWriter(self)
+        self.socket = None
         # Reading first, as Twisted's own clients do: the protocol may hand
         # the socket over (to the splice relay) from connectionMade.
         transport.startReading()
