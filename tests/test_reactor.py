@@ -281,8 +281,8 @@ class WriterBecomesReaderTests(OwnReactorTestCase):
         self.poller.changes.clear()
         self.assertTrue(self.reactor.writerBecomesReader(old, new))
         self.assertEqual(self.poller.changes, ["modify"])
-        self.assertEqual((self.reactor.getWriters(), [r for r in self.reactor.getReaders() if r is not self.reactor.waker]),
-                         ([], [new]))
+        readers = [r for r in self.reactor.getReaders() if r is not self.reactor.waker]
+        self.assertEqual((self.reactor.getWriters(), readers), ([], [new]))
         self.pairs[0][1].send(b"x")
         self.reactor.doPoll(1)
         self.assertEqual((old.reads, old.writes, new.reads), (0, 0, 1))  # type: ignore[attr-defined]

@@ -65,13 +65,11 @@ class ShifterReactor(EPollReactor):
             descriptor's reader, if C{new} has another descriptor, or if the
             descriptor is registered for writing too.
         """
-        fd = old.fileno()
-        if (fd < 0 or new.fileno() != fd or self._selectables.get(fd) is not old
-                or fd not in self._reads or fd in self._writes):
+        fd = self._soleWatcher(old, new, self._reads, self._writes)
+        if fd is None:
             return False
         self._selectables[fd] = new
         return True
-
 
     def writerBecomesReader(self, old: Any, new: Any) -> bool:
         """
@@ -83,15 +81,28 @@ class ShifterReactor(EPollReactor):
             descriptor's writer, if C{new} has another descriptor, or if the
             descriptor is registered for reading too.
         """
-        fd = old.fileno()
-        if (fd < 0 or new.fileno() != fd or self._selectables.get(fd) is not old
-                or fd not in self._writes or fd in self._reads):
+        fd = self._soleWatcher(old, new, self._writes, self._reads)
+        if fd is None:
             return False
         self._poller.modify(fd, EPOLLIN)
         self._writes.discard(fd)
         self._reads.add(fd)
         self._selectables[fd] = new
         return True
+
+    def _soleWatcher(self, old: Any, new: Any, watched: set[int], notWatched: set[int]) -> int | None:
+        """
+        C{old}'s descriptor, if C{new} may take over its registration:
+        C{old} is the descriptor's handler, C{new} has the same descriptor,
+        and it is in C{watched} (reads or writes) and not in C{notWatched};
+        else C{None}.
+        """
+        fd = old.fileno()
+        if fd < 0 or new.fileno() != fd or self._selectables.get(fd) is not old:
+            return None
+        if fd not in watched or fd in notWatched:
+            return None
+        return fd
 
 
 def install() -> Any:
