@@ -1116,8 +1116,11 @@ class TenancyTests(GuestTestCase):
         nothing evicted.
         """
         share = 8
+        # Entries kept for an hour: in a slow guest (a debug kernel under
+        # emulation) the four tenants take minutes, and the first ones'
+        # entries expiring at the default 120 s would free the shared room.
         loadModule(userns=1, max_entries=share, max_entries_total=share,
-                   max_entries_userns=share, max_entries_userns_total=2 * share)
+                   max_entries_userns=share, max_entries_userns_total=2 * share, expiry_secs=3600)
         self.addCleanup(loadModule)
         # What the tenants' rules need, loaded here: a user namespace may
         # not load modules.  Debian's switch for unprivileged user
