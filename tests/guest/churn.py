@@ -9,11 +9,12 @@ many at least.  Each one redirects
 its local connections to C{REMOTE_NET} port 443 to a listener, enables the
 module, holds a few real connections, and has a forked child flooding it
 with hand-made SYNs from random ports (each one recorded, answered with a
-reset).  Round by round, the process looks up every live connection in
-every namespace and checks each answer, then destroys the oldest namespace
-while its flood is still running (the namespace's mount goes first, then
-the child is killed, so the namespace is torn down with SYNs in flight)
-and makes a new one.  Bounded by C{--seconds}; prints one JSON line of
+reset).  Round by round, the process looks up each new live connection
+(once, as Shifter does: an entry already answered is the first the module
+evicts when the flood fills the namespace's room) and checks each answer,
+then destroys the oldest namespace while its flood is still running (the
+namespace's mount goes first, then the child is killed, so the namespace
+is torn down with SYNs in flight) and makes a new one.  Bounded by C{--seconds}; prints one JSON line of
 counts at the end, and exits 1 if any look-up was answered wrongly or
 failed.
 """
@@ -101,7 +102,8 @@ class Slot:
         self.child = flood(self.ns)
 
     def lookUp(self, report: dict) -> None:
-        for accepted, remote in self.live:
+        live, self.live = self.live, []
+        for accepted, remote in live:
             try:
                 answer = self.kmod.getAccepted(accepted)
             except NetlinkError as e:
