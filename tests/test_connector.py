@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from shifter.upstream.connector import SO_MARK, DirectTCP, connectNow
+from tests.test_reactor import CountingPoller
 
 
 class Recorder(ClientFactory):
@@ -172,32 +173,14 @@ class ConnectorTests(TestCase):
         if not hasattr(reactor, "writerBecomesReader"):
             raise SkipTest("needs Shifter's reactor (trial --reactor=shifter, as make test runs it)")
         port = self.listening()
-        changes: list[tuple[str, int]] = []
-        poller = reactor._poller  # type: ignore[attr-defined]
-
-        class Recording:
-            def register(self, fd: int, *args: Any) -> None:
-                changes.append(("register", fd))
-                poller.register(fd, *args)
-
-            def unregister(self, fd: int) -> None:
-                changes.append(("unregister", fd))
-                poller.unregister(fd)
-
-            def modify(self, fd: int, *args: Any) -> None:
-                changes.append(("modify", fd))
-                poller.modify(fd, *args)
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(poller, name)
-
-        self.patch(reactor, "_poller", Recording())
+        poller = CountingPoller(reactor._poller)  # type: ignore[attr-defined]
+        self.patch(reactor, "_poller", poller)
         recorder = Recorder()
         pending = connectNow(DirectTCP(reactor, "127.0.0.1", port), recorder)
         fd = pending.fileno()
         outcome, protocol = yield recorder.done
         self.assertEqual(outcome, "connected")
-        self.assertEqual([name for name, changed in changes if changed == fd], ["register", "modify"])
+        self.assertEqual([name for name, changed in poller.changed if changed == fd], ["register", "modify"])
         self.assertIn(protocol.transport, reactor.getReaders())
         self.assertNotIn(pending, reactor.getWriters())
         protocol.transport.loseConnection()

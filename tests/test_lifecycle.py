@@ -404,7 +404,6 @@ class DeliveryTests(LifecycleTestCase):
         data, how = drain(client)
         self.assertEqual((len(data), how), (64 << 10, "eof"))
 
-
     @inlineCallbacks
     def test_endedBothWaysClosesAtOnce(self):  # type: ignore[no-untyped-def]
         """

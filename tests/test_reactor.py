@@ -153,24 +153,30 @@ class Reader:
 
 class CountingPoller:
     """
-    An epoll object that counts the calls that change registrations.
+    An epoll object that counts the calls that change registrations: their
+    names in C{changes}, and with each its descriptor in C{changed}.
     """
 
     def __init__(self, poller: Any) -> None:
         self.poller = poller
         self.changes: list[str] = []
+        self.changed: list[tuple[str, int]] = []
 
-    def register(self, *args: Any) -> None:
-        self.changes.append("register")
-        self.poller.register(*args)
+    def _record(self, name: str, fd: int) -> None:
+        self.changes.append(name)
+        self.changed.append((name, fd))
 
-    def unregister(self, *args: Any) -> None:
-        self.changes.append("unregister")
-        self.poller.unregister(*args)
+    def register(self, fd: int, *args: Any) -> None:
+        self._record("register", fd)
+        self.poller.register(fd, *args)
 
-    def modify(self, *args: Any) -> None:
-        self.changes.append("modify")
-        self.poller.modify(*args)
+    def unregister(self, fd: int) -> None:
+        self._record("unregister", fd)
+        self.poller.unregister(fd)
+
+    def modify(self, fd: int, *args: Any) -> None:
+        self._record("modify", fd)
+        self.poller.modify(fd, *args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.poller, name)

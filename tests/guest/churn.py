@@ -14,9 +14,9 @@ reset).  Round by round, the process looks up each new live connection
 evicts when the flood fills the namespace's room) and checks each answer,
 then destroys the oldest namespace while its flood is still running (the
 namespace's mount goes first, then the child is killed, so the namespace
-is torn down with SYNs in flight) and makes a new one.  Bounded by C{--seconds}; prints one JSON line of
-counts at the end, and exits 1 if any look-up was answered wrongly or
-failed.
+is torn down with SYNs in flight) and makes a new one.  Bounded by
+C{--seconds}; prints one JSON line of counts at the end, and exits 1 if
+any look-up was answered wrongly or failed.
 """
 
 from __future__ import annotations
