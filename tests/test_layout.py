@@ -23,6 +23,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "shifter"
 RANKS = {
     "shifter.interfaces": 0,  # the interfaces the lower layers report through
     "shifter.logs": 0,  # log helpers; twistd --logger shifter.logs.json names it
+    "shifter.transports": 0,  # the TCP transports of client and proxy connections
     "shifter.kernel": 1,
     "shifter.resolvers": 2,
     "shifter.upstream": 2,

@@ -308,3 +308,30 @@ class WriterBecomesReaderTests(OwnReactorTestCase):
         self.reactor.addReader(old)
         self.assertFalse(self.reactor.writerBecomesReader(old, self.reader(self.pairs[0][0])))
         self.assertEqual(self.reactor.getWriters(), [old])
+
+
+class ForgetTests(OwnReactorTestCase):
+    """
+    L{ShifterReactor.forget}.
+    """
+
+    def test_readingAndWriting(self) -> None:
+        """
+        A descriptor watched for reading and writing is forgotten with one
+        epoll_ctl: it is neither a reader nor a writer after.
+        """
+        reader = self.reader(self.pairs[0][0])
+        self.reactor.addReader(reader)
+        self.reactor.addWriter(reader)
+        self.poller.changed.clear()
+        self.reactor.forget(reader)
+        self.assertEqual(self.poller.changed, [("unregister", reader.fileno())])
+        self.assertNotIn(reader, self.reactor.getReaders())
+        self.assertEqual(self.reactor.getWriters(), [])
+
+    def test_notWatched(self) -> None:
+        """
+        A descriptor the reactor does not watch costs no epoll_ctl.
+        """
+        self.reactor.forget(self.reader(self.pairs[0][0]))
+        self.assertEqual(self.poller.changes, [])

@@ -21,7 +21,6 @@ from typing import Any, Optional
 
 from zope.interface import implementer
 
-from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, execute, succeed
 from twisted.internet.interfaces import (
@@ -34,13 +33,14 @@ from twisted.plugin import IPlugin
 
 from shifter.resolvers.resolver import Destination, IOriginalDestinationResolver
 from shifter.resolvers.sockopt import unmapAddress
+from shifter.transports import TunnelPort
 
 # linux/in.h, linux/in6.h
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 
 
-class TransparentPort(tcp.Port):
+class TransparentPort(TunnelPort):
     """
     A TCP listening port with C{IP_TRANSPARENT} (or C{IPV6_TRANSPARENT},
     which on a dual-stack socket covers IPv4 as well) set before bind, so
@@ -48,7 +48,7 @@ class TransparentPort(tcp.Port):
     """
 
     def createInternetSocket(self) -> socket.socket:
-        sock = tcp.Port.createInternetSocket(self)
+        sock = TunnelPort.createInternetSocket(self)
         try:
             if self.addressFamily == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)

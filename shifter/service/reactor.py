@@ -14,7 +14,9 @@ It also lets a reader take over another's registration
 transport's socket without two calls to epoll_ctl, and a connecting
 socket's writer hand its registration to the transport that reads the
 connected socket (L{ShifterReactor.writerBecomesReader}): one call where
-removing and adding take two.
+removing and adding take two.  A closing connection stops being watched
+with at most one (L{ShifterReactor.forget}), and TCP ports accept into
+L{shifter.transports.TunnelServer}, which closes with less work.
 
 C{shifter run} installs it; with twistd, C{twistd --reactor shifter
 shifter ...}.
@@ -22,10 +24,13 @@ shifter ...}.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.epollreactor import EPOLLIN, EPollReactor
 from twisted.logger import Logger
+
+from shifter.transports import TunnelPort
 
 
 class ShifterReactor(EPollReactor):
@@ -89,6 +94,44 @@ class ShifterReactor(EPollReactor):
         self._reads.add(fd)
         self._selectables[fd] = new
         return True
+
+    def forget(self, selectable: Any) -> None:
+        """
+        Stop watching C{selectable}'s descriptor, for reading and writing:
+        one epoll_ctl if it is watched, none if not (removeReader then
+        removeWriter look it up twice, and may call the kernel twice).
+        Like them, it forgets the descriptor whoever watches it.
+        """
+        fd = selectable.fileno()
+        if fd == -1:
+            # Closed already: removeReader and removeWriter find it by identity.
+            self.removeReader(selectable)
+            self.removeWriter(selectable)
+            return
+        reads, writes = self._reads, self._writes
+        if fd in reads or fd in writes:
+            reads.discard(fd)
+            writes.discard(fd)
+            self._selectables.pop(fd, None)
+            self._poller.unregister(fd)
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        """
+        Listen as Twisted does, accepting into L{shifter.transports.TunnelServer}.
+        """
+        listening = TunnelPort(port, factory, backlog, interface, self)
+        listening.startListening()
+        return listening
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> Any:
+        """
+        Listen on a socket made elsewhere (C{--workers}), as L{listenTCP}.
+        """
+        if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+            return super().adoptStreamPort(fileDescriptor, addressFamily, factory)
+        listening = TunnelPort._fromListeningDescriptor(self, fileDescriptor, addressFamily, factory)
+        listening.startListening()
+        return listening
 
     def _soleWatcher(self, old: Any, new: Any, watched: set[int], notWatched: set[int]) -> int | None:
         """

@@ -28,6 +28,8 @@ from twisted.internet.interfaces import IReadWriteDescriptor
 from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 
+from shifter.transports import QuickClose
+
 # linux/socket.h
 SO_MARK = 36
 
@@ -161,9 +163,10 @@ class PendingConnection:
         self._failed(error.getConnectError((code, os.strerror(code))))
 
 
-class ProxyConnection(tcp.Connection):
+class ProxyConnection(QuickClose, tcp.Connection):
     """
-    A connected socket to a proxy, as a Twisted TCP transport.
+    A connected socket to a proxy, as a Twisted TCP transport (closed with
+    L{QuickClose}).
     """
 
     logstr = "shifter proxy connection"
