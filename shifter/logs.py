@@ -107,6 +107,33 @@ class JsonObserver:
         self.stream.flush()
 
 
+class QuickLogger(Logger):
+    """
+    A L{Logger} for the lines logged per connection, shared by every
+    instance of the class that holds it (Twisted's makes a new logger each
+    time an instance reads the attribute), with C{emit} without Twisted's
+    check that the level is one of L{LogLevel}'s (it sorts them all, every
+    event) nor its C{log_trace}.  The events are Twisted's, with
+    C{log_source} C{None}.
+
+    @param namespace: required: a shared logger cannot name itself after
+        its class.
+    """
+
+    def __init__(self, namespace: str) -> None:
+        super().__init__(namespace)
+
+    def __get__(self, instance: object, owner: type | None = None) -> QuickLogger:
+        return self
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        kwargs.update(
+            log_logger=self, log_level=level, log_namespace=self.namespace, log_source=None,
+            log_format=format, log_time=time.time(),
+        )
+        self.observer(kwargs)
+
+
 # How long a line of the text log may wait in the buffer: until the
 # reactor's next turn, when it has handled every event that was ready.
 # Lines come in bursts of tunnels ending, and one write per burst costs

@@ -362,6 +362,37 @@ class TextObserverTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+class QuickLoggerTests(SynchronousTestCase):
+    """
+    L{logs.QuickLogger}, the tunnels' logger.
+    """
+
+    def test_sharedAndTwistedsEvents(self) -> None:
+        """
+        Every instance of the class that holds it reads the same logger,
+        and its events are Twisted's: the namespace it was given, the
+        level, the format and fields, a time, no source; Twisted renders
+        them as its own.
+        """
+        from shifter.tunnel.tunnel import Tunnel
+
+        class Holder:
+            log = logs.QuickLogger("a.b.Holder")
+
+        first, second = Holder(), Holder()
+        self.assertIs(first.log, second.log)
+        self.assertIs(Tunnel.log, Tunnel.__dict__["log"])
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        first.log.warn("{what} happened", what="something")
+        (event,) = events
+        self.assertEqual(
+            (event["log_namespace"], event["log_level"], event["log_format"], event["what"], event["log_source"]),
+            ("a.b.Holder", LogLevel.warn, "{what} happened", "something", None),
+        )
+        self.assertIsInstance(event["log_time"], float)
+        self.assertEqual(formatEvent(event), "something happened")
+
+
 class ServiceTests(SynchronousTestCase):
     def test_applicationLogsThroughIt(self) -> None:
         """

@@ -42,10 +42,11 @@ from zope.interface import Attribute, Interface, implementer
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, TimeoutError
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from shifter.interfaces import IProxyAttempt, IProxyReceiver, IRelay
+from shifter.logs import QuickLogger
 from shifter.tunnel.negotiation import (
     AUTHENTICATING,
     CONNECTING,
@@ -376,7 +377,7 @@ class Tunnel(ProxyNegotiation):
     @ivar droppedDown: bytes read from the proxy and never delivered.
     """
 
-    log = Logger()
+    log = QuickLogger("shifter.tunnel.tunnel.Tunnel")
     retryLine = "tunnel {client} -> {destination} via {proxy}: {reason}; trying {next}"
 
     __slots__ = (
