@@ -126,6 +126,24 @@ class WarmTestCase(LifecycleTestCase):
         return self.connectOnWarm(tls=True)
 
     @inlineCallbacks
+    def test_oldestTakenFirst(self):  # type: ignore[no-untyped-def]
+        """
+        Of the ready warm connections, a tunnel takes one of those started
+        first: the nearest to its proxy's idle limit.
+        """
+        proxy, url = yield self.startRecordingProxy()
+        yield self.startShifter([url], warmConnections=4)
+        first = yield self.tunnel()
+        first.close()
+        yield self.waitUntil(lambda: self.ready() >= 2, 10, "two warm connections ready")
+        (held,) = self.factory.warm.connections.values()
+        readyBefore = [c for c in held if c.state == READY]
+        yield self.tunnel()
+        taken = [c for c in readyBefore if c not in held]
+        self.assertEqual(len(taken), 1)
+        self.assertEqual(taken[0].startedAt, min(c.startedAt for c in readyBefore))
+
+    @inlineCallbacks
     def test_noneWhileIdle(self):  # type: ignore[no-untyped-def]
         """
         No warm connection is opened before any tunnel, and those opened

@@ -339,7 +339,9 @@ class WarmConnections:
         self.clock = clock
         self.limit = limit
         self.lifetime = lifetime
-        self.connections: dict[Any, set[WarmConnection]] = {}
+        # Each proxy's connections in the order they were started, oldest
+        # first (a dict's keys: ordered, and removed in one step).
+        self.connections: dict[Any, dict[WarmConnection, None]] = {}
         self.opened = self.taken = self.expiredUnused = self.proxyClosed = self.failures = 0
         self._demand: dict[Any, deque[float]] = {}
         self._lifetimes: dict[Any, float] = {}
@@ -382,7 +384,7 @@ class WarmConnections:
         demand.append(now)
         self._forgetOldDemand(demand, now)
         transport = None
-        for connection in sorted(self.connections.get(proxy, ()), key=lambda c: c.startedAt):
+        for connection in list(self.connections.get(proxy, ())):  # the oldest first; taking may forget it
             if connection.state != READY:
                 continue
             transport = connection.handle(TAKE)
@@ -429,11 +431,11 @@ class WarmConnections:
         """
         if proxy not in self._demand or self.clock.seconds() < self._heldUntil.get(proxy, 0.0):
             return
-        held = self.connections.setdefault(proxy, set())
+        held = self.connections.setdefault(proxy, {})
         missing = self.target(proxy) - len(held)
         for _ in range(max(0, missing)):
             connection = WarmConnection(self, proxy)
-            held.add(connection)
+            held[connection] = None
             connection.start()
             if connection.state == CLOSED:
                 break  # it failed at once
@@ -448,7 +450,7 @@ class WarmConnections:
         self._turnaround[proxy] = took if previous is None else (previous * 7 + took) / 8
 
     def forget(self, connection: WarmConnection) -> None:
-        self.connections.get(connection.proxy, set()).discard(connection)
+        self.connections.get(connection.proxy, {}).pop(connection, None)
 
     def failed(self, connection: WarmConnection) -> None:
         self.failures += 1
