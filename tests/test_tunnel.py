@@ -817,6 +817,53 @@ class RelayTests(TunnelTestCase):
         self.assertFalse(self.clock.getDelayedCalls())
 
 
+class DeadlineTests(TunnelTestCase):
+    """
+    A tunnel's one deadline: never later than its stage's end, moved only
+    to come earlier.
+    """
+
+    def recordSets(self) -> list[float | None]:
+        sets: list[float | None] = []
+        original = self.factory.deadlines.set
+        self.patch(self.factory.deadlines, "set", lambda item, when: (sets.append(when), original(item, when)))
+        return sets
+
+    def test_twoSetsForAQuickTunnel(self) -> None:
+        """
+        A tunnel that opens and closes within its set-up time sets its
+        deadline twice: at the start, to the earliest any set-up stage can
+        end (the connect timeout, 5 s, before the handshake's 7 s), and
+        at the end, to none.
+        """
+        self.makeFactory()
+        sets = self.recordSets()
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        client.readConnectionLost()
+        upstream.readConnectionLost()
+        self.lose(client, clientTransport)
+        self.lose(upstream, upstreamTransport)
+        self.assertEqual(self.factory.counters["closed"], 1)
+        self.assertEqual(sets, [5.0, None])
+        self.assertEqual(len(self.factory.deadlines), 0)
+
+    def test_earlierStageEndMovesTheDeadline(self) -> None:
+        """
+        A stage that ends before the tunnel's deadline moves it earlier:
+        the closing grace of a tunnel that ends while its idle deadline is
+        far off ends on time.
+        """
+        self.makeFactory()
+        client, clientTransport, upstream, upstreamTransport = self.openTunnel()
+        self.clock.advance(10)  # past the start's deadline (5 s): now the idle deadline (30 s)
+        client.readConnectionLost()
+        upstream.readConnectionLost()  # closing from 10 s: the grace ends at 15 s
+        self.clock.advance(4.9)
+        self.assertFalse(clientTransport.disconnected or upstreamTransport.disconnected)
+        self.clock.advance(0.3)
+        self.assertTrue(clientTransport.disconnected and upstreamTransport.disconnected)
+
+
 class SeveralProxiesTests(TunnelTestCase):
     """
     A pool of two proxies, A and B, tried in that order (failover).

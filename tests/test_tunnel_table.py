@@ -246,9 +246,11 @@ class Harness:
     def fire(self, event: str) -> None:
         tunnel = self.tunnel
         if event == T.TIMED_OUT:
-            # The deadline, whatever it is, has come.
+            # The stage's end, whatever it is, has come (the deadline
+            # before it, if any, fires first and finds it has not).
             deadline = tunnel.deadline
-            self.owner.reactor.advance((deadline - self.owner.reactor.seconds()) if deadline else 0)
+            end = tunnel.stageEnd if tunnel.stageEnd is not None else deadline
+            self.owner.reactor.advance((end - self.owner.reactor.seconds()) if end else 0)
             if deadline is None:
                 tunnel.timedOut()
             return

@@ -26,10 +26,16 @@ L{ITunnelOwner}; each of them feeds it events by calling its methods.  So
 the whole life of a tunnel is tested with plain objects, and the
 protocols stay thin.
 
-Deadlines: a tunnel has at most one at a time (the end of its current
-set-up stage or of the whole set-up, whichever is first; the end of its
-idle period; the end of its closing grace), kept by the owner's
-L{shifter.tunnel.deadlines.Deadlines}, which calls L{Tunnel.timedOut}.
+Deadlines: each stage has an end (C{stageEnd}: the end of the current
+set-up stage or of the whole set-up, whichever is first; the end of the
+idle period; the end of the closing grace).  The tunnel has one deadline
+at a time in the owner's L{shifter.tunnel.deadlines.Deadlines}, which calls
+L{Tunnel.timedOut}; it is never later than the stage's end, and moves
+only to come earlier: set when the tunnel starts, to the earliest any
+set-up stage can end, it usually stays there until the tunnel closes, and
+one that passes before the stage's end is moved to that end then.  Two
+deadline sets for a tunnel that opens and closes within its set-up time,
+not one per stage.
 """
 
 from __future__ import annotations
@@ -386,7 +392,7 @@ class Tunnel(ProxyNegotiation):
         "destination", "address", "target", "connectHost", "name", "named", "proxy", "attempt",
         "candidates", "request", "early", "earlyBytes", "earlyEnded", "earlySent", "sendingEarly",
         "pending", "relay", "bytesUp", "bytesDown", "droppedUp", "droppedDown", "started", "connectStarted",
-        "setupDeadline", "lastMoved", "deadline", "deadlineBucket", "how",
+        "setupDeadline", "stageEnd", "lastMoved", "deadline", "deadlineBucket", "how",
         "failed", "clientGone", "graceOver", "authExchange", "authProxy", "passClient", "sniffer",
         "ech", "echNote",
         "tunnelId", "proxyStatus", "targetFrom", "failureKind",
@@ -446,6 +452,7 @@ class Tunnel(ProxyNegotiation):
         self.started = self.clock.seconds()
         self.connectStarted = 0.0
         self.setupDeadline = self.started + self.settings.setupTimeout
+        self.stageEnd: float | None = None
         self.lastMoved = self.started
         self.deadline: float | None = None
         self.deadlineBucket: int | None = None
@@ -516,8 +523,13 @@ class Tunnel(ProxyNegotiation):
 
     def timedOut(self) -> None:
         """
-        The tunnel's deadline has passed.
+        The tunnel's deadline has passed: the end of its stage, or an
+        earlier one (then it moves to the stage's end).
         """
+        stageEnd = self.stageEnd
+        if stageEnd is not None and stageEnd > self.clock.seconds():
+            self.owner.deadlines.set(self, stageEnd)
+            return
         self._handle(TIMED_OUT)
 
     def abort(self, how: str) -> None:
@@ -598,7 +610,14 @@ class Tunnel(ProxyNegotiation):
                 self._fail("client-denied", f"client {self.clientHost} is not in an --allow network")
                 return
         self.state = RESOLVING
-        self._setDeadline(self.setupDeadline)
+        # The deadline every set-up stage ends after (see the module's
+        # docstring): most tunnels open and close before it.
+        settings = self.settings
+        shortest = min(settings.connectTimeout, settings.handshakeTimeout)
+        if settings.connectTarget != "ip":
+            shortest = min(shortest, settings.sniffTimeout)
+        self.stageEnd = self.setupDeadline
+        self.owner.deadlines.set(self, min(self.started + shortest, self.setupDeadline))
         self._ask(self.client.resolveDestination, self.resolved, self.resolveFailed)
 
     # Before the tunnel opens, the client's bytes are kept (up to a limit;
@@ -1083,7 +1102,17 @@ class Tunnel(ProxyNegotiation):
         )
 
     def _setDeadline(self, when: float | None) -> None:
-        self.owner.deadlines.set(self, when)
+        """
+        The current stage ends at C{when} (or never): the deadline moves
+        only if that is earlier, or to clear it.
+        """
+        self.stageEnd = when
+        deadline = self.deadline
+        if when is None:
+            if deadline is not None:
+                self.owner.deadlines.set(self, None)
+        elif deadline is None or when < deadline:
+            self.owner.deadlines.set(self, when)
 
     def describe(self, now: float) -> TunnelInfo:
         """
