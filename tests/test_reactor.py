@@ -159,11 +159,13 @@ class CountingPoller:
 
     def __init__(self, poller: Any) -> None:
         self.poller = poller
-        self.changes: list[str] = []
         self.changed: list[tuple[str, int]] = []
 
+    @property
+    def changes(self) -> list[str]:
+        return [name for name, _ in self.changed]
+
     def _record(self, name: str, fd: int) -> None:
-        self.changes.append(name)
         self.changed.append((name, fd))
 
     def register(self, fd: int, *args: Any) -> None:
@@ -217,7 +219,7 @@ class ReplaceReaderTests(OwnReactorTestCase):
         """
         old, new = self.reader(self.pairs[0][0]), self.reader(self.pairs[0][0])
         self.reactor.addReader(old)
-        self.poller.changes.clear()
+        self.poller.changed.clear()
         self.assertTrue(self.reactor.replaceReader(old, new))
         self.assertEqual(self.poller.changes, [])
         self.pairs[0][1].send(b"x")
@@ -254,7 +256,7 @@ class ReplaceReaderTests(OwnReactorTestCase):
         client, proxy = self.reader(self.pairs[0][0]), self.reader(self.pairs[1][0])
         self.reactor.addReader(client)
         self.reactor.addReader(proxy)
-        self.poller.changes.clear()
+        self.poller.changed.clear()
 
         class Owner:
             def relayed(self, up: bool, n: int) -> None:
@@ -284,7 +286,7 @@ class WriterBecomesReaderTests(OwnReactorTestCase):
         old.writes = 0  # type: ignore[attr-defined]
         old.doWrite = lambda: setattr(old, "writes", old.writes + 1)  # type: ignore[attr-defined]
         self.reactor.addWriter(old)
-        self.poller.changes.clear()
+        self.poller.changed.clear()
         self.assertTrue(self.reactor.writerBecomesReader(old, new))
         self.assertEqual(self.poller.changes, ["modify"])
         readers = [r for r in self.reactor.getReaders() if r is not self.reactor.waker]

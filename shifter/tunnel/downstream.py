@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from zope.interface import implementer
@@ -99,6 +100,19 @@ class TunnelSettings:
     warmConnections: int = 0
     warmLifetime: float = 60.0
     sendEarly: bool = False
+
+    @cached_property
+    def shortestStage(self) -> float:
+        """
+        The shortest limit of the set-up stages (connecting, the CONNECT's
+        answer, and looking for a name if one is looked for): a tunnel's
+        first deadline comes this long after its start, or at the end of
+        its whole set-up if that is sooner; no later stage can end before.
+        """
+        shortest = min(self.connectTimeout, self.handshakeTimeout)
+        if self.connectTarget != "ip":
+            shortest = min(shortest, self.sniffTimeout)
+        return shortest
 
 
 @implementer(ITunnelOwner)

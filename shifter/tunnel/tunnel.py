@@ -612,12 +612,8 @@ class Tunnel(ProxyNegotiation):
         self.state = RESOLVING
         # The deadline every set-up stage ends after (see the module's
         # docstring): most tunnels open and close before it.
-        settings = self.settings
-        shortest = min(settings.connectTimeout, settings.handshakeTimeout)
-        if settings.connectTarget != "ip":
-            shortest = min(shortest, settings.sniffTimeout)
         self.stageEnd = self.setupDeadline
-        self.owner.deadlines.set(self, min(self.started + shortest, self.setupDeadline))
+        self.owner.deadlines.set(self, min(self.started + self.settings.shortestStage, self.setupDeadline))
         self._ask(self.client.resolveDestination, self.resolved, self.resolveFailed)
 
     # Before the tunnel opens, the client's bytes are kept (up to a limit;
